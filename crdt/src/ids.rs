@@ -60,6 +60,30 @@ pub fn actor_bytes_for_peer(peer_id_bytes: &[u8]) -> [u8; 16] {
     out
 }
 
+/// A document key epoch. Epochs order by `(counter, device)`, so two devices
+/// that rotate a key concurrently both produce valid, distinct epochs.
+#[derive(
+    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default, Serialize, Deserialize,
+)]
+pub struct KeyEpoch {
+    /// Rotation counter, starting at 0 for a document's first key.
+    pub counter: u64,
+    /// Actor bytes of the device that started the epoch.
+    pub device: [u8; 16],
+}
+
+impl KeyEpoch {
+    /// The first epoch of a document created by `device`.
+    pub const fn first(device: [u8; 16]) -> Self {
+        Self { counter: 0, device }
+    }
+}
+
+/// The Automerge actor a device writes with, see [`actor_bytes_for_peer`].
+pub fn actor_for_peer(peer_id_bytes: &[u8]) -> automerge::ActorId {
+    automerge::ActorId::from(&actor_bytes_for_peer(peer_id_bytes)[..])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -80,7 +104,13 @@ mod tests {
 
     #[test]
     fn actor_is_stable_per_peer_and_differs_between_peers() {
-        assert_eq!(actor_bytes_for_peer(b"peer-a"), actor_bytes_for_peer(b"peer-a"));
-        assert_ne!(actor_bytes_for_peer(b"peer-a"), actor_bytes_for_peer(b"peer-b"));
+        assert_eq!(
+            actor_bytes_for_peer(b"peer-a"),
+            actor_bytes_for_peer(b"peer-a")
+        );
+        assert_ne!(
+            actor_bytes_for_peer(b"peer-a"),
+            actor_bytes_for_peer(b"peer-b")
+        );
     }
 }

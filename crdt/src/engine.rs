@@ -1,0 +1,1224 @@
+//! The per-node engine: documents, sync sessions, and the push hot path.
+//!
+//! The engine is sans-IO. Each call takes the current wall-clock time and any
+//! incoming frame, and returns [`Output`]s: frames to send, chunks and sync
+//! states to persist, change notifications, and timers. The node owns one
+//! engine, persists what it is told to, seals and routes frames, and calls
+//! [`Engine::tick`] when a timer fires.
+//!
+//! # Hot path and catch-up
+//!
+//! A local commit produces the new changes (`save_incremental`), pushed to
+//! every attached peer whose session is in sync. A receiver applies a push
+//! directly when the changes' dependencies are present. When they are not, the
+//! push is parked (bounded, see [`EngineConfig::max_pending_pushes`]) and a
+//! sync round with the sender starts; once the missing changes arrive the
+//! parked push is applied, or found already applied. A push is never dropped
+//! without a sync round covering it: even when the parking lot overflows, the
+//! sender still holds the evicted changes and the sync session fetches them.
+//!
+//! Pushes are not acknowledged. Instead, some time after pushing (or after
+//! applying a peer's changes, which may need relaying to other peers) a
+//! session runs one sync exchange to confirm the peer has everything. That
+//! costs one Automerge sync round per quiet period instead of one per change.
+//!
+//! # Panics inside Automerge
+//!
+//! Every Automerge call on peer input runs under `catch_unwind`. A panic part
+//! way through applying changes can leave the in-memory document inconsistent
+//! (automerge#1187), so the engine rebuilds that document from its journal:
+//! the last snapshot plus the incremental chunks recorded after each
+//! successful change, the same bytes the node was told to persist. This costs
+//! memory of roughly one saved copy per document, in exchange for never
+//! applying a change to a clone on the hot path (a clone is O(document)). The
+//! offending session is reset; other documents and sessions are untouched.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fmt::Debug;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use automerge::sync::{Message, SyncDoc};
+use automerge::transaction::CommitOptions;
+use automerge::{ActorId, AutoCommit, Change, ChangeHash};
+
+use crate::chunks::parse_changes;
+use crate::error::{Error, Result};
+use crate::hlc::{DEFAULT_MAX_DRIFT_MS, Hlc, HlcClock};
+use crate::ids::{DocId, KeyEpoch, actor_bytes_for_peer};
+use crate::schema::entity::{self, Entity, EntityUpdate};
+use crate::schema::home::{self, Home};
+use crate::schema::registry::{self, Registry};
+use crate::schema::{DocKind, Header};
+use crate::session::SyncSession;
+use crate::wire::{Frame, Push, SyncMessage};
+
+/// Default cap on one encoded sync message: 16 MiB (automerge#896: unbounded
+/// catch-up messages exhaust memory).
+pub const DEFAULT_MAX_SYNC_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// Default cap on one push payload: 1 MiB. Pushes carry a few fresh changes;
+/// anything bigger belongs in a sync session.
+pub const DEFAULT_MAX_PUSH_BYTES: usize = 1024 * 1024;
+/// Default cap on the number of changes in one push.
+pub const DEFAULT_MAX_CHANGES_PER_PUSH: usize = 4096;
+/// Default number of pushes parked per document while their dependencies are
+/// fetched.
+pub const DEFAULT_MAX_PENDING_PUSHES: usize = 64;
+/// Default delay before a confirmation sync round follows a push.
+pub const DEFAULT_CONFIRM_AFTER_MS: u64 = 1_000;
+/// Default time to wait for an answer to a sync message before restarting the
+/// exchange.
+pub const DEFAULT_RETRY_AFTER_MS: u64 = 3_000;
+/// Default number of incremental chunks after which a document is compacted
+/// into one snapshot.
+pub const DEFAULT_COMPACT_AFTER_CHUNKS: usize = 512;
+
+/// Engine limits and timings. Every field has a documented default.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Largest sync message accepted or sent ([`DEFAULT_MAX_SYNC_MESSAGE_BYTES`]).
+    /// Both sides should agree: a document whose catch-up message exceeds the
+    /// cap cannot be caught up by a peer that enforces it.
+    pub max_sync_message_bytes: usize,
+    /// Largest push payload accepted ([`DEFAULT_MAX_PUSH_BYTES`]). A local
+    /// commit bigger than this is sent through the sync session instead.
+    pub max_push_bytes: usize,
+    /// Most changes in one push ([`DEFAULT_MAX_CHANGES_PER_PUSH`]).
+    pub max_changes_per_push: usize,
+    /// Parked pushes per document ([`DEFAULT_MAX_PENDING_PUSHES`]).
+    pub max_pending_pushes: usize,
+    /// Delay before a confirmation round ([`DEFAULT_CONFIRM_AFTER_MS`]).
+    pub confirm_after_ms: u64,
+    /// Wait for an answer before restarting ([`DEFAULT_RETRY_AFTER_MS`]).
+    pub retry_after_ms: u64,
+    /// Journal length that triggers compaction ([`DEFAULT_COMPACT_AFTER_CHUNKS`]).
+    pub compact_after_chunks: usize,
+    /// Allowed clock drift of remote HLC readings ([`DEFAULT_MAX_DRIFT_MS`]).
+    pub max_clock_drift_ms: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_sync_message_bytes: DEFAULT_MAX_SYNC_MESSAGE_BYTES,
+            max_push_bytes: DEFAULT_MAX_PUSH_BYTES,
+            max_changes_per_push: DEFAULT_MAX_CHANGES_PER_PUSH,
+            max_pending_pushes: DEFAULT_MAX_PENDING_PUSHES,
+            confirm_after_ms: DEFAULT_CONFIRM_AFTER_MS,
+            retry_after_ms: DEFAULT_RETRY_AFTER_MS,
+            compact_after_chunks: DEFAULT_COMPACT_AFTER_CHUNKS,
+            max_clock_drift_ms: DEFAULT_MAX_DRIFT_MS,
+        }
+    }
+}
+
+/// Where a change came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Origin<P> {
+    /// Written on this node.
+    Local,
+    /// Received from this peer (pushed or synced).
+    Peer(P),
+}
+
+/// How a persisted chunk relates to the ones before it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChunkKind {
+    /// A full save: replaces every earlier chunk of the document.
+    Snapshot,
+    /// Changes to append after the existing chunks.
+    Incremental,
+}
+
+/// Something the node must do after a call into the engine.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Output<P> {
+    /// Send `frame` to `peer`. Push and sync payloads are plaintext: seal them
+    /// under the document key for the frame's epoch first.
+    Send {
+        /// Recipient.
+        peer: P,
+        /// Frame to send.
+        frame: Frame,
+    },
+    /// Persist a chunk of a document. Loading the snapshot and then every
+    /// later incremental chunk in order, through [`Engine::load_document`],
+    /// restores the document.
+    PersistChunk {
+        /// Document.
+        doc: DocId,
+        /// Snapshot or incremental.
+        kind: ChunkKind,
+        /// Bytes to store.
+        bytes: Vec<u8>,
+    },
+    /// Persist a session's sync state, to pass to [`Engine::attach`] on the
+    /// next connection.
+    PersistSyncState {
+        /// Peer of the session.
+        peer: P,
+        /// Document of the session.
+        doc: DocId,
+        /// Encoded state.
+        state: Vec<u8>,
+    },
+    /// A document changed.
+    Changed {
+        /// Document.
+        doc: DocId,
+        /// Who wrote the changes.
+        origin: Origin<P>,
+        /// The write's correlation id, when the push carried one.
+        correlation_id: Option<String>,
+        /// Heads after the change.
+        heads: Vec<ChangeHash>,
+        /// Set when the document no longer validates against its schema. The
+        /// changes are kept (so replicas converge), reads return this error
+        /// until a valid write repairs the field.
+        schema_error: Option<Error>,
+    },
+    /// Call [`Engine::tick`] at (or after) this time.
+    Timer {
+        /// Wall-clock milliseconds.
+        at_ms: u64,
+    },
+}
+
+/// Counters, for metrics and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Pushes sent.
+    pub pushes_sent: u64,
+    /// Pushes applied directly on arrival.
+    pub pushes_applied: u64,
+    /// Pushes whose changes were all known already.
+    pub pushes_duplicate: u64,
+    /// Pushes parked for missing dependencies.
+    pub pushes_deferred: u64,
+    /// Parked pushes applied after their dependencies arrived.
+    pub pushes_unparked: u64,
+    /// Parked pushes evicted because the lot was full (their changes still
+    /// arrive through the sync session).
+    pub pushes_evicted: u64,
+    /// Sync messages sent.
+    pub sync_sent: u64,
+    /// Sync messages received and applied.
+    pub sync_received: u64,
+    /// Sessions reset after malformed or failing input.
+    pub session_resets: u64,
+    /// Exchanges restarted because an answer was overdue.
+    pub session_restarts: u64,
+    /// Panics caught inside Automerge.
+    pub panics_caught: u64,
+    /// Documents rebuilt from their journal after a panic.
+    pub documents_recovered: u64,
+    /// Inputs refused for size.
+    pub oversized: u64,
+    /// Remote changes after which the document failed validation.
+    pub schema_violations: u64,
+    /// Snapshots written by compaction.
+    pub compactions: u64,
+}
+
+/// A push waiting for its dependencies.
+#[derive(Debug)]
+struct Parked<P> {
+    from: P,
+    changes: Vec<Change>,
+    correlation_id: Option<String>,
+}
+
+#[derive(Debug)]
+struct DocState<P> {
+    doc: AutoCommit,
+    header: Header,
+    /// Snapshot followed by incremental chunks: the recovery source after a
+    /// panic, identical to what the node was told to persist.
+    journal: Vec<Vec<u8>>,
+    parked: VecDeque<Parked<P>>,
+    sessions: BTreeMap<P, SyncSession>,
+}
+
+/// The sans-IO core of a node. `P` identifies peers (the node uses libp2p's
+/// `PeerId`; tests use integers).
+#[derive(Debug)]
+pub struct Engine<P> {
+    config: EngineConfig,
+    actor: ActorId,
+    clock: HlcClock,
+    docs: BTreeMap<DocId, DocState<P>>,
+    stats: EngineStats,
+}
+
+/// Runs `f`, turning a panic into `Err(())`.
+fn catch<R>(f: impl FnOnce() -> R) -> std::result::Result<R, ()> {
+    catch_unwind(AssertUnwindSafe(f)).map_err(|_| ())
+}
+
+impl<P: Clone + Ord + Debug> Engine<P> {
+    /// An engine for the device with these PeerId bytes; its actor id is
+    /// derived with [`actor_bytes_for_peer`].
+    pub fn new(peer_id_bytes: &[u8], config: EngineConfig) -> Self {
+        let actor = actor_bytes_for_peer(peer_id_bytes);
+        Self {
+            clock: HlcClock::new(actor).with_max_drift(config.max_clock_drift_ms),
+            actor: ActorId::from(actor),
+            config,
+            docs: BTreeMap::new(),
+            stats: EngineStats::default(),
+        }
+    }
+
+    /// This device's actor id.
+    pub fn actor(&self) -> &ActorId {
+        &self.actor
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Counters since start.
+    pub fn stats(&self) -> EngineStats {
+        self.stats
+    }
+
+    /// A new HLC reading, e.g. for registry tombstones.
+    pub fn now_hlc(&mut self, now_ms: u64) -> Hlc {
+        self.clock.now(now_ms)
+    }
+
+    /// Ids of the loaded documents.
+    pub fn documents(&self) -> impl Iterator<Item = DocId> + '_ {
+        self.docs.keys().copied()
+    }
+
+    /// The cached header of a document.
+    pub fn header(&self, doc: DocId) -> Result<&Header> {
+        Ok(&self.doc_state(doc)?.header)
+    }
+
+    /// Current heads of a document.
+    pub fn heads(&mut self, doc: DocId) -> Result<Vec<ChangeHash>> {
+        Ok(self.doc_state_mut(doc)?.doc.get_heads())
+    }
+
+    /// Read access to a document for views not covered here.
+    pub fn doc(&self, doc: DocId) -> Result<&AutoCommit> {
+        Ok(&self.doc_state(doc)?.doc)
+    }
+
+    /// The validated entity view.
+    pub fn entity(&self, doc: DocId) -> Result<Entity> {
+        Entity::read(&self.doc_state(doc)?.doc)
+    }
+
+    /// The validated registry view.
+    pub fn registry(&self, doc: DocId) -> Result<Registry> {
+        Registry::read(&self.doc_state(doc)?.doc)
+    }
+
+    /// The validated home view.
+    pub fn home(&self, doc: DocId) -> Result<Home> {
+        Home::read(&self.doc_state(doc)?.doc)
+    }
+
+    fn doc_state(&self, doc: DocId) -> Result<&DocState<P>> {
+        self.docs.get(&doc).ok_or(Error::UnknownDocument(doc))
+    }
+
+    fn doc_state_mut(&mut self, doc: DocId) -> Result<&mut DocState<P>> {
+        self.docs.get_mut(&doc).ok_or(Error::UnknownDocument(doc))
+    }
+
+    // ----- documents ---------------------------------------------------------
+
+    /// Creates a document: writes `header`, then runs `init` in the same
+    /// change. Returns the snapshot to persist.
+    pub fn create_document(
+        &mut self,
+        id: DocId,
+        header: Header,
+        now_ms: u64,
+        init: impl FnOnce(&mut AutoCommit, Hlc, &ActorId) -> Result<()>,
+    ) -> Result<Vec<Output<P>>> {
+        if self.docs.contains_key(&id) {
+            return Err(Error::DocumentExists(id));
+        }
+        let mut doc = AutoCommit::new().with_actor(self.actor.clone());
+        let at = self.clock.now(now_ms);
+        header.write(&mut doc)?;
+        init(&mut doc, at, &self.actor)?;
+        doc.commit_with(CommitOptions::default().with_time(secs(now_ms)));
+        let snapshot = doc.save();
+        self.docs.insert(
+            id,
+            DocState {
+                doc,
+                header,
+                journal: vec![snapshot.clone()],
+                parked: VecDeque::new(),
+                sessions: BTreeMap::new(),
+            },
+        );
+        Ok(vec![Output::PersistChunk {
+            doc: id,
+            kind: ChunkKind::Snapshot,
+            bytes: snapshot,
+        }])
+    }
+
+    /// Creates an entity document owned by `owner_home`.
+    pub fn create_entity(
+        &mut self,
+        id: DocId,
+        owner_home: &str,
+        epoch: KeyEpoch,
+        entity_id: &str,
+        first: &EntityUpdate,
+        now_ms: u64,
+    ) -> Result<Vec<Output<P>>> {
+        let header = Header::new(DocKind::Entity, owner_home, epoch);
+        self.create_document(id, header, now_ms, |doc, at, by| {
+            entity::init(doc, entity_id, owner_home, first, at, by)
+        })
+    }
+
+    /// Creates a home's empty registry document.
+    pub fn create_registry(
+        &mut self,
+        id: DocId,
+        owner_home: &str,
+        epoch: KeyEpoch,
+        now_ms: u64,
+    ) -> Result<Vec<Output<P>>> {
+        let header = Header::new(DocKind::Registry, owner_home, epoch);
+        self.create_document(id, header, now_ms, |doc, _, _| registry::init(doc))
+    }
+
+    /// Creates a home document with its name.
+    pub fn create_home(
+        &mut self,
+        id: DocId,
+        owner_home: &str,
+        epoch: KeyEpoch,
+        name: &str,
+        now_ms: u64,
+    ) -> Result<Vec<Output<P>>> {
+        let header = Header::new(DocKind::Home, owner_home, epoch);
+        self.create_document(id, header, now_ms, |doc, _, _| home::init(doc, name))
+    }
+
+    /// Loads a document from its persisted chunks: a snapshot followed by
+    /// incremental chunks, or an empty document's chunks as received from a
+    /// peer. A document that is already loaded is replaced.
+    pub fn load_document(&mut self, id: DocId, chunks: &[Vec<u8>]) -> Result<()> {
+        let actor = self.actor.clone();
+        let built = catch(|| rebuild(&actor, chunks)).map_err(|()| {
+            self.stats.panics_caught += 1;
+            Error::Load {
+                doc: id,
+                reason: "automerge panicked while loading".into(),
+            }
+        })?;
+        let mut doc = built.map_err(|reason| Error::Load { doc: id, reason })?;
+        let header = Header::read(&doc)?;
+        // Start the save cursor at the loaded state, so the next incremental
+        // chunk holds only new changes.
+        let _ = doc.save_incremental();
+        let sessions = self
+            .docs
+            .remove(&id)
+            .map(|old| old.sessions)
+            .unwrap_or_default();
+        self.docs.insert(
+            id,
+            DocState {
+                doc,
+                header,
+                journal: chunks.to_vec(),
+                parked: VecDeque::new(),
+                sessions,
+            },
+        );
+        Ok(())
+    }
+
+    /// Unloads a document, dropping its sessions.
+    pub fn remove_document(&mut self, id: DocId) -> bool {
+        self.docs.remove(&id).is_some()
+    }
+
+    /// Starts tracking a document known only by id, before any of its content
+    /// has arrived (e.g. one shared with this home): it is filled by the first
+    /// sync session. Until the header arrives, frames carry `epoch`.
+    pub fn expect_document(&mut self, id: DocId, kind: DocKind, owner_home: &str, epoch: KeyEpoch) {
+        self.docs.entry(id).or_insert_with(|| DocState {
+            doc: AutoCommit::new().with_actor(self.actor.clone()),
+            header: Header::new(kind, owner_home, epoch),
+            journal: Vec::new(),
+            parked: VecDeque::new(),
+            sessions: BTreeMap::new(),
+        });
+    }
+
+    // ----- local writes ------------------------------------------------------
+
+    /// Writes an entity update as one change, and pushes it.
+    pub fn update_entity(
+        &mut self,
+        id: DocId,
+        update: &EntityUpdate,
+        now_ms: u64,
+        correlation_id: Option<String>,
+    ) -> Result<Vec<Output<P>>> {
+        self.transact(id, now_ms, correlation_id, |doc, at, by| {
+            entity::write(doc, update, at, by)
+        })
+        .map(|(_, out)| out)
+    }
+
+    /// Runs `f` as one local change (rolled back if it fails), then persists
+    /// and pushes the result. This is the extension point for document kinds
+    /// whose views live elsewhere.
+    pub fn transact<R>(
+        &mut self,
+        id: DocId,
+        now_ms: u64,
+        correlation_id: Option<String>,
+        f: impl FnOnce(&mut AutoCommit, Hlc, &ActorId) -> Result<R>,
+    ) -> Result<(R, Vec<Output<P>>)> {
+        let at = self.clock.now(now_ms);
+        let actor = self.actor.clone();
+        let ds = self.docs.get_mut(&id).ok_or(Error::UnknownDocument(id))?;
+        let result = match f(&mut ds.doc, at, &actor) {
+            Ok(r) => r,
+            Err(e) => {
+                ds.doc.rollback();
+                return Err(e);
+            }
+        };
+        let mut out = Vec::new();
+        let committed = ds
+            .doc
+            .commit_with(CommitOptions::default().with_time(secs(now_ms)));
+        if committed.is_none() {
+            return Ok((result, out));
+        }
+        let bytes = ds.doc.save_incremental();
+        let heads = ds.doc.get_heads();
+        let epoch = ds.header.key_epoch;
+        // Fan out before recording, so the journal's copy can take the bytes.
+        let peers: Vec<P> = ds.sessions.keys().cloned().collect();
+        for peer in peers {
+            let Some(session) = ds.sessions.get_mut(&peer) else {
+                continue;
+            };
+            if session.in_sync && bytes.len() <= self.config.max_push_bytes {
+                out.push(Output::Send {
+                    peer: peer.clone(),
+                    frame: Frame::Push(Push {
+                        doc: id,
+                        epoch,
+                        correlation_id: correlation_id.clone(),
+                        bytes: bytes.clone(),
+                    }),
+                });
+                self.stats.pushes_sent += 1;
+                schedule_confirm(session, now_ms, &self.config, &mut out);
+            } else {
+                session.in_sync = false;
+                generate_into(
+                    id,
+                    epoch,
+                    &peer,
+                    &mut ds.doc,
+                    session,
+                    now_ms,
+                    &self.config,
+                    &mut self.stats,
+                    &mut out,
+                );
+            }
+        }
+        out.push(Output::Changed {
+            doc: id,
+            origin: Origin::Local,
+            correlation_id,
+            heads,
+            schema_error: None,
+        });
+        record_chunk(id, ds, bytes, &self.config, &mut self.stats, &mut out);
+        Ok((result, out))
+    }
+
+    // ----- sessions ----------------------------------------------------------
+
+    /// Connects `peer` to `doc`: opens (or reopens, as after a reconnect) the
+    /// session and returns its opening message. `saved` is a state from
+    /// [`Output::PersistSyncState`]; unreadable bytes are an error and attach
+    /// nothing, so the caller can retry with `None`.
+    pub fn attach(
+        &mut self,
+        peer: P,
+        doc: DocId,
+        saved: Option<&[u8]>,
+        now_ms: u64,
+    ) -> Result<Vec<Output<P>>> {
+        let ds = self.docs.get_mut(&doc).ok_or(Error::UnknownDocument(doc))?;
+        let mut session = match saved {
+            Some(bytes) => {
+                SyncSession::resume(bytes).map_err(|reason| Error::SyncState { doc, reason })?
+            }
+            None => match ds.sessions.remove(&peer) {
+                // A reconnect: keep what the old connection learnt.
+                Some(mut old) => {
+                    old.restart();
+                    old.in_sync = false;
+                    old
+                }
+                None => SyncSession::new(),
+            },
+        };
+        let mut out = Vec::new();
+        let epoch = ds.header.key_epoch;
+        generate_into(
+            doc,
+            epoch,
+            &peer,
+            &mut ds.doc,
+            &mut session,
+            now_ms,
+            &self.config,
+            &mut self.stats,
+            &mut out,
+        );
+        ds.sessions.insert(peer, session);
+        Ok(out)
+    }
+
+    /// Disconnects `peer` from `doc`, returning the state to persist.
+    pub fn detach(&mut self, peer: &P, doc: DocId) -> Option<Vec<u8>> {
+        let ds = self.docs.get_mut(&doc)?;
+        ds.parked.retain(|p| &p.from != peer);
+        ds.sessions.remove(peer).map(|s| s.encode())
+    }
+
+    /// Disconnects `peer` from every document, returning the states to persist.
+    pub fn detach_peer(&mut self, peer: &P) -> Vec<(DocId, Vec<u8>)> {
+        let ids: Vec<DocId> = self.docs.keys().copied().collect();
+        ids.into_iter()
+            .filter_map(|d| self.detach(peer, d).map(|s| (d, s)))
+            .collect()
+    }
+
+    /// Whether `peer`'s session for `doc` is in sync (pushes go straight to it).
+    pub fn is_in_sync(&self, peer: &P, doc: DocId) -> bool {
+        self.docs
+            .get(&doc)
+            .and_then(|d| d.sessions.get(peer))
+            .is_some_and(|s| s.in_sync)
+    }
+
+    /// Earliest time at which [`Engine::tick`] has work, if any.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.docs
+            .values()
+            .flat_map(|d| d.sessions.values())
+            .filter_map(|s| s.deadline(self.config.retry_after_ms))
+            .min()
+    }
+
+    /// Runs due timers: confirmation rounds, restarts of stalled exchanges,
+    /// and opening messages of sessions that were reset.
+    pub fn tick(&mut self, now_ms: u64) -> Vec<Output<P>> {
+        let mut out = Vec::new();
+        for (&id, ds) in self.docs.iter_mut() {
+            let epoch = ds.header.key_epoch;
+            for (peer, session) in ds.sessions.iter_mut() {
+                let overdue = session
+                    .awaiting_since
+                    .is_some_and(|t| now_ms >= t.saturating_add(self.config.retry_after_ms));
+                let confirm = session.confirm_at.is_some_and(|t| now_ms >= t);
+                let kick = session.kick_at.is_some_and(|t| now_ms >= t);
+                if !(overdue || confirm || kick) {
+                    continue;
+                }
+                if overdue {
+                    self.stats.session_restarts += 1;
+                    session.restart();
+                }
+                if confirm {
+                    session.confirm_at = None;
+                }
+                if kick {
+                    session.kick_at = None;
+                }
+                generate_into(
+                    id,
+                    epoch,
+                    peer,
+                    &mut ds.doc,
+                    session,
+                    now_ms,
+                    &self.config,
+                    &mut self.stats,
+                    &mut out,
+                );
+            }
+        }
+        out
+    }
+
+    // ----- incoming ----------------------------------------------------------
+
+    /// Handles a frame from `peer` whose payload the node has already opened.
+    ///
+    /// Errors concern this frame only. A failing sync message resets that one
+    /// session, which sends a fresh opening message on the next
+    /// [`Engine::tick`] (see [`Engine::next_deadline`]).
+    pub fn receive(&mut self, peer: P, frame: Frame, now_ms: u64) -> Result<Vec<Output<P>>> {
+        match frame {
+            Frame::Push(push) => self.receive_push(peer, push, now_ms),
+            Frame::Sync(msg) => self.receive_sync(peer, msg, now_ms),
+            Frame::Digest(_) => Err(Error::Wire(
+                "digest frames go to the digest reconciler, not the engine".into(),
+            )),
+        }
+    }
+
+    fn receive_push(&mut self, peer: P, push: Push, now_ms: u64) -> Result<Vec<Output<P>>> {
+        let id = push.doc;
+        if push.bytes.len() > self.config.max_push_bytes {
+            self.stats.oversized += 1;
+            return Err(Error::TooLarge {
+                what: "push",
+                len: push.bytes.len(),
+                cap: self.config.max_push_bytes,
+            });
+        }
+        if !self.docs.contains_key(&id) {
+            return Err(Error::UnknownDocument(id));
+        }
+        let max_changes = self.config.max_changes_per_push;
+        let changes = match catch(|| parse_changes(&push.bytes, max_changes)) {
+            Ok(Ok(c)) => c,
+            Ok(Err(reason)) => return Err(Error::Changes { doc: id, reason }),
+            Err(()) => {
+                self.stats.panics_caught += 1;
+                return Err(Error::Panicked {
+                    doc: id,
+                    during: "parsing a push",
+                });
+            }
+        };
+        let mut out = Vec::new();
+        let parked = Parked {
+            from: peer,
+            changes,
+            correlation_id: push.correlation_id,
+        };
+        match self.try_apply(id, parked, now_ms, &mut out)? {
+            None => {}
+            Some(parked) => {
+                // Dependencies missing: park it and catch up with the sender.
+                self.stats.pushes_deferred += 1;
+                let ds = self.docs.get_mut(&id).ok_or(Error::UnknownDocument(id))?;
+                let from = parked.from.clone();
+                if ds.parked.len() >= self.config.max_pending_pushes {
+                    ds.parked.pop_front();
+                    self.stats.pushes_evicted += 1;
+                }
+                ds.parked.push_back(parked);
+                let epoch = ds.header.key_epoch;
+                let session = ds
+                    .sessions
+                    .entry(from.clone())
+                    .or_insert_with(SyncSession::new);
+                session.in_sync = false;
+                // An exchange already in flight will carry the catch-up; a
+                // fresh one starts from a clean slate so it is not throttled
+                // by an unanswered message.
+                if session.awaiting_since.is_none() {
+                    session.restart();
+                }
+                generate_into(
+                    id,
+                    epoch,
+                    &from,
+                    &mut ds.doc,
+                    session,
+                    now_ms,
+                    &self.config,
+                    &mut self.stats,
+                    &mut out,
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    /// Applies a push if its dependencies are present. Returns it back when
+    /// they are not.
+    fn try_apply(
+        &mut self,
+        id: DocId,
+        push: Parked<P>,
+        now_ms: u64,
+        out: &mut Vec<Output<P>>,
+    ) -> Result<Option<Parked<P>>> {
+        let ds = self.docs.get_mut(&id).ok_or(Error::UnknownDocument(id))?;
+        let doc = &mut ds.doc;
+        let check = catch(|| {
+            let heads: BTreeSet<ChangeHash> = doc.get_heads().into_iter().collect();
+            let fresh: Vec<&Change> = push
+                .changes
+                .iter()
+                .filter(|c| doc.get_change_meta_by_hash(&c.hash()).is_none())
+                .collect();
+            let in_batch: BTreeSet<ChangeHash> = fresh.iter().map(|c| c.hash()).collect();
+            let ready = fresh.iter().flat_map(|c| c.deps()).all(|d| {
+                heads.contains(d)
+                    || in_batch.contains(d)
+                    || doc.get_change_meta_by_hash(d).is_some()
+            });
+            (fresh.is_empty(), ready)
+        });
+        let (duplicate, ready) = match check {
+            Ok(v) => v,
+            Err(()) => {
+                return Err(self.recover(id, "checking push dependencies", &push.from, now_ms));
+            }
+        };
+        if duplicate {
+            self.stats.pushes_duplicate += 1;
+            return Ok(None);
+        }
+        if !ready {
+            return Ok(Some(push));
+        }
+        let Parked {
+            from,
+            changes,
+            correlation_id,
+        } = push;
+        let doc = &mut ds.doc;
+        match catch(|| doc.apply_changes(changes)) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                // Automerge refused the batch (e.g. a reused sequence number)
+                // and may have applied a prefix; record whatever did land.
+                self.after_remote_change(id, &from, None, now_ms, out)?;
+                return Err(Error::Changes {
+                    doc: id,
+                    reason: e.to_string(),
+                });
+            }
+            Err(()) => return Err(self.recover(id, "applying a push", &from, now_ms)),
+        }
+        self.stats.pushes_applied += 1;
+        self.after_remote_change(id, &from, correlation_id, now_ms, out)?;
+        Ok(None)
+    }
+
+    fn receive_sync(&mut self, peer: P, msg: SyncMessage, now_ms: u64) -> Result<Vec<Output<P>>> {
+        let id = msg.doc;
+        let cap = self.config.max_sync_message_bytes;
+        let ds = self.docs.get_mut(&id).ok_or(Error::UnknownDocument(id))?;
+        let session = ds
+            .sessions
+            .entry(peer.clone())
+            .or_insert_with(SyncSession::new);
+        if msg.bytes.len() > cap {
+            self.stats.oversized += 1;
+            self.stats.session_resets += 1;
+            session.reset(now_ms);
+            return Err(Error::TooLarge {
+                what: "sync message",
+                len: msg.bytes.len(),
+                cap,
+            });
+        }
+        let decoded = match catch(|| Message::decode(&msg.bytes)) {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => {
+                self.stats.session_resets += 1;
+                session.reset(now_ms);
+                return Err(Error::Sync {
+                    doc: id,
+                    reason: format!("undecodable message: {e}"),
+                });
+            }
+            Err(()) => return Err(self.recover(id, "decoding a sync message", &peer, now_ms)),
+        };
+        let doc = &mut ds.doc;
+        let state = &mut session.state;
+        let before = doc.get_heads();
+        let shared_before = state.shared_heads.clone();
+        let received = catch(|| doc.sync().receive_sync_message(state, decoded));
+        session.awaiting_since = None;
+        let mut out = Vec::new();
+        match received {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                self.stats.session_resets += 1;
+                session.reset(now_ms);
+                // Changes that did land before the failure are valid; keep
+                // the journal and the node's storage in step with them.
+                if ds.doc.get_heads() != before {
+                    self.after_remote_change(id, &peer, None, now_ms, &mut out)?;
+                }
+                return Err(Error::Sync {
+                    doc: id,
+                    reason: e.to_string(),
+                });
+            }
+            Err(()) => return Err(self.recover(id, "receiving a sync message", &peer, now_ms)),
+        }
+        self.stats.sync_received += 1;
+        if ds.doc.get_heads() != before {
+            self.after_remote_change(id, &peer, None, now_ms, &mut out)?;
+        }
+        let ds = self.docs.get_mut(&id).ok_or(Error::UnknownDocument(id))?;
+        let heads = ds.doc.get_heads();
+        let epoch = ds.header.key_epoch;
+        let Some(session) = ds.sessions.get_mut(&peer) else {
+            return Ok(out);
+        };
+        session.in_sync = session.state.their_heads.as_deref() == Some(heads.as_slice());
+        generate_into(
+            id,
+            epoch,
+            &peer,
+            &mut ds.doc,
+            session,
+            now_ms,
+            &self.config,
+            &mut self.stats,
+            &mut out,
+        );
+        if session.state.shared_heads != shared_before
+            && session.state.shared_heads != session.persisted_shared
+        {
+            session.persisted_shared = session.state.shared_heads.clone();
+            out.push(Output::PersistSyncState {
+                peer,
+                doc: id,
+                state: session.encode(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Bookkeeping after remote changes landed: journal and persist them,
+    /// validate, report, retry parked pushes, and schedule confirmation rounds
+    /// with the other peers (who may need the changes relayed).
+    fn after_remote_change(
+        &mut self,
+        id: DocId,
+        from: &P,
+        correlation_id: Option<String>,
+        now_ms: u64,
+        out: &mut Vec<Output<P>>,
+    ) -> Result<()> {
+        let ds = self.docs.get_mut(&id).ok_or(Error::UnknownDocument(id))?;
+        let doc = &mut ds.doc;
+        let bytes = match catch(|| doc.save_incremental()) {
+            Ok(b) => b,
+            Err(()) => return Err(self.recover(id, "saving incremental changes", from, now_ms)),
+        };
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let schema_error = validate(ds, &mut self.clock, now_ms).err();
+        if schema_error.is_some() {
+            self.stats.schema_violations += 1;
+        }
+        out.push(Output::Changed {
+            doc: id,
+            origin: Origin::Peer(from.clone()),
+            correlation_id,
+            heads: ds.doc.get_heads(),
+            schema_error,
+        });
+        for (peer, session) in ds.sessions.iter_mut() {
+            if peer != from {
+                schedule_confirm(session, now_ms, &self.config, out);
+            }
+        }
+        record_chunk(id, ds, bytes, &self.config, &mut self.stats, out);
+        self.unpark(id, now_ms, out)
+    }
+
+    /// Retries parked pushes until none makes progress.
+    fn unpark(&mut self, id: DocId, now_ms: u64, out: &mut Vec<Output<P>>) -> Result<()> {
+        loop {
+            let Some(ds) = self.docs.get_mut(&id) else {
+                return Ok(());
+            };
+            let mut waiting = std::mem::take(&mut ds.parked);
+            let mut progressed = false;
+            while let Some(p) = waiting.pop_front() {
+                let before = self.stats.pushes_applied + self.stats.pushes_duplicate;
+                match self.try_apply(id, p, now_ms, out) {
+                    Ok(Some(still)) => {
+                        if let Some(ds) = self.docs.get_mut(&id) {
+                            ds.parked.push_back(still);
+                        }
+                    }
+                    Ok(None) => {
+                        if self.stats.pushes_applied + self.stats.pushes_duplicate > before {
+                            self.stats.pushes_unparked += 1;
+                        }
+                        progressed = true;
+                    }
+                    Err(e) => {
+                        // Keep the rest; this one was malformed or panicked.
+                        if let Some(ds) = self.docs.get_mut(&id) {
+                            ds.parked.extend(waiting);
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+            if !progressed {
+                return Ok(());
+            }
+        }
+    }
+
+    /// After a panic: rebuilds the document from its journal, resets the
+    /// session of the peer whose input caused it, and returns the error.
+    fn recover(&mut self, id: DocId, during: &'static str, peer: &P, now_ms: u64) -> Error {
+        self.stats.panics_caught += 1;
+        self.stats.session_resets += 1;
+        let actor = self.actor.clone();
+        if let Some(ds) = self.docs.get_mut(&id) {
+            if let Some(s) = ds.sessions.get_mut(peer) {
+                s.reset(now_ms);
+            }
+            ds.parked.retain(|p| &p.from != peer);
+            let journal = &ds.journal;
+            if let Ok(Ok(mut doc)) = catch(|| rebuild(&actor, journal)) {
+                let _ = catch(|| doc.save_incremental());
+                ds.doc = doc;
+                self.stats.documents_recovered += 1;
+            }
+        }
+        Error::Panicked { doc: id, during }
+    }
+}
+
+/// Lists the actors that wrote the changes in a push or sync payload, so the
+/// node can refuse writes from devices of unauthorised homes before handing
+/// the frame to [`Engine::receive`]. For a sync message this is every change
+/// it carries, including ones the receiver may already have. Payloads are
+/// capped as the engine caps them.
+pub fn payload_actors(frame: &Frame, config: &EngineConfig) -> Result<BTreeSet<ActorId>> {
+    match frame {
+        Frame::Push(p) => {
+            if p.bytes.len() > config.max_push_bytes {
+                return Err(Error::TooLarge {
+                    what: "push",
+                    len: p.bytes.len(),
+                    cap: config.max_push_bytes,
+                });
+            }
+            let changes = catch(|| parse_changes(&p.bytes, config.max_changes_per_push))
+                .map_err(|()| Error::Panicked {
+                    doc: p.doc,
+                    during: "parsing a push",
+                })?
+                .map_err(|reason| Error::Changes { doc: p.doc, reason })?;
+            Ok(changes.iter().map(|c| c.actor_id().clone()).collect())
+        }
+        Frame::Sync(s) => {
+            if s.bytes.len() > config.max_sync_message_bytes {
+                return Err(Error::TooLarge {
+                    what: "sync message",
+                    len: s.bytes.len(),
+                    cap: config.max_sync_message_bytes,
+                });
+            }
+            let doc = s.doc;
+            let panicked = |()| Error::Panicked {
+                doc,
+                during: "listing sync message actors",
+            };
+            let msg = catch(|| Message::decode(&s.bytes))
+                .map_err(panicked)?
+                .map_err(|e| Error::Sync {
+                    doc,
+                    reason: format!("undecodable message: {e}"),
+                })?;
+            let mut actors = BTreeSet::new();
+            for chunk in msg.changes.iter() {
+                match catch(|| Change::try_from(chunk)).map_err(panicked)? {
+                    Ok(change) => {
+                        actors.insert(change.actor_id().clone());
+                    }
+                    // Not a change: a whole document (v2 messages send one
+                    // when the peer is far behind). Load it to see its authors.
+                    Err(_) => {
+                        let mut whole = catch(|| AutoCommit::load(chunk))
+                            .map_err(panicked)?
+                            .map_err(|e| Error::Sync {
+                                doc,
+                                reason: format!("undecodable document chunk: {e}"),
+                            })?;
+                        let metas = catch(|| {
+                            whole
+                                .get_changes_meta(&[])
+                                .into_iter()
+                                .map(|m| m.actor.into_owned())
+                                .collect::<Vec<_>>()
+                        })
+                        .map_err(panicked)?;
+                        actors.extend(metas);
+                    }
+                }
+            }
+            Ok(actors)
+        }
+        Frame::Digest(_) => Ok(BTreeSet::new()),
+    }
+}
+
+/// Automerge commit times are seconds.
+fn secs(now_ms: u64) -> i64 {
+    i64::try_from(now_ms / 1000).unwrap_or(i64::MAX)
+}
+
+/// Loads a document from a snapshot and incremental chunks.
+fn rebuild(actor: &ActorId, chunks: &[Vec<u8>]) -> std::result::Result<AutoCommit, String> {
+    let mut doc = AutoCommit::new().with_actor(actor.clone());
+    for chunk in chunks {
+        doc.load_incremental(chunk).map_err(|e| e.to_string())?;
+    }
+    Ok(doc)
+}
+
+/// Re-reads the header and validates the view for the document's kind. An
+/// entity's HLC is folded into the clock so later local writes sort after it.
+fn validate<P>(ds: &mut DocState<P>, clock: &mut HlcClock, now_ms: u64) -> Result<()> {
+    let header = Header::read(&ds.doc)?;
+    let kind = header.kind;
+    ds.header = header;
+    match kind {
+        DocKind::Entity => {
+            let e = Entity::read(&ds.doc)?;
+            // A reading beyond the drift bound is kept in the document (it is
+            // the writer's claim) but does not drag our clock forward.
+            let _ = clock.observe(&e.updated_at, now_ms);
+        }
+        DocKind::Registry => {
+            Registry::read(&ds.doc)?;
+        }
+        DocKind::Home => {
+            Home::read(&ds.doc)?;
+        }
+        // Views for the reserved kinds arrive with their features.
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Appends a chunk to the journal and the persist outputs, compacting the
+/// journal into a snapshot once it grows long.
+fn record_chunk<P>(
+    id: DocId,
+    ds: &mut DocState<P>,
+    bytes: Vec<u8>,
+    config: &EngineConfig,
+    stats: &mut EngineStats,
+    out: &mut Vec<Output<P>>,
+) {
+    if bytes.is_empty() {
+        return;
+    }
+    ds.journal.push(bytes.clone());
+    out.push(Output::PersistChunk {
+        doc: id,
+        kind: ChunkKind::Incremental,
+        bytes,
+    });
+    if ds.journal.len() > config.compact_after_chunks {
+        let doc = &mut ds.doc;
+        if let Ok(snapshot) = catch(|| doc.save()) {
+            stats.compactions += 1;
+            ds.journal = vec![snapshot.clone()];
+            out.push(Output::PersistChunk {
+                doc: id,
+                kind: ChunkKind::Snapshot,
+                bytes: snapshot,
+            });
+        }
+    }
+}
+
+fn schedule_confirm<P>(
+    session: &mut SyncSession,
+    now_ms: u64,
+    config: &EngineConfig,
+    out: &mut Vec<Output<P>>,
+) {
+    if session.confirm_at.is_none() {
+        let at = now_ms.saturating_add(config.confirm_after_ms);
+        session.confirm_at = Some(at);
+        out.push(Output::Timer { at_ms: at });
+    }
+}
+
+/// Generates the session's next sync message, if any, into `out`.
+#[allow(clippy::too_many_arguments)]
+fn generate_into<P: Clone>(
+    id: DocId,
+    epoch: KeyEpoch,
+    peer: &P,
+    doc: &mut AutoCommit,
+    session: &mut SyncSession,
+    now_ms: u64,
+    config: &EngineConfig,
+    stats: &mut EngineStats,
+    out: &mut Vec<Output<P>>,
+) {
+    let heads = doc.get_heads();
+    let state = &mut session.state;
+    let generated = catch(|| doc.sync().generate_sync_message(state).map(Message::encode));
+    let bytes = match generated {
+        Ok(Some(b)) => b,
+        Ok(None) => return,
+        Err(()) => {
+            // Generation reads only our own document; a panic here is an
+            // Automerge bug on local state. Start the session over later.
+            stats.panics_caught += 1;
+            stats.session_resets += 1;
+            session.reset(now_ms.saturating_add(config.retry_after_ms));
+            return;
+        }
+    };
+    if bytes.len() > config.max_sync_message_bytes {
+        // The peer would refuse it; try again when something changes.
+        stats.oversized += 1;
+        session.restart();
+        session.in_sync = false;
+        return;
+    }
+    // An answer is due unless the peer already told us it has our heads.
+    if session.state.their_heads.as_deref() != Some(heads.as_slice()) {
+        session.awaiting_since = Some(now_ms);
+        out.push(Output::Timer {
+            at_ms: now_ms.saturating_add(config.retry_after_ms),
+        });
+    }
+    stats.sync_sent += 1;
+    out.push(Output::Send {
+        peer: peer.clone(),
+        frame: Frame::Sync(SyncMessage {
+            doc: id,
+            epoch,
+            bytes,
+        }),
+    });
+}

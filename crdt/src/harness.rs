@@ -1,0 +1,1 @@
+//! Multi-peer test harness.

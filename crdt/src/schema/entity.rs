@@ -1,0 +1,523 @@
+//! Typed view of an `entity` document.
+//!
+//! Layout under the root key `entity`:
+//!
+//! | key | type |
+//! | --- | --- |
+//! | `id` | string, e.g. `light.living_room` |
+//! | `state` | string |
+//! | `attributes` | map of JSON-like values |
+//! | `updated_at` | string, an [`Hlc`] in its text form |
+//! | `updated_by` | string, hex actor id of the writing device |
+//! | `owner` | string, HomeId of the owner home |
+//!
+//! Every field is a separate map key, so concurrent writes to different
+//! attributes merge, and concurrent writes to one field leave both values for
+//! the conflict policies (read with `get_all`) to decide between.
+
+use automerge::transaction::Transactable;
+use automerge::{ActorId, ObjId, ObjType, ROOT, ReadDoc, ScalarValue, Value};
+use serde_json::{Map, Number, Value as Json};
+
+use super::{am, ensure_map, join, keys, put_str_if_changed, req_map, req_str, type_name};
+use crate::error::{Error, Result};
+use crate::hlc::Hlc;
+
+/// Root key of the entity map; also the first segment of error paths.
+pub const ENTITY_KEY: &str = "entity";
+
+/// Deepest nesting of attribute values accepted on read or write. Bounds the
+/// recursion a hostile document can cause.
+pub const MAX_ATTRIBUTE_DEPTH: usize = 16;
+
+/// Most attribute entries (counted over all nesting levels) accepted on a
+/// read or a write.
+pub const MAX_ATTRIBUTE_ENTRIES: usize = 4096;
+
+/// An entity as stored, after validation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Entity {
+    /// Entity id chosen by the user, e.g. `light.living_room`.
+    pub id: String,
+    /// Current state, a string as in Home Assistant.
+    pub state: String,
+    /// JSON-like attribute map.
+    pub attributes: Map<String, Json>,
+    /// When it was last written.
+    pub updated_at: Hlc,
+    /// Actor (device) that wrote it last.
+    pub updated_by: ActorId,
+    /// HomeId of the owner home.
+    pub owner: String,
+}
+
+/// A write to an entity.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct EntityUpdate {
+    /// New state.
+    pub state: String,
+    /// New attributes. `None` keeps the current ones; `Some` replaces them,
+    /// touching only the keys whose value actually changed.
+    pub attributes: Option<Map<String, Json>>,
+}
+
+impl Entity {
+    /// Reads and validates the entity view of `doc`.
+    pub fn read<D: ReadDoc>(doc: &D) -> Result<Self> {
+        let e = req_map(doc, &ROOT, ENTITY_KEY, ENTITY_KEY)?;
+        let id = req_str(doc, &e, "id", "entity.id")?;
+        let state = req_str(doc, &e, "state", "entity.state")?;
+        let a = req_map(doc, &e, "attributes", "entity.attributes")?;
+        let mut budget = MAX_ATTRIBUTE_ENTRIES;
+        let attributes = read_map(doc, &a, "entity.attributes", 1, &mut budget)?;
+        let updated_at = req_str(doc, &e, "updated_at", "entity.updated_at")?
+            .parse::<Hlc>()
+            .map_err(|err| Error::schema("entity.updated_at", err.to_string()))?;
+        let by = req_str(doc, &e, "updated_by", "entity.updated_by")?;
+        let updated_by = parse_actor(&by)
+            .ok_or_else(|| Error::schema("entity.updated_by", "expected 32 hex digits"))?;
+        let owner = req_str(doc, &e, "owner", "entity.owner")?;
+        Ok(Self {
+            id,
+            state,
+            attributes,
+            updated_at,
+            updated_by,
+            owner,
+        })
+    }
+}
+
+fn parse_actor(text: &str) -> Option<ActorId> {
+    if text.len() != 32 {
+        return None;
+    }
+    text.parse::<ActorId>().ok()
+}
+
+/// Writes the immutable fields and a first state. Used once, at creation.
+pub(crate) fn init<T: Transactable>(
+    doc: &mut T,
+    id: &str,
+    owner: &str,
+    update: &EntityUpdate,
+    at: Hlc,
+    by: &ActorId,
+) -> Result<()> {
+    validate_id(id)?;
+    let e = doc.put_object(ROOT, ENTITY_KEY, ObjType::Map).map_err(am)?;
+    doc.put(&e, "id", id).map_err(am)?;
+    doc.put(&e, "owner", owner).map_err(am)?;
+    doc.put_object(&e, "attributes", ObjType::Map).map_err(am)?;
+    write(doc, update, at, by)
+}
+
+/// Entity ids are short printable names; refusing the rest up front keeps
+/// them safe to show in logs and URLs.
+fn validate_id(id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 255
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::schema(
+            "entity.id",
+            "expected 1-255 characters of ASCII letters, digits, '.', '_' or '-'",
+        ))
+    }
+}
+
+/// Applies `update` with timestamp `at` written by `by`.
+pub fn write<T: Transactable>(
+    doc: &mut T,
+    update: &EntityUpdate,
+    at: Hlc,
+    by: &ActorId,
+) -> Result<()> {
+    if let Some(attrs) = &update.attributes {
+        let mut budget = MAX_ATTRIBUTE_ENTRIES;
+        check_json_map(attrs, "entity.attributes", 1, &mut budget)?;
+    }
+    let e = ensure_map(doc, &ROOT, ENTITY_KEY)?;
+    put_str_if_changed(doc, &e, "state", &update.state)?;
+    if let Some(attrs) = &update.attributes {
+        let a = ensure_map(doc, &e, "attributes")?;
+        let existing = keys(doc, &a);
+        for k in existing.iter().filter(|k| !attrs.contains_key(k.as_str())) {
+            doc.delete(&a, k.as_str()).map_err(am)?;
+        }
+        for (k, v) in attrs {
+            let current = match doc.get(&a, k.as_str()).map_err(am)? {
+                Some((val, id)) => {
+                    let mut budget = MAX_ATTRIBUTE_ENTRIES;
+                    read_value(doc, val, &id, "", 2, &mut budget).ok()
+                }
+                None => None,
+            };
+            if current.as_ref() != Some(v) {
+                put_json(doc, &a, k, v)?;
+            }
+        }
+    }
+    doc.put(&e, "updated_at", at.to_string()).map_err(am)?;
+    put_str_if_changed(doc, &e, "updated_by", &by.to_hex_string())?;
+    Ok(())
+}
+
+fn check_json_map(
+    map: &Map<String, Json>,
+    path: &str,
+    depth: usize,
+    budget: &mut usize,
+) -> Result<()> {
+    for (k, v) in map {
+        check_json(v, &join(path, k), depth + 1, budget)?;
+    }
+    Ok(())
+}
+
+fn check_json(v: &Json, path: &str, depth: usize, budget: &mut usize) -> Result<()> {
+    if depth > MAX_ATTRIBUTE_DEPTH {
+        return Err(Error::schema(path, "attributes nested too deeply"));
+    }
+    *budget = budget
+        .checked_sub(1)
+        .ok_or_else(|| Error::schema(path, "too many attribute entries"))?;
+    match v {
+        Json::Object(m) => check_json_map(m, path, depth, budget),
+        Json::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                check_json(item, &join(path, &i.to_string()), depth + 1, budget)?;
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+fn scalar_for(v: &Json) -> Option<ScalarValue> {
+    Some(match v {
+        Json::Null => ScalarValue::Null,
+        Json::Bool(b) => ScalarValue::Boolean(*b),
+        Json::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
+            (Some(i), _, _) => ScalarValue::Int(i),
+            (None, Some(u), _) => ScalarValue::Uint(u),
+            (None, None, Some(f)) => ScalarValue::F64(f),
+            // serde_json numbers are always one of the three.
+            (None, None, None) => ScalarValue::Null,
+        },
+        Json::String(s) => ScalarValue::Str(s.as_str().into()),
+        Json::Array(_) | Json::Object(_) => return None,
+    })
+}
+
+fn put_json<T: Transactable>(doc: &mut T, obj: &ObjId, key: &str, v: &Json) -> Result<()> {
+    match (scalar_for(v), v) {
+        (Some(s), _) => {
+            doc.put(obj, key, s).map_err(am)?;
+        }
+        (None, Json::Object(m)) => {
+            let child = doc.put_object(obj, key, ObjType::Map).map_err(am)?;
+            for (k, v) in m {
+                put_json(doc, &child, k, v)?;
+            }
+        }
+        (None, Json::Array(items)) => {
+            let child = doc.put_object(obj, key, ObjType::List).map_err(am)?;
+            fill_list(doc, &child, items)?;
+        }
+        (None, _) => {}
+    }
+    Ok(())
+}
+
+fn fill_list<T: Transactable>(doc: &mut T, list: &ObjId, items: &[Json]) -> Result<()> {
+    for (i, v) in items.iter().enumerate() {
+        match (scalar_for(v), v) {
+            (Some(s), _) => {
+                doc.insert(list, i, s).map_err(am)?;
+            }
+            (None, Json::Object(m)) => {
+                let child = doc.insert_object(list, i, ObjType::Map).map_err(am)?;
+                for (k, v) in m {
+                    put_json(doc, &child, k, v)?;
+                }
+            }
+            (None, Json::Array(inner)) => {
+                let child = doc.insert_object(list, i, ObjType::List).map_err(am)?;
+                fill_list(doc, &child, inner)?;
+            }
+            (None, _) => {}
+        }
+    }
+    Ok(())
+}
+
+fn read_map<D: ReadDoc>(
+    doc: &D,
+    obj: &ObjId,
+    path: &str,
+    depth: usize,
+    budget: &mut usize,
+) -> Result<Map<String, Json>> {
+    let mut out = Map::new();
+    for k in keys(doc, obj) {
+        let p = join(path, &k);
+        if let Some((v, id)) = doc
+            .get(obj, k.as_str())
+            .map_err(|e| Error::schema(&p, format!("unreadable: {e}")))?
+        {
+            let json = read_value(doc, v, &id, &p, depth + 1, budget)?;
+            out.insert(k, json);
+        }
+    }
+    Ok(out)
+}
+
+fn read_value<D: ReadDoc>(
+    doc: &D,
+    v: Value<'_>,
+    id: &ObjId,
+    path: &str,
+    depth: usize,
+    budget: &mut usize,
+) -> Result<Json> {
+    if depth > MAX_ATTRIBUTE_DEPTH {
+        return Err(Error::schema(path, "attributes nested too deeply"));
+    }
+    *budget = budget
+        .checked_sub(1)
+        .ok_or_else(|| Error::schema(path, "too many attribute entries"))?;
+    match v {
+        Value::Object(ObjType::Map | ObjType::Table) => {
+            read_map(doc, id, path, depth, budget).map(Json::Object)
+        }
+        Value::Object(ObjType::List) => {
+            let mut items = Vec::new();
+            let listed: Vec<(Value<'static>, ObjId)> = doc
+                .list_range(id, ..)
+                .map(|item| {
+                    let item_id = item.id();
+                    (item.value.into_value(), item_id)
+                })
+                .collect();
+            for (i, (value, item_id)) in listed.into_iter().enumerate() {
+                let p = join(path, &i.to_string());
+                items.push(read_value(doc, value, &item_id, &p, depth + 1, budget)?);
+            }
+            Ok(Json::Array(items))
+        }
+        Value::Object(ObjType::Text) => doc
+            .text(id)
+            .map(Json::String)
+            .map_err(|e| Error::schema(path, format!("unreadable text: {e}"))),
+        Value::Scalar(s) => match s.as_ref() {
+            ScalarValue::Null => Ok(Json::Null),
+            ScalarValue::Boolean(b) => Ok(Json::Bool(*b)),
+            ScalarValue::Int(i) => Ok(Json::Number((*i).into())),
+            ScalarValue::Uint(u) => Ok(Json::Number((*u).into())),
+            ScalarValue::Counter(_) => Ok(Json::Number(s.as_i64().unwrap_or_default().into())),
+            ScalarValue::F64(f) => Number::from_f64(*f)
+                .map(Json::Number)
+                .ok_or_else(|| Error::schema(path, "non-finite number")),
+            ScalarValue::Str(text) => Ok(Json::String(text.to_string())),
+            _ => Err(Error::schema(
+                path,
+                format!(
+                    "unsupported attribute type {}",
+                    type_name(&Value::Scalar(s.clone()))
+                ),
+            )),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use automerge::AutoCommit;
+    use serde_json::json;
+
+    fn actor() -> ActorId {
+        ActorId::from([5u8; 16])
+    }
+
+    fn at(ms: u64) -> Hlc {
+        Hlc {
+            wall_ms: ms,
+            counter: 0,
+            actor: [5; 16],
+        }
+    }
+
+    fn attrs(v: Json) -> Option<Map<String, Json>> {
+        match v {
+            Json::Object(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    fn new_doc() -> AutoCommit {
+        let mut doc = AutoCommit::new();
+        let update = EntityUpdate {
+            state: "on".into(),
+            attributes: attrs(
+                json!({"brightness": 80, "color": {"r": 1, "g": 2.5}, "tags": ["a", null, true]}),
+            ),
+        };
+        init(
+            &mut doc,
+            "light.living_room",
+            "home-1",
+            &update,
+            at(1),
+            &actor(),
+        )
+        .unwrap();
+        doc
+    }
+
+    #[test]
+    fn written_entity_reads_back() {
+        let doc = new_doc();
+        let e = Entity::read(&doc).unwrap();
+        assert_eq!(e.id, "light.living_room");
+        assert_eq!(e.state, "on");
+        assert_eq!(
+            Json::Object(e.attributes),
+            json!({"brightness": 80, "color": {"r": 1, "g": 2.5}, "tags": ["a", null, true]})
+        );
+        assert_eq!(e.updated_at, at(1));
+        assert_eq!(e.updated_by, actor());
+        assert_eq!(e.owner, "home-1");
+    }
+
+    #[test]
+    fn update_replaces_attributes_and_none_keeps_them() {
+        let mut doc = new_doc();
+        let update = EntityUpdate {
+            state: "off".into(),
+            attributes: attrs(json!({"brightness": 10})),
+        };
+        write(&mut doc, &update, at(2), &actor()).unwrap();
+        let e = Entity::read(&doc).unwrap();
+        assert_eq!(
+            Json::Object(e.attributes.clone()),
+            json!({"brightness": 10})
+        );
+        write(
+            &mut doc,
+            &EntityUpdate {
+                state: "on".into(),
+                attributes: None,
+            },
+            at(3),
+            &actor(),
+        )
+        .unwrap();
+        let e2 = Entity::read(&doc).unwrap();
+        assert_eq!(e2.attributes, e.attributes);
+        assert_eq!(e2.state, "on");
+        assert_eq!(e2.updated_at, at(3));
+    }
+
+    #[test]
+    fn wrong_types_and_missing_fields_name_the_path() {
+        let mut doc = new_doc();
+        let (_, e) = doc.get(ROOT, ENTITY_KEY).unwrap().unwrap();
+        let (_, a) = doc.get(&e, "attributes").unwrap().unwrap();
+        doc.put(&a, "brightness", ScalarValue::Bytes(vec![1]))
+            .unwrap();
+        let err = Entity::read(&doc).unwrap_err();
+        assert!(
+            matches!(&err, Error::Schema { path, .. } if path == "entity.attributes.brightness"),
+            "{err}"
+        );
+
+        doc.delete(&a, "brightness").unwrap();
+        doc.put(&e, "state", 3_i64).unwrap();
+        let err = Entity::read(&doc).unwrap_err();
+        assert!(
+            matches!(&err, Error::Schema { path, .. } if path == "entity.state"),
+            "{err}"
+        );
+
+        doc.put(&e, "state", "on").unwrap();
+        doc.delete(&e, "owner").unwrap();
+        let err = Entity::read(&doc).unwrap_err();
+        assert!(
+            matches!(&err, Error::Schema { path, reason } if path == "entity.owner" && reason == "missing")
+        );
+
+        doc.put(&e, "owner", "h").unwrap();
+        doc.put(&e, "updated_at", "yesterday").unwrap();
+        let err = Entity::read(&doc).unwrap_err();
+        assert!(matches!(&err, Error::Schema { path, .. } if path == "entity.updated_at"));
+
+        doc.put(&e, "updated_at", at(1).to_string()).unwrap();
+        doc.put(&e, "updated_by", "not-hex").unwrap();
+        let err = Entity::read(&doc).unwrap_err();
+        assert!(matches!(&err, Error::Schema { path, .. } if path == "entity.updated_by"));
+
+        doc.put(&e, "updated_by", actor().to_hex_string()).unwrap();
+        let (_, c) = doc.get(&a, "color").unwrap().unwrap();
+        doc.put(&c, "g", f64::NAN).unwrap();
+        let err = Entity::read(&doc).unwrap_err();
+        assert!(
+            matches!(&err, Error::Schema { path, .. } if path == "entity.attributes.color.g"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_on_write_and_read() {
+        let mut deep = json!(1);
+        for _ in 0..MAX_ATTRIBUTE_DEPTH + 2 {
+            deep = json!({ "x": deep });
+        }
+        let mut doc = new_doc();
+        let update = EntityUpdate {
+            state: "on".into(),
+            attributes: attrs(json!({ "deep": deep.clone() })),
+        };
+        let err = write(&mut doc, &update, at(2), &actor()).unwrap_err();
+        assert!(matches!(err, Error::Schema { .. }));
+
+        // A peer that ignores the limit still cannot make reads recurse unboundedly.
+        let (_, e) = doc.get(ROOT, ENTITY_KEY).unwrap().unwrap();
+        let (_, a) = doc.get(&e, "attributes").unwrap().unwrap();
+        put_json(&mut doc, &a, "deep", &deep).unwrap();
+        let err = Entity::read(&doc).unwrap_err();
+        assert!(
+            matches!(&err, Error::Schema { reason, .. } if reason.contains("deeply")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn invalid_ids_are_refused() {
+        let mut doc = AutoCommit::new();
+        for id in ["", "light porch", "a/b", &"x".repeat(256)] {
+            let err =
+                init(&mut doc, id, "h", &EntityUpdate::default(), at(1), &actor()).unwrap_err();
+            assert!(matches!(&err, Error::Schema { path, .. } if path == "entity.id"));
+        }
+    }
+
+    #[test]
+    fn unchanged_values_write_nothing_new() {
+        let mut doc = new_doc();
+        doc.commit();
+        let e = Entity::read(&doc).unwrap();
+        let update = EntityUpdate {
+            state: e.state.clone(),
+            attributes: Some(e.attributes.clone()),
+        };
+        write(&mut doc, &update, at(2), &actor()).unwrap();
+        // Only updated_at changes: same writer, same values.
+        assert_eq!(doc.pending_ops(), 1);
+    }
+}

@@ -1,0 +1,325 @@
+//! Typed view of a `home` document, shared by the home's own devices only:
+//! its device list, the homes it is paired with, and its keyring.
+//!
+//! Layout under the root key `home`:
+//! - `name`: string;
+//! - `devices.<PeerId>`: map { `name`, `certificate`: bytes, `revoked_at`: optional ms };
+//! - `paired.<HomeId>`: map { `name`, `root_key`: bytes, `devices`: map { <PeerId>: certificate bytes } };
+//! - `keyring.<DocId>.<epoch>.<PeerId>`: the document key of that epoch wrapped for that device.
+//!
+//! Certificates and wrapped keys are opaque here; the node verifies and unwraps them.
+
+use std::collections::BTreeMap;
+
+use automerge::transaction::Transactable;
+use automerge::{ROOT, ReadDoc, ScalarValue};
+
+use super::{am, ensure_map, join, keys, opt_u64, req_bytes, req_map, req_str};
+use crate::error::{Error, Result};
+use crate::ids::{DocId, KeyEpoch};
+
+/// Root key of the home map.
+pub const HOME_KEY: &str = "home";
+
+/// A member device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceRecord {
+    /// Device name.
+    pub name: String,
+    /// Certificate signed by the home root key (opaque here).
+    pub certificate: Vec<u8>,
+    /// When it was revoked (ms since the Unix epoch), if it was.
+    pub revoked_at: Option<u64>,
+}
+
+/// A paired home.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PairedHome {
+    /// Its name.
+    pub name: String,
+    /// Public half of its root key.
+    pub root_key: Vec<u8>,
+    /// Its devices' certificates by PeerId.
+    pub devices: BTreeMap<String, Vec<u8>>,
+}
+
+/// The whole home document.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Home {
+    /// Home name.
+    pub name: String,
+    /// Member devices by PeerId.
+    pub devices: BTreeMap<String, DeviceRecord>,
+    /// Paired homes by HomeId.
+    pub paired: BTreeMap<String, PairedHome>,
+    /// Wrapped document keys: (doc, epoch) -> device PeerId -> wrapped key.
+    pub keyring: BTreeMap<(DocId, KeyEpoch), BTreeMap<String, Vec<u8>>>,
+}
+
+/// Text form of an epoch used as a map key: fixed-width hex so keys sort in
+/// epoch order.
+pub fn epoch_key(epoch: &KeyEpoch) -> String {
+    let mut out = format!("{:016x}-", epoch.counter);
+    for b in epoch.device {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+fn parse_epoch_key(text: &str) -> Option<KeyEpoch> {
+    let (counter, device) = text.split_once('-')?;
+    if counter.len() != 16 || device.len() != 32 || !device.is_ascii() {
+        return None;
+    }
+    let counter = u64::from_str_radix(counter, 16).ok()?;
+    let mut out = [0u8; 16];
+    for (i, slot) in out.iter_mut().enumerate() {
+        *slot = u8::from_str_radix(device.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(KeyEpoch {
+        counter,
+        device: out,
+    })
+}
+
+impl Home {
+    /// Reads and validates the home view.
+    pub fn read<D: ReadDoc>(doc: &D) -> Result<Self> {
+        let h = req_map(doc, &ROOT, HOME_KEY, HOME_KEY)?;
+        let name = req_str(doc, &h, "name", "home.name")?;
+
+        let d = req_map(doc, &h, "devices", "home.devices")?;
+        let mut devices = BTreeMap::new();
+        for peer in keys(doc, &d) {
+            let p = join("home.devices", &peer);
+            let rec = req_map(doc, &d, &peer, &p)?;
+            devices.insert(
+                peer,
+                DeviceRecord {
+                    name: req_str(doc, &rec, "name", &join(&p, "name"))?,
+                    certificate: req_bytes(doc, &rec, "certificate", &join(&p, "certificate"))?,
+                    revoked_at: opt_u64(doc, &rec, "revoked_at", &join(&p, "revoked_at"))?,
+                },
+            );
+        }
+
+        let ph = req_map(doc, &h, "paired", "home.paired")?;
+        let mut paired = BTreeMap::new();
+        for home_id in keys(doc, &ph) {
+            let p = join("home.paired", &home_id);
+            let rec = req_map(doc, &ph, &home_id, &p)?;
+            let dp = join(&p, "devices");
+            let devs = req_map(doc, &rec, "devices", &dp)?;
+            let mut their = BTreeMap::new();
+            for peer in keys(doc, &devs) {
+                let cert = req_bytes(doc, &devs, &peer, &join(&dp, &peer))?;
+                their.insert(peer, cert);
+            }
+            paired.insert(
+                home_id,
+                PairedHome {
+                    name: req_str(doc, &rec, "name", &join(&p, "name"))?,
+                    root_key: req_bytes(doc, &rec, "root_key", &join(&p, "root_key"))?,
+                    devices: their,
+                },
+            );
+        }
+
+        let k = req_map(doc, &h, "keyring", "home.keyring")?;
+        let mut keyring = BTreeMap::new();
+        for doc_text in keys(doc, &k) {
+            let p = join("home.keyring", &doc_text);
+            let doc_id = DocId::parse(&doc_text)
+                .ok_or_else(|| Error::schema(&p, "key is not a base58 document id"))?;
+            let epochs = req_map(doc, &k, &doc_text, &p)?;
+            for epoch_text in keys(doc, &epochs) {
+                let ep = join(&p, &epoch_text);
+                let epoch = parse_epoch_key(&epoch_text)
+                    .ok_or_else(|| Error::schema(&ep, "key is not an epoch"))?;
+                let wraps = req_map(doc, &epochs, &epoch_text, &ep)?;
+                let mut by_device = BTreeMap::new();
+                for peer in keys(doc, &wraps) {
+                    let wrapped = req_bytes(doc, &wraps, &peer, &join(&ep, &peer))?;
+                    by_device.insert(peer, wrapped);
+                }
+                keyring.insert((doc_id, epoch), by_device);
+            }
+        }
+        Ok(Self {
+            name,
+            devices,
+            paired,
+            keyring,
+        })
+    }
+}
+
+/// Creates the home layout with its name.
+pub(crate) fn init<T: Transactable>(doc: &mut T, name: &str) -> Result<()> {
+    let h = ensure_map(doc, &ROOT, HOME_KEY)?;
+    doc.put(&h, "name", name).map_err(am)?;
+    for key in ["devices", "paired", "keyring"] {
+        ensure_map(doc, &h, key)?;
+    }
+    Ok(())
+}
+
+/// Renames the home.
+pub fn set_name<T: Transactable>(doc: &mut T, name: &str) -> Result<()> {
+    let h = ensure_map(doc, &ROOT, HOME_KEY)?;
+    doc.put(&h, "name", name).map_err(am)?;
+    Ok(())
+}
+
+/// Adds or replaces a member device.
+pub fn put_device<T: Transactable>(doc: &mut T, peer: &str, record: &DeviceRecord) -> Result<()> {
+    let h = ensure_map(doc, &ROOT, HOME_KEY)?;
+    let d = ensure_map(doc, &h, "devices")?;
+    let rec = doc
+        .put_object(&d, peer, automerge::ObjType::Map)
+        .map_err(am)?;
+    doc.put(&rec, "name", record.name.as_str()).map_err(am)?;
+    doc.put(
+        &rec,
+        "certificate",
+        ScalarValue::Bytes(record.certificate.clone()),
+    )
+    .map_err(am)?;
+    if let Some(at) = record.revoked_at {
+        doc.put(&rec, "revoked_at", ScalarValue::Uint(at))
+            .map_err(am)?;
+    }
+    Ok(())
+}
+
+/// Marks a device revoked at `at_ms`. Fails if the device is unknown.
+pub fn revoke_device<T: Transactable>(doc: &mut T, peer: &str, at_ms: u64) -> Result<()> {
+    let h = req_map(doc, &ROOT, HOME_KEY, HOME_KEY)?;
+    let d = req_map(doc, &h, "devices", "home.devices")?;
+    let rec = req_map(doc, &d, peer, &join("home.devices", peer))?;
+    doc.put(&rec, "revoked_at", ScalarValue::Uint(at_ms))
+        .map_err(am)?;
+    Ok(())
+}
+
+/// Adds or replaces a paired home.
+pub fn put_paired_home<T: Transactable>(
+    doc: &mut T,
+    home_id: &str,
+    home: &PairedHome,
+) -> Result<()> {
+    let h = ensure_map(doc, &ROOT, HOME_KEY)?;
+    let ph = ensure_map(doc, &h, "paired")?;
+    let rec = doc
+        .put_object(&ph, home_id, automerge::ObjType::Map)
+        .map_err(am)?;
+    doc.put(&rec, "name", home.name.as_str()).map_err(am)?;
+    doc.put(&rec, "root_key", ScalarValue::Bytes(home.root_key.clone()))
+        .map_err(am)?;
+    let devs = doc
+        .put_object(&rec, "devices", automerge::ObjType::Map)
+        .map_err(am)?;
+    for (peer, cert) in &home.devices {
+        doc.put(&devs, peer.as_str(), ScalarValue::Bytes(cert.clone()))
+            .map_err(am)?;
+    }
+    Ok(())
+}
+
+/// Forgets a paired home.
+pub fn remove_paired_home<T: Transactable>(doc: &mut T, home_id: &str) -> Result<()> {
+    let h = ensure_map(doc, &ROOT, HOME_KEY)?;
+    let ph = ensure_map(doc, &h, "paired")?;
+    doc.delete(&ph, home_id).map_err(am)?;
+    Ok(())
+}
+
+/// Stores the key of (`target`, `epoch`) wrapped for device `peer`.
+pub fn put_wrapped_key<T: Transactable>(
+    doc: &mut T,
+    target: DocId,
+    epoch: &KeyEpoch,
+    peer: &str,
+    wrapped: &[u8],
+) -> Result<()> {
+    let h = ensure_map(doc, &ROOT, HOME_KEY)?;
+    let k = ensure_map(doc, &h, "keyring")?;
+    let per_doc = ensure_map(doc, &k, &target.to_string())?;
+    let per_epoch = ensure_map(doc, &per_doc, &epoch_key(epoch))?;
+    doc.put(&per_epoch, peer, ScalarValue::Bytes(wrapped.to_vec()))
+        .map_err(am)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use automerge::AutoCommit;
+
+    #[test]
+    fn home_round_trips() {
+        let mut doc = AutoCommit::new();
+        init(&mut doc, "Maple St").unwrap();
+        let dev = DeviceRecord {
+            name: "kitchen".into(),
+            certificate: vec![1, 2, 3],
+            revoked_at: None,
+        };
+        put_device(&mut doc, "peerA", &dev).unwrap();
+        revoke_device(&mut doc, "peerA", 77).unwrap();
+        let other = PairedHome {
+            name: "Oak Ave".into(),
+            root_key: vec![9; 32],
+            devices: [("peerX".to_string(), vec![4, 5])].into(),
+        };
+        put_paired_home(&mut doc, "homeB", &other).unwrap();
+        let d = DocId::from_bytes([3; 16]);
+        let epoch = KeyEpoch {
+            counter: 2,
+            device: [7; 16],
+        };
+        put_wrapped_key(&mut doc, d, &epoch, "peerA", &[8; 48]).unwrap();
+
+        let home = Home::read(&doc).unwrap();
+        assert_eq!(home.name, "Maple St");
+        assert_eq!(home.devices["peerA"].revoked_at, Some(77));
+        assert_eq!(home.paired["homeB"], other);
+        assert_eq!(home.keyring[&(d, epoch)]["peerA"], vec![8; 48]);
+
+        remove_paired_home(&mut doc, "homeB").unwrap();
+        assert!(Home::read(&doc).unwrap().paired.is_empty());
+    }
+
+    #[test]
+    fn epoch_keys_round_trip_and_garbage_is_refused() {
+        let e = KeyEpoch {
+            counter: u64::MAX,
+            device: [0xab; 16],
+        };
+        assert_eq!(parse_epoch_key(&epoch_key(&e)), Some(e));
+        for bad in [
+            "",
+            "-",
+            "1-2",
+            "0000000000000001-ééééééééééééééé",
+            "zzzzzzzzzzzzzzzz-00000000000000000000000000000000",
+        ] {
+            assert_eq!(parse_epoch_key(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn bad_keyring_entries_name_their_path() {
+        let mut doc = AutoCommit::new();
+        init(&mut doc, "h").unwrap();
+        let h = req_map(&doc, &ROOT, HOME_KEY, HOME_KEY).unwrap();
+        let k = req_map(&doc, &h, "keyring", "").unwrap();
+        doc.put_object(&k, "not-a-doc", automerge::ObjType::Map)
+            .unwrap();
+        let err = Home::read(&doc).unwrap_err();
+        assert!(
+            matches!(&err, Error::Schema { path, .. } if path == "home.keyring.not-a-doc"),
+            "{err}"
+        );
+    }
+}

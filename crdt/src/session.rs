@@ -1,0 +1,113 @@
+//! One sync session per (peer, document), wrapping `automerge::sync::State`.
+
+use automerge::ChangeHash;
+use automerge::sync::State;
+
+/// Catch-up bookkeeping for one peer and one document.
+///
+/// Only `shared_heads` survive [`SyncSession::encode`]; that is all Automerge
+/// persists, and it is enough for a reconnect to resume from the last common
+/// point instead of starting from an empty bloom filter.
+#[derive(Debug)]
+pub(crate) struct SyncSession {
+    pub(crate) state: State,
+    /// The peer had our heads at the last exchange, so a direct push will find
+    /// its dependencies there.
+    pub(crate) in_sync: bool,
+    /// We sent a message that calls for an answer at this time. Lost messages
+    /// would otherwise stall Automerge's protocol, which waits for a reply
+    /// forever while a message is in flight.
+    pub(crate) awaiting_since: Option<u64>,
+    /// A confirmation round is due: pushes were sent (or changes relayed) and
+    /// one sync exchange will prove the peer has them.
+    pub(crate) confirm_at: Option<u64>,
+    /// The session was reset and must send an opening message.
+    pub(crate) kick_at: Option<u64>,
+    /// `shared_heads` at the last time the state was handed out for storage.
+    pub(crate) persisted_shared: Vec<ChangeHash>,
+}
+
+impl SyncSession {
+    pub(crate) fn new() -> Self {
+        Self {
+            state: State::new(),
+            in_sync: false,
+            awaiting_since: None,
+            confirm_at: None,
+            kick_at: None,
+            persisted_shared: Vec::new(),
+        }
+    }
+
+    /// Resumes from bytes produced by [`SyncSession::encode`].
+    pub(crate) fn resume(bytes: &[u8]) -> Result<Self, String> {
+        let state = State::decode(bytes).map_err(|e| e.to_string())?;
+        let persisted_shared = state.shared_heads.clone();
+        Ok(Self {
+            state,
+            persisted_shared,
+            ..Self::new()
+        })
+    }
+
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        self.state.encode()
+    }
+
+    /// Forgets everything, including shared heads: used after malformed input,
+    /// when nothing learnt from this peer can be trusted.
+    pub(crate) fn reset(&mut self, now_ms: u64) {
+        *self = Self::new();
+        self.kick_at = Some(now_ms);
+    }
+
+    /// Keeps shared heads but drops in-flight bookkeeping, as a reconnect
+    /// would. Used when an answer is overdue.
+    pub(crate) fn restart(&mut self) {
+        let shared = std::mem::take(&mut self.state.shared_heads);
+        self.state = State::new();
+        self.state.shared_heads = shared;
+        self.awaiting_since = None;
+    }
+
+    /// Earliest time at which `tick` has work for this session.
+    pub(crate) fn deadline(&self, retry_after_ms: u64) -> Option<u64> {
+        let retry = self
+            .awaiting_since
+            .map(|t| t.saturating_add(retry_after_ms));
+        [self.confirm_at, self.kick_at, retry]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resume_keeps_shared_heads_and_rejects_garbage() {
+        let mut s = SyncSession::new();
+        let h = ChangeHash([7; 32]);
+        s.state.shared_heads = vec![h];
+        let back = SyncSession::resume(&s.encode()).unwrap();
+        assert_eq!(back.state.shared_heads, vec![h]);
+        assert!(!back.in_sync);
+        assert!(SyncSession::resume(&[0xff, 1, 2]).is_err());
+        assert!(SyncSession::resume(&[]).is_err());
+    }
+
+    #[test]
+    fn restart_keeps_shared_heads_and_reset_does_not() {
+        let mut s = SyncSession::new();
+        s.state.shared_heads = vec![ChangeHash([1; 32])];
+        s.awaiting_since = Some(5);
+        s.restart();
+        assert_eq!(s.state.shared_heads.len(), 1);
+        assert_eq!(s.awaiting_since, None);
+        s.reset(9);
+        assert!(s.state.shared_heads.is_empty());
+        assert_eq!(s.deadline(100), Some(9));
+    }
+}
