@@ -55,6 +55,7 @@
 //! ```
 
 mod chunks;
+pub mod digest;
 pub mod engine;
 pub mod error;
 pub mod hlc;
