@@ -1,0 +1,67 @@
+//! Sealing costs: seal+open of a 200-byte value, and a sealed put+flush against an unsealed one.
+//!
+//! Run with `cargo bench -p hearth-storage --bench seal`.
+
+// criterion_group! generates a public function without docs.
+#![allow(missing_docs)]
+
+use std::path::Path;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use hearth_storage::{Keyspace, MemStore, Sealed, SledStore, Store, Unlock};
+
+/// Size of the value in every benchmark, about one entity update.
+const VALUE_LEN: usize = 200;
+
+fn seal_open(c: &mut Criterion) {
+    let sealed =
+        Sealed::open(MemStore::new(), Unlock::Ephemeral, Path::new("<bench>")).expect("open");
+    let value = vec![0x5a; VALUE_LEN];
+    c.bench_function("seal+open 200 B", |b| {
+        b.iter(|| {
+            let boxed = sealed
+                .seal_record(Keyspace::DocChunks, b"doc/0001", &value)
+                .expect("seal");
+            sealed
+                .open_record(Keyspace::DocChunks, b"doc/0001", &boxed)
+                .expect("open")
+        })
+    });
+}
+
+/// One put followed by one flush, as a lone writer pays it through the store handle.
+fn put_flush<S: Store>(store: &mut S, counter: &mut u64, value: &[u8]) {
+    *counter += 1;
+    store
+        .put(Keyspace::DocChunks, &counter.to_be_bytes(), value)
+        .expect("put");
+    store.flush().expect("flush");
+}
+
+fn put_and_flush(c: &mut Criterion) {
+    let value = vec![0x5a; VALUE_LEN];
+    let mut group = c.benchmark_group("put+flush 200 B");
+    for sync_data in [false, true] {
+        let suffix = if sync_data { " +fdatasync" } else { "" };
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut plain =
+            SledStore::open(&dir.path().join("plain"), 64 << 20, sync_data).expect("sled");
+        let mut n = 0u64;
+        group.bench_function(format!("unsealed sled{suffix}"), |b| {
+            b.iter(|| put_flush(&mut plain, &mut n, &value))
+        });
+
+        let path = dir.path().join("sealed");
+        let sled = SledStore::open(&path, 64 << 20, sync_data).expect("sled");
+        let mut sealed = Sealed::open(sled, Unlock::Ephemeral, &path).expect("seal");
+        let mut n = 0u64;
+        group.bench_function(format!("sealed sled{suffix}"), |b| {
+            b.iter(|| put_flush(&mut sealed, &mut n, &value))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, seal_open, put_and_flush);
+criterion_main!(benches);
