@@ -1,1 +1,32 @@
-//! hearth
+//! Hearth: a peer-to-peer sync node for homes.
+//!
+//! Every home, and every device in it, runs a node. This crate assembles one: it opens the
+//! node's encrypted store, loads (or on first start creates) the device identity, and serves
+//! the local HTTP API that the `hearth` command and other programs use.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), hearth::Error> {
+//! let config = hearth::Config {
+//!     data_dir: "/tmp/hearth-example".into(),
+//!     api_addr: "127.0.0.1:0".parse().unwrap(),
+//!     ..hearth::Config::default()
+//! };
+//! let node = hearth::Node::start(config).await?;
+//! println!("PeerId {}, API on {}", node.peer_id(), node.api_addr());
+//! node.shutdown().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! The public types mention neither libp2p nor sled, so integrations do not depend on the
+//! transport or the storage engine.
+
+mod api;
+mod config;
+mod datadir;
+mod error;
+mod node;
+
+pub use config::{Config, DEFAULT_API_ADDR, Passphrase, default_data_dir};
+pub use datadir::{API_ADDR_FILE, LOCK_FILE, TOKEN_FILE};
+pub use error::Error;
+pub use node::Node;

@@ -1,1 +1,136 @@
-//! hearth-net.
+//! hearth-net: Hearth's network layer.
+//!
+//! One event loop owns the libp2p swarm: TCP (QUIC with the `quic` feature), Noise, Yamux,
+//! mDNS, identify, ping and connection limits, plus three Hearth protocols:
+//!
+//! - `/hearth/hello/1`: every new session starts by swapping certificates (opaque bytes to
+//!   this crate). The node then [admits](Handle::admit) or [rejects](Handle::reject) the
+//!   peer; a peer not admitted within [`Config::hello_timeout`] is disconnected, and until
+//!   then it can use nothing but the hello exchange.
+//! - `/hearth/sync/1`: one long-lived stream per admitted peer carrying length-prefixed
+//!   frames (u32 big-endian length, then the bytes; at most [`MAX_FRAME_SIZE`]). Only the
+//!   peer with the smaller PeerId opens it, so there is exactly one.
+//! - `/hearth/ephemeral/1`: the same framing on a second stream, for short-lived messages.
+//!
+//! [`new`] returns a [`Handle`] (cheap to clone; commands with oneshot replies over a
+//! bounded channel), an [`EventStream`] and the [`EventLoop`] to spawn:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), hearth_net::Error> {
+//! use hearth_net::{Config, Event};
+//! use tokio_util::sync::CancellationToken;
+//!
+//! let config = Config {
+//!     listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+//!     mdns: false,
+//!     ..Config::default()
+//! };
+//! let (handle, mut events, event_loop) = hearth_net::new(config)?;
+//! let cancel = CancellationToken::new();
+//! tokio::spawn(event_loop.run(cancel.clone()));
+//! while let Some(event) = events.recv().await {
+//!     match event {
+//!         // Check the certificate here; admit opens the sync stream.
+//!         Event::Hello { peer, .. } => {
+//!             handle.admit(peer).await?;
+//!         }
+//!         Event::Frame { peer, bytes } => {
+//!             let _ = handle.send(peer, bytes).await?; // echo
+//!         }
+//!         _ => {}
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! Dialing is built so that two nodes always end with exactly one connection: static
+//! peers are redialled with exponential backoff from a fresh source port, only the smaller
+//! PeerId dials an mDNS-discovered peer, and duplicate connections are closed by a rule
+//! both ends evaluate identically. Every channel and queue is bounded; a peer whose
+//! outbound queue fills is dropped rather than allowed to grow memory.
+//!
+//! The [`DeviceIdentity`] (the Ed25519 keypair behind the PeerId) also lives here.
+
+mod behaviour;
+mod config;
+mod dial;
+mod error;
+mod event;
+mod event_loop;
+mod frame;
+mod handle;
+mod identity;
+mod stream;
+
+use std::sync::Arc;
+
+use tokio::sync::{Semaphore, mpsc};
+
+pub use behaviour::{EPHEMERAL_PROTOCOL, HELLO_PROTOCOL, SYNC_PROTOCOL};
+pub use bytes::Bytes;
+pub use config::{Config, DEFAULT_PORT, MAX_CERTIFICATE_SIZE, MAX_STATIC_PEERS};
+pub use dial::MAX_DISCOVERED_PEERS;
+pub use error::{Error, IdentityError};
+pub use event::{DisconnectReason, Event, EventStream, Metrics, PeerInfo, SendOutcome};
+pub use event_loop::EventLoop;
+pub use handle::Handle;
+pub use identity::DeviceIdentity;
+pub use libp2p::multiaddr::Protocol;
+pub use libp2p::{Multiaddr, PeerId};
+pub use stream::{
+    EPHEMERAL_QUEUE_BYTES, EPHEMERAL_QUEUE_FRAMES, MAX_EPHEMERAL_FRAME_SIZE, MAX_FRAME_SIZE,
+    SYNC_QUEUE_BYTES, SYNC_QUEUE_FRAMES,
+};
+
+use behaviour::StreamKind;
+use event_loop::{CONTROL_EVENT_CAPACITY, FRAME_EVENT_CAPACITY, Parts};
+use handle::{COMMAND_CAPACITY, Shared};
+use stream::INBOUND_BUFFER_BYTES;
+
+/// Builds the network: binds the listen addresses and returns the handle, the event
+/// stream and the event loop, which must be spawned (see [`EventLoop::run`]).
+///
+/// Must be called from within a Tokio runtime, because binding sockets registers them
+/// with its reactor.
+pub fn new(config: Config) -> Result<(Handle, EventStream, EventLoop), Error> {
+    let statics = config.validate()?;
+    let mut swarm = behaviour::build_swarm(&config)?;
+    for addr in &config.listen {
+        swarm.listen_on(addr.clone()).map_err(|e| Error::Listen {
+            addr: addr.clone(),
+            reason: e.to_string(),
+        })?;
+    }
+    let mut stream_control = swarm.behaviour().streams.new_control();
+    let mut incoming = Vec::new();
+    for kind in StreamKind::ALL {
+        // The behaviour was built just above, so nothing can have registered these yet.
+        let streams = stream_control
+            .accept(kind.protocol())
+            .map_err(|e| Error::Transport(format!("{}: {e}", kind.protocol())))?;
+        incoming.push((kind, streams));
+    }
+
+    let (command_tx, commands) = mpsc::channel(COMMAND_CAPACITY);
+    let (control_tx, control_rx) = mpsc::channel(CONTROL_EVENT_CAPACITY);
+    let (frames_tx, frames_rx) = mpsc::channel(FRAME_EVENT_CAPACITY);
+    let budget = Arc::new(Semaphore::new(INBOUND_BUFFER_BYTES));
+    let shared = Arc::new(Shared::default());
+    let local = config.identity.to_peer_id();
+
+    let handle = Handle::new(local, command_tx, shared.clone());
+    let events = EventStream::new(control_rx, frames_rx, budget.clone());
+    let event_loop = EventLoop::new(Parts {
+        swarm,
+        config,
+        statics,
+        commands,
+        control_tx,
+        frames_tx,
+        budget,
+        shared,
+        stream_control,
+        incoming,
+    });
+    Ok((handle, events, event_loop))
+}

@@ -1,0 +1,212 @@
+//! Network configuration.
+
+use std::time::Duration;
+
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
+
+use crate::{DeviceIdentity, Error};
+
+/// Largest certificate accepted in, or sent through, the `/hearth/hello/1` exchange.
+pub const MAX_CERTIFICATE_SIZE: usize = 64 * 1024;
+
+/// Most static peers a node keeps dialled.
+pub const MAX_STATIC_PEERS: usize = 256;
+
+/// The TCP port a node listens on by default.
+pub const DEFAULT_PORT: u16 = 4640;
+
+/// Settings for [`crate::new`].
+///
+/// Every field is public; start from [`Config::default`] and override what you need.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The device's keypair, which fixes its PeerId. The default is a fresh random
+    /// identity, which suits tests; a node loads its stored identity instead.
+    pub identity: DeviceIdentity,
+    /// Addresses to listen on. Default `/ip4/0.0.0.0/tcp/4640` (plus
+    /// `/ip4/0.0.0.0/udp/4640/quic-v1` when built with the `quic` feature). Tests use
+    /// `/ip4/127.0.0.1/tcp/0`.
+    pub listen: Vec<Multiaddr>,
+    /// Whether to discover peers on the LAN with mDNS. Default true. Discovered addresses
+    /// are hints only: a discovered peer is still subject to the hello exchange and
+    /// admission.
+    pub mdns: bool,
+    /// Whether to dial mDNS-discovered peers automatically. Only the smaller PeerId of a
+    /// pair dials, which avoids simultaneous dials. Default true.
+    pub dial_discovered: bool,
+    /// Peers to keep dialled, each as `/ip4/../tcp/N/p2p/<peer id>`. Both sides of a pair
+    /// may list each other; duplicates are closed so exactly one connection remains.
+    pub static_peers: Vec<Multiaddr>,
+    /// This node's certificate, sent as-is to every peer in the hello exchange. Opaque to
+    /// this crate; empty until the node has one.
+    pub certificate: Vec<u8>,
+    /// How long a connected peer may stay un-admitted (see [`crate::Handle::admit`])
+    /// before it is disconnected. Default 10 s.
+    pub hello_timeout: Duration,
+    /// How often each connection is pinged. Default 1 s. A connection on which no ping
+    /// has succeeded for `ping_interval + 2 * ping_timeout` (3.5 s by default) is closed as
+    /// dead, so a silently vanished peer (no FIN, no RST) is noticed within that time plus
+    /// one 100 ms maintenance tick. A peer that closes its connection is noticed at once.
+    pub ping_interval: Duration,
+    /// How long one ping may take. Default 1.25 s.
+    pub ping_timeout: Duration,
+    /// Longest wait between redials of a static or discovered peer. Default 30 s.
+    pub redial_max: Duration,
+    /// Cap on established connections across all peers. Default 128.
+    pub max_connections: u32,
+    /// Cap on connections still in their handshake, inbound. Default 32.
+    pub max_pending_incoming: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let mut listen = vec![
+            Multiaddr::empty()
+                .with(Protocol::Ip4([0, 0, 0, 0].into()))
+                .with(Protocol::Tcp(DEFAULT_PORT)),
+        ];
+        if cfg!(feature = "quic") {
+            listen.push(
+                Multiaddr::empty()
+                    .with(Protocol::Ip4([0, 0, 0, 0].into()))
+                    .with(Protocol::Udp(DEFAULT_PORT))
+                    .with(Protocol::QuicV1),
+            );
+        }
+        Self {
+            identity: DeviceIdentity::generate(),
+            listen,
+            mdns: true,
+            dial_discovered: true,
+            static_peers: Vec::new(),
+            certificate: Vec::new(),
+            hello_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(1),
+            ping_timeout: Duration::from_millis(1250),
+            redial_max: Duration::from_secs(30),
+            max_connections: 128,
+            max_pending_incoming: 32,
+        }
+    }
+}
+
+impl Config {
+    /// How long a connection may go without a successful ping before it is closed.
+    ///
+    /// libp2p's ping forgives the first failed ping and then waits for a fresh stream,
+    /// which on a dead link takes the 10 s substream timeout; tracking success ourselves
+    /// keeps detection inside the 5 s the design asks for.
+    pub(crate) fn liveness_timeout(&self) -> Duration {
+        self.ping_interval + self.ping_timeout * 2
+    }
+
+    /// Checks every field, returning the static peers split into (PeerId, address).
+    pub(crate) fn validate(&self) -> Result<Vec<(PeerId, Multiaddr)>, Error> {
+        if self.hello_timeout.is_zero() {
+            return Err(Error::Config("hello_timeout must be above zero".into()));
+        }
+        if self.ping_interval.is_zero() || self.ping_timeout.is_zero() {
+            return Err(Error::Config(
+                "ping_interval and ping_timeout must be above zero".into(),
+            ));
+        }
+        if self.redial_max.is_zero() {
+            return Err(Error::Config("redial_max must be above zero".into()));
+        }
+        if self.max_connections == 0 {
+            return Err(Error::Config("max_connections must be at least 1".into()));
+        }
+        check_certificate(&self.certificate)?;
+        if self.static_peers.len() > MAX_STATIC_PEERS {
+            return Err(Error::Capacity {
+                what: "static peers",
+                limit: MAX_STATIC_PEERS,
+            });
+        }
+        self.static_peers.iter().map(split_peer_addr).collect()
+    }
+}
+
+/// Refuses certificates the remote side would refuse anyway.
+pub(crate) fn check_certificate(certificate: &[u8]) -> Result<(), Error> {
+    if certificate.len() > MAX_CERTIFICATE_SIZE {
+        return Err(Error::Config(format!(
+            "certificate is {} bytes; the hello exchange carries at most {MAX_CERTIFICATE_SIZE}",
+            certificate.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Splits `/ip4/../tcp/N/p2p/<peer>` into the PeerId and the address without its suffix.
+pub(crate) fn split_peer_addr(addr: &Multiaddr) -> Result<(PeerId, Multiaddr), Error> {
+    let mut base = addr.clone();
+    match base.pop() {
+        Some(Protocol::P2p(peer)) if !base.is_empty() => Ok((peer, base)),
+        _ => Err(Error::MissingPeerId { addr: addr.clone() }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_listens_on_the_well_known_port_with_mdns_on() {
+        let config = Config::default();
+        assert_eq!(config.listen[0].to_string(), "/ip4/0.0.0.0/tcp/4640");
+        assert!(config.mdns);
+        assert_eq!(config.hello_timeout, Duration::from_secs(10));
+        assert!(
+            config.liveness_timeout() + Duration::from_millis(500) < Duration::from_secs(5),
+            "a silently departed peer must be noticed within 5 s"
+        );
+        assert!(config.validate().unwrap().is_empty());
+    }
+
+    #[test]
+    fn static_peers_must_name_their_peer_id() {
+        let peer = PeerId::random();
+        let good: Multiaddr = format!("/ip4/127.0.0.1/tcp/9/p2p/{peer}").parse().unwrap();
+        let (got, base) = split_peer_addr(&good).unwrap();
+        assert_eq!(got, peer);
+        assert_eq!(base.to_string(), "/ip4/127.0.0.1/tcp/9");
+
+        let bad: Multiaddr = "/ip4/127.0.0.1/tcp/9".parse().unwrap();
+        assert!(matches!(
+            split_peer_addr(&bad),
+            Err(Error::MissingPeerId { .. })
+        ));
+        let bare: Multiaddr = format!("/p2p/{peer}").parse().unwrap();
+        assert!(
+            split_peer_addr(&bare).is_err(),
+            "a PeerId alone is not dialable"
+        );
+
+        let config = Config {
+            static_peers: vec![bad],
+            ..Config::default()
+        };
+        assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused() {
+        let zero_hello = Config {
+            hello_timeout: Duration::ZERO,
+            ..Config::default()
+        };
+        assert!(matches!(zero_hello.validate(), Err(Error::Config(_))));
+        let huge_cert = Config {
+            certificate: vec![0; MAX_CERTIFICATE_SIZE + 1],
+            ..Config::default()
+        };
+        assert!(matches!(huge_cert.validate(), Err(Error::Config(_))));
+        let no_conns = Config {
+            max_connections: 0,
+            ..Config::default()
+        };
+        assert!(no_conns.validate().is_err());
+    }
+}

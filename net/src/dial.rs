@@ -1,0 +1,407 @@
+//! Dialing policy: who dials whom, how often to retry, which duplicate connection to
+//! drop, and the capped table of mDNS hints.
+//!
+//! Everything here is plain data and pure functions so the rules that decide whether two
+//! nodes end up with exactly one connection can be tested without sockets.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use libp2p::swarm::ConnectionId;
+use libp2p::{Multiaddr, PeerId};
+
+/// First retry delay after a failed dial or a dropped session.
+pub(crate) const REDIAL_BASE: Duration = Duration::from_millis(250);
+
+/// Most mDNS-discovered peers remembered at once; mDNS is unauthenticated, so a noisy
+/// LAN must not grow this table without bound.
+pub const MAX_DISCOVERED_PEERS: usize = 256;
+
+/// Most addresses kept per discovered peer.
+pub(crate) const MAX_ADDRS_PER_DISCOVERED_PEER: usize = 8;
+
+/// Dial attempts made to a discovered peer before waiting for mDNS to report it again.
+pub(crate) const MAX_DISCOVERED_DIAL_ATTEMPTS: u32 = 5;
+
+/// How long a discovered peer the node rejected is left alone before dialing it again.
+pub(crate) const REJECTED_COOLDOWN: Duration = Duration::from_secs(300);
+
+/// Exponential backoff: `base, 2*base, 4*base, ...` capped at `max`.
+#[derive(Debug, Clone)]
+pub(crate) struct Backoff {
+    base: Duration,
+    max: Duration,
+    failures: u32,
+}
+
+impl Backoff {
+    pub(crate) fn new(base: Duration, max: Duration) -> Self {
+        Self {
+            base,
+            max: max.max(base),
+            failures: 0,
+        }
+    }
+
+    /// The wait before the next attempt, given the failures so far.
+    pub(crate) fn delay(&self) -> Duration {
+        // Cap the exponent so the shift cannot overflow; 2^16 * base is past any sane max.
+        let factor = 1u32 << self.failures.min(16);
+        self.base.saturating_mul(factor).min(self.max)
+    }
+
+    /// Records a failure and returns the (longer) wait before the next attempt.
+    pub(crate) fn fail(&mut self) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        self.delay()
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.failures = 0;
+    }
+
+    pub(crate) fn failures(&self) -> u32 {
+        self.failures
+    }
+}
+
+/// Whether `local` is the side that acts first in a symmetric situation.
+///
+/// Both ends evaluate this with the roles swapped and get opposite answers, which is what
+/// makes the tie-breaks below agree without any message exchange.
+pub(crate) fn is_smaller(local: &PeerId, remote: &PeerId) -> bool {
+    local.to_bytes() < remote.to_bytes()
+}
+
+/// An established connection as the de-duplication rule sees it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ConnView {
+    pub(crate) id: ConnectionId,
+    /// True when this node dialled the connection.
+    pub(crate) local_dialed: bool,
+}
+
+/// Which of a peer's connections this node should close so that exactly one survives.
+///
+/// Both ends run this on their own view and must never close different connections, or
+/// the pair would end up with none. The rule:
+/// - a connection dialled by the smaller PeerId beats one dialled by the larger, and both
+///   ends can see who dialled, so both close the same losers;
+/// - among connections with the same dialer only the dialer decides, keeping its oldest
+///   (lowest) [`ConnectionId`]; the listener cannot know the dialer's ids, so it waits.
+pub(crate) fn connections_to_close(
+    local: &PeerId,
+    remote: &PeerId,
+    conns: &[ConnView],
+) -> Vec<ConnectionId> {
+    if conns.len() < 2 {
+        return Vec::new();
+    }
+    let local_smaller = is_smaller(local, remote);
+    // The preferred dialer is the smaller peer; fall back to the larger if it is all we have.
+    let preferred_local_dialed = if conns.iter().any(|c| c.local_dialed == local_smaller) {
+        local_smaller
+    } else {
+        !local_smaller
+    };
+    let mut close: Vec<ConnectionId> = conns
+        .iter()
+        .filter(|c| c.local_dialed != preferred_local_dialed)
+        .map(|c| c.id)
+        .collect();
+    if preferred_local_dialed {
+        let mut ours: Vec<ConnectionId> = conns
+            .iter()
+            .filter(|c| c.local_dialed)
+            .map(|c| c.id)
+            .collect();
+        ours.sort();
+        close.extend(ours.into_iter().skip(1));
+    }
+    close
+}
+
+/// One mDNS hint.
+#[derive(Debug)]
+pub(crate) struct Discovered {
+    pub(crate) addrs: Vec<Multiaddr>,
+    pub(crate) last_seen: Instant,
+    pub(crate) backoff: Backoff,
+    pub(crate) next_dial: Instant,
+    pub(crate) dialing: Option<ConnectionId>,
+    /// Set when the node rejected this peer; no automatic dial before then.
+    pub(crate) cooldown_until: Option<Instant>,
+}
+
+/// The capped table of mDNS-discovered peers.
+#[derive(Debug, Default)]
+pub(crate) struct DiscoveredTable {
+    peers: HashMap<PeerId, Discovered>,
+}
+
+impl DiscoveredTable {
+    /// Records addresses for `peer`; returns true if the peer was not known before.
+    ///
+    /// When the table is full the least recently seen peer is evicted: a flood of fake
+    /// announcements then only pushes out stale entries, and a real neighbour that keeps
+    /// announcing itself stays.
+    pub(crate) fn insert(
+        &mut self,
+        peer: PeerId,
+        addrs: impl IntoIterator<Item = Multiaddr>,
+        now: Instant,
+        redial_max: Duration,
+    ) -> bool {
+        let is_new = !self.peers.contains_key(&peer);
+        if is_new && self.peers.len() >= MAX_DISCOVERED_PEERS {
+            let oldest = self
+                .peers
+                .iter()
+                .min_by_key(|(_, d)| d.last_seen)
+                .map(|(p, _)| *p);
+            if let Some(oldest) = oldest {
+                self.peers.remove(&oldest);
+            }
+        }
+        let entry = self.peers.entry(peer).or_insert_with(|| Discovered {
+            addrs: Vec::new(),
+            last_seen: now,
+            backoff: Backoff::new(REDIAL_BASE, redial_max),
+            next_dial: now,
+            dialing: None,
+            cooldown_until: None,
+        });
+        entry.last_seen = now;
+        for addr in addrs {
+            if entry.addrs.len() >= MAX_ADDRS_PER_DISCOVERED_PEER {
+                break;
+            }
+            if !entry.addrs.contains(&addr) {
+                entry.addrs.push(addr);
+            }
+        }
+        // A fresh announcement after giving up earns a new round of attempts.
+        if entry.backoff.failures() >= MAX_DISCOVERED_DIAL_ATTEMPTS {
+            entry.backoff.reset();
+            entry.next_dial = now;
+        }
+        is_new
+    }
+
+    pub(crate) fn remove(&mut self, peer: &PeerId) {
+        self.peers.remove(peer);
+    }
+
+    pub(crate) fn get_mut(&mut self, peer: &PeerId) -> Option<&mut Discovered> {
+        self.peers.get_mut(peer)
+    }
+
+    pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = (&PeerId, &mut Discovered)> {
+        self.peers.iter_mut()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.peers.len()
+    }
+}
+
+/// Whether this node should dial a discovered peer now.
+///
+/// Only the smaller PeerId dials a discovered peer, so two neighbours that hear each
+/// other's announcements at the same moment do not both dial (the simultaneous-open case
+/// that fails the Noise handshake).
+pub(crate) fn should_dial_discovered(
+    local: &PeerId,
+    remote: &PeerId,
+    entry: &Discovered,
+    connected: bool,
+    now: Instant,
+) -> bool {
+    is_smaller(local, remote)
+        && !connected
+        && entry.dialing.is_none()
+        && !entry.addrs.is_empty()
+        && entry.backoff.failures() < MAX_DISCOVERED_DIAL_ATTEMPTS
+        && entry.next_dial <= now
+        && entry.cooldown_until.is_none_or(|until| until <= now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(id: usize, local_dialed: bool) -> ConnView {
+        ConnView {
+            id: ConnectionId::new_unchecked(id),
+            local_dialed,
+        }
+    }
+
+    fn ordered_pair() -> (PeerId, PeerId) {
+        let a = PeerId::random();
+        let b = PeerId::random();
+        if is_smaller(&a, &b) { (a, b) } else { (b, a) }
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(450));
+        assert_eq!(b.delay(), Duration::from_millis(100));
+        assert_eq!(b.fail(), Duration::from_millis(200));
+        assert_eq!(b.fail(), Duration::from_millis(400));
+        assert_eq!(b.fail(), Duration::from_millis(450));
+        for _ in 0..100 {
+            b.fail();
+        }
+        assert_eq!(
+            b.delay(),
+            Duration::from_millis(450),
+            "no overflow after many failures"
+        );
+        b.reset();
+        assert_eq!(b.delay(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn tie_break_is_antisymmetric() {
+        let (small, large) = ordered_pair();
+        assert!(is_smaller(&small, &large));
+        assert!(!is_smaller(&large, &small));
+        assert!(!is_smaller(&small, &small));
+    }
+
+    /// Simulates both ends of a mutual dial: each sees the same two TCP connections, with
+    /// the dialer flag flipped and its own local ids.
+    #[test]
+    fn mutual_dial_leaves_exactly_one_connection() {
+        let (small, large) = ordered_pair();
+        // Connection X was dialled by `small`, Y by `large`. Ids are local to each side.
+        let small_view = [conn(1, true), conn(2, false)]; // 1 = X, 2 = Y
+        let large_view = [conn(7, false), conn(8, true)]; // 7 = X, 8 = Y
+        let small_closes = connections_to_close(&small, &large, &small_view);
+        let large_closes = connections_to_close(&large, &small, &large_view);
+        assert_eq!(
+            small_closes,
+            vec![ConnectionId::new_unchecked(2)],
+            "small drops Y"
+        );
+        assert_eq!(
+            large_closes,
+            vec![ConnectionId::new_unchecked(8)],
+            "large drops Y"
+        );
+    }
+
+    #[test]
+    fn same_dialer_duplicates_are_closed_by_the_dialer_only() {
+        let (small, large) = ordered_pair();
+        // Two connections both dialled by `large` (say, a redial raced an old dial).
+        let large_view = [conn(5, true), conn(3, true)];
+        let small_view = [conn(10, false), conn(11, false)];
+        assert_eq!(
+            connections_to_close(&large, &small, &large_view),
+            vec![ConnectionId::new_unchecked(5)],
+            "the dialer keeps its oldest"
+        );
+        assert!(connections_to_close(&small, &large, &small_view).is_empty());
+
+        // And the same when the smaller side dialled twice.
+        let small_dialed = [conn(4, true), conn(9, true)];
+        assert_eq!(
+            connections_to_close(&small, &large, &small_dialed),
+            vec![ConnectionId::new_unchecked(9)]
+        );
+        assert!(connections_to_close(&large, &small, &[conn(1, false), conn(2, false)]).is_empty());
+    }
+
+    #[test]
+    fn a_single_connection_is_never_closed() {
+        let (small, large) = ordered_pair();
+        assert!(connections_to_close(&small, &large, &[conn(1, false)]).is_empty());
+        assert!(connections_to_close(&large, &small, &[conn(1, true)]).is_empty());
+    }
+
+    #[test]
+    fn discovered_table_is_capped_and_evicts_the_stalest() {
+        let mut table = DiscoveredTable::default();
+        let start = Instant::now();
+        let first = PeerId::random();
+        let addr: Multiaddr = "/ip4/127.0.0.1/tcp/1".parse().unwrap();
+        table.insert(first, [addr.clone()], start, Duration::from_secs(1));
+        for i in 0..MAX_DISCOVERED_PEERS {
+            let now = start + Duration::from_millis(i as u64 + 1);
+            table.insert(
+                PeerId::random(),
+                [addr.clone()],
+                now,
+                Duration::from_secs(1),
+            );
+        }
+        assert_eq!(table.len(), MAX_DISCOVERED_PEERS);
+        assert!(
+            table.get_mut(&first).is_none(),
+            "the stalest entry was evicted"
+        );
+    }
+
+    #[test]
+    fn discovered_addresses_are_capped_and_deduplicated() {
+        let mut table = DiscoveredTable::default();
+        let peer = PeerId::random();
+        let now = Instant::now();
+        let addrs: Vec<Multiaddr> = (0..20)
+            .map(|p| {
+                format!("/ip4/127.0.0.1/tcp/{}", 1000 + p % 12)
+                    .parse()
+                    .unwrap()
+            })
+            .collect();
+        assert!(table.insert(peer, addrs.clone(), now, Duration::from_secs(1)));
+        assert!(!table.insert(peer, addrs, now, Duration::from_secs(1)));
+        let entry = table.get_mut(&peer).unwrap();
+        assert_eq!(entry.addrs.len(), MAX_ADDRS_PER_DISCOVERED_PEER);
+    }
+
+    #[test]
+    fn only_the_smaller_peer_dials_a_discovered_peer() {
+        let (small, large) = ordered_pair();
+        let now = Instant::now();
+        let mut table = DiscoveredTable::default();
+        let addr: Multiaddr = "/ip4/127.0.0.1/tcp/1".parse().unwrap();
+        table.insert(large, [addr.clone()], now, Duration::from_secs(1));
+        table.insert(small, [addr], now, Duration::from_secs(1));
+        let to_large = table.get_mut(&large).unwrap();
+        assert!(should_dial_discovered(&small, &large, to_large, false, now));
+        assert!(
+            !should_dial_discovered(&small, &large, to_large, true, now),
+            "connected"
+        );
+        to_large.cooldown_until = Some(now + REJECTED_COOLDOWN);
+        assert!(
+            !should_dial_discovered(&small, &large, to_large, false, now),
+            "cooling down"
+        );
+        let to_small = table.get_mut(&small).unwrap();
+        assert!(!should_dial_discovered(
+            &large, &small, to_small, false, now
+        ));
+    }
+
+    #[test]
+    fn discovered_dials_give_up_until_the_peer_is_announced_again() {
+        let (small, large) = ordered_pair();
+        let now = Instant::now();
+        let addr: Multiaddr = "/ip4/127.0.0.1/tcp/1".parse().unwrap();
+        let mut table = DiscoveredTable::default();
+        table.insert(large, [addr.clone()], now, Duration::from_secs(1));
+        let entry = table.get_mut(&large).unwrap();
+        for _ in 0..MAX_DISCOVERED_DIAL_ATTEMPTS {
+            entry.backoff.fail();
+        }
+        let later = now + Duration::from_secs(3600);
+        assert!(!should_dial_discovered(&small, &large, entry, false, later));
+        table.insert(large, [addr], later, Duration::from_secs(1));
+        let entry = table.get_mut(&large).unwrap();
+        assert!(should_dial_discovered(&small, &large, entry, false, later));
+    }
+}

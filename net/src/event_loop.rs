@@ -1,0 +1,1397 @@
+//! The one task that owns the swarm.
+//!
+//! It `select!`s over swarm events, handle commands, reports from stream tasks and a
+//! maintenance tick. All per-peer state lives here, so no lock guards it; the stream tasks
+//! own their streams and talk back only through a bounded channel.
+
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use libp2p::request_response::{self, OutboundRequestId};
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{ConnectionId, DialError, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, Swarm, identify, mdns, ping};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, error_span, info, trace, warn};
+
+use crate::Error;
+use crate::behaviour::{Behaviour, BehaviourEvent, Hello, StreamKind};
+use crate::config::{MAX_STATIC_PEERS, check_certificate, split_peer_addr};
+use crate::dial::{
+    Backoff, ConnView, DiscoveredTable, REDIAL_BASE, REJECTED_COOLDOWN, connections_to_close,
+    is_smaller, should_dial_discovered,
+};
+use crate::event::{Counters, DisconnectReason, Event, PeerInfo, bump};
+use crate::handle::{Command, PeerOutboxes, Shared};
+use crate::stream::{self, Outbox, OutboxRx, StreamEnd, StreamTask};
+
+/// Capacity of the lifecycle event channel to the node.
+pub(crate) const CONTROL_EVENT_CAPACITY: usize = 1024;
+
+/// Capacity, in frames, of the frame event channel to the node.
+pub(crate) const FRAME_EVENT_CAPACITY: usize = 256;
+
+/// Lifecycle events held by the loop while the node is not reading. The loop never waits
+/// on the node (the node may be waiting on a command reply from the loop); past this
+/// many, events are dropped and counted.
+pub(crate) const EVENT_BACKLOG_CAPACITY: usize = 4096;
+
+/// Capacity of the channel from stream, open and accept tasks back to the loop.
+pub(crate) const INTERNAL_CAPACITY: usize = 256;
+
+/// Dials started by [`crate::Handle::dial`] still waiting for an answer.
+pub(crate) const MAX_PENDING_DIALS: usize = 64;
+
+/// How often timers (hello deadlines, redials, stream reopens) are checked.
+const MAINTENANCE_TICK: Duration = Duration::from_millis(100);
+
+/// Hello requests per session before giving up (the peer is then cut at the hello
+/// timeout). Retries cover a request lost on a duplicate connection being closed.
+const HELLO_MAX_ATTEMPTS: u32 = 3;
+
+/// Retry delays for reopening a failed sync or ephemeral stream.
+const STREAM_REOPEN_BASE: Duration = Duration::from_millis(50);
+const STREAM_REOPEN_MAX: Duration = Duration::from_secs(5);
+
+/// A stream that lived at least this long counts as healthy, resetting its backoff.
+const STREAM_STABLE: Duration = Duration::from_secs(1);
+
+/// How long shutdown waits for stream tasks to wind down.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// Reports from spawned tasks.
+pub(crate) enum Internal {
+    Inbound {
+        peer: PeerId,
+        kind: StreamKind,
+        stream: libp2p::Stream,
+    },
+    Opened {
+        peer: PeerId,
+        session: u64,
+        kind: StreamKind,
+        generation: u64,
+        result: Result<libp2p::Stream, String>,
+    },
+    Ended {
+        peer: PeerId,
+        session: u64,
+        kind: StreamKind,
+        generation: u64,
+        outbox: OutboxRx,
+        end: StreamEnd,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admission {
+    Pending { deadline: Instant },
+    Admitted,
+    Rejected,
+}
+
+struct ConnInfo {
+    addr: Multiaddr,
+    local_dialed: bool,
+    /// When a ping last succeeded on it (or when it was established).
+    last_alive: Instant,
+    /// False once the peer has said it does not speak ping; such links are not timed out.
+    ping_supported: bool,
+    /// Set once this node asked the swarm to close it, so it is not asked again.
+    close_requested: bool,
+}
+
+enum ChannelState {
+    Idle,
+    Opening,
+    Active {
+        cancel: CancellationToken,
+        since: Instant,
+    },
+}
+
+/// One framed stream (sync or ephemeral) of one peer.
+struct Channel {
+    state: ChannelState,
+    /// Bumped for every open attempt and started stream, so late reports are ignored.
+    generation: u64,
+    /// Streams started this session.
+    streams: u64,
+    /// The queue's receiving side while no task holds it.
+    outbox: Option<OutboxRx>,
+    /// An inbound stream waiting for admission or for the previous task to hand back
+    /// the queue. Never read while parked.
+    parked: Option<libp2p::Stream>,
+    reopen: Backoff,
+    next_open: Instant,
+}
+
+impl Channel {
+    fn new(now: Instant) -> Self {
+        Self {
+            state: ChannelState::Idle,
+            generation: 0,
+            streams: 0,
+            outbox: None,
+            parked: None,
+            reopen: Backoff::new(STREAM_REOPEN_BASE, STREAM_REOPEN_MAX),
+            next_open: now,
+        }
+    }
+
+    fn cancel(&mut self) {
+        if let ChannelState::Active { cancel, .. } = &self.state {
+            cancel.cancel();
+        }
+        self.parked = None;
+    }
+}
+
+/// A connected peer: one session lasts from its first connection to its last.
+struct PeerState {
+    session: u64,
+    started: Instant,
+    conns: BTreeMap<ConnectionId, ConnInfo>,
+    admission: Admission,
+    hello_received: bool,
+    hello_attempts: u32,
+    /// Set when this node decided to end the session, so the reason survives until the
+    /// last connection reports closed.
+    closing: Option<DisconnectReason>,
+    channels: [Channel; 2],
+}
+
+struct StaticPeer {
+    addr: Multiaddr,
+    backoff: Backoff,
+    next_dial: Instant,
+    dialing: Option<ConnectionId>,
+}
+
+/// Drives the swarm. Run it with [`EventLoop::run`] on its own task.
+pub struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    local: PeerId,
+    hello_timeout: Duration,
+    liveness_timeout: Duration,
+    redial_max: Duration,
+    dial_discovered: bool,
+    certificate: Vec<u8>,
+    commands: mpsc::Receiver<Command>,
+    internal_tx: mpsc::Sender<Internal>,
+    internal_rx: mpsc::Receiver<Internal>,
+    control_tx: mpsc::Sender<Event>,
+    backlog: VecDeque<Event>,
+    frames_tx: mpsc::Sender<Event>,
+    budget: Arc<Semaphore>,
+    shared: Arc<Shared>,
+    counters: Arc<Counters>,
+    stream_control: libp2p_stream::Control,
+    incoming: Vec<(StreamKind, libp2p_stream::IncomingStreams)>,
+    peers: HashMap<PeerId, PeerState>,
+    statics: HashMap<PeerId, StaticPeer>,
+    discovered: DiscoveredTable,
+    pending_dials: HashMap<ConnectionId, (Multiaddr, oneshot::Sender<Result<PeerId, Error>>)>,
+    hello_requests: HashMap<OutboundRequestId, (PeerId, u64)>,
+    listen_addrs: Vec<Multiaddr>,
+    next_session: u64,
+    tasks: TaskTracker,
+    tasks_cancel: CancellationToken,
+}
+
+impl std::fmt::Debug for EventLoop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventLoop")
+            .field("local", &self.local)
+            .field("peers", &self.peers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The channels and shared state [`crate::new`] wires between the loop and its handles.
+pub(crate) struct Parts {
+    pub(crate) swarm: Swarm<Behaviour>,
+    pub(crate) config: crate::Config,
+    pub(crate) statics: Vec<(PeerId, Multiaddr)>,
+    pub(crate) commands: mpsc::Receiver<Command>,
+    pub(crate) control_tx: mpsc::Sender<Event>,
+    pub(crate) frames_tx: mpsc::Sender<Event>,
+    pub(crate) budget: Arc<Semaphore>,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) stream_control: libp2p_stream::Control,
+    pub(crate) incoming: Vec<(StreamKind, libp2p_stream::IncomingStreams)>,
+}
+
+impl EventLoop {
+    pub(crate) fn new(parts: Parts) -> Self {
+        let Parts {
+            swarm,
+            config,
+            statics,
+            commands,
+            control_tx,
+            frames_tx,
+            budget,
+            shared,
+            stream_control,
+            incoming,
+        } = parts;
+        let (internal_tx, internal_rx) = mpsc::channel(INTERNAL_CAPACITY);
+        let now = Instant::now();
+        let statics = statics
+            .into_iter()
+            .map(|(peer, addr)| {
+                let entry = StaticPeer {
+                    addr,
+                    backoff: Backoff::new(REDIAL_BASE, config.redial_max),
+                    next_dial: now,
+                    dialing: None,
+                };
+                (peer, entry)
+            })
+            .collect();
+        Self {
+            local: *swarm.local_peer_id(),
+            swarm,
+            hello_timeout: config.hello_timeout,
+            liveness_timeout: config.liveness_timeout(),
+            redial_max: config.redial_max,
+            dial_discovered: config.dial_discovered,
+            certificate: config.certificate,
+            commands,
+            internal_tx,
+            internal_rx,
+            control_tx,
+            backlog: VecDeque::new(),
+            frames_tx,
+            budget,
+            counters: shared.counters.clone(),
+            shared,
+            stream_control,
+            incoming,
+            peers: HashMap::new(),
+            statics,
+            discovered: DiscoveredTable::default(),
+            pending_dials: HashMap::new(),
+            hello_requests: HashMap::new(),
+            listen_addrs: Vec::new(),
+            next_session: 0,
+            tasks: TaskTracker::new(),
+            tasks_cancel: CancellationToken::new(),
+        }
+    }
+
+    /// Runs until `cancel` fires or every [`crate::Handle`] is dropped, then closes all
+    /// connections and waits briefly for the stream tasks to finish.
+    ///
+    /// Spawn it; it must be polled for the network to make progress.
+    pub async fn run(self, cancel: CancellationToken) {
+        let span = error_span!("net", local = %self.local);
+        self.run_inner(cancel).instrument(span).await;
+    }
+
+    async fn run_inner(mut self, cancel: CancellationToken) {
+        // If this future is dropped instead of cancelled, the tasks still stop.
+        let _stop_tasks = self.tasks_cancel.clone().drop_guard();
+        for (kind, incoming) in std::mem::take(&mut self.incoming) {
+            let internal = self.internal_tx.clone();
+            let stop = self.tasks_cancel.clone();
+            let span = error_span!("net", accept = kind.name());
+            self.tasks
+                .spawn(accept_loop(incoming, kind, internal, stop).instrument(span));
+        }
+        // A clone, so the pending `reserve` borrows it rather than `self`.
+        let control_tx = self.control_tx.clone();
+        let mut tick = tokio::time::interval(MAINTENANCE_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        info!(listen = ?self.swarm.listeners().collect::<Vec<_>>(), "network started");
+
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                command = self.commands.recv() => match command {
+                    Some(command) => self.on_command(command),
+                    None => break,
+                },
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                Some(report) = self.internal_rx.recv() => self.on_internal(report),
+                _ = tick.tick() => self.maintain(Instant::now()),
+                permit = control_tx.reserve(), if !self.backlog.is_empty() => match permit {
+                    Ok(permit) => {
+                        if let Some(event) = self.backlog.pop_front() {
+                            permit.send(event);
+                        }
+                    }
+                    Err(_) => self.backlog.clear(),
+                },
+            }
+        }
+
+        info!("network stopping");
+        self.tasks_cancel.cancel();
+        // Tasks report back on the internal channel; closing it turns their last send
+        // into an immediate error instead of a wait on a loop that no longer reads.
+        self.internal_rx.close();
+        self.tasks.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(grace = ?SHUTDOWN_GRACE, "stream tasks still running at shutdown");
+        }
+        // Dropping the swarm closes the listeners and every connection.
+    }
+
+    fn emit(&mut self, event: Event) {
+        if self.backlog.is_empty() {
+            match self.control_tx.try_send(event) {
+                Ok(()) => return,
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
+                Err(mpsc::error::TrySendError::Full(event)) => {
+                    self.backlog.push_back(event);
+                    return;
+                }
+            }
+        }
+        if self.backlog.len() >= EVENT_BACKLOG_CAPACITY {
+            bump(&self.counters.events_dropped, 1);
+            warn!(
+                backlog = self.backlog.len(),
+                ?event,
+                "node is not reading network events; dropping one"
+            );
+            return;
+        }
+        self.backlog.push_back(event);
+    }
+
+    // ---- commands -------------------------------------------------------------------
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::ListenAddrs { reply } => {
+                let _ = reply.send(self.listen_addrs.clone());
+            }
+            Command::ConnectedPeers { reply } => {
+                let _ = reply.send(self.peer_infos());
+            }
+            Command::Dial { addr, reply } => self.dial_once(addr, reply),
+            Command::AddStaticPeer { addr, reply } => {
+                let result = self.add_static_peer(&addr);
+                let _ = reply.send(result);
+            }
+            Command::RemoveStaticPeer { peer, reply } => {
+                let _ = reply.send(self.statics.remove(&peer).is_some());
+            }
+            Command::Admit { peer, reply } => {
+                let _ = reply.send(self.admit(peer));
+            }
+            Command::Reject {
+                peer,
+                reason,
+                reply,
+            } => {
+                let known = self.peers.contains_key(&peer);
+                if known {
+                    info!(%peer, %reason, "peer rejected");
+                    if let Some(state) = self.peers.get_mut(&peer) {
+                        state.admission = Admission::Rejected;
+                    }
+                    if let Some(hint) = self.discovered.get_mut(&peer) {
+                        hint.cooldown_until = Some(Instant::now() + REJECTED_COOLDOWN);
+                    }
+                    self.disconnect(peer, DisconnectReason::Rejected(reason));
+                }
+                let _ = reply.send(known);
+            }
+            Command::Disconnect { peer, reply } => {
+                let known = self.peers.contains_key(&peer);
+                if known {
+                    self.disconnect(peer, DisconnectReason::Requested);
+                }
+                let _ = reply.send(known);
+            }
+            Command::SetCertificate { certificate, reply } => {
+                let result = check_certificate(&certificate).map(|()| {
+                    self.certificate = certificate;
+                });
+                let _ = reply.send(result);
+            }
+            Command::SlowPeer {
+                peer,
+                session,
+                queued_frames,
+                queued_bytes,
+            } => {
+                let current = self
+                    .peers
+                    .get(&peer)
+                    .is_some_and(|s| s.session == session && s.closing.is_none());
+                if current {
+                    bump(&self.counters.slow_peers_dropped, 1);
+                    warn!(%peer, queued_frames, queued_bytes, "outbound queue full; dropping slow peer");
+                    self.emit(Event::SlowPeerDropped {
+                        peer,
+                        queued_frames,
+                        queued_bytes,
+                    });
+                    self.disconnect(peer, DisconnectReason::SlowPeer);
+                }
+            }
+        }
+    }
+
+    fn dial_once(&mut self, addr: Multiaddr, reply: oneshot::Sender<Result<PeerId, Error>>) {
+        if self.pending_dials.len() >= MAX_PENDING_DIALS {
+            let _ = reply.send(Err(Error::Capacity {
+                what: "pending dials",
+                limit: MAX_PENDING_DIALS,
+            }));
+            return;
+        }
+        let opts = match split_peer_addr(&addr) {
+            Ok((peer, _)) if peer == self.local => {
+                let _ = reply.send(Err(Error::Dial {
+                    addr,
+                    reason: "that is this node's own PeerId".into(),
+                }));
+                return;
+            }
+            Ok((peer, _)) if self.peers.contains_key(&peer) => {
+                let _ = reply.send(Ok(peer));
+                return;
+            }
+            // A concurrent dial may race a static redial; the duplicate is closed later.
+            Ok((peer, base)) => DialOpts::peer_id(peer)
+                .addresses(vec![base])
+                .condition(PeerCondition::Disconnected)
+                .allocate_new_port()
+                .build(),
+            Err(_) => DialOpts::unknown_peer_id()
+                .address(addr.clone())
+                .allocate_new_port()
+                .build(),
+        };
+        let id = opts.connection_id();
+        bump(&self.counters.dials, 1);
+        match self.swarm.dial(opts) {
+            Ok(()) => {
+                self.pending_dials.insert(id, (addr, reply));
+            }
+            Err(e) => {
+                bump(&self.counters.dial_failures, 1);
+                let _ = reply.send(Err(Error::Dial {
+                    addr,
+                    reason: e.to_string(),
+                }));
+            }
+        }
+    }
+
+    fn add_static_peer(&mut self, addr: &Multiaddr) -> Result<PeerId, Error> {
+        let (peer, base) = split_peer_addr(addr)?;
+        if peer == self.local {
+            return Err(Error::Config(format!(
+                "static peer {addr} is this node itself"
+            )));
+        }
+        let now = Instant::now();
+        if !self.statics.contains_key(&peer) && self.statics.len() >= MAX_STATIC_PEERS {
+            return Err(Error::Capacity {
+                what: "static peers",
+                limit: MAX_STATIC_PEERS,
+            });
+        }
+        match self.statics.entry(peer) {
+            Entry::Occupied(mut entry) => {
+                let entry = entry.get_mut();
+                entry.addr = base;
+                entry.backoff.reset();
+                entry.next_dial = now;
+            }
+            Entry::Vacant(entry) => {
+                entry.insert(StaticPeer {
+                    addr: base,
+                    backoff: Backoff::new(REDIAL_BASE, self.redial_max),
+                    next_dial: now,
+                    dialing: None,
+                });
+            }
+        }
+        self.redial_statics(now);
+        Ok(peer)
+    }
+
+    fn admit(&mut self, peer: PeerId) -> bool {
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return false;
+        };
+        match state.admission {
+            Admission::Rejected => return false,
+            Admission::Admitted => return true,
+            Admission::Pending { .. } if state.closing.is_some() => return false,
+            Admission::Pending { .. } => {}
+        }
+        state.admission = Admission::Admitted;
+        let (sync, sync_rx) = Outbox::new(StreamKind::Sync);
+        let (ephemeral, ephemeral_rx) = Outbox::new(StreamKind::Ephemeral);
+        state.channels[StreamKind::Sync.index()].outbox = Some(sync_rx);
+        state.channels[StreamKind::Ephemeral.index()].outbox = Some(ephemeral_rx);
+        self.shared.outboxes().insert(
+            peer,
+            PeerOutboxes {
+                session: state.session,
+                queues: [sync, ephemeral],
+            },
+        );
+        // A peer that got all the way to admission is a healthy target again.
+        if let Some(entry) = self.statics.get_mut(&peer) {
+            entry.backoff.reset();
+        }
+        if let Some(hint) = self.discovered.get_mut(&peer) {
+            hint.backoff.reset();
+        }
+        info!(%peer, "peer admitted");
+        for kind in StreamKind::ALL {
+            self.drive_channel(peer, kind);
+        }
+        true
+    }
+
+    /// Ends a peer's session from this side with `reason`.
+    fn disconnect(&mut self, peer: PeerId, reason: DisconnectReason) {
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        if state.closing.is_none() {
+            debug!(%peer, %reason, "disconnecting peer");
+            state.closing = Some(reason);
+        }
+        self.shared.remove_outboxes(&peer, state.session);
+        for channel in &mut state.channels {
+            channel.cancel();
+        }
+        let _ = self.swarm.disconnect_peer_id(peer);
+    }
+
+    fn peer_infos(&self) -> Vec<PeerInfo> {
+        let outboxes = self.shared.outboxes();
+        self.peers
+            .iter()
+            .map(|(peer, state)| {
+                let sync = &state.channels[StreamKind::Sync.index()];
+                let (queued_frames, queued_bytes) = outboxes
+                    .get(peer)
+                    .filter(|o| o.session == state.session)
+                    .map(|o| o.queues[StreamKind::Sync.index()].queued())
+                    .unwrap_or((0, 0));
+                PeerInfo {
+                    peer: *peer,
+                    addrs: state.conns.values().map(|c| c.addr.clone()).collect(),
+                    connections: state.conns.len(),
+                    admitted: state.admission == Admission::Admitted,
+                    is_static: self.statics.contains_key(peer),
+                    hello_received: state.hello_received,
+                    sync_stream_open: matches!(sync.state, ChannelState::Active { .. }),
+                    sync_streams: sync.streams,
+                    queued_frames,
+                    queued_bytes,
+                    connected_for: state.started.elapsed(),
+                }
+            })
+            .collect()
+    }
+
+    // ---- swarm events ---------------------------------------------------------------
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                ..
+            } => self.on_connection_established(
+                peer_id,
+                connection_id,
+                endpoint.get_remote_address().clone(),
+                endpoint.is_dialer(),
+            ),
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
+                cause,
+                ..
+            } => {
+                debug!(peer = %peer_id, connection = %connection_id, cause = ?cause, "connection closed");
+                self.on_connection_closed(peer_id, connection_id);
+            }
+            SwarmEvent::OutgoingConnectionError {
+                connection_id,
+                peer_id,
+                error,
+            } => self.on_dial_error(connection_id, peer_id, &error),
+            SwarmEvent::IncomingConnectionError {
+                send_back_addr,
+                error,
+                peer_id,
+                ..
+            } => {
+                debug!(from = %send_back_addr, peer = ?peer_id, %error, "incoming connection failed");
+            }
+            SwarmEvent::NewListenAddr { address, .. } => {
+                info!(addr = %address, "listening");
+                if !self.listen_addrs.contains(&address) {
+                    self.listen_addrs.push(address.clone());
+                }
+                self.emit(Event::ListenAddr { addr: address });
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.listen_addrs.retain(|a| a != &address);
+                self.emit(Event::ListenAddrExpired { addr: address });
+            }
+            SwarmEvent::ListenerError { error, .. } => {
+                warn!(%error, "listener error");
+            }
+            SwarmEvent::ListenerClosed {
+                addresses, reason, ..
+            } => {
+                warn!(?addresses, ?reason, "listener closed");
+                for addr in addresses {
+                    self.listen_addrs.retain(|a| a != &addr);
+                    self.emit(Event::ListenAddrExpired { addr });
+                }
+            }
+            other => trace!(event = ?other, "swarm event"),
+        }
+    }
+
+    fn on_connection_established(
+        &mut self,
+        peer: PeerId,
+        id: ConnectionId,
+        addr: Multiaddr,
+        local_dialed: bool,
+    ) {
+        if let Some((_, reply)) = self.pending_dials.remove(&id) {
+            let _ = reply.send(Ok(peer));
+        }
+        if let Some(entry) = self.statics.get_mut(&peer) {
+            entry.dialing = None;
+        }
+        if let Some(hint) = self.discovered.get_mut(&peer) {
+            hint.dialing = None;
+        }
+        let now = Instant::now();
+        let is_new = !self.peers.contains_key(&peer);
+        if is_new {
+            let session = self.next_session;
+            self.next_session += 1;
+            self.peers.insert(
+                peer,
+                PeerState {
+                    session,
+                    started: now,
+                    conns: BTreeMap::new(),
+                    admission: Admission::Pending {
+                        deadline: now + self.hello_timeout,
+                    },
+                    hello_received: false,
+                    hello_attempts: 0,
+                    closing: None,
+                    channels: [Channel::new(now), Channel::new(now)],
+                },
+            );
+            info!(%peer, %addr, outbound = local_dialed, "peer connected");
+            self.emit(Event::PeerConnected {
+                peer,
+                addr: addr.clone(),
+                outbound: local_dialed,
+            });
+        }
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        state.conns.insert(
+            id,
+            ConnInfo {
+                addr,
+                local_dialed,
+                last_alive: now,
+                ping_supported: true,
+                close_requested: false,
+            },
+        );
+        if state.closing.is_some() {
+            // The session is being torn down; a late connection must not revive it.
+            self.swarm.close_connection(id);
+            return;
+        }
+        let views: Vec<ConnView> = state
+            .conns
+            .iter()
+            .map(|(id, c)| ConnView {
+                id: *id,
+                local_dialed: c.local_dialed,
+            })
+            .collect();
+        if is_new {
+            self.send_hello(peer);
+        }
+        for duplicate in connections_to_close(&self.local, &peer, &views) {
+            debug!(%peer, connection = %duplicate, "closing duplicate connection");
+            bump(&self.counters.duplicate_connections_closed, 1);
+            self.swarm.close_connection(duplicate);
+        }
+    }
+
+    fn on_connection_closed(&mut self, peer: PeerId, id: ConnectionId) {
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        state.conns.remove(&id);
+        if !state.conns.is_empty() {
+            // A duplicate went away; the opener may now open its streams.
+            for kind in StreamKind::ALL {
+                self.drive_channel(peer, kind);
+            }
+            return;
+        }
+        let Some(mut state) = self.peers.remove(&peer) else {
+            return;
+        };
+        let reason = state
+            .closing
+            .take()
+            .unwrap_or(DisconnectReason::ConnectionClosed);
+        self.shared.remove_outboxes(&peer, state.session);
+        for channel in &mut state.channels {
+            channel.cancel();
+        }
+        let was_admitted = state.admission == Admission::Admitted;
+        let now = Instant::now();
+        if let Some(entry) = self.statics.get_mut(&peer) {
+            // A session that never got admitted counts as a failure, so a peer that keeps
+            // being rejected is retried ever more slowly rather than in a tight loop.
+            let wait = if was_admitted {
+                entry.backoff.delay()
+            } else {
+                entry.backoff.fail()
+            };
+            entry.next_dial = now + wait;
+        }
+        if let Some(hint) = self.discovered.get_mut(&peer) {
+            hint.next_dial = now + hint.backoff.delay();
+        }
+        info!(%peer, %reason, "peer disconnected");
+        self.emit(Event::PeerDisconnected { peer, reason });
+    }
+
+    fn on_dial_error(&mut self, id: ConnectionId, peer: Option<PeerId>, error: &DialError) {
+        bump(&self.counters.dial_failures, 1);
+        if let Some((addr, reply)) = self.pending_dials.remove(&id) {
+            let _ = reply.send(Err(Error::Dial {
+                addr,
+                reason: error.to_string(),
+            }));
+        }
+        let Some(peer) = peer else {
+            debug!(%error, "dial failed");
+            return;
+        };
+        let now = Instant::now();
+        if let Some(entry) = self.statics.get_mut(&peer)
+            && entry.dialing == Some(id)
+        {
+            entry.dialing = None;
+            let wait = entry.backoff.fail();
+            entry.next_dial = now + wait;
+            debug!(%peer, %error, retry_in = ?wait, "static peer dial failed");
+            return;
+        }
+        if let Some(hint) = self.discovered.get_mut(&peer)
+            && hint.dialing == Some(id)
+        {
+            hint.dialing = None;
+            let wait = hint.backoff.fail();
+            hint.next_dial = now + wait;
+            debug!(%peer, %error, retry_in = ?wait, "discovered peer dial failed");
+            return;
+        }
+        debug!(%peer, %error, "dial failed");
+    }
+
+    fn on_behaviour_event(&mut self, event: BehaviourEvent) {
+        match event {
+            BehaviourEvent::Hello(event) => self.on_hello_event(event),
+            BehaviourEvent::Ping(ping::Event {
+                peer,
+                connection,
+                result,
+            }) => {
+                let conn = self
+                    .peers
+                    .get_mut(&peer)
+                    .and_then(|s| s.conns.get_mut(&connection));
+                match result {
+                    Ok(rtt) => {
+                        trace!(%peer, ?rtt, "ping");
+                        if let Some(conn) = conn {
+                            conn.last_alive = Instant::now();
+                        }
+                    }
+                    Err(ping::Failure::Unsupported) => {
+                        debug!(%peer, "peer does not answer pings");
+                        if let Some(conn) = conn {
+                            conn.ping_supported = false;
+                        }
+                    }
+                    Err(failure) => {
+                        debug!(%peer, %connection, %failure, "ping failed; closing connection");
+                        self.close_dead_connection(peer, connection);
+                    }
+                }
+            }
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                debug!(
+                    peer = %peer_id,
+                    agent = %info.agent_version,
+                    protocol = %info.protocol_version,
+                    "identified peer"
+                );
+            }
+            BehaviourEvent::Identify(_) => {}
+            BehaviourEvent::Mdns(mdns::Event::Discovered(list)) => self.on_discovered(list),
+            BehaviourEvent::Mdns(mdns::Event::Expired(list)) => {
+                for (peer, _) in list {
+                    if !self.peers.contains_key(&peer) {
+                        self.discovered.remove(&peer);
+                    }
+                }
+            }
+            BehaviourEvent::Limits(never) => match never {},
+            BehaviourEvent::Streams(()) => {}
+        }
+    }
+
+    fn on_hello_event(&mut self, event: request_response::Event<Hello, Hello>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    let response = Hello {
+                        certificate: self.certificate.clone(),
+                    };
+                    if self
+                        .swarm
+                        .behaviour_mut()
+                        .hello
+                        .send_response(channel, response)
+                        .is_err()
+                    {
+                        debug!(%peer, "hello response not sent: connection gone");
+                    }
+                    self.on_certificate(peer, request.certificate);
+                }
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    self.hello_requests.remove(&request_id);
+                    self.on_certificate(peer, response.certificate);
+                }
+            },
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                let Some((_, session)) = self.hello_requests.remove(&request_id) else {
+                    return;
+                };
+                let retry = self.peers.get(&peer).is_some_and(|s| {
+                    s.session == session
+                        && !s.hello_received
+                        && s.closing.is_none()
+                        && s.hello_attempts < HELLO_MAX_ATTEMPTS
+                });
+                debug!(%peer, %error, retry, "hello request failed");
+                if retry {
+                    self.send_hello(peer);
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                debug!(%peer, %error, "inbound hello failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    /// Closes a connection that stopped answering pings, recording why if it was the
+    /// peer's last one.
+    fn close_dead_connection(&mut self, peer: PeerId, connection: ConnectionId) {
+        if let Some(state) = self.peers.get_mut(&peer) {
+            let last = state.conns.len() == 1;
+            if let Some(conn) = state.conns.get_mut(&connection) {
+                conn.close_requested = true;
+                if last {
+                    state.closing.get_or_insert(DisconnectReason::PingTimeout);
+                }
+            }
+        }
+        self.swarm.close_connection(connection);
+    }
+
+    fn send_hello(&mut self, peer: PeerId) {
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        state.hello_attempts += 1;
+        let session = state.session;
+        let request = Hello {
+            certificate: self.certificate.clone(),
+        };
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .hello
+            .send_request(&peer, request);
+        self.hello_requests.insert(id, (peer, session));
+    }
+
+    fn on_certificate(&mut self, peer: PeerId, certificate: Vec<u8>) {
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        if state.hello_received || state.closing.is_some() {
+            return;
+        }
+        if check_certificate(&certificate).is_err() {
+            // The codec caps the message, so only a cap mismatch could get here.
+            warn!(%peer, len = certificate.len(), "oversized certificate in hello; ignoring");
+            return;
+        }
+        state.hello_received = true;
+        debug!(%peer, len = certificate.len(), "hello received");
+        self.emit(Event::Hello { peer, certificate });
+    }
+
+    fn on_discovered(&mut self, list: Vec<(PeerId, Multiaddr)>) {
+        let now = Instant::now();
+        let mut by_peer: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
+        for (peer, addr) in list {
+            if peer != self.local {
+                by_peer.entry(peer).or_default().push(addr);
+            }
+        }
+        for (peer, addrs) in by_peer {
+            if self
+                .discovered
+                .insert(peer, addrs.clone(), now, self.redial_max)
+            {
+                debug!(%peer, ?addrs, known = self.discovered.len(), "discovered peer");
+                self.emit(Event::Discovered { peer, addrs });
+            }
+        }
+        self.dial_discovered(now);
+    }
+
+    // ---- task reports ---------------------------------------------------------------
+
+    fn on_internal(&mut self, report: Internal) {
+        match report {
+            Internal::Inbound { peer, kind, stream } => self.on_inbound_stream(peer, kind, stream),
+            Internal::Opened {
+                peer,
+                session,
+                kind,
+                generation,
+                result,
+            } => {
+                let Some(state) = self.peers.get_mut(&peer) else {
+                    return;
+                };
+                let channel = &mut state.channels[kind.index()];
+                let current = state.session == session
+                    && channel.generation == generation
+                    && matches!(channel.state, ChannelState::Opening);
+                if !current {
+                    return;
+                }
+                channel.state = ChannelState::Idle;
+                match result {
+                    Ok(stream) => {
+                        bump(&self.counters.streams_opened, 1);
+                        self.start_stream(peer, kind, stream);
+                    }
+                    Err(reason) => {
+                        let wait = channel.reopen.fail();
+                        channel.next_open = Instant::now() + wait;
+                        debug!(%peer, stream = kind.name(), %reason, retry_in = ?wait, "stream open failed");
+                    }
+                }
+            }
+            Internal::Ended {
+                peer,
+                session,
+                kind,
+                generation,
+                outbox,
+                end,
+            } => self.on_stream_ended(peer, session, kind, generation, outbox, end),
+        }
+    }
+
+    fn on_inbound_stream(&mut self, peer: PeerId, kind: StreamKind, stream: libp2p::Stream) {
+        let refuse = |why: &str| {
+            debug!(%peer, stream = kind.name(), why, "refusing inbound stream");
+        };
+        let local_opens = is_smaller(&self.local, &peer);
+        let Some(state) = self.peers.get_mut(&peer) else {
+            refuse("peer not connected");
+            bump(&self.counters.streams_refused, 1);
+            return;
+        };
+        if state.closing.is_some() || state.admission == Admission::Rejected {
+            refuse("peer is being disconnected");
+            bump(&self.counters.streams_refused, 1);
+            return;
+        }
+        if local_opens {
+            // Only the smaller PeerId opens, so there is one stream per peer and kind.
+            warn!(%peer, stream = kind.name(), "peer opened a stream it should have accepted; refusing");
+            bump(&self.counters.streams_refused, 1);
+            return;
+        }
+        let channel = &mut state.channels[kind.index()];
+        // The newest stream wins: the opener only opens again once its previous stream
+        // is dead on its side. A stream from an un-admitted peer waits here unread.
+        channel.parked = Some(stream);
+        if let ChannelState::Active { cancel, .. } = &channel.state {
+            cancel.cancel();
+        }
+        self.drive_channel(peer, kind);
+    }
+
+    fn on_stream_ended(
+        &mut self,
+        peer: PeerId,
+        session: u64,
+        kind: StreamKind,
+        generation: u64,
+        outbox: OutboxRx,
+        end: StreamEnd,
+    ) {
+        let local_opens = is_smaller(&self.local, &peer);
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        if state.session != session {
+            return;
+        }
+        let channel = &mut state.channels[kind.index()];
+        channel.outbox = Some(outbox);
+        let mut lived = Duration::ZERO;
+        if channel.generation == generation {
+            if let ChannelState::Active { since, .. } = &channel.state {
+                lived = since.elapsed();
+            }
+            channel.state = ChannelState::Idle;
+        }
+        match end {
+            StreamEnd::Malformed(reason) => {
+                warn!(%peer, stream = kind.name(), %reason, "closing stream: malformed frame");
+                self.disconnect(peer, DisconnectReason::MalformedFrame(reason));
+                return;
+            }
+            StreamEnd::Cancelled | StreamEnd::OutboxClosed | StreamEnd::EventsClosed => {
+                debug!(%peer, stream = kind.name(), ?end, "stream ended");
+            }
+            StreamEnd::RemoteClosed | StreamEnd::Io(_) => {
+                let reason = match &end {
+                    StreamEnd::Io(reason) => reason.as_str(),
+                    _ => "closed by peer",
+                };
+                debug!(%peer, stream = kind.name(), reason, ?lived, "stream ended");
+                if local_opens {
+                    if lived >= STREAM_STABLE {
+                        channel.reopen.reset();
+                    }
+                    let wait = channel.reopen.fail();
+                    channel.next_open = Instant::now() + wait;
+                }
+            }
+        }
+        self.drive_channel(peer, kind);
+    }
+
+    /// Moves one channel forward: start a parked stream, or (as the opener) open one.
+    fn drive_channel(&mut self, peer: PeerId, kind: StreamKind) {
+        let local_opens = is_smaller(&self.local, &peer);
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        if state.admission != Admission::Admitted || state.closing.is_some() {
+            return;
+        }
+        let single_connection = state.conns.len() == 1;
+        let session = state.session;
+        let channel = &mut state.channels[kind.index()];
+        if !matches!(channel.state, ChannelState::Idle) || channel.outbox.is_none() {
+            return;
+        }
+        if let Some(stream) = channel.parked.take() {
+            bump(&self.counters.streams_accepted, 1);
+            self.start_stream(peer, kind, stream);
+            return;
+        }
+        // Wait for duplicates to close first: libp2p-stream picks a random connection,
+        // and a stream on the one being closed would die at once.
+        if !local_opens || !single_connection || channel.next_open > Instant::now() {
+            return;
+        }
+        channel.generation += 1;
+        channel.state = ChannelState::Opening;
+        let generation = channel.generation;
+        let control = self.stream_control.clone();
+        let internal = self.internal_tx.clone();
+        let stop = self.tasks_cancel.clone();
+        let span = error_span!("net", %peer, open = kind.name());
+        self.tasks.spawn(
+            async move {
+                let result = tokio::select! {
+                    () = stop.cancelled() => return,
+                    result = stream::open(control, peer, kind) => result,
+                };
+                let report = Internal::Opened {
+                    peer,
+                    session,
+                    kind,
+                    generation,
+                    result,
+                };
+                let _ = internal.send(report).await;
+            }
+            .instrument(span),
+        );
+    }
+
+    fn start_stream(&mut self, peer: PeerId, kind: StreamKind, stream: libp2p::Stream) {
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        let session = state.session;
+        let channel = &mut state.channels[kind.index()];
+        let Some(outbox) = channel.outbox.take() else {
+            return;
+        };
+        channel.generation += 1;
+        channel.streams += 1;
+        let generation = channel.generation;
+        let cancel = self.tasks_cancel.child_token();
+        channel.state = ChannelState::Active {
+            cancel: cancel.clone(),
+            since: Instant::now(),
+        };
+        debug!(%peer, stream = kind.name(), n = channel.streams, "stream up");
+        let task = StreamTask {
+            peer,
+            kind,
+            stream,
+            outbox,
+            frames: self.frames_tx.clone(),
+            budget: self.budget.clone(),
+            counters: self.counters.clone(),
+            cancel,
+        };
+        let internal = self.internal_tx.clone();
+        let span = error_span!("net", %peer, stream = kind.name());
+        self.tasks.spawn(
+            async move {
+                let (outbox, end) = task.run().await;
+                let report = Internal::Ended {
+                    peer,
+                    session,
+                    kind,
+                    generation,
+                    outbox,
+                    end,
+                };
+                let _ = internal.send(report).await;
+            }
+            .instrument(span),
+        );
+    }
+
+    // ---- timers ---------------------------------------------------------------------
+
+    fn maintain(&mut self, now: Instant) {
+        let expired: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, s)| {
+                s.closing.is_none()
+                    && matches!(s.admission, Admission::Pending { deadline } if deadline <= now)
+            })
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in expired {
+            bump(&self.counters.hello_timeouts, 1);
+            info!(%peer, timeout = ?self.hello_timeout, "peer not admitted in time; disconnecting");
+            self.disconnect(peer, DisconnectReason::HelloTimeout);
+        }
+        let dead: Vec<(PeerId, ConnectionId)> = self
+            .peers
+            .iter()
+            .flat_map(|(peer, s)| {
+                s.conns
+                    .iter()
+                    .filter(|(_, c)| {
+                        c.ping_supported
+                            && !c.close_requested
+                            && now.saturating_duration_since(c.last_alive) > self.liveness_timeout
+                    })
+                    .map(|(id, _)| (*peer, *id))
+            })
+            .collect();
+        for (peer, connection) in dead {
+            info!(%peer, %connection, silent_for = ?self.liveness_timeout, "no ping answered; closing connection");
+            self.close_dead_connection(peer, connection);
+        }
+        self.redial_statics(now);
+        self.dial_discovered(now);
+        let admitted: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, s)| s.admission == Admission::Admitted)
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in admitted {
+            for kind in StreamKind::ALL {
+                self.drive_channel(peer, kind);
+            }
+        }
+    }
+
+    fn redial_statics(&mut self, now: Instant) {
+        let due: Vec<(PeerId, Multiaddr)> = self
+            .statics
+            .iter()
+            .filter(|(peer, s)| {
+                !self.peers.contains_key(peer) && s.dialing.is_none() && s.next_dial <= now
+            })
+            .map(|(peer, s)| (*peer, s.addr.clone()))
+            .collect();
+        for (peer, addr) in due {
+            let result = self.dial_peer(peer, addr);
+            if let Some(entry) = self.statics.get_mut(&peer) {
+                match result {
+                    Ok(Some(id)) => entry.dialing = Some(id),
+                    // Already dialling through another path; look again shortly.
+                    Ok(None) => entry.next_dial = now + REDIAL_BASE,
+                    Err(error) => {
+                        let wait = entry.backoff.fail();
+                        entry.next_dial = now + wait;
+                        debug!(%peer, %error, retry_in = ?wait, "static dial refused");
+                    }
+                }
+            }
+        }
+    }
+
+    fn dial_discovered(&mut self, now: Instant) {
+        if !self.dial_discovered {
+            return;
+        }
+        let local = self.local;
+        let due: Vec<(PeerId, Vec<Multiaddr>)> = self
+            .discovered
+            .iter_mut()
+            .filter(|(peer, d)| {
+                should_dial_discovered(&local, peer, d, self.peers.contains_key(*peer), now)
+            })
+            .map(|(peer, d)| (*peer, d.addrs.clone()))
+            .collect();
+        for (peer, addrs) in due {
+            let opts = DialOpts::peer_id(peer)
+                .addresses(addrs)
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .allocate_new_port()
+                .build();
+            let id = opts.connection_id();
+            bump(&self.counters.dials, 1);
+            let dialed = self.swarm.dial(opts).is_ok();
+            if let Some(hint) = self.discovered.get_mut(&peer) {
+                if dialed {
+                    hint.dialing = Some(id);
+                } else {
+                    hint.next_dial = now + hint.backoff.fail();
+                }
+            }
+        }
+    }
+
+    /// Dials a known peer from a fresh port. `Ok(None)` means a dial or connection to it
+    /// already exists.
+    fn dial_peer(
+        &mut self,
+        peer: PeerId,
+        addr: Multiaddr,
+    ) -> Result<Option<ConnectionId>, DialError> {
+        // A fresh source port, rather than reusing the listen port, rules out a TCP
+        // simultaneous open when both sides dial at once: that yields one socket on
+        // which both run the Noise initiator role, and the handshake fails.
+        let opts = DialOpts::peer_id(peer)
+            .addresses(vec![addr])
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .allocate_new_port()
+            .build();
+        let id = opts.connection_id();
+        match self.swarm.dial(opts) {
+            Ok(()) => {
+                bump(&self.counters.dials, 1);
+                trace!(%peer, "dialing static peer");
+                Ok(Some(id))
+            }
+            Err(DialError::DialPeerConditionFalse(_)) => Ok(None),
+            Err(error) => {
+                bump(&self.counters.dial_failures, 1);
+                Err(error)
+            }
+        }
+    }
+}
+
+/// Hands inbound streams to the loop as fast as they come: libp2p-stream drops an inbound
+/// stream when its (one-slot) channel is full, so this task does nothing else.
+async fn accept_loop(
+    mut incoming: libp2p_stream::IncomingStreams,
+    kind: StreamKind,
+    internal: mpsc::Sender<Internal>,
+    stop: CancellationToken,
+) {
+    loop {
+        let next = tokio::select! {
+            () = stop.cancelled() => return,
+            next = incoming.next() => next,
+        };
+        let Some((peer, stream)) = next else {
+            return;
+        };
+        if internal
+            .send(Internal::Inbound { peer, kind, stream })
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}

@@ -1,0 +1,8 @@
+//! hearth-net integration tests: real swarms on 127.0.0.1 with mDNS off, several nodes per
+//! process, every await bounded by a timeout.
+
+mod admission;
+mod dialing;
+mod malformed;
+mod slow;
+mod util;

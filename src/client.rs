@@ -1,0 +1,122 @@
+//! A small blocking HTTP client for the local API, used by every client verb.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde::de::DeserializeOwned;
+
+/// Per-request limit: the API is local, so anything slower means the node is stuck.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A located node: its base URL and token.
+pub(crate) struct Client {
+    base: String,
+    /// Where the address came from, for error messages.
+    origin: String,
+    token: String,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    /// Finds the node: `--api`/`HEARTH_API`, else `<data>/api.addr`; the token from
+    /// `--token`/`HEARTH_TOKEN`, else `<data>/token`.
+    pub(crate) fn find(data: &Path, api: Option<String>, token: Option<String>) -> Result<Self> {
+        let (addr, origin) = match api {
+            Some(a) => (a, "--api/HEARTH_API".to_string()),
+            None => {
+                let path = data.join(hearth::API_ADDR_FILE);
+                match std::fs::read_to_string(&path) {
+                    Ok(text) => (text.trim().to_string(), path.display().to_string()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+                        "no Hearth node is running for data dir {} (no {} there); \
+                         start one with `hearth up --data {}`, or pass --api",
+                        data.display(),
+                        hearth::API_ADDR_FILE,
+                        data.display()
+                    ),
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("cannot read {}", path.display()));
+                    }
+                }
+            }
+        };
+        let addr = addr.trim_end_matches('/');
+        let base = if addr.starts_with("http://") || addr.starts_with("https://") {
+            addr.to_string()
+        } else {
+            format!("http://{addr}")
+        };
+        let token = match token {
+            Some(t) => t,
+            None => {
+                let path = data.join(hearth::TOKEN_FILE);
+                std::fs::read_to_string(&path)
+                    .with_context(|| {
+                        format!(
+                            "cannot read the API token at {}; pass --token or set HEARTH_TOKEN",
+                            path.display()
+                        )
+                    })?
+                    .trim()
+                    .to_string()
+            }
+        };
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(REQUEST_TIMEOUT))
+            .build()
+            .into();
+        Ok(Self {
+            base,
+            origin,
+            token,
+            agent,
+        })
+    }
+
+    /// GETs a JSON body, turning API errors into their `detail` sentence.
+    pub(crate) fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let url = format!("{}{path}", self.base);
+        let mut response = self
+            .agent
+            .get(&url)
+            .header("Authorization", &format!("Bearer {}", self.token))
+            .call()
+            .map_err(|e| self.transport_error(e))?;
+        let status = response.status();
+        let body: serde_json::Value = response
+            .body_mut()
+            .read_json()
+            .with_context(|| format!("{url} answered {status} with a body that is not JSON"))?;
+        if !status.is_success() {
+            let detail = body.get("detail").and_then(|d| d.as_str()).unwrap_or("");
+            let kind = body
+                .get("error")
+                .and_then(|d| d.as_str())
+                .unwrap_or("error");
+            bail!("the node refused the request ({status} {kind}): {detail}");
+        }
+        serde_json::from_value(body).with_context(|| format!("unexpected reply shape from {url}"))
+    }
+
+    fn transport_error(&self, e: ureq::Error) -> anyhow::Error {
+        let refused = match &e {
+            ureq::Error::Io(io) => matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset
+            ),
+            ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => true,
+            _ => false,
+        };
+        if refused {
+            anyhow!(
+                "no Hearth node is running at {} (address from {}); start one with `hearth up`",
+                self.base,
+                self.origin
+            )
+        } else {
+            anyhow!("request to the node at {} failed: {e}", self.base)
+        }
+    }
+}

@@ -1,0 +1,51 @@
+//! Node configuration: plain data with public fields, validated by [`crate::Node::start`].
+
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+/// Where the local API listens unless told otherwise.
+pub const DEFAULT_API_ADDR: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 8012);
+
+/// Everything a node needs to start.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The data dir: store, key file, lock, token and `api.addr` live here.
+    pub data_dir: PathBuf,
+    /// Address for the local HTTP API; port 0 picks a free port, which the node
+    /// writes to `<data>/api.addr`.
+    pub api_addr: SocketAddr,
+    /// The device name shown to people; defaults to the host name.
+    pub device_name: Option<String>,
+    /// Derive the store key from this passphrase (Argon2id) instead of using the
+    /// key file `<data>/store.key`.
+    pub passphrase: Option<Passphrase>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: default_data_dir().unwrap_or_else(|| PathBuf::from("hearth-data")),
+            api_addr: DEFAULT_API_ADDR,
+            device_name: None,
+            passphrase: None,
+        }
+    }
+}
+
+/// The platform's data dir for Hearth (for example `~/.local/share/hearth` on Linux),
+/// or `None` when the platform reports no home directory.
+pub fn default_data_dir() -> Option<PathBuf> {
+    directories::ProjectDirs::from("", "", "hearth").map(|d| d.data_dir().to_path_buf())
+}
+
+/// A store passphrase. Its `Debug` output is redacted so it never reaches logs.
+#[derive(Clone)]
+pub struct Passphrase(pub String);
+
+impl fmt::Debug for Passphrase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Passphrase(<redacted>)")
+    }
+}

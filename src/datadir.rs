@@ -1,0 +1,184 @@
+//! The files a node keeps in its data dir, beside the store.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Write};
+use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::Error;
+
+/// Held (by an OS file lock) while a node runs on the data dir.
+pub const LOCK_FILE: &str = "node.lock";
+/// The API bearer token, mode 0600.
+pub const TOKEN_FILE: &str = "token";
+/// The address the API actually bound, as `host:port`; removed on clean exit.
+pub const API_ADDR_FILE: &str = "api.addr";
+
+/// Token length in random bytes; printed as hex.
+const TOKEN_BYTES: usize = 32;
+
+/// Creates the data dir (0700: it holds the key file and token) if missing.
+pub(crate) fn ensure_dir(dir: &Path) -> Result<(), Error> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| Error::DataDir {
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
+/// Takes the data dir's exclusive lock, refusing at once when another node holds it.
+///
+/// The lock is an OS advisory lock on an open file, so it vanishes with the process even
+/// after SIGKILL; a stale `node.lock` file never blocks a restart.
+pub(crate) fn lock(dir: &Path) -> Result<File, Error> {
+    let path = dir.join(LOCK_FILE);
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| Error::File {
+            what: "cannot open lock file",
+            path: path.clone(),
+            source,
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => Err(Error::AlreadyRunning {
+            path: dir.to_path_buf(),
+        }),
+        Err(fs::TryLockError::Error(source)) => Err(Error::File {
+            what: "cannot lock",
+            path,
+            source,
+        }),
+    }
+}
+
+/// Reads the API token, creating it (0600) on first start.
+pub(crate) fn load_or_create_token(dir: &Path) -> Result<String, Error> {
+    let path = dir.join(TOKEN_FILE);
+    match fs::read_to_string(&path) {
+        Ok(text) => {
+            let token = text.trim();
+            if token.len() != TOKEN_BYTES * 2 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(Error::CorruptFile {
+                    path,
+                    detail: format!("expected {} hex characters", TOKEN_BYTES * 2),
+                });
+            }
+            Ok(token.to_string())
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            let mut bytes = [0u8; TOKEN_BYTES];
+            getrandom::fill(&mut bytes).map_err(|e| Error::File {
+                what: "cannot draw randomness for",
+                path: path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            let token = hex::encode(bytes);
+            write_private(&path, format!("{token}\n").as_bytes())?;
+            Ok(token)
+        }
+        Err(source) => Err(Error::File {
+            what: "cannot read",
+            path,
+            source,
+        }),
+    }
+}
+
+/// Writes a new file with mode 0600, failing if it already exists, and syncs it.
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    let err = |source| Error::File {
+        what: "cannot write",
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(err)?;
+    file.write_all(bytes).map_err(err)?;
+    file.sync_all().map_err(err)
+}
+
+/// Publishes the bound API address. Written to a temporary name and renamed, so a client
+/// never reads a half-written address.
+pub(crate) fn write_api_addr(dir: &Path, addr: SocketAddr) -> Result<PathBuf, Error> {
+    let path = dir.join(API_ADDR_FILE);
+    let tmp = dir.join(format!("{API_ADDR_FILE}.tmp"));
+    let err = |source| Error::File {
+        what: "cannot write",
+        path: path.clone(),
+        source,
+    };
+    fs::write(&tmp, format!("{addr}\n")).map_err(err)?;
+    fs::rename(&tmp, &path).map_err(err)?;
+    Ok(path)
+}
+
+/// Removes `api.addr` on a clean exit; a missing file is fine.
+pub(crate) fn remove_api_addr(path: &Path) -> Result<(), Error> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(Error::File {
+            what: "cannot remove",
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn second_lock_on_the_same_dir_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _held = lock(dir.path()).unwrap();
+        let err = lock(dir.path()).unwrap_err();
+        assert!(matches!(err, Error::AlreadyRunning { .. }), "{err}");
+        assert!(err.to_string().contains("already running"));
+    }
+
+    #[test]
+    fn lock_is_released_when_the_holder_drops() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(lock(dir.path()).unwrap());
+        lock(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn token_is_created_private_and_then_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = load_or_create_token(dir.path()).unwrap();
+        let mode = fs::metadata(dir.path().join(TOKEN_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(load_or_create_token(dir.path()).unwrap(), first);
+    }
+
+    #[test]
+    fn corrupt_token_names_the_file_and_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(TOKEN_FILE), "not hex").unwrap();
+        let err = load_or_create_token(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("token is corrupt") && err.contains("remove it"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,66 @@
+//! The crate's error type.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Why a node could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The data dir could not be created or used.
+    #[error(
+        "cannot use data dir {path}: {source}; check that it exists and is writable, or pass --data"
+    )]
+    DataDir {
+        /// The data dir.
+        path: PathBuf,
+        /// The underlying I/O error.
+        source: std::io::Error,
+    },
+    /// Another node already runs on this data dir.
+    #[error(
+        "another Hearth node is already running with data dir {path} (it holds {path}/node.lock); \
+         stop it first, or pass a different --data"
+    )]
+    AlreadyRunning {
+        /// The data dir.
+        path: PathBuf,
+    },
+    /// A file in the data dir could not be read or written.
+    #[error("{what} {path}: {source}")]
+    File {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The underlying I/O error.
+        source: std::io::Error,
+    },
+    /// A file in the data dir holds something unexpected.
+    #[error("{path} is corrupt: {detail}; remove it and restart the node to recreate it")]
+    CorruptFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// The encrypted store failed.
+    #[error("store: {0}")]
+    Store(#[from] hearth_storage::Error),
+    /// The stored device identity could not be decoded.
+    #[error("device identity in the store is unreadable: {0}")]
+    Identity(#[from] hearth_net::IdentityError),
+    /// The local API could not bind its address.
+    #[error(
+        "cannot serve the local API on {addr}: {source}; is another program using it? pass --api 127.0.0.1:0 to pick a free port"
+    )]
+    ApiBind {
+        /// The requested address.
+        addr: SocketAddr,
+        /// The underlying I/O error.
+        source: std::io::Error,
+    },
+    /// A background task failed while the node shut down.
+    #[error("node task failed during shutdown: {0}")]
+    Task(String),
+}

@@ -1,0 +1,181 @@
+//! Node assembly: data dir, store, identity and the local API, started and stopped as one.
+
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hearth_net::DeviceIdentity;
+use hearth_storage::{KeySource, Keyspace, StoreHandle};
+use time::OffsetDateTime;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::api::{self, ApiState};
+use crate::{Config, Error, datadir};
+
+/// Meta key of the sealed device keypair.
+pub(crate) const IDENTITY_KEY: &[u8] = b"device/identity";
+/// Meta key of the device name.
+const NAME_KEY: &[u8] = b"device/name";
+/// How long shutdown waits for the API to finish in-flight requests.
+const API_DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A running node. Dropping it without [`Node::shutdown`] still releases the data dir
+/// lock, but skips the final flush and leaves `api.addr` behind.
+pub struct Node {
+    state: Arc<ApiState>,
+    cancel: CancellationToken,
+    api_task: JoinHandle<()>,
+    api_addr_file: PathBuf,
+    // Held for the node's lifetime: the OS lock on it keeps a second node off the dir.
+    _lock: File,
+}
+
+impl Node {
+    /// Opens (or on first start creates) the node in `config.data_dir` and starts serving
+    /// the local API.
+    ///
+    /// Fails at once when another node holds the data dir, when the store key is wrong, or
+    /// when the API address is taken. Not cancel-safe: dropping the future part-way can
+    /// leave the store open until the runtime drops its thread handle.
+    pub async fn start(config: Config) -> Result<Self, Error> {
+        let dir = config.data_dir.clone();
+        datadir::ensure_dir(&dir)?;
+        let lock = datadir::lock(&dir)?;
+
+        let key = match &config.passphrase {
+            Some(p) => KeySource::Passphrase(p.0.clone()),
+            None => KeySource::KeyFile,
+        };
+        // Opening may run Argon2id and replays sled's log: both block, so keep them off
+        // the async workers.
+        let open_dir = dir.clone();
+        let store = tokio::task::spawn_blocking(move || hearth_storage::open(&open_dir, key))
+            .await
+            .map_err(|e| Error::Task(e.to_string()))??;
+
+        let identity = load_or_create_identity(&store).await?;
+        let device_name = resolve_device_name(&store, config.device_name.as_deref()).await?;
+        let token = datadir::load_or_create_token(&dir)?;
+
+        let listener = tokio::net::TcpListener::bind(config.api_addr)
+            .await
+            .map_err(|source| Error::ApiBind {
+                addr: config.api_addr,
+                source,
+            })?;
+        let api_addr = listener.local_addr().map_err(|source| Error::ApiBind {
+            addr: config.api_addr,
+            source,
+        })?;
+
+        let state = Arc::new(ApiState {
+            token,
+            peer_id: identity.peer_id(),
+            device_name,
+            data_dir: dir.clone(),
+            api_addr,
+            started: Instant::now(),
+            started_at: OffsetDateTime::now_utc(),
+            store,
+        });
+        let cancel = CancellationToken::new();
+        let app = api::router(state.clone());
+        let stop = cancel.clone();
+        let api_task = tokio::spawn(
+            async move {
+                let served = axum::serve(listener, app)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await;
+                if let Err(error) = served {
+                    tracing::error!(%error, "local API stopped");
+                }
+            }
+            .instrument(tracing::error_span!("api", addr = %api_addr)),
+        );
+        // Published last, so a client that finds the address finds a node ready to answer.
+        let api_addr_file = datadir::write_api_addr(&dir, api_addr)?;
+        tracing::info!(peer_id = %state.peer_id, data_dir = %dir.display(), api = %api_addr, "node started");
+
+        Ok(Self {
+            state,
+            cancel,
+            api_task,
+            api_addr_file,
+            _lock: lock,
+        })
+    }
+
+    /// This device's PeerId, in base58.
+    pub fn peer_id(&self) -> &str {
+        &self.state.peer_id
+    }
+
+    /// This device's name.
+    pub fn device_name(&self) -> &str {
+        &self.state.device_name
+    }
+
+    /// The address the local API actually bound.
+    pub fn api_addr(&self) -> SocketAddr {
+        self.state.api_addr
+    }
+
+    /// The data dir the node runs on.
+    pub fn data_dir(&self) -> &Path {
+        &self.state.data_dir
+    }
+
+    /// Stops the API, removes `api.addr`, flushes and closes the store, and releases the
+    /// data dir. Not cancel-safe: finish it, or the final flush may not happen.
+    pub async fn shutdown(self) -> Result<(), Error> {
+        self.cancel.cancel();
+        let mut api_task = self.api_task;
+        // Connections that stay open (a watching client) must not hold the exit hostage.
+        if tokio::time::timeout(API_DRAIN_TIMEOUT, &mut api_task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("local API did not drain in time; closing remaining connections");
+            api_task.abort();
+        }
+        datadir::remove_api_addr(&self.api_addr_file)?;
+        self.state.store.close().await?;
+        tracing::info!("node stopped");
+        Ok(())
+    }
+}
+
+async fn load_or_create_identity(store: &StoreHandle) -> Result<DeviceIdentity, Error> {
+    if let Some(bytes) = store.get(Keyspace::Meta, IDENTITY_KEY.to_vec()).await? {
+        return Ok(DeviceIdentity::from_bytes(&bytes)?);
+    }
+    let identity = DeviceIdentity::generate();
+    store
+        .put(Keyspace::Meta, IDENTITY_KEY.to_vec(), identity.to_bytes())
+        .await?;
+    tracing::info!(peer_id = %identity.peer_id(), "created device identity");
+    Ok(identity)
+}
+
+/// A name given on the command line wins and is remembered; otherwise the stored name,
+/// otherwise the host name.
+async fn resolve_device_name(store: &StoreHandle, given: Option<&str>) -> Result<String, Error> {
+    if let Some(name) = given {
+        store
+            .put(Keyspace::Meta, NAME_KEY.to_vec(), name.as_bytes().to_vec())
+            .await?;
+        return Ok(name.to_string());
+    }
+    if let Some(bytes) = store.get(Keyspace::Meta, NAME_KEY.to_vec()).await? {
+        return Ok(String::from_utf8_lossy(&bytes).into_owned());
+    }
+    Ok(std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "hearth-device".to_string()))
+}

@@ -1,0 +1,119 @@
+//! `hearth up` as a process: start, status, refusal of a second node, clean stop.
+
+use std::time::Duration;
+
+use crate::util::{UpProcess, hearth, http_get, run, wait_exit};
+
+#[test]
+fn up_serves_status_refuses_a_second_node_and_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("home");
+    let mut node = UpProcess::start(&data);
+
+    // Health probes need no token.
+    let (code, body) = http_get(&node.api, "/health/ready", None);
+    assert_eq!(code, 200, "{body}");
+    let (code, _) = http_get(&node.api, "/health/live", None);
+    assert_eq!(code, 200);
+
+    // The API refuses a missing or wrong token with a JSON error.
+    let (code, body) = http_get(&node.api, "/api/status", None);
+    assert_eq!(code, 401);
+    assert!(body.contains("\"error\":\"unauthorized\""), "{body}");
+    let (code, _) = http_get(&node.api, "/api/status", Some("wrong"));
+    assert_eq!(code, 401);
+
+    // `status --json` finds the node through api.addr and the token file.
+    let out = run(hearth().args(["status", "--json", "--data"]).arg(&data));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["peer_id"], node.peer_id.as_str());
+    assert_eq!(status["data_dir"], data.to_str().unwrap());
+    assert!(status["uptime_s"].as_f64().unwrap() >= 0.0);
+
+    // The text form shows the PeerId too.
+    let out = run(hearth().args(["status", "--data"]).arg(&data));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&node.peer_id));
+
+    // A second node on the same data dir is refused at once, with a clear reason.
+    let out = run(hearth()
+        .args(["up", "--api", "127.0.0.1:0", "--data"])
+        .arg(&data));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already running"), "{err}");
+
+    // SIGTERM: exit 0, and api.addr is gone.
+    let status = node.terminate();
+    assert_eq!(status.code(), Some(0));
+    assert!(!data.join("api.addr").exists());
+
+    // With no node running, status says so and suggests `hearth up`.
+    let out = run(hearth().args(["status", "--data"]).arg(&data));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no Hearth node is running") && err.contains("hearth up"),
+        "{err}"
+    );
+}
+
+#[test]
+fn identity_survives_restart_and_stale_api_addr_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("home");
+    let mut first = UpProcess::start(&data);
+    let peer_id = first.peer_id.clone();
+    let api = first.api.clone();
+
+    // SIGKILL leaves api.addr behind; the client must name the dead address.
+    crate::util::signal(first.child.id(), "KILL");
+    wait_exit(&mut first.child, Duration::from_secs(10)).expect("killed");
+    let out = run(hearth().args(["status", "--data"]).arg(&data));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no Hearth node is running at") && err.contains(&api),
+        "{err}"
+    );
+
+    // The OS lock died with the process, so a restart works and keeps the identity.
+    let mut second = UpProcess::start(&data);
+    assert_eq!(second.peer_id, peer_id);
+    assert_eq!(second.terminate().code(), Some(0));
+}
+
+#[test]
+fn status_without_any_node_names_the_data_dir_and_suggests_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(hearth().args(["status", "--data"]).arg(dir.path()));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no Hearth node is running") && err.contains("hearth up"),
+        "{err}"
+    );
+}
+
+#[test]
+fn usage_errors_exit_with_two() {
+    let out = run(hearth().args(["up", "--api", "not-an-address"]));
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn unusable_data_dir_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let out = run(hearth()
+        .args(["up", "--api", "127.0.0.1:0", "--data"])
+        .arg(file.join("sub")));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot use data dir"), "{err}");
+}
