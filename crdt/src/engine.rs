@@ -248,6 +248,9 @@ pub struct Engine<P> {
     clock: HlcClock,
     docs: BTreeMap<DocId, DocState<P>>,
     stats: EngineStats,
+    /// Test hook: make the next direct apply panic inside the guard.
+    #[cfg(test)]
+    pub(crate) fail_next_apply: bool,
 }
 
 /// Runs `f`, turning a panic into `Err(())`.
@@ -266,6 +269,8 @@ impl<P: Clone + Ord + Debug> Engine<P> {
             config,
             docs: BTreeMap::new(),
             stats: EngineStats::default(),
+            #[cfg(test)]
+            fail_next_apply: false,
         }
     }
 
@@ -621,6 +626,33 @@ impl<P: Clone + Ord + Debug> Engine<P> {
             .is_some_and(|s| s.in_sync)
     }
 
+    /// Session bookkeeping, for harness diagnostics.
+    #[cfg(test)]
+    pub(crate) fn debug_sessions(&mut self) -> String {
+        let mut text = format!(
+            "docs={} deadline={:?}\n",
+            self.docs.len(),
+            self.next_deadline()
+        );
+        for (id, ds) in self.docs.iter_mut() {
+            let heads = ds.doc.get_heads();
+            for (peer, s) in &ds.sessions {
+                text.push_str(&format!(
+                    "{id} {peer:?}: in_sync={} awaiting={:?} confirm={:?} kick={:?} their={:?} ours={:?} in_flight={} last_sent={:?}\n",
+                    s.in_sync,
+                    s.awaiting_since,
+                    s.confirm_at,
+                    s.kick_at,
+                    s.state.their_heads.as_ref().map(|h| h.iter().map(|x| x.to_string()[..6].to_string()).collect::<Vec<_>>()),
+                    heads.iter().map(|x| x.to_string()[..6].to_string()).collect::<Vec<_>>(),
+                    s.state.in_flight,
+                    s.state.last_sent_heads.iter().map(|x| x.to_string()[..6].to_string()).collect::<Vec<_>>(),
+                ));
+            }
+        }
+        text
+    }
+
     /// Earliest time at which [`Engine::tick`] has work, if any.
     pub fn next_deadline(&self) -> Option<u64> {
         self.docs
@@ -803,8 +835,15 @@ impl<P: Clone + Ord + Debug> Engine<P> {
             changes,
             correlation_id,
         } = push;
+        #[cfg(test)]
+        let inject = std::mem::take(&mut self.fail_next_apply);
+        #[cfg(not(test))]
+        let inject = false;
         let doc = &mut ds.doc;
-        match catch(|| doc.apply_changes(changes)) {
+        match catch(|| {
+            assert!(!inject, "injected failure");
+            doc.apply_changes(changes)
+        }) {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 // Automerge refused the batch (e.g. a reused sequence number)
@@ -852,6 +891,8 @@ impl<P: Clone + Ord + Debug> Engine<P> {
             }
             Err(()) => return Err(self.recover(id, "decoding a sync message", &peer, now_ms)),
         };
+        let carried_changes = !decoded.changes.is_empty();
+        let their_heads = decoded.heads.clone();
         let doc = &mut ds.doc;
         let state = &mut session.state;
         let before = doc.get_heads();
@@ -887,7 +928,16 @@ impl<P: Clone + Ord + Debug> Engine<P> {
             return Ok(out);
         };
         session.in_sync = session.state.their_heads.as_deref() == Some(heads.as_slice());
-        generate_into(
+        // The peer advertises heads we lack yet sent no changes: it believes
+        // it already sent them (Automerge's `sent_hashes`), so they were lost
+        // on the way. Ask it to forget what it sent, or the exchange sticks.
+        if !carried_changes
+            && !session.in_sync
+            && !catch(|| ds.doc.get_missing_deps(&their_heads).is_empty()).unwrap_or(true)
+        {
+            session.state.needs_reset = true;
+        }
+        let sent = generate_into(
             id,
             epoch,
             &peer,
@@ -898,6 +948,22 @@ impl<P: Clone + Ord + Debug> Engine<P> {
             &mut self.stats,
             &mut out,
         );
+        // Automerge stays silent when the peer's heads equal ours, but this
+        // peer is waiting for an answer (to it, silence means a lost message).
+        if !sent && msg.expects_reply && their_heads == heads {
+            session.state.have_responded = false;
+            generate_into(
+                id,
+                epoch,
+                &peer,
+                &mut ds.doc,
+                session,
+                now_ms,
+                &self.config,
+                &mut self.stats,
+                &mut out,
+            );
+        }
         if session.state.shared_heads != shared_before
             && session.state.shared_heads != session.persisted_shared
         {
@@ -1182,20 +1248,20 @@ fn generate_into<P: Clone>(
     config: &EngineConfig,
     stats: &mut EngineStats,
     out: &mut Vec<Output<P>>,
-) {
+) -> bool {
     let heads = doc.get_heads();
     let state = &mut session.state;
     let generated = catch(|| doc.sync().generate_sync_message(state).map(Message::encode));
     let bytes = match generated {
         Ok(Some(b)) => b,
-        Ok(None) => return,
+        Ok(None) => return false,
         Err(()) => {
             // Generation reads only our own document; a panic here is an
             // Automerge bug on local state. Start the session over later.
             stats.panics_caught += 1;
             stats.session_resets += 1;
             session.reset(now_ms.saturating_add(config.retry_after_ms));
-            return;
+            return false;
         }
     };
     if bytes.len() > config.max_sync_message_bytes {
@@ -1203,10 +1269,11 @@ fn generate_into<P: Clone>(
         stats.oversized += 1;
         session.restart();
         session.in_sync = false;
-        return;
+        return false;
     }
     // An answer is due unless the peer already told us it has our heads.
-    if session.state.their_heads.as_deref() != Some(heads.as_slice()) {
+    let expects_reply = session.state.their_heads.as_deref() != Some(heads.as_slice());
+    if expects_reply {
         session.awaiting_since = Some(now_ms);
         out.push(Output::Timer {
             at_ms: now_ms.saturating_add(config.retry_after_ms),
@@ -1218,7 +1285,9 @@ fn generate_into<P: Clone>(
         frame: Frame::Sync(SyncMessage {
             doc: id,
             epoch,
+            expects_reply,
             bytes,
         }),
     });
+    true
 }

@@ -1,1 +1,851 @@
-//! Multi-peer test harness.
+//! In-process multi-peer harness: N engines on a simulated network that drops,
+//! duplicates and reorders frames according to a seed, driven until quiet.
+//!
+//! Frames cross the network encoded, through [`wire::encode`] and
+//! [`wire::decode`], so the envelope code is on every path the tests take.
+
+use crate::engine::{Engine, EngineConfig, Output};
+use crate::ids::{DocId, KeyEpoch};
+use crate::schema::DocKind;
+use crate::schema::entity::EntityUpdate;
+use crate::wire;
+
+/// Deterministic generator (SplitMix64): the harness needs reproducible
+/// randomness from a seed, nothing more.
+pub(crate) struct Rng(u64);
+
+impl Rng {
+    pub(crate) fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    pub(crate) fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    pub(crate) fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+
+    pub(crate) fn percent(&mut self, p: u8) -> bool {
+        self.below(100) < usize::from(p)
+    }
+}
+
+/// Network misbehaviour, in percent per frame.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Faults {
+    pub(crate) drop_pct: u8,
+    pub(crate) dup_pct: u8,
+    pub(crate) reorder: bool,
+}
+
+impl Faults {
+    pub(crate) const RELIABLE: Faults = Faults {
+        drop_pct: 0,
+        dup_pct: 0,
+        reorder: false,
+    };
+}
+
+/// A frame on the wire.
+struct InFlight {
+    from: usize,
+    to: usize,
+    bytes: Vec<u8>,
+}
+
+/// What happened on the network, for assertions.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct NetStats {
+    pub(crate) delivered: u64,
+    pub(crate) dropped: u64,
+    pub(crate) duplicated: u64,
+    pub(crate) receive_errors: u64,
+}
+
+pub(crate) struct Net {
+    pub(crate) nodes: Vec<Engine<usize>>,
+    in_flight: Vec<InFlight>,
+    pub(crate) rng: Rng,
+    pub(crate) faults: Faults,
+    pub(crate) now_ms: u64,
+    pub(crate) stats: NetStats,
+    /// Correlation ids seen in remote `Changed` outputs, per node.
+    pub(crate) remote_correlations: Vec<Vec<String>>,
+}
+
+/// Envelope cap used on the simulated wire.
+const WIRE_CAP: usize = wire::DEFAULT_MAX_FRAME_BYTES;
+
+impl Net {
+    pub(crate) fn new(n: usize, seed: u64, config: EngineConfig) -> Self {
+        let nodes = (0..n)
+            .map(|i| Engine::new(format!("peer-{i}").as_bytes(), config.clone()))
+            .collect();
+        Self {
+            nodes,
+            in_flight: Vec::new(),
+            rng: Rng::new(seed),
+            faults: Faults::RELIABLE,
+            now_ms: 1_000,
+            stats: NetStats::default(),
+            remote_correlations: vec![Vec::new(); n],
+        }
+    }
+
+    /// Node 0 creates an entity; every other node expects it; every pair is
+    /// attached.
+    pub(crate) fn share_entity(&mut self, doc: DocId) {
+        let epoch = KeyEpoch::first([0; 16]);
+        let first = EntityUpdate {
+            state: "off".into(),
+            attributes: None,
+        };
+        let out = self.nodes[0]
+            .create_entity(doc, "home-1", epoch, "light.test", &first, self.now_ms)
+            .unwrap();
+        self.absorb(0, out);
+        for i in 1..self.nodes.len() {
+            self.nodes[i].expect_document(doc, DocKind::Entity, "home-1", epoch);
+        }
+        for a in 0..self.nodes.len() {
+            for b in 0..self.nodes.len() {
+                if a != b {
+                    let out = self.nodes[a].attach(b, doc, None, self.now_ms).unwrap();
+                    self.absorb(a, out);
+                }
+            }
+        }
+    }
+
+    /// Queues a node's outputs.
+    pub(crate) fn absorb(&mut self, from: usize, outputs: Vec<Output<usize>>) {
+        for o in outputs {
+            match o {
+                Output::Send { peer, frame } => self.in_flight.push(InFlight {
+                    from,
+                    to: peer,
+                    bytes: wire::encode(&frame),
+                }),
+                Output::Changed {
+                    correlation_id: Some(c),
+                    origin: crate::engine::Origin::Peer(_),
+                    ..
+                } => self.remote_correlations[from].push(c),
+                _ => {}
+            }
+        }
+    }
+
+    pub(crate) fn pending(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Delivers one frame, subject to the faults. Returns false when nothing
+    /// was in flight.
+    pub(crate) fn step(&mut self) -> bool {
+        if self.in_flight.is_empty() {
+            return false;
+        }
+        let i = if self.faults.reorder {
+            self.rng.below(self.in_flight.len())
+        } else {
+            0
+        };
+        let msg = self.in_flight.remove(i);
+        if self.rng.percent(self.faults.drop_pct) {
+            self.stats.dropped += 1;
+            return true;
+        }
+        if self.rng.percent(self.faults.dup_pct) {
+            self.stats.duplicated += 1;
+            let at = self.rng.below(self.in_flight.len() + 1);
+            self.in_flight.insert(
+                at,
+                InFlight {
+                    from: msg.from,
+                    to: msg.to,
+                    bytes: msg.bytes.clone(),
+                },
+            );
+        }
+        self.stats.delivered += 1;
+        let frame = wire::decode(&msg.bytes, WIRE_CAP).expect("harness frames are well formed");
+        match self.nodes[msg.to].receive(msg.from, frame, self.now_ms) {
+            Ok(out) => self.absorb(msg.to, out),
+            Err(_) => self.stats.receive_errors += 1,
+        }
+        true
+    }
+
+    /// Moves time forward by `ms`, running due timers.
+    pub(crate) fn advance(&mut self, ms: u64) {
+        self.now_ms += ms;
+        for i in 0..self.nodes.len() {
+            let out = self.nodes[i].tick(self.now_ms);
+            self.absorb(i, out);
+        }
+    }
+
+    /// Delivers frames and fires timers until nothing is in flight and no
+    /// timer is pending. Returns the number of deliveries, or panics (this is
+    /// test code) if the network never settles.
+    pub(crate) fn run_until_quiet(&mut self, max_steps: usize) -> usize {
+        let mut steps = 0;
+        loop {
+            while self.step() {
+                steps += 1;
+                if steps >= max_steps {
+                    self.dump();
+                    panic!("network did not settle in {max_steps} steps");
+                }
+            }
+            let next = self.nodes.iter().filter_map(|n| n.next_deadline()).min();
+            match next {
+                Some(at) => {
+                    let at = at.max(self.now_ms);
+                    self.advance(at - self.now_ms);
+                    steps += 1;
+                    if steps >= max_steps {
+                        self.dump();
+                        panic!("timers did not settle in {max_steps} steps");
+                    }
+                }
+                None => return steps,
+            }
+        }
+    }
+
+    /// Prints session state and the frames in flight, when a run fails to
+    /// settle.
+    fn dump(&mut self) {
+        for (i, n) in self.nodes.iter_mut().enumerate() {
+            eprintln!("node {i}:\n{}", n.debug_sessions());
+        }
+        for m in self.in_flight.iter().take(20) {
+            let f = wire::decode(&m.bytes, WIRE_CAP);
+            let what = match f {
+                Ok(crate::wire::Frame::Sync(s)) => {
+                    let msg = automerge::sync::Message::decode(&s.bytes).ok();
+                    format!(
+                        "sync reply={} heads={:?} need={} have={} changes={}",
+                        s.expects_reply,
+                        msg.as_ref().map(|m| m
+                            .heads
+                            .iter()
+                            .map(|h| h.to_string()[..6].to_string())
+                            .collect::<Vec<_>>()),
+                        msg.as_ref().map_or(0, |m| m.need.len()),
+                        msg.as_ref().map_or(0, |m| m.have.len()),
+                        msg.as_ref().map_or(0, |m| m.changes.len()),
+                    )
+                }
+                Ok(other) => format!("{other:?}").chars().take(40).collect(),
+                Err(e) => e.to_string(),
+            };
+            eprintln!("{} -> {}: {what}", m.from, m.to);
+        }
+    }
+
+    pub(crate) fn edit(
+        &mut self,
+        node: usize,
+        doc: DocId,
+        update: &EntityUpdate,
+        corr: Option<String>,
+    ) {
+        let out = self.nodes[node]
+            .update_entity(doc, update, self.now_ms, corr)
+            .unwrap();
+        self.absorb(node, out);
+    }
+
+    /// Asserts identical heads and equal entity views everywhere.
+    pub(crate) fn assert_converged(&mut self, doc: DocId) {
+        let heads0 = self.nodes[0].heads(doc).unwrap();
+        let view0 = self.nodes[0].entity(doc).unwrap();
+        for i in 1..self.nodes.len() {
+            assert_eq!(
+                self.nodes[i].heads(doc).unwrap(),
+                heads0,
+                "heads of node {i}"
+            );
+            assert_eq!(
+                self.nodes[i].entity(doc).unwrap(),
+                view0,
+                "view of node {i}"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Error;
+    use crate::wire::{Frame, Push, SyncMessage};
+    use automerge::transaction::Transactable;
+    use automerge::{AutoCommit, ROOT, ReadDoc};
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    const DOC: DocId = DocId::from_bytes([42; 16]);
+
+    fn update(state: &str, attrs: serde_json::Value) -> EntityUpdate {
+        EntityUpdate {
+            state: state.into(),
+            attributes: match attrs {
+                serde_json::Value::Object(m) => Some(m),
+                _ => None,
+            },
+        }
+    }
+
+    fn synced(n: usize) -> Net {
+        let mut net = Net::new(n, 7, EngineConfig::default());
+        net.share_entity(DOC);
+        net.run_until_quiet(10_000);
+        net
+    }
+
+    #[test]
+    fn replicas_catch_up_and_then_use_direct_pushes() {
+        let mut net = synced(3);
+        net.assert_converged(DOC);
+        for a in 0..3 {
+            for b in 0..3 {
+                if a != b {
+                    assert!(net.nodes[a].is_in_sync(&b, DOC), "{a} -> {b}");
+                }
+            }
+        }
+        let sync_before = net.nodes[1].stats().sync_sent;
+        net.edit(
+            0,
+            DOC,
+            &update("on", json!({"brightness": 80})),
+            Some("req-1".into()),
+        );
+        // Only the two pushes are in flight; no sync round yet.
+        assert_eq!(net.pending(), 2);
+        while net.step() {}
+        assert_eq!(net.nodes[1].stats().pushes_applied, 1);
+        assert_eq!(net.nodes[1].stats().sync_sent, sync_before);
+        assert_eq!(net.nodes[1].entity(DOC).unwrap().state, "on");
+        assert_eq!(net.remote_correlations[1], vec!["req-1".to_string()]);
+        net.run_until_quiet(10_000);
+        net.assert_converged(DOC);
+    }
+
+    #[test]
+    fn push_with_missing_dependencies_falls_back_to_sync_and_converges() {
+        let mut net = synced(2);
+        net.edit(0, DOC, &update("on", json!({})), None);
+        net.in_flight.clear(); // the first push is lost
+        net.edit(
+            0,
+            DOC,
+            &update("dim", json!({"brightness": 20})),
+            Some("req-2".into()),
+        );
+        assert_eq!(net.pending(), 1);
+        assert!(net.step());
+        let s = net.nodes[1].stats();
+        assert_eq!(s.pushes_deferred, 1, "{s:?}");
+        assert_eq!(s.pushes_applied, 0);
+        // Node 1 asked node 0 to catch it up.
+        assert!(net.pending() > 0);
+        net.run_until_quiet(10_000);
+        net.assert_converged(DOC);
+        assert_eq!(net.nodes[1].entity(DOC).unwrap().state, "dim");
+        let s = net.nodes[1].stats();
+        // The parked push was either applied once its dependency arrived, or
+        // found already applied by the sync round; either way not lost.
+        assert_eq!(s.pushes_unparked, 1, "{s:?}");
+    }
+
+    #[test]
+    fn reordered_pushes_are_parked_then_applied() {
+        let mut net = synced(2);
+        net.edit(0, DOC, &update("a", json!({})), None);
+        net.edit(0, DOC, &update("b", json!({})), None);
+        // Deliver the second push first.
+        let second = net.in_flight.pop().unwrap();
+        net.in_flight.insert(0, second);
+        net.run_until_quiet(10_000);
+        net.assert_converged(DOC);
+        assert_eq!(net.nodes[1].entity(DOC).unwrap().state, "b");
+        assert!(net.nodes[1].stats().pushes_deferred >= 1);
+    }
+
+    #[test]
+    fn a_lost_push_is_recovered_by_the_confirmation_round() {
+        let mut net = synced(2);
+        net.edit(0, DOC, &update("on", json!({})), None);
+        net.in_flight.clear();
+        // No further writes: only the timer-driven confirmation finds the gap.
+        net.run_until_quiet(10_000);
+        net.assert_converged(DOC);
+        assert_eq!(net.nodes[1].entity(DOC).unwrap().state, "on");
+    }
+
+    #[test]
+    fn lost_sync_messages_are_retried() {
+        let mut net = Net::new(2, 3, EngineConfig::default());
+        net.share_entity(DOC);
+        net.in_flight.clear(); // both opening messages are lost
+        net.run_until_quiet(10_000);
+        net.assert_converged(DOC);
+        assert!(net.nodes.iter().any(|n| n.stats().session_restarts > 0));
+    }
+
+    #[test]
+    fn concurrent_writes_converge_to_one_value() {
+        let mut net = synced(3);
+        for i in 0..3 {
+            net.edit(
+                i,
+                DOC,
+                &update(&format!("s{i}"), json!({ format!("k{i}"): i })),
+                None,
+            );
+        }
+        net.run_until_quiet(10_000);
+        net.assert_converged(DOC);
+        let e = net.nodes[0].entity(DOC).unwrap();
+        // Different attribute keys merge; the state is one of the writes.
+        assert_eq!(e.attributes.len(), 3);
+        assert!(["s0", "s1", "s2"].contains(&e.state.as_str()));
+    }
+
+    #[test]
+    fn reattach_with_saved_state_resumes() {
+        let mut net = synced(2);
+        let saved = net.nodes[0].detach(&1, DOC).unwrap();
+        let saved_b = net.nodes[1].detach(&0, DOC).unwrap();
+        net.edit(0, DOC, &update("later", json!({})), None);
+        assert_eq!(net.pending(), 0, "no session, nothing to send");
+        let out = net.nodes[0]
+            .attach(1, DOC, Some(&saved), net.now_ms)
+            .unwrap();
+        net.absorb(0, out);
+        let out = net.nodes[1]
+            .attach(0, DOC, Some(&saved_b), net.now_ms)
+            .unwrap();
+        net.absorb(1, out);
+        net.run_until_quiet(10_000);
+        net.assert_converged(DOC);
+        let err = net.nodes[0]
+            .attach(1, DOC, Some(&[1, 2, 3]), net.now_ms)
+            .unwrap_err();
+        assert!(matches!(err, Error::SyncState { .. }));
+    }
+
+    #[test]
+    fn persisted_chunks_restore_the_document() {
+        let mut net = Net::new(
+            1,
+            1,
+            EngineConfig {
+                compact_after_chunks: 4,
+                ..EngineConfig::default()
+            },
+        );
+        let mut chunks: Vec<Vec<u8>> = Vec::new();
+        let epoch = KeyEpoch::first([0; 16]);
+        let out = net.nodes[0]
+            .create_entity(DOC, "h", epoch, "fan", &update("off", json!({})), 1)
+            .unwrap();
+        let keep = |out: &[Output<usize>], chunks: &mut Vec<Vec<u8>>| {
+            for o in out {
+                if let Output::PersistChunk { kind, bytes, .. } = o {
+                    if *kind == crate::engine::ChunkKind::Snapshot {
+                        chunks.clear();
+                    }
+                    chunks.push(bytes.clone());
+                }
+            }
+        };
+        keep(&out, &mut chunks);
+        for i in 0..10 {
+            let out = net.nodes[0]
+                .update_entity(
+                    DOC,
+                    &update(&format!("s{i}"), json!({ "i": i })),
+                    10 + i,
+                    None,
+                )
+                .unwrap();
+            keep(&out, &mut chunks);
+        }
+        assert!(net.nodes[0].stats().compactions >= 1);
+        assert!(chunks.len() <= 5);
+        let mut fresh: Engine<usize> = Engine::new(b"peer-0", EngineConfig::default());
+        fresh.load_document(DOC, &chunks).unwrap();
+        assert_eq!(fresh.heads(DOC).unwrap(), net.nodes[0].heads(DOC).unwrap());
+        assert_eq!(
+            fresh.entity(DOC).unwrap(),
+            net.nodes[0].entity(DOC).unwrap()
+        );
+    }
+
+    #[test]
+    fn schema_violating_changes_are_kept_and_reported_by_path() {
+        let mut net = synced(2);
+        // A peer writes a number where a string belongs, bypassing the view.
+        let (_, out) = net.nodes[0]
+            .transact(DOC, net.now_ms, None, |doc, _, _| {
+                let (_, e) = doc.get(ROOT, "entity").unwrap().unwrap();
+                doc.put(&e, "state", 5_i64).unwrap();
+                Ok(())
+            })
+            .unwrap();
+        net.absorb(0, out);
+        let mut errors = Vec::new();
+        while let Some(m) = net.in_flight.pop() {
+            let frame = wire::decode(&m.bytes, WIRE_CAP).unwrap();
+            for o in net.nodes[m.to].receive(m.from, frame, net.now_ms).unwrap() {
+                if let Output::Changed {
+                    schema_error: Some(e),
+                    ..
+                } = o
+                {
+                    errors.push(e);
+                }
+            }
+        }
+        assert!(
+            matches!(&errors[..], [Error::Schema { path, .. }] if path == "entity.state"),
+            "{errors:?}"
+        );
+        assert!(
+            matches!(net.nodes[1].entity(DOC), Err(Error::Schema { path, .. }) if path == "entity.state")
+        );
+        assert_eq!(net.nodes[1].stats().schema_violations, 1);
+        // A valid write repairs it everywhere.
+        net.edit(1, DOC, &update("on", json!({})), None);
+        net.run_until_quiet(10_000);
+        net.assert_converged(DOC);
+    }
+
+    #[test]
+    fn malformed_frames_are_errors_and_reset_only_their_session() {
+        let mut net = synced(3);
+        let epoch = KeyEpoch::first([0; 16]);
+        let node = &mut net.nodes[0];
+        let push = |bytes: Vec<u8>| {
+            Frame::Push(Push {
+                doc: DOC,
+                epoch,
+                correlation_id: None,
+                bytes,
+            })
+        };
+        let sync = |bytes: Vec<u8>| {
+            Frame::Sync(SyncMessage {
+                doc: DOC,
+                epoch,
+                expects_reply: true,
+                bytes,
+            })
+        };
+
+        assert!(matches!(
+            node.receive(1, push(vec![1, 2, 3]), 5),
+            Err(Error::Changes { .. })
+        ));
+        assert!(matches!(
+            node.receive(
+                1,
+                push(vec![0; crate::engine::DEFAULT_MAX_PUSH_BYTES + 1]),
+                5
+            ),
+            Err(Error::TooLarge { .. })
+        ));
+        let unknown = Frame::Push(Push {
+            doc: DocId::from_bytes([9; 16]),
+            epoch,
+            correlation_id: None,
+            bytes: vec![],
+        });
+        assert!(matches!(
+            node.receive(1, unknown, 5),
+            Err(Error::UnknownDocument(_))
+        ));
+
+        assert!(node.is_in_sync(&1, DOC) && node.is_in_sync(&2, DOC));
+        assert!(matches!(
+            node.receive(1, sync(vec![0x42, 0xff]), 5),
+            Err(Error::Sync { .. })
+        ));
+        assert!(!node.is_in_sync(&1, DOC), "the failing session is reset");
+        assert!(node.is_in_sync(&2, DOC), "other sessions are untouched");
+        assert!(matches!(
+            node.receive(
+                1,
+                sync(vec![
+                    0x42;
+                    crate::engine::DEFAULT_MAX_SYNC_MESSAGE_BYTES + 1
+                ]),
+                5
+            ),
+            Err(Error::TooLarge { .. })
+        ));
+        assert!(
+            node.next_deadline().is_some_and(|t| t <= 5),
+            "a reset session re-opens on tick"
+        );
+        assert!(matches!(
+            node.receive(1, Frame::Digest(wire::DigestFrame { bytes: vec![] }), 5),
+            Err(Error::Wire(_))
+        ));
+
+        // A truncated real push is an error too.
+        let out = net.nodes[1]
+            .update_entity(DOC, &update("x", json!({})), net.now_ms, None)
+            .unwrap();
+        let real = out
+            .into_iter()
+            .find_map(|o| match o {
+                Output::Send {
+                    frame: Frame::Push(p),
+                    ..
+                } => Some(p.bytes),
+                _ => None,
+            })
+            .unwrap();
+        let node = &mut net.nodes[0];
+        for cut in [1, real.len() / 2, real.len() - 1] {
+            assert!(node.receive(1, push(real[..cut].to_vec()), 6).is_err());
+        }
+        // And the session still recovers to convergence.
+        net.run_until_quiet(10_000);
+        net.assert_converged(DOC);
+    }
+
+    #[test]
+    fn a_panic_inside_automerge_rebuilds_the_document() {
+        let mut net = synced(2);
+        net.nodes[1].fail_next_apply = true;
+        net.edit(0, DOC, &update("on", json!({})), None);
+        let m = net.in_flight.remove(0);
+        let frame = wire::decode(&m.bytes, WIRE_CAP).unwrap();
+        let before = net.nodes[1].heads(DOC).unwrap();
+        let err = net.nodes[1].receive(0, frame, net.now_ms).unwrap_err();
+        assert!(matches!(err, Error::Panicked { .. }), "{err}");
+        let s = net.nodes[1].stats();
+        assert_eq!((s.panics_caught, s.documents_recovered), (1, 1));
+        assert_eq!(net.nodes[1].heads(DOC).unwrap(), before);
+        // The reset session catches up on the next tick.
+        net.run_until_quiet(10_000);
+        net.assert_converged(DOC);
+    }
+
+    #[test]
+    fn actors_of_pushes_and_sync_messages_are_listed() {
+        let mut net = Net::new(2, 5, EngineConfig::default());
+        net.share_entity(DOC);
+        let opening = net
+            .in_flight
+            .iter()
+            .find(|m| m.from == 0)
+            .map(|m| m.bytes.clone())
+            .unwrap();
+        let frame = wire::decode(&opening, WIRE_CAP).unwrap();
+        // The opening message carries no changes.
+        assert!(
+            crate::engine::payload_actors(&frame, &EngineConfig::default())
+                .unwrap()
+                .is_empty()
+        );
+        net.run_until_quiet(10_000);
+        let out = net.nodes[1]
+            .update_entity(DOC, &update("on", json!({})), net.now_ms, None)
+            .unwrap();
+        let push = out
+            .into_iter()
+            .find_map(|o| match o {
+                Output::Send { frame, .. } => Some(frame),
+                _ => None,
+            })
+            .unwrap();
+        let actors = crate::engine::payload_actors(&push, &EngineConfig::default()).unwrap();
+        assert_eq!(
+            actors.into_iter().collect::<Vec<_>>(),
+            vec![crate::ids::actor_for_peer(b"peer-1")]
+        );
+
+        // A sync message that carries node 0's creation change names node 0.
+        let mut fresh = Net::new(2, 6, EngineConfig::default());
+        fresh.share_entity(DOC);
+        let mut seen = std::collections::BTreeSet::new();
+        while let Some(m) = fresh.in_flight.pop() {
+            let frame = wire::decode(&m.bytes, WIRE_CAP).unwrap();
+            seen.extend(crate::engine::payload_actors(&frame, &EngineConfig::default()).unwrap());
+            let out = fresh.nodes[m.to].receive(m.from, frame, 1).unwrap();
+            fresh.absorb(m.to, out);
+        }
+        assert!(seen.contains(&crate::ids::actor_for_peer(b"peer-0")));
+    }
+
+    #[test]
+    fn writes_are_refused_cleanly_on_unknown_documents_and_bad_updates() {
+        let mut net = synced(1);
+        let err = net.nodes[0]
+            .update_entity(DocId::from_bytes([1; 16]), &update("x", json!({})), 1, None)
+            .unwrap_err();
+        assert!(matches!(err, Error::UnknownDocument(_)));
+        let before = net.nodes[0].heads(DOC).unwrap();
+        let mut deep = json!(0);
+        for _ in 0..40 {
+            deep = json!({ "d": deep });
+        }
+        assert!(
+            net.nodes[0]
+                .update_entity(DOC, &update("x", json!({ "d": deep })), 1, None)
+                .is_err()
+        );
+        assert_eq!(
+            net.nodes[0].heads(DOC).unwrap(),
+            before,
+            "a refused write leaves no change"
+        );
+        assert_eq!(net.nodes[0].entity(DOC).unwrap().state, "off");
+    }
+
+    /// One step of the convergence property.
+    #[derive(Clone, Debug)]
+    enum Op {
+        Edit {
+            node: usize,
+            state: u8,
+            key: u8,
+            value: i64,
+        },
+        Deliver(u8),
+        Advance(u16),
+    }
+
+    fn op(n: usize) -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => (0..n, 0u8..4, 0u8..4, -5i64..5).prop_map(|(node, state, key, value)| Op::Edit { node, state, key, value }),
+            3 => (1u8..20).prop_map(Op::Deliver),
+            1 => (1u16..3000).prop_map(Op::Advance),
+        ]
+    }
+
+    fn scenario() -> impl Strategy<Value = (usize, u64, u8, u8, Vec<Op>)> {
+        (3usize..=5).prop_flat_map(|n| {
+            (
+                Just(n),
+                any::<u64>(),
+                0u8..40,
+                0u8..30,
+                proptest::collection::vec(op(n), 1..60),
+            )
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        /// Random entity edits on 3-5 replicas under drop, duplicate and
+        /// reorder, using push with fallback; after reliable delivery every
+        /// replica has the same heads and the same typed view.
+        #[test]
+        fn replicas_converge_under_drop_duplicate_and_reorder((n, seed, drop_pct, dup_pct, ops) in scenario()) {
+            let mut net = Net::new(n, seed, EngineConfig::default());
+            net.share_entity(DOC);
+            net.run_until_quiet(100_000);
+            net.faults = Faults { drop_pct, dup_pct, reorder: true };
+            for op in ops {
+                match op {
+                    Op::Edit { node, state, key, value } => {
+                        let u = update(&format!("s{state}"), json!({ format!("k{key}"): value }));
+                        net.edit(node, DOC, &u, Some(format!("c{node}")));
+                    }
+                    Op::Deliver(k) => {
+                        for _ in 0..k {
+                            net.step();
+                        }
+                    }
+                    Op::Advance(ms) => net.advance(u64::from(ms)),
+                }
+            }
+            net.faults = Faults::RELIABLE;
+            net.run_until_quiet(200_000);
+            net.assert_converged(DOC);
+        }
+
+        /// Arbitrary bytes as push and sync payloads, and as saved sync
+        /// states, never panic and never disturb the document.
+        #[test]
+        fn arbitrary_payloads_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600), sync_prefix in any::<bool>()) {
+            let mut net = synced(2);
+            let before = net.nodes[0].heads(DOC).unwrap();
+            let epoch = KeyEpoch::first([0; 16]);
+            let mut payload = bytes.clone();
+            if sync_prefix {
+                payload.insert(0, 0x42);
+            }
+            let node = &mut net.nodes[0];
+            let cfg = EngineConfig::default();
+            let push = Frame::Push(Push { doc: DOC, epoch, correlation_id: None, bytes: payload.clone() });
+            let sync = Frame::Sync(SyncMessage { doc: DOC, epoch, expects_reply: true, bytes: payload.clone() });
+            let _ = crate::engine::payload_actors(&push, &cfg);
+            let _ = crate::engine::payload_actors(&sync, &cfg);
+            let _ = node.receive(1, push, 5);
+            let _ = node.receive(1, sync, 5);
+            let _ = node.attach(1, DOC, Some(&bytes), 5);
+            let _ = node.load_document(DocId::from_bytes([3; 16]), std::slice::from_ref(&bytes));
+            prop_assert_eq!(node.stats().panics_caught, 0);
+            prop_assert_eq!(net.nodes[0].heads(DOC).unwrap(), before);
+        }
+
+        /// Single-byte corruptions of real sync messages never panic.
+        #[test]
+        fn corrupted_sync_messages_never_panic(at in any::<usize>(), byte in any::<u8>()) {
+            let mut net = Net::new(2, 11, EngineConfig::default());
+            net.share_entity(DOC);
+            let m = net.in_flight.iter().find(|m| m.from == 0).map(|m| m.bytes.clone()).unwrap();
+            let Frame::Sync(mut s) = wire::decode(&m, WIRE_CAP).unwrap() else { panic!("expected sync") };
+            let i = at % s.bytes.len();
+            s.bytes[i] = byte;
+            let _ = net.nodes[1].receive(0, Frame::Sync(s), 5);
+            prop_assert_eq!(net.nodes[1].stats().panics_caught, 0);
+        }
+    }
+
+    #[test]
+    fn a_doc_with_an_incompatible_change_is_reported_not_fatal() {
+        // A change from a foreign document touching `entity` with a list:
+        // applying it must be an error value or a schema error, never a panic.
+        let mut net = synced(2);
+        let mut other = AutoCommit::new();
+        other
+            .put_object(ROOT, "entity", automerge::ObjType::List)
+            .unwrap();
+        other.commit();
+        let bytes = other.save_incremental();
+        let frame = Frame::Push(Push {
+            doc: DOC,
+            epoch: KeyEpoch::first([0; 16]),
+            correlation_id: None,
+            bytes,
+        });
+        let out = net.nodes[1].receive(0, frame, 5).unwrap();
+        // Which `entity` wins the conflict depends on op ids; either way the
+        // change is applied and reading reports a value or a schema error.
+        assert!(out.iter().any(|o| matches!(o, Output::Changed { .. })));
+        match net.nodes[1].entity(DOC) {
+            Ok(_) | Err(Error::Schema { .. }) => {}
+            Err(e) => panic!("unexpected {e}"),
+        }
+        assert!(other.get(ROOT, "entity").unwrap().is_some());
+    }
+}

@@ -60,6 +60,10 @@ pub struct SyncMessage {
     pub doc: DocId,
     /// Key epoch the payload is (to be) sealed under.
     pub epoch: KeyEpoch,
+    /// The sender waits for an answer. Automerge stays silent towards a peer
+    /// whose heads equal its own, which a sender that lost track of the
+    /// exchange cannot tell from a lost message; the flag asks for one reply.
+    pub expects_reply: bool,
     /// Encoded `automerge::sync::Message` (sealed on the wire).
     pub bytes: Vec<u8>,
 }
@@ -83,6 +87,7 @@ pub fn encode(frame: &Frame) -> Vec<u8> {
         Frame::Sync(s) => FrameRepr::Sync(SyncRepr {
             doc: *s.doc.as_bytes(),
             epoch: EpochRepr::from(&s.epoch),
+            expects_reply: s.expects_reply,
             bytes: Bytes(s.bytes.clone()),
         }),
         Frame::Digest(d) => FrameRepr::Digest(Bytes(d.bytes.clone())),
@@ -146,6 +151,7 @@ pub fn decode(input: &[u8], max_len: usize) -> Result<Frame> {
         FrameRepr::Sync(s) => Frame::Sync(SyncMessage {
             doc: DocId::from_bytes(s.doc),
             epoch: s.epoch.into(),
+            expects_reply: s.expects_reply,
             bytes: s.bytes.0,
         }),
         FrameRepr::Digest(b) => Frame::Digest(DigestFrame { bytes: b.0 }),
@@ -185,8 +191,14 @@ struct SyncRepr {
     doc: [u8; DOC_ID_LEN],
     #[serde(rename = "e")]
     epoch: EpochRepr,
+    #[serde(rename = "r", default, skip_serializing_if = "is_false")]
+    expects_reply: bool,
     #[serde(rename = "b")]
     bytes: Bytes,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 #[derive(Serialize, Deserialize)]
@@ -276,6 +288,7 @@ mod tests {
         let sync = Frame::Sync(SyncMessage {
             doc: DocId::from_bytes([9; 16]),
             epoch: KeyEpoch::default(),
+            expects_reply: true,
             bytes: vec![0x42; 300],
         });
         let digest = Frame::Digest(DigestFrame { bytes: vec![7; 5] });
