@@ -73,52 +73,28 @@ pub(crate) fn is_smaller(local: &PeerId, remote: &PeerId) -> bool {
     local.to_bytes() < remote.to_bytes()
 }
 
-/// An established connection as the de-duplication rule sees it.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct ConnView {
-    pub(crate) id: ConnectionId,
-    /// True when this node dialled the connection.
-    pub(crate) local_dialed: bool,
-}
-
 /// Which of a peer's connections this node should close so that exactly one survives.
 ///
-/// Both ends run this on their own view and must never close different connections, or
-/// the pair would end up with none. The rule:
-/// - a connection dialled by the smaller PeerId beats one dialled by the larger, and both
-///   ends can see who dialled, so both close the same losers;
-/// - among connections with the same dialer only the dialer decides, keeping its oldest
-///   (lowest) [`ConnectionId`]; the listener cannot know the dialer's ids, so it waits.
+/// Only the peer with the smaller PeerId closes duplicates; the other side never does. A
+/// rule both ends applied on their own views could close different connections and leave
+/// none, and one side deciding alone cannot disagree with itself. The smaller side is also
+/// the one that opens the sync and ephemeral streams, so it knows which connection they
+/// run on (`keep`) and keeps that one, so de-duplication never cuts a live stream.
+/// Without such a hint it keeps its oldest connection (the lowest [`ConnectionId`]).
 pub(crate) fn connections_to_close(
     local: &PeerId,
     remote: &PeerId,
-    conns: &[ConnView],
+    conns: &[ConnectionId],
+    keep: Option<ConnectionId>,
 ) -> Vec<ConnectionId> {
-    if conns.len() < 2 {
+    if conns.len() < 2 || !is_smaller(local, remote) {
         return Vec::new();
     }
-    let local_smaller = is_smaller(local, remote);
-    // The preferred dialer is the smaller peer; fall back to the larger if it is all we have.
-    let preferred_local_dialed = if conns.iter().any(|c| c.local_dialed == local_smaller) {
-        local_smaller
-    } else {
-        !local_smaller
+    let Some(oldest) = conns.iter().min().copied() else {
+        return Vec::new();
     };
-    let mut close: Vec<ConnectionId> = conns
-        .iter()
-        .filter(|c| c.local_dialed != preferred_local_dialed)
-        .map(|c| c.id)
-        .collect();
-    if preferred_local_dialed {
-        let mut ours: Vec<ConnectionId> = conns
-            .iter()
-            .filter(|c| c.local_dialed)
-            .map(|c| c.id)
-            .collect();
-        ours.sort();
-        close.extend(ours.into_iter().skip(1));
-    }
-    close
+    let keep = keep.filter(|k| conns.contains(k)).unwrap_or(oldest);
+    conns.iter().copied().filter(|c| *c != keep).collect()
 }
 
 /// One mDNS hint.
@@ -230,11 +206,8 @@ pub(crate) fn should_dial_discovered(
 mod tests {
     use super::*;
 
-    fn conn(id: usize, local_dialed: bool) -> ConnView {
-        ConnView {
-            id: ConnectionId::new_unchecked(id),
-            local_dialed,
-        }
+    fn id(n: usize) -> ConnectionId {
+        ConnectionId::new_unchecked(n)
     }
 
     fn ordered_pair() -> (PeerId, PeerId) {
@@ -270,55 +243,40 @@ mod tests {
         assert!(!is_smaller(&small, &small));
     }
 
-    /// Simulates both ends of a mutual dial: each sees the same two TCP connections, with
-    /// the dialer flag flipped and its own local ids.
+    /// Simulates both ends of a mutual dial: each sees the same two TCP connections under
+    /// its own local ids.
     #[test]
     fn mutual_dial_leaves_exactly_one_connection() {
         let (small, large) = ordered_pair();
-        // Connection X was dialled by `small`, Y by `large`. Ids are local to each side.
-        let small_view = [conn(1, true), conn(2, false)]; // 1 = X, 2 = Y
-        let large_view = [conn(7, false), conn(8, true)]; // 7 = X, 8 = Y
-        let small_closes = connections_to_close(&small, &large, &small_view);
-        let large_closes = connections_to_close(&large, &small, &large_view);
-        assert_eq!(
-            small_closes,
-            vec![ConnectionId::new_unchecked(2)],
-            "small drops Y"
-        );
-        assert_eq!(
-            large_closes,
-            vec![ConnectionId::new_unchecked(8)],
-            "large drops Y"
-        );
+        // X and Y are the two connections; the small side knows them as 1 and 2, the
+        // large side as 7 and 8.
+        let small_closes = connections_to_close(&small, &large, &[id(1), id(2)], None);
+        let large_closes = connections_to_close(&large, &small, &[id(7), id(8)], None);
+        assert_eq!(small_closes, vec![id(2)], "the small side keeps its oldest");
+        assert!(large_closes.is_empty(), "the large side never closes");
     }
 
     #[test]
-    fn same_dialer_duplicates_are_closed_by_the_dialer_only() {
+    fn the_connection_carrying_the_streams_is_kept() {
         let (small, large) = ordered_pair();
-        // Two connections both dialled by `large` (say, a redial raced an old dial).
-        let large_view = [conn(5, true), conn(3, true)];
-        let small_view = [conn(10, false), conn(11, false)];
+        let conns = [id(3), id(5), id(9)];
         assert_eq!(
-            connections_to_close(&large, &small, &large_view),
-            vec![ConnectionId::new_unchecked(5)],
-            "the dialer keeps its oldest"
+            connections_to_close(&small, &large, &conns, Some(id(5))),
+            vec![id(3), id(9)]
         );
-        assert!(connections_to_close(&small, &large, &small_view).is_empty());
-
-        // And the same when the smaller side dialled twice.
-        let small_dialed = [conn(4, true), conn(9, true)];
+        // A stale hint (that connection is gone) falls back to the oldest.
         assert_eq!(
-            connections_to_close(&small, &large, &small_dialed),
-            vec![ConnectionId::new_unchecked(9)]
+            connections_to_close(&small, &large, &conns, Some(id(4))),
+            vec![id(5), id(9)]
         );
-        assert!(connections_to_close(&large, &small, &[conn(1, false), conn(2, false)]).is_empty());
+        assert!(connections_to_close(&large, &small, &conns, Some(id(5))).is_empty());
     }
 
     #[test]
     fn a_single_connection_is_never_closed() {
         let (small, large) = ordered_pair();
-        assert!(connections_to_close(&small, &large, &[conn(1, false)]).is_empty());
-        assert!(connections_to_close(&large, &small, &[conn(1, true)]).is_empty());
+        assert!(connections_to_close(&small, &large, &[id(1)], None).is_empty());
+        assert!(connections_to_close(&large, &small, &[id(1)], Some(id(2))).is_empty());
     }
 
     #[test]

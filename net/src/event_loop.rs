@@ -23,8 +23,8 @@ use crate::Error;
 use crate::behaviour::{Behaviour, BehaviourEvent, Hello, StreamKind};
 use crate::config::{MAX_STATIC_PEERS, check_certificate, split_peer_addr};
 use crate::dial::{
-    Backoff, ConnView, DiscoveredTable, REDIAL_BASE, REJECTED_COOLDOWN, connections_to_close,
-    is_smaller, should_dial_discovered,
+    Backoff, DiscoveredTable, REDIAL_BASE, REJECTED_COOLDOWN, connections_to_close, is_smaller,
+    should_dial_discovered,
 };
 use crate::event::{Counters, DisconnectReason, Event, PeerInfo, bump};
 use crate::handle::{Command, PeerOutboxes, Shared};
@@ -97,7 +97,6 @@ enum Admission {
 
 struct ConnInfo {
     addr: Multiaddr,
-    local_dialed: bool,
     /// When a ping last succeeded on it (or when it was established).
     last_alive: Instant,
     /// False once the peer has said it does not speak ping; such links are not timed out.
@@ -108,10 +107,18 @@ struct ConnInfo {
 
 enum ChannelState {
     Idle,
-    Opening,
+    /// An open task is running; it was started when `conn` was the only connection and
+    /// the peer's connection epoch was `epoch`.
+    Opening {
+        epoch: u64,
+        conn: ConnectionId,
+    },
     Active {
         cancel: CancellationToken,
+        drain: CancellationToken,
         since: Instant,
+        /// The connection the stream runs on, when this side opened it and so knows.
+        conn: Option<ConnectionId>,
     },
 }
 
@@ -144,11 +151,20 @@ impl Channel {
         }
     }
 
+    /// Cuts the stream off at once; for sessions that are ending anyway.
     fn cancel(&mut self) {
         if let ChannelState::Active { cancel, .. } = &self.state {
             cancel.cancel();
         }
         self.parked = None;
+    }
+
+    /// The connection this side's open stream runs on, if known.
+    fn conn(&self) -> Option<ConnectionId> {
+        match &self.state {
+            ChannelState::Active { conn, .. } => *conn,
+            _ => None,
+        }
     }
 }
 
@@ -157,6 +173,9 @@ struct PeerState {
     session: u64,
     started: Instant,
     conns: BTreeMap<ConnectionId, ConnInfo>,
+    /// Bumped whenever a connection is established, so an open that raced a new
+    /// connection can tell it may have landed on it.
+    conn_epoch: u64,
     admission: Admission,
     hello_received: bool,
     hello_attempts: u32,
@@ -699,6 +718,7 @@ impl EventLoop {
                     session,
                     started: now,
                     conns: BTreeMap::new(),
+                    conn_epoch: 0,
                     admission: Admission::Pending {
                         deadline: now + self.hello_timeout,
                     },
@@ -718,11 +738,11 @@ impl EventLoop {
         let Some(state) = self.peers.get_mut(&peer) else {
             return;
         };
+        state.conn_epoch += 1;
         state.conns.insert(
             id,
             ConnInfo {
                 addr,
-                local_dialed,
                 last_alive: now,
                 ping_supported: true,
                 close_requested: false,
@@ -733,18 +753,14 @@ impl EventLoop {
             self.swarm.close_connection(id);
             return;
         }
-        let views: Vec<ConnView> = state
-            .conns
-            .iter()
-            .map(|(id, c)| ConnView {
-                id: *id,
-                local_dialed: c.local_dialed,
-            })
-            .collect();
+        let conns: Vec<ConnectionId> = state.conns.keys().copied().collect();
+        let keep = state.channels[StreamKind::Sync.index()]
+            .conn()
+            .or(state.channels[StreamKind::Ephemeral.index()].conn());
         if is_new {
             self.send_hello(peer);
         }
-        for duplicate in connections_to_close(&self.local, &peer, &views) {
+        for duplicate in connections_to_close(&self.local, &peer, &conns, keep) {
             debug!(%peer, connection = %duplicate, "closing duplicate connection");
             bump(&self.counters.duplicate_connections_closed, 1);
             self.swarm.close_connection(duplicate);
@@ -757,6 +773,15 @@ impl EventLoop {
         };
         state.conns.remove(&id);
         if !state.conns.is_empty() {
+            // A stream on the connection that went away is dead even if its reads have
+            // not noticed yet; cut it so the queue moves to a new stream.
+            for channel in &mut state.channels {
+                if channel.conn() == Some(id)
+                    && let ChannelState::Active { cancel, .. } = &channel.state
+                {
+                    cancel.cancel();
+                }
+            }
             // A duplicate went away; the opener may now open its streams.
             for kind in StreamKind::ALL {
                 self.drive_channel(peer, kind);
@@ -1019,18 +1044,27 @@ impl EventLoop {
                 let Some(state) = self.peers.get_mut(&peer) else {
                     return;
                 };
+                let conn_epoch = state.conn_epoch;
+                let single = state.conns.len() == 1;
                 let channel = &mut state.channels[kind.index()];
-                let current = state.session == session
-                    && channel.generation == generation
-                    && matches!(channel.state, ChannelState::Opening);
-                if !current {
+                let ChannelState::Opening { epoch, conn } = channel.state else {
+                    return;
+                };
+                if state.session != session || channel.generation != generation {
                     return;
                 }
                 channel.state = ChannelState::Idle;
                 match result {
+                    Ok(stream) if epoch != conn_epoch || !single => {
+                        // A connection appeared while opening, so the stream may be on a
+                        // duplicate about to be closed. Nothing was written on it yet:
+                        // dropping it loses nothing, and the retry waits for one connection.
+                        debug!(%peer, stream = kind.name(), "connections changed while opening; reopening");
+                        drop(stream);
+                    }
                     Ok(stream) => {
                         bump(&self.counters.streams_opened, 1);
-                        self.start_stream(peer, kind, stream);
+                        self.start_stream(peer, kind, stream, Some(conn));
                     }
                     Err(reason) => {
                         let wait = channel.reopen.fail();
@@ -1073,10 +1107,12 @@ impl EventLoop {
         }
         let channel = &mut state.channels[kind.index()];
         // The newest stream wins: the opener only opens again once its previous stream
-        // is dead on its side. A stream from an un-admitted peer waits here unread.
+        // is finished on its side, so the old one is retired gracefully (its last frames
+        // still delivered) and the new one takes over the queue. A stream from an
+        // un-admitted peer waits here unread.
         channel.parked = Some(stream);
-        if let ChannelState::Active { cancel, .. } = &channel.state {
-            cancel.cancel();
+        if let ChannelState::Active { drain, .. } = &channel.state {
+            drain.cancel();
         }
         self.drive_channel(peer, kind);
     }
@@ -1112,7 +1148,10 @@ impl EventLoop {
                 self.disconnect(peer, DisconnectReason::MalformedFrame(reason));
                 return;
             }
-            StreamEnd::Cancelled | StreamEnd::OutboxClosed | StreamEnd::EventsClosed => {
+            StreamEnd::Cancelled
+            | StreamEnd::Drained
+            | StreamEnd::OutboxClosed
+            | StreamEnd::EventsClosed => {
                 debug!(%peer, stream = kind.name(), ?end, "stream ended");
             }
             StreamEnd::RemoteClosed | StreamEnd::Io(_) => {
@@ -1150,7 +1189,7 @@ impl EventLoop {
         }
         if let Some(stream) = channel.parked.take() {
             bump(&self.counters.streams_accepted, 1);
-            self.start_stream(peer, kind, stream);
+            self.start_stream(peer, kind, stream, None);
             return;
         }
         // Wait for duplicates to close first: libp2p-stream picks a random connection,
@@ -1158,8 +1197,14 @@ impl EventLoop {
         if !local_opens || !single_connection || channel.next_open > Instant::now() {
             return;
         }
+        let Some(conn) = state.conns.keys().next().copied() else {
+            return;
+        };
         channel.generation += 1;
-        channel.state = ChannelState::Opening;
+        channel.state = ChannelState::Opening {
+            epoch: state.conn_epoch,
+            conn,
+        };
         let generation = channel.generation;
         let control = self.stream_control.clone();
         let internal = self.internal_tx.clone();
@@ -1184,7 +1229,13 @@ impl EventLoop {
         );
     }
 
-    fn start_stream(&mut self, peer: PeerId, kind: StreamKind, stream: libp2p::Stream) {
+    fn start_stream(
+        &mut self,
+        peer: PeerId,
+        kind: StreamKind,
+        stream: libp2p::Stream,
+        conn: Option<ConnectionId>,
+    ) {
         let Some(state) = self.peers.get_mut(&peer) else {
             return;
         };
@@ -1197,9 +1248,12 @@ impl EventLoop {
         channel.streams += 1;
         let generation = channel.generation;
         let cancel = self.tasks_cancel.child_token();
+        let drain = CancellationToken::new();
         channel.state = ChannelState::Active {
             cancel: cancel.clone(),
+            drain: drain.clone(),
             since: Instant::now(),
+            conn,
         };
         debug!(%peer, stream = kind.name(), n = channel.streams, "stream up");
         let task = StreamTask {
@@ -1211,6 +1265,7 @@ impl EventLoop {
             budget: self.budget.clone(),
             counters: self.counters.clone(),
             cancel,
+            drain,
         };
         let internal = self.internal_tx.clone();
         let span = error_span!("net", %peer, stream = kind.name());

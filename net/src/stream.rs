@@ -92,6 +92,23 @@ pub(crate) struct Outbox {
 pub(crate) struct OutboxRx {
     rx: mpsc::Receiver<Bytes>,
     queued_bytes: Arc<AtomicUsize>,
+    /// A frame whose write failed, sent first on the next stream so a broken stream does
+    /// not silently drop it. Its bytes stay counted in `queued_bytes` until written.
+    front: Option<Bytes>,
+}
+
+impl OutboxRx {
+    /// The next frame to write: the retried one first, then the queue.
+    async fn next(&mut self) -> Option<Bytes> {
+        match self.front.take() {
+            Some(frame) => Some(frame),
+            None => self.rx.recv().await,
+        }
+    }
+
+    fn try_next(&mut self) -> Option<Bytes> {
+        self.front.take().or_else(|| self.rx.try_recv().ok())
+    }
 }
 
 /// Why [`Outbox::push`] did not queue a frame.
@@ -114,7 +131,11 @@ impl Outbox {
                 queued_bytes: queued_bytes.clone(),
                 max_bytes: bytes,
             },
-            OutboxRx { rx, queued_bytes },
+            OutboxRx {
+                rx,
+                queued_bytes,
+                front: None,
+            },
         )
     }
 
@@ -153,11 +174,17 @@ impl Outbox {
     }
 }
 
+/// How long a stream being retired may take to deliver the remote's last frames.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// How a stream task ended.
 #[derive(Debug)]
 pub(crate) enum StreamEnd {
-    /// The event loop cancelled it (disconnect, replacement, shutdown).
+    /// The event loop cut it off (disconnect, dead connection, shutdown).
     Cancelled,
+    /// The event loop retired it gracefully: this side finished its current frame, closed
+    /// its half, and read until the remote closed too, so nothing in flight was lost.
+    Drained,
     /// The queue's sending side was dropped: the session is over.
     OutboxClosed,
     /// The node dropped its [`crate::EventStream`].
@@ -179,12 +206,20 @@ pub(crate) struct StreamTask {
     pub(crate) frames: mpsc::Sender<Event>,
     pub(crate) budget: Arc<Semaphore>,
     pub(crate) counters: Arc<Counters>,
+    /// Stops the task at once, mid-frame if need be.
     pub(crate) cancel: CancellationToken,
+    /// Asks the task to retire the stream at the next frame boundary.
+    pub(crate) drain: CancellationToken,
 }
 
 impl StreamTask {
     /// Pumps the stream until it ends; hands the queue back so a replacement stream can
     /// carry on with the frames still waiting.
+    ///
+    /// A stream is retired gracefully from either side: the side that stops finishes the
+    /// frame it is writing and closes its half; the other reads that clean end of stream,
+    /// does the same, and both read until the other's half is closed. Frames still queued
+    /// stay in the queue for the next stream, so replacing a stream loses nothing.
     pub(crate) async fn run(self) -> (OutboxRx, StreamEnd) {
         let Self {
             peer,
@@ -195,22 +230,58 @@ impl StreamTask {
             budget,
             counters,
             cancel,
+            drain,
         } = self;
         let (read_half, write_half) = stream.split();
         let mut reader = BufReader::with_capacity(IO_BUFFER, read_half);
         let mut writer = BufWriter::with_capacity(IO_BUFFER, write_half);
-        // Reading and writing run as two whole loops raced against each other, not as
-        // per-frame select arms, so neither is ever cancelled halfway through a frame
-        // except when the whole stream is being torn down.
-        let end = tokio::select! {
-            () = cancel.cancelled() => StreamEnd::Cancelled,
-            end = read_loop(&mut reader, peer, kind, &frames, &budget, &counters) => end,
-            end = write_loop(&mut writer, &mut outbox, &counters) => end,
+        let end = {
+            // Reading and writing run as two whole loops raced against each other, not as
+            // per-frame select arms, so neither stops halfway through a frame unless the
+            // task is cut off.
+            let read = read_loop(&mut reader, peer, kind, &frames, &budget, &counters);
+            let write = write_loop(&mut writer, &mut outbox, &counters, &drain);
+            tokio::pin!(read, write);
+            tokio::select! {
+                () = cancel.cancelled() => StreamEnd::Cancelled,
+                end = &mut read => match end {
+                    StreamEnd::RemoteClosed => {
+                        // The remote sends nothing more; stop writing at a frame boundary.
+                        drain.cancel();
+                        let _ = bounded(&cancel, &mut write).await;
+                        StreamEnd::RemoteClosed
+                    }
+                    other => other,
+                },
+                end = &mut write => match end {
+                    StreamEnd::Drained | StreamEnd::OutboxClosed => {
+                        // Our half is closed; take what the remote still sends until its
+                        // half closes too, unless that stream turns out to be garbage.
+                        match bounded(&cancel, &mut read).await {
+                            Some(StreamEnd::Malformed(why)) => StreamEnd::Malformed(why),
+                            _ => end,
+                        }
+                    }
+                    other => other,
+                },
+            }
         };
         if matches!(end, StreamEnd::Malformed(_)) {
             bump(&counters.malformed_frames, 1);
         }
         (outbox, end)
+    }
+}
+
+/// Runs the rest of a stream loop while retiring it, bounded by the drain timeout and by
+/// hard cancellation.
+async fn bounded<F>(cancel: &CancellationToken, rest: F) -> Option<StreamEnd>
+where
+    F: std::future::Future<Output = StreamEnd>,
+{
+    tokio::select! {
+        () = cancel.cancelled() => None,
+        end = tokio::time::timeout(DRAIN_TIMEOUT, rest) => end.ok(),
     }
 }
 
@@ -257,13 +328,31 @@ where
     }
 }
 
-async fn write_loop<W>(writer: &mut W, outbox: &mut OutboxRx, counters: &Counters) -> StreamEnd
+async fn write_loop<W>(
+    writer: &mut W,
+    outbox: &mut OutboxRx,
+    counters: &Counters,
+    drain: &CancellationToken,
+) -> StreamEnd
 where
     W: AsyncWrite + Unpin,
 {
     loop {
-        let Some(first) = outbox.rx.recv().await else {
-            return StreamEnd::OutboxClosed;
+        let next = tokio::select! {
+            biased;
+            () = drain.cancelled() => None,
+            frame = outbox.next() => Some(frame),
+        };
+        let first = match next {
+            None => {
+                let _ = writer.close().await;
+                return StreamEnd::Drained;
+            }
+            Some(None) => {
+                let _ = writer.close().await;
+                return StreamEnd::OutboxClosed;
+            }
+            Some(Some(frame)) => frame,
         };
         let mut next = Some(first);
         let mut written = 0;
@@ -271,6 +360,8 @@ where
         // small frames from each costing a packet.
         while let Some(payload) = next.take() {
             if let Err(e) = frame::write_frame(writer, &payload).await {
+                // The stream broke under this frame; keep it for the next stream.
+                outbox.front = Some(payload);
                 return classify(e);
             }
             outbox
@@ -278,8 +369,8 @@ where
                 .fetch_sub(payload.len(), Ordering::AcqRel);
             bump(&counters.frames_sent, 1);
             written += 1;
-            if written < FRAMES_PER_FLUSH {
-                next = outbox.rx.try_recv().ok();
+            if written < FRAMES_PER_FLUSH && !drain.is_cancelled() {
+                next = outbox.try_next();
             }
         }
         if let Err(e) = writer.flush().await {
@@ -372,7 +463,7 @@ mod tests {
         let counters = Counters::default();
         drop(outbox);
         // The writer drains what was queued, then sees the queue closed.
-        let end = write_loop(&mut sink, &mut rx, &counters).await;
+        let end = write_loop(&mut sink, &mut rx, &counters, &CancellationToken::new()).await;
         assert!(matches!(end, StreamEnd::OutboxClosed));
         assert_eq!(sink.into_inner(), vec![0, 0, 0, 3, b'a', b'b', b'c']);
         assert_eq!(rx.queued_bytes.load(Ordering::Acquire), 0);
