@@ -77,7 +77,10 @@ impl StoreHandle {
         let (tx, rx) = mpsc::channel(COMMAND_CHANNEL_CAPACITY);
         let thread = thread::Builder::new()
             .name("hearth-storage".to_owned())
-            .spawn(move || run(store, rx))
+            .spawn(move || {
+                let _span = tracing::error_span!("storage").entered();
+                run(store, rx);
+            })
             .map_err(|error| Error::Thread { error })?;
         Ok(StoreHandle {
             tx,
@@ -210,8 +213,10 @@ fn run<S: Store>(mut store: S, mut rx: mpsc::Receiver<Command>) {
                 Some(command) => command,
                 None => {
                     // Every handle is gone. Writes were flushed before being acknowledged; this flush only
-                    // covers writes whose callers gave up waiting.
-                    let _ = store.flush();
+                    // covers writes whose callers gave up waiting, so a failure is worth a log line, not more.
+                    if let Err(error) = store.flush() {
+                        tracing::warn!(%error, "final flush after the last handle was dropped failed");
+                    }
                     return;
                 }
             },
@@ -279,6 +284,9 @@ fn commit<S: Store>(store: &mut S, group: &mut Vec<(Write, Reply<()>)>) {
         results.push(result);
     }
     let flushed = if applied_any { store.flush() } else { Ok(()) };
+    if let Err(error) = &flushed {
+        tracing::error!(%error, writes = group.len(), "group commit flush failed; its writes are not durable");
+    }
     for ((_, reply), result) in group.drain(..).zip(results) {
         // A write that applied but was not flushed is not durable: its writer gets the flush error.
         let result = match (result, &flushed) {

@@ -28,7 +28,8 @@
 //! group-committed: the storage thread applies every write waiting in its queue (up to [`MAX_GROUP_COMMIT`]),
 //! flushes once, and only then answers all of them. Under load many writers share one flush; alone, a writer
 //! pays for one flush. A batch is atomic: after a crash all of it or none of it is present. If the flush fails,
-//! every write of that group gets the error. Reads are answered after the writes queued before them were
+//! every write of that group gets the error: those writes may already be visible to reads, but are not known to
+//! be durable. Reads are answered after the writes queued before them were
 //! flushed, so they never return data that is not yet durable.
 //!
 //! What "flushed" buys depends on sled 0.34.7, which calls itself beta:

@@ -513,6 +513,7 @@ impl<S: Store> Sealed<S> {
                 let meta = Meta::new(&cipher, given, kdf)?;
                 inner.put(Keyspace::Meta, META_KEY, &meta.encode()?)?;
                 inner.flush()?;
+                tracing::info!(path = %location.display(), key_source = given.described(), "created a new sealed store");
                 cipher
             }
         };
