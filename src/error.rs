@@ -45,10 +45,10 @@ pub enum Error {
         detail: String,
     },
     /// The encrypted store failed.
-    #[error("store: {0}")]
+    #[error(transparent)]
     Store(#[from] hearth_storage::Error),
     /// The stored device identity could not be decoded.
-    #[error("device identity in the store is unreadable: {0}")]
+    #[error("device identity in the store is unreadable")]
     Identity(#[from] hearth_net::IdentityError),
     /// The local API could not bind its address.
     #[error(

@@ -117,3 +117,43 @@ fn unusable_data_dir_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot use data dir"), "{err}");
 }
+
+#[test]
+fn passphrase_store_refuses_a_wrong_passphrase_and_opens_with_the_right_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("home");
+    let start = |pass: &str| {
+        let mut cmd = hearth();
+        cmd.env("HEARTH_PASSPHRASE", pass)
+            .args(["up", "--api", "127.0.0.1:0", "--data"])
+            .arg(&data);
+        cmd
+    };
+    // First start creates the store under the passphrase; no key file is written.
+    let mut child = start("correct horse")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    crate::util::wait_until(|| data.join("api.addr").exists().then_some(()));
+    assert!(!data.join("store.key").exists());
+    crate::util::signal(child.id(), "TERM");
+    let status = wait_exit(&mut child, crate::util::WAIT).expect("exit");
+    assert_eq!(status.code(), Some(0));
+
+    let out = run(&mut start("wrong horse"));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("wrong passphrase"), "{err}");
+    assert!(
+        !err.contains("wrong horse"),
+        "the passphrase must not be echoed: {err}"
+    );
+
+    // Without the passphrase, the node says the store needs one rather than making a key file.
+    let out = run(hearth()
+        .args(["up", "--api", "127.0.0.1:0", "--data"])
+        .arg(&data));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(!data.join("store.key").exists());
+}
