@@ -6,13 +6,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{Request, State};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, put};
 use axum::{Json, Router};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+
+use crate::entities::{Entities, Entity, EntityWrite};
 use time::OffsetDateTime;
 
 /// What the handlers can see of the node.
@@ -25,7 +28,13 @@ pub(crate) struct ApiState {
     pub(crate) started: Instant,
     pub(crate) started_at: OffsetDateTime,
     pub(crate) store: hearth_storage::StoreHandle,
+    pub(crate) core: crate::core::CoreHandle,
+    pub(crate) home_id: String,
+    pub(crate) home_name: String,
 }
+
+/// Largest request body accepted; larger ones get 413.
+pub(crate) const MAX_BODY_BYTES: usize = 256 * 1024;
 
 /// An API error: a kind from INTERFACES.md's table and a human sentence.
 #[derive(Debug)]
@@ -51,6 +60,60 @@ impl ApiError {
     fn not_found(detail: String) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", detail)
     }
+
+    fn bad_request(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", detail)
+    }
+}
+
+impl From<crate::Error> for ApiError {
+    fn from(e: crate::Error) -> Self {
+        use crate::Error;
+        match e {
+            Error::NotFound(d) => Self::not_found(d),
+            Error::Invalid(d) => Self::bad_request(d),
+            Error::Stopped => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the node is shutting down",
+            ),
+            other => Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                other.to_string(),
+            ),
+        }
+    }
+}
+
+/// `Json` whose rejections use the API's error body: malformed JSON, wrong types, unknown
+/// fields and a wrong content type are all `bad_request` (400), an oversized body is
+/// `too_large` (413).
+pub(crate) struct ApiJson<T>(pub(crate) T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Self(v)),
+            Err(rejection) => {
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    Err(ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "too_large",
+                        format!("request body is larger than {MAX_BODY_BYTES} bytes"),
+                    ))
+                } else {
+                    Err(ApiError::bad_request(rejection.body_text()))
+                }
+            }
+        }
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -65,12 +128,15 @@ impl IntoResponse for ApiError {
 pub(crate) fn router(state: Arc<ApiState>) -> Router {
     let api = Router::new()
         .route("/api/status", get(status))
+        .route("/api/entities", get(list_entities))
+        .route("/api/entities/{id}", put(set_entity).get(get_entity))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
         .merge(api)
         .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
 
@@ -136,10 +202,17 @@ async fn ready(State(state): State<Arc<ApiState>>) -> Response {
 
 /// `GET /api/status`: who this node is and how long it has run.
 #[derive(Serialize)]
+struct HomeInfo {
+    home_id: String,
+    name: String,
+}
+
+#[derive(Serialize)]
 struct Status {
     version: &'static str,
     peer_id: String,
     device: String,
+    home: HomeInfo,
     data_dir: PathBuf,
     api: String,
     started_at: String,
@@ -161,10 +234,65 @@ async fn status(State(state): State<Arc<ApiState>>) -> Result<Json<Status>, ApiE
         version: env!("CARGO_PKG_VERSION"),
         peer_id: state.peer_id.clone(),
         device: state.device_name.clone(),
+        home: HomeInfo {
+            home_id: state.home_id.clone(),
+            name: state.home_name.clone(),
+        },
         data_dir: state.data_dir.clone(),
         api: state.api_addr.to_string(),
         started_at,
         uptime_s: state.started.elapsed().as_secs_f64(),
+    }))
+}
+
+/// `PUT /api/entities/{id}` body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetEntityBody {
+    state: String,
+    #[serde(default)]
+    attributes: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default)]
+    correlation_id: Option<String>,
+}
+
+fn entities(state: &ApiState) -> Entities {
+    Entities {
+        core: state.core.clone(),
+    }
+}
+
+async fn set_entity(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<SetEntityBody>,
+) -> Result<Json<Entity>, ApiError> {
+    let write = EntityWrite {
+        state: body.state,
+        attributes: body.attributes,
+        correlation_id: body.correlation_id,
+    };
+    Ok(Json(entities(&state).set(&id, write).await?))
+}
+
+async fn get_entity(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Entity>, ApiError> {
+    match entities(&state).get(&id).await? {
+        Some(e) => Ok(Json(e)),
+        None => Err(ApiError::not_found(format!("no entity {id:?}"))),
+    }
+}
+
+#[derive(Serialize)]
+struct EntityList {
+    entities: Vec<Entity>,
+}
+
+async fn list_entities(State(state): State<Arc<ApiState>>) -> Result<Json<EntityList>, ApiError> {
+    Ok(Json(EntityList {
+        entities: entities(&state).list().await?,
     }))
 }
 

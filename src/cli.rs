@@ -34,12 +34,47 @@ enum Command {
     Up(UpArgs),
     /// Show the running node: PeerId, device, data dir, API address and uptime.
     Status(ClientArgs),
+    /// Create, update and read entities.
+    #[command(subcommand)]
+    Entity(EntityCommand),
     /// Print the API bearer token of the node in the data dir.
     Token,
     /// Print shell completions for SHELL to stdout.
     Completions {
         /// The shell to generate completions for.
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum EntityCommand {
+    /// Create or update an entity: `hearth entity set light.porch on --attr brightness=80`.
+    Set {
+        /// Entity id, `domain.object` (e.g. `light.porch`).
+        id: String,
+        /// The new state (a string, as in Home Assistant).
+        state: String,
+        /// An attribute as KEY=VALUE; VALUE is parsed as JSON when it can be, else kept as
+        /// a string. Repeatable.
+        #[arg(long = "attr", value_name = "KEY=VALUE")]
+        attrs: Vec<String>,
+        /// All attributes as one JSON object (combined with --attr, which wins).
+        #[arg(long = "attrs", value_name = "JSON")]
+        attrs_json: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show one entity.
+    Get {
+        /// Entity id.
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List every entity.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
     },
 }
 
@@ -98,6 +133,7 @@ pub(crate) fn run(args: Args) -> Result<()> {
     match args.command {
         Command::Up(up) => run_up(data, up),
         Command::Status(c) => status(&Client::find(&data, c.api, c.token)?, c.json),
+        Command::Entity(cmd) => entity(&data, cmd),
         Command::Token => {
             let path = data.join(hearth::TOKEN_FILE);
             let token = std::fs::read_to_string(&path).with_context(|| {
@@ -205,6 +241,12 @@ fn status(client: &Client, json: bool) -> Result<()> {
     }
     println!("node      {}", field("peer_id"));
     println!("device    {}", field("device"));
+    let home = &body["home"];
+    println!(
+        "home      {} ({})",
+        home["home_id"].as_str().unwrap_or("-"),
+        home["name"].as_str().unwrap_or("-")
+    );
     println!("data dir  {}", field("data_dir"));
     println!("api       {}", field("api"));
     println!("version   {}", field("version"));
@@ -212,6 +254,114 @@ fn status(client: &Client, json: bool) -> Result<()> {
         "uptime    {}",
         humanize(Duration::from_secs(uptime.max(0.0) as u64))
     );
+    Ok(())
+}
+
+fn client(data: &std::path::Path, c: &ClientArgs) -> Result<Client> {
+    Client::find(data, c.api.clone(), c.token.clone())
+}
+
+fn entity(data: &std::path::Path, cmd: EntityCommand) -> Result<()> {
+    match cmd {
+        EntityCommand::Set {
+            id,
+            state,
+            attrs,
+            attrs_json,
+            client: c,
+        } => {
+            let attributes = build_attributes(attrs_json.as_deref(), &attrs)?;
+            let mut body = serde_json::json!({ "state": state });
+            if let Some(a) = attributes {
+                body["attributes"] = serde_json::Value::Object(a);
+            }
+            let entity: serde_json::Value = client(data, &c)?.put(&entity_path(&id), &body)?;
+            print_entity(&entity, c.json)
+        }
+        EntityCommand::Get { id, client: c } => {
+            let entity: serde_json::Value = client(data, &c)?.get(&entity_path(&id))?;
+            print_entity(&entity, c.json)
+        }
+        EntityCommand::List { client: c } => {
+            let body: serde_json::Value = client(data, &c)?.get("/api/entities")?;
+            if c.json {
+                println!("{}", serde_json::to_string_pretty(&body)?);
+                return Ok(());
+            }
+            let list = body
+                .get("entities")
+                .and_then(|e| e.as_array())
+                .context("the node's reply has no entities list")?;
+            if list.is_empty() {
+                println!("no entities yet; create one with `hearth entity set ID STATE`");
+            }
+            for e in list {
+                println!(
+                    "{:<32} {:<12} {}",
+                    e["id"].as_str().unwrap_or("-"),
+                    e["state"].as_str().unwrap_or("-"),
+                    e["attributes"]
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Entity ids are `domain.object` with a restricted alphabet, so they need no escaping;
+/// anything else is passed through for the node to refuse with its own message.
+fn entity_path(id: &str) -> String {
+    let encoded: String = id
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"._-".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    format!("/api/entities/{encoded}")
+}
+
+fn build_attributes(
+    json: Option<&str>,
+    pairs: &[String],
+) -> Result<Option<serde_json::Map<String, serde_json::Value>>> {
+    if json.is_none() && pairs.is_empty() {
+        return Ok(None);
+    }
+    let mut map = match json {
+        Some(text) => match serde_json::from_str(text).context("--attrs is not valid JSON")? {
+            serde_json::Value::Object(m) => m,
+            _ => bail!("--attrs must be a JSON object, e.g. '{{\"brightness\": 80}}'"),
+        },
+        None => serde_json::Map::new(),
+    };
+    for pair in pairs {
+        let Some((k, v)) = pair.split_once('=') else {
+            bail!("--attr {pair:?} is not KEY=VALUE");
+        };
+        let value = serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.into()));
+        map.insert(k.to_string(), value);
+    }
+    Ok(Some(map))
+}
+
+fn print_entity(e: &serde_json::Value, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(e)?);
+        return Ok(());
+    }
+    let f = |k: &str| e.get(k).and_then(|v| v.as_str()).unwrap_or("-").to_string();
+    println!("{}  {}", f("id"), f("state"));
+    println!(
+        "  attributes  {}",
+        e.get("attributes").unwrap_or(&serde_json::Value::Null)
+    );
+    println!("  updated     {} by {}", f("updated_at"), f("updated_by"));
+    println!("  owner       {}", f("owner"));
+    println!("  version     {}", f("version"));
     Ok(())
 }
 

@@ -78,12 +78,35 @@ impl Client {
     /// GETs a JSON body, turning API errors into their `detail` sentence.
     pub(crate) fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         let url = format!("{}{path}", self.base);
-        let mut response = self
+        let response = self
             .agent
             .get(&url)
             .header("Authorization", &format!("Bearer {}", self.token))
-            .call()
-            .map_err(|e| self.transport_error(e))?;
+            .call();
+        self.reply(&url, response)
+    }
+
+    /// PUTs a JSON body and reads the JSON reply.
+    pub(crate) fn put<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<T> {
+        let url = format!("{}{path}", self.base);
+        let response = self
+            .agent
+            .put(&url)
+            .header("Authorization", &format!("Bearer {}", self.token))
+            .send_json(body);
+        self.reply(&url, response)
+    }
+
+    fn reply<T: DeserializeOwned>(
+        &self,
+        url: &str,
+        response: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<T> {
+        let mut response = response.map_err(|e| self.transport_error(e))?;
         let status = response.status();
         let body: serde_json::Value = response
             .body_mut()

@@ -60,6 +60,29 @@ pub enum Error {
         /// The underlying I/O error.
         source: std::io::Error,
     },
+    /// A record in the store is not what this version of Hearth wrote.
+    #[error("the stored {what} is unreadable: {detail}; restore the data dir from a backup")]
+    CorruptRecord {
+        /// Which record.
+        what: &'static str,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// A request named something that does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// A request was malformed or asked for something invalid.
+    #[error("{0}")]
+    Invalid(String),
+    /// A document operation failed.
+    #[error("document error: {0}")]
+    Document(String),
+    /// The node is shutting down or its core stopped.
+    #[error("the node is not running")]
+    Stopped,
+    /// An invariant of the node broke; the message says which.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// A background task failed while the node shut down.
     #[error("node task failed during shutdown: {0}")]
     Task(String),

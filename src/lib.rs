@@ -22,11 +22,19 @@
 
 mod api;
 mod config;
+mod core;
 mod datadir;
+mod entities;
 mod error;
+mod home;
 mod node;
 
 pub use config::{Config, DEFAULT_API_ADDR, Passphrase, default_data_dir};
+pub use core::CHANGE_BUFFER;
 pub use datadir::{API_ADDR_FILE, LOCK_FILE, TOKEN_FILE};
+pub use entities::{
+    ChangeItem, Changes, Entities, Entity, EntityChange, EntityWrite, MAX_ENTITY_ID_LEN,
+    MAX_STATE_LEN,
+};
 pub use error::Error;
 pub use node::Node;

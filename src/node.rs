@@ -14,6 +14,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::api::{self, ApiState};
+use crate::core::{self, CoreHandle};
+use crate::entities::Entities;
 use crate::{Config, Error, datadir};
 
 /// Meta key of the sealed device keypair.
@@ -29,6 +31,8 @@ pub struct Node {
     state: Arc<ApiState>,
     cancel: CancellationToken,
     api_task: JoinHandle<()>,
+    core_task: JoinHandle<()>,
+    core: CoreHandle,
     api_addr_file: PathBuf,
     // Held for the node's lifetime: the OS lock on it keeps a second node off the dir.
     _lock: File,
@@ -60,6 +64,15 @@ impl Node {
         let identity = load_or_create_identity(&store).await?;
         let device_name = resolve_device_name(&store, config.device_name.as_deref()).await?;
         let token = datadir::load_or_create_token(&dir)?;
+        let cancel = CancellationToken::new();
+        let (core, facts, core_task) = core::start(
+            store.clone(),
+            identity.peer_id(),
+            &identity.peer_id_bytes(),
+            &device_name,
+            cancel.clone(),
+        )
+        .await?;
 
         let listener = tokio::net::TcpListener::bind(config.api_addr)
             .await
@@ -81,8 +94,10 @@ impl Node {
             started: Instant::now(),
             started_at: OffsetDateTime::now_utc(),
             store,
+            core: core.clone(),
+            home_id: facts.home_id,
+            home_name: facts.home_name,
         });
-        let cancel = CancellationToken::new();
         let app = api::router(state.clone());
         let stop = cancel.clone();
         let api_task = tokio::spawn(
@@ -104,6 +119,8 @@ impl Node {
             state,
             cancel,
             api_task,
+            core_task,
+            core,
             api_addr_file,
             _lock: lock,
         })
@@ -122,6 +139,18 @@ impl Node {
     /// The address the local API actually bound.
     pub fn api_addr(&self) -> SocketAddr {
         self.state.api_addr
+    }
+
+    /// This device's home, by HomeId.
+    pub fn home_id(&self) -> &str {
+        &self.state.home_id
+    }
+
+    /// The node's entities: read, write, subscribe.
+    pub fn entities(&self) -> Entities {
+        Entities {
+            core: self.core.clone(),
+        }
     }
 
     /// The data dir the node runs on.
@@ -143,6 +172,11 @@ impl Node {
             api_task.abort();
         }
         datadir::remove_api_addr(&self.api_addr_file)?;
+        // The core stops at the cancellation; writes it already handed to the store are
+        // flushed by the close below.
+        self.core_task
+            .await
+            .map_err(|e| Error::Task(format!("core: {e}")))?;
         self.state.store.close().await?;
         tracing::info!("node stopped");
         Ok(())

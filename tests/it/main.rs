@@ -1,4 +1,5 @@
 //! Integration tests: real `hearth` processes and in-process nodes on loopback.
 
+mod entities;
 mod up;
 mod util;

@@ -149,3 +149,29 @@ pub(crate) fn http_get(api: &str, path: &str, token: Option<&str>) -> (u16, Stri
     let status = resp.status().as_u16();
     (status, resp.body_mut().read_to_string().expect("body"))
 }
+
+/// An HTTP request with a JSON body (empty for none), returning status and body text.
+pub(crate) fn http_send(
+    api: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(WAIT))
+        .build()
+        .into();
+    let mut req = ureq::http::Request::builder()
+        .method(method)
+        .uri(format!("http://{api}{path}"))
+        .header("Content-Type", "application/json");
+    if let Some(t) = token {
+        req = req.header("Authorization", format!("Bearer {t}"));
+    }
+    let req = req.body(body.to_string()).expect("request");
+    let mut resp = agent.run(req).expect("http request");
+    let status = resp.status().as_u16();
+    (status, resp.body_mut().read_to_string().expect("body"))
+}

@@ -1,0 +1,488 @@
+//! The core actor: owns the Automerge documents (through `hearth_crdt::Engine`) and
+//! persists them through the store. API handlers and library handles talk to it over a
+//! bounded channel; each request carries a oneshot reply.
+//!
+//! Writes are acknowledged after their chunks are flushed. The actor does not wait for
+//! that flush itself: it hands the batch to the storage thread (which group-commits
+//! whatever is queued) and moves on, so one slow flush never stalls other requests.
+
+use std::collections::HashMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use hearth_crdt::schema::registry;
+use hearth_crdt::{ChunkKind, DocId, Engine, EngineConfig, EntityUpdate, KeyEpoch, Origin, Output};
+use hearth_storage::{Batch, DocChunk, Keyspace, Scan, StoreHandle};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::Error;
+use crate::entities::{Entity, EntityChange, EntityWrite};
+use crate::home::{self, HOME_KEY, HomeRecord};
+
+/// Requests queued for the core before callers wait.
+const CORE_QUEUE: usize = 256;
+/// Entity changes buffered per subscriber before it starts missing some.
+pub const CHANGE_BUFFER: usize = 1024;
+/// Entries read per page while loading documents at start.
+const LOAD_PAGE: usize = 4096;
+
+type Reply<T> = oneshot::Sender<Result<T, Error>>;
+
+/// A request to the core.
+pub(crate) enum Request {
+    SetEntity {
+        id: String,
+        write: EntityWrite,
+        reply: Reply<Entity>,
+    },
+    GetEntity {
+        id: String,
+        reply: Reply<Option<Entity>>,
+    },
+    ListEntities {
+        reply: Reply<Vec<Entity>>,
+    },
+}
+
+/// Cheap handle to the core actor.
+#[derive(Clone)]
+pub(crate) struct CoreHandle {
+    tx: mpsc::Sender<Request>,
+    pub(crate) events: broadcast::Sender<EntityChange>,
+}
+
+impl CoreHandle {
+    /// Sends a request and waits for its reply.
+    pub(crate) async fn call<T>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> Request,
+    ) -> Result<Result<T, Error>, Error> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| Error::Stopped)?;
+        rx.await.map_err(|_| Error::Stopped)
+    }
+}
+
+/// Facts about the node that the core needs and the API shows.
+#[derive(Clone)]
+pub(crate) struct NodeFacts {
+    pub(crate) home_id: String,
+    pub(crate) home_name: String,
+}
+
+struct Core {
+    engine: Engine<String>,
+    store: StoreHandle,
+    home: HomeRecord,
+    peer_id: String,
+    /// Next incremental chunk number per document, and the first one not yet covered by
+    /// a snapshot (deleted when the next snapshot lands).
+    chunk_seq: HashMap<DocId, (u64, u64)>,
+    /// Entity document -> entity id, from the registry.
+    entity_of_doc: HashMap<DocId, String>,
+    events: broadcast::Sender<EntityChange>,
+}
+
+/// Loads every stored document, creates the home on first start, and spawns the actor.
+pub(crate) async fn start(
+    store: StoreHandle,
+    peer_id: String,
+    peer_id_bytes: &[u8],
+    device_name: &str,
+    cancel: CancellationToken,
+) -> Result<(CoreHandle, NodeFacts, tokio::task::JoinHandle<()>), Error> {
+    let stored = store.get(Keyspace::Meta, HOME_KEY.to_vec()).await?;
+    let fresh = stored.is_none();
+    let home = match stored {
+        Some(bytes) => HomeRecord::decode(&bytes)?,
+        None => HomeRecord::create(device_name)?,
+    };
+    let mut core = Core {
+        engine: Engine::new(peer_id_bytes, EngineConfig::default()),
+        store,
+        home,
+        peer_id,
+        chunk_seq: HashMap::new(),
+        entity_of_doc: HashMap::new(),
+        events: broadcast::channel(CHANGE_BUFFER).0,
+    };
+    core.load_documents().await?;
+    if fresh {
+        core.create_home().await?;
+    }
+    core.rebuild_entity_index()?;
+
+    let facts = NodeFacts {
+        home_id: core.home.home_id.clone(),
+        home_name: core.home.name.clone(),
+    };
+    let (tx, rx) = mpsc::channel(CORE_QUEUE);
+    let handle = CoreHandle {
+        tx,
+        events: core.events.clone(),
+    };
+    let task = tokio::spawn(tracing::Instrument::instrument(
+        core.run(rx, cancel),
+        tracing::error_span!("core"),
+    ));
+    Ok((handle, facts, task))
+}
+
+impl Core {
+    /// Reads every document's chunks in key order (snapshot first, then increments) and
+    /// loads them. A document that fails to load is logged and left on disk untouched,
+    /// so nothing stored is lost and the rest of the node still starts.
+    async fn load_documents(&mut self) -> Result<(), Error> {
+        let mut current: Option<(DocId, Vec<Vec<u8>>, u64)> = None;
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let mut scan = Scan::all().limit(LOAD_PAGE);
+            if let Some(key) = after.take() {
+                scan = scan.after(key);
+            }
+            let page = self.store.scan(Keyspace::DocChunks, scan).await?;
+            let full = page.len() == LOAD_PAGE;
+            for (key, value) in page {
+                let Some((doc, chunk)) = DocChunk::parse(&key) else {
+                    tracing::warn!(key = %hex::encode(&key), "skipping unrecognised chunk key");
+                    continue;
+                };
+                let doc = DocId::from_bytes(doc);
+                if current.as_ref().is_some_and(|(d, _, _)| *d != doc)
+                    && let Some(done) = current.take()
+                {
+                    self.load_one(done);
+                }
+                let (_, chunks, next) = current.get_or_insert_with(|| (doc, Vec::new(), 0));
+                if let DocChunk::Incremental(seq) = chunk {
+                    *next = (*next).max(seq + 1);
+                }
+                chunks.push(value);
+                after = Some(key);
+            }
+            if !full {
+                break;
+            }
+        }
+        if let Some(done) = current.take() {
+            self.load_one(done);
+        }
+        Ok(())
+    }
+
+    fn load_one(&mut self, (doc, chunks, next_seq): (DocId, Vec<Vec<u8>>, u64)) {
+        match self.engine.load_document(doc, &chunks) {
+            Ok(()) => {
+                self.chunk_seq.insert(doc, (next_seq, 0));
+            }
+            Err(error) => {
+                tracing::error!(%doc, %error, "document failed to load; its chunks are kept on disk")
+            }
+        }
+    }
+
+    /// Writes a new home's documents and record; this device is its first member.
+    async fn create_home(&mut self) -> Result<(), Error> {
+        let record = self.home.clone();
+        let name = record.name.clone();
+        let epoch = KeyEpoch::first(*self.engine_actor_bytes());
+        let now = now_ms();
+        let mut out = self
+            .engine
+            .create_home(record.home_doc, &record.home_id, epoch, &name, now)
+            .map_err(doc_err)?;
+        out.extend(
+            self.engine
+                .create_registry(record.registry_doc, &record.home_id, epoch, now)
+                .map_err(doc_err)?,
+        );
+        let mut batch = self.handle_outputs(out);
+        // The record goes in the same atomic batch as the documents it names.
+        batch.put(Keyspace::Meta, HOME_KEY.to_vec(), record.encode()?);
+        self.store.batch(batch).await?;
+        tracing::info!(home_id = %record.home_id, "created a new home with this device as its admin");
+        Ok(())
+    }
+
+    fn engine_actor_bytes(&self) -> &[u8; 16] {
+        // The engine's actor is always the 16-byte PeerId digest.
+        let bytes = self.engine.actor().to_bytes();
+        <&[u8; 16]>::try_from(bytes).unwrap_or(&[0; 16])
+    }
+
+    fn rebuild_entity_index(&mut self) -> Result<(), Error> {
+        let registry = self
+            .engine
+            .registry(self.home.registry_doc)
+            .map_err(doc_err)?;
+        self.entity_of_doc = registry
+            .entities
+            .into_iter()
+            .filter(|(_, e)| e.deleted_at.is_none())
+            .map(|(id, e)| (e.doc, id))
+            .collect();
+        Ok(())
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Request>, cancel: CancellationToken) {
+        loop {
+            let deadline = self.engine.next_deadline();
+            let timer = async {
+                match deadline {
+                    Some(at) => {
+                        let wait = at.saturating_sub(now_ms());
+                        tokio::time::sleep(std::time::Duration::from_millis(wait)).await
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                request = rx.recv() => match request {
+                    Some(request) => self.handle(request),
+                    None => break,
+                },
+                _ = timer => {
+                    let out = self.engine.tick(now_ms());
+                    self.persist_in_background(out);
+                }
+            }
+        }
+        tracing::debug!("core stopped");
+    }
+
+    fn handle(&mut self, request: Request) {
+        match request {
+            Request::SetEntity { id, write, reply } => match self.set_entity(&id, write) {
+                Ok((entity, batch)) => {
+                    let store = self.store.clone();
+                    // Acknowledge after the flush, without holding up the actor.
+                    tokio::spawn(async move {
+                        let result = store.batch(batch).await.map(|()| entity);
+                        let _ = reply.send(result.map_err(Error::from));
+                    });
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            Request::GetEntity { id, reply } => {
+                let _ = reply.send(self.get_entity(&id));
+            }
+            Request::ListEntities { reply } => {
+                let _ = reply.send(self.list_entities());
+            }
+        }
+    }
+
+    fn set_entity(&mut self, id: &str, write: EntityWrite) -> Result<(Entity, Batch), Error> {
+        let update = EntityUpdate {
+            state: write.state,
+            attributes: write.attributes,
+        };
+        let now = now_ms();
+        let doc = match self.doc_of_entity(id) {
+            Some(doc) => doc,
+            None => {
+                let doc = DocId::from_bytes(home::random()?);
+                let epoch = KeyEpoch::first(*self.engine_actor_bytes());
+                let mut out = self
+                    .engine
+                    .create_entity(doc, &self.home.home_id, epoch, id, &update, now)
+                    .map_err(doc_err)?;
+                let (_, reg_out) = self
+                    .engine
+                    .transact(self.home.registry_doc, now, None, |d, _, _| {
+                        registry::put_entity(d, id, doc)
+                    })
+                    .map_err(doc_err)?;
+                out.extend(reg_out);
+                self.entity_of_doc.insert(doc, id.to_string());
+                let batch = self.handle_outputs(out);
+                // Creating a document reports no change of its own, so announce it here.
+                let entity = self.entity_view(doc)?;
+                self.emit(entity.clone(), None, write.correlation_id);
+                return Ok((entity, batch));
+            }
+        };
+        let out = self
+            .engine
+            .update_entity(doc, &update, now, write.correlation_id)
+            .map_err(doc_err)?;
+        let batch = self.handle_outputs(out);
+        Ok((self.entity_view(doc)?, batch))
+    }
+
+    fn doc_of_entity(&self, id: &str) -> Option<DocId> {
+        self.entity_of_doc
+            .iter()
+            .find_map(|(doc, e)| (e == id).then_some(*doc))
+    }
+
+    fn get_entity(&mut self, id: &str) -> Result<Option<Entity>, Error> {
+        match self.doc_of_entity(id) {
+            Some(doc) => self.entity_view(doc).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn list_entities(&mut self) -> Result<Vec<Entity>, Error> {
+        let mut docs: Vec<(String, DocId)> = self
+            .entity_of_doc
+            .iter()
+            .map(|(doc, id)| (id.clone(), *doc))
+            .collect();
+        docs.sort();
+        docs.into_iter()
+            .map(|(_, doc)| self.entity_view(doc))
+            .collect()
+    }
+
+    fn entity_view(&mut self, doc: DocId) -> Result<Entity, Error> {
+        let e = self.engine.entity(doc).map_err(doc_err)?;
+        let heads = self.engine.heads(doc).map_err(doc_err)?;
+        let updated_by = if &e.updated_by == self.engine.actor() {
+            self.peer_id.clone()
+        } else {
+            e.updated_by.to_hex_string()
+        };
+        Ok(Entity {
+            id: e.id,
+            state: e.state,
+            attributes: e.attributes,
+            updated_at: rfc3339_ms(e.updated_at.wall_ms),
+            updated_by,
+            owner: e.owner,
+            version: hex::encode(hearth_crdt::digest::heads_hash(&heads)),
+        })
+    }
+
+    fn emit(&self, entity: Entity, from_peer: Option<String>, correlation_id: Option<String>) {
+        // No subscribers is normal; a send error only means nobody listens.
+        let _ = self.events.send(EntityChange {
+            entity,
+            from_peer,
+            correlation_id,
+        });
+    }
+
+    /// Turns engine outputs into one store batch, and change events.
+    fn handle_outputs(&mut self, outputs: Vec<Output<String>>) -> Batch {
+        let mut batch = Batch::new();
+        for output in outputs {
+            match output {
+                Output::PersistChunk { doc, kind, bytes } => {
+                    let (next, live_from) = self.chunk_seq.entry(doc).or_insert((0, 0));
+                    match kind {
+                        ChunkKind::Snapshot => {
+                            batch.put(
+                                Keyspace::DocChunks,
+                                DocChunk::Snapshot.key(doc.as_bytes()),
+                                bytes,
+                            );
+                            // The snapshot covers every chunk so far; drop them in the
+                            // same atomic batch.
+                            for seq in *live_from..*next {
+                                batch.delete(
+                                    Keyspace::DocChunks,
+                                    DocChunk::Incremental(seq).key(doc.as_bytes()),
+                                );
+                            }
+                            *live_from = *next;
+                        }
+                        ChunkKind::Incremental => {
+                            batch.put(
+                                Keyspace::DocChunks,
+                                DocChunk::Incremental(*next).key(doc.as_bytes()),
+                                bytes,
+                            );
+                            *next += 1;
+                        }
+                    }
+                }
+                Output::PersistSyncState { peer, doc, state } => {
+                    batch.put(Keyspace::SyncStates, sync_state_key(&peer, doc), state);
+                }
+                Output::Changed {
+                    doc,
+                    origin,
+                    correlation_id,
+                    ..
+                } if self.entity_of_doc.contains_key(&doc) => {
+                    let from_peer = match origin {
+                        Origin::Peer(peer) => Some(peer),
+                        _ => None,
+                    };
+                    match self.entity_view(doc) {
+                        Ok(entity) => self.emit(entity, from_peer, correlation_id),
+                        Err(error) => {
+                            tracing::warn!(%doc, %error, "change left an entity that does not validate")
+                        }
+                    }
+                }
+                Output::Send { peer, .. } => {
+                    // No transport is attached to the core yet, so no session can exist
+                    // and the engine has nobody to send to.
+                    tracing::warn!(%peer, "dropping a frame: no network attached");
+                }
+                Output::Timer { .. } => {
+                    // The run loop asks the engine for its next deadline each turn.
+                }
+                _ => {}
+            }
+        }
+        batch
+    }
+
+    /// Persists outputs that no caller waits for (timers, remote changes).
+    fn persist_in_background(&mut self, outputs: Vec<Output<String>>) {
+        let batch = self.handle_outputs(outputs);
+        if batch.is_empty() {
+            return;
+        }
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            if let Err(error) = store.batch(batch).await {
+                tracing::error!(%error, "could not persist document changes");
+            }
+        });
+    }
+}
+
+/// `peer id length (u8) ‖ peer id ‖ doc id`, the storage crate's layout.
+fn sync_state_key(peer: &str, doc: DocId) -> Vec<u8> {
+    let peer = &peer.as_bytes()[..peer.len().min(255)];
+    let mut key = Vec::with_capacity(1 + peer.len() + 16);
+    key.push(peer.len() as u8);
+    key.extend_from_slice(peer);
+    key.extend_from_slice(doc.as_bytes());
+    key
+}
+
+fn doc_err(e: hearth_crdt::Error) -> Error {
+    Error::Document(e.to_string())
+}
+
+/// Wall-clock milliseconds since the Unix epoch (0 if the clock is before 1970, which the
+/// HLC then carries forward from its last reading).
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// RFC 3339 with milliseconds, UTC.
+pub(crate) fn rfc3339_ms(ms: u64) -> String {
+    let nanos = i128::from(ms) * 1_000_000;
+    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| "1970-01-01T00:00:00Z".to_string())
+}

@@ -1,0 +1,190 @@
+//! The library's view of entities: what integrations read and write.
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::Error;
+use crate::core::{CoreHandle, Request};
+
+/// An entity as the node presents it (the API's entity body).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Entity {
+    /// The entity id chosen by its owner, e.g. `light.porch`.
+    pub id: String,
+    /// The state string, as in Home Assistant.
+    pub state: String,
+    /// Attributes: any JSON values by name.
+    pub attributes: Map<String, Value>,
+    /// When it was last written (RFC 3339, from the writer's hybrid logical clock).
+    pub updated_at: String,
+    /// The device that last wrote it: a PeerId when known, else its actor id in hex.
+    pub updated_by: String,
+    /// The HomeId of the owner home.
+    pub owner: String,
+    /// The document version (hex of the heads hash); names a version in history.
+    pub version: String,
+}
+
+/// A write to an entity.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EntityWrite {
+    /// New state.
+    pub state: String,
+    /// New attributes; `None` keeps the current ones.
+    pub attributes: Option<Map<String, Value>>,
+    /// Carried to the change events on every node that sees the write.
+    pub correlation_id: Option<String>,
+}
+
+/// A change to an entity, local or from a peer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EntityChange {
+    /// The entity after the change.
+    pub entity: Entity,
+    /// The PeerId that sent the change, or `None` for a write on this node.
+    pub from_peer: Option<String>,
+    /// The writer's correlation id, when it gave one.
+    pub correlation_id: Option<String>,
+}
+
+/// Longest entity id accepted.
+pub const MAX_ENTITY_ID_LEN: usize = 255;
+/// Longest state string accepted.
+pub const MAX_STATE_LEN: usize = 255;
+
+/// Checks an entity id: `domain.object`, lowercase ASCII letters, digits and `_`, as
+/// Home Assistant uses, so ids stay portable across the MQTT bridge and URLs.
+pub(crate) fn validate_entity_id(id: &str) -> Result<(), Error> {
+    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_';
+    let valid = id.len() <= MAX_ENTITY_ID_LEN
+        && id.split_once('.').is_some_and(|(domain, object)| {
+            !domain.is_empty()
+                && !object.is_empty()
+                && domain.chars().all(ok_char)
+                && object.chars().all(ok_char)
+        });
+    if valid {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "invalid entity id {:?}: use `domain.object` with lowercase letters, digits and `_` \
+             (e.g. `light.living_room`), at most {MAX_ENTITY_ID_LEN} characters",
+            truncate(id)
+        )))
+    }
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+/// Handle to the node's entities. Cheap to clone.
+#[derive(Clone)]
+pub struct Entities {
+    pub(crate) core: CoreHandle,
+}
+
+impl Entities {
+    /// Creates or updates an entity and returns it. Resolves once the change is flushed
+    /// to disk; peers receive it without waiting for that flush.
+    ///
+    /// Not cancel-safe: once queued, the write happens even if the future is dropped.
+    pub async fn set(&self, id: &str, write: EntityWrite) -> Result<Entity, Error> {
+        validate_entity_id(id)?;
+        if write.state.len() > MAX_STATE_LEN {
+            return Err(Error::Invalid(format!(
+                "state is {} bytes; at most {MAX_STATE_LEN} are allowed",
+                write.state.len()
+            )));
+        }
+        self.core
+            .call(|reply| Request::SetEntity {
+                id: id.to_string(),
+                write,
+                reply,
+            })
+            .await?
+    }
+
+    /// Reads one entity; `Ok(None)` when no such entity exists.
+    ///
+    /// Cancel-safe.
+    pub async fn get(&self, id: &str) -> Result<Option<Entity>, Error> {
+        self.core
+            .call(|reply| Request::GetEntity {
+                id: id.to_string(),
+                reply,
+            })
+            .await?
+    }
+
+    /// Lists every entity, ordered by id.
+    ///
+    /// Cancel-safe.
+    pub async fn list(&self) -> Result<Vec<Entity>, Error> {
+        self.core
+            .call(|reply| Request::ListEntities { reply })
+            .await?
+    }
+
+    /// Subscribes to entity changes from now on. A subscriber that falls more than
+    /// [`CHANGE_BUFFER`](crate::CHANGE_BUFFER) changes behind skips ahead and is told how
+    /// many it missed.
+    pub fn subscribe(&self) -> Changes {
+        Changes {
+            rx: self.core.events.subscribe(),
+        }
+    }
+}
+
+/// A stream of entity changes; see [`Entities::subscribe`].
+pub struct Changes {
+    rx: tokio::sync::broadcast::Receiver<EntityChange>,
+}
+
+/// What [`Changes::next`] yields.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ChangeItem {
+    /// A change.
+    Change(Box<EntityChange>),
+    /// The subscriber fell behind and this many changes were dropped for it.
+    Missed(u64),
+}
+
+impl Changes {
+    /// The next change, or `None` once the node has stopped.
+    ///
+    /// Cancel-safe.
+    pub async fn next(&mut self) -> Option<ChangeItem> {
+        use tokio::sync::broadcast::error::RecvError;
+        match self.rx.recv().await {
+            Ok(change) => Some(ChangeItem::Change(Box::new(change))),
+            Err(RecvError::Lagged(n)) => Some(ChangeItem::Missed(n)),
+            Err(RecvError::Closed) => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entity_ids_follow_the_domain_object_form() {
+        for ok in ["light.porch", "sensor.door_2", "a.b"] {
+            validate_entity_id(ok).unwrap();
+        }
+        for bad in [
+            "",
+            "light",
+            ".porch",
+            "light.",
+            "Light.porch",
+            "light.po rch",
+            "a.b/c",
+        ] {
+            assert!(validate_entity_id(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(validate_entity_id(&format!("a.{}", "x".repeat(300))).is_err());
+    }
+}
