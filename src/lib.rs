@@ -28,6 +28,8 @@ mod entities;
 mod error;
 mod home;
 mod node;
+#[allow(dead_code)] // Wired into the network layer as it lands.
+mod trust;
 
 pub use config::{Config, DEFAULT_API_ADDR, Passphrase, default_data_dir};
 pub use core::CHANGE_BUFFER;
