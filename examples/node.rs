@@ -13,6 +13,9 @@ async fn main() -> anyhow::Result<()> {
     let config = hearth::Config {
         data_dir: data.clone(),
         api_addr: "127.0.0.1:0".parse()?,
+        // Loopback only and no multicast: the example stays on this machine.
+        listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
+        mdns: false,
         ..hearth::Config::default()
     };
     let node = hearth::Node::start(config).await?;

@@ -29,6 +29,7 @@ pub(crate) struct ApiState {
     pub(crate) started_at: OffsetDateTime,
     pub(crate) store: hearth_storage::StoreHandle,
     pub(crate) core: crate::core::CoreHandle,
+    pub(crate) net: hearth_net::Handle,
     pub(crate) home_id: String,
     pub(crate) home_name: String,
 }
@@ -179,9 +180,27 @@ async fn live() -> Json<Health> {
     Json(Health { status: "live" })
 }
 
-/// Ready means the store answers. Until networking exists there is nothing else to wait
-/// for; the network's listening state joins this check when it lands.
+/// Ready means the store answers and the network listens on at least one address.
 async fn ready(State(state): State<Arc<ApiState>>) -> Response {
+    match state.net.listen_addrs().await {
+        Ok(addrs) if !addrs.is_empty() => {}
+        Ok(_) => {
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the network is not listening yet",
+            )
+            .into_response();
+        }
+        Err(e) => {
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!("network is not answering: {e}"),
+            )
+            .into_response();
+        }
+    }
     match state
         .store
         .get(
@@ -202,6 +221,13 @@ async fn ready(State(state): State<Arc<ApiState>>) -> Response {
 
 /// `GET /api/status`: who this node is and how long it has run.
 #[derive(Serialize)]
+struct PeerStatus {
+    peer_id: String,
+    addrs: Vec<String>,
+    admitted: bool,
+}
+
+#[derive(Serialize)]
 struct HomeInfo {
     home_id: String,
     name: String,
@@ -215,6 +241,8 @@ struct Status {
     home: HomeInfo,
     data_dir: PathBuf,
     api: String,
+    listen: Vec<String>,
+    peers: Vec<PeerStatus>,
     started_at: String,
     uptime_s: f64,
 }
@@ -230,7 +258,25 @@ async fn status(State(state): State<Arc<ApiState>>) -> Result<Json<Status>, ApiE
                 format!("cannot format start time: {e}"),
             )
         })?;
+    let unavailable = |e: hearth_net::Error| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("network is not answering: {e}"),
+        )
+    };
+    let listen = state.net.listen_addrs().await.map_err(unavailable)?;
+    let peers = state.net.connected_peers().await.map_err(unavailable)?;
     Ok(Json(Status {
+        listen: listen.iter().map(|a| a.to_string()).collect(),
+        peers: peers
+            .into_iter()
+            .map(|p| PeerStatus {
+                peer_id: p.peer.to_base58(),
+                addrs: p.addrs.iter().map(|a| a.to_string()).collect(),
+                admitted: p.admitted,
+            })
+            .collect(),
         version: env!("CARGO_PKG_VERSION"),
         peer_id: state.peer_id.clone(),
         device: state.device_name.clone(),

@@ -84,6 +84,19 @@ struct UpArgs {
     #[arg(long, value_name = "ADDR", default_value_t = hearth::DEFAULT_API_ADDR)]
     api: SocketAddr,
 
+    /// Multiaddr to listen on for peers; repeatable.
+    #[arg(long = "listen", value_name = "MULTIADDR", default_value = hearth::DEFAULT_LISTEN)]
+    listen: Vec<String>,
+
+    /// Do not discover peers with mDNS. Use this where multicast must not leave the host
+    /// (and there use --peer).
+    #[arg(long)]
+    no_mdns: bool,
+
+    /// A peer to keep dialled, `/ip4/ADDR/tcp/PORT/p2p/PEERID`; repeatable.
+    #[arg(long = "peer", value_name = "MULTIADDR")]
+    peers: Vec<String>,
+
     /// This device's name, shown to people (default: the host name, or the last name given).
     #[arg(long, value_name = "NAME")]
     name: Option<String>,
@@ -173,6 +186,9 @@ fn run_up(data: PathBuf, up: UpArgs) -> Result<()> {
         api_addr: up.api,
         device_name: up.name,
         passphrase,
+        listen: up.listen,
+        mdns: !up.no_mdns,
+        static_peers: up.peers,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -249,6 +265,22 @@ fn status(client: &Client, json: bool) -> Result<()> {
     );
     println!("data dir  {}", field("data_dir"));
     println!("api       {}", field("api"));
+    for addr in body["listen"].as_array().into_iter().flatten() {
+        println!("listen    {}", addr.as_str().unwrap_or("-"));
+    }
+    let peers = body["peers"].as_array().cloned().unwrap_or_default();
+    println!("peers     {}", peers.len());
+    for p in peers {
+        println!(
+            "  {} {}",
+            p["peer_id"].as_str().unwrap_or("-"),
+            if p["admitted"].as_bool() == Some(true) {
+                "admitted"
+            } else {
+                "not admitted"
+            }
+        );
+    }
     println!("version   {}", field("version"));
     println!(
         "uptime    {}",

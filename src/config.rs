@@ -21,7 +21,18 @@ pub struct Config {
     /// Derive the store key from this passphrase (Argon2id) instead of using the
     /// key file `<data>/store.key`.
     pub passphrase: Option<Passphrase>,
+    /// Multiaddrs to listen on for peers, e.g. `/ip4/0.0.0.0/tcp/4640`; tests use
+    /// `/ip4/127.0.0.1/tcp/0`.
+    pub listen: Vec<String>,
+    /// Discover the home's peers on the LAN with mDNS. Turn it off where multicast must
+    /// not leave the host, and use `static_peers` instead.
+    pub mdns: bool,
+    /// Peers to keep dialled, each `/ip4/ADDR/tcp/PORT/p2p/PEERID`.
+    pub static_peers: Vec<String>,
 }
+
+/// Where the node listens for peers unless told otherwise.
+pub const DEFAULT_LISTEN: &str = "/ip4/0.0.0.0/tcp/4640";
 
 impl Default for Config {
     fn default() -> Self {
@@ -30,6 +41,9 @@ impl Default for Config {
             api_addr: DEFAULT_API_ADDR,
             device_name: None,
             passphrase: None,
+            listen: vec![DEFAULT_LISTEN.to_string()],
+            mdns: true,
+            static_peers: Vec::new(),
         }
     }
 }

@@ -76,6 +76,7 @@ pub(crate) struct NodeFacts {
 struct Core {
     engine: Engine<String>,
     store: StoreHandle,
+    net: hearth_net::Handle,
     home: HomeRecord,
     peer_id: String,
     /// Next incremental chunk number per document, and the first one not yet covered by
@@ -92,6 +93,8 @@ pub(crate) async fn start(
     peer_id: String,
     peer_id_bytes: &[u8],
     device_name: &str,
+    net: hearth_net::Handle,
+    net_events: hearth_net::EventStream,
     cancel: CancellationToken,
 ) -> Result<(CoreHandle, NodeFacts, tokio::task::JoinHandle<()>), Error> {
     let stored = store.get(Keyspace::Meta, HOME_KEY.to_vec()).await?;
@@ -103,6 +106,7 @@ pub(crate) async fn start(
     let mut core = Core {
         engine: Engine::new(peer_id_bytes, EngineConfig::default()),
         store,
+        net,
         home,
         peer_id,
         chunk_seq: HashMap::new(),
@@ -125,7 +129,7 @@ pub(crate) async fn start(
         events: core.events.clone(),
     };
     let task = tokio::spawn(tracing::Instrument::instrument(
-        core.run(rx, cancel),
+        core.run(rx, net_events, cancel),
         tracing::error_span!("core"),
     ));
     Ok((handle, facts, task))
@@ -227,7 +231,12 @@ impl Core {
         Ok(())
     }
 
-    async fn run(mut self, mut rx: mpsc::Receiver<Request>, cancel: CancellationToken) {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Request>,
+        mut net_events: hearth_net::EventStream,
+        cancel: CancellationToken,
+    ) {
         loop {
             let deadline = self.engine.next_deadline();
             let timer = async {
@@ -245,6 +254,10 @@ impl Core {
                     Some(request) => self.handle(request),
                     None => break,
                 },
+                event = net_events.recv() => match event {
+                    Some(event) => self.on_net_event(event).await,
+                    None => break,
+                },
                 _ = timer => {
                     let out = self.engine.tick(now_ms());
                     self.persist_in_background(out);
@@ -252,6 +265,40 @@ impl Core {
             }
         }
         tracing::debug!("core stopped");
+    }
+
+    /// Reacts to the network. Until device pairing exists no certificate can name a device
+    /// of this home, so every peer is refused after its hello and receives no document.
+    async fn on_net_event(&mut self, event: hearth_net::Event) {
+        use hearth_net::Event;
+        match event {
+            Event::Hello { peer, certificate } => {
+                let reason = if certificate.is_empty() {
+                    "presented no device certificate"
+                } else {
+                    "is not a paired device of this home"
+                };
+                tracing::info!(%peer, reason, "refusing peer");
+                if let Err(error) = self.net.reject(peer, format!("peer {reason}")).await {
+                    tracing::warn!(%peer, %error, "could not refuse peer");
+                }
+            }
+            Event::PeerConnected { peer, addr, .. } => {
+                tracing::debug!(%peer, %addr, "peer connected");
+            }
+            Event::PeerDisconnected { peer, reason } => {
+                tracing::debug!(%peer, ?reason, "peer disconnected");
+                for (doc, state) in self.engine.detach_peer(&peer.to_base58()) {
+                    tracing::trace!(%doc, bytes = state.len(), "session closed");
+                }
+            }
+            Event::Frame { peer, .. } | Event::EphemeralFrame { peer, .. } => {
+                // The network layer delivers frames only from admitted peers, and none is
+                // admitted yet.
+                tracing::warn!(%peer, "frame from a peer that was never admitted");
+            }
+            _ => {}
+        }
     }
 
     fn handle(&mut self, request: Request) {

@@ -50,6 +50,9 @@ pub enum Error {
     /// The stored device identity could not be decoded.
     #[error("device identity in the store is unreadable")]
     Identity(#[from] hearth_net::IdentityError),
+    /// The network could not start.
+    #[error("network: {0}")]
+    Network(String),
     /// The local API could not bind its address.
     #[error(
         "cannot serve the local API on {addr}: {source}; is another program using it? pass --api 127.0.0.1:0 to pick a free port"

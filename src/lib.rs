@@ -9,6 +9,8 @@
 //! let config = hearth::Config {
 //!     data_dir: "/tmp/hearth-example".into(),
 //!     api_addr: "127.0.0.1:0".parse().unwrap(),
+//!     listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
+//!     mdns: false,
 //!     ..hearth::Config::default()
 //! };
 //! let node = hearth::Node::start(config).await?;
@@ -31,7 +33,7 @@ mod node;
 #[allow(dead_code)] // Wired into the network layer as it lands.
 mod trust;
 
-pub use config::{Config, DEFAULT_API_ADDR, Passphrase, default_data_dir};
+pub use config::{Config, DEFAULT_API_ADDR, DEFAULT_LISTEN, Passphrase, default_data_dir};
 pub use core::CHANGE_BUFFER;
 pub use datadir::{API_ADDR_FILE, LOCK_FILE, TOKEN_FILE};
 pub use entities::{

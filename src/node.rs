@@ -32,6 +32,7 @@ pub struct Node {
     cancel: CancellationToken,
     api_task: JoinHandle<()>,
     core_task: JoinHandle<()>,
+    net_task: JoinHandle<()>,
     core: CoreHandle,
     api_addr_file: PathBuf,
     // Held for the node's lifetime: the OS lock on it keeps a second node off the dir.
@@ -65,11 +66,19 @@ impl Node {
         let device_name = resolve_device_name(&store, config.device_name.as_deref()).await?;
         let token = datadir::load_or_create_token(&dir)?;
         let cancel = CancellationToken::new();
+        let (net, net_events, net_loop) = hearth_net::new(net_config(&config, &identity)?)
+            .map_err(|e| Error::Network(e.to_string()))?;
+        let net_task = tokio::spawn(tracing::Instrument::instrument(
+            net_loop.run(cancel.clone()),
+            tracing::error_span!("net", peer = %identity.peer_id()),
+        ));
         let (core, facts, core_task) = core::start(
             store.clone(),
             identity.peer_id(),
             &identity.peer_id_bytes(),
             &device_name,
+            net.clone(),
+            net_events,
             cancel.clone(),
         )
         .await?;
@@ -95,6 +104,7 @@ impl Node {
             started_at: OffsetDateTime::now_utc(),
             store,
             core: core.clone(),
+            net,
             home_id: facts.home_id,
             home_name: facts.home_name,
         });
@@ -120,6 +130,7 @@ impl Node {
             cancel,
             api_task,
             core_task,
+            net_task,
             core,
             api_addr_file,
             _lock: lock,
@@ -177,10 +188,41 @@ impl Node {
         self.core_task
             .await
             .map_err(|e| Error::Task(format!("core: {e}")))?;
+        self.net_task
+            .await
+            .map_err(|e| Error::Task(format!("network: {e}")))?;
         self.state.store.close().await?;
         tracing::info!("node stopped");
         Ok(())
     }
+}
+
+/// Parses the public, string-typed network settings into the network layer's config.
+fn net_config(config: &Config, identity: &DeviceIdentity) -> Result<hearth_net::Config, Error> {
+    let parse = |what: &str, text: &str| {
+        text.parse::<hearth_net::Multiaddr>().map_err(|e| {
+            Error::Invalid(format!(
+                "{what} {text:?} is not a multiaddr ({e}); write it like /ip4/127.0.0.1/tcp/4640"
+            ))
+        })
+    };
+    let listen = config
+        .listen
+        .iter()
+        .map(|a| parse("listen address", a))
+        .collect::<Result<Vec<_>, _>>()?;
+    let static_peers = config
+        .static_peers
+        .iter()
+        .map(|a| parse("peer address", a))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(hearth_net::Config {
+        identity: identity.clone(),
+        listen,
+        mdns: config.mdns,
+        static_peers,
+        ..hearth_net::Config::default()
+    })
 }
 
 async fn load_or_create_identity(store: &StoreHandle) -> Result<DeviceIdentity, Error> {

@@ -14,6 +14,8 @@ fn config(dir: &std::path::Path) -> Config {
     Config {
         data_dir: dir.to_path_buf(),
         api_addr: "127.0.0.1:0".parse().unwrap(),
+        listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
+        mdns: false,
         ..Config::default()
     }
 }

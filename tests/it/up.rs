@@ -34,6 +34,21 @@ fn up_serves_status_refuses_a_second_node_and_stops_cleanly_on_sigterm() {
     assert_eq!(status["peer_id"], node.peer_id.as_str());
     assert_eq!(status["data_dir"], data.to_str().unwrap());
     assert!(status["uptime_s"].as_f64().unwrap() >= 0.0);
+    assert!(
+        status["home"]["home_id"]
+            .as_str()
+            .is_some_and(|h| !h.is_empty())
+    );
+    // It listens where told, on loopback only, and has no peers.
+    let listen = status["listen"].as_array().unwrap();
+    assert!(!listen.is_empty());
+    assert!(
+        listen
+            .iter()
+            .all(|a| a.as_str().unwrap().starts_with("/ip4/127.0.0.1/tcp/")),
+        "{listen:?}"
+    );
+    assert_eq!(status["peers"], serde_json::json!([]));
 
     // The text form shows the PeerId too.
     let out = run(hearth().args(["status", "--data"]).arg(&data));
@@ -41,7 +56,15 @@ fn up_serves_status_refuses_a_second_node_and_stops_cleanly_on_sigterm() {
 
     // A second node on the same data dir is refused at once, with a clear reason.
     let out = run(hearth()
-        .args(["up", "--api", "127.0.0.1:0", "--data"])
+        .args([
+            "up",
+            "--no-mdns",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--api",
+            "127.0.0.1:0",
+            "--data",
+        ])
         .arg(&data));
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -111,7 +134,15 @@ fn unusable_data_dir_is_a_clear_error() {
     let file = dir.path().join("a-file");
     std::fs::write(&file, b"x").unwrap();
     let out = run(hearth()
-        .args(["up", "--api", "127.0.0.1:0", "--data"])
+        .args([
+            "up",
+            "--no-mdns",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--api",
+            "127.0.0.1:0",
+            "--data",
+        ])
         .arg(file.join("sub")));
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -125,7 +156,15 @@ fn passphrase_store_refuses_a_wrong_passphrase_and_opens_with_the_right_one() {
     let start = |pass: &str| {
         let mut cmd = hearth();
         cmd.env("HEARTH_PASSPHRASE", pass)
-            .args(["up", "--api", "127.0.0.1:0", "--data"])
+            .args([
+                "up",
+                "--no-mdns",
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+                "--api",
+                "127.0.0.1:0",
+                "--data",
+            ])
             .arg(&data);
         cmd
     };
@@ -152,8 +191,46 @@ fn passphrase_store_refuses_a_wrong_passphrase_and_opens_with_the_right_one() {
 
     // Without the passphrase, the node says the store needs one rather than making a key file.
     let out = run(hearth()
-        .args(["up", "--api", "127.0.0.1:0", "--data"])
+        .args([
+            "up",
+            "--no-mdns",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--api",
+            "127.0.0.1:0",
+            "--data",
+        ])
         .arg(&data));
     assert_eq!(out.status.code(), Some(1));
     assert!(!data.join("store.key").exists());
+}
+
+#[test]
+fn bad_network_flags_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = ["up", "--no-mdns", "--api", "127.0.0.1:0"];
+    let out = run(hearth()
+        .args(base)
+        .args(["--listen", "not-a-multiaddr", "--data"])
+        .arg(dir.path()));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("listen address") && err.contains("not a multiaddr"),
+        "{err}"
+    );
+
+    let out = run(hearth()
+        .args(base)
+        .args([
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--peer",
+            "/ip4/127.0.0.1/tcp/9",
+            "--data",
+        ])
+        .arg(dir.path()));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/p2p/"), "{err}");
 }

@@ -35,7 +35,15 @@ impl UpProcess {
     /// PeerId and publishes `api.addr`.
     pub(crate) fn start(data: &Path) -> Self {
         let mut child = hearth()
-            .args(["up", "--api", "127.0.0.1:0", "--data"])
+            .args([
+                "up",
+                "--no-mdns",
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+                "--api",
+                "127.0.0.1:0",
+                "--data",
+            ])
             .arg(data)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
