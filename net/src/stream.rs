@@ -478,6 +478,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_frame_whose_write_failed_goes_first_on_the_next_stream() {
+        let (outbox, mut rx) = Outbox::new(StreamKind::Sync);
+        outbox.push(Bytes::from_static(b"second")).unwrap();
+        // As left by a writer whose stream broke under "first": still counted as queued.
+        rx.front = Some(Bytes::from_static(b"first"));
+        rx.queued_bytes.fetch_add(5, Ordering::AcqRel);
+        drop(outbox);
+        let mut sink = futures::io::Cursor::new(Vec::new());
+        let counters = Counters::default();
+        let end = write_loop(&mut sink, &mut rx, &counters, &CancellationToken::new()).await;
+        assert!(matches!(end, StreamEnd::OutboxClosed));
+        let mut expected = 5u32.to_be_bytes().to_vec();
+        expected.extend_from_slice(b"first");
+        expected.extend_from_slice(&6u32.to_be_bytes());
+        expected.extend_from_slice(b"second");
+        assert_eq!(sink.into_inner(), expected);
+        assert_eq!(rx.queued_bytes.load(Ordering::Acquire), 0);
+    }
+
+    #[tokio::test]
+    async fn draining_stops_at_a_frame_boundary_and_keeps_the_rest_queued() {
+        let (outbox, mut rx) = Outbox::new(StreamKind::Sync);
+        outbox.push(Bytes::from_static(b"kept")).unwrap();
+        let drain = CancellationToken::new();
+        drain.cancel();
+        let mut sink = futures::io::Cursor::new(Vec::new());
+        let end = write_loop(&mut sink, &mut rx, &Counters::default(), &drain).await;
+        assert!(matches!(end, StreamEnd::Drained));
+        assert!(
+            sink.into_inner().is_empty(),
+            "nothing written after the drain request"
+        );
+        // The queued frame is still there for the stream that takes over.
+        assert_eq!(rx.try_next(), Some(Bytes::from_static(b"kept")));
+        assert_eq!(outbox.queued(), (0, 4));
+    }
+
+    #[tokio::test]
     async fn reader_delivers_frames_and_classifies_garbage() {
         let mut wire = Vec::new();
         wire.extend_from_slice(&2u32.to_be_bytes());

@@ -4,5 +4,7 @@
 mod admission;
 mod dialing;
 mod malformed;
+#[cfg(feature = "quic")]
+mod quic;
 mod slow;
 mod util;
