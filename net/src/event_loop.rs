@@ -391,6 +391,8 @@ impl EventLoop {
 
     // ---- commands -------------------------------------------------------------------
 
+    /// Answers a handle's command. Replies are sent with `let _ =` throughout: a caller
+    /// that gave up waiting (dropped its future) is not an error for the loop.
     fn on_command(&mut self, command: Command) {
         match command {
             Command::ListenAddrs { reply } => {
@@ -418,9 +420,13 @@ impl EventLoop {
                 let known = self.peers.contains_key(&peer);
                 if known {
                     info!(%peer, %reason, "peer rejected");
+                    // Marked before disconnecting so a stream or hello still in flight
+                    // from this peer is refused rather than parked.
                     if let Some(state) = self.peers.get_mut(&peer) {
                         state.admission = Admission::Rejected;
                     }
+                    // mDNS keeps re-announcing it; without a cooldown the next tick would
+                    // dial it straight back into another rejection.
                     if let Some(hint) = self.discovered.get_mut(&peer) {
                         hint.cooldown_until = Some(Instant::now() + REJECTED_COOLDOWN);
                     }
@@ -447,6 +453,9 @@ impl EventLoop {
                 queued_frames,
                 queued_bytes,
             } => {
+                // The report may be stale: the handle saw the queue full, but the peer may
+                // have been dropped and even reconnected since. Only the session whose
+                // queue overflowed is cut.
                 let current = self
                     .peers
                     .get(&peer)
@@ -465,6 +474,8 @@ impl EventLoop {
         }
     }
 
+    /// Starts a one-off dial and parks the reply until the swarm reports the outcome for
+    /// that connection id.
     fn dial_once(&mut self, addr: Multiaddr, reply: oneshot::Sender<Result<PeerId, Error>>) {
         if self.pending_dials.len() >= MAX_PENDING_DIALS {
             let _ = reply.send(Err(Error::Capacity {
@@ -512,6 +523,8 @@ impl EventLoop {
         }
     }
 
+    /// Records (or re-addresses) a static peer and dials it at once rather than on the
+    /// next tick, so adding a peer connects without a visible delay.
     fn add_static_peer(&mut self, addr: &Multiaddr) -> Result<PeerId, Error> {
         let (peer, base) = split_peer_addr(addr)?;
         if peer == self.local {
@@ -546,6 +559,9 @@ impl EventLoop {
         Ok(peer)
     }
 
+    /// Admits a peer: creates its outbound queues and starts (or accepts) its streams.
+    /// The queues exist from this moment, so frames sent right after `admit` are kept
+    /// until the stream is up instead of being refused.
     fn admit(&mut self, peer: PeerId) -> bool {
         let Some(state) = self.peers.get_mut(&peer) else {
             return false;
@@ -591,13 +607,17 @@ impl EventLoop {
             debug!(%peer, %reason, "disconnecting peer");
             state.closing = Some(reason);
         }
+        // Queues go first, so handles stop accepting frames for a peer on its way out.
         self.shared.remove_outboxes(&peer, state.session);
         for channel in &mut state.channels {
             channel.cancel();
         }
+        // The session itself ends when the swarm reports the last connection closed;
+        // `closing` carries the reason until then.
         let _ = self.swarm.disconnect_peer_id(peer);
     }
 
+    /// A snapshot of every session, for `connected_peers`.
     fn peer_infos(&self) -> Vec<PeerInfo> {
         let outboxes = self.shared.outboxes();
         self.peers
@@ -628,6 +648,9 @@ impl EventLoop {
 
     // ---- swarm events ---------------------------------------------------------------
 
+    /// Dispatches one swarm event. Failures of single connections are logged at debug:
+    /// they are routine (a peer went away, a duplicate lost the tie-break) and the
+    /// redial logic deals with them.
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
             SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
@@ -691,6 +714,8 @@ impl EventLoop {
         }
     }
 
+    /// Starts a session on a peer's first connection (hello sent, admission deadline
+    /// set), or folds a further connection into it and closes duplicates.
     fn on_connection_established(
         &mut self,
         peer: PeerId,
@@ -738,6 +763,8 @@ impl EventLoop {
         let Some(state) = self.peers.get_mut(&peer) else {
             return;
         };
+        // Any new connection may be the one an ongoing open lands on; bumping the epoch
+        // lets the open's result detect that.
         state.conn_epoch += 1;
         state.conns.insert(
             id,
@@ -767,6 +794,8 @@ impl EventLoop {
         }
     }
 
+    /// Ends the session when the peer's last connection closes; until then the peer
+    /// stays connected and only the streams on the lost connection are restarted.
     fn on_connection_closed(&mut self, peer: PeerId, id: ConnectionId) {
         let Some(state) = self.peers.get_mut(&peer) else {
             return;
@@ -791,6 +820,7 @@ impl EventLoop {
         let Some(mut state) = self.peers.remove(&peer) else {
             return;
         };
+        // A reason this node recorded wins; otherwise the link simply went away.
         let reason = state
             .closing
             .take()
@@ -811,6 +841,8 @@ impl EventLoop {
             };
             entry.next_dial = now + wait;
         }
+        // Not at once: if the peer just restarted, an immediate redial would only race
+        // its listener coming back.
         if let Some(hint) = self.discovered.get_mut(&peer) {
             hint.next_dial = now + hint.backoff.delay();
         }
@@ -818,6 +850,8 @@ impl EventLoop {
         self.emit(Event::PeerDisconnected { peer, reason });
     }
 
+    /// Fails the waiting `dial` call, if any, and pushes the matching static or
+    /// discovered peer's next attempt out by its backoff.
     fn on_dial_error(&mut self, id: ConnectionId, peer: Option<PeerId>, error: &DialError) {
         bump(&self.counters.dial_failures, 1);
         if let Some((addr, reply)) = self.pending_dials.remove(&id) {
@@ -905,6 +939,9 @@ impl EventLoop {
         }
     }
 
+    /// Both ends send a hello request when a session starts and answer the other's, so
+    /// each learns the other's certificate from whichever message arrives first; the
+    /// exchange completes even if one direction is lost on a closing duplicate.
     fn on_hello_event(&mut self, event: request_response::Event<Hello, Hello>) {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
@@ -1009,6 +1046,8 @@ impl EventLoop {
         self.emit(Event::Hello { peer, certificate });
     }
 
+    /// Folds an mDNS report into the capped hint table. Only new peers are reported to
+    /// the node, since mDNS repeats itself on every query.
     fn on_discovered(&mut self, list: Vec<(PeerId, Multiaddr)>) {
         let now = Instant::now();
         let mut by_peer: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
@@ -1031,6 +1070,9 @@ impl EventLoop {
 
     // ---- task reports ---------------------------------------------------------------
 
+    /// Handles reports from spawned tasks. Every report carries the session and
+    /// generation it was started under, and stale ones are dropped: a task may finish
+    /// after its peer reconnected or after a newer stream replaced it.
     fn on_internal(&mut self, report: Internal) {
         match report {
             Internal::Inbound { peer, kind, stream } => self.on_inbound_stream(peer, kind, stream),
@@ -1084,6 +1126,8 @@ impl EventLoop {
         }
     }
 
+    /// Decides what to do with a stream the peer opened: refuse (drop, which closes it),
+    /// or park it until the peer is admitted and the channel is free.
     fn on_inbound_stream(&mut self, peer: PeerId, kind: StreamKind, stream: libp2p::Stream) {
         let refuse = |why: &str| {
             debug!(%peer, stream = kind.name(), why, "refusing inbound stream");
@@ -1117,6 +1161,8 @@ impl EventLoop {
         self.drive_channel(peer, kind);
     }
 
+    /// Takes the queue back from a finished stream task and decides what comes next:
+    /// disconnect on garbage, reopen (as the opener) after a failure, or nothing.
     fn on_stream_ended(
         &mut self,
         peer: PeerId,
@@ -1229,6 +1275,9 @@ impl EventLoop {
         );
     }
 
+    /// Hands a negotiated stream and the peer's queue to a new stream task. Each task
+    /// gets its own cancellation token, a child of the loop's, so one stream can be cut
+    /// without touching the others and shutdown still reaches all of them.
     fn start_stream(
         &mut self,
         peer: PeerId,
@@ -1288,6 +1337,9 @@ impl EventLoop {
 
     // ---- timers ---------------------------------------------------------------------
 
+    /// The periodic pass over every timer: hello deadlines, dead connections, redials and
+    /// stream reopens. One coarse tick instead of a timer per peer keeps the loop simple,
+    /// and 100 ms is far below every deadline it serves.
     fn maintain(&mut self, now: Instant) {
         let expired: Vec<PeerId> = self
             .peers
@@ -1336,6 +1388,8 @@ impl EventLoop {
         }
     }
 
+    /// Dials every static peer that is not connected, not being dialled, and whose backoff
+    /// has elapsed. Both ends of a static pair dial; duplicates are closed afterwards.
     fn redial_statics(&mut self, now: Instant) {
         let due: Vec<(PeerId, Multiaddr)> = self
             .statics
@@ -1362,6 +1416,7 @@ impl EventLoop {
         }
     }
 
+    /// Dials discovered peers that pass the tie-break and their backoff, when enabled.
     fn dial_discovered(&mut self, now: Instant) {
         if !self.dial_discovered {
             return;
@@ -1376,6 +1431,7 @@ impl EventLoop {
             .map(|(peer, d)| (*peer, d.addrs.clone()))
             .collect();
         for (peer, addrs) in due {
+            // A fresh port for the same reason as static dials (see `dial_peer`).
             let opts = DialOpts::peer_id(peer)
                 .addresses(addrs)
                 .condition(PeerCondition::DisconnectedAndNotDialing)
