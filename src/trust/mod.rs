@@ -21,5 +21,6 @@
 
 pub(crate) mod cert;
 pub(crate) mod error;
+pub(crate) mod invite;
 pub(crate) mod keys;
 mod wire;
