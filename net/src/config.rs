@@ -13,6 +13,12 @@ pub const MAX_CERTIFICATE_SIZE: usize = 64 * 1024;
 /// Most static peers a node keeps dialled.
 pub const MAX_STATIC_PEERS: usize = 256;
 
+/// Longest accepted hello timeout or redial backoff.
+const MAX_TIMER: Duration = Duration::from_secs(24 * 3600);
+
+/// Longest accepted ping interval or timeout; liveness past a minute is no liveness.
+const MAX_PING: Duration = Duration::from_secs(60);
+
 /// The TCP port a node listens on by default.
 pub const DEFAULT_PORT: u16 = 4640;
 
@@ -103,17 +109,21 @@ impl Config {
 
     /// Checks every field, returning the static peers split into (PeerId, address).
     pub(crate) fn validate(&self) -> Result<Vec<(PeerId, Multiaddr)>, Error> {
-        if self.hello_timeout.is_zero() {
-            return Err(Error::Config("hello_timeout must be above zero".into()));
-        }
-        if self.ping_interval.is_zero() || self.ping_timeout.is_zero() {
-            return Err(Error::Config(
-                "ping_interval and ping_timeout must be above zero".into(),
-            ));
-        }
-        if self.redial_max.is_zero() {
-            return Err(Error::Config("redial_max must be above zero".into()));
-        }
+        // Upper bounds too: deadlines are computed as `Instant + duration`, which panics
+        // on overflow, and a config file must not be able to crash the node.
+        let in_range = |name: &str, value: Duration, max: Duration| {
+            if value.is_zero() || value > max {
+                Err(Error::Config(format!(
+                    "{name} is {value:?}; it must be above zero and at most {max:?}"
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        in_range("hello_timeout", self.hello_timeout, MAX_TIMER)?;
+        in_range("redial_max", self.redial_max, MAX_TIMER)?;
+        in_range("ping_interval", self.ping_interval, MAX_PING)?;
+        in_range("ping_timeout", self.ping_timeout, MAX_PING)?;
         if self.max_connections == 0 {
             return Err(Error::Config("max_connections must be at least 1".into()));
         }
@@ -203,6 +213,11 @@ mod tests {
             ..Config::default()
         };
         assert!(matches!(huge_cert.validate(), Err(Error::Config(_))));
+        let forever = Config {
+            redial_max: Duration::MAX,
+            ..Config::default()
+        };
+        assert!(matches!(forever.validate(), Err(Error::Config(_))));
         let no_conns = Config {
             max_connections: 0,
             ..Config::default()
