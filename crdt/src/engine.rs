@@ -182,6 +182,10 @@ pub enum Output<P> {
         /// Wall-clock milliseconds.
         at_ms: u64,
     },
+    /// A conflict formed on an entity when remote changes merged, or was
+    /// resolved here: an audit record to persist, and to raise as
+    /// `conflict.detected` or `conflict.resolved`.
+    Conflict(crate::policy::ConflictRecord),
 }
 
 /// Counters, for metrics and tests.
@@ -248,6 +252,8 @@ pub struct Engine<P> {
     clock: HlcClock,
     docs: BTreeMap<DocId, DocState<P>>,
     stats: EngineStats,
+    /// Actor-to-home mapping for the side conflict policies.
+    pub(crate) homes: crate::policy::ActorHomes,
     /// Test hook: make the next direct apply panic inside the guard.
     #[cfg(test)]
     pub(crate) fail_next_apply: bool,
@@ -269,6 +275,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
             config,
             docs: BTreeMap::new(),
             stats: EngineStats::default(),
+            homes: crate::policy::ActorHomes::new(),
             #[cfg(test)]
             fail_next_apply: false,
         }
@@ -314,9 +321,10 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         Ok(&self.doc_state(doc)?.doc)
     }
 
-    /// The validated entity view.
+    /// The validated entity view, with the entity's conflict policy applied
+    /// to concurrent values (see [`crate::policy`]).
     pub fn entity(&self, doc: DocId) -> Result<Entity> {
-        Entity::read(&self.doc_state(doc)?.doc)
+        self.resolved_entity(doc).map(|r| r.entity)
     }
 
     /// The validated registry view.
@@ -335,6 +343,13 @@ impl<P: Clone + Ord + Debug> Engine<P> {
 
     fn doc_state_mut(&mut self, doc: DocId) -> Result<&mut DocState<P>> {
         self.docs.get_mut(&doc).ok_or(Error::UnknownDocument(doc))
+    }
+
+    /// Mutable access for the reads Automerge offers only on `&mut` (heads,
+    /// change metadata). Writes go through [`Engine::transact`], or the
+    /// journal and the peers would miss them.
+    pub(crate) fn doc_for_read_mut(&mut self, doc: DocId) -> Result<&mut AutoCommit> {
+        Ok(&mut self.doc_state_mut(doc)?.doc)
     }
 
     // ----- documents ---------------------------------------------------------
@@ -1000,6 +1015,17 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         let schema_error = validate(ds, &mut self.clock, now_ms).err();
         if schema_error.is_some() {
             self.stats.schema_violations += 1;
+        } else if ds.header.kind == DocKind::Entity {
+            // Conflicts are audited where they form: here, as changes merge.
+            let fresh = crate::chunks::parse_changes(&bytes, usize::MAX)
+                .map(|cs| cs.iter().map(|c| c.hash()).collect())
+                .unwrap_or_default();
+            let doc = &ds.doc;
+            let homes = &self.homes;
+            let found = catch(|| crate::policy::detect(id, doc, &fresh, homes, now_ms));
+            if let Ok(Ok(records)) = found {
+                out.extend(records.into_iter().map(Output::Conflict));
+            }
         }
         out.push(Output::Changed {
             doc: id,
@@ -1174,6 +1200,7 @@ fn validate<P>(ds: &mut DocState<P>, clock: &mut HlcClock, now_ms: u64) -> Resul
     match kind {
         DocKind::Entity => {
             let e = Entity::read(&ds.doc)?;
+            crate::policy::read_policy(&ds.doc)?;
             // A reading beyond the drift bound is kept in the document (it is
             // the writer's claim) but does not drag our clock forward.
             let _ = clock.observe(&e.updated_at, now_ms);
@@ -1184,8 +1211,18 @@ fn validate<P>(ds: &mut DocState<P>, clock: &mut HlcClock, now_ms: u64) -> Resul
         DocKind::Home => {
             Home::read(&ds.doc)?;
         }
-        // Views for the reserved kinds arrive with their features.
-        _ => {}
+        DocKind::Room => {
+            crate::schema::room::Room::read(&ds.doc)?;
+        }
+        DocKind::Presence => {
+            crate::schema::presence::Presence::read(&ds.doc)?;
+        }
+        DocKind::Locks => {
+            crate::schema::locks::Locks::read(&ds.doc)?;
+        }
+        DocKind::Session => {
+            crate::schema::session::Session::read(&ds.doc)?;
+        }
     }
     Ok(())
 }

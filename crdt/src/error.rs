@@ -105,6 +105,45 @@ pub enum Error {
         /// Configured maximum.
         max_ms: u64,
     },
+    /// A room join was refused because the room already has `max_size`
+    /// members.
+    #[error("room is full: it holds at most {max_size} members")]
+    RoomFull {
+        /// The room's member cap.
+        max_size: u64,
+    },
+    /// The user is not a member of the room.
+    #[error("`{user}` is not a member of this room")]
+    NotMember {
+        /// User named by the request.
+        user: String,
+    },
+    /// A version id did not name exactly one version of the document.
+    #[error("version `{version}`: {reason}")]
+    Version {
+        /// The id or prefix as given.
+        version: String,
+        /// Why it did not resolve.
+        reason: &'static str,
+    },
+    /// A conflict resolution named a field without a pending conflict, or a
+    /// candidate that does not exist.
+    #[error("cannot resolve `{field}`: {reason}")]
+    Conflict {
+        /// Field named by the request, e.g. `attributes.brightness`.
+        field: String,
+        /// Why the resolution was refused.
+        reason: String,
+    },
+    /// A local operation was refused because the document's current state
+    /// does not allow it (e.g. a second handoff while one is pending).
+    #[error("{what} refused: {reason}")]
+    Refused {
+        /// The operation.
+        what: &'static str,
+        /// Why.
+        reason: String,
+    },
     /// A textual value (HLC, epoch) did not parse.
     #[error("cannot parse {what}: {reason}")]
     Parse {

@@ -7,7 +7,11 @@
 //! process, with a simulated network.
 //!
 //! - [`schema`]: the header every document carries, typed and validated views
-//!   of `entity`, `registry` and `home` documents.
+//!   of `entity`, `registry`, `home`, `room`, `presence`, `locks` and
+//!   `session` documents, and the engine calls that create and edit them.
+//! - [`policy`]: conflict policies applied at read time, explicit
+//!   resolution, and audit records of conflicts.
+//! - [`history`]: an entity's versions, reads as of a version, restores.
 //! - [`hlc`]: the hybrid logical clock behind `updated_at` and latest-wins.
 //! - [`engine`]: direct change pushes (the hot path), sync sessions for
 //!   catch-up, panic containment.
@@ -58,21 +62,36 @@ mod chunks;
 pub mod digest;
 pub mod engine;
 pub mod error;
+pub mod history;
 pub mod hlc;
 pub mod ids;
+pub mod policy;
 pub mod schema;
 mod session;
 pub mod wire;
 
 #[cfg(test)]
 mod harness;
+#[cfg(test)]
+mod harness_docs;
 
 pub use automerge::{ActorId, ChangeHash};
 pub use engine::{ChunkKind, Engine, EngineConfig, EngineStats, Origin, Output, payload_actors};
 pub use error::{Error, Result};
+pub use history::Version;
 pub use hlc::{Hlc, HlcClock};
 pub use ids::{DOC_ID_LEN, DocId, KeyEpoch, actor_bytes_for_peer, actor_for_peer};
+pub use policy::{
+    ActorHomes, Candidate, Conflict, ConflictAction, ConflictRecord, Field, HomeLookup, Policy,
+    ResolvedEntity,
+};
 pub use schema::entity::{Entity, EntityUpdate};
 pub use schema::home::Home;
+pub use schema::locks::{Lock, LockType, Locks};
+pub use schema::presence::{Presence, PresenceEntry, PresenceStatus, PresenceUpdate};
 pub use schema::registry::Registry;
+pub use schema::room::{
+    Activity, ActivityState, ChatMessage, Member, NewMessage, NewRoom, Playback, Room,
+};
+pub use schema::session::{Handoff, HandoffOutcome, Session};
 pub use schema::{DocKind, Header};

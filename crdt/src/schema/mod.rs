@@ -1,5 +1,6 @@
 //! Document schemas: the header every document carries, and typed views over
-//! the kinds that exist so far ([`entity`], [`registry`], [`home`]).
+//! every kind ([`entity`], [`registry`], [`home`], [`room`], [`presence`],
+//! [`locks`], [`session`]).
 //!
 //! Reads validate. Content that came from a peer may have any shape, so every
 //! accessor checks types and presence and reports the dotted path of the first
@@ -7,8 +8,15 @@
 //! a malformed document.
 
 pub mod entity;
+mod fields;
 pub mod home;
+pub mod locks;
+pub mod presence;
 pub mod registry;
+pub mod room;
+pub mod session;
+
+pub use fields::{MAX_NAME_BYTES, MAX_NOTE_BYTES};
 
 use std::borrow::Cow;
 
@@ -37,13 +45,13 @@ pub enum DocKind {
     Registry,
     /// A home's own document (devices, paired homes, keyring).
     Home,
-    /// A room (reserved).
+    /// A room: members, chat, activity, playback.
     Room,
-    /// Presence of a home or room (reserved).
+    /// Presence of a home or room.
     Presence,
-    /// Device locks (reserved).
+    /// A home's device locks.
     Locks,
-    /// A user session (reserved).
+    /// A user session.
     Session,
 }
 

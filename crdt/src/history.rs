@@ -1,0 +1,610 @@
+//! An entity's history: its versions, reads as of any version, and restores.
+//!
+//! History is Automerge's own change graph. Every change is a version: the
+//! document as its author had it right after writing, i.e. at heads
+//! `[change]`. A version's id is the lowercase hex of the heads hash of those
+//! heads ([`heads_hash`], the same hash digests and the API's `version` field
+//! use), so the `version` an API write returns is the id of the change it
+//! made. A document whose current state merges concurrent changes has
+//! several heads; its current version id (from [`Engine::entity_version`])
+//! is accepted by [`Engine::entity_at`] too, although it names no single
+//! change and is not listed.
+//!
+//! Reads at a version go through [`AtHeads`], a [`ReadDoc`] whose every read
+//! is Automerge's `*_at` form. The typed views and the conflict policies run
+//! on it unchanged, so a version reads with the same validation, and the
+//! same conflict resolution, as the live document.
+//!
+//! A restore writes the version's state and attributes as one new change,
+//! which pushes and persists like any other write; history only grows.
+
+use std::fmt::Debug;
+use std::ops::RangeBounds;
+
+use automerge::iter::{DocIter, Keys, ListRange, MapRange, Spans, Values};
+use automerge::marks::{Mark, MarkSet};
+use automerge::{
+    ActorId, AutoCommit, AutomergeError, Change, ChangeHash, Cursor, CursorPosition, MoveCursor,
+    ObjId, Parents, Prop, ROOT, ReadDoc, Stats, TextEncoding, Value,
+};
+
+use crate::digest::heads_hash;
+use crate::engine::{Engine, Output};
+use crate::error::{Error, Result};
+use crate::hlc::Hlc;
+use crate::ids::DocId;
+use crate::policy::{self, HomeLookup, ResolvedEntity};
+use crate::schema::DocKind;
+use crate::schema::entity::{ENTITY_KEY, EntityUpdate};
+use crate::schema::room::expect_kind;
+
+/// Shortest version prefix accepted (INTERFACES.md: 8 or more hex digits).
+pub const MIN_VERSION_PREFIX: usize = 8;
+
+/// Length of a full version id: 32 bytes in hex.
+pub const VERSION_ID_LEN: usize = 64;
+
+/// A [`ReadDoc`] fixed at some heads: every read is the `*_at` read of the
+/// wrapped document. Explicit `*_at` calls keep the heads they are given.
+#[derive(Clone, Copy, Debug)]
+pub struct AtHeads<'a, D> {
+    doc: &'a D,
+    heads: &'a [ChangeHash],
+}
+
+impl<'a, D: ReadDoc> AtHeads<'a, D> {
+    /// Views `doc` as it was at `heads`.
+    pub fn new(doc: &'a D, heads: &'a [ChangeHash]) -> Self {
+        Self { doc, heads }
+    }
+
+    /// The heads this view reads at.
+    pub fn heads(&self) -> &[ChangeHash] {
+        self.heads
+    }
+}
+
+impl<D: ReadDoc> ReadDoc for AtHeads<'_, D> {
+    fn parents<O: AsRef<ObjId>>(&self, obj: O) -> Result<Parents<'_>, AutomergeError> {
+        self.doc.parents_at(obj, self.heads)
+    }
+
+    fn parents_at<O: AsRef<ObjId>>(
+        &self,
+        obj: O,
+        heads: &[ChangeHash],
+    ) -> Result<Parents<'_>, AutomergeError> {
+        self.doc.parents_at(obj, heads)
+    }
+
+    fn keys<O: AsRef<ObjId>>(&self, obj: O) -> Keys<'_> {
+        self.doc.keys_at(obj, self.heads)
+    }
+
+    fn keys_at<O: AsRef<ObjId>>(&self, obj: O, heads: &[ChangeHash]) -> Keys<'_> {
+        self.doc.keys_at(obj, heads)
+    }
+
+    fn iter_at<O: AsRef<ObjId>>(&self, obj: O, heads: Option<&[ChangeHash]>) -> DocIter<'_> {
+        self.doc.iter_at(obj, Some(heads.unwrap_or(self.heads)))
+    }
+
+    fn map_range<'b, O: AsRef<ObjId>, R: RangeBounds<String> + 'b>(
+        &'b self,
+        obj: O,
+        range: R,
+    ) -> MapRange<'b> {
+        self.doc.map_range_at(obj, range, self.heads)
+    }
+
+    fn map_range_at<'b, O: AsRef<ObjId>, R: RangeBounds<String> + 'b>(
+        &'b self,
+        obj: O,
+        range: R,
+        heads: &[ChangeHash],
+    ) -> MapRange<'b> {
+        self.doc.map_range_at(obj, range, heads)
+    }
+
+    fn list_range<O: AsRef<ObjId>, R: RangeBounds<usize>>(
+        &self,
+        obj: O,
+        range: R,
+    ) -> ListRange<'_> {
+        self.doc.list_range_at(obj, range, self.heads)
+    }
+
+    fn list_range_at<O: AsRef<ObjId>, R: RangeBounds<usize>>(
+        &self,
+        obj: O,
+        range: R,
+        heads: &[ChangeHash],
+    ) -> ListRange<'_> {
+        self.doc.list_range_at(obj, range, heads)
+    }
+
+    fn values<O: AsRef<ObjId>>(&self, obj: O) -> Values<'_> {
+        self.doc.values_at(obj, self.heads)
+    }
+
+    fn values_at<O: AsRef<ObjId>>(&self, obj: O, heads: &[ChangeHash]) -> Values<'_> {
+        self.doc.values_at(obj, heads)
+    }
+
+    fn length<O: AsRef<ObjId>>(&self, obj: O) -> usize {
+        self.doc.length_at(obj, self.heads)
+    }
+
+    fn length_at<O: AsRef<ObjId>>(&self, obj: O, heads: &[ChangeHash]) -> usize {
+        self.doc.length_at(obj, heads)
+    }
+
+    fn object_type<O: AsRef<ObjId>>(&self, obj: O) -> Result<automerge::ObjType, AutomergeError> {
+        self.doc.object_type(obj)
+    }
+
+    fn marks<O: AsRef<ObjId>>(&self, obj: O) -> Result<Vec<Mark>, AutomergeError> {
+        self.doc.marks_at(obj, self.heads)
+    }
+
+    fn marks_at<O: AsRef<ObjId>>(
+        &self,
+        obj: O,
+        heads: &[ChangeHash],
+    ) -> Result<Vec<Mark>, AutomergeError> {
+        self.doc.marks_at(obj, heads)
+    }
+
+    fn get_marks<O: AsRef<ObjId>>(
+        &self,
+        obj: O,
+        index: usize,
+        heads: Option<&[ChangeHash]>,
+    ) -> Result<MarkSet, AutomergeError> {
+        self.doc
+            .get_marks(obj, index, Some(heads.unwrap_or(self.heads)))
+    }
+
+    fn text<O: AsRef<ObjId>>(&self, obj: O) -> Result<String, AutomergeError> {
+        self.doc.text_at(obj, self.heads)
+    }
+
+    fn text_at<O: AsRef<ObjId>>(
+        &self,
+        obj: O,
+        heads: &[ChangeHash],
+    ) -> Result<String, AutomergeError> {
+        self.doc.text_at(obj, heads)
+    }
+
+    fn spans<O: AsRef<ObjId>>(&self, obj: O) -> Result<Spans<'_>, AutomergeError> {
+        self.doc.spans_at(obj, self.heads)
+    }
+
+    fn spans_at<O: AsRef<ObjId>>(
+        &self,
+        obj: O,
+        heads: &[ChangeHash],
+    ) -> Result<Spans<'_>, AutomergeError> {
+        self.doc.spans_at(obj, heads)
+    }
+
+    fn get_cursor<O: AsRef<ObjId>, I: Into<CursorPosition>>(
+        &self,
+        obj: O,
+        position: I,
+        at: Option<&[ChangeHash]>,
+    ) -> Result<Cursor, AutomergeError> {
+        self.doc
+            .get_cursor(obj, position, Some(at.unwrap_or(self.heads)))
+    }
+
+    fn get_cursor_moving<O: AsRef<ObjId>, I: Into<CursorPosition>>(
+        &self,
+        obj: O,
+        position: I,
+        at: Option<&[ChangeHash]>,
+        move_cursor: MoveCursor,
+    ) -> Result<Cursor, AutomergeError> {
+        self.doc
+            .get_cursor_moving(obj, position, Some(at.unwrap_or(self.heads)), move_cursor)
+    }
+
+    fn get_cursor_position<O: AsRef<ObjId>>(
+        &self,
+        obj: O,
+        cursor: &Cursor,
+        at: Option<&[ChangeHash]>,
+    ) -> Result<usize, AutomergeError> {
+        self.doc
+            .get_cursor_position(obj, cursor, Some(at.unwrap_or(self.heads)))
+    }
+
+    fn get<O: AsRef<ObjId>, P: Into<Prop>>(
+        &self,
+        obj: O,
+        prop: P,
+    ) -> Result<Option<(Value<'_>, ObjId)>, AutomergeError> {
+        self.doc.get_at(obj, prop, self.heads)
+    }
+
+    fn get_at<O: AsRef<ObjId>, P: Into<Prop>>(
+        &self,
+        obj: O,
+        prop: P,
+        heads: &[ChangeHash],
+    ) -> Result<Option<(Value<'_>, ObjId)>, AutomergeError> {
+        self.doc.get_at(obj, prop, heads)
+    }
+
+    fn hydrate<O: AsRef<ObjId>>(
+        &self,
+        obj: O,
+        heads: Option<&[ChangeHash]>,
+    ) -> Result<automerge::hydrate::Value, AutomergeError> {
+        self.doc.hydrate(obj, Some(heads.unwrap_or(self.heads)))
+    }
+
+    fn get_all<O: AsRef<ObjId>, P: Into<Prop>>(
+        &self,
+        obj: O,
+        prop: P,
+    ) -> Result<Vec<(Value<'_>, ObjId)>, AutomergeError> {
+        self.doc.get_all_at(obj, prop, self.heads)
+    }
+
+    fn get_all_at<O: AsRef<ObjId>, P: Into<Prop>>(
+        &self,
+        obj: O,
+        prop: P,
+        heads: &[ChangeHash],
+    ) -> Result<Vec<(Value<'_>, ObjId)>, AutomergeError> {
+        self.doc.get_all_at(obj, prop, heads)
+    }
+
+    fn get_missing_deps(&self, heads: &[ChangeHash]) -> Vec<ChangeHash> {
+        self.doc.get_missing_deps(heads)
+    }
+
+    fn get_change_by_hash(&self, hash: &ChangeHash) -> Option<Change> {
+        self.doc.get_change_by_hash(hash)
+    }
+
+    fn stats(&self) -> Stats {
+        self.doc.stats()
+    }
+
+    fn text_encoding(&self) -> TextEncoding {
+        self.doc.text_encoding()
+    }
+}
+
+/// One version of an entity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Version {
+    /// Version id: hex of the heads hash of `heads`.
+    pub id: String,
+    /// Heads of this version: the one change that made it.
+    pub heads: Vec<ChangeHash>,
+    /// The entity's `updated_at` as of this version (for a change that wrote
+    /// no `updated_at`, the change's own second-resolution time).
+    pub at: Hlc,
+    /// Actor (device) that wrote the change.
+    pub actor: ActorId,
+    /// Home of that device, when the caller's mapping knows it.
+    pub home: Option<String>,
+}
+
+/// Hex of the heads hash of `heads`: a version id.
+pub fn version_id(heads: &[ChangeHash]) -> String {
+    hex(&heads_hash(heads))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    out
+}
+
+/// Checks a version id or prefix and returns it in lowercase.
+fn normalise_prefix(version: &str) -> Result<String> {
+    let bad = |reason| Error::Version {
+        version: version.chars().take(VERSION_ID_LEN + 1).collect(),
+        reason,
+    };
+    if version.len() < MIN_VERSION_PREFIX {
+        return Err(bad("a version id needs at least 8 hex digits"));
+    }
+    if version.len() > VERSION_ID_LEN {
+        return Err(bad("a version id has at most 64 hex digits"));
+    }
+    if !version.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad("a version id is hex digits only"));
+    }
+    Ok(version.to_ascii_lowercase())
+}
+
+/// The entity's `updated_at` as of `heads`: the clock a change stamped on
+/// the entity when `heads` is that one change. `None` when no valid clock is
+/// recorded there.
+pub(crate) fn hlc_at<D: ReadDoc>(doc: &D, heads: &[ChangeHash]) -> Option<Hlc> {
+    doc.get_at(ROOT, ENTITY_KEY, heads)
+        .ok()
+        .flatten()
+        .and_then(|(_, e)| doc.get_all_at(&e, "updated_at", heads).ok())
+        .into_iter()
+        .flatten()
+        .filter_map(|(v, _)| v.as_str().and_then(|s| s.parse::<Hlc>().ok()))
+        .max()
+}
+
+/// Every change of `doc` as a version, oldest first (a causal order).
+fn all_versions(doc: &mut AutoCommit, homes: &impl HomeLookup) -> Vec<Version> {
+    let metas: Vec<(ChangeHash, ActorId, i64)> = doc
+        .get_changes_meta(&[])
+        .into_iter()
+        .map(|m| (m.hash, m.actor.into_owned(), m.timestamp))
+        .collect();
+    metas
+        .into_iter()
+        .map(|(hash, actor, timestamp)| {
+            let heads = vec![hash];
+            let fallback = u64::try_from(timestamp).unwrap_or(0).saturating_mul(1000);
+            Version {
+                id: version_id(&heads),
+                at: hlc_at(&*doc, &heads).unwrap_or(Hlc {
+                    wall_ms: fallback,
+                    counter: 0,
+                    actor: policy::actor_array(&actor),
+                }),
+                home: homes.home_of(&actor),
+                actor,
+                heads,
+            }
+        })
+        .collect()
+}
+
+/// Finds the heads named by a version id or unique prefix.
+fn find_version(doc: &mut AutoCommit, version: &str) -> Result<Vec<ChangeHash>> {
+    let prefix = normalise_prefix(version)?;
+    let current = doc.get_heads();
+    let mut found: Option<Vec<ChangeHash>> = None;
+    let mut candidates = vec![current];
+    candidates.extend(doc.get_changes_meta(&[]).into_iter().map(|m| vec![m.hash]));
+    for heads in candidates {
+        if version_id(&heads).starts_with(&prefix) {
+            match &found {
+                // The current heads of a linear history are its last change:
+                // the same version, found twice.
+                Some(f) if *f == heads => {}
+                Some(_) => {
+                    return Err(Error::Version {
+                        version: version.to_string(),
+                        reason: "prefix matches more than one version",
+                    });
+                }
+                None => found = Some(heads),
+            }
+        }
+    }
+    found.ok_or_else(|| Error::Version {
+        version: version.to_string(),
+        reason: "no such version of this document",
+    })
+}
+
+impl<P: Clone + Ord + Debug> Engine<P> {
+    /// The id of the entity's current version.
+    pub fn entity_version(&mut self, id: DocId) -> Result<String> {
+        Ok(version_id(&self.heads(id)?))
+    }
+
+    /// The newest `limit` versions of an entity, oldest first.
+    pub fn entity_history(&mut self, id: DocId, limit: usize) -> Result<Vec<Version>> {
+        expect_kind(self, id, DocKind::Entity)?;
+        let homes = self.homes.clone();
+        let doc = self.doc_for_read_mut(id)?;
+        let mut versions = all_versions(doc, &homes);
+        let skip = versions.len().saturating_sub(limit);
+        Ok(versions.split_off(skip))
+    }
+
+    /// The entity as of `version` (an id or a unique prefix of 8 or more hex
+    /// digits), with conflicts resolved as they stood then.
+    pub fn entity_at(&mut self, id: DocId, version: &str) -> Result<ResolvedEntity> {
+        expect_kind(self, id, DocKind::Entity)?;
+        let homes = self.homes.clone();
+        let doc = self.doc_for_read_mut(id)?;
+        let heads = find_version(doc, version)?;
+        policy::resolve_at(doc, Some(&heads), &homes)
+    }
+
+    /// Writes the entity's state and attributes as of `version` as a new
+    /// change, and returns the entity as it now reads.
+    pub fn restore_entity(
+        &mut self,
+        id: DocId,
+        version: &str,
+        now_ms: u64,
+        correlation_id: Option<String>,
+    ) -> Result<(ResolvedEntity, Vec<Output<P>>)> {
+        let target = self.entity_at(id, version)?.entity;
+        let update = EntityUpdate {
+            state: target.state,
+            attributes: Some(target.attributes),
+        };
+        let (_, out) = self.transact(id, now_ms, correlation_id, |doc, at, by| {
+            policy::write_settled(doc, &update, None, at, by)
+        })?;
+        Ok((self.resolved_entity(id)?, out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::harness_docs::Cluster;
+    use crate::policy::Policy;
+    use crate::schema::entity::Entity;
+    use serde_json::json;
+
+    const DOC: DocId = DocId::from_bytes([31; 16]);
+
+    fn update(state: &str, level: i64) -> EntityUpdate {
+        EntityUpdate {
+            state: state.into(),
+            attributes: json!({ "level": level }).as_object().cloned(),
+        }
+    }
+
+    fn cluster() -> Cluster {
+        let mut c = Cluster::new(&["home-1", "home-2"]);
+        c.share_entity(DOC, Policy::LatestWins);
+        c
+    }
+
+    #[test]
+    fn versions_read_back_and_restore_as_a_new_change() {
+        let mut c = cluster();
+        c.write(0, DOC, &update("on", 10), 100);
+        c.settle();
+        let dim_ms = c.now_ms + 200;
+        c.write(1, DOC, &update("dim", 20), 200);
+        c.settle();
+        let versions = c.nodes[0].entity_history(DOC, usize::MAX).unwrap();
+        // Creation, the policy, and the two writes.
+        assert_eq!(versions.len(), 4);
+        assert_eq!(
+            versions,
+            c.nodes[1].entity_history(DOC, usize::MAX).unwrap()
+        );
+        for v in &versions {
+            assert_eq!(v.id.len(), VERSION_ID_LEN);
+            assert_eq!(v.id, version_id(&v.heads));
+        }
+        let on = &versions[2];
+        let dim = &versions[3];
+        assert_eq!(on.actor, crate::ids::actor_for_peer(b"peer-0"));
+        assert_eq!(on.home.as_deref(), Some("home-1"));
+        assert_eq!(dim.home.as_deref(), Some("home-2"));
+        assert!(on.at < dim.at);
+        assert_eq!(dim.at.wall_ms, dim_ms, "the clock the write stamped");
+        assert_eq!(
+            c.nodes[0].entity_version(DOC).unwrap(),
+            dim.id,
+            "current = newest"
+        );
+        assert_eq!(c.nodes[0].entity_history(DOC, 2).unwrap(), versions[2..]);
+
+        // Read as of a version, by an 8-digit prefix (any case).
+        let past = c.nodes[1]
+            .entity_at(DOC, &on.id[..8].to_uppercase())
+            .unwrap();
+        assert_eq!(past.entity.state, "on");
+        assert_eq!(past.entity.attributes["level"], json!(10));
+        assert_eq!(past.entity.updated_at, on.at);
+        let first = c.nodes[1].entity_at(DOC, &versions[0].id).unwrap();
+        assert_eq!(first.entity.state, "off");
+
+        // Restore: a new change that pushes like any write.
+        let before = c.nodes[1].heads(DOC).unwrap();
+        let (restored, out) = c.nodes[1]
+            .restore_entity(DOC, &on.id, c.now_ms + 300, Some("undo".into()))
+            .unwrap();
+        assert_eq!(restored.entity.state, "on");
+        assert_eq!(restored.entity.attributes["level"], json!(10));
+        assert!(
+            out.iter()
+                .any(|o| matches!(o, Output::Send { peer: 0, .. }))
+        );
+        assert_ne!(c.nodes[1].heads(DOC).unwrap(), before);
+        c.absorb(1, out);
+        c.settle();
+        let e0 = c.nodes[0].entity(DOC).unwrap();
+        assert_eq!(
+            (e0.state.as_str(), &e0.attributes["level"]),
+            ("on", &json!(10))
+        );
+        assert_eq!(e0.updated_by, crate::ids::actor_for_peer(b"peer-1"));
+        let after = c.nodes[0].entity_history(DOC, usize::MAX).unwrap();
+        assert_eq!(after.len(), 5, "history only grows");
+        assert_eq!(after[..4], versions[..]);
+        // The restored-over version is still there to go back to.
+        let again = c.nodes[0].entity_at(DOC, &dim.id).unwrap();
+        assert_eq!(again.entity.state, "dim");
+    }
+
+    #[test]
+    fn restoring_settles_conflicts_and_merged_versions_are_readable() {
+        let mut c = cluster();
+        c.write(0, DOC, &update("a", 1), 10);
+        c.write(1, DOC, &update("b", 2), 20);
+        c.settle();
+        // Two heads: the current version is a merge of both writes.
+        assert_eq!(c.nodes[0].heads(DOC).unwrap().len(), 2);
+        let merged = c.nodes[0].entity_version(DOC).unwrap();
+        let listed = c.nodes[0].entity_history(DOC, usize::MAX).unwrap();
+        assert!(listed.iter().all(|v| v.id != merged));
+        let now = c.nodes[0].entity_at(DOC, &merged).unwrap();
+        assert_eq!(now.entity.state, "b");
+        assert_eq!(now.conflicts.len(), 2);
+        // Back to node 0's own write: every conflicted field is rewritten.
+        let a = listed
+            .iter()
+            .rev()
+            .find(|v| v.actor == crate::ids::actor_for_peer(b"peer-0"))
+            .unwrap();
+        assert_eq!(c.nodes[0].entity_at(DOC, &a.id).unwrap().entity.state, "a");
+        let (restored, out) = c.nodes[1]
+            .restore_entity(DOC, &a.id, c.now_ms + 50, None)
+            .unwrap();
+        c.absorb(1, out);
+        c.settle();
+        assert_eq!(restored.entity.state, "a");
+        assert!(restored.conflicts.is_empty());
+        assert_eq!(c.nodes[0].resolved_entity(DOC).unwrap(), restored);
+    }
+
+    #[test]
+    fn bad_version_ids_are_error_values() {
+        let mut c = cluster();
+        for (bad, reason) in [
+            ("abc", "at least 8"),
+            ("zzzzzzzz", "hex digits only"),
+            (&"a".repeat(65)[..], "at most 64"),
+            ("00000000", "no such version"),
+        ] {
+            match c.nodes[0].entity_at(DOC, bad) {
+                Err(Error::Version { reason: r, .. }) => assert!(r.contains(reason), "{bad}: {r}"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        let now = c.now_ms;
+        assert!(matches!(
+            c.nodes[0].restore_entity(DOC, "00000000", now, None),
+            Err(Error::Version { .. })
+        ));
+        assert!(matches!(
+            c.nodes[0].entity_history(DocId::from_bytes([1; 16]), 5),
+            Err(Error::UnknownDocument(_))
+        ));
+    }
+
+    #[test]
+    fn typed_views_read_through_at_heads() {
+        let mut c = cluster();
+        let heads = c.nodes[0].heads(DOC).unwrap();
+        c.write(0, DOC, &update("on", 3), 10);
+        let doc = c.nodes[0].doc(DOC).unwrap();
+        let then = Entity::read(&AtHeads::new(doc, &heads)).unwrap();
+        assert_eq!(then.state, "off");
+        assert!(then.attributes.is_empty());
+        assert_eq!(Entity::read(doc).unwrap().state, "on");
+        assert_eq!(AtHeads::new(doc, &heads).heads(), &heads[..]);
+    }
+}
