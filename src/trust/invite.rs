@@ -71,7 +71,8 @@ pub(crate) enum InviteKind {
 }
 
 impl InviteKind {
-    fn tag(self) -> u8 {
+    /// Stable tag used in codes and pairing transcripts.
+    pub(crate) fn tag(self) -> u8 {
         match self {
             Self::Device => 1,
             Self::Home => 2,

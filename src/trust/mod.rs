@@ -23,4 +23,5 @@ pub(crate) mod cert;
 pub(crate) mod error;
 pub(crate) mod invite;
 pub(crate) mod keys;
+pub(crate) mod pake;
 mod wire;
