@@ -16,8 +16,17 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::Error;
+mod keyring;
+mod peers;
+
+use hearth_crdt::schema::home as home_schema;
+use hearth_crdt::wire::Frame;
+
 use crate::entities::{Entity, EntityChange, EntityWrite};
 use crate::home::{self, HOME_KEY, HomeRecord};
+use crate::trust::cert::DeviceCert;
+use crate::trust::keys::{self as doc_keys, DeviceSecret, DocKey};
+use keyring::{CERT_KEY, Keyring};
 
 /// Requests queued for the core before callers wait.
 const CORE_QUEUE: usize = 256;
@@ -85,6 +94,14 @@ struct Core {
     /// Entity document -> entity id, from the registry.
     entity_of_doc: HashMap<DocId, String>,
     events: broadcast::Sender<EntityChange>,
+    /// Document keys this device holds.
+    keyring: Keyring,
+    /// This device's X25519 secret, for keys other devices wrap for it.
+    device: DeviceSecret,
+    /// Admitted devices, by PeerId text.
+    admitted: HashMap<String, hearth_net::PeerId>,
+    /// Frames the engine produced, sealed and sent after each step.
+    outbox: Vec<(String, Frame)>,
 }
 
 /// Loads every stored document, creates the home on first start, and spawns the actor.
@@ -112,12 +129,33 @@ pub(crate) async fn start(
         chunk_seq: HashMap::new(),
         entity_of_doc: HashMap::new(),
         events: broadcast::channel(CHANGE_BUFFER).0,
+        keyring: Keyring::default(),
+        device: DeviceSecret::generate(),
+        admitted: HashMap::new(),
+        outbox: Vec::new(),
     };
+    let mut batch = Batch::new();
+    core.device = keyring::device_secret(&core.store, &mut batch).await?;
+    if !batch.is_empty() {
+        core.store.batch(batch).await?;
+    }
+    core.keyring = Keyring::load(&core.store).await?;
     core.load_documents().await?;
     if fresh {
-        core.create_home().await?;
+        core.create_home(device_name).await?;
     }
-    core.rebuild_entity_index()?;
+    let cert = core.load_certificate().await?;
+    core.net
+        .set_certificate(cert)
+        .await
+        .map_err(|e| Error::Network(e.to_string()))?;
+    // Documents whose keys this device holds but whose content has not arrived yet (a
+    // device that just joined) are tracked, so the first sync fills them.
+    let held: Vec<_> = core.keyring.ids().collect();
+    for (doc, epoch) in held {
+        core.ensure_expected(doc, epoch);
+    }
+    core.rebuild_entity_index_lenient();
 
     let facts = NodeFacts {
         home_id: core.home.home_id.clone(),
@@ -188,8 +226,9 @@ impl Core {
         }
     }
 
-    /// Writes a new home's documents and record; this device is its first member.
-    async fn create_home(&mut self) -> Result<(), Error> {
+    /// Writes a new home's documents and record, and this device's admin certificate; this
+    /// device is the home's first member.
+    async fn create_home(&mut self, device_name: &str) -> Result<(), Error> {
         let record = self.home.clone();
         let name = record.name.clone();
         let epoch = KeyEpoch::first(*self.engine_actor_bytes());
@@ -204,6 +243,39 @@ impl Core {
                 .map_err(doc_err)?,
         );
         let mut batch = self.handle_outputs(out);
+        for doc in [record.home_doc, record.registry_doc] {
+            self.keyring.insert(doc, epoch, new_key()?, &mut batch);
+        }
+        let root = record
+            .root_secret
+            .map(|s| ed25519_dalek::SigningKey::from_bytes(&s))
+            .ok_or_else(|| Error::Internal("a new home has no root key".into()))?;
+        let device_name = clean_device_name(device_name);
+        let cert = DeviceCert::issue(
+            &root,
+            &self.peer_id,
+            self.device.public(),
+            &device_name,
+            now,
+            true,
+        )
+        .and_then(|c| c.encode())
+        .map_err(|e| Error::Internal(format!("cannot issue this device's certificate: {e}")))?;
+        let record_for_doc = home_schema::DeviceRecord {
+            name: device_name.clone(),
+            certificate: cert.clone(),
+            revoked_at: None,
+        };
+        let peer_id = self.peer_id.clone();
+        let (_, out) = self
+            .engine
+            .transact(record.home_doc, now, None, |d, _, _| {
+                home_schema::put_device(d, &peer_id, &record_for_doc)
+            })
+            .map_err(doc_err)?;
+        let more = self.handle_outputs(out);
+        append(&mut batch, more);
+        batch.put(Keyspace::Meta, CERT_KEY.to_vec(), cert);
         // The record goes in the same atomic batch as the documents it names.
         batch.put(Keyspace::Meta, HOME_KEY.to_vec(), record.encode()?);
         self.store.batch(batch).await?;
@@ -215,6 +287,33 @@ impl Core {
         // The engine's actor is always the 16-byte PeerId digest.
         let bytes = self.engine.actor().to_bytes();
         <&[u8; 16]>::try_from(bytes).unwrap_or(&[0; 16])
+    }
+
+    /// This device's certificate, as stored at home creation or at pairing.
+    async fn load_certificate(&self) -> Result<Vec<u8>, Error> {
+        let bytes = self
+            .store
+            .get(Keyspace::Meta, CERT_KEY.to_vec())
+            .await?
+            .ok_or(Error::CorruptRecord {
+                what: "device certificate",
+                detail: "missing".into(),
+            })?;
+        match DeviceCert::verify_bytes(&bytes, &self.home.root_public) {
+            crate::trust::cert::Verdict::Valid(_) => Ok(bytes),
+            other => Err(Error::CorruptRecord {
+                what: "device certificate",
+                detail: format!("{other:?}"),
+            }),
+        }
+    }
+
+    /// Rebuilds the entity index from the registry. On a device that has not received the
+    /// registry yet the index stays empty until it arrives.
+    fn rebuild_entity_index_lenient(&mut self) {
+        if let Err(error) = self.rebuild_entity_index() {
+            tracing::debug!(%error, "registry not readable yet");
+        }
     }
 
     fn rebuild_entity_index(&mut self) -> Result<(), Error> {
@@ -251,7 +350,10 @@ impl Core {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 request = rx.recv() => match request {
-                    Some(request) => self.handle(request),
+                    Some(request) => {
+                        self.handle(request);
+                        self.send_pending().await;
+                    }
                     None => break,
                 },
                 event = net_events.recv() => match event {
@@ -261,41 +363,39 @@ impl Core {
                 _ = timer => {
                     let out = self.engine.tick(now_ms());
                     self.persist_in_background(out);
+                    self.send_pending().await;
                 }
             }
         }
         tracing::debug!("core stopped");
     }
 
-    /// Reacts to the network. Until device pairing exists no certificate can name a device
-    /// of this home, so every peer is refused after its hello and receives no document.
+    /// Reacts to the network.
     async fn on_net_event(&mut self, event: hearth_net::Event) {
         use hearth_net::Event;
         match event {
-            Event::Hello { peer, certificate } => {
-                let reason = if certificate.is_empty() {
-                    "presented no device certificate"
-                } else {
-                    "is not a paired device of this home"
-                };
-                tracing::info!(%peer, reason, "refusing peer");
-                if let Err(error) = self.net.reject(peer, format!("peer {reason}")).await {
-                    tracing::warn!(%peer, %error, "could not refuse peer");
-                }
-            }
+            Event::Hello { peer, certificate } => self.on_hello(peer, certificate).await,
+            Event::Frame { peer, bytes } => self.on_frame(peer, bytes).await,
             Event::PeerConnected { peer, addr, .. } => {
                 tracing::debug!(%peer, %addr, "peer connected");
             }
             Event::PeerDisconnected { peer, reason } => {
-                tracing::debug!(%peer, ?reason, "peer disconnected");
-                for (doc, state) in self.engine.detach_peer(&peer.to_base58()) {
-                    tracing::trace!(%doc, bytes = state.len(), "session closed");
+                let text = peer.to_base58();
+                tracing::info!(peer = %text, ?reason, "peer disconnected");
+                self.admitted.remove(&text);
+                // Keep each session's state so a reconnect resumes rather than restarts.
+                let mut batch = Batch::new();
+                for (doc, state) in self.engine.detach_peer(&text) {
+                    batch.put(Keyspace::SyncStates, sync_state_key(&text, doc), state);
                 }
-            }
-            Event::Frame { peer, .. } | Event::EphemeralFrame { peer, .. } => {
-                // The network layer delivers frames only from admitted peers, and none is
-                // admitted yet.
-                tracing::warn!(%peer, "frame from a peer that was never admitted");
+                if !batch.is_empty() {
+                    let store = self.store.clone();
+                    tokio::spawn(async move {
+                        if let Err(error) = store.batch(batch).await {
+                            tracing::warn!(%error, "could not save sync states");
+                        }
+                    });
+                }
             }
             _ => {}
         }
@@ -336,6 +436,19 @@ impl Core {
             None => {
                 let doc = DocId::from_bytes(home::random()?);
                 let epoch = KeyEpoch::first(*self.engine_actor_bytes());
+                let key = new_key()?;
+                let wraps = self.wrap_for_devices(&key, doc, epoch);
+                // The key, wrapped for every other device, rides in the home document so
+                // each device can open the new entity when it syncs.
+                let (_, home_out) = self
+                    .engine
+                    .transact(self.home.home_doc, now, None, |d, _, _| {
+                        for (peer, wrapped) in &wraps {
+                            home_schema::put_wrapped_key(d, doc, &epoch, peer, wrapped)?;
+                        }
+                        Ok(())
+                    })
+                    .map_err(doc_err)?;
                 let mut out = self
                     .engine
                     .create_entity(doc, &self.home.home_id, epoch, id, &update, now)
@@ -347,8 +460,22 @@ impl Core {
                     })
                     .map_err(doc_err)?;
                 out.extend(reg_out);
+                out.extend(home_out);
                 self.entity_of_doc.insert(doc, id.to_string());
-                let batch = self.handle_outputs(out);
+                let mut batch = self.handle_outputs(out);
+                self.keyring.insert(doc, epoch, key, &mut batch);
+                let peers: Vec<String> = self.admitted.keys().cloned().collect();
+                for peer in peers {
+                    match self.engine.attach(peer.clone(), doc, None, now) {
+                        Ok(out) => {
+                            let more = self.handle_outputs(out);
+                            append(&mut batch, more);
+                        }
+                        Err(error) => {
+                            tracing::warn!(%peer, %error, "cannot open a session for a new entity")
+                        }
+                    }
+                }
                 // Creating a document reports no change of its own, so announce it here.
                 let entity = self.entity_view(doc)?;
                 self.emit(entity.clone(), None, write.correlation_id);
@@ -361,6 +488,32 @@ impl Core {
             .map_err(doc_err)?;
         let batch = self.handle_outputs(out);
         Ok((self.entity_view(doc)?, batch))
+    }
+
+    /// Wraps `key` for every unrevoked device in the home document except this one.
+    fn wrap_for_devices(
+        &self,
+        key: &DocKey,
+        doc: DocId,
+        epoch: KeyEpoch,
+    ) -> Vec<(String, Vec<u8>)> {
+        let Ok(home) = self.engine.home(self.home.home_doc) else {
+            return Vec::new();
+        };
+        home.devices
+            .iter()
+            .filter(|(peer, record)| **peer != self.peer_id && record.revoked_at.is_none())
+            .filter_map(|(peer, record)| {
+                let cert = DeviceCert::decode(&record.certificate).ok()?;
+                match doc_keys::wrap_key(key, doc, epoch, cert.x25519_public()) {
+                    Ok(w) => Some((peer.clone(), w.to_bytes().to_vec())),
+                    Err(error) => {
+                        tracing::warn!(%peer, %error, "cannot wrap a key for device");
+                        None
+                    }
+                }
+            })
+            .collect()
     }
 
     fn doc_of_entity(&self, id: &str) -> Option<DocId> {
@@ -470,11 +623,7 @@ impl Core {
                         }
                     }
                 }
-                Output::Send { peer, .. } => {
-                    // No transport is attached to the core yet, so no session can exist
-                    // and the engine has nobody to send to.
-                    tracing::warn!(%peer, "dropping a frame: no network attached");
-                }
+                Output::Send { peer, frame } => self.outbox.push((peer, frame)),
                 Output::Timer { .. } => {
                     // The run loop asks the engine for its next deadline each turn.
                 }
@@ -507,6 +656,42 @@ fn sync_state_key(peer: &str, doc: DocId) -> Vec<u8> {
     key.extend_from_slice(peer);
     key.extend_from_slice(doc.as_bytes());
     key
+}
+
+fn new_key() -> Result<DocKey, Error> {
+    DocKey::generate().map_err(|e| Error::Internal(format!("cannot make a document key: {e}")))
+}
+
+/// Moves every operation of `more` to the end of `batch`.
+fn append(batch: &mut Batch, more: Batch) {
+    for op in more.into_ops() {
+        match op {
+            hearth_storage::BatchOp::Put {
+                keyspace,
+                key,
+                value,
+            } => {
+                batch.put(keyspace, key, value);
+            }
+            hearth_storage::BatchOp::Delete { keyspace, key } => {
+                batch.delete(keyspace, key);
+            }
+        }
+    }
+}
+
+/// A device name as certificates accept it: printable, at most 64 characters.
+fn clean_device_name(name: &str) -> String {
+    let cleaned: String = name
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(crate::trust::cert::MAX_DEVICE_NAME_LEN)
+        .collect();
+    if cleaned.trim().is_empty() {
+        "hearth-device".to_string()
+    } else {
+        cleaned
+    }
 }
 
 fn doc_err(e: hearth_crdt::Error) -> Error {

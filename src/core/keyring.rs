@@ -1,0 +1,161 @@
+//! This device's key material: its X25519 secret, its certificate, and the document keys
+//! it holds. Document keys sit in the `Keyring` keyspace (sealed at rest by the store);
+//! the home document carries each key wrapped for every member device, which is how a
+//! device learns keys for documents created elsewhere.
+
+use std::collections::HashMap;
+
+use hearth_crdt::{DocId, KeyEpoch};
+use hearth_storage::{Batch, Keyspace, Scan, StoreHandle};
+
+use crate::Error;
+use crate::trust::keys::{DOC_KEY_LEN, DeviceSecret, DocKey};
+
+/// Meta key of the device's X25519 secret.
+pub(crate) const X25519_KEY: &[u8] = b"device/x25519";
+/// Meta key of the device's certificate, signed by the home root.
+pub(crate) const CERT_KEY: &[u8] = b"device/cert";
+/// Most keyring entries read at start, per page.
+const PAGE: usize = 4096;
+
+/// `doc id (16) ‖ epoch counter (u64 BE) ‖ epoch device (16)`.
+fn key_of(doc: DocId, epoch: KeyEpoch) -> Vec<u8> {
+    let mut key = Vec::with_capacity(40);
+    key.extend_from_slice(doc.as_bytes());
+    key.extend_from_slice(&epoch.counter.to_be_bytes());
+    key.extend_from_slice(&epoch.device);
+    key
+}
+
+fn parse_key(key: &[u8]) -> Option<(DocId, KeyEpoch)> {
+    if key.len() != 40 {
+        return None;
+    }
+    let doc = DocId::from_bytes(key[..16].try_into().ok()?);
+    let counter = u64::from_be_bytes(key[16..24].try_into().ok()?);
+    let device: [u8; 16] = key[24..40].try_into().ok()?;
+    Some((doc, KeyEpoch { counter, device }))
+}
+
+/// Document keys this device holds.
+#[derive(Default)]
+pub(crate) struct Keyring {
+    keys: HashMap<(DocId, KeyEpoch), DocKey>,
+}
+
+impl Keyring {
+    /// Reads every stored document key. A malformed entry is skipped with a warning; it
+    /// stays on disk.
+    pub(crate) async fn load(store: &StoreHandle) -> Result<Self, Error> {
+        let mut ring = Self::default();
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let mut scan = Scan::all().limit(PAGE);
+            if let Some(k) = after.take() {
+                scan = scan.after(k);
+            }
+            let page = store.scan(Keyspace::Keyring, scan).await?;
+            let full = page.len() == PAGE;
+            for (key, value) in page {
+                match (
+                    parse_key(&key),
+                    <[u8; DOC_KEY_LEN]>::try_from(value.as_slice()),
+                ) {
+                    (Some(id), Ok(bytes)) => {
+                        ring.keys.insert(id, DocKey::from_bytes(bytes));
+                    }
+                    _ => {
+                        tracing::warn!(key = %hex::encode(&key), "skipping a malformed keyring entry")
+                    }
+                }
+                after = Some(key);
+            }
+            if !full {
+                return Ok(ring);
+            }
+        }
+    }
+
+    pub(crate) fn get(&self, doc: DocId, epoch: KeyEpoch) -> Option<&DocKey> {
+        self.keys.get(&(doc, epoch))
+    }
+
+    pub(crate) fn contains(&self, doc: DocId, epoch: KeyEpoch) -> bool {
+        self.keys.contains_key(&(doc, epoch))
+    }
+
+    /// Every (document, epoch) held.
+    pub(crate) fn ids(&self) -> impl Iterator<Item = (DocId, KeyEpoch)> + '_ {
+        self.keys.keys().copied()
+    }
+
+    /// Records a key, adding its write to `batch`.
+    pub(crate) fn insert(&mut self, doc: DocId, epoch: KeyEpoch, key: DocKey, batch: &mut Batch) {
+        batch.put(
+            Keyspace::Keyring,
+            key_of(doc, epoch),
+            key.expose_secret().to_vec(),
+        );
+        self.keys.insert((doc, epoch), key);
+    }
+}
+
+/// Loads the device's X25519 secret, creating it (in `batch`) when absent.
+pub(crate) async fn device_secret(
+    store: &StoreHandle,
+    batch: &mut Batch,
+) -> Result<DeviceSecret, Error> {
+    match store.get(Keyspace::Meta, X25519_KEY.to_vec()).await? {
+        Some(bytes) => {
+            let bytes: [u8; 32] =
+                bytes
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| Error::CorruptRecord {
+                        what: "device X25519 key",
+                        detail: format!("{} bytes instead of 32", bytes.len()),
+                    })?;
+            Ok(DeviceSecret::from_bytes(bytes))
+        }
+        None => {
+            let secret = DeviceSecret::generate();
+            batch.put(
+                Keyspace::Meta,
+                X25519_KEY.to_vec(),
+                secret.expose_secret().to_vec(),
+            );
+            Ok(secret)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keyring_keys_round_trip_and_reject_other_lengths() {
+        let doc = DocId::from_bytes([3; 16]);
+        let epoch = KeyEpoch {
+            counter: 7,
+            device: [9; 16],
+        };
+        assert_eq!(parse_key(&key_of(doc, epoch)), Some((doc, epoch)));
+        assert_eq!(parse_key(&[0; 39]), None);
+    }
+
+    #[tokio::test]
+    async fn stored_keys_load_back() {
+        let store = hearth_storage::open_in_memory().unwrap();
+        let mut ring = Keyring::default();
+        let mut batch = Batch::new();
+        let doc = DocId::from_bytes([1; 16]);
+        let epoch = KeyEpoch::first([2; 16]);
+        let key = DocKey::generate().unwrap();
+        ring.insert(doc, epoch, key.clone(), &mut batch);
+        store.batch(batch).await.unwrap();
+        let loaded = Keyring::load(&store).await.unwrap();
+        assert_eq!(loaded.get(doc, epoch), Some(&key));
+        assert!(!loaded.contains(doc, KeyEpoch::first([3; 16])));
+    }
+}

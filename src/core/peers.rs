@@ -1,0 +1,284 @@
+//! The core's side of the network: admission by device certificate, sealing frames under
+//! document keys, routing received frames into the engine, and learning document keys
+//! that other devices wrapped for this one.
+
+use hearth_crdt::wire::{self, Frame};
+use hearth_crdt::{DocId, DocKind, KeyEpoch, Output};
+use hearth_net::{Bytes, PeerId};
+
+use super::{Core, now_ms, sync_state_key};
+use crate::trust::cert::{DeviceCert, Verdict};
+use crate::trust::keys::{self, RecordKind, WrappedKey};
+
+/// Largest frame the core decodes; the network layer already caps frames at this size.
+const MAX_FRAME_BYTES: usize = hearth_net::MAX_FRAME_SIZE;
+
+impl Core {
+    /// Checks a peer's certificate against this home's root key. Only devices of this home
+    /// whose certificate verifies, names the connecting PeerId and is not revoked get in.
+    pub(super) async fn on_hello(&mut self, peer: PeerId, certificate: Vec<u8>) {
+        let peer_text = peer.to_base58();
+        let verdict = match DeviceCert::verify_bytes(&certificate, &self.home.root_public) {
+            Verdict::Valid(cert) if cert.peer_id() != peer_text => {
+                Err("presented a certificate issued to another device".to_string())
+            }
+            Verdict::Valid(cert) if self.is_revoked(&peer_text) => {
+                let _ = cert;
+                Err("is a revoked device of this home".to_string())
+            }
+            Verdict::Valid(cert) => Ok(cert),
+            Verdict::WrongHome { .. } => Err("belongs to another home".to_string()),
+            Verdict::BadSignature => {
+                Err("presented a certificate with a bad signature".to_string())
+            }
+            Verdict::Malformed(_) if certificate.is_empty() => {
+                Err("presented no device certificate".to_string())
+            }
+            Verdict::Malformed(detail) => {
+                Err(format!("presented a malformed certificate ({detail})"))
+            }
+        };
+        match verdict {
+            Ok(cert) => {
+                tracing::info!(peer = %peer_text, device = cert.device_name(), "admitting device of this home");
+                match self.net.admit(peer).await {
+                    Ok(true) => {
+                        self.admitted.insert(peer_text.clone(), peer);
+                        self.attach_all(&peer_text).await;
+                    }
+                    Ok(false) => tracing::debug!(peer = %peer_text, "peer left before admission"),
+                    Err(error) => tracing::warn!(peer = %peer_text, %error, "could not admit"),
+                }
+            }
+            Err(reason) => {
+                tracing::info!(peer = %peer_text, %reason, "refusing peer");
+                if let Err(error) = self.net.reject(peer, format!("peer {reason}")).await {
+                    tracing::warn!(peer = %peer_text, %error, "could not refuse peer");
+                }
+            }
+        }
+    }
+
+    fn is_revoked(&self, peer: &str) -> bool {
+        self.engine
+            .home(self.home.home_doc)
+            .ok()
+            .and_then(|h| h.devices.get(peer).map(|d| d.revoked_at.is_some()))
+            .unwrap_or(false)
+    }
+
+    /// Opens a sync session with an admitted device for every document this node holds a
+    /// key for; saved sync states make a reconnect resume where it left off.
+    pub(super) async fn attach_all(&mut self, peer: &str) {
+        let ids: Vec<(DocId, KeyEpoch)> = self.keyring.ids().collect();
+        for (doc, epoch) in ids {
+            self.attach(peer, doc, epoch).await;
+        }
+        self.send_pending().await;
+    }
+
+    async fn attach(&mut self, peer: &str, doc: DocId, epoch: KeyEpoch) {
+        self.ensure_expected(doc, epoch);
+        let saved = match self
+            .store
+            .get(
+                hearth_storage::Keyspace::SyncStates,
+                sync_state_key(peer, doc),
+            )
+            .await
+        {
+            Ok(saved) => saved,
+            Err(error) => {
+                tracing::warn!(%doc, %error, "cannot read the saved sync state; starting afresh");
+                None
+            }
+        };
+        let out = match self
+            .engine
+            .attach(peer.to_string(), doc, saved.as_deref(), now_ms())
+        {
+            Ok(out) => out,
+            // An unreadable saved state only costs a full exchange.
+            Err(_) => match self.engine.attach(peer.to_string(), doc, None, now_ms()) {
+                Ok(out) => out,
+                Err(error) => {
+                    tracing::warn!(%doc, %error, "cannot open a sync session");
+                    return;
+                }
+            },
+        };
+        self.persist_in_background(out);
+    }
+
+    /// Makes sure the engine tracks a document this node holds a key for, so a peer's
+    /// frames for it have somewhere to land. The kind is a placeholder until the
+    /// document's header arrives.
+    pub(super) fn ensure_expected(&mut self, doc: DocId, epoch: KeyEpoch) {
+        if self.engine.header(doc).is_ok() {
+            return;
+        }
+        let kind = if doc == self.home.home_doc {
+            DocKind::Home
+        } else if doc == self.home.registry_doc {
+            DocKind::Registry
+        } else {
+            DocKind::Entity
+        };
+        self.engine
+            .expect_document(doc, kind, &self.home.home_id, epoch);
+    }
+
+    /// Seals and sends every frame the engine produced. A frame for a document whose key
+    /// is missing is dropped with a warning; the session's retry resends it later.
+    pub(super) async fn send_pending(&mut self) {
+        for (peer, frame) in std::mem::take(&mut self.outbox) {
+            let Some(net_peer) = self.admitted.get(&peer).copied() else {
+                continue;
+            };
+            let bytes = match self.seal_frame(frame) {
+                Ok(bytes) => bytes,
+                Err(reason) => {
+                    tracing::warn!(%peer, %reason, "not sending a frame");
+                    continue;
+                }
+            };
+            match self.net.send(net_peer, Bytes::from(bytes)).await {
+                Ok(hearth_net::SendOutcome::Queued) => {}
+                Ok(outcome) => tracing::debug!(%peer, ?outcome, "frame not queued"),
+                Err(error) => tracing::warn!(%peer, %error, "send failed"),
+            }
+        }
+    }
+
+    fn seal_frame(&self, mut frame: Frame) -> Result<Vec<u8>, String> {
+        match &mut frame {
+            Frame::Push(p) => {
+                let key = self
+                    .keyring
+                    .get(p.doc, p.epoch)
+                    .ok_or("no key for the document")?;
+                p.bytes = keys::seal(key, p.doc, p.epoch, RecordKind::Push, &p.bytes)
+                    .map_err(|e| e.to_string())?;
+            }
+            Frame::Sync(s) => {
+                let key = self
+                    .keyring
+                    .get(s.doc, s.epoch)
+                    .ok_or("no key for the document")?;
+                s.bytes = keys::seal(key, s.doc, s.epoch, RecordKind::SyncMessage, &s.bytes)
+                    .map_err(|e| e.to_string())?;
+            }
+            // Digest frames hold only ids and heads hashes, which Noise protects.
+            Frame::Digest(_) => {}
+            _ => return Err("unknown frame kind".into()),
+        }
+        Ok(wire::encode(&frame))
+    }
+
+    /// A frame from an admitted device: open it under the document key and hand it to the
+    /// engine. Anything malformed or unopenable is dropped with a logged reason; it never
+    /// reaches a document.
+    pub(super) async fn on_frame(&mut self, peer: PeerId, bytes: Bytes) {
+        let peer_text = peer.to_base58();
+        if !self.admitted.contains_key(&peer_text) {
+            tracing::warn!(peer = %peer_text, "frame from a peer that is not admitted");
+            return;
+        }
+        let mut frame = match wire::decode(&bytes, MAX_FRAME_BYTES) {
+            Ok(frame) => frame,
+            Err(error) => {
+                tracing::warn!(peer = %peer_text, %error, "dropping a malformed frame");
+                return;
+            }
+        };
+        let opened = match &mut frame {
+            Frame::Push(p) => self.open_payload(p.doc, p.epoch, RecordKind::Push, &mut p.bytes),
+            Frame::Sync(s) => {
+                self.open_payload(s.doc, s.epoch, RecordKind::SyncMessage, &mut s.bytes)
+            }
+            Frame::Digest(_) => Err("digest reconciliation is not enabled on this node".into()),
+            _ => Err("unknown frame kind".into()),
+        };
+        if let Err(reason) = opened {
+            tracing::warn!(peer = %peer_text, %reason, "dropping a frame");
+            return;
+        }
+        match self.engine.receive(peer_text.clone(), frame, now_ms()) {
+            Ok(out) => self.after_remote(out).await,
+            Err(error) => tracing::warn!(peer = %peer_text, %error, "frame refused"),
+        }
+    }
+
+    fn open_payload(
+        &mut self,
+        doc: DocId,
+        epoch: KeyEpoch,
+        kind: RecordKind,
+        bytes: &mut Vec<u8>,
+    ) -> Result<(), String> {
+        let key = self
+            .keyring
+            .get(doc, epoch)
+            .ok_or_else(|| format!("no key for document {doc}"))?;
+        *bytes = keys::open(key, doc, epoch, kind, bytes).map_err(|e| e.to_string())?;
+        self.ensure_expected(doc, epoch);
+        Ok(())
+    }
+
+    /// Applies what a remote change caused: persistence, replies, and, when the home or
+    /// registry document moved, new keys and entities.
+    pub(super) async fn after_remote(&mut self, out: Vec<Output<String>>) {
+        let touched_home = out.iter().any(|o| {
+            matches!(o, Output::Changed { doc, .. } if *doc == self.home.home_doc || *doc == self.home.registry_doc)
+        });
+        self.persist_in_background(out);
+        if touched_home {
+            self.rebuild_entity_index_lenient();
+            self.learn_keys().await;
+        }
+        self.send_pending().await;
+    }
+
+    /// Unwraps keys that other devices wrapped for this one in the home document, stores
+    /// them, and opens sessions for the new documents with every admitted device.
+    pub(super) async fn learn_keys(&mut self) {
+        let Ok(home) = self.engine.home(self.home.home_doc) else {
+            return;
+        };
+        let mut batch = hearth_storage::Batch::new();
+        let mut learned = Vec::new();
+        for ((doc, epoch), per_device) in home.keyring {
+            if self.keyring.contains(doc, epoch) {
+                continue;
+            }
+            let Some(wrapped) = per_device.get(&self.peer_id) else {
+                continue;
+            };
+            let key = WrappedKey::from_bytes(wrapped)
+                .and_then(|w| keys::unwrap_key(&w, doc, epoch, &self.device));
+            match key {
+                Ok(key) => {
+                    self.keyring.insert(doc, epoch, key, &mut batch);
+                    learned.push((doc, epoch));
+                }
+                Err(error) => {
+                    tracing::warn!(%doc, %error, "cannot unwrap a key wrapped for this device")
+                }
+            }
+        }
+        if learned.is_empty() {
+            return;
+        }
+        if let Err(error) = self.store.batch(batch).await {
+            tracing::error!(%error, "could not store learned document keys");
+            return;
+        }
+        let peers: Vec<String> = self.admitted.keys().cloned().collect();
+        for (doc, epoch) in learned {
+            self.ensure_expected(doc, epoch);
+            for peer in &peers {
+                self.attach(peer, doc, epoch).await;
+            }
+        }
+    }
+}
