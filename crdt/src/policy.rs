@@ -354,8 +354,18 @@ fn resolve_view<D: ReadDoc>(
     let policy = read_policy(view)?;
     let e = req_map(view, &ROOT, ENTITY_KEY, ENTITY_KEY)?;
     let mut conflicts = Vec::new();
+    let top = conflicted_keys(view, &e);
+    let stamps = if top.is_empty() && !has_conflicts_in(view, &e) {
+        BTreeMap::new()
+    } else {
+        visible_stamps(view, doc, &e)?
+    };
 
-    let states = get_all(view, &e, "state", "entity.state")?;
+    let states = if top.iter().any(|k| k == "state") {
+        get_all(view, &e, "state", "entity.state")?
+    } else {
+        Vec::new()
+    };
     if states.len() > 1 {
         let mut candidates = Vec::with_capacity(states.len());
         for (v, id) in states {
@@ -371,7 +381,7 @@ fn resolve_view<D: ReadDoc>(
                     ));
                 }
             };
-            candidates.push(candidate(doc, value, &id, "entity.state", homes)?);
+            candidates.push(candidate(doc, &stamps, value, &id, "entity.state", homes)?);
         }
         let c = decide(
             doc,
@@ -389,7 +399,7 @@ fn resolve_view<D: ReadDoc>(
     }
 
     let a = req_map(view, &e, "attributes", "entity.attributes")?;
-    for key in keys(view, &a) {
+    for key in conflicted_keys(view, &a) {
         let path = join("entity.attributes", &key);
         let values = get_all(view, &a, &key, &path)?;
         if values.len() < 2 {
@@ -399,7 +409,7 @@ fn resolve_view<D: ReadDoc>(
         for (v, id) in values {
             let mut budget = MAX_ATTRIBUTE_ENTRIES;
             let value = read_json(view, v, &id, &path, 1, &mut budget)?;
-            candidates.push(candidate(doc, value, &id, &path, homes)?);
+            candidates.push(candidate(doc, &stamps, value, &id, &path, homes)?);
         }
         let c = decide(
             doc,
@@ -416,7 +426,9 @@ fn resolve_view<D: ReadDoc>(
         conflicts.push(c);
     }
 
-    settle_stamp(view, doc, &e, &mut entity)?;
+    if top.iter().any(|k| k == "updated_at") {
+        settle_stamp(view, doc, &e, &mut entity)?;
+    }
     Ok(ResolvedEntity {
         entity,
         policy,
@@ -490,9 +502,39 @@ fn string_value<D: ReadDoc>(view: &D, v: &Value<'_>, id: &ObjId) -> Option<Strin
     }
 }
 
+/// The clocks of the `updated_at` values visible in `view`, by the change
+/// that wrote each. A candidate's clock is usually among them (it was
+/// written in the same change as the candidate), which saves reading the
+/// document as of that change.
+fn visible_stamps<D: ReadDoc>(
+    view: &D,
+    doc: &AutoCommit,
+    e: &ObjId,
+) -> Result<BTreeMap<ChangeHash, Hlc>> {
+    let mut out = BTreeMap::new();
+    for (v, id) in get_all(view, e, "updated_at", "entity.updated_at")? {
+        if let (Some(hlc), Some(change)) = (
+            v.as_str().and_then(|s| s.parse::<Hlc>().ok()),
+            doc.hash_for_opid(&id),
+        ) {
+            out.insert(change, hlc);
+        }
+    }
+    Ok(out)
+}
+
+/// Whether the entity's attributes hold concurrent values.
+fn has_conflicts_in<D: ReadDoc>(view: &D, e: &ObjId) -> bool {
+    match view.get(e, "attributes") {
+        Ok(Some((_, a))) => !conflicted_keys(view, &a).is_empty(),
+        _ => false,
+    }
+}
+
 /// Traces a value to the change that wrote it.
 fn candidate(
     doc: &AutoCommit,
+    stamps: &BTreeMap<ChangeHash, Hlc>,
     value: Json,
     id: &ObjId,
     path: &str,
@@ -504,7 +546,11 @@ fn candidate(
     let change = doc
         .hash_for_opid(id)
         .ok_or_else(|| Error::schema(path, "value belongs to no known change"))?;
-    let at = hlc_at(doc, &[change]).unwrap_or_else(|| {
+    let recorded = stamps
+        .get(&change)
+        .copied()
+        .or_else(|| hlc_at(doc, &[change]));
+    let at = recorded.unwrap_or_else(|| {
         // A change that wrote no clock (another Automerge client) still
         // ranks, by its own timestamp, so every replica ranks it alike.
         let secs = doc.get_change_by_hash(&change).map_or(0, |c| c.timestamp());
@@ -769,14 +815,17 @@ fn has_conflicts(doc: &AutoCommit) -> bool {
     let Ok(Some((_, e))) = doc.get(ROOT, ENTITY_KEY) else {
         return false;
     };
-    let many = |obj: &ObjId, key: &str| doc.get_all(obj, key).is_ok_and(|v| v.len() > 1);
-    if many(&e, "state") {
-        return true;
-    }
-    let Ok(Some((_, a))) = doc.get(&e, "attributes") else {
-        return false;
-    };
-    keys(doc, &a).iter().any(|k| many(&a, k))
+    conflicted_keys(doc, &e).iter().any(|k| k == "state") || has_conflicts_in(doc, &e)
+}
+
+/// Keys of a map that hold concurrent values. One pass over the map, where
+/// a `get_all` per key would cost a lookup each: this runs on every read and
+/// after every remote change.
+fn conflicted_keys<D: ReadDoc>(view: &D, obj: &ObjId) -> Vec<String> {
+    view.map_range(obj, ..)
+        .filter(|item| item.conflict)
+        .map(|item| item.key.into_owned())
+        .collect()
 }
 
 impl<P: Clone + Ord + Debug> Engine<P> {
