@@ -1,5 +1,6 @@
 //! The composed libp2p behaviour and the swarm built around it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use libp2p::swarm::NetworkBehaviour;
@@ -11,6 +12,8 @@ use libp2p::{
 use serde::{Deserialize, Serialize};
 
 use crate::config::MAX_CERTIFICATE_SIZE;
+use crate::event::Counters;
+use crate::pair::{PAIR_MAX_CONCURRENT_STREAMS, PAIR_PROTOCOL, PAIR_REQUEST_TIMEOUT, PairCodec};
 use crate::{Config, Error};
 
 /// Protocol of the certificate exchange every new session starts with.
@@ -82,6 +85,7 @@ pub(crate) struct Behaviour {
     pub(crate) ping: ping::Behaviour,
     pub(crate) mdns: Toggle<mdns::tokio::Behaviour>,
     pub(crate) hello: request_response::cbor::Behaviour<Hello, Hello>,
+    pub(crate) pair: request_response::Behaviour<PairCodec>,
     pub(crate) streams: libp2p_stream::Behaviour,
 }
 
@@ -92,7 +96,10 @@ pub(crate) const MAX_CONNECTIONS_PER_PEER: u32 = 2;
 
 /// Builds the swarm: TCP (and QUIC with the `quic` feature), Noise, Yamux and the
 /// behaviours above.
-pub(crate) fn build_swarm(config: &Config) -> Result<Swarm<Behaviour>, Error> {
+pub(crate) fn build_swarm(
+    config: &Config,
+    counters: Arc<Counters>,
+) -> Result<Swarm<Behaviour>, Error> {
     let keypair = config.identity.keypair().clone();
     let local_peer = keypair.public().to_peer_id();
 
@@ -111,6 +118,9 @@ pub(crate) fn build_swarm(config: &Config) -> Result<Swarm<Behaviour>, Error> {
     let hello_codec = request_response::cbor::codec::Codec::<Hello, Hello>::default()
         .set_request_size_maximum(HELLO_MESSAGE_MAX)
         .set_response_size_maximum(HELLO_MESSAGE_MAX);
+    // Request-response rather than a stream: pairing is a handful of rounds, each a
+    // question and an answer, and the behaviour brings per-request timeouts and size caps.
+    let pair_codec = PairCodec::new(counters);
     let behaviour = Behaviour {
         limits: connection_limits::Behaviour::new(limits),
         identify: identify::Behaviour::new(
@@ -127,6 +137,13 @@ pub(crate) fn build_swarm(config: &Config) -> Result<Swarm<Behaviour>, Error> {
             hello_codec,
             [(HELLO_PROTOCOL, request_response::ProtocolSupport::Full)],
             request_response::Config::default().with_request_timeout(config.hello_timeout),
+        ),
+        pair: request_response::Behaviour::with_codec(
+            pair_codec,
+            [(PAIR_PROTOCOL, request_response::ProtocolSupport::Full)],
+            request_response::Config::default()
+                .with_request_timeout(PAIR_REQUEST_TIMEOUT)
+                .with_max_concurrent_streams(PAIR_MAX_CONCURRENT_STREAMS),
         ),
         streams: libp2p_stream::Behaviour::new(),
     };

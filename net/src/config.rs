@@ -50,6 +50,11 @@ pub struct Config {
     /// How long a connected peer may stay un-admitted (see [`crate::Handle::admit`])
     /// before it is disconnected. Default 10 s.
     pub hello_timeout: Duration,
+    /// Longest a non-admitted peer may stay connected while it is pairing. Each pairing
+    /// message pushes its admission deadline out by another `hello_timeout`, but never
+    /// past this long after it connected, so a stalled or hostile joiner cannot hold a
+    /// connection slot. Default 60 s.
+    pub pairing_max_duration: Duration,
     /// How often each connection is pinged. Default 1 s. A connection on which no ping
     /// has succeeded for `ping_interval + 2 * ping_timeout` (3.5 s by default) is closed as
     /// dead, so a silently vanished peer (no FIN, no RST) is noticed within that time plus
@@ -88,6 +93,7 @@ impl Default for Config {
             static_peers: Vec::new(),
             certificate: Vec::new(),
             hello_timeout: Duration::from_secs(10),
+            pairing_max_duration: Duration::from_secs(60),
             ping_interval: Duration::from_secs(1),
             ping_timeout: Duration::from_millis(1250),
             redial_max: Duration::from_secs(30),
@@ -121,6 +127,7 @@ impl Config {
             }
         };
         in_range("hello_timeout", self.hello_timeout, MAX_TIMER)?;
+        in_range("pairing_max_duration", self.pairing_max_duration, MAX_TIMER)?;
         in_range("redial_max", self.redial_max, MAX_TIMER)?;
         in_range("ping_interval", self.ping_interval, MAX_PING)?;
         in_range("ping_timeout", self.ping_timeout, MAX_PING)?;
@@ -168,6 +175,7 @@ mod tests {
         assert_eq!(config.listen[0].to_string(), "/ip4/0.0.0.0/tcp/4640");
         assert!(config.mdns);
         assert_eq!(config.hello_timeout, Duration::from_secs(10));
+        assert_eq!(config.pairing_max_duration, Duration::from_secs(60));
         assert!(
             config.liveness_timeout() + Duration::from_millis(500) < Duration::from_secs(5),
             "a silently departed peer must be noticed within 5 s"
@@ -218,6 +226,11 @@ mod tests {
             ..Config::default()
         };
         assert!(matches!(forever.validate(), Err(Error::Config(_))));
+        let endless_pairing = Config {
+            pairing_max_duration: Duration::MAX,
+            ..Config::default()
+        };
+        assert!(matches!(endless_pairing.validate(), Err(Error::Config(_))));
         let no_conns = Config {
             max_connections: 0,
             ..Config::default()

@@ -2,7 +2,7 @@
 
 use std::io;
 
-use libp2p::Multiaddr;
+use libp2p::{Multiaddr, PeerId};
 
 /// Everything that can go wrong in hearth-net.
 ///
@@ -82,6 +82,35 @@ pub enum Error {
         what: &'static str,
         /// The named limit that was hit.
         limit: usize,
+    },
+
+    /// A request needs a connection to `peer`, there is none, and no address was given
+    /// to dial.
+    #[error("peer {peer} is not connected and no address to dial it was given")]
+    NotConnected {
+        /// The peer asked for.
+        peer: PeerId,
+    },
+
+    /// The peer's network layer turned a pairing request away (rate limit, too many
+    /// pairing peers); the request never reached its node. Retrying later may work.
+    #[error("peer {peer} refused the pairing request: {reason}")]
+    PairRefused {
+        /// The peer that refused.
+        peer: PeerId,
+        /// Its stated reason, cut to a bounded printable string.
+        reason: String,
+    },
+
+    /// A pairing request got no answer: the connection could not be made or closed, the
+    /// peer does not speak `/hearth/pair/1`, or the time limit passed. The peer may or may
+    /// not have seen the request.
+    #[error("pairing request to {peer} failed: {reason}")]
+    PairFailed {
+        /// The peer asked.
+        peer: PeerId,
+        /// What went wrong.
+        reason: String,
     },
 
     /// The network event loop has stopped, so the command could not run.

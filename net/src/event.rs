@@ -11,6 +11,8 @@ use bytes::Bytes;
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::{Semaphore, mpsc};
 
+use crate::PairRequestId;
+
 /// Something the network layer observed. Read them from the [`EventStream`].
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -57,6 +59,18 @@ pub enum Event {
         /// The frame payload, without its length prefix.
         bytes: Bytes,
     },
+    /// A peer sent a pairing message on `/hearth/pair/1`. Admitted and non-admitted
+    /// peers alike; answer with [`crate::Handle::pair_respond`] within
+    /// [`crate::PAIR_REQUEST_TIMEOUT`]. While a non-admitted peer keeps pairing its
+    /// admission deadline is extended (up to [`crate::Config::pairing_max_duration`]).
+    PairRequest {
+        /// The sender, as proven by the Noise handshake.
+        peer: PeerId,
+        /// What to answer with.
+        request_id: PairRequestId,
+        /// The message, at most [`crate::MAX_PAIR_MESSAGE_SIZE`] bytes, unverified.
+        bytes: Vec<u8>,
+    },
     /// A peer's outbound sync queue filled up, so it was disconnected instead of letting
     /// memory grow. A [`Event::PeerDisconnected`] with [`DisconnectReason::SlowPeer`]
     /// follows.
@@ -93,7 +107,8 @@ pub enum DisconnectReason {
     ConnectionClosed,
     /// Pings went unanswered, so the connection was declared dead.
     PingTimeout,
-    /// The node did not admit the peer within [`crate::Config::hello_timeout`].
+    /// The node did not admit the peer within [`crate::Config::hello_timeout`] (or, for
+    /// a peer that was pairing, within its extended deadline).
     HelloTimeout,
     /// The node rejected the peer, with its reason.
     Rejected(String),
@@ -153,6 +168,9 @@ pub struct PeerInfo {
     pub is_static: bool,
     /// Whether the peer's certificate arrived.
     pub hello_received: bool,
+    /// Whether a pairing exchange with the peer is under way (a pairing message went
+    /// either way within the last [`crate::PAIR_REQUEST_TIMEOUT`]).
+    pub pairing: bool,
     /// Whether the long-lived sync stream is up.
     pub sync_stream_open: bool,
     /// Sync streams set up with this peer during the current session; 1 means the same
@@ -198,6 +216,13 @@ pub struct Metrics {
     pub hello_timeouts: u64,
     /// Events discarded because the consumer stopped reading for too long.
     pub events_dropped: u64,
+    /// Pairing requests handed to the node as [`Event::PairRequest`].
+    pub pair_requests_received: u64,
+    /// Pairing requests refused before reaching the node (rate limit, capacity).
+    pub pair_requests_refused: u64,
+    /// Pairing requests that could not be read (undecodable, over the size cap, or cut
+    /// off); their streams were closed without an answer.
+    pub pair_requests_malformed: u64,
 }
 
 /// The atomics behind [`Metrics`], shared by the event loop, the stream tasks and handles.
@@ -217,6 +242,9 @@ pub(crate) struct Counters {
     pub(crate) dial_failures: AtomicU64,
     pub(crate) hello_timeouts: AtomicU64,
     pub(crate) events_dropped: AtomicU64,
+    pub(crate) pair_requests_received: AtomicU64,
+    pub(crate) pair_requests_refused: AtomicU64,
+    pub(crate) pair_requests_malformed: AtomicU64,
 }
 
 /// Bumps a counter; relaxed ordering is enough because counters order nothing.
@@ -242,6 +270,9 @@ impl Counters {
             dial_failures: get(&self.dial_failures),
             hello_timeouts: get(&self.hello_timeouts),
             events_dropped: get(&self.events_dropped),
+            pair_requests_received: get(&self.pair_requests_received),
+            pair_requests_refused: get(&self.pair_requests_refused),
+            pair_requests_malformed: get(&self.pair_requests_malformed),
         }
     }
 }

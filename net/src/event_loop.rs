@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use libp2p::request_response::{self, OutboundRequestId};
+use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, DialError, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, identify, mdns, ping};
@@ -28,7 +28,14 @@ use crate::dial::{
 };
 use crate::event::{Counters, DisconnectReason, Event, PeerInfo, bump};
 use crate::handle::{Command, PeerOutboxes, Shared};
+use crate::pair::{
+    MAX_PAIRING_PEERS, MAX_PENDING_PAIR_REQUESTS, MAX_PENDING_PAIR_RESPONSES, PAIR_ACTIVE_WINDOW,
+    PAIR_CONNECT_TIMEOUT, PAIR_REQUEST_TIMEOUT, PairRequestId, PairRequestMsg, PairResponseMsg,
+    RateTable, Refusal, extended_deadline, sanitize_reason,
+};
 use crate::stream::{self, Outbox, OutboxRx, StreamEnd, StreamTask};
+
+mod pairing;
 
 /// Capacity of the lifecycle event channel to the node.
 pub(crate) const CONTROL_EVENT_CAPACITY: usize = 1024;
@@ -183,6 +190,31 @@ struct PeerState {
     /// last connection reports closed.
     closing: Option<DisconnectReason>,
     channels: [Channel; 2],
+    /// Until when the peer counts as pairing (see [`PAIR_ACTIVE_WINDOW`]).
+    pairing_until: Option<Instant>,
+}
+
+/// An inbound pairing request the node has not answered yet.
+struct InboundPair {
+    peer: PeerId,
+    channel: ResponseChannel<PairResponseMsg>,
+    deadline: Instant,
+}
+
+/// An outbound pairing request on the wire.
+struct OutboundPair {
+    peer: PeerId,
+    reply: oneshot::Sender<Result<Vec<u8>, Error>>,
+    /// A backstop: request-response times the request out first.
+    deadline: Instant,
+}
+
+/// An outbound pairing request waiting for its peer to connect.
+struct WaitingPair {
+    peer: PeerId,
+    bytes: Vec<u8>,
+    reply: oneshot::Sender<Result<Vec<u8>, Error>>,
+    deadline: Instant,
 }
 
 struct StaticPeer {
@@ -197,6 +229,7 @@ pub struct EventLoop {
     swarm: Swarm<Behaviour>,
     local: PeerId,
     hello_timeout: Duration,
+    pairing_max_duration: Duration,
     liveness_timeout: Duration,
     redial_max: Duration,
     dial_discovered: bool,
@@ -217,6 +250,13 @@ pub struct EventLoop {
     discovered: DiscoveredTable,
     pending_dials: HashMap<ConnectionId, (Multiaddr, oneshot::Sender<Result<PeerId, Error>>)>,
     hello_requests: HashMap<OutboundRequestId, (PeerId, u64)>,
+    pair_inbound: HashMap<PairRequestId, InboundPair>,
+    next_pair_id: u64,
+    pair_outbound: HashMap<OutboundRequestId, OutboundPair>,
+    pair_waiting: Vec<WaitingPair>,
+    /// Dials started for a pairing request, with the address, for the error message.
+    pair_dials: HashMap<ConnectionId, (PeerId, Multiaddr)>,
+    pair_rates: RateTable,
     listen_addrs: Vec<Multiaddr>,
     next_session: u64,
     tasks: TaskTracker,
@@ -278,6 +318,7 @@ impl EventLoop {
             local: *swarm.local_peer_id(),
             swarm,
             hello_timeout: config.hello_timeout,
+            pairing_max_duration: config.pairing_max_duration,
             liveness_timeout: config.liveness_timeout(),
             redial_max: config.redial_max,
             dial_discovered: config.dial_discovered,
@@ -298,6 +339,12 @@ impl EventLoop {
             discovered: DiscoveredTable::default(),
             pending_dials: HashMap::new(),
             hello_requests: HashMap::new(),
+            pair_inbound: HashMap::new(),
+            next_pair_id: 0,
+            pair_outbound: HashMap::new(),
+            pair_waiting: Vec::new(),
+            pair_dials: HashMap::new(),
+            pair_rates: RateTable::default(),
             listen_addrs: Vec::new(),
             next_session: 0,
             tasks: TaskTracker::new(),
@@ -446,6 +493,19 @@ impl EventLoop {
                     self.certificate = certificate;
                 });
                 let _ = reply.send(result);
+            }
+            Command::PairRequest {
+                peer,
+                addr,
+                bytes,
+                reply,
+            } => self.pair_request(peer, addr, bytes, reply),
+            Command::PairRespond {
+                request_id,
+                bytes,
+                reply,
+            } => {
+                let _ = reply.send(self.pair_respond(request_id, bytes));
             }
             Command::SlowPeer {
                 peer,
@@ -619,6 +679,7 @@ impl EventLoop {
 
     /// A snapshot of every session, for `connected_peers`.
     fn peer_infos(&self) -> Vec<PeerInfo> {
+        let now = Instant::now();
         let outboxes = self.shared.outboxes();
         self.peers
             .iter()
@@ -636,6 +697,7 @@ impl EventLoop {
                     admitted: state.admission == Admission::Admitted,
                     is_static: self.statics.contains_key(peer),
                     hello_received: state.hello_received,
+                    pairing: state.pairing_until.is_some_and(|t| t > now),
                     sync_stream_open: matches!(sync.state, ChannelState::Active { .. }),
                     sync_streams: sync.streams,
                     queued_frames,
@@ -726,6 +788,7 @@ impl EventLoop {
         if let Some((_, reply)) = self.pending_dials.remove(&id) {
             let _ = reply.send(Ok(peer));
         }
+        self.pair_dials.remove(&id);
         if let Some(entry) = self.statics.get_mut(&peer) {
             entry.dialing = None;
         }
@@ -751,6 +814,7 @@ impl EventLoop {
                     hello_attempts: 0,
                     closing: None,
                     channels: [Channel::new(now), Channel::new(now)],
+                    pairing_until: None,
                 },
             );
             info!(%peer, %addr, outbound = local_dialed, "peer connected");
@@ -786,6 +850,7 @@ impl EventLoop {
             .or(state.channels[StreamKind::Ephemeral.index()].conn());
         if is_new {
             self.send_hello(peer);
+            self.flush_waiting_pairs(peer);
         }
         for duplicate in connections_to_close(&self.local, &peer, &conns, keep) {
             debug!(%peer, connection = %duplicate, "closing duplicate connection");
@@ -860,6 +925,9 @@ impl EventLoop {
                 reason: error.to_string(),
             }));
         }
+        if let Some((peer, addr)) = self.pair_dials.remove(&id) {
+            self.on_pair_dial_failed(peer, &addr, &error.to_string());
+        }
         let Some(peer) = peer else {
             debug!(%error, "dial failed");
             return;
@@ -889,6 +957,7 @@ impl EventLoop {
     fn on_behaviour_event(&mut self, event: BehaviourEvent) {
         match event {
             BehaviourEvent::Hello(event) => self.on_hello_event(event),
+            BehaviourEvent::Pair(event) => self.on_pair_event(event),
             BehaviourEvent::Ping(ping::Event {
                 peer,
                 connection,
@@ -1375,6 +1444,7 @@ impl EventLoop {
         }
         self.redial_statics(now);
         self.dial_discovered(now);
+        self.expire_pairs(now);
         let admitted: Vec<PeerId> = self
             .peers
             .iter()

@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::Error;
 use crate::behaviour::StreamKind;
 use crate::event::{Counters, Metrics, PeerInfo, SendOutcome, bump};
+use crate::pair::{MAX_PAIR_MESSAGE_SIZE, PairRequestId};
 use crate::stream::{Outbox, PushError};
 
 /// Capacity of the command channel from handles to the event loop.
@@ -87,6 +88,17 @@ pub(crate) enum Command {
     SetCertificate {
         certificate: Vec<u8>,
         reply: oneshot::Sender<Result<(), Error>>,
+    },
+    PairRequest {
+        peer: PeerId,
+        addr: Option<Multiaddr>,
+        bytes: Vec<u8>,
+        reply: oneshot::Sender<Result<Vec<u8>, Error>>,
+    },
+    PairRespond {
+        request_id: PairRequestId,
+        bytes: Vec<u8>,
+        reply: oneshot::Sender<bool>,
     },
     /// Sent by a handle whose `send` found the sync queue full.
     SlowPeer {
@@ -289,6 +301,61 @@ impl Handle {
             .await?
     }
 
+    /// Sends one pairing message to `peer` on `/hearth/pair/1` and waits for its answer.
+    ///
+    /// Works before admission, in either direction: a joining device has no certificate
+    /// yet, and its hello carries an empty one. If `peer` is not connected, `addr` is
+    /// dialled (with or without a `/p2p/<peer id>` suffix; a suffix naming another peer is
+    /// refused); call again with `None` for later rounds, which reuse the connection.
+    /// While the exchange runs, the peer's admission deadline on both ends is extended
+    /// (bounded by [`crate::Config::pairing_max_duration`]).
+    ///
+    /// Waits at most [`crate::PAIR_CONNECT_TIMEOUT`] for a connection and then
+    /// [`crate::PAIR_REQUEST_TIMEOUT`] for the answer. Errors: [`Error::FrameTooLarge`]
+    /// over [`MAX_PAIR_MESSAGE_SIZE`] (nothing sent), [`Error::NotConnected`],
+    /// [`Error::Dial`], [`Error::PairRefused`] when the peer's network layer turned the
+    /// request away (rate limit, capacity), [`Error::PairFailed`] when no answer came.
+    ///
+    /// Cancel-safe in that nothing is left behind, but a request already sent is not
+    /// recalled: the peer may still act on it.
+    pub async fn pair_request(
+        &self,
+        peer: PeerId,
+        addr: Option<Multiaddr>,
+        bytes: Vec<u8>,
+    ) -> Result<Vec<u8>, Error> {
+        check_pair_message(&bytes)?;
+        self.request(|reply| Command::PairRequest {
+            peer,
+            addr,
+            bytes,
+            reply,
+        })
+        .await?
+    }
+
+    /// Answers the pairing request `request_id` from an [`crate::Event::PairRequest`].
+    ///
+    /// Returns false when the request is no longer waiting: already answered, timed out
+    /// ([`crate::PAIR_REQUEST_TIMEOUT`]), or its connection closed. A message over
+    /// [`MAX_PAIR_MESSAGE_SIZE`] is refused with [`Error::FrameTooLarge`] and the request
+    /// stays open, so a smaller answer can still be sent.
+    ///
+    /// Cancel-safe.
+    pub async fn pair_respond(
+        &self,
+        request_id: PairRequestId,
+        bytes: Vec<u8>,
+    ) -> Result<bool, Error> {
+        check_pair_message(&bytes)?;
+        self.request(|reply| Command::PairRespond {
+            request_id,
+            bytes,
+            reply,
+        })
+        .await
+    }
+
     async fn request<T>(
         &self,
         make: impl FnOnce(oneshot::Sender<T>) -> Command,
@@ -300,4 +367,15 @@ impl Handle {
             .map_err(|_| Error::Shutdown)?;
         answer.await.map_err(|_| Error::Shutdown)
     }
+}
+
+/// Refuses a pairing message the remote would refuse anyway, before anything is sent.
+fn check_pair_message(bytes: &[u8]) -> Result<(), Error> {
+    if bytes.len() > MAX_PAIR_MESSAGE_SIZE {
+        return Err(Error::FrameTooLarge {
+            len: bytes.len(),
+            max: MAX_PAIR_MESSAGE_SIZE,
+        });
+    }
+    Ok(())
 }

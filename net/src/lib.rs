@@ -1,12 +1,23 @@
 //! hearth-net: Hearth's network layer.
 //!
 //! One event loop owns the libp2p swarm: TCP (QUIC with the `quic` feature), Noise, Yamux,
-//! mDNS, identify, ping and connection limits, plus three Hearth protocols:
+//! mDNS, identify, ping and connection limits, plus four Hearth protocols:
 //!
 //! - `/hearth/hello/1`: every new session starts by swapping certificates (opaque bytes to
-//!   this crate). The node then [admits](Handle::admit) or [rejects](Handle::reject) the
-//!   peer; a peer not admitted within [`Config::hello_timeout`] is disconnected, and until
-//!   then it can use nothing but the hello exchange.
+//!   this crate; empty for a device that is still joining). The node then
+//!   [admits](Handle::admit) or [rejects](Handle::reject) the peer; a peer not admitted
+//!   within [`Config::hello_timeout`] is disconnected, and until then it can use nothing
+//!   but the hello exchange and pairing.
+//! - `/hearth/pair/1`: request-response rounds of opaque bytes (at most
+//!   [`MAX_PAIR_MESSAGE_SIZE`]) for the pairing exchange, open before admission. The
+//!   joiner calls [`Handle::pair_request`] (dialling first if needed) once per round; the
+//!   issuer gets [`Event::PairRequest`] and answers with [`Handle::pair_respond`]. Each
+//!   pairing message pushes a non-admitted peer's hello deadline out by another
+//!   `hello_timeout`, never past [`Config::pairing_max_duration`] after it connected.
+//!   Requests are rate limited per peer ([`PAIR_RATE_BURST`], then one per
+//!   [`PAIR_RATE_INTERVAL`]) and at most [`MAX_PAIRING_PEERS`] pair at once; refusals come
+//!   back as [`Error::PairRefused`] without reaching the node, and unreadable or
+//!   oversized requests have their stream closed.
 //! - `/hearth/sync/1`: one long-lived stream per admitted peer carrying length-prefixed
 //!   frames (u32 big-endian length, then the bytes; at most [`MAX_FRAME_SIZE`]). Only the
 //!   peer with the smaller PeerId opens it, so there is exactly one.
@@ -43,6 +54,32 @@
 //! # Ok(()) }
 //! ```
 //!
+//! A process without a running node (`hearth join`) pairs through a temporary network of
+//! its own: no listen address, mDNS off, no certificate.
+//!
+//! ```no_run
+//! # async fn demo(issuer: hearth_net::PeerId, addr: hearth_net::Multiaddr)
+//! # -> Result<(), hearth_net::Error> {
+//! use tokio_util::sync::CancellationToken;
+//!
+//! let config = hearth_net::Config {
+//!     listen: Vec::new(),
+//!     mdns: false,
+//!     ..hearth_net::Config::default()
+//! };
+//! let (handle, _events, event_loop) = hearth_net::new(config)?;
+//! let cancel = CancellationToken::new();
+//! let task = tokio::spawn(event_loop.run(cancel.clone()));
+//! // The first round dials the issuer's address from the invite code ...
+//! let reply = handle.pair_request(issuer, Some(addr), b"round 1".to_vec()).await?;
+//! // ... and later rounds reuse the connection.
+//! let grant = handle.pair_request(issuer, None, reply).await?;
+//! # let _ = grant;
+//! cancel.cancel();
+//! let _ = task.await;
+//! # Ok(()) }
+//! ```
+//!
 //! Dialing is built so that two nodes always end with exactly one connection: static
 //! peers are redialled with exponential backoff from a fresh source port, only the smaller
 //! PeerId dials an mDNS-discovered peer, and duplicate connections are closed by a rule
@@ -60,6 +97,7 @@ mod event_loop;
 mod frame;
 mod handle;
 mod identity;
+mod pair;
 mod stream;
 
 use std::sync::Arc;
@@ -77,6 +115,10 @@ pub use handle::Handle;
 pub use identity::DeviceIdentity;
 pub use libp2p::multiaddr::Protocol;
 pub use libp2p::{Multiaddr, PeerId};
+pub use pair::{
+    MAX_PAIR_MESSAGE_SIZE, MAX_PAIRING_PEERS, PAIR_CONNECT_TIMEOUT, PAIR_PROTOCOL, PAIR_RATE_BURST,
+    PAIR_RATE_INTERVAL, PAIR_REQUEST_TIMEOUT, PairRequestId,
+};
 pub use stream::{
     EPHEMERAL_QUEUE_BYTES, EPHEMERAL_QUEUE_FRAMES, MAX_EPHEMERAL_FRAME_SIZE, MAX_FRAME_SIZE,
     SYNC_QUEUE_BYTES, SYNC_QUEUE_FRAMES,
@@ -94,7 +136,8 @@ use stream::INBOUND_BUFFER_BYTES;
 /// with its reactor.
 pub fn new(config: Config) -> Result<(Handle, EventStream, EventLoop), Error> {
     let statics = config.validate()?;
-    let mut swarm = behaviour::build_swarm(&config)?;
+    let shared = Arc::new(Shared::default());
+    let mut swarm = behaviour::build_swarm(&config, shared.counters.clone())?;
     for addr in &config.listen {
         swarm.listen_on(addr.clone()).map_err(|e| Error::Listen {
             addr: addr.clone(),
@@ -115,7 +158,6 @@ pub fn new(config: Config) -> Result<(Handle, EventStream, EventLoop), Error> {
     let (control_tx, control_rx) = mpsc::channel(CONTROL_EVENT_CAPACITY);
     let (frames_tx, frames_rx) = mpsc::channel(FRAME_EVENT_CAPACITY);
     let budget = Arc::new(Semaphore::new(INBOUND_BUFFER_BYTES));
-    let shared = Arc::new(Shared::default());
     let local = config.identity.to_peer_id();
 
     let handle = Handle::new(local, command_tx, shared.clone());

@@ -4,6 +4,7 @@
 mod admission;
 mod dialing;
 mod malformed;
+mod pairing;
 #[cfg(feature = "quic")]
 mod quic;
 mod slow;

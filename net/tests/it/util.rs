@@ -193,6 +193,28 @@ pub(crate) async fn spawn_with_policy(
     config: Config,
     admit: impl Fn(&PeerId) -> bool + Send + 'static,
 ) -> Result<(TestNode, Events)> {
+    spawn_pump(config, admit, false).await
+}
+
+/// The reply [`spawn_pairing`] nodes send to a pairing message.
+pub(crate) fn pairing_answer(request: &[u8]) -> Vec<u8> {
+    [b"re:".as_slice(), request].concat()
+}
+
+/// Like [`spawn_with_policy`], and every pairing request is answered at once with
+/// [`pairing_answer`] of its bytes (the event is still forwarded).
+pub(crate) async fn spawn_pairing(
+    config: Config,
+    admit: impl Fn(&PeerId) -> bool + Send + 'static,
+) -> Result<(TestNode, Events)> {
+    spawn_pump(config, admit, true).await
+}
+
+async fn spawn_pump(
+    config: Config,
+    admit: impl Fn(&PeerId) -> bool + Send + 'static,
+    answer_pairing: bool,
+) -> Result<(TestNode, Events)> {
     let (node, mut stream) = spawn_manual(config).await?;
     let (tx, rx) = mpsc::channel(TEST_EVENT_CAPACITY);
     let handle = node.handle.clone();
@@ -203,6 +225,15 @@ pub(crate) async fn spawn_with_policy(
             {
                 // The peer may be gone already; that is not the pump's business.
                 let _ = handle.admit(*peer).await;
+            }
+            if let Event::PairRequest {
+                request_id, bytes, ..
+            } = &event
+                && answer_pairing
+            {
+                let _ = handle
+                    .pair_respond(*request_id, pairing_answer(bytes))
+                    .await;
             }
             if tx.send(event).await.is_err() {
                 break;
