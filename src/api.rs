@@ -11,7 +11,7 @@ use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
@@ -73,6 +73,8 @@ impl From<crate::Error> for ApiError {
         match e {
             Error::NotFound(d) => Self::not_found(d),
             Error::Invalid(d) => Self::bad_request(d),
+            Error::Forbidden(d) => Self::new(StatusCode::FORBIDDEN, "forbidden", d),
+            Error::Conflict(d) => Self::new(StatusCode::CONFLICT, "conflict", d),
             Error::Stopped => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
@@ -130,6 +132,7 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
     let api = Router::new()
         .route("/api/status", get(status))
         .route("/api/entities", get(list_entities))
+        .route("/api/invites", post(create_invite))
         .route("/api/entities/{id}", put(set_entity).get(get_entity))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
@@ -339,6 +342,47 @@ struct EntityList {
 async fn list_entities(State(state): State<Arc<ApiState>>) -> Result<Json<EntityList>, ApiError> {
     Ok(Json(EntityList {
         entities: entities(&state).list().await?,
+    }))
+}
+
+/// `POST /api/invites` body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InviteBody {
+    kind: InviteKindBody,
+    #[serde(default)]
+    ttl_s: Option<u64>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum InviteKindBody {
+    Device,
+    Home,
+}
+
+#[derive(Serialize)]
+struct InviteReply {
+    code: String,
+    expires_at: String,
+}
+
+async fn create_invite(
+    State(state): State<Arc<ApiState>>,
+    ApiJson(body): ApiJson<InviteBody>,
+) -> Result<Json<InviteReply>, ApiError> {
+    let ttl_s = body.ttl_s.unwrap_or(crate::DEFAULT_INVITE_TTL_S);
+    let invite = state
+        .core
+        .call(|reply| crate::core::Request::CreateInvite {
+            home: body.kind == InviteKindBody::Home,
+            ttl_s,
+            reply,
+        })
+        .await??;
+    Ok(Json(InviteReply {
+        code: invite.code,
+        expires_at: crate::core::rfc3339_ms(invite.expires_at_s.saturating_mul(1000)),
     }))
 }
 

@@ -34,6 +34,31 @@ enum Command {
     Up(UpArgs),
     /// Show the running node: PeerId, device, data dir, API address and uptime.
     Status(ClientArgs),
+    /// Ask the running node for a single-use invite code.
+    ///
+    /// The code goes to stdout alone; a QR code and instructions go to stderr.
+    Invite {
+        /// Invite another home rather than a device of this one.
+        #[arg(long)]
+        home: bool,
+        /// How long the code stays valid, e.g. `10m`, `1h`.
+        #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
+        ttl: Duration,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Join a home with an invite code.
+    ///
+    /// A device code runs without a node: it pairs with the issuer, stores the
+    /// membership in --data (which must not hold a home yet) and exits; then run
+    /// `hearth up` with the same --data.
+    Join {
+        /// The invite code.
+        code: String,
+        /// This device's name (default: the host name).
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
+    },
     /// Create, update and read entities.
     #[command(subcommand)]
     Entity(EntityCommand),
@@ -147,6 +172,12 @@ pub(crate) fn run(args: Args) -> Result<()> {
         Command::Up(up) => run_up(data, up),
         Command::Status(c) => status(&Client::find(&data, c.api, c.token)?, c.json),
         Command::Entity(cmd) => entity(&data, cmd),
+        Command::Invite {
+            home,
+            ttl,
+            client: c,
+        } => invite(&data, home, ttl, &c),
+        Command::Join { code, name } => join(data, &code, name),
         Command::Token => {
             let path = data.join(hearth::TOKEN_FILE);
             let token = std::fs::read_to_string(&path).with_context(|| {
@@ -287,6 +318,76 @@ fn status(client: &Client, json: bool) -> Result<()> {
         humanize(Duration::from_secs(uptime.max(0.0) as u64))
     );
     Ok(())
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("{e}; write it like 10m or 1h"))
+}
+
+fn invite(data: &std::path::Path, home: bool, ttl: Duration, c: &ClientArgs) -> Result<()> {
+    let body = serde_json::json!({
+        "kind": if home { "home" } else { "device" },
+        "ttl_s": ttl.as_secs().max(1),
+    });
+    let reply: serde_json::Value = client(data, c)?.post("/api/invites", &body)?;
+    let code = reply["code"]
+        .as_str()
+        .context("the node's reply has no code")?;
+    if c.json {
+        println!("{}", serde_json::to_string_pretty(&reply)?);
+    } else {
+        println!("{code}");
+    }
+    if let Ok(qr) = qrcode::QrCode::new(code.as_bytes()) {
+        let picture = qr
+            .render::<qrcode::render::unicode::Dense1x2>()
+            .quiet_zone(true)
+            .build();
+        eprintln!("{picture}");
+    }
+    eprintln!(
+        "On the new device run:\n  hearth join <code> --data <DIR>\nthen `hearth up --data <DIR>`. \
+         The code works once and expires at {}.",
+        reply["expires_at"].as_str().unwrap_or("-")
+    );
+    Ok(())
+}
+
+fn join(data: PathBuf, code: &str, name: Option<String>) -> Result<()> {
+    init_tracing_quiet();
+    let passphrase = std::env::var("HEARTH_PASSPHRASE")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .map(hearth::Passphrase);
+    let config = hearth::Config {
+        data_dir: data.clone(),
+        device_name: name,
+        passphrase,
+        ..hearth::Config::default()
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let joined = runtime.block_on(hearth::Node::join(code, &config))?;
+    println!(
+        "joined home {} ({}) as device {}\nstart it with: hearth up --data {}",
+        joined.home_name,
+        joined.home_id,
+        joined.peer_id,
+        data.display()
+    );
+    Ok(())
+}
+
+/// Warnings only, for short-lived commands that have their own output.
+fn init_tracing_quiet() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn client(data: &std::path::Path, c: &ClientArgs) -> Result<Client> {

@@ -86,6 +86,21 @@ impl Client {
         self.reply(&url, response)
     }
 
+    /// POSTs a JSON body and reads the JSON reply.
+    pub(crate) fn post<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<T> {
+        let url = format!("{}{path}", self.base);
+        let response = self
+            .agent
+            .post(&url)
+            .header("Authorization", &format!("Bearer {}", self.token))
+            .send_json(body);
+        self.reply(&url, response)
+    }
+
     /// PUTs a JSON body and reads the JSON reply.
     pub(crate) fn put<T: DeserializeOwned>(
         &self,

@@ -77,6 +77,15 @@ pub enum Error {
     /// A request was malformed or asked for something invalid.
     #[error("{0}")]
     Invalid(String),
+    /// The caller may not do this (not the admin, read-only, not the owner).
+    #[error("{0}")]
+    Forbidden(String),
+    /// The request conflicts with the current state (code used or expired, duplicate).
+    #[error("{0}")]
+    Conflict(String),
+    /// Pairing with another device failed; the message says why and what to do.
+    #[error("pairing failed: {0}")]
+    Pairing(String),
     /// A document operation failed.
     #[error("document error: {0}")]
     Document(String),

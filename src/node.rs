@@ -21,9 +21,20 @@ use crate::{Config, Error, datadir};
 /// Meta key of the sealed device keypair.
 pub(crate) const IDENTITY_KEY: &[u8] = b"device/identity";
 /// Meta key of the device name.
-const NAME_KEY: &[u8] = b"device/name";
+pub(crate) const NAME_KEY: &[u8] = b"device/name";
+/// Meta key of peers to keep dialled, learned at pairing (JSON list of multiaddrs).
+pub(crate) const STATIC_PEERS_KEY: &[u8] = b"net/static_peers";
 /// How long shutdown waits for the API to finish in-flight requests.
 const API_DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A new invite code.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Invite {
+    /// The code: one line of text to give the joining device.
+    pub code: String,
+    /// When it expires (RFC 3339).
+    pub expires_at: String,
+}
 
 /// A running node. Dropping it without [`Node::shutdown`] still releases the data dir
 /// lock, but skips the final flush and leaves `api.addr` behind.
@@ -66,6 +77,13 @@ impl Node {
         let device_name = resolve_device_name(&store, config.device_name.as_deref()).await?;
         let token = datadir::load_or_create_token(&dir)?;
         let cancel = CancellationToken::new();
+        let mut config = config;
+        if let Some(bytes) = store.get(Keyspace::Meta, STATIC_PEERS_KEY.to_vec()).await? {
+            match serde_json::from_slice::<Vec<String>>(&bytes) {
+                Ok(peers) => config.static_peers.extend(peers),
+                Err(error) => tracing::warn!(%error, "ignoring unreadable stored peer list"),
+            }
+        }
         let (net, net_events, net_loop) = hearth_net::new(net_config(&config, &identity)?)
             .map_err(|e| Error::Network(e.to_string()))?;
         let net_task = tokio::spawn(tracing::Instrument::instrument(
@@ -135,6 +153,66 @@ impl Node {
             api_addr_file,
             _lock: lock,
         })
+    }
+
+    /// Joins the home of a device invite code as a new device, storing the membership in
+    /// `config.data_dir` (which must not hold a home yet). Runs without a node; start one
+    /// on the same data dir afterwards. A wrong, used or expired code fails with a message
+    /// that says so, and leaves no store behind.
+    ///
+    /// Not cancel-safe: dropping it mid-exchange can leave a partial store in the dir.
+    pub async fn join(code: &str, config: &Config) -> Result<crate::Joined, Error> {
+        crate::join::join(code, config).await
+    }
+
+    /// Issues a single-use device invite code that lives for `ttl`. Only the home's admin
+    /// device can invite.
+    ///
+    /// Cancel-safe: a code issued for a dropped call is never shown and simply expires.
+    pub async fn invite(&self, ttl: Duration) -> Result<Invite, Error> {
+        let invite = self
+            .core
+            .call(|reply| crate::core::Request::CreateInvite {
+                home: false,
+                ttl_s: ttl.as_secs().max(1),
+                reply,
+            })
+            .await??;
+        Ok(Invite {
+            code: invite.code,
+            expires_at: crate::core::rfc3339_ms(invite.expires_at_s.saturating_mul(1000)),
+        })
+    }
+
+    /// The addresses the node listens on for peers, as multiaddr text.
+    ///
+    /// Cancel-safe.
+    pub async fn listen_addrs(&self) -> Result<Vec<String>, Error> {
+        let addrs = self
+            .state
+            .net
+            .listen_addrs()
+            .await
+            .map_err(|e| Error::Network(e.to_string()))?;
+        Ok(addrs.iter().map(|a| a.to_string()).collect())
+    }
+
+    /// PeerIds of the devices currently admitted (connected and proven members of this
+    /// home).
+    ///
+    /// Cancel-safe.
+    pub async fn admitted_peers(&self) -> Result<Vec<String>, Error> {
+        let peers = self
+            .state
+            .net
+            .connected_peers()
+            .await
+            .map_err(|e| Error::Network(e.to_string()))?;
+        Ok(peers
+            .into_iter()
+            .filter(|p| p.admitted)
+            .map(|p| p.peer.to_base58())
+            .collect())
     }
 
     /// This device's PeerId, in base58.
@@ -249,9 +327,14 @@ async fn resolve_device_name(store: &StoreHandle, given: Option<&str>) -> Result
     if let Some(bytes) = store.get(Keyspace::Meta, NAME_KEY.to_vec()).await? {
         return Ok(String::from_utf8_lossy(&bytes).into_owned());
     }
-    Ok(std::fs::read_to_string("/proc/sys/kernel/hostname")
+    Ok(host_name())
+}
+
+/// The host name, or `hearth-device` where none can be read.
+pub(crate) fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|h| h.trim().to_string())
         .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "hearth-device".to_string()))
+        .unwrap_or_else(|| "hearth-device".to_string())
 }

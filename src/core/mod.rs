@@ -16,7 +16,8 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::Error;
-mod keyring;
+pub(crate) mod keyring;
+pub(crate) mod pairing;
 mod peers;
 
 use hearth_crdt::schema::home as home_schema;
@@ -50,6 +51,11 @@ pub(crate) enum Request {
     },
     ListEntities {
         reply: Reply<Vec<Entity>>,
+    },
+    CreateInvite {
+        home: bool,
+        ttl_s: u64,
+        reply: Reply<pairing::NewInvite>,
     },
 }
 
@@ -102,6 +108,8 @@ struct Core {
     admitted: HashMap<String, hearth_net::PeerId>,
     /// Frames the engine produced, sealed and sent after each step.
     outbox: Vec<(String, Frame)>,
+    /// Invite codes and pairing exchanges.
+    pairing: pairing::Pairing,
 }
 
 /// Loads every stored document, creates the home on first start, and spawns the actor.
@@ -133,6 +141,7 @@ pub(crate) async fn start(
         device: DeviceSecret::generate(),
         admitted: HashMap::new(),
         outbox: Vec::new(),
+        pairing: pairing::Pairing::default(),
     };
     let mut batch = Batch::new();
     core.device = keyring::device_secret(&core.store, &mut batch).await?;
@@ -350,6 +359,9 @@ impl Core {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 request = rx.recv() => match request {
+                    Some(Request::CreateInvite { home, ttl_s, reply }) => {
+                        let _ = reply.send(self.create_invite(home, ttl_s).await);
+                    }
                     Some(request) => {
                         self.handle(request);
                         self.send_pending().await;
@@ -376,6 +388,16 @@ impl Core {
         match event {
             Event::Hello { peer, certificate } => self.on_hello(peer, certificate).await,
             Event::Frame { peer, bytes } => self.on_frame(peer, bytes).await,
+            Event::PairRequest {
+                peer,
+                request_id,
+                bytes,
+            } => {
+                let reply = self.on_pair_request(peer, &bytes).await;
+                if let Err(error) = self.net.pair_respond(request_id, reply).await {
+                    tracing::warn!(%peer, %error, "could not answer a pairing request");
+                }
+            }
             Event::PeerConnected { peer, addr, .. } => {
                 tracing::debug!(%peer, %addr, "peer connected");
             }
@@ -421,6 +443,10 @@ impl Core {
             }
             Request::ListEntities { reply } => {
                 let _ = reply.send(self.list_entities());
+            }
+            Request::CreateInvite { reply, .. } => {
+                // Answered in the run loop, which can await the network.
+                let _ = reply.send(Err(Error::Internal("invite request misrouted".into())));
             }
         }
     }
@@ -524,9 +550,16 @@ impl Core {
 
     fn get_entity(&mut self, id: &str) -> Result<Option<Entity>, Error> {
         match self.doc_of_entity(id) {
+            // Listed in the registry but not synced here yet: not readable on this device.
+            Some(doc) if !self.has_content(doc) => Ok(None),
             Some(doc) => self.entity_view(doc).map(Some),
             None => Ok(None),
         }
+    }
+
+    /// Whether the document's content (at least its header) has arrived.
+    fn has_content(&mut self, doc: DocId) -> bool {
+        self.engine.heads(doc).is_ok_and(|h| !h.is_empty())
     }
 
     fn list_entities(&mut self) -> Result<Vec<Entity>, Error> {
@@ -536,9 +569,13 @@ impl Core {
             .map(|(doc, id)| (id.clone(), *doc))
             .collect();
         docs.sort();
-        docs.into_iter()
-            .map(|(_, doc)| self.entity_view(doc))
-            .collect()
+        let mut out = Vec::with_capacity(docs.len());
+        for (_, doc) in docs {
+            if self.has_content(doc) {
+                out.push(self.entity_view(doc)?);
+            }
+        }
+        Ok(out)
     }
 
     fn entity_view(&mut self, doc: DocId) -> Result<Entity, Error> {

@@ -1,0 +1,239 @@
+//! Device pairing, issuer side: invite codes, the SPAKE2 exchange with a joining device,
+//! and the grant that makes it a member of this home.
+
+use std::collections::HashMap;
+
+use hearth_crdt::schema::home as home_schema;
+use hearth_crdt::{DocId, KeyEpoch};
+use hearth_net::PeerId;
+use serde::{Deserialize, Serialize};
+
+use super::{Core, doc_err, now_ms};
+use crate::Error;
+use crate::trust::cert::DeviceCert;
+use crate::trust::invite::{DEFAULT_MAX_OUTSTANDING, InviteBook, InviteKind, Issuer};
+use crate::trust::pake::{Grant, IssuerHandshake, VerifiedJoiner};
+
+/// What a joining device receives, inside the sealed grant: the home's public record and
+/// the keys of the home and registry documents. Every other document key reaches it
+/// wrapped for its own X25519 key in the home document, so the grant stays small however
+/// many entities the home has.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct JoinPackage {
+    pub(crate) home_id: String,
+    pub(crate) name: String,
+    pub(crate) root_public: [u8; 32],
+    pub(crate) home_doc: DocId,
+    pub(crate) registry_doc: DocId,
+    pub(crate) keys: Vec<(DocId, KeyEpoch, [u8; 32])>,
+    /// Where the issuer listens, as `/ip4/../tcp/N/p2p/PEERID`, to keep dialled.
+    pub(crate) peers: Vec<String>,
+}
+
+/// Open invites and exchanges in progress.
+pub(super) struct Pairing {
+    pub(super) book: InviteBook,
+    handshakes: HashMap<PeerId, IssuerHandshake>,
+}
+
+impl Default for Pairing {
+    fn default() -> Self {
+        Self {
+            book: InviteBook::new(DEFAULT_MAX_OUTSTANDING),
+            handshakes: HashMap::new(),
+        }
+    }
+}
+
+/// A new invite code and when it expires (Unix seconds).
+pub(crate) struct NewInvite {
+    pub(crate) code: String,
+    pub(crate) expires_at_s: u64,
+}
+
+impl Core {
+    /// Issues a single-use device invite. Only the admin device, which holds the home's
+    /// root key, can sign certificates and so invite.
+    pub(super) async fn create_invite(
+        &mut self,
+        home: bool,
+        ttl_s: u64,
+    ) -> Result<NewInvite, Error> {
+        if home {
+            return Err(Error::Invalid(
+                "home invites (pairing two homes) are not available yet; use a device invite"
+                    .into(),
+            ));
+        }
+        if self.home.root_secret.is_none() {
+            return Err(Error::Forbidden(
+                "only the home's admin device (the one that created it) can invite devices".into(),
+            ));
+        }
+        let addrs = self
+            .net
+            .listen_addrs()
+            .await
+            .map_err(|e| Error::Network(e.to_string()))?;
+        let issuer = Issuer {
+            peer_id: self.net.local_peer_id(),
+            addrs: addrs
+                .iter()
+                .filter(|a| !a.to_string().contains("/0.0.0.0/"))
+                .map(|a| a.to_string())
+                .take(crate::trust::invite::MAX_INVITE_ADDRS)
+                .collect(),
+            home_id: self.home.home_id.clone(),
+        };
+        let now_s = now_ms() / 1000;
+        let code = self
+            .pairing
+            .book
+            .issue(
+                InviteKind::Device,
+                &issuer,
+                ttl_s,
+                now_s,
+                crate::home::random()?,
+            )
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        crate::audit::record(&self.store, "invite.created", &code.code_id().to_string()).await;
+        Ok(NewInvite {
+            code: code.encode(),
+            expires_at_s: code.expires_at_s(),
+        })
+    }
+
+    /// One message of a pairing exchange from `peer`; always answers, with a refusal
+    /// when something is wrong, so the joiner can say why.
+    pub(super) async fn on_pair_request(&mut self, peer: PeerId, bytes: &[u8]) -> Vec<u8> {
+        let now_s = now_ms() / 1000;
+        let me = self.net.local_peer_id();
+        let Some(handshake) = self.pairing.handshakes.remove(&peer) else {
+            return match IssuerHandshake::receive_start(
+                &mut self.pairing.book,
+                &me,
+                &peer,
+                bytes,
+                now_s,
+            ) {
+                Ok((handshake, reply)) => {
+                    self.pairing.handshakes.insert(peer, handshake);
+                    reply
+                }
+                Err(failure) => {
+                    tracing::info!(%peer, error = %failure.error, "pairing refused");
+                    failure.reply.unwrap_or_default()
+                }
+            };
+        };
+        let verified = match handshake.receive_confirm(&mut self.pairing.book, bytes) {
+            Ok(v) => v,
+            Err(failure) => {
+                tracing::info!(%peer, error = %failure.error, "pairing refused");
+                return failure.reply.unwrap_or_default();
+            }
+        };
+        match self.grant(verified, now_s).await {
+            Ok(reply) => reply,
+            Err(reply) => reply,
+        }
+    }
+
+    /// Issues the joiner's certificate and seals the grant; records the device in the home
+    /// document only once the grant is sealed (and the code consumed).
+    async fn grant(&mut self, verified: VerifiedJoiner, now_s: u64) -> Result<Vec<u8>, Vec<u8>> {
+        let peer = verified.peer_id().to_base58();
+        let info = verified.info().clone();
+        let refuse = |e: String| {
+            tracing::warn!(%peer, error = %e, "cannot grant");
+            crate::trust::pake::refusal(crate::trust::pake::Refusal::Failed).unwrap_or_default()
+        };
+        let root = self
+            .home
+            .root_secret
+            .map(|s| ed25519_dalek::SigningKey::from_bytes(&s))
+            .ok_or_else(|| refuse("this device holds no root key".into()))?;
+        let name = super::clean_device_name(&info.device_name);
+        let cert = DeviceCert::issue(&root, &peer, info.x25519_public, &name, now_ms(), false)
+            .and_then(|c| c.encode())
+            .map_err(|e| refuse(e.to_string()))?;
+        let mut peers = Vec::new();
+        if let Ok(addrs) = self.net.listen_addrs().await {
+            for a in addrs
+                .iter()
+                .filter(|a| !a.to_string().contains("/0.0.0.0/"))
+            {
+                peers.push(format!("{a}/p2p/{}", self.peer_id));
+            }
+        }
+        let package = JoinPackage {
+            home_id: self.home.home_id.clone(),
+            name: self.home.name.clone(),
+            root_public: self.home.root_public,
+            home_doc: self.home.home_doc,
+            registry_doc: self.home.registry_doc,
+            keys: self
+                .keyring
+                .ids()
+                .filter(|(d, _)| *d == self.home.home_doc || *d == self.home.registry_doc)
+                .filter_map(|(d, e)| self.keyring.get(d, e).map(|k| (d, e, *k.expose_secret())))
+                .collect(),
+            peers,
+        };
+        let home = serde_json::to_vec(&package).map_err(|e| refuse(e.to_string()))?;
+        let grant = Grant {
+            certificate: cert.clone().into(),
+            home: home.into(),
+            home_doc: Vec::new().into(),
+        };
+        let sealed = verified
+            .seal_grant(&mut self.pairing.book, &grant, now_s)
+            .map_err(|f| {
+                tracing::info!(%peer, error = %f.error, "pairing refused at grant");
+                f.reply.unwrap_or_default()
+            })?;
+        let record = home_schema::DeviceRecord {
+            name,
+            certificate: cert,
+            revoked_at: None,
+        };
+        let mut wraps = Vec::new();
+        for (doc, epoch) in self.keyring.ids() {
+            if doc == self.home.home_doc || doc == self.home.registry_doc {
+                continue;
+            }
+            let Some(key) = self.keyring.get(doc, epoch) else {
+                continue;
+            };
+            match crate::trust::keys::wrap_key(key, doc, epoch, &info.x25519_public) {
+                Ok(w) => wraps.push((doc, epoch, w.to_bytes().to_vec())),
+                Err(error) => {
+                    tracing::warn!(%peer, %doc, %error, "cannot wrap a key for the new device")
+                }
+            }
+        }
+        let added = self
+            .engine
+            .transact(self.home.home_doc, now_ms(), None, |d, _, _| {
+                home_schema::put_device(d, &peer, &record)?;
+                for (doc, epoch, wrapped) in &wraps {
+                    home_schema::put_wrapped_key(d, *doc, epoch, &peer, wrapped)?;
+                }
+                Ok(())
+            })
+            .map_err(doc_err);
+        match added {
+            Ok((_, out)) => {
+                let batch = self.handle_outputs(out);
+                if let Err(error) = self.store.batch(batch).await {
+                    tracing::error!(%error, "could not persist the new device");
+                }
+                crate::audit::record(&self.store, "device.paired", &peer).await;
+                tracing::info!(%peer, "paired a new device");
+            }
+            Err(error) => tracing::error!(%peer, %error, "could not record the new device"),
+        }
+        Ok(sealed)
+    }
+}

@@ -1,0 +1,213 @@
+//! Devices of one home pair through invite codes and keep their entities in sync; other
+//! homes and unpaired devices get nothing.
+
+use std::time::{Duration, Instant};
+
+use hearth::{Config, EntityWrite, Node};
+use tokio::time::timeout;
+
+const T: Duration = Duration::from_secs(30);
+
+fn config(dir: &std::path::Path, name: &str) -> Config {
+    Config {
+        data_dir: dir.to_path_buf(),
+        api_addr: "127.0.0.1:0".parse().unwrap(),
+        device_name: Some(name.into()),
+        listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
+        mdns: false,
+        ..Config::default()
+    }
+}
+
+fn write(state: &str) -> EntityWrite {
+    EntityWrite {
+        state: state.into(),
+        ..EntityWrite::default()
+    }
+}
+
+/// Polls `node` until entity `id` has `state`.
+async fn wait_state(node: &Node, id: &str, state: &str) {
+    let deadline = Instant::now() + T;
+    loop {
+        if let Ok(Some(e)) = node.entities().get(id).await
+            && e.state == state
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{id} never reached {state:?} on {}",
+            node.device_name()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn join_and_start(admin: &Node, dir: &std::path::Path, name: &str) -> Node {
+    let invite = timeout(T, admin.invite(Duration::from_secs(600)))
+        .await
+        .unwrap()
+        .unwrap();
+    let joined = timeout(T, Node::join(&invite.code, &config(dir, name)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(joined.home_id, admin.home_id());
+    let node = timeout(T, Node::start(config(dir, name)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(node.home_id(), admin.home_id());
+    assert_eq!(node.peer_id(), joined.peer_id);
+    node
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_devices_pair_and_sync_entities_both_ways() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = timeout(T, Node::start(config(dirs[0].path(), "a")))
+        .await
+        .unwrap()
+        .unwrap();
+    timeout(T, a.entities().set("light.porch", write("on")))
+        .await
+        .unwrap()
+        .unwrap();
+
+    let b = join_and_start(&a, dirs[1].path(), "b").await;
+    let c = join_and_start(&a, dirs[2].path(), "c").await;
+
+    // What A held before they joined reaches both.
+    wait_state(&b, "light.porch", "on").await;
+    wait_state(&c, "light.porch", "on").await;
+
+    // A new entity on A, and a write on B, reach every device.
+    timeout(T, a.entities().set("sensor.door", write("open")))
+        .await
+        .unwrap()
+        .unwrap();
+    wait_state(&b, "sensor.door", "open").await;
+    wait_state(&c, "sensor.door", "open").await;
+    timeout(T, b.entities().set("light.porch", write("off")))
+        .await
+        .unwrap()
+        .unwrap();
+    wait_state(&a, "light.porch", "off").await;
+    wait_state(&c, "light.porch", "off").await;
+
+    for n in [a, b, c] {
+        timeout(T, n.shutdown()).await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_codes_are_refused_with_the_intended_message_and_change_nothing() {
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = timeout(T, Node::start(config(dirs[0].path(), "a")))
+        .await
+        .unwrap()
+        .unwrap();
+
+    // Garbage is not a code.
+    let err = timeout(T, Node::join("hello world", &config(dirs[1].path(), "x")))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("not a Hearth invite code"),
+        "{err}"
+    );
+    assert!(!dirs[1].path().join("store").exists());
+
+    // A used code fails the second time.
+    let invite = timeout(T, a.invite(Duration::from_secs(600)))
+        .await
+        .unwrap()
+        .unwrap();
+    timeout(T, Node::join(&invite.code, &config(dirs[1].path(), "b")))
+        .await
+        .unwrap()
+        .unwrap();
+    let err = timeout(T, Node::join(&invite.code, &config(dirs[2].path(), "c")))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(err.to_string().contains("already used"), "{err}");
+    assert!(!dirs[2].path().join("store").exists());
+
+    // An expired code is refused before anything is sent.
+    let invite = timeout(T, a.invite(Duration::from_secs(1)))
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let err = timeout(T, Node::join(&invite.code, &config(dirs[3].path(), "d")))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(err.to_string().contains("expired"), "{err}");
+
+    // A dir that already holds a home cannot join.
+    let invite = timeout(T, a.invite(Duration::from_secs(600)))
+        .await
+        .unwrap()
+        .unwrap();
+    let err = timeout(T, Node::join(&invite.code, &config(dirs[1].path(), "b")))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(err.to_string().contains("already holds a home"), "{err}");
+
+    timeout(T, a.shutdown()).await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_home_connects_but_receives_no_document() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = timeout(T, Node::start(config(dirs[0].path(), "a")))
+        .await
+        .unwrap()
+        .unwrap();
+    let canary = "canary-5f1d0c";
+    timeout(T, a.entities().set("lock.front_door", write(canary)))
+        .await
+        .unwrap()
+        .unwrap();
+    let addr = a.listen_addrs().await.unwrap().remove(0);
+
+    let mut other = config(dirs[1].path(), "stranger");
+    other.static_peers = vec![format!("{addr}/p2p/{}", a.peer_id())];
+    let stranger = timeout(T, Node::start(other)).await.unwrap().unwrap();
+    // Give the stranger time to dial, say hello and be refused, several times over.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(stranger.entities().list().await.unwrap().is_empty());
+    assert!(a.admitted_peers().await.unwrap().is_empty());
+    timeout(T, stranger.shutdown()).await.unwrap().unwrap();
+    timeout(T, a.shutdown()).await.unwrap().unwrap();
+    for entry in walk(dirs[1].path()) {
+        let bytes = std::fs::read(&entry).unwrap();
+        assert!(
+            !bytes.windows(canary.len()).any(|w| w == canary.as_bytes()),
+            "canary found in {}",
+            entry.display()
+        );
+    }
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
