@@ -38,7 +38,7 @@ mod node;
 mod trust;
 
 pub use config::{Config, DEFAULT_API_ADDR, DEFAULT_LISTEN, Passphrase, default_data_dir};
-pub use core::CHANGE_BUFFER;
+pub use core::{CHANGE_BUFFER, SyncCounters};
 pub use datadir::{API_ADDR_FILE, LOCK_FILE, TOKEN_FILE};
 pub use entities::{
     ChangeItem, Changes, Entities, Entity, EntityChange, EntityWrite, MAX_ENTITY_ID_LEN,

@@ -215,6 +215,16 @@ impl Node {
             .collect())
     }
 
+    /// What reconnects have cost since start: digest exchanges, and how many documents
+    /// needed a sync exchange versus were found already in sync.
+    ///
+    /// Cancel-safe.
+    pub async fn sync_counters(&self) -> Result<crate::SyncCounters, Error> {
+        self.core
+            .call(|reply| crate::core::Request::Counters { reply })
+            .await?
+    }
+
     /// This device's PeerId, in base58.
     pub fn peer_id(&self) -> &str {
         &self.state.peer_id

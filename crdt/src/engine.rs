@@ -618,6 +618,27 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         Ok(out)
     }
 
+    /// Connects `peer` to `doc` when a digest exchange has shown that both hold the same
+    /// heads: the session starts in sync, so live pushes flow at once, and no sync message
+    /// is sent. This is what keeps a reconnect where nothing changed at one round trip.
+    pub fn attach_in_sync(&mut self, peer: P, doc: DocId, saved: Option<&[u8]>) -> Result<()> {
+        let ds = self.docs.get_mut(&doc).ok_or(Error::UnknownDocument(doc))?;
+        let mut session = match saved {
+            Some(bytes) => {
+                SyncSession::resume(bytes).map_err(|reason| Error::SyncState { doc, reason })?
+            }
+            None => ds.sessions.remove(&peer).unwrap_or_else(SyncSession::new),
+        };
+        let heads = ds.doc.get_heads();
+        session.state.shared_heads = heads.clone();
+        session.state.last_sent_heads = heads;
+        session.in_sync = true;
+        session.awaiting_since = None;
+        session.kick_at = None;
+        ds.sessions.insert(peer, session);
+        Ok(())
+    }
+
     /// Disconnects `peer` from `doc`, returning the state to persist.
     pub fn detach(&mut self, peer: &P, doc: DocId) -> Option<Vec<u8>> {
         let ds = self.docs.get_mut(&doc)?;

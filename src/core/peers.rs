@@ -2,7 +2,8 @@
 //! document keys, routing received frames into the engine, and learning document keys
 //! that other devices wrapped for this one.
 
-use hearth_crdt::wire::{self, Frame};
+use hearth_crdt::digest::{Differences, DigestMessage, Reconciler};
+use hearth_crdt::wire::{self, DigestFrame, Frame};
 use hearth_crdt::{DocId, DocKind, KeyEpoch, Output};
 use hearth_net::{Bytes, PeerId};
 
@@ -47,7 +48,7 @@ impl Core {
                 match self.net.admit(peer).await {
                     Ok(true) => {
                         self.admitted.insert(peer_text.clone(), peer);
-                        self.attach_all(&peer_text).await;
+                        self.begin_reconcile(&peer_text).await;
                     }
                     Ok(false) => tracing::debug!(peer = %peer_text, "peer left before admission"),
                     Err(error) => tracing::warn!(peer = %peer_text, %error, "could not admit"),
@@ -68,6 +69,109 @@ impl Core {
             .ok()
             .and_then(|h| h.devices.get(peer).map(|d| d.revoked_at.is_some()))
             .unwrap_or(false)
+    }
+
+    /// Starts digest reconciliation with a newly admitted device. The smaller PeerId opens
+    /// the exchange; the other side answers. When it ends, only documents whose heads
+    /// differ get a sync exchange, and the rest are attached as already in sync.
+    async fn begin_reconcile(&mut self, peer: &str) {
+        if self.peer_id.as_str() > peer {
+            return;
+        }
+        let session = u64::from_be_bytes(crate::home::random().unwrap_or([0; 8]));
+        let mut reconciler = Reconciler::new();
+        match reconciler.start(session, &self.digest) {
+            Ok(message) => {
+                self.reconcilers.insert(peer.to_string(), reconciler);
+                self.queue_digest(peer, &message);
+                self.send_pending().await;
+            }
+            Err(error) => {
+                tracing::warn!(%peer, %error, "cannot start a digest exchange; syncing every document");
+                self.attach_all(peer).await;
+            }
+        }
+    }
+
+    fn queue_digest(&mut self, peer: &str, message: &DigestMessage) {
+        let bytes = message.encode();
+        self.counters.digest_messages += 1;
+        self.counters.digest_bytes += bytes.len() as u64;
+        self.outbox
+            .push((peer.to_string(), Frame::Digest(DigestFrame { bytes })));
+    }
+
+    async fn on_digest(&mut self, peer: &str, bytes: &[u8]) {
+        self.counters.digest_messages += 1;
+        self.counters.digest_bytes += bytes.len() as u64;
+        let message = match DigestMessage::decode(bytes) {
+            Ok(m) => m,
+            Err(error) => {
+                tracing::warn!(%peer, %error, "malformed digest message; syncing every document");
+                self.reconcilers.remove(peer);
+                self.attach_all(peer).await;
+                return;
+            }
+        };
+        if message.is_start() {
+            self.reconcilers.insert(peer.to_string(), Reconciler::new());
+        }
+        let Some(reconciler) = self.reconcilers.get_mut(peer) else {
+            tracing::warn!(%peer, "digest message outside a session");
+            return;
+        };
+        match reconciler.handle(&self.digest, message) {
+            Ok(progress) => {
+                for m in &progress.send {
+                    self.queue_digest(peer, m);
+                }
+                if let Some(differences) = progress.finished {
+                    self.reconcilers.remove(peer);
+                    self.counters.reconciliations += 1;
+                    self.attach_after_digest(peer, &differences).await;
+                }
+                self.send_pending().await;
+            }
+            Err(error) => {
+                tracing::warn!(%peer, %error, "digest exchange failed; syncing every document");
+                self.reconcilers.remove(peer);
+                self.attach_all(peer).await;
+            }
+        }
+    }
+
+    /// Attaches every document this device holds a key for: those the digest found
+    /// different get a sync exchange, the rest start in sync without a message.
+    async fn attach_after_digest(&mut self, peer: &str, differences: &Differences) {
+        let ids: Vec<(DocId, KeyEpoch)> = self.keyring.ids().collect();
+        for (doc, epoch) in ids {
+            let differs = differences.changed.contains(&doc)
+                || differences.local_only.contains(&doc)
+                || differences.remote_only.contains(&doc);
+            if differs {
+                self.counters.docs_synced += 1;
+                self.attach(peer, doc, epoch).await;
+                continue;
+            }
+            self.ensure_expected(doc, epoch);
+            let saved = self
+                .store
+                .get(
+                    hearth_storage::Keyspace::SyncStates,
+                    sync_state_key(peer, doc),
+                )
+                .await
+                .ok()
+                .flatten();
+            let attached = self
+                .engine
+                .attach_in_sync(peer.to_string(), doc, saved.as_deref())
+                .or_else(|_| self.engine.attach_in_sync(peer.to_string(), doc, None));
+            match attached {
+                Ok(()) => self.counters.docs_already_in_sync += 1,
+                Err(error) => tracing::warn!(%doc, %error, "cannot attach an in-sync document"),
+            }
+        }
     }
 
     /// Opens a sync session with an admitted device for every document this node holds a
@@ -199,7 +303,11 @@ impl Core {
             Frame::Sync(s) => {
                 self.open_payload(s.doc, s.epoch, RecordKind::SyncMessage, &mut s.bytes)
             }
-            Frame::Digest(_) => Err("digest reconciliation is not enabled on this node".into()),
+            Frame::Digest(d) => {
+                let bytes = std::mem::take(&mut d.bytes);
+                self.on_digest(&peer_text, &bytes).await;
+                return;
+            }
             _ => Err("unknown frame kind".into()),
         };
         if let Err(reason) = opened {

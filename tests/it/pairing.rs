@@ -211,3 +211,61 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_device_syncs_only_the_documents_that_changed() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = timeout(T, Node::start(config(dirs[0].path(), "a")))
+        .await
+        .unwrap()
+        .unwrap();
+    for i in 0..50 {
+        timeout(T, a.entities().set(&format!("sensor.s{i}"), write("0")))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let b = join_and_start(&a, dirs[1].path(), "b").await;
+    for i in 0..50 {
+        wait_state(&b, &format!("sensor.s{i}"), "0").await;
+    }
+    timeout(T, b.shutdown()).await.unwrap().unwrap();
+
+    // While B is away, A makes 100 changes, all to 10 of the 50 entities.
+    for round in 1..=10 {
+        for i in 0..10 {
+            timeout(
+                T,
+                a.entities()
+                    .set(&format!("sensor.s{i}"), write(&round.to_string())),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        }
+    }
+
+    let b = timeout(T, Node::start(config(dirs[1].path(), "b")))
+        .await
+        .unwrap()
+        .unwrap();
+    for i in 0..10 {
+        wait_state(&b, &format!("sensor.s{i}"), "10").await;
+    }
+    let counters = timeout(T, b.sync_counters()).await.unwrap().unwrap();
+    assert_eq!(counters.reconciliations, 1, "{counters:?}");
+    // The 10 changed entities needed a sync exchange; the other 40, and the home and
+    // registry documents, were found equal by the digest and sent nothing.
+    assert_eq!(counters.docs_synced, 10, "{counters:?}");
+    assert_eq!(counters.docs_already_in_sync, 42, "{counters:?}");
+
+    // Live pushes still reach B for an entity the digest found equal.
+    timeout(T, a.entities().set("sensor.s40", write("live")))
+        .await
+        .unwrap()
+        .unwrap();
+    wait_state(&b, "sensor.s40", "live").await;
+
+    timeout(T, b.shutdown()).await.unwrap().unwrap();
+    timeout(T, a.shutdown()).await.unwrap().unwrap();
+}
