@@ -63,7 +63,7 @@ fn chunk_len(bytes: &[u8]) -> Result<usize, String> {
 }
 
 /// Reads an unsigned LEB128 value of at most 10 bytes.
-fn read_uleb(bytes: &[u8]) -> Result<(u64, usize), String> {
+pub(crate) fn read_uleb(bytes: &[u8]) -> Result<(u64, usize), String> {
     let mut value: u64 = 0;
     for (i, b) in bytes.iter().take(10).enumerate() {
         let part = u64::from(b & 0x7f);

@@ -241,6 +241,12 @@ struct DocState<P> {
     journal: Vec<Vec<u8>>,
     parked: VecDeque<Parked<P>>,
     sessions: BTreeMap<P, SyncSession>,
+    /// Actors with changes in the document. Automerge registers an actor only
+    /// from its first change (`seq == 1`) and unwraps the lookup for every
+    /// other actor a change mentions, so a crafted change naming an unseen
+    /// actor panics inside `apply_changes`; checking against this set first
+    /// turns that into an error value (found by the `receive` fuzz target).
+    actors: BTreeSet<ActorId>,
 }
 
 /// The sans-IO core of a node. `P` identifies peers (the node uses libp2p's
@@ -380,6 +386,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
                 journal: vec![snapshot.clone()],
                 parked: VecDeque::new(),
                 sessions: BTreeMap::new(),
+                actors: [self.actor.clone()].into(),
             },
         );
         Ok(vec![Output::PersistChunk {
@@ -444,6 +451,13 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         })?;
         let mut doc = built.map_err(|reason| Error::Load { doc: id, reason })?;
         let header = Header::read(&doc)?;
+        let actors = catch(|| doc_actors(&mut doc)).map_err(|()| {
+            self.stats.panics_caught += 1;
+            Error::Load {
+                doc: id,
+                reason: "automerge panicked while listing actors".into(),
+            }
+        })?;
         // Start the save cursor at the loaded state, so the next incremental
         // chunk holds only new changes.
         let _ = doc.save_incremental();
@@ -460,6 +474,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
                 journal: chunks.to_vec(),
                 parked: VecDeque::new(),
                 sessions,
+                actors,
             },
         );
         Ok(())
@@ -480,6 +495,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
             journal: Vec::new(),
             parked: VecDeque::new(),
             sessions: BTreeMap::new(),
+            actors: BTreeSet::new(),
         });
     }
 
@@ -526,6 +542,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         if committed.is_none() {
             return Ok((result, out));
         }
+        ds.actors.insert(actor);
         let bytes = ds.doc.save_incremental();
         let heads = ds.doc.get_heads();
         let epoch = ds.header.key_epoch;
@@ -866,11 +883,15 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         if !ready {
             return Ok(Some(push));
         }
+        if let Err(reason) = check_actors(&push.changes, &push.changes, &ds.actors) {
+            return Err(Error::Changes { doc: id, reason });
+        }
         let Parked {
             from,
             changes,
             correlation_id,
         } = push;
+        let new_actors: Vec<ActorId> = changes.iter().map(|c| c.actor_id().clone()).collect();
         #[cfg(test)]
         let inject = std::mem::take(&mut self.fail_next_apply);
         #[cfg(not(test))]
@@ -892,6 +913,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
             }
             Err(()) => return Err(self.recover(id, "applying a push", &from, now_ms)),
         }
+        ds.actors.extend(new_actors);
         self.stats.pushes_applied += 1;
         self.after_remote_change(id, &from, correlation_id, now_ms, out)?;
         Ok(None)
@@ -927,7 +949,24 @@ impl<P: Clone + Ord + Debug> Engine<P> {
             }
             Err(()) => return Err(self.recover(id, "decoding a sync message", &peer, now_ms)),
         };
+        let sync_changes = match catch(|| sync_message_changes(&decoded)) {
+            Ok(c) => c,
+            Err(()) => return Err(self.recover(id, "parsing sync changes", &peer, now_ms)),
+        };
+        let doc = &mut ds.doc;
+        let known = &ds.actors;
+        let actor_check = catch(|| check_sync_actors(doc, &sync_changes, known));
+        let session = ds
+            .sessions
+            .entry(peer.clone())
+            .or_insert_with(SyncSession::new);
+        if let Err(reason) = check_blooms(&decoded).and(actor_check.unwrap_or(Ok(()))) {
+            self.stats.session_resets += 1;
+            session.reset(now_ms);
+            return Err(Error::Sync { doc: id, reason });
+        }
         let carried_changes = !decoded.changes.is_empty();
+        let carried_document = decoded.changes.len() != sync_changes.len();
         let their_heads = decoded.heads.clone();
         let doc = &mut ds.doc;
         let state = &mut session.state;
@@ -954,6 +993,16 @@ impl<P: Clone + Ord + Debug> Engine<P> {
             Err(()) => return Err(self.recover(id, "receiving a sync message", &peer, now_ms)),
         }
         self.stats.sync_received += 1;
+        ds.actors
+            .extend(sync_changes.iter().map(|c| c.actor_id().clone()));
+        if carried_document {
+            // A whole document arrived (v2 catch-up): list its actors from
+            // the loaded result rather than parsing the chunk ourselves.
+            let doc = &mut ds.doc;
+            if let Ok(all) = catch(|| doc_actors(doc)) {
+                ds.actors = all;
+            }
+        }
         if ds.doc.get_heads() != before {
             self.after_remote_change(id, &peer, None, now_ms, &mut out)?;
         }
@@ -1196,6 +1245,119 @@ pub fn payload_actors(frame: &Frame, config: &EngineConfig) -> Result<BTreeSet<A
         }
         Frame::Digest(_) => Ok(BTreeSet::new()),
     }
+}
+
+/// Largest bloom-filter probe count accepted from a peer. Automerge writes 7;
+/// it allocates a vector of `num_probes` entries for every hash it tests, so an
+/// unchecked `u32::MAX` from a peer is a 16 GiB allocation (an abort, which no
+/// `catch_unwind` can contain).
+const MAX_BLOOM_PROBES: u64 = 64;
+/// Largest bits-per-entry accepted from a peer (Automerge writes 10).
+const MAX_BLOOM_BITS_PER_ENTRY: u64 = 64;
+
+/// Refuses messages Automerge would mishandle: unsorted hash lists, and bloom
+/// filters that would make it divide by zero (an empty bit array with a
+/// non-zero entry count) or allocate without bound. Found by the `receive`
+/// fuzz target and the arbitrary-payload proptest.
+fn check_blooms(msg: &Message) -> std::result::Result<(), String> {
+    // Automerge keeps hash lists sorted and asserts it when re-encoding them
+    // (e.g. a peer's heads become our persisted shared heads).
+    let sorted = |h: &[ChangeHash]| h.windows(2).all(|w| w[0] < w[1]);
+    if !sorted(&msg.heads) || !sorted(&msg.need) || !msg.have.iter().all(|h| sorted(&h.last_sync)) {
+        return Err("hash lists in the message are not sorted and unique".into());
+    }
+    for have in &msg.have {
+        let bytes = have.bloom.to_bytes();
+        if bytes.is_empty() {
+            continue;
+        }
+        let mut rest = bytes.as_slice();
+        let mut fields = [0u64; 3];
+        for f in &mut fields {
+            let (v, used) = crate::chunks::read_uleb(rest)?;
+            *f = v;
+            rest = &rest[used..];
+        }
+        let [_, bits_per_entry, probes] = fields;
+        if rest.is_empty() || bits_per_entry == 0 || bits_per_entry > MAX_BLOOM_BITS_PER_ENTRY {
+            return Err(format!(
+                "bloom filter with {} bytes of bits at {bits_per_entry} bits per entry",
+                rest.len()
+            ));
+        }
+        if probes == 0 || probes > MAX_BLOOM_PROBES {
+            return Err(format!("bloom filter with {probes} probes"));
+        }
+    }
+    Ok(())
+}
+
+/// Every actor with a change in `doc`.
+fn doc_actors(doc: &mut AutoCommit) -> BTreeSet<ActorId> {
+    doc.get_changes_meta(&[])
+        .into_iter()
+        .map(|m| m.actor.into_owned())
+        .collect()
+}
+
+/// Refuses changes in `check` that mention an actor the document has not
+/// seen and that no first change (`seq == 1`) in `batch` introduces.
+pub(crate) fn check_actors(
+    check: &[Change],
+    batch: &[Change],
+    known: &BTreeSet<ActorId>,
+) -> std::result::Result<(), String> {
+    let introduced: BTreeSet<&ActorId> = batch
+        .iter()
+        .filter(|c| c.seq() == 1)
+        .map(|c| c.actor_id())
+        .collect();
+    for c in check {
+        if let Some(a) = c
+            .actors()
+            .find(|a| !known.contains(*a) && !introduced.contains(a))
+        {
+            return Err(format!(
+                "change {} mentions actor {a}, which this document has not seen",
+                c.hash()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The individual changes a sync message carries. Whole-document chunks (v2
+/// catch-up) are not changes and are skipped here: Automerge loads them
+/// through its own verified document parser.
+fn sync_message_changes(msg: &Message) -> Vec<Change> {
+    msg.changes
+        .iter()
+        .filter_map(|chunk| Change::try_from(chunk).ok())
+        .collect()
+}
+
+/// [`check_actors`] for the changes of a sync message that Automerge would
+/// apply now: those whose dependencies are all in the document or the message.
+/// The rest wait in Automerge's queue for their dependencies.
+fn check_sync_actors(
+    doc: &mut AutoCommit,
+    changes: &[Change],
+    known: &BTreeSet<ActorId>,
+) -> std::result::Result<(), String> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let in_msg: BTreeSet<ChangeHash> = changes.iter().map(|c| c.hash()).collect();
+    let ready: Vec<Change> = changes
+        .iter()
+        .filter(|c| {
+            c.deps()
+                .iter()
+                .all(|d| in_msg.contains(d) || doc.get_change_meta_by_hash(d).is_some())
+        })
+        .cloned()
+        .collect();
+    check_actors(&ready, changes, known)
 }
 
 /// Automerge commit times are seconds.

@@ -821,6 +821,56 @@ mod tests {
         }
     }
 
+    /// Found by the `receive` fuzz target: a peer's bloom filter with entries
+    /// but no bits made Automerge divide by zero while generating the reply.
+    #[test]
+    fn hostile_bloom_filters_are_refused_before_automerge_sees_them() {
+        let input = include_bytes!("../testdata/sync-bloom-zero-bits.bin");
+        let mut net = synced(2);
+        let frame = Frame::Sync(SyncMessage {
+            doc: DOC,
+            epoch: KeyEpoch::first([0; 16]),
+            expects_reply: input[0] & 2 != 0,
+            bytes: input[1..].to_vec(),
+        });
+        let err = net.nodes[0].receive(1, frame, 5).unwrap_err();
+        assert!(
+            matches!(&err, Error::Sync { reason, .. } if reason.contains("bloom")),
+            "{err}"
+        );
+        assert_eq!(net.nodes[0].stats().panics_caught, 0);
+        net.run_until_quiet(10_000);
+        net.assert_converged(DOC);
+    }
+
+    /// Found by the `receive` fuzz target: Automerge registers an actor only
+    /// from its first change and panics on a later change from an actor it
+    /// has not seen. Such changes are refused before they reach it.
+    #[test]
+    fn changes_from_unseen_actors_are_refused_unless_introduced() {
+        use crate::engine::check_actors;
+        let mut other = AutoCommit::new().with_actor(automerge::ActorId::from([8u8; 16]));
+        let mut changes = Vec::new();
+        for i in 0..2_i64 {
+            other.put(ROOT, "n", i).unwrap();
+            other.commit();
+            changes.extend(crate::chunks::parse_changes(&other.save_incremental(), 4).unwrap());
+        }
+        let known = std::collections::BTreeSet::new();
+        let second = &changes[1..];
+        assert!(
+            check_actors(second, second, &known)
+                .unwrap_err()
+                .contains("not seen")
+        );
+        assert!(
+            check_actors(&changes, &changes, &known).is_ok(),
+            "introduced by its first change"
+        );
+        let known: std::collections::BTreeSet<_> = [automerge::ActorId::from([8u8; 16])].into();
+        assert!(check_actors(second, second, &known).is_ok());
+    }
+
     #[test]
     fn a_doc_with_an_incompatible_change_is_reported_not_fatal() {
         // A change from a foreign document touching `entity` with a list:

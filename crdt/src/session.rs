@@ -42,6 +42,11 @@ impl SyncSession {
     /// Resumes from bytes produced by [`SyncSession::encode`].
     pub(crate) fn resume(bytes: &[u8]) -> Result<Self, String> {
         let state = State::decode(bytes).map_err(|e| e.to_string())?;
+        // Automerge asserts that hash lists it re-encodes are sorted; a
+        // corrupted store must not reach that assertion.
+        if !state.shared_heads.windows(2).all(|w| w[0] < w[1]) {
+            return Err("shared heads are not sorted and unique".into());
+        }
         let persisted_shared = state.shared_heads.clone();
         Ok(Self {
             state,
@@ -96,6 +101,14 @@ mod tests {
         assert!(!back.in_sync);
         assert!(SyncSession::resume(&[0xff, 1, 2]).is_err());
         assert!(SyncSession::resume(&[]).is_err());
+        // Encoding unsorted heads trips Automerge's debug assertion, so build
+        // the bytes by hand: type byte, count, then the hashes.
+        let mut bytes = vec![0x43, 2];
+        bytes.extend([9u8; 32]);
+        bytes.extend([1u8; 32]);
+        assert!(SyncSession::resume(&bytes).is_err());
+        bytes[2..34].copy_from_slice(&[0; 32]);
+        assert!(SyncSession::resume(&bytes).is_ok(), "sorted heads resume");
     }
 
     #[test]

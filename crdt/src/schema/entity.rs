@@ -34,6 +34,9 @@ pub const MAX_ATTRIBUTE_DEPTH: usize = 16;
 /// read or a write.
 pub const MAX_ATTRIBUTE_ENTRIES: usize = 4096;
 
+/// Attribute map of an entity: JSON-like values by name.
+pub type AttributeMap = Map<String, Json>;
+
 /// An entity as stored, after validation.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Entity {
@@ -42,7 +45,7 @@ pub struct Entity {
     /// Current state, a string as in Home Assistant.
     pub state: String,
     /// JSON-like attribute map.
-    pub attributes: Map<String, Json>,
+    pub attributes: AttributeMap,
     /// When it was last written.
     pub updated_at: Hlc,
     /// Actor (device) that wrote it last.
@@ -58,7 +61,7 @@ pub struct EntityUpdate {
     pub state: String,
     /// New attributes. `None` keeps the current ones; `Some` replaces them,
     /// touching only the keys whose value actually changed.
-    pub attributes: Option<Map<String, Json>>,
+    pub attributes: Option<AttributeMap>,
 }
 
 impl Entity {
