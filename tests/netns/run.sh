@@ -1,0 +1,274 @@
+#!/usr/bin/env bash
+# Namespace scenario: mDNS discovery between three nodes on a private LAN.
+#
+# Builds a LAN out of network namespaces: one hub namespace holding a bridge, and three node
+# namespaces, each joined to the bridge by a veth pair, addressed from 10.231.0.0/24. Nothing is
+# created in, or attached to, the root namespace, and no node ever runs there (mDNS must not
+# leave this host). Every round starts `hearth up` in each node namespace with mDNS on and fresh
+# data dirs, then measures time-to-discover: how long from launching the nodes until every node
+# has been connected to both others. Discovery counts a peer once it appears in the node's
+# `hearth status --json` peers list, or once the node logs the connection: each node is its own
+# home, nodes of different homes may be refused right after hello, and a poll can miss so short
+# a connection. The polled figure includes start-up and the polling delay; the figure from the
+# nodes' own log timestamps does not include the polling.
+#
+# Usage (as root):  tests/netns/run.sh
+# Environment:
+#   ROUNDS=20              start-up and discovery rounds; every one must succeed
+#   DISCOVER_TIMEOUT=30    seconds a round may take to discover before it fails
+#   HEARTH_BIN=PATH        binary to run (default: $CARGO_TARGET_DIR or target, /debug/hearth;
+#                          built with `cargo build` when absent)
+#   KEEP_LOGS=1            keep the work dir (logs, data dirs) instead of deleting it
+# Exits non-zero on any failure, after removing every namespace it created.
+set -euo pipefail
+
+ROUNDS=${ROUNDS:-20}
+DISCOVER_TIMEOUT=${DISCOVER_TIMEOUT:-30}
+NODES=3
+# How long a node may take to answer its first status after launch.
+READY_TIMEOUT=30
+# How long a node may take to exit after SIGTERM before it counts as hung.
+STOP_TIMEOUT=10
+# The nodes' log filter; hearth-net's info lines are what connections are read from.
+NODE_LOG="info,hearth_net=info"
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+bin=${HEARTH_BIN:-${CARGO_TARGET_DIR:-$repo/target}/debug/hearth}
+
+die() {
+    printf 'netns: FAIL: %s\n' "$*" >&2
+    exit 1
+}
+log() { printf 'netns: %s\n' "$*" >&2; }
+
+[ "$(id -u)" -eq 0 ] || die "must run as root (it creates network namespaces)"
+for tool in ip jq awk sort; do
+    command -v "$tool" >/dev/null || die "needs '$tool' on PATH"
+done
+[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer, got '$ROUNDS'"
+[[ $DISCOVER_TIMEOUT =~ ^[1-9][0-9]*$ ]] || die "DISCOVER_TIMEOUT must be a positive integer"
+
+if [ ! -x "$bin" ]; then
+    log "building $bin"
+    (cd "$repo" && cargo build --bin hearth) || die "cargo build failed"
+    [ -x "$bin" ] || die "cargo build did not produce $bin; set HEARTH_BIN"
+fi
+
+# Names carry the PID so concurrent runs, or leftovers of a killed run, never collide.
+tag="hn$$"
+hub="$tag-hub"
+ns=()
+for i in $(seq 1 "$NODES"); do ns+=("$tag-n$i"); done
+work=$(mktemp -d "${TMPDIR:-/tmp}/hearth-netns.XXXXXX")
+pids=()
+
+cleanup() {
+    local status=$?
+    trap - EXIT INT TERM
+    for pid in "${pids[@]}"; do
+        kill -KILL "$pid" 2>/dev/null || true
+    done
+    for pid in "${pids[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    # Deleting a namespace removes the veth ends and the bridge inside it.
+    for name in "${ns[@]}" "$hub"; do
+        ip netns del "$name" 2>/dev/null || true
+    done
+    if [ "${KEEP_LOGS:-0}" = 1 ]; then
+        log "kept $work"
+    else
+        rm -rf "$work"
+    fi
+    exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ---- the LAN ------------------------------------------------------------------------------
+ip netns add "$hub"
+ip -n "$hub" link set lo up
+ip -n "$hub" link add br0 type bridge
+ip -n "$hub" link set br0 up
+for i in $(seq 1 "$NODES"); do
+    name=${ns[$((i - 1))]}
+    ip netns add "$name"
+    ip -n "$name" link set lo up
+    # Created inside the hub namespace with its peer end placed straight into the node's,
+    # so neither end ever exists in the root namespace.
+    ip -n "$hub" link add "p$i" type veth peer name eth0 netns "$name"
+    ip -n "$hub" link set "p$i" master br0 up
+    ip -n "$name" addr add "10.231.0.$((10 + i))/24" dev eth0
+    ip -n "$name" link set eth0 up
+    # mDNS sends to 224.0.0.251; with no default route the kernel needs this one.
+    ip -n "$name" route add 224.0.0.0/4 dev eth0
+done
+log "LAN up: bridge in $hub, nodes in ${ns[*]} on 10.231.0.0/24"
+
+# Seconds since the epoch with milliseconds.
+now() { date +%s.%N | awk '{ printf "%.3f", $1 }'; }
+
+# status NS DIR: the node's status as JSON, or nothing if it does not answer.
+status() {
+    timeout 5 ip netns exec "$1" "$bin" status --json --data "$2" 2>/dev/null || true
+}
+
+# connections LOG: "PEER TIMESTAMP" for each connection the node logged. The log mixes
+# tracing's JSON lines with the plain start-up banner on stdout, so only JSON goes to jq.
+connections() {
+    grep '^{' "$1" 2>/dev/null |
+        jq -r 'select(.fields.message == "peer connected" and .target == "hearth_net::event_loop")
+               | "\(.fields.peer) \(.timestamp)"' 2>/dev/null || true
+}
+
+# first_connected LOG...: epoch seconds of the latest among each node's first connection to
+# each peer, i.e. when the last pair connected, to the microsecond of the node's own clock.
+first_connected() {
+    local log latest=""
+    for log in "$@"; do
+        connections "$log" | sort -k1,1 -k2,2 | awk '!seen[$1]++ { print $2 }'
+    done | sort | tail -n 1 | while read -r latest; do date -d "$latest" +%s.%N; done
+}
+
+stop_nodes() {
+    local pid deadline hung=0
+    for pid in "${pids[@]}"; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "${pids[@]}"; do
+        deadline=$((SECONDS + STOP_TIMEOUT))
+        while kill -0 "$pid" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do
+            sleep 0.1
+        done
+        if kill -0 "$pid" 2>/dev/null; then
+            hung=1
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+        wait "$pid" 2>/dev/null || true
+    done
+    pids=()
+    return "$hung"
+}
+
+# ---- rounds -------------------------------------------------------------------------------
+times=()
+failures=0
+for round in $(seq 1 "$ROUNDS"); do
+    dir="$work/round-$round"
+    mkdir -p "$dir"
+    start=$(now)
+    for i in $(seq 1 "$NODES"); do
+        data="$dir/node-$i"
+        mkdir -p "$data"
+        # The log is read for connections, so its level is pinned whatever RUST_LOG says.
+        ip netns exec "${ns[$((i - 1))]}" env RUST_LOG="$NODE_LOG" "$bin" up --data "$data" \
+            --listen /ip4/0.0.0.0/tcp/0 --api 127.0.0.1:0 --name "node-$i" \
+            --log-format json >"$data.log" 2>&1 &
+        pids+=("$!")
+    done
+
+    # Each node's PeerId, from its first status answer.
+    ids=()
+    failed=""
+    for i in $(seq 1 "$NODES"); do
+        data="$dir/node-$i"
+        id=""
+        deadline=$((SECONDS + READY_TIMEOUT))
+        while [ -z "$id" ] && [ "$SECONDS" -lt "$deadline" ]; do
+            kill -0 "${pids[$((i - 1))]}" 2>/dev/null || { failed="node-$i exited during start-up"; break; }
+            id=$(status "${ns[$((i - 1))]}" "$data" | jq -r '.peer_id // empty' 2>/dev/null || true)
+            [ -n "$id" ] || sleep 0.05
+        done
+        [ -n "$failed" ] && break
+        [ -n "$id" ] || { failed="node-$i did not answer status within ${READY_TIMEOUT}s"; break; }
+        ids+=("$id")
+    done
+    ready=$(now)
+
+    # Poll until every node has seen both others, by status or by its log.
+    declare -A seen=()
+    seen_by_status=0
+    deadline=$((SECONDS + DISCOVER_TIMEOUT))
+    while [ -z "$failed" ]; do
+        missing=0
+        for i in $(seq 1 "$NODES"); do
+            data="$dir/node-$i"
+            listed=$(status "${ns[$((i - 1))]}" "$data" | jq -r '.peers[]?.peer_id' 2>/dev/null || true)
+            logged=$(connections "$data.log" | awk '{ print $1 }')
+            for j in $(seq 1 "$NODES"); do
+                [ "$i" = "$j" ] && continue
+                key="$i-$j"
+                [ -n "${seen[$key]:-}" ] && continue
+                other=${ids[$((j - 1))]}
+                if grep -qxF "$other" <<<"$listed"; then
+                    seen[$key]=status
+                    seen_by_status=$((seen_by_status + 1))
+                elif grep -qxF "$other" <<<"$logged"; then
+                    seen[$key]=log
+                else
+                    missing=$((missing + 1))
+                fi
+            done
+        done
+        [ "$missing" -eq 0 ] && break
+        if [ "$SECONDS" -ge "$deadline" ]; then
+            failed="$missing of $((NODES * (NODES - 1))) node pairs not connected after ${DISCOVER_TIMEOUT}s"
+            break
+        fi
+        for pid in "${pids[@]}"; do
+            kill -0 "$pid" 2>/dev/null || failed="a node exited during discovery"
+        done
+        sleep 0.05
+    done
+    done_at=$(now)
+    unset seen
+
+    if ! stop_nodes; then
+        failed="${failed:+$failed; }a node did not exit within ${STOP_TIMEOUT}s of SIGTERM"
+    fi
+    if [ -n "$failed" ]; then
+        failures=$((failures + 1))
+        log "round $round: FAILED: $failed (logs in $dir)"
+        # CI shows only this output, so the end of each node's log goes with the failure.
+        for i in $(seq 1 "$NODES"); do
+            log "--- last lines of node-$i.log"
+            tail -n 15 "$dir/node-$i.log" >&2 2>/dev/null || true
+        done
+        KEEP_LOGS=1
+        continue
+    fi
+    logs=()
+    for i in $(seq 1 "$NODES"); do logs+=("$dir/node-$i.log"); done
+    connected=$(first_connected "${logs[@]}")
+    took=$(awk -v a="$start" -v b="$done_at" 'BEGIN { printf "%.3f", b - a }')
+    up=$(awk -v a="$start" -v b="$ready" 'BEGIN { printf "%.3f", b - a }')
+    exact=$(awk -v a="$start" -v b="$connected" 'BEGIN { printf "%.3f", b - a }')
+    times+=("$took $up $exact")
+    log "round $round: all ready after ${up}s, discovered after ${took}s by polling," \
+        "${exact}s by the nodes' logs ($seen_by_status of $((NODES * (NODES - 1))) pairs seen" \
+        "in status, the rest in logs)"
+    rm -rf "$dir"
+done
+
+# ---- report -------------------------------------------------------------------------------
+# stats COLUMN: the median and the max of one column of the per-round times.
+stats() {
+    printf '%s\n' "${times[@]}" | awk -v c="$1" '{ print $c }' | sort -n | awk '
+        { t[NR] = $1 }
+        END { printf "%.3f %.3f", (NR % 2) ? t[(NR + 1) / 2] : (t[NR / 2] + t[NR / 2 + 1]) / 2, t[NR] }'
+}
+if [ "${#times[@]}" -gt 0 ]; then
+    read -r discover_median discover_max <<<"$(stats 1)"
+    read -r ready_median ready_max <<<"$(stats 2)"
+    read -r exact_median exact_max <<<"$(stats 3)"
+    printf 'netns: %d rounds, %d failed\n' "$ROUNDS" "$failures"
+    printf 'netns: time-to-discover, launch to all %d pairs seen connected by polling: median %ss, max %ss\n' \
+        "$((NODES * (NODES - 1)))" "$discover_median" "$discover_max"
+    printf 'netns: time-to-discover, launch to the last pair'"'"'s connection in the nodes'"'"' logs: median %ss, max %ss\n' \
+        "$exact_median" "$exact_max"
+    printf 'netns: start-up, launch to all nodes answering status: median %ss, max %ss\n' \
+        "$ready_median" "$ready_max"
+fi
+[ "$failures" -eq 0 ] || die "$failures of $ROUNDS rounds failed"
+log "ok"
