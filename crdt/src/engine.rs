@@ -22,6 +22,15 @@
 //! session runs one sync exchange to confirm the peer has everything. That
 //! costs one Automerge sync round per quiet period instead of one per change.
 //!
+//! # Cost with history
+//!
+//! A push skips the sync protocol's walk over the whole change history, but
+//! applying a change in Automerge 0.12 still walks every earlier op on the
+//! keys it writes: overwritten values are kept. So an entity rewritten 20 000
+//! times applies a push in milliseconds (see `benches/push.rs`), while a key
+//! that was rarely written applies in tens of microseconds however large the
+//! rest of the document is.
+//!
 //! # Panics inside Automerge
 //!
 //! Every Automerge call on peer input runs under `catch_unwind`. A panic part
