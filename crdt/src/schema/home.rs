@@ -4,7 +4,7 @@
 //! Layout under the root key `home`:
 //! - `name`: string;
 //! - `devices.<PeerId>`: map { `name`, `certificate`: bytes, `revoked_at`: optional ms };
-//! - `paired.<HomeId>`: map { `name`, `root_key`: bytes, `devices`: map { <PeerId>: certificate bytes } };
+//! - `paired.<HomeId>`: map { `name`, `root_key`: bytes, `devices`: map { `<PeerId>`: certificate bytes } };
 //! - `keyring.<DocId>.<epoch>.<PeerId>`: the document key of that epoch wrapped for that device.
 //!
 //! Certificates and wrapped keys are opaque here; the node verifies and unwraps them.

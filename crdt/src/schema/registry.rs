@@ -2,7 +2,7 @@
 //! entity is shared with and how, and tombstones for deleted entities.
 //!
 //! Layout under the root key `registry`:
-//! `entities.<entity id>` = map { `doc`: base58 DocId, `shares`: map { <HomeId>:
+//! `entities.<entity id>` = map { `doc`: base58 DocId, `shares`: map { `<HomeId>`:
 //! map { `rights`: "read" | "write", `policy`: optional string } }, `deleted_at`:
 //! optional HLC text }.
 
