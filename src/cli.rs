@@ -226,6 +226,9 @@ fn run_up(data: PathBuf, up: UpArgs) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
+        // Watch the signals before the node publishes its address: a supervisor that reads
+        // api.addr and at once sends SIGTERM must get a clean stop, not the default kill.
+        let stop = stop_signal()?;
         let node = hearth::Node::start(config).await?;
         // A closed stdout (a supervisor that stopped reading) must not stop the node, so
         // write errors are ignored rather than panicking as println! would.
@@ -237,7 +240,7 @@ fn run_up(data: PathBuf, up: UpArgs) -> Result<()> {
             node.data_dir().display(),
             node.api_addr()
         );
-        wait_for_signal().await?;
+        stop.await?;
         tracing::info!("stopping");
         tokio::time::timeout(SHUTDOWN_LIMIT, node.shutdown())
             .await
@@ -246,15 +249,19 @@ fn run_up(data: PathBuf, up: UpArgs) -> Result<()> {
     })
 }
 
-async fn wait_for_signal() -> Result<()> {
+/// Registers SIGTERM and SIGINT handlers now, and returns a future that resolves on
+/// either.
+fn stop_signal() -> Result<impl std::future::Future<Output = Result<()>>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    Ok(())
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        Ok(())
+    })
 }
 
 fn init_tracing(format: LogFormat) {
