@@ -77,10 +77,8 @@ impl Core {
             .map_err(|e| Error::Network(e.to_string()))?;
         let issuer = Issuer {
             peer_id: self.net.local_peer_id(),
-            addrs: addrs
-                .iter()
-                .filter(|a| !a.to_string().contains("/0.0.0.0/"))
-                .map(|a| a.to_string())
+            addrs: reachable(&addrs)
+                .into_iter()
                 .take(crate::trust::invite::MAX_INVITE_ADDRS)
                 .collect(),
             home_id: self.home.home_id.clone(),
@@ -236,4 +234,18 @@ impl Core {
         }
         Ok(sealed)
     }
+}
+
+/// The listen addresses worth giving another device: concrete ones, and loopback only when
+/// there is nothing else (a loopback address names the other device itself).
+fn reachable(addrs: &[hearth_net::Multiaddr]) -> Vec<String> {
+    let concrete: Vec<String> = addrs
+        .iter()
+        .map(|a| a.to_string())
+        .filter(|a| !a.starts_with("/ip4/0.0.0.0/") && !a.starts_with("/ip6/::/"))
+        .collect();
+    let (loopback, other): (Vec<String>, Vec<String>) = concrete
+        .into_iter()
+        .partition(|a| a.starts_with("/ip4/127.") || a.starts_with("/ip6/::1/"));
+    if other.is_empty() { loopback } else { other }
 }

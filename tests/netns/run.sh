@@ -251,6 +251,90 @@ for round in $(seq 1 "$ROUNDS"); do
     rm -rf "$dir"
 done
 
+# ---- one home: pairing and convergence -----------------------------------------------------
+# Node 1 creates a home; nodes 2 and 3 join it with invite codes (the code carries node 1's
+# LAN address), then all three run with mDNS on. A change written on each node in turn must
+# reach the other two within CONVERGE_LIMIT seconds.
+CONVERGE_LIMIT=${CONVERGE_LIMIT:-2}
+CHANGES=${CHANGES:-6}
+dir="$work/home"
+mkdir -p "$dir"
+hearth_in() { # NS ARGS...: run the CLI inside a node namespace
+    local name=$1
+    shift
+    timeout 30 ip netns exec "$name" "$bin" "$@"
+}
+start_home_node() { # I
+    local i=$1 data="$dir/node-$1"
+    ip netns exec "${ns[$((i - 1))]}" env RUST_LOG="$NODE_LOG" "$bin" up --data "$data" \
+        --listen /ip4/0.0.0.0/tcp/0 --api 127.0.0.1:0 --name "node-$i" \
+        --log-format json >"$data.log" 2>&1 &
+    pids+=("$!")
+    local deadline=$((SECONDS + READY_TIMEOUT))
+    until [ -n "$(status "${ns[$((i - 1))]}" "$data" | jq -r '.peer_id // empty' 2>/dev/null)" ]; do
+        [ "$SECONDS" -lt "$deadline" ] || die "home node-$i did not start (log: $data.log)"
+        sleep 0.05
+    done
+}
+home_failed=""
+mkdir -p "$dir/node-1"
+start_home_node 1
+for i in 2 3; do
+    code=$(hearth_in "${ns[0]}" invite --data "$dir/node-1" 2>/dev/null) ||
+        { home_failed="invite for node-$i failed"; break; }
+    hearth_in "${ns[$((i - 1))]}" join "$code" --data "$dir/node-$i" --name "node-$i" >/dev/null ||
+        { home_failed="node-$i could not join"; break; }
+    start_home_node "$i"
+done
+admitted_all() {
+    local i
+    for i in 1 2 3; do
+        n=$(status "${ns[$((i - 1))]}" "$dir/node-$i" | jq '[.peers[]? | select(.admitted)] | length' 2>/dev/null || echo 0)
+        [ "${n:-0}" -ge 2 ] || return 1
+    done
+}
+if [ -z "$home_failed" ]; then
+    deadline=$((SECONDS + DISCOVER_TIMEOUT))
+    until admitted_all; do
+        [ "$SECONDS" -lt "$deadline" ] || { home_failed="devices of the home were not admitted within ${DISCOVER_TIMEOUT}s"; break; }
+        sleep 0.1
+    done
+fi
+converge_times=()
+if [ -z "$home_failed" ]; then
+    for k in $(seq 1 "$CHANGES"); do
+        src=$(( (k - 1) % 3 + 1 ))
+        t0=$(now)
+        hearth_in "${ns[$((src - 1))]}" entity set light.netns "v$k" --data "$dir/node-$src" >/dev/null ||
+            { home_failed="entity set on node-$src failed"; break; }
+        for dst in 1 2 3; do
+            [ "$dst" = "$src" ] && continue
+            until [ "$(hearth_in "${ns[$((dst - 1))]}" entity get light.netns --json --data "$dir/node-$dst" 2>/dev/null | jq -r '.state // empty')" = "v$k" ]; do
+                elapsed=$(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }')
+                if awk -v e="$elapsed" -v l="$CONVERGE_LIMIT" 'BEGIN { exit !(e > l) }'; then
+                    home_failed="change $k from node-$src not on node-$dst after ${CONVERGE_LIMIT}s"
+                    break 3
+                fi
+                sleep 0.02
+            done
+        done
+        converge_times+=("$(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }')")
+    done
+fi
+stop_nodes || home_failed="${home_failed:+$home_failed; }a home node did not stop on SIGTERM"
+if [ -n "$home_failed" ]; then
+    for i in 1 2 3; do
+        log "--- last lines of home node-$i.log"
+        tail -n 15 "$dir/node-$i.log" >&2 2>/dev/null || true
+    done
+    KEEP_LOGS=1
+    die "one-home scenario: $home_failed (logs in $dir)"
+fi
+read -r conv_median conv_max <<<"$(printf '%s\n' "${converge_times[@]}" | sort -n | awk '
+    { t[NR] = $1 } END { printf "%.3f %.3f", (NR % 2) ? t[(NR + 1) / 2] : (t[NR / 2] + t[NR / 2 + 1]) / 2, t[NR] }')"
+printf 'netns: one home of 3 devices (paired by invite codes, mDNS on): %d changes, write to visible on both others (CLI polling included): median %ss, max %ss\n' \
+    "${#converge_times[@]}" "$conv_median" "$conv_max"
+
 # ---- report -------------------------------------------------------------------------------
 # stats COLUMN: the median and the max of one column of the per-round times.
 stats() {
