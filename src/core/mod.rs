@@ -523,11 +523,39 @@ impl Core {
                     .map_err(doc_err)?;
                 out.extend(reg_out);
                 out.extend(home_out);
+                // The whole new document, to push to every device right away: a new
+                // entity then needs no sync round trip, so it reaches peers as fast as
+                // an update does (and before this node could die after acknowledging).
+                let snapshot = out
+                    .iter()
+                    .find_map(|o| match o {
+                        Output::PersistChunk {
+                            doc: d,
+                            kind: ChunkKind::Snapshot,
+                            bytes,
+                        } if *d == doc => Some(bytes),
+                        _ => None,
+                    })
+                    // A push carries change chunks, not a saved document; the new document
+                    // is one small change, so converting it costs little.
+                    .and_then(|bytes| automerge::Automerge::load(bytes).ok())
+                    .map(|d| d.save_after(&[]));
                 self.entity_of_doc.insert(doc, id.to_string());
                 let mut batch = self.handle_outputs(out);
                 self.keyring.insert(doc, epoch, key, &mut batch);
                 let peers: Vec<String> = self.admitted.keys().cloned().collect();
                 for peer in peers {
+                    if let Some(bytes) = &snapshot {
+                        self.outbox.push((
+                            peer.clone(),
+                            Frame::Push(hearth_crdt::wire::Push {
+                                doc,
+                                epoch,
+                                correlation_id: write.correlation_id.clone(),
+                                bytes: bytes.clone(),
+                            }),
+                        ));
+                    }
                     match self.engine.attach(peer.clone(), doc, None, now) {
                         Ok(out) => {
                             let more = self.handle_outputs(out);

@@ -287,10 +287,10 @@ impl Core {
     /// reaches a document.
     pub(super) async fn on_frame(&mut self, peer: PeerId, bytes: Bytes) {
         let peer_text = peer.to_base58();
-        if !self.admitted.contains_key(&peer_text) {
-            tracing::warn!(peer = %peer_text, "frame from a peer that is not admitted");
-            return;
-        }
+        // The network layer delivers frames only from peers this core admitted. A frame
+        // may still be queued when the disconnect of its sender is reported first (the two
+        // travel on separate queues); it was authenticated on arrival, so it is applied:
+        // dropping it would lose writes the sender already acknowledged.
         let mut frame = match wire::decode(&bytes, MAX_FRAME_BYTES) {
             Ok(frame) => frame,
             Err(error) => {

@@ -46,7 +46,17 @@ impl UpProcess {
             ])
             .arg(data)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(match std::env::var_os("HEARTH_TEST_LOG_DIR") {
+                // Debugging aid: keep each node's log beside the others.
+                Some(d) => Stdio::from(
+                    std::fs::File::create(std::path::Path::new(&d).join(format!(
+                        "{}.log",
+                        data.file_name().and_then(|n| n.to_str()).unwrap_or("node")
+                    )))
+                    .expect("create log file"),
+                ),
+                None => Stdio::null(),
+            })
             .spawn()
             .expect("spawn hearth up");
         let stdout = child.stdout.take().expect("stdout");
