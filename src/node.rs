@@ -24,6 +24,8 @@ pub(crate) const IDENTITY_KEY: &[u8] = b"device/identity";
 pub(crate) const NAME_KEY: &[u8] = b"device/name";
 /// Meta key of peers to keep dialled, learned at pairing (JSON list of multiaddrs).
 pub(crate) const STATIC_PEERS_KEY: &[u8] = b"net/static_peers";
+/// How long shutdown spends closing peer connections.
+const PEER_CLOSE_TIMEOUT: Duration = Duration::from_millis(300);
 /// How long shutdown waits for the API to finish in-flight requests.
 const API_DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -84,8 +86,18 @@ impl Node {
                 Err(error) => tracing::warn!(%error, "ignoring unreadable stored peer list"),
             }
         }
-        let (net, net_events, net_loop) = hearth_net::new(net_config(&config, &identity)?)
-            .map_err(|e| Error::Network(e.to_string()))?;
+        let mut net_cfg = net_config(&config, &identity)?;
+        // The certificate must be in the very first hello: a peer dialled at start (a static
+        // peer) keeps the certificate it got, and an empty one marks a device still pairing.
+        // A brand-new home has none yet; its core issues one before any peer can know it.
+        if let Some(cert) = store
+            .get(Keyspace::Meta, crate::core::keyring::CERT_KEY.to_vec())
+            .await?
+        {
+            net_cfg.certificate = cert;
+        }
+        let (net, net_events, net_loop) =
+            hearth_net::new(net_cfg).map_err(|e| Error::Network(e.to_string()))?;
         let net_task = tokio::spawn(tracing::Instrument::instrument(
             net_loop.run(cancel.clone()),
             tracing::error_span!("net", peer = %identity.peer_id()),
@@ -260,6 +272,17 @@ impl Node {
     /// Stops the API, removes `api.addr`, flushes and closes the store, and releases the
     /// data dir. Not cancel-safe: finish it, or the final flush may not happen.
     pub async fn shutdown(self) -> Result<(), Error> {
+        // Close peer connections first, so peers see this device leave now and accept its
+        // next connection at once, instead of holding a stale session until it times out.
+        let net = self.state.net.clone();
+        let _ = tokio::time::timeout(PEER_CLOSE_TIMEOUT, async move {
+            if let Ok(peers) = net.connected_peers().await {
+                for p in peers {
+                    let _ = net.disconnect(p.peer).await;
+                }
+            }
+        })
+        .await;
         self.cancel.cancel();
         let mut api_task = self.api_task;
         // Connections that stay open (a watching client) must not hold the exit hostage.

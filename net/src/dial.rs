@@ -101,6 +101,9 @@ pub(crate) fn connections_to_close(
 #[derive(Debug)]
 pub(crate) struct Discovered {
     pub(crate) addrs: Vec<Multiaddr>,
+    /// When the peer was first heard of; the larger PeerId dials only after
+    /// [`LARGER_SIDE_GRACE`] from then.
+    pub(crate) first_seen: Instant,
     pub(crate) last_seen: Instant,
     pub(crate) backoff: Backoff,
     pub(crate) next_dial: Instant,
@@ -141,6 +144,7 @@ impl DiscoveredTable {
         }
         let entry = self.peers.entry(peer).or_insert_with(|| Discovered {
             addrs: Vec::new(),
+            first_seen: now,
             last_seen: now,
             backoff: Backoff::new(REDIAL_BASE, redial_max),
             next_dial: now,
@@ -181,11 +185,19 @@ impl DiscoveredTable {
     }
 }
 
+/// How long the larger PeerId of a pair waits for the smaller one to dial before dialling
+/// itself. mDNS discovery is not always mutual: a node that starts after its neighbour's
+/// query hears the neighbour, but the neighbour does not hear it until its next query,
+/// minutes later. Without this fallback such a pair, with the larger side the only one
+/// that knows, would never connect.
+pub(crate) const LARGER_SIDE_GRACE: Duration = Duration::from_secs(2);
+
 /// Whether this node should dial a discovered peer now.
 ///
-/// Only the smaller PeerId dials a discovered peer, so two neighbours that hear each
-/// other's announcements at the same moment do not both dial (the simultaneous-open case
-/// that fails the Noise handshake).
+/// The smaller PeerId dials a discovered peer, so two neighbours that hear each other's
+/// announcements at the same moment do not both dial (the simultaneous-open case that
+/// fails the Noise handshake). The larger one dials only if no connection came up within
+/// [`LARGER_SIDE_GRACE`], and from a fresh port, as every dial here does.
 pub(crate) fn should_dial_discovered(
     local: &PeerId,
     remote: &PeerId,
@@ -193,7 +205,7 @@ pub(crate) fn should_dial_discovered(
     connected: bool,
     now: Instant,
 ) -> bool {
-    is_smaller(local, remote)
+    (is_smaller(local, remote) || now >= entry.first_seen + LARGER_SIDE_GRACE)
         && !connected
         && entry.dialing.is_none()
         && !entry.addrs.is_empty()
@@ -342,6 +354,23 @@ mod tests {
         let to_small = table.get_mut(&small).unwrap();
         assert!(!should_dial_discovered(
             &large, &small, to_small, false, now
+        ));
+        // Discovery can be one-sided: if the smaller peer has not connected after the
+        // grace period, the larger one dials after all.
+        let after_grace = now + LARGER_SIDE_GRACE;
+        assert!(should_dial_discovered(
+            &large,
+            &small,
+            to_small,
+            false,
+            after_grace
+        ));
+        assert!(!should_dial_discovered(
+            &large,
+            &small,
+            to_small,
+            true,
+            after_grace
         ));
     }
 
