@@ -92,13 +92,7 @@ impl Client {
         path: &str,
         body: &serde_json::Value,
     ) -> Result<T> {
-        let url = format!("{}{path}", self.base);
-        let response = self
-            .agent
-            .post(&url)
-            .header("Authorization", &format!("Bearer {}", self.token))
-            .send_json(body);
-        self.reply(&url, response)
+        self.send_json("POST", path, body)
     }
 
     /// PUTs a JSON body and reads the JSON reply.
@@ -107,12 +101,24 @@ impl Client {
         path: &str,
         body: &serde_json::Value,
     ) -> Result<T> {
+        self.send_json("PUT", path, body)
+    }
+
+    fn send_json<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<T> {
         let url = format!("{}{path}", self.base);
-        let response = self
-            .agent
-            .put(&url)
-            .header("Authorization", &format!("Bearer {}", self.token))
-            .send_json(body);
+        let request = ureq::http::Request::builder()
+            .method(method)
+            .uri(&url)
+            .header("Authorization", format!("Bearer {}", self.token))
+            .header("Content-Type", "application/json")
+            .body(serde_json::to_vec(body)?)
+            .with_context(|| format!("cannot build a request to {url}"))?;
+        let response = self.agent.run(request);
         self.reply(&url, response)
     }
 
