@@ -15,6 +15,8 @@ pub const TOKEN_FILE: &str = "token";
 /// The address the API actually bound, as `host:port`; removed on clean exit.
 pub const API_ADDR_FILE: &str = "api.addr";
 
+/// How long a held data dir lock is retried before another node counts as running.
+const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
 /// Token length in random bytes; printed as hex.
 const TOKEN_BYTES: usize = 32;
 
@@ -46,7 +48,27 @@ pub(crate) fn lock(dir: &Path) -> Result<File, Error> {
             path: path.clone(),
             source,
         })?;
-    match file.try_lock() {
+    // A lock released a moment ago can still be held by a child process that this process
+    // forked (for any reason) and that has not reached exec yet: the child shares the open
+    // file until exec closes it. So a held lock is retried briefly before it counts.
+    let deadline = std::time::Instant::now() + LOCK_RETRY;
+    loop {
+        match file.try_lock() {
+            Err(fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => break lock_result(other, file, dir, path),
+        }
+    }
+}
+
+fn lock_result(
+    result: Result<(), fs::TryLockError>,
+    file: File,
+    dir: &Path,
+    path: PathBuf,
+) -> Result<File, Error> {
+    match result {
         Ok(()) => Ok(file),
         Err(fs::TryLockError::WouldBlock) => Err(Error::AlreadyRunning {
             path: dir.to_path_buf(),
