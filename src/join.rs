@@ -50,7 +50,8 @@ pub(crate) async fn join(code: &str, config: &Config) -> Result<Joined, Error> {
     let code = InviteCode::parse(code.trim(), now_s).map_err(|e| Error::Pairing(e.to_string()))?;
     if code.kind() != InviteKind::Device {
         return Err(Error::Invalid(
-            "this is a home invite; pass it to a running node with `hearth join` against its API"
+            "this is a home invite (pairing two homes), which this version cannot use yet; \
+             ask for a device invite with `hearth invite`"
                 .into(),
         ));
     }
