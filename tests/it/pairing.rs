@@ -269,3 +269,51 @@ async fn a_returning_device_syncs_only_the_documents_that_changed() {
     timeout(T, b.shutdown()).await.unwrap().unwrap();
     timeout(T, a.shutdown()).await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_certificate_is_refused_and_the_home_keeps_syncing() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = timeout(T, Node::start(config(dirs[0].path(), "a")))
+        .await
+        .unwrap()
+        .unwrap();
+    let b = join_and_start(&a, dirs[1].path(), "b").await;
+    let addr = a.listen_addrs().await.unwrap().remove(0);
+
+    // A raw peer that presents certificate-shaped garbage and then pushes frames anyway.
+    let forged: Vec<u8> = (0..300u32).map(|i| (i * 7 + 13) as u8).collect();
+    let (net, _events, event_loop) = hearth_net::new(hearth_net::Config {
+        listen: Vec::new(),
+        mdns: false,
+        static_peers: vec![format!("{addr}/p2p/{}", a.peer_id()).parse().unwrap()],
+        certificate: forged,
+        ..hearth_net::Config::default()
+    })
+    .unwrap();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(event_loop.run(cancel.clone()));
+    let a_peer: hearth_net::PeerId = a.peer_id().parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        let _ = net
+            .send(a_peer, hearth_net::Bytes::from_static(b"\xff\x00garbage"))
+            .await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Only B is admitted, and A still syncs with it.
+    assert_eq!(
+        a.admitted_peers().await.unwrap(),
+        vec![b.peer_id().to_string()]
+    );
+    timeout(T, a.entities().set("light.hall", write("on")))
+        .await
+        .unwrap()
+        .unwrap();
+    wait_state(&b, "light.hall", "on").await;
+
+    cancel.cancel();
+    let _ = task.await;
+    timeout(T, b.shutdown()).await.unwrap().unwrap();
+    timeout(T, a.shutdown()).await.unwrap().unwrap();
+}
