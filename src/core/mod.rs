@@ -102,6 +102,8 @@ struct Core {
     chunk_seq: HashMap<DocId, (u64, u64)>,
     /// Entity document -> entity id, from the registry.
     entity_of_doc: HashMap<DocId, String>,
+    /// The reverse: entity id -> document, so a write finds its document in O(1).
+    doc_of_entity_id: HashMap<String, DocId>,
     events: broadcast::Sender<EntityChange>,
     /// Document keys this device holds.
     keyring: Keyring,
@@ -161,6 +163,7 @@ pub(crate) async fn start(
         peer_id,
         chunk_seq: HashMap::new(),
         entity_of_doc: HashMap::new(),
+        doc_of_entity_id: HashMap::new(),
         events: broadcast::channel(CHANGE_BUFFER).0,
         keyring: Keyring::default(),
         device: DeviceSecret::generate(),
@@ -368,6 +371,11 @@ impl Core {
             .filter(|(_, e)| e.deleted_at.is_none())
             .map(|(id, e)| (e.doc, id))
             .collect();
+        self.doc_of_entity_id = self
+            .entity_of_doc
+            .iter()
+            .map(|(doc, id)| (id.clone(), *doc))
+            .collect();
         Ok(())
     }
 
@@ -541,6 +549,7 @@ impl Core {
                     .and_then(|bytes| automerge::Automerge::load(bytes).ok())
                     .map(|d| d.save_after(&[]));
                 self.entity_of_doc.insert(doc, id.to_string());
+                self.doc_of_entity_id.insert(id.to_string(), doc);
                 let mut batch = self.handle_outputs(out);
                 self.keyring.insert(doc, epoch, key, &mut batch);
                 let peers: Vec<String> = self.admitted.keys().cloned().collect();
@@ -615,9 +624,7 @@ impl Core {
     }
 
     fn doc_of_entity(&self, id: &str) -> Option<DocId> {
-        self.entity_of_doc
-            .iter()
-            .find_map(|(doc, e)| (e == id).then_some(*doc))
+        self.doc_of_entity_id.get(id).copied()
     }
 
     fn get_entity(&mut self, id: &str) -> Result<Option<Entity>, Error> {

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::util::{UpProcess, hearth, http_get, run, wait_exit};
+use crate::util::{UpProcess, hearth, http_get, run, up_cmd, wait_exit};
 
 #[test]
 fn up_serves_status_refuses_a_second_node_and_stops_cleanly_on_sigterm() {
@@ -55,17 +55,7 @@ fn up_serves_status_refuses_a_second_node_and_stops_cleanly_on_sigterm() {
     assert!(String::from_utf8_lossy(&out.stdout).contains(&node.peer_id));
 
     // A second node on the same data dir is refused at once, with a clear reason.
-    let out = run(hearth()
-        .args([
-            "up",
-            "--no-mdns",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--api",
-            "127.0.0.1:0",
-            "--data",
-        ])
-        .arg(&data));
+    let out = run(&mut up_cmd(&data));
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("already running"), "{err}");
@@ -133,17 +123,7 @@ fn unusable_data_dir_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("a-file");
     std::fs::write(&file, b"x").unwrap();
-    let out = run(hearth()
-        .args([
-            "up",
-            "--no-mdns",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--api",
-            "127.0.0.1:0",
-            "--data",
-        ])
-        .arg(file.join("sub")));
+    let out = run(&mut up_cmd(&file.join("sub")));
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot use data dir"), "{err}");
@@ -154,18 +134,8 @@ fn passphrase_store_refuses_a_wrong_passphrase_and_opens_with_the_right_one() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("home");
     let start = |pass: &str| {
-        let mut cmd = hearth();
-        cmd.env("HEARTH_PASSPHRASE", pass)
-            .args([
-                "up",
-                "--no-mdns",
-                "--listen",
-                "/ip4/127.0.0.1/tcp/0",
-                "--api",
-                "127.0.0.1:0",
-                "--data",
-            ])
-            .arg(&data);
+        let mut cmd = up_cmd(&data);
+        cmd.env("HEARTH_PASSPHRASE", pass);
         cmd
     };
     // First start creates the store under the passphrase; no key file is written.
@@ -190,17 +160,7 @@ fn passphrase_store_refuses_a_wrong_passphrase_and_opens_with_the_right_one() {
     );
 
     // Without the passphrase, the node says the store needs one rather than making a key file.
-    let out = run(hearth()
-        .args([
-            "up",
-            "--no-mdns",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--api",
-            "127.0.0.1:0",
-            "--data",
-        ])
-        .arg(&data));
+    let out = run(&mut up_cmd(&data));
     assert_eq!(out.status.code(), Some(1));
     assert!(!data.join("store.key").exists());
 }

@@ -22,6 +22,22 @@ pub(crate) fn hearth() -> Command {
     cmd
 }
 
+/// `hearth up` on DATA, on loopback with mDNS off and a free API port, as every test runs it.
+pub(crate) fn up_cmd(data: &Path) -> Command {
+    let mut cmd = hearth();
+    cmd.args([
+        "up",
+        "--no-mdns",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--api",
+        "127.0.0.1:0",
+        "--data",
+    ])
+    .arg(data);
+    cmd
+}
+
 /// A `hearth up` child on a free API port, killed on drop if still running.
 pub(crate) struct UpProcess {
     pub(crate) child: Child,
@@ -34,17 +50,7 @@ impl UpProcess {
     /// Starts `hearth up --data DIR --api 127.0.0.1:0` and waits until it prints its
     /// PeerId and publishes `api.addr`.
     pub(crate) fn start(data: &Path) -> Self {
-        let mut child = hearth()
-            .args([
-                "up",
-                "--no-mdns",
-                "--listen",
-                "/ip4/127.0.0.1/tcp/0",
-                "--api",
-                "127.0.0.1:0",
-                "--data",
-            ])
-            .arg(data)
+        let mut child = up_cmd(data)
             .stdout(Stdio::piped())
             .stderr(match std::env::var_os("HEARTH_TEST_LOG_DIR") {
                 // Debugging aid: keep each node's log beside the others.
