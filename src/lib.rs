@@ -24,6 +24,7 @@
 
 mod api;
 mod audit;
+pub mod bus;
 mod config;
 mod core;
 mod datadir;
