@@ -32,6 +32,7 @@ pub(crate) struct ApiState {
     pub(crate) net: hearth_net::Handle,
     pub(crate) home_id: String,
     pub(crate) home_name: String,
+    pub(crate) bus: crate::bus::Bus,
 }
 
 /// Largest request body accepted; larger ones get 413.
@@ -54,7 +55,7 @@ impl ApiError {
         }
     }
 
-    fn unauthorized(detail: &str) -> Self {
+    pub(crate) fn unauthorized(detail: &str) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "unauthorized", detail)
     }
 
@@ -62,8 +63,16 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "not_found", detail)
     }
 
-    fn bad_request(detail: impl Into<String>) -> Self {
+    pub(crate) fn bad_request(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", detail)
+    }
+}
+
+impl ApiError {
+    /// The error body's two fields, for transports that frame errors themselves (the
+    /// WebSocket).
+    pub(crate) fn kind_and_detail(&self) -> (&'static str, &str) {
+        (self.kind, &self.detail)
     }
 }
 
@@ -138,6 +147,9 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
     Router::new()
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
+        // The WebSocket checks its own token: browsers cannot set headers on an upgrade,
+        // so it also takes `?token=`.
+        .route("/api/ws", get(crate::ws::upgrade))
         .merge(api)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -170,7 +182,7 @@ async fn require_token(
 
 /// Compares without an early exit, so response timing does not leak how much of a
 /// guessed token was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

@@ -37,6 +37,7 @@ mod node;
 // pairing, which are not built yet.
 #[allow(dead_code)]
 mod trust;
+mod ws;
 
 pub use config::{Config, DEFAULT_API_ADDR, DEFAULT_LISTEN, Passphrase, default_data_dir};
 pub use core::{CHANGE_BUFFER, SyncCounters};
@@ -51,3 +52,4 @@ pub use join::Joined;
 /// How long an invite code lives unless told otherwise: 10 minutes.
 pub const DEFAULT_INVITE_TTL_S: u64 = 600;
 pub use node::{Invite, Node};
+pub use ws::WS_CLIENT_BUFFER;

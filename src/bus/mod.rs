@@ -31,6 +31,7 @@
 //! # Ok(()) }
 //! ```
 
+pub(crate) mod bridge;
 mod pattern;
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
@@ -784,18 +785,58 @@ impl EventStream {
     ///
     /// Cancel-safe.
     pub async fn wait_overflow(&self) {
-        loop {
-            let notified = self.signal.notify.notified();
-            if self.overflowed() {
-                return;
-            }
-            notified.await;
+        self.overflow_watch().wait().await
+    }
+
+    /// A handle that tells when this stream overflows, usable while the stream itself is
+    /// borrowed for reading.
+    pub fn overflow_watch(&self) -> OverflowWatch {
+        OverflowWatch {
+            signal: self.signal.clone(),
         }
     }
 
     /// The subscription's id.
     pub fn id(&self) -> SubscriptionId {
         self.id
+    }
+}
+
+/// Tells when the bus closed a stream for falling behind; see
+/// [`EventStream::overflow_watch`].
+#[derive(Clone)]
+pub struct OverflowWatch {
+    signal: Arc<StreamSignal>,
+}
+
+impl fmt::Debug for OverflowWatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OverflowWatch")
+            .field("overflowed", &self.overflowed())
+            .finish()
+    }
+}
+
+impl OverflowWatch {
+    /// Whether the stream has overflowed.
+    pub fn overflowed(&self) -> bool {
+        self.signal.overflowed.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the stream has overflowed.
+    ///
+    /// Cancel-safe.
+    pub async fn wait(&self) {
+        loop {
+            let notified = self.signal.notify.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a notification in between is not lost.
+            notified.as_mut().enable();
+            if self.overflowed() {
+                return;
+            }
+            notified.await;
+        }
     }
 }
 

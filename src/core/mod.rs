@@ -35,6 +35,27 @@ const CORE_QUEUE: usize = 256;
 pub const CHANGE_BUFFER: usize = 1024;
 /// Entries read per page while loading documents at start.
 const LOAD_PAGE: usize = 4096;
+/// Notices buffered for the event bus bridge before it starts missing some.
+pub(crate) const NOTICE_BUFFER: usize = 256;
+
+/// Happenings other than entity changes that the event bus reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Notice {
+    /// A device of this home was admitted.
+    PeerConnected {
+        /// Its PeerId.
+        peer: String,
+        /// Its device name, from the home document.
+        device_name: Option<String>,
+    },
+    /// An admitted device's connection ended.
+    PeerDisconnected {
+        /// Its PeerId.
+        peer: String,
+        /// Its device name, from the home document.
+        device_name: Option<String>,
+    },
+}
 
 type Reply<T> = oneshot::Sender<Result<T, Error>>;
 
@@ -67,6 +88,7 @@ pub(crate) enum Request {
 pub(crate) struct CoreHandle {
     tx: mpsc::Sender<Request>,
     pub(crate) events: broadcast::Sender<EntityChange>,
+    pub(crate) notices: broadcast::Sender<Notice>,
 }
 
 impl CoreHandle {
@@ -122,6 +144,8 @@ struct Core {
     reconcilers: HashMap<String, hearth_crdt::digest::Reconciler>,
     /// Counters shown by `sync_counters` and the metrics.
     counters: SyncCounters,
+    /// Peer arrivals and departures, for the event bus.
+    notices: broadcast::Sender<Notice>,
 }
 
 /// What reconnects cost, counted since start.
@@ -173,6 +197,7 @@ pub(crate) async fn start(
         digest: hearth_crdt::digest::DigestTree::new(),
         reconcilers: HashMap::new(),
         counters: SyncCounters::default(),
+        notices: broadcast::channel(NOTICE_BUFFER).0,
     };
     let mut batch = Batch::new();
     core.device = keyring::device_secret(&core.store, &mut batch).await?;
@@ -209,6 +234,7 @@ pub(crate) async fn start(
     let handle = CoreHandle {
         tx,
         events: core.events.clone(),
+        notices: core.notices.clone(),
     };
     let task = tokio::spawn(tracing::Instrument::instrument(
         core.run(rx, net_events, cancel),
@@ -426,7 +452,14 @@ impl Core {
     async fn on_net_event(&mut self, event: hearth_net::Event) {
         use hearth_net::Event;
         match event {
-            Event::Hello { peer, certificate } => self.on_hello(peer, certificate).await,
+            Event::Hello { peer, certificate } => {
+                let text = peer.to_base58();
+                let was_admitted = self.admitted.contains_key(&text);
+                self.on_hello(peer, certificate).await;
+                if !was_admitted && self.admitted.contains_key(&text) {
+                    self.notice_peer(text, true);
+                }
+            }
             Event::Frame { peer, bytes } => self.on_frame(peer, bytes).await,
             Event::PairRequest {
                 peer,
@@ -444,7 +477,9 @@ impl Core {
             Event::PeerDisconnected { peer, reason } => {
                 let text = peer.to_base58();
                 tracing::info!(peer = %text, ?reason, "peer disconnected");
-                self.admitted.remove(&text);
+                if self.admitted.remove(&text).is_some() {
+                    self.notice_peer(text.clone(), false);
+                }
                 self.reconcilers.remove(&text);
                 // Keep each session's state so a reconnect resumes rather than restarts.
                 let mut batch = Batch::new();
@@ -674,6 +709,22 @@ impl Core {
             owner: e.owner,
             version: hex::encode(hearth_crdt::digest::heads_hash(&heads)),
         })
+    }
+
+    /// Tells the event bus that an admitted device came or went.
+    fn notice_peer(&self, peer: String, connected: bool) {
+        let device_name = self
+            .engine
+            .home(self.home.home_doc)
+            .ok()
+            .and_then(|h| h.devices.get(&peer).map(|d| d.name.clone()));
+        let notice = if connected {
+            Notice::PeerConnected { peer, device_name }
+        } else {
+            Notice::PeerDisconnected { peer, device_name }
+        };
+        // Nobody listening is normal (a library user without the bus bridge).
+        let _ = self.notices.send(notice);
     }
 
     fn emit(&self, entity: Entity, from_peer: Option<String>, correlation_id: Option<String>) {

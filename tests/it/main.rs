@@ -5,3 +5,4 @@ mod entities;
 mod pairing;
 mod up;
 mod util;
+mod ws;
