@@ -3,5 +3,6 @@
 mod crash;
 mod entities;
 mod pairing;
+mod robust;
 mod up;
 mod util;
