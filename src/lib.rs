@@ -49,6 +49,13 @@ pub use entities::{
 pub use error::Error;
 pub use join::Joined;
 
+/// Frames that may wait in the outbound sync queue to one peer before it counts as slow
+/// and is dropped.
+pub const PEER_QUEUE_FRAMES: usize = hearth_net::SYNC_QUEUE_FRAMES;
+/// Bytes that may wait in the outbound sync queue to one peer before it counts as slow
+/// and is dropped.
+pub const PEER_QUEUE_BYTES: usize = hearth_net::SYNC_QUEUE_BYTES;
+
 /// How long an invite code lives unless told otherwise: 10 minutes.
 pub const DEFAULT_INVITE_TTL_S: u64 = 600;
 pub use node::{Invite, Node};

@@ -1,8 +1,6 @@
 //! Turns what the node's core reports (entity changes, peers coming and going) into bus
 //! events. Runs as its own task, so handlers on the bus never hold up the core.
 
-use std::collections::HashMap;
-
 use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
@@ -11,14 +9,9 @@ use super::{Bus, Event, Source};
 use crate::core::{CoreHandle, Notice};
 use crate::entities::EntityChange;
 
-/// Writers remembered for naming the device behind an actor id; the home's devices fit
-/// many times over, and the map is cleared rather than grown past this.
-const MAX_KNOWN_ACTORS: usize = 1024;
-
 /// Who this node is, for the `source` of the events it publishes.
 pub(crate) struct Identity {
     pub(crate) home_id: String,
-    pub(crate) peer_id: String,
 }
 
 /// Subscribes to the core at once (so nothing after start is missed) and spawns the task
@@ -31,13 +24,7 @@ pub(crate) fn spawn(
 ) -> tokio::task::JoinHandle<()> {
     let mut changes = core.events.subscribe();
     let mut notices = core.notices.subscribe();
-    let mut bridge = Bridge {
-        bus,
-        actors: HashMap::new(),
-        me,
-    };
-    let own = bridge.me.peer_id.clone();
-    bridge.learn(&own);
+    let bridge = Bridge { bus, me };
     tokio::spawn(tracing::Instrument::instrument(
         async move {
             loop {
@@ -66,8 +53,6 @@ pub(crate) fn spawn(
 
 struct Bridge {
     bus: Bus,
-    /// Actor id (hex) -> PeerId, for the devices seen so far.
-    actors: HashMap<String, String>,
     me: Identity,
 }
 
@@ -79,33 +64,10 @@ impl Bridge {
         }
     }
 
-    fn learn(&mut self, peer: &str) {
-        let Ok(id) = peer.parse::<hearth_net::PeerId>() else {
-            return;
-        };
-        if self.actors.len() >= MAX_KNOWN_ACTORS {
-            self.actors.clear();
-        }
-        let actor = hex::encode(hearth_crdt::actor_bytes_for_peer(&id.to_bytes()));
-        self.actors.insert(actor, peer.to_string());
-    }
-
-    /// The writing device's PeerId when known: the core names this node's own writes by
-    /// PeerId already, and other writers are known by actor id from their connection.
-    fn writer(&mut self, updated_by: &str, from_peer: Option<&str>) -> String {
-        if let Some(peer) = from_peer
-            && !self.actors.values().any(|p| p == peer)
-        {
-            self.learn(peer);
-        }
-        self.actors
-            .get(updated_by)
-            .cloned()
-            .unwrap_or_else(|| updated_by.to_string())
-    }
-
-    fn entity_changed(&mut self, change: EntityChange) {
-        let device = self.writer(&change.entity.updated_by, change.from_peer.as_deref());
+    fn entity_changed(&self, change: EntityChange) {
+        // The core names the writer by PeerId (its actor id in hex only for a device it
+        // does not know).
+        let device = change.entity.updated_by.clone();
         let subject = change.entity.id.clone();
         let data = serde_json::to_value(&change.entity).unwrap_or_else(|_| json!({}));
         let mut event = Event::new("entity.changed", subject, data, self.source(device))
@@ -130,12 +92,9 @@ impl Bridge {
         self.publish(event);
     }
 
-    fn notice(&mut self, notice: Notice) {
+    fn notice(&self, notice: Notice) {
         let (name, peer, device_name) = match notice {
-            Notice::PeerConnected { peer, device_name } => {
-                self.learn(&peer);
-                ("peer.connected", peer, device_name)
-            }
+            Notice::PeerConnected { peer, device_name } => ("peer.connected", peer, device_name),
             Notice::PeerDisconnected { peer, device_name } => {
                 ("peer.disconnected", peer, device_name)
             }

@@ -3,6 +3,7 @@
 mod crash;
 mod entities;
 mod pairing;
+mod robust;
 mod up;
 mod util;
 mod ws;
