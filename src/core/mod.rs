@@ -628,9 +628,15 @@ impl Core {
                 return Ok((entity, batch));
             }
         };
-        let out = self
+        // The correlation id goes into the same change as the state, so devices that get
+        // the change by sync rather than by push still see it.
+        let correlation = write.correlation_id.clone();
+        let (_, out) = self
             .engine
-            .update_entity(doc, &update, now, write.correlation_id)
+            .transact(doc, now, write.correlation_id, |d, at, by| {
+                hearth_crdt::schema::entity::write(d, &update, at, by)?;
+                hearth_crdt::schema::entity::put_correlation_id(d, correlation.as_deref())
+            })
             .map_err(doc_err)?;
         let batch = self.handle_outputs(out);
         Ok((self.entity_view(doc)?, batch))
@@ -820,6 +826,16 @@ impl Core {
                     let from_peer = match origin {
                         Origin::Peer(peer) => Some(peer),
                         _ => None,
+                    };
+                    // A change that came by sync carries no id on the frame; the document
+                    // holds the one its writer gave.
+                    let correlation_id = match (&from_peer, correlation_id) {
+                        (Some(_), None) => self
+                            .engine
+                            .doc(doc)
+                            .ok()
+                            .and_then(hearth_crdt::schema::entity::correlation_id),
+                        (_, id) => id,
                     };
                     match self.entity_view(doc) {
                         Ok(entity) => self.emit(entity, from_peer, correlation_id),

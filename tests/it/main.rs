@@ -1,5 +1,6 @@
 //! Integration tests: real `hearth` processes and in-process nodes on loopback.
 
+mod bus;
 mod crash;
 mod entities;
 mod pairing;
