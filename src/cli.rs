@@ -62,6 +62,17 @@ enum Command {
     /// Create, update and read entities.
     #[command(subcommand)]
     Entity(EntityCommand),
+    /// Print the node's events live, one line each, until stopped.
+    ///
+    /// PATTERN matches event names: `entity.*`, `room.**`; `*` or `**` (the default)
+    /// is every event. `--json` prints each WebSocket frame as it arrives.
+    Events {
+        /// Event name pattern.
+        #[arg(default_value = "**")]
+        pattern: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Print the API bearer token of the node in the data dir.
     Token,
     /// Print shell completions for SHELL to stdout.
@@ -98,6 +109,17 @@ enum EntityCommand {
     },
     /// List every entity.
     List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Print entity changes live, local and from other devices, until stopped.
+    ///
+    /// PATTERN matches entity ids the way event patterns match names: `light.*`,
+    /// `sensor.**`; the default is every entity. `--json` prints each change's JSON.
+    Watch {
+        /// Entity id pattern.
+        #[arg(default_value = "**")]
+        pattern: String,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -178,6 +200,14 @@ pub(crate) fn run(args: Args) -> Result<()> {
             client: c,
         } => invite(&data, home, ttl, &c),
         Command::Join { code, name } => join(data, &code, name),
+        Command::Events { pattern, client: c } => {
+            let pattern = hearth::bus::Pattern::parse(&pattern)?;
+            crate::watch::run(
+                &client(&data, &c)?,
+                crate::watch::Watch::Events(pattern),
+                c.json,
+            )
+        }
         Command::Token => {
             let path = data.join(hearth::TOKEN_FILE);
             let token = std::fs::read_to_string(&path).with_context(|| {
@@ -421,6 +451,14 @@ fn entity(data: &std::path::Path, cmd: EntityCommand) -> Result<()> {
         EntityCommand::Get { id, client: c } => {
             let entity: serde_json::Value = client(data, &c)?.get(&entity_path(&id))?;
             print_entity(&entity, c.json)
+        }
+        EntityCommand::Watch { pattern, client: c } => {
+            let pattern = hearth::bus::Pattern::parse(&pattern)?;
+            crate::watch::run(
+                &client(data, &c)?,
+                crate::watch::Watch::Entities(pattern),
+                c.json,
+            )
         }
         EntityCommand::List { client: c } => {
             let body: serde_json::Value = client(data, &c)?.get("/api/entities")?;

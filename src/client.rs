@@ -144,6 +144,59 @@ impl Client {
         serde_json::from_value(body).with_context(|| format!("unexpected reply shape from {url}"))
     }
 
+    /// Opens the node's WebSocket (`/api/ws`) with the bearer token. Blocking; reads then
+    /// wait for as long as the node sends nothing.
+    pub(crate) fn websocket(&self) -> Result<tungstenite::WebSocket<std::net::TcpStream>> {
+        let Some(host) = self.base.strip_prefix("http://") else {
+            bail!(
+                "the live stream needs a plain http:// node address, not {}",
+                self.base
+            );
+        };
+        let addrs: Vec<std::net::SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(host)
+            .with_context(|| format!("cannot resolve the node address {host}"))?
+            .collect();
+        let not_running = || {
+            anyhow!(
+                "no Hearth node is running at {} (address from {}); start one with `hearth up`",
+                self.base,
+                self.origin
+            )
+        };
+        let stream = addrs
+            .iter()
+            .find_map(|a| std::net::TcpStream::connect_timeout(a, REQUEST_TIMEOUT).ok())
+            .ok_or_else(not_running)?;
+        let url = format!("ws://{host}/api/ws");
+        let mut request = tungstenite::client::IntoClientRequest::into_client_request(url.as_str())
+            .with_context(|| format!("cannot build a WebSocket request to {url}"))?;
+        request.headers_mut().insert(
+            "Authorization",
+            format!("Bearer {}", self.token)
+                .parse()
+                .context("the token holds characters a header cannot carry")?,
+        );
+        // The handshake must not hang on a node that accepts but never answers.
+        stream.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+        let (socket, _) = tungstenite::client(request, stream).map_err(|e| match e {
+            tungstenite::HandshakeError::Failure(tungstenite::Error::Http(response)) => {
+                let body = response
+                    .body()
+                    .as_deref()
+                    .map(String::from_utf8_lossy)
+                    .unwrap_or_default();
+                anyhow!(
+                    "the node refused the live stream ({}): {}",
+                    response.status(),
+                    body.trim()
+                )
+            }
+            other => anyhow!("cannot open the live stream at {url}: {other}"),
+        })?;
+        socket.get_ref().set_read_timeout(None)?;
+        Ok(socket)
+    }
+
     fn transport_error(&self, e: ureq::Error) -> anyhow::Error {
         let refused = match &e {
             ureq::Error::Io(io) => matches!(

@@ -3,6 +3,7 @@
 
 mod cli;
 mod client;
+mod watch;
 
 use std::process::ExitCode;
 

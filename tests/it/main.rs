@@ -7,4 +7,5 @@ mod pairing;
 mod robust;
 mod up;
 mod util;
+mod watch;
 mod ws;
