@@ -3,9 +3,12 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Stdio};
-use std::sync::mpsc::{Receiver, channel};
+use std::sync::mpsc::{Receiver, sync_channel};
 
 use crate::util::{UpProcess, WAIT, hearth, run};
+
+/// Lines held for the test before the reader thread waits.
+const LINE_BUFFER: usize = 64;
 
 /// A running watcher whose stdout and stderr lines arrive on channels; killed on drop.
 struct Watcher {
@@ -25,7 +28,7 @@ impl Watcher {
             .spawn()
             .expect("spawn watcher");
         let lines = |pipe: Box<dyn std::io::Read + Send>| {
-            let (tx, rx) = channel();
+            let (tx, rx) = sync_channel(LINE_BUFFER);
             std::thread::spawn(move || {
                 for line in BufReader::new(pipe).lines() {
                     let Ok(line) = line else { return };
