@@ -1,5 +1,6 @@
 //! Integration tests: real `hearth` processes and in-process nodes on loopback.
 
+mod api;
 mod crash;
 mod entities;
 mod pairing;
