@@ -4,5 +4,6 @@ mod api;
 mod crash;
 mod entities;
 mod pairing;
+mod rooms;
 mod up;
 mod util;
