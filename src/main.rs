@@ -3,6 +3,7 @@
 
 mod cli;
 mod client;
+mod verbs;
 
 use std::process::ExitCode;
 

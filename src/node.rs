@@ -86,7 +86,9 @@ impl Node {
                 Err(error) => tracing::warn!(%error, "ignoring unreadable stored peer list"),
             }
         }
+        let metrics = Arc::new(crate::metrics::Metrics::new());
         let mut net_cfg = net_config(&config, &identity)?;
+        net_cfg.metrics = Some(metrics.registry());
         // The certificate must be in the very first hello: a peer dialled at start (a static
         // peer) keeps the certificate it got, and an empty one marks a device still pairing.
         // A brand-new home has none yet; its core issues one before any peer can know it.
@@ -109,6 +111,7 @@ impl Node {
             &device_name,
             net.clone(),
             net_events,
+            metrics.clone(),
             cancel.clone(),
         )
         .await?;
@@ -137,6 +140,7 @@ impl Node {
             net,
             home_id: facts.home_id,
             home_name: facts.home_name,
+            metrics,
         });
         let app = api::router(state.clone());
         let stop = cancel.clone();
@@ -315,6 +319,29 @@ impl Node {
     pub fn entities(&self) -> Entities {
         Entities {
             core: self.core.clone(),
+        }
+    }
+
+    /// The home's rooms: create, join, leave, chat.
+    pub fn rooms(&self) -> crate::Rooms {
+        crate::Rooms {
+            core: self.core.clone(),
+        }
+    }
+
+    /// Presence: set and read users' status.
+    pub fn presence(&self) -> crate::Presence {
+        crate::Presence {
+            core: self.core.clone(),
+        }
+    }
+
+    /// Subscribes to every event from now on: entity changes and deletions, rooms, chat
+    /// and presence. A subscriber that falls more than [`CHANGE_BUFFER`](crate::CHANGE_BUFFER)
+    /// events behind skips ahead and is told how many it missed.
+    pub fn subscribe(&self) -> crate::Events {
+        crate::Events {
+            rx: self.core.node_events.subscribe(),
         }
     }
 

@@ -1,8 +1,11 @@
 //! Integration tests: real `hearth` processes and in-process nodes on loopback.
 
+mod api;
+mod cli;
 mod crash;
 mod entities;
 mod pairing;
 mod robust;
+mod rooms;
 mod up;
 mod util;
