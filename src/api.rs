@@ -18,6 +18,8 @@ use serde::{Deserialize, Serialize};
 use crate::entities::{Entities, Entity, EntityWrite};
 use time::OffsetDateTime;
 
+mod more;
+
 /// What the handlers can see of the node.
 pub(crate) struct ApiState {
     pub(crate) token: String,
@@ -33,6 +35,7 @@ pub(crate) struct ApiState {
     pub(crate) home_id: String,
     pub(crate) home_name: String,
     pub(crate) bus: crate::bus::Bus,
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Largest request body accepted; larger ones get 413.
@@ -142,7 +145,26 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
         .route("/api/status", get(status))
         .route("/api/entities", get(list_entities))
         .route("/api/invites", post(create_invite))
-        .route("/api/entities/{id}", put(set_entity).get(get_entity))
+        .route(
+            "/api/entities/{id}",
+            put(set_entity).get(get_entity).delete(more::delete_entity),
+        )
+        .route("/api/entities/{id}/history", get(more::entity_history))
+        .route("/api/entities/{id}/restore", post(more::restore_entity))
+        .route("/api/peers", get(more::peers))
+        .route("/api/rooms", post(more::create_room).get(more::list_rooms))
+        .route("/api/rooms/{id}", get(more::get_room))
+        .route("/api/rooms/{id}/join", post(more::join_room))
+        .route("/api/rooms/{id}/leave", post(more::leave_room))
+        .route(
+            "/api/rooms/{id}/messages",
+            post(more::post_message).get(more::get_messages),
+        )
+        .route("/api/presence", get(more::list_presence))
+        .route(
+            "/api/presence/{user}",
+            put(more::set_presence).get(more::get_presence),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/health/live", get(live))
@@ -150,10 +172,37 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
         // The WebSocket checks its own token: browsers cannot set headers on an upgrade,
         // so it also takes `?token=`.
         .route("/api/ws", get(crate::ws::upgrade))
+        .route("/metrics", get(more::metrics))
         .merge(api)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
         .with_state(state)
+}
+
+/// Counts every request by method, matched route (never the raw path, whose ids would
+/// make a series per entity) and status.
+async fn count_requests(
+    State(state): State<Arc<ApiState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let method = request.method().to_string();
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        // `:id` rather than axum's `{id}`: braces inside label values trip up some
+        // Prometheus text parsers.
+        .map(|p| p.as_str().replace('{', ":").replace('}', ""))
+        .unwrap_or_else(|| "unmatched".to_string());
+    let response = next.run(request).await;
+    state
+        .metrics
+        .api_request(&method, &route, response.status().as_u16());
+    response
 }
 
 async fn require_token(
@@ -235,12 +284,6 @@ async fn ready(State(state): State<Arc<ApiState>>) -> Response {
 }
 
 /// `GET /api/status`: who this node is and how long it has run.
-#[derive(Serialize)]
-struct PeerStatus {
-    peer_id: String,
-    addrs: Vec<String>,
-    admitted: bool,
-}
 
 #[derive(Serialize)]
 struct HomeInfo {
@@ -257,7 +300,7 @@ struct Status {
     data_dir: PathBuf,
     api: String,
     listen: Vec<String>,
-    peers: Vec<PeerStatus>,
+    peers: Vec<more::PeerEntry>,
     started_at: String,
     uptime_s: f64,
 }
@@ -281,17 +324,10 @@ async fn status(State(state): State<Arc<ApiState>>) -> Result<Json<Status>, ApiE
         )
     };
     let listen = state.net.listen_addrs().await.map_err(unavailable)?;
-    let peers = state.net.connected_peers().await.map_err(unavailable)?;
+    let peers = more::peer_entries(&state).await?;
     Ok(Json(Status {
         listen: listen.iter().map(|a| a.to_string()).collect(),
-        peers: peers
-            .into_iter()
-            .map(|p| PeerStatus {
-                peer_id: p.peer.to_base58(),
-                addrs: p.addrs.iter().map(|a| a.to_string()).collect(),
-                admitted: p.admitted,
-            })
-            .collect(),
+        peers,
         version: env!("CARGO_PKG_VERSION"),
         peer_id: state.peer_id.clone(),
         device: state.device_name.clone(),

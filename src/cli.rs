@@ -9,6 +9,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::client::Client;
+use crate::verbs;
 
 /// Hearth: a peer-to-peer sync node for homes.
 ///
@@ -32,8 +33,17 @@ enum Command {
     /// A fresh data dir gets a new device identity, a store key file (or, with
     /// HEARTH_PASSPHRASE set, a key derived from the passphrase) and an API token.
     Up(UpArgs),
-    /// Show the running node: PeerId, device, data dir, API address and uptime.
+    /// Show the running node: PeerId, device, home, listen addresses, peers with their
+    /// sync lag, data dir, API address and uptime.
     Status(ClientArgs),
+    /// List connected peers, admitted or not, with their sync lag.
+    Peers(ClientArgs),
+    /// Create, join, leave and show rooms; chat in them.
+    #[command(subcommand)]
+    Room(RoomCommand),
+    /// Set and read presence (online, away, busy; offline is derived).
+    #[command(subcommand)]
+    Presence(PresenceCommand),
     /// Ask the running node for a single-use invite code.
     ///
     /// The code goes to stdout alone; a QR code and instructions go to stderr.
@@ -123,6 +133,144 @@ enum EntityCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Delete an entity on every device of the home.
+    Delete {
+        /// Entity id.
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List an entity's versions, oldest first.
+    History {
+        /// Entity id.
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Bring back the state and attributes of an earlier version (as a new version).
+    Restore {
+        /// Entity id.
+        id: String,
+        /// The version: its id, or a prefix of 8 or more hex digits.
+        #[arg(value_name = "VERSION")]
+        version_id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RoomCommand {
+    /// Create a room; you join it at once.
+    Create {
+        /// The room's name (unique in the home).
+        name: String,
+        /// Most members the room admits (1 to 1000; default 50).
+        #[arg(long, value_name = "N")]
+        max: Option<u64>,
+        /// The user creating it (default: the device name).
+        #[arg(long, value_name = "USER")]
+        user: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Join a room (by id or unique name).
+    Join {
+        /// Room id or name.
+        room: String,
+        /// The user joining (default: the device name).
+        #[arg(long, value_name = "USER")]
+        user: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Leave a room.
+    Leave {
+        /// Room id or name.
+        room: String,
+        /// The user leaving (default: the device name).
+        #[arg(long, value_name = "USER")]
+        user: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show a room and its members.
+    Show {
+        /// Room id or name.
+        room: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List the home's rooms.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Post a chat message.
+    Say {
+        /// Room id or name.
+        room: String,
+        /// The message.
+        text: String,
+        /// The sender (default: the device name); must be a member.
+        #[arg(long, value_name = "USER")]
+        user: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Read the newest chat messages, oldest first.
+    Chat {
+        /// Room id or name.
+        room: String,
+        /// How many messages (at most 1000).
+        #[arg(long, value_name = "N", default_value_t = 50)]
+        limit: usize,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum SettableStatus {
+    /// Available.
+    Online,
+    /// Away from the device.
+    Away,
+    /// Present but not to be disturbed.
+    Busy,
+}
+
+#[derive(Debug, Subcommand)]
+enum PresenceCommand {
+    /// Set a user's status.
+    Set {
+        /// The status.
+        #[arg(value_enum)]
+        status: SettableStatus,
+        /// The user (default: the device name).
+        #[arg(long, value_name = "USER")]
+        user: Option<String>,
+        /// A short note shown with the status.
+        #[arg(long, value_name = "TEXT")]
+        note: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show a user's status (default: the device name's).
+    Show {
+        /// The user.
+        user: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List who is not offline, in the home or in one room.
+    Online {
+        /// Only members of this room (id or name).
+        #[arg(long, value_name = "ROOM")]
+        room: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -194,6 +342,9 @@ pub(crate) fn run(args: Args) -> Result<()> {
         Command::Up(up) => run_up(data, up),
         Command::Status(c) => status(&Client::find(&data, c.api, c.token)?, c.json),
         Command::Entity(cmd) => entity(&data, cmd),
+        Command::Peers(c) => verbs::peers(&client(&data, &c)?, c.json),
+        Command::Room(cmd) => room(&data, cmd),
+        Command::Presence(cmd) => presence(&data, cmd),
         Command::Invite {
             home,
             ttl,
@@ -337,24 +488,82 @@ fn status(client: &Client, json: bool) -> Result<()> {
         println!("listen    {}", addr.as_str().unwrap_or("-"));
     }
     let peers = body["peers"].as_array().cloned().unwrap_or_default();
-    println!("peers     {}", peers.len());
-    for p in peers {
-        println!(
-            "  {} {}",
-            p["peer_id"].as_str().unwrap_or("-"),
-            if p["admitted"].as_bool() == Some(true) {
-                "admitted"
-            } else {
-                "not admitted"
-            }
-        );
-    }
     println!("version   {}", field("version"));
     println!(
         "uptime    {}",
         humanize(Duration::from_secs(uptime.max(0.0) as u64))
     );
+    println!("peers     {}", peers.len());
+    if !peers.is_empty() {
+        println!("{}", verbs::peers_table(&peers));
+    }
     Ok(())
+}
+
+fn room(data: &std::path::Path, cmd: RoomCommand) -> Result<()> {
+    match cmd {
+        RoomCommand::Create {
+            name,
+            max,
+            user,
+            client: c,
+        } => verbs::room_create(&client(data, &c)?, &name, max, user.as_deref(), c.json),
+        RoomCommand::Join {
+            room,
+            user,
+            client: c,
+        } => verbs::room_join_leave(&client(data, &c)?, &room, user.as_deref(), true, c.json),
+        RoomCommand::Leave {
+            room,
+            user,
+            client: c,
+        } => verbs::room_join_leave(&client(data, &c)?, &room, user.as_deref(), false, c.json),
+        RoomCommand::Show { room, client: c } => {
+            verbs::room_show(&client(data, &c)?, &room, c.json)
+        }
+        RoomCommand::List { client: c } => verbs::room_list(&client(data, &c)?, c.json),
+        RoomCommand::Say {
+            room,
+            text,
+            user,
+            client: c,
+        } => verbs::room_say(&client(data, &c)?, &room, &text, user.as_deref(), c.json),
+        RoomCommand::Chat {
+            room,
+            limit,
+            client: c,
+        } => verbs::room_chat(&client(data, &c)?, &room, limit, c.json),
+    }
+}
+
+fn presence(data: &std::path::Path, cmd: PresenceCommand) -> Result<()> {
+    match cmd {
+        PresenceCommand::Set {
+            status,
+            user,
+            note,
+            client: c,
+        } => {
+            let status = match status {
+                SettableStatus::Online => "online",
+                SettableStatus::Away => "away",
+                SettableStatus::Busy => "busy",
+            };
+            verbs::presence_set(
+                &client(data, &c)?,
+                status,
+                note.as_deref(),
+                user.as_deref(),
+                c.json,
+            )
+        }
+        PresenceCommand::Show { user, client: c } => {
+            verbs::presence_show(&client(data, &c)?, user.as_deref(), c.json)
+        }
+        PresenceCommand::Online { room, client: c } => {
+            verbs::presence_online(&client(data, &c)?, room.as_deref(), c.json)
+        }
+    }
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -483,6 +692,20 @@ fn entity(data: &std::path::Path, cmd: EntityCommand) -> Result<()> {
             }
             Ok(())
         }
+        EntityCommand::Delete { id, client: c } => {
+            verbs::entity_delete(&client(data, &c)?, &entity_path(&id), c.json)
+        }
+        EntityCommand::History { id, client: c } => {
+            verbs::entity_history(&client(data, &c)?, &entity_path(&id), c.json)
+        }
+        EntityCommand::Restore {
+            id,
+            version_id,
+            client: c,
+        } => {
+            let entity = verbs::entity_restore(&client(data, &c)?, &entity_path(&id), &version_id)?;
+            print_entity(&entity, c.json)
+        }
     }
 }
 
@@ -549,5 +772,16 @@ fn humanize(d: Duration) -> String {
         0..60 => format!("{s}s"),
         60..3600 => format!("{}m {}s", s / 60, s % 60),
         _ => format!("{}h {}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        use clap::CommandFactory;
+        Args::command().debug_assert();
     }
 }

@@ -104,6 +104,17 @@ impl Client {
         self.send_json("PUT", path, body)
     }
 
+    /// DELETEs and reads the JSON reply.
+    pub(crate) fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let url = format!("{}{path}", self.base);
+        let response = self
+            .agent
+            .delete(&url)
+            .header("Authorization", &format!("Bearer {}", self.token))
+            .call();
+        self.reply(&url, response)
+    }
+
     fn send_json<T: DeserializeOwned>(
         &self,
         method: &str,

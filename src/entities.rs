@@ -45,7 +45,26 @@ pub struct EntityChange {
     pub from_peer: Option<String>,
     /// The writer's correlation id, when it gave one.
     pub correlation_id: Option<String>,
+    /// True when the entity was deleted; `entity` is then its last state.
+    pub deleted: bool,
 }
+
+/// One version of an entity, as history lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct EntityVersion {
+    /// Version id: hex of the heads hash; a prefix of 8 or more digits names it too.
+    pub version: String,
+    /// When it was written (RFC 3339).
+    pub time: String,
+    /// The device that wrote it: a PeerId when it is a device of this home, else its
+    /// actor id in hex.
+    pub device: String,
+    /// HomeId of the writing device's home, when known.
+    pub home: Option<String>,
+}
+
+/// Most versions one history read returns (the newest ones).
+pub const MAX_HISTORY: usize = 1000;
 
 /// Longest entity id accepted.
 pub const MAX_ENTITY_ID_LEN: usize = 255;
@@ -133,6 +152,44 @@ impl Entities {
     pub async fn list(&self) -> Result<Vec<Entity>, Error> {
         self.core
             .call(|reply| Request::ListEntities { reply })
+            .await?
+    }
+
+    /// Deletes an entity and returns its last state. The registry keeps a tombstone, so
+    /// the delete reaches every device of the home and a device that missed it cannot
+    /// bring the entity back; the entity's document (and history) stays on disk.
+    /// [`Error::NotFound`] when there is no such entity.
+    ///
+    /// Not cancel-safe.
+    pub async fn delete(&self, id: &str) -> Result<Entity, Error> {
+        let id = id.to_string();
+        self.core
+            .call(|reply| Request::DeleteEntity { id, reply })
+            .await?
+    }
+
+    /// The newest `limit` versions of an entity (at most [`MAX_HISTORY`]), oldest first.
+    ///
+    /// Cancel-safe.
+    pub async fn history(&self, id: &str, limit: usize) -> Result<Vec<EntityVersion>, Error> {
+        let id = id.to_string();
+        self.core
+            .call(|reply| Request::EntityHistory {
+                id,
+                limit: limit.min(MAX_HISTORY),
+                reply,
+            })
+            .await?
+    }
+
+    /// Writes the state and attributes the entity had at `version` (an id or a unique
+    /// prefix of 8 or more hex digits) as a new change, and returns the entity.
+    ///
+    /// Not cancel-safe.
+    pub async fn restore(&self, id: &str, version: &str) -> Result<Entity, Error> {
+        let (id, version) = (id.to_string(), version.to_string());
+        self.core
+            .call(|reply| Request::RestoreEntity { id, version, reply })
             .await?
     }
 

@@ -30,9 +30,13 @@ mod core;
 mod datadir;
 mod entities;
 mod error;
+mod events;
 mod home;
 mod join;
+mod metrics;
 mod node;
+mod presence;
+mod rooms;
 // Revocation records, signed device lists and some record kinds serve revocation and home
 // pairing, which are not built yet.
 #[allow(dead_code)]
@@ -43,11 +47,16 @@ pub use config::{Config, DEFAULT_API_ADDR, DEFAULT_LISTEN, Passphrase, default_d
 pub use core::{CHANGE_BUFFER, SyncCounters};
 pub use datadir::{API_ADDR_FILE, LOCK_FILE, TOKEN_FILE};
 pub use entities::{
-    ChangeItem, Changes, Entities, Entity, EntityChange, EntityWrite, MAX_ENTITY_ID_LEN,
-    MAX_STATE_LEN,
+    ChangeItem, Changes, Entities, Entity, EntityChange, EntityVersion, EntityWrite,
+    MAX_ENTITY_ID_LEN, MAX_HISTORY, MAX_STATE_LEN,
 };
 pub use error::Error;
+pub use events::{Event, EventItem, Events};
 pub use join::Joined;
+pub use presence::{Presence, PresenceInfo, Status};
+pub use rooms::{
+    ChatMessage, DEFAULT_ROOM_SIZE, MAX_CHAT_LIMIT, MAX_MESSAGE_BYTES, Room, RoomMember, Rooms,
+};
 
 /// Frames that may wait in the outbound sync queue to one peer before it counts as slow
 /// and is dropped.

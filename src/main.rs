@@ -3,6 +3,7 @@
 
 mod cli;
 mod client;
+mod verbs;
 mod watch;
 
 use std::process::ExitCode;

@@ -88,7 +88,9 @@ impl Node {
                 Err(error) => tracing::warn!(%error, "ignoring unreadable stored peer list"),
             }
         }
+        let metrics = Arc::new(crate::metrics::Metrics::new());
         let mut net_cfg = net_config(&config, &identity)?;
+        net_cfg.metrics = Some(metrics.registry());
         // The certificate must be in the very first hello: a peer dialled at start (a static
         // peer) keeps the certificate it got, and an empty one marks a device still pairing.
         // A brand-new home has none yet; its core issues one before any peer can know it.
@@ -111,6 +113,7 @@ impl Node {
             &device_name,
             net.clone(),
             net_events,
+            metrics.clone(),
             cancel.clone(),
         )
         .await?;
@@ -121,6 +124,7 @@ impl Node {
             bus.clone(),
             crate::bus::bridge::Identity {
                 home_id: facts.home_id.clone(),
+                peer_id: identity.peer_id(),
             },
             cancel.clone(),
         );
@@ -150,6 +154,7 @@ impl Node {
             home_id: facts.home_id,
             home_name: facts.home_name,
             bus: bus.clone(),
+            metrics,
         });
         let app = api::router(state.clone());
         let stop = cancel.clone();
@@ -337,6 +342,29 @@ impl Node {
     /// this node, local and remote; integrations may subscribe and publish.
     pub fn bus(&self) -> &crate::bus::Bus {
         &self.bus
+    }
+
+    /// The home's rooms: create, join, leave, chat.
+    pub fn rooms(&self) -> crate::Rooms {
+        crate::Rooms {
+            core: self.core.clone(),
+        }
+    }
+
+    /// Presence: set and read users' status.
+    pub fn presence(&self) -> crate::Presence {
+        crate::Presence {
+            core: self.core.clone(),
+        }
+    }
+
+    /// Subscribes to every event from now on: entity changes and deletions, rooms, chat
+    /// and presence. A subscriber that falls more than [`CHANGE_BUFFER`](crate::CHANGE_BUFFER)
+    /// events behind skips ahead and is told how many it missed.
+    pub fn subscribe(&self) -> crate::Events {
+        crate::Events {
+            rx: self.core.node_events.subscribe(),
+        }
     }
 
     /// The data dir the node runs on.

@@ -114,7 +114,7 @@ fn event_frame(event: Event) -> Message {
                 "room_id": event.subject,
                 "sender": field("sender"),
                 "message": field("message"),
-                "timestamp": event.data.get("timestamp").cloned().unwrap_or(json!(event.time)),
+                "timestamp": unix_seconds(&event.data["timestamp"]).unwrap_or(event.time),
             }),
         ),
         "presence.changed" => frame(
@@ -122,11 +122,21 @@ fn event_frame(event: Event) -> Message {
             json!({
                 "user": event.subject,
                 "status": field("status"),
-                "since": event.data.get("since").cloned().unwrap_or(json!(event.time)),
+                "since": unix_seconds(&event.data["since"]).unwrap_or(event.time),
             }),
         ),
         _ => frame("event", serde_json::to_value(&event).unwrap_or(Value::Null)),
     }
+}
+
+/// An RFC 3339 time (as bodies carry it) in Unix seconds (as frames carry it).
+fn unix_seconds(value: &Value) -> Option<f64> {
+    let t = time::OffsetDateTime::parse(
+        value.as_str()?,
+        &time::format_description::well_known::Rfc3339,
+    )
+    .ok()?;
+    Some(t.unix_timestamp_nanos() as f64 / 1e9)
 }
 
 async fn session(socket: WebSocket, state: Arc<ApiState>) {
@@ -282,6 +292,25 @@ struct SyncState {
     correlation_id: Option<String>,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SendMessage {
+    room_id: String,
+    message: String,
+    /// The sender; the device name when absent, as for `POST /api/rooms/{id}/messages`.
+    #[serde(default)]
+    user: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetPresence {
+    user: String,
+    status: String,
+    #[serde(default)]
+    note: Option<String>,
+}
+
 fn fields<T: serde::de::DeserializeOwned>(kind: &str, data: Value) -> Result<T, Message> {
     serde_json::from_value(data)
         .map_err(|e| error_frame("bad_request", format!("bad fields for {kind:?}: {e}")))
@@ -312,10 +341,29 @@ async fn handle(text: &str, wanted: &RwLock<Filter>, state: &ApiState) -> Option
             Ok(s) => sync_state(s, state).await.err(),
             Err(reply) => Some(reply),
         },
-        "send_message" | "presence" => Some(error_frame(
-            "unavailable",
-            format!("{kind:?} is not available on this node yet: it has no rooms or presence"),
-        )),
+        "send_message" => match fields::<SendMessage>(kind, frame_in.data) {
+            Ok(m) => {
+                let rooms = crate::Rooms {
+                    core: state.core.clone(),
+                };
+                let said = rooms.say(&m.room_id, m.user.as_deref(), &m.message).await;
+                said.err().map(refused)
+            }
+            Err(reply) => Some(reply),
+        },
+        "presence" => match fields::<SetPresence>(kind, frame_in.data) {
+            Ok(p) => {
+                let presence = crate::Presence {
+                    core: state.core.clone(),
+                };
+                let set = match p.status.parse::<crate::Status>() {
+                    Ok(status) => presence.set(Some(&p.user), status, p.note).await.err(),
+                    Err(e) => Some(e),
+                };
+                set.map(refused)
+            }
+            Err(reply) => Some(reply),
+        },
         other => Some(error_frame(
             "bad_request",
             format!(
@@ -370,12 +418,15 @@ async fn sync_state(s: SyncState, state: &ApiState) -> Result<(), Message> {
     };
     match entities.set(&s.entity_id, write).await {
         Ok(_) => Ok(()),
-        Err(e) => {
-            let e = ApiError::from(e);
-            let (kind, detail) = e.kind_and_detail();
-            Err(error_frame(kind, detail))
-        }
+        Err(e) => Err(refused(e)),
     }
+}
+
+/// A refused request as an `error` frame, with the kind the REST API would give it.
+fn refused(e: crate::Error) -> Message {
+    let e = ApiError::from(e);
+    let (kind, detail) = e.kind_and_detail();
+    error_frame(kind, detail)
 }
 
 #[cfg(test)]
@@ -418,6 +469,32 @@ mod tests {
         assert_eq!(f["data"]["name"], "peer.connected");
         assert_eq!(f["data"]["source"]["home"], "h");
         assert!(f["data"]["correlation_id"].is_null());
+    }
+
+    #[test]
+    fn chat_and_presence_frames_carry_unix_seconds() {
+        let chat = Event::new(
+            "room.chat",
+            "r1",
+            json!({"id": "m", "room_id": "r1", "sender": "alice", "message": "hi",
+                   "timestamp": "2026-01-02T03:04:05.5Z"}),
+            Source::default(),
+        );
+        let f = text(event_frame(chat));
+        assert_eq!(f["type"], "chat_message");
+        assert_eq!(f["data"]["sender"], "alice");
+        assert_eq!(f["data"]["message"], "hi");
+        assert_eq!(f["data"]["timestamp"], 1_767_323_045.5);
+        let presence = Event::new(
+            "presence.changed",
+            "alice",
+            json!({"user": "alice", "status": "busy", "since": "2026-01-02T03:04:05Z"}),
+            Source::default(),
+        );
+        let f = text(event_frame(presence));
+        assert_eq!(f["type"], "presence");
+        assert_eq!(f["data"]["status"], "busy");
+        assert_eq!(f["data"]["since"], 1_767_323_045.0);
     }
 
     #[test]

@@ -158,11 +158,22 @@ pub(crate) fn build_swarm(
         .map_err(|e| Error::Transport(e.to_string()))?;
     #[cfg(feature = "quic")]
     let builder = builder.with_quic();
-    let swarm = builder
-        .with_behaviour(move |_| behaviour)
-        .map_err(|e| Error::Transport(e.to_string()))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
-        .build();
+    let swarm = match &config.metrics {
+        Some(registry) => {
+            let mut registry = crate::config::lock_registry(registry);
+            builder
+                .with_bandwidth_metrics(registry.sub_registry_with_prefix("libp2p"))
+                .with_behaviour(move |_| behaviour)
+                .map_err(|e| Error::Transport(e.to_string()))?
+                .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
+                .build()
+        }
+        None => builder
+            .with_behaviour(move |_| behaviour)
+            .map_err(|e| Error::Transport(e.to_string()))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
+            .build(),
+    };
     Ok(swarm)
 }
 

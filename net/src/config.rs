@@ -68,6 +68,19 @@ pub struct Config {
     pub max_connections: u32,
     /// Cap on connections still in their handshake, inbound. Default 32.
     pub max_pending_incoming: u32,
+    /// A Prometheus registry to add libp2p's metrics to (connections, bandwidth per
+    /// transport, identify, ping), under the `libp2p` prefix. Default none.
+    pub metrics: Option<SharedRegistry>,
+}
+
+/// A Prometheus registry shared between the network and its owner, which encodes it.
+pub type SharedRegistry = std::sync::Arc<std::sync::Mutex<prometheus_client::registry::Registry>>;
+
+/// Locks a shared registry; a panic elsewhere while it was held leaves nothing unsafe.
+pub(crate) fn lock_registry(
+    r: &SharedRegistry,
+) -> std::sync::MutexGuard<'_, prometheus_client::registry::Registry> {
+    r.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Default for Config {
@@ -92,6 +105,7 @@ impl Default for Config {
             dial_discovered: true,
             static_peers: Vec::new(),
             certificate: Vec::new(),
+            metrics: None,
             hello_timeout: Duration::from_secs(10),
             pairing_max_duration: Duration::from_secs(60),
             ping_interval: Duration::from_secs(1),

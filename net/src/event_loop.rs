@@ -227,6 +227,8 @@ struct StaticPeer {
 /// Drives the swarm. Run it with [`EventLoop::run`] on its own task.
 pub struct EventLoop {
     swarm: Swarm<Behaviour>,
+    /// libp2p's own metrics, when the config handed in a registry.
+    metrics: Option<libp2p::metrics::Metrics>,
     local: PeerId,
     hello_timeout: Duration,
     pairing_max_duration: Duration,
@@ -314,7 +316,13 @@ impl EventLoop {
                 (peer, entry)
             })
             .collect();
+        let metrics = config.metrics.as_ref().map(|r| {
+            libp2p::metrics::Metrics::new(
+                crate::config::lock_registry(r).sub_registry_with_prefix("libp2p"),
+            )
+        });
         Self {
+            metrics,
             local: *swarm.local_peer_id(),
             swarm,
             hello_timeout: config.hello_timeout,
@@ -714,6 +722,15 @@ impl EventLoop {
     /// they are routine (a peer went away, a duplicate lost the tie-break) and the
     /// redial logic deals with them.
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        if let Some(metrics) = &self.metrics {
+            use libp2p::metrics::Recorder;
+            metrics.record(&event);
+            match &event {
+                SwarmEvent::Behaviour(BehaviourEvent::Identify(e)) => metrics.record(e),
+                SwarmEvent::Behaviour(BehaviourEvent::Ping(e)) => metrics.record(e),
+                _ => {}
+            }
+        }
         match event {
             SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
             SwarmEvent::ConnectionEstablished {

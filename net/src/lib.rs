@@ -106,7 +106,7 @@ use tokio::sync::{Semaphore, mpsc};
 
 pub use behaviour::{EPHEMERAL_PROTOCOL, HELLO_PROTOCOL, SYNC_PROTOCOL};
 pub use bytes::Bytes;
-pub use config::{Config, DEFAULT_PORT, MAX_CERTIFICATE_SIZE, MAX_STATIC_PEERS};
+pub use config::{Config, DEFAULT_PORT, MAX_CERTIFICATE_SIZE, MAX_STATIC_PEERS, SharedRegistry};
 pub use dial::MAX_DISCOVERED_PEERS;
 pub use error::{Error, IdentityError};
 pub use event::{DisconnectReason, Event, EventStream, Metrics, PeerInfo, SendOutcome};

@@ -1,17 +1,20 @@
-//! Turns what the node's core reports (entity changes, peers coming and going) into bus
-//! events. Runs as its own task, so handlers on the bus never hold up the core.
+//! Turns what the node's core reports (entity changes and deletions, rooms, chat,
+//! presence, peers coming and going) into bus events. Runs as its own task, so handlers on
+//! the bus never hold up the core.
 
-use serde_json::json;
+use serde::Serialize;
+use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
 use super::{Bus, Event, Source};
 use crate::core::{CoreHandle, Notice};
-use crate::entities::EntityChange;
+use crate::events::Event as CoreEvent;
 
 /// Who this node is, for the `source` of the events it publishes.
 pub(crate) struct Identity {
     pub(crate) home_id: String,
+    pub(crate) peer_id: String,
 }
 
 /// Subscribes to the core at once (so nothing after start is missed) and spawns the task
@@ -22,7 +25,7 @@ pub(crate) fn spawn(
     me: Identity,
     cancel: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
-    let mut changes = core.events.subscribe();
+    let mut events = core.node_events.subscribe();
     let mut notices = core.notices.subscribe();
     let bridge = Bridge { bus, me };
     tokio::spawn(tracing::Instrument::instrument(
@@ -30,10 +33,10 @@ pub(crate) fn spawn(
             loop {
                 tokio::select! {
                     _ = cancel.cancelled() => break,
-                    change = changes.recv() => match change {
-                        Ok(change) => bridge.entity_changed(change),
+                    event = events.recv() => match event {
+                        Ok(event) => bridge.core_event(event),
                         Err(RecvError::Lagged(n)) => {
-                            tracing::warn!(missed = n, "event bus fell behind the core; entity events lost");
+                            tracing::warn!(missed = n, "event bus fell behind the core; events lost");
                         }
                         Err(RecvError::Closed) => break,
                     },
@@ -56,6 +59,10 @@ struct Bridge {
     me: Identity,
 }
 
+fn to_json(value: &impl Serialize) -> Value {
+    serde_json::to_value(value).unwrap_or_else(|_| json!({}))
+}
+
 impl Bridge {
     fn source(&self, device: String) -> Source {
         Source {
@@ -64,32 +71,62 @@ impl Bridge {
         }
     }
 
-    fn entity_changed(&self, change: EntityChange) {
-        // The core names the writer by PeerId (its actor id in hex only for a device it
-        // does not know).
-        let device = change.entity.updated_by.clone();
-        let subject = change.entity.id.clone();
-        let data = serde_json::to_value(&change.entity).unwrap_or_else(|_| json!({}));
-        let mut event = Event::new("entity.changed", subject, data, self.source(device))
-            // The API caps correlation ids; one from elsewhere that is too long is dropped
-            // rather than losing the whole event.
-            .with_correlation_id(
-                change
+    /// The device behind a change: the peer it came from, or this node.
+    fn sender(&self, from_peer: Option<&str>) -> String {
+        from_peer.unwrap_or(&self.me.peer_id).to_string()
+    }
+
+    fn core_event(&self, event: CoreEvent) {
+        let name = event.name();
+        let subject = event.subject().to_string();
+        let from_peer = event.from_peer().map(str::to_string);
+        let (data, device, correlation_id) = match &event {
+            CoreEvent::Entity(change) => {
+                // A write names its writer (by PeerId; by actor id in hex only for a
+                // device this node does not know). A deletion's last state does not.
+                let device = if change.deleted {
+                    self.sender(from_peer.as_deref())
+                } else {
+                    change.entity.updated_by.clone()
+                };
+                // The API caps correlation ids; one from elsewhere that is too long is
+                // dropped rather than losing the whole event.
+                let correlation = change
                     .correlation_id
-                    .filter(|c| c.len() <= super::MAX_CORRELATION_ID_LEN),
-            )
+                    .clone()
+                    .filter(|c| c.len() <= super::MAX_CORRELATION_ID_LEN);
+                (to_json(&change.entity), device, correlation)
+            }
+            CoreEvent::RoomCreated { room, .. } => {
+                (to_json(room), self.sender(from_peer.as_deref()), None)
+            }
+            CoreEvent::MemberJoined { room_id, user, .. }
+            | CoreEvent::MemberLeft { room_id, user, .. } => (
+                json!({ "room_id": room_id, "user": user }),
+                self.sender(from_peer.as_deref()),
+                None,
+            ),
+            CoreEvent::Chat { message, .. } => {
+                (to_json(message), self.sender(from_peer.as_deref()), None)
+            }
+            CoreEvent::Presence { presence, .. } => {
+                (to_json(presence), presence.device.clone(), None)
+            }
+        };
+        let mut out = Event::new(name, subject, data, self.source(device))
+            .with_correlation_id(correlation_id)
             .with_metadata(
                 "origin",
-                json!(if change.from_peer.is_some() {
+                json!(if from_peer.is_some() {
                     "remote"
                 } else {
                     "local"
                 }),
             );
-        if let Some(peer) = change.from_peer {
-            event = event.with_metadata("from_peer", json!(peer));
+        if let Some(peer) = from_peer {
+            out = out.with_metadata("from_peer", json!(peer));
         }
-        self.publish(event);
+        self.publish(out);
     }
 
     fn notice(&self, notice: Notice) {

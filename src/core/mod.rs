@@ -16,9 +16,11 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::Error;
+mod entity_ops;
 pub(crate) mod keyring;
 pub(crate) mod pairing;
 mod peers;
+mod rooms;
 
 use hearth_crdt::schema::home as home_schema;
 use hearth_crdt::wire::Frame;
@@ -81,6 +83,98 @@ pub(crate) enum Request {
     Counters {
         reply: Reply<SyncCounters>,
     },
+    // Entity history and deletion (entity_ops.rs).
+    DeleteEntity {
+        id: String,
+        reply: Reply<Entity>,
+    },
+    EntityHistory {
+        id: String,
+        limit: usize,
+        reply: Reply<Vec<crate::entities::EntityVersion>>,
+    },
+    RestoreEntity {
+        id: String,
+        version: String,
+        reply: Reply<Entity>,
+    },
+    // Rooms and presence (rooms.rs).
+    CreateRoom {
+        name: String,
+        max_size: u64,
+        user: Option<String>,
+        reply: Reply<crate::rooms::Room>,
+    },
+    GetRoom {
+        room: String,
+        reply: Reply<crate::rooms::Room>,
+    },
+    ListRooms {
+        reply: Reply<Vec<crate::rooms::Room>>,
+    },
+    JoinRoom {
+        room: String,
+        user: Option<String>,
+        reply: Reply<crate::rooms::Room>,
+    },
+    LeaveRoom {
+        room: String,
+        user: Option<String>,
+        reply: Reply<crate::rooms::Room>,
+    },
+    Say {
+        room: String,
+        user: Option<String>,
+        text: String,
+        reply: Reply<crate::rooms::ChatMessage>,
+    },
+    Chat {
+        room: String,
+        limit: usize,
+        reply: Reply<Vec<crate::rooms::ChatMessage>>,
+    },
+    SetPresence {
+        user: Option<String>,
+        status: crate::presence::Status,
+        note: Option<String>,
+        reply: Reply<crate::presence::PresenceInfo>,
+    },
+    GetPresence {
+        user: Option<String>,
+        reply: Reply<crate::presence::PresenceInfo>,
+    },
+    ListPresence {
+        room: Option<String>,
+        reply: Reply<Vec<crate::presence::PresenceInfo>>,
+    },
+    /// Per-peer sync lag and document counts, for status and metrics.
+    SyncReport {
+        reply: Reply<SyncReport>,
+    },
+}
+
+/// How far each admitted device is behind, and what this device holds.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct SyncReport {
+    /// Per admitted peer: PeerId, ms since a frame last came from it (`None`: nothing yet),
+    /// and documents whose sync session with it is not in sync.
+    pub(crate) peers: Vec<PeerLag>,
+    /// Documents loaded.
+    pub(crate) documents: u64,
+    /// Entities of this home shared with other homes.
+    pub(crate) entities_shared_out: u64,
+    /// Entities of other homes shared with this one.
+    pub(crate) entities_shared_in: u64,
+    /// Engine counters.
+    pub(crate) engine: hearth_crdt::EngineStats,
+}
+
+/// One admitted peer's lag.
+#[derive(Clone, Debug)]
+pub(crate) struct PeerLag {
+    pub(crate) peer: String,
+    pub(crate) last_heard_ms: Option<u64>,
+    pub(crate) docs_behind: u64,
 }
 
 /// Cheap handle to the core actor.
@@ -92,6 +186,8 @@ pub(crate) struct CoreHandle {
     /// Test hook: while true, the core reads no network events (see
     /// `Node::debug_stall_network_reads`).
     pub(crate) stall_net: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+    /// Every event (entities, rooms, presence), for [`crate::Node::subscribe`].
+    pub(crate) node_events: broadcast::Sender<crate::events::Event>,
 }
 
 impl CoreHandle {
@@ -151,6 +247,19 @@ struct Core {
     notices: broadcast::Sender<Notice>,
     /// PeerIds of known devices by their Automerge actor, so views name writers by device.
     actor_names: HashMap<automerge::ActorId, String>,
+    /// Every event, for library subscribers and the event bus.
+    node_events: broadcast::Sender<crate::events::Event>,
+    /// This device's name: the default user of rooms and presence.
+    device_name: String,
+    /// What each room looked like when last announced, to turn document changes into
+    /// member and chat events.
+    rooms_seen: HashMap<DocId, rooms::RoomSeen>,
+    /// Presence entries as last announced.
+    presence_seen: std::collections::BTreeMap<String, hearth_crdt::PresenceEntry>,
+    /// When a frame last came from each admitted peer (ms since the epoch).
+    last_heard: HashMap<String, u64>,
+    /// The node's metrics.
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 /// What reconnects cost, counted since start.
@@ -169,6 +278,8 @@ pub struct SyncCounters {
 }
 
 /// Loads every stored document, creates the home on first start, and spawns the actor.
+// Each argument is a separate piece the node assembled; a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn start(
     store: StoreHandle,
     peer_id: String,
@@ -176,6 +287,7 @@ pub(crate) async fn start(
     device_name: &str,
     net: hearth_net::Handle,
     net_events: hearth_net::EventStream,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
     cancel: CancellationToken,
 ) -> Result<(CoreHandle, NodeFacts, tokio::task::JoinHandle<()>), Error> {
     let stored = store.get(Keyspace::Meta, HOME_KEY.to_vec()).await?;
@@ -204,6 +316,12 @@ pub(crate) async fn start(
         counters: SyncCounters::default(),
         notices: broadcast::channel(NOTICE_BUFFER).0,
         actor_names: HashMap::new(),
+        node_events: broadcast::channel(CHANGE_BUFFER).0,
+        device_name: clean_device_name(device_name),
+        rooms_seen: HashMap::new(),
+        presence_seen: Default::default(),
+        last_heard: HashMap::new(),
+        metrics,
     };
     let mut batch = Batch::new();
     core.device = keyring::device_secret(&core.store, &mut batch).await?;
@@ -227,6 +345,8 @@ pub(crate) async fn start(
         core.ensure_expected(doc, epoch);
     }
     core.rebuild_entity_index_lenient();
+    core.ensure_presence_doc().await?;
+    core.remember_rooms_and_presence();
     let held: Vec<_> = core.keyring.ids().map(|(d, _)| d).collect();
     for doc in held {
         core.refresh_digest(doc);
@@ -243,6 +363,7 @@ pub(crate) async fn start(
         events: core.events.clone(),
         notices: core.notices.clone(),
         stall_net: std::sync::Arc::new(stall_tx),
+        node_events: core.node_events.clone(),
     };
     let task = tokio::spawn(tracing::Instrument::instrument(
         core.run(rx, net_events, stall_rx, cancel),
@@ -389,8 +510,23 @@ impl Core {
     /// Rebuilds the entity index from the registry. On a device that has not received the
     /// registry yet the index stays empty until it arrives.
     fn rebuild_entity_index_lenient(&mut self) {
+        let before = std::mem::take(&mut self.doc_of_entity_id);
+        let old_docs = std::mem::take(&mut self.entity_of_doc);
         if let Err(error) = self.rebuild_entity_index() {
             tracing::debug!(%error, "registry not readable yet");
+            self.doc_of_entity_id = before;
+            self.entity_of_doc = old_docs;
+            return;
+        }
+        // An entity that left the index was deleted (tombstoned in the registry) on
+        // another device: announce it with its last state.
+        for (id, doc) in before {
+            if !self.doc_of_entity_id.contains_key(&id) && self.has_content(doc) {
+                match self.entity_view(doc) {
+                    Ok(entity) => self.emit_change(entity, None, None, true),
+                    Err(error) => tracing::debug!(%id, %error, "deleted entity unreadable"),
+                }
+            }
         }
     }
 
@@ -472,7 +608,11 @@ impl Core {
                     self.notice_peer(text, true);
                 }
             }
-            Event::Frame { peer, bytes } => self.on_frame(peer, bytes).await,
+            Event::Frame { peer, bytes } => {
+                self.last_heard.insert(peer.to_base58(), now_ms());
+                self.metrics.frame_in(bytes.len());
+                self.on_frame(peer, bytes).await
+            }
             Event::PairRequest {
                 peer,
                 request_id,
@@ -493,6 +633,7 @@ impl Core {
                     self.notice_peer(text.clone(), false);
                 }
                 self.reconcilers.remove(&text);
+                self.last_heard.remove(&text);
                 // Keep each session's state so a reconnect resumes rather than restarts.
                 let mut batch = Batch::new();
                 for (doc, state) in self.engine.detach_peer(&text) {
@@ -539,7 +680,83 @@ impl Core {
                 // Answered in the run loop, which can await the network.
                 let _ = reply.send(Err(Error::Internal("invite request misrouted".into())));
             }
+            Request::SyncReport { reply } => {
+                let _ = reply.send(Ok(self.sync_report()));
+            }
+            other => self.handle_more(other),
         }
+    }
+
+    /// Answers a write that produced a store batch once the batch is flushed, without
+    /// holding up the actor.
+    fn reply_after_flush<T: Send + 'static>(
+        &self,
+        result: Result<(T, Batch), Error>,
+        reply: Reply<T>,
+    ) {
+        match result {
+            Ok((value, batch)) => {
+                let store = self.store.clone();
+                tokio::spawn(async move {
+                    let result = store.batch(batch).await.map(|()| value);
+                    let _ = reply.send(result.map_err(Error::from));
+                });
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    fn sync_report(&mut self) -> SyncReport {
+        let now = now_ms();
+        let held: Vec<DocId> = self.keyring.ids().map(|(d, _)| d).collect();
+        let mut peers: Vec<PeerLag> = self
+            .admitted
+            .keys()
+            .map(|peer| PeerLag {
+                peer: peer.clone(),
+                last_heard_ms: self.last_heard.get(peer).map(|t| now.saturating_sub(*t)),
+                docs_behind: held
+                    .iter()
+                    .filter(|d| !self.engine.is_in_sync(peer, **d))
+                    .count() as u64,
+            })
+            .collect();
+        peers.sort_by(|a, b| a.peer.cmp(&b.peer));
+        let (shared_out, shared_in) = self.shared_counts();
+        SyncReport {
+            peers,
+            documents: self.engine.documents().count() as u64,
+            entities_shared_out: shared_out,
+            entities_shared_in: shared_in,
+            engine: self.engine.stats(),
+        }
+    }
+
+    /// Entities shared out (this home's registry entries with a grant to another home)
+    /// and in (entity documents held here that another home owns).
+    fn shared_counts(&self) -> (u64, u64) {
+        let out = self
+            .engine
+            .registry(self.home.registry_doc)
+            .map(|r| {
+                r.entities
+                    .values()
+                    .filter(|e| e.deleted_at.is_none() && !e.shares.is_empty())
+                    .count() as u64
+            })
+            .unwrap_or(0);
+        let shared_in = self
+            .engine
+            .documents()
+            .filter(|d| {
+                self.engine.header(*d).is_ok_and(|h| {
+                    h.kind == hearth_crdt::DocKind::Entity && h.owner_home != self.home.home_id
+                })
+            })
+            .count() as u64;
+        (out, shared_in)
     }
 
     fn set_entity(&mut self, id: &str, write: EntityWrite) -> Result<(Entity, Batch), Error> {
@@ -551,77 +768,26 @@ impl Core {
         let doc = match self.doc_of_entity(id) {
             Some(doc) => doc,
             None => {
-                let doc = DocId::from_bytes(home::random()?);
-                let epoch = KeyEpoch::first(*self.engine_actor_bytes());
-                let key = new_key()?;
-                let wraps = self.wrap_for_devices(&key, doc, epoch);
-                // The key, wrapped for every other device, rides in the home document so
-                // each device can open the new entity when it syncs.
-                let (_, home_out) = self
-                    .engine
-                    .transact(self.home.home_doc, now, None, |d, _, _| {
-                        for (peer, wrapped) in &wraps {
-                            home_schema::put_wrapped_key(d, doc, &epoch, peer, wrapped)?;
-                        }
-                        Ok(())
-                    })
-                    .map_err(doc_err)?;
-                let mut out = self
-                    .engine
-                    .create_entity(doc, &self.home.home_id, epoch, id, &update, now)
-                    .map_err(doc_err)?;
-                let (_, reg_out) = self
-                    .engine
-                    .transact(self.home.registry_doc, now, None, |d, _, _| {
-                        registry::put_entity(d, id, doc)
-                    })
-                    .map_err(doc_err)?;
-                out.extend(reg_out);
-                out.extend(home_out);
-                // The whole new document, to push to every device right away: a new
-                // entity then needs no sync round trip, so it reaches peers as fast as
-                // an update does (and before this node could die after acknowledging).
-                let snapshot = out
-                    .iter()
-                    .find_map(|o| match o {
-                        Output::PersistChunk {
-                            doc: d,
-                            kind: ChunkKind::Snapshot,
-                            bytes,
-                        } if *d == doc => Some(bytes),
-                        _ => None,
-                    })
-                    // A push carries change chunks, not a saved document; the new document
-                    // is one small change, so converting it costs little.
-                    .and_then(|bytes| automerge::Automerge::load(bytes).ok())
-                    .map(|d| d.save_after(&[]));
+                let entity_id = id.to_string();
+                let (doc, batch) = self.create_shared_doc(
+                    DocId::from_bytes(home::random()?),
+                    now,
+                    write.correlation_id.clone(),
+                    |engine, doc, epoch, home| {
+                        let mut out = engine
+                            .create_entity(doc, &home.home_id, epoch, &entity_id, &update, now)
+                            .map_err(doc_err)?;
+                        let (_, reg_out) = engine
+                            .transact(home.registry_doc, now, None, |d, _, _| {
+                                registry::put_entity(d, &entity_id, doc)
+                            })
+                            .map_err(doc_err)?;
+                        out.extend(reg_out);
+                        Ok(out)
+                    },
+                )?;
                 self.entity_of_doc.insert(doc, id.to_string());
                 self.doc_of_entity_id.insert(id.to_string(), doc);
-                let mut batch = self.handle_outputs(out);
-                self.keyring.insert(doc, epoch, key, &mut batch);
-                let peers: Vec<String> = self.admitted.keys().cloned().collect();
-                for peer in peers {
-                    if let Some(bytes) = &snapshot {
-                        self.outbox.push((
-                            peer.clone(),
-                            Frame::Push(hearth_crdt::wire::Push {
-                                doc,
-                                epoch,
-                                correlation_id: write.correlation_id.clone(),
-                                bytes: bytes.clone(),
-                            }),
-                        ));
-                    }
-                    match self.engine.attach(peer.clone(), doc, None, now) {
-                        Ok(out) => {
-                            let more = self.handle_outputs(out);
-                            append(&mut batch, more);
-                        }
-                        Err(error) => {
-                            tracing::warn!(%peer, %error, "cannot open a session for a new entity")
-                        }
-                    }
-                }
                 // Creating a document reports no change of its own, so announce it here.
                 let entity = self.entity_view(doc)?;
                 self.emit(entity.clone(), None, write.correlation_id);
@@ -640,6 +806,83 @@ impl Core {
             .map_err(doc_err)?;
         let batch = self.handle_outputs(out);
         Ok((self.entity_view(doc)?, batch))
+    }
+
+    /// Creates a new document of this home through `create`, with a fresh key wrapped in
+    /// the home document for every other device, and pushes it whole to every admitted
+    /// device with a sync session opened for each. Entities and rooms are created this
+    /// way, so every device of the home can open them when the home document syncs.
+    fn create_shared_doc(
+        &mut self,
+        doc: DocId,
+        now: u64,
+        correlation_id: Option<String>,
+        create: impl FnOnce(
+            &mut Engine<String>,
+            DocId,
+            KeyEpoch,
+            &HomeRecord,
+        ) -> Result<Vec<Output<String>>, Error>,
+    ) -> Result<(DocId, Batch), Error> {
+        let epoch = KeyEpoch::first(*self.engine_actor_bytes());
+        let key = new_key()?;
+        let wraps = self.wrap_for_devices(&key, doc, epoch);
+        // The key, wrapped for every other device, rides in the home document so each
+        // device can open the new document when it syncs.
+        let (_, home_out) = self
+            .engine
+            .transact(self.home.home_doc, now, None, |d, _, _| {
+                for (peer, wrapped) in &wraps {
+                    home_schema::put_wrapped_key(d, doc, &epoch, peer, wrapped)?;
+                }
+                Ok(())
+            })
+            .map_err(doc_err)?;
+        let mut out = create(&mut self.engine, doc, epoch, &self.home)?;
+        out.extend(home_out);
+        // The whole new document, to push to every device right away: a new document
+        // then needs no sync round trip, so it reaches peers as fast as an update does
+        // (and before this node could die after acknowledging).
+        let snapshot = out
+            .iter()
+            .find_map(|o| match o {
+                Output::PersistChunk {
+                    doc: d,
+                    kind: ChunkKind::Snapshot,
+                    bytes,
+                } if *d == doc => Some(bytes),
+                _ => None,
+            })
+            // A push carries change chunks, not a saved document; the new document is
+            // one small change, so converting it costs little.
+            .and_then(|bytes| automerge::Automerge::load(bytes).ok())
+            .map(|d| d.save_after(&[]));
+        let mut batch = self.handle_outputs(out);
+        self.keyring.insert(doc, epoch, key, &mut batch);
+        let peers: Vec<String> = self.admitted.keys().cloned().collect();
+        for peer in peers {
+            if let Some(bytes) = &snapshot {
+                self.outbox.push((
+                    peer.clone(),
+                    Frame::Push(hearth_crdt::wire::Push {
+                        doc,
+                        epoch,
+                        correlation_id: correlation_id.clone(),
+                        bytes: bytes.clone(),
+                    }),
+                ));
+            }
+            match self.engine.attach(peer.clone(), doc, None, now) {
+                Ok(out) => {
+                    let more = self.handle_outputs(out);
+                    append(&mut batch, more);
+                }
+                Err(error) => {
+                    tracing::warn!(%peer, %error, "cannot open a session for a new document")
+                }
+            }
+        }
+        Ok((doc, batch))
     }
 
     /// Wraps `key` for every unrevoked device in the home document except this one.
@@ -771,12 +1014,31 @@ impl Core {
     }
 
     fn emit(&self, entity: Entity, from_peer: Option<String>, correlation_id: Option<String>) {
-        // No subscribers is normal; a send error only means nobody listens.
-        let _ = self.events.send(EntityChange {
+        self.emit_change(entity, from_peer, correlation_id, false);
+    }
+
+    fn emit_change(
+        &self,
+        entity: Entity,
+        from_peer: Option<String>,
+        correlation_id: Option<String>,
+        deleted: bool,
+    ) {
+        let change = EntityChange {
             entity,
             from_peer,
             correlation_id,
-        });
+            deleted,
+        };
+        // No subscribers is normal; a send error only means nobody listens.
+        let _ = self.events.send(change.clone());
+        self.emit_event(crate::events::Event::Entity(Box::new(change)));
+    }
+
+    /// Announces an event to library subscribers and counts it by name.
+    fn emit_event(&self, event: crate::events::Event) {
+        self.metrics.event(event.name());
+        let _ = self.node_events.send(event);
     }
 
     /// Turns engine outputs into one store batch, and change events.
@@ -843,6 +1105,13 @@ impl Core {
                             tracing::warn!(%doc, %error, "change left an entity that does not validate")
                         }
                     }
+                }
+                Output::Changed { doc, origin, .. } => {
+                    let from_peer = match origin {
+                        Origin::Peer(peer) => Some(peer),
+                        _ => None,
+                    };
+                    self.on_doc_changed(doc, from_peer);
                 }
                 Output::Send { peer, frame } => self.outbox.push((peer, frame)),
                 Output::Timer { .. } => {

@@ -249,8 +249,9 @@ impl Core {
                     continue;
                 }
             };
+            let len = bytes.len();
             match self.net.send(net_peer, Bytes::from(bytes)).await {
-                Ok(hearth_net::SendOutcome::Queued) => {}
+                Ok(hearth_net::SendOutcome::Queued) => self.metrics.frame_out(len),
                 Ok(outcome) => tracing::debug!(%peer, ?outcome, "frame not queued"),
                 Err(error) => tracing::warn!(%peer, %error, "send failed"),
             }

@@ -1,10 +1,13 @@
 //! Integration tests: real `hearth` processes and in-process nodes on loopback.
 
+mod api;
 mod bus;
+mod cli;
 mod crash;
 mod entities;
 mod pairing;
 mod robust;
+mod rooms;
 mod up;
 mod util;
 mod watch;

@@ -436,3 +436,60 @@ async fn bad_messages_get_errors_and_the_socket_stays_open() {
     assert_eq!(update["source_device"], node.peer_id());
     timeout(T, node.shutdown()).await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_and_presence_sent_on_one_device_reach_the_other_devices_clients() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = start(dirs[0].path(), "a").await;
+    let b = join_and_start(&a, dirs[1].path(), "b").await;
+    wait_admitted(&b, a.peer_id()).await;
+    let (mut on_b, _) = Client::connect(&b).await;
+    on_b.subscribe(&["room.*", "presence.*"]).await;
+
+    let room = timeout(T, a.rooms().create("lounge", None, None))
+        .await
+        .unwrap()
+        .unwrap();
+    // Room creation is not one of the three typed frames, so it arrives as an event.
+    let created = loop {
+        let e = on_b.next_of("event").await;
+        if e["name"] == "room.created" {
+            break e;
+        }
+    };
+    assert_eq!(created["subject"], room.room_id);
+    assert_eq!(created["data"]["name"], "lounge");
+    assert_eq!(created["source"]["device"], a.peer_id());
+
+    let (mut on_a, _) = Client::connect(&a).await;
+    on_a.send(json!({"type": "send_message", "data": {
+        "room_id": room.room_id, "message": "hello"
+    }}))
+    .await;
+    let chat = on_b.next_of("chat_message").await;
+    assert_eq!(chat["room_id"], room.room_id);
+    assert_eq!(chat["sender"], "a");
+    assert_eq!(chat["message"], "hello");
+    assert!(chat["timestamp"].as_f64().unwrap() > 1.0e9);
+
+    on_a.send(json!({"type": "presence", "data": {"user": "alice", "status": "away"}}))
+        .await;
+    let presence = on_b.next_of("presence").await;
+    assert_eq!(presence["user"], "alice");
+    assert_eq!(presence["status"], "away");
+    assert!(presence["since"].as_f64().unwrap() > 1.0e9);
+
+    // Refusals come back as errors with the REST kinds, and the socket stays open.
+    on_a.send(json!({"type": "send_message", "data": {"room_id": "nowhere", "message": "x"}}))
+        .await;
+    assert_eq!(on_a.next_of("error").await["error"], "not_found");
+    on_a.send(json!({"type": "presence", "data": {"user": "alice", "status": "offline"}}))
+        .await;
+    assert_eq!(on_a.next_of("error").await["error"], "bad_request");
+    on_a.send(json!({"type": "heartbeat"})).await;
+    on_a.next_of("heartbeat_ack").await;
+
+    drop((on_a, on_b));
+    timeout(T, b.shutdown()).await.unwrap().unwrap();
+    timeout(T, a.shutdown()).await.unwrap().unwrap();
+}

@@ -1,0 +1,513 @@
+//! Rooms and presence in the core.
+//!
+//! A room is a document of the home, created through the same path as an entity (a fresh
+//! key wrapped for every device in the home document, pushed whole to admitted devices),
+//! so every device of the home holds it. Rooms are found by scanning the loaded documents
+//! for the `room` kind; there are few, and a scan keeps no index to go stale.
+//!
+//! Presence lives in one document per home whose id is derived from the HomeId, so every
+//! device knows where to look without a schema change. Only the admin device (the holder
+//! of the home's root key) creates it, once, so two devices never create it concurrently
+//! (two concurrent creations would each write the root map, and one side's entries would
+//! be hidden); other devices receive its key like any other document's.
+
+use std::collections::BTreeSet;
+
+use hearth_crdt::schema::room::{MAX_CHAT_READ, NewMessage, NewRoom};
+use hearth_crdt::{DocId, DocKind, Error as CrdtError, PresenceStatus, PresenceUpdate};
+use hearth_storage::Batch;
+use sha2::{Digest, Sha256};
+
+use super::{Core, Request, now_ms, rfc3339_ms};
+use crate::Error;
+use crate::events::Event;
+use crate::presence::{PresenceInfo, Status};
+use crate::rooms::{ChatMessage, Room, RoomMember};
+
+/// What a room looked like when last announced.
+pub(super) struct RoomSeen {
+    members: BTreeSet<String>,
+    chat_len: usize,
+}
+
+impl RoomSeen {
+    fn of(room: &hearth_crdt::Room) -> Self {
+        Self {
+            members: room
+                .members
+                .iter()
+                .chain(&room.overflow)
+                .map(|m| m.user.clone())
+                .collect(),
+            chat_len: room.chat_len,
+        }
+    }
+}
+
+/// The id of a home's presence document: derived from the HomeId.
+pub(super) fn presence_doc_id(home_id: &str) -> DocId {
+    let digest = Sha256::new()
+        .chain_update(b"hearth/presence/v1\0")
+        .chain_update(home_id.as_bytes())
+        .finalize();
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&digest[..16]);
+    DocId::from_bytes(id)
+}
+
+/// Maps document errors of room and presence writes onto API kinds.
+fn room_err(e: CrdtError) -> Error {
+    match e {
+        CrdtError::RoomFull { .. } => Error::Conflict(e.to_string()),
+        CrdtError::NotMember { .. } => {
+            Error::Forbidden(format!("{e}; join it first (`hearth room join ROOM`)"))
+        }
+        CrdtError::Schema { .. } => Error::Invalid(e.to_string()),
+        other => Error::Document(other.to_string()),
+    }
+}
+
+fn chat_view(room_id: &str, m: hearth_crdt::ChatMessage) -> ChatMessage {
+    ChatMessage {
+        id: m.id,
+        room_id: room_id.to_string(),
+        sender: m.sender,
+        message: m.text,
+        timestamp: rfc3339_ms(m.time_ms),
+    }
+}
+
+fn member_view(m: &hearth_crdt::Member) -> RoomMember {
+    RoomMember {
+        user: m.user.clone(),
+        device: m.device.clone(),
+        joined_at: rfc3339_ms(m.joined_at.wall_ms),
+    }
+}
+
+fn to_status(s: PresenceStatus) -> Status {
+    match s {
+        PresenceStatus::Online => Status::Online,
+        PresenceStatus::Away => Status::Away,
+        PresenceStatus::Busy => Status::Busy,
+    }
+}
+
+impl Core {
+    /// Requests about entity history, rooms and presence.
+    pub(super) fn handle_more(&mut self, request: Request) {
+        match request {
+            Request::DeleteEntity { id, reply } => {
+                let result = self.delete_entity(&id);
+                self.reply_after_flush(result, reply);
+            }
+            Request::EntityHistory { id, limit, reply } => {
+                let _ = reply.send(self.entity_history(&id, limit));
+            }
+            Request::RestoreEntity { id, version, reply } => {
+                let result = self.restore_entity(&id, &version);
+                self.reply_after_flush(result, reply);
+            }
+            Request::CreateRoom {
+                name,
+                max_size,
+                user,
+                reply,
+            } => {
+                let result = self.create_room(&name, max_size, user);
+                self.reply_after_flush(result, reply);
+            }
+            Request::GetRoom { room, reply } => {
+                let _ = reply.send(self.resolve_room(&room).and_then(|d| self.room_view(d)));
+            }
+            Request::ListRooms { reply } => {
+                let _ = reply.send(self.list_rooms());
+            }
+            Request::JoinRoom { room, user, reply } => {
+                let result = self.join_or_leave(&room, user, true);
+                self.reply_after_flush(result, reply);
+            }
+            Request::LeaveRoom { room, user, reply } => {
+                let result = self.join_or_leave(&room, user, false);
+                self.reply_after_flush(result, reply);
+            }
+            Request::Say {
+                room,
+                user,
+                text,
+                reply,
+            } => {
+                let result = self.say(&room, user, text);
+                self.reply_after_flush(result, reply);
+            }
+            Request::Chat { room, limit, reply } => {
+                let _ = reply.send(self.chat(&room, limit));
+            }
+            Request::SetPresence {
+                user,
+                status,
+                note,
+                reply,
+            } => {
+                let result = self.set_presence(user, status, note);
+                self.reply_after_flush(result, reply);
+            }
+            Request::GetPresence { user, reply } => {
+                let _ = reply.send(self.get_presence(user));
+            }
+            Request::ListPresence { room, reply } => {
+                let _ = reply.send(self.list_presence(room.as_deref()));
+            }
+            // The rest are answered in `handle` and the run loop; dropping the reply
+            // tells a caller that got here by mistake that the request went nowhere.
+            _ => tracing::error!("request misrouted"),
+        }
+    }
+
+    fn user_or_device(&self, user: Option<String>) -> String {
+        user.unwrap_or_else(|| self.device_name.clone())
+    }
+
+    /// Room documents of this home whose content has arrived.
+    fn room_docs(&self) -> Vec<(DocId, hearth_crdt::Room)> {
+        self.engine
+            .documents()
+            .filter(|d| {
+                self.engine
+                    .header(*d)
+                    .is_ok_and(|h| h.kind == DocKind::Room && h.owner_home == self.home.home_id)
+            })
+            .filter_map(|d| self.engine.room(d).ok().map(|r| (d, r)))
+            .collect()
+    }
+
+    /// A room by id (base58) or by a name only one room has.
+    fn resolve_room(&self, text: &str) -> Result<DocId, Error> {
+        if let Some(id) = DocId::parse(text)
+            && self.engine.room(id).is_ok()
+        {
+            return Ok(id);
+        }
+        let named: Vec<DocId> = self
+            .room_docs()
+            .into_iter()
+            .filter(|(_, r)| r.name == text)
+            .map(|(d, _)| d)
+            .collect();
+        match named.as_slice() {
+            [one] => Ok(*one),
+            [] => Err(Error::NotFound(format!(
+                "no room {:?}; `hearth room create NAME` makes one",
+                text.chars().take(64).collect::<String>()
+            ))),
+            many => Err(Error::Invalid(format!(
+                "{} rooms are named {text:?}; name the room by its id",
+                many.len()
+            ))),
+        }
+    }
+
+    fn room_view(&self, doc: DocId) -> Result<Room, Error> {
+        let r = self.engine.room(doc).map_err(room_err)?;
+        Ok(Room {
+            room_id: doc.to_string(),
+            name: r.name,
+            creator: r.creator,
+            max_size: r.max_size,
+            members: r.members.iter().map(member_view).collect(),
+            overflow: r.overflow.iter().map(member_view).collect(),
+            created_at: rfc3339_ms(r.created_at_ms),
+        })
+    }
+
+    fn list_rooms(&self) -> Result<Vec<Room>, Error> {
+        let mut rooms = self
+            .room_docs()
+            .into_iter()
+            .map(|(d, _)| self.room_view(d))
+            .collect::<Result<Vec<_>, _>>()?;
+        rooms.sort_by(|a, b| (&a.name, &a.room_id).cmp(&(&b.name, &b.room_id)));
+        Ok(rooms)
+    }
+
+    fn create_room(
+        &mut self,
+        name: &str,
+        max_size: u64,
+        user: Option<String>,
+    ) -> Result<(Room, Batch), Error> {
+        if self.room_docs().iter().any(|(_, r)| r.name == name) {
+            return Err(Error::Conflict(format!(
+                "a room named {name:?} exists already; pick another name"
+            )));
+        }
+        let spec = NewRoom {
+            name: name.to_string(),
+            creator: self.user_or_device(user),
+            device: self.peer_id.clone(),
+            max_size,
+        };
+        let now = now_ms();
+        let (doc, batch) = self.create_shared_doc(
+            DocId::from_bytes(crate::home::random()?),
+            now,
+            None,
+            |engine, doc, epoch, home| {
+                engine
+                    .create_room(doc, &home.home_id, epoch, &spec, now)
+                    .map_err(room_err)
+            },
+        )?;
+        let room = self.room_view(doc)?;
+        if let Ok(r) = self.engine.room(doc) {
+            self.rooms_seen.insert(doc, RoomSeen::of(&r));
+        }
+        self.emit_event(Event::RoomCreated {
+            room: Box::new(room.clone()),
+            from_peer: None,
+        });
+        Ok((room, batch))
+    }
+
+    fn join_or_leave(
+        &mut self,
+        room: &str,
+        user: Option<String>,
+        join: bool,
+    ) -> Result<(Room, Batch), Error> {
+        let doc = self.resolve_room(room)?;
+        let user = self.user_or_device(user);
+        let out = if join {
+            let device = self.peer_id.clone();
+            self.engine.join_room(doc, &user, &device, now_ms(), None)
+        } else {
+            self.engine.leave_room(doc, &user, now_ms(), None)
+        }
+        .map_err(room_err)?;
+        let batch = self.handle_outputs(out);
+        Ok((self.room_view(doc)?, batch))
+    }
+
+    fn say(
+        &mut self,
+        room: &str,
+        user: Option<String>,
+        text: String,
+    ) -> Result<(ChatMessage, Batch), Error> {
+        let doc = self.resolve_room(room)?;
+        let msg = NewMessage {
+            id: hex::encode(crate::home::random::<8>()?),
+            sender: self.user_or_device(user),
+            text,
+        };
+        let (sent, out) = self
+            .engine
+            .say(doc, &msg, now_ms(), None)
+            .map_err(room_err)?;
+        let batch = self.handle_outputs(out);
+        Ok((chat_view(&doc.to_string(), sent), batch))
+    }
+
+    fn chat(&self, room: &str, limit: usize) -> Result<Vec<ChatMessage>, Error> {
+        let doc = self.resolve_room(room)?;
+        let id = doc.to_string();
+        Ok(self
+            .engine
+            .room_chat(doc, limit)
+            .map_err(room_err)?
+            .into_iter()
+            .map(|m| chat_view(&id, m))
+            .collect())
+    }
+
+    /// Creates the home's presence document on the admin device, once.
+    pub(super) async fn ensure_presence_doc(&mut self) -> Result<(), Error> {
+        let doc = presence_doc_id(&self.home.home_id);
+        if self.home.root_secret.is_none() || self.keyring.ids().any(|(d, _)| d == doc) {
+            return Ok(());
+        }
+        let now = now_ms();
+        let (_, batch) = self.create_shared_doc(doc, now, None, |engine, doc, epoch, home| {
+            engine
+                .create_presence(doc, &home.home_id, epoch, now)
+                .map_err(room_err)
+        })?;
+        self.store.batch(batch).await?;
+        tracing::info!(%doc, "created the home's presence document");
+        Ok(())
+    }
+
+    /// Records the current rooms and presence, so only later changes are announced.
+    pub(super) fn remember_rooms_and_presence(&mut self) {
+        for (doc, room) in self.room_docs() {
+            self.rooms_seen.insert(doc, RoomSeen::of(&room));
+        }
+        if let Ok(p) = self.engine.presence(presence_doc_id(&self.home.home_id)) {
+            self.presence_seen = p.users;
+        }
+    }
+
+    fn presence_info(&self, user: &str, entry: &hearth_crdt::PresenceEntry) -> PresenceInfo {
+        let live = entry.device == self.peer_id || self.admitted.contains_key(&entry.device);
+        PresenceInfo {
+            user: user.to_string(),
+            status: if live {
+                to_status(entry.status)
+            } else {
+                Status::Offline
+            },
+            since: rfc3339_ms(entry.since_ms),
+            device: entry.device.clone(),
+            note: entry.note.clone(),
+        }
+    }
+
+    fn presence_doc(&mut self) -> Result<DocId, Error> {
+        let doc = presence_doc_id(&self.home.home_id);
+        if self.has_content(doc) {
+            Ok(doc)
+        } else {
+            Err(Error::Conflict(
+                "presence is not available on this device yet: the home's presence document \
+                 arrives from the admin device; connect to it and retry"
+                    .into(),
+            ))
+        }
+    }
+
+    fn set_presence(
+        &mut self,
+        user: Option<String>,
+        status: Status,
+        note: Option<String>,
+    ) -> Result<(PresenceInfo, Batch), Error> {
+        let status = match status {
+            Status::Online => PresenceStatus::Online,
+            Status::Away => PresenceStatus::Away,
+            Status::Busy => PresenceStatus::Busy,
+            Status::Offline => {
+                return Err(Error::Invalid(
+                    "offline cannot be set: it is derived; use online, away or busy".into(),
+                ));
+            }
+        };
+        let doc = self.presence_doc()?;
+        let user = self.user_or_device(user);
+        let update = PresenceUpdate {
+            status,
+            device: self.peer_id.clone(),
+            note,
+        };
+        let (entry, out) = self
+            .engine
+            .set_presence(doc, &user, &update, now_ms(), None)
+            .map_err(room_err)?;
+        let batch = self.handle_outputs(out);
+        Ok((self.presence_info(&user, &entry), batch))
+    }
+
+    fn get_presence(&mut self, user: Option<String>) -> Result<PresenceInfo, Error> {
+        let doc = self.presence_doc()?;
+        let user = self.user_or_device(user);
+        let presence = self.engine.presence(doc).map_err(room_err)?;
+        match presence.users.get(&user) {
+            Some(entry) => Ok(self.presence_info(&user, entry)),
+            None => Err(Error::NotFound(format!(
+                "{:?} has never set a presence; `hearth presence set online --user NAME` sets one",
+                user.chars().take(64).collect::<String>()
+            ))),
+        }
+    }
+
+    fn list_presence(&mut self, room: Option<&str>) -> Result<Vec<PresenceInfo>, Error> {
+        let members: Option<BTreeSet<String>> = match room {
+            Some(r) => {
+                let doc = self.resolve_room(r)?;
+                let room = self.engine.room(doc).map_err(room_err)?;
+                Some(room.members.into_iter().map(|m| m.user).collect())
+            }
+            None => None,
+        };
+        let doc = self.presence_doc()?;
+        let presence = self.engine.presence(doc).map_err(room_err)?;
+        Ok(presence
+            .users
+            .iter()
+            .filter(|(u, _)| members.as_ref().is_none_or(|m| m.contains(*u)))
+            .map(|(u, e)| self.presence_info(u, e))
+            .filter(|p| p.status != Status::Offline)
+            .collect())
+    }
+
+    /// Turns a change of a room or the presence document into events: a room seen for
+    /// the first time, members who joined or left, new chat messages, changed presence.
+    pub(super) fn on_doc_changed(&mut self, doc: DocId, from_peer: Option<String>) {
+        let Ok(header) = self.engine.header(doc) else {
+            return;
+        };
+        match header.kind {
+            DocKind::Room => self.on_room_changed(doc, from_peer),
+            DocKind::Presence if doc == presence_doc_id(&self.home.home_id) => {
+                let Ok(presence) = self.engine.presence(doc) else {
+                    return;
+                };
+                for (user, entry) in &presence.users {
+                    if self.presence_seen.get(user) != Some(entry) {
+                        let info = self.presence_info(user, entry);
+                        self.emit_event(Event::Presence {
+                            presence: Box::new(info),
+                            from_peer: from_peer.clone(),
+                        });
+                    }
+                }
+                self.presence_seen = presence.users;
+            }
+            _ => {}
+        }
+    }
+
+    fn on_room_changed(&mut self, doc: DocId, from_peer: Option<String>) {
+        let Ok(room) = self.engine.room(doc) else {
+            return;
+        };
+        let room_id = doc.to_string();
+        let now = RoomSeen::of(&room);
+        let Some(before) = self.rooms_seen.insert(doc, RoomSeen::of(&room)) else {
+            if let Ok(view) = self.room_view(doc) {
+                self.emit_event(Event::RoomCreated {
+                    room: Box::new(view),
+                    from_peer,
+                });
+            }
+            return;
+        };
+        for user in now.members.difference(&before.members) {
+            self.emit_event(Event::MemberJoined {
+                room_id: room_id.clone(),
+                user: user.clone(),
+                from_peer: from_peer.clone(),
+            });
+        }
+        for user in before.members.difference(&now.members) {
+            self.emit_event(Event::MemberLeft {
+                room_id: room_id.clone(),
+                user: user.clone(),
+                from_peer: from_peer.clone(),
+            });
+        }
+        let new = now
+            .chat_len
+            .saturating_sub(before.chat_len)
+            .min(MAX_CHAT_READ);
+        if new > 0
+            && let Ok(messages) = self.engine.room_chat(doc, new)
+        {
+            for m in messages {
+                self.emit_event(Event::Chat {
+                    message: Box::new(chat_view(&room_id, m)),
+                    from_peer: from_peer.clone(),
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! Everything the node announces to library subscribers: entity changes, rooms, chat and
+//! presence, local or from a peer. The event bus maps these onto its named events.
+
+use tokio::sync::broadcast;
+
+use crate::entities::EntityChange;
+use crate::presence::PresenceInfo;
+use crate::rooms::{ChatMessage, Room};
+
+/// Something that changed on this node or reached it from a peer.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum Event {
+    /// An entity was written or deleted (see [`EntityChange::deleted`]).
+    Entity(Box<EntityChange>),
+    /// A room was created, here or on another device of the home.
+    RoomCreated {
+        /// The room as first seen.
+        room: Box<Room>,
+        /// The PeerId the change came from, `None` for this node.
+        from_peer: Option<String>,
+    },
+    /// A user joined a room.
+    MemberJoined {
+        /// The room's id.
+        room_id: String,
+        /// The user who joined.
+        user: String,
+        /// The PeerId the change came from, `None` for this node.
+        from_peer: Option<String>,
+    },
+    /// A user left a room.
+    MemberLeft {
+        /// The room's id.
+        room_id: String,
+        /// The user who left.
+        user: String,
+        /// The PeerId the change came from, `None` for this node.
+        from_peer: Option<String>,
+    },
+    /// A chat message was posted in a room.
+    Chat {
+        /// The message.
+        message: Box<ChatMessage>,
+        /// The PeerId the change came from, `None` for this node.
+        from_peer: Option<String>,
+    },
+    /// A user's presence changed.
+    Presence {
+        /// The user's presence after the change.
+        presence: Box<PresenceInfo>,
+        /// The PeerId the change came from, `None` for this node.
+        from_peer: Option<String>,
+    },
+}
+
+impl Event {
+    /// The event's name, `<area>.<action>` as INTERFACES.md lists them.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Event::Entity(c) if c.deleted => "entity.deleted",
+            Event::Entity(_) => "entity.changed",
+            Event::RoomCreated { .. } => "room.created",
+            Event::MemberJoined { .. } => "room.member_joined",
+            Event::MemberLeft { .. } => "room.member_left",
+            Event::Chat { .. } => "room.chat",
+            Event::Presence { .. } => "presence.changed",
+        }
+    }
+
+    /// What the event concerns: the entity id, room id or user.
+    pub fn subject(&self) -> &str {
+        match self {
+            Event::Entity(c) => &c.entity.id,
+            Event::RoomCreated { room, .. } => &room.room_id,
+            Event::MemberJoined { room_id, .. } | Event::MemberLeft { room_id, .. } => room_id,
+            Event::Chat { message, .. } => &message.room_id,
+            Event::Presence { presence, .. } => &presence.user,
+        }
+    }
+
+    /// The PeerId the change came from, `None` for a change made on this node.
+    pub fn from_peer(&self) -> Option<&str> {
+        match self {
+            Event::Entity(c) => c.from_peer.as_deref(),
+            Event::RoomCreated { from_peer, .. }
+            | Event::MemberJoined { from_peer, .. }
+            | Event::MemberLeft { from_peer, .. }
+            | Event::Chat { from_peer, .. }
+            | Event::Presence { from_peer, .. } => from_peer.as_deref(),
+        }
+    }
+}
+
+/// A stream of [`Event`]s; see [`Node::subscribe`](crate::Node::subscribe).
+pub struct Events {
+    pub(crate) rx: broadcast::Receiver<Event>,
+}
+
+/// What [`Events::next`] yields.
+#[derive(Clone, Debug, PartialEq)]
+pub enum EventItem {
+    /// An event.
+    Event(Event),
+    /// The subscriber fell behind and this many events were dropped for it.
+    Missed(u64),
+}
+
+impl Events {
+    /// The next event, or `None` once the node has stopped.
+    ///
+    /// Cancel-safe.
+    pub async fn next(&mut self) -> Option<EventItem> {
+        use broadcast::error::RecvError;
+        match self.rx.recv().await {
+            Ok(event) => Some(EventItem::Event(event)),
+            Err(RecvError::Lagged(n)) => Some(EventItem::Missed(n)),
+            Err(RecvError::Closed) => None,
+        }
+    }
+}

@@ -1,0 +1,341 @@
+//! Client verbs for peers, entity history, rooms and presence, and their tables.
+
+use anyhow::{Context, Result};
+use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
+use serde_json::{Value, json};
+
+use crate::client::Client;
+
+/// One path segment, percent-encoded: room names and users may hold any character.
+pub(crate) fn segment(text: &str) -> String {
+    text.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"._-~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED)
+        .set_header(header.to_vec());
+    t
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn print_json(v: &Value) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn list<'a>(body: &'a Value, key: &str) -> Result<&'a Vec<Value>> {
+    body.get(key)
+        .and_then(|v| v.as_array())
+        .with_context(|| format!("the node's reply has no {key} list"))
+}
+
+/// Connected peers as a table: admitted or not, addresses, sync lag.
+pub(crate) fn peers_table(peers: &[Value]) -> Table {
+    let mut t = table(&["PEER", "ADMITTED", "ADDRESS", "LAST HEARD", "DOCS BEHIND"]);
+    for p in peers {
+        let heard = p["last_heard_ms"]
+            .as_u64()
+            .map(|ms| format!("{ms} ms ago"))
+            .unwrap_or_else(|| "-".into());
+        t.add_row(vec![
+            text(&p["peer_id"]),
+            if p["admitted"].as_bool() == Some(true) {
+                "yes".into()
+            } else {
+                "no".into()
+            },
+            p["addrs"]
+                .as_array()
+                .and_then(|a| a.first())
+                .map(text)
+                .unwrap_or_else(|| "-".into()),
+            heard,
+            text(&p["docs_behind"]),
+        ]);
+    }
+    t
+}
+
+pub(crate) fn peers(client: &Client, json: bool) -> Result<()> {
+    let body: Value = client.get("/api/peers")?;
+    if json {
+        return print_json(&body);
+    }
+    let peers = list(&body, "peers")?;
+    if peers.is_empty() {
+        println!("no peers connected");
+    } else {
+        println!("{}", peers_table(peers));
+    }
+    Ok(())
+}
+
+pub(crate) fn entity_delete(client: &Client, path: &str, json: bool) -> Result<()> {
+    let entity: Value = client.delete(path)?;
+    if json {
+        return print_json(&entity);
+    }
+    println!("deleted {}", text(&entity["id"]));
+    Ok(())
+}
+
+pub(crate) fn entity_history(client: &Client, path: &str, json: bool) -> Result<()> {
+    let body: Value = client.get(&format!("{path}/history"))?;
+    if json {
+        return print_json(&body);
+    }
+    let mut t = table(&["VERSION", "TIME", "DEVICE"]);
+    for v in list(&body, "versions")? {
+        // 16 digits name a version unambiguously in practice; 8 are accepted.
+        let version = text(&v["version"]);
+        t.add_row(vec![
+            version.chars().take(16).collect(),
+            text(&v["time"]),
+            text(&v["device"]),
+        ]);
+    }
+    println!("{t}");
+    Ok(())
+}
+
+pub(crate) fn entity_restore(client: &Client, path: &str, version: &str) -> Result<Value> {
+    client.post(&format!("{path}/restore"), &json!({ "version": version }))
+}
+
+fn room_path(room: &str) -> String {
+    format!("/api/rooms/{}", segment(room))
+}
+
+fn with_user(user: Option<&str>) -> Value {
+    match user {
+        Some(u) => json!({ "user": u }),
+        None => json!({}),
+    }
+}
+
+pub(crate) fn print_room(room: &Value, json: bool) -> Result<()> {
+    if json {
+        return print_json(room);
+    }
+    println!(
+        "room      {} ({})",
+        text(&room["name"]),
+        text(&room["room_id"])
+    );
+    println!("creator   {}", text(&room["creator"]));
+    println!("created   {}", text(&room["created_at"]));
+    let members = list(room, "members")?;
+    println!(
+        "members   {} of at most {}",
+        members.len(),
+        text(&room["max_size"])
+    );
+    let mut t = table(&["USER", "DEVICE", "JOINED"]);
+    for m in members {
+        t.add_row(vec![
+            text(&m["user"]),
+            text(&m["device"]),
+            text(&m["joined_at"]),
+        ]);
+    }
+    println!("{t}");
+    Ok(())
+}
+
+pub(crate) fn room_create(
+    client: &Client,
+    name: &str,
+    max: Option<u64>,
+    user: Option<&str>,
+    json: bool,
+) -> Result<()> {
+    let mut body = with_user(user);
+    body["name"] = json!(name);
+    if let Some(m) = max {
+        body["max_size"] = json!(m);
+    }
+    let room: Value = client.post("/api/rooms", &body)?;
+    if json {
+        return print_json(&room);
+    }
+    println!(
+        "created room {} ({})",
+        text(&room["name"]),
+        text(&room["room_id"])
+    );
+    Ok(())
+}
+
+pub(crate) fn room_join_leave(
+    client: &Client,
+    room: &str,
+    user: Option<&str>,
+    join: bool,
+    json: bool,
+) -> Result<()> {
+    let action = if join { "join" } else { "leave" };
+    let reply: Value = client.post(&format!("{}/{action}", room_path(room)), &with_user(user))?;
+    if json {
+        return print_json(&reply);
+    }
+    let verb = if join { "joined" } else { "left" };
+    println!("{verb} room {}", text(&reply["name"]));
+    Ok(())
+}
+
+pub(crate) fn room_show(client: &Client, room: &str, json: bool) -> Result<()> {
+    let reply: Value = client.get(&room_path(room))?;
+    print_room(&reply, json)
+}
+
+pub(crate) fn room_list(client: &Client, json: bool) -> Result<()> {
+    let body: Value = client.get("/api/rooms")?;
+    if json {
+        return print_json(&body);
+    }
+    let mut t = table(&["ROOM", "ID", "MEMBERS", "MAX"]);
+    for r in list(&body, "rooms")? {
+        t.add_row(vec![
+            text(&r["name"]),
+            text(&r["room_id"]),
+            r["members"].as_array().map_or(0, |m| m.len()).to_string(),
+            text(&r["max_size"]),
+        ]);
+    }
+    println!("{t}");
+    Ok(())
+}
+
+pub(crate) fn room_say(
+    client: &Client,
+    room: &str,
+    message: &str,
+    user: Option<&str>,
+    json: bool,
+) -> Result<()> {
+    let mut body = with_user(user);
+    body["message"] = json!(message);
+    let sent: Value = client.post(&format!("{}/messages", room_path(room)), &body)?;
+    if json {
+        return print_json(&sent);
+    }
+    println!(
+        "{} {}: {}",
+        text(&sent["timestamp"]),
+        text(&sent["sender"]),
+        text(&sent["message"])
+    );
+    Ok(())
+}
+
+pub(crate) fn room_chat(client: &Client, room: &str, limit: usize, json: bool) -> Result<()> {
+    let body: Value = client.get(&format!("{}/messages?limit={limit}", room_path(room)))?;
+    if json {
+        return print_json(&body);
+    }
+    let messages = list(&body, "messages")?;
+    if messages.is_empty() {
+        println!("no messages yet");
+    }
+    for m in messages {
+        println!(
+            "{} {}: {}",
+            text(&m["timestamp"]),
+            text(&m["sender"]),
+            text(&m["message"])
+        );
+    }
+    Ok(())
+}
+
+/// The user a presence verb is about: `--user`, else the node's device name.
+fn user_or_device(client: &Client, user: Option<&str>) -> Result<String> {
+    match user {
+        Some(u) => Ok(u.to_string()),
+        None => {
+            let status: Value = client.get("/api/status")?;
+            status["device"]
+                .as_str()
+                .map(str::to_string)
+                .context("the node's status reply has no device name; pass --user")
+        }
+    }
+}
+
+fn presence_table(entries: &[Value]) -> Table {
+    let mut t = table(&["USER", "STATUS", "SINCE", "DEVICE", "NOTE"]);
+    for p in entries {
+        t.add_row(vec![
+            text(&p["user"]),
+            text(&p["status"]),
+            text(&p["since"]),
+            text(&p["device"]),
+            p.get("note").map(text).unwrap_or_default(),
+        ]);
+    }
+    t
+}
+
+pub(crate) fn presence_set(
+    client: &Client,
+    status: &str,
+    note: Option<&str>,
+    user: Option<&str>,
+    json: bool,
+) -> Result<()> {
+    let user = user_or_device(client, user)?;
+    let mut body = json!({ "status": status });
+    if let Some(n) = note {
+        body["note"] = json!(n);
+    }
+    let reply: Value = client.put(&format!("/api/presence/{}", segment(&user)), &body)?;
+    if json {
+        return print_json(&reply);
+    }
+    println!("{} is {}", text(&reply["user"]), text(&reply["status"]));
+    Ok(())
+}
+
+pub(crate) fn presence_show(client: &Client, user: Option<&str>, json: bool) -> Result<()> {
+    let user = user_or_device(client, user)?;
+    let reply: Value = client.get(&format!("/api/presence/{}", segment(&user)))?;
+    if json {
+        return print_json(&reply);
+    }
+    println!("{}", presence_table(std::slice::from_ref(&reply)));
+    Ok(())
+}
+
+pub(crate) fn presence_online(client: &Client, room: Option<&str>, json: bool) -> Result<()> {
+    let path = match room {
+        Some(r) => format!("/api/presence?room={}", segment(r)),
+        None => "/api/presence".to_string(),
+    };
+    let body: Value = client.get(&path)?;
+    if json {
+        return print_json(&body);
+    }
+    let entries = list(&body, "presence")?;
+    if entries.is_empty() {
+        println!("nobody is online");
+    } else {
+        println!("{}", presence_table(entries));
+    }
+    Ok(())
+}

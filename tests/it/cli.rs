@@ -1,0 +1,164 @@
+//! The CLI end to end against `hearth up` processes, with assert_cmd.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use assert_cmd::Command;
+use serde_json::Value;
+
+use crate::util::{UpProcess, WAIT, hearth};
+
+/// `hearth ARGS... --data DATA`, with the CLI's variables cleared.
+fn cli(data: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::from_std(hearth());
+    cmd.args(args).arg("--data").arg(data).timeout(WAIT);
+    cmd
+}
+
+/// Runs a verb that must succeed and returns its stdout.
+fn ok(data: &Path, args: &[&str]) -> String {
+    let out = cli(data, args)
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    String::from_utf8(out).unwrap()
+}
+
+fn ok_json(data: &Path, args: &[&str]) -> Value {
+    let text = ok(data, args);
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{args:?}: {e}: {text}"))
+}
+
+#[test]
+fn room_chat_reaches_the_second_device_and_history_restores() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
+    let _a = UpProcess::start(&a_dir);
+    let code = ok(&a_dir, &["invite", "--ttl", "1m"]);
+    ok(&b_dir, &["join", code.trim(), "--name", "hallway"]);
+    let _b = UpProcess::start(&b_dir);
+
+    let created = ok_json(&a_dir, &["room", "create", "den", "--max", "4", "--json"]);
+    assert_eq!(created["name"], "den");
+    let said = ok(&a_dir, &["room", "say", "den", "dinner is ready"]);
+    assert!(said.contains("dinner is ready"), "{said}");
+    let shown = ok(&a_dir, &["room", "show", "den"]);
+    assert!(shown.contains("den") && shown.contains("USER"), "{shown}");
+
+    // The second device of the home sees the message once the room has synced.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let out = cli(&b_dir, &["room", "chat", "den", "--json"])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            let body: Value = serde_json::from_slice(&out.stdout).unwrap();
+            let messages = body["messages"].as_array().unwrap();
+            if let Some(m) = messages.first() {
+                assert_eq!(m["message"], "dinner is ready");
+                assert_eq!(m["room_id"], created["room_id"]);
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "message did not reach the second device"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Two sets, both in history; restore brings back the first.
+    let first = ok_json(
+        &a_dir,
+        &[
+            "entity",
+            "set",
+            "light.porch",
+            "on",
+            "--attr",
+            "level=3",
+            "--json",
+        ],
+    );
+    let second = ok_json(&a_dir, &["entity", "set", "light.porch", "off", "--json"]);
+    let history = ok_json(&a_dir, &["entity", "history", "light.porch", "--json"]);
+    let versions: Vec<&str> = history["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["version"].as_str().unwrap())
+        .collect();
+    for v in [&first, &second] {
+        assert!(
+            versions.contains(&v["version"].as_str().unwrap()),
+            "{history}"
+        );
+    }
+    let table = ok(&a_dir, &["entity", "history", "light.porch"]);
+    assert!(
+        table.contains(&first["version"].as_str().unwrap()[..16]),
+        "{table}"
+    );
+    let prefix = &first["version"].as_str().unwrap()[..8];
+    ok(&a_dir, &["entity", "restore", "light.porch", prefix]);
+    let now = ok_json(&a_dir, &["entity", "get", "light.porch", "--json"]);
+    assert_eq!(now["state"], "on");
+    assert_eq!(now["attributes"]["level"], 3);
+
+    // Presence and peers read back, as JSON and as tables.
+    ok(&a_dir, &["presence", "set", "away", "--user", "alice"]);
+    let p = ok_json(&a_dir, &["presence", "show", "alice", "--json"]);
+    assert_eq!(p["status"], "away");
+    let online = ok(&a_dir, &["presence", "online"]);
+    assert!(online.contains("alice"), "{online}");
+    let peers = ok_json(&a_dir, &["peers", "--json"]);
+    assert!(!peers["peers"].as_array().unwrap().is_empty(), "{peers}");
+    let status = ok(&a_dir, &["status"]);
+    assert!(status.contains("DOCS BEHIND"), "{status}");
+    ok(&a_dir, &["entity", "delete", "light.porch"]);
+    cli(&a_dir, &["entity", "get", "light.porch"])
+        .assert()
+        .failure()
+        .stderr(predicates::str::contains("404"));
+    // A status that cannot be set is a usage error.
+    cli(&a_dir, &["presence", "set", "offline"])
+        .assert()
+        .code(2);
+}
+
+#[test]
+fn without_a_node_the_error_names_the_address_and_suggests_up() {
+    let dir = tempfile::tempdir().unwrap();
+    // A port with nothing behind it.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    std::fs::write(dir.path().join("token"), "t").unwrap();
+    for args in [
+        vec!["status".to_string(), "--api".into(), addr.to_string()],
+        vec!["room".into(), "chat".into(), "den".into()],
+    ] {
+        if args[0] == "room" {
+            // A stale api.addr, as a node killed without cleanup leaves.
+            std::fs::write(dir.path().join("api.addr"), addr.to_string()).unwrap();
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        cli(dir.path(), &args)
+            .assert()
+            .code(1)
+            .stderr(predicates::str::contains("no Hearth node is running"))
+            .stderr(predicates::str::contains(format!("http://{addr}")))
+            .stderr(predicates::str::contains("hearth up"));
+    }
+    // No api.addr at all: the message names the data dir it looked in.
+    std::fs::remove_file(dir.path().join("api.addr")).unwrap();
+    cli(dir.path(), &["peers"])
+        .assert()
+        .code(1)
+        .stderr(predicates::str::contains("no Hearth node is running"))
+        .stderr(predicates::str::contains(dir.path().to_str().unwrap()))
+        .stderr(predicates::str::contains("hearth up"));
+}
