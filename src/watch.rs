@@ -74,6 +74,23 @@ pub(crate) fn run(client: &Client, watch: Watch, json_out: bool) -> Result<()> {
             _ => {}
         }
         let line = match &watch {
+            Watch::Entities(ids) if kind == "event" => {
+                // Deletions are not one of the typed frames; they come as events.
+                if data["name"] != "entity.deleted"
+                    || !ids.matches(data["subject"].as_str().unwrap_or(""))
+                {
+                    continue;
+                }
+                if json_out {
+                    data.to_string()
+                } else {
+                    format!(
+                        "{} deleted by {}",
+                        data["subject"].as_str().unwrap_or("-"),
+                        data["source"]["device"].as_str().unwrap_or("-")
+                    )
+                }
+            }
             Watch::Entities(ids) => {
                 if kind != "state_update" || !ids.matches(data["entity_id"].as_str().unwrap_or(""))
                 {

@@ -105,6 +105,17 @@ fn entity_watch_prints_only_the_entities_its_pattern_matches() {
     let change: serde_json::Value = serde_json::from_str(&lights.line()).unwrap();
     assert_eq!(change["entity_id"], "light.porch");
     assert_eq!(change["state"], "off");
+
+    let plain = Watcher::start(&["entity", "watch"], dir.path());
+    let out = run(hearth()
+        .args(["entity", "delete", "light.porch", "--data"])
+        .arg(dir.path()));
+    assert!(out.status.success(), "{out:?}");
+    let line = plain.line();
+    assert!(line.starts_with("light.porch deleted by "), "{line}");
+    let deleted: serde_json::Value = serde_json::from_str(&lights.line()).unwrap();
+    assert_eq!(deleted["name"], "entity.deleted");
+    assert_eq!(deleted["subject"], "light.porch");
 }
 
 #[test]
