@@ -56,6 +56,13 @@ pub use rooms::{
     ChatMessage, DEFAULT_ROOM_SIZE, MAX_CHAT_LIMIT, MAX_MESSAGE_BYTES, Room, RoomMember, Rooms,
 };
 
+/// Frames that may wait in the outbound sync queue to one peer before it counts as slow
+/// and is dropped.
+pub const PEER_QUEUE_FRAMES: usize = hearth_net::SYNC_QUEUE_FRAMES;
+/// Bytes that may wait in the outbound sync queue to one peer before it counts as slow
+/// and is dropped.
+pub const PEER_QUEUE_BYTES: usize = hearth_net::SYNC_QUEUE_BYTES;
+
 /// How long an invite code lives unless told otherwise: 10 minutes.
 pub const DEFAULT_INVITE_TTL_S: u64 = 600;
 pub use node::{Invite, Node};

@@ -231,6 +231,60 @@ impl Node {
             .collect())
     }
 
+    /// How much waits in this node's outbound sync queue to `peer` (base58 PeerId), as
+    /// `(frames, bytes)`; `None` when the peer is not connected. The queue is bounded by
+    /// [`crate::PEER_QUEUE_FRAMES`] and [`crate::PEER_QUEUE_BYTES`]; a peer that lets it
+    /// fill is dropped.
+    ///
+    /// Cancel-safe.
+    pub async fn outbound_queue(&self, peer: &str) -> Result<Option<(usize, usize)>, Error> {
+        let peers = self
+            .state
+            .net
+            .connected_peers()
+            .await
+            .map_err(|e| Error::Network(e.to_string()))?;
+        Ok(peers
+            .into_iter()
+            .find(|p| p.peer.to_base58() == peer)
+            .map(|p| (p.queued_frames, p.queued_bytes)))
+    }
+
+    /// Test hook: while `stalled`, this node's core reads no network events, as a device
+    /// whose sync processing hangs would behave. Its connections stay up and answer pings,
+    /// but the frames peers send it are not consumed, so their queues toward it fill.
+    /// Not for production use.
+    #[doc(hidden)]
+    pub fn debug_stall_network_reads(&self, stalled: bool) {
+        self.core.stall_net.send_replace(stalled);
+    }
+
+    /// Test hook: sends `bytes` as one raw frame to `peer` (base58 PeerId) on the sync
+    /// stream, or on the ephemeral stream when `ephemeral`, bypassing the core's encoding
+    /// and sealing, so tests can play a member device that sends garbage. Not for
+    /// production use.
+    #[doc(hidden)]
+    pub async fn debug_send_raw(
+        &self,
+        peer: &str,
+        ephemeral: bool,
+        bytes: Vec<u8>,
+    ) -> Result<(), Error> {
+        let peer: hearth_net::PeerId = peer
+            .parse()
+            .map_err(|_| Error::Invalid(format!("not a PeerId: {peer}")))?;
+        let bytes = hearth_net::Bytes::from(bytes);
+        let sent = if ephemeral {
+            self.state.net.send_ephemeral(peer, bytes).await
+        } else {
+            self.state.net.send(peer, bytes).await
+        };
+        match sent.map_err(|e| Error::Network(e.to_string()))? {
+            hearth_net::SendOutcome::Queued => Ok(()),
+            other => Err(Error::Network(format!("frame not queued: {other:?}"))),
+        }
+    }
+
     /// What reconnects have cost since start: digest exchanges, and how many documents
     /// needed a sync exchange versus were found already in sync.
     ///

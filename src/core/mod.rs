@@ -163,6 +163,9 @@ pub(crate) struct CoreHandle {
     pub(crate) events: broadcast::Sender<EntityChange>,
     /// Every event (entities, rooms, presence), for [`crate::Node::subscribe`].
     pub(crate) node_events: broadcast::Sender<crate::events::Event>,
+    /// Test hook: while true, the core reads no network events (see
+    /// `Node::debug_stall_network_reads`).
+    pub(crate) stall_net: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl CoreHandle {
@@ -231,6 +234,8 @@ struct Core {
     last_heard: HashMap<String, u64>,
     /// The node's metrics.
     metrics: std::sync::Arc<crate::metrics::Metrics>,
+    /// PeerIds of known devices by their Automerge actor, so views name writers by device.
+    actor_names: HashMap<automerge::ActorId, String>,
 }
 
 /// What reconnects cost, counted since start.
@@ -291,6 +296,7 @@ pub(crate) async fn start(
         presence_seen: Default::default(),
         last_heard: HashMap::new(),
         metrics,
+        actor_names: HashMap::new(),
     };
     let mut batch = Batch::new();
     core.device = keyring::device_secret(&core.store, &mut batch).await?;
@@ -326,13 +332,15 @@ pub(crate) async fn start(
         home_name: core.home.name.clone(),
     };
     let (tx, rx) = mpsc::channel(CORE_QUEUE);
+    let (stall_tx, stall_rx) = tokio::sync::watch::channel(false);
     let handle = CoreHandle {
         tx,
         events: core.events.clone(),
         node_events: core.node_events.clone(),
+        stall_net: std::sync::Arc::new(stall_tx),
     };
     let task = tokio::spawn(tracing::Instrument::instrument(
-        core.run(rx, net_events, cancel),
+        core.run(rx, net_events, stall_rx, cancel),
         tracing::error_span!("core"),
     ));
     Ok((handle, facts, task))
@@ -519,9 +527,11 @@ impl Core {
         mut self,
         mut rx: mpsc::Receiver<Request>,
         mut net_events: hearth_net::EventStream,
+        mut stall_net: tokio::sync::watch::Receiver<bool>,
         cancel: CancellationToken,
     ) {
         loop {
+            let net_stalled = *stall_net.borrow_and_update();
             let deadline = self.engine.next_deadline();
             let timer = async {
                 match deadline {
@@ -544,7 +554,9 @@ impl Core {
                     }
                     None => break,
                 },
-                event = net_events.recv() => match event {
+                // Re-evaluates the guard below when the test hook flips.
+                Ok(()) = stall_net.changed() => {}
+                event = net_events.recv(), if !net_stalled => match event {
                     Some(event) => self.on_net_event(event).await,
                     None => break,
                 },
@@ -900,14 +912,39 @@ impl Core {
         Ok(out)
     }
 
+    /// The PeerId of the device that writes as `actor`: this device, a member of the home,
+    /// or a device of a paired home. An actor no known device maps to is shown in hex.
+    fn device_of_actor(&mut self, actor: &automerge::ActorId) -> String {
+        if actor == self.engine.actor() {
+            return self.peer_id.clone();
+        }
+        if let Some(name) = self.actor_names.get(actor) {
+            return name.clone();
+        }
+        // A miss means a device this core has not mapped yet: rebuild from the home
+        // document, which lists every member and paired device.
+        if let Ok(home) = self.engine.home(self.home.home_doc) {
+            let peers = home
+                .devices
+                .keys()
+                .chain(home.paired.values().flat_map(|h| h.devices.keys()));
+            for peer in peers {
+                if let Ok(id) = peer.parse::<hearth_net::PeerId>() {
+                    let actor = hearth_crdt::ids::actor_for_peer(&id.to_bytes());
+                    self.actor_names.insert(actor, peer.clone());
+                }
+            }
+        }
+        self.actor_names
+            .get(actor)
+            .cloned()
+            .unwrap_or_else(|| actor.to_hex_string())
+    }
+
     fn entity_view(&mut self, doc: DocId) -> Result<Entity, Error> {
         let e = self.engine.entity(doc).map_err(doc_err)?;
         let heads = self.engine.heads(doc).map_err(doc_err)?;
-        let updated_by = if &e.updated_by == self.engine.actor() {
-            self.peer_id.clone()
-        } else {
-            e.updated_by.to_hex_string()
-        };
+        let updated_by = self.device_of_actor(&e.updated_by);
         Ok(Entity {
             id: e.id,
             state: e.state,

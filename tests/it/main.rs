@@ -5,6 +5,7 @@ mod cli;
 mod crash;
 mod entities;
 mod pairing;
+mod robust;
 mod rooms;
 mod up;
 mod util;

@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 use hearth::{Config, EntityWrite, Node};
 use tokio::time::timeout;
 
-const T: Duration = Duration::from_secs(30);
+pub(crate) const T: Duration = Duration::from_secs(30);
 
-fn config(dir: &std::path::Path, name: &str) -> Config {
+pub(crate) fn config(dir: &std::path::Path, name: &str) -> Config {
     Config {
         data_dir: dir.to_path_buf(),
         api_addr: "127.0.0.1:0".parse().unwrap(),
@@ -19,7 +19,7 @@ fn config(dir: &std::path::Path, name: &str) -> Config {
     }
 }
 
-fn write(state: &str) -> EntityWrite {
+pub(crate) fn write(state: &str) -> EntityWrite {
     EntityWrite {
         state: state.into(),
         ..EntityWrite::default()
@@ -27,7 +27,7 @@ fn write(state: &str) -> EntityWrite {
 }
 
 /// Polls `node` until entity `id` has `state`.
-async fn wait_state(node: &Node, id: &str, state: &str) {
+pub(crate) async fn wait_state(node: &Node, id: &str, state: &str) {
     let deadline = Instant::now() + T;
     loop {
         if let Ok(Some(e)) = node.entities().get(id).await
@@ -44,7 +44,7 @@ async fn wait_state(node: &Node, id: &str, state: &str) {
     }
 }
 
-async fn join_and_start(admin: &Node, dir: &std::path::Path, name: &str) -> Node {
+pub(crate) async fn join_and_start(admin: &Node, dir: &std::path::Path, name: &str) -> Node {
     let invite = timeout(T, admin.invite(Duration::from_secs(600)))
         .await
         .unwrap()
@@ -254,10 +254,10 @@ async fn a_returning_device_syncs_only_the_documents_that_changed() {
     }
     let counters = timeout(T, b.sync_counters()).await.unwrap().unwrap();
     assert_eq!(counters.reconciliations, 1, "{counters:?}");
-    // The 10 changed entities needed a sync exchange; the other 40, and the home and
-    // registry documents, were found equal by the digest and sent nothing.
+    // The 10 changed entities needed a sync exchange; the other 40, and the home,
+    // registry and presence documents, were found equal by the digest and sent nothing.
     assert_eq!(counters.docs_synced, 10, "{counters:?}");
-    assert_eq!(counters.docs_already_in_sync, 42, "{counters:?}");
+    assert_eq!(counters.docs_already_in_sync, 43, "{counters:?}");
 
     // Live pushes still reach B for an entity the digest found equal.
     timeout(T, a.entities().set("sensor.s40", write("live")))

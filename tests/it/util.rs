@@ -50,7 +50,13 @@ impl UpProcess {
     /// Starts `hearth up --data DIR --api 127.0.0.1:0` and waits until it prints its
     /// PeerId and publishes `api.addr`.
     pub(crate) fn start(data: &Path) -> Self {
+        Self::start_with(data, &[])
+    }
+
+    /// Like [`UpProcess::start`], with extra `hearth up` arguments.
+    pub(crate) fn start_with(data: &Path, extra: &[&str]) -> Self {
         let mut child = up_cmd(data)
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(match std::env::var_os("HEARTH_TEST_LOG_DIR") {
                 // Debugging aid: keep each node's log beside the others.
@@ -99,6 +105,15 @@ impl Drop for UpProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A loopback TCP port that was free a moment ago, for a node that must come back on
+/// the same address after a restart.
+pub(crate) fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind a free port")
+        .port()
 }
 
 /// Sends a signal by name with the system `kill`.
