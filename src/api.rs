@@ -35,6 +35,7 @@ pub(crate) struct ApiState {
     pub(crate) home_id: String,
     pub(crate) home_name: String,
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
+    pub(crate) bus: crate::bus::Bus,
 }
 
 /// Largest request body accepted; larger ones get 413.
@@ -57,7 +58,7 @@ impl ApiError {
         }
     }
 
-    fn unauthorized(detail: &str) -> Self {
+    pub(crate) fn unauthorized(detail: &str) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "unauthorized", detail)
     }
 
@@ -65,8 +66,16 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "not_found", detail)
     }
 
-    fn bad_request(detail: impl Into<String>) -> Self {
+    pub(crate) fn bad_request(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", detail)
+    }
+}
+
+impl ApiError {
+    /// The error body's two fields, for transports that frame errors themselves (the
+    /// WebSocket).
+    pub(crate) fn kind_and_detail(&self) -> (&'static str, &str) {
+        (self.kind, &self.detail)
     }
 }
 
@@ -161,6 +170,9 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
         .route("/metrics", get(more::metrics))
+        // The WebSocket checks its own token: browsers cannot set headers on an upgrade,
+        // so it also takes `?token=`.
+        .route("/api/ws", get(crate::ws::upgrade))
         .merge(api)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -219,7 +231,7 @@ async fn require_token(
 
 /// Compares without an early exit, so response timing does not leak how much of a
 /// guessed token was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

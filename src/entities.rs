@@ -116,6 +116,15 @@ impl Entities {
                 write.state.len()
             )));
         }
+        if let Some(c) = &write.correlation_id
+            && c.len() > crate::bus::MAX_CORRELATION_ID_LEN
+        {
+            return Err(Error::Invalid(format!(
+                "correlation id is {} bytes; at most {} are allowed",
+                c.len(),
+                crate::bus::MAX_CORRELATION_ID_LEN
+            )));
+        }
         self.core
             .call(|reply| Request::SetEntity {
                 id: id.to_string(),

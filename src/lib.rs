@@ -24,6 +24,7 @@
 
 mod api;
 mod audit;
+pub mod bus;
 mod config;
 mod core;
 mod datadir;
@@ -40,6 +41,7 @@ mod rooms;
 // pairing, which are not built yet.
 #[allow(dead_code)]
 mod trust;
+mod ws;
 
 pub use config::{Config, DEFAULT_API_ADDR, DEFAULT_LISTEN, Passphrase, default_data_dir};
 pub use core::{CHANGE_BUFFER, SyncCounters};
@@ -66,3 +68,4 @@ pub const PEER_QUEUE_BYTES: usize = hearth_net::SYNC_QUEUE_BYTES;
 /// How long an invite code lives unless told otherwise: 10 minutes.
 pub const DEFAULT_INVITE_TTL_S: u64 = 600;
 pub use node::{Invite, Node};
+pub use ws::WS_CLIENT_BUFFER;

@@ -47,6 +47,8 @@ pub struct Node {
     core_task: JoinHandle<()>,
     net_task: JoinHandle<()>,
     core: CoreHandle,
+    bus: crate::bus::Bus,
+    bus_task: JoinHandle<()>,
     api_addr_file: PathBuf,
     // Held for the node's lifetime: the OS lock on it keeps a second node off the dir.
     _lock: File,
@@ -116,6 +118,16 @@ impl Node {
         )
         .await?;
 
+        let bus = crate::bus::Bus::new();
+        let bus_task = crate::bus::bridge::spawn(
+            &core,
+            bus.clone(),
+            crate::bus::bridge::Identity {
+                home_id: facts.home_id.clone(),
+            },
+            cancel.clone(),
+        );
+
         let listener = tokio::net::TcpListener::bind(config.api_addr)
             .await
             .map_err(|source| Error::ApiBind {
@@ -141,6 +153,7 @@ impl Node {
             home_id: facts.home_id,
             home_name: facts.home_name,
             metrics,
+            bus: bus.clone(),
         });
         let app = api::router(state.clone());
         let stop = cancel.clone();
@@ -166,6 +179,8 @@ impl Node {
             core_task,
             net_task,
             core,
+            bus,
+            bus_task,
             api_addr_file,
             _lock: lock,
         })
@@ -345,6 +360,12 @@ impl Node {
         }
     }
 
+    /// The node's event bus: `entity.changed`, `peer.connected` and the other events of
+    /// this node, local and remote; integrations may subscribe and publish.
+    pub fn bus(&self) -> &crate::bus::Bus {
+        &self.bus
+    }
+
     /// The data dir the node runs on.
     pub fn data_dir(&self) -> &Path {
         &self.state.data_dir
@@ -383,6 +404,9 @@ impl Node {
         self.net_task
             .await
             .map_err(|e| Error::Task(format!("network: {e}")))?;
+        self.bus_task
+            .await
+            .map_err(|e| Error::Task(format!("event bus: {e}")))?;
         self.state.store.close().await?;
         tracing::info!("node stopped");
         Ok(())

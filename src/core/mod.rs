@@ -37,6 +37,27 @@ const CORE_QUEUE: usize = 256;
 pub const CHANGE_BUFFER: usize = 1024;
 /// Entries read per page while loading documents at start.
 const LOAD_PAGE: usize = 4096;
+/// Notices buffered for the event bus bridge before it starts missing some.
+pub(crate) const NOTICE_BUFFER: usize = 256;
+
+/// Happenings other than entity changes that the event bus reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Notice {
+    /// A device of this home was admitted.
+    PeerConnected {
+        /// Its PeerId.
+        peer: String,
+        /// Its device name, from the home document.
+        device_name: Option<String>,
+    },
+    /// An admitted device's connection ended.
+    PeerDisconnected {
+        /// Its PeerId.
+        peer: String,
+        /// Its device name, from the home document.
+        device_name: Option<String>,
+    },
+}
 
 type Reply<T> = oneshot::Sender<Result<T, Error>>;
 
@@ -161,11 +182,12 @@ pub(crate) struct PeerLag {
 pub(crate) struct CoreHandle {
     tx: mpsc::Sender<Request>,
     pub(crate) events: broadcast::Sender<EntityChange>,
-    /// Every event (entities, rooms, presence), for [`crate::Node::subscribe`].
-    pub(crate) node_events: broadcast::Sender<crate::events::Event>,
+    pub(crate) notices: broadcast::Sender<Notice>,
     /// Test hook: while true, the core reads no network events (see
     /// `Node::debug_stall_network_reads`).
     pub(crate) stall_net: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+    /// Every event (entities, rooms, presence), for [`crate::Node::subscribe`].
+    pub(crate) node_events: broadcast::Sender<crate::events::Event>,
 }
 
 impl CoreHandle {
@@ -221,6 +243,10 @@ struct Core {
     reconcilers: HashMap<String, hearth_crdt::digest::Reconciler>,
     /// Counters shown by `sync_counters` and the metrics.
     counters: SyncCounters,
+    /// Peer arrivals and departures, for the event bus.
+    notices: broadcast::Sender<Notice>,
+    /// PeerIds of known devices by their Automerge actor, so views name writers by device.
+    actor_names: HashMap<automerge::ActorId, String>,
     /// Every event, for library subscribers and the event bus.
     node_events: broadcast::Sender<crate::events::Event>,
     /// This device's name: the default user of rooms and presence.
@@ -234,8 +260,6 @@ struct Core {
     last_heard: HashMap<String, u64>,
     /// The node's metrics.
     metrics: std::sync::Arc<crate::metrics::Metrics>,
-    /// PeerIds of known devices by their Automerge actor, so views name writers by device.
-    actor_names: HashMap<automerge::ActorId, String>,
 }
 
 /// What reconnects cost, counted since start.
@@ -290,13 +314,14 @@ pub(crate) async fn start(
         digest: hearth_crdt::digest::DigestTree::new(),
         reconcilers: HashMap::new(),
         counters: SyncCounters::default(),
+        notices: broadcast::channel(NOTICE_BUFFER).0,
+        actor_names: HashMap::new(),
         node_events: broadcast::channel(CHANGE_BUFFER).0,
         device_name: clean_device_name(device_name),
         rooms_seen: HashMap::new(),
         presence_seen: Default::default(),
         last_heard: HashMap::new(),
         metrics,
-        actor_names: HashMap::new(),
     };
     let mut batch = Batch::new();
     core.device = keyring::device_secret(&core.store, &mut batch).await?;
@@ -336,8 +361,9 @@ pub(crate) async fn start(
     let handle = CoreHandle {
         tx,
         events: core.events.clone(),
-        node_events: core.node_events.clone(),
+        notices: core.notices.clone(),
         stall_net: std::sync::Arc::new(stall_tx),
+        node_events: core.node_events.clone(),
     };
     let task = tokio::spawn(tracing::Instrument::instrument(
         core.run(rx, net_events, stall_rx, cancel),
@@ -574,7 +600,14 @@ impl Core {
     async fn on_net_event(&mut self, event: hearth_net::Event) {
         use hearth_net::Event;
         match event {
-            Event::Hello { peer, certificate } => self.on_hello(peer, certificate).await,
+            Event::Hello { peer, certificate } => {
+                let text = peer.to_base58();
+                let was_admitted = self.admitted.contains_key(&text);
+                self.on_hello(peer, certificate).await;
+                if !was_admitted && self.admitted.contains_key(&text) {
+                    self.notice_peer(text, true);
+                }
+            }
             Event::Frame { peer, bytes } => {
                 self.last_heard.insert(peer.to_base58(), now_ms());
                 self.metrics.frame_in(bytes.len());
@@ -596,7 +629,9 @@ impl Core {
             Event::PeerDisconnected { peer, reason } => {
                 let text = peer.to_base58();
                 tracing::info!(peer = %text, ?reason, "peer disconnected");
-                self.admitted.remove(&text);
+                if self.admitted.remove(&text).is_some() {
+                    self.notice_peer(text.clone(), false);
+                }
                 self.reconcilers.remove(&text);
                 self.last_heard.remove(&text);
                 // Keep each session's state so a reconnect resumes rather than restarts.
@@ -759,9 +794,15 @@ impl Core {
                 return Ok((entity, batch));
             }
         };
-        let out = self
+        // The correlation id goes into the same change as the state, so devices that get
+        // the change by sync rather than by push still see it.
+        let correlation = write.correlation_id.clone();
+        let (_, out) = self
             .engine
-            .update_entity(doc, &update, now, write.correlation_id)
+            .transact(doc, now, write.correlation_id, |d, at, by| {
+                hearth_crdt::schema::entity::write(d, &update, at, by)?;
+                hearth_crdt::schema::entity::put_correlation_id(d, correlation.as_deref())
+            })
             .map_err(doc_err)?;
         let batch = self.handle_outputs(out);
         Ok((self.entity_view(doc)?, batch))
@@ -956,6 +997,22 @@ impl Core {
         })
     }
 
+    /// Tells the event bus that an admitted device came or went.
+    fn notice_peer(&self, peer: String, connected: bool) {
+        let device_name = self
+            .engine
+            .home(self.home.home_doc)
+            .ok()
+            .and_then(|h| h.devices.get(&peer).map(|d| d.name.clone()));
+        let notice = if connected {
+            Notice::PeerConnected { peer, device_name }
+        } else {
+            Notice::PeerDisconnected { peer, device_name }
+        };
+        // Nobody listening is normal (a library user without the bus bridge).
+        let _ = self.notices.send(notice);
+    }
+
     fn emit(&self, entity: Entity, from_peer: Option<String>, correlation_id: Option<String>) {
         self.emit_change(entity, from_peer, correlation_id, false);
     }
@@ -1031,6 +1088,16 @@ impl Core {
                     let from_peer = match origin {
                         Origin::Peer(peer) => Some(peer),
                         _ => None,
+                    };
+                    // A change that came by sync carries no id on the frame; the document
+                    // holds the one its writer gave.
+                    let correlation_id = match (&from_peer, correlation_id) {
+                        (Some(_), None) => self
+                            .engine
+                            .doc(doc)
+                            .ok()
+                            .and_then(hearth_crdt::schema::entity::correlation_id),
+                        (_, id) => id,
                     };
                     match self.entity_view(doc) {
                         Ok(entity) => self.emit(entity, from_peer, correlation_id),

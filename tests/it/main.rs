@@ -1,6 +1,7 @@
 //! Integration tests: real `hearth` processes and in-process nodes on loopback.
 
 mod api;
+mod bus;
 mod cli;
 mod crash;
 mod entities;
@@ -9,3 +10,4 @@ mod robust;
 mod rooms;
 mod up;
 mod util;
+mod ws;

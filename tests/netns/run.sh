@@ -12,6 +12,11 @@
 # a connection. The polled figure includes start-up and the polling delay; the figure from the
 # nodes' own log timestamps does not include the polling.
 #
+# Then one home of three devices: changes must reach the other two within CONVERGE_LIMIT, and
+# a device whose link goes down during writes (long enough for ping to drop it) must catch up
+# once the link returns. `tc netem` loss and delay are not used: the kernels of these machines
+# have no sch_netem.
+#
 # Usage (as root):  tests/netns/run.sh
 # Environment:
 #   ROUNDS=20              start-up and discovery rounds; every one must succeed
@@ -321,6 +326,44 @@ if [ -z "$home_failed" ]; then
         converge_times+=("$(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }')")
     done
 fi
+# Partition: node-3 loses its link while node-1 writes, long enough for both sides to notice
+# (ping) and drop the connection. When the link returns, node-3 must reconnect and catch up.
+PARTITION_WRITES=20
+PARTITION_HOLD=6
+HEAL_LIMIT=${HEAL_LIMIT:-30}
+heal_time=""
+if [ -z "$home_failed" ]; then
+    ip -n "${ns[2]}" link set eth0 down
+    for k in $(seq 1 "$PARTITION_WRITES"); do
+        hearth_in "${ns[0]}" entity set "sensor.part_$((k % 10))" "p$k" --data "$dir/node-1" >/dev/null ||
+            { home_failed="entity set on node-1 during the partition failed"; break; }
+    done
+    sleep "$PARTITION_HOLD"
+fi
+if [ -z "$home_failed" ]; then
+    t0=$(now)
+    ip -n "${ns[2]}" link set eth0 up
+    # Taking the link down dropped its routes; the multicast one is needed again for mDNS.
+    ip -n "${ns[2]}" route replace 224.0.0.0/4 dev eth0
+    caught_up() {
+        local j want got
+        for j in $(seq 0 9); do
+            # The last of the writes to sensor.part_j was number 10 + j (20 for j = 0).
+            want="p$((j == 0 ? 20 : 10 + j))"
+            got=$(hearth_in "${ns[2]}" entity get "sensor.part_$j" --json --data "$dir/node-3" 2>/dev/null | jq -r '.state // empty')
+            [ "$got" = "$want" ] || return 1
+        done
+    }
+    until caught_up; do
+        elapsed=$(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }')
+        if awk -v e="$elapsed" -v l="$HEAL_LIMIT" 'BEGIN { exit !(e > l) }'; then
+            home_failed="node-3 had not caught up ${HEAL_LIMIT}s after its link returned"
+            break
+        fi
+        sleep 0.1
+    done
+    [ -n "$home_failed" ] || heal_time=$(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }')
+fi
 stop_nodes || home_failed="${home_failed:+$home_failed; }a home node did not stop on SIGTERM"
 if [ -n "$home_failed" ]; then
     for i in 1 2 3; do
@@ -334,6 +377,9 @@ read -r conv_median conv_max <<<"$(printf '%s\n' "${converge_times[@]}" | sort -
     { t[NR] = $1 } END { printf "%.3f %.3f", (NR % 2) ? t[(NR + 1) / 2] : (t[NR / 2] + t[NR / 2 + 1]) / 2, t[NR] }')"
 printf 'netns: one home of 3 devices (paired by invite codes, mDNS on): %d changes, write to visible on both others (CLI polling included): median %ss, max %ss\n' \
     "${#converge_times[@]}" "$conv_median" "$conv_max"
+
+printf 'netns: partition of node-3 for %s writes (+%ss): caught up on 10 entities %ss after the link returned\n' \
+    "$PARTITION_WRITES" "$PARTITION_HOLD" "$heal_time"
 
 # ---- report -------------------------------------------------------------------------------
 # stats COLUMN: the median and the max of one column of the per-round times.

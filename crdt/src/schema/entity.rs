@@ -10,6 +10,7 @@
 //! | `updated_at` | string, an [`Hlc`] in its text form |
 //! | `updated_by` | string, hex actor id of the writing device |
 //! | `owner` | string, HomeId of the owner home |
+//! | `correlation_id` | optional string, the id the last write carried |
 //!
 //! Every field is a separate map key, so concurrent writes to different
 //! attributes merge, and concurrent writes to one field leave both values for
@@ -168,6 +169,50 @@ pub fn write<T: Transactable>(
     doc.put(&e, "updated_at", at.to_string()).map_err(am)?;
     put_str_if_changed(doc, &e, "updated_by", &by.to_hex_string())?;
     Ok(())
+}
+
+/// Key of the last write's correlation id in the entity map. It is written in the same
+/// change as the state it accompanies, so it reaches other devices whether the change
+/// travels by push or by the sync protocol.
+pub const CORRELATION_KEY: &str = "correlation_id";
+
+/// Sets the correlation id of the write in progress, or removes the previous write's id
+/// when this one has none (so a later write is never credited with an earlier id).
+/// Refuses ids longer than [`MAX_CORRELATION_ID_LEN`](crate::wire::MAX_CORRELATION_ID_LEN).
+pub fn put_correlation_id<T: Transactable>(doc: &mut T, id: Option<&str>) -> Result<()> {
+    let e = ensure_map(doc, &ROOT, ENTITY_KEY)?;
+    match id {
+        Some(id) if id.len() > crate::wire::MAX_CORRELATION_ID_LEN => Err(Error::schema(
+            "entity.correlation_id",
+            format!(
+                "{} bytes; at most {} are allowed",
+                id.len(),
+                crate::wire::MAX_CORRELATION_ID_LEN
+            ),
+        )),
+        Some(id) => put_str_if_changed(doc, &e, CORRELATION_KEY, id),
+        None => {
+            if doc.get(&e, CORRELATION_KEY).map_err(am)?.is_some() {
+                doc.delete(&e, CORRELATION_KEY).map_err(am)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The correlation id of the last write, if it carried a well-formed one. Anything else a
+/// peer put there (wrong type, too long) reads as none.
+pub fn correlation_id<D: ReadDoc>(doc: &D) -> Option<String> {
+    let (Value::Object(ObjType::Map), e) = doc.get(ROOT, ENTITY_KEY).ok()?? else {
+        return None;
+    };
+    match doc.get(&e, CORRELATION_KEY).ok()?? {
+        (Value::Scalar(s), _) => s
+            .as_str()
+            .filter(|c| c.len() <= crate::wire::MAX_CORRELATION_ID_LEN)
+            .map(str::to_string),
+        _ => None,
+    }
 }
 
 fn check_json_map(
@@ -381,6 +426,31 @@ mod tests {
         )
         .unwrap();
         doc
+    }
+
+    #[test]
+    fn a_correlation_id_is_kept_until_a_write_without_one() {
+        let mut doc = new_doc();
+        assert_eq!(correlation_id(&doc), None);
+        put_correlation_id(&mut doc, Some("req-1")).unwrap();
+        assert_eq!(correlation_id(&doc).as_deref(), Some("req-1"));
+        // A second device merging the change reads the same id.
+        let mut other = doc.fork();
+        assert_eq!(correlation_id(&other).as_deref(), Some("req-1"));
+        put_correlation_id(&mut doc, None).unwrap();
+        assert_eq!(correlation_id(&doc), None);
+        other.merge(&mut doc).unwrap();
+        assert_eq!(correlation_id(&other), None);
+        let long = "x".repeat(crate::wire::MAX_CORRELATION_ID_LEN + 1);
+        assert!(put_correlation_id(&mut doc, Some(&long)).is_err());
+        // A peer that stored an overlong or non-string id gets none read back.
+        let e = ensure_map(&mut doc, &ROOT, ENTITY_KEY).unwrap();
+        doc.put(&e, CORRELATION_KEY, long.as_str()).unwrap();
+        assert_eq!(correlation_id(&doc), None);
+        doc.put(&e, CORRELATION_KEY, 7).unwrap();
+        assert_eq!(correlation_id(&doc), None);
+        // And the entity itself still reads.
+        assert_eq!(Entity::read(&doc).unwrap().state, "on");
     }
 
     #[test]

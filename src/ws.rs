@@ -1,0 +1,453 @@
+//! `GET /api/ws`: the WebSocket API. Every frame is JSON `{"type": ..., "data": {...}}`.
+//!
+//! Each session has one bus stream whose filter the client sets with `subscribe`. A
+//! writer sends what the stream yields (and the replies the reader queues); a reader
+//! handles the client's messages. The stream's queue is the client's buffer: a client
+//! that does not read falls behind, the bus closes its stream when the queue is full, and
+//! the writer closes the socket with 1008. Nothing else queues for a client, so memory
+//! per session stays bounded however slow it is.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, header};
+use axum::response::{IntoResponse, Response};
+use futures::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use tokio::sync::mpsc;
+
+use crate::api::{ApiError, ApiState, MAX_BODY_BYTES, constant_time_eq};
+use crate::bus::{Event, EventStream, Filter, Pattern};
+use crate::entities::{Entities, EntityWrite};
+
+/// Events queued for one client before it counts as too slow and is closed with 1008.
+pub const WS_CLIENT_BUFFER: usize = 256;
+/// Replies (acks, errors) queued from a session's reader to its writer. The reader waits
+/// when it is full, which stops it reading: a client flooding requests without reading the
+/// answers is slowed down by TCP, not buffered.
+const WS_REPLY_BUFFER: usize = 32;
+/// How long closing a too-slow client may wait for its socket to take the close frame.
+const WS_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest client message accepted, as for request bodies.
+const MAX_WS_MESSAGE_BYTES: usize = MAX_BODY_BYTES;
+/// Patterns and subjects one `subscribe` may name.
+const MAX_PATTERNS: usize = 64;
+const MAX_SUBJECTS: usize = 1024;
+
+/// Authenticates (bearer header or `?token=`), then upgrades. Authentication comes first,
+/// so a wrong token is a plain 401 whether or not the request is a valid upgrade.
+pub(crate) async fn upgrade(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let from_header = headers
+        .get(header::AUTHORIZATION)
+        .map(|v| v.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")));
+    let from_query = query.ok().and_then(|Query(q)| q.get("token").cloned());
+    let presented = match (from_header, from_query.as_deref()) {
+        (Some(header), _) => header.unwrap_or(""),
+        (None, Some(token)) => token,
+        (None, None) => {
+            return ApiError::unauthorized(
+                "missing token; send `Authorization: Bearer <token>` or `?token=<token>` \
+                 (see `hearth token`)",
+            )
+            .into_response();
+        }
+    };
+    if !constant_time_eq(presented.as_bytes(), state.token.as_bytes()) {
+        return ApiError::unauthorized(
+            "wrong bearer token; use the one in the node's data dir (`hearth token`)",
+        )
+        .into_response();
+    }
+    match ws {
+        Ok(ws) => ws
+            .max_message_size(MAX_WS_MESSAGE_BYTES)
+            .on_upgrade(move |socket| session(socket, state)),
+        Err(rejection) => ApiError::bad_request(format!(
+            "/api/ws takes WebSocket upgrades only: {}",
+            rejection.body_text()
+        ))
+        .into_response(),
+    }
+}
+
+/// A frame for the client.
+fn frame(kind: &str, data: Value) -> Message {
+    Message::Text(json!({ "type": kind, "data": data }).to_string().into())
+}
+
+fn error_frame(kind: &str, detail: impl Into<String>) -> Message {
+    frame("error", json!({ "error": kind, "detail": detail.into() }))
+}
+
+/// How an event looks to a client: entity changes, chat and presence in their own
+/// shapes, everything else as the event itself.
+fn event_frame(event: Event) -> Message {
+    let field = |k: &str| event.data.get(k).cloned().unwrap_or(Value::Null);
+    match event.name.as_str() {
+        "entity.changed" => {
+            let mut data = json!({
+                "entity_id": event.subject,
+                "state": field("state"),
+                "attributes": event.data.get("attributes").cloned().unwrap_or_else(|| json!({})),
+                "source_device": event.source.device,
+                "timestamp": event.time,
+            });
+            if let (Some(c), Some(obj)) = (&event.correlation_id, data.as_object_mut()) {
+                obj.insert("correlation_id".into(), json!(c));
+            }
+            frame("state_update", data)
+        }
+        "room.chat" => frame(
+            "chat_message",
+            json!({
+                "room_id": event.subject,
+                "sender": field("sender"),
+                "message": field("message"),
+                "timestamp": event.data.get("timestamp").cloned().unwrap_or(json!(event.time)),
+            }),
+        ),
+        "presence.changed" => frame(
+            "presence",
+            json!({
+                "user": event.subject,
+                "status": field("status"),
+                "since": event.data.get("since").cloned().unwrap_or(json!(event.time)),
+            }),
+        ),
+        _ => frame("event", serde_json::to_value(&event).unwrap_or(Value::Null)),
+    }
+}
+
+async fn session(socket: WebSocket, state: Arc<ApiState>) {
+    let session_id = match crate::home::random::<8>() {
+        Ok(bytes) => hex::encode(bytes),
+        Err(error) => {
+            tracing::warn!(%error, "no session id; refusing the WebSocket");
+            return;
+        }
+    };
+    // Nothing is sent until the client subscribes; the filter is swapped in place, so
+    // events are never lost between an old subscription and a new one.
+    let wanted = Arc::new(RwLock::new(Filter::nothing()));
+    let shared = wanted.clone();
+    let stream = state.bus.stream(
+        Filter::all().predicate(move |e| shared.read().map(|f| f.matches(e)).unwrap_or(false)),
+        WS_CLIENT_BUFFER,
+    );
+    let (sink, source) = socket.split();
+    let (replies, replies_rx) = mpsc::channel(WS_REPLY_BUFFER);
+    let reader = tokio::spawn(read_loop(source, replies, wanted, state.clone()));
+    let hello = frame(
+        "connected",
+        json!({ "session_id": session_id, "device": state.peer_id, "home": state.home_id }),
+    );
+    write_loop(sink, stream, replies_rx, hello).await;
+    reader.abort();
+    tracing::debug!(session = %session_id, "WebSocket session ended");
+}
+
+type Sink = futures::stream::SplitSink<WebSocket, Message>;
+type Source = futures::stream::SplitStream<WebSocket>;
+
+async fn write_loop(
+    mut sink: Sink,
+    mut stream: EventStream,
+    mut replies: mpsc::Receiver<Message>,
+    hello: Message,
+) {
+    if sink.send(hello).await.is_err() {
+        return;
+    }
+    let overflow = stream.overflow_watch();
+    loop {
+        let message = tokio::select! {
+            biased;
+            _ = overflow.wait() => return close_too_slow(sink).await,
+            reply = replies.recv() => match reply {
+                Some(m) => m,
+                // The reader ended: the client closed or broke the connection.
+                None => return,
+            },
+            event = stream.recv() => match event {
+                Some(e) => event_frame(e),
+                None => {
+                    if stream.overflowed() {
+                        return close_too_slow(sink).await;
+                    }
+                    return;
+                }
+            },
+        };
+        // A client that stops reading blocks this send; the overflow still closes it
+        // rather than waiting on it for ever.
+        tokio::select! {
+            biased;
+            sent = sink.send(message) => if sent.is_err() { return },
+            _ = overflow.wait() => return close_too_slow(sink).await,
+        }
+    }
+}
+
+async fn close_too_slow(mut sink: Sink) {
+    tracing::info!(
+        buffer = WS_CLIENT_BUFFER,
+        "closing a WebSocket client that fell behind"
+    );
+    let close = Message::Close(Some(CloseFrame {
+        code: close_code::POLICY,
+        reason: format!(
+            "too slow: more than {WS_CLIENT_BUFFER} events were waiting to be read; reconnect \
+             and read faster, or subscribe to fewer events"
+        )
+        .into(),
+    }));
+    let _ = tokio::time::timeout(WS_CLOSE_TIMEOUT, sink.send(close)).await;
+}
+
+async fn read_loop(
+    mut source: Source,
+    replies: mpsc::Sender<Message>,
+    wanted: Arc<RwLock<Filter>>,
+    state: Arc<ApiState>,
+) {
+    while let Some(message) = source.next().await {
+        let text = match message {
+            Ok(Message::Text(text)) => text,
+            Ok(Message::Binary(_)) => {
+                let reply = error_frame(
+                    "bad_request",
+                    "binary frames are not accepted; send JSON text frames",
+                );
+                if replies.send(reply).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            Ok(Message::Close(_)) | Err(_) => return,
+            Ok(_) => continue,
+        };
+        if let Some(reply) = handle(text.as_str(), &wanted, &state).await
+            && replies.send(reply).await.is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// A client frame; `data` may be left out for messages without fields.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientFrame {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default = "empty_object")]
+    data: Value,
+}
+
+fn empty_object() -> Value {
+    Value::Object(Map::new())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Subscribe {
+    patterns: Vec<String>,
+    #[serde(default)]
+    subjects: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Heartbeat {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SyncState {
+    entity_id: String,
+    state: String,
+    #[serde(default)]
+    attributes: Option<Map<String, Value>>,
+    #[serde(default)]
+    correlation_id: Option<String>,
+}
+
+fn fields<T: serde::de::DeserializeOwned>(kind: &str, data: Value) -> Result<T, Message> {
+    serde_json::from_value(data)
+        .map_err(|e| error_frame("bad_request", format!("bad fields for {kind:?}: {e}")))
+}
+
+/// Handles one client message; returns the reply to send, if any.
+async fn handle(text: &str, wanted: &RwLock<Filter>, state: &ApiState) -> Option<Message> {
+    let frame_in: ClientFrame = match serde_json::from_str(text) {
+        Ok(f) => f,
+        Err(e) => {
+            return Some(error_frame(
+                "bad_request",
+                format!("malformed message ({e}); send {{\"type\": ..., \"data\": {{...}}}}"),
+            ));
+        }
+    };
+    let kind = frame_in.kind.as_str();
+    match kind {
+        "subscribe" => match fields::<Subscribe>(kind, frame_in.data) {
+            Ok(s) => subscribe(s, wanted).err(),
+            Err(reply) => Some(reply),
+        },
+        "heartbeat" => match fields::<Heartbeat>(kind, frame_in.data) {
+            Ok(Heartbeat {}) => Some(frame("heartbeat_ack", json!({}))),
+            Err(reply) => Some(reply),
+        },
+        "sync_state" => match fields::<SyncState>(kind, frame_in.data) {
+            Ok(s) => sync_state(s, state).await.err(),
+            Err(reply) => Some(reply),
+        },
+        "send_message" | "presence" => Some(error_frame(
+            "unavailable",
+            format!("{kind:?} is not available on this node yet: it has no rooms or presence"),
+        )),
+        other => Some(error_frame(
+            "bad_request",
+            format!(
+                "unknown message type {:?}; expected subscribe, heartbeat, sync_state, \
+                 send_message or presence",
+                other.chars().take(64).collect::<String>()
+            ),
+        )),
+    }
+}
+
+/// Replaces the session's filter. An empty pattern list unsubscribes; an empty or absent
+/// subject list means every subject.
+fn subscribe(s: Subscribe, wanted: &RwLock<Filter>) -> Result<(), Message> {
+    if s.patterns.len() > MAX_PATTERNS {
+        return Err(error_frame(
+            "bad_request",
+            format!("at most {MAX_PATTERNS} patterns per subscribe"),
+        ));
+    }
+    let subjects = s.subjects.unwrap_or_default();
+    if subjects.len() > MAX_SUBJECTS {
+        return Err(error_frame(
+            "bad_request",
+            format!("at most {MAX_SUBJECTS} subjects per subscribe"),
+        ));
+    }
+    let mut filter = Filter::nothing();
+    for p in &s.patterns {
+        let pattern = Pattern::parse(p).map_err(|e| error_frame("bad_request", e.to_string()))?;
+        filter = filter.or_pattern(pattern);
+    }
+    if !subjects.is_empty() {
+        filter = filter.subjects(subjects);
+    }
+    match wanted.write() {
+        Ok(mut w) => *w = filter,
+        Err(poisoned) => *poisoned.into_inner() = filter,
+    }
+    Ok(())
+}
+
+/// Writes an entity through the same path as `PUT /api/entities/{id}`.
+async fn sync_state(s: SyncState, state: &ApiState) -> Result<(), Message> {
+    let entities = Entities {
+        core: state.core.clone(),
+    };
+    let write = EntityWrite {
+        state: s.state,
+        attributes: s.attributes,
+        correlation_id: s.correlation_id,
+    };
+    match entities.set(&s.entity_id, write).await {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let e = ApiError::from(e);
+            let (kind, detail) = e.kind_and_detail();
+            Err(error_frame(kind, detail))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::Source;
+
+    fn text(m: Message) -> Value {
+        match m {
+            Message::Text(t) => serde_json::from_str(t.as_str()).unwrap(),
+            other => panic!("not text: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn entity_changes_become_state_updates_and_others_events() {
+        let source = Source {
+            home: "h".into(),
+            device: "d".into(),
+        };
+        let changed = Event::new(
+            "entity.changed",
+            "light.porch",
+            json!({"id": "light.porch", "state": "on", "attributes": {"b": 1}}),
+            source.clone(),
+        )
+        .with_correlation_id(Some("c1".into()));
+        let f = text(event_frame(changed));
+        assert_eq!(f["type"], "state_update");
+        assert_eq!(f["data"]["entity_id"], "light.porch");
+        assert_eq!(f["data"]["state"], "on");
+        assert_eq!(f["data"]["attributes"]["b"], 1);
+        assert_eq!(f["data"]["source_device"], "d");
+        assert_eq!(f["data"]["correlation_id"], "c1");
+        assert!(f["data"]["timestamp"].as_f64().unwrap() > 0.0);
+
+        let peer = Event::new("peer.connected", "p", json!({"peer_id": "p"}), source);
+        let f = text(event_frame(peer));
+        assert_eq!(f["type"], "event");
+        assert_eq!(f["data"]["name"], "peer.connected");
+        assert_eq!(f["data"]["source"]["home"], "h");
+        assert!(f["data"]["correlation_id"].is_null());
+    }
+
+    #[test]
+    fn subscribe_replaces_the_filter_and_refuses_bad_patterns() {
+        let wanted = RwLock::new(Filter::nothing());
+        let ev =
+            |name: &str, subject: &str| Event::new(name, subject, json!({}), Source::default());
+        subscribe(
+            Subscribe {
+                patterns: vec!["entity.*".into()],
+                subjects: Some(vec!["light.porch".into()]),
+            },
+            &wanted,
+        )
+        .unwrap();
+        let f = wanted.read().unwrap().clone();
+        assert!(f.matches(&ev("entity.changed", "light.porch")));
+        assert!(!f.matches(&ev("entity.changed", "light.hall")));
+        assert!(!f.matches(&ev("room.chat", "light.porch")));
+        let bad = Subscribe {
+            patterns: vec!["entity..x".into()],
+            subjects: None,
+        };
+        assert!(subscribe(bad, &wanted).is_err());
+        // The old filter stays after a refused subscribe.
+        assert!(
+            wanted
+                .read()
+                .unwrap()
+                .matches(&ev("entity.changed", "light.porch"))
+        );
+    }
+}
