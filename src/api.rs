@@ -34,8 +34,8 @@ pub(crate) struct ApiState {
     pub(crate) net: hearth_net::Handle,
     pub(crate) home_id: String,
     pub(crate) home_name: String,
-    pub(crate) bus: crate::bus::Bus,
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
+    pub(crate) bus: crate::bus::Bus,
 }
 
 /// Largest request body accepted; larger ones get 413.
@@ -169,10 +169,10 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
     Router::new()
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
+        .route("/metrics", get(more::metrics))
         // The WebSocket checks its own token: browsers cannot set headers on an upgrade,
         // so it also takes `?token=`.
         .route("/api/ws", get(crate::ws::upgrade))
-        .route("/metrics", get(more::metrics))
         .merge(api)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

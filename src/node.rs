@@ -153,8 +153,8 @@ impl Node {
             net,
             home_id: facts.home_id,
             home_name: facts.home_name,
-            bus: bus.clone(),
             metrics,
+            bus: bus.clone(),
         });
         let app = api::router(state.clone());
         let stop = cancel.clone();
@@ -338,12 +338,6 @@ impl Node {
         }
     }
 
-    /// The node's event bus: `entity.changed`, `peer.connected` and the other events of
-    /// this node, local and remote; integrations may subscribe and publish.
-    pub fn bus(&self) -> &crate::bus::Bus {
-        &self.bus
-    }
-
     /// The home's rooms: create, join, leave, chat.
     pub fn rooms(&self) -> crate::Rooms {
         crate::Rooms {
@@ -365,6 +359,12 @@ impl Node {
         crate::Events {
             rx: self.core.node_events.subscribe(),
         }
+    }
+
+    /// The node's event bus: `entity.changed`, `peer.connected` and the other events of
+    /// this node, local and remote; integrations may subscribe and publish.
+    pub fn bus(&self) -> &crate::bus::Bus {
+        &self.bus
     }
 
     /// The data dir the node runs on.

@@ -6,8 +6,6 @@
 //! document stays, so its history survives and a later `set` of the same id starts a new
 //! document (the registry entry then points at it and the tombstone is cleared).
 
-use std::collections::HashMap;
-
 use hearth_crdt::schema::registry;
 use hearth_crdt::{DocId, Error as CrdtError};
 use hearth_storage::Batch;
@@ -46,20 +44,18 @@ impl Core {
         limit: usize,
     ) -> Result<Vec<EntityVersion>, Error> {
         let doc = self.existing_entity(id)?;
-        let devices = self.devices_by_actor();
         let versions = self.engine.entity_history(doc, limit).map_err(doc_err)?;
-        Ok(versions
-            .into_iter()
-            .map(|v| {
-                let actor = v.actor.to_hex_string();
-                EntityVersion {
-                    version: v.id,
-                    time: rfc3339_ms(v.at.wall_ms),
-                    device: devices.get(&actor).cloned().unwrap_or(actor),
-                    home: v.home.or_else(|| Some(self.home.home_id.clone())),
-                }
-            })
-            .collect())
+        let home_id = self.home.home_id.clone();
+        let mut out = Vec::with_capacity(versions.len());
+        for v in versions {
+            out.push(EntityVersion {
+                device: self.device_of_actor(&v.actor),
+                version: v.id,
+                time: rfc3339_ms(v.at.wall_ms),
+                home: v.home.or_else(|| Some(home_id.clone())),
+            });
+        }
+        Ok(out)
     }
 
     pub(super) fn restore_entity(
@@ -80,20 +76,5 @@ impl Core {
             })?;
         let batch = self.handle_outputs(out);
         Ok((self.entity_view(doc)?, batch))
-    }
-
-    /// Actor id (hex) -> PeerId, for the devices of this home.
-    fn devices_by_actor(&self) -> HashMap<String, String> {
-        let Ok(home) = self.engine.home(self.home.home_doc) else {
-            return HashMap::new();
-        };
-        home.devices
-            .keys()
-            .filter_map(|peer| {
-                let id: hearth_net::PeerId = peer.parse().ok()?;
-                let actor = hearth_crdt::actor_for_peer(&id.to_bytes());
-                Some((actor.to_hex_string(), peer.clone()))
-            })
-            .collect()
     }
 }

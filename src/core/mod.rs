@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Error;
 mod entity_ops;
+mod heartbeat;
 pub(crate) mod keyring;
 pub(crate) mod pairing;
 mod peers;
@@ -247,6 +248,9 @@ struct Core {
     notices: broadcast::Sender<Notice>,
     /// PeerIds of known devices by their Automerge actor, so views name writers by device.
     actor_names: HashMap<automerge::ActorId, String>,
+    /// Until when each admitted device counts as live (ms since the epoch), from its
+    /// heartbeats; see `heartbeat`.
+    alive_until: HashMap<String, u64>,
     /// Every event, for library subscribers and the event bus.
     node_events: broadcast::Sender<crate::events::Event>,
     /// This device's name: the default user of rooms and presence.
@@ -316,6 +320,7 @@ pub(crate) async fn start(
         counters: SyncCounters::default(),
         notices: broadcast::channel(NOTICE_BUFFER).0,
         actor_names: HashMap::new(),
+        alive_until: HashMap::new(),
         node_events: broadcast::channel(CHANGE_BUFFER).0,
         device_name: clean_device_name(device_name),
         rooms_seen: HashMap::new(),
@@ -556,6 +561,9 @@ impl Core {
         mut stall_net: tokio::sync::watch::Receiver<bool>,
         cancel: CancellationToken,
     ) {
+        let mut heartbeats = tokio::time::interval(heartbeat::HEARTBEAT_INTERVAL);
+        // A late tick is not worth a burst of catch-up heartbeats.
+        heartbeats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let net_stalled = *stall_net.borrow_and_update();
             let deadline = self.engine.next_deadline();
@@ -580,6 +588,7 @@ impl Core {
                     }
                     None => break,
                 },
+                _ = heartbeats.tick(), if !net_stalled => self.send_heartbeats().await,
                 // Re-evaluates the guard below when the test hook flips.
                 Ok(()) = stall_net.changed() => {}
                 event = net_events.recv(), if !net_stalled => match event {
@@ -605,7 +614,10 @@ impl Core {
                 let was_admitted = self.admitted.contains_key(&text);
                 self.on_hello(peer, certificate).await;
                 if !was_admitted && self.admitted.contains_key(&text) {
+                    // Admission counts as hearing from it; its own heartbeats follow.
+                    self.heard_alive(&text, heartbeat::HEARTBEAT_TTL_MS);
                     self.notice_peer(text, true);
+                    self.send_heartbeats().await;
                 }
             }
             Event::Frame { peer, bytes } => {
@@ -634,6 +646,7 @@ impl Core {
                 }
                 self.reconcilers.remove(&text);
                 self.last_heard.remove(&text);
+                self.alive_until.remove(&text);
                 // Keep each session's state so a reconnect resumes rather than restarts.
                 let mut batch = Batch::new();
                 for (doc, state) in self.engine.detach_peer(&text) {
@@ -648,6 +661,7 @@ impl Core {
                     });
                 }
             }
+            Event::EphemeralFrame { peer, bytes } => self.on_ephemeral(peer, &bytes),
             _ => {}
         }
     }

@@ -348,7 +348,7 @@ impl Core {
     }
 
     fn presence_info(&self, user: &str, entry: &hearth_crdt::PresenceEntry) -> PresenceInfo {
-        let live = entry.device == self.peer_id || self.admitted.contains_key(&entry.device);
+        let live = entry.device == self.peer_id || self.is_alive(&entry.device);
         PresenceInfo {
             user: user.to_string(),
             status: if live {

@@ -162,3 +162,31 @@ fn without_a_node_the_error_names_the_address_and_suggests_up() {
         .stderr(predicates::str::contains(dir.path().to_str().unwrap()))
         .stderr(predicates::str::contains("hearth up"));
 }
+
+#[test]
+fn log_format_json_writes_one_json_object_per_line() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = crate::util::up_cmd(dir.path())
+        .args(["--log-format", "json"])
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    // Read until the start-up line; every line on the way must be a JSON object.
+    while !seen
+        .iter()
+        .any(|v: &Value| v["fields"]["message"] == "node started")
+    {
+        let line = lines.next().expect("log line before exit").unwrap();
+        let value: Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(value["level"].is_string(), "{value}");
+        seen.push(value);
+    }
+    crate::util::signal(child.id(), "TERM");
+    assert!(crate::util::wait_exit(&mut child, WAIT).is_some_and(|s| s.success()));
+}

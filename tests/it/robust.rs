@@ -308,3 +308,57 @@ async fn garbage_on_every_protocol_leaves_a_healthy_and_syncing_with_b() {
         timeout(T, node.shutdown()).await.unwrap().unwrap();
     }
 }
+
+/// Polls A until `user`'s presence has `status`.
+async fn wait_presence(a: &Node, user: &str, status: hearth::Status) {
+    let deadline = Instant::now() + T;
+    loop {
+        let now = a.presence().get(Some(user)).await.map(|p| p.status);
+        if now.as_ref().ok() == Some(&status) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{user} never became {status:?} on A (last: {now:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_device_goes_offline_by_missed_heartbeats_while_still_connected() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = timeout(T, Node::start(config(dirs[0].path(), "a")))
+        .await
+        .unwrap()
+        .unwrap();
+    let b = join_and_start(&a, dirs[1].path(), "b").await;
+    // B needs the home's presence document, which comes from A.
+    let deadline = Instant::now() + T;
+    while b
+        .presence()
+        .set(Some("bob"), hearth::Status::Online, None)
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "B could never set its presence");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_presence(&a, "bob", hearth::Status::Online).await;
+
+    // B hangs: no heartbeats, no reads, but its connection stays up and answers pings.
+    b.debug_stall_network_reads(true);
+    wait_presence(&a, "bob", hearth::Status::Offline).await;
+    assert!(
+        a.admitted_peers()
+            .await
+            .unwrap()
+            .contains(&b.peer_id().to_string()),
+        "bob went offline only because B disconnected"
+    );
+    b.debug_stall_network_reads(false);
+    wait_presence(&a, "bob", hearth::Status::Online).await;
+
+    timeout(T, b.shutdown()).await.unwrap().unwrap();
+    timeout(T, a.shutdown()).await.unwrap().unwrap();
+}

@@ -1,0 +1,112 @@
+//! Presence heartbeats on the ephemeral stream (`/hearth/ephemeral/1`).
+//!
+//! Every device tells the home's other connected devices, every [`HEARTBEAT_INTERVAL`],
+//! that it is alive, and for how long to believe it. Presence derives `offline` from
+//! this: a device is live while it is admitted and was heard (a heartbeat, or its
+//! admission) within that time. A device whose connection stays up but whose node hangs
+//! stops sending heartbeats and goes offline, which connection state alone would miss.
+//! Heartbeats are short-lived by nature, so they never touch a document or the store.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Core, now_ms};
+
+/// How often a device announces itself.
+pub(crate) const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
+
+/// How long a heartbeat keeps its sender live: three intervals, so one lost or late
+/// heartbeat does not flip a device offline.
+pub(crate) const HEARTBEAT_TTL_MS: u64 = 3 * HEARTBEAT_INTERVAL.as_millis() as u64;
+
+/// The longest TTL a peer may claim; a larger claim is cut to this.
+const MAX_TTL_MS: u64 = 60_000;
+
+/// One ephemeral message. Tagged, so later kinds can share the stream.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+enum Ephemeral {
+    /// "I am alive for the next `ttl_ms` milliseconds."
+    Heartbeat { ttl_ms: u64 },
+}
+
+fn encode(message: &Ephemeral) -> Vec<u8> {
+    let mut out = Vec::with_capacity(32);
+    // Writing a small enum into a Vec cannot fail.
+    ciborium::into_writer(message, &mut out).expect("heartbeat encodes");
+    out
+}
+
+impl Core {
+    /// Marks `peer` live until `ttl_ms` from now.
+    pub(super) fn heard_alive(&mut self, peer: &str, ttl_ms: u64) {
+        let until = now_ms().saturating_add(ttl_ms.min(MAX_TTL_MS));
+        self.alive_until.insert(peer.to_string(), until);
+    }
+
+    /// Whether `peer` is admitted and was heard within its last TTL.
+    pub(super) fn is_alive(&self, peer: &str) -> bool {
+        self.admitted.contains_key(peer)
+            && self
+                .alive_until
+                .get(peer)
+                .is_some_and(|until| *until > now_ms())
+    }
+
+    /// Sends a heartbeat to every admitted device of this home. A full ephemeral queue
+    /// sheds the heartbeat, which is what it is for: the next one follows.
+    pub(super) async fn send_heartbeats(&mut self) {
+        let bytes = hearth_net::Bytes::from(encode(&Ephemeral::Heartbeat {
+            ttl_ms: HEARTBEAT_TTL_MS,
+        }));
+        let peers: Vec<_> = self.admitted.values().copied().collect();
+        for peer in peers {
+            if let Err(error) = self.net.send_ephemeral(peer, bytes.clone()).await {
+                tracing::debug!(%peer, %error, "heartbeat not sent");
+            }
+        }
+    }
+
+    /// An ephemeral frame from an admitted device. Anything that is not a well-formed
+    /// message is dropped with a logged reason.
+    pub(super) fn on_ephemeral(&mut self, peer: hearth_net::PeerId, bytes: &[u8]) {
+        let text = peer.to_base58();
+        match ciborium::from_reader::<Ephemeral, _>(bytes) {
+            Ok(Ephemeral::Heartbeat { ttl_ms }) => self.heard_alive(&text, ttl_ms),
+            Err(error) => {
+                tracing::warn!(peer = %text, %error, len = bytes.len(), "malformed ephemeral message dropped");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeats_round_trip_and_garbage_is_refused() {
+        let message = Ephemeral::Heartbeat { ttl_ms: 6000 };
+        let bytes = encode(&message);
+        assert_eq!(
+            ciborium::from_reader::<Ephemeral, _>(&bytes[..]).unwrap(),
+            message
+        );
+        for bad in [&b""[..], &b"\xff\x00"[..], &bytes[..bytes.len() - 1]] {
+            assert!(ciborium::from_reader::<Ephemeral, _>(bad).is_err());
+        }
+        let mut unknown = Vec::new();
+        ciborium::into_writer(
+            &serde_json::json!({"kind": "telepathy", "ttl_ms": 1}),
+            &mut unknown,
+        )
+        .unwrap();
+        assert!(ciborium::from_reader::<Ephemeral, _>(&unknown[..]).is_err());
+    }
+
+    #[test]
+    fn the_ttl_is_three_intervals() {
+        assert_eq!(HEARTBEAT_TTL_MS, 6000);
+    }
+}
