@@ -36,6 +36,9 @@ pub(crate) struct ApiState {
     pub(crate) home_name: String,
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
     pub(crate) bus: crate::bus::Bus,
+    /// Fires when the node stops; WebSocket sessions, which outlive the HTTP server's
+    /// graceful shutdown, close on it.
+    pub(crate) shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// Largest request body accepted; larger ones get 413.

@@ -155,6 +155,7 @@ impl Node {
             home_name: facts.home_name,
             metrics,
             bus: bus.clone(),
+            shutdown: cancel.clone(),
         });
         let app = api::router(state.clone());
         let stop = cancel.clone();

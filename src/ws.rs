@@ -155,14 +155,24 @@ async fn session(socket: WebSocket, state: Arc<ApiState>) {
         Filter::all().predicate(move |e| shared.read().map(|f| f.matches(e)).unwrap_or(false)),
         WS_CLIENT_BUFFER,
     );
-    let (sink, source) = socket.split();
+    let (mut sink, source) = socket.split();
     let (replies, replies_rx) = mpsc::channel(WS_REPLY_BUFFER);
     let reader = tokio::spawn(read_loop(source, replies, wanted, state.clone()));
     let hello = frame(
         "connected",
         json!({ "session_id": session_id, "device": state.peer_id, "home": state.home_id }),
     );
-    write_loop(sink, stream, replies_rx, hello).await;
+    tokio::select! {
+        _ = write_loop(&mut sink, stream, replies_rx, hello) => {}
+        _ = state.shutdown.cancelled() => {}
+    }
+    if state.shutdown.is_cancelled() {
+        let close = Message::Close(Some(CloseFrame {
+            code: close_code::AWAY,
+            reason: "the node is shutting down".into(),
+        }));
+        let _ = tokio::time::timeout(WS_CLOSE_TIMEOUT, sink.send(close)).await;
+    }
     reader.abort();
     tracing::debug!(session = %session_id, "WebSocket session ended");
 }
@@ -171,7 +181,7 @@ type Sink = futures::stream::SplitSink<WebSocket, Message>;
 type Source = futures::stream::SplitStream<WebSocket>;
 
 async fn write_loop(
-    mut sink: Sink,
+    sink: &mut Sink,
     mut stream: EventStream,
     mut replies: mpsc::Receiver<Message>,
     hello: Message,
@@ -209,7 +219,7 @@ async fn write_loop(
     }
 }
 
-async fn close_too_slow(mut sink: Sink) {
+async fn close_too_slow(sink: &mut Sink) {
     tracing::info!(
         buffer = WS_CLIENT_BUFFER,
         "closing a WebSocket client that fell behind"

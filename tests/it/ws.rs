@@ -375,7 +375,17 @@ async fn the_websocket_refuses_missing_and_wrong_tokens_and_takes_a_query_token(
         .unwrap();
     let hello = timeout(T, ws.next()).await.unwrap().unwrap().unwrap();
     assert!(hello.to_text().unwrap().contains("\"connected\""));
+
+    // A stopping node closes its sessions with 1001 rather than leaving them hanging.
     timeout(T, node.shutdown()).await.unwrap().unwrap();
+    let close = loop {
+        match timeout(T, ws.next()).await.unwrap() {
+            Some(Ok(Message::Close(frame))) => break frame.expect("close without a code"),
+            Some(Ok(_)) => continue,
+            other => panic!("no close frame: {other:?}"),
+        }
+    };
+    assert_eq!(close.code, CloseCode::Away);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
