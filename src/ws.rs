@@ -72,6 +72,8 @@ pub(crate) async fn upgrade(
     match ws {
         Ok(ws) => ws
             .max_message_size(MAX_WS_MESSAGE_BYTES)
+            // A single frame is read whole before the message cap is checked; cap it too.
+            .max_frame_size(MAX_WS_MESSAGE_BYTES)
             .on_upgrade(move |socket| session(socket, state)),
         Err(rejection) => ApiError::bad_request(format!(
             "/api/ws takes WebSocket upgrades only: {}",

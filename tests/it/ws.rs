@@ -503,3 +503,30 @@ async fn chat_and_presence_sent_on_one_device_reach_the_other_devices_clients() 
     timeout(T, b.shutdown()).await.unwrap().unwrap();
     timeout(T, a.shutdown()).await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_message_closes_only_that_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(dir.path(), "a").await;
+    let (mut big, _) = Client::connect(&node).await;
+    let (mut other, _) = Client::connect(&node).await;
+    let huge = format!(
+        "{{\"type\": \"heartbeat\", \"data\": {{}}, \"pad\": \"{}\"}}",
+        "x".repeat(1024 * 1024)
+    );
+    // The server may close before the whole frame is written; either way the socket ends.
+    let _ = big.ws.send(Message::Text(huge.into())).await;
+    let ended = loop {
+        match timeout(T, big.ws.next()).await.unwrap() {
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| f.code),
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => break None,
+        }
+    };
+    if let Some(code) = ended {
+        assert_eq!(code, CloseCode::Size);
+    }
+    other.send(json!({"type": "heartbeat", "data": {}})).await;
+    other.next_of("heartbeat_ack").await;
+    timeout(T, node.shutdown()).await.unwrap().unwrap();
+}
