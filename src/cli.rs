@@ -296,6 +296,11 @@ struct UpArgs {
     #[arg(long, value_name = "NAME")]
     name: Option<String>,
 
+    /// How long local writes wait for company before one flush covers them all, e.g.
+    /// `1ms`, `500us`; `0s` flushes each write on its own. Pushes to peers never wait.
+    #[arg(long, value_name = "DURATION", default_value = "1ms", value_parser = parse_duration)]
+    batch_window: Duration,
+
     /// Log output format.
     #[arg(long, value_enum, default_value_t = LogFormat::Pretty)]
     log_format: LogFormat,
@@ -401,6 +406,7 @@ fn run_up(data: PathBuf, up: UpArgs) -> Result<()> {
         listen: up.listen,
         mdns: !up.no_mdns,
         static_peers: up.peers,
+        batch_window: up.batch_window,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

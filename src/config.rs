@@ -3,6 +3,7 @@
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// Where the local API listens unless told otherwise.
 pub const DEFAULT_API_ADDR: SocketAddr =
@@ -29,7 +30,16 @@ pub struct Config {
     pub mdns: bool,
     /// Peers to keep dialled, each `/ip4/ADDR/tcp/PORT/p2p/PEERID`.
     pub static_peers: Vec<String>,
+    /// How long local writes wait for company before their changes are flushed to disk
+    /// together ([`DEFAULT_BATCH_WINDOW`]). Pushes to peers never wait for it; a write is
+    /// acknowledged after its window's flush. Zero flushes each write on its own.
+    pub batch_window: Duration,
 }
+
+/// The batching window unless told otherwise: 1 ms.
+pub const DEFAULT_BATCH_WINDOW: Duration = Duration::from_millis(1);
+/// The longest batching window accepted.
+pub const MAX_BATCH_WINDOW: Duration = Duration::from_secs(1);
 
 /// Where the node listens for peers unless told otherwise.
 pub const DEFAULT_LISTEN: &str = "/ip4/0.0.0.0/tcp/4640";
@@ -44,6 +54,7 @@ impl Default for Config {
             listen: vec![DEFAULT_LISTEN.to_string()],
             mdns: true,
             static_peers: Vec::new(),
+            batch_window: DEFAULT_BATCH_WINDOW,
         }
     }
 }

@@ -93,6 +93,27 @@ pub(crate) fn validate_entity_id(id: &str) -> Result<(), Error> {
     }
 }
 
+/// Checks one write before it reaches the core.
+fn validate_write(id: &str, write: &EntityWrite) -> Result<(), Error> {
+    validate_entity_id(id)?;
+    if write.state.len() > MAX_STATE_LEN {
+        return Err(Error::Invalid(format!(
+            "state is {} bytes; at most {MAX_STATE_LEN} are allowed",
+            write.state.len()
+        )));
+    }
+    if let Some(c) = &write.correlation_id
+        && c.len() > crate::bus::MAX_CORRELATION_ID_LEN
+    {
+        return Err(Error::Invalid(format!(
+            "correlation id is {} bytes; at most {} are allowed",
+            c.len(),
+            crate::bus::MAX_CORRELATION_ID_LEN
+        )));
+    }
+    Ok(())
+}
+
 fn truncate(s: &str) -> String {
     s.chars().take(64).collect()
 }
@@ -109,28 +130,41 @@ impl Entities {
     ///
     /// Not cancel-safe: once queued, the write happens even if the future is dropped.
     pub async fn set(&self, id: &str, write: EntityWrite) -> Result<Entity, Error> {
-        validate_entity_id(id)?;
-        if write.state.len() > MAX_STATE_LEN {
-            return Err(Error::Invalid(format!(
-                "state is {} bytes; at most {MAX_STATE_LEN} are allowed",
-                write.state.len()
-            )));
-        }
-        if let Some(c) = &write.correlation_id
-            && c.len() > crate::bus::MAX_CORRELATION_ID_LEN
-        {
-            return Err(Error::Invalid(format!(
-                "correlation id is {} bytes; at most {} are allowed",
-                c.len(),
-                crate::bus::MAX_CORRELATION_ID_LEN
-            )));
-        }
+        validate_write(id, &write)?;
         self.core
             .call(|reply| Request::SetEntity {
                 id: id.to_string(),
                 write,
                 reply,
             })
+            .await?
+    }
+
+    /// Creates or updates many entities in order, as one step of the node: they are
+    /// committed and pushed together (updates of one entity travel to each peer as one
+    /// frame) and acknowledged together after one flush. Returns each entity after its
+    /// write, in order. At most [`MAX_BATCH_WRITES`](crate::MAX_BATCH_WRITES) writes.
+    ///
+    /// Every write is checked before any is applied. Should one still fail in the core,
+    /// the writes before it stay applied and the error names it.
+    ///
+    /// Not cancel-safe: once queued, the writes happen even if the future is dropped.
+    pub async fn set_many(&self, writes: Vec<(String, EntityWrite)>) -> Result<Vec<Entity>, Error> {
+        if writes.len() > crate::MAX_BATCH_WRITES {
+            return Err(Error::Invalid(format!(
+                "{} writes in one batch; at most {} are allowed",
+                writes.len(),
+                crate::MAX_BATCH_WRITES
+            )));
+        }
+        for (id, write) in &writes {
+            validate_write(id, write)?;
+        }
+        if writes.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.core
+            .call(|reply| Request::SetMany { writes, reply })
             .await?
     }
 

@@ -43,7 +43,11 @@ mod rooms;
 mod trust;
 mod ws;
 
-pub use config::{Config, DEFAULT_API_ADDR, DEFAULT_LISTEN, Passphrase, default_data_dir};
+pub use config::{
+    Config, DEFAULT_API_ADDR, DEFAULT_BATCH_WINDOW, DEFAULT_LISTEN, MAX_BATCH_WINDOW, Passphrase,
+    default_data_dir,
+};
+pub use core::MAX_BATCH_WRITES;
 pub use core::{CHANGE_BUFFER, SyncCounters};
 pub use datadir::{API_ADDR_FILE, LOCK_FILE, TOKEN_FILE};
 pub use entities::{

@@ -62,6 +62,13 @@ impl Node {
     /// when the API address is taken. Not cancel-safe: dropping the future part-way can
     /// leave the store open until the runtime drops its thread handle.
     pub async fn start(config: Config) -> Result<Self, Error> {
+        if config.batch_window > crate::MAX_BATCH_WINDOW {
+            return Err(Error::Invalid(format!(
+                "batch window {:?} is longer than the {:?} allowed",
+                config.batch_window,
+                crate::MAX_BATCH_WINDOW
+            )));
+        }
         let dir = config.data_dir.clone();
         datadir::ensure_dir(&dir)?;
         let lock = datadir::lock(&dir)?;
@@ -114,6 +121,7 @@ impl Node {
             net.clone(),
             net_events,
             metrics.clone(),
+            config.batch_window,
             cancel.clone(),
         )
         .await?;

@@ -16,6 +16,8 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::Error;
+mod batching;
+pub use batching::MAX_BATCH_WRITES;
 mod entity_ops;
 mod heartbeat;
 pub(crate) mod keyring;
@@ -68,6 +70,11 @@ pub(crate) enum Request {
         id: String,
         write: EntityWrite,
         reply: Reply<Entity>,
+    },
+    /// Many writes in order, acknowledged together (batching.rs).
+    SetMany {
+        writes: Vec<(String, EntityWrite)>,
+        reply: Reply<Vec<Entity>>,
     },
     GetEntity {
         id: String,
@@ -264,6 +271,8 @@ struct Core {
     last_heard: HashMap<String, u64>,
     /// The node's metrics.
     metrics: std::sync::Arc<crate::metrics::Metrics>,
+    /// Local writes waiting for their batch window's flush.
+    writes: batching::WriteWindow,
 }
 
 /// What reconnects cost, counted since start.
@@ -292,6 +301,7 @@ pub(crate) async fn start(
     net: hearth_net::Handle,
     net_events: hearth_net::EventStream,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
+    batch_window: std::time::Duration,
     cancel: CancellationToken,
 ) -> Result<(CoreHandle, NodeFacts, tokio::task::JoinHandle<()>), Error> {
     let stored = store.get(Keyspace::Meta, HOME_KEY.to_vec()).await?;
@@ -327,6 +337,7 @@ pub(crate) async fn start(
         presence_seen: Default::default(),
         last_heard: HashMap::new(),
         metrics,
+        writes: batching::WriteWindow::new(batch_window),
     };
     let mut batch = Batch::new();
     core.device = keyring::device_secret(&core.store, &mut batch).await?;
@@ -566,6 +577,7 @@ impl Core {
         heartbeats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let net_stalled = *stall_net.borrow_and_update();
+            let window_closes = self.writes.deadline();
             let deadline = self.engine.next_deadline();
             let timer = async {
                 match deadline {
@@ -600,8 +612,10 @@ impl Core {
                     self.persist_in_background(out);
                     self.send_pending().await;
                 }
+                _ = sleep_until_or_never(window_closes) => self.commit_window(),
             }
         }
+        self.commit_window_now().await;
         tracing::debug!("core stopped");
     }
 
@@ -668,19 +682,14 @@ impl Core {
 
     fn handle(&mut self, request: Request) {
         match request {
-            Request::SetEntity { id, write, reply } => match self.set_entity(&id, write) {
-                Ok((entity, batch)) => {
-                    let store = self.store.clone();
-                    // Acknowledge after the flush, without holding up the actor.
-                    tokio::spawn(async move {
-                        let result = store.batch(batch).await.map(|()| entity);
-                        let _ = reply.send(result.map_err(Error::from));
-                    });
-                }
-                Err(e) => {
-                    let _ = reply.send(Err(e));
-                }
-            },
+            Request::SetEntity { id, write, reply } => {
+                let result = self.set_entity(&id, write);
+                self.reply_after_flush(result, reply);
+            }
+            Request::SetMany { writes, reply } => {
+                let result = self.set_many(writes);
+                self.reply_after_flush(result, reply);
+            }
             Request::GetEntity { id, reply } => {
                 let _ = reply.send(self.get_entity(&id));
             }
@@ -698,27 +707,6 @@ impl Core {
                 let _ = reply.send(Ok(self.sync_report()));
             }
             other => self.handle_more(other),
-        }
-    }
-
-    /// Answers a write that produced a store batch once the batch is flushed, without
-    /// holding up the actor.
-    fn reply_after_flush<T: Send + 'static>(
-        &self,
-        result: Result<(T, Batch), Error>,
-        reply: Reply<T>,
-    ) {
-        match result {
-            Ok((value, batch)) => {
-                let store = self.store.clone();
-                tokio::spawn(async move {
-                    let result = store.batch(batch).await.map(|()| value);
-                    let _ = reply.send(result.map_err(Error::from));
-                });
-            }
-            Err(e) => {
-                let _ = reply.send(Err(e));
-            }
         }
     }
 
@@ -1149,6 +1137,14 @@ impl Core {
                 tracing::error!(%error, "could not persist document changes");
             }
         });
+    }
+}
+
+/// Sleeps until `at`, or forever when there is nothing to wait for.
+async fn sleep_until_or_never(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -238,7 +238,9 @@ impl Core {
     /// Seals and sends every frame the engine produced. A frame for a document whose key
     /// is missing is dropped with a warning; the session's retry resends it later.
     pub(super) async fn send_pending(&mut self) {
-        for (peer, frame) in std::mem::take(&mut self.outbox) {
+        let outbox = std::mem::take(&mut self.outbox);
+        let max_push = self.engine.config().max_push_bytes;
+        for (peer, frame) in super::batching::coalesce_pushes(outbox, max_push) {
             let Some(net_peer) = self.admitted.get(&peer).copied() else {
                 continue;
             };

@@ -179,7 +179,7 @@ impl Error {
     /// Makes an equal copy, so one flush failure can be reported to every writer of a group commit.
     ///
     /// `io::Error` is not `Clone`; the copy keeps its kind and message.
-    pub(crate) fn duplicate(&self) -> Self {
+    pub fn duplicate(&self) -> Self {
         match self {
             Error::Integrity { keyspace, key } => Error::Integrity {
                 keyspace: *keyspace,

@@ -1,6 +1,7 @@
 //! Integration tests: real `hearth` processes and in-process nodes on loopback.
 
 mod api;
+mod batching;
 mod bus;
 mod cli;
 mod crash;

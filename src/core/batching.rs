@@ -1,0 +1,303 @@
+//! The write batching window: local writes are committed and pushed at once, but their
+//! store batches wait up to `Config::batch_window` for company and go to the store as one
+//! batch, so a burst of writes costs one flush instead of one each. Every write in the
+//! window is acknowledged after that flush, so an acknowledged write is still durable.
+//!
+//! Pushes never wait for the window: the window only delays the acknowledgement. Pushes
+//! that one core step produced for the same document and peer are merged into one frame
+//! (a batch write of many updates to few entities becomes one sealed frame per entity).
+
+use std::time::Duration;
+
+use hearth_crdt::wire::{Frame, Push};
+use hearth_storage::Batch;
+use tokio::time::Instant;
+
+use super::{Core, Reply, append};
+use crate::Error;
+use crate::entities::{Entity, EntityWrite};
+
+/// Most writes acknowledged under one window; a full window is committed at once, which
+/// bounds the memory a burst holds and the wait of the first writer.
+pub(crate) const MAX_WINDOW_WRITES: usize = 1024;
+/// Most writes in one `Entities::set_many` call.
+pub const MAX_BATCH_WRITES: usize = 10_000;
+/// Most pushes merged into one frame; each is at least one change, and a receiving engine
+/// refuses pushes of more than `DEFAULT_MAX_CHANGES_PER_PUSH` (4096) changes.
+const MAX_MERGED_PUSHES: usize = 1024;
+
+/// What a flush acknowledges: called with the flush's outcome.
+type Ack = Box<dyn FnOnce(Result<(), Error>) + Send>;
+
+/// Writes waiting for the window's flush.
+pub(super) struct WriteWindow {
+    window: Duration,
+    batch: Batch,
+    acks: Vec<Ack>,
+    deadline: Option<Instant>,
+}
+
+impl WriteWindow {
+    pub(super) fn new(window: Duration) -> Self {
+        Self {
+            window,
+            batch: Batch::new(),
+            acks: Vec::new(),
+            deadline: None,
+        }
+    }
+
+    /// When the open window closes, if one is open.
+    pub(super) fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// Whether the window holds as many writes as it may.
+    pub(super) fn is_full(&self) -> bool {
+        self.acks.len() >= MAX_WINDOW_WRITES
+    }
+
+    fn push(&mut self, batch: Batch, ack: Ack) {
+        if self.deadline.is_none() {
+            self.deadline = Some(Instant::now() + self.window);
+        }
+        append(&mut self.batch, batch);
+        self.acks.push(ack);
+    }
+
+    fn take(&mut self) -> Option<(Batch, Vec<Ack>)> {
+        self.deadline = None;
+        if self.acks.is_empty() {
+            return None;
+        }
+        Some((
+            std::mem::take(&mut self.batch),
+            std::mem::take(&mut self.acks),
+        ))
+    }
+}
+
+/// Runs each acknowledgement with the flush's outcome.
+fn acknowledge(acks: Vec<Ack>, result: Result<(), hearth_storage::Error>) {
+    for ack in acks {
+        ack(result
+            .as_ref()
+            .map(|_| ())
+            .map_err(|e| Error::from(e.duplicate())));
+    }
+}
+
+impl Core {
+    /// Answers a write that produced a store batch once the batch is flushed, without
+    /// holding up the actor. With a window, the batch joins the open window and is
+    /// flushed when it closes; without one it goes to the store at once (the storage
+    /// thread still group-commits whatever is queued).
+    pub(super) fn reply_after_flush<T: Send + 'static>(
+        &mut self,
+        result: Result<(T, Batch), Error>,
+        reply: Reply<T>,
+    ) {
+        let (value, batch) = match result {
+            Ok(ok) => ok,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        let ack: Ack = Box::new(move |flushed| {
+            let _ = reply.send(flushed.map(|()| value));
+        });
+        if self.writes.window.is_zero() {
+            let store = self.store.clone();
+            tokio::spawn(async move {
+                let result = store.batch(batch).await;
+                acknowledge(vec![ack], result);
+            });
+            return;
+        }
+        self.writes.push(batch, ack);
+        if self.writes.is_full() {
+            self.commit_window();
+        }
+    }
+
+    /// Hands the open window's batch to the store; its writers are answered after the
+    /// flush, without holding up the actor.
+    pub(super) fn commit_window(&mut self) {
+        let Some((batch, acks)) = self.writes.take() else {
+            return;
+        };
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            let result = store.batch(batch).await;
+            acknowledge(acks, result);
+        });
+    }
+
+    /// Commits the open window and waits for its flush: the last step before the core
+    /// stops, so no acknowledged-to-be write is left unflushed.
+    pub(super) async fn commit_window_now(&mut self) {
+        if let Some((batch, acks)) = self.writes.take() {
+            let result = self.store.batch(batch).await;
+            acknowledge(acks, result);
+        }
+    }
+
+    /// Writes many entities in order as one step, acknowledged together after one flush.
+    /// A write that fails stops the rest; the writes before it stay applied, and the
+    /// error names the one that failed.
+    pub(super) fn set_many(
+        &mut self,
+        writes: Vec<(String, EntityWrite)>,
+    ) -> Result<(Vec<Entity>, Batch), Error> {
+        let mut batch = Batch::new();
+        let mut entities = Vec::with_capacity(writes.len());
+        let total = writes.len();
+        for (i, (id, write)) in writes.into_iter().enumerate() {
+            match self.set_entity(&id, write) {
+                Ok((entity, more)) => {
+                    append(&mut batch, more);
+                    entities.push(entity);
+                }
+                Err(error) if i == 0 => return Err(error),
+                Err(error) => {
+                    // The earlier writes are committed and pushed; persist them before
+                    // reporting, so what peers hold is also on disk here.
+                    self.reply_after_flush(Ok(((), batch)), tokio::sync::oneshot::channel().0);
+                    return Err(Error::Invalid(format!(
+                        "write {} of {total} ({id}) failed, the {i} before it were applied: {error}",
+                        i + 1
+                    )));
+                }
+            }
+        }
+        Ok((entities, batch))
+    }
+}
+
+/// Merges pushes bound for the same peer and document into one frame, so a step that
+/// wrote one document many times sends it once. A push is merged only into an earlier
+/// push of the same epoch and correlation id with no other frame for that document to
+/// that peer between them, which keeps every document's frames in order.
+pub(super) fn coalesce_pushes(
+    outbox: Vec<(String, Frame)>,
+    max_bytes: usize,
+) -> Vec<(String, Frame)> {
+    use std::collections::HashMap;
+    if outbox.len() < 2 {
+        return outbox;
+    }
+    let mut out: Vec<(String, Frame)> = Vec::with_capacity(outbox.len());
+    // (peer, doc) -> (index in `out` of the open push, pushes merged into it)
+    let mut open: HashMap<(String, hearth_crdt::DocId), (usize, usize)> = HashMap::new();
+    for (peer, frame) in outbox {
+        match frame {
+            Frame::Push(push) => {
+                let key = (peer, push.doc);
+                if let Some((at, merged)) = open.get_mut(&key)
+                    && let Some((_, Frame::Push(into))) = out.get_mut(*at)
+                    && mergeable(into, &push, *merged, max_bytes)
+                {
+                    into.bytes.extend_from_slice(&push.bytes);
+                    *merged += 1;
+                    continue;
+                }
+                open.insert(key.clone(), (out.len(), 1));
+                out.push((key.0, Frame::Push(push)));
+            }
+            other => {
+                if let Some(doc) = frame_doc(&other) {
+                    open.remove(&(peer.clone(), doc));
+                }
+                out.push((peer, other));
+            }
+        }
+    }
+    out
+}
+
+fn mergeable(into: &Push, next: &Push, merged: usize, max_bytes: usize) -> bool {
+    into.epoch == next.epoch
+        && into.correlation_id == next.correlation_id
+        && merged < MAX_MERGED_PUSHES
+        && into.bytes.len() + next.bytes.len() <= max_bytes
+}
+
+fn frame_doc(frame: &Frame) -> Option<hearth_crdt::DocId> {
+    match frame {
+        Frame::Push(p) => Some(p.doc),
+        Frame::Sync(s) => Some(s.doc),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hearth_crdt::{DocId, KeyEpoch};
+
+    fn push(doc: u8, bytes: &[u8], corr: Option<&str>) -> Frame {
+        Frame::Push(Push {
+            doc: DocId::from_bytes([doc; 16]),
+            epoch: KeyEpoch::first([0; 16]),
+            correlation_id: corr.map(str::to_string),
+            bytes: bytes.to_vec(),
+        })
+    }
+
+    fn bytes_of(frame: &Frame) -> &[u8] {
+        match frame {
+            Frame::Push(p) => &p.bytes,
+            _ => panic!("not a push"),
+        }
+    }
+
+    #[test]
+    fn pushes_to_one_peer_and_document_become_one_frame_in_order() {
+        let outbox = vec![
+            ("p".to_string(), push(1, b"a", None)),
+            ("p".to_string(), push(2, b"x", None)),
+            ("q".to_string(), push(1, b"a", None)),
+            ("p".to_string(), push(1, b"b", None)),
+            ("p".to_string(), push(1, b"c", None)),
+        ];
+        let out = coalesce_pushes(outbox, 1024);
+        assert_eq!(out.len(), 3);
+        assert_eq!(out[0].0, "p");
+        assert_eq!(bytes_of(&out[0].1), b"abc");
+        assert_eq!(bytes_of(&out[1].1), b"x");
+        assert_eq!(out[2].0, "q");
+        assert_eq!(bytes_of(&out[2].1), b"a");
+    }
+
+    #[test]
+    fn different_correlation_ids_and_size_cap_keep_pushes_apart() {
+        let outbox = vec![
+            ("p".to_string(), push(1, b"aa", Some("one"))),
+            ("p".to_string(), push(1, b"bb", Some("two"))),
+            ("p".to_string(), push(1, b"cc", Some("two"))),
+            ("p".to_string(), push(1, b"dd", Some("two"))),
+        ];
+        let out = coalesce_pushes(outbox, 4);
+        let parts: Vec<&[u8]> = out.iter().map(|(_, f)| bytes_of(f)).collect();
+        assert_eq!(parts, vec![&b"aa"[..], b"bbcc", b"dd"]);
+    }
+
+    #[test]
+    fn window_takes_everything_once_and_closes() {
+        let mut w = WriteWindow::new(Duration::from_millis(1));
+        assert!(w.deadline().is_none());
+        let (tx, mut rx) = tokio::sync::oneshot::channel::<Result<(), Error>>();
+        w.push(
+            Batch::new(),
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        assert!(w.deadline().is_some());
+        let (_, acks) = w.take().expect("one write waits");
+        assert!(w.deadline().is_none() && w.take().is_none());
+        acknowledge(acks, Ok(()));
+        assert!(matches!(rx.try_recv(), Ok(Ok(()))));
+    }
+}
