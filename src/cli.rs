@@ -83,6 +83,10 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Measure the sync path on this machine: latency, throughput, fanout, reconnect,
+    /// cold start, wire bytes, memory, history and batching, each against an in-run
+    /// baseline. Runs its own nodes on loopback (mDNS off) in a scratch dir.
+    Bench(crate::bench::BenchArgs),
     /// Print the API bearer token of the node in the data dir.
     Token,
     /// Print shell completions for SHELL to stdout.
@@ -364,6 +368,7 @@ pub(crate) fn run(args: Args) -> Result<()> {
                 c.json,
             )
         }
+        Command::Bench(args) => crate::bench::run(args),
         Command::Token => {
             let path = data.join(hearth::TOKEN_FILE);
             let token = std::fs::read_to_string(&path).with_context(|| {

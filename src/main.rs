@@ -1,6 +1,7 @@
 //! The `hearth` command: `hearth up` runs a node; the other verbs talk to a running node
 //! through its local API.
 
+mod bench;
 mod cli;
 mod client;
 mod verbs;

@@ -276,7 +276,7 @@ struct Core {
 }
 
 /// What reconnects cost, counted since start.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SyncCounters {
     /// Digest exchanges completed.
     pub reconciliations: u64,
@@ -288,6 +288,18 @@ pub struct SyncCounters {
     pub digest_messages: u64,
     /// Digest bytes sent and received.
     pub digest_bytes: u64,
+    /// Frames (pushes, sync messages, digests) queued for admitted peers.
+    pub frames_sent: u64,
+    /// Bytes of those frames as sealed and encoded, before the transport's framing.
+    pub frame_bytes_sent: u64,
+    /// Frames received from peers.
+    pub frames_received: u64,
+    /// Bytes of those frames as received, before opening.
+    pub frame_bytes_received: u64,
+    /// Root hash of the digest over every held document's heads, in hex: two devices
+    /// holding the same documents at the same heads show the same root. Empty when this
+    /// device holds no document yet.
+    pub heads_root: String,
 }
 
 /// Loads every stored document, creates the home on first start, and spawns the actor.
@@ -637,6 +649,8 @@ impl Core {
             Event::Frame { peer, bytes } => {
                 self.last_heard.insert(peer.to_base58(), now_ms());
                 self.metrics.frame_in(bytes.len());
+                self.counters.frames_received += 1;
+                self.counters.frame_bytes_received += bytes.len() as u64;
                 self.on_frame(peer, bytes).await
             }
             Event::PairRequest {
@@ -697,7 +711,9 @@ impl Core {
                 let _ = reply.send(self.list_entities());
             }
             Request::Counters { reply } => {
-                let _ = reply.send(Ok(self.counters));
+                let mut counters = self.counters.clone();
+                counters.heads_root = self.digest.root_hash().map(hex::encode).unwrap_or_default();
+                let _ = reply.send(Ok(counters));
             }
             Request::CreateInvite { reply, .. } => {
                 // Answered in the run loop, which can await the network.

@@ -253,7 +253,11 @@ impl Core {
             };
             let len = bytes.len();
             match self.net.send(net_peer, Bytes::from(bytes)).await {
-                Ok(hearth_net::SendOutcome::Queued) => self.metrics.frame_out(len),
+                Ok(hearth_net::SendOutcome::Queued) => {
+                    self.metrics.frame_out(len);
+                    self.counters.frames_sent += 1;
+                    self.counters.frame_bytes_sent += len as u64;
+                }
                 Ok(outcome) => tracing::debug!(%peer, ?outcome, "frame not queued"),
                 Err(error) => tracing::warn!(%peer, %error, "send failed"),
             }
