@@ -46,8 +46,19 @@ fn list<'a>(body: &'a Value, key: &str) -> Result<&'a Vec<Value>> {
 }
 
 /// Connected peers as a table: admitted or not, addresses, sync lag.
+/// One word for where a peer stands: admitted, connected (not admitted), or known only.
+fn peer_state(p: &Value) -> &'static str {
+    let flag = |k: &str| p[k].as_bool() == Some(true);
+    match (flag("connected"), flag("admitted")) {
+        (true, true) => "admitted",
+        (true, false) => "connected",
+        (false, _) if flag("is_static") => "redialling",
+        (false, _) => "discovered",
+    }
+}
+
 pub(crate) fn peers_table(peers: &[Value]) -> Table {
-    let mut t = table(&["PEER", "ADMITTED", "ADDRESS", "LAST HEARD", "DOCS BEHIND"]);
+    let mut t = table(&["PEER", "STATE", "ADDRESS", "LAST HEARD", "DOCS BEHIND"]);
     for p in peers {
         let heard = p["last_heard_ms"]
             .as_u64()
@@ -55,11 +66,7 @@ pub(crate) fn peers_table(peers: &[Value]) -> Table {
             .unwrap_or_else(|| "-".into());
         t.add_row(vec![
             text(&p["peer_id"]),
-            if p["admitted"].as_bool() == Some(true) {
-                "yes".into()
-            } else {
-                "no".into()
-            },
+            peer_state(p).into(),
             p["addrs"]
                 .as_array()
                 .and_then(|a| a.first())
@@ -79,7 +86,7 @@ pub(crate) fn peers(client: &Client, json: bool) -> Result<()> {
     }
     let peers = list(&body, "peers")?;
     if peers.is_empty() {
-        println!("no peers connected");
+        println!("no peers known");
     } else {
         println!("{}", peers_table(peers));
     }

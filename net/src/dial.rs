@@ -176,6 +176,10 @@ impl DiscoveredTable {
         self.peers.get_mut(peer)
     }
 
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&PeerId, &Discovered)> {
+        self.peers.iter()
+    }
+
     pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = (&PeerId, &mut Discovered)> {
         self.peers.iter_mut()
     }

@@ -184,6 +184,20 @@ pub struct PeerInfo {
     pub connected_for: Duration,
 }
 
+/// A peer the node knows of but is not connected to; see [`crate::Handle::known_peers`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct KnownPeer {
+    /// The peer.
+    pub peer: PeerId,
+    /// Where it was last said to be: its static address, or what mDNS reported.
+    pub addrs: Vec<Multiaddr>,
+    /// Whether it is in the static peer list (so it is being redialled).
+    pub is_static: bool,
+    /// Whether mDNS reported it.
+    pub discovered: bool,
+}
+
 /// Counters since the event loop started; read them with [`crate::Handle::metrics`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]

@@ -456,6 +456,9 @@ impl EventLoop {
             Command::ConnectedPeers { reply } => {
                 let _ = reply.send(self.peer_infos());
             }
+            Command::KnownPeers { reply } => {
+                let _ = reply.send(self.known_peers());
+            }
             Command::Dial { addr, reply } => self.dial_once(addr, reply),
             Command::AddStaticPeer { addr, reply } => {
                 let result = self.add_static_peer(&addr);
@@ -686,6 +689,36 @@ impl EventLoop {
     }
 
     /// A snapshot of every session, for `connected_peers`.
+    /// Static and discovered peers with no open connection, in PeerId order.
+    fn known_peers(&self) -> Vec<crate::KnownPeer> {
+        let mut known: std::collections::BTreeMap<PeerId, crate::KnownPeer> = Default::default();
+        let blank = |peer: PeerId| crate::KnownPeer {
+            peer,
+            addrs: Vec::new(),
+            is_static: false,
+            discovered: false,
+        };
+        for (peer, s) in &self.statics {
+            if !self.peers.contains_key(peer) {
+                let entry = known.entry(*peer).or_insert_with(|| blank(*peer));
+                entry.is_static = true;
+                entry.addrs.push(s.addr.clone());
+            }
+        }
+        for (peer, d) in self.discovered.iter() {
+            if !self.peers.contains_key(peer) {
+                let entry = known.entry(*peer).or_insert_with(|| blank(*peer));
+                entry.discovered = true;
+                for addr in &d.addrs {
+                    if !entry.addrs.contains(addr) {
+                        entry.addrs.push(addr.clone());
+                    }
+                }
+            }
+        }
+        known.into_values().collect()
+    }
+
     fn peer_infos(&self) -> Vec<PeerInfo> {
         let now = Instant::now();
         let outboxes = self.shared.outboxes();

@@ -60,6 +60,9 @@ pub(crate) enum Command {
     ConnectedPeers {
         reply: oneshot::Sender<Vec<PeerInfo>>,
     },
+    KnownPeers {
+        reply: oneshot::Sender<Vec<crate::KnownPeer>>,
+    },
     Dial {
         addr: Multiaddr,
         reply: oneshot::Sender<Result<PeerId, Error>>,
@@ -225,6 +228,14 @@ impl Handle {
     pub async fn connected_peers(&self) -> Result<Vec<PeerInfo>, Error> {
         self.request(|reply| Command::ConnectedPeers { reply })
             .await
+    }
+
+    /// Peers this node knows of but is not connected to: its static peers, and the peers
+    /// mDNS reported (at most [`crate::MAX_DISCOVERED_PEERS`]), with their addresses.
+    ///
+    /// Cancel-safe.
+    pub async fn known_peers(&self) -> Result<Vec<crate::KnownPeer>, Error> {
+        self.request(|reply| Command::KnownPeers { reply }).await
     }
 
     /// Dials `addr` once and waits until the connection is up or has failed.

@@ -109,7 +109,7 @@ pub use bytes::Bytes;
 pub use config::{Config, DEFAULT_PORT, MAX_CERTIFICATE_SIZE, MAX_STATIC_PEERS, SharedRegistry};
 pub use dial::MAX_DISCOVERED_PEERS;
 pub use error::{Error, IdentityError};
-pub use event::{DisconnectReason, Event, EventStream, Metrics, PeerInfo, SendOutcome};
+pub use event::{DisconnectReason, Event, EventStream, KnownPeer, Metrics, PeerInfo, SendOutcome};
 pub use event_loop::EventLoop;
 pub use handle::Handle;
 pub use identity::DeviceIdentity;

@@ -126,6 +126,8 @@ pub(crate) struct PeerEntry {
     connected: bool,
     admitted: bool,
     is_static: bool,
+    /// Reported by mDNS and not connected (yet).
+    discovered: bool,
     connections: usize,
     connected_for_s: f64,
     /// Ms since a frame last came from the peer; only for admitted peers that sent one.
@@ -139,7 +141,8 @@ pub(crate) struct PeerList {
     peers: Vec<PeerEntry>,
 }
 
-/// Connected peers (admitted or not) with the sync lag of admitted ones.
+/// Connected peers (admitted or not) with the sync lag of admitted ones, then the peers
+/// known but not connected: static peers being redialled and peers mDNS reported.
 pub(crate) async fn peer_entries(state: &ApiState) -> Result<Vec<PeerEntry>, ApiError> {
     let peers = state.net.connected_peers().await.map_err(|e| {
         ApiError::new(
@@ -162,6 +165,7 @@ pub(crate) async fn peer_entries(state: &ApiState) -> Result<Vec<PeerEntry>, Api
                 connected: p.connections > 0,
                 admitted: p.admitted,
                 is_static: p.is_static,
+                discovered: false,
                 connections: p.connections,
                 connected_for_s: p.connected_for.as_secs_f64(),
                 last_heard_ms: lag.and_then(|l| l.last_heard_ms),
@@ -170,7 +174,22 @@ pub(crate) async fn peer_entries(state: &ApiState) -> Result<Vec<PeerEntry>, Api
             }
         })
         .collect();
-    out.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+    // Best effort: a network that cannot list them still has the connected peers shown.
+    if let Ok(known) = state.net.known_peers().await {
+        out.extend(known.into_iter().map(|k| PeerEntry {
+            peer_id: k.peer.to_base58(),
+            addrs: k.addrs.iter().map(|a| a.to_string()).collect(),
+            connected: false,
+            admitted: false,
+            is_static: k.is_static,
+            discovered: k.discovered,
+            connections: 0,
+            connected_for_s: 0.0,
+            last_heard_ms: None,
+            docs_behind: None,
+        }));
+    }
+    out.sort_by(|a, b| (!a.connected, &a.peer_id).cmp(&(!b.connected, &b.peer_id)));
     Ok(out)
 }
 

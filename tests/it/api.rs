@@ -110,6 +110,44 @@ impl Drop for TestNode {
 }
 
 #[test]
+fn peers_lists_known_but_unconnected_peers() {
+    // A static peer on a loopback port nobody listens on: known, redialled, never connected.
+    let port = crate::util::free_port();
+    let absent = "12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA";
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut cfg = config(dir.path(), "den");
+    cfg.static_peers = vec![format!("/ip4/127.0.0.1/tcp/{port}/p2p/{absent}")];
+    let node = rt
+        .block_on(async { tokio::time::timeout(WAIT, Node::start(cfg)).await })
+        .unwrap()
+        .unwrap();
+    let token = std::fs::read_to_string(dir.path().join(hearth::TOKEN_FILE)).unwrap();
+    let api = node.api_addr().to_string();
+    let n = TestNode {
+        rt,
+        node: Some(node),
+        api,
+        token: token.trim().to_string(),
+    };
+    let peers = n.ok("GET", "/api/peers", None, 200);
+    let list = peers["peers"].as_array().unwrap();
+    assert_eq!(list.len(), 1, "{peers}");
+    assert_eq!(list[0]["peer_id"], absent);
+    assert_eq!(list[0]["connected"], false);
+    assert_eq!(list[0]["admitted"], false);
+    assert_eq!(list[0]["is_static"], true);
+    assert_eq!(
+        list[0]["addrs"],
+        json!([format!("/ip4/127.0.0.1/tcp/{port}")])
+    );
+}
+
+#[test]
 fn status_peers_and_auth() {
     let dir = tempfile::tempdir().unwrap();
     let n = TestNode::start(dir.path(), "den");
