@@ -352,6 +352,15 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         Home::read(&self.doc_state(doc)?.doc)
     }
 
+    /// Only the device records of a home document: cheaper than [`Engine::home`], whose
+    /// keyring grows with every document of the home.
+    pub fn home_devices(
+        &self,
+        doc: DocId,
+    ) -> Result<std::collections::BTreeMap<String, crate::schema::home::DeviceRecord>> {
+        crate::schema::home::devices(&self.doc_state(doc)?.doc)
+    }
+
     fn doc_state(&self, doc: DocId) -> Result<&DocState<P>> {
         self.docs.get(&doc).ok_or(Error::UnknownDocument(doc))
     }
