@@ -148,7 +148,10 @@ pub fn devices<D: ReadDoc>(doc: &D) -> Result<BTreeMap<String, DeviceRecord>> {
     read_devices(doc, &h)
 }
 
-fn read_devices<D: ReadDoc>(doc: &D, h: &automerge::ObjId) -> Result<BTreeMap<String, DeviceRecord>> {
+fn read_devices<D: ReadDoc>(
+    doc: &D,
+    h: &automerge::ObjId,
+) -> Result<BTreeMap<String, DeviceRecord>> {
     let d = req_map(doc, h, "devices", "home.devices")?;
     let mut devices = BTreeMap::new();
     for peer in keys(doc, &d) {
