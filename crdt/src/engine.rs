@@ -352,6 +352,15 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         Home::read(&self.doc_state(doc)?.doc)
     }
 
+    /// Only the device records of a home document: cheaper than [`Engine::home`], whose
+    /// keyring grows with every document of the home.
+    pub fn home_devices(
+        &self,
+        doc: DocId,
+    ) -> Result<std::collections::BTreeMap<String, crate::schema::home::DeviceRecord>> {
+        crate::schema::home::devices(&self.doc_state(doc)?.doc)
+    }
+
     fn doc_state(&self, doc: DocId) -> Result<&DocState<P>> {
         self.docs.get(&doc).ok_or(Error::UnknownDocument(doc))
     }
@@ -976,6 +985,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         }
         let carried_changes = !decoded.changes.is_empty();
         let carried_document = decoded.changes.len() != sync_changes.len();
+        let was_in_sync = session.in_sync;
         let their_heads = decoded.heads.clone();
         let doc = &mut ds.doc;
         let state = &mut session.state;
@@ -1021,7 +1031,17 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         let Some(session) = ds.sessions.get_mut(&peer) else {
             return Ok(out);
         };
-        session.in_sync = session.state.their_heads.as_deref() == Some(heads.as_slice());
+        // A session that was pushing stays in push mode when the peer's heads are all
+        // known here: whatever it lacks was pushed after it wrote this message and is on
+        // the (ordered) stream to it. Requiring equal heads instead dropped a busy writer
+        // into the sync protocol, whose every message walks the whole change history.
+        let their_known = session.state.their_heads.as_deref().is_some_and(|theirs| {
+            theirs
+                .iter()
+                .all(|h| catch(|| ds.doc.get_change_meta_by_hash(h).is_some()).unwrap_or(false))
+        });
+        session.in_sync = session.state.their_heads.as_deref() == Some(heads.as_slice())
+            || (was_in_sync && their_known);
         // The peer advertises heads we lack yet sent no changes: it believes
         // it already sent them (Automerge's `sent_hashes`), so they were lost
         // on the way. Ask it to forget what it sent, or the exchange sticks.

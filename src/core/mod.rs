@@ -910,10 +910,12 @@ impl Core {
         doc: DocId,
         epoch: KeyEpoch,
     ) -> Vec<(String, Vec<u8>)> {
-        let Ok(home) = self.engine.home(self.home.home_doc) else {
+        // Only the device records: the whole home view holds every document's wrapped
+        // keys, and reading it for each new document made creating D documents O(D^2).
+        let Ok(devices) = self.engine.home_devices(self.home.home_doc) else {
             return Vec::new();
         };
-        home.devices
+        devices
             .iter()
             .filter(|(peer, record)| **peer != self.peer_id && record.revoked_at.is_none())
             .filter_map(|(peer, record)| {

@@ -88,20 +88,7 @@ impl Home {
         let h = req_map(doc, &ROOT, HOME_KEY, HOME_KEY)?;
         let name = req_str(doc, &h, "name", "home.name")?;
 
-        let d = req_map(doc, &h, "devices", "home.devices")?;
-        let mut devices = BTreeMap::new();
-        for peer in keys(doc, &d) {
-            let p = join("home.devices", &peer);
-            let rec = req_map(doc, &d, &peer, &p)?;
-            devices.insert(
-                peer,
-                DeviceRecord {
-                    name: req_str(doc, &rec, "name", &join(&p, "name"))?,
-                    certificate: req_bytes(doc, &rec, "certificate", &join(&p, "certificate"))?,
-                    revoked_at: opt_u64(doc, &rec, "revoked_at", &join(&p, "revoked_at"))?,
-                },
-            );
-        }
+        let devices = read_devices(doc, &h)?;
 
         let ph = req_map(doc, &h, "paired", "home.paired")?;
         let mut paired = BTreeMap::new();
@@ -152,6 +139,34 @@ impl Home {
             keyring,
         })
     }
+}
+
+/// Reads only the home's device records: what wrapping a new document's key for every
+/// device needs, without reading the keyring, which grows with every document.
+pub fn devices<D: ReadDoc>(doc: &D) -> Result<BTreeMap<String, DeviceRecord>> {
+    let h = req_map(doc, &ROOT, HOME_KEY, HOME_KEY)?;
+    read_devices(doc, &h)
+}
+
+fn read_devices<D: ReadDoc>(
+    doc: &D,
+    h: &automerge::ObjId,
+) -> Result<BTreeMap<String, DeviceRecord>> {
+    let d = req_map(doc, h, "devices", "home.devices")?;
+    let mut devices = BTreeMap::new();
+    for peer in keys(doc, &d) {
+        let p = join("home.devices", &peer);
+        let rec = req_map(doc, &d, &peer, &p)?;
+        devices.insert(
+            peer,
+            DeviceRecord {
+                name: req_str(doc, &rec, "name", &join(&p, "name"))?,
+                certificate: req_bytes(doc, &rec, "certificate", &join(&p, "certificate"))?,
+                revoked_at: opt_u64(doc, &rec, "revoked_at", &join(&p, "revoked_at"))?,
+            },
+        );
+    }
+    Ok(devices)
 }
 
 /// Creates the home layout with its name.
