@@ -18,6 +18,8 @@ use prometheus_client::registry::Registry;
 pub(crate) const SYNC_PROTOCOL: &str = "/hearth/sync/1";
 /// The pairing protocol.
 pub(crate) const PAIR_PROTOCOL: &str = "/hearth/pair/1";
+/// The ephemeral stream's protocol (presence heartbeats).
+pub(crate) const EPHEMERAL_PROTOCOL: &str = "/hearth/ephemeral/1";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct FlowLabels {
@@ -139,16 +141,16 @@ impl Metrics {
             let _ = m
                 .entities_shared
                 .get_or_create(&DirectionLabels { direction });
-            for protocol in [SYNC_PROTOCOL, PAIR_PROTOCOL] {
+            for protocol in [SYNC_PROTOCOL, PAIR_PROTOCOL, EPHEMERAL_PROTOCOL] {
                 let _ = m.sync_messages.get_or_create(&FlowLabels {
                     protocol,
                     direction,
                 });
+                let _ = m.sync_bytes.get_or_create(&FlowLabels {
+                    protocol,
+                    direction,
+                });
             }
-            let _ = m.sync_bytes.get_or_create(&FlowLabels {
-                protocol: SYNC_PROTOCOL,
-                direction,
-            });
         }
         m
     }
@@ -178,6 +180,31 @@ impl Metrics {
     /// A sync frame was queued to a peer.
     pub(crate) fn frame_out(&self, bytes: usize) {
         self.flow(SYNC_PROTOCOL, "out", bytes);
+    }
+
+    /// An ephemeral message arrived (`true`) or was queued to a peer (`false`).
+    pub(crate) fn ephemeral(&self, incoming: bool, bytes: usize) {
+        self.flow(
+            EPHEMERAL_PROTOCOL,
+            if incoming { "in" } else { "out" },
+            bytes,
+        );
+    }
+
+    /// A pairing request arrived: its bytes (the messages are counted by the network
+    /// layer, which also sees requests refused before they reach the core).
+    pub(crate) fn pair_in_bytes(&self, bytes: usize) {
+        self.sync_bytes
+            .get_or_create(&FlowLabels {
+                protocol: PAIR_PROTOCOL,
+                direction: "in",
+            })
+            .inc_by(bytes as u64);
+    }
+
+    /// A pairing answer went out.
+    pub(crate) fn pair_out(&self, bytes: usize) {
+        self.flow(PAIR_PROTOCOL, "out", bytes);
     }
 
     fn flow(&self, protocol: &'static str, direction: &'static str, bytes: usize) {

@@ -62,8 +62,10 @@ impl Core {
         }));
         let peers: Vec<_> = self.admitted.values().copied().collect();
         for peer in peers {
-            if let Err(error) = self.net.send_ephemeral(peer, bytes.clone()).await {
-                tracing::debug!(%peer, %error, "heartbeat not sent");
+            match self.net.send_ephemeral(peer, bytes.clone()).await {
+                Ok(hearth_net::SendOutcome::Queued) => self.metrics.ephemeral(false, bytes.len()),
+                Ok(outcome) => tracing::debug!(%peer, ?outcome, "heartbeat not queued"),
+                Err(error) => tracing::debug!(%peer, %error, "heartbeat not sent"),
             }
         }
     }
@@ -72,6 +74,7 @@ impl Core {
     /// message is dropped with a logged reason.
     pub(super) fn on_ephemeral(&mut self, peer: hearth_net::PeerId, bytes: &[u8]) {
         let text = peer.to_base58();
+        self.metrics.ephemeral(true, bytes.len());
         match ciborium::from_reader::<Ephemeral, _>(bytes) {
             Ok(Ephemeral::Heartbeat { ttl_ms }) => self.heard_alive(&text, ttl_ms),
             Err(error) => {

@@ -658,7 +658,9 @@ impl Core {
                 request_id,
                 bytes,
             } => {
+                self.metrics.pair_in_bytes(bytes.len());
                 let reply = self.on_pair_request(peer, &bytes).await;
+                self.metrics.pair_out(reply.len());
                 if let Err(error) = self.net.pair_respond(request_id, reply).await {
                     tracing::warn!(%peer, %error, "could not answer a pairing request");
                 }

@@ -656,4 +656,74 @@ fn metrics_parse_and_move_with_traffic() {
             .any(|s| s.metric.starts_with("libp2p_")),
         "libp2p metrics missing"
     );
+
+    // A second device pairs and syncs: every protocol's counters move on A.
+    let invite = n.ok("POST", "/api/invites", Some(json!({"kind": "device"})), 200);
+    let b_dir = tempfile::tempdir().unwrap();
+    let code = invite["code"].as_str().unwrap().to_string();
+    let b_cfg = config(b_dir.path(), "hall");
+    n.rt.block_on(async { tokio::time::timeout(WAIT, Node::join(&code, &b_cfg)).await })
+        .unwrap()
+        .unwrap();
+    let b = TestNode::start(b_dir.path(), "hall");
+    n.ok(
+        "PUT",
+        "/api/entities/light.b",
+        Some(json!({"state": "on"})),
+        200,
+    );
+    let deadline = std::time::Instant::now() + WAIT;
+    while b
+        .rt
+        .block_on(b.node().entities().get("light.b"))
+        .unwrap()
+        .is_none()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "light.b never reached B"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Presence heartbeats go every 2 s; wait for at least one each way.
+    let flows = |s: &prometheus_parse::Scrape, metric: &str, protocol: &str, dir: &str| {
+        value(s, metric, &[("protocol", protocol), ("direction", dir)])
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    let synced = loop {
+        let now = scrape();
+        if flows(
+            &now,
+            "hearth_sync_messages_total",
+            "/hearth/ephemeral/1",
+            "in",
+        ) > 0.0
+        {
+            break now;
+        }
+        assert!(std::time::Instant::now() < deadline, "no heartbeat arrived");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    for protocol in ["/hearth/sync/1", "/hearth/ephemeral/1", "/hearth/pair/1"] {
+        for dir in ["in", "out"] {
+            for metric in ["hearth_sync_messages_total", "hearth_sync_bytes_total"] {
+                assert!(
+                    flows(&synced, metric, protocol, dir) > flows(&after, metric, protocol, dir),
+                    "{metric} {protocol} {dir} did not move"
+                );
+            }
+        }
+    }
+    assert_eq!(
+        value(&synced, "hearth_connected_peers", &[("admitted", "true")]),
+        1.0
+    );
+    assert!(
+        synced
+            .samples
+            .iter()
+            .any(|s| s.metric == "hearth_sync_lag_ms"
+                && s.labels.get("peer") == Some(b.node().peer_id())),
+        "no sync lag for B"
+    );
 }
