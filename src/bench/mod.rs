@@ -15,10 +15,11 @@ mod scenarios;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 
 pub(crate) use report::Report;
+use report::ScenarioReport;
 
 /// Flags of `hearth bench`. Sizes left unset take the defaults of the scenarios,
 /// or small ones with --quick.
@@ -98,6 +99,23 @@ pub(crate) enum Scenario {
     History,
     /// Throughput and latency at several batching windows.
     Batching,
+}
+
+impl Scenario {
+    /// The name reports use for it.
+    fn name(self) -> &'static str {
+        match self {
+            Self::Latency => "latency",
+            Self::Throughput => "throughput",
+            Self::Fanout => "fanout",
+            Self::Reconnect => "reconnect",
+            Self::Coldstart => "coldstart",
+            Self::Wire => "wire",
+            Self::Memory => "memory",
+            Self::History => "history",
+            Self::Batching => "batching",
+        }
+    }
 }
 
 /// Sizes after defaults and --quick are applied.
@@ -180,38 +198,57 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
             Scenario::Batching,
         ];
         let mut stores = None;
+        let mut failed = Vec::new();
         for s in order.into_iter().filter(|s| wanted(*s)) {
             if !args.json {
                 eprintln!("running {s:?}");
             }
-            let done = match s {
-                Scenario::Latency => scenarios::latency(&mut scratch, &sizes, &report).await?,
-                Scenario::Throughput => scenarios::throughput(&mut scratch, &sizes).await?,
-                Scenario::Fanout => scenarios::fanout(&mut scratch, &sizes).await?,
-                Scenario::Reconnect => scenarios::reconnect(&mut scratch, &sizes).await?,
-                Scenario::Coldstart | Scenario::Memory => {
-                    if stores.is_none() {
-                        stores = Some(child::measure_stores(&mut scratch, &sizes).await?);
+            let done: Result<Vec<ScenarioReport>> = async {
+                Ok(match s {
+                    Scenario::Latency => scenarios::latency(&mut scratch, &sizes, &report).await?,
+                    Scenario::Throughput => scenarios::throughput(&mut scratch, &sizes).await?,
+                    Scenario::Fanout => scenarios::fanout(&mut scratch, &sizes).await?,
+                    Scenario::Reconnect => scenarios::reconnect(&mut scratch, &sizes).await?,
+                    Scenario::Coldstart | Scenario::Memory => {
+                        if stores.is_none() {
+                            stores = Some(child::measure_stores(&mut scratch, &sizes).await?);
+                        }
+                        let runs = stores.as_deref().unwrap_or_default();
+                        if s == Scenario::Coldstart {
+                            child::coldstart_report(runs)
+                        } else {
+                            child::memory_report(runs)
+                        }
                     }
-                    let runs = stores.as_deref().unwrap_or_default();
-                    if s == Scenario::Coldstart {
-                        child::coldstart_report(runs)
-                    } else {
-                        child::memory_report(runs)
-                    }
+                    Scenario::Wire => scenarios::wire(&mut scratch, &sizes).await?,
+                    Scenario::History => scenarios::history(&mut scratch, &sizes, &report).await?,
+                    Scenario::Batching => scenarios::batching(&mut scratch, &sizes).await?,
+                })
+            }
+            .await;
+            // One scenario that fails (a size that does not converge in time, say) is
+            // reported as failed; the others still run and report.
+            match done {
+                Ok(done) => report.scenarios.extend(done),
+                Err(error) => {
+                    let name = s.name();
+                    failed.push(format!("{name}: {error:#}"));
+                    report
+                        .scenarios
+                        .push(ScenarioReport::failed(name, format!("{error:#}")));
                 }
-                Scenario::Wire => scenarios::wire(&mut scratch, &sizes).await?,
-                Scenario::History => scenarios::history(&mut scratch, &sizes, &report).await?,
-                Scenario::Batching => scenarios::batching(&mut scratch, &sizes).await?,
-            };
-            report.scenarios.extend(done);
+            }
         }
-        Ok::<_, anyhow::Error>(report)
+        Ok::<_, anyhow::Error>((report, failed))
     })?;
+    let (report, failed) = report;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", report.table());
+    }
+    if !failed.is_empty() {
+        bail!("{} scenario(s) failed: {}", failed.len(), failed.join("; "));
     }
     Ok(())
 }

@@ -63,6 +63,9 @@ pub(crate) struct ScenarioReport {
     pub(crate) nodes: Vec<NodeHeads>,
     /// Every node's heads root is the same.
     pub(crate) converged: bool,
+    /// Why the scenario stopped before it could report, when it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) error: Option<String>,
 }
 
 impl ScenarioReport {
@@ -81,6 +84,15 @@ impl ScenarioReport {
             figures: Vec::new(),
             nodes,
             converged,
+            error: None,
+        }
+    }
+
+    /// A scenario that failed part way: no figures, not converged, and the reason.
+    pub(crate) fn failed(scenario: &'static str, error: String) -> Self {
+        Self {
+            error: Some(error),
+            ..Self::new(scenario, "", Vec::new())
         }
     }
 
@@ -201,7 +213,9 @@ impl Report {
             rows.push([
                 label,
                 "converged".into(),
-                if s.converged {
+                if let Some(error) = &s.error {
+                    format!("FAILED: {error}")
+                } else if s.converged {
                     format!("yes, {} nodes at heads {}", s.nodes.len(), short(&s.nodes))
                 } else {
                     format!("NO: {:?}", s.nodes)
@@ -247,5 +261,34 @@ fn number(v: f64) -> String {
         format!("{v:.0}")
     } else {
         format!("{v:.2}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_scenario_shows_its_reason_in_the_table_and_the_json() {
+        let mut report = Report {
+            hearth_bench: 1,
+            version: "test",
+            profile: "debug",
+            quick: true,
+            floor: None,
+            scenarios: Vec::new(),
+        };
+        report.scenarios.push(ScenarioReport::failed(
+            "reconnect",
+            "devices did not converge".into(),
+        ));
+        let table = report.table();
+        assert!(
+            table.contains("FAILED: devices did not converge"),
+            "{table}"
+        );
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["scenarios"][0]["converged"], false);
+        assert_eq!(json["scenarios"][0]["error"], "devices did not converge");
     }
 }
