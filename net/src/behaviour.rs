@@ -105,8 +105,14 @@ pub(crate) fn build_swarm(
 
     let mdns = if config.mdns {
         Some(
-            mdns::tokio::Behaviour::new(mdns::Config::default(), local_peer)
-                .map_err(Error::Mdns)?,
+            mdns::tokio::Behaviour::new(
+                mdns::Config {
+                    query_interval: config.mdns_query_interval,
+                    ..mdns::Config::default()
+                },
+                local_peer,
+            )
+            .map_err(Error::Mdns)?,
         )
     } else {
         None

@@ -38,6 +38,12 @@ pub struct Config {
     /// are hints only: a discovered peer is still subject to the hello exchange and
     /// admission.
     pub mdns: bool,
+    /// How often mDNS asks the LAN who is there, once start-up probing is over. Default
+    /// 10 s. libp2p stops its start-up probing at the first answer from anyone, so two
+    /// nodes that start at the same moment can each miss the other's first query (its
+    /// listener was not up yet); this bound is how long such a pair waits for the next
+    /// query. libp2p's own default of 5 minutes leaves them strangers that long.
+    pub mdns_query_interval: Duration,
     /// Whether to dial mDNS-discovered peers automatically. Only the smaller PeerId of a
     /// pair dials, which avoids simultaneous dials. Default true.
     pub dial_discovered: bool,
@@ -102,6 +108,7 @@ impl Default for Config {
             identity: DeviceIdentity::generate(),
             listen,
             mdns: true,
+            mdns_query_interval: Duration::from_secs(10),
             dial_discovered: true,
             static_peers: Vec::new(),
             certificate: Vec::new(),
