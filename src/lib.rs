@@ -37,6 +37,7 @@ mod metrics;
 mod node;
 mod presence;
 mod rooms;
+mod shares;
 // Revocation records, signed device lists and some record kinds serve revocation and home
 // pairing, which are not built yet.
 #[allow(dead_code)]
@@ -57,10 +58,12 @@ pub use entities::{
 pub use error::Error;
 pub use events::{Event, EventItem, Events};
 pub use join::Joined;
+pub use node::Captured;
 pub use presence::{Presence, PresenceInfo, Status};
 pub use rooms::{
     ChatMessage, DEFAULT_ROOM_SIZE, MAX_CHAT_LIMIT, MAX_MESSAGE_BYTES, Room, RoomMember, Rooms,
 };
+pub use shares::{AuditEntry, KnownHome, PairedWith, ShareIn, ShareOut, SharedList, Shares};
 
 /// Frames that may wait in the outbound sync queue to one peer before it counts as slow
 /// and is dropped.

@@ -18,6 +18,20 @@ use crate::core::{self, CoreHandle};
 use crate::entities::Entities;
 use crate::{Config, Error, datadir};
 
+/// One frame recorded by [`Node::debug_capture`].
+#[doc(hidden)]
+#[derive(Clone, Debug)]
+pub struct Captured {
+    /// The sending peer.
+    pub peer: String,
+    /// `sync` for the sync stream, `ephemeral` for the ephemeral stream.
+    pub stream: &'static str,
+    /// The bytes as received.
+    pub raw: Vec<u8>,
+    /// The opened payload, when this node could open it.
+    pub opened: Option<Vec<u8>>,
+}
+
 /// Meta key of the sealed device keypair.
 pub(crate) const IDENTITY_KEY: &[u8] = b"device/identity";
 /// Meta key of the device name.
@@ -211,10 +225,23 @@ impl Node {
     ///
     /// Cancel-safe: a code issued for a dropped call is never shown and simply expires.
     pub async fn invite(&self, ttl: Duration) -> Result<Invite, Error> {
+        self.invite_kind(false, ttl).await
+    }
+
+    /// A single-use home invite code, valid for `ttl`: another running home passes it to
+    /// [`crate::Shares::pair`] (`hearth join CODE`), and the two homes become known to each
+    /// other.
+    ///
+    /// Cancel-safe.
+    pub async fn invite_home(&self, ttl: Duration) -> Result<Invite, Error> {
+        self.invite_kind(true, ttl).await
+    }
+
+    async fn invite_kind(&self, home: bool, ttl: Duration) -> Result<Invite, Error> {
         let invite = self
             .core
             .call(|reply| crate::core::Request::CreateInvite {
-                home: false,
+                home,
                 ttl_s: ttl.as_secs().max(1),
                 reply,
             })
@@ -345,6 +372,56 @@ impl Node {
         Entities {
             core: self.core.clone(),
         }
+    }
+
+    /// Sharing with other homes: pair, share, unshare, list, audit.
+    pub fn shares(&self) -> crate::Shares {
+        crate::Shares {
+            core: self.core.clone(),
+        }
+    }
+
+    /// Test hook: from now on, records every frame this node receives (as received, and,
+    /// for frames it could open, the opened payload too) into the returned list. Not for
+    /// production use.
+    #[doc(hidden)]
+    pub async fn debug_capture(
+        &self,
+    ) -> Result<std::sync::Arc<std::sync::Mutex<Vec<Captured>>>, Error> {
+        let sink = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let shared = sink.clone();
+        self.core
+            .call(|reply| crate::core::Request::Capture {
+                sink: shared,
+                reply,
+            })
+            .await??;
+        Ok(sink)
+    }
+
+    /// Test hook: tries to open one frame as received from the network (for example one
+    /// captured on another node) with this device's document keys. `Ok` means it opened;
+    /// the error says why not. Nothing is applied either way. Not for production use.
+    #[doc(hidden)]
+    pub async fn debug_open_frame(&self, bytes: Vec<u8>) -> Result<(), Error> {
+        self.core
+            .call(|reply| crate::core::Request::OpenFrame { bytes, reply })
+            .await?
+    }
+
+    /// Test hook: writes an entity as [`Entities::set`] does, but without this node's own
+    /// check of its home's rights on it, so a test can show that the owner home refuses
+    /// what a read-only home wrote. Not for production use.
+    #[doc(hidden)]
+    pub async fn debug_write_unchecked(
+        &self,
+        id: &str,
+        write: crate::EntityWrite,
+    ) -> Result<crate::Entity, Error> {
+        let id = id.to_string();
+        self.core
+            .call(|reply| crate::core::Request::SetEntityUnchecked { id, write, reply })
+            .await?
     }
 
     /// The home's rooms: create, join, leave, chat.

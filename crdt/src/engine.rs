@@ -352,6 +352,14 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         Home::read(&self.doc_state(doc)?.doc)
     }
 
+    /// The homes a home document is paired with, without reading its keyring.
+    pub fn home_paired(
+        &self,
+        doc: DocId,
+    ) -> Result<std::collections::BTreeMap<String, crate::schema::home::PairedHome>> {
+        crate::schema::home::paired(&self.doc_state(doc)?.doc)
+    }
+
     /// Only the device records of a home document: cheaper than [`Engine::home`], whose
     /// keyring grows with every document of the home.
     pub fn home_devices(
@@ -608,6 +616,25 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         Ok((result, out))
     }
 
+    /// Starts a new key epoch for `doc`: records it in the header, in a change sealed (as
+    /// every frame of the old epoch) under the old key, and from then on every push and
+    /// sync message of the document carries `epoch`. The caller detaches the peers that
+    /// lose access first, and hands the new key to the ones that keep it.
+    pub fn set_key_epoch(
+        &mut self,
+        doc: DocId,
+        epoch: KeyEpoch,
+        now_ms: u64,
+    ) -> Result<Vec<Output<P>>> {
+        let mut header = self.header(doc)?.clone();
+        header.key_epoch = epoch;
+        let (_, out) = self.transact(doc, now_ms, None, |d, _, _| header.write(d))?;
+        if let Some(ds) = self.docs.get_mut(&doc) {
+            ds.header.key_epoch = epoch;
+        }
+        Ok(out)
+    }
+
     // ----- sessions ----------------------------------------------------------
 
     /// Connects `peer` to `doc`: opens (or reopens, as after a reconnect) the
@@ -785,6 +812,9 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         match frame {
             Frame::Push(push) => self.receive_push(peer, push, now_ms),
             Frame::Sync(msg) => self.receive_sync(peer, msg, now_ms),
+            Frame::Grant(_) => Err(Error::Wire(
+                "grant frames belong to the node, not the engine".into(),
+            )),
             Frame::Digest(_) => Err(Error::Wire(
                 "digest frames go to the digest reconciler, not the engine".into(),
             )),
@@ -1272,7 +1302,7 @@ pub fn payload_actors(frame: &Frame, config: &EngineConfig) -> Result<BTreeSet<A
             }
             Ok(actors)
         }
-        Frame::Digest(_) => Ok(BTreeSet::new()),
+        Frame::Digest(_) | Frame::Grant(_) => Ok(BTreeSet::new()),
     }
 }
 

@@ -37,6 +37,10 @@ pub enum Frame {
     Sync(SyncMessage),
     /// Many-document reconciliation; the digest module owns the payload.
     Digest(DigestFrame),
+    /// Sharing between homes: a document key granted to one device of another home, or
+    /// the end of a grant. The node owns the payload; the wrapped key inside is sealed to
+    /// the receiving device.
+    Grant(GrantFrame),
 }
 
 /// New changes of one document, pushed to a peer known to be in sync.
@@ -75,6 +79,13 @@ pub struct DigestFrame {
     pub bytes: Vec<u8>,
 }
 
+/// An opaque sharing payload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GrantFrame {
+    /// Encoded grant message.
+    pub bytes: Vec<u8>,
+}
+
 /// Encodes a frame into an envelope.
 pub fn encode(frame: &Frame) -> Vec<u8> {
     let repr = match frame {
@@ -91,6 +102,7 @@ pub fn encode(frame: &Frame) -> Vec<u8> {
             bytes: Bytes(s.bytes.clone()),
         }),
         Frame::Digest(d) => FrameRepr::Digest(Bytes(d.bytes.clone())),
+        Frame::Grant(g) => FrameRepr::Grant(Bytes(g.bytes.clone())),
     };
     let mut out = Vec::with_capacity(payload_len(frame) + 96);
     // Writing into a Vec cannot fail, and every field is plain data.
@@ -105,6 +117,7 @@ fn payload_len(frame: &Frame) -> usize {
         Frame::Push(p) => p.bytes.len(),
         Frame::Sync(s) => s.bytes.len(),
         Frame::Digest(d) => d.bytes.len(),
+        Frame::Grant(g) => g.bytes.len(),
     }
 }
 
@@ -155,6 +168,7 @@ pub fn decode(input: &[u8], max_len: usize) -> Result<Frame> {
             bytes: s.bytes.0,
         }),
         FrameRepr::Digest(b) => Frame::Digest(DigestFrame { bytes: b.0 }),
+        FrameRepr::Grant(b) => Frame::Grant(GrantFrame { bytes: b.0 }),
     })
 }
 
@@ -169,6 +183,8 @@ enum FrameRepr {
     Sync(SyncRepr),
     #[serde(rename = "d")]
     Digest(Bytes),
+    #[serde(rename = "g")]
+    Grant(Bytes),
 }
 
 #[derive(Serialize, Deserialize)]

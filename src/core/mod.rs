@@ -24,6 +24,7 @@ pub(crate) mod keyring;
 pub(crate) mod pairing;
 mod peers;
 mod rooms;
+mod sharing;
 
 use hearth_crdt::schema::home as home_schema;
 use hearth_crdt::wire::Frame;
@@ -67,6 +68,13 @@ type Reply<T> = oneshot::Sender<Result<T, Error>>;
 /// A request to the core.
 pub(crate) enum Request {
     SetEntity {
+        id: String,
+        write: EntityWrite,
+        reply: Reply<Entity>,
+    },
+    /// Test hook: a write that skips this home's own check of its rights on the entity,
+    /// to show the owner refuses it (see `Node::debug_write_unchecked`).
+    SetEntityUnchecked {
         id: String,
         write: EntityWrite,
         reply: Reply<Entity>,
@@ -158,6 +166,55 @@ pub(crate) enum Request {
     /// Per-peer sync lag and document counts, for status and metrics.
     SyncReport {
         reply: Reply<SyncReport>,
+    },
+    // Sharing between homes (sharing.rs).
+    PairHome {
+        code: String,
+        reply: Reply<crate::shares::PairedWith>,
+    },
+    /// Internal: the joining side's pairing exchange ended.
+    HomePairDone {
+        issuer: hearth_net::PeerId,
+        issuer_addrs: Vec<String>,
+        expected_home: String,
+        result: Result<Vec<u8>, Error>,
+        reply: Reply<crate::shares::PairedWith>,
+    },
+    ListHomes {
+        reply: Reply<Vec<crate::shares::KnownHome>>,
+    },
+    ForgetHome {
+        home: String,
+        reply: Reply<crate::shares::PairedWith>,
+    },
+    Share {
+        entity_id: String,
+        home: String,
+        read_only: bool,
+        policy: Option<String>,
+        reply: Reply<crate::shares::ShareOut>,
+    },
+    Unshare {
+        entity_id: String,
+        home: String,
+        reply: Reply<crate::shares::ShareOut>,
+    },
+    ListShares {
+        reply: Reply<crate::shares::SharedList>,
+    },
+    /// The store, for reads that need no core state (the audit log).
+    Store {
+        reply: Reply<StoreHandle>,
+    },
+    /// Test hook: record every frame received from now on (see `Node::debug_capture`).
+    Capture {
+        sink: std::sync::Arc<std::sync::Mutex<Vec<crate::node::Captured>>>,
+        reply: Reply<()>,
+    },
+    /// Test hook: try to open a captured frame with this device's keys.
+    OpenFrame {
+        bytes: Vec<u8>,
+        reply: Reply<()>,
     },
 }
 
@@ -273,6 +330,12 @@ struct Core {
     metrics: std::sync::Arc<crate::metrics::Metrics>,
     /// Local writes waiting for their batch window's flush.
     writes: batching::WriteWindow,
+    /// Paired homes' devices and the entities shared each way.
+    sharing: sharing::Sharing,
+    /// The core's own request queue, for tasks it spawns to report back.
+    self_tx: Option<mpsc::Sender<Request>>,
+    /// Test hook: where received frames are recorded, when set.
+    capture: Option<std::sync::Arc<std::sync::Mutex<Vec<crate::node::Captured>>>>,
 }
 
 /// What reconnects cost, counted since start.
@@ -300,6 +363,9 @@ pub struct SyncCounters {
     /// holding the same documents at the same heads show the same root. Empty when this
     /// device holds no document yet.
     pub heads_root: String,
+    /// Frames from devices of paired homes refused: for documents not shared with their
+    /// home, or carrying changes their home may not make.
+    pub frames_refused: u64,
 }
 
 /// Loads every stored document, creates the home on first start, and spawns the actor.
@@ -350,6 +416,9 @@ pub(crate) async fn start(
         last_heard: HashMap::new(),
         metrics,
         writes: batching::WriteWindow::new(batch_window),
+        sharing: sharing::Sharing::default(),
+        self_tx: None,
+        capture: None,
     };
     let mut batch = Batch::new();
     core.device = keyring::device_secret(&core.store, &mut batch).await?;
@@ -357,6 +426,7 @@ pub(crate) async fn start(
         core.store.batch(batch).await?;
     }
     core.keyring = Keyring::load(&core.store).await?;
+    core.load_shared_in().await;
     core.load_documents().await?;
     if fresh {
         core.create_home(device_name).await?;
@@ -385,6 +455,7 @@ pub(crate) async fn start(
         home_name: core.home.name.clone(),
     };
     let (tx, rx) = mpsc::channel(CORE_QUEUE);
+    core.self_tx = Some(tx.clone());
     let (stall_tx, stall_rx) = tokio::sync::watch::channel(false);
     let handle = CoreHandle {
         tx,
@@ -574,6 +645,7 @@ impl Core {
             .iter()
             .map(|(doc, id)| (id.clone(), *doc))
             .collect();
+        self.index_shared_in();
         Ok(())
     }
 
@@ -605,6 +677,13 @@ impl Core {
                 request = rx.recv() => match request {
                     Some(Request::CreateInvite { home, ttl_s, reply }) => {
                         let _ = reply.send(self.create_invite(home, ttl_s).await);
+                    }
+                    Some(request @ (Request::HomePairDone { .. }
+                        | Request::ForgetHome { .. }
+                        | Request::Share { .. }
+                        | Request::Unshare { .. })) => {
+                        self.handle_sharing(request).await;
+                        self.send_pending().await;
                     }
                     Some(request) => {
                         self.handle(request);
@@ -674,6 +753,7 @@ impl Core {
                 if self.admitted.remove(&text).is_some() {
                     self.notice_peer(text.clone(), false);
                 }
+                self.sharing.foreign.remove(&text);
                 self.reconcilers.remove(&text);
                 self.last_heard.remove(&text);
                 self.alive_until.remove(&text);
@@ -698,6 +778,12 @@ impl Core {
 
     fn handle(&mut self, request: Request) {
         match request {
+            Request::SetEntityUnchecked { id, write, reply } => {
+                self.sharing.skip_rights_check = true;
+                let result = self.set_entity(&id, write);
+                self.sharing.skip_rights_check = false;
+                self.reply_after_flush(result, reply);
+            }
             Request::SetEntity { id, write, reply } => {
                 let result = self.set_entity(&id, write);
                 self.reply_after_flush(result, reply);
@@ -724,7 +810,62 @@ impl Core {
             Request::SyncReport { reply } => {
                 let _ = reply.send(Ok(self.sync_report()));
             }
+            Request::PairHome { code, reply } => self.start_home_pairing(&code, reply),
+            Request::ListHomes { reply } => {
+                let _ = reply.send(Ok(self.list_homes()));
+            }
+            Request::ListShares { reply } => {
+                let _ = reply.send(self.list_shares());
+            }
+            Request::Store { reply } => {
+                let _ = reply.send(Ok(self.store.clone()));
+            }
+            Request::Capture { sink, reply } => {
+                self.capture = Some(sink);
+                let _ = reply.send(Ok(()));
+            }
+            Request::OpenFrame { bytes, reply } => {
+                let _ = reply.send(self.debug_open_frame(&bytes));
+            }
             other => self.handle_more(other),
+        }
+    }
+
+    /// Requests that wait on the store or the network while changing sharing state.
+    async fn handle_sharing(&mut self, request: Request) {
+        match request {
+            Request::HomePairDone {
+                issuer,
+                issuer_addrs,
+                expected_home,
+                result,
+                reply,
+            } => {
+                let outcome = self
+                    .finish_home_pairing(issuer, &issuer_addrs, &expected_home, result)
+                    .await;
+                let _ = reply.send(outcome);
+            }
+            Request::ForgetHome { home, reply } => {
+                let _ = reply.send(self.forget_home(&home).await);
+            }
+            Request::Share {
+                entity_id,
+                home,
+                read_only,
+                policy,
+                reply,
+            } => {
+                let _ = reply.send(self.share(&entity_id, &home, read_only, policy).await);
+            }
+            Request::Unshare {
+                entity_id,
+                home,
+                reply,
+            } => {
+                let _ = reply.send(self.unshare(&entity_id, &home).await);
+            }
+            other => self.handle(other),
         }
     }
 
@@ -786,7 +927,10 @@ impl Core {
         };
         let now = now_ms();
         let doc = match self.doc_of_entity(id) {
-            Some(doc) => doc,
+            Some(doc) => {
+                self.check_write_rights(doc, id)?;
+                doc
+            }
             None => {
                 let entity_id = id.to_string();
                 let (doc, batch) = self.create_shared_doc(
@@ -935,6 +1079,10 @@ impl Core {
 
     /// Records a document's current heads in the digest tree.
     fn refresh_digest(&mut self, doc: DocId) {
+        // Another home's entity is never reconciled with this home's devices.
+        if self.is_foreign_doc(doc) {
+            return;
+        }
         if let Ok(heads) = self.engine.heads(doc) {
             self.digest
                 .insert(doc, hearth_crdt::digest::heads_hash(&heads));

@@ -59,13 +59,7 @@ impl Core {
         home: bool,
         ttl_s: u64,
     ) -> Result<NewInvite, Error> {
-        if home {
-            return Err(Error::Invalid(
-                "home invites (pairing two homes) are not available yet; use a device invite"
-                    .into(),
-            ));
-        }
-        if self.home.root_secret.is_none() {
+        if !home && self.home.root_secret.is_none() {
             return Err(Error::Forbidden(
                 "only the home's admin device (the one that created it) can invite devices".into(),
             ));
@@ -88,7 +82,11 @@ impl Core {
             .pairing
             .book
             .issue(
-                InviteKind::Device,
+                if home {
+                    InviteKind::Home
+                } else {
+                    InviteKind::Device
+                },
                 &issuer,
                 ttl_s,
                 now_s,
@@ -132,10 +130,47 @@ impl Core {
                 return failure.reply.unwrap_or_default();
             }
         };
+        if verified.kind() == InviteKind::Home {
+            return self.grant_home_pairing(verified, now_s).await;
+        }
         match self.grant(verified, now_s).await {
             Ok(reply) => reply,
             Err(reply) => reply,
         }
+    }
+
+    /// A home that proved a home code: it is recorded, this home's public record goes back
+    /// in the grant, and its device is admitted.
+    async fn grant_home_pairing(&mut self, verified: VerifiedJoiner, now_s: u64) -> Vec<u8> {
+        let peer = *verified.peer_id();
+        let refuse = |e: String| {
+            tracing::warn!(%peer, error = %e, "cannot pair with the home");
+            crate::trust::pake::refusal(crate::trust::pake::Refusal::Failed).unwrap_or_default()
+        };
+        // The code is consumed only by sealing the grant: check that will work before
+        // recording the other home.
+        if let Err(error) = self.pairing.book.check(&verified.code_id(), now_s) {
+            return refuse(error.to_string());
+        }
+        let extra = verified.info().extra.to_vec();
+        let mine = match self.grant_home(&peer.to_base58(), &extra).await {
+            Ok(mine) => mine,
+            Err(e) => return refuse(e),
+        };
+        let grant = Grant {
+            certificate: Vec::new().into(),
+            home: mine.into(),
+            home_doc: Vec::new().into(),
+        };
+        let sealed = match verified.seal_grant(&mut self.pairing.book, &grant, now_s) {
+            Ok(sealed) => sealed,
+            Err(f) => {
+                tracing::info!(%peer, error = %f.error, "home pairing refused at grant");
+                return f.reply.unwrap_or_default();
+            }
+        };
+        self.after_home_granted(peer).await;
+        sealed
     }
 
     /// Issues the joiner's certificate and seals the grant; records the device in the home

@@ -34,7 +34,15 @@ impl Core {
                 Err("is a revoked device of this home".to_string())
             }
             Verdict::Valid(cert) => Ok(cert),
-            Verdict::WrongHome { .. } => Err("belongs to another home".to_string()),
+            Verdict::WrongHome { found, .. } => {
+                if let Err(reason) = self.on_foreign_hello(peer, certificate, &found).await {
+                    tracing::info!(peer = %peer_text, %reason, "refusing peer");
+                    if let Err(error) = self.net.reject(peer, format!("peer {reason}")).await {
+                        tracing::warn!(peer = %peer_text, %error, "could not refuse peer");
+                    }
+                }
+                return;
+            }
             Verdict::BadSignature => {
                 Err("presented a certificate with a bad signature".to_string())
             }
@@ -143,7 +151,7 @@ impl Core {
     /// Attaches every document this device holds a key for: those the digest found
     /// different get a sync exchange, the rest start in sync without a message.
     async fn attach_after_digest(&mut self, peer: &str, differences: &Differences) {
-        let ids: Vec<(DocId, KeyEpoch)> = self.keyring.ids().collect();
+        let ids = self.home_key_ids();
         for (doc, epoch) in ids {
             let differs = differences.changed.contains(&doc)
                 || differences.local_only.contains(&doc)
@@ -177,11 +185,27 @@ impl Core {
     /// Opens a sync session with an admitted device for every document this node holds a
     /// key for; saved sync states make a reconnect resume where it left off.
     pub(super) async fn attach_all(&mut self, peer: &str) {
-        let ids: Vec<(DocId, KeyEpoch)> = self.keyring.ids().collect();
+        let ids = self.home_key_ids();
         for (doc, epoch) in ids {
             self.attach(peer, doc, epoch).await;
         }
         self.send_pending().await;
+    }
+
+    /// The documents this home's devices sync with each other, each once at its newest
+    /// epoch: every held key except other homes' entities, which are never relayed.
+    fn home_key_ids(&self) -> Vec<(DocId, KeyEpoch)> {
+        let mut newest: std::collections::BTreeMap<DocId, KeyEpoch> = Default::default();
+        for (doc, epoch) in self.keyring.ids() {
+            if self.is_foreign_doc(doc) {
+                continue;
+            }
+            let slot = newest.entry(doc).or_insert(epoch);
+            if epoch > *slot {
+                *slot = epoch;
+            }
+        }
+        newest.into_iter().collect()
     }
 
     async fn attach(&mut self, peer: &str, doc: DocId, epoch: KeyEpoch) {
@@ -224,6 +248,11 @@ impl Core {
         if self.engine.header(doc).is_ok() {
             return;
         }
+        if let Some(owner) = self.sharing.shared_in.get(&doc).map(|s| s.owner.clone()) {
+            self.engine
+                .expect_document(doc, DocKind::Entity, &owner, epoch);
+            return;
+        }
         let kind = if doc == self.home.home_doc {
             DocKind::Home
         } else if doc == self.home.registry_doc {
@@ -241,7 +270,12 @@ impl Core {
         let outbox = std::mem::take(&mut self.outbox);
         let max_push = self.engine.config().max_push_bytes;
         for (peer, frame) in super::batching::coalesce_pushes(outbox, max_push) {
-            let Some(net_peer) = self.admitted.get(&peer).copied() else {
+            let Some(net_peer) = self
+                .admitted
+                .get(&peer)
+                .copied()
+                .or_else(|| self.sharing.foreign.get(&peer).map(|f| f.net))
+            else {
                 continue;
             };
             let bytes = match self.seal_frame(frame) {
@@ -282,8 +316,9 @@ impl Core {
                 s.bytes = keys::seal(key, s.doc, s.epoch, RecordKind::SyncMessage, &s.bytes)
                     .map_err(|e| e.to_string())?;
             }
-            // Digest frames hold only ids and heads hashes, which Noise protects.
-            Frame::Digest(_) => {}
+            // Digest frames hold only ids and heads hashes, which Noise protects; the key
+            // in a grant frame is wrapped for the receiving device.
+            Frame::Digest(_) | Frame::Grant(_) => {}
             _ => return Err("unknown frame kind".into()),
         }
         Ok(wire::encode(&frame))
@@ -298,6 +333,7 @@ impl Core {
         // may still be queued when the disconnect of its sender is reported first (the two
         // travel on separate queues); it was authenticated on arrival, so it is applied:
         // dropping it would lose writes the sender already acknowledged.
+        self.capture_raw(&peer_text, "sync", &bytes);
         let mut frame = match wire::decode(&bytes, MAX_FRAME_BYTES) {
             Ok(frame) => frame,
             Err(error) => {
@@ -311,14 +347,28 @@ impl Core {
                 self.open_payload(s.doc, s.epoch, RecordKind::SyncMessage, &mut s.bytes)
             }
             Frame::Digest(d) => {
+                if self.sharing.foreign.contains_key(&peer_text) {
+                    tracing::warn!(peer = %peer_text, "digest frame from a paired home's device dropped");
+                    return;
+                }
                 let bytes = std::mem::take(&mut d.bytes);
                 self.on_digest(&peer_text, &bytes).await;
+                return;
+            }
+            Frame::Grant(g) => {
+                let bytes = std::mem::take(&mut g.bytes);
+                self.on_grant_frame(&peer_text, &bytes).await;
                 return;
             }
             _ => Err("unknown frame kind".into()),
         };
         if let Err(reason) = opened {
             tracing::warn!(peer = %peer_text, %reason, "dropping a frame");
+            return;
+        }
+        self.capture_opened(&peer_text, &frame);
+        if let Err(reason) = self.authorize_foreign(&peer_text, &frame) {
+            self.refuse_foreign(&peer_text, &frame, &reason).await;
             return;
         }
         match self.engine.receive(peer_text.clone(), frame, now_ms()) {
@@ -398,5 +448,56 @@ impl Core {
                 self.attach(peer, doc, epoch).await;
             }
         }
+    }
+
+    /// Test hook: records a received frame as it arrived.
+    pub(super) fn capture_raw(&self, peer: &str, stream: &'static str, bytes: &[u8]) {
+        if let Some(sink) = &self.capture
+            && let Ok(mut list) = sink.lock()
+        {
+            list.push(crate::node::Captured {
+                peer: peer.to_string(),
+                stream,
+                raw: bytes.to_vec(),
+                opened: None,
+            });
+        }
+    }
+
+    /// Test hook: adds the opened payload to the frame recorded last from `peer`.
+    fn capture_opened(&self, peer: &str, frame: &Frame) {
+        let Some(sink) = &self.capture else {
+            return;
+        };
+        let payload = match frame {
+            Frame::Push(p) => p.bytes.clone(),
+            Frame::Sync(s) => s.bytes.clone(),
+            _ => return,
+        };
+        if let Ok(mut list) = sink.lock()
+            && let Some(last) = list.iter_mut().rev().find(|c| c.peer == peer)
+        {
+            last.opened = Some(payload);
+        }
+    }
+
+    /// Test hook: tries to open a frame with this device's keys, applying nothing.
+    pub(super) fn debug_open_frame(&self, bytes: &[u8]) -> Result<(), crate::Error> {
+        let frame = wire::decode(bytes, MAX_FRAME_BYTES)
+            .map_err(|e| crate::Error::Invalid(format!("not a frame: {e}")))?;
+        let (doc, epoch, kind, sealed) = match &frame {
+            Frame::Push(p) => (p.doc, p.epoch, RecordKind::Push, &p.bytes),
+            Frame::Sync(s) => (s.doc, s.epoch, RecordKind::SyncMessage, &s.bytes),
+            _ => return Err(crate::Error::Invalid("not a push or sync frame".into())),
+        };
+        let key = self.keyring.get(doc, epoch).ok_or_else(|| {
+            crate::Error::Forbidden(format!(
+                "no key for document {doc} at epoch {}",
+                epoch.counter
+            ))
+        })?;
+        keys::open(key, doc, epoch, kind, sealed)
+            .map(|_| ())
+            .map_err(|e| crate::Error::Forbidden(format!("cannot open: {e}")))
     }
 }

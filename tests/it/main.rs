@@ -9,6 +9,7 @@ mod entities;
 mod pairing;
 mod robust;
 mod rooms;
+mod sharing;
 mod up;
 mod util;
 mod watch;

@@ -90,27 +90,7 @@ impl Home {
 
         let devices = read_devices(doc, &h)?;
 
-        let ph = req_map(doc, &h, "paired", "home.paired")?;
-        let mut paired = BTreeMap::new();
-        for home_id in keys(doc, &ph) {
-            let p = join("home.paired", &home_id);
-            let rec = req_map(doc, &ph, &home_id, &p)?;
-            let dp = join(&p, "devices");
-            let devs = req_map(doc, &rec, "devices", &dp)?;
-            let mut their = BTreeMap::new();
-            for peer in keys(doc, &devs) {
-                let cert = req_bytes(doc, &devs, &peer, &join(&dp, &peer))?;
-                their.insert(peer, cert);
-            }
-            paired.insert(
-                home_id,
-                PairedHome {
-                    name: req_str(doc, &rec, "name", &join(&p, "name"))?,
-                    root_key: req_bytes(doc, &rec, "root_key", &join(&p, "root_key"))?,
-                    devices: their,
-                },
-            );
-        }
+        let paired = read_paired(doc, &h)?;
 
         let k = req_map(doc, &h, "keyring", "home.keyring")?;
         let mut keyring = BTreeMap::new();
@@ -146,6 +126,56 @@ impl Home {
 pub fn devices<D: ReadDoc>(doc: &D) -> Result<BTreeMap<String, DeviceRecord>> {
     let h = req_map(doc, &ROOT, HOME_KEY, HOME_KEY)?;
     read_devices(doc, &h)
+}
+
+/// Reads only the paired homes: what admitting a device of another home needs, without
+/// the keyring.
+pub fn paired<D: ReadDoc>(doc: &D) -> Result<BTreeMap<String, PairedHome>> {
+    let h = req_map(doc, &ROOT, HOME_KEY, HOME_KEY)?;
+    read_paired(doc, &h)
+}
+
+fn read_paired<D: ReadDoc>(doc: &D, h: &automerge::ObjId) -> Result<BTreeMap<String, PairedHome>> {
+    let ph = req_map(doc, h, "paired", "home.paired")?;
+    let mut paired = BTreeMap::new();
+    for home_id in keys(doc, &ph) {
+        let p = join("home.paired", &home_id);
+        let rec = req_map(doc, &ph, &home_id, &p)?;
+        let dp = join(&p, "devices");
+        let devs = req_map(doc, &rec, "devices", &dp)?;
+        let mut their = BTreeMap::new();
+        for peer in keys(doc, &devs) {
+            let cert = req_bytes(doc, &devs, &peer, &join(&dp, &peer))?;
+            their.insert(peer, cert);
+        }
+        paired.insert(
+            home_id,
+            PairedHome {
+                name: req_str(doc, &rec, "name", &join(&p, "name"))?,
+                root_key: req_bytes(doc, &rec, "root_key", &join(&p, "root_key"))?,
+                devices: their,
+            },
+        );
+    }
+    Ok(paired)
+}
+
+/// Adds (or replaces) one device certificate of a paired home. Fails if the home is not
+/// paired.
+pub fn put_paired_device<T: Transactable>(
+    doc: &mut T,
+    home_id: &str,
+    peer: &str,
+    certificate: &[u8],
+) -> Result<()> {
+    let h = req_map(doc, &ROOT, HOME_KEY, HOME_KEY)?;
+    let ph = req_map(doc, &h, "paired", "home.paired")?;
+    let p = join("home.paired", home_id);
+    let rec = req_map(doc, &ph, home_id, &p)?;
+    let devs = req_map(doc, &rec, "devices", &join(&p, "devices"))?;
+    doc.put(&devs, peer, ScalarValue::Bytes(certificate.to_vec()))
+        .map_err(am)?;
+    Ok(())
 }
 
 fn read_devices<D: ReadDoc>(

@@ -1,0 +1,167 @@
+//! Sharing between homes: paired homes, the entities shared each way, and the handle that
+//! pairs, shares and unshares.
+
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+use crate::core::{CoreHandle, Request};
+
+/// A home this one is paired with.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KnownHome {
+    /// Its HomeId.
+    pub home_id: String,
+    /// Its name.
+    pub name: String,
+    /// Devices of it this home knows (PeerIds).
+    pub devices: Vec<String>,
+    /// Entities this home shares with it.
+    pub we_share: Vec<String>,
+    /// Entities it shares with this home.
+    pub they_share: Vec<String>,
+}
+
+/// One entity of this home shared with another home.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShareOut {
+    /// The entity id.
+    pub entity_id: String,
+    /// The grantee home's HomeId.
+    pub home: String,
+    /// `read` or `write`.
+    pub rights: String,
+    /// The conflict policy of the entity.
+    pub policy: String,
+    /// The key epoch the entity is sealed under now, as `counter-device`.
+    pub epoch: String,
+}
+
+/// One entity another home shares with this one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShareIn {
+    /// The entity id.
+    pub entity_id: String,
+    /// The owner home's HomeId.
+    pub owner: String,
+    /// `read` or `write`.
+    pub rights: String,
+    /// Whether the owner took the grant back (what arrived before stays readable).
+    pub revoked: bool,
+}
+
+/// Both directions at once.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedList {
+    /// What this home shares.
+    pub shared_out: Vec<ShareOut>,
+    /// What other homes share with this one.
+    pub shared_in: Vec<ShareIn>,
+}
+
+/// Paired with a home.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairedWith {
+    /// Its HomeId.
+    pub home_id: String,
+    /// Its name.
+    pub name: String,
+}
+
+/// One audit entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// When (RFC 3339).
+    pub time: String,
+    /// What happened, e.g. `share.granted`.
+    pub action: String,
+    /// Who did it: this device, or the remote device whose request it was.
+    #[serde(default)]
+    pub actor: String,
+    /// What it concerned.
+    pub subject: String,
+}
+
+/// Sharing operations of a running node; get one from [`crate::Node::shares`].
+#[derive(Clone)]
+pub struct Shares {
+    pub(crate) core: CoreHandle,
+}
+
+impl Shares {
+    /// Pairs this home with the home that issued `code` (a home invite code), which must be
+    /// running and reachable.
+    pub async fn pair(&self, code: &str) -> Result<PairedWith, Error> {
+        let code = code.trim().to_string();
+        self.core
+            .call(|reply| Request::PairHome { code, reply })
+            .await?
+    }
+
+    /// Paired homes, with what is shared each way.
+    pub async fn homes(&self) -> Result<Vec<KnownHome>, Error> {
+        self.core.call(|reply| Request::ListHomes { reply }).await?
+    }
+
+    /// Forgets a paired home (by HomeId or unique name): every entity shared with it is
+    /// unshared (its key rotates), and its devices are no longer admitted.
+    pub async fn forget(&self, home: &str) -> Result<PairedWith, Error> {
+        let home = home.to_string();
+        self.core
+            .call(|reply| Request::ForgetHome { home, reply })
+            .await?
+    }
+
+    /// Shares an entity of this home with a paired home; `read_only` grants read rights
+    /// only. `policy` sets the entity's conflict policy at the same time.
+    pub async fn share(
+        &self,
+        entity_id: &str,
+        home: &str,
+        read_only: bool,
+        policy: Option<&str>,
+    ) -> Result<ShareOut, Error> {
+        let (entity_id, home, policy) = (
+            entity_id.to_string(),
+            home.to_string(),
+            policy.map(str::to_string),
+        );
+        self.core
+            .call(|reply| Request::Share {
+                entity_id,
+                home,
+                read_only,
+                policy,
+                reply,
+            })
+            .await?
+    }
+
+    /// Stops sharing an entity with a home: the entity's key rotates, and the home reads
+    /// nothing written after this.
+    pub async fn unshare(&self, entity_id: &str, home: &str) -> Result<ShareOut, Error> {
+        let (entity_id, home) = (entity_id.to_string(), home.to_string());
+        self.core
+            .call(|reply| Request::Unshare {
+                entity_id,
+                home,
+                reply,
+            })
+            .await?
+    }
+
+    /// What this home shares, and what is shared with it.
+    pub async fn list(&self) -> Result<SharedList, Error> {
+        self.core
+            .call(|reply| Request::ListShares { reply })
+            .await?
+    }
+
+    /// The audit log, oldest first, from `since_ms` (Unix ms) on.
+    pub async fn audit(&self, since_ms: u64) -> Result<Vec<AuditEntry>, Error> {
+        crate::audit::list(&self.core_store().await?, since_ms).await
+    }
+
+    async fn core_store(&self) -> Result<hearth_storage::StoreHandle, Error> {
+        self.core.call(|reply| Request::Store { reply }).await?
+    }
+}

@@ -1,0 +1,431 @@
+//! Sharing between homes, in process on loopback with mDNS off: pairing homes, sharing
+//! and unsharing entities, read-only grants, what never leaves a home, and the audit log.
+
+use std::time::{Duration, Instant};
+
+use hearth::{Error, Node};
+use tokio::time::timeout;
+
+use crate::pairing::{T, config, wait_state, write};
+
+async fn start(dir: &std::path::Path, name: &str) -> Node {
+    timeout(T, Node::start(config(dir, name)))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+/// Pairs `joiner`'s home with `issuer`'s through a home code, and waits until each admits
+/// the other's device.
+async fn pair(issuer: &Node, joiner: &Node) {
+    let code = timeout(T, issuer.invite_home(Duration::from_secs(600)))
+        .await
+        .unwrap()
+        .unwrap();
+    let paired = timeout(T, joiner.shares().pair(&code.code))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(paired.home_id, issuer.home_id());
+    let homes = issuer.shares().homes().await.unwrap();
+    assert!(homes.iter().any(|h| h.home_id == joiner.home_id()));
+}
+
+/// Polls until `f` holds, or fails naming `what`.
+async fn until<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + T;
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paired_homes_share_an_entity_and_write_it_both_ways() {
+    init_tracing();
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = start(dirs[0].path(), "a").await;
+    let b = start(dirs[1].path(), "b").await;
+    a.entities().set("light.porch", write("off")).await.unwrap();
+    pair(&a, &b).await;
+
+    let out = a
+        .shares()
+        .share("light.porch", b.home_id(), false, None)
+        .await
+        .unwrap();
+    assert_eq!(out.rights, "write");
+    wait_state(&b, "light.porch", "off").await;
+    let seen = b.entities().get("light.porch").await.unwrap().unwrap();
+    assert_eq!(seen.owner, a.home_id());
+
+    a.entities().set("light.porch", write("on")).await.unwrap();
+    wait_state(&b, "light.porch", "on").await;
+    b.entities().set("light.porch", write("dim")).await.unwrap();
+    wait_state(&a, "light.porch", "dim").await;
+
+    let listed = b.shares().list().await.unwrap();
+    assert_eq!(listed.shared_in.len(), 1);
+    assert_eq!(listed.shared_in[0].entity_id, "light.porch");
+    assert_eq!(listed.shared_in[0].owner, a.home_id());
+    let listed = a.shares().list().await.unwrap();
+    assert_eq!(listed.shared_out.len(), 1);
+    assert_eq!(listed.shared_out[0].home, b.home_id());
+
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_grant_refuses_writes_at_both_ends() {
+    init_tracing();
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = start(dirs[0].path(), "a").await;
+    let b = start(dirs[1].path(), "b").await;
+    a.entities().set("light.porch", write("off")).await.unwrap();
+    pair(&a, &b).await;
+    a.shares()
+        .share("light.porch", b.home_id(), true, None)
+        .await
+        .unwrap();
+    wait_state(&b, "light.porch", "off").await;
+    let refused = b.entities().set("light.porch", write("on")).await;
+    assert!(matches!(refused, Err(Error::Forbidden(_))), "{refused:?}");
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unshared_home_reads_nothing_new_and_its_requests_are_refused() {
+    init_tracing();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = start(dirs[0].path(), "a").await;
+    let b = start(dirs[1].path(), "b").await;
+    let c = start(dirs[2].path(), "c").await;
+    a.entities().set("light.porch", write("0")).await.unwrap();
+    pair(&a, &b).await;
+    pair(&a, &c).await;
+    for home in [b.home_id(), c.home_id()] {
+        a.shares()
+            .share("light.porch", home, false, None)
+            .await
+            .unwrap();
+    }
+    wait_state(&b, "light.porch", "0").await;
+    wait_state(&c, "light.porch", "0").await;
+
+    let started = Instant::now();
+    let out = a
+        .shares()
+        .unshare("light.porch", b.home_id())
+        .await
+        .unwrap();
+    assert!(out.epoch.starts_with("0000000000000001-"), "{}", out.epoch);
+    for i in 1..=100 {
+        a.entities()
+            .set("light.porch", write(&format!("after-{i}")))
+            .await
+            .unwrap();
+    }
+    wait_state(&c, "light.porch", "after-100").await;
+    eprintln!(
+        "unshare, 100 writes, third home current: {:?}",
+        started.elapsed()
+    );
+    // B keeps what it had and nothing written after.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let kept = b.entities().get("light.porch").await.unwrap().unwrap();
+    assert_eq!(kept.state, "0");
+    let listed = b.shares().list().await.unwrap();
+    assert!(listed.shared_in[0].revoked);
+
+    let audit = a.shares().audit(0).await.unwrap();
+    let actions: Vec<&str> = audit.iter().map(|e| e.action.as_str()).collect();
+    let pos = |what: &str| actions.iter().position(|a| *a == what);
+    assert!(pos("home.paired") < pos("share.granted"), "{actions:?}");
+    assert!(pos("share.granted") < pos("share.revoked"), "{actions:?}");
+    assert!(pos("share.revoked") < pos("key.rotated"), "{actions:?}");
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+    c.shutdown().await.unwrap();
+}
+
+/// Whether any captured frame, as received or as opened, holds `needle`.
+fn captured_holds(captured: &[hearth::Captured], needle: &[u8]) -> bool {
+    let holds = |hay: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+    captured
+        .iter()
+        .any(|c| holds(&c.raw) || c.opened.as_deref().is_some_and(holds))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_shared_entities_leave_the_home() {
+    init_tracing();
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = start(dirs[0].path(), "a").await;
+    let b = start(dirs[1].path(), "b").await;
+    let canary = |i: usize| format!("canary-{i}-3f9a1c");
+    for i in 0..20 {
+        a.entities()
+            .set(&format!("sensor.s{i}"), write(&canary(i)))
+            .await
+            .unwrap();
+    }
+    let captured = b.debug_capture().await.unwrap();
+    pair(&a, &b).await;
+    for i in [3, 11] {
+        a.shares()
+            .share(&format!("sensor.s{i}"), b.home_id(), true, None)
+            .await
+            .unwrap();
+    }
+    wait_state(&b, "sensor.s3", &canary(3)).await;
+    wait_state(&b, "sensor.s11", &canary(11)).await;
+    // Updates to every entity while the homes stay connected.
+    for i in 0..20 {
+        a.entities()
+            .set(
+                &format!("sensor.s{i}"),
+                write(&format!("{}-again", canary(i))),
+            )
+            .await
+            .unwrap();
+    }
+    wait_state(&b, "sensor.s11", &format!("{}-again", canary(11))).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let listed: Vec<String> = b
+        .entities()
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(listed, ["sensor.s11", "sensor.s3"]);
+    let captured = captured.lock().unwrap().clone();
+    assert!(
+        captured.iter().any(|c| c.opened.is_some()),
+        "nothing was captured"
+    );
+    assert!(captured_holds(&captured, canary(3).as_bytes()));
+    for i in (0..20).filter(|i| *i != 3 && *i != 11) {
+        assert!(
+            !captured_holds(&captured, canary(i).as_bytes()),
+            "canary {i} reached the other home"
+        );
+        let id = format!("sensor.s{i}");
+        assert!(
+            b.entities().get(&id).await.unwrap().is_none(),
+            "{id} is readable on the other home"
+        );
+    }
+    b.shutdown().await.unwrap();
+    // B's store, reopened: still only the two shared entities.
+    let b = start(dirs[1].path(), "b").await;
+    assert_eq!(b.entities().list().await.unwrap().len(), 2);
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_third_home_cannot_open_frames_meant_for_another() {
+    init_tracing();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = start(dirs[0].path(), "a").await;
+    let b = start(dirs[1].path(), "b").await;
+    let c = start(dirs[2].path(), "c").await;
+    a.entities().set("light.porch", write("off")).await.unwrap();
+    let captured = b.debug_capture().await.unwrap();
+    pair(&a, &b).await;
+    pair(&a, &c).await;
+    a.shares()
+        .share("light.porch", b.home_id(), false, None)
+        .await
+        .unwrap();
+    wait_state(&b, "light.porch", "off").await;
+    a.entities().set("light.porch", write("on")).await.unwrap();
+    wait_state(&b, "light.porch", "on").await;
+
+    let frames: Vec<Vec<u8>> = captured
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|c| c.peer == a.peer_id() && c.opened.is_some())
+        .map(|c| c.raw.clone())
+        .collect();
+    assert!(!frames.is_empty(), "no frame of A's captured at B");
+    for frame in frames {
+        let opened = c.debug_open_frame(frame).await;
+        assert!(matches!(opened, Err(Error::Forbidden(_))), "{opened:?}");
+    }
+    assert!(c.entities().get("light.porch").await.unwrap().is_none());
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+    c.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_owner_refuses_writes_from_a_read_only_home() {
+    init_tracing();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = start(dirs[0].path(), "a").await;
+    let b = start(dirs[1].path(), "b").await;
+    let c = start(dirs[2].path(), "c").await;
+    a.entities().set("light.porch", write("off")).await.unwrap();
+    pair(&a, &b).await;
+    pair(&a, &c).await;
+    a.shares()
+        .share("light.porch", b.home_id(), true, None)
+        .await
+        .unwrap();
+    a.shares()
+        .share("light.porch", c.home_id(), false, None)
+        .await
+        .unwrap();
+    wait_state(&b, "light.porch", "off").await;
+    wait_state(&c, "light.porch", "off").await;
+
+    // B's library, past B's own check.
+    b.debug_write_unchecked("light.porch", write("forged"))
+        .await
+        .unwrap();
+    until("A refuses and audits B's write", || async {
+        a.shares()
+            .audit(0)
+            .await
+            .unwrap()
+            .iter()
+            .any(|e| e.action == "write.refused" && e.actor == b.peer_id())
+    })
+    .await;
+    // A write that C makes still flows, and B's never does.
+    c.entities()
+        .set("light.porch", write("from-c"))
+        .await
+        .unwrap();
+    wait_state(&a, "light.porch", "from-c").await;
+    wait_state(&b, "light.porch", "from-c").await;
+    for node in [&a, &c] {
+        let history = node.entities().history("light.porch", 1000).await.unwrap();
+        assert!(
+            history.iter().all(|v| v.device != b.peer_id()),
+            "B's write reached {}",
+            node.device_name()
+        );
+    }
+    assert!(a.sync_counters().await.unwrap().frames_refused > 0);
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+    c.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_home_revoked_while_away_is_refused_when_it_returns() {
+    init_tracing();
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = start(dirs[0].path(), "a").await;
+    let b = start(dirs[1].path(), "b").await;
+    a.entities()
+        .set("light.porch", write("before"))
+        .await
+        .unwrap();
+    pair(&a, &b).await;
+    a.shares()
+        .share("light.porch", b.home_id(), false, None)
+        .await
+        .unwrap();
+    wait_state(&b, "light.porch", "before").await;
+    let b_home = b.home_id().to_string();
+    b.shutdown().await.unwrap();
+
+    a.shares().unshare("light.porch", &b_home).await.unwrap();
+    for i in 0..100 {
+        a.entities()
+            .set("light.porch", write(&format!("secret-{i}")))
+            .await
+            .unwrap();
+    }
+    let b = start(dirs[1].path(), "b").await;
+    let captured = b.debug_capture().await.unwrap();
+    until("A refuses B's sync requests for the entity", || async {
+        a.shares()
+            .audit(0)
+            .await
+            .unwrap()
+            .iter()
+            .any(|e| e.action == "sync.refused" && e.actor == b.peer_id())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        b.entities()
+            .get("light.porch")
+            .await
+            .unwrap()
+            .unwrap()
+            .state,
+        "before"
+    );
+    let captured = captured.lock().unwrap().clone();
+    for i in 0..100 {
+        assert!(!captured_holds(&captured, format!("secret-{i}").as_bytes()));
+    }
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_expired_and_reused_home_codes_change_nothing() {
+    init_tracing();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = start(dirs[0].path(), "a").await;
+    let b = start(dirs[1].path(), "b").await;
+    let c = start(dirs[2].path(), "c").await;
+
+    // Forged: a real code with one character changed fails its checksum or its secret.
+    let code = a.invite_home(Duration::from_secs(600)).await.unwrap().code;
+    let mut forged: Vec<char> = code.chars().collect();
+    let i = forged.len() / 2;
+    forged[i] = if forged[i] == 'A' { 'B' } else { 'A' };
+    let forged: String = forged.into_iter().collect();
+    let err = b.shares().pair(&forged).await.unwrap_err();
+    assert!(matches!(err, Error::Pairing(_)), "{err:?}");
+
+    // Expired.
+    let short = a.invite_home(Duration::from_secs(1)).await.unwrap().code;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let err = b.shares().pair(&short).await.unwrap_err();
+    assert!(err.to_string().contains("expired"), "{err}");
+
+    // A device code is not a home code.
+    let device_code = a.invite(Duration::from_secs(600)).await.unwrap().code;
+    let err = b.shares().pair(&device_code).await.unwrap_err();
+    assert!(matches!(err, Error::Invalid(_)), "{err:?}");
+
+    assert!(a.shares().homes().await.unwrap().is_empty());
+    assert!(b.shares().homes().await.unwrap().is_empty());
+
+    // Used once, then refused.
+    b.shares().pair(&code).await.unwrap();
+    let err = c.shares().pair(&code).await.unwrap_err();
+    assert!(matches!(err, Error::Pairing(_)), "{err:?}");
+    let homes = a.shares().homes().await.unwrap();
+    assert_eq!(homes.len(), 1);
+    assert_eq!(homes[0].home_id, b.home_id());
+    assert!(c.shares().homes().await.unwrap().is_empty());
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+    c.shutdown().await.unwrap();
+}
