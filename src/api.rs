@@ -19,6 +19,7 @@ use crate::entities::{Entities, Entity, EntityWrite};
 use time::OffsetDateTime;
 
 mod more;
+mod share;
 
 /// What the handlers can see of the node.
 pub(crate) struct ApiState {
@@ -155,6 +156,15 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
         .route("/api/entities/{id}/history", get(more::entity_history))
         .route("/api/entities/{id}/restore", post(more::restore_entity))
         .route("/api/peers", get(more::peers))
+        .route("/api/pair", post(share::pair))
+        .route("/api/homes", get(share::homes))
+        .route("/api/homes/{home}", axum::routing::delete(share::forget))
+        .route("/api/shares", post(share::share).get(share::list))
+        .route(
+            "/api/shares/{id}/{home}",
+            axum::routing::delete(share::unshare),
+        )
+        .route("/api/audit", get(share::audit))
         .route("/api/rooms", post(more::create_room).get(more::list_rooms))
         .route("/api/rooms/{id}", get(more::get_room))
         .route("/api/rooms/{id}/join", post(more::join_room))

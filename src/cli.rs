@@ -61,13 +61,63 @@ enum Command {
     ///
     /// A device code runs without a node: it pairs with the issuer, stores the
     /// membership in --data (which must not hold a home yet) and exits; then run
-    /// `hearth up` with the same --data.
+    /// `hearth up` with the same --data. A home code goes to this home's running node,
+    /// and the two homes become known to each other.
     Join {
         /// The invite code.
         code: String,
-        /// This device's name (default: the host name).
+        /// This device's name (default: the host name); device codes only.
         #[arg(long, value_name = "NAME")]
         name: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List paired homes, with what is shared each way.
+    Homes(ClientArgs),
+    /// Forget a paired home: everything shared with it is unshared (keys rotate) and its
+    /// devices are no longer admitted.
+    Forget {
+        /// The home: its HomeId, or its name when unique.
+        home: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Share an entity of this home with a paired home.
+    Share {
+        /// The entity id, e.g. `light.porch`.
+        id: String,
+        /// The home to share with: its HomeId, or its name when unique.
+        #[arg(long = "with", value_name = "HOME")]
+        with: String,
+        /// Grant read rights only (default: read and write).
+        #[arg(long)]
+        read_only: bool,
+        /// Conflict policy: latest-wins, merge, owner-wins, sharer-wins or user-choice.
+        #[arg(long, value_name = "POLICY")]
+        policy: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Stop sharing an entity with a home; its key rotates, and the home reads nothing
+    /// written after this.
+    Unshare {
+        /// The entity id.
+        id: String,
+        /// The home: its HomeId, or its name when unique.
+        #[arg(long = "from", value_name = "HOME")]
+        from: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List what this home shares, and what other homes share with it.
+    Shared(ClientArgs),
+    /// Show the audit log: pairings, shares, rotations, revocations, refused requests.
+    Audit {
+        /// Only entries since an RFC 3339 time or a duration back from now (`15m`, `2h`).
+        #[arg(long, value_name = "SINCE")]
+        since: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// Create, update and read entities.
     #[command(subcommand)]
@@ -359,7 +409,44 @@ pub(crate) fn run(args: Args) -> Result<()> {
             ttl,
             client: c,
         } => invite(&data, home, ttl, &c),
-        Command::Join { code, name } => join(data, &code, name),
+        Command::Join {
+            code,
+            name,
+            client: c,
+        } => {
+            if hearth::invite_code_kind(&code)? == "home" {
+                crate::verbs::pair_home(&client(&data, &c)?, &code, c.json)
+            } else {
+                join(data, &code, name)
+            }
+        }
+        Command::Homes(c) => crate::verbs::homes(&client(&data, &c)?, c.json),
+        Command::Forget { home, client: c } => {
+            crate::verbs::forget(&client(&data, &c)?, &home, c.json)
+        }
+        Command::Share {
+            id,
+            with,
+            read_only,
+            policy,
+            client: c,
+        } => crate::verbs::share(
+            &client(&data, &c)?,
+            &id,
+            &with,
+            read_only,
+            policy.as_deref(),
+            c.json,
+        ),
+        Command::Unshare {
+            id,
+            from,
+            client: c,
+        } => crate::verbs::unshare(&client(&data, &c)?, &id, &from, c.json),
+        Command::Shared(c) => crate::verbs::shared(&client(&data, &c)?, c.json),
+        Command::Audit { since, client: c } => {
+            crate::verbs::audit(&client(&data, &c)?, since.as_deref(), c.json)
+        }
         Command::Events { pattern, client: c } => {
             let pattern = hearth::bus::Pattern::parse(&pattern)?;
             crate::watch::run(

@@ -76,3 +76,14 @@ pub const PEER_QUEUE_BYTES: usize = hearth_net::SYNC_QUEUE_BYTES;
 pub const DEFAULT_INVITE_TTL_S: u64 = 600;
 pub use node::{Invite, Node};
 pub use ws::WS_CLIENT_BUFFER;
+
+/// The kind of an invite code, `device` or `home`, read without checking its expiry, so a
+/// client knows where to send it. A code that does not decode is an error that says why.
+pub fn invite_code_kind(code: &str) -> Result<&'static str, Error> {
+    let code = trust::invite::InviteCode::decode(code.trim())
+        .map_err(|e| Error::Pairing(e.to_string()))?;
+    Ok(match code.kind() {
+        trust::invite::InviteKind::Device => "device",
+        trust::invite::InviteKind::Home => "home",
+    })
+}

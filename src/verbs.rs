@@ -346,3 +346,149 @@ pub(crate) fn presence_online(client: &Client, room: Option<&str>, json: bool) -
     }
     Ok(())
 }
+
+// ----- sharing between homes ------------------------------------------------------------
+
+pub(crate) fn pair_home(client: &Client, code: &str, json: bool) -> Result<()> {
+    let paired: Value = client.post("/api/pair", &json!({ "code": code.trim() }))?;
+    if json {
+        return print_json(&paired);
+    }
+    println!(
+        "paired with home {} ({})",
+        text(&paired["name"]),
+        text(&paired["home_id"])
+    );
+    Ok(())
+}
+
+pub(crate) fn homes(client: &Client, json: bool) -> Result<()> {
+    let body: Value = client.get("/api/homes")?;
+    if json {
+        return print_json(&body);
+    }
+    let mut t = table(&["HOME", "ID", "DEVICES", "WE SHARE", "THEY SHARE"]);
+    let names = |v: &Value| {
+        v.as_array()
+            .map(|a| a.iter().map(text).collect::<Vec<_>>().join(", "))
+            .unwrap_or_default()
+    };
+    for h in list(&body, "homes")? {
+        t.add_row(vec![
+            text(&h["name"]),
+            text(&h["home_id"]),
+            h["devices"].as_array().map_or(0, |d| d.len()).to_string(),
+            names(&h["we_share"]),
+            names(&h["they_share"]),
+        ]);
+    }
+    println!("{t}");
+    Ok(())
+}
+
+pub(crate) fn forget(client: &Client, home: &str, json: bool) -> Result<()> {
+    let body: Value = client.delete(&format!("/api/homes/{}", segment(home)))?;
+    if json {
+        return print_json(&body);
+    }
+    println!(
+        "forgot home {} ({})",
+        text(&body["name"]),
+        text(&body["home_id"])
+    );
+    Ok(())
+}
+
+pub(crate) fn share(
+    client: &Client,
+    id: &str,
+    home: &str,
+    read_only: bool,
+    policy: Option<&str>,
+    json: bool,
+) -> Result<()> {
+    let mut body = json!({ "entity_id": id, "home": home, "read_only": read_only });
+    if let Some(p) = policy {
+        body["policy"] = json!(p);
+    }
+    let out: Value = client.post("/api/shares", &body)?;
+    if json {
+        return print_json(&out);
+    }
+    println!(
+        "shared {} with {} ({}, policy {})",
+        text(&out["entity_id"]),
+        text(&out["home"]),
+        text(&out["rights"]),
+        text(&out["policy"])
+    );
+    Ok(())
+}
+
+pub(crate) fn unshare(client: &Client, id: &str, home: &str, json: bool) -> Result<()> {
+    let out: Value = client.delete(&format!("/api/shares/{}/{}", segment(id), segment(home)))?;
+    if json {
+        return print_json(&out);
+    }
+    println!(
+        "unshared {} from {}; its key is now at epoch {}",
+        text(&out["entity_id"]),
+        text(&out["home"]),
+        text(&out["epoch"])
+    );
+    Ok(())
+}
+
+pub(crate) fn shared(client: &Client, json: bool) -> Result<()> {
+    let body: Value = client.get("/api/shares")?;
+    if json {
+        return print_json(&body);
+    }
+    let mut t = table(&["ENTITY", "DIRECTION", "HOME", "RIGHTS", "NOTE"]);
+    for s in list(&body, "shared_out")? {
+        t.add_row(vec![
+            text(&s["entity_id"]),
+            "we share".into(),
+            text(&s["home"]),
+            text(&s["rights"]),
+            format!("policy {}", text(&s["policy"])),
+        ]);
+    }
+    for s in list(&body, "shared_in")? {
+        t.add_row(vec![
+            text(&s["entity_id"]),
+            "shared with us".into(),
+            text(&s["owner"]),
+            text(&s["rights"]),
+            if s["revoked"].as_bool() == Some(true) {
+                "revoked".into()
+            } else {
+                String::new()
+            },
+        ]);
+    }
+    println!("{t}");
+    Ok(())
+}
+
+pub(crate) fn audit(client: &Client, since: Option<&str>, json: bool) -> Result<()> {
+    let path = match since {
+        Some(s) => format!("/api/audit?since={}", segment(s)),
+        None => "/api/audit".to_string(),
+    };
+    let body: Value = client.get(&path)?;
+    if json {
+        return print_json(&body);
+    }
+    let mut t = table(&["TIME", "ACTION", "ACTOR", "SUBJECT"]);
+    for e in list(&body, "entries")? {
+        t.add_row(vec![
+            text(&e["time"]),
+            text(&e["action"]),
+            text(&e["actor"]),
+            text(&e["subject"]),
+        ]);
+    }
+    println!("{t}");
+    Ok(())
+}

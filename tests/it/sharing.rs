@@ -429,3 +429,98 @@ async fn forged_expired_and_reused_home_codes_change_nothing() {
     b.shutdown().await.unwrap();
     c.shutdown().await.unwrap();
 }
+
+#[test]
+fn the_rest_api_pairs_shares_refuses_and_unshares() {
+    use crate::api::TestNode;
+    use serde_json::json;
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = TestNode::start(dirs[0].path(), "a");
+    let b = TestNode::start(dirs[1].path(), "b");
+    let (a_home, b_home) = (
+        a.node().home_id().to_string(),
+        b.node().home_id().to_string(),
+    );
+
+    b.refused(
+        "POST",
+        "/api/pair",
+        r#"{"code":"not-a-code"}"#,
+        400,
+        "bad_request",
+    );
+    let invite = a.ok("POST", "/api/invites", Some(json!({"kind": "home"})), 200);
+    let code = invite["code"].as_str().unwrap();
+    let paired = b.ok("POST", "/api/pair", Some(json!({ "code": code })), 200);
+    assert_eq!(paired["home_id"], a_home.as_str());
+    let reused = json!({ "code": code }).to_string();
+    b.refused("POST", "/api/pair", &reused, 409, "conflict");
+
+    a.ok(
+        "PUT",
+        "/api/entities/light.porch",
+        Some(json!({"state": "off"})),
+        200,
+    );
+    let unknown_home = json!({"entity_id": "light.porch", "home": "nowhere"}).to_string();
+    a.refused("POST", "/api/shares", &unknown_home, 404, "not_found");
+    let unknown_entity = json!({"entity_id": "light.none", "home": b_home}).to_string();
+    a.refused("POST", "/api/shares", &unknown_entity, 404, "not_found");
+    let bad_policy =
+        json!({"entity_id": "light.porch", "home": b_home, "policy": "loudest-wins"}).to_string();
+    a.refused("POST", "/api/shares", &bad_policy, 400, "bad_request");
+    let shared = a.ok(
+        "POST",
+        "/api/shares",
+        Some(json!({"entity_id": "light.porch", "home": b_home, "read_only": true, "policy": "owner-wins"})),
+        200,
+    );
+    assert_eq!(shared["rights"], "read");
+    assert_eq!(shared["policy"], "owner-wins");
+
+    let deadline = Instant::now() + T;
+    while b.call("GET", "/api/entities/light.porch", None).0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the shared entity never reached B"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let write = json!({"state": "on"}).to_string();
+    b.refused("PUT", "/api/entities/light.porch", &write, 403, "forbidden");
+    let listed = b.ok("GET", "/api/shares", None, 200);
+    assert_eq!(listed["shared_in"][0]["rights"], "read");
+    let homes = a.ok("GET", "/api/homes", None, 200);
+    assert_eq!(homes["homes"][0]["we_share"][0], "light.porch");
+
+    let out = a.ok(
+        "DELETE",
+        &format!("/api/shares/light.porch/{b_home}"),
+        None,
+        200,
+    );
+    assert!(
+        out["epoch"]
+            .as_str()
+            .unwrap()
+            .starts_with("0000000000000001-")
+    );
+    let audit = a.ok("GET", "/api/audit?since=1h", None, 200);
+    let actions: Vec<&str> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    for want in [
+        "home.paired",
+        "share.granted",
+        "share.revoked",
+        "key.rotated",
+    ] {
+        assert!(actions.contains(&want), "{want} missing from {actions:?}");
+    }
+    a.refused("GET", "/api/audit?since=soon", "", 400, "bad_request");
+    a.ok("DELETE", &format!("/api/homes/{b_home}"), None, 200);
+    assert_eq!(a.ok("GET", "/api/homes", None, 200)["homes"], json!([]));
+}
