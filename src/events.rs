@@ -52,6 +52,22 @@ pub enum Event {
         /// The PeerId the change came from, `None` for this node.
         from_peer: Option<String>,
     },
+    /// An entity was shared between homes (`share.granted`) or stopped being shared
+    /// (`share.revoked`): by this home with another, or by another with this one.
+    Share {
+        /// The entity id.
+        entity_id: String,
+        /// The owner home's HomeId.
+        owner: String,
+        /// The grantee home's HomeId.
+        home: String,
+        /// `read` or `write`; `none` once revoked.
+        rights: String,
+        /// Whether it was granted (else revoked).
+        granted: bool,
+        /// The PeerId the grant came from, `None` for this node.
+        from_peer: Option<String>,
+    },
 }
 
 impl Event {
@@ -65,6 +81,8 @@ impl Event {
             Event::MemberLeft { .. } => "room.member_left",
             Event::Chat { .. } => "room.chat",
             Event::Presence { .. } => "presence.changed",
+            Event::Share { granted: true, .. } => "share.granted",
+            Event::Share { .. } => "share.revoked",
         }
     }
 
@@ -76,6 +94,7 @@ impl Event {
             Event::MemberJoined { room_id, .. } | Event::MemberLeft { room_id, .. } => room_id,
             Event::Chat { message, .. } => &message.room_id,
             Event::Presence { presence, .. } => &presence.user,
+            Event::Share { entity_id, .. } => entity_id,
         }
     }
 
@@ -87,7 +106,8 @@ impl Event {
             | Event::MemberJoined { from_peer, .. }
             | Event::MemberLeft { from_peer, .. }
             | Event::Chat { from_peer, .. }
-            | Event::Presence { from_peer, .. } => from_peer.as_deref(),
+            | Event::Presence { from_peer, .. }
+            | Event::Share { from_peer, .. } => from_peer.as_deref(),
         }
     }
 }

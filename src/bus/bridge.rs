@@ -112,6 +112,17 @@ impl Bridge {
             CoreEvent::Presence { presence, .. } => {
                 (to_json(presence), presence.device.clone(), None)
             }
+            CoreEvent::Share {
+                entity_id,
+                owner,
+                home,
+                rights,
+                ..
+            } => (
+                json!({ "entity_id": entity_id, "owner": owner, "home": home, "rights": rights }),
+                self.sender(from_peer.as_deref()),
+                None,
+            ),
         };
         let mut out = Event::new(name, subject, data, self.source(device))
             .with_correlation_id(correlation_id)

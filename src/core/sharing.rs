@@ -638,6 +638,8 @@ impl Core {
                     self.engine.detach(&p, doc);
                 }
                 crate::audit::record_by(&self.store, peer, "grant.revoked", &entity_id).await;
+                let me = self.home.home_id.clone();
+                self.emit_share(&entity_id, &fp.home, &me, "none", Some(peer.to_string()));
                 tracing::info!(%entity_id, owner = %fp.home, "a home stopped sharing an entity with this one");
             }
         }
@@ -688,6 +690,10 @@ impl Core {
         self.ensure_expected_owned(doc, epoch, &fp.home);
         self.index_shared_in();
         let changed = was.as_ref().map(|w| (w.rights.as_str(), w.revoked)) != Some((rights, false));
+        if changed {
+            let me = self.home.home_id.clone();
+            self.emit_share(entity_id, &fp.home, &me, rights, Some(fp.net.to_base58()));
+        }
         if changed || new_key {
             crate::audit::record_by(
                 &self.store,
@@ -888,6 +894,13 @@ impl Core {
             self.send_grant(&peer, &fp, entity_id, doc, rights);
         }
         self.send_pending().await;
+        self.emit_share(
+            entity_id,
+            &self.home.home_id.clone(),
+            &home_id,
+            rights.as_str(),
+            None,
+        );
         self.share_out(entity_id, &home_id)
     }
 
@@ -949,6 +962,7 @@ impl Core {
         .await;
         self.rotate(entity_id, doc).await?;
         self.send_pending().await;
+        self.emit_share(entity_id, &self.home.home_id.clone(), home_id, "none", None);
         Ok(())
     }
 
@@ -1175,6 +1189,26 @@ impl Core {
             home_id,
             name: record.name,
         })
+    }
+}
+
+impl Core {
+    fn emit_share(
+        &self,
+        entity_id: &str,
+        owner: &str,
+        home: &str,
+        rights: &str,
+        from_peer: Option<String>,
+    ) {
+        self.emit_event(crate::events::Event::Share {
+            entity_id: entity_id.to_string(),
+            owner: owner.to_string(),
+            home: home.to_string(),
+            rights: rights.to_string(),
+            granted: rights != "none",
+            from_peer,
+        });
     }
 }
 

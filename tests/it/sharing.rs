@@ -60,6 +60,7 @@ async fn paired_homes_share_an_entity_and_write_it_both_ways() {
     a.entities().set("light.porch", write("off")).await.unwrap();
     pair(&a, &b).await;
 
+    let mut events = b.subscribe();
     let out = a
         .shares()
         .share("light.porch", b.home_id(), false, None)
@@ -67,6 +68,18 @@ async fn paired_homes_share_an_entity_and_write_it_both_ways() {
         .unwrap();
     assert_eq!(out.rights, "write");
     wait_state(&b, "light.porch", "off").await;
+    let granted = timeout(T, async {
+        loop {
+            if let Some(hearth::EventItem::Event(e)) = events.next().await
+                && e.name() == "share.granted"
+            {
+                return e;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(granted.subject(), "light.porch");
     let seen = b.entities().get("light.porch").await.unwrap().unwrap();
     assert_eq!(seen.owner, a.home_id());
 
