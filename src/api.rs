@@ -165,6 +165,12 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
             axum::routing::delete(share::unshare),
         )
         .route("/api/audit", get(share::audit))
+        .route(
+            "/api/entities/{id}/policy",
+            axum::routing::put(share::set_policy),
+        )
+        .route("/api/conflicts", get(share::conflicts))
+        .route("/api/conflicts/resolve", post(share::resolve))
         .route("/api/rooms", post(more::create_room).get(more::list_rooms))
         .route("/api/rooms/{id}", get(more::get_room))
         .route("/api/rooms/{id}/join", post(more::join_room))

@@ -111,6 +111,30 @@ enum Command {
     },
     /// List what this home shares, and what other homes share with it.
     Shared(ClientArgs),
+    /// Set an entity's conflict policy: latest-wins, merge, owner-wins, sharer-wins or
+    /// user-choice.
+    Policy {
+        /// The entity id.
+        id: String,
+        /// The policy.
+        policy: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List conflicts waiting for a choice (entities under the user-choice policy).
+    Conflicts(ClientArgs),
+    /// Settle a conflict: write candidate CHOICE (its index in `hearth conflicts`) over
+    /// the others.
+    Resolve {
+        /// The entity id.
+        id: String,
+        /// `state` or `attributes.<name>`.
+        field: String,
+        /// The candidate's index.
+        choice: usize,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Show the audit log: pairings, shares, rotations, revocations, refused requests.
     Audit {
         /// Only entries since an RFC 3339 time or a duration back from now (`15m`, `2h`).
@@ -444,6 +468,18 @@ pub(crate) fn run(args: Args) -> Result<()> {
             client: c,
         } => crate::verbs::unshare(&client(&data, &c)?, &id, &from, c.json),
         Command::Shared(c) => crate::verbs::shared(&client(&data, &c)?, c.json),
+        Command::Policy {
+            id,
+            policy,
+            client: c,
+        } => crate::verbs::set_policy(&client(&data, &c)?, &id, &policy, c.json),
+        Command::Conflicts(c) => crate::verbs::conflicts(&client(&data, &c)?, c.json),
+        Command::Resolve {
+            id,
+            field,
+            choice,
+            client: c,
+        } => crate::verbs::resolve(&client(&data, &c)?, &id, &field, choice, c.json),
         Command::Audit { since, client: c } => {
             crate::verbs::audit(&client(&data, &c)?, since.as_deref(), c.json)
         }

@@ -1,6 +1,6 @@
 //! The library's view of entities: what integrations read and write.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::Error;
@@ -23,6 +23,32 @@ pub struct Entity {
     pub owner: String,
     /// The document version (hex of the heads hash); names a version in history.
     pub version: String,
+}
+
+/// A field with concurrent values waiting for someone to choose (user-choice policy).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConflictInfo {
+    /// The entity id.
+    pub entity_id: String,
+    /// `state` or `attributes.<name>`.
+    pub field: String,
+    /// The entity's policy.
+    pub policy: String,
+    /// The values, newest first; a resolution names one by its index here.
+    pub candidates: Vec<ConflictCandidate>,
+}
+
+/// One concurrent value.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConflictCandidate {
+    /// The value.
+    pub value: Value,
+    /// The device that wrote it.
+    pub device: String,
+    /// That device's home, when known.
+    pub home: Option<String>,
+    /// When it was written (RFC 3339).
+    pub time: String,
 }
 
 /// A write to an entity.
@@ -224,6 +250,34 @@ impl Entities {
         let (id, version) = (id.to_string(), version.to_string());
         self.core
             .call(|reply| Request::RestoreEntity { id, version, reply })
+            .await?
+    }
+
+    /// Sets an entity's conflict policy: `latest-wins` (the default), `merge`,
+    /// `owner-wins`, `sharer-wins` or `user-choice`. Answered after the flush.
+    pub async fn set_policy(&self, id: &str, policy: &str) -> Result<Entity, Error> {
+        let (id, policy) = (id.to_string(), policy.to_string());
+        self.core
+            .call(|reply| Request::SetPolicy { id, policy, reply })
+            .await?
+    }
+
+    /// Conflicts waiting for a choice (entities under the user-choice policy).
+    pub async fn conflicts(&self) -> Result<Vec<ConflictInfo>, Error> {
+        self.core.call(|reply| Request::Conflicts { reply }).await?
+    }
+
+    /// Settles a conflict on `field` (`state` or `attributes.<name>`) with candidate
+    /// number `choice` of [`Entities::conflicts`]; the choice is written as a new change.
+    pub async fn resolve(&self, id: &str, field: &str, choice: usize) -> Result<Entity, Error> {
+        let (id, field) = (id.to_string(), field.to_string());
+        self.core
+            .call(|reply| Request::ResolveConflict {
+                id,
+                field,
+                choice,
+                reply,
+            })
             .await?
     }
 

@@ -68,6 +68,22 @@ pub enum Event {
         /// The PeerId the grant came from, `None` for this node.
         from_peer: Option<String>,
     },
+    /// Concurrent values of an entity field met (`conflict.detected`), or someone chose
+    /// one (`conflict.resolved`).
+    Conflict {
+        /// The entity id.
+        entity_id: String,
+        /// `state` or `attributes.<name>`.
+        field: String,
+        /// The entity's policy.
+        policy: String,
+        /// How many values met.
+        candidates: usize,
+        /// The value the policy or the resolution chose; `None` while a user choice waits.
+        chosen: Option<serde_json::Value>,
+        /// Whether this is a resolution.
+        resolved: bool,
+    },
 }
 
 impl Event {
@@ -83,6 +99,8 @@ impl Event {
             Event::Presence { .. } => "presence.changed",
             Event::Share { granted: true, .. } => "share.granted",
             Event::Share { .. } => "share.revoked",
+            Event::Conflict { resolved: true, .. } => "conflict.resolved",
+            Event::Conflict { .. } => "conflict.detected",
         }
     }
 
@@ -94,7 +112,7 @@ impl Event {
             Event::MemberJoined { room_id, .. } | Event::MemberLeft { room_id, .. } => room_id,
             Event::Chat { message, .. } => &message.room_id,
             Event::Presence { presence, .. } => &presence.user,
-            Event::Share { entity_id, .. } => entity_id,
+            Event::Share { entity_id, .. } | Event::Conflict { entity_id, .. } => entity_id,
         }
     }
 
@@ -108,6 +126,7 @@ impl Event {
             | Event::Chat { from_peer, .. }
             | Event::Presence { from_peer, .. }
             | Event::Share { from_peer, .. } => from_peer.as_deref(),
+            Event::Conflict { .. } => None,
         }
     }
 }

@@ -52,8 +52,8 @@ pub use core::MAX_BATCH_WRITES;
 pub use core::{CHANGE_BUFFER, SyncCounters};
 pub use datadir::{API_ADDR_FILE, LOCK_FILE, TOKEN_FILE};
 pub use entities::{
-    ChangeItem, Changes, Entities, Entity, EntityChange, EntityVersion, EntityWrite,
-    MAX_ENTITY_ID_LEN, MAX_HISTORY, MAX_STATE_LEN,
+    ChangeItem, Changes, ConflictCandidate, ConflictInfo, Entities, Entity, EntityChange,
+    EntityVersion, EntityWrite, MAX_ENTITY_ID_LEN, MAX_HISTORY, MAX_STATE_LEN,
 };
 pub use error::Error;
 pub use events::{Event, EventItem, Events};

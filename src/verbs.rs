@@ -492,3 +492,63 @@ pub(crate) fn audit(client: &Client, since: Option<&str>, json: bool) -> Result<
     println!("{t}");
     Ok(())
 }
+
+pub(crate) fn set_policy(client: &Client, id: &str, policy: &str, json: bool) -> Result<()> {
+    let entity: Value = client.put(
+        &format!("/api/entities/{}/policy", segment(id)),
+        &json!({ "policy": policy }),
+    )?;
+    if json {
+        return print_json(&entity);
+    }
+    println!(
+        "{} now uses {policy}; state {}",
+        text(&entity["id"]),
+        text(&entity["state"])
+    );
+    Ok(())
+}
+
+pub(crate) fn conflicts(client: &Client, json: bool) -> Result<()> {
+    let body: Value = client.get("/api/conflicts")?;
+    if json {
+        return print_json(&body);
+    }
+    let mut t = table(&["ENTITY", "FIELD", "CHOICE", "VALUE", "DEVICE", "TIME"]);
+    for c in list(&body, "conflicts")? {
+        for (i, cand) in list(c, "candidates")?.iter().enumerate() {
+            t.add_row(vec![
+                text(&c["entity_id"]),
+                text(&c["field"]),
+                i.to_string(),
+                cand["value"].to_string(),
+                text(&cand["device"]),
+                text(&cand["time"]),
+            ]);
+        }
+    }
+    println!("{t}");
+    Ok(())
+}
+
+pub(crate) fn resolve(
+    client: &Client,
+    id: &str,
+    field: &str,
+    choice: usize,
+    json: bool,
+) -> Result<()> {
+    let entity: Value = client.post(
+        "/api/conflicts/resolve",
+        &json!({ "entity_id": id, "field": field, "choice": choice }),
+    )?;
+    if json {
+        return print_json(&entity);
+    }
+    println!(
+        "{} resolved; state {}",
+        text(&entity["id"]),
+        text(&entity["state"])
+    );
+    Ok(())
+}

@@ -169,3 +169,61 @@ mod tests {
         assert!(parse_since("5y", 0).is_err());
     }
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PolicyBody {
+    policy: String,
+}
+
+/// `PUT /api/entities/{id}/policy`.
+pub(super) async fn set_policy(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<PolicyBody>,
+) -> Result<Json<crate::Entity>, ApiError> {
+    let entities = crate::Entities {
+        core: state.core.clone(),
+    };
+    Ok(Json(entities.set_policy(&id, &body.policy).await?))
+}
+
+#[derive(Serialize)]
+pub(super) struct ConflictsReply {
+    conflicts: Vec<crate::ConflictInfo>,
+}
+
+/// `GET /api/conflicts`.
+pub(super) async fn conflicts(
+    State(state): State<Arc<ApiState>>,
+) -> Result<Json<ConflictsReply>, ApiError> {
+    let entities = crate::Entities {
+        core: state.core.clone(),
+    };
+    Ok(Json(ConflictsReply {
+        conflicts: entities.conflicts().await?,
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ResolveBody {
+    entity_id: String,
+    field: String,
+    choice: usize,
+}
+
+/// `POST /api/conflicts/resolve`.
+pub(super) async fn resolve(
+    State(state): State<Arc<ApiState>>,
+    ApiJson(body): ApiJson<ResolveBody>,
+) -> Result<Json<crate::Entity>, ApiError> {
+    let entities = crate::Entities {
+        core: state.core.clone(),
+    };
+    Ok(Json(
+        entities
+            .resolve(&body.entity_id, &body.field, body.choice)
+            .await?,
+    ))
+}

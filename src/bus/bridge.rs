@@ -112,6 +112,19 @@ impl Bridge {
             CoreEvent::Presence { presence, .. } => {
                 (to_json(presence), presence.device.clone(), None)
             }
+            CoreEvent::Conflict {
+                entity_id,
+                field,
+                policy,
+                candidates,
+                chosen,
+                ..
+            } => (
+                json!({ "entity_id": entity_id, "field": field, "policy": policy,
+                        "candidates": candidates, "chosen": chosen }),
+                self.sender(None),
+                None,
+            ),
             CoreEvent::Share {
                 entity_id,
                 owner,

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Error;
 mod batching;
+mod conflicts;
 pub use batching::MAX_BATCH_WRITES;
 mod entity_ops;
 mod heartbeat;
@@ -70,6 +71,20 @@ pub(crate) enum Request {
     SetEntity {
         id: String,
         write: EntityWrite,
+        reply: Reply<Entity>,
+    },
+    SetPolicy {
+        id: String,
+        policy: String,
+        reply: Reply<Entity>,
+    },
+    Conflicts {
+        reply: Reply<Vec<crate::entities::ConflictInfo>>,
+    },
+    ResolveConflict {
+        id: String,
+        field: String,
+        choice: usize,
         reply: Reply<Entity>,
     },
     /// Test hook: a write that skips this home's own check of its rights on the entity,
@@ -443,6 +458,7 @@ pub(crate) async fn start(
         core.ensure_expected(doc, epoch);
     }
     core.rebuild_entity_index_lenient();
+    core.refresh_actor_homes();
     core.ensure_presence_doc().await?;
     core.remember_rooms_and_presence();
     let held: Vec<_> = core.keyring.ids().map(|(d, _)| d).collect();
@@ -782,6 +798,22 @@ impl Core {
                 self.sharing.skip_rights_check = true;
                 let result = self.set_entity(&id, write);
                 self.sharing.skip_rights_check = false;
+                self.reply_after_flush(result, reply);
+            }
+            Request::SetPolicy { id, policy, reply } => {
+                let result = self.set_policy(&id, &policy);
+                self.reply_after_flush(result, reply);
+            }
+            Request::Conflicts { reply } => {
+                let _ = reply.send(self.list_conflicts());
+            }
+            Request::ResolveConflict {
+                id,
+                field,
+                choice,
+                reply,
+            } => {
+                let result = self.resolve(&id, &field, choice);
                 self.reply_after_flush(result, reply);
             }
             Request::SetEntity { id, write, reply } => {
@@ -1153,7 +1185,11 @@ impl Core {
     }
 
     fn entity_view(&mut self, doc: DocId) -> Result<Entity, Error> {
-        let e = self.engine.entity(doc).map_err(doc_err)?;
+        // As the entity's policy shows it: the same on every replica.
+        let e = match self.engine.resolved_entity(doc) {
+            Ok(resolved) => resolved.entity,
+            Err(_) => self.engine.entity(doc).map_err(doc_err)?,
+        };
         let heads = self.engine.heads(doc).map_err(doc_err)?;
         let updated_by = self.device_of_actor(&e.updated_by);
         Ok(Entity {
@@ -1284,6 +1320,7 @@ impl Core {
                     self.on_doc_changed(doc, from_peer);
                 }
                 Output::Send { peer, frame } => self.outbox.push((peer, frame)),
+                Output::Conflict(record) => self.on_conflict_record(record),
                 Output::Timer { .. } => {
                     // The run loop asks the engine for its next deadline each turn.
                 }

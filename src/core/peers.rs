@@ -402,6 +402,7 @@ impl Core {
         self.persist_in_background(out);
         if touched_home {
             self.rebuild_entity_index_lenient();
+            self.refresh_actor_homes();
             self.learn_keys().await;
         }
         self.send_pending().await;

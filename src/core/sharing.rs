@@ -361,6 +361,7 @@ impl Core {
         let batch = self.handle_outputs(out);
         self.store.batch(batch).await?;
         self.actor_names.clear();
+        self.refresh_actor_homes();
         crate::audit::record_by(&self.store, via, "home.paired", &home_id).await;
         tracing::info!(home = %home_id, %name, "paired with a home");
         Ok(PairedWith { home_id, name })
@@ -461,6 +462,7 @@ impl Core {
             {
                 self.persist_in_background(out);
                 self.actor_names.clear();
+                self.refresh_actor_homes();
             }
         }
         self.open_shared_sessions(&peer_text).await;

@@ -537,3 +537,89 @@ fn the_rest_api_pairs_shares_refuses_and_unshares() {
     a.ok("DELETE", &format!("/api/homes/{b_home}"), None, 200);
     assert_eq!(a.ok("GET", "/api/homes", None, 200)["homes"], json!([]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_choice_conflict_between_homes_waits_for_a_resolution() {
+    init_tracing();
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = start(dirs[0].path(), "a").await;
+    let b = start(dirs[1].path(), "b").await;
+    a.entities()
+        .set("lock.door", write("locked"))
+        .await
+        .unwrap();
+    pair(&a, &b).await;
+    let out = a
+        .shares()
+        .share("lock.door", b.home_id(), false, Some("user-choice"))
+        .await
+        .unwrap();
+    assert_eq!(out.policy, "user-choice");
+    wait_state(&b, "lock.door", "locked").await;
+
+    // Concurrent writes: neither side reads the network while both write.
+    a.debug_stall_network_reads(true);
+    b.debug_stall_network_reads(true);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    a.entities()
+        .set("lock.door", write("unlocked"))
+        .await
+        .unwrap();
+    b.entities()
+        .set("lock.door", write("jammed"))
+        .await
+        .unwrap();
+    a.debug_stall_network_reads(false);
+    b.debug_stall_network_reads(false);
+
+    for node in [&a, &b] {
+        until("both homes show the pending conflict", || async {
+            node.entities().conflicts().await.unwrap().iter().any(|c| {
+                c.entity_id == "lock.door" && c.field == "state" && c.candidates.len() == 2
+            })
+        })
+        .await;
+    }
+    let pending = b.entities().conflicts().await.unwrap();
+    let pick = pending[0]
+        .candidates
+        .iter()
+        .position(|c| c.value == "unlocked")
+        .unwrap();
+    let resolved = b
+        .entities()
+        .resolve("lock.door", "state", pick)
+        .await
+        .unwrap();
+    assert_eq!(resolved.state, "unlocked");
+    wait_state(&a, "lock.door", "unlocked").await;
+    until("the conflict is gone on the owner", || async {
+        a.entities().conflicts().await.unwrap().is_empty()
+    })
+    .await;
+    let err = b
+        .entities()
+        .resolve("lock.door", "state", 0)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Invalid(_)), "{err:?}");
+    until("the owner audits the detection", || async {
+        a.shares()
+            .audit(0)
+            .await
+            .unwrap()
+            .iter()
+            .any(|e| e.action == "conflict.detected" && e.subject.starts_with("lock.door state"))
+    })
+    .await;
+    assert!(
+        b.shares()
+            .audit(0)
+            .await
+            .unwrap()
+            .iter()
+            .any(|e| e.action == "conflict.resolved" && e.actor == b.peer_id())
+    );
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
