@@ -170,6 +170,7 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
             axum::routing::put(share::set_policy),
         )
         .route("/api/conflicts", get(share::conflicts))
+        .route("/api/devices/{id}/revoke", post(share::revoke_device))
         .route("/api/conflicts/resolve", post(share::resolve))
         .route("/api/rooms", post(more::create_room).get(more::list_rooms))
         .route("/api/rooms/{id}", get(more::get_room))

@@ -135,6 +135,14 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Revoke a device of this home (admin device only): it is refused from now on, and
+    /// every document's key rotates so it reads nothing new.
+    RevokeDevice {
+        /// The device: its PeerId, or its name when unique.
+        device: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Show the audit log: pairings, shares, rotations, revocations, refused requests.
     Audit {
         /// Only entries since an RFC 3339 time or a duration back from now (`15m`, `2h`).
@@ -473,6 +481,9 @@ pub(crate) fn run(args: Args) -> Result<()> {
             policy,
             client: c,
         } => crate::verbs::set_policy(&client(&data, &c)?, &id, &policy, c.json),
+        Command::RevokeDevice { device, client: c } => {
+            crate::verbs::revoke_device(&client(&data, &c)?, &device, c.json)
+        }
         Command::Conflicts(c) => crate::verbs::conflicts(&client(&data, &c)?, c.json),
         Command::Resolve {
             id,

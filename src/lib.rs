@@ -49,7 +49,7 @@ pub use config::{
     default_data_dir,
 };
 pub use core::MAX_BATCH_WRITES;
-pub use core::{CHANGE_BUFFER, SyncCounters};
+pub use core::{CHANGE_BUFFER, RevokedDevice, SyncCounters};
 pub use datadir::{API_ADDR_FILE, LOCK_FILE, TOKEN_FILE};
 pub use entities::{
     ChangeItem, Changes, ConflictCandidate, ConflictInfo, Entities, Entity, EntityChange,

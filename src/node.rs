@@ -374,6 +374,17 @@ impl Node {
         }
     }
 
+    /// Revokes a device of this home (by PeerId or unique device name): it is refused as a
+    /// member from now on, and every document of the home moves to a new key that only
+    /// the remaining devices (and the homes entities are shared with) receive. Only the
+    /// admin device, which holds the home's root key, can revoke.
+    pub async fn revoke_device(&self, device: &str) -> Result<crate::RevokedDevice, Error> {
+        let device = device.to_string();
+        self.core
+            .call(|reply| crate::core::Request::RevokeDevice { device, reply })
+            .await?
+    }
+
     /// Sharing with other homes: pair, share, unshare, list, audit.
     pub fn shares(&self) -> crate::Shares {
         crate::Shares {

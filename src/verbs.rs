@@ -552,3 +552,20 @@ pub(crate) fn resolve(
     );
     Ok(())
 }
+
+pub(crate) fn revoke_device(client: &Client, device: &str, json: bool) -> Result<()> {
+    let out: Value = client.post(
+        &format!("/api/devices/{}/revoke", segment(device)),
+        &json!({}),
+    )?;
+    if json {
+        return print_json(&out);
+    }
+    println!(
+        "revoked {} ({}); {} document keys rotated",
+        text(&out["name"]),
+        text(&out["peer_id"]),
+        text(&out["rotated"])
+    );
+    Ok(())
+}

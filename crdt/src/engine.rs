@@ -616,10 +616,11 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         Ok((result, out))
     }
 
-    /// Starts a new key epoch for `doc`: records it in the header, in a change sealed (as
-    /// every frame of the old epoch) under the old key, and from then on every push and
-    /// sync message of the document carries `epoch`. The caller detaches the peers that
-    /// lose access first, and hands the new key to the ones that keep it.
+    /// Starts a new key epoch for `doc`: records it in the header, in a change that (like
+    /// every push and sync message of the document from then on) carries `epoch`, so a
+    /// peer without the new key opens nothing written from here. The caller detaches the
+    /// peers that lose access first, and hands the new key to the ones that keep it
+    /// before this change reaches them.
     pub fn set_key_epoch(
         &mut self,
         doc: DocId,
@@ -627,12 +628,18 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         now_ms: u64,
     ) -> Result<Vec<Output<P>>> {
         let mut header = self.header(doc)?.clone();
+        let old = header.key_epoch;
         header.key_epoch = epoch;
-        let (_, out) = self.transact(doc, now_ms, None, |d, _, _| header.write(d))?;
         if let Some(ds) = self.docs.get_mut(&doc) {
             ds.header.key_epoch = epoch;
         }
-        Ok(out)
+        let written = self.transact(doc, now_ms, None, |d, _, _| header.write(d));
+        if written.is_err()
+            && let Some(ds) = self.docs.get_mut(&doc)
+        {
+            ds.header.key_epoch = old;
+        }
+        Ok(written?.1)
     }
 
     // ----- sessions ----------------------------------------------------------

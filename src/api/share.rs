@@ -227,3 +227,16 @@ pub(super) async fn resolve(
             .await?,
     ))
 }
+
+/// `POST /api/devices/{id}/revoke`: revokes a device of this home (admin device only).
+pub(super) async fn revoke_device(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+) -> Result<Json<crate::RevokedDevice>, ApiError> {
+    let device = id;
+    let result = state
+        .core
+        .call(|reply| crate::core::Request::RevokeDevice { device, reply })
+        .await??;
+    Ok(Json(result))
+}

@@ -23,7 +23,9 @@ mod entity_ops;
 mod heartbeat;
 pub(crate) mod keyring;
 pub(crate) mod pairing;
+pub use revoke::RevokedDevice;
 mod peers;
+mod revoke;
 mod rooms;
 mod sharing;
 
@@ -216,6 +218,10 @@ pub(crate) enum Request {
     },
     ListShares {
         reply: Reply<crate::shares::SharedList>,
+    },
+    RevokeDevice {
+        device: String,
+        reply: Reply<revoke::RevokedDevice>,
     },
     /// The store, for reads that need no core state (the audit log).
     Store {
@@ -697,6 +703,7 @@ impl Core {
                     Some(request @ (Request::HomePairDone { .. }
                         | Request::ForgetHome { .. }
                         | Request::Share { .. }
+                        | Request::RevokeDevice { .. }
                         | Request::Unshare { .. })) => {
                         self.handle_sharing(request).await;
                         self.send_pending().await;
@@ -880,6 +887,9 @@ impl Core {
             }
             Request::ForgetHome { home, reply } => {
                 let _ = reply.send(self.forget_home(&home).await);
+            }
+            Request::RevokeDevice { device, reply } => {
+                let _ = reply.send(self.revoke_device(&device).await);
             }
             Request::Share {
                 entity_id,
@@ -1095,7 +1105,11 @@ impl Core {
         };
         devices
             .iter()
-            .filter(|(peer, record)| **peer != self.peer_id && record.revoked_at.is_none())
+            .filter(|(peer, record)| {
+                **peer != self.peer_id
+                    && record.revoked_at.is_none()
+                    && !self.sharing.revoking.contains(*peer)
+            })
             .filter_map(|(peer, record)| {
                 let cert = DeviceCert::decode(&record.certificate).ok()?;
                 match doc_keys::wrap_key(key, doc, epoch, cert.x25519_public()) {

@@ -56,6 +56,7 @@ impl Core {
                 match self.net.admit(peer).await {
                     Ok(true) => {
                         self.admitted.insert(peer_text.clone(), peer);
+                        self.send_current_home_keys(&peer_text);
                         self.begin_reconcile(&peer_text).await;
                     }
                     Ok(false) => tracing::debug!(peer = %peer_text, "peer left before admission"),
@@ -72,6 +73,9 @@ impl Core {
     }
 
     fn is_revoked(&self, peer: &str) -> bool {
+        if self.sharing.revoking.contains(peer) {
+            return true;
+        }
         self.engine
             .home(self.home.home_doc)
             .ok()
@@ -194,7 +198,7 @@ impl Core {
 
     /// The documents this home's devices sync with each other, each once at its newest
     /// epoch: every held key except other homes' entities, which are never relayed.
-    fn home_key_ids(&self) -> Vec<(DocId, KeyEpoch)> {
+    pub(super) fn home_key_ids(&self) -> Vec<(DocId, KeyEpoch)> {
         let mut newest: std::collections::BTreeMap<DocId, KeyEpoch> = Default::default();
         for (doc, epoch) in self.keyring.ids() {
             if self.is_foreign_doc(doc) {
@@ -403,6 +407,7 @@ impl Core {
         if touched_home {
             self.rebuild_entity_index_lenient();
             self.refresh_actor_homes();
+            self.disconnect_revoked().await;
             self.learn_keys().await;
         }
         self.send_pending().await;

@@ -65,6 +65,8 @@ pub(super) struct Sharing {
     pairing_with: HashSet<PeerId>,
     /// When a refused frame of (peer, document) was last audited.
     refusals_audited: HashMap<(String, DocId), u64>,
+    /// Devices being revoked right now: refused at hello before the home document says so.
+    pub(super) revoking: HashSet<String>,
     /// Test hook: the next local write skips the rights check.
     pub(super) skip_rights_check: bool,
 }
@@ -83,7 +85,7 @@ struct HomePublic {
 /// What travels in a grant frame.
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-enum ShareMessage {
+pub(super) enum ShareMessage {
     /// The key of an entity's document for one epoch, wrapped for the receiving device.
     Grant {
         entity_id: String,
@@ -94,6 +96,9 @@ enum ShareMessage {
     },
     /// The receiving home's grant on the entity ended.
     Revoke { entity_id: String, doc: String },
+    /// Between devices of one home: a new key of the home or registry document, after a
+    /// device revocation (see revoke.rs).
+    HomeKey(super::revoke::HomeKey),
 }
 
 /// Largest grant message accepted.
@@ -476,7 +481,7 @@ impl Core {
             return;
         };
         for (entity_id, doc, share) in self.shares_to(&fp.home) {
-            self.send_grant(peer, &fp, &entity_id, doc, share.rights);
+            self.send_grant(peer, &fp, &entity_id, doc, share.rights, None);
         }
         let incoming: Vec<DocId> = self
             .sharing
@@ -512,8 +517,10 @@ impl Core {
         entity_id: &str,
         doc: DocId,
         rights: Rights,
+        epoch: Option<KeyEpoch>,
     ) {
-        let Ok(epoch) = self.engine.header(doc).map(|h| h.key_epoch) else {
+        let Some(epoch) = epoch.or_else(|| self.engine.header(doc).ok().map(|h| h.key_epoch))
+        else {
             tracing::warn!(%doc, "cannot grant a document that is not loaded");
             return;
         };
@@ -575,10 +582,6 @@ impl Core {
     /// A grant frame from a foreign device: a key for an entity its home shares with this
     /// one, or the end of such a grant.
     pub(super) async fn on_grant_frame(&mut self, peer: &str, bytes: &[u8]) {
-        let Some(fp) = self.sharing.foreign.get(peer).cloned() else {
-            tracing::warn!(%peer, "grant frame from a device that is not of a paired home");
-            return;
-        };
         if bytes.len() > MAX_SHARE_MESSAGE {
             tracing::warn!(%peer, len = bytes.len(), "oversized grant frame dropped");
             return;
@@ -590,7 +593,20 @@ impl Core {
                 return;
             }
         };
+        if let ShareMessage::HomeKey(key) = message {
+            if self.admitted.contains_key(peer) {
+                self.accept_home_key(peer, key).await;
+            } else {
+                tracing::warn!(%peer, "home key from a device that is not of this home dropped");
+            }
+            return;
+        }
+        let Some(fp) = self.sharing.foreign.get(peer).cloned() else {
+            tracing::warn!(%peer, "grant frame from a device that is not of a paired home");
+            return;
+        };
         match message {
+            ShareMessage::HomeKey(_) => {}
             ShareMessage::Grant {
                 entity_id,
                 doc,
@@ -893,7 +909,7 @@ impl Core {
             .map(|(p, f)| (p.clone(), f.clone()))
             .collect();
         for (peer, fp) in peers {
-            self.send_grant(&peer, &fp, entity_id, doc, rights);
+            self.send_grant(&peer, &fp, entity_id, doc, rights, None);
         }
         self.send_pending().await;
         self.emit_share(
@@ -991,14 +1007,28 @@ impl Core {
             .map_err(doc_err)?;
         let mut batch = self.handle_outputs(home_out);
         self.keyring.insert(doc, epoch, key, &mut batch);
+        self.store.batch(batch).await?;
+        // The new key goes out before the first frame sealed under it.
+        self.regrant(entity_id, doc, Some(epoch));
         let out = self
             .engine
             .set_key_epoch(doc, epoch, now)
             .map_err(doc_err)?;
-        let more = self.handle_outputs(out);
-        super::append(&mut batch, more);
+        let batch = self.handle_outputs(out);
         self.store.batch(batch).await?;
-        // Everyone still granted gets the new key.
+        crate::audit::record_by(
+            &self.store,
+            &self.peer_id.clone(),
+            "key.rotated",
+            &format!("{entity_id} to epoch {}", epoch.counter),
+        )
+        .await;
+        Ok(epoch)
+    }
+
+    /// Sends the entity's current key to every connected device of the homes it is
+    /// shared with.
+    pub(super) fn regrant(&mut self, entity_id: &str, doc: DocId, epoch: Option<KeyEpoch>) {
         let grants: Vec<(String, ForeignPeer, Rights)> = {
             let reg = self.engine.registry(self.home.registry_doc).ok();
             let shares = reg
@@ -1016,16 +1046,8 @@ impl Core {
                 .collect()
         };
         for (peer, fp, rights) in grants {
-            self.send_grant(&peer, &fp, entity_id, doc, rights);
+            self.send_grant(&peer, &fp, entity_id, doc, rights, epoch);
         }
-        crate::audit::record_by(
-            &self.store,
-            &self.peer_id.clone(),
-            "key.rotated",
-            &format!("{entity_id} to epoch {}", epoch.counter),
-        )
-        .await;
-        Ok(epoch)
     }
 
     fn own_entity_doc(&self, entity_id: &str) -> Result<DocId, Error> {

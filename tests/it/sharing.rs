@@ -623,3 +623,109 @@ async fn a_user_choice_conflict_between_homes_waits_for_a_resolution() {
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_device_is_refused_and_reads_nothing_new() {
+    init_tracing();
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = start(dirs[0].path(), "a").await;
+    a.entities()
+        .set("light.porch", write("before"))
+        .await
+        .unwrap();
+    a.entities()
+        .set("sensor.hall", write("before"))
+        .await
+        .unwrap();
+    let a2 = crate::pairing::join_and_start(&a, dirs[1].path(), "a2").await;
+    let a3 = crate::pairing::join_and_start(&a, dirs[2].path(), "a3").await;
+    let b = start(dirs[3].path(), "b").await;
+    pair(&a, &b).await;
+    a.shares()
+        .share("light.porch", b.home_id(), false, None)
+        .await
+        .unwrap();
+    for node in [&a2, &a3, &b] {
+        wait_state(node, "light.porch", "before").await;
+    }
+    wait_state(&a3, "sensor.hall", "before").await;
+
+    // Only the admin can revoke, and not itself.
+    let err = a2.revoke_device(a3.peer_id()).await.unwrap_err();
+    assert!(matches!(err, Error::Forbidden(_)), "{err:?}");
+    let err = a.revoke_device(a.peer_id()).await.unwrap_err();
+    assert!(matches!(err, Error::Invalid(_)), "{err:?}");
+
+    let revoked = a.revoke_device("a3").await.unwrap();
+    assert_eq!(revoked.peer_id, a3.peer_id());
+    assert!(revoked.rotated >= 4, "{revoked:?}");
+    let captured = a2.debug_capture().await.unwrap();
+    a.entities()
+        .set("sensor.hall", write("after"))
+        .await
+        .unwrap();
+    a.entities()
+        .set("light.porch", write("after"))
+        .await
+        .unwrap();
+    wait_state(&a2, "sensor.hall", "after").await;
+    wait_state(&a2, "light.porch", "after").await;
+    wait_state(&b, "light.porch", "after").await;
+    // The rest keep working both ways.
+    a2.entities()
+        .set("sensor.hall", write("from-a2"))
+        .await
+        .unwrap();
+    wait_state(&a, "sensor.hall", "from-a2").await;
+    b.entities()
+        .set("light.porch", write("from-b"))
+        .await
+        .unwrap();
+    wait_state(&a, "light.porch", "from-b").await;
+    wait_state(&a2, "light.porch", "from-b").await;
+
+    // The revoked device is not admitted anywhere and got nothing new.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for node in [&a, &a2] {
+        let peers = node.admitted_peers().await.unwrap();
+        assert!(
+            !peers.iter().any(|p| p == a3.peer_id()),
+            "{} still admits the revoked device",
+            node.device_name()
+        );
+    }
+    assert_eq!(
+        a3.entities()
+            .get("sensor.hall")
+            .await
+            .unwrap()
+            .unwrap()
+            .state,
+        "before"
+    );
+    let frames: Vec<Vec<u8>> = captured
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|c| c.stream == "sync" && c.opened.is_some())
+        .map(|c| c.raw.clone())
+        .collect();
+    assert!(!frames.is_empty(), "no frame captured after the revocation");
+    let mut opened_by_revoked = 0;
+    for frame in &frames {
+        if a3.debug_open_frame(frame.clone()).await.is_ok() {
+            opened_by_revoked += 1;
+        }
+    }
+    assert_eq!(
+        opened_by_revoked,
+        0,
+        "the revoked device opened {opened_by_revoked} of {} new frames",
+        frames.len()
+    );
+    let audit = a.shares().audit(0).await.unwrap();
+    assert!(audit.iter().any(|e| e.action == "device.revoked"));
+    for node in [a, a2, a3, b] {
+        node.shutdown().await.unwrap();
+    }
+}

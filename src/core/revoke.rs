@@ -1,0 +1,337 @@
+//! Device revocation within a home: the device is marked revoked in the home document,
+//! disconnected everywhere, and every document of the home moves to a new key epoch whose
+//! keys reach only the remaining devices (and the homes each entity is shared with).
+//!
+//! The new keys of most documents travel wrapped in the home document, as at creation.
+//! The home and registry documents cannot carry their own new keys, so those go to each
+//! remaining device of the home in a home-key grant frame, sent at once to connected
+//! devices and again by any device on admitting one of its home.
+
+use hearth_crdt::schema::home as home_schema;
+use hearth_crdt::wire::{Frame, GrantFrame};
+use hearth_crdt::{DocId, KeyEpoch};
+use hearth_storage::Batch;
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+
+use super::{Core, doc_err, new_key, now_ms};
+use crate::Error;
+use crate::trust::cert::DeviceCert;
+use crate::trust::keys::{self, WrappedKey};
+
+/// The key of the home or registry document at a new epoch, for one device of the home.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct HomeKey {
+    pub(super) doc: String,
+    pub(super) epoch: KeyEpoch,
+    pub(super) wrapped: ByteBuf,
+}
+
+/// What a revocation did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokedDevice {
+    /// The device's PeerId.
+    pub peer_id: String,
+    /// Its name.
+    pub name: String,
+    /// Documents whose key rotated.
+    pub rotated: usize,
+}
+
+impl Core {
+    pub(super) async fn revoke_device(&mut self, device: &str) -> Result<RevokedDevice, Error> {
+        if self.home.root_secret.is_none() {
+            return Err(Error::Forbidden(
+                "only the home's admin device (the one that created it) can revoke devices".into(),
+            ));
+        }
+        let devices = self
+            .engine
+            .home_devices(self.home.home_doc)
+            .map_err(doc_err)?;
+        let matches: Vec<(String, home_schema::DeviceRecord)> = devices
+            .into_iter()
+            .filter(|(p, d)| p == device || d.name == device)
+            .collect();
+        let (peer, record) = match matches.as_slice() {
+            [one] => one.clone(),
+            [] => return Err(Error::NotFound(format!("no device {device} in this home"))),
+            _ => {
+                return Err(Error::Conflict(format!(
+                    "more than one device is named {device:?}; use its PeerId"
+                )));
+            }
+        };
+        if peer == self.peer_id {
+            return Err(Error::Invalid("a device cannot revoke itself".into()));
+        }
+        if record.revoked_at.is_some() {
+            return Err(Error::Conflict(format!("{device} is already revoked")));
+        }
+        // Out first, and kept out while the keys rotate; the revocation itself is then
+        // recorded under the home document's new key, like everything after it.
+        self.sharing.revoking.insert(peer.clone());
+        self.disconnect_revoked().await;
+        let rotated = self.rotate_home_keys().await;
+        let now = now_ms();
+        let marked = self
+            .engine
+            .transact(self.home.home_doc, now, None, |d, _, _| {
+                home_schema::revoke_device(d, &peer, now)
+            })
+            .map_err(doc_err);
+        self.sharing.revoking.remove(&peer);
+        let rotated = rotated?;
+        let (_, out) = marked?;
+        let batch = self.handle_outputs(out);
+        self.store.batch(batch).await?;
+        crate::audit::record_by(
+            &self.store,
+            &self.peer_id.clone(),
+            "device.revoked",
+            &format!("{peer} ({}); {rotated} document keys rotated", record.name),
+        )
+        .await;
+        tracing::info!(%peer, name = %record.name, rotated, "revoked a device");
+        self.send_pending().await;
+        Ok(RevokedDevice {
+            peer_id: peer,
+            name: record.name,
+            rotated,
+        })
+    }
+
+    /// Disconnects admitted devices the home document now marks revoked.
+    pub(super) async fn disconnect_revoked(&mut self) {
+        let Ok(devices) = self.engine.home_devices(self.home.home_doc) else {
+            return;
+        };
+        let revoked: Vec<(String, hearth_net::PeerId)> = self
+            .admitted
+            .iter()
+            .filter(|(p, _)| {
+                self.sharing.revoking.contains(*p)
+                    || devices.get(*p).is_some_and(|d| d.revoked_at.is_some())
+            })
+            .map(|(p, n)| (p.clone(), *n))
+            .collect();
+        for (text, peer) in revoked {
+            self.admitted.remove(&text);
+            self.engine.detach_peer(&text);
+            self.notice_peer(text.clone(), false);
+            if let Err(error) = self
+                .net
+                .reject(peer, "peer is a revoked device of this home")
+                .await
+            {
+                tracing::warn!(peer = %text, %error, "could not disconnect a revoked device");
+            }
+        }
+    }
+
+    /// Moves every document of the home to a new epoch. Returns how many rotated.
+    ///
+    /// Every key reaches those who keep access before the first frame sealed under it:
+    /// the home and registry keys in home-key grants, then the home document's own
+    /// rotation (under its new key), then the other documents' keys wrapped in the home
+    /// document, the new keys of shared entities to the homes they are shared with, and
+    /// last the other documents' rotations.
+    async fn rotate_home_keys(&mut self) -> Result<usize, Error> {
+        let now = now_ms();
+        let me = *self.engine_actor_bytes();
+        let mut fresh: Vec<(DocId, KeyEpoch, crate::trust::keys::DocKey)> = Vec::new();
+        for (doc, _) in self.home_key_ids() {
+            let Ok(old) = self.engine.header(doc).map(|h| h.key_epoch) else {
+                continue;
+            };
+            fresh.push((
+                doc,
+                KeyEpoch {
+                    counter: old.counter + 1,
+                    device: me,
+                },
+                new_key()?,
+            ));
+        }
+        let mut batch = Batch::new();
+        for (doc, epoch, key) in &fresh {
+            self.keyring.insert(*doc, *epoch, key.clone(), &mut batch);
+        }
+        self.store.batch(batch).await?;
+
+        let home_keys: Vec<_> = fresh
+            .iter()
+            .filter(|(d, _, _)| self.is_home_or_registry(*d))
+            .cloned()
+            .collect();
+        let peers: Vec<String> = self.admitted.keys().cloned().collect();
+        for peer in &peers {
+            self.send_home_keys(peer, &home_keys);
+        }
+        let mut rotated = 0;
+        let home_doc = self.home.home_doc;
+        if let Some((_, epoch, _)) = fresh.iter().find(|(d, _, _)| *d == home_doc) {
+            let out = self
+                .engine
+                .set_key_epoch(home_doc, *epoch, now)
+                .map_err(doc_err)?;
+            let batch = self.handle_outputs(out);
+            self.store.batch(batch).await?;
+            rotated += 1;
+        }
+
+        let mut wraps = Vec::new();
+        for (doc, epoch, key) in &fresh {
+            if self.is_home_or_registry(*doc) {
+                continue;
+            }
+            for (peer, wrapped) in self.wrap_for_devices(key, *doc, *epoch) {
+                wraps.push((*doc, *epoch, peer, wrapped));
+            }
+        }
+        let (_, out) = self
+            .engine
+            .transact(home_doc, now, None, |d, _, _| {
+                for (doc, epoch, peer, wrapped) in &wraps {
+                    home_schema::put_wrapped_key(d, *doc, epoch, peer, wrapped)?;
+                }
+                Ok(())
+            })
+            .map_err(doc_err)?;
+        let batch = self.handle_outputs(out);
+        self.store.batch(batch).await?;
+
+        // Homes that share in this home's entities get the new keys too.
+        let shared: Vec<(String, DocId)> = self
+            .engine
+            .registry(self.home.registry_doc)
+            .map(|r| {
+                r.entities
+                    .into_iter()
+                    .filter(|(_, e)| e.deleted_at.is_none() && !e.shares.is_empty())
+                    .map(|(id, e)| (id, e.doc))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (entity_id, doc) in shared {
+            if let Some((_, epoch, _)) = fresh.iter().find(|(d, _, _)| *d == doc) {
+                self.regrant(&entity_id, doc, Some(*epoch));
+            }
+        }
+
+        let mut batch = Batch::new();
+        for (doc, epoch, _) in &fresh {
+            if *doc == home_doc {
+                continue;
+            }
+            match self.engine.set_key_epoch(*doc, *epoch, now) {
+                Ok(out) => {
+                    rotated += 1;
+                    let more = self.handle_outputs(out);
+                    super::append(&mut batch, more);
+                }
+                Err(error) => tracing::warn!(%doc, %error, "cannot rotate a document's key"),
+            }
+        }
+        self.store.batch(batch).await?;
+        crate::audit::record_by(
+            &self.store,
+            &self.peer_id.clone(),
+            "key.rotated",
+            &format!("{rotated} documents of the home"),
+        )
+        .await;
+        Ok(rotated)
+    }
+
+    fn is_home_or_registry(&self, doc: DocId) -> bool {
+        doc == self.home.home_doc || doc == self.home.registry_doc
+    }
+
+    fn latest_key_epoch(&self, doc: DocId) -> Option<KeyEpoch> {
+        self.keyring
+            .ids()
+            .filter(|(d, _)| *d == doc)
+            .map(|(_, e)| e)
+            .max()
+    }
+
+    /// Sends a device of this home the current keys of the home and registry documents,
+    /// once they moved past their first epoch (a revocation happened).
+    pub(super) fn send_current_home_keys(&mut self, peer: &str) {
+        let mut keys = Vec::new();
+        for doc in [self.home.home_doc, self.home.registry_doc] {
+            if let Some(epoch) = self.latest_key_epoch(doc)
+                && epoch.counter > 0
+                && let Some(key) = self.keyring.get(doc, epoch)
+            {
+                keys.push((doc, epoch, key.clone()));
+            }
+        }
+        if !keys.is_empty() {
+            self.send_home_keys(peer, &keys);
+        }
+    }
+
+    fn send_home_keys(
+        &mut self,
+        peer: &str,
+        keys_: &[(DocId, KeyEpoch, crate::trust::keys::DocKey)],
+    ) {
+        let Some(x25519) = self
+            .engine
+            .home_devices(self.home.home_doc)
+            .ok()
+            .and_then(|d| d.get(peer).cloned())
+            .filter(|d| d.revoked_at.is_none() && !self.sharing.revoking.contains(peer))
+            .and_then(|d| DeviceCert::decode(&d.certificate).ok())
+            .map(|c| *c.x25519_public())
+        else {
+            return;
+        };
+        for (doc, epoch, key) in keys_ {
+            let wrapped = match keys::wrap_key(key, *doc, *epoch, &x25519) {
+                Ok(w) => w.to_bytes().to_vec(),
+                Err(error) => {
+                    tracing::warn!(%peer, %error, "cannot wrap a home key");
+                    continue;
+                }
+            };
+            let message = super::sharing::ShareMessage::HomeKey(HomeKey {
+                doc: doc.to_string(),
+                epoch: *epoch,
+                wrapped: ByteBuf::from(wrapped),
+            });
+            if let Ok(bytes) = serde_json::to_vec(&message) {
+                self.outbox
+                    .push((peer.to_string(), Frame::Grant(GrantFrame { bytes })));
+            }
+        }
+    }
+
+    /// A home-key grant from a device of this home: stores the new key of the home or
+    /// registry document.
+    pub(super) async fn accept_home_key(&mut self, peer: &str, key: HomeKey) {
+        let Some(doc) = DocId::parse(&key.doc).filter(|d| self.is_home_or_registry(*d)) else {
+            tracing::warn!(%peer, "home-key grant for a document that is not the home's own");
+            return;
+        };
+        if self.keyring.contains(doc, key.epoch) {
+            return;
+        }
+        let opened = WrappedKey::from_bytes(&key.wrapped)
+            .and_then(|w| keys::unwrap_key(&w, doc, key.epoch, &self.device));
+        match opened {
+            Ok(k) => {
+                let mut batch = Batch::new();
+                self.keyring.insert(doc, key.epoch, k, &mut batch);
+                if let Err(error) = self.store.batch(batch).await {
+                    tracing::error!(%error, "cannot store a home key");
+                }
+                tracing::info!(%doc, epoch = key.epoch.counter, "learned a rotated home key");
+            }
+            Err(error) => tracing::warn!(%peer, %error, "cannot unwrap a home key"),
+        }
+    }
+}
