@@ -729,3 +729,29 @@ async fn a_revoked_device_is_refused_and_reads_nothing_new() {
         node.shutdown().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grantee_never_relays_a_shared_entity_to_its_own_devices() {
+    init_tracing();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = start(dirs[0].path(), "a").await;
+    let b = start(dirs[1].path(), "b").await;
+    a.entities().set("light.porch", write("on")).await.unwrap();
+    b.entities().set("sensor.own", write("b's")).await.unwrap();
+    pair(&a, &b).await;
+    a.shares()
+        .share("light.porch", b.home_id(), false, None)
+        .await
+        .unwrap();
+    wait_state(&b, "light.porch", "on").await;
+    // B's second device knows only B; it syncs B's own entities, never A's.
+    let b2 = crate::pairing::join_and_start(&b, dirs[2].path(), "b2").await;
+    wait_state(&b2, "sensor.own", "b's").await;
+    a.entities().set("light.porch", write("dim")).await.unwrap();
+    wait_state(&b, "light.porch", "dim").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(b2.entities().get("light.porch").await.unwrap().is_none());
+    for node in [a, b, b2] {
+        node.shutdown().await.unwrap();
+    }
+}
