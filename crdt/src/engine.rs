@@ -57,6 +57,7 @@ use crate::ids::{DocId, KeyEpoch, actor_bytes_for_peer};
 use crate::schema::entity::{self, Entity, EntityUpdate};
 use crate::schema::home::{self, Home};
 use crate::schema::registry::{self, Registry};
+use crate::schema::touched::{Touched, touched_entries};
 use crate::schema::{DocKind, Header};
 use crate::session::SyncSession;
 use crate::wire::{Frame, Push, SyncMessage};
@@ -256,6 +257,11 @@ struct DocState<P> {
     /// actor panics inside `apply_changes`; checking against this set first
     /// turns that into an error value (found by the `receive` fuzz target).
     actors: BTreeSet<ActorId>,
+    /// For a home or registry document that validated: its kind then, and the entries
+    /// of its collection map written since (locally). `None` until a first full
+    /// validation passes, and again after one fails, so that a document is only ever
+    /// checked in part when the rest is known good (see [`crate::schema::touched`]).
+    unchecked: Option<(DocKind, Touched)>,
 }
 
 /// The sans-IO core of a node. `P` identifies peers (the node uses libp2p's
@@ -266,6 +272,10 @@ pub struct Engine<P> {
     actor: ActorId,
     clock: HlcClock,
     docs: BTreeMap<DocId, DocState<P>>,
+    /// Every session's next deadline, earliest first. Kept in step by
+    /// [`Engine::reschedule`] after each call that may move one, so finding the next
+    /// deadline and the due sessions does not scan every session of every document.
+    timers: BTreeSet<(u64, DocId, P)>,
     stats: EngineStats,
     /// Actor-to-home mapping for the side conflict policies.
     pub(crate) homes: crate::policy::ActorHomes,
@@ -289,6 +299,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
             actor: ActorId::from(actor),
             config,
             docs: BTreeMap::new(),
+            timers: BTreeSet::new(),
             stats: EngineStats::default(),
             homes: crate::policy::ActorHomes::new(),
             #[cfg(test)]
@@ -369,6 +380,16 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         crate::schema::home::devices(&self.doc_state(doc)?.doc)
     }
 
+    /// The keyring entries of home document `doc` that `chunk` wrote, read and
+    /// validated: `chunk` is the bytes of an incremental [`Output::PersistChunk`] for it.
+    /// Finding new keys this way costs what the chunk wrote, where reading the whole
+    /// keyring costs one entry per document of the home.
+    pub fn home_keys_written(&self, doc: DocId, chunk: &[u8]) -> Result<home::WrappedKeys> {
+        let ds = self.doc_state(doc)?;
+        let touched = touched_by(&ds.doc, chunk, &home::KEYRING_PATH);
+        home::keyring_entries(&ds.doc, &touched)
+    }
+
     fn doc_state(&self, doc: DocId) -> Result<&DocState<P>> {
         self.docs.get(&doc).ok_or(Error::UnknownDocument(doc))
     }
@@ -413,6 +434,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
                 parked: VecDeque::new(),
                 sessions: BTreeMap::new(),
                 actors: [self.actor.clone()].into(),
+                unchecked: None,
             },
         );
         Ok(vec![Output::PersistChunk {
@@ -501,6 +523,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
                 parked: VecDeque::new(),
                 sessions,
                 actors,
+                unchecked: None,
             },
         );
         Ok(())
@@ -508,7 +531,46 @@ impl<P: Clone + Ord + Debug> Engine<P> {
 
     /// Unloads a document, dropping its sessions.
     pub fn remove_document(&mut self, id: DocId) -> bool {
-        self.docs.remove(&id).is_some()
+        let Some(ds) = self.docs.remove(&id) else {
+            return false;
+        };
+        for (peer, session) in ds.sessions {
+            if let Some(at) = session.scheduled {
+                self.timers.remove(&(at, id, peer));
+            }
+        }
+        true
+    }
+
+    /// Takes a session out of its document, with its timer entry.
+    fn take_session(&mut self, doc: DocId, peer: &P) -> Option<SyncSession> {
+        let mut session = self.docs.get_mut(&doc)?.sessions.remove(peer)?;
+        if let Some(at) = session.scheduled.take() {
+            self.timers.remove(&(at, doc, peer.clone()));
+        }
+        Some(session)
+    }
+
+    /// Moves the timer entries of `doc`'s sessions to their current deadlines. Called
+    /// at the end of every call that may have changed one.
+    fn reschedule(&mut self, doc: DocId) {
+        let Some(ds) = self.docs.get_mut(&doc) else {
+            return;
+        };
+        let retry = self.config.retry_after_ms;
+        for (peer, session) in ds.sessions.iter_mut() {
+            let want = session.deadline(retry);
+            if session.scheduled == want {
+                continue;
+            }
+            if let Some(at) = session.scheduled {
+                self.timers.remove(&(at, doc, peer.clone()));
+            }
+            if let Some(at) = want {
+                self.timers.insert((at, doc, peer.clone()));
+            }
+            session.scheduled = want;
+        }
     }
 
     /// Starts tracking a document known only by id, before any of its content
@@ -522,6 +584,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
             parked: VecDeque::new(),
             sessions: BTreeMap::new(),
             actors: BTreeSet::new(),
+            unchecked: None,
         });
     }
 
@@ -570,6 +633,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         }
         ds.actors.insert(actor);
         let bytes = ds.doc.save_incremental();
+        note_local_write(ds, &bytes);
         let heads = ds.doc.get_heads();
         let epoch = ds.header.key_epoch;
         // Fan out before recording, so the journal's copy can take the bytes.
@@ -613,6 +677,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
             schema_error: None,
         });
         record_chunk(id, ds, bytes, &self.config, &mut self.stats, &mut out);
+        self.reschedule(id);
         Ok((result, out))
     }
 
@@ -655,12 +720,17 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         saved: Option<&[u8]>,
         now_ms: u64,
     ) -> Result<Vec<Output<P>>> {
-        let ds = self.docs.get_mut(&doc).ok_or(Error::UnknownDocument(doc))?;
+        if !self.docs.contains_key(&doc) {
+            return Err(Error::UnknownDocument(doc));
+        }
         let mut session = match saved {
             Some(bytes) => {
-                SyncSession::resume(bytes).map_err(|reason| Error::SyncState { doc, reason })?
+                let resumed = SyncSession::resume(bytes)
+                    .map_err(|reason| Error::SyncState { doc, reason })?;
+                self.take_session(doc, &peer);
+                resumed
             }
-            None => match ds.sessions.remove(&peer) {
+            None => match self.take_session(doc, &peer) {
                 // A reconnect: keep what the old connection learnt.
                 Some(mut old) => {
                     old.restart();
@@ -670,6 +740,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
                 None => SyncSession::new(),
             },
         };
+        let ds = self.docs.get_mut(&doc).ok_or(Error::UnknownDocument(doc))?;
         let mut out = Vec::new();
         let epoch = ds.header.key_epoch;
         generate_into(
@@ -684,6 +755,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
             &mut out,
         );
         ds.sessions.insert(peer, session);
+        self.reschedule(doc);
         Ok(out)
     }
 
@@ -691,20 +763,30 @@ impl<P: Clone + Ord + Debug> Engine<P> {
     /// heads: the session starts in sync, so live pushes flow at once, and no sync message
     /// is sent. This is what keeps a reconnect where nothing changed at one round trip.
     pub fn attach_in_sync(&mut self, peer: P, doc: DocId, saved: Option<&[u8]>) -> Result<()> {
-        let ds = self.docs.get_mut(&doc).ok_or(Error::UnknownDocument(doc))?;
+        if !self.docs.contains_key(&doc) {
+            return Err(Error::UnknownDocument(doc));
+        }
         let mut session = match saved {
             Some(bytes) => {
-                SyncSession::resume(bytes).map_err(|reason| Error::SyncState { doc, reason })?
+                let resumed = SyncSession::resume(bytes)
+                    .map_err(|reason| Error::SyncState { doc, reason })?;
+                self.take_session(doc, &peer);
+                resumed
             }
-            None => ds.sessions.remove(&peer).unwrap_or_else(SyncSession::new),
+            None => self
+                .take_session(doc, &peer)
+                .unwrap_or_else(SyncSession::new),
         };
+        let ds = self.docs.get_mut(&doc).ok_or(Error::UnknownDocument(doc))?;
         let heads = ds.doc.get_heads();
         session.state.shared_heads = heads.clone();
         session.state.last_sent_heads = heads;
         session.in_sync = true;
         session.awaiting_since = None;
         session.kick_at = None;
+        // Confirmation rounds already due stay due, as they were before.
         ds.sessions.insert(peer, session);
+        self.reschedule(doc);
         Ok(())
     }
 
@@ -712,7 +794,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
     pub fn detach(&mut self, peer: &P, doc: DocId) -> Option<Vec<u8>> {
         let ds = self.docs.get_mut(&doc)?;
         ds.parked.retain(|p| &p.from != peer);
-        ds.sessions.remove(peer).map(|s| s.encode())
+        self.take_session(doc, peer).map(|s| s.encode())
     }
 
     /// Disconnects `peer` from every document, returning the states to persist.
@@ -760,50 +842,64 @@ impl<P: Clone + Ord + Debug> Engine<P> {
 
     /// Earliest time at which [`Engine::tick`] has work, if any.
     pub fn next_deadline(&self) -> Option<u64> {
-        self.docs
-            .values()
-            .flat_map(|d| d.sessions.values())
-            .filter_map(|s| s.deadline(self.config.retry_after_ms))
-            .min()
+        self.timers.first().map(|(at, _, _)| *at)
     }
 
     /// Runs due timers: confirmation rounds, restarts of stalled exchanges,
     /// and opening messages of sessions that were reset.
     pub fn tick(&mut self, now_ms: u64) -> Vec<Output<P>> {
         let mut out = Vec::new();
-        for (&id, ds) in self.docs.iter_mut() {
-            let epoch = ds.header.key_epoch;
-            for (peer, session) in ds.sessions.iter_mut() {
-                let overdue = session
-                    .awaiting_since
-                    .is_some_and(|t| now_ms >= t.saturating_add(self.config.retry_after_ms));
-                let confirm = session.confirm_at.is_some_and(|t| now_ms >= t);
-                let kick = session.kick_at.is_some_and(|t| now_ms >= t);
-                if !(overdue || confirm || kick) {
-                    continue;
-                }
-                if overdue {
-                    self.stats.session_restarts += 1;
-                    session.restart();
-                }
-                if confirm {
-                    session.confirm_at = None;
-                }
-                if kick {
-                    session.kick_at = None;
-                }
-                generate_into(
-                    id,
-                    epoch,
-                    peer,
-                    &mut ds.doc,
-                    session,
-                    now_ms,
-                    &self.config,
-                    &mut self.stats,
-                    &mut out,
-                );
+        let mut due = Vec::new();
+        while self.timers.first().is_some_and(|(at, _, _)| *at <= now_ms) {
+            if let Some((_, doc, peer)) = self.timers.pop_first() {
+                due.push((doc, peer));
             }
+        }
+        // Document order, then peer order, as a scan over every session would run.
+        due.sort();
+        for (id, peer) in &due {
+            let Some(ds) = self.docs.get_mut(id) else {
+                continue;
+            };
+            let epoch = ds.header.key_epoch;
+            let Some(session) = ds.sessions.get_mut(peer) else {
+                continue;
+            };
+            session.scheduled = None;
+            let overdue = session
+                .awaiting_since
+                .is_some_and(|t| now_ms >= t.saturating_add(self.config.retry_after_ms));
+            let confirm = session.confirm_at.is_some_and(|t| now_ms >= t);
+            let kick = session.kick_at.is_some_and(|t| now_ms >= t);
+            if !(overdue || confirm || kick) {
+                continue;
+            }
+            if overdue {
+                self.stats.session_restarts += 1;
+                session.restart();
+            }
+            if confirm {
+                session.confirm_at = None;
+            }
+            if kick {
+                session.kick_at = None;
+            }
+            generate_into(
+                *id,
+                epoch,
+                peer,
+                &mut ds.doc,
+                session,
+                now_ms,
+                &self.config,
+                &mut self.stats,
+                &mut out,
+            );
+        }
+        let mut docs: Vec<DocId> = due.into_iter().map(|(doc, _)| doc).collect();
+        docs.dedup();
+        for doc in docs {
+            self.reschedule(doc);
         }
         out
     }
@@ -816,16 +912,24 @@ impl<P: Clone + Ord + Debug> Engine<P> {
     /// session, which sends a fresh opening message on the next
     /// [`Engine::tick`] (see [`Engine::next_deadline`]).
     pub fn receive(&mut self, peer: P, frame: Frame, now_ms: u64) -> Result<Vec<Output<P>>> {
-        match frame {
-            Frame::Push(push) => self.receive_push(peer, push, now_ms),
-            Frame::Sync(msg) => self.receive_sync(peer, msg, now_ms),
-            Frame::Grant(_) => Err(Error::Wire(
-                "grant frames belong to the node, not the engine".into(),
-            )),
-            Frame::Digest(_) => Err(Error::Wire(
-                "digest frames go to the digest reconciler, not the engine".into(),
-            )),
-        }
+        let (doc, result) = match frame {
+            Frame::Push(push) => (push.doc, self.receive_push(peer, push, now_ms)),
+            Frame::Sync(msg) => (msg.doc, self.receive_sync(peer, msg, now_ms)),
+            Frame::Grant(_) => {
+                return Err(Error::Wire(
+                    "grant frames belong to the node, not the engine".into(),
+                ));
+            }
+            Frame::Digest(_) => {
+                return Err(Error::Wire(
+                    "digest frames go to the digest reconciler, not the engine".into(),
+                ));
+            }
+        };
+        // Only this document's sessions can have moved a deadline, failures included
+        // (a reset schedules a fresh opening message).
+        self.reschedule(doc);
+        result
     }
 
     fn receive_push(&mut self, peer: P, push: Push, now_ms: u64) -> Result<Vec<Output<P>>> {
@@ -1148,7 +1252,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         if bytes.is_empty() {
             return Ok(());
         }
-        let schema_error = validate(ds, &mut self.clock, now_ms).err();
+        let schema_error = validate(ds, &mut self.clock, now_ms, &bytes).err();
         if schema_error.is_some() {
             self.stats.schema_violations += 1;
         } else if ds.header.kind == DocKind::Entity {
@@ -1231,6 +1335,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
             if let Ok(Ok(mut doc)) = catch(|| rebuild(&actor, journal)) {
                 let _ = catch(|| doc.save_incremental());
                 ds.doc = doc;
+                ds.unchecked = None;
                 self.stats.documents_recovered += 1;
             }
         }
@@ -1440,12 +1545,76 @@ fn rebuild(actor: &ActorId, chunks: &[Vec<u8>]) -> std::result::Result<AutoCommi
     Ok(doc)
 }
 
+/// The collection map of a kind whose entries grow with the home's documents, and which
+/// is therefore validated by the entries written rather than whole.
+fn collection_of(kind: DocKind) -> Option<&'static [&'static str]> {
+    match kind {
+        DocKind::Home => Some(&home::KEYRING_PATH),
+        DocKind::Registry => Some(&registry::ENTITIES_PATH),
+        _ => None,
+    }
+}
+
+/// What `changes` (encoded changes back to back, as `save_incremental` writes them)
+/// wrote under the collection map at `path`.
+fn touched_by(doc: &AutoCommit, changes: &[u8], path: &[&str]) -> Touched {
+    match crate::chunks::parse_changes(changes, usize::MAX) {
+        Ok(changes) => touched_entries(doc, &changes, path),
+        Err(_) => Touched::Everything,
+    }
+}
+
+/// Remembers which collection entries a local change wrote, so the next validation of a
+/// home or registry document checks them too.
+fn note_local_write<P>(ds: &mut DocState<P>, bytes: &[u8]) {
+    let Some((kind, touched)) = &mut ds.unchecked else {
+        return;
+    };
+    let Some(path) = collection_of(*kind) else {
+        return;
+    };
+    if !matches!(touched, Touched::Everything) {
+        touched.merge(touched_by(&ds.doc, bytes, path));
+    }
+}
+
 /// Re-reads the header and validates the view for the document's kind. An
 /// entity's HLC is folded into the clock so later local writes sort after it.
-fn validate<P>(ds: &mut DocState<P>, clock: &mut HlcClock, now_ms: u64) -> Result<()> {
+/// `fresh` holds the changes just applied; for a home or registry document that
+/// validated before, only the collection entries they (and local writes since) touched
+/// are read, which is the same check at a cost that does not grow with the home.
+fn validate<P>(
+    ds: &mut DocState<P>,
+    clock: &mut HlcClock,
+    now_ms: u64,
+    fresh: &[u8],
+) -> Result<()> {
+    let since_valid = ds.unchecked.take();
+    let result = check_view(ds, clock, now_ms, fresh, since_valid);
+    ds.unchecked = match &result {
+        Ok(kind) => Some((*kind, Touched::default())),
+        Err(_) => None,
+    };
+    result.map(|_| ())
+}
+
+fn check_view<P>(
+    ds: &mut DocState<P>,
+    clock: &mut HlcClock,
+    now_ms: u64,
+    fresh: &[u8],
+    since_valid: Option<(DocKind, Touched)>,
+) -> Result<DocKind> {
     let header = Header::read(&ds.doc)?;
     let kind = header.kind;
     ds.header = header;
+    let touched = |path: &[&str]| match since_valid {
+        Some((was, mut touched)) if was == kind && touched != Touched::Everything => {
+            touched.merge(touched_by(&ds.doc, fresh, path));
+            touched
+        }
+        _ => Touched::Everything,
+    };
     match kind {
         DocKind::Entity => {
             let e = Entity::read(&ds.doc)?;
@@ -1455,10 +1624,12 @@ fn validate<P>(ds: &mut DocState<P>, clock: &mut HlcClock, now_ms: u64) -> Resul
             let _ = clock.observe(&e.updated_at, now_ms);
         }
         DocKind::Registry => {
-            Registry::read(&ds.doc)?;
+            let touched = touched(&registry::ENTITIES_PATH);
+            Registry::read_entries(&ds.doc, &touched)?;
         }
         DocKind::Home => {
-            Home::read(&ds.doc)?;
+            let touched = touched(&home::KEYRING_PATH);
+            home::validate_touched(&ds.doc, &touched)?;
         }
         DocKind::Room => {
             crate::schema::room::Room::read(&ds.doc)?;
@@ -1473,7 +1644,7 @@ fn validate<P>(ds: &mut DocState<P>, clock: &mut HlcClock, now_ms: u64) -> Resul
             crate::schema::session::Session::read(&ds.doc)?;
         }
     }
-    Ok(())
+    Ok(kind)
 }
 
 /// Appends a chunk to the journal and the persist outputs, compacting the

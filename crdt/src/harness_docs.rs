@@ -741,6 +741,116 @@ mod tests {
         c.settle();
     }
 
+    /// Home and registry documents are validated by the entries each change wrote once
+    /// they validated whole; a malformed entry from a peer must still be reported with
+    /// its path, also after earlier good changes, and keep being reported until repaired.
+    #[test]
+    fn malformed_entries_of_big_collections_are_caught_after_good_changes() {
+        use crate::schema::{home, registry};
+        use automerge::transaction::Transactable;
+        use automerge::{ROOT, ReadDoc, ScalarValue};
+
+        const HOME: DocId = DocId::from_bytes([21; 16]);
+        const REGISTRY: DocId = DocId::from_bytes([22; 16]);
+        let mut c = Cluster::new(&[OWNER, OWNER]);
+        let now = c.now_ms;
+        let out = c.nodes[0]
+            .create_home(HOME, OWNER, EPOCH, "h", now)
+            .unwrap();
+        c.absorb(0, out);
+        c.attach_all(HOME, DocKind::Home);
+        let out = c.nodes[0]
+            .create_registry(REGISTRY, OWNER, EPOCH, now)
+            .unwrap();
+        c.absorb(0, out);
+        c.attach_all(REGISTRY, DocKind::Registry);
+        c.settle();
+
+        // Writes `f` on node 1, delivers it to node 0, returns the schema errors reported.
+        let step = |c: &mut Cluster, doc: DocId, f: &dyn Fn(&mut automerge::AutoCommit)| {
+            let (_, out) = c.nodes[1]
+                .transact(doc, c.now_ms, None, |d, _, _| {
+                    f(d);
+                    Ok(())
+                })
+                .unwrap();
+            let mut reported = Vec::new();
+            for o in out {
+                if let Output::Send { peer: 0, frame } = o {
+                    for r in c.nodes[0].receive(1, frame, c.now_ms).unwrap() {
+                        if let Output::Changed { schema_error, .. } = r {
+                            reported.push(schema_error);
+                        }
+                    }
+                }
+            }
+            reported
+        };
+        let good_key = |n: u8| {
+            move |d: &mut automerge::AutoCommit| {
+                let target = DocId::from_bytes([n; 16]);
+                home::put_wrapped_key(d, target, &EPOCH, "peerB", &[n; 8]).unwrap();
+            }
+        };
+        for n in [1, 2, 3] {
+            assert!(matches!(&step(&mut c, HOME, &good_key(n))[..], [None]));
+        }
+        let bad = DocId::from_bytes([4; 16]);
+        let bad_key = move |d: &mut automerge::AutoCommit| {
+            home::put_wrapped_key(d, bad, &EPOCH, "peerB", &[1]).unwrap();
+            let (_, h) = d.get(ROOT, "home").unwrap().unwrap();
+            let (_, k) = d.get(&h, "keyring").unwrap().unwrap();
+            let (_, e) = d.get(&k, bad.to_string().as_str()).unwrap().unwrap();
+            let (_, w) = d
+                .get(&e, home::epoch_key(&EPOCH).as_str())
+                .unwrap()
+                .unwrap();
+            d.put(&w, "peerB", "not bytes").unwrap();
+        };
+        let path = format!("home.keyring.{bad}.{}.peerB", home::epoch_key(&EPOCH));
+        let reported = step(&mut c, HOME, &bad_key);
+        assert!(
+            matches!(&reported[..], [Some(Error::Schema { path: p, .. })] if *p == path),
+            "{reported:?}"
+        );
+        // A later good change elsewhere does not hide the standing error.
+        let reported = step(&mut c, HOME, &good_key(5));
+        assert!(
+            matches!(&reported[..], [Some(Error::Schema { path: p, .. })] if *p == path),
+            "{reported:?}"
+        );
+        // Repairing the entry clears it.
+        let repair = move |d: &mut automerge::AutoCommit| {
+            home::put_wrapped_key(d, bad, &EPOCH, "peerB", &[1]).unwrap();
+        };
+        assert!(matches!(&step(&mut c, HOME, &repair)[..], [None]));
+
+        let put = |id: &'static str| {
+            move |d: &mut automerge::AutoCommit| {
+                registry::put_entity(d, id, DocId::from_bytes([9; 16])).unwrap();
+            }
+        };
+        assert!(matches!(
+            &step(&mut c, REGISTRY, &put("light.a"))[..],
+            [None]
+        ));
+        assert!(matches!(
+            &step(&mut c, REGISTRY, &put("light.b"))[..],
+            [None]
+        ));
+        let reported = step(&mut c, REGISTRY, &|d| {
+            let (_, r) = d.get(ROOT, "registry").unwrap().unwrap();
+            let (_, ents) = d.get(&r, "entities").unwrap().unwrap();
+            let (_, e) = d.get(&ents, "light.a").unwrap().unwrap();
+            d.put(&e, "deleted_at", ScalarValue::Uint(3)).unwrap();
+        });
+        assert!(
+            matches!(&reported[..], [Some(Error::Schema { path, .. })] if path == "registry.entities.light.a.deleted_at"),
+            "{reported:?}"
+        );
+        assert!(c.nodes[0].registry(REGISTRY).is_err());
+    }
+
     #[test]
     fn joins_stop_at_max_size_and_concurrent_overflow_is_settled_alike() {
         let mut net = setup(3, 1, Policy::LatestWins);

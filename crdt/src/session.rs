@@ -25,6 +25,9 @@ pub(crate) struct SyncSession {
     pub(crate) kick_at: Option<u64>,
     /// `shared_heads` at the last time the state was handed out for storage.
     pub(crate) persisted_shared: Vec<ChangeHash>,
+    /// The deadline this session holds in the engine's timer set, so the entry can be
+    /// found and moved when the deadline changes.
+    pub(crate) scheduled: Option<u64>,
 }
 
 impl SyncSession {
@@ -36,6 +39,7 @@ impl SyncSession {
             confirm_at: None,
             kick_at: None,
             persisted_shared: Vec::new(),
+            scheduled: None,
         }
     }
 
@@ -62,7 +66,10 @@ impl SyncSession {
     /// Forgets everything, including shared heads: used after malformed input,
     /// when nothing learnt from this peer can be trusted.
     pub(crate) fn reset(&mut self, now_ms: u64) {
+        // The timer entry outlives the reset; the engine moves it afterwards.
+        let scheduled = self.scheduled;
         *self = Self::new();
+        self.scheduled = scheduled;
         self.kick_at = Some(now_ms);
     }
 

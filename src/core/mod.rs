@@ -1180,11 +1180,14 @@ impl Core {
         }
         // A miss means a device this core has not mapped yet: rebuild from the home
         // document, which lists every member and paired device.
-        if let Ok(home) = self.engine.home(self.home.home_doc) {
-            let peers = home
-                .devices
+        // Devices and paired homes only: the whole home view holds one keyring entry per
+        // document.
+        let devices = self.engine.home_devices(self.home.home_doc);
+        let paired = self.engine.home_paired(self.home.home_doc);
+        if let (Ok(devices), Ok(paired)) = (devices, paired) {
+            let peers = devices
                 .keys()
-                .chain(home.paired.values().flat_map(|h| h.devices.keys()));
+                .chain(paired.values().flat_map(|h| h.devices.keys()));
             for peer in peers {
                 if let Ok(id) = peer.parse::<hearth_net::PeerId>() {
                     let actor = hearth_crdt::ids::actor_for_peer(&id.to_bytes());
@@ -1221,9 +1224,9 @@ impl Core {
     fn notice_peer(&self, peer: String, connected: bool) {
         let device_name = self
             .engine
-            .home(self.home.home_doc)
+            .home_devices(self.home.home_doc)
             .ok()
-            .and_then(|h| h.devices.get(&peer).map(|d| d.name.clone()));
+            .and_then(|devices| devices.get(&peer).map(|d| d.name.clone()));
         let notice = if connected {
             Notice::PeerConnected { peer, device_name }
         } else {

@@ -76,10 +76,11 @@ impl Core {
         if self.sharing.revoking.contains(peer) {
             return true;
         }
+        // Only the device records: the whole home view holds one keyring entry per document.
         self.engine
-            .home(self.home.home_doc)
+            .home_devices(self.home.home_doc)
             .ok()
-            .and_then(|h| h.devices.get(peer).map(|d| d.revoked_at.is_some()))
+            .and_then(|devices| devices.get(peer).map(|d| d.revoked_at.is_some()))
             .unwrap_or(false)
     }
 
@@ -166,19 +167,10 @@ impl Core {
                 continue;
             }
             self.ensure_expected(doc, epoch);
-            let saved = self
-                .store
-                .get(
-                    hearth_storage::Keyspace::SyncStates,
-                    sync_state_key(peer, doc),
-                )
-                .await
-                .ok()
-                .flatten();
-            let attached = self
-                .engine
-                .attach_in_sync(peer.to_string(), doc, saved.as_deref())
-                .or_else(|_| self.engine.attach_in_sync(peer.to_string(), doc, None));
+            // No saved sync state is read: attaching in sync replaces its shared heads
+            // with the current ones, so reading it (one store round trip per document)
+            // only cost time that grew with the home.
+            let attached = self.engine.attach_in_sync(peer.to_string(), doc, None);
             match attached {
                 Ok(()) => self.counters.docs_already_in_sync += 1,
                 Err(error) => tracing::warn!(%doc, %error, "cannot attach an in-sync document"),
@@ -403,25 +395,45 @@ impl Core {
         let touched_home = out.iter().any(|o| {
             matches!(o, Output::Changed { doc, .. } if *doc == self.home.home_doc || *doc == self.home.registry_doc)
         });
+        // The home document's new changes, to find the keys they wrapped for this device.
+        let home_chunks: Vec<Vec<u8>> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::PersistChunk {
+                    doc,
+                    kind: hearth_crdt::ChunkKind::Incremental,
+                    bytes,
+                } if *doc == self.home.home_doc => Some(bytes.clone()),
+                _ => None,
+            })
+            .collect();
         self.persist_in_background(out);
         if touched_home {
             self.rebuild_entity_index_lenient();
             self.refresh_actor_homes();
             self.disconnect_revoked().await;
-            self.learn_keys().await;
+            for chunk in &home_chunks {
+                self.learn_keys(chunk).await;
+            }
         }
         self.send_pending().await;
     }
 
-    /// Unwraps keys that other devices wrapped for this one in the home document, stores
-    /// them, and opens sessions for the new documents with every admitted device.
-    pub(super) async fn learn_keys(&mut self) {
-        let Ok(home) = self.engine.home(self.home.home_doc) else {
-            return;
+    /// Unwraps keys that other devices wrapped for this one in the home document's
+    /// changes `chunk`, stores them, and opens sessions for the new documents with every
+    /// admitted device. Only the keyring entries the chunk wrote are read: the whole
+    /// keyring holds one entry per document of the home.
+    pub(super) async fn learn_keys(&mut self, chunk: &[u8]) {
+        let keyring = match self.engine.home_keys_written(self.home.home_doc, chunk) {
+            Ok(keyring) => keyring,
+            Err(error) => {
+                tracing::debug!(%error, "home keyring not readable");
+                return;
+            }
         };
         let mut batch = hearth_storage::Batch::new();
         let mut learned = Vec::new();
-        for ((doc, epoch), per_device) in home.keyring {
+        for ((doc, epoch), per_device) in keyring {
             if self.keyring.contains(doc, epoch) {
                 continue;
             }

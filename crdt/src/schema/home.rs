@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use automerge::transaction::Transactable;
 use automerge::{ROOT, ReadDoc, ScalarValue};
 
+use super::touched::Touched;
 use super::{am, ensure_map, join, keys, opt_u64, req_bytes, req_map, req_str};
 use crate::error::{Error, Result};
 use crate::ids::{DocId, KeyEpoch};
@@ -53,7 +54,7 @@ pub struct Home {
     /// Paired homes by HomeId.
     pub paired: BTreeMap<String, PairedHome>,
     /// Wrapped document keys: (doc, epoch) -> device PeerId -> wrapped key.
-    pub keyring: BTreeMap<(DocId, KeyEpoch), BTreeMap<String, Vec<u8>>>,
+    pub keyring: WrappedKeys,
 }
 
 /// Text form of an epoch used as a map key: fixed-width hex so keys sort in
@@ -82,43 +83,97 @@ fn parse_epoch_key(text: &str) -> Option<KeyEpoch> {
     })
 }
 
+/// Wrapped document keys: (doc, epoch) -> device PeerId -> wrapped key.
+pub type WrappedKeys = BTreeMap<(DocId, KeyEpoch), BTreeMap<String, Vec<u8>>>;
+
+/// Path of the keyring map, whose entries (one per document) [`Touched`] names.
+pub const KEYRING_PATH: [&str; 2] = [HOME_KEY, "keyring"];
+
 impl Home {
     /// Reads and validates the home view.
     pub fn read<D: ReadDoc>(doc: &D) -> Result<Self> {
-        let h = req_map(doc, &ROOT, HOME_KEY, HOME_KEY)?;
-        let name = req_str(doc, &h, "name", "home.name")?;
-
-        let devices = read_devices(doc, &h)?;
-
-        let paired = read_paired(doc, &h)?;
-
-        let k = req_map(doc, &h, "keyring", "home.keyring")?;
-        let mut keyring = BTreeMap::new();
+        let (mut home, k) = read_without_keyring(doc)?;
         for doc_text in keys(doc, &k) {
-            let p = join("home.keyring", &doc_text);
-            let doc_id = DocId::parse(&doc_text)
-                .ok_or_else(|| Error::schema(&p, "key is not a base58 document id"))?;
-            let epochs = req_map(doc, &k, &doc_text, &p)?;
-            for epoch_text in keys(doc, &epochs) {
-                let ep = join(&p, &epoch_text);
-                let epoch = parse_epoch_key(&epoch_text)
-                    .ok_or_else(|| Error::schema(&ep, "key is not an epoch"))?;
-                let wraps = req_map(doc, &epochs, &epoch_text, &ep)?;
-                let mut by_device = BTreeMap::new();
-                for peer in keys(doc, &wraps) {
-                    let wrapped = req_bytes(doc, &wraps, &peer, &join(&ep, &peer))?;
-                    by_device.insert(peer, wrapped);
-                }
-                keyring.insert((doc_id, epoch), by_device);
+            read_keyring_entry(doc, &k, &doc_text, &mut home.keyring)?;
+        }
+        Ok(home)
+    }
+}
+
+/// Validates a home document that validated before and has since been written only in
+/// its small parts and in the keyring entries `touched` names: the same check as
+/// [`Home::read`], at the cost of the entries written rather than of every document.
+pub fn validate_touched<D: ReadDoc>(doc: &D, touched: &Touched) -> Result<()> {
+    keyring_entries(doc, touched).map(|_| ())
+}
+
+/// Reads the small parts of the home (name, devices, paired homes) and the keyring
+/// entries `touched` names (all of them for [`Touched::Everything`]). An entry that is
+/// no longer there is skipped.
+pub fn keyring_entries<D: ReadDoc>(doc: &D, touched: &Touched) -> Result<WrappedKeys> {
+    let (mut home, k) = read_without_keyring(doc)?;
+    match touched {
+        Touched::Everything => {
+            for doc_text in keys(doc, &k) {
+                read_keyring_entry(doc, &k, &doc_text, &mut home.keyring)?;
             }
         }
-        Ok(Self {
+        Touched::Entries(entries) => {
+            for doc_text in entries {
+                let present = doc
+                    .get(&k, doc_text.as_str())
+                    .map_err(|e| Error::schema(join("home.keyring", doc_text), e.to_string()))?
+                    .is_some();
+                if present {
+                    read_keyring_entry(doc, &k, doc_text, &mut home.keyring)?;
+                }
+            }
+        }
+    }
+    Ok(home.keyring)
+}
+
+/// The home view with an empty keyring, and the keyring map's id.
+fn read_without_keyring<D: ReadDoc>(doc: &D) -> Result<(Home, automerge::ObjId)> {
+    let h = req_map(doc, &ROOT, HOME_KEY, HOME_KEY)?;
+    let name = req_str(doc, &h, "name", "home.name")?;
+    let devices = read_devices(doc, &h)?;
+    let paired = read_paired(doc, &h)?;
+    let k = req_map(doc, &h, "keyring", "home.keyring")?;
+    Ok((
+        Home {
             name,
             devices,
             paired,
-            keyring,
-        })
+            keyring: BTreeMap::new(),
+        },
+        k,
+    ))
+}
+
+fn read_keyring_entry<D: ReadDoc>(
+    doc: &D,
+    k: &automerge::ObjId,
+    doc_text: &str,
+    keyring: &mut WrappedKeys,
+) -> Result<()> {
+    let p = join("home.keyring", doc_text);
+    let doc_id = DocId::parse(doc_text)
+        .ok_or_else(|| Error::schema(&p, "key is not a base58 document id"))?;
+    let epochs = req_map(doc, k, doc_text, &p)?;
+    for epoch_text in keys(doc, &epochs) {
+        let ep = join(&p, &epoch_text);
+        let epoch = parse_epoch_key(&epoch_text)
+            .ok_or_else(|| Error::schema(&ep, "key is not an epoch"))?;
+        let wraps = req_map(doc, &epochs, &epoch_text, &ep)?;
+        let mut by_device = BTreeMap::new();
+        for peer in keys(doc, &wraps) {
+            let wrapped = req_bytes(doc, &wraps, &peer, &join(&ep, &peer))?;
+            by_device.insert(peer, wrapped);
+        }
+        keyring.insert((doc_id, epoch), by_device);
     }
+    Ok(())
 }
 
 /// Reads only the home's device records: what wrapping a new document's key for every

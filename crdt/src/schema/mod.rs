@@ -15,6 +15,7 @@ pub mod presence;
 pub mod registry;
 pub mod room;
 pub mod session;
+pub mod touched;
 
 pub use fields::{MAX_NAME_BYTES, MAX_NOTE_BYTES};
 

@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use automerge::transaction::Transactable;
 use automerge::{ROOT, ReadDoc};
 
+use super::touched::Touched;
 use super::{am, ensure_map, join, keys, opt_str, req_map, req_str};
 use crate::error::{Error, Result};
 use crate::hlc::Hlc;
@@ -66,52 +67,87 @@ pub struct Registry {
     pub entities: BTreeMap<String, RegistryEntry>,
 }
 
+/// Path of the entity map, whose entries (one per entity) [`Touched`] names.
+pub const ENTITIES_PATH: [&str; 2] = [REGISTRY_KEY, "entities"];
+
 impl Registry {
     /// Reads and validates the registry view.
     pub fn read<D: ReadDoc>(doc: &D) -> Result<Self> {
+        Self::read_entries(doc, &Touched::Everything)
+    }
+
+    /// Reads only the entries `touched` names (every entry for [`Touched::Everything`]);
+    /// an entry that is no longer there is skipped. Validating a registry that validated
+    /// before and has since been written only in these entries is the same check as
+    /// [`Registry::read`], at the cost of the entries written.
+    pub fn read_entries<D: ReadDoc>(doc: &D, touched: &Touched) -> Result<Self> {
         let r = req_map(doc, &ROOT, REGISTRY_KEY, REGISTRY_KEY)?;
         let ents = req_map(doc, &r, "entities", "registry.entities")?;
         let mut entities = BTreeMap::new();
-        for id in keys(doc, &ents) {
-            let path = join("registry.entities", &id);
-            let e = req_map(doc, &ents, &id, &path)?;
-            let doc_path = join(&path, "doc");
-            let doc_text = req_str(doc, &e, "doc", &doc_path)?;
-            let doc_id = DocId::parse(&doc_text)
-                .ok_or_else(|| Error::schema(&doc_path, "expected a base58 document id"))?;
-            let shares_path = join(&path, "shares");
-            let s = req_map(doc, &e, "shares", &shares_path)?;
-            let mut shares = BTreeMap::new();
-            for home in keys(doc, &s) {
-                let sp = join(&shares_path, &home);
-                let g = req_map(doc, &s, &home, &sp)?;
-                let rp = join(&sp, "rights");
-                let rights = match req_str(doc, &g, "rights", &rp)?.as_str() {
-                    "read" => Rights::Read,
-                    "write" => Rights::Write,
-                    other => return Err(Error::schema(rp, format!("unknown rights {other:?}"))),
-                };
-                let policy = opt_str(doc, &g, "policy", &join(&sp, "policy"))?;
-                shares.insert(home, Share { rights, policy });
+        let ids = match touched {
+            Touched::Everything => keys(doc, &ents),
+            Touched::Entries(ids) => {
+                let mut present = Vec::new();
+                for id in ids {
+                    let found = doc
+                        .get(&ents, id.as_str())
+                        .map_err(|e| Error::schema(join("registry.entities", id), e.to_string()))?;
+                    if found.is_some() {
+                        present.push(id.clone());
+                    }
+                }
+                present
             }
-            let dp = join(&path, "deleted_at");
-            let deleted_at = opt_str(doc, &e, "deleted_at", &dp)?
-                .map(|t| {
-                    t.parse::<Hlc>()
-                        .map_err(|err| Error::schema(&dp, err.to_string()))
-                })
-                .transpose()?;
-            entities.insert(
-                id,
-                RegistryEntry {
-                    doc: doc_id,
-                    shares,
-                    deleted_at,
-                },
-            );
+        };
+        for id in ids {
+            let (id, entry) = read_entry(doc, &ents, id)?;
+            entities.insert(id, entry);
         }
         Ok(Self { entities })
     }
+}
+
+fn read_entry<D: ReadDoc>(
+    doc: &D,
+    ents: &automerge::ObjId,
+    id: String,
+) -> Result<(String, RegistryEntry)> {
+    let path = join("registry.entities", &id);
+    let e = req_map(doc, ents, &id, &path)?;
+    let doc_path = join(&path, "doc");
+    let doc_text = req_str(doc, &e, "doc", &doc_path)?;
+    let doc_id = DocId::parse(&doc_text)
+        .ok_or_else(|| Error::schema(&doc_path, "expected a base58 document id"))?;
+    let shares_path = join(&path, "shares");
+    let s = req_map(doc, &e, "shares", &shares_path)?;
+    let mut shares = BTreeMap::new();
+    for home in keys(doc, &s) {
+        let sp = join(&shares_path, &home);
+        let g = req_map(doc, &s, &home, &sp)?;
+        let rp = join(&sp, "rights");
+        let rights = match req_str(doc, &g, "rights", &rp)?.as_str() {
+            "read" => Rights::Read,
+            "write" => Rights::Write,
+            other => return Err(Error::schema(rp, format!("unknown rights {other:?}"))),
+        };
+        let policy = opt_str(doc, &g, "policy", &join(&sp, "policy"))?;
+        shares.insert(home, Share { rights, policy });
+    }
+    let dp = join(&path, "deleted_at");
+    let deleted_at = opt_str(doc, &e, "deleted_at", &dp)?
+        .map(|t| {
+            t.parse::<Hlc>()
+                .map_err(|err| Error::schema(&dp, err.to_string()))
+        })
+        .transpose()?;
+    Ok((
+        id,
+        RegistryEntry {
+            doc: doc_id,
+            shares,
+            deleted_at,
+        },
+    ))
 }
 
 /// Creates the empty registry layout.

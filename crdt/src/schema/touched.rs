@@ -1,0 +1,174 @@
+//! Which entries of a document's big collection map a set of changes wrote.
+//!
+//! The home document's keyring and the registry's entity map hold one entry per document
+//! of the home, so reading either whole costs O(documents). Validating the whole view
+//! after every remote change, or re-reading the keyring to find new keys, made syncing D
+//! documents O(D^2). Validity of one entry depends only on that entry's subtree, so once a
+//! document has validated, checking the rest of the view plus the entries that later
+//! changes wrote is the same check as reading it all.
+//!
+//! The entries are found from the changes' operations: each operation names the object it
+//! writes to, and Automerge knows that object's path from the root.
+
+use std::collections::{BTreeSet, HashMap};
+
+use automerge::legacy::{Key, ObjectId};
+use automerge::{AutoCommit, Change, Prop, ReadDoc};
+
+/// What some changes wrote under a collection map such as `home.keyring`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Touched {
+    /// Only these entries (keys of the collection map); empty when nothing under it.
+    Entries(BTreeSet<String>),
+    /// The collection map itself or one of its ancestors, or something whose path could
+    /// not be told: treat the whole collection as written.
+    Everything,
+}
+
+impl Default for Touched {
+    fn default() -> Self {
+        Touched::Entries(BTreeSet::new())
+    }
+}
+
+impl Touched {
+    /// Adds what `other` names.
+    pub fn merge(&mut self, other: Touched) {
+        match (&mut *self, other) {
+            (Touched::Everything, _) => {}
+            (_, Touched::Everything) => *self = Touched::Everything,
+            (Touched::Entries(mine), Touched::Entries(theirs)) => mine.extend(theirs),
+        }
+    }
+}
+
+/// Finds which entries of the map at `collection` (a path of map keys from the root)
+/// the operations of `changes` wrote. The changes must already be applied to `doc`.
+/// Never panics: anything Automerge cannot place makes the answer [`Touched::Everything`].
+pub fn touched_entries(doc: &AutoCommit, changes: &[Change], collection: &[&str]) -> Touched {
+    let found = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        walk(doc, changes, collection)
+    }));
+    found.unwrap_or(Touched::Everything)
+}
+
+fn walk(doc: &AutoCommit, changes: &[Change], collection: &[&str]) -> Touched {
+    // Path (map keys, or None for a list index) from the root to each object written.
+    let mut paths: HashMap<String, Option<Vec<Option<String>>>> = HashMap::new();
+    let mut entries = BTreeSet::new();
+    for change in changes {
+        for op in change.decode().operations {
+            let obj_path = match &op.obj {
+                ObjectId::Root => Some(Vec::new()),
+                ObjectId::Id(_) => paths
+                    .entry(op.obj.to_string())
+                    .or_insert_with_key(|text| path_of(doc, text))
+                    .clone(),
+            };
+            let Some(mut path) = obj_path else {
+                return Touched::Everything;
+            };
+            path.push(match &op.key {
+                Key::Map(k) => Some(k.to_string()),
+                Key::Seq(_) => None,
+            });
+            let n = collection.len();
+            let common = path.len().min(n);
+            let on_the_way = path[..common]
+                .iter()
+                .zip(collection)
+                .all(|(p, c)| p.as_deref() == Some(*c));
+            if !on_the_way {
+                continue;
+            }
+            if path.len() <= n {
+                // Writes the collection map itself or an ancestor of it.
+                return Touched::Everything;
+            }
+            match &path[n] {
+                Some(entry) => {
+                    entries.insert(entry.clone());
+                }
+                None => return Touched::Everything,
+            }
+        }
+    }
+    Touched::Entries(entries)
+}
+
+fn path_of(doc: &AutoCommit, obj_text: &str) -> Option<Vec<Option<String>>> {
+    let obj = doc.import_obj(obj_text).ok()?;
+    let parents = doc.parents(&obj).ok()?;
+    Some(
+        parents
+            .path()
+            .into_iter()
+            .map(|(_, prop)| match prop {
+                Prop::Map(k) => Some(k),
+                Prop::Seq(_) => None,
+            })
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use automerge::transaction::Transactable;
+    use automerge::{ObjType, ROOT};
+
+    fn new_changes(doc: &mut AutoCommit, since: &[automerge::ChangeHash]) -> Vec<Change> {
+        doc.get_changes(since).into_iter().collect()
+    }
+
+    #[test]
+    fn finds_the_entries_written_and_flags_writes_above_them() {
+        let mut doc = AutoCommit::new();
+        let h = doc.put_object(ROOT, "home", ObjType::Map).unwrap();
+        let k = doc.put_object(&h, "keyring", ObjType::Map).unwrap();
+        doc.put(&h, "name", "x").unwrap();
+        doc.commit();
+        let start = doc.get_heads();
+        let a = doc.put_object(&k, "docA", ObjType::Map).unwrap();
+        let e = doc.put_object(&a, "epoch", ObjType::Map).unwrap();
+        doc.put(&e, "peer", vec![1u8, 2]).unwrap();
+        doc.commit();
+        let mid = doc.get_heads();
+        let b = doc.put_object(&k, "docB", ObjType::Map).unwrap();
+        doc.put(&b, "x", 1).unwrap();
+        doc.put(&h, "name", "y").unwrap();
+        doc.commit();
+
+        let changes = new_changes(&mut doc, &start);
+        assert_eq!(
+            touched_entries(&doc, &changes, &["home", "keyring"]),
+            Touched::Entries(["docA".to_string(), "docB".to_string()].into())
+        );
+        // A nested write names its entry.
+        doc.put(&e, "peer2", vec![3u8]).unwrap();
+        doc.commit();
+        let last = new_changes(&mut doc, &mid);
+        assert_eq!(
+            touched_entries(&doc, &last[1..], &["home", "keyring"]),
+            Touched::Entries(["docA".to_string()].into())
+        );
+        // Replacing the collection itself touches everything.
+        let before = doc.get_heads();
+        doc.put_object(&h, "keyring", ObjType::Map).unwrap();
+        doc.commit();
+        let replaced = new_changes(&mut doc, &before);
+        assert_eq!(
+            touched_entries(&doc, &replaced, &["home", "keyring"]),
+            Touched::Everything
+        );
+    }
+
+    #[test]
+    fn merge_widens() {
+        let mut t = Touched::Entries(["a".to_string()].into());
+        t.merge(Touched::Entries(["b".to_string()].into()));
+        assert_eq!(t, Touched::Entries(["a".into(), "b".into()].into()));
+        t.merge(Touched::Everything);
+        assert_eq!(t, Touched::Everything);
+    }
+}
