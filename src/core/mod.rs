@@ -1078,7 +1078,19 @@ impl Core {
                     }),
                 ));
             }
-            match self.engine.attach(peer.clone(), doc, None, now) {
+            // With the whole document pushed, the session starts in sync and sends no
+            // opening message: the peer opens its own exchange once it learns the key
+            // (`learn_keys`), which also covers a push it could not open yet. An opening
+            // message from here too doubled the frames of a burst of new documents, and
+            // such bursts overflowed a slow peer's queue.
+            let attached = if snapshot.is_some() {
+                self.engine
+                    .attach_in_sync(peer.clone(), doc, None)
+                    .map(|()| Vec::new())
+            } else {
+                self.engine.attach(peer.clone(), doc, None, now)
+            };
+            match attached {
                 Ok(out) => {
                     let more = self.handle_outputs(out);
                     append(&mut batch, more);
