@@ -101,6 +101,10 @@ pub(super) enum ShareMessage {
     HomeKey(super::revoke::HomeKey),
 }
 
+/// Most entities one home may share with this one; grants past it are refused, so a
+/// paired home cannot grow this home's keyring without bound.
+const MAX_SHARED_IN_PER_HOME: usize = 4096;
+
 /// Largest grant message accepted.
 const MAX_SHARE_MESSAGE: usize = 4096;
 
@@ -687,6 +691,19 @@ impl Core {
             && existing.owner != fp.home
         {
             return Err("names a document another home shares".into());
+        }
+        if !self.sharing.shared_in.contains_key(&doc)
+            && self
+                .sharing
+                .shared_in
+                .values()
+                .filter(|s| s.owner == fp.home)
+                .count()
+                >= MAX_SHARED_IN_PER_HOME
+        {
+            return Err(format!(
+                "its home already shares {MAX_SHARED_IN_PER_HOME} entities with this one"
+            ));
         }
         let key = WrappedKey::from_bytes(wrapped)
             .and_then(|w| keys::unwrap_key(&w, doc, epoch, &self.device))

@@ -755,3 +755,41 @@ async fn a_grantee_never_relays_a_shared_entity_to_its_own_devices() {
         node.shutdown().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_grants_from_a_paired_home_are_dropped() {
+    use hearth_crdt::wire::{self, Frame, GrantFrame};
+    init_tracing();
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = start(dirs[0].path(), "a").await;
+    let b = start(dirs[1].path(), "b").await;
+    a.entities().set("light.porch", write("on")).await.unwrap();
+    pair(&a, &b).await;
+    a.shares()
+        .share("light.porch", b.home_id(), false, None)
+        .await
+        .unwrap();
+    wait_state(&b, "light.porch", "on").await;
+    let bogus_key = serde_json::json!({"Grant": {
+        "entity_id": "light.fake", "doc": "11111111111111111111111", "epoch": {"counter": 0, "device": [0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0]},
+        "wrapped": [1, 2, 3], "rights": "write"}});
+    for payload in [
+        b"not json".to_vec(),
+        serde_json::to_vec(&bogus_key).unwrap(),
+        serde_json::to_vec(&serde_json::json!({"Revoke": {"entity_id": "x", "doc": "??"}}))
+            .unwrap(),
+        vec![b'['; 10_000],
+    ] {
+        let frame = wire::encode(&Frame::Grant(GrantFrame { bytes: payload }));
+        a.debug_send_raw(b.peer_id(), false, frame).await.unwrap();
+    }
+    a.entities()
+        .set("light.porch", write("still"))
+        .await
+        .unwrap();
+    wait_state(&b, "light.porch", "still").await;
+    assert!(b.entities().get("light.fake").await.unwrap().is_none());
+    assert_eq!(b.shares().list().await.unwrap().shared_in.len(), 1);
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
