@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::Error;
 mod batching;
 mod conflicts;
+mod pacing;
 pub use batching::MAX_BATCH_WRITES;
 mod entity_ops;
 mod heartbeat;
@@ -355,6 +356,8 @@ struct Core {
     sharing: sharing::Sharing,
     /// The core's own request queue, for tasks it spawns to report back.
     self_tx: Option<mpsc::Sender<Request>>,
+    /// Bulk session openings, paced per peer.
+    pacing: pacing::Pacing,
     /// Test hook: where received frames are recorded, when set.
     capture: Option<std::sync::Arc<std::sync::Mutex<Vec<crate::node::Captured>>>>,
 }
@@ -438,6 +441,7 @@ pub(crate) async fn start(
         metrics,
         writes: batching::WriteWindow::new(batch_window),
         sharing: sharing::Sharing::default(),
+        pacing: pacing::Pacing::default(),
         self_tx: None,
         capture: None,
     };
@@ -714,17 +718,25 @@ impl Core {
                     }
                     None => break,
                 },
-                _ = heartbeats.tick(), if !net_stalled => self.send_heartbeats().await,
+                _ = heartbeats.tick(), if !net_stalled => {
+                    self.send_heartbeats().await;
+                    // Frees opening slots whose peer went quiet.
+                    self.drain_attaches().await;
+                }
                 // Re-evaluates the guard below when the test hook flips.
                 Ok(()) = stall_net.changed() => {}
                 event = net_events.recv(), if !net_stalled => match event {
-                    Some(event) => self.on_net_event(event).await,
+                    Some(event) => {
+                        self.on_net_event(event).await;
+                        self.drain_attaches().await;
+                    }
                     None => break,
                 },
                 _ = timer => {
                     let out = self.engine.tick(now_ms());
                     self.persist_in_background(out);
                     self.send_pending().await;
+                    self.drain_attaches().await;
                 }
                 _ = sleep_until_or_never(window_closes) => self.commit_window(),
             }
@@ -777,6 +789,7 @@ impl Core {
                     self.notice_peer(text.clone(), false);
                 }
                 self.sharing.foreign.remove(&text);
+                self.pacing.forget_peer(&text);
                 self.reconcilers.remove(&text);
                 self.last_heard.remove(&text);
                 self.alive_until.remove(&text);

@@ -163,7 +163,7 @@ impl Core {
                 || differences.remote_only.contains(&doc);
             if differs {
                 self.counters.docs_synced += 1;
-                self.attach(peer, doc, epoch).await;
+                self.queue_attach(peer, doc, epoch);
                 continue;
             }
             self.ensure_expected(doc, epoch);
@@ -176,6 +176,7 @@ impl Core {
                 Err(error) => tracing::warn!(%doc, %error, "cannot attach an in-sync document"),
             }
         }
+        self.drain_attaches().await;
     }
 
     /// Opens a sync session with an admitted device for every document this node holds a
@@ -183,9 +184,9 @@ impl Core {
     pub(super) async fn attach_all(&mut self, peer: &str) {
         let ids = self.home_key_ids();
         for (doc, epoch) in ids {
-            self.attach(peer, doc, epoch).await;
+            self.queue_attach(peer, doc, epoch);
         }
-        self.send_pending().await;
+        self.drain_attaches().await;
     }
 
     /// The documents this home's devices sync with each other, each once at its newest
@@ -204,7 +205,7 @@ impl Core {
         newest.into_iter().collect()
     }
 
-    async fn attach(&mut self, peer: &str, doc: DocId, epoch: KeyEpoch) {
+    pub(super) async fn attach(&mut self, peer: &str, doc: DocId, epoch: KeyEpoch) {
         self.ensure_expected(doc, epoch);
         let saved = match self
             .store
@@ -463,9 +464,10 @@ impl Core {
         for (doc, epoch) in learned {
             self.ensure_expected(doc, epoch);
             for peer in &peers {
-                self.attach(peer, doc, epoch).await;
+                self.queue_attach(peer, doc, epoch);
             }
         }
+        self.drain_attaches().await;
     }
 
     /// Test hook: records a received frame as it arrived.
