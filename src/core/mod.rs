@@ -358,6 +358,9 @@ struct Core {
     self_tx: Option<mpsc::Sender<Request>>,
     /// Bulk session openings, paced per peer.
     pacing: pacing::Pacing,
+    /// The entity view the last change event was built from, so a local write answers with
+    /// it instead of reading the document a second time.
+    last_view: Option<(DocId, Entity)>,
     /// Test hook: where received frames are recorded, when set.
     capture: Option<std::sync::Arc<std::sync::Mutex<Vec<crate::node::Captured>>>>,
 }
@@ -442,6 +445,7 @@ pub(crate) async fn start(
         writes: batching::WriteWindow::new(batch_window),
         sharing: sharing::Sharing::default(),
         pacing: pacing::Pacing::default(),
+        last_view: None,
         self_tx: None,
         capture: None,
     };
@@ -1023,8 +1027,13 @@ impl Core {
                 hearth_crdt::schema::entity::put_correlation_id(d, correlation.as_deref())
             })
             .map_err(doc_err)?;
+        self.last_view = None;
         let batch = self.handle_outputs(out);
-        Ok((self.entity_view(doc)?, batch))
+        let entity = match self.last_view.take() {
+            Some((d, entity)) if d == doc => entity,
+            _ => self.entity_view(doc)?,
+        };
+        Ok((entity, batch))
     }
 
     /// Creates a new document of this home through `create`, with a fresh key wrapped in
@@ -1348,7 +1357,11 @@ impl Core {
                         (_, id) => id,
                     };
                     match self.entity_view(doc) {
-                        Ok(entity) => self.emit(entity, from_peer, correlation_id),
+                        Ok(entity) => {
+                            // The writer answers with this same view, read once.
+                            self.last_view = Some((doc, entity.clone()));
+                            self.emit(entity, from_peer, correlation_id)
+                        }
                         Err(error) => {
                             tracing::warn!(%doc, %error, "change left an entity that does not validate")
                         }
