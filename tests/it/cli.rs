@@ -190,3 +190,79 @@ fn log_format_json_writes_one_json_object_per_line() {
     crate::util::signal(child.id(), "TERM");
     assert!(crate::util::wait_exit(&mut child, WAIT).is_some_and(|s| s.success()));
 }
+
+#[test]
+fn two_homes_pair_share_and_unshare_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
+    let _a = UpProcess::start(&a_dir);
+    let _b = UpProcess::start(&b_dir);
+    let b_home = ok_json(&b_dir, &["status", "--json"])["home"]["home_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let code = ok(&a_dir, &["invite", "--home", "--ttl", "1m"]);
+    let paired = ok(&b_dir, &["join", code.trim()]);
+    assert!(paired.starts_with("paired with home"), "{paired}");
+    // The same code again: refused, and it says why.
+    cli(&b_dir, &["join", code.trim()])
+        .assert()
+        .failure()
+        .stderr(predicates::str::contains("already paired"));
+
+    ok(&a_dir, &["entity", "set", "light.porch", "off"]);
+    let shared = ok(
+        &a_dir,
+        &["share", "light.porch", "--with", &b_home, "--read-only"],
+    );
+    assert!(
+        shared.contains("shared light.porch") && shared.contains("read"),
+        "{shared}"
+    );
+    let homes = ok_json(&a_dir, &["homes", "--json"]);
+    assert_eq!(homes["homes"][0]["we_share"][0], "light.porch");
+
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let out = cli(&b_dir, &["entity", "get", "light.porch", "--json"])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the shared entity never reached B"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    cli(&b_dir, &["entity", "set", "light.porch", "on"])
+        .assert()
+        .failure()
+        .stderr(predicates::str::contains("read-only"));
+    let listed = ok_json(&b_dir, &["shared", "--json"]);
+    assert_eq!(listed["shared_in"][0]["rights"], "read");
+
+    let unshared = ok(&a_dir, &["unshare", "light.porch", "--from", &b_home]);
+    assert!(unshared.contains("epoch 0000000000000001-"), "{unshared}");
+    let audit = ok_json(&a_dir, &["audit", "--since", "1h", "--json"]);
+    let actions: Vec<&str> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    for want in [
+        "home.paired",
+        "share.granted",
+        "share.revoked",
+        "key.rotated",
+    ] {
+        assert!(actions.contains(&want), "{want} missing from {actions:?}");
+    }
+    cli(&a_dir, &["revoke-device", "nobody"])
+        .assert()
+        .failure()
+        .stderr(predicates::str::contains("no device nobody"));
+}
