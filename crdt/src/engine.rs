@@ -264,6 +264,21 @@ struct DocState<P> {
     unchecked: Option<(DocKind, Touched)>,
 }
 
+/// A document rebuilt from its chunks by [`Engine::prepare_load`], ready for
+/// [`Engine::finish_load`].
+pub struct PreparedLoad {
+    id: DocId,
+    chunks: Vec<Vec<u8>>,
+    result: Result<(AutoCommit, Header, BTreeSet<ActorId>)>,
+}
+
+impl PreparedLoad {
+    /// The document it is.
+    pub fn id(&self) -> DocId {
+        self.id
+    }
+}
+
 /// The sans-IO core of a node. `P` identifies peers (the node uses libp2p's
 /// `PeerId`; tests use integers).
 #[derive(Debug)]
@@ -489,26 +504,43 @@ impl<P: Clone + Ord + Debug> Engine<P> {
     /// incremental chunks, or an empty document's chunks as received from a
     /// peer. A document that is already loaded is replaced.
     pub fn load_document(&mut self, id: DocId, chunks: &[Vec<u8>]) -> Result<()> {
-        let actor = self.actor.clone();
-        let built = catch(|| rebuild(&actor, chunks)).map_err(|()| {
-            self.stats.panics_caught += 1;
-            Error::Load {
+        let prepared = Self::prepare_load(&self.actor, id, chunks.to_vec());
+        self.finish_load(prepared)
+    }
+
+    /// The part of [`Engine::load_document`] that needs no engine: rebuilding the
+    /// document from its chunks, reading its header and listing its actors. It can run on
+    /// any thread (start-up loads documents on every core); [`Engine::finish_load`] then
+    /// adds the result. `actor` is [`Engine::actor`].
+    pub fn prepare_load(actor: &ActorId, id: DocId, chunks: Vec<Vec<u8>>) -> PreparedLoad {
+        let result = (|| {
+            let built = catch(|| rebuild(actor, &chunks)).map_err(|()| Error::Load {
                 doc: id,
                 reason: "automerge panicked while loading".into(),
-            }
-        })?;
-        let mut doc = built.map_err(|reason| Error::Load { doc: id, reason })?;
-        let header = Header::read(&doc)?;
-        let actors = catch(|| doc_actors(&mut doc)).map_err(|()| {
-            self.stats.panics_caught += 1;
-            Error::Load {
+            })?;
+            let mut doc = built.map_err(|reason| Error::Load { doc: id, reason })?;
+            let header = Header::read(&doc)?;
+            let actors = catch(|| doc_actors(&mut doc)).map_err(|()| Error::Load {
                 doc: id,
                 reason: "automerge panicked while listing actors".into(),
+            })?;
+            // Start the save cursor at the loaded state, so the next incremental
+            // chunk holds only new changes.
+            let _ = doc.save_incremental();
+            Ok((doc, header, actors))
+        })();
+        PreparedLoad { id, chunks, result }
+    }
+
+    /// Adds a document that [`Engine::prepare_load`] rebuilt, or returns why it could not
+    /// be.
+    pub fn finish_load(&mut self, prepared: PreparedLoad) -> Result<()> {
+        let PreparedLoad { id, chunks, result } = prepared;
+        let (doc, header, actors) = result.inspect_err(|e| {
+            if matches!(e, Error::Load { reason, .. } if reason.contains("panicked")) {
+                self.stats.panics_caught += 1;
             }
         })?;
-        // Start the save cursor at the loaded state, so the next incremental
-        // chunk holds only new changes.
-        let _ = doc.save_incremental();
         let sessions = self
             .docs
             .remove(&id)
@@ -519,7 +551,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
             DocState {
                 doc,
                 header,
-                journal: chunks.to_vec(),
+                journal: chunks,
                 parked: VecDeque::new(),
                 sessions,
                 actors,

@@ -76,7 +76,9 @@ mod harness;
 mod harness_docs;
 
 pub use automerge::{ActorId, ChangeHash};
-pub use engine::{ChunkKind, Engine, EngineConfig, EngineStats, Origin, Output, payload_actors};
+pub use engine::{
+    ChunkKind, Engine, EngineConfig, EngineStats, Origin, Output, PreparedLoad, payload_actors,
+};
 pub use error::{Error, Result};
 pub use history::Version;
 pub use hlc::{Hlc, HlcClock};

@@ -395,6 +395,48 @@ pub struct SyncCounters {
     pub frames_refused: u64,
 }
 
+/// A stored document as read: its id, its chunks in order, and its next chunk number.
+type StoredDoc = (DocId, Vec<Vec<u8>>, u64);
+
+/// Rebuilds documents on `threads` threads, keeping their order.
+fn prepare_all(
+    actor: &automerge::ActorId,
+    docs: Vec<StoredDoc>,
+    threads: usize,
+) -> Vec<(hearth_crdt::PreparedLoad, u64)> {
+    let per = docs.len().div_ceil(threads).max(1);
+    let mut parts: Vec<Vec<StoredDoc>> = Vec::new();
+    let mut docs = docs.into_iter().peekable();
+    while docs.peek().is_some() {
+        parts.push(docs.by_ref().take(per).collect());
+    }
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = parts
+            .into_iter()
+            .map(|part| {
+                scope.spawn(move || {
+                    part.into_iter()
+                        .map(|(doc, chunks, next)| {
+                            (Engine::<String>::prepare_load(actor, doc, chunks), next)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        // A rebuild that panics is caught inside prepare_load; a join error would be a
+        // bug here, and losing that part's documents beats taking the node down.
+        handles
+            .into_iter()
+            .flat_map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    tracing::error!("a loader thread failed; its documents stay on disk, unloaded");
+                    Vec::new()
+                })
+            })
+            .collect()
+    })
+}
+
 /// Loads every stored document, creates the home on first start, and spawns the actor.
 // Each argument is a separate piece the node assembled; a struct would only rename them.
 #[allow(clippy::too_many_arguments)]
@@ -506,7 +548,7 @@ impl Core {
     /// loads them. A document that fails to load is logged and left on disk untouched,
     /// so nothing stored is lost and the rest of the node still starts.
     async fn load_documents(&mut self) -> Result<(), Error> {
-        let mut current: Option<(DocId, Vec<Vec<u8>>, u64)> = None;
+        let mut current: Option<StoredDoc> = None;
         let mut after: Option<Vec<u8>> = None;
         loop {
             let mut scan = Scan::all().limit(LOAD_PAGE);
@@ -515,6 +557,7 @@ impl Core {
             }
             let page = self.store.scan(Keyspace::DocChunks, scan).await?;
             let full = page.len() == LOAD_PAGE;
+            let mut complete = Vec::new();
             for (key, value) in page {
                 let Some((doc, chunk)) = DocChunk::parse(&key) else {
                     tracing::warn!(key = %hex::encode(&key), "skipping unrecognised chunk key");
@@ -524,7 +567,7 @@ impl Core {
                 if current.as_ref().is_some_and(|(d, _, _)| *d != doc)
                     && let Some(done) = current.take()
                 {
-                    self.load_one(done);
+                    complete.push(done);
                 }
                 let (_, chunks, next) = current.get_or_insert_with(|| (doc, Vec::new(), 0));
                 if let DocChunk::Incremental(seq) = chunk {
@@ -533,23 +576,45 @@ impl Core {
                 chunks.push(value);
                 after = Some(key);
             }
+            if !full && let Some(done) = current.take() {
+                complete.push(done);
+            }
+            self.load_many(complete).await;
             if !full {
                 break;
             }
         }
-        if let Some(done) = current.take() {
-            self.load_one(done);
-        }
         Ok(())
     }
 
-    fn load_one(&mut self, (doc, chunks, next_seq): (DocId, Vec<Vec<u8>>, u64)) {
-        match self.engine.load_document(doc, &chunks) {
-            Ok(()) => {
-                self.chunk_seq.insert(doc, (next_seq, 0));
-            }
+    /// Rebuilds documents from their chunks on every core, then adds them to the engine.
+    async fn load_many(&mut self, docs: Vec<StoredDoc>) {
+        if docs.is_empty() {
+            return;
+        }
+        let actor = self.engine.actor().clone();
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .clamp(1, 8);
+        let prepared =
+            tokio::task::spawn_blocking(move || prepare_all(&actor, docs, threads)).await;
+        let prepared = match prepared {
+            Ok(p) => p,
             Err(error) => {
-                tracing::error!(%doc, %error, "document failed to load; its chunks are kept on disk")
+                tracing::error!(%error, "loading documents failed; their chunks are kept on disk");
+                return;
+            }
+        };
+        for (prepared, next_seq) in prepared {
+            let doc = prepared.id();
+            match self.engine.finish_load(prepared) {
+                Ok(()) => {
+                    self.chunk_seq.insert(doc, (next_seq, 0));
+                }
+                Err(error) => {
+                    tracing::error!(%doc, %error, "document failed to load; its chunks are kept on disk")
+                }
             }
         }
     }
