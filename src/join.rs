@@ -106,48 +106,12 @@ async fn exchange(
     })
     .map_err(|e| Error::Network(e.to_string()))?;
     let net_task = tokio::spawn(net_loop.run(cancel.clone()));
-    let outcome = async {
-        let info = JoinerInfo {
-            x25519_public: device.public(),
-            device_name: device_name.clone(),
-            extra: ByteBuf::new(),
-        };
-        let me = identity.to_peer_id();
-        let issuer = *code.issuer();
-        let (joiner, start) = Joiner::start(code, &me, info, crate::core::now_ms() / 1000)
-            .map_err(|e| Error::Pairing(e.to_string()))?;
-        let mut reply = None;
-        let mut last_error = String::from("the invite code names no address");
-        for addr in code.addrs() {
-            let Ok(addr) = addr.parse::<Multiaddr>() else {
-                continue;
-            };
-            match net
-                .pair_request(issuer, Some(addr.clone()), start.clone())
-                .await
-            {
-                Ok(bytes) => {
-                    reply = Some(bytes);
-                    break;
-                }
-                Err(e) => last_error = format!("{addr}: {e}"),
-            }
-        }
-        let reply = reply.ok_or_else(|| {
-            Error::Pairing(format!("cannot reach the issuing node ({last_error})"))
-        })?;
-        let (awaiting, confirm) = joiner
-            .receive_reply(&reply)
-            .map_err(|f| Error::Pairing(f.error.to_string()))?;
-        let grant_bytes = net
-            .pair_request(issuer, None, confirm)
-            .await
-            .map_err(|e| Error::Pairing(format!("the issuer stopped answering: {e}")))?;
-        awaiting
-            .receive_grant(&grant_bytes)
-            .map_err(|f| Error::Pairing(f.error.to_string()))
-    }
-    .await;
+    let info = JoinerInfo {
+        x25519_public: device.public(),
+        device_name: device_name.clone(),
+        extra: ByteBuf::new(),
+    };
+    let outcome = exchange_with_issuer(&net, code, &identity.to_peer_id(), info).await;
     // Close the pairing connection explicitly, so the issuer sees it end now rather than
     // holding it (unadmitted) until its hello deadline while this device reconnects.
     let _ = net.disconnect(*code.issuer()).await;
@@ -204,4 +168,47 @@ async fn exchange(
         home_name: record.name,
         peer_id: identity.peer_id(),
     })
+}
+
+/// The joining side of the pairing exchange over `net`: proves the code to its issuer
+/// (trying each address the code names) and returns the grant. Device joins run it on a
+/// throwaway network; home pairing on the running node's.
+pub(crate) async fn exchange_with_issuer(
+    net: &hearth_net::Handle,
+    code: &InviteCode,
+    me: &hearth_net::PeerId,
+    info: JoinerInfo,
+) -> Result<crate::trust::pake::Grant, Error> {
+    let issuer = *code.issuer();
+    let (joiner, start) = Joiner::start(code, me, info, crate::core::now_ms() / 1000)
+        .map_err(|e| Error::Pairing(e.to_string()))?;
+    let mut reply = None;
+    let mut last_error = String::from("the invite code names no address");
+    for addr in code.addrs() {
+        let Ok(addr) = addr.parse::<Multiaddr>() else {
+            continue;
+        };
+        match net
+            .pair_request(issuer, Some(addr.clone()), start.clone())
+            .await
+        {
+            Ok(bytes) => {
+                reply = Some(bytes);
+                break;
+            }
+            Err(e) => last_error = format!("{addr}: {e}"),
+        }
+    }
+    let reply = reply
+        .ok_or_else(|| Error::Pairing(format!("cannot reach the issuing node ({last_error})")))?;
+    let (awaiting, confirm) = joiner
+        .receive_reply(&reply)
+        .map_err(|f| Error::Pairing(f.error.to_string()))?;
+    let grant_bytes = net
+        .pair_request(issuer, None, confirm)
+        .await
+        .map_err(|e| Error::Pairing(format!("the issuer stopped answering: {e}")))?;
+    awaiting
+        .receive_grant(&grant_bytes)
+        .map_err(|f| Error::Pairing(f.error.to_string()))
 }

@@ -373,6 +373,18 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         Registry::read(&self.doc_state(doc)?.doc)
     }
 
+    /// One entry of registry document `doc`, read without the others.
+    pub fn registry_entry(
+        &self,
+        doc: DocId,
+        entity_id: &str,
+    ) -> Result<Option<crate::schema::registry::RegistryEntry>> {
+        let touched = Touched::Entries([entity_id.to_string()].into());
+        Ok(Registry::read_entries(&self.doc_state(doc)?.doc, &touched)?
+            .entities
+            .remove(entity_id))
+    }
+
     /// The validated home view.
     pub fn home(&self, doc: DocId) -> Result<Home> {
         Home::read(&self.doc_state(doc)?.doc)

@@ -8,12 +8,12 @@
 //! no home or registry document. Entities shared with this home are synced with their
 //! owner's devices only; this home never relays them, not even to its own devices.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use hearth_crdt::schema::home as home_schema;
 use hearth_crdt::schema::registry::{self, Rights};
 use hearth_crdt::wire::{Frame, GrantFrame};
-use hearth_crdt::{DocId, DocKind, KeyEpoch};
+use hearth_crdt::{DocId, DocKind, HomeLookup, KeyEpoch};
 use hearth_net::PeerId;
 use hearth_storage::{Batch, Keyspace};
 use serde::{Deserialize, Serialize};
@@ -25,7 +25,7 @@ use crate::shares::{KnownHome, PairedWith, ShareIn, ShareOut, SharedList};
 use crate::trust::cert::{DeviceCert, Verdict};
 use crate::trust::invite::{InviteCode, InviteKind};
 use crate::trust::keys::{self, WrappedKey};
-use crate::trust::pake::{Joiner, JoinerInfo};
+use crate::trust::pake::JoinerInfo;
 
 /// Meta record holding what other homes share with this one.
 const SHARED_IN_KEY: &[u8] = b"shared_in";
@@ -269,7 +269,9 @@ impl Core {
         let net = self.net.clone();
         let me = self.net.local_peer_id();
         tokio::spawn(async move {
-            let result = pair_as_joiner(&net, &code, &me, info).await;
+            let result = crate::join::exchange_with_issuer(&net, &code, &me, info)
+                .await
+                .map(|grant| grant.home.to_vec());
             let _ = tx
                 .send(Request::HomePairDone {
                     issuer,
@@ -776,9 +778,9 @@ impl Core {
         let entity = self.entity_of_doc.get(&doc).cloned().unwrap_or_default();
         let share = self
             .engine
-            .registry(self.home.registry_doc)
+            .registry_entry(self.home.registry_doc, &entity)
             .ok()
-            .and_then(|r| r.entities.get(&entity).cloned())
+            .flatten()
             .filter(|e| e.doc == doc && e.deleted_at.is_none())
             .and_then(|e| e.shares.get(&fp.home).cloned());
         let Some(share) = share else {
@@ -792,38 +794,18 @@ impl Core {
         if share.rights != Rights::Write {
             return Err("its home holds read rights only, and the frame carries changes".into());
         }
-        let allowed = self.actors_of_homes(&[fp.home.as_str()]);
-        let own = self.actors_of_own_home();
-        if let Some(bad) = actors
-            .iter()
-            .find(|a| !allowed.contains(*a) && !own.contains(*a))
-        {
+        // The engine's actor-to-home table, fed from both homes' device lists.
+        let homes = self.engine.actor_homes();
+        if let Some(bad) = actors.iter().find(|a| {
+            let home = homes.home_of(a);
+            home.as_deref() != Some(fp.home.as_str())
+                && home.as_deref() != Some(self.home.home_id.as_str())
+        }) {
             return Err(format!(
                 "carries a change by {bad}, not a device of its home"
             ));
         }
         Ok(())
-    }
-
-    fn actors_of_homes(&self, homes: &[&str]) -> BTreeSet<automerge::ActorId> {
-        let paired = self.paired();
-        homes
-            .iter()
-            .filter_map(|h| paired.get(*h))
-            .flat_map(|h| h.devices.keys())
-            .filter_map(|p| p.parse::<PeerId>().ok())
-            .map(|p| hearth_crdt::ids::actor_for_peer(&p.to_bytes()))
-            .collect()
-    }
-
-    fn actors_of_own_home(&self) -> BTreeSet<automerge::ActorId> {
-        self.engine
-            .home_devices(self.home.home_doc)
-            .unwrap_or_default()
-            .keys()
-            .filter_map(|p| p.parse::<PeerId>().ok())
-            .map(|p| hearth_crdt::ids::actor_for_peer(&p.to_bytes()))
-            .collect()
     }
 
     /// Logs and audits a refused frame (at most once a minute per peer and document).
@@ -1047,9 +1029,11 @@ impl Core {
     /// shared with.
     pub(super) fn regrant(&mut self, entity_id: &str, doc: DocId, epoch: Option<KeyEpoch>) {
         let grants: Vec<(String, ForeignPeer, Rights)> = {
-            let reg = self.engine.registry(self.home.registry_doc).ok();
-            let shares = reg
-                .and_then(|r| r.entities.get(entity_id).cloned())
+            let shares = self
+                .engine
+                .registry_entry(self.home.registry_doc, entity_id)
+                .ok()
+                .flatten()
                 .map(|e| e.shares)
                 .unwrap_or_default();
             self.sharing
@@ -1068,11 +1052,11 @@ impl Core {
     }
 
     fn own_entity_doc(&self, entity_id: &str) -> Result<DocId, Error> {
-        let reg = self
+        let entry = self
             .engine
-            .registry(self.home.registry_doc)
+            .registry_entry(self.home.registry_doc, entity_id)
             .map_err(doc_err)?;
-        match reg.entities.get(entity_id) {
+        match entry {
             Some(e) if e.deleted_at.is_none() => Ok(e.doc),
             _ if self
                 .doc_of_entity_id
@@ -1090,13 +1074,10 @@ impl Core {
     }
 
     fn share_out(&self, entity_id: &str, home_id: &str) -> Result<ShareOut, Error> {
-        let reg = self
+        let entry = self
             .engine
-            .registry(self.home.registry_doc)
-            .map_err(doc_err)?;
-        let entry = reg
-            .entities
-            .get(entity_id)
+            .registry_entry(self.home.registry_doc, entity_id)
+            .map_err(doc_err)?
             .ok_or_else(|| Error::NotFound(format!("no entity {entity_id}")))?;
         let share = entry.shares.get(home_id);
         Ok(ShareOut {
@@ -1255,46 +1236,4 @@ impl Core {
 
 fn epoch_text(epoch: &KeyEpoch) -> String {
     home_schema::epoch_key(epoch)
-}
-
-/// The joining side of the pairing exchange, over the running node's network.
-async fn pair_as_joiner(
-    net: &hearth_net::Handle,
-    code: &InviteCode,
-    me: &PeerId,
-    info: JoinerInfo,
-) -> Result<Vec<u8>, Error> {
-    let (joiner, start) = Joiner::start(code, me, info, now_ms() / 1000)
-        .map_err(|e| Error::Pairing(e.to_string()))?;
-    let issuer = *code.issuer();
-    let mut reply = None;
-    let mut last_error = String::from("the invite code names no address");
-    for addr in code.addrs() {
-        let Ok(addr) = addr.parse::<hearth_net::Multiaddr>() else {
-            continue;
-        };
-        match net
-            .pair_request(issuer, Some(addr.clone()), start.clone())
-            .await
-        {
-            Ok(bytes) => {
-                reply = Some(bytes);
-                break;
-            }
-            Err(e) => last_error = format!("{addr}: {e}"),
-        }
-    }
-    let reply = reply
-        .ok_or_else(|| Error::Pairing(format!("cannot reach the issuing node ({last_error})")))?;
-    let (awaiting, confirm) = joiner
-        .receive_reply(&reply)
-        .map_err(|f| Error::Pairing(f.error.to_string()))?;
-    let grant_bytes = net
-        .pair_request(issuer, None, confirm)
-        .await
-        .map_err(|e| Error::Pairing(format!("the issuer stopped answering: {e}")))?;
-    let grant = awaiting
-        .receive_grant(&grant_bytes)
-        .map_err(|f| Error::Pairing(f.error.to_string()))?;
-    Ok(grant.home.to_vec())
 }
