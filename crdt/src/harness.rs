@@ -447,6 +447,34 @@ mod tests {
     }
 
     #[test]
+    fn a_detached_peer_leaves_no_session_and_no_timer() {
+        let mut net = Net::new(2, 7, EngineConfig::default());
+        net.share_entity(DOC);
+        // Both sides have sent opening messages and wait for answers: timers are set.
+        assert!(net.nodes[0].next_deadline().is_some());
+        let saved = net.nodes[0].detach_peer(&1);
+        let saved_b = net.nodes[1].detach_peer(&0);
+        net.in_flight.clear();
+        assert_eq!(saved.len(), 1, "the state to persist comes back");
+        assert_eq!(net.nodes[0].next_deadline(), None);
+        assert!(!net.nodes[0].is_in_sync(&1, DOC));
+        // Much later, nothing of the old session fires.
+        let out = net.nodes[0].tick(net.now_ms + 3_600_000);
+        assert!(out.is_empty(), "{out:?}");
+        // Returning resumes from the saved shared heads.
+        let out = net.nodes[0]
+            .attach(1, DOC, Some(&saved[0].1), net.now_ms)
+            .unwrap();
+        net.absorb(0, out);
+        let out = net.nodes[1]
+            .attach(0, DOC, Some(&saved_b[0].1), net.now_ms)
+            .unwrap();
+        net.absorb(1, out);
+        net.run_until_quiet(10_000);
+        net.assert_converged(DOC);
+    }
+
+    #[test]
     fn persisted_chunks_restore_the_document() {
         let mut net = Net::new(
             1,

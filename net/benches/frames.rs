@@ -8,7 +8,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput};
-use hearth_net::{Bytes, Config, DeviceIdentity, Event, EventStream, Handle, PeerId, Protocol};
+use hearth_net::{
+    Bytes, Config, DeviceIdentity, Event, EventStream, Handle, PeerClass, PeerId, Protocol,
+};
 use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
 
@@ -58,9 +60,9 @@ async fn pair() -> Pair {
         while let Some(event) = b_events.recv().await {
             match event {
                 Event::Hello { peer, .. } => {
-                    let _ = echo.admit(peer).await;
+                    let _ = echo.admit(peer, PeerClass::Own).await;
                 }
-                Event::Frame { peer, bytes } => {
+                Event::Frame { peer, bytes, .. } => {
                     let _ = echo.send(peer, bytes).await;
                 }
                 _ => {}
@@ -72,7 +74,7 @@ async fn pair() -> Pair {
     loop {
         match a_events.recv().await.expect("A running") {
             Event::Hello { peer, .. } if peer == b_peer => {
-                a.admit(peer).await.expect("admit");
+                a.admit(peer, PeerClass::Own).await.expect("admit");
                 break;
             }
             _ => {}

@@ -49,6 +49,11 @@ pub enum Event {
     Frame {
         /// The sender.
         peer: PeerId,
+        /// What the sender was admitted as when the frame arrived. A frame may still be
+        /// queued when its sender's disconnection is reported (lifecycle events overtake
+        /// frames), so the node checks the frame against this tag, not against whatever
+        /// it thinks of the peer by the time it reads the frame.
+        class: PeerClass,
         /// The frame payload, without its length prefix.
         bytes: Bytes,
     },
@@ -56,6 +61,8 @@ pub enum Event {
     EphemeralFrame {
         /// The sender.
         peer: PeerId,
+        /// What the sender was admitted as when the frame arrived.
+        class: PeerClass,
         /// The frame payload, without its length prefix.
         bytes: Bytes,
     },
@@ -97,6 +104,19 @@ pub enum Event {
         /// The announced addresses (capped).
         addrs: Vec<Multiaddr>,
     },
+}
+
+/// What the node admitted a peer as ([`crate::Handle::admit`]). Every frame from the peer
+/// carries the class it was admitted with, so the node can authorise the frame by what
+/// the sender was when it sent it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum PeerClass {
+    /// A device of the node's own home.
+    Own,
+    /// A device of another home the node knows; the text names that home (the node's
+    /// choice, e.g. its HomeId).
+    Paired(Arc<str>),
 }
 
 /// Why a peer's session ended.

@@ -26,7 +26,7 @@ use crate::dial::{
     Backoff, DiscoveredTable, REDIAL_BASE, REJECTED_COOLDOWN, connections_to_close, is_smaller,
     should_dial_discovered,
 };
-use crate::event::{Counters, DisconnectReason, Event, PeerInfo, bump};
+use crate::event::{Counters, DisconnectReason, Event, PeerClass, PeerInfo, bump};
 use crate::handle::{Command, PeerOutboxes, Shared};
 use crate::pair::{
     MAX_PAIRING_PEERS, MAX_PENDING_PAIR_REQUESTS, MAX_PENDING_PAIR_RESPONSES, PAIR_ACTIVE_WINDOW,
@@ -95,10 +95,10 @@ pub(crate) enum Internal {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Admission {
     Pending { deadline: Instant },
-    Admitted,
+    Admitted(PeerClass),
     Rejected,
 }
 
@@ -467,8 +467,8 @@ impl EventLoop {
             Command::RemoveStaticPeer { peer, reply } => {
                 let _ = reply.send(self.statics.remove(&peer).is_some());
             }
-            Command::Admit { peer, reply } => {
-                let _ = reply.send(self.admit(peer));
+            Command::Admit { peer, class, reply } => {
+                let _ = reply.send(self.admit(peer, class));
             }
             Command::Reject {
                 peer,
@@ -633,17 +633,21 @@ impl EventLoop {
     /// Admits a peer: creates its outbound queues and starts (or accepts) its streams.
     /// The queues exist from this moment, so frames sent right after `admit` are kept
     /// until the stream is up instead of being refused.
-    fn admit(&mut self, peer: PeerId) -> bool {
+    ///
+    /// A peer keeps the class it was first admitted with for the rest of its session:
+    /// admitting it again as something else is refused, so frames already in flight can
+    /// never be read under a class they were not sent with.
+    fn admit(&mut self, peer: PeerId, class: PeerClass) -> bool {
         let Some(state) = self.peers.get_mut(&peer) else {
             return false;
         };
-        match state.admission {
+        match &state.admission {
             Admission::Rejected => return false,
-            Admission::Admitted => return true,
+            Admission::Admitted(held) => return *held == class,
             Admission::Pending { .. } if state.closing.is_some() => return false,
             Admission::Pending { .. } => {}
         }
-        state.admission = Admission::Admitted;
+        state.admission = Admission::Admitted(class);
         let (sync, sync_rx) = Outbox::new(StreamKind::Sync);
         let (ephemeral, ephemeral_rx) = Outbox::new(StreamKind::Ephemeral);
         state.channels[StreamKind::Sync.index()].outbox = Some(sync_rx);
@@ -735,7 +739,7 @@ impl EventLoop {
                     peer: *peer,
                     addrs: state.conns.values().map(|c| c.addr.clone()).collect(),
                     connections: state.conns.len(),
-                    admitted: state.admission == Admission::Admitted,
+                    admitted: matches!(state.admission, Admission::Admitted(_)),
                     is_static: self.statics.contains_key(peer),
                     hello_received: state.hello_received,
                     pairing: state.pairing_until.is_some_and(|t| t > now),
@@ -944,7 +948,7 @@ impl EventLoop {
         for channel in &mut state.channels {
             channel.cancel();
         }
-        let was_admitted = state.admission == Admission::Admitted;
+        let was_admitted = matches!(state.admission, Admission::Admitted(_));
         let now = Instant::now();
         if let Some(entry) = self.statics.get_mut(&peer) {
             // A session that never got admitted counts as a failure, so a peer that keeps
@@ -1343,7 +1347,7 @@ impl EventLoop {
         let Some(state) = self.peers.get_mut(&peer) else {
             return;
         };
-        if state.admission != Admission::Admitted || state.closing.is_some() {
+        if !matches!(state.admission, Admission::Admitted(_)) || state.closing.is_some() {
             return;
         }
         let single_connection = state.conns.len() == 1;
@@ -1407,6 +1411,10 @@ impl EventLoop {
         let Some(state) = self.peers.get_mut(&peer) else {
             return;
         };
+        // Streams start only for admitted peers; anything else gets no stream task.
+        let Admission::Admitted(class) = state.admission.clone() else {
+            return;
+        };
         let session = state.session;
         let channel = &mut state.channels[kind.index()];
         let Some(outbox) = channel.outbox.take() else {
@@ -1426,6 +1434,7 @@ impl EventLoop {
         debug!(%peer, stream = kind.name(), n = channel.streams, "stream up");
         let task = StreamTask {
             peer,
+            class,
             kind,
             stream,
             outbox,
@@ -1498,7 +1507,7 @@ impl EventLoop {
         let admitted: Vec<PeerId> = self
             .peers
             .iter()
-            .filter(|(_, s)| s.admission == Admission::Admitted)
+            .filter(|(_, s)| matches!(s.admission, Admission::Admitted(_)))
             .map(|(p, _)| *p)
             .collect();
         for peer in admitted {

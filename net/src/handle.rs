@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::Error;
 use crate::behaviour::StreamKind;
-use crate::event::{Counters, Metrics, PeerInfo, SendOutcome, bump};
+use crate::event::{Counters, Metrics, PeerClass, PeerInfo, SendOutcome, bump};
 use crate::pair::{MAX_PAIR_MESSAGE_SIZE, PairRequestId};
 use crate::stream::{Outbox, PushError};
 
@@ -77,6 +77,7 @@ pub(crate) enum Command {
     },
     Admit {
         peer: PeerId,
+        class: PeerClass,
         reply: oneshot::Sender<bool>,
     },
     Reject {
@@ -274,9 +275,14 @@ impl Handle {
     /// peer is admitted it may use only the hello exchange, and it is disconnected once
     /// [`crate::Config::hello_timeout`] has passed since it connected.
     ///
+    /// `class` says what the peer is to the node; every frame it sends carries it (see
+    /// [`crate::Event::Frame`]). A peer already admitted as another class stays as it was,
+    /// and the call returns false.
+    ///
     /// Cancel-safe.
-    pub async fn admit(&self, peer: PeerId) -> Result<bool, Error> {
-        self.request(|reply| Command::Admit { peer, reply }).await
+    pub async fn admit(&self, peer: PeerId, class: PeerClass) -> Result<bool, Error> {
+        self.request(|reply| Command::Admit { peer, class, reply })
+            .await
     }
 
     /// Refuses a peer and disconnects it. `reason` is logged and reported in

@@ -28,7 +28,7 @@
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), hearth_net::Error> {
-//! use hearth_net::{Config, Event};
+//! use hearth_net::{Config, Event, PeerClass};
 //! use tokio_util::sync::CancellationToken;
 //!
 //! let config = Config {
@@ -43,9 +43,9 @@
 //!     match event {
 //!         // Check the certificate here; admit opens the sync stream.
 //!         Event::Hello { peer, .. } => {
-//!             handle.admit(peer).await?;
+//!             handle.admit(peer, PeerClass::Own).await?;
 //!         }
-//!         Event::Frame { peer, bytes } => {
+//!         Event::Frame { peer, bytes, .. } => {
 //!             let _ = handle.send(peer, bytes).await?; // echo
 //!         }
 //!         _ => {}
@@ -109,7 +109,9 @@ pub use bytes::Bytes;
 pub use config::{Config, DEFAULT_PORT, MAX_CERTIFICATE_SIZE, MAX_STATIC_PEERS, SharedRegistry};
 pub use dial::MAX_DISCOVERED_PEERS;
 pub use error::{Error, IdentityError};
-pub use event::{DisconnectReason, Event, EventStream, KnownPeer, Metrics, PeerInfo, SendOutcome};
+pub use event::{
+    DisconnectReason, Event, EventStream, KnownPeer, Metrics, PeerClass, PeerInfo, SendOutcome,
+};
 pub use event_loop::EventLoop;
 pub use handle::Handle;
 pub use identity::DeviceIdentity;

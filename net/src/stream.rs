@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Error;
 use crate::behaviour::StreamKind;
-use crate::event::{Counters, Event, bump};
+use crate::event::{Counters, Event, PeerClass, bump};
 use crate::frame;
 
 /// Largest sync frame, checked by the sender and by the receiver before allocating.
@@ -71,10 +71,10 @@ impl StreamKind {
         }
     }
 
-    fn event(self, peer: PeerId, bytes: Bytes) -> Event {
+    fn event(self, peer: PeerId, class: PeerClass, bytes: Bytes) -> Event {
         match self {
-            Self::Sync => Event::Frame { peer, bytes },
-            Self::Ephemeral => Event::EphemeralFrame { peer, bytes },
+            Self::Sync => Event::Frame { peer, class, bytes },
+            Self::Ephemeral => Event::EphemeralFrame { peer, class, bytes },
         }
     }
 }
@@ -200,6 +200,8 @@ pub(crate) enum StreamEnd {
 /// Everything a stream task needs; built by the event loop.
 pub(crate) struct StreamTask {
     pub(crate) peer: PeerId,
+    /// What the peer was admitted as; stamped on every frame read.
+    pub(crate) class: PeerClass,
     pub(crate) kind: StreamKind,
     pub(crate) stream: libp2p::Stream,
     pub(crate) outbox: OutboxRx,
@@ -223,6 +225,7 @@ impl StreamTask {
     pub(crate) async fn run(self) -> (OutboxRx, StreamEnd) {
         let Self {
             peer,
+            class,
             kind,
             stream,
             mut outbox,
@@ -239,7 +242,7 @@ impl StreamTask {
             // Reading and writing run as two whole loops raced against each other, not as
             // per-frame select arms, so neither stops halfway through a frame unless the
             // task is cut off.
-            let read = read_loop(&mut reader, peer, kind, &frames, &budget, &counters);
+            let read = read_loop(&mut reader, peer, &class, kind, &frames, &budget, &counters);
             let write = write_loop(&mut writer, &mut outbox, &counters, &drain);
             tokio::pin!(read, write);
             tokio::select! {
@@ -288,6 +291,7 @@ where
 async fn read_loop<R>(
     reader: &mut R,
     peer: PeerId,
+    class: &PeerClass,
     kind: StreamKind,
     frames: &mpsc::Sender<Event>,
     budget: &Semaphore,
@@ -319,7 +323,7 @@ where
         bump(&counters.frames_received, 1);
         bump(&counters.bytes_received, len as u64);
         if frames
-            .send(kind.event(peer, Bytes::from(body)))
+            .send(kind.event(peer, class.clone(), Bytes::from(body)))
             .await
             .is_err()
         {
@@ -526,13 +530,24 @@ mod tests {
         let counters = Counters::default();
         let peer = PeerId::random();
         let mut reader = futures::io::Cursor::new(wire);
-        let end = read_loop(&mut reader, peer, StreamKind::Sync, &tx, &budget, &counters).await;
+        let end = read_loop(
+            &mut reader,
+            peer,
+            &PeerClass::Own,
+            StreamKind::Sync,
+            &tx,
+            &budget,
+            &counters,
+        )
+        .await;
         assert!(
             matches!(end, StreamEnd::Malformed(ref why) if why.contains("exceeds")),
             "{end:?}"
         );
         match rx.recv().await {
-            Some(Event::Frame { peer: from, bytes }) => {
+            Some(Event::Frame {
+                peer: from, bytes, ..
+            }) => {
                 assert_eq!(from, peer);
                 assert_eq!(&bytes[..], b"hi");
             }

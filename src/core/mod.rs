@@ -11,6 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use hearth_crdt::schema::registry;
 use hearth_crdt::{ChunkKind, DocId, Engine, EngineConfig, EntityUpdate, KeyEpoch, Origin, Output};
+use hearth_net::PeerClass;
 use hearth_storage::{Batch, DocChunk, Keyspace, Scan, StoreHandle};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -393,6 +394,10 @@ pub struct SyncCounters {
     /// Frames from devices of paired homes refused: for documents not shared with their
     /// home, or carrying changes their home may not make.
     pub frames_refused: u64,
+    /// Frames dropped because their sender was no longer admitted as what it was when
+    /// it sent them (disconnected, revoked, or its home forgotten) by the time they were
+    /// read. A device of this home sends them again through sync once it is back.
+    pub frames_unadmitted: u64,
 }
 
 /// A stored document as read: its id, its chunks in order, and its next chunk number.
@@ -829,12 +834,15 @@ impl Core {
                     self.send_heartbeats().await;
                 }
             }
-            Event::Frame { peer, bytes } => {
-                self.last_heard.insert(peer.to_base58(), now_ms());
+            Event::Frame { peer, class, bytes } => {
                 self.metrics.frame_in(bytes.len());
                 self.counters.frames_received += 1;
                 self.counters.frame_bytes_received += bytes.len() as u64;
-                self.on_frame(peer, bytes).await
+                if !self.still_admitted_as(&peer, &class, "sync") {
+                    return;
+                }
+                self.last_heard.insert(peer.to_base58(), now_ms());
+                self.on_frame(peer, class, bytes).await
             }
             Event::PairRequest {
                 peer,
@@ -876,7 +884,14 @@ impl Core {
                     });
                 }
             }
-            Event::EphemeralFrame { peer, bytes } => self.on_ephemeral(peer, &bytes),
+            // Heartbeats are between devices of one home; a paired home's device has
+            // nothing to say on this stream.
+            Event::EphemeralFrame { peer, class, bytes }
+                if class == PeerClass::Own
+                    && self.still_admitted_as(&peer, &class, "ephemeral") =>
+            {
+                self.on_ephemeral(peer, &bytes);
+            }
             _ => {}
         }
     }

@@ -5,7 +5,7 @@
 use hearth_crdt::digest::{Differences, DigestMessage, Reconciler};
 use hearth_crdt::wire::{self, DigestFrame, Frame};
 use hearth_crdt::{DocId, DocKind, KeyEpoch, Output};
-use hearth_net::{Bytes, PeerId};
+use hearth_net::{Bytes, PeerClass, PeerId};
 
 use super::{Core, now_ms, sync_state_key};
 use crate::trust::cert::{DeviceCert, Verdict};
@@ -53,7 +53,7 @@ impl Core {
         match verdict {
             Ok(cert) => {
                 tracing::info!(peer = %peer_text, device = cert.device_name(), "admitting device of this home");
-                match self.net.admit(peer).await {
+                match self.net.admit(peer, PeerClass::Own).await {
                     Ok(true) => {
                         self.admitted.insert(peer_text.clone(), peer);
                         self.send_current_home_keys(&peer_text);
@@ -70,6 +70,36 @@ impl Core {
                 }
             }
         }
+    }
+
+    /// Whether `peer` is still admitted as `class`, the class the network stamped on a
+    /// frame when it arrived. Lifecycle events overtake queued frames, so a frame may be
+    /// read after its sender disconnected, was revoked, or lost its home's pairing; such a
+    /// frame is dropped and counted, never applied under whatever the peer is now. A
+    /// device of this home that was cut off sends what it holds again through sync once
+    /// it is admitted again, so nothing it wrote is lost.
+    pub(super) fn still_admitted_as(
+        &mut self,
+        peer: &PeerId,
+        class: &PeerClass,
+        stream: &str,
+    ) -> bool {
+        let text = peer.to_base58();
+        let ok = match class {
+            PeerClass::Own => self.admitted.contains_key(&text) && !self.is_revoked(&text),
+            // Forgetting a home removes its devices from `foreign` at once.
+            PeerClass::Paired(home) => self
+                .sharing
+                .foreign
+                .get(&text)
+                .is_some_and(|f| f.home.as_str() == &**home),
+            _ => false,
+        };
+        if !ok {
+            self.counters.frames_unadmitted += 1;
+            tracing::debug!(peer = %text, ?class, stream, "dropping a frame from a peer no longer admitted as its sender");
+        }
+        ok
     }
 
     fn is_revoked(&self, peer: &str) -> bool {
@@ -324,12 +354,8 @@ impl Core {
     /// A frame from an admitted device: open it under the document key and hand it to the
     /// engine. Anything malformed or unopenable is dropped with a logged reason; it never
     /// reaches a document.
-    pub(super) async fn on_frame(&mut self, peer: PeerId, bytes: Bytes) {
+    pub(super) async fn on_frame(&mut self, peer: PeerId, class: PeerClass, bytes: Bytes) {
         let peer_text = peer.to_base58();
-        // The network layer delivers frames only from peers this core admitted. A frame
-        // may still be queued when the disconnect of its sender is reported first (the two
-        // travel on separate queues); it was authenticated on arrival, so it is applied:
-        // dropping it would lose writes the sender already acknowledged.
         self.capture_raw(&peer_text, "sync", &bytes);
         let mut frame = match wire::decode(&bytes, MAX_FRAME_BYTES) {
             Ok(frame) => frame,
@@ -344,7 +370,7 @@ impl Core {
                 self.open_payload(s.doc, s.epoch, RecordKind::SyncMessage, &mut s.bytes)
             }
             Frame::Digest(d) => {
-                if self.sharing.foreign.contains_key(&peer_text) {
+                if class != PeerClass::Own {
                     tracing::warn!(peer = %peer_text, "digest frame from a paired home's device dropped");
                     return;
                 }
@@ -364,7 +390,9 @@ impl Core {
             return;
         }
         self.capture_opened(&peer_text, &frame);
-        if let Err(reason) = self.authorize_foreign(&peer_text, &frame) {
+        if let PeerClass::Paired(home) = &class
+            && let Err(reason) = self.authorize_foreign(home, &frame)
+        {
             self.refuse_foreign(&peer_text, &frame, &reason).await;
             return;
         }

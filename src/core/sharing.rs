@@ -14,7 +14,7 @@ use hearth_crdt::schema::home as home_schema;
 use hearth_crdt::schema::registry::{self, Rights};
 use hearth_crdt::wire::{Frame, GrantFrame};
 use hearth_crdt::{DocId, DocKind, HomeLookup, KeyEpoch};
-use hearth_net::PeerId;
+use hearth_net::{PeerClass, PeerId};
 use hearth_storage::{Batch, Keyspace};
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
@@ -447,7 +447,11 @@ impl Core {
             }
             _ => return Err("presented a certificate that does not verify".into()),
         };
-        match self.net.admit(peer).await {
+        match self
+            .net
+            .admit(peer, PeerClass::Paired(claimed_home.into()))
+            .await
+        {
             Ok(true) => {}
             Ok(false) => return Ok(()),
             Err(error) => return Err(format!("could not be admitted: {error}")),
@@ -754,20 +758,20 @@ impl Core {
             .expect_document(doc, DocKind::Entity, owner, epoch);
     }
 
-    /// Whether a push or sync frame from a foreign device may touch `doc`, and, for the
-    /// owner's side, whether the changes it carries are ones its home may make. Called on
-    /// the opened frame, before the engine sees it.
-    pub(super) fn authorize_foreign(&self, peer: &str, frame: &Frame) -> Result<(), String> {
-        let Some(fp) = self.sharing.foreign.get(peer) else {
-            return Ok(());
-        };
+    /// Whether a push or sync frame from a device of paired home `home` may touch its
+    /// document, and, for the owner's side, whether the changes it carries are ones that
+    /// home may make. Called on the opened frame, before the engine sees it, with the home
+    /// the network stamped on the frame when it arrived (never a lookup of the peer now:
+    /// by the time a queued frame is read its sender may be gone). Fails closed: anything
+    /// not shown to be allowed is refused.
+    pub(super) fn authorize_foreign(&self, home: &str, frame: &Frame) -> Result<(), String> {
         let doc = match frame {
             Frame::Push(p) => p.doc,
             Frame::Sync(s) => s.doc,
-            _ => return Ok(()),
+            _ => return Err("not a push or sync frame".into()),
         };
         if let Some(s) = self.sharing.shared_in.get(&doc) {
-            if s.owner != fp.home {
+            if s.owner != home {
                 return Err("the document is not its home's".into());
             }
             if s.revoked {
@@ -782,7 +786,7 @@ impl Core {
             .ok()
             .flatten()
             .filter(|e| e.doc == doc && e.deleted_at.is_none())
-            .and_then(|e| e.shares.get(&fp.home).cloned());
+            .and_then(|e| e.shares.get(home).cloned());
         let Some(share) = share else {
             return Err("the document is not shared with its home".into());
         };
@@ -797,9 +801,8 @@ impl Core {
         // The engine's actor-to-home table, fed from both homes' device lists.
         let homes = self.engine.actor_homes();
         if let Some(bad) = actors.iter().find(|a| {
-            let home = homes.home_of(a);
-            home.as_deref() != Some(fp.home.as_str())
-                && home.as_deref() != Some(self.home.home_id.as_str())
+            let of = homes.home_of(a);
+            of.as_deref() != Some(home) && of.as_deref() != Some(self.home.home_id.as_str())
         }) {
             return Err(format!(
                 "carries a change by {bad}, not a device of its home"

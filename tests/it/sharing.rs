@@ -8,7 +8,7 @@ use tokio::time::timeout;
 
 use crate::pairing::{T, config, wait_state, write};
 
-async fn start(dir: &std::path::Path, name: &str) -> Node {
+pub(crate) async fn start(dir: &std::path::Path, name: &str) -> Node {
     timeout(T, Node::start(config(dir, name)))
         .await
         .unwrap()
@@ -17,7 +17,7 @@ async fn start(dir: &std::path::Path, name: &str) -> Node {
 
 /// Pairs `joiner`'s home with `issuer`'s through a home code, and waits until each admits
 /// the other's device.
-async fn pair(issuer: &Node, joiner: &Node) {
+pub(crate) async fn pair(issuer: &Node, joiner: &Node) {
     let code = timeout(T, issuer.invite_home(Duration::from_secs(600)))
         .await
         .unwrap()
@@ -32,7 +32,7 @@ async fn pair(issuer: &Node, joiner: &Node) {
 }
 
 /// Polls until `f` holds, or fails naming `what`.
-async fn until<F, Fut>(what: &str, mut f: F)
+pub(crate) async fn until<F, Fut>(what: &str, mut f: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -44,7 +44,7 @@ where
     }
 }
 
-fn init_tracing() {
+pub(crate) fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()

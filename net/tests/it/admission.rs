@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use hearth_net::{Bytes, DeviceIdentity, DisconnectReason, Event, SendOutcome};
+use hearth_net::{Bytes, DeviceIdentity, DisconnectReason, Event, PeerClass, SendOutcome};
 use tokio::time::{Instant, timeout};
 
 use crate::util::{
@@ -71,7 +71,7 @@ async fn admitted_peers_swap_certificates_and_frames_flow_over_one_stream() -> R
     assert_eq!(sent, SendOutcome::Queued);
     let eph = b_events
         .expect(SOON, "an ephemeral frame", |e| match e {
-            Event::EphemeralFrame { peer, bytes } if *peer == a.peer => Some(bytes.clone()),
+            Event::EphemeralFrame { peer, bytes, .. } if *peer == a.peer => Some(bytes.clone()),
             _ => None,
         })
         .await?;
@@ -219,7 +219,7 @@ async fn rejected_peer_is_disconnected_with_the_reason() -> Result<()> {
         })
         .await?;
     // A peer that is gone can be neither admitted nor sent to.
-    assert!(!timeout(SOON, a.handle.admit(b.peer)).await??);
+    assert!(!timeout(SOON, a.handle.admit(b.peer, PeerClass::Own)).await??);
     let sent = timeout(SOON, a.handle.send(b.peer, Bytes::from_static(b"x"))).await??;
     assert_eq!(sent, SendOutcome::NotReady);
     a.stop().await?;

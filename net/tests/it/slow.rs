@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 use hearth_net::{
-    Bytes, DeviceIdentity, DisconnectReason, Event, SYNC_QUEUE_BYTES, SYNC_QUEUE_FRAMES,
+    Bytes, DeviceIdentity, DisconnectReason, Event, PeerClass, SYNC_QUEUE_BYTES, SYNC_QUEUE_FRAMES,
     SendOutcome,
 };
 use tokio::time::timeout;
@@ -24,7 +24,7 @@ async fn a_peer_that_never_reads_is_dropped_and_others_keep_working() -> Result<
     loop {
         match timeout(SOON, slow_stream.recv()).await? {
             Some(Event::Hello { peer, .. }) if peer == a.peer => {
-                assert!(timeout(SOON, slow.handle.admit(peer)).await??);
+                assert!(timeout(SOON, slow.handle.admit(peer, PeerClass::Own)).await??);
                 break;
             }
             Some(_) => continue,

@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use hearth_net::{Config, DeviceIdentity, Event, EventStream, Handle, Multiaddr, PeerId, Protocol};
+use hearth_net::{
+    Config, DeviceIdentity, Event, EventStream, Handle, Multiaddr, PeerClass, PeerId, Protocol,
+};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
@@ -172,7 +174,7 @@ impl Events {
         while out.len() < count {
             let bytes = self
                 .expect(SOON, "a sync frame", |e| match e {
-                    Event::Frame { peer, bytes } if *peer == from => Some(bytes.to_vec()),
+                    Event::Frame { peer, bytes, .. } if *peer == from => Some(bytes.to_vec()),
                     _ => None,
                 })
                 .await?;
@@ -224,7 +226,7 @@ async fn spawn_pump(
                 && admit(peer)
             {
                 // The peer may be gone already; that is not the pump's business.
-                let _ = handle.admit(*peer).await;
+                let _ = handle.admit(*peer, PeerClass::Own).await;
             }
             if let Event::PairRequest {
                 request_id, bytes, ..
