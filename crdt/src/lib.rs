@@ -62,6 +62,7 @@ mod chunks;
 pub mod digest;
 pub mod engine;
 pub mod error;
+pub mod grantee;
 pub mod history;
 pub mod hlc;
 pub mod ids;

@@ -145,10 +145,17 @@ impl Core {
             let Ok(old) = self.engine.header(doc).map(|h| h.key_epoch) else {
                 continue;
             };
+            // An epoch counter at its maximum (only a hostile header could put it there,
+            // and header writes from outside the home are refused) cannot rotate.
+            let Some(counter) = old.counter.checked_add(1) else {
+                return Err(Error::Internal(format!(
+                    "document {doc}: the key epoch counter is exhausted"
+                )));
+            };
             fresh.push((
                 doc,
                 KeyEpoch {
-                    counter: old.counter + 1,
+                    counter,
                     device: me,
                 },
                 new_key()?,

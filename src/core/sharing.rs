@@ -808,7 +808,11 @@ impl Core {
                 "carries a change by {bad}, not a device of its home"
             ));
         }
-        Ok(())
+        // A writer home changes the entity's value only, never its header (kind, owner,
+        // key epoch), identity or policy: only this home's devices move those.
+        self.engine
+            .check_grantee_changes(frame)
+            .map_err(|e| e.to_string())
     }
 
     /// Logs and audits a refused frame (at most once a minute per peer and document).
@@ -993,7 +997,9 @@ impl Core {
         let now = now_ms();
         let old = self.engine.header(doc).map_err(doc_err)?.key_epoch;
         let epoch = KeyEpoch {
-            counter: old.counter + 1,
+            counter: old.counter.checked_add(1).ok_or_else(|| {
+                Error::Internal(format!("{entity_id}: the key epoch counter is exhausted"))
+            })?,
             device: *self.engine_actor_bytes(),
         };
         let key = new_key()?;

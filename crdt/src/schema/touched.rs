@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use automerge::legacy::{Key, ObjectId};
+use automerge::legacy::{Key, ObjectId, OpId, OpType};
 use automerge::{AutoCommit, Change, Prop, ReadDoc};
 
 /// What some changes wrote under a collection map such as `home.keyring`.
@@ -94,6 +94,57 @@ fn walk(doc: &AutoCommit, changes: &[Change], collection: &[&str]) -> Touched {
         }
     }
     Touched::Entries(entries)
+}
+
+/// A path from the root: map keys, or `None` for a list position.
+pub type Path = Vec<Option<String>>;
+
+/// The path of every key or list position the operations of `changes` write, in order.
+/// Objects are placed through `doc` (which need not hold `changes` yet) or, when made
+/// by an earlier operation of `changes`, through that operation. `None` when some object
+/// cannot be placed, so a caller that allows only some paths can refuse: an operation on
+/// an object nobody can place could write anywhere. Never panics.
+pub fn written_paths(doc: &AutoCommit, changes: &[Change]) -> Option<Vec<Path>> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| paths(doc, changes)))
+        .ok()
+        .flatten()
+}
+
+fn paths(doc: &AutoCommit, changes: &[Change]) -> Option<Vec<Path>> {
+    let mut placed: HashMap<String, Path> = HashMap::new();
+    let mut out = Vec::new();
+    for change in changes {
+        let expanded = change.decode();
+        let start = expanded.start_op.get();
+        for (i, op) in expanded.operations.iter().enumerate() {
+            let mut path = match &op.obj {
+                ObjectId::Root => Vec::new(),
+                ObjectId::Id(id) => {
+                    let text = id.to_string();
+                    match placed.get(&text) {
+                        Some(p) => p.clone(),
+                        None => {
+                            let p = path_of(doc, &text)?;
+                            placed.insert(text, p.clone());
+                            p
+                        }
+                    }
+                }
+            };
+            path.push(match &op.key {
+                Key::Map(k) => Some(k.to_string()),
+                Key::Seq(_) => None,
+            });
+            if matches!(op.action, OpType::Make(_)) {
+                // Each operation of a change takes the next counter from its start.
+                let counter = start.checked_add(u64::try_from(i).ok()?)?;
+                let id = OpId::new(counter, &expanded.actor_id).to_string();
+                placed.insert(id, path.clone());
+            }
+            out.push(path);
+        }
+    }
+    Some(out)
 }
 
 fn path_of(doc: &AutoCommit, obj_text: &str) -> Option<Vec<Option<String>>> {

@@ -1,0 +1,261 @@
+//! What a home that was granted an entity may change in it.
+//!
+//! A paired home with write rights writes an entity's value: its state, attributes and
+//! the fields every write stamps. It never writes the entity's identity (`id`, `owner`),
+//! its conflict policy, or the document header (kind, owner home, key epoch): moving the
+//! epoch or the owner is for the owner home's own devices only. The owner checks every
+//! change such a home sends before the engine applies it, and refuses the whole frame if
+//! one operation writes anywhere else.
+
+use automerge::Change;
+use automerge::sync::Message;
+
+use crate::chunks::parse_changes;
+use crate::engine::{Engine, EngineConfig};
+use crate::error::{Error, Result};
+use crate::schema::entity::ENTITY_KEY;
+use crate::schema::touched::{Path, written_paths};
+use crate::wire::Frame;
+
+/// Fields under `entity` that a granted home's write may touch (attributes with
+/// everything beneath them).
+const GRANTEE_FIELDS: [&str; 5] = [
+    "state",
+    "attributes",
+    "updated_at",
+    "updated_by",
+    "correlation_id",
+];
+
+/// Whether a granted home may write at `path`.
+pub fn grantee_may_write(path: &Path) -> bool {
+    match path.as_slice() {
+        [Some(root), Some(field), ..] => {
+            root == ENTITY_KEY && GRANTEE_FIELDS.contains(&field.as_str())
+        }
+        _ => false,
+    }
+}
+
+impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
+    /// Checks the changes a push or sync frame from a granted home carries: each must
+    /// write only an entity's value fields ([`grantee_may_write`]). A sync message that
+    /// carries a whole document instead of changes is refused too: the owner always holds
+    /// the document, so a granted home has no reason to send one. A frame without changes
+    /// passes.
+    pub fn check_grantee_changes(&self, frame: &Frame) -> Result<()> {
+        let (doc, changes) = frame_changes(frame, self.config())?;
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let current = self.doc(doc)?;
+        let paths = written_paths(current, &changes).ok_or_else(|| Error::Changes {
+            doc,
+            reason: "writes to an object this document cannot place".into(),
+        })?;
+        match paths.iter().find(|p| !grantee_may_write(p)) {
+            None => Ok(()),
+            Some(path) => Err(Error::Changes {
+                doc,
+                reason: format!(
+                    "writes {}, which only the owner home may change",
+                    show(path)
+                ),
+            }),
+        }
+    }
+}
+
+/// The changes of a push or sync frame, parsed under the engine's caps.
+fn frame_changes(frame: &Frame, config: &EngineConfig) -> Result<(crate::DocId, Vec<Change>)> {
+    let caught = |doc| {
+        move |_| Error::Panicked {
+            doc,
+            during: "reading a granted home's changes",
+        }
+    };
+    match frame {
+        Frame::Push(p) => {
+            if p.bytes.len() > config.max_push_bytes {
+                return Err(Error::TooLarge {
+                    what: "push",
+                    len: p.bytes.len(),
+                    cap: config.max_push_bytes,
+                });
+            }
+            let changes =
+                std::panic::catch_unwind(|| parse_changes(&p.bytes, config.max_changes_per_push))
+                    .map_err(caught(p.doc))?
+                    .map_err(|reason| Error::Changes { doc: p.doc, reason })?;
+            Ok((p.doc, changes))
+        }
+        Frame::Sync(s) => {
+            if s.bytes.len() > config.max_sync_message_bytes {
+                return Err(Error::TooLarge {
+                    what: "sync message",
+                    len: s.bytes.len(),
+                    cap: config.max_sync_message_bytes,
+                });
+            }
+            let msg = std::panic::catch_unwind(|| Message::decode(&s.bytes))
+                .map_err(caught(s.doc))?
+                .map_err(|e| Error::Sync {
+                    doc: s.doc,
+                    reason: format!("undecodable message: {e}"),
+                })?;
+            let mut changes = Vec::new();
+            for chunk in msg.changes.iter() {
+                match std::panic::catch_unwind(|| Change::try_from(chunk)).map_err(caught(s.doc))? {
+                    Ok(change) => changes.push(change),
+                    Err(_) => {
+                        return Err(Error::Changes {
+                            doc: s.doc,
+                            reason: "carries a whole document, not changes".into(),
+                        });
+                    }
+                }
+            }
+            Ok((s.doc, changes))
+        }
+        Frame::Digest(_) | Frame::Grant(_) => Err(Error::Wire(
+            "only pushes and sync messages carry changes".into(),
+        )),
+    }
+}
+
+fn show(path: &Path) -> String {
+    let parts: Vec<&str> = path.iter().map(|p| p.as_deref().unwrap_or("[]")).collect();
+    parts.join(".")
+}
+
+#[cfg(test)]
+mod tests {
+    use automerge::transaction::Transactable;
+    use automerge::{ActorId, AutoCommit, ObjType, ROOT, ReadDoc};
+
+    use super::*;
+    use crate::schema::entity::EntityUpdate;
+    use crate::wire::Push;
+    use crate::{DocId, KeyEpoch};
+
+    const DOC: DocId = DocId::from_bytes([9; 16]);
+
+    fn owner() -> Engine<u8> {
+        let mut engine = Engine::new(b"owner", EngineConfig::default());
+        let first = EntityUpdate {
+            state: "off".into(),
+            attributes: None,
+        };
+        engine
+            .create_entity(
+                DOC,
+                "home-1",
+                KeyEpoch::first([0; 16]),
+                "light.x",
+                &first,
+                1_000,
+            )
+            .unwrap();
+        engine
+    }
+
+    /// A push of what `edit` does to a granted home's copy of the owner's document.
+    fn grantee_push(engine: &Engine<u8>, edit: impl FnOnce(&mut AutoCommit)) -> Frame {
+        let mut copy = engine.doc(DOC).unwrap().clone();
+        copy.set_actor(ActorId::from(&[7u8; 16][..]));
+        let before = copy.get_heads();
+        edit(&mut copy);
+        copy.commit();
+        let bytes = copy
+            .get_changes(&before)
+            .iter()
+            .flat_map(|c| c.raw_bytes().to_vec())
+            .collect();
+        Frame::Push(Push {
+            doc: DOC,
+            epoch: KeyEpoch::first([0; 16]),
+            correlation_id: None,
+            bytes,
+        })
+    }
+
+    type Edit = Box<dyn FnOnce(&mut AutoCommit)>;
+
+    fn entity_map(doc: &AutoCommit) -> automerge::ObjId {
+        doc.get(ROOT, ENTITY_KEY).unwrap().unwrap().1
+    }
+
+    #[test]
+    fn value_writes_pass_and_nested_attributes_are_placed() {
+        let engine = owner();
+        let frame = grantee_push(&engine, |d| {
+            let e = entity_map(d);
+            d.put(&e, "state", "on").unwrap();
+            let a = d.get(&e, "attributes").unwrap().unwrap().1;
+            let nested = d.put_object(&a, "colour", ObjType::Map).unwrap();
+            d.put(&nested, "r", 255).unwrap();
+            let list = d.put_object(&nested, "steps", ObjType::List).unwrap();
+            d.insert(&list, 0, 1).unwrap();
+        });
+        engine.check_grantee_changes(&frame).unwrap();
+    }
+
+    #[test]
+    fn header_policy_and_identity_writes_are_refused() {
+        let engine = owner();
+        let edits: Vec<(&str, Edit)> = vec![
+            (
+                "header.epoch.counter",
+                Box::new(|d| {
+                    let h = d.get(ROOT, "header").unwrap().unwrap().1;
+                    let e = d.get(&h, "epoch").unwrap().unwrap().1;
+                    d.put(&e, "counter", u64::MAX).unwrap();
+                }),
+            ),
+            (
+                "header",
+                Box::new(|d| {
+                    let h = d.put_object(ROOT, "header", ObjType::Map).unwrap();
+                    d.put(&h, "owner", "home-evil").unwrap();
+                }),
+            ),
+            (
+                "entity.policy",
+                Box::new(|d| {
+                    let e = entity_map(d);
+                    d.put(&e, "policy", "sharer-wins").unwrap();
+                }),
+            ),
+            (
+                "entity.owner",
+                Box::new(|d| {
+                    let e = entity_map(d);
+                    d.put(&e, "owner", "home-evil").unwrap();
+                }),
+            ),
+            (
+                "entity",
+                Box::new(|d| {
+                    d.put_object(ROOT, ENTITY_KEY, ObjType::Map).unwrap();
+                }),
+            ),
+        ];
+        for (what, edit) in edits {
+            let frame = grantee_push(&engine, edit);
+            let err = engine.check_grantee_changes(&frame).unwrap_err();
+            assert!(err.to_string().contains(what), "{what}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_value_write_riding_with_a_header_write_is_refused_whole() {
+        let engine = owner();
+        let frame = grantee_push(&engine, |d| {
+            let e = entity_map(d);
+            d.put(&e, "state", "on").unwrap();
+            let h = d.get(ROOT, "header").unwrap().unwrap().1;
+            d.put(&h, "kind", "home").unwrap();
+        });
+        assert!(engine.check_grantee_changes(&frame).is_err());
+    }
+}
