@@ -505,14 +505,14 @@ pub(crate) fn run(args: Args) -> Result<()> {
         Command::Bench(args) => crate::bench::run(args),
         Command::Token => {
             let path = data.join(hearth::TOKEN_FILE);
-            let token = std::fs::read_to_string(&path).with_context(|| {
+            let token = hearth::read_token(&data)?.with_context(|| {
                 format!(
                     "no token at {}; start the node once with `hearth up --data {}`",
                     path.display(),
                     data.display()
                 )
             })?;
-            println!("{}", token.trim());
+            println!("{token}");
             Ok(())
         }
         Command::Completions { shell } => {
