@@ -609,12 +609,7 @@ fn status(client: &Client, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&body)?);
         return Ok(());
     }
-    let field = |k: &str| {
-        body.get(k)
-            .and_then(|v| v.as_str())
-            .unwrap_or("-")
-            .to_string()
-    };
+    let field = |k: &str| verbs::printable(body.get(k).and_then(|v| v.as_str()).unwrap_or("-"));
     let uptime = body.get("uptime_s").and_then(|v| v.as_f64()).unwrap_or(0.0);
     if field("peer_id") == "-" {
         bail!("the node's status reply has no peer_id: {body}");
@@ -624,13 +619,16 @@ fn status(client: &Client, json: bool) -> Result<()> {
     let home = &body["home"];
     println!(
         "home      {} ({})",
-        home["home_id"].as_str().unwrap_or("-"),
-        home["name"].as_str().unwrap_or("-")
+        verbs::printable(home["home_id"].as_str().unwrap_or("-")),
+        verbs::printable(home["name"].as_str().unwrap_or("-"))
     );
     println!("data dir  {}", field("data_dir"));
     println!("api       {}", field("api"));
     for addr in body["listen"].as_array().into_iter().flatten() {
-        println!("listen    {}", addr.as_str().unwrap_or("-"));
+        println!(
+            "listen    {}",
+            verbs::printable(addr.as_str().unwrap_or("-"))
+        );
     }
     let peers = body["peers"].as_array().cloned().unwrap_or_default();
     println!("version   {}", field("version"));
@@ -763,7 +761,7 @@ fn join(data: PathBuf, code: &str, name: Option<String>) -> Result<()> {
     let joined = runtime.block_on(hearth::Node::join(code, &config))?;
     println!(
         "joined home {} ({}) as device {}\nstart it with: hearth up --data {}",
-        joined.home_name,
+        verbs::printable(&joined.home_name),
         joined.home_id,
         joined.peer_id,
         data.display()
@@ -827,12 +825,13 @@ fn entity(data: &std::path::Path, cmd: EntityCommand) -> Result<()> {
             if list.is_empty() {
                 println!("no entities yet; create one with `hearth entity set ID STATE`");
             }
+            // Entities shared in come from other homes: nothing raw reaches the terminal.
             for e in list {
                 println!(
                     "{:<32} {:<12} {}",
-                    e["id"].as_str().unwrap_or("-"),
-                    e["state"].as_str().unwrap_or("-"),
-                    e["attributes"]
+                    verbs::printable(e["id"].as_str().unwrap_or("-")),
+                    verbs::printable(e["state"].as_str().unwrap_or("-")),
+                    verbs::printable(&e["attributes"].to_string())
                 );
             }
             Ok(())
@@ -899,11 +898,15 @@ fn print_entity(e: &serde_json::Value, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(e)?);
         return Ok(());
     }
-    let f = |k: &str| e.get(k).and_then(|v| v.as_str()).unwrap_or("-").to_string();
+    let f = |k: &str| verbs::printable(e.get(k).and_then(|v| v.as_str()).unwrap_or("-"));
     println!("{}  {}", f("id"), f("state"));
     println!(
         "  attributes  {}",
-        e.get("attributes").unwrap_or(&serde_json::Value::Null)
+        verbs::printable(
+            &e.get("attributes")
+                .unwrap_or(&serde_json::Value::Null)
+                .to_string()
+        )
     );
     println!("  updated     {} by {}", f("updated_at"), f("updated_by"));
     println!("  owner       {}", f("owner"));

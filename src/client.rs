@@ -152,7 +152,12 @@ impl Client {
                 .get("error")
                 .and_then(|d| d.as_str())
                 .unwrap_or("error");
-            bail!("the node refused the request ({status} {kind}): {detail}");
+            // The detail may quote names from other homes.
+            bail!(
+                "the node refused the request ({status} {}): {}",
+                crate::verbs::printable(kind),
+                crate::verbs::printable(detail)
+            );
         }
         serde_json::from_value(body).with_context(|| format!("unexpected reply shape from {url}"))
     }
