@@ -387,6 +387,17 @@ struct UpArgs {
     #[arg(long, value_name = "DURATION", default_value = "1ms", value_parser = parse_duration)]
     batch_window: Duration,
 
+    /// Serve /metrics without the API token. By default a scraper sends the token as
+    /// `Authorization: Bearer <token>`, like any client.
+    #[arg(long)]
+    metrics_open: bool,
+
+    /// A web origin whose pages may open the API's WebSockets, as a browser sends it
+    /// (`http://dashboard.lan:3000`); repeatable. The node's own origins (http:// plus its
+    /// API address, localhost or 127.0.0.1 with the API port) always may.
+    #[arg(long = "allowed-origin", value_name = "ORIGIN")]
+    allowed_origins: Vec<String>,
+
     /// Log output format.
     #[arg(long, value_enum, default_value_t = LogFormat::Pretty)]
     log_format: LogFormat,
@@ -546,6 +557,8 @@ fn run_up(data: PathBuf, up: UpArgs) -> Result<()> {
         mdns: !up.no_mdns,
         static_peers: up.peers,
         batch_window: up.batch_window,
+        metrics_open: up.metrics_open,
+        allowed_origins: up.allowed_origins,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
