@@ -1,5 +1,6 @@
-//! The local HTTP API: health probes without a token, everything under `/api` behind the
-//! bearer token. Error bodies are `{"error": kind, "detail": sentence}` throughout.
+//! The local HTTP API: health probes without a token, everything under `/api` and
+//! `/metrics` behind the bearer token, and every route behind the Host and Origin checks
+//! of [`guard`]. Error bodies are `{"error": kind, "detail": sentence}` throughout.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::entities::{Entities, Entity, EntityWrite};
 use time::OffsetDateTime;
 
+pub(crate) mod guard;
 mod more;
 mod share;
 
@@ -40,6 +42,10 @@ pub(crate) struct ApiState {
     /// Fires when the node stops; WebSocket sessions, which outlive the HTTP server's
     /// graceful shutdown, close on it.
     pub(crate) shutdown: tokio_util::sync::CancellationToken,
+    /// Serve `/metrics` without the token (`--metrics-open`).
+    pub(crate) metrics_open: bool,
+    /// The host names and WebSocket origins the API answers.
+    pub(crate) guard: guard::Guard,
 }
 
 /// Largest request body accepted; larger ones get 413.
@@ -142,8 +148,9 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Builds the router. The `/api` routes sit behind the token check; health probes do not,
-/// so supervisors can poll them without credentials.
+/// Builds the router. The `/api` routes and `/metrics` sit behind the token check; health
+/// probes do not, so supervisors can poll them without credentials. Every route, health
+/// and WebSocket included, sits behind the Host and Origin checks.
 pub(crate) fn router(state: Arc<ApiState>) -> Router {
     let api = Router::new()
         .route("/api/status", get(status))
@@ -186,16 +193,23 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
             put(more::set_presence).get(more::get_presence),
         )
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    let mut metrics = Router::new().route("/metrics", get(more::metrics));
+    if !state.metrics_open {
+        // Metrics name peers and count traffic; a scraper sends the token like any client.
+        metrics = metrics.route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    }
     Router::new()
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
-        .route("/metrics", get(more::metrics))
         // The WebSocket checks its own token: browsers cannot set headers on an upgrade,
         // so it also takes `?token=`.
         .route("/api/ws", get(crate::ws::upgrade))
         .merge(api)
+        .merge(metrics)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        // Inside the counter, so refused requests are counted too.
+        .layer(middleware::from_fn_with_state(state.clone(), guard::check))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             count_requests,

@@ -387,6 +387,17 @@ struct UpArgs {
     #[arg(long, value_name = "DURATION", default_value = "1ms", value_parser = parse_duration)]
     batch_window: Duration,
 
+    /// Serve /metrics without the API token. By default a scraper sends the token as
+    /// `Authorization: Bearer <token>`, like any client.
+    #[arg(long)]
+    metrics_open: bool,
+
+    /// A web origin whose pages may open the API's WebSockets, as a browser sends it
+    /// (`http://dashboard.lan:3000`); repeatable. The node's own origins (http:// plus its
+    /// API address, localhost or 127.0.0.1 with the API port) always may.
+    #[arg(long = "allowed-origin", value_name = "ORIGIN")]
+    allowed_origins: Vec<String>,
+
     /// Log output format.
     #[arg(long, value_enum, default_value_t = LogFormat::Pretty)]
     log_format: LogFormat,
@@ -505,14 +516,14 @@ pub(crate) fn run(args: Args) -> Result<()> {
         Command::Bench(args) => crate::bench::run(args),
         Command::Token => {
             let path = data.join(hearth::TOKEN_FILE);
-            let token = std::fs::read_to_string(&path).with_context(|| {
+            let token = hearth::read_token(&data)?.with_context(|| {
                 format!(
                     "no token at {}; start the node once with `hearth up --data {}`",
                     path.display(),
                     data.display()
                 )
             })?;
-            println!("{}", token.trim());
+            println!("{token}");
             Ok(())
         }
         Command::Completions { shell } => {
@@ -546,6 +557,8 @@ fn run_up(data: PathBuf, up: UpArgs) -> Result<()> {
         mdns: !up.no_mdns,
         static_peers: up.peers,
         batch_window: up.batch_window,
+        metrics_open: up.metrics_open,
+        allowed_origins: up.allowed_origins,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -609,12 +622,7 @@ fn status(client: &Client, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&body)?);
         return Ok(());
     }
-    let field = |k: &str| {
-        body.get(k)
-            .and_then(|v| v.as_str())
-            .unwrap_or("-")
-            .to_string()
-    };
+    let field = |k: &str| verbs::printable(body.get(k).and_then(|v| v.as_str()).unwrap_or("-"));
     let uptime = body.get("uptime_s").and_then(|v| v.as_f64()).unwrap_or(0.0);
     if field("peer_id") == "-" {
         bail!("the node's status reply has no peer_id: {body}");
@@ -624,13 +632,16 @@ fn status(client: &Client, json: bool) -> Result<()> {
     let home = &body["home"];
     println!(
         "home      {} ({})",
-        home["home_id"].as_str().unwrap_or("-"),
-        home["name"].as_str().unwrap_or("-")
+        verbs::printable(home["home_id"].as_str().unwrap_or("-")),
+        verbs::printable(home["name"].as_str().unwrap_or("-"))
     );
     println!("data dir  {}", field("data_dir"));
     println!("api       {}", field("api"));
     for addr in body["listen"].as_array().into_iter().flatten() {
-        println!("listen    {}", addr.as_str().unwrap_or("-"));
+        println!(
+            "listen    {}",
+            verbs::printable(addr.as_str().unwrap_or("-"))
+        );
     }
     let peers = body["peers"].as_array().cloned().unwrap_or_default();
     println!("version   {}", field("version"));
@@ -763,7 +774,7 @@ fn join(data: PathBuf, code: &str, name: Option<String>) -> Result<()> {
     let joined = runtime.block_on(hearth::Node::join(code, &config))?;
     println!(
         "joined home {} ({}) as device {}\nstart it with: hearth up --data {}",
-        joined.home_name,
+        verbs::printable(&joined.home_name),
         joined.home_id,
         joined.peer_id,
         data.display()
@@ -827,12 +838,13 @@ fn entity(data: &std::path::Path, cmd: EntityCommand) -> Result<()> {
             if list.is_empty() {
                 println!("no entities yet; create one with `hearth entity set ID STATE`");
             }
+            // Entities shared in come from other homes: nothing raw reaches the terminal.
             for e in list {
                 println!(
                     "{:<32} {:<12} {}",
-                    e["id"].as_str().unwrap_or("-"),
-                    e["state"].as_str().unwrap_or("-"),
-                    e["attributes"]
+                    verbs::printable(e["id"].as_str().unwrap_or("-")),
+                    verbs::printable(e["state"].as_str().unwrap_or("-")),
+                    verbs::printable(&e["attributes"].to_string())
                 );
             }
             Ok(())
@@ -899,11 +911,15 @@ fn print_entity(e: &serde_json::Value, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(e)?);
         return Ok(());
     }
-    let f = |k: &str| e.get(k).and_then(|v| v.as_str()).unwrap_or("-").to_string();
+    let f = |k: &str| verbs::printable(e.get(k).and_then(|v| v.as_str()).unwrap_or("-"));
     println!("{}  {}", f("id"), f("state"));
     println!(
         "  attributes  {}",
-        e.get("attributes").unwrap_or(&serde_json::Value::Null)
+        verbs::printable(
+            &e.get("attributes")
+                .unwrap_or(&serde_json::Value::Null)
+                .to_string()
+        )
     );
     println!("  updated     {} by {}", f("updated_at"), f("updated_by"));
     println!("  owner       {}", f("owner"));

@@ -51,15 +51,17 @@ impl Client {
             Some(t) => t,
             None => {
                 let path = data.join(hearth::TOKEN_FILE);
-                std::fs::read_to_string(&path)
-                    .with_context(|| {
-                        format!(
-                            "cannot read the API token at {}; pass --token or set HEARTH_TOKEN",
-                            path.display()
-                        )
-                    })?
-                    .trim()
-                    .to_string()
+                let context = || {
+                    format!(
+                        "cannot use the API token at {}; pass --token or set HEARTH_TOKEN",
+                        path.display()
+                    )
+                };
+                // Checked as the node checks it: a token others can read is refused.
+                hearth::read_token(data)
+                    .with_context(context)?
+                    .ok_or_else(|| anyhow!("there is no such file"))
+                    .with_context(context)?
             }
         };
         let agent = ureq::Agent::config_builder()
@@ -150,7 +152,12 @@ impl Client {
                 .get("error")
                 .and_then(|d| d.as_str())
                 .unwrap_or("error");
-            bail!("the node refused the request ({status} {kind}): {detail}");
+            // The detail may quote names from other homes.
+            bail!(
+                "the node refused the request ({status} {}): {}",
+                crate::verbs::printable(kind),
+                crate::verbs::printable(detail)
+            );
         }
         serde_json::from_value(body).with_context(|| format!("unexpected reply shape from {url}"))
     }

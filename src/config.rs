@@ -34,6 +34,13 @@ pub struct Config {
     /// together ([`DEFAULT_BATCH_WINDOW`]). Pushes to peers never wait for it; a write is
     /// acknowledged after its window's flush. Zero flushes each write on its own.
     pub batch_window: Duration,
+    /// Serve `/metrics` without the bearer token. Off by default: the metrics name peers
+    /// and count traffic, which is for the home's owner, not for any local program.
+    pub metrics_open: bool,
+    /// Web origins (`scheme://host[:port]`, e.g. `http://dashboard.lan:3000`) whose pages
+    /// may open the API's WebSockets, besides the node's own (`http://` plus its bound
+    /// address, `localhost:PORT` or `127.0.0.1:PORT`). Empty by default.
+    pub allowed_origins: Vec<String>,
 }
 
 /// The batching window unless told otherwise: 1 ms.
@@ -55,6 +62,8 @@ impl Default for Config {
             mdns: true,
             static_peers: Vec::new(),
             batch_window: DEFAULT_BATCH_WINDOW,
+            metrics_open: false,
+            allowed_origins: Vec::new(),
         }
     }
 }

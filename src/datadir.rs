@@ -19,6 +19,8 @@ pub const API_ADDR_FILE: &str = "api.addr";
 const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
 /// Token length in random bytes; printed as hex.
 const TOKEN_BYTES: usize = 32;
+/// Most bytes read from a token file: the hex token, a line end and room for spaces.
+const MAX_TOKEN_FILE_LEN: u64 = 256;
 
 /// Creates the data dir (0700: it holds the key file and token) if missing.
 pub(crate) fn ensure_dir(dir: &Path) -> Result<(), Error> {
@@ -84,34 +86,69 @@ fn lock_result(
 /// Reads the API token, creating it (0600) on first start.
 pub(crate) fn load_or_create_token(dir: &Path) -> Result<String, Error> {
     let path = dir.join(TOKEN_FILE);
-    match fs::read_to_string(&path) {
-        Ok(text) => {
-            let token = text.trim();
-            if token.len() != TOKEN_BYTES * 2 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(Error::CorruptFile {
-                    path,
-                    detail: format!("expected {} hex characters", TOKEN_BYTES * 2),
-                });
-            }
-            Ok(token.to_string())
-        }
-        Err(e) if e.kind() == ErrorKind::NotFound => {
-            let mut bytes = [0u8; TOKEN_BYTES];
-            getrandom::fill(&mut bytes).map_err(|e| Error::File {
-                what: "cannot draw randomness for",
-                path: path.clone(),
-                source: std::io::Error::other(e.to_string()),
-            })?;
-            let token = hex::encode(bytes);
-            write_private(&path, format!("{token}\n").as_bytes())?;
-            Ok(token)
-        }
-        Err(source) => Err(Error::File {
-            what: "cannot read",
-            path,
-            source,
-        }),
+    if let Some(token) = read_token(dir)? {
+        return Ok(token);
     }
+    let mut bytes = [0u8; TOKEN_BYTES];
+    getrandom::fill(&mut bytes).map_err(|e| Error::File {
+        what: "cannot draw randomness for",
+        path: path.clone(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let token = hex::encode(bytes);
+    write_private(&path, format!("{token}\n").as_bytes())?;
+    Ok(token)
+}
+
+/// Reads the API token from `<data_dir>/token`; `None` when there is none yet (the node
+/// creates it on first start).
+///
+/// A token file that other users can read (any group or world permission bit) is refused
+/// with an error that says to `chmod 600` it, as the store key file is: whoever reads the
+/// token controls the node. So is a file that is not a token.
+pub fn read_token(data_dir: &Path) -> Result<Option<String>, Error> {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let path = data_dir.join(TOKEN_FILE);
+    let file = match File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(Error::File {
+                what: "cannot read",
+                path,
+                source,
+            });
+        }
+    };
+    // Check the open file, not the path, so the check and the read see the same file.
+    let meta = file.metadata().map_err(|source| Error::File {
+        what: "cannot read",
+        path: path.clone(),
+        source,
+    })?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(Error::OpenToOthers { path, mode });
+    }
+    let corrupt = |path: PathBuf| Error::CorruptFile {
+        path,
+        detail: format!("expected {} hex characters", TOKEN_BYTES * 2),
+    };
+    // A token is one short line; read no more than that allows, whatever the file holds.
+    let mut text = String::new();
+    if file
+        .take(MAX_TOKEN_FILE_LEN)
+        .read_to_string(&mut text)
+        .is_err()
+    {
+        return Err(corrupt(path));
+    }
+    let token = text.trim();
+    if token.len() != TOKEN_BYTES * 2 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(corrupt(path));
+    }
+    Ok(Some(token.to_string()))
 }
 
 /// Writes a new file with mode 0600, failing if it already exists, and syncs it.
@@ -194,9 +231,33 @@ mod tests {
     }
 
     #[test]
+    fn a_token_open_to_others_is_refused_with_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = load_or_create_token(dir.path()).unwrap();
+        let path = dir.path().join(TOKEN_FILE);
+        for mode in [0o640, 0o604, 0o644] {
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+            let err = load_or_create_token(dir.path()).unwrap_err().to_string();
+            assert!(
+                err.contains("chmod 600") && err.contains("open to other users"),
+                "{err}"
+            );
+            assert!(read_token(dir.path()).is_err());
+        }
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o400)).unwrap();
+        assert_eq!(read_token(dir.path()).unwrap(), Some(token));
+        assert_eq!(
+            read_token(tempfile::tempdir().unwrap().path()).unwrap(),
+            None
+        );
+    }
+
+    #[test]
     fn corrupt_token_names_the_file_and_the_fix() {
         let dir = tempfile::tempdir().unwrap();
-        fs::write(dir.path().join(TOKEN_FILE), "not hex").unwrap();
+        let path = dir.path().join(TOKEN_FILE);
+        fs::write(&path, "not hex").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
         let err = load_or_create_token(dir.path()).unwrap_err().to_string();
         assert!(
             err.contains("token is corrupt") && err.contains("remove it"),

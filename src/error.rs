@@ -44,6 +44,16 @@ pub enum Error {
         /// What is wrong with it.
         detail: String,
     },
+    /// A secret file in the data dir (the API token) can be read by other users.
+    #[error(
+        "{path} is open to other users (mode {mode:03o}); run `chmod 600 {path}` and try again"
+    )]
+    OpenToOthers {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// The encrypted store failed.
     #[error(transparent)]
     Store(#[from] hearth_storage::Error),

@@ -50,7 +50,7 @@ pub use config::{
 };
 pub use core::MAX_BATCH_WRITES;
 pub use core::{CHANGE_BUFFER, RevokedDevice, SyncCounters};
-pub use datadir::{API_ADDR_FILE, LOCK_FILE, TOKEN_FILE};
+pub use datadir::{API_ADDR_FILE, LOCK_FILE, TOKEN_FILE, read_token};
 pub use entities::{
     ChangeItem, Changes, ConflictCandidate, ConflictInfo, Entities, Entity, EntityChange,
     EntityVersion, EntityWrite, MAX_ENTITY_ID_LEN, MAX_HISTORY, MAX_STATE_LEN,

@@ -1,4 +1,4 @@
-//! Prometheus metrics, served as text on `/metrics` (no token).
+//! Prometheus metrics, served as text on `/metrics` (behind the API token unless `--metrics-open`).
 //!
 //! Counters that only the core, the engine or the network know (documents, sync errors,
 //! lag) are read from them at each scrape and written into the registry's gauges and

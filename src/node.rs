@@ -83,6 +83,12 @@ impl Node {
                 crate::MAX_BATCH_WINDOW
             )));
         }
+        let allowed_origins = config
+            .allowed_origins
+            .iter()
+            .map(|o| api::guard::normalise_origin(o))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(Error::Invalid)?;
         let dir = config.data_dir.clone();
         datadir::ensure_dir(&dir)?;
         let lock = datadir::lock(&dir)?;
@@ -178,6 +184,8 @@ impl Node {
             metrics,
             bus: bus.clone(),
             shutdown: cancel.clone(),
+            metrics_open: config.metrics_open,
+            guard: api::guard::Guard::new(api_addr, &allowed_origins),
         });
         let app = api::router(state.clone());
         let stop = cancel.clone();

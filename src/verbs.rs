@@ -26,11 +26,71 @@ fn table(header: &[&str]) -> Table {
     t
 }
 
+/// A JSON value as a table cell or a line of text, made [`printable`].
 fn text(v: &Value) -> String {
     match v {
-        Value::String(s) => s.clone(),
+        Value::String(s) => printable(s),
         Value::Null => "-".into(),
-        other => other.to_string(),
+        // JSON escapes C0 controls but not DEL or C1 (0x9B starts a CSI on some terminals).
+        other => printable(&other.to_string()),
+    }
+}
+
+/// Text from the node made safe for a terminal. Names, ids, states and messages may come
+/// from another home, and an escape sequence in one could move the cursor, rewrite lines
+/// already printed (a fake table row), set the window title or worse. So ANSI escape
+/// sequences (7- and 8-bit) are dropped whole, tabs and line breaks become spaces, and
+/// every other control character and bidirectional override is dropped. JSON output
+/// (`--json`) does not pass through here: JSON escapes what it carries.
+pub(crate) fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\u{1b}' => match chars.next() {
+                Some('[') => skip_csi(&mut chars),
+                Some(']' | 'P' | 'X' | '^' | '_') => skip_string(&mut chars),
+                // ESC, intermediates (0x20-0x2F), one final: `ESC ( B`, `ESC c`.
+                Some(' '..='/') => {
+                    while chars.next_if(|c| matches!(c, ' '..='/')).is_some() {}
+                    chars.next_if(|c| matches!(c, '0'..='~'));
+                }
+                _ => {}
+            },
+            '\u{9b}' => skip_csi(&mut chars),
+            '\u{90}' | '\u{98}' | '\u{9d}' | '\u{9e}' | '\u{9f}' => skip_string(&mut chars),
+            '\t' | '\n' | '\r' => out.push(' '),
+            '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' => {}
+            c if c.is_control() => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+type Chars<'a> = std::iter::Peekable<std::str::Chars<'a>>;
+
+/// Skips a control sequence's parameters and intermediates (0x20-0x3F) and its final
+/// byte (0x40-0x7E). Anything else ends it unconsumed, so a malformed sequence cannot
+/// swallow the text after it.
+fn skip_csi(chars: &mut Chars<'_>) {
+    while chars.next_if(|c| matches!(c, ' '..='?')).is_some() {}
+    chars.next_if(|c| matches!(c, '@'..='~'));
+}
+
+/// Skips a control string (OSC, DCS, SOS, PM, APC) up to its terminator: BEL, ESC \ or
+/// ST. An unterminated one runs to the end of the text, which is all dropped: the
+/// terminal would have swallowed it too.
+fn skip_string(chars: &mut Chars<'_>) {
+    while let Some(c) = chars.next() {
+        match c {
+            '\u{7}' | '\u{9c}' => return,
+            '\u{1b}' => {
+                chars.next_if_eq(&'\\');
+                return;
+            }
+            _ => {}
+        }
     }
 }
 
@@ -521,7 +581,7 @@ pub(crate) fn conflicts(client: &Client, json: bool) -> Result<()> {
                 text(&c["entity_id"]),
                 text(&c["field"]),
                 i.to_string(),
-                cand["value"].to_string(),
+                text(&cand["value"]),
                 text(&cand["device"]),
                 text(&cand["time"]),
             ]);
@@ -568,4 +628,45 @@ pub(crate) fn revoke_device(client: &Client, device: &str, json: bool) -> Result
         text(&out["rotated"])
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printable_drops_escapes_and_controls_and_keeps_text() {
+        let cases = [
+            ("light.porch", "light.porch"),
+            ("Küche 🏠 日本", "Küche 🏠 日本"),
+            ("\u{1b}[31mred\u{1b}[0m", "red"),
+            ("a\u{1b}[2J\u{1b}[1;1Hb", "ab"),
+            ("\u{1b}]0;pwned\u{7}title", "title"),
+            (
+                "\u{1b}]8;;http://evil\u{1b}\\link\u{1b}]8;;\u{1b}\\",
+                "link",
+            ),
+            ("\u{1b}(Bx\u{1b}c", "x"),
+            ("\u{9b}31mc1\u{9d}0;t\u{9c}", "c1"),
+            ("bell\u{7}del\u{7f}nul\u{0}", "belldelnul"),
+            ("two\nlines\there\r", "two lines here "),
+            ("\u{202e}gnp.exe", "gnp.exe"),
+            ("trailing\u{1b}", "trailing"),
+            ("\u{1b}[99", ""),
+            ("\u{1b}[1\u{e9}x", "\u{e9}x"),
+            ("\u{1b}]never ends", ""),
+        ];
+        for (input, want) in cases {
+            assert_eq!(printable(input), want, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn cells_are_printable_whatever_the_json_type() {
+        assert_eq!(text(&json!("\u{1b}[31mhome")), "home");
+        assert_eq!(text(&json!(null)), "-");
+        assert_eq!(text(&json!(3)), "3");
+        // serde_json escapes ESC itself but not C1 controls.
+        assert_eq!(text(&json!({"k": "\u{9b}2Jx"})), r#"{"k":"x"}"#);
+    }
 }

@@ -111,6 +111,12 @@ pub(crate) fn run(client: &Client, watch: Watch, json_out: bool) -> Result<()> {
             Watch::Events(_) if json_out => frame.to_string(),
             Watch::Events(_) => event_line(kind, data),
         };
+        // Lines for people pass through `printable`; JSON escapes what it carries.
+        let line = if json_out {
+            line
+        } else {
+            crate::verbs::printable(&line)
+        };
         // A reader that went away (`| head`) ends the watch quietly.
         if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
             return Ok(());

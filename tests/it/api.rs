@@ -39,8 +39,14 @@ impl TestNode {
     }
 
     pub(crate) fn start_on(rt: tokio::runtime::Runtime, dir: &Path, name: &str) -> Self {
+        Self::start_config(rt, config(dir, name))
+    }
+
+    /// Starts a node with `config` on `rt`.
+    pub(crate) fn start_config(rt: tokio::runtime::Runtime, config: Config) -> Self {
+        let dir = config.data_dir.clone();
         let node = rt
-            .block_on(async { tokio::time::timeout(WAIT, Node::start(config(dir, name))).await })
+            .block_on(async { tokio::time::timeout(WAIT, Node::start(config)).await })
             .expect("node start timed out")
             .expect("node start");
         let token = std::fs::read_to_string(dir.join(hearth::TOKEN_FILE))
@@ -575,7 +581,7 @@ fn metrics_parse_and_move_with_traffic() {
     let dir = tempfile::tempdir().unwrap();
     let n = TestNode::start(dir.path(), "den");
     let scrape = || {
-        let (status, text) = http_get(&n.api, "/metrics", None);
+        let (status, text) = http_get(&n.api, "/metrics", Some(&n.token));
         assert_eq!(status, 200, "{text}");
         let lines = text.lines().map(|l| Ok(l.to_string()));
         prometheus_parse::Scrape::parse(lines).expect("prometheus text")

@@ -136,7 +136,9 @@ fn without_a_node_the_error_names_the_address_and_suggests_up() {
         .unwrap()
         .local_addr()
         .unwrap();
-    std::fs::write(dir.path().join("token"), "t").unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, format!("{}\n", "ab".repeat(32))).unwrap();
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     for args in [
         vec!["status".to_string(), "--api".into(), addr.to_string()],
         vec!["room".into(), "chat".into(), "den".into()],

@@ -1,6 +1,7 @@
 //! Integration tests: real `hearth` processes and in-process nodes on loopback.
 
 mod api;
+mod api_guard;
 mod batching;
 mod bus;
 mod cli;
