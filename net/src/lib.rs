@@ -95,8 +95,10 @@ mod error;
 mod event;
 mod event_loop;
 mod frame;
+mod guard;
 mod handle;
 mod identity;
+mod log_limit;
 mod pair;
 mod stream;
 
@@ -106,28 +108,34 @@ use tokio::sync::{Semaphore, mpsc};
 
 pub use behaviour::{EPHEMERAL_PROTOCOL, HELLO_PROTOCOL, SYNC_PROTOCOL};
 pub use bytes::Bytes;
-pub use config::{Config, DEFAULT_PORT, MAX_CERTIFICATE_SIZE, MAX_STATIC_PEERS, SharedRegistry};
+pub use config::{
+    Config, DEFAULT_FRAME_READ_TIMEOUT, DEFAULT_HELLO_TIMEOUT_NO_CERT,
+    DEFAULT_MAX_CONNECTIONS_PER_IP, DEFAULT_MAX_INBOUND_BYTES_PER_PEER,
+    DEFAULT_MAX_UNKNOWN_INBOUND, DEFAULT_PORT, MAX_CERTIFICATE_SIZE, MAX_STATIC_PEERS,
+    SharedRegistry,
+};
 pub use dial::MAX_DISCOVERED_PEERS;
 pub use error::{Error, IdentityError};
 pub use event::{DisconnectReason, Event, EventStream, KnownPeer, Metrics, PeerInfo, SendOutcome};
 pub use event_loop::EventLoop;
+pub use guard::MAX_RESERVED_PEERS;
 pub use handle::Handle;
 pub use identity::DeviceIdentity;
 pub use libp2p::multiaddr::Protocol;
 pub use libp2p::{Multiaddr, PeerId};
+pub use log_limit::{UNADMITTED_LOG_BURST, UNADMITTED_LOG_INTERVAL};
 pub use pair::{
     MAX_PAIR_MESSAGE_SIZE, MAX_PAIRING_PEERS, PAIR_CONNECT_TIMEOUT, PAIR_PROTOCOL, PAIR_RATE_BURST,
     PAIR_RATE_INTERVAL, PAIR_REQUEST_TIMEOUT, PairRequestId,
 };
 pub use stream::{
-    EPHEMERAL_QUEUE_BYTES, EPHEMERAL_QUEUE_FRAMES, MAX_EPHEMERAL_FRAME_SIZE, MAX_FRAME_SIZE,
-    SYNC_QUEUE_BYTES, SYNC_QUEUE_FRAMES,
+    EPHEMERAL_QUEUE_BYTES, EPHEMERAL_QUEUE_FRAMES, INBOUND_BUFFER_BYTES, MAX_EPHEMERAL_FRAME_SIZE,
+    MAX_FRAME_SIZE, SYNC_QUEUE_BYTES, SYNC_QUEUE_FRAMES,
 };
 
 use behaviour::StreamKind;
 use event_loop::{CONTROL_EVENT_CAPACITY, FRAME_EVENT_CAPACITY, Parts};
 use handle::{COMMAND_CAPACITY, Shared};
-use stream::INBOUND_BUFFER_BYTES;
 
 /// Builds the network: binds the listen addresses and returns the handle, the event
 /// stream and the event loop, which must be spawned (see [`EventLoop::run`]).
