@@ -524,7 +524,10 @@ impl EventLoop {
                 self.swarm.behaviour_mut().guard.forget(&peer);
                 let known = self.peers.contains_key(&peer);
                 if known {
-                    info!(%peer, %reason, "peer rejected");
+                    // A stranger presenting a bad certificate over and over causes these.
+                    if self.stranger_log() {
+                        info!(%peer, %reason, "peer rejected");
+                    }
                     // Marked before disconnecting so a stream or hello still in flight
                     // from this peer is refused rather than parked.
                     if let Some(state) = self.peers.get_mut(&peer) {

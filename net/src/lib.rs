@@ -6,8 +6,9 @@
 //! - `/hearth/hello/1`: every new session starts by swapping certificates (opaque bytes to
 //!   this crate; empty for a device that is still joining). The node then
 //!   [admits](Handle::admit) or [rejects](Handle::reject) the peer; a peer not admitted
-//!   within [`Config::hello_timeout`] is disconnected, and until then it can use nothing
-//!   but the hello exchange and pairing.
+//!   within [`Config::hello_timeout`] is disconnected (within the shorter
+//!   [`Config::hello_timeout_no_cert`] while it has presented no certificate), and until
+//!   then it can use nothing but the hello exchange and pairing.
 //! - `/hearth/pair/1`: request-response rounds of opaque bytes (at most
 //!   [`MAX_PAIR_MESSAGE_SIZE`]) for the pairing exchange, open before admission. The
 //!   joiner calls [`Handle::pair_request`] (dialling first if needed) once per round; the
@@ -22,6 +23,16 @@
 //!   frames (u32 big-endian length, then the bytes; at most [`MAX_FRAME_SIZE`]). Only the
 //!   peer with the smaller PeerId opens it, so there is exactly one.
 //! - `/hearth/ephemeral/1`: the same framing on a second stream, for short-lived messages.
+//!
+//! What a stranger or a misbehaving member can take is bounded: inbound connections per
+//! remote IP address ([`Config::max_connections_per_ip`]) and from unknown peers
+//! ([`Config::max_unknown_inbound`]), with static peers, peers admitted before and peers
+//! named by [`Handle::reserve_peer`] kept clear of the second cap so the home's own
+//! devices always get in; the time one frame may take to arrive
+//! ([`Config::frame_read_timeout`]); the received bytes one peer may have waiting for the
+//! node ([`Config::max_inbound_bytes_per_peer`], out of [`INBOUND_BUFFER_BYTES`] for all);
+//! and the log lines unadmitted peers can cause ([`UNADMITTED_LOG_BURST`] per
+//! [`UNADMITTED_LOG_INTERVAL`]).
 //!
 //! [`new`] returns a [`Handle`] (cheap to clone; commands with oneshot replies over a
 //! bounded channel), an [`EventStream`] and the [`EventLoop`] to spawn:
