@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::MAX_CERTIFICATE_SIZE;
 use crate::event::Counters;
+use crate::guard::Guard;
 use crate::pair::{PAIR_MAX_CONCURRENT_STREAMS, PAIR_PROTOCOL, PAIR_REQUEST_TIMEOUT, PairCodec};
 use crate::{Config, Error};
 
@@ -80,6 +81,8 @@ impl StreamKind {
 /// Every protocol a Hearth node speaks, polled together by the swarm.
 #[derive(NetworkBehaviour)]
 pub(crate) struct Behaviour {
+    /// First, so its refusals (per IP, unknown peers) are decided before the totals.
+    pub(crate) guard: Guard,
     pub(crate) limits: connection_limits::Behaviour,
     pub(crate) identify: identify::Behaviour,
     pub(crate) ping: ping::Behaviour,
@@ -126,8 +129,14 @@ pub(crate) fn build_swarm(
         .set_response_size_maximum(HELLO_MESSAGE_MAX);
     // Request-response rather than a stream: pairing is a handful of rounds, each a
     // question and an answer, and the behaviour brings per-request timeouts and size caps.
+    let guard = Guard::new(
+        config.max_connections_per_ip,
+        config.max_unknown_inbound,
+        counters.clone(),
+    );
     let pair_codec = PairCodec::new(counters);
     let behaviour = Behaviour {
+        guard,
         limits: connection_limits::Behaviour::new(limits),
         identify: identify::Behaviour::new(
             identify::Config::new(IDENTIFY_PROTOCOL_VERSION.to_owned(), keypair.public())

@@ -5,6 +5,7 @@ use std::time::Duration;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 
+use crate::stream::{INBOUND_BUFFER_BYTES, MAX_FRAME_SIZE};
 use crate::{DeviceIdentity, Error};
 
 /// Largest certificate accepted in, or sent through, the `/hearth/hello/1` exchange.
@@ -21,6 +22,21 @@ const MAX_PING: Duration = Duration::from_secs(60);
 
 /// The TCP port a node listens on by default.
 pub const DEFAULT_PORT: u16 = 4640;
+
+/// Default for [`Config::max_connections_per_ip`].
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: u32 = 16;
+
+/// Default for [`Config::max_unknown_inbound`].
+pub const DEFAULT_MAX_UNKNOWN_INBOUND: u32 = 64;
+
+/// Default for [`Config::hello_timeout_no_cert`].
+pub const DEFAULT_HELLO_TIMEOUT_NO_CERT: Duration = Duration::from_secs(3);
+
+/// Default for [`Config::frame_read_timeout`].
+pub const DEFAULT_FRAME_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default for [`Config::max_inbound_bytes_per_peer`].
+pub const DEFAULT_MAX_INBOUND_BYTES_PER_PEER: usize = 8 * 1024 * 1024;
 
 /// Settings for [`crate::new`].
 ///
@@ -56,6 +72,13 @@ pub struct Config {
     /// How long a connected peer may stay un-admitted (see [`crate::Handle::admit`])
     /// before it is disconnected. Default 10 s.
     pub hello_timeout: Duration,
+    /// How long a connected peer that has presented no certificate (an empty hello, or
+    /// none yet) may stay un-admitted. Default 3 s ([`DEFAULT_HELLO_TIMEOUT_NO_CERT`]).
+    /// A peer starts on the shorter of this and `hello_timeout`, and moves to
+    /// `hello_timeout` when a non-empty certificate arrives. Strangers on the LAN need no
+    /// certificate to connect, so they get the short deadline; a device that is pairing
+    /// (also without a certificate) keeps the pairing extension below.
+    pub hello_timeout_no_cert: Duration,
     /// Longest a non-admitted peer may stay connected while it is pairing. Each pairing
     /// message pushes its admission deadline out by another `hello_timeout`, but never
     /// past this long after it connected, so a stalled or hostile joiner cannot hold a
@@ -74,6 +97,32 @@ pub struct Config {
     pub max_connections: u32,
     /// Cap on connections still in their handshake, inbound. Default 32.
     pub max_pending_incoming: u32,
+    /// Cap on established inbound connections from one remote IP address. Default 16
+    /// ([`DEFAULT_MAX_CONNECTIONS_PER_IP`]). Connections past it are closed right after
+    /// the handshake and counted in [`crate::Metrics::connections_refused_per_ip`].
+    /// Static peers and peers named by [`crate::Handle::reserve_peer`] are never refused
+    /// by it; admitted peers are (a paired home can mint device certificates at will).
+    pub max_connections_per_ip: u32,
+    /// Cap on established inbound connections from unknown peers: not static, not named
+    /// by [`crate::Handle::reserve_peer`] and not admitted during this run. Default 64
+    /// ([`DEFAULT_MAX_UNKNOWN_INBOUND`]); must stay below `max_connections`, so that room
+    /// is always left for known peers, which neither count against this cap nor are
+    /// refused by it. A flood of strangers therefore cannot lock the home's own devices
+    /// out. Refusals are counted in [`crate::Metrics::connections_refused_unknown`].
+    pub max_unknown_inbound: u32,
+    /// How long one sync or ephemeral frame may take to arrive once its length prefix has.
+    /// Default 10 s ([`DEFAULT_FRAME_READ_TIMEOUT`]). Time spent waiting for the node to
+    /// consume earlier frames does not count. A peer past it is disconnected as sending a
+    /// malformed frame and counted in [`crate::Metrics::frame_read_timeouts`]. A full
+    /// [`crate::MAX_FRAME_SIZE`] frame within 10 s needs about 3.4 Mbit/s; raise it for
+    /// peers behind slow links.
+    pub frame_read_timeout: Duration,
+    /// Received frame bytes one peer may have waiting for the node (read but not yet
+    /// yielded by the [`crate::EventStream`]), across its sync and ephemeral streams.
+    /// Default 8 MiB ([`DEFAULT_MAX_INBOUND_BYTES_PER_PEER`]); at least
+    /// [`crate::MAX_FRAME_SIZE`] and at most the 64 MiB shared by all peers, so one peer
+    /// can hold only part of the shared budget.
+    pub max_inbound_bytes_per_peer: usize,
     /// A Prometheus registry to add libp2p's metrics to (connections, bandwidth per
     /// transport, identify, ping), under the `libp2p` prefix. Default none.
     pub metrics: Option<SharedRegistry>,
@@ -114,12 +163,17 @@ impl Default for Config {
             certificate: Vec::new(),
             metrics: None,
             hello_timeout: Duration::from_secs(10),
+            hello_timeout_no_cert: DEFAULT_HELLO_TIMEOUT_NO_CERT,
             pairing_max_duration: Duration::from_secs(60),
             ping_interval: Duration::from_secs(1),
             ping_timeout: Duration::from_millis(1250),
             redial_max: Duration::from_secs(30),
             max_connections: 128,
             max_pending_incoming: 32,
+            max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
+            max_unknown_inbound: DEFAULT_MAX_UNKNOWN_INBOUND,
+            frame_read_timeout: DEFAULT_FRAME_READ_TIMEOUT,
+            max_inbound_bytes_per_peer: DEFAULT_MAX_INBOUND_BYTES_PER_PEER,
         }
     }
 }
@@ -148,12 +202,39 @@ impl Config {
             }
         };
         in_range("hello_timeout", self.hello_timeout, MAX_TIMER)?;
+        in_range(
+            "hello_timeout_no_cert",
+            self.hello_timeout_no_cert,
+            MAX_TIMER,
+        )?;
+        in_range("frame_read_timeout", self.frame_read_timeout, MAX_TIMER)?;
         in_range("pairing_max_duration", self.pairing_max_duration, MAX_TIMER)?;
         in_range("redial_max", self.redial_max, MAX_TIMER)?;
         in_range("ping_interval", self.ping_interval, MAX_PING)?;
         in_range("ping_timeout", self.ping_timeout, MAX_PING)?;
         if self.max_connections == 0 {
             return Err(Error::Config("max_connections must be at least 1".into()));
+        }
+        if self.max_connections_per_ip == 0 || self.max_unknown_inbound == 0 {
+            return Err(Error::Config(
+                "max_connections_per_ip and max_unknown_inbound must be at least 1".into(),
+            ));
+        }
+        if self.max_unknown_inbound >= self.max_connections {
+            return Err(Error::Config(format!(
+                "max_unknown_inbound ({}) must be below max_connections ({}), or strangers \
+                 could take every connection slot",
+                self.max_unknown_inbound, self.max_connections
+            )));
+        }
+        // Below one frame a peer could never deliver its largest frame; above the shared
+        // budget the cap would mean nothing.
+        let per_peer = self.max_inbound_bytes_per_peer;
+        if !(MAX_FRAME_SIZE..=INBOUND_BUFFER_BYTES).contains(&per_peer) {
+            return Err(Error::Config(format!(
+                "max_inbound_bytes_per_peer is {per_peer}; it must be between \
+                 {MAX_FRAME_SIZE} (the largest frame) and {INBOUND_BUFFER_BYTES}"
+            )));
         }
         check_certificate(&self.certificate)?;
         if self.static_peers.len() > MAX_STATIC_PEERS {
@@ -257,5 +338,22 @@ mod tests {
             ..Config::default()
         };
         assert!(no_conns.validate().is_err());
+        for bad in [MAX_FRAME_SIZE - 1, INBOUND_BUFFER_BYTES + 1] {
+            let config = Config {
+                max_inbound_bytes_per_peer: bad,
+                ..Config::default()
+            };
+            assert!(matches!(config.validate(), Err(Error::Config(_))), "{bad}");
+        }
+        let no_ip_share = Config {
+            max_connections_per_ip: 0,
+            ..Config::default()
+        };
+        assert!(no_ip_share.validate().is_err());
+        let no_read_time = Config {
+            frame_read_timeout: Duration::ZERO,
+            ..Config::default()
+        };
+        assert!(no_read_time.validate().is_err());
     }
 }

@@ -257,6 +257,18 @@ pub struct Metrics {
     /// Pairing requests that could not be read (undecodable, over the size cap, or cut
     /// off); their streams were closed without an answer.
     pub pair_requests_malformed: u64,
+    /// Inbound connections refused because their remote IP address already had
+    /// [`crate::Config::max_connections_per_ip`].
+    pub connections_refused_per_ip: u64,
+    /// Inbound connections from unknown peers refused because
+    /// [`crate::Config::max_unknown_inbound`] were already connected.
+    pub connections_refused_unknown: u64,
+    /// Peers disconnected because a frame did not arrive whole within
+    /// [`crate::Config::frame_read_timeout`] (also counted in `malformed_frames`).
+    pub frame_read_timeouts: u64,
+    /// Log lines about unadmitted peers held back by the log rate limit (see
+    /// [`crate::UNADMITTED_LOG_BURST`]).
+    pub log_lines_suppressed: u64,
 }
 
 /// The atomics behind [`Metrics`], shared by the event loop, the stream tasks and handles.
@@ -279,6 +291,10 @@ pub(crate) struct Counters {
     pub(crate) pair_requests_received: AtomicU64,
     pub(crate) pair_requests_refused: AtomicU64,
     pub(crate) pair_requests_malformed: AtomicU64,
+    pub(crate) connections_refused_per_ip: AtomicU64,
+    pub(crate) connections_refused_unknown: AtomicU64,
+    pub(crate) frame_read_timeouts: AtomicU64,
+    pub(crate) log_lines_suppressed: AtomicU64,
 }
 
 /// Bumps a counter; relaxed ordering is enough because counters order nothing.
@@ -307,8 +323,20 @@ impl Counters {
             pair_requests_received: get(&self.pair_requests_received),
             pair_requests_refused: get(&self.pair_requests_refused),
             pair_requests_malformed: get(&self.pair_requests_malformed),
+            connections_refused_per_ip: get(&self.connections_refused_per_ip),
+            connections_refused_unknown: get(&self.connections_refused_unknown),
+            frame_read_timeouts: get(&self.frame_read_timeouts),
+            log_lines_suppressed: get(&self.log_lines_suppressed),
         }
     }
+}
+
+/// A received frame on its way to the [`EventStream`], with the peer's share of the
+/// inbound budget it holds; both are returned when the stream yields it.
+#[derive(Debug)]
+pub(crate) struct Delivery {
+    pub(crate) event: Event,
+    pub(crate) peer_budget: Arc<Semaphore>,
 }
 
 /// The node-facing stream of [`Event`]s returned by [`crate::new`].
@@ -318,12 +346,13 @@ impl Counters {
 /// lifecycle events are yielded first when both are ready. Frames from one peer keep
 /// their order. The stream ends after the event loop has stopped.
 ///
-/// Received frame bytes count against a shared budget until they are yielded here; a
-/// consumer that stops reading therefore pushes back on the peers rather than letting
-/// buffered frames grow without bound.
+/// Received frame bytes count against a shared budget, and against the sending peer's
+/// share of it ([`crate::Config::max_inbound_bytes_per_peer`]), until they are yielded
+/// here; a consumer that stops reading therefore pushes back on the peers rather than
+/// letting buffered frames grow without bound, and no one peer can fill the budget.
 pub struct EventStream {
     control: mpsc::Receiver<Event>,
-    frames: mpsc::Receiver<Event>,
+    frames: mpsc::Receiver<Delivery>,
     inbound_budget: Arc<Semaphore>,
     control_done: bool,
     frames_done: bool,
@@ -332,7 +361,7 @@ pub struct EventStream {
 impl EventStream {
     pub(crate) fn new(
         control: mpsc::Receiver<Event>,
-        frames: mpsc::Receiver<Event>,
+        frames: mpsc::Receiver<Delivery>,
         inbound_budget: Arc<Semaphore>,
     ) -> Self {
         Self {
@@ -372,11 +401,12 @@ impl futures::Stream for EventStream {
         }
         if !this.frames_done {
             match this.frames.poll_recv(cx) {
-                Poll::Ready(Some(event)) => {
+                Poll::Ready(Some(Delivery { event, peer_budget })) => {
                     if let Event::Frame { bytes, .. } | Event::EphemeralFrame { bytes, .. } = &event
                     {
                         // The reader took these permits before allocating the frame.
                         this.inbound_budget.add_permits(bytes.len());
+                        peer_budget.add_permits(bytes.len());
                     }
                     return Poll::Ready(Some(event));
                 }

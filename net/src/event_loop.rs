@@ -26,8 +26,10 @@ use crate::dial::{
     Backoff, DiscoveredTable, REDIAL_BASE, REJECTED_COOLDOWN, connections_to_close, is_smaller,
     should_dial_discovered,
 };
-use crate::event::{Counters, DisconnectReason, Event, PeerClass, PeerInfo, bump};
+use crate::event::{Counters, Delivery, DisconnectReason, Event, PeerClass, PeerInfo, bump};
+use crate::guard::Refused;
 use crate::handle::{Command, PeerOutboxes, Shared};
+use crate::log_limit::{LogLimiter, UNADMITTED_LOG_BURST, UNADMITTED_LOG_INTERVAL, Verdict};
 use crate::pair::{
     MAX_PAIRING_PEERS, MAX_PENDING_PAIR_REQUESTS, MAX_PENDING_PAIR_RESPONSES, PAIR_ACTIVE_WINDOW,
     PAIR_CONNECT_TIMEOUT, PAIR_REQUEST_TIMEOUT, PairRequestId, PairRequestMsg, PairResponseMsg,
@@ -231,7 +233,15 @@ pub struct EventLoop {
     metrics: Option<libp2p::metrics::Metrics>,
     local: PeerId,
     hello_timeout: Duration,
+    hello_timeout_no_cert: Duration,
     pairing_max_duration: Duration,
+    frame_read_timeout: Duration,
+    max_inbound_bytes_per_peer: usize,
+    /// Each peer's share of `budget`, kept past its session while frames it sent still
+    /// wait for the node, so reconnecting does not grant a fresh share.
+    peer_budgets: HashMap<PeerId, Arc<Semaphore>>,
+    /// Budget for log lines that unadmitted or misbehaving peers cause.
+    stranger_logs: LogLimiter,
     liveness_timeout: Duration,
     redial_max: Duration,
     dial_discovered: bool,
@@ -241,7 +251,7 @@ pub struct EventLoop {
     internal_rx: mpsc::Receiver<Internal>,
     control_tx: mpsc::Sender<Event>,
     backlog: VecDeque<Event>,
-    frames_tx: mpsc::Sender<Event>,
+    frames_tx: mpsc::Sender<Delivery>,
     budget: Arc<Semaphore>,
     shared: Arc<Shared>,
     counters: Arc<Counters>,
@@ -281,7 +291,7 @@ pub(crate) struct Parts {
     pub(crate) statics: Vec<(PeerId, Multiaddr)>,
     pub(crate) commands: mpsc::Receiver<Command>,
     pub(crate) control_tx: mpsc::Sender<Event>,
-    pub(crate) frames_tx: mpsc::Sender<Event>,
+    pub(crate) frames_tx: mpsc::Sender<Delivery>,
     pub(crate) budget: Arc<Semaphore>,
     pub(crate) shared: Arc<Shared>,
     pub(crate) stream_control: libp2p_stream::Control,
@@ -304,7 +314,7 @@ impl EventLoop {
         } = parts;
         let (internal_tx, internal_rx) = mpsc::channel(INTERNAL_CAPACITY);
         let now = Instant::now();
-        let statics = statics
+        let statics: HashMap<PeerId, StaticPeer> = statics
             .into_iter()
             .map(|(peer, addr)| {
                 let entry = StaticPeer {
@@ -316,6 +326,10 @@ impl EventLoop {
                 (peer, entry)
             })
             .collect();
+        let mut swarm = swarm;
+        for peer in statics.keys() {
+            swarm.behaviour_mut().guard.add_static(*peer);
+        }
         let metrics = config.metrics.as_ref().map(|r| {
             libp2p::metrics::Metrics::new(
                 crate::config::lock_registry(r).sub_registry_with_prefix("libp2p"),
@@ -326,6 +340,11 @@ impl EventLoop {
             local: *swarm.local_peer_id(),
             swarm,
             hello_timeout: config.hello_timeout,
+            hello_timeout_no_cert: config.hello_timeout_no_cert,
+            frame_read_timeout: config.frame_read_timeout,
+            max_inbound_bytes_per_peer: config.max_inbound_bytes_per_peer,
+            peer_budgets: HashMap::new(),
+            stranger_logs: LogLimiter::new(UNADMITTED_LOG_BURST, UNADMITTED_LOG_INTERVAL),
             pairing_max_duration: config.pairing_max_duration,
             liveness_timeout: config.liveness_timeout(),
             redial_max: config.redial_max,
@@ -444,6 +463,27 @@ impl EventLoop {
         self.backlog.push_back(event);
     }
 
+    /// Whether a log line caused by an unadmitted or misbehaving peer may be written.
+    /// Anyone on the LAN can cause these at will, so they share one budget; the first
+    /// line let through after some were held back says how many.
+    fn stranger_log(&mut self) -> bool {
+        match self.stranger_logs.check(Instant::now()) {
+            Verdict::Log { suppressed } => {
+                if suppressed > 0 {
+                    warn!(
+                        suppressed,
+                        "log lines about unadmitted peers were suppressed"
+                    );
+                }
+                true
+            }
+            Verdict::Suppress => {
+                bump(&self.counters.log_lines_suppressed, 1);
+                false
+            }
+        }
+    }
+
     // ---- commands -------------------------------------------------------------------
 
     /// Answers a handle's command. Replies are sent with `let _ =` throughout: a caller
@@ -465,7 +505,12 @@ impl EventLoop {
                 let _ = reply.send(result);
             }
             Command::RemoveStaticPeer { peer, reply } => {
+                self.swarm.behaviour_mut().guard.remove_static(&peer);
                 let _ = reply.send(self.statics.remove(&peer).is_some());
+            }
+            Command::ReservePeer { peer, reply } => {
+                self.swarm.behaviour_mut().guard.vouch(peer);
+                let _ = reply.send(());
             }
             Command::Admit { peer, class, reply } => {
                 let _ = reply.send(self.admit(peer, class));
@@ -475,9 +520,14 @@ impl EventLoop {
                 reason,
                 reply,
             } => {
+                // Whatever standing the peer had is gone, connected or not.
+                self.swarm.behaviour_mut().guard.forget(&peer);
                 let known = self.peers.contains_key(&peer);
                 if known {
-                    info!(%peer, %reason, "peer rejected");
+                    // A stranger presenting a bad certificate over and over causes these.
+                    if self.stranger_log() {
+                        info!(%peer, %reason, "peer rejected");
+                    }
                     // Marked before disconnecting so a stream or hello still in flight
                     // from this peer is refused rather than parked.
                     if let Some(state) = self.peers.get_mut(&peer) {
@@ -610,6 +660,7 @@ impl EventLoop {
                 limit: MAX_STATIC_PEERS,
             });
         }
+        self.swarm.behaviour_mut().guard.add_static(peer);
         match self.statics.entry(peer) {
             Entry::Occupied(mut entry) => {
                 let entry = entry.get_mut();
@@ -647,7 +698,16 @@ impl EventLoop {
             Admission::Pending { .. } if state.closing.is_some() => return false,
             Admission::Pending { .. } => {}
         }
+        // Only the home's own devices earn a reserved slot: a paired home can mint
+        // device certificates at will, so its devices stay under the strangers' caps.
+        let own = class == PeerClass::Own;
         state.admission = Admission::Admitted(class);
+        if own {
+            self.swarm.behaviour_mut().guard.admitted(peer);
+        }
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return false;
+        };
         let (sync, sync_rx) = Outbox::new(StreamKind::Sync);
         let (ephemeral, ephemeral_rx) = Outbox::new(StreamKind::Ephemeral);
         state.channels[StreamKind::Sync.index()].outbox = Some(sync_rx);
@@ -801,7 +861,22 @@ impl EventLoop {
                 peer_id,
                 ..
             } => {
-                debug!(from = %send_back_addr, peer = ?peer_id, %error, "incoming connection failed");
+                let refused = match &error {
+                    libp2p::swarm::ListenError::Denied { cause } => {
+                        cause.downcast_ref::<Refused>().cloned()
+                    }
+                    _ => None,
+                };
+                match refused {
+                    Some(refused) => {
+                        if self.stranger_log() {
+                            info!(from = %send_back_addr, peer = ?peer_id, %refused, "inbound connection refused");
+                        }
+                    }
+                    None => {
+                        debug!(from = %send_back_addr, peer = ?peer_id, %error, "incoming connection failed");
+                    }
+                }
             }
             SwarmEvent::NewListenAddr { address, .. } => {
                 info!(addr = %address, "listening");
@@ -861,8 +936,10 @@ impl EventLoop {
                     started: now,
                     conns: BTreeMap::new(),
                     conn_epoch: 0,
+                    // The short deadline until a certificate shows up; see
+                    // `Config::hello_timeout_no_cert`.
                     admission: Admission::Pending {
-                        deadline: now + self.hello_timeout,
+                        deadline: now + self.hello_timeout.min(self.hello_timeout_no_cert),
                     },
                     hello_received: false,
                     hello_attempts: 0,
@@ -871,7 +948,10 @@ impl EventLoop {
                     pairing_until: None,
                 },
             );
-            info!(%peer, %addr, outbound = local_dialed, "peer connected");
+            // Every peer is a stranger at this point; admission is logged separately.
+            if self.stranger_log() {
+                info!(%peer, %addr, outbound = local_dialed, "peer connected");
+            }
             self.emit(Event::PeerConnected {
                 peer,
                 addr: addr.clone(),
@@ -965,7 +1045,9 @@ impl EventLoop {
         if let Some(hint) = self.discovered.get_mut(&peer) {
             hint.next_dial = now + hint.backoff.delay();
         }
-        info!(%peer, %reason, "peer disconnected");
+        if was_admitted || self.stranger_log() {
+            info!(%peer, %reason, "peer disconnected");
+        }
         self.emit(Event::PeerDisconnected { peer, reason });
     }
 
@@ -1057,6 +1139,7 @@ impl EventLoop {
                     }
                 }
             }
+            BehaviourEvent::Guard(never) => match never {},
             BehaviourEvent::Limits(never) => match never {},
             BehaviourEvent::Streams(()) => {}
         }
@@ -1165,6 +1248,13 @@ impl EventLoop {
             return;
         }
         state.hello_received = true;
+        if !certificate.is_empty()
+            && let Admission::Pending { deadline } = &mut state.admission
+        {
+            // A certificate earns the full hello timeout (from connecting), for the node
+            // to check it; pairing may have pushed the deadline further already.
+            *deadline = (*deadline).max(state.started + self.hello_timeout);
+        }
         debug!(%peer, len = certificate.len(), "hello received");
         self.emit(Event::Hello { peer, certificate });
     }
@@ -1268,8 +1358,10 @@ impl EventLoop {
         }
         if local_opens {
             // Only the smaller PeerId opens, so there is one stream per peer and kind.
-            warn!(%peer, stream = kind.name(), "peer opened a stream it should have accepted; refusing");
             bump(&self.counters.streams_refused, 1);
+            if self.stranger_log() {
+                warn!(%peer, stream = kind.name(), "peer opened a stream it should have accepted; refusing");
+            }
             return;
         }
         let channel = &mut state.channels[kind.index()];
@@ -1313,7 +1405,17 @@ impl EventLoop {
         }
         match end {
             StreamEnd::Malformed(reason) => {
-                warn!(%peer, stream = kind.name(), %reason, "closing stream: malformed frame");
+                if self.stranger_log() {
+                    warn!(%peer, stream = kind.name(), %reason, "closing stream: malformed frame");
+                }
+                self.disconnect(peer, DisconnectReason::MalformedFrame(reason));
+                return;
+            }
+            StreamEnd::ReadTimeout(limit) => {
+                let reason = format!("frame not complete within {limit:?} of its header");
+                if self.stranger_log() {
+                    warn!(%peer, stream = kind.name(), %reason, "closing stream: frame too slow");
+                }
                 self.disconnect(peer, DisconnectReason::MalformedFrame(reason));
                 return;
             }
@@ -1432,6 +1534,12 @@ impl EventLoop {
             conn,
         };
         debug!(%peer, stream = kind.name(), n = channel.streams, "stream up");
+        let per_peer = self.max_inbound_bytes_per_peer;
+        let peer_budget = self
+            .peer_budgets
+            .entry(peer)
+            .or_insert_with(|| Arc::new(Semaphore::new(per_peer)))
+            .clone();
         let task = StreamTask {
             peer,
             class,
@@ -1440,6 +1548,8 @@ impl EventLoop {
             outbox,
             frames: self.frames_tx.clone(),
             budget: self.budget.clone(),
+            peer_budget,
+            read_timeout: self.frame_read_timeout,
             counters: self.counters.clone(),
             cancel,
             drain,
@@ -1480,9 +1590,23 @@ impl EventLoop {
             .collect();
         for peer in expired {
             bump(&self.counters.hello_timeouts, 1);
-            info!(%peer, timeout = ?self.hello_timeout, "peer not admitted in time; disconnecting");
+            if self.stranger_log() {
+                let certificate = self.peers.get(&peer).is_some_and(|s| s.hello_received);
+                info!(%peer, hello_received = certificate, "peer not admitted in time; disconnecting");
+            }
             self.disconnect(peer, DisconnectReason::HelloTimeout);
         }
+        if let Some(suppressed) = self.stranger_logs.flush(now) {
+            warn!(
+                suppressed,
+                "log lines about unadmitted peers were suppressed"
+            );
+        }
+        // A share is dropped once its peer is gone and every frame it sent was consumed.
+        let per_peer = self.max_inbound_bytes_per_peer;
+        self.peer_budgets.retain(|peer, share| {
+            self.peers.contains_key(peer) || share.available_permits() < per_peer
+        });
         let dead: Vec<(PeerId, ConnectionId)> = self
             .peers
             .iter()

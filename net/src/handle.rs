@@ -80,6 +80,10 @@ pub(crate) enum Command {
         class: PeerClass,
         reply: oneshot::Sender<bool>,
     },
+    ReservePeer {
+        peer: PeerId,
+        reply: oneshot::Sender<()>,
+    },
     Reject {
         peer: PeerId,
         reason: String,
@@ -266,6 +270,20 @@ impl Handle {
     /// Cancel-safe.
     pub async fn remove_static_peer(&self, peer: PeerId) -> Result<bool, Error> {
         self.request(|reply| Command::RemoveStaticPeer { peer, reply })
+            .await
+    }
+
+    /// Vouches for `peer` (one of the home's own devices, say, known from the home
+    /// document before it has connected this run): its inbound connections are never
+    /// refused by [`crate::Config::max_connections_per_ip`] or
+    /// [`crate::Config::max_unknown_inbound`], as for a static peer. Admission alone
+    /// exempts a peer from the second cap only. At most [`crate::MAX_RESERVED_PEERS`]
+    /// are remembered, oldest forgotten first; [`Handle::reject`] forgets the peer.
+    /// It still has to pass the hello and admission as any peer does.
+    ///
+    /// Cancel-safe.
+    pub async fn reserve_peer(&self, peer: PeerId) -> Result<(), Error> {
+        self.request(|reply| Command::ReservePeer { peer, reply })
             .await
     }
 

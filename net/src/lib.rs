@@ -6,8 +6,9 @@
 //! - `/hearth/hello/1`: every new session starts by swapping certificates (opaque bytes to
 //!   this crate; empty for a device that is still joining). The node then
 //!   [admits](Handle::admit) or [rejects](Handle::reject) the peer; a peer not admitted
-//!   within [`Config::hello_timeout`] is disconnected, and until then it can use nothing
-//!   but the hello exchange and pairing.
+//!   within [`Config::hello_timeout`] is disconnected (within the shorter
+//!   [`Config::hello_timeout_no_cert`] while it has presented no certificate), and until
+//!   then it can use nothing but the hello exchange and pairing.
 //! - `/hearth/pair/1`: request-response rounds of opaque bytes (at most
 //!   [`MAX_PAIR_MESSAGE_SIZE`]) for the pairing exchange, open before admission. The
 //!   joiner calls [`Handle::pair_request`] (dialling first if needed) once per round; the
@@ -22,6 +23,16 @@
 //!   frames (u32 big-endian length, then the bytes; at most [`MAX_FRAME_SIZE`]). Only the
 //!   peer with the smaller PeerId opens it, so there is exactly one.
 //! - `/hearth/ephemeral/1`: the same framing on a second stream, for short-lived messages.
+//!
+//! What a stranger or a misbehaving member can take is bounded: inbound connections per
+//! remote IP address ([`Config::max_connections_per_ip`]) and from unknown peers
+//! ([`Config::max_unknown_inbound`]), with static peers, peers admitted before and peers
+//! named by [`Handle::reserve_peer`] kept clear of the second cap so the home's own
+//! devices always get in; the time one frame may take to arrive
+//! ([`Config::frame_read_timeout`]); the received bytes one peer may have waiting for the
+//! node ([`Config::max_inbound_bytes_per_peer`], out of [`INBOUND_BUFFER_BYTES`] for all);
+//! and the log lines unadmitted peers can cause ([`UNADMITTED_LOG_BURST`] per
+//! [`UNADMITTED_LOG_INTERVAL`]).
 //!
 //! [`new`] returns a [`Handle`] (cheap to clone; commands with oneshot replies over a
 //! bounded channel), an [`EventStream`] and the [`EventLoop`] to spawn:
@@ -95,8 +106,10 @@ mod error;
 mod event;
 mod event_loop;
 mod frame;
+mod guard;
 mod handle;
 mod identity;
+mod log_limit;
 mod pair;
 mod stream;
 
@@ -106,30 +119,36 @@ use tokio::sync::{Semaphore, mpsc};
 
 pub use behaviour::{EPHEMERAL_PROTOCOL, HELLO_PROTOCOL, SYNC_PROTOCOL};
 pub use bytes::Bytes;
-pub use config::{Config, DEFAULT_PORT, MAX_CERTIFICATE_SIZE, MAX_STATIC_PEERS, SharedRegistry};
+pub use config::{
+    Config, DEFAULT_FRAME_READ_TIMEOUT, DEFAULT_HELLO_TIMEOUT_NO_CERT,
+    DEFAULT_MAX_CONNECTIONS_PER_IP, DEFAULT_MAX_INBOUND_BYTES_PER_PEER,
+    DEFAULT_MAX_UNKNOWN_INBOUND, DEFAULT_PORT, MAX_CERTIFICATE_SIZE, MAX_STATIC_PEERS,
+    SharedRegistry,
+};
 pub use dial::MAX_DISCOVERED_PEERS;
 pub use error::{Error, IdentityError};
 pub use event::{
     DisconnectReason, Event, EventStream, KnownPeer, Metrics, PeerClass, PeerInfo, SendOutcome,
 };
 pub use event_loop::EventLoop;
+pub use guard::MAX_RESERVED_PEERS;
 pub use handle::Handle;
 pub use identity::DeviceIdentity;
 pub use libp2p::multiaddr::Protocol;
 pub use libp2p::{Multiaddr, PeerId};
+pub use log_limit::{UNADMITTED_LOG_BURST, UNADMITTED_LOG_INTERVAL};
 pub use pair::{
     MAX_PAIR_MESSAGE_SIZE, MAX_PAIRING_PEERS, PAIR_CONNECT_TIMEOUT, PAIR_PROTOCOL, PAIR_RATE_BURST,
     PAIR_RATE_INTERVAL, PAIR_REQUEST_TIMEOUT, PairRequestId,
 };
 pub use stream::{
-    EPHEMERAL_QUEUE_BYTES, EPHEMERAL_QUEUE_FRAMES, MAX_EPHEMERAL_FRAME_SIZE, MAX_FRAME_SIZE,
-    SYNC_QUEUE_BYTES, SYNC_QUEUE_FRAMES,
+    EPHEMERAL_QUEUE_BYTES, EPHEMERAL_QUEUE_FRAMES, INBOUND_BUFFER_BYTES, MAX_EPHEMERAL_FRAME_SIZE,
+    MAX_FRAME_SIZE, SYNC_QUEUE_BYTES, SYNC_QUEUE_FRAMES,
 };
 
 use behaviour::StreamKind;
 use event_loop::{CONTROL_EVENT_CAPACITY, FRAME_EVENT_CAPACITY, Parts};
 use handle::{COMMAND_CAPACITY, Shared};
-use stream::INBOUND_BUFFER_BYTES;
 
 /// Builds the network: binds the listen addresses and returns the handle, the event
 /// stream and the event loop, which must be spawned (see [`EventLoop::run`]).

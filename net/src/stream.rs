@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Error;
 use crate::behaviour::StreamKind;
-use crate::event::{Counters, Event, PeerClass, bump};
+use crate::event::{Counters, Delivery, Event, PeerClass, bump};
 use crate::frame;
 
 /// Largest sync frame, checked by the sender and by the receiver before allocating.
@@ -39,7 +39,8 @@ pub const EPHEMERAL_QUEUE_BYTES: usize = 1024 * 1024;
 /// Received frame bytes held for the consumer across all peers. A reader reserves a
 /// frame's length here before allocating it, so a consumer that stops reading stalls the
 /// readers (and, through Yamux flow control, the senders) instead of growing memory.
-pub(crate) const INBOUND_BUFFER_BYTES: usize = 64 * 1024 * 1024;
+/// Each peer may hold at most [`crate::Config::max_inbound_bytes_per_peer`] of it.
+pub const INBOUND_BUFFER_BYTES: usize = 64 * 1024 * 1024;
 
 // The largest frame must fit the budget, or its reader would wait forever.
 const _: () = assert!(INBOUND_BUFFER_BYTES >= MAX_FRAME_SIZE);
@@ -195,6 +196,8 @@ pub(crate) enum StreamEnd {
     Io(String),
     /// The remote sent something that is not a valid frame.
     Malformed(String),
+    /// A frame's body did not arrive within the frame read timeout; treated as malformed.
+    ReadTimeout(Duration),
 }
 
 /// Everything a stream task needs; built by the event loop.
@@ -205,8 +208,12 @@ pub(crate) struct StreamTask {
     pub(crate) kind: StreamKind,
     pub(crate) stream: libp2p::Stream,
     pub(crate) outbox: OutboxRx,
-    pub(crate) frames: mpsc::Sender<Event>,
+    pub(crate) frames: mpsc::Sender<Delivery>,
     pub(crate) budget: Arc<Semaphore>,
+    /// This peer's share of `budget`, common to its sync and ephemeral streams.
+    pub(crate) peer_budget: Arc<Semaphore>,
+    /// Longest a frame's body may take to arrive.
+    pub(crate) read_timeout: Duration,
     pub(crate) counters: Arc<Counters>,
     /// Stops the task at once, mid-frame if need be.
     pub(crate) cancel: CancellationToken,
@@ -231,6 +238,8 @@ impl StreamTask {
             mut outbox,
             frames,
             budget,
+            peer_budget,
+            read_timeout,
             counters,
             cancel,
             drain,
@@ -242,7 +251,12 @@ impl StreamTask {
             // Reading and writing run as two whole loops raced against each other, not as
             // per-frame select arms, so neither stops halfway through a frame unless the
             // task is cut off.
-            let read = read_loop(&mut reader, peer, &class, kind, &frames, &budget, &counters);
+            let budgets = Budgets {
+                shared: &budget,
+                peer: &peer_budget,
+                read_timeout,
+            };
+            let read = read_loop(&mut reader, peer, &class, kind, &frames, budgets, &counters);
             let write = write_loop(&mut writer, &mut outbox, &counters, &drain);
             tokio::pin!(read, write);
             tokio::select! {
@@ -261,7 +275,9 @@ impl StreamTask {
                         // Our half is closed; take what the remote still sends until its
                         // half closes too, unless that stream turns out to be garbage.
                         match bounded(&cancel, &mut read).await {
-                            Some(StreamEnd::Malformed(why)) => StreamEnd::Malformed(why),
+                            Some(bad @ (StreamEnd::Malformed(_) | StreamEnd::ReadTimeout(_))) => {
+                                bad
+                            }
                             _ => end,
                         }
                     }
@@ -269,8 +285,13 @@ impl StreamTask {
                 },
             }
         };
-        if matches!(end, StreamEnd::Malformed(_)) {
-            bump(&counters.malformed_frames, 1);
+        match end {
+            StreamEnd::Malformed(_) => bump(&counters.malformed_frames, 1),
+            StreamEnd::ReadTimeout(_) => {
+                bump(&counters.malformed_frames, 1);
+                bump(&counters.frame_read_timeouts, 1);
+            }
+            _ => {}
         }
         (outbox, end)
     }
@@ -288,13 +309,21 @@ where
     }
 }
 
+/// What a reader draws on before allocating a frame, and how long it may take to fill it.
+#[derive(Clone, Copy)]
+struct Budgets<'a> {
+    shared: &'a Semaphore,
+    peer: &'a Arc<Semaphore>,
+    read_timeout: Duration,
+}
+
 async fn read_loop<R>(
     reader: &mut R,
     peer: PeerId,
     class: &PeerClass,
     kind: StreamKind,
-    frames: &mpsc::Sender<Event>,
-    budget: &Semaphore,
+    frames: &mpsc::Sender<Delivery>,
+    budgets: Budgets<'_>,
     counters: &Counters,
 ) -> StreamEnd
 where
@@ -308,25 +337,42 @@ where
         };
         // len <= MAX_FRAME_SIZE, far below u32::MAX, so the conversion cannot fail.
         let permits = u32::try_from(len).unwrap_or(u32::MAX);
-        match budget.acquire_many(permits).await {
-            // The EventStream returns these permits when it yields the frame.
+        // The peer's own share first, so a peer at its cap waits without holding any of
+        // the shared budget. Neither semaphore is ever closed; an error would mean the
+        // node is gone. The EventStream returns both when it yields the frame.
+        match budgets.peer.acquire_many(permits).await {
             Ok(permit) => permit.forget(),
             Err(_) => return StreamEnd::EventsClosed,
         }
-        let body = match frame::read_body(reader, len).await {
-            Ok(body) => body,
-            Err(e) => {
-                budget.add_permits(len);
-                return classify(e);
+        match budgets.shared.acquire_many(permits).await {
+            Ok(permit) => permit.forget(),
+            Err(_) => {
+                budgets.peer.add_permits(len);
+                return StreamEnd::EventsClosed;
+            }
+        }
+        // Only the body's arrival is timed, not the waits above: those are the node
+        // pushing back, not the peer dawdling. Without the bound, a peer trickling a
+        // large frame would hold its reservation for as long as it liked.
+        let body = tokio::time::timeout(budgets.read_timeout, frame::read_body(reader, len)).await;
+        let body = match body {
+            Ok(Ok(body)) => body,
+            failed => {
+                budgets.shared.add_permits(len);
+                budgets.peer.add_permits(len);
+                return match failed {
+                    Ok(Err(e)) => classify(e),
+                    _ => StreamEnd::ReadTimeout(budgets.read_timeout),
+                };
             }
         };
         bump(&counters.frames_received, 1);
         bump(&counters.bytes_received, len as u64);
-        if frames
-            .send(kind.event(peer, class.clone(), Bytes::from(body)))
-            .await
-            .is_err()
-        {
+        let delivery = Delivery {
+            event: kind.event(peer, class.clone(), Bytes::from(body)),
+            peer_budget: budgets.peer.clone(),
+        };
+        if frames.send(delivery).await.is_err() {
             return StreamEnd::EventsClosed;
         }
     }
@@ -519,6 +565,14 @@ mod tests {
         assert_eq!(outbox.queued(), (0, 4));
     }
 
+    /// Budgets as a stream task gets them, with one peer's share of `per_peer` bytes.
+    fn budgets(per_peer: usize) -> (Semaphore, Arc<Semaphore>) {
+        (
+            Semaphore::new(INBOUND_BUFFER_BYTES),
+            Arc::new(Semaphore::new(per_peer)),
+        )
+    }
+
     #[tokio::test]
     async fn reader_delivers_frames_and_classifies_garbage() {
         let mut wire = Vec::new();
@@ -526,7 +580,12 @@ mod tests {
         wire.extend_from_slice(b"hi");
         wire.extend_from_slice(&[0xde, 0xad, 0xbe, 0xef]);
         let (tx, mut rx) = mpsc::channel(4);
-        let budget = Semaphore::new(INBOUND_BUFFER_BYTES);
+        let (shared, peer_budget) = budgets(MAX_FRAME_SIZE);
+        let budgets = Budgets {
+            shared: &shared,
+            peer: &peer_budget,
+            read_timeout: Duration::from_secs(10),
+        };
         let counters = Counters::default();
         let peer = PeerId::random();
         let mut reader = futures::io::Cursor::new(wire);
@@ -536,7 +595,7 @@ mod tests {
             &PeerClass::Own,
             StreamKind::Sync,
             &tx,
-            &budget,
+            budgets,
             &counters,
         )
         .await;
@@ -544,7 +603,7 @@ mod tests {
             matches!(end, StreamEnd::Malformed(ref why) if why.contains("exceeds")),
             "{end:?}"
         );
-        match rx.recv().await {
+        match rx.recv().await.map(|d| d.event) {
             Some(Event::Frame {
                 peer: from, bytes, ..
             }) => {
@@ -553,8 +612,137 @@ mod tests {
             }
             other => panic!("expected the good frame first, got {other:?}"),
         }
-        // The good frame's bytes stay reserved until the EventStream hands it out.
-        assert_eq!(budget.available_permits(), INBOUND_BUFFER_BYTES - 2);
+        // The good frame's bytes stay reserved until the EventStream hands it out, in
+        // the shared budget and in the peer's share.
+        assert_eq!(shared.available_permits(), INBOUND_BUFFER_BYTES - 2);
+        assert_eq!(peer_budget.available_permits(), MAX_FRAME_SIZE - 2);
         assert_eq!(counters.snapshot().frames_received, 1);
+    }
+
+    /// Serves `data`, then never another byte (and never wakes its reader).
+    struct Stall {
+        data: Vec<u8>,
+        pos: usize,
+    }
+
+    impl AsyncRead for Stall {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _cx: &mut std::task::Context<'_>,
+            buf: &mut [u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let left = &self.data[self.pos..];
+            if left.is_empty() {
+                return std::task::Poll::Pending;
+            }
+            let n = left.len().min(buf.len());
+            buf[..n].copy_from_slice(&left[..n]);
+            self.pos += n;
+            std::task::Poll::Ready(Ok(n))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_frame_that_stops_arriving_times_out_and_gives_its_budget_back() {
+        // A 1000-byte frame of which 10 bytes ever arrive.
+        let mut data = 1000u32.to_be_bytes().to_vec();
+        data.extend_from_slice(&[1; 10]);
+        let mut reader = Stall { data, pos: 0 };
+        let (tx, _rx) = mpsc::channel(4);
+        let (shared, peer_budget) = budgets(MAX_FRAME_SIZE);
+        let read_timeout = Duration::from_millis(50);
+        let budgets = Budgets {
+            shared: &shared,
+            peer: &peer_budget,
+            read_timeout,
+        };
+        let counters = Counters::default();
+        let end = tokio::time::timeout(
+            Duration::from_secs(10),
+            read_loop(
+                &mut reader,
+                PeerId::random(),
+                &PeerClass::Own,
+                StreamKind::Sync,
+                &tx,
+                budgets,
+                &counters,
+            ),
+        )
+        .await
+        .expect("the read timeout ends the loop");
+        assert!(
+            matches!(end, StreamEnd::ReadTimeout(t) if t == read_timeout),
+            "{end:?}"
+        );
+        assert_eq!(shared.available_permits(), INBOUND_BUFFER_BYTES);
+        assert_eq!(peer_budget.available_permits(), MAX_FRAME_SIZE);
+    }
+
+    #[tokio::test]
+    async fn one_peer_cannot_hold_more_than_its_share() {
+        // Three 600-byte frames against a 1000-byte share: the second waits for the
+        // node to consume the first, while the shared budget still has plenty of room.
+        let mut wire = Vec::new();
+        for tag in 1..=3u8 {
+            wire.extend_from_slice(&600u32.to_be_bytes());
+            wire.extend_from_slice(&[tag; 600]);
+        }
+        let mut reader = futures::io::Cursor::new(wire);
+        let (tx, mut rx) = mpsc::channel(8);
+        let (shared, peer_budget) = budgets(1000);
+        let counters = Counters::default();
+        let reading = async {
+            let budgets = Budgets {
+                shared: &shared,
+                peer: &peer_budget,
+                read_timeout: Duration::from_secs(10),
+            };
+            read_loop(
+                &mut reader,
+                PeerId::random(),
+                &PeerClass::Own,
+                StreamKind::Sync,
+                &tx,
+                budgets,
+                &counters,
+            )
+            .await
+        };
+        tokio::pin!(reading);
+        let first = tokio::select! {
+            end = &mut reading => panic!("reader ended early: {end:?}"),
+            first = rx.recv() => first.expect("first frame"),
+        };
+        // Give the reader every chance to go on; it must be parked on the peer's share.
+        for _ in 0..100 {
+            tokio::select! {
+                biased;
+                end = &mut reading => panic!("reader ended early: {end:?}"),
+                () = tokio::task::yield_now() => {}
+            }
+        }
+        assert!(rx.try_recv().is_err(), "second frame read past the cap");
+        assert_eq!(shared.available_permits(), INBOUND_BUFFER_BYTES - 600);
+        // Consuming the first frame (as the EventStream does) lets the rest through.
+        shared.add_permits(600);
+        first.peer_budget.add_permits(600);
+        let end = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                tokio::select! {
+                    end = &mut reading => return end,
+                    Some(d) = rx.recv() => {
+                        if let Event::Frame { bytes, .. } = d.event {
+                            shared.add_permits(bytes.len());
+                            d.peer_budget.add_permits(bytes.len());
+                        }
+                    }
+                }
+            }
+        })
+        .await
+        .expect("the reader finishes");
+        assert!(matches!(end, StreamEnd::RemoteClosed), "{end:?}");
+        assert_eq!(counters.snapshot().frames_received, 3);
     }
 }

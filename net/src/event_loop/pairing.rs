@@ -279,7 +279,9 @@ impl EventLoop {
             }
             Err(refusal) => {
                 bump(&self.counters.pair_requests_refused, 1);
-                info!(%peer, ?refusal, "pairing request refused");
+                if self.stranger_log() {
+                    info!(%peer, ?refusal, "pairing request refused");
+                }
                 let response = PairResponseMsg::Refused(refusal.reason());
                 if self
                     .swarm

@@ -3,6 +3,7 @@
 
 mod admission;
 mod dialing;
+mod limits;
 mod malformed;
 mod pairing;
 #[cfg(feature = "quic")]

@@ -293,7 +293,13 @@ async fn pairing_requests_beyond_the_rate_limit_are_refused() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pairing_peers_are_capped() -> Result<()> {
     init_tracing();
-    let (issuer, _issuer_events) = spawn_issuer(config(DeviceIdentity::generate())).await?;
+    // Every joiner dials from 127.0.0.1; lift the per-address cap so the pairing cap is
+    // the one that answers.
+    let issuer_config = Config {
+        max_connections_per_ip: 2 * MAX_PAIRING_PEERS as u32,
+        ..config(DeviceIdentity::generate())
+    };
+    let (issuer, _issuer_events) = spawn_issuer(issuer_config).await?;
     let mut joiners = Vec::new();
     for _ in 0..MAX_PAIRING_PEERS {
         let joiner = Joiner::start()?;
