@@ -443,6 +443,17 @@ impl Node {
             .await?
     }
 
+    /// Test hook: writes this home's document as a device that wants revoked device
+    /// `peer` back would (its `revoked_at` cleared, its signed revocation deleted), so a
+    /// test can show that the revocation holds. Not for production use.
+    #[doc(hidden)]
+    pub async fn debug_clear_revocation(&self, peer: &str) -> Result<(), Error> {
+        let peer = peer.to_string();
+        self.core
+            .call(|reply| crate::core::Request::ClearRevocation { peer, reply })
+            .await?
+    }
+
     /// The home's rooms: create, join, leave, chat.
     pub fn rooms(&self) -> crate::Rooms {
         crate::Rooms {

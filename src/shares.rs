@@ -19,6 +19,11 @@ pub struct KnownHome {
     pub we_share: Vec<String>,
     /// Entities it shares with this home.
     pub they_share: Vec<String>,
+    /// Its devices revoked by its root key (this home refuses them).
+    pub revoked_devices: Vec<String>,
+    /// What a since-revoked device of this home set up with it, for the admin to undo:
+    /// `pairing by PEER`, or `share ENTITY by PEER`.
+    pub made_by_revoked: Vec<String>,
 }
 
 /// One entity of this home shared with another home.

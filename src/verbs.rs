@@ -427,7 +427,14 @@ pub(crate) fn homes(client: &Client, json: bool) -> Result<()> {
     if json {
         return print_json(&body);
     }
-    let mut t = table(&["HOME", "ID", "DEVICES", "WE SHARE", "THEY SHARE"]);
+    let mut t = table(&[
+        "HOME",
+        "ID",
+        "DEVICES",
+        "WE SHARE",
+        "THEY SHARE",
+        "MADE BY REVOKED DEVICES",
+    ]);
     let names = |v: &Value| {
         v.as_array()
             .map(|a| a.iter().map(text).collect::<Vec<_>>().join(", "))
@@ -440,6 +447,7 @@ pub(crate) fn homes(client: &Client, json: bool) -> Result<()> {
             h["devices"].as_array().map_or(0, |d| d.len()).to_string(),
             names(&h["we_share"]),
             names(&h["they_share"]),
+            names(&h["made_by_revoked"]),
         ]);
     }
     println!("{t}");

@@ -19,10 +19,17 @@ impl Core {
                 pairs.push((peer.clone(), self.home.home_id.clone()));
             }
         }
+        // A PeerId belongs to one home: this home's own devices first, then the first
+        // paired home (in HomeId order, the same on every replica) that lists it. A paired
+        // home's list naming another home's device changes nothing.
+        let mut claimed: std::collections::HashSet<String> =
+            pairs.iter().map(|(p, _)| p.clone()).collect();
         if let Ok(paired) = self.engine.home_paired(self.home.home_doc) {
             for (home, record) in paired {
                 for peer in record.devices.keys() {
-                    pairs.push((peer.clone(), home.clone()));
+                    if claimed.insert(peer.clone()) {
+                        pairs.push((peer.clone(), home.clone()));
+                    }
                 }
             }
         }

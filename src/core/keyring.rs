@@ -41,7 +41,15 @@ fn parse_key(key: &[u8]) -> Option<(DocId, KeyEpoch)> {
 #[derive(Default)]
 pub(crate) struct Keyring {
     keys: HashMap<(DocId, KeyEpoch), DocKey>,
+    /// The epochs held per document, oldest first.
+    epochs: HashMap<DocId, std::collections::BTreeSet<KeyEpoch>>,
 }
+
+/// Most key epochs kept per document. Every rotation adds one; a paired home that owns an
+/// entity could otherwise make this device keep a key per grant it sends. Frames sealed
+/// under an epoch older than the document's current one are refused anyway, so the
+/// oldest keys are only history.
+pub(crate) const MAX_EPOCHS_PER_DOC: usize = 8;
 
 impl Keyring {
     /// Reads every stored document key. A malformed entry is skipped with a warning; it
@@ -63,6 +71,7 @@ impl Keyring {
                 ) {
                     (Some(id), Ok(bytes)) => {
                         ring.keys.insert(id, DocKey::from_bytes(bytes));
+                        ring.epochs.entry(id.0).or_default().insert(id.1);
                     }
                     _ => {
                         tracing::warn!(key = %hex::encode(&key), "skipping a malformed keyring entry")
@@ -89,7 +98,8 @@ impl Keyring {
         self.keys.keys().copied()
     }
 
-    /// Records a key, adding its write to `batch`.
+    /// Records a key, adding its write to `batch`. Past [`MAX_EPOCHS_PER_DOC`] epochs of
+    /// one document, the oldest is dropped (its delete joins `batch` too).
     pub(crate) fn insert(&mut self, doc: DocId, epoch: KeyEpoch, key: DocKey, batch: &mut Batch) {
         batch.put(
             Keyspace::Keyring,
@@ -97,6 +107,15 @@ impl Keyring {
             key.expose_secret().to_vec(),
         );
         self.keys.insert((doc, epoch), key);
+        let held = self.epochs.entry(doc).or_default();
+        held.insert(epoch);
+        while held.len() > MAX_EPOCHS_PER_DOC {
+            let Some(oldest) = held.pop_first() else {
+                break;
+            };
+            self.keys.remove(&(doc, oldest));
+            batch.delete(Keyspace::Keyring, key_of(doc, oldest));
+        }
     }
 }
 
@@ -157,5 +176,36 @@ mod tests {
         let loaded = Keyring::load(&store).await.unwrap();
         assert_eq!(loaded.get(doc, epoch), Some(&key));
         assert!(!loaded.contains(doc, KeyEpoch::first([3; 16])));
+    }
+
+    #[tokio::test]
+    async fn a_document_keeps_at_most_its_newest_epochs() {
+        let store = hearth_storage::open_in_memory().unwrap();
+        let mut ring = Keyring::default();
+        let doc = DocId::from_bytes([1; 16]);
+        let other = DocId::from_bytes([2; 16]);
+        let epoch = |counter| KeyEpoch {
+            counter,
+            device: [5; 16],
+        };
+        let mut batch = Batch::new();
+        ring.insert(other, epoch(0), DocKey::generate().unwrap(), &mut batch);
+        for counter in 0..100 {
+            ring.insert(doc, epoch(counter), DocKey::generate().unwrap(), &mut batch);
+        }
+        store.batch(batch).await.unwrap();
+        for ring in [ring, Keyring::load(&store).await.unwrap()] {
+            let held: Vec<u64> = ring
+                .ids()
+                .filter(|(d, _)| *d == doc)
+                .map(|(_, e)| e.counter)
+                .collect();
+            assert_eq!(held.len(), MAX_EPOCHS_PER_DOC);
+            assert!(held.iter().all(|c| *c >= 100 - MAX_EPOCHS_PER_DOC as u64));
+            assert!(
+                ring.contains(other, epoch(0)),
+                "other documents keep theirs"
+            );
+        }
     }
 }

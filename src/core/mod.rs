@@ -27,6 +27,7 @@ pub(crate) mod keyring;
 pub(crate) mod pairing;
 pub use revoke::RevokedDevice;
 mod peers;
+mod revocations;
 mod revoke;
 mod rooms;
 mod sharing;
@@ -97,6 +98,12 @@ pub(crate) enum Request {
         id: String,
         write: EntityWrite,
         reply: Reply<Entity>,
+    },
+    /// Test hook: writes the home document as a device of the home that wants a revoked
+    /// device back would: `revoked_at` cleared and the signed record deleted.
+    ClearRevocation {
+        peer: String,
+        reply: Reply<()>,
     },
     /// Many writes in order, acknowledged together (batching.rs).
     SetMany {
@@ -355,6 +362,8 @@ struct Core {
     writes: batching::WriteWindow,
     /// Paired homes' devices and the entities shared each way.
     sharing: sharing::Sharing,
+    /// Signed revocations of this home's and paired homes' devices; only ever added to.
+    revocations: revocations::Revocations,
     /// The core's own request queue, for tasks it spawns to report back.
     self_tx: Option<mpsc::Sender<Request>>,
     /// Bulk session openings, paced per peer.
@@ -392,8 +401,15 @@ pub struct SyncCounters {
     /// device holds no document yet.
     pub heads_root: String,
     /// Frames from devices of paired homes refused: for documents not shared with their
-    /// home, or carrying changes their home may not make.
+    /// home, carrying changes their home may not make, or carrying changes by a revoked
+    /// device.
     pub frames_refused: u64,
+    /// Frames sealed under an older key epoch than their document's current one: from
+    /// before a rotation, which a revoked device could still seal.
+    pub frames_old_epoch: u64,
+    /// Peers refused at hello: revoked devices, certificates that do not verify, devices
+    /// of homes this one is not paired with.
+    pub hellos_refused: u64,
     /// Frames dropped because their sender was no longer admitted as what it was when
     /// it sent them (disconnected, revoked, or its home forgotten) by the time they were
     /// read. A device of this home sends them again through sync once it is back.
@@ -491,6 +507,7 @@ pub(crate) async fn start(
         metrics,
         writes: batching::WriteWindow::new(batch_window),
         sharing: sharing::Sharing::default(),
+        revocations: revocations::Revocations::default(),
         pacing: pacing::Pacing::default(),
         last_view: None,
         self_tx: None,
@@ -503,7 +520,9 @@ pub(crate) async fn start(
     }
     core.keyring = Keyring::load(&core.store).await?;
     core.load_shared_in().await;
+    core.load_revocations().await;
     core.load_documents().await?;
+    core.absorb_revocations().await;
     if fresh {
         core.create_home(device_name).await?;
     }
@@ -520,6 +539,7 @@ pub(crate) async fn start(
     }
     core.rebuild_entity_index_lenient();
     core.refresh_actor_homes();
+    core.reserve_own_devices().await;
     core.ensure_presence_doc().await?;
     core.remember_rooms_and_presence();
     let held: Vec<_> = core.keyring.ids().map(|(d, _)| d).collect();
@@ -866,6 +886,7 @@ impl Core {
                     self.notice_peer(text.clone(), false);
                 }
                 self.sharing.foreign.remove(&text);
+                self.sharing.pending_hellos.remove(&peer);
                 self.pacing.forget_peer(&text);
                 self.reconcilers.remove(&text);
                 self.last_heard.remove(&text);
@@ -898,6 +919,10 @@ impl Core {
 
     fn handle(&mut self, request: Request) {
         match request {
+            Request::ClearRevocation { peer, reply } => {
+                let result = self.debug_clear_revocation(&peer);
+                let _ = reply.send(result);
+            }
             Request::SetEntityUnchecked { id, write, reply } => {
                 self.sharing.skip_rights_check = true;
                 let result = self.set_entity(&id, write);
@@ -1206,6 +1231,24 @@ impl Core {
     }
 
     /// Wraps `key` for every unrevoked device in the home document except this one.
+    /// Tells the network which peers are this home's devices, so a flood of strangers
+    /// never takes the connection slots they need (even before they connect this run).
+    async fn reserve_own_devices(&mut self) {
+        let Ok(devices) = self.engine.home_devices(self.home.home_doc) else {
+            return;
+        };
+        for peer in devices.keys() {
+            if *peer == self.peer_id || self.is_revoked(peer) {
+                continue;
+            }
+            if let Ok(id) = peer.parse::<hearth_net::PeerId>()
+                && let Err(error) = self.net.reserve_peer(id).await
+            {
+                tracing::warn!(%peer, %error, "cannot reserve a slot for a device of this home");
+            }
+        }
+    }
+
     fn wrap_for_devices(
         &self,
         key: &DocKey,
@@ -1223,6 +1266,7 @@ impl Core {
                 **peer != self.peer_id
                     && record.revoked_at.is_none()
                     && !self.sharing.revoking.contains(*peer)
+                    && !self.revocations.contains(peer)
             })
             .filter_map(|(peer, record)| {
                 let cert = DeviceCert::decode(&record.certificate).ok()?;

@@ -233,7 +233,12 @@ impl Core {
         };
         let mut wraps = Vec::new();
         for (doc, epoch) in self.keyring.ids() {
-            if doc == self.home.home_doc || doc == self.home.registry_doc {
+            // Keys of entities other homes share with this one stay with the devices they
+            // were granted to: a home never relays them, not even to its own new devices.
+            if doc == self.home.home_doc
+                || doc == self.home.registry_doc
+                || self.is_foreign_doc(doc)
+            {
                 continue;
             }
             let Some(key) = self.keyring.get(doc, epoch) else {

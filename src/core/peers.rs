@@ -36,6 +36,7 @@ impl Core {
             Verdict::Valid(cert) => Ok(cert),
             Verdict::WrongHome { found, .. } => {
                 if let Err(reason) = self.on_foreign_hello(peer, certificate, &found).await {
+                    self.counters.hellos_refused += 1;
                     tracing::info!(peer = %peer_text, %reason, "refusing peer");
                     if let Err(error) = self.net.reject(peer, format!("peer {reason}")).await {
                         tracing::warn!(peer = %peer_text, %error, "could not refuse peer");
@@ -64,6 +65,7 @@ impl Core {
                 }
             }
             Err(reason) => {
+                self.counters.hellos_refused += 1;
                 tracing::info!(peer = %peer_text, %reason, "refusing peer");
                 if let Err(error) = self.net.reject(peer, format!("peer {reason}")).await {
                     tracing::warn!(peer = %peer_text, %error, "could not refuse peer");
@@ -102,16 +104,25 @@ impl Core {
         ok
     }
 
-    fn is_revoked(&self, peer: &str) -> bool {
-        if self.sharing.revoking.contains(peer) {
+    /// Whether a device of this home is shut out. The signed, add-only set decides; an
+    /// unsigned `revoked_at` in the home document can add to it (fail closed) but never
+    /// take a revocation away. A home document that cannot be read admits no one.
+    pub(super) fn is_revoked(&self, peer: &str) -> bool {
+        if self.sharing.revoking.contains(peer) || self.revocations.contains(peer) {
             return true;
         }
         // Only the device records: the whole home view holds one keyring entry per document.
-        self.engine
-            .home_devices(self.home.home_doc)
-            .ok()
-            .and_then(|devices| devices.get(peer).map(|d| d.revoked_at.is_some()))
-            .unwrap_or(false)
+        match self.engine.home_devices(self.home.home_doc) {
+            Ok(devices) => devices.get(peer).is_some_and(|d| d.revoked_at.is_some()),
+            // A device that just joined holds the home document's key but none of its
+            // content until the first sync: there is nothing to read yet, and the peer's
+            // certificate has verified under the home root.
+            Err(_) if self.home_doc_empty() => false,
+            Err(error) => {
+                tracing::warn!(%peer, %error, "home document unreadable; refusing the device");
+                true
+            }
+        }
     }
 
     /// Starts digest reconciliation with a newly admitted device. The smaller PeerId opens
@@ -390,6 +401,21 @@ impl Core {
             return;
         }
         self.capture_opened(&peer_text, &frame);
+        if let Some(reason) = self.stale_epoch_changes(&frame) {
+            self.counters.frames_old_epoch += 1;
+            tracing::warn!(peer = %peer_text, %reason, "dropping a frame");
+            return;
+        }
+        if let Some(reason) = self.carries_revoked_changes(&class, &frame) {
+            self.counters.frames_refused += 1;
+            match &class {
+                PeerClass::Own => {
+                    tracing::warn!(peer = %peer_text, %reason, "refusing a frame from a device of this home")
+                }
+                _ => self.refuse_foreign(&peer_text, &frame, &reason).await,
+            }
+            return;
+        }
         if let PeerClass::Paired(home) = &class
             && let Err(reason) = self.authorize_foreign(home, &frame)
         {
@@ -399,6 +425,60 @@ impl Core {
         match self.engine.receive(peer_text.clone(), frame, now_ms()) {
             Ok(out) => self.after_remote(out).await,
             Err(error) => tracing::warn!(peer = %peer_text, %error, "frame refused"),
+        }
+    }
+
+    /// Whether a frame carries changes written by a revoked device: checked on every push,
+    /// and on every frame from a paired home. Sync messages between this home's own
+    /// devices are left alone: they may carry history the revoked device wrote before
+    /// its revocation, and it can no longer seal anything new under the rotated keys.
+    /// Whether a frame carries changes sealed under an older key epoch than its
+    /// document's current one. A rotation shut someone out (a revoked device, an unshared
+    /// home) who may still hold the old key, so no change sealed under it is accepted any
+    /// more. A sync message without changes passes: a device that has not yet seen the
+    /// rotation still has to say what it holds, and the answer comes under the new key.
+    fn stale_epoch_changes(&self, frame: &Frame) -> Option<String> {
+        let (doc, epoch) = match frame {
+            Frame::Push(p) => (p.doc, p.epoch),
+            Frame::Sync(s) => (s.doc, s.epoch),
+            _ => return None,
+        };
+        let current = self.engine.header(doc).ok()?.key_epoch;
+        if epoch >= current {
+            return None;
+        }
+        let carries = match frame {
+            Frame::Push(_) => true,
+            _ => hearth_crdt::payload_actors(frame, self.engine.config())
+                .map_or(true, |actors| !actors.is_empty()),
+        };
+        carries.then(|| {
+            format!(
+                "carries changes sealed under epoch {} of document {doc}, older than its current {}",
+                epoch.counter, current.counter
+            )
+        })
+    }
+
+    fn home_doc_empty(&self) -> bool {
+        use automerge::ReadDoc;
+        self.engine
+            .doc(self.home.home_doc)
+            .is_ok_and(|d| d.keys(automerge::ROOT).next().is_none())
+    }
+
+    fn carries_revoked_changes(&self, class: &PeerClass, frame: &Frame) -> Option<String> {
+        if self.revocations.is_empty()
+            || (*class == PeerClass::Own && !matches!(frame, Frame::Push(_)))
+        {
+            return None;
+        }
+        match hearth_crdt::payload_actors(frame, self.engine.config()) {
+            Ok(actors) => actors
+                .iter()
+                .find(|a| self.revocations.has_actor(a))
+                .map(|a| format!("carries a change by {a}, a revoked device")),
+            Err(error) => Some(format!("unreadable changes: {error}")),
         }
     }
 
@@ -440,6 +520,7 @@ impl Core {
         if touched_home {
             self.rebuild_entity_index_lenient();
             self.refresh_actor_homes();
+            self.absorb_revocations().await;
             self.disconnect_revoked().await;
             for chunk in &home_chunks {
                 self.learn_keys(chunk).await;

@@ -10,13 +10,14 @@
 use hearth_crdt::schema::home as home_schema;
 use hearth_crdt::wire::{Frame, GrantFrame};
 use hearth_crdt::{DocId, KeyEpoch};
-use hearth_storage::Batch;
+use hearth_storage::{Batch, Keyspace};
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
+use super::revocations::{Learnt, Revocations};
 use super::{Core, doc_err, new_key, now_ms};
 use crate::Error;
-use crate::trust::cert::DeviceCert;
+use crate::trust::cert::{DeviceCert, Revocation};
 use crate::trust::keys::{self, WrappedKey};
 
 /// The key of the home or registry document at a new epoch, for one device of the home.
@@ -69,15 +70,36 @@ impl Core {
         if record.revoked_at.is_some() {
             return Err(Error::Conflict(format!("{device} is already revoked")));
         }
+        // The signed record first: kept in this device's own add-only set (and the
+        // store) before anything else, so no later step can admit the device again.
+        let now = now_ms();
+        let root = self
+            .home
+            .root_secret
+            .map(|s| ed25519_dalek::SigningKey::from_bytes(&s))
+            .ok_or_else(|| Error::Internal("the home root key is missing".into()))?;
+        let signed = Revocation::issue(&root, &peer, now)
+            .and_then(|r| r.encode())
+            .map_err(|e| Error::Internal(format!("cannot sign the revocation: {e}")))?;
+        let mine = (self.home.home_id.clone(), self.home.root_public);
+        if let Err(reason) = self
+            .revocations
+            .learn(&signed, |h| (h == mine.0).then_some(mine.1))
+        {
+            return Err(Error::Internal(format!(
+                "the new revocation does not verify: {reason}"
+            )));
+        }
+        self.save_revocations().await?;
         // Out first, and kept out while the keys rotate; the revocation itself is then
         // recorded under the home document's new key, like everything after it.
         self.sharing.revoking.insert(peer.clone());
         self.disconnect_revoked().await;
         let rotated = self.rotate_home_keys().await;
-        let now = now_ms();
         let marked = self
             .engine
             .transact(self.home.home_doc, now, None, |d, _, _| {
+                home_schema::put_revocation(d, &peer, &signed)?;
                 home_schema::revoke_device(d, &peer, now)
             })
             .map_err(doc_err);
@@ -94,6 +116,16 @@ impl Core {
         )
         .await;
         tracing::info!(%peer, name = %record.name, rotated, "revoked a device");
+        // Paired homes learn it now; those not connected learn it when they next are.
+        let foreign: Vec<String> = self.sharing.foreign.keys().cloned().collect();
+        for other in foreign {
+            self.queue_share_message(
+                &other,
+                &super::sharing::ShareMessage::Revocation {
+                    record: ByteBuf::from(signed.clone()),
+                },
+            );
+        }
         self.send_pending().await;
         Ok(RevokedDevice {
             peer_id: peer,
@@ -112,6 +144,7 @@ impl Core {
             .iter()
             .filter(|(p, _)| {
                 self.sharing.revoking.contains(*p)
+                    || self.revocations.contains(p)
                     || devices.get(*p).is_some_and(|d| d.revoked_at.is_some())
             })
             .map(|(p, n)| (p.clone(), *n))
@@ -291,7 +324,11 @@ impl Core {
             .home_devices(self.home.home_doc)
             .ok()
             .and_then(|d| d.get(peer).cloned())
-            .filter(|d| d.revoked_at.is_none() && !self.sharing.revoking.contains(peer))
+            .filter(|d| {
+                d.revoked_at.is_none()
+                    && !self.sharing.revoking.contains(peer)
+                    && !self.revocations.contains(peer)
+            })
             .and_then(|d| DeviceCert::decode(&d.certificate).ok())
             .map(|c| *c.x25519_public())
         else {
@@ -340,5 +377,182 @@ impl Core {
             }
             Err(error) => tracing::warn!(%peer, %error, "cannot unwrap a home key"),
         }
+    }
+}
+
+impl Core {
+    /// Test hook: undoes a revocation in the home document the only ways a device of the
+    /// home could (an unsigned `revoked_at` reset, the signed record deleted), so a test
+    /// can show that neither lets the device back in.
+    pub(super) fn debug_clear_revocation(&mut self, peer: &str) -> Result<(), Error> {
+        let devices = self
+            .engine
+            .home_devices(self.home.home_doc)
+            .map_err(doc_err)?;
+        let mut record = devices
+            .get(peer)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("no device {peer}")))?;
+        record.revoked_at = None;
+        let (_, out) = self
+            .engine
+            .transact(self.home.home_doc, now_ms(), None, |d, _, _| {
+                home_schema::put_device(d, peer, &record)?;
+                home_schema::remove_revocation(d, peer)
+            })
+            .map_err(doc_err)?;
+        self.persist_in_background(out);
+        Ok(())
+    }
+
+    /// Reads this device's copy of the revocation set.
+    pub(super) async fn load_revocations(&mut self) {
+        match self
+            .store
+            .get(Keyspace::Meta, Revocations::store_key())
+            .await
+        {
+            Ok(Some(bytes)) => self.revocations = Revocations::decode(&bytes),
+            Ok(None) => {}
+            Err(error) => tracing::error!(%error, "cannot read the stored revocations"),
+        }
+    }
+
+    async fn save_revocations(&mut self) -> Result<(), Error> {
+        let mut batch = Batch::new();
+        self.revocations.save(&mut batch);
+        Ok(self.store.batch(batch).await?)
+    }
+
+    /// Root public keys of the homes this one trusts revocations from: itself and every
+    /// paired home. A record of any other home is ignored.
+    fn trusted_roots(&self) -> std::collections::HashMap<String, [u8; 32]> {
+        let mut roots = std::collections::HashMap::new();
+        roots.insert(self.home.home_id.clone(), self.home.root_public);
+        if let Ok(paired) = self.engine.home_paired(self.home.home_doc) {
+            for (home, p) in paired {
+                if let Ok(root) = <[u8; 32]>::try_from(p.root_key.as_slice()) {
+                    roots.insert(home, root);
+                }
+            }
+        }
+        roots
+    }
+
+    /// Learns the revocations the home document carries (after it changed, and at
+    /// start). Records that do not verify are ignored; new ones are kept and acted on.
+    pub(super) async fn absorb_revocations(&mut self) {
+        let records = match self
+            .engine
+            .doc(self.home.home_doc)
+            .map_err(|e| e.to_string())
+            .and_then(|d| home_schema::revocations(d).map_err(|e| e.to_string()))
+        {
+            Ok(records) => records,
+            Err(error) => {
+                tracing::debug!(%error, "home document revocations not readable");
+                return;
+            }
+        };
+        let roots = self.trusted_roots();
+        let mut new = Vec::new();
+        for (peer, bytes) in records {
+            match self.revocations.learn(&bytes, |h| roots.get(h).copied()) {
+                Ok(Learnt::New { peer, home }) => new.push((peer, home)),
+                Ok(Learnt::Known) => {}
+                Err(reason) => {
+                    tracing::warn!(%peer, %reason, "ignoring a revocation in the home document")
+                }
+            }
+        }
+        if !new.is_empty() {
+            self.after_revocations_learnt(new).await;
+        }
+    }
+
+    /// A revocation a paired home's device sent: it must be signed by that home's root
+    /// key and name one of that home's devices. A new one goes into this home's document
+    /// (so every device of the home learns it) and is acted on.
+    pub(super) async fn on_paired_revocation(&mut self, peer: &str, home: &str, record: &[u8]) {
+        let roots = self.trusted_roots();
+        let learnt = self.revocations.learn(record, |h| {
+            (h == home).then(|| roots.get(h).copied()).flatten()
+        });
+        let (revoked, of) = match learnt {
+            Ok(Learnt::New { peer, home }) => (peer, home),
+            Ok(Learnt::Known) => return,
+            Err(reason) => {
+                tracing::warn!(%peer, %home, %reason, "refusing a revocation from a paired home");
+                return;
+            }
+        };
+        match self
+            .engine
+            .transact(self.home.home_doc, now_ms(), None, |d, _, _| {
+                home_schema::put_revocation(d, &revoked, record)
+            }) {
+            Ok((_, out)) => {
+                let batch = self.handle_outputs(out);
+                if let Err(error) = self.store.batch(batch).await {
+                    tracing::error!(%error, "cannot store a paired home's revocation");
+                }
+            }
+            Err(error) => tracing::warn!(%error, "cannot record a paired home's revocation"),
+        }
+        self.after_revocations_learnt(vec![(revoked, of)]).await;
+    }
+
+    /// Acts on newly learnt revocations: keeps the set, shuts the devices out, and moves
+    /// every entity shared with a paired home that lost a device to a new key, wrapped
+    /// only for its remaining devices.
+    async fn after_revocations_learnt(&mut self, new: Vec<(String, String)>) {
+        if let Err(error) = self.save_revocations().await {
+            tracing::error!(%error, "cannot store the revocations");
+        }
+        self.disconnect_revoked().await;
+        let mine = self.home.home_id.clone();
+        let mut homes = std::collections::BTreeSet::new();
+        for (peer, home) in new {
+            crate::audit::record_by(
+                &self.store,
+                &self.peer_id.clone(),
+                "device.revocation_learnt",
+                &format!("{peer} of {home}"),
+            )
+            .await;
+            if home == mine {
+                continue;
+            }
+            homes.insert(home);
+            if let Some(fp) = self.sharing.foreign.remove(&peer) {
+                self.engine.detach_peer(&peer);
+                if let Err(error) = self
+                    .net
+                    .reject(fp.net, "peer is a revoked device of its home")
+                    .await
+                {
+                    tracing::warn!(%peer, %error, "could not disconnect a revoked device");
+                }
+            }
+        }
+        for home in homes {
+            let shared: Vec<(String, DocId)> = self
+                .engine
+                .registry(self.home.registry_doc)
+                .map(|r| {
+                    r.entities
+                        .into_iter()
+                        .filter(|(_, e)| e.deleted_at.is_none() && e.shares.contains_key(&home))
+                        .map(|(id, e)| (id, e.doc))
+                        .collect()
+                })
+                .unwrap_or_default();
+            for (entity_id, doc) in shared {
+                if let Err(error) = self.rotate(&entity_id, doc).await {
+                    tracing::warn!(%entity_id, %error, "cannot rotate an entity after a revocation");
+                }
+            }
+        }
+        self.send_pending().await;
     }
 }

@@ -60,7 +60,7 @@ pub(super) struct Sharing {
     pub(super) shared_in: BTreeMap<DocId, SharedIn>,
     /// Certificates of connected peers of other homes waiting on a pairing, so they can
     /// be admitted once it completes.
-    pending_hellos: HashMap<PeerId, Vec<u8>>,
+    pub(super) pending_hellos: HashMap<PeerId, Vec<u8>>,
     /// Issuers this node is pairing with as the joining home.
     pairing_with: HashSet<PeerId>,
     /// When a refused frame of (peer, document) was last audited.
@@ -99,6 +99,8 @@ pub(super) enum ShareMessage {
     /// Between devices of one home: a new key of the home or registry document, after a
     /// device revocation (see revoke.rs).
     HomeKey(super::revoke::HomeKey),
+    /// A device of the sending home was revoked: the record its home's root key signed.
+    Revocation { record: ByteBuf },
 }
 
 /// Most entities one home may share with this one; grants past it are refused, so a
@@ -107,6 +109,18 @@ const MAX_SHARED_IN_PER_HOME: usize = 4096;
 
 /// Largest grant message accepted.
 const MAX_SHARE_MESSAGE: usize = 4096;
+
+/// Most devices of unknown homes kept waiting on a pairing (their certificates held until
+/// it completes); more are refused at hello. An entry goes when its device disconnects.
+const MAX_PENDING_HELLOS: usize = 64;
+
+/// Most devices kept for one paired home: the rest of its list, and devices it adds past
+/// this, are refused, so a paired home cannot grow this home's document without bound.
+pub(crate) const MAX_DEVICES_PER_PAIRED_HOME: usize = 64;
+
+/// Most refused (peer, document) pairs remembered for audit throttling; past it, entries
+/// older than the audit interval go, and then the oldest.
+const MAX_REFUSALS_TRACKED: usize = 1024;
 
 impl Core {
     // ----- state ----------------------------------------------------------------------
@@ -347,6 +361,14 @@ impl Core {
         }
         let mut devices = BTreeMap::new();
         for (peer, cert) in &public.devices {
+            if let Some(owner) = self.home_of_device(peer, Some(&public.home_id)) {
+                tracing::warn!(%peer, home = %public.home_id, %owner, "dropping a device that belongs to another home");
+                continue;
+            }
+            if devices.len() >= MAX_DEVICES_PER_PAIRED_HOME {
+                tracing::warn!(home = %public.home_id, cap = MAX_DEVICES_PER_PAIRED_HOME, "dropping devices past the cap");
+                break;
+            }
             match DeviceCert::verify_bytes(cert, &public.root_public) {
                 Verdict::Valid(c) if c.peer_id() == peer => {
                     devices.insert(peer.clone(), cert.to_vec());
@@ -361,6 +383,7 @@ impl Core {
             name: name.clone(),
             root_key: public.root_public.to_vec(),
             devices,
+            by: Some(self.peer_id.clone()),
         };
         let home_id = public.home_id.clone();
         let (_, out) = self
@@ -406,6 +429,22 @@ impl Core {
         }
     }
 
+    /// The home a device already belongs to, other than `except`: this home (first), or a
+    /// paired home.
+    fn home_of_device(&self, peer: &str, except: Option<&str>) -> Option<String> {
+        if self
+            .engine
+            .home_devices(self.home.home_doc)
+            .is_ok_and(|d| d.contains_key(peer))
+        {
+            return Some(self.home.home_id.clone());
+        }
+        self.paired()
+            .into_iter()
+            .find(|(id, h)| Some(id.as_str()) != except && h.devices.contains_key(peer))
+            .map(|(id, _)| id)
+    }
+
     /// Runs admission again for a connected peer whose hello waited on a pairing.
     async fn readmit(&mut self, peer: PeerId) {
         if let Some(cert) = self.sharing.pending_hellos.remove(&peer) {
@@ -431,6 +470,11 @@ impl Core {
             let pairing = self.sharing.pairing_with.contains(&peer)
                 || self.pairing.book.open_count(now_ms() / 1000) > 0;
             if pairing {
+                if self.sharing.pending_hellos.len() >= MAX_PENDING_HELLOS
+                    && !self.sharing.pending_hellos.contains_key(&peer)
+                {
+                    return Err("is of an unknown home, and too many such devices wait".into());
+                }
                 tracing::debug!(peer = %peer_text, "device of an unknown home; it may only pair");
                 self.sharing.pending_hellos.insert(peer, certificate);
                 return Ok(());
@@ -440,6 +484,19 @@ impl Core {
         let Ok(root) = <[u8; 32]>::try_from(home.root_key.as_slice()) else {
             return Err("belongs to a paired home whose root key is malformed".into());
         };
+        if self.revocations.contains(&peer_text) {
+            return Err("is a revoked device of its home".into());
+        }
+        if !home.devices.contains_key(&peer_text) {
+            if let Some(owner) = self.home_of_device(&peer_text, Some(claimed_home)) {
+                return Err(format!("claims a PeerId that belongs to home {owner}"));
+            }
+            if home.devices.len() >= MAX_DEVICES_PER_PAIRED_HOME {
+                return Err(format!(
+                    "belongs to a paired home that already has {MAX_DEVICES_PER_PAIRED_HOME} devices"
+                ));
+            }
+        }
         let cert = match DeviceCert::verify_bytes(&certificate, &root) {
             Verdict::Valid(c) if c.peer_id() == peer_text => c,
             Verdict::Valid(_) => {
@@ -479,6 +536,16 @@ impl Core {
                 self.actor_names.clear();
                 self.refresh_actor_homes();
             }
+        }
+        // Its home learns of this home's revoked devices first, so it refuses them too.
+        let mine = self.home.home_id.clone();
+        for record in self.revocations.records_of(&mine) {
+            self.queue_share_message(
+                &peer_text,
+                &ShareMessage::Revocation {
+                    record: ByteBuf::from(record),
+                },
+            );
         }
         self.open_shared_sessions(&peer_text).await;
         Ok(())
@@ -529,6 +596,12 @@ impl Core {
         rights: Rights,
         epoch: Option<KeyEpoch>,
     ) {
+        // Checked again here, not only at hello: a revocation may arrive while the
+        // device is still connected, and no key is ever wrapped for a revoked device.
+        if self.revocations.contains(peer) {
+            tracing::info!(%peer, %entity_id, "not granting a key to a revoked device");
+            return;
+        }
         let Some(epoch) = epoch.or_else(|| self.engine.header(doc).ok().map(|h| h.key_epoch))
         else {
             tracing::warn!(%doc, "cannot grant a document that is not loaded");
@@ -559,7 +632,7 @@ impl Core {
         }
     }
 
-    fn queue_share_message(&mut self, peer: &str, message: &ShareMessage) {
+    pub(super) fn queue_share_message(&mut self, peer: &str, message: &ShareMessage) {
         match serde_json::to_vec(message) {
             Ok(bytes) => self
                 .outbox
@@ -617,6 +690,9 @@ impl Core {
         };
         match message {
             ShareMessage::HomeKey(_) => {}
+            ShareMessage::Revocation { record } => {
+                self.on_paired_revocation(peer, &fp.home, &record).await;
+            }
             ShareMessage::Grant {
                 entity_id,
                 doc,
@@ -832,7 +908,19 @@ impl Core {
             .get(&key)
             .is_none_or(|t| now.saturating_sub(*t) >= REFUSAL_AUDIT_INTERVAL_MS);
         if due {
-            self.sharing.refusals_audited.insert(key, now);
+            let tracked = &mut self.sharing.refusals_audited;
+            if tracked.len() >= MAX_REFUSALS_TRACKED {
+                tracked.retain(|_, t| now.saturating_sub(*t) < REFUSAL_AUDIT_INTERVAL_MS);
+            }
+            if tracked.len() >= MAX_REFUSALS_TRACKED
+                && let Some(oldest) = tracked
+                    .iter()
+                    .min_by_key(|(_, t)| **t)
+                    .map(|(k, _)| k.clone())
+            {
+                tracked.remove(&oldest);
+            }
+            tracked.insert(key, now);
             let what = if matches!(frame, Frame::Push(_)) {
                 "write.refused"
             } else {
@@ -886,6 +974,7 @@ impl Core {
                     &registry::Share {
                         rights,
                         policy: policy.map(|p| p.as_str().to_string()),
+                        by: Some(self.peer_id.clone()),
                     },
                 )
             })
@@ -1147,9 +1236,31 @@ impl Core {
 
     pub(super) fn list_homes(&self) -> Vec<KnownHome> {
         let list = self.list_shares().unwrap_or_default();
+        let grants = self
+            .engine
+            .registry(self.home.registry_doc)
+            .map(|r| r.entities)
+            .unwrap_or_default();
+        let revoked = |by: &Option<String>| {
+            by.as_ref()
+                .filter(|p| self.revocations.contains(p))
+                .cloned()
+        };
         self.paired()
             .into_iter()
             .map(|(home_id, h)| KnownHome {
+                revoked_devices: self.revocations.peers_of(&home_id).cloned().collect(),
+                made_by_revoked: revoked(&h.by)
+                    .map(|p| format!("pairing by {p}"))
+                    .into_iter()
+                    .chain(grants.iter().filter_map(|(id, e)| {
+                        let share = e.shares.get(&home_id)?;
+                        let by = revoked(&share.by)?;
+                        e.deleted_at
+                            .is_none()
+                            .then(|| format!("share {id} by {by}"))
+                    }))
+                    .collect(),
                 we_share: list
                     .shared_out
                     .iter()

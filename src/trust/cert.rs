@@ -292,6 +292,14 @@ impl Revocation {
         }
     }
 
+    /// The HomeId a revocation's bytes claim, unverified: which root key to check it
+    /// against. `None` when the bytes do not decode.
+    pub(crate) fn claimed_home(bytes: &[u8]) -> Option<String> {
+        from_cbor::<Self>("device revocation", bytes, MAX_CERT_LEN)
+            .ok()
+            .map(|r| r.home_id)
+    }
+
     /// Checks the revocation against the home's root public key.
     pub(crate) fn verify(&self, root_public: &[u8; 32]) -> Verdict<&Self> {
         if self.version != CERT_VERSION {

@@ -15,12 +15,14 @@ use automerge::transaction::Transactable;
 use automerge::{ROOT, ReadDoc, ScalarValue};
 
 use super::touched::Touched;
-use super::{am, ensure_map, join, keys, opt_u64, req_bytes, req_map, req_str};
+use super::{am, ensure_map, join, keys, opt_str, opt_u64, req_bytes, req_map, req_str};
 use crate::error::{Error, Result};
 use crate::ids::{DocId, KeyEpoch};
 
 /// Root key of the home map.
 pub const HOME_KEY: &str = "home";
+/// Key of the signed revocations under the home map.
+const REVOCATIONS_KEY: &str = "revocations";
 
 /// A member device.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,6 +44,9 @@ pub struct PairedHome {
     pub root_key: Vec<u8>,
     /// Its devices' certificates by PeerId.
     pub devices: BTreeMap<String, Vec<u8>>,
+    /// PeerId of the device of this home that made the pairing, so the pairings of a
+    /// device revoked later can be found; `None` in records written before this was kept.
+    pub by: Option<String>,
 }
 
 /// The whole home document.
@@ -209,6 +214,7 @@ fn read_paired<D: ReadDoc>(doc: &D, h: &automerge::ObjId) -> Result<BTreeMap<Str
                 name: req_str(doc, &rec, "name", &join(&p, "name"))?,
                 root_key: req_bytes(doc, &rec, "root_key", &join(&p, "root_key"))?,
                 devices: their,
+                by: opt_str(doc, &rec, "by", &join(&p, "by"))?,
             },
         );
     }
@@ -316,6 +322,9 @@ pub fn put_paired_home<T: Transactable>(
     doc.put(&rec, "name", home.name.as_str()).map_err(am)?;
     doc.put(&rec, "root_key", ScalarValue::Bytes(home.root_key.clone()))
         .map_err(am)?;
+    if let Some(by) = &home.by {
+        doc.put(&rec, "by", by.as_str()).map_err(am)?;
+    }
     let devs = doc
         .put_object(&rec, "devices", automerge::ObjType::Map)
         .map_err(am)?;
@@ -323,6 +332,44 @@ pub fn put_paired_home<T: Transactable>(
         doc.put(&devs, peer.as_str(), ScalarValue::Bytes(cert.clone()))
             .map_err(am)?;
     }
+    Ok(())
+}
+
+/// Signed device revocations, by PeerId of the revoked device: this home's own and
+/// those paired homes sent. The bytes are opaque here; the node verifies each against
+/// the root key of the home it names and ignores any that do not verify. The map is
+/// only ever added to, and the node keeps its own add-only copy, so deleting an entry
+/// here undoes nothing.
+pub fn revocations<D: ReadDoc>(doc: &D) -> Result<BTreeMap<String, Vec<u8>>> {
+    let h = req_map(doc, &ROOT, HOME_KEY, HOME_KEY)?;
+    let Some((automerge::Value::Object(automerge::ObjType::Map), r)) =
+        doc.get(&h, REVOCATIONS_KEY).map_err(am)?
+    else {
+        return Ok(BTreeMap::new());
+    };
+    let mut out = BTreeMap::new();
+    for peer in keys(doc, &r) {
+        let p = join(&join("home", REVOCATIONS_KEY), &peer);
+        out.insert(peer.clone(), req_bytes(doc, &r, &peer, &p)?);
+    }
+    Ok(out)
+}
+
+/// Adds a signed revocation of device `peer`.
+pub fn put_revocation<T: Transactable>(doc: &mut T, peer: &str, record: &[u8]) -> Result<()> {
+    let h = ensure_map(doc, &ROOT, HOME_KEY)?;
+    let r = ensure_map(doc, &h, REVOCATIONS_KEY)?;
+    doc.put(&r, peer, ScalarValue::Bytes(record.to_vec()))
+        .map_err(am)?;
+    Ok(())
+}
+
+/// Deletes the revocation of `peer` from the document. Nothing the node does calls this
+/// (the set is add-only); it exists to show that deleting an entry undoes nothing.
+pub fn remove_revocation<T: Transactable>(doc: &mut T, peer: &str) -> Result<()> {
+    let h = ensure_map(doc, &ROOT, HOME_KEY)?;
+    let r = ensure_map(doc, &h, REVOCATIONS_KEY)?;
+    doc.delete(&r, peer).map_err(am)?;
     Ok(())
 }
 
@@ -371,8 +418,12 @@ mod tests {
             name: "Oak Ave".into(),
             root_key: vec![9; 32],
             devices: [("peerX".to_string(), vec![4, 5])].into(),
+            by: Some("peerA".into()),
         };
         put_paired_home(&mut doc, "homeB", &other).unwrap();
+        assert!(revocations(&doc).unwrap().is_empty());
+        put_revocation(&mut doc, "peerA", &[1, 2, 3]).unwrap();
+        assert_eq!(revocations(&doc).unwrap()["peerA"], vec![1, 2, 3]);
         let d = DocId::from_bytes([3; 16]);
         let epoch = KeyEpoch {
             counter: 2,

@@ -46,6 +46,9 @@ pub struct Share {
     pub rights: Rights,
     /// Conflict policy name, `None` for the default (latest-wins).
     pub policy: Option<String>,
+    /// PeerId of the device that granted it, so the grants of a device revoked later
+    /// can be found and undone; `None` in grants written before this was recorded.
+    pub by: Option<String>,
 }
 
 /// One registry entry.
@@ -131,7 +134,8 @@ fn read_entry<D: ReadDoc>(
             other => return Err(Error::schema(rp, format!("unknown rights {other:?}"))),
         };
         let policy = opt_str(doc, &g, "policy", &join(&sp, "policy"))?;
-        shares.insert(home, Share { rights, policy });
+        let by = opt_str(doc, &g, "by", &join(&sp, "by"))?;
+        shares.insert(home, Share { rights, policy, by });
     }
     let dp = join(&path, "deleted_at");
     let deleted_at = opt_str(doc, &e, "deleted_at", &dp)?
@@ -189,6 +193,9 @@ pub fn share<T: Transactable>(
             }
         }
     }
+    if let Some(by) = &share.by {
+        doc.put(&g, "by", by.as_str()).map_err(am)?;
+    }
     Ok(())
 }
 
@@ -236,6 +243,7 @@ mod tests {
         let grant = Share {
             rights: Rights::Read,
             policy: Some("owner-wins".into()),
+            by: None,
         };
         share(&mut doc, "light.porch", "homeB", &grant).unwrap();
         let reg = Registry::read(&doc).unwrap();
@@ -264,6 +272,7 @@ mod tests {
         let grant = Share {
             rights: Rights::Write,
             policy: None,
+            by: None,
         };
         let err = share(&mut doc, "nope", "h", &grant).unwrap_err();
         assert!(matches!(&err, Error::Schema { path, .. } if path == "registry.entities.nope"));
@@ -281,6 +290,7 @@ mod tests {
             &Share {
                 rights: Rights::Read,
                 policy: None,
+                by: None,
             },
         )
         .unwrap();
