@@ -9,6 +9,7 @@ mod entities;
 mod pairing;
 mod robust;
 mod rooms;
+mod security_bomb;
 mod sharing;
 mod up;
 mod util;
