@@ -253,6 +253,7 @@ impl Metrics {
             ("session_restart", e.session_restarts),
             ("automerge_panic", e.panics_caught),
             ("oversized", e.oversized),
+            ("compressed_refused", e.compressed_refused),
             ("schema_violation", e.schema_violations),
             ("push_evicted", e.pushes_evicted),
         ] {

@@ -428,6 +428,23 @@ impl Node {
             .await?
     }
 
+    /// Test hook: seals `payload` (an Automerge sync message, well formed or not) as a
+    /// sync frame for entity `id`'s document, under the key this device holds for it, so
+    /// a test can play a device of a home the entity is shared with that sends crafted
+    /// input through [`Node::debug_send_raw`]. Nothing is sent or applied. Not for
+    /// production use.
+    #[doc(hidden)]
+    pub async fn debug_seal_sync(&self, id: &str, payload: Vec<u8>) -> Result<Vec<u8>, Error> {
+        let entity = id.to_string();
+        self.core
+            .call(|reply| crate::core::Request::SealSync {
+                entity,
+                payload,
+                reply,
+            })
+            .await?
+    }
+
     /// Test hook: writes an entity as [`Entities::set`] does, but without this node's own
     /// check of its home's rights on it, so a test can show that the owner home refuses
     /// what a read-only home wrote. Not for production use.

@@ -50,7 +50,7 @@ use automerge::sync::{Message, SyncDoc};
 use automerge::transaction::CommitOptions;
 use automerge::{ActorId, AutoCommit, Change, ChangeHash};
 
-use crate::chunks::parse_changes;
+use crate::chunks::{Limits, Refusal, Scanner};
 use crate::error::{Error, Result};
 use crate::hlc::{DEFAULT_MAX_DRIFT_MS, Hlc, HlcClock};
 use crate::ids::{DocId, KeyEpoch, actor_bytes_for_peer};
@@ -81,6 +81,19 @@ pub const DEFAULT_RETRY_AFTER_MS: u64 = 3_000;
 /// Default number of incremental chunks after which a document is compacted
 /// into one snapshot.
 pub const DEFAULT_COMPACT_AFTER_CHUNKS: usize = 512;
+/// Default cap on what one push or sync message decodes to: 64 MiB, four
+/// times [`DEFAULT_MAX_SYNC_MESSAGE_BYTES`]. Change chunks count as they are;
+/// a whole document (catch-up) counts with its deflated columns inflated,
+/// which is the part a small frame can blow up.
+pub const DEFAULT_MAX_DECODED_FRAME_BYTES: usize = 64 * 1024 * 1024;
+/// Default cap on the ops in the changes of one push or sync message: about
+/// four million. A few bytes of run-length encoding declare millions of ops,
+/// and applying each one costs memory.
+pub const DEFAULT_MAX_OPS_PER_FRAME: usize = 1 << 22;
+/// Default cap on how much one document may grow in one call to
+/// [`Engine::receive`]: 64 MiB of new changes, counting the frame's own and
+/// those of parked pushes it unblocks.
+pub const DEFAULT_MAX_GROWTH_PER_STEP_BYTES: usize = 64 * 1024 * 1024;
 
 /// Engine limits and timings. Every field has a documented default.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -104,6 +117,20 @@ pub struct EngineConfig {
     pub compact_after_chunks: usize,
     /// Allowed clock drift of remote HLC readings ([`DEFAULT_MAX_DRIFT_MS`]).
     pub max_clock_drift_ms: u64,
+    /// Most bytes one push or sync message may decode to
+    /// ([`DEFAULT_MAX_DECODED_FRAME_BYTES`]). Checked before Automerge sees
+    /// the frame; compressed change chunks are refused whatever their size.
+    pub max_decoded_frame_bytes: usize,
+    /// Most ops in the changes of one push or sync message
+    /// ([`DEFAULT_MAX_OPS_PER_FRAME`]).
+    pub max_ops_per_frame: usize,
+    /// Most bytes of new changes one call to [`Engine::receive`] may add to a
+    /// document ([`DEFAULT_MAX_GROWTH_PER_STEP_BYTES`]). A whole document from
+    /// a peer counts in full, as Automerge cannot say how much of it is new
+    /// before loading it, so keep this no lower than `max_decoded_frame_bytes`
+    /// or a catch-up that fits the frame caps can never apply. Parked pushes
+    /// over what is left wait for a later call.
+    pub max_growth_per_step_bytes: usize,
 }
 
 impl Default for EngineConfig {
@@ -117,6 +144,9 @@ impl Default for EngineConfig {
             retry_after_ms: DEFAULT_RETRY_AFTER_MS,
             compact_after_chunks: DEFAULT_COMPACT_AFTER_CHUNKS,
             max_clock_drift_ms: DEFAULT_MAX_DRIFT_MS,
+            max_decoded_frame_bytes: DEFAULT_MAX_DECODED_FRAME_BYTES,
+            max_ops_per_frame: DEFAULT_MAX_OPS_PER_FRAME,
+            max_growth_per_step_bytes: DEFAULT_MAX_GROWTH_PER_STEP_BYTES,
         }
     }
 }
@@ -226,8 +256,12 @@ pub struct EngineStats {
     pub panics_caught: u64,
     /// Documents rebuilt from their journal after a panic.
     pub documents_recovered: u64,
-    /// Inputs refused for size.
+    /// Inputs refused for size: on the wire, once decoded, or for what they
+    /// would add to a document in one step.
     pub oversized: u64,
+    /// Pushes and sync messages refused, before inflating anything, for
+    /// carrying a compressed change chunk or a bundle.
+    pub compressed_refused: u64,
     /// Remote changes after which the document failed validation.
     pub schema_violations: u64,
     /// Snapshots written by compaction.
@@ -292,6 +326,9 @@ pub struct Engine<P> {
     /// deadline and the due sessions does not scan every session of every document.
     timers: BTreeSet<(u64, DocId, P)>,
     stats: EngineStats,
+    /// Bytes of new changes the current [`Engine::receive`] call may still
+    /// add (see [`EngineConfig::max_growth_per_step_bytes`]).
+    step_left: usize,
     /// Actor-to-home mapping for the side conflict policies.
     pub(crate) homes: crate::policy::ActorHomes,
     /// Test hook: make the next direct apply panic inside the guard.
@@ -316,6 +353,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
             docs: BTreeMap::new(),
             timers: BTreeSet::new(),
             stats: EngineStats::default(),
+            step_left: 0,
             homes: crate::policy::ActorHomes::new(),
             #[cfg(test)]
             fail_next_apply: false,
@@ -956,6 +994,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
     /// session, which sends a fresh opening message on the next
     /// [`Engine::tick`] (see [`Engine::next_deadline`]).
     pub fn receive(&mut self, peer: P, frame: Frame, now_ms: u64) -> Result<Vec<Output<P>>> {
+        self.step_left = self.config.max_growth_per_step_bytes;
         let (doc, result) = match frame {
             Frame::Push(push) => (push.doc, self.receive_push(peer, push, now_ms)),
             Frame::Sync(msg) => (msg.doc, self.receive_sync(peer, msg, now_ms)),
@@ -989,10 +1028,16 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         if !self.docs.contains_key(&id) {
             return Err(Error::UnknownDocument(id));
         }
-        let max_changes = self.config.max_changes_per_push;
-        let changes = match catch(|| parse_changes(&push.bytes, max_changes)) {
+        let limits = frame_limits(&self.config, false);
+        let scanned = catch(|| {
+            let mut scanner = Scanner::new(limits);
+            scanner.scan(&push.bytes).map(|()| scanner.changes)
+        });
+        let changes = match scanned {
             Ok(Ok(c)) => c,
-            Ok(Err(reason)) => return Err(Error::Changes { doc: id, reason }),
+            Ok(Err(refusal)) => {
+                return Err(refused(Some(&mut self.stats), id, Payload::Push, refusal));
+            }
             Err(()) => {
                 self.stats.panics_caught += 1;
                 return Err(Error::Panicked {
@@ -1008,8 +1053,16 @@ impl<P: Clone + Ord + Debug> Engine<P> {
             correlation_id: push.correlation_id,
         };
         match self.try_apply(id, parked, now_ms, &mut out)? {
-            None => {}
-            Some(parked) => {
+            Applied::Done => {}
+            Applied::OverBudget(_, len) => {
+                self.stats.oversized += 1;
+                return Err(Error::TooLarge {
+                    what: "growth of a document in one step",
+                    len,
+                    cap: self.config.max_growth_per_step_bytes,
+                });
+            }
+            Applied::Waiting(parked) => {
                 // Dependencies missing: park it and catch up with the sender.
                 self.stats.pushes_deferred += 1;
                 let ds = self.docs.get_mut(&id).ok_or(Error::UnknownDocument(id))?;
@@ -1047,15 +1100,15 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         Ok(out)
     }
 
-    /// Applies a push if its dependencies are present. Returns it back when
-    /// they are not.
+    /// Applies a push if its dependencies are present and its new changes fit
+    /// what this step may still add. Returns it back when not.
     fn try_apply(
         &mut self,
         id: DocId,
         push: Parked<P>,
         now_ms: u64,
         out: &mut Vec<Output<P>>,
-    ) -> Result<Option<Parked<P>>> {
+    ) -> Result<Applied<P>> {
         let ds = self.docs.get_mut(&id).ok_or(Error::UnknownDocument(id))?;
         let doc = &mut ds.doc;
         let check = catch(|| {
@@ -1071,9 +1124,10 @@ impl<P: Clone + Ord + Debug> Engine<P> {
                     || in_batch.contains(d)
                     || doc.get_change_meta_by_hash(d).is_some()
             });
-            (fresh.is_empty(), ready)
+            let fresh_bytes: usize = fresh.iter().map(|c| c.raw_bytes().len()).sum();
+            (fresh.is_empty(), ready, fresh_bytes)
         });
-        let (duplicate, ready) = match check {
+        let (duplicate, ready, fresh_bytes) = match check {
             Ok(v) => v,
             Err(()) => {
                 return Err(self.recover(id, "checking push dependencies", &push.from, now_ms));
@@ -1081,10 +1135,13 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         };
         if duplicate {
             self.stats.pushes_duplicate += 1;
-            return Ok(None);
+            return Ok(Applied::Done);
         }
         if !ready {
-            return Ok(Some(push));
+            return Ok(Applied::Waiting(push));
+        }
+        if fresh_bytes > self.step_left {
+            return Ok(Applied::OverBudget(push, fresh_bytes));
         }
         if let Err(reason) = check_actors(&push.changes, &push.changes, &ds.actors) {
             return Err(Error::Changes { doc: id, reason });
@@ -1117,9 +1174,10 @@ impl<P: Clone + Ord + Debug> Engine<P> {
             Err(()) => return Err(self.recover(id, "applying a push", &from, now_ms)),
         }
         ds.actors.extend(new_actors);
+        self.step_left -= fresh_bytes;
         self.stats.pushes_applied += 1;
         self.after_remote_change(id, &from, correlation_id, now_ms, out)?;
-        Ok(None)
+        Ok(Applied::Done)
     }
 
     fn receive_sync(&mut self, peer: P, msg: SyncMessage, now_ms: u64) -> Result<Vec<Output<P>>> {
@@ -1140,6 +1198,8 @@ impl<P: Clone + Ord + Debug> Engine<P> {
                 cap,
             });
         }
+        // Decoding copies each change-list entry as it is: Automerge 0.12's
+        // `ChunkList::parse` inflates nothing, so this is bounded by the cap above.
         let decoded = match catch(|| Message::decode(&msg.bytes)) {
             Ok(Ok(m)) => m,
             Ok(Err(e)) => {
@@ -1152,24 +1212,69 @@ impl<P: Clone + Ord + Debug> Engine<P> {
             }
             Err(()) => return Err(self.recover(id, "decoding a sync message", &peer, now_ms)),
         };
-        let sync_changes = match catch(|| sync_message_changes(&decoded)) {
-            Ok(c) => c,
+        if let Err(reason) = check_blooms(&decoded) {
+            self.stats.session_resets += 1;
+            session.reset(now_ms);
+            return Err(Error::Sync { doc: id, reason });
+        }
+        // Every chunk is walked and capped here, and compressed ones refused,
+        // before `receive_sync_message` hands them to `load_incremental`.
+        let limits = frame_limits(&self.config, true);
+        let scanned = catch(|| {
+            let mut scanner = Scanner::new(limits);
+            for entry in decoded.changes.iter() {
+                scanner.scan(entry)?;
+            }
+            Ok((
+                scanner.changes,
+                scanner.document_bytes,
+                !scanner.documents.is_empty(),
+            ))
+        });
+        let (sync_changes, document_bytes, carried_document) = match scanned {
+            Ok(Ok(s)) => s,
+            Ok(Err(refusal)) => {
+                self.stats.session_resets += 1;
+                session.reset(now_ms);
+                return Err(refused(Some(&mut self.stats), id, Payload::Sync, refusal));
+            }
             Err(()) => return Err(self.recover(id, "parsing sync changes", &peer, now_ms)),
         };
         let doc = &mut ds.doc;
         let known = &ds.actors;
         let actor_check = catch(|| check_sync_actors(doc, &sync_changes, known));
+        // What the message would add: its changes not here yet, and any whole
+        // document in full.
+        let fresh = catch(|| {
+            sync_changes
+                .iter()
+                .filter(|c| doc.get_change_meta_by_hash(&c.hash()).is_none())
+                .map(|c| c.raw_bytes().len())
+                .sum::<usize>()
+        })
+        .unwrap_or(usize::MAX)
+        .saturating_add(document_bytes);
         let session = ds
             .sessions
             .entry(peer.clone())
             .or_insert_with(SyncSession::new);
-        if let Err(reason) = check_blooms(&decoded).and(actor_check.unwrap_or(Ok(()))) {
+        if let Err(reason) = actor_check.unwrap_or(Ok(())) {
             self.stats.session_resets += 1;
             session.reset(now_ms);
             return Err(Error::Sync { doc: id, reason });
         }
+        if fresh > self.step_left {
+            self.stats.oversized += 1;
+            self.stats.session_resets += 1;
+            session.reset(now_ms);
+            return Err(Error::TooLarge {
+                what: "growth of a document in one step",
+                len: fresh,
+                cap: self.config.max_growth_per_step_bytes,
+            });
+        }
+        self.step_left -= fresh;
         let carried_changes = !decoded.changes.is_empty();
-        let carried_document = decoded.changes.len() != sync_changes.len();
         let was_in_sync = session.in_sync;
         let their_heads = decoded.heads.clone();
         let doc = &mut ds.doc;
@@ -1338,12 +1443,13 @@ impl<P: Clone + Ord + Debug> Engine<P> {
             while let Some(p) = waiting.pop_front() {
                 let before = self.stats.pushes_applied + self.stats.pushes_duplicate;
                 match self.try_apply(id, p, now_ms, out) {
-                    Ok(Some(still)) => {
+                    // Over this step's growth budget: it waits for a later call.
+                    Ok(Applied::Waiting(still) | Applied::OverBudget(still, _)) => {
                         if let Some(ds) = self.docs.get_mut(&id) {
                             ds.parked.push_back(still);
                         }
                     }
-                    Ok(None) => {
+                    Ok(Applied::Done) => {
                         if self.stats.pushes_applied + self.stats.pushes_duplicate > before {
                             self.stats.pushes_unparked += 1;
                         }
@@ -1402,12 +1508,16 @@ pub fn payload_actors(frame: &Frame, config: &EngineConfig) -> Result<BTreeSet<A
                     cap: config.max_push_bytes,
                 });
             }
-            let changes = catch(|| parse_changes(&p.bytes, config.max_changes_per_push))
-                .map_err(|()| Error::Panicked {
-                    doc: p.doc,
-                    during: "parsing a push",
-                })?
-                .map_err(|reason| Error::Changes { doc: p.doc, reason })?;
+            let limits = frame_limits(config, false);
+            let changes = catch(|| {
+                let mut scanner = Scanner::new(limits);
+                scanner.scan(&p.bytes).map(|()| scanner.changes)
+            })
+            .map_err(|()| Error::Panicked {
+                doc: p.doc,
+                during: "parsing a push",
+            })?
+            .map_err(|refusal| refused(None, p.doc, Payload::Push, refusal))?;
             Ok(changes.iter().map(|c| c.actor_id().clone()).collect())
         }
         Frame::Sync(s) => {
@@ -1429,37 +1539,116 @@ pub fn payload_actors(frame: &Frame, config: &EngineConfig) -> Result<BTreeSet<A
                     doc,
                     reason: format!("undecodable message: {e}"),
                 })?;
-            let mut actors = BTreeSet::new();
-            for chunk in msg.changes.iter() {
-                match catch(|| Change::try_from(chunk)).map_err(panicked)? {
-                    Ok(change) => {
-                        actors.insert(change.actor_id().clone());
-                    }
-                    // Not a change: a whole document (v2 messages send one
-                    // when the peer is far behind). Load it to see its authors.
-                    Err(_) => {
-                        let mut whole = catch(|| AutoCommit::load(chunk))
-                            .map_err(panicked)?
-                            .map_err(|e| Error::Sync {
-                                doc,
-                                reason: format!("undecodable document chunk: {e}"),
-                            })?;
-                        let metas = catch(|| {
-                            whole
-                                .get_changes_meta(&[])
-                                .into_iter()
-                                .map(|m| m.actor.into_owned())
-                                .collect::<Vec<_>>()
-                        })
-                        .map_err(panicked)?;
-                        actors.extend(metas);
-                    }
-                }
+            // Walked and capped as the engine walks them, so nothing below
+            // inflates a compressed chunk, or a document past the cap.
+            let limits = frame_limits(config, true);
+            let mut scanner = Scanner::new(limits);
+            for entry in msg.changes.iter() {
+                catch(|| scanner.scan(entry))
+                    .map_err(panicked)?
+                    .map_err(|refusal| refused(None, doc, Payload::Sync, refusal))?;
+            }
+            let mut actors: BTreeSet<ActorId> = scanner
+                .changes
+                .iter()
+                .map(|c| c.actor_id().clone())
+                .collect();
+            // A whole document (v2 messages send one when the peer is far
+            // behind): load it to see its authors. Its inflated size was
+            // counted against the cap above.
+            for chunk in &scanner.documents {
+                let mut whole = catch(|| AutoCommit::load(chunk))
+                    .map_err(panicked)?
+                    .map_err(|e| Error::Sync {
+                        doc,
+                        reason: format!("undecodable document chunk: {e}"),
+                    })?;
+                let metas = catch(|| {
+                    whole
+                        .get_changes_meta(&[])
+                        .into_iter()
+                        .map(|m| m.actor.into_owned())
+                        .collect::<Vec<_>>()
+                })
+                .map_err(panicked)?;
+                actors.extend(metas);
             }
             Ok(actors)
         }
         Frame::Digest(_) | Frame::Grant(_) => Ok(BTreeSet::new()),
     }
+}
+
+/// Which kind of payload a refusal concerns.
+#[derive(Clone, Copy)]
+enum Payload {
+    Push,
+    Sync,
+}
+
+/// The caps on one push (changes only) or sync message (documents too).
+pub(crate) fn frame_limits(config: &EngineConfig, documents: bool) -> Limits {
+    Limits {
+        max_changes: if documents {
+            usize::MAX
+        } else {
+            config.max_changes_per_push
+        },
+        max_decoded: config.max_decoded_frame_bytes,
+        max_ops: config.max_ops_per_frame,
+        documents,
+    }
+}
+
+/// The error for a payload the chunk walk refused, counted in `stats` when
+/// the engine (rather than [`payload_actors`]) refused it.
+fn refused(
+    stats: Option<&mut EngineStats>,
+    doc: DocId,
+    payload: Payload,
+    refusal: Refusal,
+) -> Error {
+    let (push, name) = match payload {
+        Payload::Push => (true, "push"),
+        Payload::Sync => (false, "sync message"),
+    };
+    match refusal {
+        Refusal::Compressed(chunk_type) => {
+            if let Some(stats) = stats {
+                stats.compressed_refused += 1;
+            }
+            Error::Compressed {
+                doc,
+                what: name,
+                chunk_type,
+            }
+        }
+        Refusal::TooLarge { what, len, cap } => {
+            if let Some(stats) = stats {
+                stats.oversized += 1;
+            }
+            let what = match (what, push) {
+                ("changes", _) => "changes in a push",
+                ("ops", true) => "ops in a push",
+                ("ops", false) => "ops in a sync message",
+                (_, true) => "push once decoded",
+                (_, false) => "sync message once decoded",
+            };
+            Error::TooLarge { what, len, cap }
+        }
+        Refusal::Malformed(reason) if push => Error::Changes { doc, reason },
+        Refusal::Malformed(reason) => Error::Sync { doc, reason },
+    }
+}
+
+/// Whether a push was applied.
+enum Applied<P> {
+    /// Applied, or held nothing new.
+    Done,
+    /// Its dependencies are missing.
+    Waiting(Parked<P>),
+    /// Its new changes (this many bytes) exceed what the step may still add.
+    OverBudget(Parked<P>, usize),
 }
 
 /// Largest bloom-filter probe count accepted from a peer. Automerge writes 7;
@@ -1541,16 +1730,6 @@ pub(crate) fn check_actors(
     Ok(())
 }
 
-/// The individual changes a sync message carries. Whole-document chunks (v2
-/// catch-up) are not changes and are skipped here: Automerge loads them
-/// through its own verified document parser.
-fn sync_message_changes(msg: &Message) -> Vec<Change> {
-    msg.changes
-        .iter()
-        .filter_map(|chunk| Change::try_from(chunk).ok())
-        .collect()
-}
-
 /// [`check_actors`] for the changes of a sync message that Automerge would
 /// apply now: those whose dependencies are all in the document or the message.
 /// The rest wait in Automerge's queue for their dependencies.
@@ -1581,6 +1760,12 @@ fn secs(now_ms: u64) -> i64 {
 }
 
 /// Loads a document from a snapshot and incremental chunks.
+///
+/// These are the engine's own chunks, from its journal or from the node's
+/// store (sealed under the store key), never a peer's: their snapshots are
+/// `save()` output, whose deflated columns Automerge inflates here without a
+/// cap, and that is the one place it may. Peer bytes reach a document only
+/// through [`Engine::receive`], which walks and caps them first.
 fn rebuild(actor: &ActorId, chunks: &[Vec<u8>]) -> std::result::Result<AutoCommit, String> {
     let mut doc = AutoCommit::new().with_actor(actor.clone());
     for chunk in chunks {
@@ -1791,4 +1976,338 @@ fn generate_into<P: Clone>(
         }),
     });
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use automerge::sync::{ChunkList, MessageVersion};
+    use serde_json::json;
+
+    use super::*;
+    use crate::harness::Net;
+
+    const DOC: DocId = DocId::from_bytes([43; 16]);
+    const EPOCH: KeyEpoch = KeyEpoch::first([0; 16]);
+
+    fn update(state: &str, attrs: serde_json::Value) -> EntityUpdate {
+        EntityUpdate {
+            state: state.into(),
+            attributes: match attrs {
+                serde_json::Value::Object(m) => Some(m),
+                _ => None,
+            },
+        }
+    }
+
+    fn synced(n: usize, config: EngineConfig) -> Net {
+        let mut net = Net::new(n, 11, config);
+        net.share_entity(DOC);
+        net.run_until_quiet(10_000);
+        net
+    }
+
+    fn deflate(data: &[u8]) -> Vec<u8> {
+        let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+        enc.write_all(data).unwrap();
+        enc.finish().unwrap()
+    }
+
+    fn uleb(mut v: u64, out: &mut Vec<u8>) {
+        loop {
+            let byte = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+
+    /// An Automerge chunk of `chunk_type` around `body` (the checksum is never
+    /// reached: the chunk is refused on its header).
+    fn chunk(chunk_type: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = vec![0x85, 0x6f, 0x4a, 0x83, 0, 0, 0, 0, chunk_type];
+        uleb(body.len() as u64, &mut out);
+        out.extend_from_slice(body);
+        out
+    }
+
+    /// A document chunk with one deflated change column holding `deflated`.
+    fn document_with_column(deflated: &[u8]) -> Vec<u8> {
+        let mut body = vec![0, 0, 1];
+        // Column 0, of type 0, with the deflate bit.
+        uleb(0b1000, &mut body);
+        uleb(deflated.len() as u64, &mut body);
+        body.push(0);
+        body.extend_from_slice(deflated);
+        chunk(0, &body)
+    }
+
+    fn sync_carrying(heads: Vec<ChangeHash>, chunks: Vec<Vec<u8>>) -> Frame {
+        let bytes = Message {
+            heads,
+            need: Vec::new(),
+            have: Vec::new(),
+            changes: ChunkList::from(chunks),
+            flags: None,
+            version: MessageVersion::V1,
+        }
+        .encode();
+        Frame::Sync(SyncMessage {
+            doc: DOC,
+            epoch: EPOCH,
+            expects_reply: true,
+            bytes,
+        })
+    }
+
+    fn push_of(bytes: Vec<u8>) -> Frame {
+        Frame::Push(Push {
+            doc: DOC,
+            epoch: EPOCH,
+            correlation_id: None,
+            bytes,
+        })
+    }
+
+    /// The bytes of node `i`'s push after writing `u`.
+    fn write_push(net: &mut Net, i: usize, u: &EntityUpdate) -> Vec<u8> {
+        let now = net.now_ms;
+        net.nodes[i]
+            .update_entity(DOC, u, now, None)
+            .unwrap()
+            .into_iter()
+            .find_map(|o| match o {
+                Output::Send {
+                    frame: Frame::Push(p),
+                    ..
+                } => Some(p.bytes),
+                _ => None,
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn a_real_compressed_change_in_a_sync_message_is_refused() {
+        let mut net = synced(2, EngineConfig::default());
+        // A change big enough that Automerge compresses it when asked for
+        // `Change::bytes`: the form another implementation could send.
+        let big = update("on", json!({ "note": "la ".repeat(400) }));
+        write_push(&mut net, 1, &big);
+        let mut change = net.nodes[1]
+            .doc_for_read_mut(DOC)
+            .unwrap()
+            .get_last_local_change()
+            .unwrap();
+        let compressed = change.bytes().into_owned();
+        assert_eq!(compressed[8], 2, "automerge compressed the change");
+        let heads = net.nodes[1].heads(DOC).unwrap();
+        let before = net.nodes[0].heads(DOC).unwrap();
+
+        let frame = sync_carrying(heads, vec![compressed.clone()]);
+        let err = payload_actors(&frame, &EngineConfig::default()).unwrap_err();
+        assert!(
+            matches!(err, Error::Compressed { chunk_type: 2, .. }),
+            "{err}"
+        );
+        let err = net.nodes[0].receive(1, frame, net.now_ms).unwrap_err();
+        assert!(
+            matches!(err, Error::Compressed { chunk_type: 2, .. }),
+            "{err}"
+        );
+        let stats = net.nodes[0].stats();
+        assert_eq!(stats.compressed_refused, 1);
+        assert_eq!(stats.session_resets, 1);
+        assert_eq!(stats.panics_caught, 0);
+        assert_eq!(net.nodes[0].heads(DOC).unwrap(), before);
+
+        // The same chunk in a push is refused the same way.
+        let err = net.nodes[0]
+            .receive(1, push_of(compressed), net.now_ms)
+            .unwrap_err();
+        assert!(matches!(err, Error::Compressed { .. }), "{err}");
+        assert_eq!(net.nodes[0].stats().compressed_refused, 2);
+
+        // The uncompressed change still arrives through the reset session.
+        net.run_until_quiet(10_000);
+        net.assert_converged(DOC);
+        assert_eq!(net.nodes[0].entity(DOC).unwrap().state, "on");
+    }
+
+    #[test]
+    fn a_deflate_bomb_in_a_small_frame_is_refused_without_inflating() {
+        let mut net = synced(2, EngineConfig::default());
+        let bomb = deflate(&vec![0; 4 << 20]);
+        let frame = sync_carrying(Vec::new(), vec![chunk(2, &bomb)]);
+        let Frame::Sync(s) = &frame else {
+            unreachable!()
+        };
+        assert!(s.bytes.len() <= 64 * 1024, "{} bytes", s.bytes.len());
+        let err = net.nodes[0].receive(1, frame, net.now_ms).unwrap_err();
+        assert!(
+            matches!(err, Error::Compressed { chunk_type: 2, .. }),
+            "{err}"
+        );
+        // A bundle is refused on its header as well, and so is a compressed
+        // chunk behind an ordinary change in the same entry.
+        let own = write_push(&mut net, 1, &update("x", json!({})));
+        let mut behind = own.clone();
+        behind.extend(chunk(2, &bomb));
+        for chunks in [vec![chunk(3, &bomb)], vec![behind]] {
+            let frame = sync_carrying(Vec::new(), chunks);
+            let err = net.nodes[0].receive(1, frame, net.now_ms).unwrap_err();
+            assert!(matches!(err, Error::Compressed { .. }), "{err}");
+        }
+        let stats = net.nodes[0].stats();
+        assert_eq!(stats.compressed_refused, 3);
+        assert_eq!(stats.session_resets, 3);
+        assert_eq!(stats.panics_caught, 0);
+        net.run_until_quiet(10_000);
+        net.assert_converged(DOC);
+    }
+
+    #[test]
+    fn a_document_whose_columns_inflate_past_the_cap_is_refused() {
+        let config = EngineConfig {
+            max_decoded_frame_bytes: 1 << 20,
+            ..EngineConfig::default()
+        };
+        let mut net = synced(2, config.clone());
+        let bomb = document_with_column(&deflate(&vec![0; 4 << 20]));
+        let frame = sync_carrying(Vec::new(), vec![bomb]);
+        let err = payload_actors(&frame, &config).unwrap_err();
+        assert!(
+            matches!(err, Error::TooLarge { cap, .. } if cap == 1 << 20),
+            "{err}"
+        );
+        let err = net.nodes[0].receive(1, frame, net.now_ms).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::TooLarge {
+                    what: "sync message once decoded",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let stats = net.nodes[0].stats();
+        assert_eq!((stats.oversized, stats.session_resets), (1, 1));
+        assert_eq!(stats.panics_caught, 0);
+        net.run_until_quiet(10_000);
+        net.assert_converged(DOC);
+    }
+
+    /// Automerge's own `save()` deflates columns over 256 bytes, and a peer
+    /// far behind is sent exactly that: it must still catch up.
+    #[test]
+    fn a_catch_up_with_deflated_columns_still_converges() {
+        let mut net = Net::new(2, 12, EngineConfig::default());
+        let first = update("off", json!({ "note": "la ".repeat(2000) }));
+        let out = net.nodes[0]
+            .create_entity(DOC, "home-1", EPOCH, "light.big", &first, 1)
+            .unwrap();
+        net.absorb(0, out);
+        for i in 0..20 {
+            net.edit(0, DOC, &update(&format!("s{i}"), json!({})), None);
+        }
+        let saved = net.nodes[0].doc_for_read_mut(DOC).unwrap().save();
+        let body_start = 9 + crate::chunks::read_uleb(&saved[9..]).unwrap().1;
+        assert!(
+            crate::chunks::document_decoded_len(&saved[body_start..], usize::MAX).unwrap()
+                > saved.len(),
+            "the saved document has deflated columns"
+        );
+        net.nodes[1].expect_document(DOC, DocKind::Entity, "home-1", EPOCH);
+        for (a, b) in [(0, 1), (1, 0)] {
+            let out = net.nodes[a].attach(b, DOC, None, net.now_ms).unwrap();
+            net.absorb(a, out);
+        }
+        net.run_until_quiet(10_000);
+        net.assert_converged(DOC);
+        let stats = net.nodes[1].stats();
+        assert_eq!((stats.compressed_refused, stats.oversized), (0, 0));
+        assert_eq!(net.nodes[1].entity(DOC).unwrap().state, "s19");
+    }
+
+    #[test]
+    fn growth_in_one_step_is_capped() {
+        let config = EngineConfig {
+            max_growth_per_step_bytes: 2048,
+            ..EngineConfig::default()
+        };
+        let mut net = synced(2, config);
+        // A normal write fits.
+        let small = write_push(&mut net, 1, &update("on", json!({})));
+        let applied = net.nodes[0].stats().pushes_applied;
+        net.nodes[0].receive(1, push_of(small), net.now_ms).unwrap();
+        assert_eq!(net.nodes[0].stats().pushes_applied, applied + 1);
+        assert_eq!(net.nodes[0].entity(DOC).unwrap().state, "on");
+
+        // One that would add more than the cap in one step does not, pushed
+        // or synced.
+        let before = net.nodes[0].heads(DOC).unwrap();
+        let big = write_push(
+            &mut net,
+            1,
+            &update("big", json!({ "note": "x".repeat(4096) })),
+        );
+        assert!(big.len() > 2048);
+        let err = net.nodes[0]
+            .receive(1, push_of(big.clone()), net.now_ms)
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::TooLarge {
+                    what: "growth of a document in one step",
+                    cap: 2048,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let heads = net.nodes[1].heads(DOC).unwrap();
+        let err = net.nodes[0]
+            .receive(1, sync_carrying(heads, vec![big]), net.now_ms)
+            .unwrap_err();
+        assert!(matches!(err, Error::TooLarge { .. }), "{err}");
+        assert_eq!(net.nodes[0].stats().oversized, 2);
+        assert_eq!(net.nodes[0].heads(DOC).unwrap(), before);
+        assert_eq!(net.nodes[0].stats().panics_caught, 0);
+    }
+
+    #[test]
+    fn ops_per_frame_are_capped() {
+        let config = EngineConfig {
+            max_ops_per_frame: 8,
+            ..EngineConfig::default()
+        };
+        let mut net = synced(2, config);
+        let attrs: serde_json::Map<String, serde_json::Value> =
+            (0..20).map(|i| (format!("a{i}"), json!(i))).collect();
+        let many = write_push(
+            &mut net,
+            1,
+            &update("many", serde_json::Value::Object(attrs)),
+        );
+        let err = net.nodes[0]
+            .receive(1, push_of(many), net.now_ms)
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::TooLarge {
+                    what: "ops in a push",
+                    cap: 8,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(net.nodes[0].stats().oversized, 1);
+    }
 }

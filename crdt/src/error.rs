@@ -55,6 +55,21 @@ pub enum Error {
         /// Underlying cause.
         reason: String,
     },
+    /// A push or sync message carried a compressed change chunk (type 2) or
+    /// a bundle (type 3), which Automerge would inflate with no output limit.
+    /// Refused on the chunk header, before anything was inflated; for a sync
+    /// message the session was reset.
+    #[error(
+        "{what} for document {doc} carries a compressed chunk (type {chunk_type}); refused before inflating it"
+    )]
+    Compressed {
+        /// Document the frame was for.
+        doc: DocId,
+        /// `push` or `sync message`.
+        what: &'static str,
+        /// The chunk type byte.
+        chunk_type: u8,
+    },
     /// A persisted sync state could not be decoded.
     #[error("stored sync state for document {doc} is unreadable: {reason}")]
     SyncState {

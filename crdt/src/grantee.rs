@@ -10,8 +10,8 @@
 use automerge::Change;
 use automerge::sync::Message;
 
-use crate::chunks::parse_changes;
-use crate::engine::{Engine, EngineConfig};
+use crate::chunks::Scanner;
+use crate::engine::{Engine, EngineConfig, frame_limits};
 use crate::error::{Error, Result};
 use crate::schema::entity::ENTITY_KEY;
 use crate::schema::touched::{Path, written_paths};
@@ -66,60 +66,55 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
     }
 }
 
-/// The changes of a push or sync frame, parsed under the engine's caps.
+/// The changes of a push or sync frame, walked under the engine's caps: compressed
+/// chunks are refused on their header, and so is a whole document (a granted home never
+/// needs to send the owner one).
 fn frame_changes(frame: &Frame, config: &EngineConfig) -> Result<(crate::DocId, Vec<Change>)> {
-    let caught = |doc| {
-        move |_| Error::Panicked {
-            doc,
-            during: "reading a granted home's changes",
-        }
-    };
-    match frame {
-        Frame::Push(p) => {
-            if p.bytes.len() > config.max_push_bytes {
-                return Err(Error::TooLarge {
-                    what: "push",
-                    len: p.bytes.len(),
-                    cap: config.max_push_bytes,
-                });
-            }
-            let changes =
-                std::panic::catch_unwind(|| parse_changes(&p.bytes, config.max_changes_per_push))
-                    .map_err(caught(p.doc))?
-                    .map_err(|reason| Error::Changes { doc: p.doc, reason })?;
-            Ok((p.doc, changes))
-        }
+    let (doc, entries, cap) = match frame {
+        Frame::Push(p) => (p.doc, vec![p.bytes.clone()], config.max_push_bytes),
         Frame::Sync(s) => {
-            if s.bytes.len() > config.max_sync_message_bytes {
-                return Err(Error::TooLarge {
-                    what: "sync message",
-                    len: s.bytes.len(),
-                    cap: config.max_sync_message_bytes,
-                });
-            }
             let msg = std::panic::catch_unwind(|| Message::decode(&s.bytes))
-                .map_err(caught(s.doc))?
+                .map_err(|_| panicked(s.doc))?
                 .map_err(|e| Error::Sync {
                     doc: s.doc,
                     reason: format!("undecodable message: {e}"),
                 })?;
-            let mut changes = Vec::new();
-            for chunk in msg.changes.iter() {
-                match std::panic::catch_unwind(|| Change::try_from(chunk)).map_err(caught(s.doc))? {
-                    Ok(change) => changes.push(change),
-                    Err(_) => {
-                        return Err(Error::Changes {
-                            doc: s.doc,
-                            reason: "carries a whole document, not changes".into(),
-                        });
-                    }
-                }
-            }
-            Ok((s.doc, changes))
+            (
+                s.doc,
+                msg.changes.iter().map(<[u8]>::to_vec).collect(),
+                config.max_sync_message_bytes,
+            )
         }
-        Frame::Digest(_) | Frame::Grant(_) => Err(Error::Wire(
-            "only pushes and sync messages carry changes".into(),
-        )),
+        Frame::Digest(_) | Frame::Grant(_) => {
+            return Err(Error::Wire(
+                "only pushes and sync messages carry changes".into(),
+            ));
+        }
+    };
+    let len: usize = entries.iter().map(Vec::len).sum();
+    if len > cap {
+        return Err(Error::TooLarge {
+            what: "changes of a granted home",
+            len,
+            cap,
+        });
+    }
+    let mut scanner = Scanner::new(frame_limits(config, false));
+    for entry in &entries {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scanner.scan(entry)))
+            .map_err(|_| panicked(doc))?
+            .map_err(|refusal| Error::Changes {
+                doc,
+                reason: refusal.to_string(),
+            })?;
+    }
+    Ok((doc, scanner.changes))
+}
+
+fn panicked(doc: crate::DocId) -> Error {
+    Error::Panicked {
+        doc,
+        during: "reading a granted home's changes",
     }
 }
 

@@ -49,8 +49,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let envelope_dir = Path::new("corpus/envelope");
     let receive_dir = Path::new("corpus/receive");
+    let sync_dir = Path::new("corpus/sync_message");
     fs::create_dir_all(envelope_dir)?;
     fs::create_dir_all(receive_dir)?;
+    fs::create_dir_all(sync_dir)?;
     for (i, f) in frames.iter().enumerate() {
         fs::write(envelope_dir.join(format!("frame-{i:02}")), encode(f))?;
         let (selector, payload) = match f {
@@ -60,10 +62,62 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         };
         let mut seed = vec![selector];
         seed.extend_from_slice(payload);
-        fs::write(receive_dir.join(format!("frame-{i:02}")), seed)?;
+        fs::write(receive_dir.join(format!("frame-{i:02}")), &seed)?;
+        if let Frame::Sync(_) = f {
+            // The sync_message target reads only the reply bit.
+            seed[0] >>= 1;
+            fs::write(sync_dir.join(format!("frame-{i:02}")), seed)?;
+        }
+    }
+    for (name, payload) in compressed_seeds()? {
+        let mut seed = vec![1u8];
+        seed.extend(payload);
+        fs::write(sync_dir.join(name), seed)?;
     }
     println!("wrote {} frames", frames.len());
     Ok(())
+}
+
+/// Sync messages carrying compressed data, as Automerge itself writes it: a
+/// compressed change chunk (`Change::bytes` compresses changes over 256
+/// bytes), one that inflates to 4 MiB, and whole documents (`save()`
+/// deflates their columns), one modest and one that inflates past the
+/// target's 1 MiB cap.
+fn compressed_seeds() -> Result<Vec<(&'static str, Vec<u8>)>, Box<dyn std::error::Error>> {
+    use automerge::sync::{ChunkList, Message, MessageVersion};
+    use automerge::transaction::Transactable;
+    use automerge::{AutoCommit, ROOT, ScalarValue};
+
+    let message = |heads, chunks: Vec<Vec<u8>>| {
+        Message {
+            heads,
+            need: Vec::new(),
+            have: Vec::new(),
+            changes: ChunkList::from(chunks),
+            flags: None,
+            version: MessageVersion::V2,
+        }
+        .encode()
+    };
+    let mut seeds = Vec::new();
+    for (change_name, doc_name, len) in [
+        ("compressed-change", "document-deflated", 4096),
+        ("compressed-bomb-4mib", "document-bomb-4mib", 4 << 20),
+    ] {
+        let mut doc = AutoCommit::new();
+        doc.put(ROOT, "state", "on")?;
+        doc.put(ROOT, "blob", ScalarValue::Bytes(vec![0; len]))?;
+        doc.commit();
+        let mut change = doc
+            .get_last_local_change()
+            .ok_or("no change after a commit")?;
+        let compressed = change.bytes().into_owned();
+        assert_eq!(compressed[8], 2, "automerge compressed the change");
+        let heads = doc.get_heads();
+        seeds.push((change_name, message(heads.clone(), vec![compressed])));
+        seeds.push((doc_name, message(heads, vec![doc.save()])));
+    }
+    Ok(seeds)
 }
 
 fn serde_json_map(i: u64) -> Option<hearth_crdt::schema::entity::AttributeMap> {

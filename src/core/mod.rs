@@ -246,6 +246,12 @@ pub(crate) enum Request {
         bytes: Vec<u8>,
         reply: Reply<()>,
     },
+    /// Test hook: seal a sync message payload for an entity's document.
+    SealSync {
+        entity: String,
+        payload: Vec<u8>,
+        reply: Reply<Vec<u8>>,
+    },
 }
 
 /// How far each admitted device is behind, and what this device holds.
@@ -987,6 +993,13 @@ impl Core {
             }
             Request::OpenFrame { bytes, reply } => {
                 let _ = reply.send(self.debug_open_frame(&bytes));
+            }
+            Request::SealSync {
+                entity,
+                payload,
+                reply,
+            } => {
+                let _ = reply.send(self.debug_seal_sync(&entity, payload));
             }
             other => self.handle_more(other),
         }

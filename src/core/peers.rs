@@ -629,4 +629,28 @@ impl Core {
             .map(|_| ())
             .map_err(|e| crate::Error::Forbidden(format!("cannot open: {e}")))
     }
+
+    /// Test hook: `payload` as a sync frame for `entity`'s document at its current
+    /// epoch, sealed under this device's key for it, ready for `Node::debug_send_raw`.
+    pub(super) fn debug_seal_sync(
+        &self,
+        entity: &str,
+        payload: Vec<u8>,
+    ) -> Result<Vec<u8>, crate::Error> {
+        let doc = self
+            .doc_of_entity(entity)
+            .ok_or_else(|| crate::Error::NotFound(format!("no entity {entity}")))?;
+        let epoch = self
+            .engine
+            .header(doc)
+            .map_err(|e| crate::Error::Invalid(e.to_string()))?
+            .key_epoch;
+        let frame = Frame::Sync(hearth_crdt::wire::SyncMessage {
+            doc,
+            epoch,
+            expects_reply: true,
+            bytes: payload,
+        });
+        self.seal_frame(frame).map_err(crate::Error::Forbidden)
+    }
 }

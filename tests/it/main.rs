@@ -11,6 +11,7 @@ mod pairing;
 mod robust;
 mod rooms;
 mod security;
+mod security_bomb;
 mod sharing;
 mod up;
 mod util;
