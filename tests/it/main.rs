@@ -12,6 +12,7 @@ mod robust;
 mod rooms;
 mod security;
 mod sharing;
+mod store;
 mod up;
 mod util;
 mod watch;
