@@ -57,6 +57,8 @@ pub(crate) struct ApiError {
     status: StatusCode,
     kind: &'static str,
     detail: String,
+    /// For a write the store could not keep: whether it was applied anyway.
+    applied: Option<bool>,
 }
 
 impl ApiError {
@@ -65,6 +67,7 @@ impl ApiError {
             status,
             kind,
             detail: detail.into(),
+            applied: None,
         }
     }
 
@@ -101,6 +104,19 @@ impl From<crate::Error> for ApiError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
                 "the node is shutting down",
+            ),
+            Error::InsufficientStorage { applied, detail } => Self {
+                applied: Some(applied),
+                ..Self::new(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    "insufficient_storage",
+                    detail,
+                )
+            },
+            e @ Error::Timeout(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                e.to_string(),
             ),
             other => Self::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -143,7 +159,10 @@ where
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({ "error": self.kind, "detail": self.detail });
+        let mut body = serde_json::json!({ "error": self.kind, "detail": self.detail });
+        if let Some(applied) = self.applied {
+            body["applied"] = applied.into();
+        }
         (self.status, Json(body)).into_response()
     }
 }
@@ -187,6 +206,8 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
             "/api/rooms/{id}/messages",
             post(more::post_message).get(more::get_messages),
         )
+        .route("/api/repair", get(repair_list))
+        .route("/api/repair/drop", post(repair_drop))
         .route("/api/presence", get(more::list_presence))
         .route(
             "/api/presence/{user}",
@@ -278,9 +299,26 @@ async fn live() -> Json<Health> {
     Json(Health { status: "live" })
 }
 
-/// Ready means the store answers and the network listens on at least one address.
+/// How long readiness waits for the network to answer; a probe must answer promptly.
+const READY_NET_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Ready means the store is not failed and answers, and the network listens on at least
+/// one address.
 async fn ready(State(state): State<Arc<ApiState>>) -> Response {
-    match state.net.listen_addrs().await {
+    // The latch first: it is a memory read, so a failed store answers at once.
+    if let hearth_storage::Health::Failed { reason } = state.store.health() {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("the store is failing and refuses writes until it recovers: {reason}"),
+        )
+        .into_response();
+    }
+    let listening = match tokio::time::timeout(READY_NET_TIMEOUT, state.net.listen_addrs()).await {
+        Ok(answer) => answer.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer within {READY_NET_TIMEOUT:?}")),
+    };
+    match listening {
         Ok(addrs) if !addrs.is_empty() => {}
         Ok(_) => {
             return ApiError::new(
@@ -337,6 +375,18 @@ struct Status {
     peers: Vec<more::PeerEntry>,
     started_at: String,
     uptime_s: f64,
+    store: StoreStatus,
+}
+
+/// The store's part of the status: whether it takes writes, and what was quarantined.
+#[derive(Serialize)]
+struct StoreStatus {
+    /// `ok`, or `failed` while writes are refused.
+    health: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+    /// Documents whose stored records were damaged at start (see `hearth repair`).
+    quarantined: Vec<crate::core::quarantine::Quarantined>,
 }
 
 async fn status(State(state): State<Arc<ApiState>>) -> Result<Json<Status>, ApiError> {
@@ -359,7 +409,17 @@ async fn status(State(state): State<Arc<ApiState>>) -> Result<Json<Status>, ApiE
     };
     let listen = state.net.listen_addrs().await.map_err(unavailable)?;
     let peers = more::peer_entries(&state).await?;
+    let repair = repair_report(&state, false).await?;
+    let (health, reason) = match state.store.health() {
+        hearth_storage::Health::Ok => ("ok", None),
+        hearth_storage::Health::Failed { reason } => ("failed", Some(reason)),
+    };
     Ok(Json(Status {
+        store: StoreStatus {
+            health,
+            reason,
+            quarantined: repair.quarantined,
+        },
         listen: listen.iter().map(|a| a.to_string()).collect(),
         peers,
         version: env!("CARGO_PKG_VERSION"),
@@ -466,6 +526,30 @@ async fn create_invite(
         code: invite.code,
         expires_at: crate::core::rfc3339_ms(invite.expires_at_s.saturating_mul(1000)),
     }))
+}
+
+async fn repair_report(
+    state: &ApiState,
+    drop: bool,
+) -> Result<crate::core::quarantine::RepairReport, ApiError> {
+    Ok(state
+        .core
+        .call(|reply| crate::core::Request::Repair { drop, reply })
+        .await??)
+}
+
+/// `GET /api/repair`: documents quarantined at start because a stored record was damaged.
+async fn repair_list(
+    State(state): State<Arc<ApiState>>,
+) -> Result<Json<crate::core::quarantine::RepairReport>, ApiError> {
+    Ok(Json(repair_report(&state, false).await?))
+}
+
+/// `POST /api/repair/drop`: deletes the damaged records of every quarantined document.
+async fn repair_drop(
+    State(state): State<Arc<ApiState>>,
+) -> Result<Json<crate::core::quarantine::RepairReport>, ApiError> {
+    Ok(Json(repair_report(&state, true).await?))
 }
 
 async fn not_found(request: Request) -> ApiError {

@@ -38,6 +38,15 @@ enum Command {
     Status(ClientArgs),
     /// List connected peers, admitted or not, with their sync lag.
     Peers(ClientArgs),
+    /// List documents quarantined at start because a stored record was damaged; with
+    /// `--drop`, delete their damaged records (devices of the home sync the documents back).
+    Repair {
+        /// Delete the quarantined documents' stored records.
+        #[arg(long)]
+        drop: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Create, join, leave and show rooms; chat in them.
     #[command(subcommand)]
     Room(RoomCommand),
@@ -445,6 +454,7 @@ pub(crate) fn run(args: Args) -> Result<()> {
         Command::Status(c) => status(&Client::find(&data, c.api, c.token)?, c.json),
         Command::Entity(cmd) => entity(&data, cmd),
         Command::Peers(c) => verbs::peers(&client(&data, &c)?, c.json),
+        Command::Repair { drop, client: c } => verbs::repair(&client(&data, &c)?, drop, c.json),
         Command::Room(cmd) => room(&data, cmd),
         Command::Presence(cmd) => presence(&data, cmd),
         Command::Invite {
@@ -539,8 +549,12 @@ pub(crate) fn run(args: Args) -> Result<()> {
     }
 }
 
-/// How long a stopping node may take before the process gives up on a clean exit.
-const SHUTDOWN_LIMIT: Duration = Duration::from_secs(2);
+/// How long a stopping node may take before the process gives up on a clean exit. The
+/// node bounds each step of its stop within it, failed store included; with the runtime's
+/// own stop below, the process exits within 5 s of the signal.
+const SHUTDOWN_LIMIT: Duration = Duration::from_millis(4500);
+/// How long the runtime waits for leftover blocking tasks once the node has stopped.
+const RUNTIME_STOP_LIMIT: Duration = Duration::from_millis(300);
 
 fn run_up(data: PathBuf, up: UpArgs) -> Result<()> {
     init_tracing(up.log_format);
@@ -564,7 +578,7 @@ fn run_up(data: PathBuf, up: UpArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(async move {
+    let result = runtime.block_on(async move {
         // Watch the signals before the node publishes its address: a supervisor that reads
         // api.addr and at once sends SIGTERM must get a clean stop, not the default kill.
         let stop = stop_signal()?;
@@ -583,9 +597,12 @@ fn run_up(data: PathBuf, up: UpArgs) -> Result<()> {
         tracing::info!("stopping");
         tokio::time::timeout(SHUTDOWN_LIMIT, node.shutdown())
             .await
-            .context("node did not stop within 2 s")??;
+            .context("node did not stop within 4.5 s")??;
         Ok(())
-    })
+    });
+    // Dropping a runtime waits for every blocking task without limit; this does not.
+    runtime.shutdown_timeout(RUNTIME_STOP_LIMIT);
+    result
 }
 
 /// Registers SIGTERM and SIGINT handlers now, and returns a future that resolves on
@@ -652,6 +669,27 @@ fn status(client: &Client, json: bool) -> Result<()> {
     println!("peers     {}", peers.len());
     if !peers.is_empty() {
         println!("{}", verbs::peers_table(&peers));
+    }
+    let store = &body["store"];
+    match store["health"].as_str() {
+        Some("failed") => println!(
+            "store     FAILED, writes refused until it recovers: {}",
+            verbs::printable(store["reason"].as_str().unwrap_or("-"))
+        ),
+        Some(health) => println!("store     {}", verbs::printable(health)),
+        None => {}
+    }
+    let damaged = store["quarantined"].as_array().cloned().unwrap_or_default();
+    if !damaged.is_empty() {
+        let ids: Vec<String> = damaged
+            .iter()
+            .map(|d| verbs::printable(d["doc"].as_str().unwrap_or("-")))
+            .collect();
+        println!(
+            "damaged   {} document(s) quarantined: {}; see `hearth repair`",
+            damaged.len(),
+            ids.join(", ")
+        );
     }
     Ok(())
 }

@@ -102,6 +102,18 @@ pub enum Error {
     /// The node is shutting down or its core stopped.
     #[error("the node is not running")]
     Stopped,
+    /// The store is failing (a full disk, say). With `applied`, the write is in memory and
+    /// on peers but not durable on this device; without, it was refused before it applied.
+    #[error("{detail}")]
+    InsufficientStorage {
+        /// Whether the write was applied (in memory, and sent to peers) despite the failure.
+        applied: bool,
+        /// What happened and what to do.
+        detail: String,
+    },
+    /// The node did not answer a request within this many seconds.
+    #[error("the node did not answer within {0} s; it may be overloaded or its disk hung")]
+    Timeout(u64),
     /// An invariant of the node broke; the message says which.
     #[error("internal error: {0}")]
     Internal(String),

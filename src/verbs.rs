@@ -638,6 +638,43 @@ pub(crate) fn revoke_device(client: &Client, device: &str, json: bool) -> Result
     Ok(())
 }
 
+/// `hearth repair [--drop]`: the documents quarantined at start, and with `--drop` deletes
+/// their damaged records.
+pub(crate) fn repair(client: &Client, drop: bool, json: bool) -> Result<()> {
+    let body: serde_json::Value = if drop {
+        client.post("/api/repair/drop", &serde_json::json!({}))?
+    } else {
+        client.get("/api/repair")?
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+        return Ok(());
+    }
+    let key = if drop { "dropped" } else { "quarantined" };
+    let docs = body[key].as_array().cloned().unwrap_or_default();
+    if docs.is_empty() {
+        println!("no damaged documents");
+        return Ok(());
+    }
+    for doc in &docs {
+        let entity = doc["entity"]
+            .as_str()
+            .map(|e| format!(" (entity {})", printable(e)))
+            .unwrap_or_default();
+        println!(
+            "{} {}{}: {}",
+            if drop { "dropped" } else { "quarantined" },
+            printable(doc["doc"].as_str().unwrap_or("-")),
+            entity,
+            printable(doc["reason"].as_str().unwrap_or("-"))
+        );
+    }
+    if !drop {
+        println!("run `hearth repair --drop` to delete their damaged records");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

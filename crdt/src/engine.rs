@@ -395,6 +395,23 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         Ok(self.doc_state_mut(doc)?.doc.get_heads())
     }
 
+    /// A full snapshot of `doc`, as a persist output that replaces every chunk stored so far; for a caller
+    /// whose earlier chunks may not have reached its storage (a failed write). The journal restarts from it.
+    pub fn snapshot(&mut self, doc: DocId) -> Result<Vec<Output<P>>> {
+        let ds = self.doc_state_mut(doc)?;
+        let d = &mut ds.doc;
+        let bytes = catch(|| d.save()).map_err(|()| Error::Panicked {
+            doc,
+            during: "snapshot",
+        })?;
+        ds.journal = vec![bytes.clone()];
+        Ok(vec![Output::PersistChunk {
+            doc,
+            kind: ChunkKind::Snapshot,
+            bytes,
+        }])
+    }
+
     /// Read access to a document for views not covered here.
     pub fn doc(&self, doc: DocId) -> Result<&AutoCommit> {
         Ok(&self.doc_state(doc)?.doc)

@@ -27,7 +27,7 @@ pub const MAX_BATCH_WRITES: usize = 10_000;
 const MAX_MERGED_PUSHES: usize = 1024;
 
 /// What a flush acknowledges: called with the flush's outcome.
-type Ack = Box<dyn FnOnce(Result<(), Error>) + Send>;
+pub(super) type Ack = Box<dyn FnOnce(Result<(), Error>) + Send>;
 
 /// Writes waiting for the window's flush.
 pub(super) struct WriteWindow {
@@ -78,12 +78,13 @@ impl WriteWindow {
 }
 
 /// Runs each acknowledgement with the flush's outcome.
+#[cfg(test)]
 fn acknowledge(acks: Vec<Ack>, result: Result<(), hearth_storage::Error>) {
     for ack in acks {
         ack(result
             .as_ref()
             .map(|_| ())
-            .map_err(|e| Error::from(e.duplicate())));
+            .map_err(super::durability::write_error));
     }
 }
 
@@ -108,11 +109,7 @@ impl Core {
             let _ = reply.send(flushed.map(|()| value));
         });
         if self.writes.window.is_zero() {
-            let store = self.store.clone();
-            tokio::spawn(async move {
-                let result = store.batch(batch).await;
-                acknowledge(vec![ack], result);
-            });
+            self.queue_persist(batch, vec![ack]);
             return;
         }
         self.writes.push(batch, ack);
@@ -127,20 +124,15 @@ impl Core {
         let Some((batch, acks)) = self.writes.take() else {
             return;
         };
-        let store = self.store.clone();
-        tokio::spawn(async move {
-            let result = store.batch(batch).await;
-            acknowledge(acks, result);
-        });
+        self.queue_persist(batch, acks);
     }
 
-    /// Commits the open window and waits for its flush: the last step before the core
-    /// stops, so no acknowledged-to-be write is left unflushed.
+    /// Commits the open window and starts every queued batch: the last step before the
+    /// core stops. The node waits for them (every persist slot) before closing the store,
+    /// so no acknowledged-to-be write is left unflushed.
     pub(super) async fn commit_window_now(&mut self) {
-        if let Some((batch, acks)) = self.writes.take() {
-            let result = self.store.batch(batch).await;
-            acknowledge(acks, result);
-        }
+        self.commit_window();
+        self.start_persists().await;
     }
 
     /// Writes many entities in order as one step, acknowledged together after one flush.

@@ -19,6 +19,9 @@ use tokio_util::sync::CancellationToken;
 use crate::Error;
 mod batching;
 mod conflicts;
+mod durability;
+pub(crate) mod quarantine;
+pub(crate) use durability::MAX_PERSISTS_IN_FLIGHT;
 mod pacing;
 pub use batching::MAX_BATCH_WRITES;
 mod entity_ops;
@@ -49,6 +52,9 @@ pub const CHANGE_BUFFER: usize = 1024;
 const LOAD_PAGE: usize = 4096;
 /// Notices buffered for the event bus bridge before it starts missing some.
 pub(crate) const NOTICE_BUFFER: usize = 256;
+/// How long a caller waits for the core to answer one request. Writes answer within the
+/// store's own request limit; this is the backstop for a core that is stuck or swamped.
+pub(crate) const CORE_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Happenings other than entity changes that the event bus reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -252,6 +258,11 @@ pub(crate) enum Request {
         payload: Vec<u8>,
         reply: Reply<Vec<u8>>,
     },
+    /// Documents quarantined at start; with `drop`, their damaged records are deleted.
+    Repair {
+        drop: bool,
+        reply: Reply<quarantine::RepairReport>,
+    },
 }
 
 /// How far each admitted device is behind, and what this device holds.
@@ -289,20 +300,27 @@ pub(crate) struct CoreHandle {
     pub(crate) stall_net: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
     /// Every event (entities, rooms, presence), for [`crate::Node::subscribe`].
     pub(crate) node_events: broadcast::Sender<crate::events::Event>,
+    /// Slots for store batches in flight; shutdown takes them all before closing the store.
+    pub(crate) persists: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl CoreHandle {
-    /// Sends a request and waits for its reply.
+    /// Sends a request and waits for its reply, at most [`CORE_CALL_TIMEOUT`].
     pub(crate) async fn call<T>(
         &self,
         make: impl FnOnce(Reply<T>) -> Request,
     ) -> Result<Result<T, Error>, Error> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(make(reply))
+        let asked = async {
+            self.tx
+                .send(make(reply))
+                .await
+                .map_err(|_| Error::Stopped)?;
+            rx.await.map_err(|_| Error::Stopped)
+        };
+        tokio::time::timeout(CORE_CALL_TIMEOUT, asked)
             .await
-            .map_err(|_| Error::Stopped)?;
-        rx.await.map_err(|_| Error::Stopped)
+            .map_err(|_| Error::Timeout(CORE_CALL_TIMEOUT.as_secs()))?
     }
 }
 
@@ -379,6 +397,14 @@ struct Core {
     last_view: Option<(DocId, Entity)>,
     /// Test hook: where received frames are recorded, when set.
     capture: Option<std::sync::Arc<std::sync::Mutex<Vec<crate::node::Captured>>>>,
+    /// Store batches waiting for a slot (durability.rs).
+    persist_queue: Vec<durability::Pending>,
+    /// Slots for store batches in flight.
+    persists: std::sync::Arc<tokio::sync::Semaphore>,
+    /// What failed store batches left unstored, stored again once the store is back.
+    unpersisted: std::sync::Arc<std::sync::Mutex<durability::Unpersisted>>,
+    /// Documents whose stored records could not be loaded at start (quarantine.rs).
+    quarantine: quarantine::Quarantine,
 }
 
 /// What reconnects cost, counted since start.
@@ -518,6 +544,10 @@ pub(crate) async fn start(
         last_view: None,
         self_tx: None,
         capture: None,
+        persist_queue: Vec::new(),
+        persists: durability::persist_slots(),
+        unpersisted: Default::default(),
+        quarantine: Default::default(),
     };
     let mut batch = Batch::new();
     core.device = keyring::device_secret(&core.store, &mut batch).await?;
@@ -528,6 +558,7 @@ pub(crate) async fn start(
     core.load_shared_in().await;
     core.load_revocations().await;
     core.load_documents().await?;
+    core.record_quarantine().await?;
     core.absorb_revocations().await;
     if fresh {
         core.create_home(device_name).await?;
@@ -566,6 +597,7 @@ pub(crate) async fn start(
         notices: core.notices.clone(),
         stall_net: std::sync::Arc::new(stall_tx),
         node_events: core.node_events.clone(),
+        persists: core.persists.clone(),
     };
     let task = tokio::spawn(tracing::Instrument::instrument(
         core.run(rx, net_events, stall_rx, cancel),
@@ -576,20 +608,32 @@ pub(crate) async fn start(
 
 impl Core {
     /// Reads every document's chunks in key order (snapshot first, then increments) and
-    /// loads them. A document that fails to load is logged and left on disk untouched,
+    /// loads them. A document with a record that fails its integrity check, or that fails
+    /// to load, is quarantined (quarantine.rs): logged, listed, and left on disk untouched,
     /// so nothing stored is lost and the rest of the node still starts.
     async fn load_documents(&mut self) -> Result<(), Error> {
         let mut current: Option<StoredDoc> = None;
         let mut after: Option<Vec<u8>> = None;
         loop {
             let mut scan = Scan::all().limit(LOAD_PAGE);
-            if let Some(key) = after.take() {
+            if let Some(key) = after.clone() {
                 scan = scan.after(key);
             }
-            let page = self.store.scan(Keyspace::DocChunks, scan).await?;
+            let page: Vec<quarantine::LoadedRecord> =
+                match self.store.scan(Keyspace::DocChunks, scan).await {
+                    Ok(page) => page.into_iter().map(|(k, v)| (k, Ok(v))).collect(),
+                    // One damaged record fails the whole page: read this page again record
+                    // by record, to tell the damaged ones from the rest.
+                    Err(hearth_storage::Error::Integrity { .. }) => {
+                        quarantine::scan_chunks_one_by_one(&self.store, after.clone(), LOAD_PAGE)
+                            .await?
+                    }
+                    Err(error) => return Err(error.into()),
+                };
             let full = page.len() == LOAD_PAGE;
             let mut complete = Vec::new();
             for (key, value) in page {
+                after = Some(key.clone());
                 let Some((doc, chunk)) = DocChunk::parse(&key) else {
                     tracing::warn!(key = %hex::encode(&key), "skipping unrecognised chunk key");
                     continue;
@@ -598,17 +642,22 @@ impl Core {
                 if current.as_ref().is_some_and(|(d, _, _)| *d != doc)
                     && let Some(done) = current.take()
                 {
-                    complete.push(done);
+                    self.finish_stored(done, &mut complete);
                 }
                 let (_, chunks, next) = current.get_or_insert_with(|| (doc, Vec::new(), 0));
                 if let DocChunk::Incremental(seq) = chunk {
-                    *next = (*next).max(seq + 1);
+                    *next = (*next).max(seq.saturating_add(1));
                 }
-                chunks.push(value);
-                after = Some(key);
+                match value {
+                    Ok(value) => chunks.push(value),
+                    Err(reason) => {
+                        chunks.clear();
+                        self.quarantine.add(doc, reason);
+                    }
+                }
             }
             if !full && let Some(done) = current.take() {
-                complete.push(done);
+                self.finish_stored(done, &mut complete);
             }
             self.load_many(complete).await;
             if !full {
@@ -616,6 +665,17 @@ impl Core {
             }
         }
         Ok(())
+    }
+
+    /// A document whose records are all read: to load, or, when quarantined, only its
+    /// chunk numbers noted.
+    fn finish_stored(&mut self, done: StoredDoc, complete: &mut Vec<StoredDoc>) {
+        let (doc, _, next) = &done;
+        if self.quarantine.contains(*doc) {
+            self.quarantine.saw_chunks(*doc, *next);
+        } else {
+            complete.push(done);
+        }
     }
 
     /// Rebuilds documents from their chunks on every core, then adds them to the engine.
@@ -644,7 +704,9 @@ impl Core {
                     self.chunk_seq.insert(doc, (next_seq, 0));
                 }
                 Err(error) => {
-                    tracing::error!(%doc, %error, "document failed to load; its chunks are kept on disk")
+                    self.quarantine
+                        .add(doc, format!("its stored chunks do not load: {error}"));
+                    self.quarantine.saw_chunks(doc, next_seq);
                 }
             }
         }
@@ -785,6 +847,7 @@ impl Core {
         let mut heartbeats = tokio::time::interval(heartbeat::HEARTBEAT_INTERVAL);
         // A late tick is not worth a burst of catch-up heartbeats.
         heartbeats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut store_health = self.store.watch_health();
         loop {
             let net_stalled = *stall_net.borrow_and_update();
             let window_closes = self.writes.deadline();
@@ -801,6 +864,13 @@ impl Core {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 request = rx.recv() => match request {
+                    // Refused before anything applies, so memory, peers and disk stay in step.
+                    Some(request) if durability::is_write(&request) && self.store.is_failed() => {
+                        durability::refuse(request, durability::refusal(&self.store));
+                    }
+                    Some(Request::Repair { drop, reply }) => {
+                        let _ = reply.send(self.repair(drop).await);
+                    }
                     Some(Request::CreateInvite { home, ttl_s, reply }) => {
                         let _ = reply.send(self.create_invite(home, ttl_s).await);
                     }
@@ -825,6 +895,11 @@ impl Core {
                 }
                 // Re-evaluates the guard below when the test hook flips.
                 Ok(()) = stall_net.changed() => {}
+                Ok(()) = store_health.changed() => {
+                    if !self.store.is_failed() {
+                        self.repersist();
+                    }
+                }
                 event = net_events.recv(), if !net_stalled => match event {
                     Some(event) => {
                         self.on_net_event(event).await;
@@ -840,6 +915,9 @@ impl Core {
                 }
                 _ = sleep_until_or_never(window_closes) => self.commit_window(),
             }
+            // Waits for a slot when too many batches are in flight: a burst of remote
+            // changes then slows the core down instead of piling up tasks.
+            self.start_persists().await;
         }
         self.commit_window_now().await;
         tracing::debug!("core stopped");
@@ -1522,18 +1600,14 @@ impl Core {
         batch
     }
 
-    /// Persists outputs that no caller waits for (timers, remote changes).
+    /// Persists outputs that no caller waits for (timers, remote changes). The batch
+    /// starts once a slot is free (durability.rs).
     fn persist_in_background(&mut self, outputs: Vec<Output<String>>) {
         let batch = self.handle_outputs(outputs);
         if batch.is_empty() {
             return;
         }
-        let store = self.store.clone();
-        tokio::spawn(async move {
-            if let Err(error) = store.batch(batch).await {
-                tracing::error!(%error, "could not persist document changes");
-            }
-        });
+        self.queue_persist(batch, Vec::new());
     }
 }
 

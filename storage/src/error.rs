@@ -162,6 +162,33 @@ pub enum Error {
     /// The storage thread panicked.
     #[error("the storage thread stopped after an internal error; restart the node")]
     Crashed,
+
+    /// The store met an I/O failure and refuses writes until it has recovered (see
+    /// [`StoreHandle::health`](crate::StoreHandle::health)); it retries by itself.
+    #[error(
+        "the store at {} failed ({reason}) and refuses writes until it recovers; it retries by itself, \
+         so free disk space or fix the disk",
+        path.display()
+    )]
+    Failed {
+        /// The store directory.
+        path: PathBuf,
+        /// The failure that made the store refuse writes.
+        reason: String,
+    },
+
+    /// The storage thread did not answer in time.
+    #[error(
+        "the storage thread did not answer a {what} within {} s; the disk may be hung (a write may still \
+         complete later)",
+        limit.as_secs()
+    )]
+    Timeout {
+        /// What was asked, e.g. "write".
+        what: &'static str,
+        /// How long the caller waited.
+        limit: std::time::Duration,
+    },
 }
 
 impl Error {
@@ -242,7 +269,28 @@ impl Error {
             },
             Error::Closed => Error::Closed,
             Error::Crashed => Error::Crashed,
+            Error::Failed { path, reason } => Error::Failed {
+                path: path.clone(),
+                reason: reason.clone(),
+            },
+            Error::Timeout { what, limit } => Error::Timeout {
+                what,
+                limit: *limit,
+            },
         }
+    }
+
+    /// Whether this is a failure of the store itself (the disk, the engine), as opposed to a refused request
+    /// (too large, reserved key) or a damaged record. Such a failure latches the store's health to failed.
+    pub fn is_store_failure(&self) -> bool {
+        matches!(
+            self,
+            Error::Io { .. }
+                | Error::Corrupt { .. }
+                | Error::Backend { .. }
+                | Error::Failed { .. }
+                | Error::Timeout { .. }
+        )
     }
 }
 

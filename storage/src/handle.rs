@@ -1,10 +1,12 @@
 //! The storage actor: one thread owns the store; [`StoreHandle`]s talk to it over a bounded channel.
 
 use std::fmt;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::Error;
 use crate::keyspace::Keyspace;
@@ -17,7 +19,38 @@ pub const COMMAND_CHANNEL_CAPACITY: usize = 1024;
 /// others, and how much one group holds in memory.
 pub const MAX_GROUP_COMMIT: usize = 256;
 
+/// How long a caller waits for the storage thread to answer one request. A healthy store answers in
+/// milliseconds; this bounds what a hung disk can do to callers (and to a node's shutdown).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The first wait before a failed store tries to reopen; each failed attempt doubles it.
+pub const FIRST_RETRY: Duration = Duration::from_millis(100);
+
+/// The longest wait between two attempts to reopen a failed store.
+pub const MAX_RETRY_INTERVAL: Duration = Duration::from_secs(5);
+
+/// While failed, how often the storage thread looks at its queue between retries.
+const FAILED_POLL: Duration = Duration::from_millis(10);
+
+/// A record written (and flushed) to prove that a reopened store takes writes again. The leading NUL keeps it
+/// apart from readable names.
+const PROBE_KEY: &[u8] = b"\0hearth-store-probe";
+
 type Reply<T> = oneshot::Sender<Result<T, Error>>;
+
+/// Whether a store accepts writes; see [`StoreHandle::health`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// Writes are applied and flushed.
+    Ok,
+    /// An I/O failure (a full disk, say) latched the store: writes are refused with [`Error::Failed`] until
+    /// the storage thread has reopened the database and a probe write has been flushed. It retries by itself
+    /// with backoff, at most [`MAX_RETRY_INTERVAL`] apart.
+    Failed {
+        /// The failure that latched the store.
+        reason: String,
+    },
+}
 
 enum Write {
     Put {
@@ -67,6 +100,7 @@ enum Command {
 #[derive(Clone)]
 pub struct StoreHandle {
     tx: mpsc::Sender<Command>,
+    health: watch::Receiver<Health>,
     /// Shared by every clone, so whichever clone closes the store can join the thread.
     thread: Arc<Mutex<Option<JoinHandle<()>>>>,
 }
@@ -74,24 +108,69 @@ pub struct StoreHandle {
 impl StoreHandle {
     /// Moves `store` onto a new thread named `hearth-storage` and returns a handle to it.
     pub fn spawn<S: Store + Send + 'static>(store: S) -> Result<StoreHandle, Error> {
+        StoreHandle::spawn_at(store, Path::new("<store>"))
+    }
+
+    /// [`spawn`](Self::spawn), naming the store's `location` in errors.
+    pub fn spawn_at<S: Store + Send + 'static>(
+        store: S,
+        location: &Path,
+    ) -> Result<StoreHandle, Error> {
         let (tx, rx) = mpsc::channel(COMMAND_CHANNEL_CAPACITY);
+        let (health_tx, health) = watch::channel(Health::Ok);
+        let actor = Actor {
+            store,
+            location: location.to_path_buf(),
+            health: health_tx,
+            retry: None,
+        };
         let thread = thread::Builder::new()
             .name("hearth-storage".to_owned())
             .spawn(move || {
                 let _span = tracing::error_span!("storage").entered();
-                run(store, rx);
+                run(actor, rx);
             })
             .map_err(|error| Error::Thread { error })?;
         Ok(StoreHandle {
             tx,
+            health,
             thread: Arc::new(Mutex::new(Some(thread))),
         })
     }
 
-    async fn request<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, Error> {
+    /// Whether the store takes writes, or failed and refuses them until it recovers.
+    pub fn health(&self) -> Health {
+        self.health.borrow().clone()
+    }
+
+    /// Whether the store is failed (see [`Health::Failed`]). Cheap: it reads a shared latch.
+    pub fn is_failed(&self) -> bool {
+        matches!(*self.health.borrow(), Health::Failed { .. })
+    }
+
+    /// A receiver that sees every change of [`health`](Self::health), e.g. to act once the store recovers.
+    pub fn watch_health(&self) -> watch::Receiver<Health> {
+        self.health.clone()
+    }
+
+    /// Sends one command and waits for its answer, at most [`REQUEST_TIMEOUT`].
+    async fn request<T>(
+        &self,
+        what: &'static str,
+        make: impl FnOnce(Reply<T>) -> Command,
+    ) -> Result<T, Error> {
         let (reply, response) = oneshot::channel();
-        self.tx.send(make(reply)).await.map_err(|_| Error::Closed)?;
-        response.await.map_err(|_| Error::Closed)?
+        let asked = async {
+            self.tx.send(make(reply)).await.map_err(|_| Error::Closed)?;
+            response.await.map_err(|_| Error::Closed)?
+        };
+        match tokio::time::timeout(REQUEST_TIMEOUT, asked).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::Timeout {
+                what,
+                limit: REQUEST_TIMEOUT,
+            }),
+        }
     }
 
     /// Reads one value.
@@ -103,7 +182,7 @@ impl StoreHandle {
         key: impl Into<Vec<u8>>,
     ) -> Result<Option<Vec<u8>>, Error> {
         let key = key.into();
-        self.request(|reply| Command::Get {
+        self.request("read", |reply| Command::Get {
             keyspace,
             key,
             reply,
@@ -115,7 +194,7 @@ impl StoreHandle {
     ///
     /// Cancel-safe: it has no effect, so dropping the future loses nothing.
     pub async fn scan(&self, keyspace: Keyspace, scan: Scan) -> Result<Vec<Entry>, Error> {
-        self.request(|reply| Command::Scan {
+        self.request("scan", |reply| Command::Scan {
             keyspace,
             scan,
             reply,
@@ -138,7 +217,8 @@ impl StoreHandle {
             key: key.into(),
             value: value.into(),
         };
-        self.request(|reply| Command::Write { write, reply }).await
+        self.request("write", |reply| Command::Write { write, reply })
+            .await
     }
 
     /// Removes one key; returns once the removal is flushed.
@@ -149,7 +229,8 @@ impl StoreHandle {
             keyspace,
             key: key.into(),
         };
-        self.request(|reply| Command::Write { write, reply }).await
+        self.request("write", |reply| Command::Write { write, reply })
+            .await
     }
 
     /// Applies a batch atomically; returns once it is flushed.
@@ -157,14 +238,16 @@ impl StoreHandle {
     /// Not cancel-safe, in the same way as [`put`](Self::put); the batch stays atomic either way.
     pub async fn batch(&self, batch: Batch) -> Result<(), Error> {
         let write = Write::Batch(batch);
-        self.request(|reply| Command::Write { write, reply }).await
+        self.request("write", |reply| Command::Write { write, reply })
+            .await
     }
 
     /// Flushes explicitly. Acknowledged writes are already flushed, so this is rarely needed.
     ///
     /// Cancel-safe: a flush that goes ahead after the future is dropped does no harm.
     pub async fn flush(&self) -> Result<(), Error> {
-        self.request(|reply| Command::Flush { reply }).await
+        self.request("flush", |reply| Command::Flush { reply })
+            .await
     }
 
     /// Flushes, stops the storage thread and waits for it, which releases the database (and its lock).
@@ -175,9 +258,14 @@ impl StoreHandle {
     /// Not cancel-safe: once the close is queued the store closes even if the future is dropped, and the thread
     /// is then left to finish on its own.
     pub async fn close(&self) -> Result<(), Error> {
-        let flushed = match self.request(|reply| Command::Close { reply }).await {
+        let flushed = match self
+            .request("close", |reply| Command::Close { reply })
+            .await
+        {
             // The thread already stopped: either an earlier close, or a crash that `join` reveals below.
             Err(Error::Closed) => Ok(()),
+            // The thread is stuck (a hung disk): joining it would block the caller for as long.
+            Err(timeout @ Error::Timeout { .. }) => return Err(timeout),
             other => other,
         };
         let thread = self
@@ -197,24 +285,154 @@ impl fmt::Debug for StoreHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("StoreHandle")
             .field("closed", &self.tx.is_closed())
+            .field("failed", &self.is_failed())
             .finish()
     }
 }
 
+/// The storage thread's state: the store, and whether it is failed.
+struct Actor<S> {
+    store: S,
+    location: PathBuf,
+    health: watch::Sender<Health>,
+    /// While failed: when to try reopening next, and how long the wait before that attempt was.
+    retry: Option<(Instant, Duration)>,
+}
+
+impl<S: Store> Actor<S> {
+    fn failed_error(&self) -> Error {
+        let reason = match &*self.health.borrow() {
+            Health::Failed { reason } => reason.clone(),
+            Health::Ok => "an earlier failure".to_owned(),
+        };
+        Error::Failed {
+            path: self.location.clone(),
+            reason,
+        }
+    }
+
+    /// Latches the store failed when `result` is a failure of the store itself.
+    fn note<T>(&mut self, result: &Result<T, Error>) {
+        if let Err(error) = result
+            && error.is_store_failure()
+        {
+            self.latch(error);
+        }
+    }
+
+    fn latch(&mut self, error: &Error) {
+        if self.retry.is_some() {
+            return;
+        }
+        // The one error line of an outage; the retries below log at debug, and the recovery at info.
+        tracing::error!(%error, "the store failed; writes are refused until it recovers, retrying in the background");
+        self.health.send_replace(Health::Failed {
+            reason: error.to_string(),
+        });
+        self.retry = Some((Instant::now() + FIRST_RETRY, FIRST_RETRY));
+    }
+
+    /// Reopens the database and proves it takes a flushed write; sled fails every call after its first I/O
+    /// error until it is reopened, so nothing less can tell that the disk has room again.
+    fn try_recover(&mut self) {
+        let Some((_, waited)) = self.retry else {
+            return;
+        };
+        let outcome = self
+            .store
+            .reopen()
+            .and_then(|()| self.store.put(Keyspace::Meta, PROBE_KEY, b"ok"))
+            .and_then(|()| self.store.flush());
+        match outcome {
+            Ok(()) => {
+                tracing::info!("the store recovered; writes are accepted again");
+                self.retry = None;
+                self.health.send_replace(Health::Ok);
+            }
+            Err(error) => {
+                let wait = (waited * 2).min(MAX_RETRY_INTERVAL);
+                tracing::debug!(%error, retry_in_ms = wait.as_millis() as u64, "the store is still failing");
+                self.retry = Some((Instant::now() + wait, wait));
+            }
+        }
+    }
+
+    /// The next command; `None` once every handle is gone. While failed, it also retries on schedule.
+    fn next_command(&mut self, rx: &mut mpsc::Receiver<Command>) -> Option<Command> {
+        loop {
+            let Some((at, _)) = self.retry else {
+                return rx.blocking_recv();
+            };
+            // Checked before the queue, so a steady stream of commands cannot starve the retries.
+            let now = Instant::now();
+            if now >= at {
+                self.try_recover();
+                continue;
+            }
+            match rx.try_recv() {
+                Ok(command) => return Some(command),
+                Err(mpsc::error::TryRecvError::Disconnected) => return None,
+                Err(mpsc::error::TryRecvError::Empty) => thread::sleep((at - now).min(FAILED_POLL)),
+            }
+        }
+    }
+
+    /// Applies a group of writes, flushes once, then answers each writer.
+    fn commit(&mut self, group: &mut Vec<(Write, Reply<()>)>) {
+        let mut results = Vec::with_capacity(group.len());
+        let mut applied_any = false;
+        for (write, _) in group.iter_mut() {
+            // Take the payload out so it is freed as soon as it is applied.
+            let write = std::mem::replace(write, Write::Batch(Batch::new()));
+            let result = match write {
+                Write::Put {
+                    keyspace,
+                    key,
+                    value,
+                } => self.store.put(keyspace, &key, &value),
+                Write::Delete { keyspace, key } => self.store.delete(keyspace, &key),
+                Write::Batch(batch) => self.store.apply_batch(batch),
+            };
+            self.note(&result);
+            applied_any |= result.is_ok();
+            results.push(result);
+        }
+        let flushed = if applied_any {
+            self.store.flush()
+        } else {
+            Ok(())
+        };
+        if let Err(error) = &flushed {
+            tracing::warn!(%error, writes = group.len(), "group commit flush failed; its writes are not durable");
+        }
+        self.note(&flushed);
+        for ((_, reply), result) in group.drain(..).zip(results) {
+            // A write that applied but was not flushed is not durable: its writer gets the flush error.
+            let result = match (result, &flushed) {
+                (Ok(()), Err(e)) => Err(e.duplicate()),
+                (result, _) => result,
+            };
+            let _ = reply.send(result);
+        }
+    }
+}
+
 /// The storage thread's loop.
-fn run<S: Store>(mut store: S, mut rx: mpsc::Receiver<Command>) {
+fn run<S: Store>(mut actor: Actor<S>, mut rx: mpsc::Receiver<Command>) {
     let mut group: Vec<(Write, Reply<()>)> = Vec::with_capacity(MAX_GROUP_COMMIT);
     // A non-write command met while gathering a group; it runs right after that group commits.
     let mut pending: Option<Command> = None;
     loop {
         let command = match pending.take() {
             Some(command) => command,
-            None => match rx.blocking_recv() {
+            None => match actor.next_command(&mut rx) {
                 Some(command) => command,
                 None => {
                     // Every handle is gone. Writes were flushed before being acknowledged; this flush only
                     // covers writes whose callers gave up waiting, so a failure is worth a log line, not more.
-                    if let Err(error) = store.flush() {
+                    if actor.retry.is_none()
+                        && let Err(error) = actor.store.flush()
+                    {
                         tracing::warn!(%error, "final flush after the last handle was dropped failed");
                     }
                     return;
@@ -222,6 +440,10 @@ fn run<S: Store>(mut store: S, mut rx: mpsc::Receiver<Command>) {
             },
         };
         match command {
+            Command::Write { reply, .. } if actor.retry.is_some() => {
+                // Refused before it is applied: the caller learns at once that nothing was stored.
+                let _ = reply.send(Err(actor.failed_error()));
+            }
             Command::Write { write, reply } => {
                 group.push((write, reply));
                 while group.len() < MAX_GROUP_COMMIT {
@@ -234,66 +456,48 @@ fn run<S: Store>(mut store: S, mut rx: mpsc::Receiver<Command>) {
                         Err(_) => break,
                     }
                 }
-                commit(&mut store, &mut group);
+                actor.commit(&mut group);
             }
             Command::Get {
                 keyspace,
                 key,
                 reply,
             } => {
-                let _ = reply.send(store.get(keyspace, &key));
+                let result = actor.store.get(keyspace, &key);
+                actor.note(&result);
+                let _ = reply.send(result);
             }
             Command::Scan {
                 keyspace,
                 scan,
                 reply,
             } => {
-                let _ = reply.send(store.scan(keyspace, &scan));
+                let result = actor.store.scan(keyspace, &scan);
+                actor.note(&result);
+                let _ = reply.send(result);
             }
             Command::Flush { reply } => {
-                let _ = reply.send(store.flush());
+                let result = if actor.retry.is_some() {
+                    Err(actor.failed_error())
+                } else {
+                    actor.store.flush()
+                };
+                actor.note(&result);
+                let _ = reply.send(result);
             }
             Command::Close { reply } => {
-                let result = store.flush();
+                // A failed store is not flushed again: it would only fail, and the close must be quick.
+                let result = if actor.retry.is_some() {
+                    Err(actor.failed_error())
+                } else {
+                    actor.store.flush()
+                };
                 // Drop before replying, so the database lock is released by the time `close` returns.
-                drop(store);
+                drop(actor);
                 let _ = reply.send(result);
                 return;
             }
         }
-    }
-}
-
-/// Applies a group of writes, flushes once, then answers each writer.
-fn commit<S: Store>(store: &mut S, group: &mut Vec<(Write, Reply<()>)>) {
-    let mut results = Vec::with_capacity(group.len());
-    let mut applied_any = false;
-    for (write, _) in group.iter_mut() {
-        // Take the payload out so it is freed as soon as it is applied.
-        let write = std::mem::replace(write, Write::Batch(Batch::new()));
-        let result = match write {
-            Write::Put {
-                keyspace,
-                key,
-                value,
-            } => store.put(keyspace, &key, &value),
-            Write::Delete { keyspace, key } => store.delete(keyspace, &key),
-            Write::Batch(batch) => store.apply_batch(batch),
-        };
-        applied_any |= result.is_ok();
-        results.push(result);
-    }
-    let flushed = if applied_any { store.flush() } else { Ok(()) };
-    if let Err(error) = &flushed {
-        tracing::error!(%error, writes = group.len(), "group commit flush failed; its writes are not durable");
-    }
-    for ((_, reply), result) in group.drain(..).zip(results) {
-        // A write that applied but was not flushed is not durable: its writer gets the flush error.
-        let result = match (result, &flushed) {
-            (Ok(()), Err(e)) => Err(e.duplicate()),
-            (result, _) => result,
-        };
-        let _ = reply.send(result);
     }
 }
 
@@ -315,6 +519,8 @@ mod tests {
         gate: Option<std_mpsc::Receiver<()>>,
         dropped: Arc<AtomicBool>,
         fail_flush: bool,
+        /// While set, flushes and reopens fail as on a full disk.
+        full: Arc<AtomicBool>,
     }
 
     impl Probe {
@@ -327,6 +533,7 @@ mod tests {
                 gate: None,
                 dropped: dropped.clone(),
                 fail_flush: false,
+                full: Arc::new(AtomicBool::new(false)),
             };
             (probe, flushes, dropped)
         }
@@ -359,15 +566,85 @@ mod tests {
                 let _ = gate.recv();
             }
             self.flushes.fetch_add(1, Ordering::SeqCst);
-            if self.fail_flush {
-                return Err(Error::io(
-                    "flush",
-                    std::path::Path::new("/probe"),
-                    std::io::Error::from(std::io::ErrorKind::StorageFull),
-                ));
+            if self.fail_flush || self.full.load(Ordering::SeqCst) {
+                return Err(disk_full());
             }
             Ok(())
         }
+        fn reopen(&mut self) -> Result<(), Error> {
+            if self.full.load(Ordering::SeqCst) {
+                return Err(disk_full());
+            }
+            Ok(())
+        }
+    }
+
+    fn disk_full() -> Error {
+        Error::io(
+            "flush",
+            std::path::Path::new("/probe"),
+            std::io::Error::from(std::io::ErrorKind::StorageFull),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_failed_store_refuses_writes_then_recovers_by_itself() {
+        let (probe, _, _) = Probe::new();
+        let full = probe.full.clone();
+        let handle = StoreHandle::spawn(probe).unwrap();
+        assert_eq!(handle.health(), Health::Ok);
+        full.store(true, Ordering::SeqCst);
+        let err = handle
+            .put(Keyspace::Outbox, b"first".to_vec(), b"1".to_vec())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Io { .. }), "{err:?}");
+        assert!(handle.is_failed(), "the failure did not latch");
+        // Refused before it is applied: it never reaches the store, not even in memory.
+        let err = handle
+            .put(Keyspace::Outbox, b"second".to_vec(), b"2".to_vec())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Failed { .. }), "{err:?}");
+        assert!(err.to_string().contains("retries by itself"), "{err}");
+        assert_eq!(
+            handle
+                .get(Keyspace::Outbox, b"second".to_vec())
+                .await
+                .unwrap(),
+            None
+        );
+        let mut health = handle.watch_health();
+        full.store(false, Ordering::SeqCst);
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            health.wait_for(|h| *h == Health::Ok),
+        )
+        .await
+        .expect("the store did not recover once the disk had room")
+        .unwrap();
+        handle
+            .put(Keyspace::Outbox, b"third".to_vec(), b"3".to_vec())
+            .await
+            .unwrap();
+        handle.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_failed_store_closes_at_once() {
+        let (probe, _, dropped) = Probe::new();
+        probe.full.store(true, Ordering::SeqCst);
+        let handle = StoreHandle::spawn(probe).unwrap();
+        assert!(
+            handle
+                .put(Keyspace::Outbox, b"k".to_vec(), b"v".to_vec())
+                .await
+                .is_err()
+        );
+        assert!(handle.is_failed());
+        let err = handle.close().await.unwrap_err();
+        assert!(matches!(err, Error::Failed { .. }), "{err:?}");
+        assert!(dropped.load(Ordering::SeqCst));
     }
 
     #[tokio::test]

@@ -32,6 +32,14 @@
 //! be durable. Reads are answered after the writes queued before them were
 //! flushed, so they never return data that is not yet durable.
 //!
+//! **A failing store latches, refuses writes, and recovers by itself.** The first I/O failure (a full disk,
+//! say) sets the handle's [`Health`] to failed and logs one error line. From then on writes are refused with
+//! [`Error::Failed`] before they are applied; reads still go to the store. sled itself latches its first I/O
+//! error and fails every later call until the database is reopened, so the storage thread drops the database
+//! and reopens it, with backoff from [`FIRST_RETRY`] up to [`MAX_RETRY_INTERVAL`], until a probe write flushes;
+//! then the health goes back to ok. Every request a handle makes is bounded by [`REQUEST_TIMEOUT`]
+//! ([`Error::Timeout`]), so a hung disk cannot hang its callers.
+//!
 //! What "flushed" buys depends on sled 0.34.7, which calls itself beta:
 //!
 //! - **Process crash** (SIGKILL, panic, OOM kill): acknowledged writes survive. Flushed data is in the
@@ -92,7 +100,10 @@ use std::path::Path;
 use zeroize::Zeroize;
 
 pub use error::{Error, RecordKey};
-pub use handle::{COMMAND_CHANNEL_CAPACITY, MAX_GROUP_COMMIT, StoreHandle};
+pub use handle::{
+    COMMAND_CHANNEL_CAPACITY, FIRST_RETRY, Health, MAX_GROUP_COMMIT, MAX_RETRY_INTERVAL,
+    REQUEST_TIMEOUT, StoreHandle,
+};
 pub use keyspace::{DOC_ID_LEN, DocChunk, Keyspace};
 pub use mem::MemStore;
 pub use sealed::{KdfParams, META_KEY, SEAL_OVERHEAD, Sealed, Unlock};
@@ -177,7 +188,7 @@ pub fn open_with(dir: &Path, key: KeySource, options: &Options) -> Result<StoreH
         },
     };
     let sealed = Sealed::open(backend, unlock, &store_dir)?;
-    StoreHandle::spawn(sealed)
+    StoreHandle::spawn_at(sealed, &store_dir)
 }
 
 /// A sealed in-memory store under a random key, on its own thread: for tests of code that uses a store.

@@ -692,6 +692,11 @@ impl<S: Store> Store for Sealed<S> {
     fn flush(&mut self) -> Result<(), Error> {
         self.inner.flush()
     }
+
+    fn reopen(&mut self) -> Result<(), Error> {
+        // The key stays; only the backend's files are reopened.
+        self.inner.reopen()
+    }
 }
 
 // The cipher holds the key; Debug must never reach it.

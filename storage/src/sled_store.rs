@@ -25,8 +25,11 @@ const RELEASE_WAIT: Duration = Duration::from_secs(2);
 /// A [`Store`] over one sled tree. Each key is prefixed with its keyspace's tag byte, so a single
 /// `apply_batch` covers every keyspace atomically.
 pub struct SledStore {
-    db: sled::Db,
+    /// `None` only between dropping the database and reopening it in [`Store::reopen`], when the reopen failed.
+    db: Option<sled::Db>,
     path: PathBuf,
+    cache_capacity: u64,
+    sync_data: bool,
     /// sled's log file, kept open to `fdatasync` it after sled's own flush (see `flush`).
     sync_file: Option<File>,
     /// Declared last, so it is dropped after `db`.
@@ -43,13 +46,18 @@ struct ReleaseOnDrop {
 
 impl Drop for ReleaseOnDrop {
     fn drop(&mut self) {
-        let deadline = Instant::now() + RELEASE_WAIT;
-        while Instant::now() < deadline {
-            match File::open(&self.db_file).map(|f| f.try_lock()) {
-                // Got it (released again as `f` drops), or the file is gone: either way sled let go.
-                Ok(Ok(())) | Err(_) => return,
-                Ok(Err(_)) => thread::sleep(Duration::from_millis(1)),
-            }
+        wait_released(&self.db_file);
+    }
+}
+
+/// Waits (at most [`RELEASE_WAIT`]) until nothing holds the lock on sled's log file.
+fn wait_released(db_file: &Path) {
+    let deadline = Instant::now() + RELEASE_WAIT;
+    while Instant::now() < deadline {
+        match File::open(db_file).map(|f| f.try_lock()) {
+            // Got it (released again as `f` drops), or the file is gone: either way sled let go.
+            Ok(Ok(())) | Err(_) => return,
+            Ok(Err(_)) => thread::sleep(Duration::from_millis(1)),
         }
     }
 }
@@ -60,37 +68,12 @@ impl SledStore {
     /// `cache_capacity` bounds sled's page cache in bytes. With `sync_data`, every [`Store::flush`] also calls
     /// `fdatasync` on sled's log file, which sled on Linux does not do (see the crate docs).
     pub fn open(path: &Path, cache_capacity: u64, sync_data: bool) -> Result<Self, Error> {
-        fs::create_dir_all(path).map_err(|e| Error::io("create", path, e))?;
-        let config = sled::Config::new()
-            .path(path)
-            .cache_capacity(cache_capacity)
-            // Durability comes from our own group-committed flushes, not from a timer thread.
-            .flush_every_ms(None);
-        // sled 0.34 can panic instead of erroring on damaged files; that is input from disk, so it must become
-        // an error value rather than take the process down.
-        let opened = panic::catch_unwind(AssertUnwindSafe(|| config.open()));
-        let db = match opened {
-            Ok(Ok(db)) => db,
-            Ok(Err(e)) => return Err(map_sled(path, "open", e)),
-            Err(panic) => {
-                return Err(Error::Corrupt {
-                    path: path.to_path_buf(),
-                    detail: format!(
-                        "the storage engine failed while opening it ({})",
-                        panic_text(&panic)
-                    ),
-                });
-            }
-        };
-        let sync_file = if sync_data {
-            let db_file = path.join("db");
-            Some(File::open(&db_file).map_err(|e| Error::io("open", &db_file, e))?)
-        } else {
-            None
-        };
+        let (db, sync_file) = open_db(path, cache_capacity, sync_data)?;
         Ok(SledStore {
-            db,
+            db: Some(db),
             path: path.to_path_buf(),
+            cache_capacity,
+            sync_data,
             sync_file,
             _release: ReleaseOnDrop {
                 db_file: path.join("db"),
@@ -106,13 +89,58 @@ impl SledStore {
     fn err(&self, action: &'static str, e: sled::Error) -> Error {
         map_sled(&self.path, action, e)
     }
+
+    /// The open database, or the error of a reopen that failed.
+    fn db(&self) -> Result<&sled::Db, Error> {
+        self.db.as_ref().ok_or_else(|| Error::Failed {
+            path: self.path.clone(),
+            reason: "the database is closed after a failed reopen".to_owned(),
+        })
+    }
+}
+
+/// Opens sled in `path`, and sled's log file for `fdatasync` when asked.
+fn open_db(
+    path: &Path,
+    cache_capacity: u64,
+    sync_data: bool,
+) -> Result<(sled::Db, Option<File>), Error> {
+    fs::create_dir_all(path).map_err(|e| Error::io("create", path, e))?;
+    let config = sled::Config::new()
+        .path(path)
+        .cache_capacity(cache_capacity)
+        // Durability comes from our own group-committed flushes, not from a timer thread.
+        .flush_every_ms(None);
+    // sled 0.34 can panic instead of erroring on damaged files; that is input from disk, so it must become
+    // an error value rather than take the process down.
+    let opened = panic::catch_unwind(AssertUnwindSafe(|| config.open()));
+    let db = match opened {
+        Ok(Ok(db)) => db,
+        Ok(Err(e)) => return Err(map_sled(path, "open", e)),
+        Err(panic) => {
+            return Err(Error::Corrupt {
+                path: path.to_path_buf(),
+                detail: format!(
+                    "the storage engine failed while opening it ({})",
+                    panic_text(&panic)
+                ),
+            });
+        }
+    };
+    let sync_file = if sync_data {
+        let db_file = path.join("db");
+        Some(File::open(&db_file).map_err(|e| Error::io("open", &db_file, e))?)
+    } else {
+        None
+    };
+    Ok((db, sync_file))
 }
 
 impl Store for SledStore {
     fn get(&self, keyspace: Keyspace, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
         check_sizes(key, None, MAX_STORED_VALUE_LEN)?;
         let value = self
-            .db
+            .db()?
             .get(full_key(keyspace, key))
             .map_err(|e| self.err("read", e))?;
         Ok(value.map(|v| v.to_vec()))
@@ -120,7 +148,7 @@ impl Store for SledStore {
 
     fn put(&mut self, keyspace: Keyspace, key: &[u8], value: &[u8]) -> Result<(), Error> {
         check_sizes(key, Some(value), MAX_STORED_VALUE_LEN)?;
-        self.db
+        self.db()?
             .insert(full_key(keyspace, key), value)
             .map_err(|e| self.err("write", e))?;
         Ok(())
@@ -128,7 +156,7 @@ impl Store for SledStore {
 
     fn delete(&mut self, keyspace: Keyspace, key: &[u8]) -> Result<(), Error> {
         check_sizes(key, None, MAX_STORED_VALUE_LEN)?;
-        self.db
+        self.db()?
             .remove(full_key(keyspace, key))
             .map_err(|e| self.err("write", e))?;
         Ok(())
@@ -139,12 +167,12 @@ impl Store for SledStore {
         let iter = match scan.start_after() {
             Some(after) if after >= scan.prefix_bytes() => {
                 use std::ops::Bound;
-                self.db.range::<Vec<u8>, _>((
+                self.db()?.range::<Vec<u8>, _>((
                     Bound::Excluded(full_key(keyspace, after)),
                     Bound::Unbounded,
                 ))
             }
-            _ => self.db.range(full_prefix.clone()..),
+            _ => self.db()?.range(full_prefix.clone()..),
         };
         let mut out = Vec::new();
         for item in iter {
@@ -173,19 +201,34 @@ impl Store for SledStore {
                 BatchOp::Delete { keyspace, key } => sled_batch.remove(full_key(keyspace, &key)),
             }
         }
-        self.db
+        self.db()?
             .apply_batch(sled_batch)
             .map_err(|e| self.err("write", e))
     }
 
     fn flush(&mut self) -> Result<(), Error> {
-        self.db.flush().map_err(|e| self.err("flush", e))?;
+        self.db()?.flush().map_err(|e| self.err("flush", e))?;
         // sled writes its log with sync_file_range on Linux, which neither flushes the drive's cache nor records
         // a grown file size; fdatasync does both.
         if let Some(file) = &self.sync_file {
             file.sync_data()
                 .map_err(|e| Error::io("flush", &self.path.join("db"), e))?;
         }
+        Ok(())
+    }
+
+    /// Drops the database and opens it again. sled latches the first I/O error it meets and fails every later
+    /// call until it is reopened, so this is how the store recovers once the cause (a full disk) is gone.
+    fn reopen(&mut self) -> Result<(), Error> {
+        self.sync_file = None;
+        if let Some(db) = self.db.take() {
+            // Whatever sled still holds in memory cannot be written anyway; what was flushed is on disk.
+            drop(db);
+            wait_released(&self.path.join("db"));
+        }
+        let (db, sync_file) = open_db(&self.path, self.cache_capacity, self.sync_data)?;
+        self.db = Some(db);
+        self.sync_file = sync_file;
         Ok(())
     }
 }
@@ -276,6 +319,22 @@ mod tests {
         assert!(matches!(err, Error::Io { .. }), "{err:?}");
         assert!(text.contains("not-a-dir"), "{text}");
         assert!(text.contains("choose another data dir"), "{text}");
+    }
+
+    #[test]
+    fn reopen_keeps_flushed_data_and_takes_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store =
+            SledStore::open(&dir.path().join("s"), DEFAULT_CACHE_CAPACITY, true).unwrap();
+        store.put(Keyspace::Audit, b"before", b"1").unwrap();
+        store.flush().unwrap();
+        store.reopen().unwrap();
+        assert_eq!(
+            store.get(Keyspace::Audit, b"before").unwrap().as_deref(),
+            Some(&b"1"[..])
+        );
+        store.put(Keyspace::Audit, b"after", b"2").unwrap();
+        store.flush().unwrap();
     }
 
     #[test]

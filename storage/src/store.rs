@@ -51,6 +51,12 @@ pub trait Store {
 
     /// Makes every write so far durable (see the crate docs for what sled's flush does and does not promise).
     fn flush(&mut self) -> Result<(), Error>;
+
+    /// Closes and reopens the backend's files, to recover after an I/O failure. Data flushed before stays;
+    /// writes that were not flushed may be lost. Backends without files do nothing.
+    fn reopen(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
 }
 
 /// A prefix scan: the keys starting with a prefix, in order, optionally after a given key, up to a limit.

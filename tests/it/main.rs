@@ -13,6 +13,7 @@ mod rooms;
 mod security;
 mod security_bomb;
 mod sharing;
+mod store;
 mod up;
 mod util;
 mod watch;

@@ -1,0 +1,284 @@
+//! What the core does about its store: background persists under a cap, refusing writes
+//! while the store is failed, and storing again what a failed store missed once it is back.
+//!
+//! A local write is applied and pushed before its batch reaches the store, so the write
+//! that discovers a failure cannot be undone: its answer says it is applied but not
+//! durable here (507, `applied: true`). From then on the store's health latch is set, and
+//! writes are refused before they apply (507, `applied: false`) until the storage thread
+//! has reopened the database. Changes from peers still apply in memory meanwhile. Every
+//! batch that failed is remembered (its documents, and its records other than chunks), and
+//! on recovery the core writes a full snapshot of each such document, which covers any
+//! chunk that never landed, together with those records.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use hearth_crdt::DocId;
+use hearth_storage::{Batch, BatchOp, DocChunk, Keyspace, StoreHandle};
+use tokio::sync::Semaphore;
+
+use super::batching::Ack;
+use super::{Core, Request, append};
+use crate::Error;
+
+/// Most store batches the core has in flight at once. A burst of remote changes beyond it
+/// makes the core wait for a slot before it reads more, instead of spawning without bound;
+/// at shutdown the node waits for every slot before it closes the store.
+pub(crate) const MAX_PERSISTS_IN_FLIGHT: usize = 64;
+
+/// Most operations in one re-persist batch; the store refuses larger ones.
+const MAX_REPERSIST_OPS: usize = 10_000;
+
+/// A store batch waiting for a slot, with the writers it answers.
+pub(super) struct Pending {
+    pub(super) batch: Batch,
+    pub(super) acks: Vec<Ack>,
+}
+
+/// A record by keyspace and key.
+type RecordId = (Keyspace, Vec<u8>);
+
+/// What failed batches left unstored: their documents, and their other records by key
+/// (the last write of a key wins; `None` deletes it).
+#[derive(Default)]
+pub(crate) struct Unpersisted {
+    docs: BTreeSet<DocId>,
+    records: BTreeMap<RecordId, Option<Vec<u8>>>,
+}
+
+impl Unpersisted {
+    fn is_empty(&self) -> bool {
+        self.docs.is_empty() && self.records.is_empty()
+    }
+
+    fn add(&mut self, salvage: Salvage) {
+        self.docs.extend(salvage.docs);
+        for (key, value) in salvage.records {
+            self.records.insert(key, value);
+        }
+    }
+}
+
+/// What a batch would leave to store again if it failed. Chunks are not copied: a
+/// snapshot of their document replaces them, so only the document ids are kept.
+struct Salvage {
+    docs: BTreeSet<DocId>,
+    records: Vec<(RecordId, Option<Vec<u8>>)>,
+}
+
+impl Salvage {
+    fn of(batch: &Batch) -> Self {
+        let mut docs = BTreeSet::new();
+        let mut records = Vec::new();
+        for op in batch.ops() {
+            match op {
+                BatchOp::Put { keyspace, key, .. } | BatchOp::Delete { keyspace, key }
+                    if *keyspace == Keyspace::DocChunks =>
+                {
+                    if let Some((doc, _)) = DocChunk::parse(key) {
+                        docs.insert(DocId::from_bytes(doc));
+                    }
+                }
+                BatchOp::Put {
+                    keyspace,
+                    key,
+                    value,
+                } => records.push(((*keyspace, key.clone()), Some(value.clone()))),
+                BatchOp::Delete { keyspace, key } => records.push(((*keyspace, key.clone()), None)),
+            }
+        }
+        Salvage { docs, records }
+    }
+}
+
+/// The error a writer gets when its batch was not stored.
+pub(super) fn write_error(error: &hearth_storage::Error) -> Error {
+    if error.is_store_failure() {
+        Error::InsufficientStorage {
+            applied: true,
+            detail: format!(
+                "the write is applied in memory and sent to peers, but it is not durable on \
+                 this device; it is stored once the store recovers: {error}"
+            ),
+        }
+    } else {
+        Error::from(error.duplicate())
+    }
+}
+
+/// The error a write gets when it is refused because the store is failed.
+pub(super) fn refusal(store: &StoreHandle) -> Error {
+    let reason = match store.health() {
+        hearth_storage::Health::Failed { reason } => reason,
+        hearth_storage::Health::Ok => "it failed a moment ago".to_string(),
+    };
+    Error::InsufficientStorage {
+        applied: false,
+        detail: format!(
+            "the write was refused and not applied: the store is failing ({reason}); it \
+             retries by itself, so free disk space and try again"
+        ),
+    }
+}
+
+/// Whether a request writes (and so is refused while the store is failed).
+pub(super) fn is_write(request: &Request) -> bool {
+    matches!(
+        request,
+        Request::SetEntity { .. }
+            | Request::SetEntityUnchecked { .. }
+            | Request::SetMany { .. }
+            | Request::SetPolicy { .. }
+            | Request::ResolveConflict { .. }
+            | Request::DeleteEntity { .. }
+            | Request::RestoreEntity { .. }
+            | Request::CreateRoom { .. }
+            | Request::JoinRoom { .. }
+            | Request::LeaveRoom { .. }
+            | Request::Say { .. }
+            | Request::SetPresence { .. }
+            | Request::PairHome { .. }
+            | Request::ForgetHome { .. }
+            | Request::Share { .. }
+            | Request::Unshare { .. }
+            | Request::RevokeDevice { .. }
+            | Request::Repair { drop: true, .. }
+    )
+}
+
+/// Answers a write request with `error` without running it.
+pub(super) fn refuse(request: Request, error: Error) {
+    macro_rules! send {
+        ($reply:expr) => {{
+            let _ = $reply.send(Err(error));
+        }};
+    }
+    match request {
+        Request::SetEntity { reply, .. } | Request::SetEntityUnchecked { reply, .. } => {
+            send!(reply)
+        }
+        Request::SetMany { reply, .. } => send!(reply),
+        Request::SetPolicy { reply, .. } => send!(reply),
+        Request::ResolveConflict { reply, .. } => send!(reply),
+        Request::DeleteEntity { reply, .. } => send!(reply),
+        Request::RestoreEntity { reply, .. } => send!(reply),
+        Request::CreateRoom { reply, .. } => send!(reply),
+        Request::JoinRoom { reply, .. } => send!(reply),
+        Request::LeaveRoom { reply, .. } => send!(reply),
+        Request::Say { reply, .. } => send!(reply),
+        Request::SetPresence { reply, .. } => send!(reply),
+        Request::PairHome { reply, .. } => send!(reply),
+        Request::ForgetHome { reply, .. } => send!(reply),
+        Request::Share { reply, .. } => send!(reply),
+        Request::Unshare { reply, .. } => send!(reply),
+        Request::RevokeDevice { reply, .. } => send!(reply),
+        Request::Repair { reply, .. } => send!(reply),
+        // Not a write: nothing to refuse.
+        _ => {}
+    }
+}
+
+/// Stores one batch and answers its writers; a failure is remembered for the recovery.
+async fn persist(
+    store: StoreHandle,
+    batch: Batch,
+    acks: Vec<Ack>,
+    unpersisted: Arc<Mutex<Unpersisted>>,
+) {
+    let salvage = Salvage::of(&batch);
+    let result = store.batch(batch).await;
+    if let Err(error) = &result {
+        if error.is_store_failure() {
+            unpersisted
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .add(salvage);
+        }
+        // The store logged the failure that latched it; this is one of its consequences.
+        tracing::warn!(%error, "could not persist document changes");
+    }
+    for ack in acks {
+        ack(result.as_ref().map(|_| ()).map_err(write_error));
+    }
+}
+
+impl Core {
+    /// Queues a batch (and the writers it answers) for the store; the run loop starts it
+    /// once a slot is free.
+    pub(super) fn queue_persist(&mut self, batch: Batch, acks: Vec<Ack>) {
+        if batch.is_empty() && acks.is_empty() {
+            return;
+        }
+        self.persist_queue.push(Pending { batch, acks });
+    }
+
+    /// Starts every queued batch, waiting for a slot when [`MAX_PERSISTS_IN_FLIGHT`] are
+    /// already in flight.
+    pub(super) async fn start_persists(&mut self) {
+        for Pending { batch, acks } in std::mem::take(&mut self.persist_queue) {
+            let Ok(permit) = self.persists.clone().acquire_owned().await else {
+                // Closed only when the node is gone.
+                return;
+            };
+            let store = self.store.clone();
+            let unpersisted = self.unpersisted.clone();
+            tokio::spawn(async move {
+                persist(store, batch, acks, unpersisted).await;
+                drop(permit);
+            });
+        }
+    }
+
+    /// Once the store is back: writes a snapshot of every document a failed batch held,
+    /// and the other records those batches lost.
+    pub(super) fn repersist(&mut self) {
+        let lost = std::mem::take(
+            &mut *self
+                .unpersisted
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        if lost.is_empty() {
+            return;
+        }
+        tracing::info!(
+            documents = lost.docs.len(),
+            records = lost.records.len(),
+            "the store is back; storing what it missed"
+        );
+        let mut batch = Batch::new();
+        for ((keyspace, key), value) in lost.records {
+            match value {
+                Some(value) => batch.put(keyspace, key, value),
+                None => batch.delete(keyspace, key),
+            };
+            if batch.len() >= MAX_REPERSIST_OPS {
+                self.queue_persist(std::mem::take(&mut batch), Vec::new());
+            }
+        }
+        for doc in lost.docs {
+            // A document known only by its key has no content to store yet.
+            if !self.has_content(doc) {
+                continue;
+            }
+            match self.engine.snapshot(doc) {
+                Ok(out) => {
+                    let more = self.handle_outputs(out);
+                    append(&mut batch, more);
+                }
+                Err(error) => {
+                    tracing::warn!(%doc, %error, "cannot snapshot a document to store it again")
+                }
+            }
+            if batch.len() >= MAX_REPERSIST_OPS {
+                self.queue_persist(std::mem::take(&mut batch), Vec::new());
+            }
+        }
+        self.queue_persist(batch, Vec::new());
+    }
+}
+
+/// A fresh cap on in-flight persists.
+pub(crate) fn persist_slots() -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(MAX_PERSISTS_IN_FLIGHT))
+}

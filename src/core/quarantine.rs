@@ -1,0 +1,216 @@
+//! Documents whose stored records cannot be loaded at start.
+//!
+//! One damaged record (it fails its integrity check, or its chunks do not rebuild a
+//! document) must not keep the node from starting. Its document is quarantined instead:
+//! it is not loaded, its records stay on disk untouched (so nothing is lost to a bug in
+//! the check), and it is listed in the meta record [`QUARANTINE_KEY`], in `/api/status`
+//! and by `hearth repair`. Devices of the home still sync the document to this one, under
+//! chunk numbers past the damaged ones. `hearth repair --drop` deletes the damaged
+//! records (keeping a fresh snapshot of whatever content has arrived since), and the next
+//! start is clean.
+
+use std::collections::BTreeMap;
+
+use hearth_crdt::DocId;
+use hearth_storage::{Batch, DocChunk, Keyspace, Scan, StoreHandle};
+use serde::Serialize;
+
+use super::{Core, append};
+use crate::Error;
+
+/// Meta record listing the quarantined documents (JSON), rewritten at each start.
+pub(crate) const QUARANTINE_KEY: &[u8] = b"repair/quarantine";
+
+/// A quarantined document, as listed.
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub(crate) struct Quarantined {
+    /// The document id, in base58.
+    pub(crate) doc: String,
+    /// Why it could not be loaded.
+    pub(crate) reason: String,
+    /// The entity it holds, when the registry names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) entity: Option<String>,
+}
+
+/// What `hearth repair` shows: the documents still quarantined, and those just dropped.
+#[derive(Clone, Debug, Default, Serialize)]
+pub(crate) struct RepairReport {
+    pub(crate) quarantined: Vec<Quarantined>,
+    pub(crate) dropped: Vec<Quarantined>,
+}
+
+/// Quarantined documents by id, with the reason and the next free chunk number.
+#[derive(Default)]
+pub(super) struct Quarantine {
+    docs: BTreeMap<DocId, (String, u64)>,
+}
+
+impl Quarantine {
+    /// Quarantines `doc`; the first reason found is kept.
+    pub(super) fn add(&mut self, doc: DocId, reason: String) {
+        self.docs.entry(doc).or_insert((reason, 0));
+    }
+
+    pub(super) fn contains(&self, doc: DocId) -> bool {
+        self.docs.contains_key(&doc)
+    }
+
+    /// Notes the chunk numbers seen for a quarantined document, so new chunks never reuse one.
+    pub(super) fn saw_chunks(&mut self, doc: DocId, next: u64) {
+        if let Some((_, at)) = self.docs.get_mut(&doc) {
+            *at = (*at).max(next);
+        }
+    }
+}
+
+/// One record as read at start: its value, or why it could not be opened.
+pub(super) type LoadedRecord = (Vec<u8>, Result<Vec<u8>, String>);
+
+/// Reads up to `limit` chunk records after `after` one at a time, so a record that fails
+/// its integrity check is reported on its own instead of failing the whole page.
+pub(super) async fn scan_chunks_one_by_one(
+    store: &StoreHandle,
+    mut after: Option<Vec<u8>>,
+    limit: usize,
+) -> Result<Vec<LoadedRecord>, Error> {
+    let mut out = Vec::new();
+    while out.len() < limit {
+        let mut scan = Scan::all().limit(1);
+        if let Some(key) = &after {
+            scan = scan.after(key.clone());
+        }
+        match store.scan(Keyspace::DocChunks, scan).await {
+            Ok(mut one) => match one.pop() {
+                Some((key, value)) => {
+                    after = Some(key.clone());
+                    out.push((key, Ok(value)));
+                }
+                None => break,
+            },
+            Err(hearth_storage::Error::Integrity { key, .. }) => {
+                let key = key.as_bytes().to_vec();
+                after = Some(key.clone());
+                out.push((
+                    key,
+                    Err("a stored record failed its integrity check".into()),
+                ));
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Ok(out)
+}
+
+/// Every stored chunk key of `doc`, damaged records included.
+async fn chunk_keys(store: &StoreHandle, doc: DocId) -> Result<Vec<Vec<u8>>, Error> {
+    let prefix = DocChunk::prefix(doc.as_bytes());
+    let mut keys = Vec::new();
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let mut scan = Scan::prefix(prefix.clone()).limit(1);
+        if let Some(key) = &after {
+            scan = scan.after(key.clone());
+        }
+        let key = match store.scan(Keyspace::DocChunks, scan).await {
+            Ok(mut one) => match one.pop() {
+                Some((key, _)) => key,
+                None => break,
+            },
+            Err(hearth_storage::Error::Integrity { key, .. }) => key.as_bytes().to_vec(),
+            Err(error) => return Err(error.into()),
+        };
+        if !key.starts_with(&prefix) {
+            break;
+        }
+        after = Some(key.clone());
+        keys.push(key);
+    }
+    Ok(keys)
+}
+
+impl Core {
+    /// After loading: logs and lists the quarantined documents in the meta record, and
+    /// keeps their chunk numbers clear of the damaged ones.
+    pub(super) async fn record_quarantine(&mut self) -> Result<(), Error> {
+        let listed = self
+            .store
+            .get(Keyspace::Meta, QUARANTINE_KEY.to_vec())
+            .await?;
+        if self.quarantine.docs.is_empty() {
+            if listed.is_some() {
+                self.store
+                    .delete(Keyspace::Meta, QUARANTINE_KEY.to_vec())
+                    .await?;
+            }
+            return Ok(());
+        }
+        for (doc, (reason, next)) in &self.quarantine.docs {
+            tracing::error!(%doc, %reason, "a stored document is damaged and was not loaded; its records are kept (see `hearth repair`)");
+            self.chunk_seq.insert(*doc, (*next, 0));
+        }
+        let list = serde_json::to_vec(&self.quarantine_list())
+            .map_err(|e| Error::Internal(format!("cannot encode the quarantine list: {e}")))?;
+        self.store
+            .put(Keyspace::Meta, QUARANTINE_KEY.to_vec(), list)
+            .await?;
+        Ok(())
+    }
+
+    pub(super) fn quarantine_list(&self) -> Vec<Quarantined> {
+        self.quarantine
+            .docs
+            .iter()
+            .map(|(doc, (reason, _))| Quarantined {
+                doc: doc.to_string(),
+                reason: reason.clone(),
+                entity: self.entity_of_doc.get(doc).cloned(),
+            })
+            .collect()
+    }
+
+    /// Lists the quarantined documents; with `drop`, deletes their stored records (and
+    /// stores a fresh snapshot of any content that has arrived since), so the next start
+    /// is clean.
+    pub(super) async fn repair(&mut self, drop: bool) -> Result<RepairReport, Error> {
+        let listed = self.quarantine_list();
+        if !drop || listed.is_empty() {
+            return Ok(RepairReport {
+                quarantined: listed,
+                dropped: Vec::new(),
+            });
+        }
+        let mut batch = Batch::new();
+        let docs: Vec<DocId> = self.quarantine.docs.keys().copied().collect();
+        let store = self.store.clone();
+        for doc in &docs {
+            for key in chunk_keys(&store, *doc).await? {
+                batch.delete(Keyspace::DocChunks, key);
+            }
+            // Content synced since start is kept: its snapshot lands after the deletes.
+            if self.has_content(*doc) {
+                self.chunk_seq.insert(*doc, (0, 0));
+                match self.engine.snapshot(*doc) {
+                    Ok(out) => {
+                        let more = self.handle_outputs(out);
+                        append(&mut batch, more);
+                    }
+                    Err(error) => {
+                        tracing::warn!(%doc, %error, "cannot snapshot a repaired document")
+                    }
+                }
+            }
+        }
+        batch.delete(Keyspace::Meta, QUARANTINE_KEY.to_vec());
+        self.store.batch(batch).await?;
+        self.quarantine.docs.clear();
+        tracing::info!(
+            documents = docs.len(),
+            "dropped the damaged records of quarantined documents"
+        );
+        Ok(RepairReport {
+            quarantined: Vec::new(),
+            dropped: listed,
+        })
+    }
+}
