@@ -407,6 +407,12 @@ struct UpArgs {
     #[arg(long = "allowed-origin", value_name = "ORIGIN")]
     allowed_origins: Vec<String>,
 
+    /// Most connections one IP address may hold to this node; the home's own devices and
+    /// --peer addresses are exempt.
+    #[arg(long, value_name = "N", default_value_t = hearth::DEFAULT_MAX_CONNECTIONS_PER_IP,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections_per_ip: u32,
+
     /// Log output format.
     #[arg(long, value_enum, default_value_t = LogFormat::Pretty)]
     log_format: LogFormat,
@@ -573,6 +579,7 @@ fn run_up(data: PathBuf, up: UpArgs) -> Result<()> {
         batch_window: up.batch_window,
         metrics_open: up.metrics_open,
         allowed_origins: up.allowed_origins,
+        max_connections_per_ip: up.max_connections_per_ip,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

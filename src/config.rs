@@ -41,7 +41,14 @@ pub struct Config {
     /// may open the API's WebSockets, besides the node's own (`http://` plus its bound
     /// address, `localhost:PORT` or `127.0.0.1:PORT`). Empty by default.
     pub allowed_origins: Vec<String>,
+    /// Most connections from one IP address ([`DEFAULT_MAX_CONNECTIONS_PER_IP`]); the
+    /// home's own devices and static peers are exempt. A LAN neighbour opening more is
+    /// refused right after the handshake.
+    pub max_connections_per_ip: u32,
 }
+
+/// Connections accepted from one IP address unless told otherwise.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: u32 = hearth_net::DEFAULT_MAX_CONNECTIONS_PER_IP;
 
 /// The batching window unless told otherwise: 1 ms.
 pub const DEFAULT_BATCH_WINDOW: Duration = Duration::from_millis(1);
@@ -64,6 +71,7 @@ impl Default for Config {
             batch_window: DEFAULT_BATCH_WINDOW,
             metrics_open: false,
             allowed_origins: Vec::new(),
+            max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
         }
     }
 }

@@ -601,6 +601,7 @@ fn net_config(config: &Config, identity: &DeviceIdentity) -> Result<hearth_net::
         listen,
         mdns: config.mdns,
         static_peers,
+        max_connections_per_ip: config.max_connections_per_ip,
         ..hearth_net::Config::default()
     })
 }
