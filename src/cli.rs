@@ -579,12 +579,32 @@ fn run_up(data: PathBuf, up: UpArgs) -> Result<()> {
             node.data_dir().display(),
             node.api_addr()
         );
-        stop.await?;
-        tracing::info!("stopping");
-        tokio::time::timeout(SHUTDOWN_LIMIT, node.shutdown())
-            .await
-            .context("node did not stop within 2 s")??;
-        Ok(())
+        // Test hook: the integration tests kill the core of a running `hearth up` this way.
+        #[cfg(feature = "test-hooks")]
+        if std::env::var_os("HEARTH_TEST_ABORT_CORE").is_some() {
+            node.debug_abort_core();
+        }
+        // A node whose core or network died answers nothing any more; staying up would
+        // hide that from the supervisor, so it stops and exits 1.
+        let failure = tokio::select! {
+            stopped = stop => { stopped?; None }
+            reason = node.failed() => Some(reason),
+        };
+        match failure {
+            None => {
+                tracing::info!("stopping");
+                tokio::time::timeout(SHUTDOWN_LIMIT, node.shutdown())
+                    .await
+                    .context("node did not stop within 2 s")??;
+                Ok(())
+            }
+            Some(reason) => {
+                tracing::error!(%reason, "stopping after a node task failed");
+                // Best effort: the store still closes cleanly; the exit says what failed.
+                let _ = tokio::time::timeout(SHUTDOWN_LIMIT, node.shutdown()).await;
+                bail!("the node stopped working: {reason}")
+            }
+        }
     })
 }
 

@@ -58,8 +58,12 @@ pub struct Node {
     state: Arc<ApiState>,
     cancel: CancellationToken,
     api_task: JoinHandle<()>,
-    core_task: JoinHandle<()>,
-    net_task: JoinHandle<()>,
+    core_task: Supervised,
+    net_task: Supervised,
+    /// Set (once) to what ended when the core or the network task ends unasked.
+    failure: tokio::sync::watch::Receiver<Option<String>>,
+    #[cfg(feature = "test-hooks")]
+    core_abort: tokio::task::AbortHandle,
     core: CoreHandle,
     bus: crate::bus::Bus,
     bus_task: JoinHandle<()>,
@@ -129,10 +133,16 @@ impl Node {
         }
         let (net, net_events, net_loop) =
             hearth_net::new(net_cfg).map_err(|e| Error::Network(e.to_string()))?;
-        let net_task = tokio::spawn(tracing::Instrument::instrument(
-            net_loop.run(cancel.clone()),
-            tracing::error_span!("net", peer = %identity.peer_id()),
-        ));
+        let (failed_tx, failure) = tokio::sync::watch::channel(None);
+        let net_task = supervise(
+            "network",
+            tokio::spawn(tracing::Instrument::instrument(
+                net_loop.run(cancel.clone()),
+                tracing::error_span!("net", peer = %identity.peer_id()),
+            )),
+            cancel.clone(),
+            failed_tx.clone(),
+        );
         let (core, facts, core_task) = core::start(
             store.clone(),
             identity.peer_id(),
@@ -145,6 +155,9 @@ impl Node {
             cancel.clone(),
         )
         .await?;
+        #[cfg(feature = "test-hooks")]
+        let core_abort = core_task.abort_handle();
+        let core_task = supervise("core", core_task, cancel.clone(), failed_tx);
 
         let bus = crate::bus::Bus::new();
         let bus_task = crate::bus::bridge::spawn(
@@ -210,6 +223,9 @@ impl Node {
             api_task,
             core_task,
             net_task,
+            failure,
+            #[cfg(feature = "test-hooks")]
+            core_abort,
             core,
             bus,
             bus_task,
@@ -504,19 +520,83 @@ impl Node {
         datadir::remove_api_addr(&self.api_addr_file)?;
         // The core stops at the cancellation; writes it already handed to the store are
         // flushed by the close below.
-        self.core_task
+        let core_ended = self
+            .core_task
             .await
             .map_err(|e| Error::Task(format!("core: {e}")))?;
-        self.net_task
+        let net_ended = self
+            .net_task
             .await
             .map_err(|e| Error::Task(format!("network: {e}")))?;
         self.bus_task
             .await
             .map_err(|e| Error::Task(format!("event bus: {e}")))?;
+        // The store is closed even after a task failed, so what was flushed stays whole.
         self.state.store.close().await?;
+        core_ended.map_err(Error::Task)?;
+        net_ended.map_err(Error::Task)?;
         tracing::info!("node stopped");
         Ok(())
     }
+
+    /// Resolves when a task the node cannot run without (the core or the network event
+    /// loop) has ended while the node was not stopping: it panicked, or returned early.
+    /// Yields what ended and how. A node in that state no longer syncs or answers writes,
+    /// so its owner should stop it ([`Node::shutdown`]) and report the failure; `hearth up`
+    /// exits 1. Never resolves for a healthy node.
+    ///
+    /// Cancel-safe.
+    pub async fn failed(&self) -> String {
+        let mut failure = self.failure.clone();
+        match failure.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone().unwrap_or_default(),
+            // The senders live in the supervising tasks, which only end after sending or
+            // at a requested stop: nothing failed.
+            Err(_) => std::future::pending().await,
+        }
+    }
+
+    /// Test hook: aborts the core task, as a crash of the core would end it. Not for
+    /// production use; only built with the `test-hooks` feature.
+    #[cfg(feature = "test-hooks")]
+    #[doc(hidden)]
+    pub fn debug_abort_core(&self) {
+        self.core_abort.abort();
+    }
+}
+
+/// A node task behind its supervisor: the supervisor's result says whether the task ended
+/// as asked (`Ok`) or not (`Err` with what happened).
+type Supervised = JoinHandle<Result<(), String>>;
+
+/// Watches `task`: when it ends before `cancel` fired (it returned early, panicked or was
+/// aborted), logs an error and reports it on `failed`, which [`Node::failed`] waits on.
+fn supervise(
+    name: &'static str,
+    task: JoinHandle<()>,
+    cancel: CancellationToken,
+    failed: tokio::sync::watch::Sender<Option<String>>,
+) -> Supervised {
+    tokio::spawn(async move {
+        let ended = task.await;
+        let reason = match ended {
+            Ok(()) if cancel.is_cancelled() => return Ok(()),
+            Ok(()) => format!("the {name} task ended on its own"),
+            Err(e) if e.is_panic() => format!("the {name} task panicked"),
+            Err(e) => format!("the {name} task was stopped: {e}"),
+        };
+        tracing::error!(task = name, reason = %reason, "a node task ended; the node cannot go on");
+        failed.send_if_modified(|slot| {
+            // The first failure is the one worth reporting; a second follows from it.
+            if slot.is_none() {
+                *slot = Some(reason.clone());
+                true
+            } else {
+                false
+            }
+        });
+        Err(reason)
+    })
 }
 
 /// Parses the public, string-typed network settings into the network layer's config.
