@@ -559,6 +559,8 @@ fn run_up(data: PathBuf, up: UpArgs) -> Result<()> {
         batch_window: up.batch_window,
         metrics_open: up.metrics_open,
         allowed_origins: up.allowed_origins,
+        audit_max_entries: hearth::DEFAULT_AUDIT_MAX_ENTRIES,
+        audit_max_age: hearth::DEFAULT_AUDIT_MAX_AGE,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -41,7 +41,16 @@ pub struct Config {
     /// may open the API's WebSockets, besides the node's own (`http://` plus its bound
     /// address, `localhost:PORT` or `127.0.0.1:PORT`). Empty by default.
     pub allowed_origins: Vec<String>,
+    /// Audit entries kept at most ([`DEFAULT_AUDIT_MAX_ENTRIES`]); the oldest go first.
+    pub audit_max_entries: usize,
+    /// Audit entries older than this are pruned ([`DEFAULT_AUDIT_MAX_AGE`]).
+    pub audit_max_age: Duration,
 }
+
+/// Audit entries kept unless told otherwise: 10 000.
+pub const DEFAULT_AUDIT_MAX_ENTRIES: usize = 10_000;
+/// How long audit entries are kept unless told otherwise: 90 days.
+pub const DEFAULT_AUDIT_MAX_AGE: Duration = Duration::from_secs(90 * 24 * 3600);
 
 /// The batching window unless told otherwise: 1 ms.
 pub const DEFAULT_BATCH_WINDOW: Duration = Duration::from_millis(1);
@@ -64,6 +73,8 @@ impl Default for Config {
             batch_window: DEFAULT_BATCH_WINDOW,
             metrics_open: false,
             allowed_origins: Vec::new(),
+            audit_max_entries: DEFAULT_AUDIT_MAX_ENTRIES,
+            audit_max_age: DEFAULT_AUDIT_MAX_AGE,
         }
     }
 }

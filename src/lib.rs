@@ -45,8 +45,8 @@ mod trust;
 mod ws;
 
 pub use config::{
-    Config, DEFAULT_API_ADDR, DEFAULT_BATCH_WINDOW, DEFAULT_LISTEN, MAX_BATCH_WINDOW, Passphrase,
-    default_data_dir,
+    Config, DEFAULT_API_ADDR, DEFAULT_AUDIT_MAX_AGE, DEFAULT_AUDIT_MAX_ENTRIES,
+    DEFAULT_BATCH_WINDOW, DEFAULT_LISTEN, MAX_BATCH_WINDOW, Passphrase, default_data_dir,
 };
 pub use core::MAX_BATCH_WRITES;
 pub use core::{CHANGE_BUFFER, RevokedDevice, SyncCounters};

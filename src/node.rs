@@ -67,6 +67,7 @@ pub struct Node {
     core: CoreHandle,
     bus: crate::bus::Bus,
     bus_task: JoinHandle<()>,
+    retention_task: JoinHandle<()>,
     api_addr_file: PathBuf,
     // Held for the node's lifetime: the OS lock on it keeps a second node off the dir.
     _lock: File,
@@ -170,6 +171,18 @@ impl Node {
             cancel.clone(),
         );
 
+        let retention_task = tokio::spawn(
+            crate::audit::run_retention(
+                store.clone(),
+                crate::audit::Retention {
+                    max_entries: config.audit_max_entries,
+                    max_age: config.audit_max_age,
+                },
+                cancel.clone(),
+            )
+            .instrument(tracing::error_span!("retention")),
+        );
+
         let listener = tokio::net::TcpListener::bind(config.api_addr)
             .await
             .map_err(|source| Error::ApiBind {
@@ -229,6 +242,7 @@ impl Node {
             core,
             bus,
             bus_task,
+            retention_task,
             api_addr_file,
             _lock: lock,
         })
@@ -531,6 +545,10 @@ impl Node {
         self.bus_task
             .await
             .map_err(|e| Error::Task(format!("event bus: {e}")))?;
+        // A prune in progress finishes before the store closes under it.
+        self.retention_task
+            .await
+            .map_err(|e| Error::Task(format!("retention: {e}")))?;
         // The store is closed even after a task failed, so what was flushed stays whole.
         self.state.store.close().await?;
         core_ended.map_err(Error::Task)?;

@@ -806,3 +806,48 @@ fn stray_methods_and_paths_add_no_metric_series() {
         "{text}"
     );
 }
+
+#[test]
+fn the_audit_log_pages_back_from_the_newest_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = TestNode::start(dir.path(), "den");
+    // Each invite is audited.
+    for _ in 0..7 {
+        n.ok("POST", "/api/invites", Some(json!({"kind": "home"})), 200);
+    }
+    let all = n.ok("GET", "/api/audit", None, 200);
+    let all = all["entries"].as_array().unwrap().clone();
+    assert!(all.len() >= 7, "{all:?}");
+    let mut walked: Vec<Value> = Vec::new();
+    let mut path = "/api/audit?limit=3".to_string();
+    let mut pages = 0;
+    loop {
+        let page = n.ok("GET", &path, None, 200);
+        pages += 1;
+        let entries = page["entries"].as_array().unwrap();
+        assert!(!entries.is_empty() && entries.len() <= 3, "{page}");
+        let mut older = entries.clone();
+        older.extend(walked);
+        walked = older;
+        match page["next_before"].as_str() {
+            Some(cursor) => path = format!("/api/audit?limit=3&before={cursor}"),
+            None => break,
+        }
+    }
+    assert_eq!(walked, all, "pages joined differ from the whole log");
+    assert_eq!(pages, all.len().div_ceil(3));
+    n.refused("GET", "/api/audit?limit=0", "", 400, "bad_request");
+    n.refused("GET", "/api/audit?before=nope", "", 400, "bad_request");
+
+    // `hearth audit` follows the pages to the start.
+    let out = crate::util::run(
+        crate::util::hearth().args(["audit", "--json", "--api", &n.api, "--token", &n.token]),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(printed["entries"].as_array().unwrap(), &all);
+}
