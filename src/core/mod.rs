@@ -30,6 +30,7 @@ mod peers;
 mod revoke;
 mod rooms;
 mod sharing;
+mod sync_states;
 
 use hearth_crdt::schema::home as home_schema;
 use hearth_crdt::wire::Frame;
@@ -725,6 +726,13 @@ impl Core {
                     Ok(entity) => self.emit_change(entity, None, None, true),
                     Err(error) => tracing::debug!(%id, %error, "deleted entity unreadable"),
                 }
+                let batch = self.drop_sync_states_of_doc(doc);
+                let store = self.store.clone();
+                tokio::spawn(async move {
+                    if let Err(error) = store.batch(batch).await {
+                        tracing::warn!(%error, "could not delete a deleted entity's sync states");
+                    }
+                });
             }
         }
     }

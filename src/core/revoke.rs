@@ -94,6 +94,7 @@ impl Core {
         )
         .await;
         tracing::info!(%peer, name = %record.name, rotated, "revoked a device");
+        self.drop_sync_states_of_peers(vec![peer.clone()]);
         self.send_pending().await;
         Ok(RevokedDevice {
             peer_id: peer,
@@ -116,6 +117,8 @@ impl Core {
             })
             .map(|(p, n)| (p.clone(), *n))
             .collect();
+        let gone: Vec<String> = revoked.iter().map(|(p, _)| p.clone()).collect();
+        self.drop_sync_states_of_peers(gone);
         for (text, peer) in revoked {
             self.admitted.remove(&text);
             self.engine.detach_peer(&text);
