@@ -80,9 +80,11 @@ pub(crate) async fn record_by(store: &StoreHandle, actor: &str, action: &str, su
 const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
 
 /// The node's retention task: prunes the log at start, every [`PRUNE_INTERVAL`], and
-/// whenever appends wake it, until `cancel` fires.
+/// whenever appends wake it, until `cancel` fires. At start and on the hourly tick it has
+/// the core prune every room's chat too (the core also prunes a room as it appends).
 pub(crate) async fn run_retention(
     store: StoreHandle,
+    core: crate::core::CoreHandle,
     keep: Retention,
     cancel: tokio_util::sync::CancellationToken,
 ) {
@@ -90,10 +92,22 @@ pub(crate) async fn run_retention(
     let mut tick = tokio::time::interval(PRUNE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
+        let ticked = tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tick.tick() => {}
-            _ = PRUNE.notified() => {}
+            _ = tick.tick() => true,
+            _ = PRUNE.notified() => false,
+        };
+        if ticked {
+            let pruned = core
+                .call(|reply| crate::core::Request::PruneChat { reply })
+                .await;
+            match pruned {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => tracing::debug!(pruned = n, "chat pruned"),
+                Ok(Err(error)) => tracing::warn!(%error, "cannot prune chat; will retry"),
+                // The core stopped: the node is stopping too.
+                Err(_) => return,
+            }
         }
         match prune(&store, keep, crate::core::now_ms()).await {
             Ok(0) => {}

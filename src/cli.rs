@@ -561,6 +561,8 @@ fn run_up(data: PathBuf, up: UpArgs) -> Result<()> {
         allowed_origins: up.allowed_origins,
         audit_max_entries: hearth::DEFAULT_AUDIT_MAX_ENTRIES,
         audit_max_age: hearth::DEFAULT_AUDIT_MAX_AGE,
+        chat_max_messages: hearth::DEFAULT_CHAT_MAX_MESSAGES,
+        chat_max_age: hearth::DEFAULT_CHAT_MAX_AGE,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

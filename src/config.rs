@@ -45,7 +45,18 @@ pub struct Config {
     pub audit_max_entries: usize,
     /// Audit entries older than this are pruned ([`DEFAULT_AUDIT_MAX_AGE`]).
     pub audit_max_age: Duration,
+    /// Chat messages each room keeps at most ([`DEFAULT_CHAT_MAX_MESSAGES`]); the oldest go
+    /// first. A room is one document of the home, so the smallest limit among its devices
+    /// is the one that holds.
+    pub chat_max_messages: usize,
+    /// Chat messages older than this are pruned ([`DEFAULT_CHAT_MAX_AGE`]).
+    pub chat_max_age: Duration,
 }
+
+/// Chat messages each room keeps unless told otherwise: 1000 (what one read returns).
+pub const DEFAULT_CHAT_MAX_MESSAGES: usize = 1_000;
+/// How long chat messages are kept unless told otherwise: 30 days.
+pub const DEFAULT_CHAT_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// Audit entries kept unless told otherwise: 10 000.
 pub const DEFAULT_AUDIT_MAX_ENTRIES: usize = 10_000;
@@ -75,6 +86,8 @@ impl Default for Config {
             allowed_origins: Vec::new(),
             audit_max_entries: DEFAULT_AUDIT_MAX_ENTRIES,
             audit_max_age: DEFAULT_AUDIT_MAX_AGE,
+            chat_max_messages: DEFAULT_CHAT_MAX_MESSAGES,
+            chat_max_age: DEFAULT_CHAT_MAX_AGE,
         }
     }
 }

@@ -46,7 +46,8 @@ mod ws;
 
 pub use config::{
     Config, DEFAULT_API_ADDR, DEFAULT_AUDIT_MAX_AGE, DEFAULT_AUDIT_MAX_ENTRIES,
-    DEFAULT_BATCH_WINDOW, DEFAULT_LISTEN, MAX_BATCH_WINDOW, Passphrase, default_data_dir,
+    DEFAULT_BATCH_WINDOW, DEFAULT_CHAT_MAX_AGE, DEFAULT_CHAT_MAX_MESSAGES, DEFAULT_LISTEN,
+    MAX_BATCH_WINDOW, Passphrase, default_data_dir,
 };
 pub use core::MAX_BATCH_WRITES;
 pub use core::{CHANGE_BUFFER, RevokedDevice, SyncCounters};

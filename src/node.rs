@@ -153,6 +153,10 @@ impl Node {
             net_events,
             metrics.clone(),
             config.batch_window,
+            core::rooms::ChatRetention {
+                max_messages: config.chat_max_messages,
+                max_age: config.chat_max_age,
+            },
             cancel.clone(),
         )
         .await?;
@@ -174,6 +178,7 @@ impl Node {
         let retention_task = tokio::spawn(
             crate::audit::run_retention(
                 store.clone(),
+                core.clone(),
                 crate::audit::Retention {
                     max_entries: config.audit_max_entries,
                     max_age: config.audit_max_age,

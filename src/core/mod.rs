@@ -28,7 +28,7 @@ pub(crate) mod pairing;
 pub use revoke::RevokedDevice;
 mod peers;
 mod revoke;
-mod rooms;
+pub(crate) mod rooms;
 mod sharing;
 mod sync_states;
 
@@ -168,6 +168,10 @@ pub(crate) enum Request {
         room: String,
         limit: usize,
         reply: Reply<Vec<crate::rooms::ChatMessage>>,
+    },
+    /// Prunes every room's chat to the retention limits; answers how many went.
+    PruneChat {
+        reply: Reply<usize>,
     },
     SetPresence {
         user: Option<String>,
@@ -346,6 +350,8 @@ struct Core {
     /// What each room looked like when last announced, to turn document changes into
     /// member and chat events.
     rooms_seen: HashMap<DocId, rooms::RoomSeen>,
+    /// How much chat each room keeps.
+    chat_keep: rooms::ChatRetention,
     /// Presence entries as last announced.
     presence_seen: std::collections::BTreeMap<String, hearth_crdt::PresenceEntry>,
     /// When a frame last came from each admitted peer (ms since the epoch).
@@ -455,6 +461,7 @@ pub(crate) async fn start(
     net_events: hearth_net::EventStream,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
     batch_window: std::time::Duration,
+    chat_keep: rooms::ChatRetention,
     cancel: CancellationToken,
 ) -> Result<(CoreHandle, NodeFacts, tokio::task::JoinHandle<()>), Error> {
     let stored = store.get(Keyspace::Meta, HOME_KEY.to_vec()).await?;
@@ -487,6 +494,7 @@ pub(crate) async fn start(
         node_events: broadcast::channel(CHANGE_BUFFER).0,
         device_name: clean_device_name(device_name),
         rooms_seen: HashMap::new(),
+        chat_keep,
         presence_seen: Default::default(),
         last_heard: HashMap::new(),
         metrics,

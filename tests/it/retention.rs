@@ -106,3 +106,48 @@ async fn deleting_an_entity_deletes_its_saved_sync_states() {
             .count()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_keeps_its_newest_messages_and_still_announces_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = crate::ws::config(dir.path(), "a");
+    config.chat_max_messages = 5;
+    let node = timeout(T, hearth::Node::start(config))
+        .await
+        .unwrap()
+        .unwrap();
+    let room = timeout(T, node.rooms().create("den", None, None))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut events = node.subscribe();
+    for i in 0..8 {
+        timeout(T, node.rooms().say(&room.room_id, None, &format!("m{i}")))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let kept: Vec<String> = timeout(T, node.rooms().messages(&room.room_id, 100))
+        .await
+        .unwrap()
+        .unwrap()
+        .into_iter()
+        .map(|m| m.message)
+        .collect();
+    assert_eq!(kept, ["m3", "m4", "m5", "m6", "m7"]);
+    // Pruning takes messages off the front as new ones come: every new one is still
+    // announced once, in order.
+    let mut announced = Vec::new();
+    while announced.len() < 8 {
+        match timeout(T, events.next()).await.unwrap().unwrap() {
+            hearth::EventItem::Event(hearth::Event::Chat { message, .. }) => {
+                announced.push(message.message.clone())
+            }
+            hearth::EventItem::Missed(n) => panic!("missed {n} events"),
+            _ => {}
+        }
+    }
+    let want: Vec<String> = (0..8).map(|i| format!("m{i}")).collect();
+    assert_eq!(announced, want);
+    timeout(T, node.shutdown()).await.unwrap().unwrap();
+}
