@@ -343,6 +343,20 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn appends_wake_the_retention_task() {
+        let store = hearth_storage::open_in_memory().unwrap();
+        let woken = PRUNE.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        for i in 0..PRUNE_EVERY_APPENDS {
+            record(&store, "test.entry", &i.to_string()).await;
+        }
+        tokio::time::timeout(Duration::from_secs(5), woken)
+            .await
+            .expect("no prune after a full interval of appends");
+    }
+
+    #[tokio::test]
     async fn pages_walk_back_from_the_newest() {
         let store = hearth_storage::open_in_memory().unwrap();
         let now = 1_000 * DAY_MS;
