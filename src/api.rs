@@ -238,26 +238,49 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
         .with_state(state)
 }
 
-/// Counts every request by method, matched route (never the raw path, whose ids would
-/// make a series per entity) and status.
+/// Counts every request by method, matched route and status. Requests are counted before
+/// the token check, so every label comes from a fixed set: a method outside the API's
+/// four is `OTHER`, and a path no route matched is `unmatched` (never the raw path, whose
+/// ids or a stranger's junk would each make a series).
 async fn count_requests(
     State(state): State<Arc<ApiState>>,
     request: Request,
     next: Next,
 ) -> Response {
-    let method = request.method().to_string();
-    let route = request
-        .extensions()
-        .get::<axum::extract::MatchedPath>()
-        // `:id` rather than axum's `{id}`: braces inside label values trip up some
-        // Prometheus text parsers.
-        .map(|p| p.as_str().replace('{', ":").replace('}', ""))
-        .unwrap_or_else(|| "unmatched".to_string());
+    let method = method_label(request.method());
+    let route = route_label(
+        request
+            .extensions()
+            .get::<axum::extract::MatchedPath>()
+            .map(|p| p.as_str()),
+    );
     let response = next.run(request).await;
     state
         .metrics
-        .api_request(&method, &route, response.status().as_u16());
+        .api_request(method, &route, response.status().as_u16());
     response
+}
+
+/// The metric label of a request method.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::PUT => "PUT",
+        Method::POST => "POST",
+        Method::DELETE => "DELETE",
+        _ => "OTHER",
+    }
+}
+
+/// The metric label of a matched route: one of the router's own paths, with `:id` rather
+/// than axum's `{id}` (braces inside label values trip up some Prometheus text parsers).
+/// No route, or a catch-all axum adds itself (its path holds a `*`), is `unmatched`.
+fn route_label(matched: Option<&str>) -> String {
+    match matched {
+        Some(path) if !path.contains('*') => path.replace('{', ":").replace('}', ""),
+        _ => "unmatched".to_string(),
+    }
 }
 
 async fn require_token(
@@ -563,6 +586,22 @@ async fn not_found(request: Request) -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn labels_come_from_fixed_sets() {
+        use axum::http::Method;
+        assert_eq!(method_label(&Method::GET), "GET");
+        assert_eq!(method_label(&Method::DELETE), "DELETE");
+        assert_eq!(method_label(&Method::HEAD), "OTHER");
+        let junk = Method::from_bytes(&[b'X'; 6000]).unwrap();
+        assert_eq!(method_label(&junk), "OTHER");
+        assert_eq!(route_label(Some("/api/entities/{id}")), "/api/entities/:id");
+        assert_eq!(route_label(None), "unmatched");
+        assert_eq!(
+            route_label(Some("/{*__private__axum_fallback}")),
+            "unmatched"
+        );
+    }
 
     #[test]
     fn token_comparison_needs_every_byte() {

@@ -580,6 +580,10 @@ fn run_up(data: PathBuf, up: UpArgs) -> Result<()> {
         metrics_open: up.metrics_open,
         allowed_origins: up.allowed_origins,
         max_connections_per_ip: up.max_connections_per_ip,
+        audit_max_entries: hearth::DEFAULT_AUDIT_MAX_ENTRIES,
+        audit_max_age: hearth::DEFAULT_AUDIT_MAX_AGE,
+        chat_max_messages: hearth::DEFAULT_CHAT_MAX_MESSAGES,
+        chat_max_age: hearth::DEFAULT_CHAT_MAX_AGE,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -600,12 +604,32 @@ fn run_up(data: PathBuf, up: UpArgs) -> Result<()> {
             node.data_dir().display(),
             node.api_addr()
         );
-        stop.await?;
-        tracing::info!("stopping");
-        tokio::time::timeout(SHUTDOWN_LIMIT, node.shutdown())
-            .await
-            .context("node did not stop within 4.5 s")??;
-        Ok(())
+        // Test hook: the integration tests kill the core of a running `hearth up` this way.
+        #[cfg(feature = "test-hooks")]
+        if std::env::var_os("HEARTH_TEST_ABORT_CORE").is_some() {
+            node.debug_abort_core();
+        }
+        // A node whose core or network died answers nothing any more; staying up would
+        // hide that from the supervisor, so it stops and exits 1.
+        let failure = tokio::select! {
+            stopped = stop => { stopped?; None }
+            reason = node.failed() => Some(reason),
+        };
+        match failure {
+            None => {
+                tracing::info!("stopping");
+                tokio::time::timeout(SHUTDOWN_LIMIT, node.shutdown())
+                    .await
+                    .context("node did not stop within 4.5 s")??;
+                Ok(())
+            }
+            Some(reason) => {
+                tracing::error!(%reason, "stopping after a node task failed");
+                // Best effort: the store still closes cleanly; the exit says what failed.
+                let _ = tokio::time::timeout(SHUTDOWN_LIMIT, node.shutdown()).await;
+                bail!("the node stopped working: {reason}")
+            }
+        }
     });
     // Dropping a runtime waits for every blocking task without limit; this does not.
     runtime.shutdown_timeout(RUNTIME_STOP_LIMIT);

@@ -45,10 +45,30 @@ pub struct Config {
     /// home's own devices and static peers are exempt. A LAN neighbour opening more is
     /// refused right after the handshake.
     pub max_connections_per_ip: u32,
+    /// Audit entries kept at most ([`DEFAULT_AUDIT_MAX_ENTRIES`]); the oldest go first.
+    pub audit_max_entries: usize,
+    /// Audit entries older than this are pruned ([`DEFAULT_AUDIT_MAX_AGE`]).
+    pub audit_max_age: Duration,
+    /// Chat messages each room keeps at most ([`DEFAULT_CHAT_MAX_MESSAGES`]); the oldest go
+    /// first. A room is one document of the home, so the smallest limit among its devices
+    /// is the one that holds.
+    pub chat_max_messages: usize,
+    /// Chat messages older than this are pruned ([`DEFAULT_CHAT_MAX_AGE`]).
+    pub chat_max_age: Duration,
 }
 
 /// Connections accepted from one IP address unless told otherwise.
 pub const DEFAULT_MAX_CONNECTIONS_PER_IP: u32 = hearth_net::DEFAULT_MAX_CONNECTIONS_PER_IP;
+
+/// Chat messages each room keeps unless told otherwise: 1000 (what one read returns).
+pub const DEFAULT_CHAT_MAX_MESSAGES: usize = 1_000;
+/// How long chat messages are kept unless told otherwise: 30 days.
+pub const DEFAULT_CHAT_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Audit entries kept unless told otherwise: 10 000.
+pub const DEFAULT_AUDIT_MAX_ENTRIES: usize = 10_000;
+/// How long audit entries are kept unless told otherwise: 90 days.
+pub const DEFAULT_AUDIT_MAX_AGE: Duration = Duration::from_secs(90 * 24 * 3600);
 
 /// The batching window unless told otherwise: 1 ms.
 pub const DEFAULT_BATCH_WINDOW: Duration = Duration::from_millis(1);
@@ -72,6 +92,10 @@ impl Default for Config {
             metrics_open: false,
             allowed_origins: Vec::new(),
             max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
+            audit_max_entries: DEFAULT_AUDIT_MAX_ENTRIES,
+            audit_max_age: DEFAULT_AUDIT_MAX_AGE,
+            chat_max_messages: DEFAULT_CHAT_MAX_MESSAGES,
+            chat_max_age: DEFAULT_CHAT_MAX_AGE,
         }
     }
 }

@@ -54,7 +54,8 @@ pub(crate) struct EventLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct RouteLabels {
-    pub(crate) method: String,
+    /// `GET`, `PUT`, `POST`, `DELETE` or `OTHER`, never the raw method text.
+    pub(crate) method: &'static str,
     pub(crate) route: String,
     pub(crate) status: u16,
 }
@@ -292,11 +293,11 @@ impl Metrics {
         raise_to(&self.sync_errors.get_or_create(&KindLabels { kind }), total);
     }
 
-    /// Counts one API request.
-    pub(crate) fn api_request(&self, method: &str, route: &str, status: u16) {
+    /// Counts one API request. The caller maps method and route onto fixed sets.
+    pub(crate) fn api_request(&self, method: &'static str, route: &str, status: u16) {
         self.api_requests
             .get_or_create(&RouteLabels {
-                method: method.to_string(),
+                method,
                 route: route.to_string(),
                 status,
             })

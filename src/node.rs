@@ -65,11 +65,16 @@ pub struct Node {
     state: Arc<ApiState>,
     cancel: CancellationToken,
     api_task: JoinHandle<()>,
-    core_task: JoinHandle<()>,
-    net_task: JoinHandle<()>,
+    core_task: Supervised,
+    net_task: Supervised,
+    /// Set (once) to what ended when the core or the network task ends unasked.
+    failure: tokio::sync::watch::Receiver<Option<String>>,
+    #[cfg(feature = "test-hooks")]
+    core_abort: tokio::task::AbortHandle,
     core: CoreHandle,
     bus: crate::bus::Bus,
     bus_task: JoinHandle<()>,
+    retention_task: JoinHandle<()>,
     api_addr_file: PathBuf,
     // Held for the node's lifetime: the OS lock on it keeps a second node off the dir.
     _lock: File,
@@ -136,10 +141,16 @@ impl Node {
         }
         let (net, net_events, net_loop) =
             hearth_net::new(net_cfg).map_err(|e| Error::Network(e.to_string()))?;
-        let net_task = tokio::spawn(tracing::Instrument::instrument(
-            net_loop.run(cancel.clone()),
-            tracing::error_span!("net", peer = %identity.peer_id()),
-        ));
+        let (failed_tx, failure) = tokio::sync::watch::channel(None);
+        let net_task = supervise(
+            "network",
+            tokio::spawn(tracing::Instrument::instrument(
+                net_loop.run(cancel.clone()),
+                tracing::error_span!("net", peer = %identity.peer_id()),
+            )),
+            cancel.clone(),
+            failed_tx.clone(),
+        );
         let (core, facts, core_task) = core::start(
             store.clone(),
             identity.peer_id(),
@@ -149,9 +160,16 @@ impl Node {
             net_events,
             metrics.clone(),
             config.batch_window,
+            core::rooms::ChatRetention {
+                max_messages: config.chat_max_messages,
+                max_age: config.chat_max_age,
+            },
             cancel.clone(),
         )
         .await?;
+        #[cfg(feature = "test-hooks")]
+        let core_abort = core_task.abort_handle();
+        let core_task = supervise("core", core_task, cancel.clone(), failed_tx);
 
         let bus = crate::bus::Bus::new();
         let bus_task = crate::bus::bridge::spawn(
@@ -162,6 +180,19 @@ impl Node {
                 peer_id: identity.peer_id(),
             },
             cancel.clone(),
+        );
+
+        let retention_task = tokio::spawn(
+            crate::audit::run_retention(
+                store.clone(),
+                core.clone(),
+                crate::audit::Retention {
+                    max_entries: config.audit_max_entries,
+                    max_age: config.audit_max_age,
+                },
+                cancel.clone(),
+            )
+            .instrument(tracing::error_span!("retention")),
         );
 
         let listener = tokio::net::TcpListener::bind(config.api_addr)
@@ -217,9 +248,13 @@ impl Node {
             api_task,
             core_task,
             net_task,
+            failure,
+            #[cfg(feature = "test-hooks")]
+            core_abort,
             core,
             bus,
             bus_task,
+            retention_task,
             api_addr_file,
             _lock: lock,
         })
@@ -538,9 +573,11 @@ impl Node {
         }
         datadir::remove_api_addr(&self.api_addr_file)?;
         // The core stops at the cancellation, after starting its last batches.
-        stop_task("core", self.core_task).await?;
-        stop_task("network", self.net_task).await?;
+        let core_ended = stop_task("core", self.core_task).await?;
+        let net_ended = stop_task("network", self.net_task).await?;
         stop_task("event bus", self.bus_task).await?;
+        // A prune in progress finishes before the store closes under it.
+        stop_task("retention", self.retention_task).await?;
         // Every persist slot free means every batch the core started has been answered by
         // the store, so closing it now loses none of them.
         let slots = crate::core::MAX_PERSISTS_IN_FLIGHT as u32;
@@ -555,24 +592,92 @@ impl Node {
                 tracing::warn!("store batches still in flight at shutdown; they may not be flushed")
             }
         }
+        // The store is closed even after a task failed, so what was flushed stays whole.
         match tokio::time::timeout(STORE_CLOSE_TIMEOUT, self.state.store.close()).await {
             Ok(closed) => closed?,
             Err(_) => tracing::warn!("the store did not close in time; leaving it to the exit"),
         }
+        if let Some(Err(reason)) = core_ended {
+            return Err(Error::Task(reason));
+        }
+        if let Some(Err(reason)) = net_ended {
+            return Err(Error::Task(reason));
+        }
         tracing::info!("node stopped");
         Ok(())
     }
+
+    /// Resolves when a task the node cannot run without (the core or the network event
+    /// loop) has ended while the node was not stopping: it panicked, or returned early.
+    /// Yields what ended and how. A node in that state no longer syncs or answers writes,
+    /// so its owner should stop it ([`Node::shutdown`]) and report the failure; `hearth up`
+    /// exits 1. Never resolves for a healthy node.
+    ///
+    /// Cancel-safe.
+    pub async fn failed(&self) -> String {
+        let mut failure = self.failure.clone();
+        match failure.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone().unwrap_or_default(),
+            // The senders live in the supervising tasks, which only end after sending or
+            // at a requested stop: nothing failed.
+            Err(_) => std::future::pending().await,
+        }
+    }
+
+    /// Test hook: aborts the core task, as a crash of the core would end it. Not for
+    /// production use; only built with the `test-hooks` feature.
+    #[cfg(feature = "test-hooks")]
+    #[doc(hidden)]
+    pub fn debug_abort_core(&self) {
+        self.core_abort.abort();
+    }
+}
+
+/// A node task behind its supervisor: the supervisor's result says whether the task ended
+/// as asked (`Ok`) or not (`Err` with what happened).
+type Supervised = JoinHandle<Result<(), String>>;
+
+/// Watches `task`: when it ends before `cancel` fired (it returned early, panicked or was
+/// aborted), logs an error and reports it on `failed`, which [`Node::failed`] waits on.
+fn supervise(
+    name: &'static str,
+    task: JoinHandle<()>,
+    cancel: CancellationToken,
+    failed: tokio::sync::watch::Sender<Option<String>>,
+) -> Supervised {
+    tokio::spawn(async move {
+        let ended = task.await;
+        let reason = match ended {
+            Ok(()) if cancel.is_cancelled() => return Ok(()),
+            Ok(()) => format!("the {name} task ended on its own"),
+            Err(e) if e.is_panic() => format!("the {name} task panicked"),
+            Err(e) => format!("the {name} task was stopped: {e}"),
+        };
+        tracing::error!(task = name, reason = %reason, "a node task ended; the node cannot go on");
+        failed.send_if_modified(|slot| {
+            // The first failure is the one worth reporting; a second follows from it.
+            if slot.is_none() {
+                *slot = Some(reason.clone());
+                true
+            } else {
+                false
+            }
+        });
+        Err(reason)
+    })
 }
 
 /// Waits (bounded) for a node task to stop after the cancellation, and aborts it if it
 /// does not, so a task stuck on a hung store cannot hold the exit.
-async fn stop_task(what: &str, mut task: JoinHandle<()>) -> Result<(), Error> {
+async fn stop_task<T>(what: &str, mut task: JoinHandle<T>) -> Result<Option<T>, Error> {
     match tokio::time::timeout(TASK_STOP_TIMEOUT, &mut task).await {
-        Ok(joined) => joined.map_err(|e| Error::Task(format!("{what}: {e}"))),
+        Ok(joined) => joined
+            .map(Some)
+            .map_err(|e| Error::Task(format!("{what}: {e}"))),
         Err(_) => {
             tracing::warn!(task = what, "did not stop in time; aborting it");
             task.abort();
-            Ok(())
+            Ok(None)
         }
     }
 }

@@ -540,11 +540,27 @@ pub(crate) fn shared(client: &Client, json: bool) -> Result<()> {
 }
 
 pub(crate) fn audit(client: &Client, since: Option<&str>, json: bool) -> Result<()> {
-    let path = match since {
-        Some(s) => format!("/api/audit?since={}", segment(s)),
-        None => "/api/audit".to_string(),
-    };
-    let body: Value = client.get(&path)?;
+    // The API pages back from the newest entry; follow the cursors to the start (or to
+    // `since`), then show everything oldest first.
+    let mut pages: Vec<Vec<Value>> = Vec::new();
+    let mut before: Option<String> = None;
+    loop {
+        let mut path = "/api/audit?limit=1000".to_string();
+        if let Some(s) = since {
+            path.push_str(&format!("&since={}", segment(s)));
+        }
+        if let Some(b) = &before {
+            path.push_str(&format!("&before={}", segment(b)));
+        }
+        let page: Value = client.get(&path)?;
+        pages.push(list(&page, "entries")?.to_vec());
+        match page["next_before"].as_str() {
+            Some(next) => before = Some(next.to_string()),
+            None => break,
+        }
+    }
+    let entries: Vec<Value> = pages.into_iter().rev().flatten().collect();
+    let body = json!({ "entries": entries });
     if json {
         return print_json(&body);
     }

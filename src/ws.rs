@@ -5,7 +5,8 @@
 //! handles the client's messages. The stream's queue is the client's buffer: a client
 //! that does not read falls behind, the bus closes its stream when the queue is full, and
 //! the writer closes the socket with 1008. Nothing else queues for a client, so memory
-//! per session stays bounded however slow it is.
+//! per session stays bounded however slow it is. When the node itself loses events (its
+//! bridge from the core fell behind), every session gets a `missed` frame where the gap is.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -23,7 +24,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
 
 use crate::api::{ApiError, ApiState, MAX_BODY_BYTES, constant_time_eq};
-use crate::bus::{Event, EventStream, Filter, Pattern};
+use crate::bus::{Event, EventStream, Filter, MISSED_EVENT, Pattern};
 use crate::entities::{Entities, EntityWrite};
 
 /// Events queued for one client before it counts as too slow and is closed with 1008.
@@ -127,6 +128,7 @@ fn event_frame(event: Event) -> Message {
                 "since": unix_seconds(&event.data["since"]).unwrap_or(event.time),
             }),
         ),
+        MISSED_EVENT => frame("missed", json!({ "count": field("count") })),
         _ => frame("event", serde_json::to_value(&event).unwrap_or(Value::Null)),
     }
 }
@@ -153,8 +155,12 @@ async fn session(socket: WebSocket, state: Arc<ApiState>) {
     // events are never lost between an old subscription and a new one.
     let wanted = Arc::new(RwLock::new(Filter::nothing()));
     let shared = wanted.clone();
+    // A gap in the node's events reaches every session, whatever it subscribed to: the
+    // client cannot tell whether the lost events were ones it wanted.
     let stream = state.bus.stream(
-        Filter::all().predicate(move |e| shared.read().map(|f| f.matches(e)).unwrap_or(false)),
+        Filter::all().predicate(move |e| {
+            e.name == MISSED_EVENT || shared.read().map(|f| f.matches(e)).unwrap_or(false)
+        }),
         WS_CLIENT_BUFFER,
     );
     let (mut sink, source) = socket.split();

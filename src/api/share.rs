@@ -111,14 +111,26 @@ pub(super) async fn list(State(state): State<Arc<ApiState>>) -> Result<Json<Shar
 pub(super) struct AuditQuery {
     #[serde(default)]
     since: Option<String>,
+    #[serde(default)]
+    limit: Option<usize>,
+    #[serde(default)]
+    before: Option<String>,
 }
+
+/// Entries in one page of `GET /api/audit` unless `limit` says otherwise.
+pub(crate) const DEFAULT_AUDIT_PAGE: usize = 1_000;
+/// Most entries one page returns.
+pub(crate) const MAX_AUDIT_PAGE: usize = 10_000;
 
 #[derive(Serialize)]
 pub(super) struct AuditReply {
     entries: Vec<AuditEntry>,
+    /// The cursor for the older entries (`?before=`), null when there are none.
+    next_before: Option<String>,
 }
 
-/// `GET /api/audit?since=RFC3339|DURATION`.
+/// `GET /api/audit?since=RFC3339|DURATION&limit=N&before=CURSOR`: the newest `limit`
+/// entries (before the cursor), oldest first.
 pub(super) async fn audit(
     State(state): State<Arc<ApiState>>,
     ApiQuery(q): ApiQuery<AuditQuery>,
@@ -127,8 +139,22 @@ pub(super) async fn audit(
         None | Some("") => 0,
         Some(text) => parse_since(text, crate::core::now_ms()).map_err(ApiError::bad_request)?,
     };
+    let limit = q.limit.unwrap_or(DEFAULT_AUDIT_PAGE);
+    if !(1..=MAX_AUDIT_PAGE).contains(&limit) {
+        return Err(ApiError::bad_request(format!(
+            "limit {limit} is out of range; use 1 to {MAX_AUDIT_PAGE}"
+        )));
+    }
+    let page = crate::audit::page(
+        &state.store,
+        since_ms,
+        q.before.as_deref().filter(|b| !b.is_empty()),
+        limit,
+    )
+    .await?;
     Ok(Json(AuditReply {
-        entries: crate::audit::list(&state.store, since_ms).await?,
+        entries: page.entries,
+        next_before: page.next_before,
     }))
 }
 

@@ -37,6 +37,7 @@ pub(crate) fn spawn(
                         Ok(event) => bridge.core_event(event),
                         Err(RecvError::Lagged(n)) => {
                             tracing::warn!(missed = n, "event bus fell behind the core; events lost");
+                            bridge.missed(n);
                         }
                         Err(RecvError::Closed) => break,
                     },
@@ -44,6 +45,7 @@ pub(crate) fn spawn(
                         Ok(notice) => bridge.notice(notice),
                         Err(RecvError::Lagged(n)) => {
                             tracing::warn!(missed = n, "event bus fell behind the core; peer events lost");
+                            bridge.missed(n);
                         }
                         Err(RecvError::Closed) => break,
                     },
@@ -162,6 +164,18 @@ impl Bridge {
         };
         let data = json!({ "peer_id": peer, "device_name": device_name });
         let event = Event::new(name, peer.clone(), data, self.source(peer));
+        self.publish(event);
+    }
+
+    /// Tells the bus's readers that `count` events were lost here, at this point of the
+    /// stream, so a client holding state built from events knows to read it afresh.
+    fn missed(&self, count: u64) {
+        let event = Event::new(
+            super::MISSED_EVENT,
+            "",
+            json!({ "count": count }),
+            self.source(self.me.peer_id.clone()),
+        );
         self.publish(event);
     }
 

@@ -33,7 +33,8 @@ impl Core {
             .map_err(doc_err)?;
         self.entity_of_doc.remove(&doc);
         self.doc_of_entity_id.remove(id);
-        let batch = self.handle_outputs(out);
+        let mut batch = self.handle_outputs(out);
+        super::append(&mut batch, self.drop_sync_states_of_doc(doc));
         self.emit_change(entity.clone(), None, None, true);
         Ok((entity, batch))
     }

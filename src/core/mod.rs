@@ -32,8 +32,9 @@ pub use revoke::RevokedDevice;
 mod peers;
 mod revocations;
 mod revoke;
-mod rooms;
+pub(crate) mod rooms;
 mod sharing;
+mod sync_states;
 
 use hearth_crdt::schema::home as home_schema;
 use hearth_crdt::wire::Frame;
@@ -180,6 +181,10 @@ pub(crate) enum Request {
         room: String,
         limit: usize,
         reply: Reply<Vec<crate::rooms::ChatMessage>>,
+    },
+    /// Prunes every room's chat to the retention limits; answers how many went.
+    PruneChat {
+        reply: Reply<usize>,
     },
     SetPresence {
         user: Option<String>,
@@ -376,6 +381,8 @@ struct Core {
     /// What each room looked like when last announced, to turn document changes into
     /// member and chat events.
     rooms_seen: HashMap<DocId, rooms::RoomSeen>,
+    /// How much chat each room keeps.
+    chat_keep: rooms::ChatRetention,
     /// Presence entries as last announced.
     presence_seen: std::collections::BTreeMap<String, hearth_crdt::PresenceEntry>,
     /// When a frame last came from each admitted peer (ms since the epoch).
@@ -502,6 +509,7 @@ pub(crate) async fn start(
     net_events: hearth_net::EventStream,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
     batch_window: std::time::Duration,
+    chat_keep: rooms::ChatRetention,
     cancel: CancellationToken,
 ) -> Result<(CoreHandle, NodeFacts, tokio::task::JoinHandle<()>), Error> {
     let stored = store.get(Keyspace::Meta, HOME_KEY.to_vec()).await?;
@@ -534,6 +542,7 @@ pub(crate) async fn start(
         node_events: broadcast::channel(CHANGE_BUFFER).0,
         device_name: clean_device_name(device_name),
         rooms_seen: HashMap::new(),
+        chat_keep,
         presence_seen: Default::default(),
         last_heard: HashMap::new(),
         metrics,
@@ -813,6 +822,13 @@ impl Core {
                     Ok(entity) => self.emit_change(entity, None, None, true),
                     Err(error) => tracing::debug!(%id, %error, "deleted entity unreadable"),
                 }
+                let batch = self.drop_sync_states_of_doc(doc);
+                let store = self.store.clone();
+                tokio::spawn(async move {
+                    if let Err(error) = store.batch(batch).await {
+                        tracing::warn!(%error, "could not delete a deleted entity's sync states");
+                    }
+                });
             }
         }
     }

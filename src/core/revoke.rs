@@ -126,6 +126,7 @@ impl Core {
                 },
             );
         }
+        self.drop_sync_states_of_peers(vec![peer.clone()]);
         self.send_pending().await;
         Ok(RevokedDevice {
             peer_id: peer,
@@ -149,6 +150,8 @@ impl Core {
             })
             .map(|(p, n)| (p.clone(), *n))
             .collect();
+        let gone: Vec<String> = revoked.iter().map(|(p, _)| p.clone()).collect();
+        self.drop_sync_states_of_peers(gone);
         for (text, peer) in revoked {
             self.admitted.remove(&text);
             self.engine.detach_peer(&text);

@@ -27,7 +27,9 @@ use crate::rooms::{ChatMessage, Room, RoomMember};
 /// What a room looked like when last announced.
 pub(super) struct RoomSeen {
     members: BTreeSet<String>,
-    chat_len: usize,
+    /// The newest message announced. New messages are the ones after it, not a count
+    /// past the old length: pruning takes messages off the front while others arrive.
+    last_chat: Option<String>,
 }
 
 impl RoomSeen {
@@ -39,9 +41,58 @@ impl RoomSeen {
                 .chain(&room.overflow)
                 .map(|m| m.user.clone())
                 .collect(),
-            chat_len: room.chat_len,
+            last_chat: room.recent_chat.last().map(|m| m.id.clone()),
         }
     }
+}
+
+/// How much chat each room keeps (`Config::chat_max_messages`, `Config::chat_max_age`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ChatRetention {
+    pub(crate) max_messages: usize,
+    pub(crate) max_age: std::time::Duration,
+}
+
+/// Deletes the oldest messages of a room document's chat beyond `max` or older than
+/// `cutoff_ms`; returns how many went. Messages are appended in time order, so the
+/// leading ones are the oldest; a message whose time cannot be read stops the age scan.
+fn prune_chat_list(
+    d: &mut automerge::AutoCommit,
+    max: usize,
+    cutoff_ms: u64,
+) -> Result<usize, CrdtError> {
+    use automerge::transaction::Transactable;
+    use automerge::{ObjType, ROOT, ReadDoc, ScalarValue, Value};
+    let am = |e: automerge::AutomergeError| CrdtError::Automerge(e.to_string());
+    let Some((Value::Object(ObjType::Map), room)) = d.get(ROOT, "room").map_err(am)? else {
+        return Ok(0);
+    };
+    let Some((Value::Object(ObjType::List), chat)) = d.get(&room, "chat").map_err(am)? else {
+        return Ok(0);
+    };
+    let len = d.length(&chat);
+    let mut doomed = len.saturating_sub(max);
+    while doomed < len {
+        let time = match d.get(&chat, doomed).map_err(am)? {
+            Some((Value::Object(ObjType::Map), msg)) => match d.get(&msg, "time").map_err(am)? {
+                Some((Value::Scalar(v), _)) => match v.as_ref() {
+                    ScalarValue::Uint(t) => Some(*t),
+                    ScalarValue::Int(t) => u64::try_from(*t).ok(),
+                    _ => None,
+                },
+                _ => None,
+            },
+            _ => None,
+        };
+        match time {
+            Some(t) if t < cutoff_ms => doomed += 1,
+            _ => break,
+        }
+    }
+    for _ in 0..doomed {
+        d.delete(&chat, 0).map_err(am)?;
+    }
+    Ok(doomed)
 }
 
 /// The id of a home's presence document: derived from the HomeId.
@@ -142,6 +193,10 @@ impl Core {
             }
             Request::Chat { room, limit, reply } => {
                 let _ = reply.send(self.chat(&room, limit));
+            }
+            Request::PruneChat { reply } => {
+                let result = self.prune_all_chats();
+                self.reply_after_flush(result, reply);
             }
             Request::SetPresence {
                 user,
@@ -304,8 +359,50 @@ impl Core {
             .engine
             .say(doc, &msg, now_ms(), None)
             .map_err(room_err)?;
-        let batch = self.handle_outputs(out);
+        let mut batch = self.handle_outputs(out);
+        // Over the limit now: the oldest go in the same write.
+        if self
+            .engine
+            .room(doc)
+            .is_ok_and(|r| r.chat_len > self.chat_keep.max_messages)
+        {
+            match self.prune_chat(doc, now_ms()) {
+                Ok((_, more)) => super::append(&mut batch, more),
+                Err(error) => tracing::warn!(%doc, %error, "cannot prune a room's chat"),
+            }
+        }
         Ok((chat_view(&doc.to_string(), sent), batch))
+    }
+
+    /// Prunes one room's chat to the retention limits.
+    fn prune_chat(&mut self, doc: DocId, now: u64) -> Result<(usize, Batch), Error> {
+        let keep = self.chat_keep;
+        let max_age_ms = u64::try_from(keep.max_age.as_millis()).unwrap_or(u64::MAX);
+        let cutoff = now.saturating_sub(max_age_ms);
+        let (pruned, out) = self
+            .engine
+            .transact(doc, now, None, |d, _, _| {
+                prune_chat_list(d, keep.max_messages, cutoff)
+            })
+            .map_err(room_err)?;
+        Ok((pruned, self.handle_outputs(out)))
+    }
+
+    /// Prunes every room's chat; the periodic retention tick asks for it.
+    fn prune_all_chats(&mut self) -> Result<(usize, Batch), Error> {
+        let now = now_ms();
+        let mut total = 0;
+        let mut batch = Batch::new();
+        for (doc, _) in self.room_docs() {
+            match self.prune_chat(doc, now) {
+                Ok((n, more)) => {
+                    total += n;
+                    super::append(&mut batch, more);
+                }
+                Err(error) => tracing::warn!(%doc, %error, "cannot prune a room's chat"),
+            }
+        }
+        Ok((total, batch))
     }
 
     fn chat(&self, room: &str, limit: usize) -> Result<Vec<ChatMessage>, Error> {
@@ -495,19 +592,90 @@ impl Core {
                 from_peer: from_peer.clone(),
             });
         }
-        let new = now
-            .chat_len
-            .saturating_sub(before.chat_len)
-            .min(MAX_CHAT_READ);
-        if new > 0
-            && let Ok(messages) = self.engine.room_chat(doc, new)
-        {
-            for m in messages {
-                self.emit_event(Event::Chat {
-                    message: Box::new(chat_view(&room_id, m)),
-                    from_peer: from_peer.clone(),
-                });
-            }
+        if now.last_chat == before.last_chat {
+            return;
         }
+        // The messages after the last one announced. The room view holds the newest few,
+        // which covers the usual change; a longer burst reads up to a full chat read. A
+        // last announced message no longer there was pruned, and so was all before it:
+        // everything read is new.
+        let fresh = |messages: &[hearth_crdt::ChatMessage]| {
+            let last = before.last_chat.as_ref()?;
+            messages.iter().rposition(|m| &m.id == last).map(|i| i + 1)
+        };
+        let whole_view = room.chat_len <= room.recent_chat.len();
+        let messages = match fresh(&room.recent_chat) {
+            Some(start) => room.recent_chat[start..].to_vec(),
+            None if before.last_chat.is_none() && whole_view => room.recent_chat.clone(),
+            None => match self.engine.room_chat(doc, MAX_CHAT_READ) {
+                Ok(all) => {
+                    let start = fresh(&all).unwrap_or(0);
+                    all[start..].to_vec()
+                }
+                Err(_) => return,
+            },
+        };
+        for m in messages {
+            self.emit_event(Event::Chat {
+                message: Box::new(chat_view(&room_id, m)),
+                from_peer: from_peer.clone(),
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use automerge::transaction::Transactable;
+    use automerge::{AutoCommit, ObjType, ROOT, ReadDoc, ScalarValue};
+
+    use super::prune_chat_list;
+
+    /// A room document's chat with one message per time, oldest first.
+    fn chat(times: &[u64]) -> AutoCommit {
+        let mut d = AutoCommit::new();
+        let room = d.put_object(ROOT, "room", ObjType::Map).unwrap();
+        let chat = d.put_object(&room, "chat", ObjType::List).unwrap();
+        for (i, t) in times.iter().enumerate() {
+            let m = d.insert_object(&chat, i, ObjType::Map).unwrap();
+            d.put(&m, "id", format!("m{i}")).unwrap();
+            d.put(&m, "time", ScalarValue::Uint(*t)).unwrap();
+        }
+        d
+    }
+
+    fn ids(d: &AutoCommit) -> Vec<String> {
+        let (_, room) = d.get(ROOT, "room").unwrap().unwrap();
+        let (_, chat) = d.get(&room, "chat").unwrap().unwrap();
+        (0..d.length(&chat))
+            .map(|i| {
+                let (_, m) = d.get(&chat, i).unwrap().unwrap();
+                d.get(&m, "id")
+                    .unwrap()
+                    .unwrap()
+                    .0
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn chat_keeps_the_newest_by_count() {
+        let mut d = chat(&[10, 20, 30, 40, 50]);
+        assert_eq!(prune_chat_list(&mut d, 2, 0).unwrap(), 3);
+        assert_eq!(ids(&d), ["m3", "m4"]);
+        assert_eq!(prune_chat_list(&mut d, 2, 0).unwrap(), 0);
+    }
+
+    #[test]
+    fn chat_drops_messages_older_than_the_cutoff() {
+        let day = 86_400_000;
+        let now = 100 * day;
+        let mut d = chat(&[now - 40 * day, now - 31 * day, now - 29 * day, now]);
+        // Thirty days kept.
+        assert_eq!(prune_chat_list(&mut d, 1_000, now - 30 * day).unwrap(), 2);
+        assert_eq!(ids(&d), ["m2", "m3"]);
     }
 }

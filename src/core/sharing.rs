@@ -1320,6 +1320,7 @@ impl Core {
                 .reject(peer, "peer belongs to a home this one forgot")
                 .await;
         }
+        self.drop_sync_states_of_peers(record.devices.keys().cloned().collect());
         crate::audit::record_by(
             &self.store,
             &self.peer_id.clone(),

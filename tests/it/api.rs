@@ -733,3 +733,121 @@ fn metrics_parse_and_move_with_traffic() {
         "no sync lag for B"
     );
 }
+
+/// One request written by hand, so the method and path can be anything a stranger sends;
+/// returns the status line.
+fn raw_request(api: &str, method: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(api).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {api}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut reply = Vec::new();
+    let _ = stream.read_to_end(&mut reply);
+    String::from_utf8_lossy(&reply)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn stray_methods_and_paths_add_no_metric_series() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = TestNode::start(dir.path(), "den");
+    let series = || {
+        let (status, text) = http_get(&n.api, "/metrics", Some(&n.token));
+        assert_eq!(status, 200, "{text}");
+        let count = text
+            .lines()
+            .filter(|l| l.starts_with("hearth_api_requests_total{"))
+            .count();
+        (count, text)
+    };
+    // Methods and paths nobody routes, each one different, some long; without the token,
+    // as a stranger would send them.
+    let round = |from: usize, to: usize| {
+        for i in from..to {
+            let method = if i % 10 == 0 {
+                format!("M{i}{}", "X".repeat(4096))
+            } else {
+                format!("M{i}Q{}", i * 7919 % 1000)
+            };
+            for path in [
+                format!("/junk/{i}"),
+                format!("/api/nothing-{i}/deeper"),
+                "/api/status".to_string(),
+            ] {
+                let line = raw_request(&n.api, &method, &path);
+                assert!(
+                    line.starts_with("HTTP/1.1 4"),
+                    "{method:.32} {path}: {line}"
+                );
+            }
+            assert!(raw_request(&n.api, "GET", &format!("/nowhere/{i}")).contains(" 404 "));
+        }
+    };
+    let _ = series();
+    round(0, 20);
+    let (first, _) = series();
+    round(20, 120);
+    let (second, text) = series();
+    assert_eq!(first, second, "new series appeared:\n{text}");
+    assert!(!text.contains("XXXX"), "a raw method reached the metrics");
+    assert!(
+        !text.contains("junk") && !text.contains("nothing-"),
+        "a raw path reached the metrics"
+    );
+    assert!(
+        text.contains("method=\"OTHER\"") && text.contains("route=\"unmatched\""),
+        "{text}"
+    );
+}
+
+#[test]
+fn the_audit_log_pages_back_from_the_newest_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = TestNode::start(dir.path(), "den");
+    // Each invite is audited.
+    for _ in 0..7 {
+        n.ok("POST", "/api/invites", Some(json!({"kind": "home"})), 200);
+    }
+    let all = n.ok("GET", "/api/audit", None, 200);
+    let all = all["entries"].as_array().unwrap().clone();
+    assert!(all.len() >= 7, "{all:?}");
+    let mut walked: Vec<Value> = Vec::new();
+    let mut path = "/api/audit?limit=3".to_string();
+    let mut pages = 0;
+    loop {
+        let page = n.ok("GET", &path, None, 200);
+        pages += 1;
+        let entries = page["entries"].as_array().unwrap();
+        assert!(!entries.is_empty() && entries.len() <= 3, "{page}");
+        let mut older = entries.clone();
+        older.extend(walked);
+        walked = older;
+        match page["next_before"].as_str() {
+            Some(cursor) => path = format!("/api/audit?limit=3&before={cursor}"),
+            None => break,
+        }
+    }
+    assert_eq!(walked, all, "pages joined differ from the whole log");
+    assert_eq!(pages, all.len().div_ceil(3));
+    n.refused("GET", "/api/audit?limit=0", "", 400, "bad_request");
+    n.refused("GET", "/api/audit?before=nope", "", 400, "bad_request");
+
+    // `hearth audit` follows the pages to the start.
+    let out = crate::util::run(
+        crate::util::hearth().args(["audit", "--json", "--api", &n.api, "--token", &n.token]),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(printed["entries"].as_array().unwrap(), &all);
+}

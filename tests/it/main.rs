@@ -8,6 +8,7 @@ mod cli;
 mod crash;
 mod entities;
 mod pairing;
+mod retention;
 mod robust;
 mod rooms;
 mod security;

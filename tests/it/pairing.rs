@@ -183,8 +183,31 @@ async fn another_home_connects_but_receives_no_document() {
     let mut other = config(dirs[1].path(), "stranger");
     other.static_peers = vec![format!("{addr}/p2p/{}", a.peer_id())];
     let stranger = timeout(T, Node::start(other)).await.unwrap().unwrap();
-    // Give the stranger time to dial, say hello and be refused, several times over.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The stranger dials, says hello and is refused, more than once: A's count of closed
+    // connections moves (nothing else connects to A here).
+    let api = a.api_addr().to_string();
+    let token = crate::ws::token(&a);
+    let closed = move || {
+        let (api, token) = (api.clone(), token.clone());
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let (status, text) = crate::util::http_get(&api, "/metrics", Some(&token));
+                assert_eq!(status, 200, "{text}");
+                text.lines()
+                    // The histogram of connection lifetimes counts each closed one.
+                    .filter(|l| l.contains("_swarm_connections_duration_seconds_count{"))
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .sum::<f64>()
+            })
+            .await
+            .unwrap()
+        }
+    };
+    crate::sharing::until("A refuses the stranger twice", || {
+        let closed = closed.clone();
+        async move { closed().await >= 2.0 }
+    })
+    .await;
     assert!(stranger.entities().list().await.unwrap().is_empty());
     assert!(a.admitted_peers().await.unwrap().is_empty());
     timeout(T, stranger.shutdown()).await.unwrap().unwrap();

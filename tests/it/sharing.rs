@@ -127,6 +127,12 @@ async fn an_unshared_home_reads_nothing_new_and_its_requests_are_refused() {
     let b = start(dirs[1].path(), "b").await;
     let c = start(dirs[2].path(), "c").await;
     a.entities().set("light.porch", write("0")).await.unwrap();
+    // Still shared with B after the unshare: a write to it after the others is the
+    // barrier that shows they would have reached B by then.
+    a.entities()
+        .set("light.sentinel", write("0"))
+        .await
+        .unwrap();
     pair(&a, &b).await;
     pair(&a, &c).await;
     for home in [b.home_id(), c.home_id()] {
@@ -135,6 +141,11 @@ async fn an_unshared_home_reads_nothing_new_and_its_requests_are_refused() {
             .await
             .unwrap();
     }
+    a.shares()
+        .share("light.sentinel", b.home_id(), false, None)
+        .await
+        .unwrap();
+    wait_state(&b, "light.sentinel", "0").await;
     wait_state(&b, "light.porch", "0").await;
     wait_state(&c, "light.porch", "0").await;
 
@@ -156,12 +167,21 @@ async fn an_unshared_home_reads_nothing_new_and_its_requests_are_refused() {
         "unshare, 100 writes, third home current: {:?}",
         started.elapsed()
     );
-    // B keeps what it had and nothing written after.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // B keeps what it had and nothing written after: A's frames to B go in order, so
+    // once a later write of the still-shared sentinel arrived, none of those will.
+    a.entities()
+        .set("light.sentinel", write("after"))
+        .await
+        .unwrap();
+    wait_state(&b, "light.sentinel", "after").await;
     let kept = b.entities().get("light.porch").await.unwrap().unwrap();
     assert_eq!(kept.state, "0");
     let listed = b.shares().list().await.unwrap();
-    assert!(listed.shared_in[0].revoked);
+    let porch = listed
+        .shared_in
+        .iter()
+        .find(|s| s.entity_id == "light.porch");
+    assert!(porch.unwrap().revoked);
 
     let audit = a.shares().audit(0).await.unwrap();
     let actions: Vec<&str> = audit.iter().map(|e| e.action.as_str()).collect();
@@ -354,12 +374,19 @@ async fn a_home_revoked_while_away_is_refused_when_it_returns() {
         .set("light.porch", write("before"))
         .await
         .unwrap();
-    pair(&a, &b).await;
-    a.shares()
-        .share("light.porch", b.home_id(), false, None)
+    a.entities()
+        .set("light.sentinel", write("before"))
         .await
         .unwrap();
+    pair(&a, &b).await;
+    for id in ["light.porch", "light.sentinel"] {
+        a.shares()
+            .share(id, b.home_id(), false, None)
+            .await
+            .unwrap();
+    }
     wait_state(&b, "light.porch", "before").await;
+    wait_state(&b, "light.sentinel", "before").await;
     let b_home = b.home_id().to_string();
     b.shutdown().await.unwrap();
 
@@ -381,7 +408,12 @@ async fn a_home_revoked_while_away_is_refused_when_it_returns() {
             .any(|e| e.action == "sync.refused" && e.actor == b.peer_id())
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A write of the entity still shared with B arrives after anything A sent before it.
+    a.entities()
+        .set("light.sentinel", write("back"))
+        .await
+        .unwrap();
+    wait_state(&b, "light.sentinel", "back").await;
     assert_eq!(
         b.entities()
             .get("light.porch")
@@ -684,16 +716,20 @@ async fn a_revoked_device_is_refused_and_reads_nothing_new() {
     wait_state(&a, "light.porch", "from-b").await;
     wait_state(&a2, "light.porch", "from-b").await;
 
-    // The revoked device is not admitted anywhere and got nothing new.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    for node in [&a, &a2] {
-        let peers = node.admitted_peers().await.unwrap();
-        assert!(
-            !peers.iter().any(|p| p == a3.peer_id()),
-            "{} still admits the revoked device",
-            node.device_name()
-        );
-    }
+    // The revoked device is not admitted anywhere and got nothing new: once A3 itself
+    // holds no session with any device, nothing more can reach it.
+    until(
+        "no device admits the revoked one, and it admits none",
+        || async {
+            let mut clear = a3.admitted_peers().await.unwrap().is_empty();
+            for node in [&a, &a2] {
+                let peers = node.admitted_peers().await.unwrap();
+                clear &= !peers.iter().any(|p| p == a3.peer_id());
+            }
+            clear
+        },
+    )
+    .await;
     assert_eq!(
         a3.entities()
             .get("sensor.hall")
@@ -749,7 +785,13 @@ async fn a_grantee_never_relays_a_shared_entity_to_its_own_devices() {
     wait_state(&b2, "sensor.own", "b's").await;
     a.entities().set("light.porch", write("dim")).await.unwrap();
     wait_state(&b, "light.porch", "dim").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // B's frames to B2 go in order: a write of B's own after B took A's change arrives
+    // after anything B would have relayed.
+    b.entities()
+        .set("sensor.own", write("later"))
+        .await
+        .unwrap();
+    wait_state(&b2, "sensor.own", "later").await;
     assert!(b2.entities().get("light.porch").await.unwrap().is_none());
     for node in [a, b, b2] {
         node.shutdown().await.unwrap();

@@ -194,3 +194,58 @@ fn bad_network_flags_are_clear_errors() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/p2p/"), "{err}");
 }
+
+#[test]
+fn up_exits_1_when_its_core_task_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("home");
+    let out = run(up_cmd(&data).env("HEARTH_TEST_ABORT_CORE", "1"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // It had started (the banner is printed once the API serves), then noticed.
+    assert!(stdout.contains("is up"), "{stdout}");
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("core task"), "{stderr}");
+    // The exit still released the data dir: a new node starts on it.
+    let mut again = crate::util::UpProcess::start(&data);
+    assert!(again.terminate().success());
+}
+
+#[test]
+fn a_node_reports_its_core_task_dying() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let node = tokio::time::timeout(
+            crate::util::WAIT,
+            hearth::Node::start(crate::api::config(dir.path(), "den")),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        // A healthy node reports nothing: a write goes through first, and `failed` is
+        // still pending after it.
+        let write = hearth::EntityWrite {
+            state: "on".into(),
+            ..Default::default()
+        };
+        tokio::time::timeout(crate::util::WAIT, node.entities().set("light.a", write))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(futures::FutureExt::now_or_never(node.failed()).is_none());
+        node.debug_abort_core();
+        let reason = tokio::time::timeout(crate::util::WAIT, node.failed())
+            .await
+            .expect("the core's death was never reported");
+        assert!(reason.contains("core"), "{reason}");
+        let stopped = tokio::time::timeout(crate::util::WAIT, node.shutdown())
+            .await
+            .unwrap();
+        assert!(stopped.is_err(), "shutdown hides the failure");
+    });
+}

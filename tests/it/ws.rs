@@ -530,3 +530,56 @@ async fn an_oversized_message_closes_only_that_socket() {
     other.next_of("heartbeat_ack").await;
     timeout(T, node.shutdown()).await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_learns_how_many_events_the_node_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(dir.path(), "a").await;
+    let (mut client, _) = Client::connect(&node).await;
+    client
+        .send(json!({"type": "subscribe", "data": {
+            "patterns": ["entity.*"], "subjects": ["light.last"]
+        }}))
+        .await;
+    client.send(json!({"type": "heartbeat", "data": {}})).await;
+    client.next_of("heartbeat_ack").await;
+
+    // A handler that holds up the bus (and so the bridge from the core) until released,
+    // while the core announces more events than it keeps for a slow bridge.
+    let (release, gate) = std::sync::mpsc::sync_channel::<()>(1);
+    let gate = std::sync::Mutex::new(Some(gate));
+    node.bus()
+        .subscribe(Filter::new("entity.changed").unwrap(), move |_| {
+            if let Some(gate) = gate.lock().unwrap().take() {
+                let _ = gate.recv_timeout(T);
+            }
+            Ok(())
+        });
+    let total = hearth::CHANGE_BUFFER + 300;
+    let ids: Vec<String> = (0..100).map(|i| format!("sensor.s{i}")).collect();
+    let mut written = 0;
+    while written < total {
+        let batch = ids
+            .iter()
+            .map(|id| (id.clone(), write(&written.to_string())));
+        timeout(T, node.entities().set_many(batch.collect()))
+            .await
+            .unwrap()
+            .unwrap();
+        written += ids.len();
+    }
+    release.send(()).unwrap();
+    // The client did not read meanwhile. Now a write it subscribed to: the gap must be
+    // announced before it.
+    timeout(T, node.entities().set("light.last", write("on")))
+        .await
+        .unwrap()
+        .unwrap();
+    let first = client.next().await;
+    assert_eq!(first["type"], "missed", "{first}");
+    let count = first["data"]["count"].as_u64().unwrap();
+    assert!(count > 0 && count as usize <= written, "{first}");
+    let update = client.next_of("state_update").await;
+    assert_eq!(update["entity_id"], "light.last");
+    timeout(T, node.shutdown()).await.unwrap().unwrap();
+}
