@@ -30,10 +30,18 @@ async fn a_correlation_id_reaches_a_device_that_catches_up_by_sync() {
     let b = join_and_start(&a, dirs[1].path(), "b").await;
     wait_admitted(&a, b.peer_id()).await;
     let b_peer = b.peer_id().to_string();
-    let seen = a
-        .bus()
-        .history(&Pattern::parse("peer.connected").unwrap(), 10);
-    assert!(seen.iter().any(|e| e.subject == b_peer), "{seen:?}");
+    // The network admits B a moment before A's core announces it on the bus.
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let seen = a
+            .bus()
+            .history(&Pattern::parse("peer.connected").unwrap(), 10);
+        if seen.iter().any(|e| e.subject == b_peer) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{seen:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let entity = b.bus().wait_for("entity.changed", T).unwrap();
     // B may already hold the entity from the join's first sync; a fresh write is certain.
     timeout(T, a.entities().set("light.porch", write("warm", None)))
