@@ -399,11 +399,13 @@ thread_local! {
 }
 
 impl VersionLog {
-    /// The log of every change in `doc`. No clock is read here: a loaded
-    /// document's clocks are read when a listing first needs them.
+    /// The log of every change in `doc`, with the clocks the changes wrote.
+    /// One pass over the document's operations: done where a document loads,
+    /// off the engine's owner.
     pub(crate) fn build(doc: &mut AutoCommit) -> Self {
         let mut log = Self::default();
-        log.catch_up(doc, &[]);
+        let changes = doc.get_changes(&[]);
+        log.catch_up(doc, &changes);
         log
     }
 
@@ -493,6 +495,11 @@ impl HistorySnapshot {
     /// Whether finishing reads the document (some clocks are not known yet).
     pub fn reads_document(&self) -> bool {
         self.doc.is_some()
+    }
+
+    /// The actors that wrote the versions it holds.
+    pub fn actors(&self) -> impl Iterator<Item = &ActorId> {
+        self.entries.iter().map(|e| &e.actor)
     }
 
     /// The versions, oldest first. Clocks read from the document here are
@@ -811,19 +818,31 @@ mod tests {
             assert_eq!(c.nodes[node].entity_history(DOC, usize::MAX).unwrap(), all);
         }
 
-        // A document loaded from disk lists its changes without reading any
-        // clock; a listing reads only the clocks it returns, once.
+        // A document loaded from disk has its clocks from its changes' own
+        // operations too.
         let saved = c.nodes[0].doc_for_read_mut(DOC).unwrap().save();
         c.nodes[0].load_document(DOC, &[saved]).unwrap();
         let all = reference(&mut c, 0);
         let before = version_reads();
-        let newest = c.nodes[0].entity_history(DOC, 2).unwrap();
+        assert_eq!(c.nodes[0].entity_history(DOC, usize::MAX).unwrap(), all);
+        assert_eq!(version_reads() - before, 0);
+
+        // A clock not known that way is read from the document as of that
+        // change, only for the versions listed, and once.
+        let homes = c.nodes[0].homes.clone();
+        let doc = c.nodes[0].doc_for_read_mut(DOC).unwrap();
+        let mut log = VersionLog::default();
+        log.catch_up(doc, &[]);
+        let snapshot = |log: &VersionLog, doc: &mut AutoCommit| HistorySnapshot {
+            entries: log.entries[log.entries.len() - 2..].to_vec(),
+            doc: Some(doc.fork()),
+            homes: homes.clone(),
+        };
+        let before = version_reads();
+        assert_eq!(snapshot(&log, doc).versions()[..], all[all.len() - 2..]);
         assert_eq!(version_reads() - before, 2);
-        assert_eq!(newest[..], all[all.len() - 2..]);
-        let snapshot = c.nodes[0].history_snapshot(DOC, 2).unwrap();
-        assert!(!snapshot.reads_document(), "both clocks are kept now");
-        assert_eq!(snapshot.versions(), newest);
-        assert_eq!(version_reads() - before, 2);
+        assert_eq!(snapshot(&log, doc).versions()[..], all[all.len() - 2..]);
+        assert_eq!(version_reads() - before, 2, "each clock is read once");
 
         // Changes after the load are listed as they land.
         c.write(0, DOC, &update("dim", 7), 10);
