@@ -50,8 +50,9 @@ use automerge::sync::{Message, SyncDoc};
 use automerge::transaction::CommitOptions;
 use automerge::{ActorId, AutoCommit, Change, ChangeHash};
 
-use crate::chunks::{Limits, Refusal, Scanner};
+use crate::chunks::{Limits, Refusal, Scanner, parse_changes};
 use crate::error::{Error, Result};
+use crate::history::VersionLog;
 use crate::hlc::{DEFAULT_MAX_DRIFT_MS, Hlc, HlcClock};
 use crate::ids::{DocId, KeyEpoch, actor_bytes_for_peer};
 use crate::schema::entity::{self, Entity, EntityUpdate};
@@ -296,6 +297,10 @@ struct DocState<P> {
     /// validation passes, and again after one fails, so that a document is only ever
     /// checked in part when the rest is known good (see [`crate::schema::touched`]).
     unchecked: Option<(DocKind, Touched)>,
+    /// An entity document's versions, appended as changes land, so a history
+    /// listing need not walk the document. `None` until first needed for
+    /// documents that were not loaded or created as entities.
+    versions: Option<VersionLog>,
 }
 
 /// A document rebuilt from its chunks by [`Engine::prepare_load`], ready for
@@ -303,7 +308,7 @@ struct DocState<P> {
 pub struct PreparedLoad {
     id: DocId,
     chunks: Vec<Vec<u8>>,
-    result: Result<(AutoCommit, Header, BTreeSet<ActorId>)>,
+    result: Result<(AutoCommit, Header, BTreeSet<ActorId>, Option<VersionLog>)>,
 }
 
 impl PreparedLoad {
@@ -480,6 +485,15 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         self.docs.get_mut(&doc).ok_or(Error::UnknownDocument(doc))
     }
 
+    /// An entity document's version log, caught up with the document (built
+    /// first if need be), and the document.
+    pub(crate) fn version_log(&mut self, doc: DocId) -> Result<(&VersionLog, &mut AutoCommit)> {
+        let ds = self.doc_state_mut(doc)?;
+        let log = ds.versions.get_or_insert_with(VersionLog::default);
+        log.catch_up(&mut ds.doc, &[]);
+        Ok((log, &mut ds.doc))
+    }
+
     /// Mutable access for the reads Automerge offers only on `&mut` (heads,
     /// change metadata). Writes go through [`Engine::transact`], or the
     /// journal and the peers would miss them.
@@ -517,6 +531,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
                 sessions: BTreeMap::new(),
                 actors: [self.actor.clone()].into(),
                 unchecked: None,
+                versions: None,
             },
         );
         Ok(vec![Output::PersistChunk {
@@ -594,7 +609,12 @@ impl<P: Clone + Ord + Debug> Engine<P> {
             // Start the save cursor at the loaded state, so the next incremental
             // chunk holds only new changes.
             let _ = doc.save_incremental();
-            Ok((doc, header, actors))
+            // Listing an entity's changes costs O(history); done here, on the
+            // loader's thread, a history read later costs only what it returns.
+            let versions = (header.kind == DocKind::Entity)
+                .then(|| catch(|| VersionLog::build(&mut doc)).ok())
+                .flatten();
+            Ok((doc, header, actors, versions))
         })();
         PreparedLoad { id, chunks, result }
     }
@@ -603,7 +623,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
     /// be.
     pub fn finish_load(&mut self, prepared: PreparedLoad) -> Result<()> {
         let PreparedLoad { id, chunks, result } = prepared;
-        let (doc, header, actors) = result.inspect_err(|e| {
+        let (doc, header, actors, versions) = result.inspect_err(|e| {
             if matches!(e, Error::Load { reason, .. } if reason.contains("panicked")) {
                 self.stats.panics_caught += 1;
             }
@@ -623,6 +643,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
                 sessions,
                 actors,
                 unchecked: None,
+                versions,
             },
         );
         Ok(())
@@ -684,6 +705,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
             sessions: BTreeMap::new(),
             actors: BTreeSet::new(),
             unchecked: None,
+            versions: None,
         });
     }
 
@@ -733,6 +755,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         ds.actors.insert(actor);
         let bytes = ds.doc.save_incremental();
         note_local_write(ds, &bytes);
+        note_versions(ds, &bytes);
         let heads = ds.doc.get_heads();
         let epoch = ds.header.key_epoch;
         // Fan out before recording, so the journal's copy can take the bytes.
@@ -1419,6 +1442,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
             return Ok(());
         }
         let schema_error = validate(ds, &mut self.clock, now_ms, &bytes).err();
+        note_versions(ds, &bytes);
         if schema_error.is_some() {
             self.stats.schema_violations += 1;
         } else if ds.header.kind == DocKind::Entity {
@@ -1503,6 +1527,8 @@ impl<P: Clone + Ord + Debug> Engine<P> {
                 let _ = catch(|| doc.save_incremental());
                 ds.doc = doc;
                 ds.unchecked = None;
+                // The rebuilt document may lack changes the log listed.
+                ds.versions = None;
                 self.stats.documents_recovered += 1;
             }
         }
@@ -1807,6 +1833,21 @@ fn touched_by(doc: &AutoCommit, changes: &[u8], path: &[&str]) -> Touched {
     match crate::chunks::parse_changes(changes, usize::MAX) {
         Ok(changes) => touched_entries(doc, &changes, path),
         Err(_) => Touched::Everything,
+    }
+}
+
+/// Appends the changes in `bytes` (the chunk just saved) to an entity
+/// document's version log.
+fn note_versions<P>(ds: &mut DocState<P>, bytes: &[u8]) {
+    if ds.header.kind != DocKind::Entity {
+        return;
+    }
+    let fresh = parse_changes(bytes, usize::MAX).unwrap_or_default();
+    let log = ds.versions.get_or_insert_with(VersionLog::default);
+    let doc = &mut ds.doc;
+    // A panic here would leave only the log behind; it is rebuilt on demand.
+    if catch(|| log.catch_up(doc, &fresh)).is_err() {
+        ds.versions = None;
     }
 }
 

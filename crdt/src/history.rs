@@ -17,9 +17,22 @@
 //!
 //! A restore writes the version's state and attributes as one new change,
 //! which pushes and persists like any other write; history only grows.
+//!
+//! Listing versions does not walk the history. The engine keeps a
+//! [`VersionLog`] per entity document: one entry per change, in the order the
+//! document took them in, appended as changes land. A change's clock is read
+//! from its own operations when it lands (the `updated_at` it wrote), or
+//! inherited from its single parent; only the rest (changes loaded from disk,
+//! merges) need a read of the document as of that change, which costs as much
+//! as the key's whole history, and each such read is done once, on demand, and
+//! kept. So the newest `limit` versions cost O(limit), and a
+//! [`HistorySnapshot`] lets a caller do any remaining reads away from the
+//! engine's owner.
 
+use std::collections::HashMap;
 use std::fmt::Debug;
 use std::ops::RangeBounds;
+use std::sync::{Arc, OnceLock};
 
 use automerge::iter::{DocIter, Keys, ListRange, MapRange, Spans, Values};
 use automerge::marks::{Mark, MarkSet};
@@ -332,6 +345,8 @@ fn normalise_prefix(version: &str) -> Result<String> {
 /// the entity when `heads` is that one change. `None` when no valid clock is
 /// recorded there.
 pub(crate) fn hlc_at<D: ReadDoc>(doc: &D, heads: &[ChangeHash]) -> Option<Hlc> {
+    #[cfg(test)]
+    VERSION_READS.with(|n| n.set(n.get() + 1));
     doc.get_at(ROOT, ENTITY_KEY, heads)
         .ok()
         .flatten()
@@ -342,7 +357,183 @@ pub(crate) fn hlc_at<D: ReadDoc>(doc: &D, heads: &[ChangeHash]) -> Option<Hlc> {
         .max()
 }
 
-/// Every change of `doc` as a version, oldest first (a causal order).
+/// What the log keeps about one change.
+#[derive(Debug)]
+pub(crate) struct VersionEntry {
+    hash: ChangeHash,
+    actor: ActorId,
+    /// The change's own second-resolution time, the clock's fallback.
+    timestamp: i64,
+    /// The entity's `updated_at` as of this change, once known. Written at
+    /// most once, possibly by a reader on another thread; the value as of a
+    /// change never changes.
+    at: OnceLock<Hlc>,
+}
+
+impl VersionEntry {
+    fn fallback(&self) -> Hlc {
+        Hlc {
+            wall_ms: u64::try_from(self.timestamp)
+                .unwrap_or(0)
+                .saturating_mul(1000),
+            counter: 0,
+            actor: policy::actor_array(&self.actor),
+        }
+    }
+}
+
+/// Every change of an entity document, oldest first, with what a version
+/// listing needs; kept by the engine beside the document (see the module
+/// overview).
+#[derive(Debug, Default)]
+pub(crate) struct VersionLog {
+    entries: Vec<Arc<VersionEntry>>,
+    /// The document's heads when the log last caught up.
+    covered: Vec<ChangeHash>,
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Reads of a document as of one change, counted for tests.
+    static VERSION_READS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+impl VersionLog {
+    /// The log of every change in `doc`, with the clocks the changes wrote.
+    /// One pass over the document's operations: done where a document loads,
+    /// off the engine's owner.
+    pub(crate) fn build(doc: &mut AutoCommit) -> Self {
+        let mut log = Self::default();
+        let changes = doc.get_changes(&[]);
+        log.catch_up(doc, &changes);
+        log
+    }
+
+    /// Appends the changes `doc` took in since the log last caught up.
+    /// `fresh` are changes just applied, if the caller has them parsed: their
+    /// clocks are read from their own operations.
+    pub(crate) fn catch_up(&mut self, doc: &mut AutoCommit, fresh: &[Change]) {
+        let heads = doc.get_heads();
+        if heads == self.covered {
+            return;
+        }
+        let metas: Vec<(ChangeHash, ActorId, i64, Vec<ChangeHash>)> = doc
+            .get_changes_meta(&self.covered)
+            .into_iter()
+            .map(|m| (m.hash, m.actor.into_owned(), m.timestamp, m.deps))
+            .collect();
+        let entity = doc.get(ROOT, ENTITY_KEY).ok().flatten().map(|(_, id)| id);
+        let fresh: HashMap<ChangeHash, &Change> = fresh.iter().map(|c| (c.hash(), c)).collect();
+        // Clocks of this batch and of the newest entry, for inheriting.
+        let mut known: HashMap<ChangeHash, Hlc> = HashMap::new();
+        if let Some(last) = self.entries.last()
+            && let Some(at) = last.at.get()
+        {
+            known.insert(last.hash, *at);
+        }
+        for (hash, actor, timestamp, deps) in metas {
+            let written = match (fresh.get(&hash), &entity) {
+                (Some(change), Some(entity)) => written_at(change, entity),
+                _ => None,
+            };
+            // A change that wrote no clock reads as its one parent did; a
+            // merge's clock is left to be read from the document.
+            let at = written.or_else(|| match (fresh.contains_key(&hash), &deps[..]) {
+                (true, [dep]) => known.get(dep).copied(),
+                _ => None,
+            });
+            let cell = OnceLock::new();
+            if let Some(at) = at {
+                known.insert(hash, at);
+                let _ = cell.set(at);
+            }
+            self.entries.push(Arc::new(VersionEntry {
+                hash,
+                actor,
+                timestamp,
+                at: cell,
+            }));
+        }
+        self.covered = heads;
+    }
+}
+
+/// The `updated_at` clocks a change wrote into the entity map, the newest.
+/// Map puts replace every value they saw, so this is the entity's clock as of
+/// that change.
+fn written_at(change: &Change, entity: &ObjId) -> Option<Hlc> {
+    use automerge::legacy::{Key, ObjectId, OpId, OpType};
+    let ObjId::Id(counter, actor, _) = entity else {
+        return None;
+    };
+    change
+        .decode()
+        .operations
+        .iter()
+        .filter(|op| {
+            matches!(&op.obj, ObjectId::Id(OpId(c, a)) if c == counter && a == actor)
+                && matches!(&op.key, Key::Map(k) if k == "updated_at")
+        })
+        .filter_map(|op| match &op.action {
+            OpType::Put(automerge::ScalarValue::Str(s)) => s.parse::<Hlc>().ok(),
+            _ => None,
+        })
+        .max()
+}
+
+/// The newest versions of an entity, as taken from the engine: what a listing
+/// needs, detached from the engine so it can be finished on another thread.
+#[derive(Debug)]
+pub struct HistorySnapshot {
+    entries: Vec<Arc<VersionEntry>>,
+    /// A copy of the document, only when some entry's clock is still unread.
+    doc: Option<AutoCommit>,
+    homes: policy::ActorHomes,
+}
+
+impl HistorySnapshot {
+    /// Whether finishing reads the document (some clocks are not known yet).
+    pub fn reads_document(&self) -> bool {
+        self.doc.is_some()
+    }
+
+    /// The actors that wrote the versions it holds.
+    pub fn actors(&self) -> impl Iterator<Item = &ActorId> {
+        self.entries.iter().map(|e| &e.actor)
+    }
+
+    /// The versions, oldest first. Clocks read from the document here are
+    /// kept in the engine's log too, so each is read once.
+    pub fn versions(self) -> Vec<Version> {
+        let Self {
+            entries,
+            doc,
+            homes,
+        } = self;
+        entries
+            .into_iter()
+            .map(|e| {
+                let heads = vec![e.hash];
+                let at = *e.at.get_or_init(|| {
+                    doc.as_ref()
+                        .and_then(|d| hlc_at(d, &heads))
+                        .unwrap_or_else(|| e.fallback())
+                });
+                Version {
+                    id: version_id(&heads),
+                    at,
+                    home: homes.home_of(&e.actor),
+                    actor: e.actor.clone(),
+                    heads,
+                }
+            })
+            .collect()
+    }
+}
+
+/// Every change of `doc` as a version, oldest first, each clock read from the
+/// document: the listing the log replaces, kept to check it against.
+#[cfg(test)]
 fn all_versions(doc: &mut AutoCommit, homes: &impl HomeLookup) -> Vec<Version> {
     let metas: Vec<(ChangeHash, ActorId, i64)> = doc
         .get_changes_meta(&[])
@@ -406,12 +597,27 @@ impl<P: Clone + Ord + Debug> Engine<P> {
 
     /// The newest `limit` versions of an entity, oldest first.
     pub fn entity_history(&mut self, id: DocId, limit: usize) -> Result<Vec<Version>> {
+        Ok(self.history_snapshot(id, limit)?.versions())
+    }
+
+    /// What [`Engine::entity_history`] needs, taken in O(`limit`) (plus a
+    /// copy of the document when a clock in range is still unread), to be
+    /// finished with [`HistorySnapshot::versions`] on any thread.
+    pub fn history_snapshot(&mut self, id: DocId, limit: usize) -> Result<HistorySnapshot> {
         expect_kind(self, id, DocKind::Entity)?;
         let homes = self.homes.clone();
-        let doc = self.doc_for_read_mut(id)?;
-        let mut versions = all_versions(doc, &homes);
-        let skip = versions.len().saturating_sub(limit);
-        Ok(versions.split_off(skip))
+        let (log, doc) = self.version_log(id)?;
+        let skip = log.entries.len().saturating_sub(limit);
+        let entries = log.entries[skip..].to_vec();
+        let doc = entries
+            .iter()
+            .any(|e| e.at.get().is_none())
+            .then(|| doc.fork());
+        Ok(HistorySnapshot {
+            entries,
+            doc,
+            homes,
+        })
     }
 
     /// The entity as of `version` (an id or a unique prefix of 8 or more hex
@@ -568,6 +774,83 @@ mod tests {
         assert_eq!(restored.entity.state, "a");
         assert!(restored.conflicts.is_empty());
         assert_eq!(c.nodes[0].resolved_entity(DOC).unwrap(), restored);
+    }
+
+    fn version_reads() -> u64 {
+        VERSION_READS.with(|n| n.get())
+    }
+
+    /// What the listing was before the log: every clock read from the document.
+    fn reference(c: &mut Cluster, node: usize) -> Vec<Version> {
+        let homes = c.nodes[node].homes.clone();
+        all_versions(c.nodes[node].doc_for_read_mut(DOC).unwrap(), &homes)
+    }
+
+    #[test]
+    fn the_newest_versions_cost_what_they_return_not_the_history() {
+        let mut c = cluster();
+        // Writes from both nodes, some concurrent (merges), most in turn.
+        for i in 0..200i64 {
+            let node = usize::try_from(i % 2).unwrap();
+            c.write(
+                node,
+                DOC,
+                &update(if i % 3 == 0 { "on" } else { "off" }, i),
+                1,
+            );
+            if i % 10 != 0 {
+                c.settle();
+            }
+            c.now_ms += 5;
+        }
+        c.settle();
+        for node in 0..2 {
+            let before = version_reads();
+            let newest = c.nodes[node].entity_history(DOC, 1).unwrap();
+            assert_eq!(
+                version_reads() - before,
+                0,
+                "the newest change's clock is known from its own operations"
+            );
+            let all = reference(&mut c, node);
+            assert!(all.len() > 200);
+            assert_eq!(newest[..], all[all.len() - 1..]);
+            assert_eq!(c.nodes[node].entity_history(DOC, usize::MAX).unwrap(), all);
+        }
+
+        // A document loaded from disk has its clocks from its changes' own
+        // operations too.
+        let saved = c.nodes[0].doc_for_read_mut(DOC).unwrap().save();
+        c.nodes[0].load_document(DOC, &[saved]).unwrap();
+        let all = reference(&mut c, 0);
+        let before = version_reads();
+        assert_eq!(c.nodes[0].entity_history(DOC, usize::MAX).unwrap(), all);
+        assert_eq!(version_reads() - before, 0);
+
+        // A clock not known that way is read from the document as of that
+        // change, only for the versions listed, and once.
+        let homes = c.nodes[0].homes.clone();
+        let doc = c.nodes[0].doc_for_read_mut(DOC).unwrap();
+        let mut log = VersionLog::default();
+        log.catch_up(doc, &[]);
+        let snapshot = |log: &VersionLog, doc: &mut AutoCommit| HistorySnapshot {
+            entries: log.entries[log.entries.len() - 2..].to_vec(),
+            doc: Some(doc.fork()),
+            homes: homes.clone(),
+        };
+        let before = version_reads();
+        assert_eq!(snapshot(&log, doc).versions()[..], all[all.len() - 2..]);
+        assert_eq!(version_reads() - before, 2);
+        assert_eq!(snapshot(&log, doc).versions()[..], all[all.len() - 2..]);
+        assert_eq!(version_reads() - before, 2, "each clock is read once");
+
+        // Changes after the load are listed as they land.
+        c.write(0, DOC, &update("dim", 7), 10);
+        let before = version_reads();
+        let newest = c.nodes[0].entity_history(DOC, 1).unwrap();
+        assert_eq!(version_reads() - before, 0);
+        assert_eq!(newest[0].at.wall_ms, c.now_ms + 10);
+        assert_eq!(newest, reference(&mut c, 0)[all.len()..]);
     }
 
     #[test]

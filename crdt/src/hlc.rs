@@ -156,17 +156,22 @@ impl HlcClock {
     }
 
     /// Folds in a reading from another replica so that later local readings
-    /// sort after it. Refuses readings further ahead than the drift bound and
-    /// leaves the clock untouched in that case.
+    /// sort after it. Refuses readings that would move the clock further ahead
+    /// of `physical_ms` than the drift bound, and leaves the clock untouched in
+    /// that case.
     pub fn observe(&mut self, remote: &Hlc, physical_ms: u64) -> Result<()> {
-        let horizon = physical_ms.max(self.last_wall);
-        if remote.wall_ms > horizon.saturating_add(self.max_drift_ms) {
+        let newer = (remote.wall_ms, remote.counter) > (self.last_wall, self.last_counter);
+        // The bound is measured from physical time alone. Measured from the
+        // clock's own last reading, each admitted reading would raise the
+        // bound it was checked against, and a writer could walk every replica
+        // forward by the drift bound on every write.
+        if newer && remote.wall_ms > physical_ms.saturating_add(self.max_drift_ms) {
             return Err(Error::ClockDrift {
-                ahead_ms: remote.wall_ms - horizon,
+                ahead_ms: remote.wall_ms - physical_ms,
                 max_ms: self.max_drift_ms,
             });
         }
-        if (remote.wall_ms, remote.counter) > (self.last_wall, self.last_counter) {
+        if newer {
             self.last_wall = remote.wall_ms;
             self.last_counter = remote.counter;
         }
@@ -234,6 +239,44 @@ mod tests {
             c.observe(&wild, 50_000),
             Err(Error::ClockDrift { .. })
         ));
+        assert_eq!(c.last(), before);
+    }
+
+    #[test]
+    fn readings_just_inside_the_bound_cannot_walk_the_clock_forward() {
+        const MINUTE: u64 = 60_000;
+        let drift = 5 * MINUTE;
+        let mut c = HlcClock::new(A).with_max_drift(drift);
+        let physical = 1_000_000_000;
+        c.now(physical);
+        // Each reading is 4 minutes ahead of the last one the clock took in, so
+        // it is always within the bound of the clock's own last reading.
+        let mut admitted = 0;
+        for step in 1..=20u64 {
+            let remote = Hlc {
+                wall_ms: c.last().wall_ms + 4 * MINUTE,
+                counter: 0,
+                actor: B,
+            };
+            // Physical time moves a little between writes.
+            if c.observe(&remote, physical + step * 10).is_ok() {
+                admitted += 1;
+            }
+            assert!(
+                c.last().wall_ms <= physical + step * 10 + drift,
+                "step {step}: clock at {} ms past physical",
+                c.last().wall_ms - physical
+            );
+        }
+        assert_eq!(admitted, 1, "only the first reading is within the bound");
+        // A reading behind the clock's last one changes nothing and is not an error.
+        let old = Hlc {
+            wall_ms: physical + MINUTE,
+            counter: 0,
+            actor: B,
+        };
+        let before = c.last();
+        c.observe(&old, physical).unwrap();
         assert_eq!(c.last(), before);
     }
 

@@ -518,6 +518,11 @@ pub(crate) async fn history(
     let mut long = sequential(&a, &b, "light.history", "y", n).await?;
     let (f50, f95, _) = p50_95_99(&mut fresh);
     let (h50, h95, h99) = p50_95_99(&mut long);
+    // Reads while the long entity's history is listed, over and over. B restarts first,
+    // so the listings work from the version log built as the document loaded.
+    let (b_name, b_dir) = b.stop().await?;
+    let b = Device::restart(&b_name, b_dir, hearth::DEFAULT_BATCH_WINDOW).await?;
+    let reads = ReadsDuringHistory::measure(&b, "light.fresh", "light.history", n).await?;
     let nodes = converge(&[&a, &b]).await?;
     stop_all(scratch, vec![a, b]).await?;
     let latency_p95 = report.find("latency").and_then(|s| s.get("p95"));
@@ -541,7 +546,89 @@ pub(crate) async fn history(
     if let Some(l) = latency_p95 {
         r = r.figure(Figure::new("p95 vs latency scenario", h95, "us").baseline("latency p95", l));
     }
+    r = r
+        .figure(Figure::new(
+            "history?limit=1 after restart",
+            reads.first_newest_us,
+            "us",
+        ))
+        .figure(Figure::new(
+            format!(
+                "history?limit={}, mean of {}",
+                hearth::MAX_HISTORY,
+                reads.listings
+            ),
+            reads.listing_ms,
+            "ms",
+        ))
+        .figure(
+            Figure::new(
+                format!("GET p95 during those listings, {n} GETs"),
+                reads.busy95,
+                "us",
+            )
+            .baseline("idle GET p95", reads.idle95)
+            .target("<= 2x idle", reads.busy95 <= 2.0 * reads.idle95),
+        );
     Ok(vec![r])
+}
+
+/// GETs of another entity while one entity's long history is listed over and over,
+/// against the same GETs idle.
+struct ReadsDuringHistory {
+    /// The first `limit=1` listing after a restart.
+    first_newest_us: f64,
+    /// Mean time of a `limit=MAX_HISTORY` listing while the GETs ran.
+    listing_ms: f64,
+    /// Listings done while the GETs ran.
+    listings: usize,
+    idle95: f64,
+    busy95: f64,
+}
+
+impl ReadsDuringHistory {
+    async fn measure(device: &Device, other: &str, long: &str, n: usize) -> Result<Self> {
+        let entities = device.node.entities();
+        let t = Instant::now();
+        entities.history(long, 1).await?;
+        let first_newest_us = t.elapsed().as_secs_f64() * 1e6;
+        let mut idle = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = Instant::now();
+            entities.get(other).await?;
+            idle.push(t.elapsed());
+        }
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let listing = {
+            let entities = device.node.entities();
+            let long = long.to_string();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let t = Instant::now();
+                let mut listings = 0;
+                while listings == 0 || !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    entities.history(&long, hearth::MAX_HISTORY).await?;
+                    listings += 1;
+                }
+                anyhow::Ok((listings, t.elapsed()))
+            })
+        };
+        let mut busy = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = Instant::now();
+            entities.get(other).await?;
+            busy.push(t.elapsed());
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (listings, took) = listing.await??;
+        Ok(Self {
+            first_newest_us,
+            listing_ms: took.as_secs_f64() * 1e3 / listings as f64,
+            listings,
+            idle95: percentile_us(&mut idle, 0.95),
+            busy95: percentile_us(&mut busy, 0.95),
+        })
+    }
 }
 
 /// 9. batching: throughput and latency at several batching windows.

@@ -34,10 +34,15 @@ impl Core {
             }
         }
         let table = self.engine.actor_homes_mut();
+        let before = table.clone();
         for (peer, home) in pairs {
             if let Ok(id) = peer.parse::<hearth_net::PeerId>() {
                 table.insert(hearth_crdt::ids::actor_for_peer(&id.to_bytes()), home);
             }
+        }
+        if *table != before {
+            // Side policies resolve by home: cached entity views may read differently.
+            self.views.clear();
         }
     }
 

@@ -10,7 +10,9 @@ use hearth_crdt::schema::registry;
 use hearth_crdt::{DocId, Error as CrdtError};
 use hearth_storage::Batch;
 
-use super::{Core, doc_err, now_ms, rfc3339_ms};
+use std::collections::HashMap;
+
+use super::{Core, Reply, doc_err, now_ms, rfc3339_ms};
 use crate::Error;
 use crate::entities::{Entity, EntityVersion};
 
@@ -39,24 +41,54 @@ impl Core {
         Ok((entity, batch))
     }
 
+    /// Answers with the newest `limit` versions. The core only takes a snapshot (the
+    /// engine's log entries, plus a copy of the document when some clock is still
+    /// unread, and the names of their writers); the listing is finished on a read job.
     pub(super) fn entity_history(
         &mut self,
         id: &str,
         limit: usize,
-    ) -> Result<Vec<EntityVersion>, Error> {
-        let doc = self.existing_entity(id)?;
-        let versions = self.engine.entity_history(doc, limit).map_err(doc_err)?;
-        let home_id = self.home.home_id.clone();
-        let mut out = Vec::with_capacity(versions.len());
-        for v in versions {
-            out.push(EntityVersion {
-                device: self.device_of_actor(&v.actor),
-                version: v.id,
-                time: rfc3339_ms(v.at.wall_ms),
-                home: v.home.or_else(|| Some(home_id.clone())),
-            });
+        reply: Reply<Vec<EntityVersion>>,
+    ) {
+        let snapshot = self
+            .existing_entity(id)
+            .and_then(|doc| self.engine.history_snapshot(doc, limit).map_err(doc_err));
+        let snapshot = match snapshot {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        let mut names: HashMap<automerge::ActorId, String> = HashMap::new();
+        for actor in snapshot.actors() {
+            if !names.contains_key(actor) {
+                let name = self.device_of_actor(actor);
+                names.insert(actor.clone(), name);
+            }
         }
-        Ok(out)
+        let home_id = self.home.home_id.clone();
+        #[cfg(test)]
+        let gate = tests::gate_for(id);
+        self.spawn_read(reply, move || {
+            #[cfg(test)]
+            if let Some(gate) = gate {
+                gate.hold();
+            }
+            Ok(snapshot
+                .versions()
+                .into_iter()
+                .map(|v| EntityVersion {
+                    device: names
+                        .get(&v.actor)
+                        .cloned()
+                        .unwrap_or_else(|| v.actor.to_hex_string()),
+                    version: v.id,
+                    time: rfc3339_ms(v.at.wall_ms),
+                    home: v.home.or_else(|| Some(home_id.clone())),
+                })
+                .collect())
+        });
     }
 
     pub(super) fn restore_entity(
@@ -77,5 +109,125 @@ impl Core {
             })?;
         let batch = self.handle_outputs(out);
         Ok((self.entity_view(doc)?, batch))
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use std::sync::Mutex;
+    use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+    use std::time::Duration;
+
+    use serde_json::json;
+    use tokio::time::timeout;
+
+    use crate::{Config, EntityWrite, Node};
+
+    /// A history read job of one entity, held before it computes anything.
+    pub(in crate::core) struct Gate {
+        entered: SyncSender<()>,
+        release: Receiver<()>,
+    }
+
+    impl Gate {
+        /// Says the job started, then waits to be let go (or for the test to end).
+        pub(in crate::core) fn hold(self) {
+            let _ = self.entered.send(());
+            let _ = self.release.recv();
+        }
+    }
+
+    /// Gates by entity id; ids are unique to the test that sets them.
+    static GATES: Mutex<Vec<(String, Gate)>> = Mutex::new(Vec::new());
+
+    pub(in crate::core) fn gate_for(id: &str) -> Option<Gate> {
+        let mut gates = GATES.lock().unwrap_or_else(|e| e.into_inner());
+        let at = gates.iter().position(|(g, _)| g == id)?;
+        Some(gates.swap_remove(at).1)
+    }
+
+    const T: Duration = Duration::from_secs(30);
+    /// Each side of a gate signals once.
+    const GATE_SIGNALS: usize = 1;
+
+    fn write(state: &str) -> EntityWrite {
+        EntityWrite {
+            state: state.into(),
+            attributes: json!({"level": 1}).as_object().cloned(),
+            correlation_id: None,
+        }
+    }
+
+    /// While an entity's history is being read, the core keeps answering: the read
+    /// runs on a snapshot, off the core.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_answer_while_a_history_read_is_pending() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            data_dir: dir.path().to_path_buf(),
+            api_addr: "127.0.0.1:0".parse().unwrap(),
+            listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
+            mdns: false,
+            ..Config::default()
+        };
+        let node = timeout(T, Node::start(config)).await.unwrap().unwrap();
+        let entities = node.entities();
+        for state in ["on", "off", "on"] {
+            timeout(T, entities.set("light.held_history", write(state)))
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        timeout(T, entities.set("light.other", write("dim")))
+            .await
+            .unwrap()
+            .unwrap();
+
+        let (entered_tx, entered) = sync_channel(GATE_SIGNALS);
+        let (release, release_rx) = sync_channel(GATE_SIGNALS);
+        GATES.lock().unwrap().push((
+            "light.held_history".into(),
+            Gate {
+                entered: entered_tx,
+                release: release_rx,
+            },
+        ));
+        let history = tokio::spawn({
+            let entities = node.entities();
+            async move { entities.history("light.held_history", 10).await }
+        });
+        timeout(T, tokio::task::spawn_blocking(move || entered.recv()))
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("the history job starts");
+
+        // The job is held: the core must still answer a read and a write.
+        let other = timeout(T, entities.get("light.other"))
+            .await
+            .expect("a read answers while a history read is pending")
+            .unwrap()
+            .unwrap();
+        assert_eq!(other.state, "dim");
+        timeout(T, entities.set("light.other", write("off")))
+            .await
+            .expect("a write answers while a history read is pending")
+            .unwrap();
+        let listed = timeout(T, entities.list()).await.unwrap().unwrap();
+        assert_eq!(listed.len(), 2);
+        assert_eq!(listed[1].state, "off");
+        assert!(!history.is_finished(), "the history read is still held");
+
+        release.send(()).unwrap();
+        let versions = timeout(T, history).await.unwrap().unwrap().unwrap();
+        // The creating write and the two after it.
+        assert_eq!(versions.len(), 3, "{versions:?}");
+        let current = timeout(T, entities.get("light.held_history"))
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(versions.last().unwrap().version, current.version);
+        timeout(T, node.shutdown()).await.unwrap().unwrap();
     }
 }

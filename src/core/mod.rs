@@ -7,6 +7,7 @@
 //! whatever is queued) and moves on, so one slow flush never stalls other requests.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use hearth_crdt::schema::registry;
@@ -56,6 +57,9 @@ pub(crate) const NOTICE_BUFFER: usize = 256;
 /// How long a caller waits for the core to answer one request. Writes answer within the
 /// store's own request limit; this is the backstop for a core that is stuck or swamped.
 pub(crate) const CORE_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Read jobs (history listings, entity lists) computing at once, off the core. More
+/// wait their turn, each holding only its snapshot.
+const READ_JOBS: usize = 2;
 
 /// Happenings other than entity changes that the event bus reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -412,6 +416,11 @@ struct Core {
     unpersisted: std::sync::Arc<std::sync::Mutex<durability::Unpersisted>>,
     /// Documents whose stored records could not be loaded at start (quarantine.rs).
     quarantine: quarantine::Quarantine,
+    /// Each entity's view as last read, with the heads it was read at, so listing every
+    /// entity reads only the documents that changed since.
+    views: HashMap<DocId, (Vec<automerge::ChangeHash>, Arc<Entity>)>,
+    /// Permits for read jobs (`spawn_read`).
+    read_jobs: Arc<tokio::sync::Semaphore>,
 }
 
 /// What reconnects cost, counted since start.
@@ -557,6 +566,8 @@ pub(crate) async fn start(
         persists: durability::persist_slots(),
         unpersisted: Default::default(),
         quarantine: Default::default(),
+        views: HashMap::new(),
+        read_jobs: Arc::new(tokio::sync::Semaphore::new(READ_JOBS)),
     };
     let mut batch = Batch::new();
     core.device = keyring::device_secret(&core.store, &mut batch).await?;
@@ -1056,9 +1067,7 @@ impl Core {
             Request::GetEntity { id, reply } => {
                 let _ = reply.send(self.get_entity(&id));
             }
-            Request::ListEntities { reply } => {
-                let _ = reply.send(self.list_entities());
-            }
+            Request::ListEntities { reply } => self.list_entities(reply),
             Request::Counters { reply } => {
                 let mut counters = self.counters.clone();
                 counters.heads_root = self.digest.root_hash().map(hex::encode).unwrap_or_default();
@@ -1418,20 +1427,61 @@ impl Core {
         self.engine.heads(doc).is_ok_and(|h| !h.is_empty())
     }
 
-    fn list_entities(&mut self) -> Result<Vec<Entity>, Error> {
-        let mut docs: Vec<(String, DocId)> = self
-            .entity_of_doc
-            .iter()
-            .map(|(doc, id)| (id.clone(), *doc))
-            .collect();
-        docs.sort();
-        let mut out = Vec::with_capacity(docs.len());
-        for (_, doc) in docs {
-            if self.has_content(doc) {
-                out.push(self.entity_view(doc)?);
+    /// Answers with every readable entity, sorted by id. The core reads again only the
+    /// entities whose heads moved since their view was cached (a write or a remote
+    /// change refreshes it as it lands), and a read job sorts and copies the views.
+    fn list_entities(&mut self, reply: Reply<Vec<Entity>>) {
+        let docs: Vec<DocId> = self.entity_of_doc.keys().copied().collect();
+        let mut views = Vec::with_capacity(docs.len());
+        for doc in docs {
+            // Listed in the registry but not synced here yet: not readable on this device.
+            let heads = match self.engine.heads(doc) {
+                Ok(h) if !h.is_empty() => h,
+                _ => continue,
+            };
+            match self.views.get(&doc) {
+                Some((seen, view)) if *seen == heads => views.push(view.clone()),
+                _ => match self.entity_view(doc) {
+                    Ok(view) => {
+                        let view = Arc::new(view);
+                        self.views.insert(doc, (heads, view.clone()));
+                        views.push(view);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        return;
+                    }
+                },
             }
         }
-        Ok(out)
+        self.spawn_read(reply, move || {
+            views.sort_by(|a, b| a.id.cmp(&b.id));
+            Ok(views.iter().map(|v| Entity::clone(v)).collect())
+        });
+    }
+
+    /// Runs `job` on the blocking pool, at most `READ_JOBS` at once, and sends its
+    /// answer. For reads whose cost grows with history or with the number of
+    /// documents: `job` works on a snapshot the core took, so the core goes on serving.
+    fn spawn_read<T: Send + 'static>(
+        &self,
+        reply: Reply<T>,
+        job: impl FnOnce() -> Result<T, Error> + Send + 'static,
+    ) {
+        let permits = self.read_jobs.clone();
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                // The semaphore is never closed.
+                let Ok(_permit) = permits.acquire_owned().await else {
+                    return;
+                };
+                let result = tokio::task::spawn_blocking(job)
+                    .await
+                    .unwrap_or_else(|e| Err(Error::Internal(format!("read job failed: {e}"))));
+                let _ = reply.send(result);
+            },
+            tracing::error_span!("read_job"),
+        ));
     }
 
     /// The PeerId of the device that writes as `actor`: this device, a member of the home,
@@ -1449,6 +1499,7 @@ impl Core {
         // document.
         let devices = self.engine.home_devices(self.home.home_doc);
         let paired = self.engine.home_paired(self.home.home_doc);
+        let known = self.actor_names.len();
         if let (Ok(devices), Ok(paired)) = (devices, paired) {
             let peers = devices
                 .keys()
@@ -1459,6 +1510,10 @@ impl Core {
                     self.actor_names.insert(actor, peer.clone());
                 }
             }
+        }
+        if self.actor_names.len() != known {
+            // Cached views may name a writer that now has a name.
+            self.views.clear();
         }
         self.actor_names
             .get(actor)
@@ -1571,6 +1626,7 @@ impl Core {
                     doc,
                     origin,
                     correlation_id,
+                    heads,
                     ..
                 } if self.entity_of_doc.contains_key(&doc) => {
                     let from_peer = match origin {
@@ -1589,7 +1645,9 @@ impl Core {
                     };
                     match self.entity_view(doc) {
                         Ok(entity) => {
-                            // The writer answers with this same view, read once.
+                            // The writer answers with this same view, read once, and
+                            // listings reuse it.
+                            self.views.insert(doc, (heads, Arc::new(entity.clone())));
                             self.last_view = Some((doc, entity.clone()));
                             self.emit(entity, from_peer, correlation_id)
                         }

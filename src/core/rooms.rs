@@ -153,7 +153,7 @@ impl Core {
                 self.reply_after_flush(result, reply);
             }
             Request::EntityHistory { id, limit, reply } => {
-                let _ = reply.send(self.entity_history(&id, limit));
+                self.entity_history(&id, limit, reply);
             }
             Request::RestoreEntity { id, version, reply } => {
                 let result = self.restore_entity(&id, &version);
