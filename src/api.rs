@@ -337,6 +337,34 @@ async fn ready(State(state): State<Arc<ApiState>>) -> Response {
         )
         .into_response();
     }
+    // The core answers a ping only if it runs and reads its queue: a dead or wedged core
+    // makes the node useless even with a healthy store and network.
+    let ping = tokio::time::timeout(
+        READY_NET_TIMEOUT,
+        state
+            .core
+            .call(|reply| crate::core::Request::Ping { reply }),
+    )
+    .await;
+    match ping {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e)) | Err(e)) => {
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!("the core is not answering: {e}"),
+            )
+            .into_response();
+        }
+        Err(_) => {
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!("the core did not answer within {READY_NET_TIMEOUT:?}"),
+            )
+            .into_response();
+        }
+    }
     let listening = match tokio::time::timeout(READY_NET_TIMEOUT, state.net.listen_addrs()).await {
         Ok(answer) => answer.map_err(|e| e.to_string()),
         Err(_) => Err(format!("no answer within {READY_NET_TIMEOUT:?}")),

@@ -110,6 +110,10 @@ pub(crate) enum Request {
         write: EntityWrite,
         reply: Reply<Entity>,
     },
+    /// Readiness: answered at once by a core that is running and reading its queue.
+    Ping {
+        reply: Reply<()>,
+    },
     /// Test hook: writes the home document as a device of the home that wants a revoked
     /// device back would: `revoked_at` cleared and the signed record deleted.
     ClearRevocation {
@@ -1030,6 +1034,9 @@ impl Core {
 
     fn handle(&mut self, request: Request) {
         match request {
+            Request::Ping { reply } => {
+                let _ = reply.send(Ok(()));
+            }
             Request::ClearRevocation { peer, reply } => {
                 let result = self.debug_clear_revocation(&peer);
                 let _ = reply.send(result);

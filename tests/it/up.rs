@@ -238,11 +238,24 @@ fn a_node_reports_its_core_task_dying() {
             .unwrap()
             .unwrap();
         assert!(futures::FutureExt::now_or_never(node.failed()).is_none());
+        let api = node.api_addr().to_string();
+        let ready = tokio::task::spawn_blocking({
+            let api = api.clone();
+            move || crate::util::http_get(&api, "/health/ready", None)
+        });
+        assert_eq!(ready.await.unwrap().0, 200);
         node.debug_abort_core();
         let reason = tokio::time::timeout(crate::util::WAIT, node.failed())
             .await
             .expect("the core's death was never reported");
         assert!(reason.contains("core"), "{reason}");
+        // Readiness asks the core itself, so it turns unready at once.
+        let (status, body) =
+            tokio::task::spawn_blocking(move || crate::util::http_get(&api, "/health/ready", None))
+                .await
+                .unwrap();
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("core"), "{body}");
         let stopped = tokio::time::timeout(crate::util::WAIT, node.shutdown())
             .await
             .unwrap();
