@@ -96,6 +96,11 @@ pub const MAX_HISTORY: usize = 1000;
 pub const MAX_ENTITY_ID_LEN: usize = 255;
 /// Longest state string accepted.
 pub const MAX_STATE_LEN: usize = 255;
+/// Most bytes of attributes (as JSON) one write may carry: 1 MiB. One write is one
+/// Automerge change, and a change is the one thing a sync message cannot split, so this
+/// keeps every change well under the largest sync message a frame carries (about
+/// 4 MiB). The API's body cap (256 KiB) is lower still.
+pub const MAX_ATTRIBUTES_BYTES: usize = 1024 * 1024;
 
 /// Checks an entity id: `domain.object`, lowercase ASCII letters, digits and `_`, as
 /// Home Assistant uses, so ids stay portable across the MQTT bridge and URLs.
@@ -127,6 +132,14 @@ fn validate_write(id: &str, write: &EntityWrite) -> Result<(), Error> {
             "state is {} bytes; at most {MAX_STATE_LEN} are allowed",
             write.state.len()
         )));
+    }
+    if let Some(attributes) = &write.attributes {
+        let len = serde_json::to_vec(attributes).map_or(usize::MAX, |b| b.len());
+        if len > MAX_ATTRIBUTES_BYTES {
+            return Err(Error::Invalid(format!(
+                "attributes are {len} bytes as JSON; at most {MAX_ATTRIBUTES_BYTES} are allowed"
+            )));
+        }
     }
     if let Some(c) = &write.correlation_id
         && c.len() > crate::bus::MAX_CORRELATION_ID_LEN
@@ -340,5 +353,24 @@ mod tests {
             assert!(validate_entity_id(bad).is_err(), "{bad:?} accepted");
         }
         assert!(validate_entity_id(&format!("a.{}", "x".repeat(300))).is_err());
+    }
+
+    #[test]
+    fn attributes_past_the_cap_are_refused() {
+        let write = |len: usize| {
+            let mut attributes = Map::new();
+            // `{"a":"..."}` is eight bytes around the string.
+            attributes.insert("a".into(), Value::String("x".repeat(len - 8)));
+            EntityWrite {
+                state: "on".into(),
+                attributes: Some(attributes),
+                correlation_id: None,
+            }
+        };
+        validate_write("camera.big", &write(MAX_ATTRIBUTES_BYTES)).unwrap();
+        assert!(matches!(
+            validate_write("camera.big", &write(MAX_ATTRIBUTES_BYTES + 1)),
+            Err(Error::Invalid(_))
+        ));
     }
 }

@@ -54,7 +54,8 @@ pub use core::{CHANGE_BUFFER, RevokedDevice, SyncCounters};
 pub use datadir::{API_ADDR_FILE, LOCK_FILE, TOKEN_FILE, read_token};
 pub use entities::{
     ChangeItem, Changes, ConflictCandidate, ConflictInfo, Entities, Entity, EntityChange,
-    EntityVersion, EntityWrite, MAX_ENTITY_ID_LEN, MAX_HISTORY, MAX_STATE_LEN,
+    EntityVersion, EntityWrite, MAX_ATTRIBUTES_BYTES, MAX_ENTITY_ID_LEN, MAX_HISTORY,
+    MAX_STATE_LEN,
 };
 pub use error::Error;
 pub use events::{Event, EventItem, Events};

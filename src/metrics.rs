@@ -6,6 +6,7 @@
 //! are counted as they happen. libp2p's own metrics (connections, bandwidth per
 //! transport, identify, ping) sit in the same registry under the `libp2p` prefix.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -74,6 +75,10 @@ pub(crate) struct Metrics {
     pub(crate) sync_docs_behind: Family<PeerLabels, Gauge>,
     pub(crate) events: Family<EventLabels, Counter>,
     pub(crate) api_requests: Family<RouteLabels, Counter>,
+    /// The last totals of refusals for size seen from the core (engine and frames) and
+    /// from the network, which arrive separately but share `kind="oversized"`.
+    oversized_core: AtomicU64,
+    oversized_net: AtomicU64,
 }
 
 impl Metrics {
@@ -92,6 +97,8 @@ impl Metrics {
             sync_docs_behind: Family::default(),
             events: Family::default(),
             api_requests: Family::default(),
+            oversized_core: AtomicU64::new(0),
+            oversized_net: AtomicU64::new(0),
         };
         registry.register(
             "connected_peers",
@@ -253,13 +260,26 @@ impl Metrics {
             ("session_reset", e.session_resets),
             ("session_restart", e.session_restarts),
             ("automerge_panic", e.panics_caught),
-            ("oversized", e.oversized),
             ("compressed_refused", e.compressed_refused),
             ("schema_violation", e.schema_violations),
             ("push_evicted", e.pushes_evicted),
         ] {
             self.error_total(kind, value);
         }
+        let core = e.oversized.saturating_add(report.frames_oversized);
+        self.oversized_core.store(core, Ordering::Relaxed);
+        self.oversized_total();
+    }
+
+    /// Raises `kind="oversized"` to every refusal for size: sync messages and pushes the
+    /// engine would not generate or accept, frames the core would not send or decode,
+    /// and frames the network refused on arrival.
+    fn oversized_total(&self) {
+        let total = self
+            .oversized_core
+            .load(Ordering::Relaxed)
+            .saturating_add(self.oversized_net.load(Ordering::Relaxed));
+        self.error_total("oversized", total);
     }
 
     /// Records what the network reported at a scrape.
@@ -287,6 +307,9 @@ impl Metrics {
         ] {
             self.error_total(kind, value);
         }
+        self.oversized_net
+            .store(net.oversized_frames, Ordering::Relaxed);
+        self.oversized_total();
     }
 
     fn error_total(&self, kind: &'static str, total: u64) {
@@ -341,5 +364,24 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("route=\"/api/status\""), "{text}");
+    }
+
+    #[test]
+    fn oversized_adds_the_engine_the_core_and_the_network() {
+        let m = Metrics::new();
+        let mut report = crate::core::SyncReport::default();
+        report.engine.oversized = 2;
+        report.frames_oversized = 1;
+        m.observe_core(&report);
+        let mut net = hearth_net::Metrics::default();
+        net.oversized_frames = 4;
+        m.observe_net(&net, &[]);
+        // A later scrape with the same totals adds nothing.
+        m.observe_core(&report);
+        let text = m.encode().unwrap();
+        assert!(
+            text.contains("hearth_sync_errors_total{kind=\"oversized\"} 7"),
+            "{text}"
+        );
     }
 }

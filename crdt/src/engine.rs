@@ -46,7 +46,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt::Debug;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use automerge::sync::{Message, SyncDoc};
+use automerge::sync::{ChunkList, Message, MessageVersion, State, SyncDoc};
 use automerge::transaction::CommitOptions;
 use automerge::{ActorId, AutoCommit, Change, ChangeHash};
 
@@ -100,8 +100,12 @@ pub const DEFAULT_MAX_GROWTH_PER_STEP_BYTES: usize = 64 * 1024 * 1024;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EngineConfig {
     /// Largest sync message accepted or sent ([`DEFAULT_MAX_SYNC_MESSAGE_BYTES`]).
-    /// Both sides should agree: a document whose catch-up message exceeds the
-    /// cap cannot be caught up by a peer that enforces it.
+    /// Both sides should agree. A catch-up larger than this is sent over several
+    /// rounds, each message carrying a causal prefix of the changes the peer lacks,
+    /// so only a single change larger than the cap (less the message's own hashes
+    /// and bloom filter) cannot travel; writers must keep one change well below it.
+    /// A node derives it from its transport's frame cap with
+    /// [`crate::wire::max_payload`].
     pub max_sync_message_bytes: usize,
     /// Largest push payload accepted ([`DEFAULT_MAX_PUSH_BYTES`]). A local
     /// commit bigger than this is sent through the sync session instead.
@@ -247,6 +251,9 @@ pub struct EngineStats {
     pub pushes_evicted: u64,
     /// Sync messages sent.
     pub sync_sent: u64,
+    /// Sync messages cut down to the changes that fit
+    /// [`EngineConfig::max_sync_message_bytes`]; the rest follow in later rounds.
+    pub sync_partial: u64,
     /// Sync messages received and applied.
     pub sync_received: u64,
     /// Sessions reset after malformed or failing input.
@@ -1995,8 +2002,12 @@ fn generate_into<P: Clone>(
 ) -> bool {
     let heads = doc.get_heads();
     let state = &mut session.state;
+    // What was offered before this message, so an over-cap message can hand back
+    // the changes it leaves out. Usually small: Automerge trims it to what the peer
+    // has not acknowledged.
+    let sent_before = state.sent_hashes.clone();
     let generated = catch(|| doc.sync().generate_sync_message(state).map(Message::encode));
-    let bytes = match generated {
+    let mut bytes = match generated {
         Ok(Some(b)) => b,
         Ok(None) => return false,
         Err(()) => {
@@ -2009,11 +2020,23 @@ fn generate_into<P: Clone>(
         }
     };
     if bytes.len() > config.max_sync_message_bytes {
-        // The peer would refuse it; try again when something changes.
-        stats.oversized += 1;
-        session.restart();
-        session.in_sync = false;
-        return false;
+        let cap = config.max_sync_message_bytes;
+        let state = &mut session.state;
+        match catch(|| fit_to_cap(doc, state, &sent_before, &bytes, cap)) {
+            Ok(Some(smaller)) => {
+                stats.sync_partial += 1;
+                bytes = smaller;
+            }
+            _ => {
+                // Not even the first change the peer lacks fits: the peer would
+                // refuse it, so it is counted and the exchange waits for new input
+                // rather than resending it on every retry.
+                stats.oversized += 1;
+                session.restart();
+                session.in_sync = false;
+                return false;
+            }
+        }
     }
     // An answer is due unless the peer already told us it has our heads.
     let expects_reply = session.state.their_heads.as_deref() != Some(heads.as_slice());
@@ -2034,6 +2057,74 @@ fn generate_into<P: Clone>(
         }),
     });
     true
+}
+
+/// Rewrites an encoded sync message that is over `cap` into one within it, carrying
+/// the longest causal prefix of its changes that fits, or `None` when not even one
+/// change does.
+///
+/// Automerge builds one message with every change the peer lacks, or, when that is
+/// over a third of the document or the peer holds nothing, the whole document saved
+/// as one chunk; either may exceed any frame cap. The message keeps its heads, needs,
+/// bloom filter and flags; only the changes shrink. The changes left out are removed
+/// from `sent_hashes` again, so the next message offers them: the receiver applies the
+/// prefix (its dependencies are there, being a prefix in causal order), answers with
+/// its new heads, and the exchange goes on from there, one capped message per round.
+fn fit_to_cap(
+    doc: &mut AutoCommit,
+    state: &mut State,
+    sent_before: &BTreeSet<ChangeHash>,
+    encoded: &[u8],
+    cap: usize,
+) -> Option<Vec<u8>> {
+    let msg = Message::decode(encoded).ok()?;
+    let offered: BTreeSet<ChangeHash> =
+        state.sent_hashes.difference(sent_before).copied().collect();
+    // The peer holds everything up to its heads that are known here, so only what
+    // follows them in causal order is a candidate; that also drops the part of a
+    // whole-document message the peer already has.
+    let base: Vec<ChangeHash> = state
+        .their_heads
+        .iter()
+        .flatten()
+        .filter(|h| doc.get_change_meta_by_hash(h).is_some())
+        .copied()
+        .collect();
+    let skeleton = Message {
+        changes: ChunkList::empty(),
+        // A list of changes is a v1 message, as Automerge itself sends one.
+        version: MessageVersion::V1,
+        ..msg
+    };
+    // Each change adds its bytes and a length prefix of at most five bytes, and the
+    // count in front of the list grows by at most four.
+    let mut room = cap.checked_sub(skeleton.clone().encode().len() + 4)?;
+    let mut chosen = Vec::new();
+    for change in doc.get_changes(&base) {
+        if !offered.contains(&change.hash()) {
+            continue;
+        }
+        let len = change.raw_bytes().len() + 5;
+        if len > room {
+            // Stop at the first change that does not fit: a later, smaller one
+            // may depend on it.
+            break;
+        }
+        room -= len;
+        chosen.push(change);
+    }
+    if chosen.is_empty() {
+        return None;
+    }
+    state.sent_hashes = sent_before.clone();
+    state.sent_hashes.extend(chosen.iter().map(|c| c.hash()));
+    let changes: Vec<Vec<u8>> = chosen.iter().map(|c| c.raw_bytes().to_vec()).collect();
+    let bytes = Message {
+        changes: ChunkList::from(changes),
+        ..skeleton
+    }
+    .encode();
+    (bytes.len() <= cap).then_some(bytes)
 }
 
 #[cfg(test)]

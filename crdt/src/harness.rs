@@ -66,6 +66,8 @@ pub(crate) struct NetStats {
     pub(crate) dropped: u64,
     pub(crate) duplicated: u64,
     pub(crate) receive_errors: u64,
+    /// Largest push or sync payload sent.
+    pub(crate) largest_payload: usize,
 }
 
 pub(crate) struct Net {
@@ -127,11 +129,19 @@ impl Net {
     pub(crate) fn absorb(&mut self, from: usize, outputs: Vec<Output<usize>>) {
         for o in outputs {
             match o {
-                Output::Send { peer, frame } => self.in_flight.push(InFlight {
-                    from,
-                    to: peer,
-                    bytes: wire::encode(&frame),
-                }),
+                Output::Send { peer, frame } => {
+                    let payload = match &frame {
+                        wire::Frame::Push(p) => p.bytes.len(),
+                        wire::Frame::Sync(m) => m.bytes.len(),
+                        _ => 0,
+                    };
+                    self.stats.largest_payload = self.stats.largest_payload.max(payload);
+                    self.in_flight.push(InFlight {
+                        from,
+                        to: peer,
+                        bytes: wire::encode(&frame),
+                    });
+                }
                 Output::Changed {
                     correlation_id: Some(c),
                     origin: crate::engine::Origin::Peer(_),
@@ -925,5 +935,142 @@ mod tests {
             Err(e) => panic!("unexpected {e}"),
         }
         assert!(other.get(ROOT, "entity").unwrap().is_some());
+    }
+    /// Attributes of `len` characters from the printable ASCII range, drawn from `rng`,
+    /// so that Automerge's deflated columns cannot shrink a catch-up under the cap.
+    fn noise(rng: &mut super::Rng, len: usize) -> String {
+        (0..len)
+            .map(|_| char::from(b' ' + (rng.below(95) as u8)))
+            .collect()
+    }
+
+    /// Node 0 writes `writes` updates of `each` bytes before node 1 has the document.
+    fn written_before_joining(config: EngineConfig, writes: usize, each: usize) -> Net {
+        let mut net = Net::new(2, 11, config);
+        let epoch = KeyEpoch::first([0; 16]);
+        let out = net.nodes[0]
+            .create_entity(
+                DOC,
+                "home-1",
+                epoch,
+                "camera.big",
+                &update("idle", json!({})),
+                1,
+            )
+            .unwrap();
+        net.absorb(0, out);
+        let mut rng = super::Rng::new(5);
+        for i in 0..writes {
+            let text = noise(&mut rng, each);
+            net.edit(
+                0,
+                DOC,
+                &update("rec", json!({ format!("part{i}"): text })),
+                None,
+            );
+        }
+        net
+    }
+
+    fn join(net: &mut Net) {
+        let epoch = KeyEpoch::first([0; 16]);
+        net.nodes[1].expect_document(DOC, DocKind::Entity, "home-1", epoch);
+        for (a, b) in [(0, 1), (1, 0)] {
+            let out = net.nodes[a].attach(b, DOC, None, net.now_ms).unwrap();
+            net.absorb(a, out);
+        }
+    }
+
+    #[test]
+    fn a_catch_up_larger_than_one_sync_message_arrives_over_several() {
+        const CAP: usize = 64 * 1024;
+        let config = EngineConfig {
+            max_sync_message_bytes: CAP,
+            ..EngineConfig::default()
+        };
+        // 24 writes of 8 KB: three times the cap, whole or as changes.
+        let mut net = written_before_joining(config, 24, 8 * 1024);
+        join(&mut net);
+        net.run_until_quiet(10_000);
+        net.assert_converged(DOC);
+        let view = net.nodes[1].entity(DOC).unwrap();
+        assert!(view.attributes.contains_key("part23"), "{:?}", view.state);
+        let sender = net.nodes[0].stats();
+        assert!(sender.sync_partial >= 2, "{sender:?}");
+        assert_eq!(sender.oversized, 0);
+        assert_eq!(net.nodes[1].stats().oversized, 0);
+        assert_eq!(net.stats.receive_errors, 0);
+        assert!(net.stats.largest_payload <= CAP, "{:?}", net.stats);
+        assert!(net.nodes[0].is_in_sync(&1, DOC) && net.nodes[1].is_in_sync(&0, DOC));
+
+        // Later, a peer that holds part of the document misses more than the cap while
+        // detached: the changes it lacks come in capped rounds too, under loss.
+        let saved = net.nodes[0].detach(&1, DOC);
+        net.nodes[1].detach(&0, DOC);
+        let mut rng = super::Rng::new(9);
+        for i in 0..20 {
+            let text = noise(&mut rng, 8 * 1024);
+            net.edit(
+                0,
+                DOC,
+                &update("rec", json!({ format!("more{i}"): text })),
+                None,
+            );
+        }
+        net.faults = Faults {
+            drop_pct: 10,
+            dup_pct: 10,
+            reorder: true,
+        };
+        let out = net.nodes[0]
+            .attach(1, DOC, saved.as_deref(), net.now_ms)
+            .unwrap();
+        net.absorb(0, out);
+        let out = net.nodes[1].attach(0, DOC, None, net.now_ms).unwrap();
+        net.absorb(1, out);
+        net.run_until_quiet(20_000);
+        net.faults = Faults::RELIABLE;
+        net.advance(10_000);
+        net.run_until_quiet(20_000);
+        net.assert_converged(DOC);
+        assert!(
+            net.nodes[1]
+                .entity(DOC)
+                .unwrap()
+                .attributes
+                .contains_key("more19")
+        );
+        assert!(net.stats.largest_payload <= CAP, "{:?}", net.stats);
+        assert_eq!(net.nodes[0].stats().oversized, 0);
+    }
+
+    #[test]
+    fn a_single_change_over_the_cap_is_counted_once_per_retry() {
+        const CAP: usize = 16 * 1024;
+        let config = EngineConfig {
+            max_sync_message_bytes: CAP,
+            ..EngineConfig::default()
+        };
+        let retry = config.retry_after_ms;
+        let mut net = written_before_joining(config, 1, 32 * 1024);
+        join(&mut net);
+        // The waiting side asks again after each retry period; every answer that cannot
+        // be sent is counted, and nothing over the cap goes out.
+        while net.step() {}
+        let first = net.nodes[0].stats().oversized;
+        assert!((1..=2).contains(&first), "{first}");
+        for _ in 0..3 {
+            net.advance(retry);
+            while net.step() {}
+        }
+        // A couple per retry period, not one per step.
+        let oversized = net.nodes[0].stats().oversized;
+        assert!(oversized > first && oversized <= first + 6, "{oversized}");
+        assert!(net.stats.largest_payload <= CAP);
+        assert_eq!(net.stats.receive_errors, 0);
+        assert_ne!(
+            net.nodes[1].heads(DOC).unwrap(),
+            net.nodes[0].heads(DOC).unwrap()
+        );
     }
 }

@@ -27,6 +27,30 @@ pub const DEFAULT_MAX_FRAME_BYTES: usize = 16 * 1024 * 1024 + 64 * 1024;
 /// Longest correlation id carried on a push.
 pub const MAX_CORRELATION_ID_LEN: usize = 128;
 
+/// Most bytes an envelope adds around its payload: the version, the frame tag, the
+/// document id, the largest key epoch, a correlation id of [`MAX_CORRELATION_ID_LEN`]
+/// bytes, the reply flag, the field names and a payload length prefix of up to nine
+/// bytes. A worst-case push measures 193 bytes, 197 with the longest prefix (see the test);
+/// the rest is headroom.
+pub const MAX_ENVELOPE_OVERHEAD: usize = 256;
+
+/// Room kept free in a frame beyond the measured overheads, so a field added to the
+/// envelope or the seal later does not silently push a full frame over the cap.
+pub const FRAME_SAFETY_MARGIN: usize = 16 * 1024;
+
+/// The largest push or sync payload (plaintext, as the engine produces it) that still
+/// fits a frame of `frame_cap` bytes once sealed (`seal_overhead` bytes of nonce, tag
+/// and version) and wrapped in an envelope, with [`FRAME_SAFETY_MARGIN`] to spare.
+/// Give the engine this as [`crate::EngineConfig::max_sync_message_bytes`] (and no
+/// more as `max_push_bytes`), on every node, so nothing it generates is refused by
+/// the transport and both sides enforce the same cap.
+pub const fn max_payload(frame_cap: usize, seal_overhead: usize) -> usize {
+    frame_cap
+        .saturating_sub(MAX_ENVELOPE_OVERHEAD)
+        .saturating_sub(seal_overhead)
+        .saturating_sub(FRAME_SAFETY_MARGIN)
+}
+
 /// One frame on a peer's sync stream.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -326,6 +350,44 @@ mod tests {
         let bytes = encode(&push());
         // 7 payload bytes + 6 correlation bytes; the rest is framing.
         assert!(bytes.len() < 13 + 60, "{} bytes", bytes.len());
+    }
+
+    #[test]
+    fn a_worst_case_envelope_stays_within_the_overhead() {
+        // Every field at its largest, and a payload long enough for the five-byte
+        // length prefix; nine-byte prefixes only start at 4 GiB.
+        let payload = vec![0xab; 70_000];
+        let epoch = KeyEpoch {
+            counter: u64::MAX,
+            device: [0xff; 16],
+        };
+        let worst_push = Frame::Push(Push {
+            doc: DocId::from_bytes([0xff; 16]),
+            epoch,
+            correlation_id: Some("\u{7f}".repeat(MAX_CORRELATION_ID_LEN)),
+            bytes: payload.clone(),
+        });
+        let worst_sync = Frame::Sync(SyncMessage {
+            doc: DocId::from_bytes([0xff; 16]),
+            epoch,
+            expects_reply: true,
+            bytes: payload.clone(),
+        });
+        for frame in [worst_push, worst_sync] {
+            let overhead = encode(&frame).len() - payload.len();
+            // Prefixes above four bytes are only for payloads past 4 GiB, which the
+            // length check refuses long before; count them anyway.
+            assert!(
+                overhead + 4 <= MAX_ENVELOPE_OVERHEAD,
+                "{overhead} bytes of envelope"
+            );
+        }
+        let cap = max_payload(4 << 20, 41);
+        assert_eq!(
+            cap,
+            (4 << 20) - MAX_ENVELOPE_OVERHEAD - 41 - FRAME_SAFETY_MARGIN
+        );
+        assert_eq!(max_payload(100, 41), 0, "a tiny frame saturates at zero");
     }
 
     #[test]

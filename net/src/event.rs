@@ -269,6 +269,10 @@ pub struct Metrics {
     /// Log lines about unadmitted peers held back by the log rate limit (see
     /// [`crate::UNADMITTED_LOG_BURST`]).
     pub log_lines_suppressed: u64,
+    /// Frames a peer announced as larger than the stream's cap ([`crate::MAX_FRAME_SIZE`]
+    /// on the sync stream); their streams were closed (also counted in
+    /// `malformed_frames`).
+    pub oversized_frames: u64,
 }
 
 /// The atomics behind [`Metrics`], shared by the event loop, the stream tasks and handles.
@@ -295,6 +299,7 @@ pub(crate) struct Counters {
     pub(crate) connections_refused_unknown: AtomicU64,
     pub(crate) frame_read_timeouts: AtomicU64,
     pub(crate) log_lines_suppressed: AtomicU64,
+    pub(crate) oversized_frames: AtomicU64,
 }
 
 /// Bumps a counter; relaxed ordering is enough because counters order nothing.
@@ -327,6 +332,7 @@ impl Counters {
             connections_refused_unknown: get(&self.connections_refused_unknown),
             frame_read_timeouts: get(&self.frame_read_timeouts),
             log_lines_suppressed: get(&self.log_lines_suppressed),
+            oversized_frames: get(&self.oversized_frames),
         }
     }
 }

@@ -333,7 +333,12 @@ where
         let len = match frame::read_header(reader, kind.max_frame()).await {
             Ok(Some(len)) => len,
             Ok(None) => return StreamEnd::RemoteClosed,
-            Err(e) => return classify(e),
+            Err(e) => {
+                if matches!(e, Error::FrameTooLarge { .. }) {
+                    bump(&counters.oversized_frames, 1);
+                }
+                return classify(e);
+            }
         };
         // len <= MAX_FRAME_SIZE, far below u32::MAX, so the conversion cannot fail.
         let permits = u32::try_from(len).unwrap_or(u32::MAX);
@@ -617,6 +622,8 @@ mod tests {
         assert_eq!(shared.available_permits(), INBOUND_BUFFER_BYTES - 2);
         assert_eq!(peer_budget.available_permits(), MAX_FRAME_SIZE - 2);
         assert_eq!(counters.snapshot().frames_received, 1);
+        // The announced length was over the cap: counted as oversized, not only malformed.
+        assert_eq!(counters.snapshot().oversized_frames, 1);
     }
 
     /// Serves `data`, then never another byte (and never wakes its reader).

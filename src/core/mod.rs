@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use hearth_crdt::schema::registry;
-use hearth_crdt::{ChunkKind, DocId, Engine, EngineConfig, EntityUpdate, KeyEpoch, Origin, Output};
+use hearth_crdt::{ChunkKind, DocId, Engine, EntityUpdate, KeyEpoch, Origin, Output};
 use hearth_net::PeerClass;
 use hearth_storage::{Batch, DocChunk, Keyspace, Scan, StoreHandle};
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -292,6 +292,8 @@ pub(crate) struct SyncReport {
     pub(crate) entities_shared_in: u64,
     /// Engine counters.
     pub(crate) engine: hearth_crdt::EngineStats,
+    /// Frames refused for size outside the engine (see [`SyncCounters::frames_oversized`]).
+    pub(crate) frames_oversized: u64,
 }
 
 /// One admitted peer's lag.
@@ -466,6 +468,10 @@ pub struct SyncCounters {
     /// it sent them (disconnected, revoked, or its home forgotten) by the time they were
     /// read. A device of this home sends them again through sync once it is back.
     pub frames_unadmitted: u64,
+    /// Frames over the network's frame cap: refused before sending (the transport would
+    /// not take them) or on arrival. Sync messages and pushes too large for the engine's
+    /// caps count in the engine's own `oversized` total; the metrics add the two.
+    pub frames_oversized: u64,
 }
 
 /// A stored document as read: its id, its chunks in order, and its next chunk number.
@@ -532,7 +538,7 @@ pub(crate) async fn start(
         None => HomeRecord::create(device_name)?,
     };
     let mut core = Core {
-        engine: Engine::new(peer_id_bytes, EngineConfig::default()),
+        engine: Engine::new(peer_id_bytes, peers::engine_config()),
         store,
         net,
         home,
@@ -1179,6 +1185,7 @@ impl Core {
             entities_shared_out: shared_out,
             entities_shared_in: shared_in,
             engine: self.engine.stats(),
+            frames_oversized: self.counters.frames_oversized,
         }
     }
 

@@ -4,7 +4,7 @@
 
 use hearth_crdt::digest::{Differences, DigestMessage, Reconciler};
 use hearth_crdt::wire::{self, DigestFrame, Frame};
-use hearth_crdt::{DocId, DocKind, KeyEpoch, Output};
+use hearth_crdt::{DocId, DocKind, EngineConfig, KeyEpoch, Output};
 use hearth_net::{Bytes, PeerClass, PeerId};
 
 use super::{Core, now_ms, sync_state_key};
@@ -13,6 +13,29 @@ use crate::trust::keys::{self, RecordKind, WrappedKey};
 
 /// Largest frame the core decodes; the network layer already caps frames at this size.
 const MAX_FRAME_BYTES: usize = hearth_net::MAX_FRAME_SIZE;
+
+/// Largest push or sync payload the engine may produce or accept: what still fits the
+/// network's frame cap once sealed (version, 24-byte nonce, 16-byte tag) and wrapped in
+/// the worst-case envelope, with a margin. 4 177 623 bytes for a 4 MiB frame. Every node
+/// configures its engine with it, so both ends of a session hold the same cap, and a
+/// catch-up larger than this goes over several sync messages.
+///
+/// Only a single Automerge change larger than this could not travel. One write is one
+/// change, and the API caps a request body at 256 KiB (the library caps an entity's
+/// attributes at `MAX_ATTRIBUTES_BYTES`), so a change stays far below it.
+pub(crate) const MAX_SYNC_PAYLOAD: usize =
+    wire::max_payload(hearth_net::MAX_FRAME_SIZE, keys::SEAL_OVERHEAD);
+
+/// The engine's limits on this node: the defaults, with sync messages and pushes capped
+/// to what a frame can carry.
+pub(crate) fn engine_config() -> EngineConfig {
+    let defaults = EngineConfig::default();
+    EngineConfig {
+        max_sync_message_bytes: MAX_SYNC_PAYLOAD,
+        max_push_bytes: defaults.max_push_bytes.min(MAX_SYNC_PAYLOAD),
+        ..defaults
+    }
+}
 
 impl Core {
     /// Checks a peer's certificate against this home's root key. Only devices of this home
@@ -324,6 +347,13 @@ impl Core {
                 }
             };
             let len = bytes.len();
+            if len > MAX_FRAME_BYTES {
+                // The engine caps what it generates below this, so only a frame the
+                // caps do not cover gets here; the transport would refuse it anyway.
+                self.counters.frames_oversized += 1;
+                tracing::warn!(%peer, len, cap = MAX_FRAME_BYTES, "not sending a frame over the frame cap");
+                continue;
+            }
             match self.net.send(net_peer, Bytes::from(bytes)).await {
                 Ok(hearth_net::SendOutcome::Queued) => {
                     self.metrics.frame_out(len);
@@ -331,6 +361,10 @@ impl Core {
                     self.counters.frame_bytes_sent += len as u64;
                 }
                 Ok(outcome) => tracing::debug!(%peer, ?outcome, "frame not queued"),
+                Err(error @ hearth_net::Error::FrameTooLarge { .. }) => {
+                    self.counters.frames_oversized += 1;
+                    tracing::warn!(%peer, %error, "send refused");
+                }
                 Err(error) => tracing::warn!(%peer, %error, "send failed"),
             }
         }
@@ -370,6 +404,11 @@ impl Core {
         self.capture_raw(&peer_text, "sync", &bytes);
         let mut frame = match wire::decode(&bytes, MAX_FRAME_BYTES) {
             Ok(frame) => frame,
+            Err(error @ hearth_crdt::Error::TooLarge { .. }) => {
+                self.counters.frames_oversized += 1;
+                tracing::warn!(peer = %peer_text, %error, "dropping an oversized frame");
+                return;
+            }
             Err(error) => {
                 tracing::warn!(peer = %peer_text, %error, "dropping a malformed frame");
                 return;
@@ -652,5 +691,50 @@ impl Core {
             bytes: payload,
         });
         self.seal_frame(frame).map_err(crate::Error::Forbidden)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hearth_crdt::wire::{Push, SyncMessage};
+
+    use super::*;
+    use crate::trust::keys::DocKey;
+
+    #[test]
+    fn the_largest_payload_sealed_in_the_worst_envelope_fits_a_frame() {
+        let key = DocKey::generate().unwrap();
+        let doc = DocId::from_bytes([0xff; 16]);
+        let epoch = KeyEpoch {
+            counter: u64::MAX,
+            device: [0xff; 16],
+        };
+        let payload = vec![0x5a; MAX_SYNC_PAYLOAD];
+        let sealed = |kind| keys::seal(&key, doc, epoch, kind, &payload).unwrap();
+        let push = Frame::Push(Push {
+            doc,
+            epoch,
+            correlation_id: Some("c".repeat(wire::MAX_CORRELATION_ID_LEN)),
+            bytes: sealed(RecordKind::Push),
+        });
+        let sync = Frame::Sync(SyncMessage {
+            doc,
+            epoch,
+            expects_reply: true,
+            bytes: sealed(RecordKind::SyncMessage),
+        });
+        for frame in [push, sync] {
+            let len = wire::encode(&frame).len();
+            assert!(len <= MAX_FRAME_BYTES, "{len} bytes");
+            // The margin is there, not eaten by the envelope.
+            assert!(
+                MAX_FRAME_BYTES - len >= wire::FRAME_SAFETY_MARGIN,
+                "{len} bytes"
+            );
+        }
+        assert_eq!(MAX_SYNC_PAYLOAD, 4_177_623);
+        let config = engine_config();
+        assert_eq!(config.max_sync_message_bytes, MAX_SYNC_PAYLOAD);
+        assert!(config.max_push_bytes <= MAX_SYNC_PAYLOAD);
     }
 }

@@ -7,6 +7,7 @@ mod bus;
 mod cli;
 mod crash;
 mod entities;
+mod frames;
 mod pairing;
 mod retention;
 mod robust;
