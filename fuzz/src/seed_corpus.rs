@@ -83,7 +83,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// bytes), one that inflates to 4 MiB, and whole documents (`save()`
 /// deflates their columns), one modest and one that inflates past the
 /// target's 1 MiB cap.
-fn compressed_seeds() -> Result<Vec<(&'static str, Vec<u8>)>, Box<dyn std::error::Error>> {
+/// Named seed inputs.
+type Seeds = Vec<(&'static str, Vec<u8>)>;
+
+fn compressed_seeds() -> Result<Seeds, Box<dyn std::error::Error>> {
     use automerge::sync::{ChunkList, Message, MessageVersion};
     use automerge::transaction::Transactable;
     use automerge::{AutoCommit, ROOT, ScalarValue};
