@@ -440,6 +440,12 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         Registry::read(&self.doc_state(doc)?.doc)
     }
 
+    /// A copy of document `doc`, for reads that run away from the engine's
+    /// owner. It costs a copy of the document, not a read of it.
+    pub fn doc_copy(&mut self, doc: DocId) -> Result<AutoCommit> {
+        Ok(self.doc_state_mut(doc)?.doc.fork())
+    }
+
     /// One entry of registry document `doc`, read without the others.
     pub fn registry_entry(
         &self,
@@ -504,6 +510,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
     /// Mutable access for the reads Automerge offers only on `&mut` (heads,
     /// change metadata). Writes go through [`Engine::transact`], or the
     /// journal and the peers would miss them.
+    #[cfg(test)]
     pub(crate) fn doc_for_read_mut(&mut self, doc: DocId) -> Result<&mut AutoCommit> {
         Ok(&mut self.doc_state_mut(doc)?.doc)
     }

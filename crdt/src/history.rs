@@ -29,7 +29,7 @@
 //! [`HistorySnapshot`] lets a caller do any remaining reads away from the
 //! engine's owner.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
 use std::ops::RangeBounds;
 use std::sync::{Arc, OnceLock};
@@ -48,7 +48,7 @@ use crate::hlc::Hlc;
 use crate::ids::DocId;
 use crate::policy::{self, HomeLookup, ResolvedEntity};
 use crate::schema::DocKind;
-use crate::schema::entity::{ENTITY_KEY, EntityUpdate};
+use crate::schema::entity::{ENTITY_KEY, Entity, EntityUpdate};
 use crate::schema::room::expect_kind;
 
 /// Shortest version prefix accepted (INTERFACES.md: 8 or more hex digits).
@@ -388,6 +388,9 @@ impl VersionEntry {
 #[derive(Debug, Default)]
 pub(crate) struct VersionLog {
     entries: Vec<Arc<VersionEntry>>,
+    /// Each change by its version id, so a version is found by prefix
+    /// without going over the history.
+    by_id: BTreeMap<[u8; 32], ChangeHash>,
     /// The document's heads when the log last caught up.
     covered: Vec<ChangeHash>,
 }
@@ -447,6 +450,7 @@ impl VersionLog {
                 known.insert(hash, at);
                 let _ = cell.set(at);
             }
+            self.by_id.insert(heads_hash(&[hash]), hash);
             self.entries.push(Arc::new(VersionEntry {
                 hash,
                 actor,
@@ -560,33 +564,69 @@ fn all_versions(doc: &mut AutoCommit, homes: &impl HomeLookup) -> Vec<Version> {
         .collect()
 }
 
-/// Finds the heads named by a version id or unique prefix.
-fn find_version(doc: &mut AutoCommit, version: &str) -> Result<Vec<ChangeHash>> {
-    let prefix = normalise_prefix(version)?;
-    let current = doc.get_heads();
-    let mut found: Option<Vec<ChangeHash>> = None;
-    let mut candidates = vec![current];
-    candidates.extend(doc.get_changes_meta(&[]).into_iter().map(|m| vec![m.hash]));
-    for heads in candidates {
-        if version_id(&heads).starts_with(&prefix) {
-            match &found {
-                // The current heads of a linear history are its last change:
-                // the same version, found twice.
-                Some(f) if *f == heads => {}
-                Some(_) => {
-                    return Err(Error::Version {
-                        version: version.to_string(),
-                        reason: "prefix matches more than one version",
-                    });
-                }
-                None => found = Some(heads),
-            }
+impl VersionLog {
+    /// The heads named by a version id or unique prefix: one change of the
+    /// log, or `current` (the document's heads, which the log must cover).
+    /// A range of the id index, not a pass over the history.
+    fn find(&self, current: &[ChangeHash], version: &str) -> Result<Vec<ChangeHash>> {
+        let prefix = normalise_prefix(version)?;
+        // The smallest id the prefix allows: the prefix with zeros after it.
+        let mut low = [0u8; 32];
+        for (i, digit) in prefix.bytes().enumerate() {
+            let nibble = match digit {
+                b'0'..=b'9' => digit - b'0',
+                _ => digit - b'a' + 10,
+            };
+            low[i / 2] |= if i % 2 == 0 { nibble << 4 } else { nibble };
+        }
+        let mut candidates: Vec<Vec<ChangeHash>> = self
+            .by_id
+            .range(low..)
+            .take_while(|(id, _)| hex(&id[..]).starts_with(&prefix))
+            // Two are enough to know the prefix is ambiguous.
+            .take(2)
+            .map(|(_, hash)| vec![*hash])
+            .collect();
+        if version_id(current).starts_with(&prefix) {
+            candidates.push(current.to_vec());
+        }
+        // The current heads of a linear history are its last change: the
+        // same version, found twice.
+        candidates.dedup();
+        match &candidates[..] {
+            [heads] => Ok(heads.clone()),
+            [] => Err(Error::Version {
+                version: version.to_string(),
+                reason: "no such version of this document",
+            }),
+            _ => Err(Error::Version {
+                version: version.to_string(),
+                reason: "prefix matches more than one version",
+            }),
         }
     }
-    found.ok_or_else(|| Error::Version {
-        version: version.to_string(),
-        reason: "no such version of this document",
-    })
+}
+
+/// An entity's document as of one version, detached from the engine so the
+/// read (which walks the history of every key it reads) can run on another
+/// thread; see [`Engine::version_read`].
+#[derive(Debug)]
+pub struct VersionRead {
+    doc: AutoCommit,
+    heads: Vec<ChangeHash>,
+    homes: policy::ActorHomes,
+}
+
+impl VersionRead {
+    /// The heads of the version.
+    pub fn heads(&self) -> &[ChangeHash] {
+        &self.heads
+    }
+
+    /// The entity as of the version, with conflicts resolved as they stood then.
+    pub fn resolve(&self) -> Result<ResolvedEntity> {
+        policy::resolve_at(&self.doc, Some(&self.heads), &self.homes)
+    }
 }
 
 impl<P: Clone + Ord + Debug> Engine<P> {
@@ -620,14 +660,25 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         })
     }
 
+    /// Finds `version` (an id or a unique prefix of 8 or more hex digits) in
+    /// the entity's version log and takes a copy of the document to read it
+    /// at, with [`VersionRead::resolve`], on any thread.
+    pub fn version_read(&mut self, id: DocId, version: &str) -> Result<VersionRead> {
+        expect_kind(self, id, DocKind::Entity)?;
+        let homes = self.homes.clone();
+        let (log, doc) = self.version_log(id)?;
+        let heads = log.find(&doc.get_heads(), version)?;
+        Ok(VersionRead {
+            doc: doc.fork(),
+            heads,
+            homes,
+        })
+    }
+
     /// The entity as of `version` (an id or a unique prefix of 8 or more hex
     /// digits), with conflicts resolved as they stood then.
     pub fn entity_at(&mut self, id: DocId, version: &str) -> Result<ResolvedEntity> {
-        expect_kind(self, id, DocKind::Entity)?;
-        let homes = self.homes.clone();
-        let doc = self.doc_for_read_mut(id)?;
-        let heads = find_version(doc, version)?;
-        policy::resolve_at(doc, Some(&heads), &homes)
+        self.version_read(id, version)?.resolve()
     }
 
     /// Writes the entity's state and attributes as of `version` as a new
@@ -640,6 +691,20 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         correlation_id: Option<String>,
     ) -> Result<(ResolvedEntity, Vec<Output<P>>)> {
         let target = self.entity_at(id, version)?.entity;
+        self.write_restored(id, target, now_ms, correlation_id)
+    }
+
+    /// Writes `target` (the entity as an older version had it, e.g. from
+    /// [`VersionRead::resolve`]) as a new change: its state and attributes,
+    /// every conflicted field settled. Returns the entity as it now reads.
+    pub fn write_restored(
+        &mut self,
+        id: DocId,
+        target: Entity,
+        now_ms: u64,
+        correlation_id: Option<String>,
+    ) -> Result<(ResolvedEntity, Vec<Output<P>>)> {
+        expect_kind(self, id, DocKind::Entity)?;
         let update = EntityUpdate {
             state: target.state,
             attributes: Some(target.attributes),
@@ -656,7 +721,6 @@ mod tests {
     use super::*;
     use crate::harness_docs::Cluster;
     use crate::policy::Policy;
-    use crate::schema::entity::Entity;
     use serde_json::json;
 
     const DOC: DocId = DocId::from_bytes([31; 16]);
@@ -851,6 +915,46 @@ mod tests {
         assert_eq!(version_reads() - before, 0);
         assert_eq!(newest[0].at.wall_ms, c.now_ms + 10);
         assert_eq!(newest, reference(&mut c, 0)[all.len()..]);
+    }
+
+    #[test]
+    fn versions_are_found_by_any_prefix_from_the_log() {
+        let mut c = cluster();
+        for i in 0..40 {
+            c.write(0, DOC, &update("on", i), 10);
+        }
+        let homes = c.nodes[0].homes.clone();
+        let doc = c.nodes[0].doc_for_read_mut(DOC).unwrap();
+        let all = all_versions(doc, &homes);
+        let mut log = VersionLog::default();
+        log.catch_up(doc, &[]);
+        let current = doc.get_heads();
+        for v in &all {
+            for len in [8, 9, 13, VERSION_ID_LEN] {
+                assert_eq!(log.find(&current, &v.id[..len]).unwrap(), v.heads);
+            }
+        }
+        // A prefix two ids share names neither; one digit more tells them apart.
+        let mut twins = VersionLog::default();
+        let (x, y) = ([0xab; 32], {
+            let mut y = [0xab; 32];
+            y[5] = 0xac;
+            y
+        });
+        twins.by_id.insert(x, ChangeHash([1; 32]));
+        twins.by_id.insert(y, ChangeHash([2; 32]));
+        assert!(matches!(
+            twins.find(&current, &hex(&x)[..10]),
+            Err(Error::Version { reason, .. }) if reason.contains("more than one")
+        ));
+        assert_eq!(
+            twins.find(&current, &hex(&y)[..12]).unwrap(),
+            [ChangeHash([2; 32])]
+        );
+        assert!(matches!(
+            log.find(&current, &"f".repeat(VERSION_ID_LEN)),
+            Err(Error::Version { reason, .. }) if reason.contains("no such")
+        ));
     }
 
     #[test]

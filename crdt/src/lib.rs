@@ -81,7 +81,7 @@ pub use engine::{
     ChunkKind, Engine, EngineConfig, EngineStats, Origin, Output, PreparedLoad, payload_actors,
 };
 pub use error::{Error, Result};
-pub use history::{HistorySnapshot, Version};
+pub use history::{HistorySnapshot, Version, VersionRead};
 pub use hlc::{Hlc, HlcClock};
 pub use ids::{DOC_ID_LEN, DocId, KeyEpoch, actor_bytes_for_peer, actor_for_peer};
 pub use policy::{
