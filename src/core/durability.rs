@@ -132,6 +132,7 @@ pub(super) fn is_write(request: &Request) -> bool {
             | Request::ResolveConflict { .. }
             | Request::DeleteEntity { .. }
             | Request::RestoreEntity { .. }
+            | Request::WriteRestored { .. }
             | Request::CreateRoom { .. }
             | Request::JoinRoom { .. }
             | Request::LeaveRoom { .. }
@@ -161,7 +162,9 @@ pub(super) fn refuse(request: Request, error: Error) {
         Request::SetPolicy { reply, .. } => send!(reply),
         Request::ResolveConflict { reply, .. } => send!(reply),
         Request::DeleteEntity { reply, .. } => send!(reply),
-        Request::RestoreEntity { reply, .. } => send!(reply),
+        Request::RestoreEntity { reply, .. } | Request::WriteRestored { reply, .. } => {
+            send!(reply)
+        }
         Request::CreateRoom { reply, .. } => send!(reply),
         Request::JoinRoom { reply, .. } => send!(reply),
         Request::LeaveRoom { reply, .. } => send!(reply),

@@ -12,7 +12,9 @@ use hearth_storage::Batch;
 
 use std::collections::HashMap;
 
-use super::{Core, Reply, doc_err, now_ms, rfc3339_ms};
+use tokio::sync::oneshot;
+
+use super::{Core, Reply, Request, doc_err, now_ms, rfc3339_ms};
 use crate::Error;
 use crate::entities::{Entity, EntityVersion};
 
@@ -91,22 +93,89 @@ impl Core {
         });
     }
 
-    pub(super) fn restore_entity(
+    /// Restores `version`. The core finds the version in the entity's log and takes a
+    /// copy of the document; a read job reads the entity as of that version (which walks
+    /// history) and hands it back as [`Request::WriteRestored`], written on the core as
+    /// every write is.
+    pub(super) fn restore_entity(&mut self, id: &str, version: &str, reply: Reply<Entity>) {
+        let read = self.existing_entity(id).and_then(|doc| {
+            let read = self
+                .engine
+                .version_read(doc, version)
+                .map_err(|e| match e {
+                    CrdtError::Version { reason, .. } if reason.starts_with("no such") => {
+                        Error::NotFound(format!("entity {id:?} has no version {version:?}"))
+                    }
+                    CrdtError::Version { .. } => Error::Invalid(e.to_string()),
+                    other => doc_err(other),
+                })?;
+            Ok((doc, read))
+        });
+        let ((doc, read), tx) = match (read, self.self_tx.clone()) {
+            (Ok(read), Some(tx)) => (read, tx),
+            (Err(e), _) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+            (Ok(_), None) => {
+                let _ = reply.send(Err(Error::Internal("the core cannot reach itself".into())));
+                return;
+            }
+        };
+        #[cfg(test)]
+        let gate = tests::gate_for(id);
+        let (resolved, job) = oneshot::channel();
+        self.spawn_read(resolved, move || {
+            #[cfg(test)]
+            if let Some(gate) = gate {
+                gate.hold();
+            }
+            read.resolve().map(|r| r.entity).map_err(doc_err)
+        });
+        let id = id.to_string();
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                match job.await {
+                    Ok(Ok(target)) => {
+                        // A core that stopped drops the request, and with it the reply.
+                        let _ = tx
+                            .send(Request::WriteRestored {
+                                id,
+                                doc,
+                                target,
+                                reply,
+                            })
+                            .await;
+                    }
+                    Ok(Err(e)) => {
+                        let _ = reply.send(Err(e));
+                    }
+                    Err(_) => {
+                        let _ = reply.send(Err(Error::Internal("restore read dropped".into())));
+                    }
+                }
+            },
+            tracing::error_span!("restore"),
+        ));
+    }
+
+    /// Writes an old version's view, resolved by a restore's read job, as a new version.
+    /// The entity may have been deleted (or made anew) while the job ran.
+    pub(super) fn write_restored(
         &mut self,
         id: &str,
-        version: &str,
+        doc: DocId,
+        target: hearth_crdt::Entity,
     ) -> Result<(Entity, Batch), Error> {
-        let doc = self.existing_entity(id)?;
+        if self.existing_entity(id)? != doc {
+            return Err(Error::NotFound(format!(
+                "entity {id:?} was made anew while it was being restored"
+            )));
+        }
         let (_, out) = self
             .engine
-            .restore_entity(doc, version, now_ms(), None)
-            .map_err(|e| match e {
-                CrdtError::Version { reason, .. } if reason.starts_with("no such") => {
-                    Error::NotFound(format!("entity {id:?} has no version {version:?}"))
-                }
-                CrdtError::Version { .. } => Error::Invalid(e.to_string()),
-                other => doc_err(other),
-            })?;
+            .write_restored(doc, target, now_ms(), None)
+            .map_err(doc_err)?;
         let batch = self.handle_outputs(out);
         Ok((self.entity_view(doc)?, batch))
     }
@@ -123,7 +192,8 @@ pub(super) mod tests {
 
     use crate::{Config, EntityWrite, Node};
 
-    /// A history read job of one entity, held before it computes anything.
+    /// A read job (history, or a restore's read of the old version) of one entity, held
+    /// before it computes anything.
     pub(in crate::core) struct Gate {
         entered: SyncSender<()>,
         release: Receiver<()>,
@@ -228,6 +298,94 @@ pub(super) mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(versions.last().unwrap().version, current.version);
+        timeout(T, node.shutdown()).await.unwrap().unwrap();
+    }
+
+    /// While a restore reads the old version, the core keeps answering; the restore then
+    /// writes that version's state as a new version.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_answer_while_a_restore_read_is_pending() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            data_dir: dir.path().to_path_buf(),
+            api_addr: "127.0.0.1:0".parse().unwrap(),
+            listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
+            mdns: false,
+            ..Config::default()
+        };
+        let node = timeout(T, Node::start(config)).await.unwrap().unwrap();
+        let entities = node.entities();
+        let mut made = Vec::new();
+        for state in ["on", "off", "dim"] {
+            made.push(
+                timeout(T, entities.set("light.held_restore", write(state)))
+                    .await
+                    .unwrap()
+                    .unwrap(),
+            );
+        }
+        timeout(T, entities.set("light.bystander", write("on")))
+            .await
+            .unwrap()
+            .unwrap();
+
+        let (entered_tx, entered) = sync_channel(GATE_SIGNALS);
+        let (release, release_rx) = sync_channel(GATE_SIGNALS);
+        GATES.lock().unwrap().push((
+            "light.held_restore".into(),
+            Gate {
+                entered: entered_tx,
+                release: release_rx,
+            },
+        ));
+        let version = made[0].version[..12].to_string();
+        let restore = tokio::spawn({
+            let entities = node.entities();
+            async move { entities.restore("light.held_restore", &version).await }
+        });
+        timeout(T, tokio::task::spawn_blocking(move || entered.recv()))
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("the restore's read job starts");
+
+        // The read of the old version is held: the core still answers reads and writes.
+        let held = timeout(T, entities.get("light.held_restore"))
+            .await
+            .expect("a read answers while a restore read is pending")
+            .unwrap()
+            .unwrap();
+        assert_eq!(held.state, "dim", "nothing is written before the read");
+        timeout(T, entities.set("light.bystander", write("off")))
+            .await
+            .expect("a write answers while a restore read is pending")
+            .unwrap();
+        let bystander = timeout(T, entities.get("light.bystander"))
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(bystander.state, "off");
+        assert!(!restore.is_finished(), "the restore read is still held");
+
+        release.send(()).unwrap();
+        let restored = timeout(T, restore).await.unwrap().unwrap().unwrap();
+        assert_eq!(restored.state, "on");
+        assert_ne!(restored.version, made[0].version, "a new version");
+        let now = timeout(T, entities.get("light.held_restore"))
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (now.state.as_str(), &now.version),
+            ("on", &restored.version)
+        );
+        let versions = timeout(T, entities.history("light.held_restore", 10))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(versions.len(), 4, "history only grows: {versions:?}");
         timeout(T, node.shutdown()).await.unwrap().unwrap();
     }
 }

@@ -155,6 +155,13 @@ pub(crate) enum Request {
         version: String,
         reply: Reply<Entity>,
     },
+    /// Internal: a restore's read job resolved the old version; write it as a new one.
+    WriteRestored {
+        id: String,
+        doc: DocId,
+        target: hearth_crdt::Entity,
+        reply: Reply<Entity>,
+    },
     // Rooms and presence (rooms.rs).
     CreateRoom {
         name: String,

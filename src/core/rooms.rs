@@ -156,7 +156,15 @@ impl Core {
                 self.entity_history(&id, limit, reply);
             }
             Request::RestoreEntity { id, version, reply } => {
-                let result = self.restore_entity(&id, &version);
+                self.restore_entity(&id, &version, reply);
+            }
+            Request::WriteRestored {
+                id,
+                doc,
+                target,
+                reply,
+            } => {
+                let result = self.write_restored(&id, doc, target);
                 self.reply_after_flush(result, reply);
             }
             Request::CreateRoom {
