@@ -388,4 +388,58 @@ pub(super) mod tests {
         assert_eq!(versions.len(), 4, "history only grows: {versions:?}");
         timeout(T, node.shutdown()).await.unwrap().unwrap();
     }
+
+    /// Listing shares reads the registry on a read job: while it is held, the core
+    /// answers; released, the listing shows the shares.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_answer_while_a_share_listing_is_pending() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            data_dir: dir.path().to_path_buf(),
+            api_addr: "127.0.0.1:0".parse().unwrap(),
+            listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
+            mdns: false,
+            ..Config::default()
+        };
+        let node = timeout(T, Node::start(config)).await.unwrap().unwrap();
+        let entities = node.entities();
+        timeout(T, entities.set("light.unshared", write("on")))
+            .await
+            .unwrap()
+            .unwrap();
+
+        let (entered_tx, entered) = sync_channel(GATE_SIGNALS);
+        let (release, release_rx) = sync_channel(GATE_SIGNALS);
+        GATES.lock().unwrap().push((
+            format!("shares:{}", node.home_id()),
+            Gate {
+                entered: entered_tx,
+                release: release_rx,
+            },
+        ));
+        let listing = tokio::spawn({
+            let shares = node.shares();
+            async move { shares.list().await }
+        });
+        timeout(T, tokio::task::spawn_blocking(move || entered.recv()))
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("the share listing job starts");
+
+        let got = timeout(T, entities.get("light.unshared"))
+            .await
+            .expect("a read answers while a share listing is pending")
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.state, "on");
+        assert!(!listing.is_finished(), "the share listing is still held");
+
+        release.send(()).unwrap();
+        let list = timeout(T, listing).await.unwrap().unwrap().unwrap();
+        assert!(list.shared_out.is_empty() && list.shared_in.is_empty());
+        let homes = timeout(T, node.shares().homes()).await.unwrap().unwrap();
+        assert!(homes.is_empty());
+        timeout(T, node.shutdown()).await.unwrap().unwrap();
+    }
 }

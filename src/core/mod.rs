@@ -34,6 +34,7 @@ mod peers;
 mod revocations;
 mod revoke;
 pub(crate) mod rooms;
+mod share_lists;
 mod sharing;
 mod sync_states;
 
@@ -253,6 +254,11 @@ pub(crate) enum Request {
     },
     ListShares {
         reply: Reply<crate::shares::SharedList>,
+    },
+    /// Internal: a share listing's read job found the shared entities in the registry.
+    FinishShareList {
+        rows: Vec<share_lists::Row>,
+        reply: share_lists::ListReply,
     },
     RevokeDevice {
         device: String,
@@ -1102,11 +1108,12 @@ impl Core {
             }
             Request::PairHome { code, reply } => self.start_home_pairing(&code, reply),
             Request::ListHomes { reply } => {
-                let _ = reply.send(Ok(self.list_homes()));
+                self.list_shared(share_lists::ListReply::Homes(reply));
             }
             Request::ListShares { reply } => {
-                let _ = reply.send(self.list_shares());
+                self.list_shared(share_lists::ListReply::Shares(reply));
             }
+            Request::FinishShareList { rows, reply } => self.finish_share_list(rows, reply),
             Request::Store { reply } => {
                 let _ = reply.send(Ok(self.store.clone()));
             }

@@ -21,7 +21,7 @@ use serde_bytes::ByteBuf;
 
 use super::{Core, Reply, Request, doc_err, new_key, now_ms};
 use crate::Error;
-use crate::shares::{KnownHome, PairedWith, ShareIn, ShareOut, SharedList};
+use crate::shares::{PairedWith, ShareOut};
 use crate::trust::cert::{DeviceCert, Verdict};
 use crate::trust::invite::{InviteCode, InviteKind};
 use crate::trust::keys::{self, WrappedKey};
@@ -196,7 +196,7 @@ impl Core {
         }
     }
 
-    fn paired(&self) -> BTreeMap<String, home_schema::PairedHome> {
+    pub(super) fn paired(&self) -> BTreeMap<String, home_schema::PairedHome> {
         self.engine
             .home_paired(self.home.home_doc)
             .unwrap_or_default()
@@ -1194,90 +1194,13 @@ impl Core {
         })
     }
 
-    fn policy_name(&self, doc: DocId) -> String {
+    pub(super) fn policy_name(&self, doc: DocId) -> String {
         self.engine
             .doc(doc)
             .ok()
             .and_then(|d| hearth_crdt::policy::read_policy(d).ok())
             .map(|p| p.as_str().to_string())
             .unwrap_or_else(|| "latest-wins".into())
-    }
-
-    pub(super) fn list_shares(&self) -> Result<SharedList, Error> {
-        let reg = self
-            .engine
-            .registry(self.home.registry_doc)
-            .map_err(doc_err)?;
-        let mut shared_out = Vec::new();
-        for (id, e) in &reg.entities {
-            if e.deleted_at.is_some() {
-                continue;
-            }
-            for home in e.shares.keys() {
-                shared_out.push(self.share_out(id, home)?);
-            }
-        }
-        let shared_in = self
-            .sharing
-            .shared_in
-            .values()
-            .map(|s| ShareIn {
-                entity_id: s.entity_id.clone(),
-                owner: s.owner.clone(),
-                rights: s.rights.clone(),
-                revoked: s.revoked,
-            })
-            .collect();
-        Ok(SharedList {
-            shared_out,
-            shared_in,
-        })
-    }
-
-    pub(super) fn list_homes(&self) -> Vec<KnownHome> {
-        let list = self.list_shares().unwrap_or_default();
-        let grants = self
-            .engine
-            .registry(self.home.registry_doc)
-            .map(|r| r.entities)
-            .unwrap_or_default();
-        let revoked = |by: &Option<String>| {
-            by.as_ref()
-                .filter(|p| self.revocations.contains(p))
-                .cloned()
-        };
-        self.paired()
-            .into_iter()
-            .map(|(home_id, h)| KnownHome {
-                revoked_devices: self.revocations.peers_of(&home_id).cloned().collect(),
-                made_by_revoked: revoked(&h.by)
-                    .map(|p| format!("pairing by {p}"))
-                    .into_iter()
-                    .chain(grants.iter().filter_map(|(id, e)| {
-                        let share = e.shares.get(&home_id)?;
-                        let by = revoked(&share.by)?;
-                        e.deleted_at
-                            .is_none()
-                            .then(|| format!("share {id} by {by}"))
-                    }))
-                    .collect(),
-                we_share: list
-                    .shared_out
-                    .iter()
-                    .filter(|s| s.home == home_id)
-                    .map(|s| s.entity_id.clone())
-                    .collect(),
-                they_share: list
-                    .shared_in
-                    .iter()
-                    .filter(|s| s.owner == home_id && !s.revoked)
-                    .map(|s| s.entity_id.clone())
-                    .collect(),
-                devices: h.devices.keys().cloned().collect(),
-                name: h.name,
-                home_id,
-            })
-            .collect()
     }
 
     /// Forgets a paired home: unshares everything shared with it (each entity's key
@@ -1355,6 +1278,6 @@ impl Core {
     }
 }
 
-fn epoch_text(epoch: &KeyEpoch) -> String {
+pub(super) fn epoch_text(epoch: &KeyEpoch) -> String {
     home_schema::epoch_key(epoch)
 }
