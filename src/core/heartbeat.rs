@@ -74,6 +74,7 @@ impl Core {
     /// message is dropped with a logged reason.
     pub(super) fn on_ephemeral(&mut self, peer: hearth_net::PeerId, bytes: &[u8]) {
         let text = peer.to_base58();
+        #[cfg(feature = "test-hooks")]
         self.capture_raw(&text, "ephemeral", bytes);
         self.metrics.ephemeral(true, bytes.len());
         match ciborium::from_reader::<Ephemeral, _>(bytes) {

@@ -384,30 +384,6 @@ impl Core {
 }
 
 impl Core {
-    /// Test hook: undoes a revocation in the home document the only ways a device of the
-    /// home could (an unsigned `revoked_at` reset, the signed record deleted), so a test
-    /// can show that neither lets the device back in.
-    pub(super) fn debug_clear_revocation(&mut self, peer: &str) -> Result<(), Error> {
-        let devices = self
-            .engine
-            .home_devices(self.home.home_doc)
-            .map_err(doc_err)?;
-        let mut record = devices
-            .get(peer)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(format!("no device {peer}")))?;
-        record.revoked_at = None;
-        let (_, out) = self
-            .engine
-            .transact(self.home.home_doc, now_ms(), None, |d, _, _| {
-                home_schema::put_device(d, peer, &record)?;
-                home_schema::remove_revocation(d, peer)
-            })
-            .map_err(doc_err)?;
-        self.persist_in_background(out);
-        Ok(())
-    }
-
     /// Reads this device's copy of the revocation set.
     pub(super) async fn load_revocations(&mut self) {
         match self

@@ -67,8 +67,6 @@ pub(super) struct Sharing {
     refusals_audited: HashMap<(String, DocId), u64>,
     /// Devices being revoked right now: refused at hello before the home document says so.
     pub(super) revoking: HashSet<String>,
-    /// Test hook: the next local write skips the rights check.
-    pub(super) skip_rights_check: bool,
 }
 
 /// A home's public parts, exchanged when two homes pair.
@@ -182,9 +180,6 @@ impl Core {
 
     /// Refuses a local write to an entity this home holds only read rights on.
     pub(super) fn check_write_rights(&self, doc: DocId, id: &str) -> Result<(), Error> {
-        if self.sharing.skip_rights_check {
-            return Ok(());
-        }
         match self.sharing.shared_in.get(&doc) {
             Some(s) if s.revoked => Err(Error::Forbidden(format!(
                 "{id} is no longer shared with this home by its owner"
