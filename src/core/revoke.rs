@@ -8,7 +8,6 @@
 //! devices and again by any device on admitting one of its home.
 
 use hearth_crdt::schema::home as home_schema;
-use hearth_crdt::wire::{Frame, GrantFrame};
 use hearth_crdt::{DocId, KeyEpoch};
 use hearth_storage::{Batch, Keyspace};
 use serde::{Deserialize, Serialize};
@@ -350,10 +349,7 @@ impl Core {
                 epoch: *epoch,
                 wrapped: ByteBuf::from(wrapped),
             });
-            if let Ok(bytes) = serde_json::to_vec(&message) {
-                self.outbox
-                    .push((peer.to_string(), Frame::Grant(GrantFrame { bytes })));
-            }
+            self.queue_share_message(peer, &message);
         }
     }
 
