@@ -19,7 +19,8 @@ use crate::node::{IDENTITY_KEY, NAME_KEY, STATIC_PEERS_KEY};
 use crate::trust::cert::{DeviceCert, Verdict};
 use crate::trust::invite::{InviteCode, InviteKind};
 use crate::trust::keys::DocKey;
-use crate::trust::pake::{Joiner, JoinerInfo};
+use crate::trust::pake::{Joiner, JoinerInfo, MAX_GRANT_LEN};
+use crate::trust::wire::from_cbor;
 use crate::{Config, Error, datadir};
 
 /// How long the whole exchange may take.
@@ -119,7 +120,7 @@ async fn exchange(
     let _ = net_task.await;
     let grant = outcome?;
 
-    let package: JoinPackage = serde_json::from_slice(&grant.home)
+    let package: JoinPackage = from_cbor("join package", &grant.home, MAX_GRANT_LEN)
         .map_err(|e| Error::Pairing(format!("the grant is malformed: {e}")))?;
     if package.home_id != code.home_id() {
         return Err(Error::Pairing(

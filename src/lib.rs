@@ -60,6 +60,8 @@ pub use entities::{
 pub use error::Error;
 pub use events::{Event, EventItem, Events};
 pub use join::Joined;
+#[cfg(feature = "test-hooks")]
+#[doc(hidden)]
 pub use node::Captured;
 pub use presence::{Presence, PresenceInfo, Status};
 pub use rooms::{

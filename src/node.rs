@@ -19,6 +19,7 @@ use crate::entities::Entities;
 use crate::{Config, Error, datadir};
 
 /// One frame recorded by [`Node::debug_capture`].
+#[cfg(feature = "test-hooks")]
 #[doc(hidden)]
 #[derive(Clone, Debug)]
 pub struct Captured {
@@ -356,6 +357,7 @@ impl Node {
     /// whose sync processing hangs would behave. Its connections stay up and answer pings,
     /// but the frames peers send it are not consumed, so their queues toward it fill.
     /// Not for production use.
+    #[cfg(feature = "test-hooks")]
     #[doc(hidden)]
     pub fn debug_stall_network_reads(&self, stalled: bool) {
         self.core.stall_net.send_replace(stalled);
@@ -365,6 +367,7 @@ impl Node {
     /// stream, or on the ephemeral stream when `ephemeral`, bypassing the core's encoding
     /// and sealing, so tests can play a member device that sends garbage. Not for
     /// production use.
+    #[cfg(feature = "test-hooks")]
     #[doc(hidden)]
     pub async fn debug_send_raw(
         &self,
@@ -445,6 +448,7 @@ impl Node {
     /// Test hook: from now on, records every frame this node receives (as received, and,
     /// for frames it could open, the opened payload too) into the returned list. Not for
     /// production use.
+    #[cfg(feature = "test-hooks")]
     #[doc(hidden)]
     pub async fn debug_capture(
         &self,
@@ -463,6 +467,7 @@ impl Node {
     /// Test hook: tries to open one frame as received from the network (for example one
     /// captured on another node) with this device's document keys. `Ok` means it opened;
     /// the error says why not. Nothing is applied either way. Not for production use.
+    #[cfg(feature = "test-hooks")]
     #[doc(hidden)]
     pub async fn debug_open_frame(&self, bytes: Vec<u8>) -> Result<(), Error> {
         self.core
@@ -475,6 +480,7 @@ impl Node {
     /// a test can play a device of a home the entity is shared with that sends crafted
     /// input through [`Node::debug_send_raw`]. Nothing is sent or applied. Not for
     /// production use.
+    #[cfg(feature = "test-hooks")]
     #[doc(hidden)]
     pub async fn debug_seal_sync(&self, id: &str, payload: Vec<u8>) -> Result<Vec<u8>, Error> {
         let entity = id.to_string();
@@ -490,6 +496,7 @@ impl Node {
     /// Test hook: writes an entity as [`Entities::set`] does, but without this node's own
     /// check of its home's rights on it, so a test can show that the owner home refuses
     /// what a read-only home wrote. Not for production use.
+    #[cfg(feature = "test-hooks")]
     #[doc(hidden)]
     pub async fn debug_write_unchecked(
         &self,
@@ -505,6 +512,7 @@ impl Node {
     /// Test hook: writes this home's document as a device that wants revoked device
     /// `peer` back would (its `revoked_at` cleared, its signed revocation deleted), so a
     /// test can show that the revocation holds. Not for production use.
+    #[cfg(feature = "test-hooks")]
     #[doc(hidden)]
     pub async fn debug_clear_revocation(&self, peer: &str) -> Result<(), Error> {
         let peer = peer.to_string();

@@ -166,8 +166,16 @@ pub fn decode(input: &[u8], max_len: usize) -> Result<Frame> {
         }
         _ => return Err(Error::Wire("not a versioned envelope".into())),
     }
+    let mut rest = input;
     let (_, repr): (u8, FrameRepr) =
-        ciborium::from_reader(input).map_err(|e| Error::Wire(e.to_string()))?;
+        ciborium::from_reader(&mut rest).map_err(|e| Error::Wire(e.to_string()))?;
+    // One frame has one encoding: bytes after the envelope are refused, not ignored.
+    if !rest.is_empty() {
+        return Err(Error::Wire(format!(
+            "{} unexpected bytes after the frame",
+            rest.len()
+        )));
+    }
     Ok(match repr {
         FrameRepr::Push(p) => {
             if let Some(c) = &p.correlation_id
@@ -343,6 +351,18 @@ mod tests {
             let bytes = encode(&f);
             assert_eq!(decode(&bytes, DEFAULT_MAX_FRAME_BYTES).unwrap(), f);
         }
+    }
+
+    #[test]
+    fn trailing_bytes_after_a_frame_are_refused() {
+        let bytes = encode(&push());
+        let trailing = [&bytes[..], &[0x00]].concat();
+        assert!(matches!(
+            decode(&trailing, DEFAULT_MAX_FRAME_BYTES),
+            Err(Error::Wire(_))
+        ));
+        let twice = [&bytes[..], &bytes[..]].concat();
+        assert!(decode(&twice, DEFAULT_MAX_FRAME_BYTES).is_err());
     }
 
     #[test]

@@ -20,6 +20,9 @@ pub(crate) const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
 /// heartbeat does not flip a device offline.
 pub(crate) const HEARTBEAT_TTL_MS: u64 = 3 * HEARTBEAT_INTERVAL.as_millis() as u64;
 
+/// Largest ephemeral message accepted; a heartbeat takes about twenty bytes.
+const MAX_EPHEMERAL_MESSAGE: usize = 256;
+
 /// The longest TTL a peer may claim; a larger claim is cut to this.
 const MAX_TTL_MS: u64 = 60_000;
 
@@ -74,9 +77,14 @@ impl Core {
     /// message is dropped with a logged reason.
     pub(super) fn on_ephemeral(&mut self, peer: hearth_net::PeerId, bytes: &[u8]) {
         let text = peer.to_base58();
+        #[cfg(feature = "test-hooks")]
         self.capture_raw(&text, "ephemeral", bytes);
         self.metrics.ephemeral(true, bytes.len());
-        match ciborium::from_reader::<Ephemeral, _>(bytes) {
+        match crate::trust::wire::from_cbor::<Ephemeral>(
+            "ephemeral message",
+            bytes,
+            MAX_EPHEMERAL_MESSAGE,
+        ) {
             Ok(Ephemeral::Heartbeat { ttl_ms }) => self.heard_alive(&text, ttl_ms),
             Err(error) => {
                 tracing::warn!(peer = %text, %error, len = bytes.len(), "malformed ephemeral message dropped");
@@ -89,16 +97,25 @@ impl Core {
 mod tests {
     use super::*;
 
+    fn decode(bytes: &[u8]) -> Result<Ephemeral, crate::trust::error::TrustError> {
+        crate::trust::wire::from_cbor("ephemeral message", bytes, MAX_EPHEMERAL_MESSAGE)
+    }
+
     #[test]
     fn heartbeats_round_trip_and_garbage_is_refused() {
         let message = Ephemeral::Heartbeat { ttl_ms: 6000 };
         let bytes = encode(&message);
-        assert_eq!(
-            ciborium::from_reader::<Ephemeral, _>(&bytes[..]).unwrap(),
-            message
-        );
-        for bad in [&b""[..], &b"\xff\x00"[..], &bytes[..bytes.len() - 1]] {
-            assert!(ciborium::from_reader::<Ephemeral, _>(bad).is_err());
+        assert_eq!(decode(&bytes).unwrap(), message);
+        let trailing = [&bytes[..], &[0x00]].concat();
+        let oversized = [&bytes[..], &[0x00; MAX_EPHEMERAL_MESSAGE][..]].concat();
+        for bad in [
+            &b""[..],
+            &b"\xff\x00"[..],
+            &bytes[..bytes.len() - 1],
+            &trailing[..],
+            &oversized[..],
+        ] {
+            assert!(decode(bad).is_err());
         }
         let mut unknown = Vec::new();
         ciborium::into_writer(
@@ -106,7 +123,7 @@ mod tests {
             &mut unknown,
         )
         .unwrap();
-        assert!(ciborium::from_reader::<Ephemeral, _>(&unknown[..]).is_err());
+        assert!(decode(&unknown[..]).is_err());
     }
 
     #[test]

@@ -27,6 +27,8 @@ mod pacing;
 pub use batching::MAX_BATCH_WRITES;
 mod entity_ops;
 mod heartbeat;
+#[cfg(feature = "test-hooks")]
+mod hooks;
 pub(crate) mod keyring;
 pub(crate) mod pairing;
 pub use revoke::RevokedDevice;
@@ -106,6 +108,7 @@ pub(crate) enum Request {
     },
     /// Test hook: a write that skips this home's own check of its rights on the entity,
     /// to show the owner refuses it (see `Node::debug_write_unchecked`).
+    #[cfg(feature = "test-hooks")]
     SetEntityUnchecked {
         id: String,
         write: EntityWrite,
@@ -117,6 +120,7 @@ pub(crate) enum Request {
     },
     /// Test hook: writes the home document as a device of the home that wants a revoked
     /// device back would: `revoked_at` cleared and the signed record deleted.
+    #[cfg(feature = "test-hooks")]
     ClearRevocation {
         peer: String,
         reply: Reply<()>,
@@ -269,16 +273,19 @@ pub(crate) enum Request {
         reply: Reply<StoreHandle>,
     },
     /// Test hook: record every frame received from now on (see `Node::debug_capture`).
+    #[cfg(feature = "test-hooks")]
     Capture {
-        sink: std::sync::Arc<std::sync::Mutex<Vec<crate::node::Captured>>>,
+        sink: hooks::CaptureSink,
         reply: Reply<()>,
     },
     /// Test hook: try to open a captured frame with this device's keys.
+    #[cfg(feature = "test-hooks")]
     OpenFrame {
         bytes: Vec<u8>,
         reply: Reply<()>,
     },
     /// Test hook: seal a sync message payload for an entity's document.
+    #[cfg(feature = "test-hooks")]
     SealSync {
         entity: String,
         payload: Vec<u8>,
@@ -325,6 +332,7 @@ pub(crate) struct CoreHandle {
     pub(crate) notices: broadcast::Sender<Notice>,
     /// Test hook: while true, the core reads no network events (see
     /// `Node::debug_stall_network_reads`).
+    #[cfg(feature = "test-hooks")]
     pub(crate) stall_net: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
     /// Every event (entities, rooms, presence), for [`crate::Node::subscribe`].
     pub(crate) node_events: broadcast::Sender<crate::events::Event>,
@@ -426,7 +434,8 @@ struct Core {
     /// it instead of reading the document a second time.
     last_view: Option<(DocId, Entity)>,
     /// Test hook: where received frames are recorded, when set.
-    capture: Option<std::sync::Arc<std::sync::Mutex<Vec<crate::node::Captured>>>>,
+    #[cfg(feature = "test-hooks")]
+    capture: Option<hooks::CaptureSink>,
     /// Store batches waiting for a slot (durability.rs).
     persist_queue: Vec<durability::Pending>,
     /// Slots for store batches in flight.
@@ -584,6 +593,7 @@ pub(crate) async fn start(
         pacing: pacing::Pacing::default(),
         last_view: None,
         self_tx: None,
+        #[cfg(feature = "test-hooks")]
         capture: None,
         persist_queue: Vec::new(),
         persists: durability::persist_slots(),
@@ -633,15 +643,20 @@ pub(crate) async fn start(
     };
     let (tx, rx) = mpsc::channel(CORE_QUEUE);
     core.self_tx = Some(tx.clone());
+    // Only the stall test hook ever flips this. Without the hooks its sender is dropped
+    // here, so the loop's guard stays false and its change branch never fires.
     let (stall_tx, stall_rx) = tokio::sync::watch::channel(false);
     let handle = CoreHandle {
         tx,
         events: core.events.clone(),
         notices: core.notices.clone(),
+        #[cfg(feature = "test-hooks")]
         stall_net: std::sync::Arc::new(stall_tx),
         node_events: core.node_events.clone(),
         persists: core.persists.clone(),
     };
+    #[cfg(not(feature = "test-hooks"))]
+    drop(stall_tx);
     let task = tokio::spawn(tracing::Instrument::instrument(
         core.run(rx, net_events, stall_rx, cancel),
         tracing::error_span!("core"),
@@ -1056,14 +1071,14 @@ impl Core {
             Request::Ping { reply } => {
                 let _ = reply.send(Ok(()));
             }
+            #[cfg(feature = "test-hooks")]
             Request::ClearRevocation { peer, reply } => {
                 let result = self.debug_clear_revocation(&peer);
                 let _ = reply.send(result);
             }
+            #[cfg(feature = "test-hooks")]
             Request::SetEntityUnchecked { id, write, reply } => {
-                self.sharing.skip_rights_check = true;
-                let result = self.set_entity(&id, write);
-                self.sharing.skip_rights_check = false;
+                let result = self.debug_write_unchecked(&id, write);
                 self.reply_after_flush(result, reply);
             }
             Request::SetPolicy { id, policy, reply } => {
@@ -1117,13 +1132,16 @@ impl Core {
             Request::Store { reply } => {
                 let _ = reply.send(Ok(self.store.clone()));
             }
+            #[cfg(feature = "test-hooks")]
             Request::Capture { sink, reply } => {
                 self.capture = Some(sink);
                 let _ = reply.send(Ok(()));
             }
+            #[cfg(feature = "test-hooks")]
             Request::OpenFrame { bytes, reply } => {
                 let _ = reply.send(self.debug_open_frame(&bytes));
             }
+            #[cfg(feature = "test-hooks")]
             Request::SealSync {
                 entity,
                 payload,

@@ -214,7 +214,8 @@ impl Core {
                 .collect(),
             peers,
         };
-        let home = serde_json::to_vec(&package).map_err(|e| refuse(e.to_string()))?;
+        let home = crate::trust::wire::to_cbor("join package", &package)
+            .map_err(|e| refuse(e.to_string()))?;
         let grant = Grant {
             certificate: cert.clone().into(),
             home: home.into(),

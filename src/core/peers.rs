@@ -12,7 +12,7 @@ use crate::trust::cert::{DeviceCert, Verdict};
 use crate::trust::keys::{self, RecordKind, WrappedKey};
 
 /// Largest frame the core decodes; the network layer already caps frames at this size.
-const MAX_FRAME_BYTES: usize = hearth_net::MAX_FRAME_SIZE;
+pub(super) const MAX_FRAME_BYTES: usize = hearth_net::MAX_FRAME_SIZE;
 
 /// Largest push or sync payload the engine may produce or accept: what still fits the
 /// network's frame cap once sealed (version, 24-byte nonce, 16-byte tag) and wrapped in
@@ -370,7 +370,7 @@ impl Core {
         }
     }
 
-    fn seal_frame(&self, mut frame: Frame) -> Result<Vec<u8>, String> {
+    pub(super) fn seal_frame(&self, mut frame: Frame) -> Result<Vec<u8>, String> {
         match &mut frame {
             Frame::Push(p) => {
                 let key = self
@@ -401,6 +401,7 @@ impl Core {
     /// reaches a document.
     pub(super) async fn on_frame(&mut self, peer: PeerId, class: PeerClass, bytes: Bytes) {
         let peer_text = peer.to_base58();
+        #[cfg(feature = "test-hooks")]
         self.capture_raw(&peer_text, "sync", &bytes);
         let mut frame = match wire::decode(&bytes, MAX_FRAME_BYTES) {
             Ok(frame) => frame,
@@ -439,6 +440,7 @@ impl Core {
             tracing::warn!(peer = %peer_text, %reason, "dropping a frame");
             return;
         }
+        #[cfg(feature = "test-hooks")]
         self.capture_opened(&peer_text, &frame);
         if let Some(reason) = self.stale_epoch_changes(&frame) {
             self.counters.frames_old_epoch += 1;
@@ -616,81 +618,6 @@ impl Core {
             }
         }
         self.drain_attaches().await;
-    }
-
-    /// Test hook: records a received frame as it arrived.
-    pub(super) fn capture_raw(&self, peer: &str, stream: &'static str, bytes: &[u8]) {
-        if let Some(sink) = &self.capture
-            && let Ok(mut list) = sink.lock()
-        {
-            list.push(crate::node::Captured {
-                peer: peer.to_string(),
-                stream,
-                raw: bytes.to_vec(),
-                opened: None,
-            });
-        }
-    }
-
-    /// Test hook: adds the opened payload to the frame recorded last from `peer`.
-    fn capture_opened(&self, peer: &str, frame: &Frame) {
-        let Some(sink) = &self.capture else {
-            return;
-        };
-        let payload = match frame {
-            Frame::Push(p) => p.bytes.clone(),
-            Frame::Sync(s) => s.bytes.clone(),
-            _ => return,
-        };
-        if let Ok(mut list) = sink.lock()
-            && let Some(last) = list.iter_mut().rev().find(|c| c.peer == peer)
-        {
-            last.opened = Some(payload);
-        }
-    }
-
-    /// Test hook: tries to open a frame with this device's keys, applying nothing.
-    pub(super) fn debug_open_frame(&self, bytes: &[u8]) -> Result<(), crate::Error> {
-        let frame = wire::decode(bytes, MAX_FRAME_BYTES)
-            .map_err(|e| crate::Error::Invalid(format!("not a frame: {e}")))?;
-        let (doc, epoch, kind, sealed) = match &frame {
-            Frame::Push(p) => (p.doc, p.epoch, RecordKind::Push, &p.bytes),
-            Frame::Sync(s) => (s.doc, s.epoch, RecordKind::SyncMessage, &s.bytes),
-            _ => return Err(crate::Error::Invalid("not a push or sync frame".into())),
-        };
-        let key = self.keyring.get(doc, epoch).ok_or_else(|| {
-            crate::Error::Forbidden(format!(
-                "no key for document {doc} at epoch {}",
-                epoch.counter
-            ))
-        })?;
-        keys::open(key, doc, epoch, kind, sealed)
-            .map(|_| ())
-            .map_err(|e| crate::Error::Forbidden(format!("cannot open: {e}")))
-    }
-
-    /// Test hook: `payload` as a sync frame for `entity`'s document at its current
-    /// epoch, sealed under this device's key for it, ready for `Node::debug_send_raw`.
-    pub(super) fn debug_seal_sync(
-        &self,
-        entity: &str,
-        payload: Vec<u8>,
-    ) -> Result<Vec<u8>, crate::Error> {
-        let doc = self
-            .doc_of_entity(entity)
-            .ok_or_else(|| crate::Error::NotFound(format!("no entity {entity}")))?;
-        let epoch = self
-            .engine
-            .header(doc)
-            .map_err(|e| crate::Error::Invalid(e.to_string()))?
-            .key_epoch;
-        let frame = Frame::Sync(hearth_crdt::wire::SyncMessage {
-            doc,
-            epoch,
-            expects_reply: true,
-            bytes: payload,
-        });
-        self.seal_frame(frame).map_err(crate::Error::Forbidden)
     }
 }
 

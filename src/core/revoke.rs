@@ -8,7 +8,6 @@
 //! devices and again by any device on admitting one of its home.
 
 use hearth_crdt::schema::home as home_schema;
-use hearth_crdt::wire::{Frame, GrantFrame};
 use hearth_crdt::{DocId, KeyEpoch};
 use hearth_storage::{Batch, Keyspace};
 use serde::{Deserialize, Serialize};
@@ -350,10 +349,7 @@ impl Core {
                 epoch: *epoch,
                 wrapped: ByteBuf::from(wrapped),
             });
-            if let Ok(bytes) = serde_json::to_vec(&message) {
-                self.outbox
-                    .push((peer.to_string(), Frame::Grant(GrantFrame { bytes })));
-            }
+            self.queue_share_message(peer, &message);
         }
     }
 
@@ -384,30 +380,6 @@ impl Core {
 }
 
 impl Core {
-    /// Test hook: undoes a revocation in the home document the only ways a device of the
-    /// home could (an unsigned `revoked_at` reset, the signed record deleted), so a test
-    /// can show that neither lets the device back in.
-    pub(super) fn debug_clear_revocation(&mut self, peer: &str) -> Result<(), Error> {
-        let devices = self
-            .engine
-            .home_devices(self.home.home_doc)
-            .map_err(doc_err)?;
-        let mut record = devices
-            .get(peer)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(format!("no device {peer}")))?;
-        record.revoked_at = None;
-        let (_, out) = self
-            .engine
-            .transact(self.home.home_doc, now_ms(), None, |d, _, _| {
-                home_schema::put_device(d, peer, &record)?;
-                home_schema::remove_revocation(d, peer)
-            })
-            .map_err(doc_err)?;
-        self.persist_in_background(out);
-        Ok(())
-    }
-
     /// Reads this device's copy of the revocation set.
     pub(super) async fn load_revocations(&mut self) {
         match self

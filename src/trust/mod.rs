@@ -24,4 +24,4 @@ pub(crate) mod error;
 pub(crate) mod invite;
 pub(crate) mod keys;
 pub(crate) mod pake;
-mod wire;
+pub(crate) mod wire;

@@ -812,14 +812,25 @@ async fn malformed_grants_from_a_paired_home_are_dropped() {
         .await
         .unwrap();
     wait_state(&b, "light.porch", "on").await;
-    let bogus_key = serde_json::json!({"Grant": {
+    let cbor = |value: serde_json::Value| {
+        let mut out = Vec::new();
+        ciborium::into_writer(&value, &mut out).unwrap();
+        out
+    };
+    // Well-formed grant messages whose contents are wrong, then ones that are not
+    // messages at all: trailing bytes, JSON, oversized, plain garbage.
+    let bogus_key = cbor(serde_json::json!({"Grant": {
         "entity_id": "light.fake", "doc": "11111111111111111111111", "epoch": {"counter": 0, "device": [0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0]},
-        "wrapped": [1, 2, 3], "rights": "write"}});
+        "wrapped": [1, 2, 3], "rights": "write"}}));
+    let bad_revoke = cbor(serde_json::json!({"Revoke": {"entity_id": "x", "doc": "??"}}));
     for payload in [
-        b"not json".to_vec(),
-        serde_json::to_vec(&bogus_key).unwrap(),
+        b"not cbor".to_vec(),
+        bogus_key.clone(),
+        bad_revoke.clone(),
+        [&bogus_key[..], &[0x00]].concat(),
         serde_json::to_vec(&serde_json::json!({"Revoke": {"entity_id": "x", "doc": "??"}}))
             .unwrap(),
+        vec![0x81; 10_000],
         vec![b'['; 10_000],
     ] {
         let frame = wire::encode(&Frame::Grant(GrantFrame { bytes: payload }));

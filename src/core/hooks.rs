@@ -1,0 +1,143 @@
+//! Test hooks: what the integration tests need to play faults and hostile peers, built
+//! only with the `test-hooks` feature. Nothing here is reachable from a release build,
+//! and no production path asks whether a hook is set, so no hook can weaken a check.
+
+use hearth_crdt::EntityUpdate;
+use hearth_crdt::schema::home as home_schema;
+use hearth_crdt::wire::{self, Frame};
+use hearth_storage::Batch;
+
+use super::peers::MAX_FRAME_BYTES;
+use super::{Core, doc_err, now_ms};
+use crate::trust::keys::{self, RecordKind};
+use crate::{Entity, EntityWrite, Error};
+
+/// Where received frames are recorded (see `Node::debug_capture`).
+pub(super) type CaptureSink = std::sync::Arc<std::sync::Mutex<Vec<crate::node::Captured>>>;
+
+impl Core {
+    /// Test hook: records a received frame as it arrived.
+    pub(super) fn capture_raw(&self, peer: &str, stream: &'static str, bytes: &[u8]) {
+        if let Some(sink) = &self.capture
+            && let Ok(mut list) = sink.lock()
+        {
+            list.push(crate::node::Captured {
+                peer: peer.to_string(),
+                stream,
+                raw: bytes.to_vec(),
+                opened: None,
+            });
+        }
+    }
+
+    /// Test hook: adds the opened payload to the frame recorded last from `peer`.
+    pub(super) fn capture_opened(&self, peer: &str, frame: &Frame) {
+        let Some(sink) = &self.capture else {
+            return;
+        };
+        let payload = match frame {
+            Frame::Push(p) => p.bytes.clone(),
+            Frame::Sync(s) => s.bytes.clone(),
+            _ => return,
+        };
+        if let Ok(mut list) = sink.lock()
+            && let Some(last) = list.iter_mut().rev().find(|c| c.peer == peer)
+        {
+            last.opened = Some(payload);
+        }
+    }
+
+    /// Test hook: tries to open a frame with this device's keys, applying nothing.
+    pub(super) fn debug_open_frame(&self, bytes: &[u8]) -> Result<(), crate::Error> {
+        let frame = wire::decode(bytes, MAX_FRAME_BYTES)
+            .map_err(|e| crate::Error::Invalid(format!("not a frame: {e}")))?;
+        let (doc, epoch, kind, sealed) = match &frame {
+            Frame::Push(p) => (p.doc, p.epoch, RecordKind::Push, &p.bytes),
+            Frame::Sync(s) => (s.doc, s.epoch, RecordKind::SyncMessage, &s.bytes),
+            _ => return Err(crate::Error::Invalid("not a push or sync frame".into())),
+        };
+        let key = self.keyring.get(doc, epoch).ok_or_else(|| {
+            crate::Error::Forbidden(format!(
+                "no key for document {doc} at epoch {}",
+                epoch.counter
+            ))
+        })?;
+        keys::open(key, doc, epoch, kind, sealed)
+            .map(|_| ())
+            .map_err(|e| crate::Error::Forbidden(format!("cannot open: {e}")))
+    }
+
+    /// Test hook: `payload` as a sync frame for `entity`'s document at its current
+    /// epoch, sealed under this device's key for it, ready for `Node::debug_send_raw`.
+    pub(super) fn debug_seal_sync(
+        &self,
+        entity: &str,
+        payload: Vec<u8>,
+    ) -> Result<Vec<u8>, crate::Error> {
+        let doc = self
+            .doc_of_entity(entity)
+            .ok_or_else(|| crate::Error::NotFound(format!("no entity {entity}")))?;
+        let epoch = self
+            .engine
+            .header(doc)
+            .map_err(|e| crate::Error::Invalid(e.to_string()))?
+            .key_epoch;
+        let frame = Frame::Sync(hearth_crdt::wire::SyncMessage {
+            doc,
+            epoch,
+            expects_reply: true,
+            bytes: payload,
+        });
+        self.seal_frame(frame).map_err(crate::Error::Forbidden)
+    }
+
+    /// Test hook: undoes a revocation in the home document the only ways a device of the
+    /// home could (an unsigned `revoked_at` reset, the signed record deleted), so a test
+    /// can show that neither lets the device back in.
+    pub(super) fn debug_clear_revocation(&mut self, peer: &str) -> Result<(), Error> {
+        let devices = self
+            .engine
+            .home_devices(self.home.home_doc)
+            .map_err(doc_err)?;
+        let mut record = devices
+            .get(peer)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("no device {peer}")))?;
+        record.revoked_at = None;
+        let (_, out) = self
+            .engine
+            .transact(self.home.home_doc, now_ms(), None, |d, _, _| {
+                home_schema::put_device(d, peer, &record)?;
+                home_schema::remove_revocation(d, peer)
+            })
+            .map_err(doc_err)?;
+        self.persist_in_background(out);
+        Ok(())
+    }
+
+    /// Test hook: writes an existing entity as a local write does, but without the check
+    /// of this home's rights on it, so a test can play a home whose library wrote past
+    /// its own node's check. The production write path is untouched: this goes to the
+    /// engine directly, and the change leaves as the usual push to every peer.
+    pub(super) fn debug_write_unchecked(
+        &mut self,
+        id: &str,
+        write: EntityWrite,
+    ) -> Result<(Entity, Batch), Error> {
+        let doc = self
+            .doc_of_entity(id)
+            .ok_or_else(|| Error::NotFound(format!("no entity {id}")))?;
+        let update = EntityUpdate {
+            state: write.state,
+            attributes: write.attributes,
+        };
+        let (_, out) = self
+            .engine
+            .transact(doc, now_ms(), None, |d, at, by| {
+                hearth_crdt::schema::entity::write(d, &update, at, by)
+            })
+            .map_err(doc_err)?;
+        let batch = self.handle_outputs(out);
+        Ok((self.entity_view(doc)?, batch))
+    }
+}
