@@ -505,7 +505,33 @@ impl Node {
     ) -> Result<crate::Entity, Error> {
         let id = id.to_string();
         self.core
-            .call(|reply| crate::core::Request::SetEntityUnchecked { id, write, reply })
+            .call(|reply| crate::core::Request::SetEntityUnchecked {
+                id,
+                write,
+                header_epoch: None,
+                reply,
+            })
+            .await?
+    }
+
+    /// Test hook: moves an entity document's key epoch to `counter` in a change of this
+    /// node's, without any check, as a writer home's library rewriting the header would,
+    /// so a test can show that the owner refuses it. Not for production use.
+    #[cfg(feature = "test-hooks")]
+    #[doc(hidden)]
+    pub async fn debug_write_epoch_unchecked(
+        &self,
+        id: &str,
+        counter: u64,
+    ) -> Result<crate::Entity, Error> {
+        let id = id.to_string();
+        self.core
+            .call(|reply| crate::core::Request::SetEntityUnchecked {
+                id,
+                write: crate::EntityWrite::default(),
+                header_epoch: Some(counter),
+                reply,
+            })
             .await?
     }
 

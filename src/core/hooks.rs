@@ -123,10 +123,26 @@ impl Core {
         &mut self,
         id: &str,
         write: EntityWrite,
+        header_epoch: Option<u64>,
     ) -> Result<(Entity, Batch), Error> {
         let doc = self
             .doc_of_entity(id)
             .ok_or_else(|| Error::NotFound(format!("no entity {id}")))?;
+        if let Some(counter) = header_epoch {
+            let epoch = hearth_crdt::KeyEpoch {
+                counter,
+                device: *self.engine_actor_bytes(),
+            };
+            // Written as a plain change, so it leaves sealed under the key the owner holds.
+            let mut header = self.engine.header(doc).map_err(doc_err)?.clone();
+            header.key_epoch = epoch;
+            let (_, out) = self
+                .engine
+                .transact(doc, now_ms(), None, |d, _, _| header.write(d))
+                .map_err(doc_err)?;
+            let batch = self.handle_outputs(out);
+            return Ok((self.entity_view(doc)?, batch));
+        }
         let update = EntityUpdate {
             state: write.state,
             attributes: write.attributes,

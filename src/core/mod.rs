@@ -112,6 +112,9 @@ pub(crate) enum Request {
     SetEntityUnchecked {
         id: String,
         write: EntityWrite,
+        /// Instead of the entity's value, move its document's key epoch to this counter,
+        /// as a writer home's library rewriting the header would.
+        header_epoch: Option<u64>,
         reply: Reply<Entity>,
     },
     /// Readiness: answered at once by a core that is running and reading its queue.
@@ -1077,8 +1080,13 @@ impl Core {
                 let _ = reply.send(result);
             }
             #[cfg(feature = "test-hooks")]
-            Request::SetEntityUnchecked { id, write, reply } => {
-                let result = self.debug_write_unchecked(&id, write);
+            Request::SetEntityUnchecked {
+                id,
+                write,
+                header_epoch,
+                reply,
+            } => {
+                let result = self.debug_write_unchecked(&id, write, header_epoch);
                 self.reply_after_flush(result, reply);
             }
             Request::SetPolicy { id, policy, reply } => {

@@ -251,3 +251,44 @@ fn epoch_of(raw: &[u8]) -> Option<u64> {
         _ => None,
     }
 }
+
+/// A home with write rights rewrites the shared entity's key epoch (to the counter's
+/// maximum, where the owner's next rotation would overflow). The owner refuses the change
+/// whole and audits it; the entity's value still syncs both ways afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_home_cannot_rewrite_an_entitys_header() {
+    init_tracing();
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = start(dirs[0].path(), "a").await;
+    let b = start(dirs[1].path(), "b").await;
+    a.entities().set("light.porch", write("off")).await.unwrap();
+    pair(&a, &b).await;
+    a.shares()
+        .share("light.porch", b.home_id(), false, None)
+        .await
+        .unwrap();
+    wait_state(&b, "light.porch", "off").await;
+
+    b.debug_write_epoch_unchecked("light.porch", u64::MAX)
+        .await
+        .unwrap();
+    until("A refuses and audits B's header change", || async {
+        a.shares().audit(0).await.unwrap().iter().any(|e| {
+            e.action == "write.refused" && e.actor == b.peer_id() && e.subject.contains("header")
+        })
+    })
+    .await;
+    // A's own rotation still works: the counter was never moved at A.
+    a.shares()
+        .unshare("light.porch", b.home_id())
+        .await
+        .unwrap();
+    a.shares()
+        .share("light.porch", b.home_id(), false, None)
+        .await
+        .unwrap();
+    a.entities().set("light.porch", write("on")).await.unwrap();
+    wait_state(&a, "light.porch", "on").await;
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
