@@ -698,12 +698,15 @@ impl EventLoop {
             Admission::Pending { .. } if state.closing.is_some() => return false,
             Admission::Pending { .. } => {}
         }
-        // Only the home's own devices earn a reserved slot: a paired home can mint
-        // device certificates at will, so its devices stay under the strangers' caps.
+        // Only the home's own devices earn a reserved slot, from both caps (devices of one
+        // home often share an address, as on one host or behind one NAT): a paired home
+        // can mint device certificates at will, so its devices stay under the strangers'.
         let own = class == PeerClass::Own;
         state.admission = Admission::Admitted(class);
         if own {
-            self.swarm.behaviour_mut().guard.admitted(peer);
+            let guard = &mut self.swarm.behaviour_mut().guard;
+            guard.admitted(peer);
+            guard.vouch(peer);
         }
         let Some(state) = self.peers.get_mut(&peer) else {
             return false;

@@ -429,6 +429,8 @@ struct Core {
     sharing: sharing::Sharing,
     /// Signed revocations of this home's and paired homes' devices; only ever added to.
     revocations: revocations::Revocations,
+    /// Whether the home document has read whole since start (see `is_revoked`).
+    home_doc_read: std::cell::Cell<bool>,
     /// The core's own request queue, for tasks it spawns to report back.
     self_tx: Option<mpsc::Sender<Request>>,
     /// Bulk session openings, paced per peer.
@@ -593,6 +595,7 @@ pub(crate) async fn start(
         writes: batching::WriteWindow::new(batch_window),
         sharing: sharing::Sharing::default(),
         revocations: revocations::Revocations::default(),
+        home_doc_read: std::cell::Cell::new(false),
         pacing: pacing::Pacing::default(),
         last_view: None,
         self_tx: None,

@@ -136,11 +136,16 @@ impl Core {
         }
         // Only the device records: the whole home view holds one keyring entry per document.
         match self.engine.home_devices(self.home.home_doc) {
-            Ok(devices) => devices.get(peer).is_some_and(|d| d.revoked_at.is_some()),
-            // A device that just joined holds the home document's key but none of its
-            // content until the first sync: there is nothing to read yet, and the peer's
-            // certificate has verified under the home root.
-            Err(_) if self.home_doc_empty() => false,
+            Ok(devices) => {
+                self.home_doc_read.set(true);
+                devices.get(peer).is_some_and(|d| d.revoked_at.is_some())
+            }
+            // A device that just joined holds the home document's key but not all of its
+            // content until the first sync completes (a large catch-up arrives over several
+            // messages): there is nothing whole to read yet, and the peer's certificate
+            // has verified under the home root. Once the document has read whole, it
+            // only grows, so failing to read it later means it was damaged.
+            Err(_) if !self.home_doc_read.get() => false,
             Err(error) => {
                 tracing::warn!(%peer, %error, "home document unreadable; refusing the device");
                 true
@@ -499,13 +504,6 @@ impl Core {
                 epoch.counter, current.counter
             )
         })
-    }
-
-    fn home_doc_empty(&self) -> bool {
-        use automerge::ReadDoc;
-        self.engine
-            .doc(self.home.home_doc)
-            .is_ok_and(|d| d.keys(automerge::ROOT).next().is_none())
     }
 
     fn carries_revoked_changes(&self, class: &PeerClass, frame: &Frame) -> Option<String> {
