@@ -1,5 +1,9 @@
 //! The library's view of entities: what integrations read and write.
 
+pub(crate) mod batching;
+mod conflicts;
+pub(crate) mod ops;
+
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 

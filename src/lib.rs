@@ -32,12 +32,15 @@ mod entities;
 mod error;
 mod events;
 mod home;
-mod join;
 mod metrics;
 mod node;
+mod pairing;
+mod peers;
 mod presence;
+mod revocation;
 mod rooms;
 mod shares;
+mod sharing;
 // Revocation records, signed device lists and some record kinds serve revocation and home
 // pairing, which are not built yet.
 #[allow(dead_code)]
@@ -49,9 +52,9 @@ pub use config::{
     DEFAULT_BATCH_WINDOW, DEFAULT_CHAT_MAX_AGE, DEFAULT_CHAT_MAX_MESSAGES, DEFAULT_LISTEN,
     DEFAULT_MAX_CONNECTIONS_PER_IP, MAX_BATCH_WINDOW, Passphrase, default_data_dir,
 };
-pub use core::MAX_BATCH_WRITES;
-pub use core::{CHANGE_BUFFER, RevokedDevice, SyncCounters};
+pub use core::{CHANGE_BUFFER, SyncCounters};
 pub use datadir::{API_ADDR_FILE, LOCK_FILE, TOKEN_FILE, read_token};
+pub use entities::batching::MAX_BATCH_WRITES;
 pub use entities::{
     ChangeItem, Changes, ConflictCandidate, ConflictInfo, Entities, Entity, EntityChange,
     EntityVersion, EntityWrite, MAX_ATTRIBUTES_BYTES, MAX_ENTITY_ID_LEN, MAX_HISTORY,
@@ -59,11 +62,12 @@ pub use entities::{
 };
 pub use error::Error;
 pub use events::{Event, EventItem, Events};
-pub use join::Joined;
 #[cfg(feature = "test-hooks")]
 #[doc(hidden)]
 pub use node::Captured;
+pub use pairing::join::Joined;
 pub use presence::{Presence, PresenceInfo, Status};
+pub use revocation::service::RevokedDevice;
 pub use rooms::{
     ChatMessage, DEFAULT_ROOM_SIZE, MAX_CHAT_LIMIT, MAX_MESSAGE_BYTES, Room, RoomMember, Rooms,
 };

@@ -161,7 +161,7 @@ impl Node {
             net_events,
             metrics.clone(),
             config.batch_window,
-            core::rooms::ChatRetention {
+            crate::rooms::service::ChatRetention {
                 max_messages: config.chat_max_messages,
                 max_age: config.chat_max_age,
             },
@@ -268,7 +268,7 @@ impl Node {
     ///
     /// Not cancel-safe: dropping it mid-exchange can leave a partial store in the dir.
     pub async fn join(code: &str, config: &Config) -> Result<crate::Joined, Error> {
-        crate::join::join(code, config).await
+        crate::pairing::join::join(code, config).await
     }
 
     /// Issues a single-use device invite code that lives for `ttl`. Only the home's admin

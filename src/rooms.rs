@@ -1,6 +1,8 @@
 //! Rooms: documents of the home with members (capped at `max_size`) and a chat, synced to
 //! every device of the home like entities are.
 
+pub(crate) mod service;
+
 use serde::Serialize;
 
 use crate::Error;

@@ -30,9 +30,9 @@ pub(crate) const MAX_PERSISTS_IN_FLIGHT: usize = 64;
 const MAX_REPERSIST_OPS: usize = 10_000;
 
 /// A store batch waiting for a slot, with the writers it answers.
-pub(super) struct Pending {
-    pub(super) batch: Batch,
-    pub(super) acks: Vec<Ack>,
+pub(crate) struct Pending {
+    pub(crate) batch: Batch,
+    pub(crate) acks: Vec<Ack>,
 }
 
 /// A record by keyspace and key.
@@ -47,11 +47,11 @@ pub(crate) struct Unpersisted {
 }
 
 impl Unpersisted {
-    fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.docs.is_empty() && self.records.is_empty()
     }
 
-    fn add(&mut self, salvage: Salvage) {
+    pub(crate) fn add(&mut self, salvage: Salvage) {
         self.docs.extend(salvage.docs);
         for (key, value) in salvage.records {
             self.records.insert(key, value);
@@ -61,13 +61,13 @@ impl Unpersisted {
 
 /// What a batch would leave to store again if it failed. Chunks are not copied: a
 /// snapshot of their document replaces them, so only the document ids are kept.
-struct Salvage {
+pub(crate) struct Salvage {
     docs: BTreeSet<DocId>,
     records: Vec<(RecordId, Option<Vec<u8>>)>,
 }
 
 impl Salvage {
-    fn of(batch: &Batch) -> Self {
+    pub(crate) fn of(batch: &Batch) -> Self {
         let mut docs = BTreeSet::new();
         let mut records = Vec::new();
         for op in batch.ops() {
@@ -92,7 +92,7 @@ impl Salvage {
 }
 
 /// The error a writer gets when its batch was not stored.
-pub(super) fn write_error(error: &hearth_storage::Error) -> Error {
+pub(crate) fn write_error(error: &hearth_storage::Error) -> Error {
     if error.is_store_failure() {
         Error::InsufficientStorage {
             applied: true,
@@ -107,7 +107,7 @@ pub(super) fn write_error(error: &hearth_storage::Error) -> Error {
 }
 
 /// The error a write gets when it is refused because the store is failed.
-pub(super) fn refusal(store: &StoreHandle) -> Error {
+pub(crate) fn refusal(store: &StoreHandle) -> Error {
     let reason = match store.health() {
         hearth_storage::Health::Failed { reason } => reason,
         hearth_storage::Health::Ok => "it failed a moment ago".to_string(),
@@ -122,7 +122,7 @@ pub(super) fn refusal(store: &StoreHandle) -> Error {
 }
 
 /// Whether a request writes (and so is refused while the store is failed).
-pub(super) fn is_write(request: &Request) -> bool {
+pub(crate) fn is_write(request: &Request) -> bool {
     #[cfg(feature = "test-hooks")]
     if matches!(request, Request::SetEntityUnchecked { .. }) {
         return true;
@@ -151,7 +151,7 @@ pub(super) fn is_write(request: &Request) -> bool {
 }
 
 /// Answers a write request with `error` without running it.
-pub(super) fn refuse(request: Request, error: Error) {
+pub(crate) fn refuse(request: Request, error: Error) {
     macro_rules! send {
         ($reply:expr) => {{
             let _ = $reply.send(Err(error));
@@ -211,7 +211,7 @@ async fn persist(
 impl Core {
     /// Queues a batch (and the writers it answers) for the store; the run loop starts it
     /// once a slot is free.
-    pub(super) fn queue_persist(&mut self, batch: Batch, acks: Vec<Ack>) {
+    pub(crate) fn queue_persist(&mut self, batch: Batch, acks: Vec<Ack>) {
         if batch.is_empty() && acks.is_empty() {
             return;
         }
@@ -220,7 +220,7 @@ impl Core {
 
     /// Starts every queued batch, waiting for a slot when [`MAX_PERSISTS_IN_FLIGHT`] are
     /// already in flight.
-    pub(super) async fn start_persists(&mut self) {
+    pub(crate) async fn start_persists(&mut self) {
         for Pending { batch, acks } in std::mem::take(&mut self.persist_queue) {
             let Ok(permit) = self.persists.clone().acquire_owned().await else {
                 // Closed only when the node is gone.
@@ -237,7 +237,7 @@ impl Core {
 
     /// Once the store is back: writes a snapshot of every document a failed batch held,
     /// and the other records those batches lost.
-    pub(super) fn repersist(&mut self) {
+    pub(crate) fn repersist(&mut self) {
         let lost = std::mem::take(
             &mut *self
                 .unpersisted

@@ -13,11 +13,11 @@ use crate::trust::keys::{self, RecordKind};
 use crate::{Entity, EntityWrite, Error};
 
 /// Where received frames are recorded (see `Node::debug_capture`).
-pub(super) type CaptureSink = std::sync::Arc<std::sync::Mutex<Vec<crate::node::Captured>>>;
+pub(crate) type CaptureSink = std::sync::Arc<std::sync::Mutex<Vec<crate::node::Captured>>>;
 
 impl Core {
     /// Test hook: records a received frame as it arrived.
-    pub(super) fn capture_raw(&self, peer: &str, stream: &'static str, bytes: &[u8]) {
+    pub(crate) fn capture_raw(&self, peer: &str, stream: &'static str, bytes: &[u8]) {
         if let Some(sink) = &self.capture
             && let Ok(mut list) = sink.lock()
         {
@@ -31,7 +31,7 @@ impl Core {
     }
 
     /// Test hook: adds the opened payload to the frame recorded last from `peer`.
-    pub(super) fn capture_opened(&self, peer: &str, frame: &Frame) {
+    pub(crate) fn capture_opened(&self, peer: &str, frame: &Frame) {
         let Some(sink) = &self.capture else {
             return;
         };
@@ -48,7 +48,7 @@ impl Core {
     }
 
     /// Test hook: tries to open a frame with this device's keys, applying nothing.
-    pub(super) fn debug_open_frame(&self, bytes: &[u8]) -> Result<(), crate::Error> {
+    pub(crate) fn debug_open_frame(&self, bytes: &[u8]) -> Result<(), crate::Error> {
         let frame = wire::decode(bytes, MAX_FRAME_BYTES)
             .map_err(|e| crate::Error::Invalid(format!("not a frame: {e}")))?;
         let (doc, epoch, kind, sealed) = match &frame {
@@ -69,7 +69,7 @@ impl Core {
 
     /// Test hook: `payload` as a sync frame for `entity`'s document at its current
     /// epoch, sealed under this device's key for it, ready for `Node::debug_send_raw`.
-    pub(super) fn debug_seal_sync(
+    pub(crate) fn debug_seal_sync(
         &self,
         entity: &str,
         payload: Vec<u8>,
@@ -94,7 +94,7 @@ impl Core {
     /// Test hook: undoes a revocation in the home document the only ways a device of the
     /// home could (an unsigned `revoked_at` reset, the signed record deleted), so a test
     /// can show that neither lets the device back in.
-    pub(super) fn debug_clear_revocation(&mut self, peer: &str) -> Result<(), Error> {
+    pub(crate) fn debug_clear_revocation(&mut self, peer: &str) -> Result<(), Error> {
         let devices = self
             .engine
             .home_devices(self.home.home_doc)
@@ -119,7 +119,7 @@ impl Core {
     /// of this home's rights on it, so a test can play a home whose library wrote past
     /// its own node's check. The production write path is untouched: this goes to the
     /// engine directly, and the change leaves as the usual push to every peer.
-    pub(super) fn debug_write_unchecked(
+    pub(crate) fn debug_write_unchecked(
         &mut self,
         id: &str,
         write: EntityWrite,

@@ -153,7 +153,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keyring_keys_round_trip_and_reject_other_lengths() {
+    pub(crate) fn keyring_keys_round_trip_and_reject_other_lengths() {
         let doc = DocId::from_bytes([3; 16]);
         let epoch = KeyEpoch {
             counter: 7,
@@ -164,7 +164,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn stored_keys_load_back() {
+    pub(crate) async fn stored_keys_load_back() {
         let store = hearth_storage::open_in_memory().unwrap();
         let mut ring = Keyring::default();
         let mut batch = Batch::new();
@@ -179,7 +179,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_document_keeps_at_most_its_newest_epochs() {
+    pub(crate) async fn a_document_keeps_at_most_its_newest_epochs() {
         let store = hearth_storage::open_in_memory().unwrap();
         let mut ring = Keyring::default();
         let doc = DocId::from_bytes([1; 16]);

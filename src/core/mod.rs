@@ -18,27 +18,21 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::Error;
-mod batching;
-mod conflicts;
-mod durability;
+pub(crate) mod durability;
 pub(crate) mod quarantine;
 pub(crate) use durability::MAX_PERSISTS_IN_FLIGHT;
-mod pacing;
-pub use batching::MAX_BATCH_WRITES;
-mod entity_ops;
-mod heartbeat;
 #[cfg(feature = "test-hooks")]
 mod hooks;
 pub(crate) mod keyring;
-pub(crate) mod pairing;
-pub use revoke::RevokedDevice;
-mod peers;
-mod revocations;
-mod revoke;
-pub(crate) mod rooms;
-mod share_lists;
-mod sharing;
-mod sync_states;
+
+use crate::entities::batching;
+use crate::pairing::service as pairing;
+use crate::peers::{admission as peers, heartbeat, pacing};
+use crate::revocation::service as revoke;
+use crate::revocation::set as revocations;
+use crate::rooms::service as rooms;
+use crate::sharing::lists as share_lists;
+use crate::sharing::service as sharing;
 
 use hearth_crdt::schema::home as home_schema;
 use hearth_crdt::wire::Frame;
@@ -83,7 +77,7 @@ pub(crate) enum Notice {
     },
 }
 
-type Reply<T> = oneshot::Sender<Result<T, Error>>;
+pub(crate) type Reply<T> = oneshot::Sender<Result<T, Error>>;
 
 /// A request to the core.
 pub(crate) enum Request {
@@ -370,90 +364,90 @@ pub(crate) struct NodeFacts {
     pub(crate) home_name: String,
 }
 
-struct Core {
-    engine: Engine<String>,
-    store: StoreHandle,
-    net: hearth_net::Handle,
-    home: HomeRecord,
-    peer_id: String,
+pub(crate) struct Core {
+    pub(crate) engine: Engine<String>,
+    pub(crate) store: StoreHandle,
+    pub(crate) net: hearth_net::Handle,
+    pub(crate) home: HomeRecord,
+    pub(crate) peer_id: String,
     /// Next incremental chunk number per document, and the first one not yet covered by
     /// a snapshot (deleted when the next snapshot lands).
-    chunk_seq: HashMap<DocId, (u64, u64)>,
+    pub(crate) chunk_seq: HashMap<DocId, (u64, u64)>,
     /// Entity document -> entity id, from the registry.
-    entity_of_doc: HashMap<DocId, String>,
+    pub(crate) entity_of_doc: HashMap<DocId, String>,
     /// The reverse: entity id -> document, so a write finds its document in O(1).
-    doc_of_entity_id: HashMap<String, DocId>,
-    events: broadcast::Sender<EntityChange>,
+    pub(crate) doc_of_entity_id: HashMap<String, DocId>,
+    pub(crate) events: broadcast::Sender<EntityChange>,
     /// Document keys this device holds.
-    keyring: Keyring,
+    pub(crate) keyring: Keyring,
     /// This device's X25519 secret, for keys other devices wrap for it.
-    device: DeviceSecret,
+    pub(crate) device: DeviceSecret,
     /// Admitted devices, by PeerId text.
-    admitted: HashMap<String, hearth_net::PeerId>,
+    pub(crate) admitted: HashMap<String, hearth_net::PeerId>,
     /// Frames the engine produced, sealed and sent after each step.
-    outbox: Vec<(String, Frame)>,
+    pub(crate) outbox: Vec<(String, Frame)>,
     /// Invite codes and pairing exchanges.
-    pairing: pairing::Pairing,
+    pub(crate) pairing: pairing::Pairing,
     /// (doc id, heads hash) of every document this device holds a key for, kept current,
     /// for digest reconciliation with devices of the home.
-    digest: hearth_crdt::digest::DigestTree,
+    pub(crate) digest: hearth_crdt::digest::DigestTree,
     /// Digest sessions in progress, by peer.
-    reconcilers: HashMap<String, hearth_crdt::digest::Reconciler>,
+    pub(crate) reconcilers: HashMap<String, hearth_crdt::digest::Reconciler>,
     /// Counters shown by `sync_counters` and the metrics.
-    counters: SyncCounters,
+    pub(crate) counters: SyncCounters,
     /// Peer arrivals and departures, for the event bus.
-    notices: broadcast::Sender<Notice>,
+    pub(crate) notices: broadcast::Sender<Notice>,
     /// PeerIds of known devices by their Automerge actor, so views name writers by device.
-    actor_names: HashMap<automerge::ActorId, String>,
+    pub(crate) actor_names: HashMap<automerge::ActorId, String>,
     /// Until when each admitted device counts as live (ms since the epoch), from its
     /// heartbeats; see `heartbeat`.
-    alive_until: HashMap<String, u64>,
+    pub(crate) alive_until: HashMap<String, u64>,
     /// Every event, for library subscribers and the event bus.
-    node_events: broadcast::Sender<crate::events::Event>,
+    pub(crate) node_events: broadcast::Sender<crate::events::Event>,
     /// This device's name: the default user of rooms and presence.
-    device_name: String,
+    pub(crate) device_name: String,
     /// What each room looked like when last announced, to turn document changes into
     /// member and chat events.
-    rooms_seen: HashMap<DocId, rooms::RoomSeen>,
+    pub(crate) rooms_seen: HashMap<DocId, rooms::RoomSeen>,
     /// How much chat each room keeps.
-    chat_keep: rooms::ChatRetention,
+    pub(crate) chat_keep: rooms::ChatRetention,
     /// Presence entries as last announced.
-    presence_seen: std::collections::BTreeMap<String, hearth_crdt::PresenceEntry>,
+    pub(crate) presence_seen: std::collections::BTreeMap<String, hearth_crdt::PresenceEntry>,
     /// When a frame last came from each admitted peer (ms since the epoch).
-    last_heard: HashMap<String, u64>,
+    pub(crate) last_heard: HashMap<String, u64>,
     /// The node's metrics.
-    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    pub(crate) metrics: std::sync::Arc<crate::metrics::Metrics>,
     /// Local writes waiting for their batch window's flush.
-    writes: batching::WriteWindow,
+    pub(crate) writes: batching::WriteWindow,
     /// Paired homes' devices and the entities shared each way.
-    sharing: sharing::Sharing,
+    pub(crate) sharing: sharing::Sharing,
     /// Signed revocations of this home's and paired homes' devices; only ever added to.
-    revocations: revocations::Revocations,
+    pub(crate) revocations: revocations::Revocations,
     /// Whether the home document has read whole since start (see `is_revoked`).
-    home_doc_read: std::cell::Cell<bool>,
+    pub(crate) home_doc_read: std::cell::Cell<bool>,
     /// The core's own request queue, for tasks it spawns to report back.
-    self_tx: Option<mpsc::Sender<Request>>,
+    pub(crate) self_tx: Option<mpsc::Sender<Request>>,
     /// Bulk session openings, paced per peer.
-    pacing: pacing::Pacing,
+    pub(crate) pacing: pacing::Pacing,
     /// The entity view the last change event was built from, so a local write answers with
     /// it instead of reading the document a second time.
-    last_view: Option<(DocId, Entity)>,
+    pub(crate) last_view: Option<(DocId, Entity)>,
     /// Test hook: where received frames are recorded, when set.
     #[cfg(feature = "test-hooks")]
-    capture: Option<hooks::CaptureSink>,
+    pub(crate) capture: Option<hooks::CaptureSink>,
     /// Store batches waiting for a slot (durability.rs).
-    persist_queue: Vec<durability::Pending>,
+    pub(crate) persist_queue: Vec<durability::Pending>,
     /// Slots for store batches in flight.
-    persists: std::sync::Arc<tokio::sync::Semaphore>,
+    pub(crate) persists: std::sync::Arc<tokio::sync::Semaphore>,
     /// What failed store batches left unstored, stored again once the store is back.
-    unpersisted: std::sync::Arc<std::sync::Mutex<durability::Unpersisted>>,
+    pub(crate) unpersisted: std::sync::Arc<std::sync::Mutex<durability::Unpersisted>>,
     /// Documents whose stored records could not be loaded at start (quarantine.rs).
-    quarantine: quarantine::Quarantine,
+    pub(crate) quarantine: quarantine::Quarantine,
     /// Each entity's view as last read, with the heads it was read at, so listing every
     /// entity reads only the documents that changed since.
-    views: HashMap<DocId, (Vec<automerge::ChangeHash>, Arc<Entity>)>,
+    pub(crate) views: HashMap<DocId, (Vec<automerge::ChangeHash>, Arc<Entity>)>,
     /// Permits for read jobs (`spawn_read`).
-    read_jobs: Arc<tokio::sync::Semaphore>,
+    pub(crate) read_jobs: Arc<tokio::sync::Semaphore>,
 }
 
 /// What reconnects cost, counted since start.
@@ -502,7 +496,7 @@ pub struct SyncCounters {
 }
 
 /// A stored document as read: its id, its chunks in order, and its next chunk number.
-type StoredDoc = (DocId, Vec<Vec<u8>>, u64);
+pub(crate) type StoredDoc = (DocId, Vec<Vec<u8>>, u64);
 
 /// Rebuilds documents on `threads` threads, keeping their order.
 fn prepare_all(
@@ -675,7 +669,7 @@ impl Core {
     /// loads them. A document with a record that fails its integrity check, or that fails
     /// to load, is quarantined (quarantine.rs): logged, listed, and left on disk untouched,
     /// so nothing stored is lost and the rest of the node still starts.
-    async fn load_documents(&mut self) -> Result<(), Error> {
+    pub(crate) async fn load_documents(&mut self) -> Result<(), Error> {
         let mut current: Option<StoredDoc> = None;
         let mut after: Option<Vec<u8>> = None;
         loop {
@@ -733,7 +727,7 @@ impl Core {
 
     /// A document whose records are all read: to load, or, when quarantined, only its
     /// chunk numbers noted.
-    fn finish_stored(&mut self, done: StoredDoc, complete: &mut Vec<StoredDoc>) {
+    pub(crate) fn finish_stored(&mut self, done: StoredDoc, complete: &mut Vec<StoredDoc>) {
         let (doc, _, next) = &done;
         if self.quarantine.contains(*doc) {
             self.quarantine.saw_chunks(*doc, *next);
@@ -743,7 +737,7 @@ impl Core {
     }
 
     /// Rebuilds documents from their chunks on every core, then adds them to the engine.
-    async fn load_many(&mut self, docs: Vec<StoredDoc>) {
+    pub(crate) async fn load_many(&mut self, docs: Vec<StoredDoc>) {
         if docs.is_empty() {
             return;
         }
@@ -778,7 +772,7 @@ impl Core {
 
     /// Writes a new home's documents and record, and this device's admin certificate; this
     /// device is the home's first member.
-    async fn create_home(&mut self, device_name: &str) -> Result<(), Error> {
+    pub(crate) async fn create_home(&mut self, device_name: &str) -> Result<(), Error> {
         let record = self.home.clone();
         let name = record.name.clone();
         let epoch = KeyEpoch::first(*self.engine_actor_bytes());
@@ -833,14 +827,14 @@ impl Core {
         Ok(())
     }
 
-    fn engine_actor_bytes(&self) -> &[u8; 16] {
+    pub(crate) fn engine_actor_bytes(&self) -> &[u8; 16] {
         // The engine's actor is always the 16-byte PeerId digest.
         let bytes = self.engine.actor().to_bytes();
         <&[u8; 16]>::try_from(bytes).unwrap_or(&[0; 16])
     }
 
     /// This device's certificate, as stored at home creation or at pairing.
-    async fn load_certificate(&self) -> Result<Vec<u8>, Error> {
+    pub(crate) async fn load_certificate(&self) -> Result<Vec<u8>, Error> {
         let bytes = self
             .store
             .get(Keyspace::Meta, CERT_KEY.to_vec())
@@ -860,7 +854,7 @@ impl Core {
 
     /// Rebuilds the entity index from the registry. On a device that has not received the
     /// registry yet the index stays empty until it arrives.
-    fn rebuild_entity_index_lenient(&mut self) {
+    pub(crate) fn rebuild_entity_index_lenient(&mut self) {
         let before = std::mem::take(&mut self.doc_of_entity_id);
         let old_docs = std::mem::take(&mut self.entity_of_doc);
         if let Err(error) = self.rebuild_entity_index() {
@@ -888,7 +882,7 @@ impl Core {
         }
     }
 
-    fn rebuild_entity_index(&mut self) -> Result<(), Error> {
+    pub(crate) fn rebuild_entity_index(&mut self) -> Result<(), Error> {
         let registry = self
             .engine
             .registry(self.home.registry_doc)
@@ -908,7 +902,7 @@ impl Core {
         Ok(())
     }
 
-    async fn run(
+    pub(crate) async fn run(
         mut self,
         mut rx: mpsc::Receiver<Request>,
         mut net_events: hearth_net::EventStream,
@@ -995,7 +989,7 @@ impl Core {
     }
 
     /// Reacts to the network.
-    async fn on_net_event(&mut self, event: hearth_net::Event) {
+    pub(crate) async fn on_net_event(&mut self, event: hearth_net::Event) {
         use hearth_net::Event;
         match event {
             Event::Hello { peer, certificate } => {
@@ -1072,7 +1066,7 @@ impl Core {
         }
     }
 
-    fn handle(&mut self, request: Request) {
+    pub(crate) fn handle(&mut self, request: Request) {
         match request {
             Request::Ping { reply } => {
                 let _ = reply.send(Ok(()));
@@ -1165,7 +1159,7 @@ impl Core {
     }
 
     /// Requests that wait on the store or the network while changing sharing state.
-    async fn handle_sharing(&mut self, request: Request) {
+    pub(crate) async fn handle_sharing(&mut self, request: Request) {
         match request {
             Request::HomePairDone {
                 issuer,
@@ -1205,7 +1199,7 @@ impl Core {
         }
     }
 
-    fn sync_report(&mut self) -> SyncReport {
+    pub(crate) fn sync_report(&mut self) -> SyncReport {
         let now = now_ms();
         let held: Vec<DocId> = self.keyring.ids().map(|(d, _)| d).collect();
         let mut peers: Vec<PeerLag> = self
@@ -1234,7 +1228,7 @@ impl Core {
 
     /// Entities shared out (this home's registry entries with a grant to another home)
     /// and in (entity documents held here that another home owns).
-    fn shared_counts(&self) -> (u64, u64) {
+    pub(crate) fn shared_counts(&self) -> (u64, u64) {
         let out = self
             .engine
             .registry(self.home.registry_doc)
@@ -1257,7 +1251,11 @@ impl Core {
         (out, shared_in)
     }
 
-    fn set_entity(&mut self, id: &str, write: EntityWrite) -> Result<(Entity, Batch), Error> {
+    pub(crate) fn set_entity(
+        &mut self,
+        id: &str,
+        write: EntityWrite,
+    ) -> Result<(Entity, Batch), Error> {
         let update = EntityUpdate {
             state: write.state,
             attributes: write.attributes,
@@ -1318,7 +1316,7 @@ impl Core {
     /// the home document for every other device, and pushes it whole to every admitted
     /// device with a sync session opened for each. Entities and rooms are created this
     /// way, so every device of the home can open them when the home document syncs.
-    fn create_shared_doc(
+    pub(crate) fn create_shared_doc(
         &mut self,
         doc: DocId,
         now: u64,
@@ -1406,7 +1404,7 @@ impl Core {
     /// Wraps `key` for every unrevoked device in the home document except this one.
     /// Tells the network which peers are this home's devices, so a flood of strangers
     /// never takes the connection slots they need (even before they connect this run).
-    async fn reserve_own_devices(&mut self) {
+    pub(crate) async fn reserve_own_devices(&mut self) {
         let Ok(devices) = self.engine.home_devices(self.home.home_doc) else {
             return;
         };
@@ -1422,7 +1420,7 @@ impl Core {
         }
     }
 
-    fn wrap_for_devices(
+    pub(crate) fn wrap_for_devices(
         &self,
         key: &DocKey,
         doc: DocId,
@@ -1455,7 +1453,7 @@ impl Core {
     }
 
     /// Records a document's current heads in the digest tree.
-    fn refresh_digest(&mut self, doc: DocId) {
+    pub(crate) fn refresh_digest(&mut self, doc: DocId) {
         // Another home's entity is never reconciled with this home's devices.
         if self.is_foreign_doc(doc) {
             return;
@@ -1466,11 +1464,11 @@ impl Core {
         }
     }
 
-    fn doc_of_entity(&self, id: &str) -> Option<DocId> {
+    pub(crate) fn doc_of_entity(&self, id: &str) -> Option<DocId> {
         self.doc_of_entity_id.get(id).copied()
     }
 
-    fn get_entity(&mut self, id: &str) -> Result<Option<Entity>, Error> {
+    pub(crate) fn get_entity(&mut self, id: &str) -> Result<Option<Entity>, Error> {
         match self.doc_of_entity(id) {
             // Listed in the registry but not synced here yet: not readable on this device.
             Some(doc) if !self.has_content(doc) => Ok(None),
@@ -1480,14 +1478,14 @@ impl Core {
     }
 
     /// Whether the document's content (at least its header) has arrived.
-    fn has_content(&mut self, doc: DocId) -> bool {
+    pub(crate) fn has_content(&mut self, doc: DocId) -> bool {
         self.engine.heads(doc).is_ok_and(|h| !h.is_empty())
     }
 
     /// Answers with every readable entity, sorted by id. The core reads again only the
     /// entities whose heads moved since their view was cached (a write or a remote
     /// change refreshes it as it lands), and a read job sorts and copies the views.
-    fn list_entities(&mut self, reply: Reply<Vec<Entity>>) {
+    pub(crate) fn list_entities(&mut self, reply: Reply<Vec<Entity>>) {
         let docs: Vec<DocId> = self.entity_of_doc.keys().copied().collect();
         let mut views = Vec::with_capacity(docs.len());
         for doc in docs {
@@ -1520,7 +1518,7 @@ impl Core {
     /// Runs `job` on the blocking pool, at most `READ_JOBS` at once, and sends its
     /// answer. For reads whose cost grows with history or with the number of
     /// documents: `job` works on a snapshot the core took, so the core goes on serving.
-    fn spawn_read<T: Send + 'static>(
+    pub(crate) fn spawn_read<T: Send + 'static>(
         &self,
         reply: Reply<T>,
         job: impl FnOnce() -> Result<T, Error> + Send + 'static,
@@ -1543,7 +1541,7 @@ impl Core {
 
     /// The PeerId of the device that writes as `actor`: this device, a member of the home,
     /// or a device of a paired home. An actor no known device maps to is shown in hex.
-    fn device_of_actor(&mut self, actor: &automerge::ActorId) -> String {
+    pub(crate) fn device_of_actor(&mut self, actor: &automerge::ActorId) -> String {
         if actor == self.engine.actor() {
             return self.peer_id.clone();
         }
@@ -1578,7 +1576,7 @@ impl Core {
             .unwrap_or_else(|| actor.to_hex_string())
     }
 
-    fn entity_view(&mut self, doc: DocId) -> Result<Entity, Error> {
+    pub(crate) fn entity_view(&mut self, doc: DocId) -> Result<Entity, Error> {
         // As the entity's policy shows it: the same on every replica.
         let e = match self.engine.resolved_entity(doc) {
             Ok(resolved) => resolved.entity,
@@ -1598,7 +1596,7 @@ impl Core {
     }
 
     /// Tells the event bus that an admitted device came or went.
-    fn notice_peer(&self, peer: String, connected: bool) {
+    pub(crate) fn notice_peer(&self, peer: String, connected: bool) {
         let device_name = self
             .engine
             .home_devices(self.home.home_doc)
@@ -1613,11 +1611,16 @@ impl Core {
         let _ = self.notices.send(notice);
     }
 
-    fn emit(&self, entity: Entity, from_peer: Option<String>, correlation_id: Option<String>) {
+    pub(crate) fn emit(
+        &self,
+        entity: Entity,
+        from_peer: Option<String>,
+        correlation_id: Option<String>,
+    ) {
         self.emit_change(entity, from_peer, correlation_id, false);
     }
 
-    fn emit_change(
+    pub(crate) fn emit_change(
         &self,
         entity: Entity,
         from_peer: Option<String>,
@@ -1636,13 +1639,13 @@ impl Core {
     }
 
     /// Announces an event to library subscribers and counts it by name.
-    fn emit_event(&self, event: crate::events::Event) {
+    pub(crate) fn emit_event(&self, event: crate::events::Event) {
         self.metrics.event(event.name());
         let _ = self.node_events.send(event);
     }
 
     /// Turns engine outputs into one store batch, and change events.
-    fn handle_outputs(&mut self, outputs: Vec<Output<String>>) -> Batch {
+    pub(crate) fn handle_outputs(&mut self, outputs: Vec<Output<String>>) -> Batch {
         let mut batch = Batch::new();
         for output in outputs {
             match output {
@@ -1733,7 +1736,7 @@ impl Core {
 
     /// Persists outputs that no caller waits for (timers, remote changes). The batch
     /// starts once a slot is free (durability.rs).
-    fn persist_in_background(&mut self, outputs: Vec<Output<String>>) {
+    pub(crate) fn persist_in_background(&mut self, outputs: Vec<Output<String>>) {
         let batch = self.handle_outputs(outputs);
         if batch.is_empty() {
             return;
@@ -1751,7 +1754,7 @@ async fn sleep_until_or_never(at: Option<tokio::time::Instant>) {
 }
 
 /// `peer id length (u8) ‖ peer id ‖ doc id`, the storage crate's layout.
-fn sync_state_key(peer: &str, doc: DocId) -> Vec<u8> {
+pub(crate) fn sync_state_key(peer: &str, doc: DocId) -> Vec<u8> {
     let peer = &peer.as_bytes()[..peer.len().min(255)];
     let mut key = Vec::with_capacity(1 + peer.len() + 16);
     key.push(peer.len() as u8);
@@ -1760,12 +1763,12 @@ fn sync_state_key(peer: &str, doc: DocId) -> Vec<u8> {
     key
 }
 
-fn new_key() -> Result<DocKey, Error> {
+pub(crate) fn new_key() -> Result<DocKey, Error> {
     DocKey::generate().map_err(|e| Error::Internal(format!("cannot make a document key: {e}")))
 }
 
 /// Moves every operation of `more` to the end of `batch`.
-fn append(batch: &mut Batch, more: Batch) {
+pub(crate) fn append(batch: &mut Batch, more: Batch) {
     for op in more.into_ops() {
         match op {
             hearth_storage::BatchOp::Put {
@@ -1783,7 +1786,7 @@ fn append(batch: &mut Batch, more: Batch) {
 }
 
 /// A device name as certificates accept it: printable, at most 64 characters.
-fn clean_device_name(name: &str) -> String {
+pub(crate) fn clean_device_name(name: &str) -> String {
     let cleaned: String = name
         .chars()
         .filter(|c| !c.is_control())
@@ -1796,7 +1799,7 @@ fn clean_device_name(name: &str) -> String {
     }
 }
 
-fn doc_err(e: hearth_crdt::Error) -> Error {
+pub(crate) fn doc_err(e: hearth_crdt::Error) -> Error {
     Error::Document(e.to_string())
 }
 

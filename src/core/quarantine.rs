@@ -42,22 +42,22 @@ pub(crate) struct RepairReport {
 
 /// Quarantined documents by id, with the reason and the next free chunk number.
 #[derive(Default)]
-pub(super) struct Quarantine {
+pub(crate) struct Quarantine {
     docs: BTreeMap<DocId, (String, u64)>,
 }
 
 impl Quarantine {
     /// Quarantines `doc`; the first reason found is kept.
-    pub(super) fn add(&mut self, doc: DocId, reason: String) {
+    pub(crate) fn add(&mut self, doc: DocId, reason: String) {
         self.docs.entry(doc).or_insert((reason, 0));
     }
 
-    pub(super) fn contains(&self, doc: DocId) -> bool {
+    pub(crate) fn contains(&self, doc: DocId) -> bool {
         self.docs.contains_key(&doc)
     }
 
     /// Notes the chunk numbers seen for a quarantined document, so new chunks never reuse one.
-    pub(super) fn saw_chunks(&mut self, doc: DocId, next: u64) {
+    pub(crate) fn saw_chunks(&mut self, doc: DocId, next: u64) {
         if let Some((_, at)) = self.docs.get_mut(&doc) {
             *at = (*at).max(next);
         }
@@ -65,11 +65,11 @@ impl Quarantine {
 }
 
 /// One record as read at start: its value, or why it could not be opened.
-pub(super) type LoadedRecord = (Vec<u8>, Result<Vec<u8>, String>);
+pub(crate) type LoadedRecord = (Vec<u8>, Result<Vec<u8>, String>);
 
 /// Reads up to `limit` chunk records after `after` one at a time, so a record that fails
 /// its integrity check is reported on its own instead of failing the whole page.
-pub(super) async fn scan_chunks_one_by_one(
+pub(crate) async fn scan_chunks_one_by_one(
     store: &StoreHandle,
     mut after: Option<Vec<u8>>,
     limit: usize,
@@ -132,7 +132,7 @@ async fn chunk_keys(store: &StoreHandle, doc: DocId) -> Result<Vec<Vec<u8>>, Err
 impl Core {
     /// After loading: logs and lists the quarantined documents in the meta record, and
     /// keeps their chunk numbers clear of the damaged ones.
-    pub(super) async fn record_quarantine(&mut self) -> Result<(), Error> {
+    pub(crate) async fn record_quarantine(&mut self) -> Result<(), Error> {
         let listed = self
             .store
             .get(Keyspace::Meta, QUARANTINE_KEY.to_vec())
@@ -157,7 +157,7 @@ impl Core {
         Ok(())
     }
 
-    pub(super) fn quarantine_list(&self) -> Vec<Quarantined> {
+    pub(crate) fn quarantine_list(&self) -> Vec<Quarantined> {
         self.quarantine
             .docs
             .iter()
@@ -172,7 +172,7 @@ impl Core {
     /// Lists the quarantined documents; with `drop`, deletes their stored records (and
     /// stores a fresh snapshot of any content that has arrived since), so the next start
     /// is clean.
-    pub(super) async fn repair(&mut self, drop: bool) -> Result<RepairReport, Error> {
+    pub(crate) async fn repair(&mut self, drop: bool) -> Result<RepairReport, Error> {
         let listed = self.quarantine_list();
         if !drop || listed.is_empty() {
             return Ok(RepairReport {

@@ -19,8 +19,8 @@ use hearth_storage::{Batch, Keyspace};
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
-use super::{Core, Reply, Request, doc_err, new_key, now_ms};
 use crate::Error;
+use crate::core::{Core, Reply, Request, doc_err, new_key, now_ms};
 use crate::shares::{PairedWith, ShareOut};
 use crate::trust::cert::{DeviceCert, Verdict};
 use crate::trust::invite::{InviteCode, InviteKind};
@@ -36,44 +36,44 @@ const REFUSAL_AUDIT_INTERVAL_MS: u64 = 60_000;
 
 /// A device of a paired home, admitted.
 #[derive(Clone, Debug)]
-pub(super) struct ForeignPeer {
-    pub(super) net: PeerId,
-    pub(super) home: String,
+pub(crate) struct ForeignPeer {
+    pub(crate) net: PeerId,
+    pub(crate) home: String,
     x25519: [u8; 32],
 }
 
 /// An entity another home shares with this one.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub(super) struct SharedIn {
-    pub(super) entity_id: String,
-    pub(super) owner: String,
-    pub(super) rights: String,
+pub(crate) struct SharedIn {
+    pub(crate) entity_id: String,
+    pub(crate) owner: String,
+    pub(crate) rights: String,
     #[serde(default)]
-    pub(super) revoked: bool,
+    pub(crate) revoked: bool,
 }
 
 /// The sharing state of the core.
 #[derive(Default)]
-pub(super) struct Sharing {
+pub(crate) struct Sharing {
     /// Admitted devices of paired homes, by PeerId text.
-    pub(super) foreign: HashMap<String, ForeignPeer>,
+    pub(crate) foreign: HashMap<String, ForeignPeer>,
     /// Entities shared with this home, by document.
-    pub(super) shared_in: BTreeMap<DocId, SharedIn>,
+    pub(crate) shared_in: BTreeMap<DocId, SharedIn>,
     /// Certificates of connected peers of other homes waiting on a pairing, so they can
     /// be admitted once it completes.
-    pub(super) pending_hellos: HashMap<PeerId, Vec<u8>>,
+    pub(crate) pending_hellos: HashMap<PeerId, Vec<u8>>,
     /// Issuers this node is pairing with as the joining home.
     pairing_with: HashSet<PeerId>,
     /// When a refused frame of (peer, document) was last audited.
     refusals_audited: HashMap<(String, DocId), u64>,
     /// Devices being revoked right now: refused at hello before the home document says so.
-    pub(super) revoking: HashSet<String>,
+    pub(crate) revoking: HashSet<String>,
 }
 
 /// A home's public parts, exchanged when two homes pair.
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct HomePublic {
+pub(crate) struct HomePublic {
     home_id: String,
     name: String,
     root_public: [u8; 32],
@@ -84,7 +84,7 @@ struct HomePublic {
 /// What travels in a grant frame.
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) enum ShareMessage {
+pub(crate) enum ShareMessage {
     /// The key of an entity's document for one epoch, wrapped for the receiving device.
     Grant {
         entity_id: String,
@@ -97,7 +97,7 @@ pub(super) enum ShareMessage {
     Revoke { entity_id: String, doc: String },
     /// Between devices of one home: a new key of the home or registry document, after a
     /// device revocation (see revoke.rs).
-    HomeKey(super::revoke::HomeKey),
+    HomeKey(crate::revocation::service::HomeKey),
     /// A device of the sending home was revoked: the record its home's root key signed.
     Revocation { record: ByteBuf },
 }
@@ -129,7 +129,7 @@ impl Core {
     // ----- state ----------------------------------------------------------------------
 
     /// Reads what other homes share with this one.
-    pub(super) async fn load_shared_in(&mut self) {
+    pub(crate) async fn load_shared_in(&mut self) {
         match self.store.get(Keyspace::Meta, SHARED_IN_KEY.to_vec()).await {
             Ok(Some(bytes)) => match serde_json::from_slice::<Vec<(String, SharedIn)>>(&bytes) {
                 Ok(list) => {
@@ -148,7 +148,7 @@ impl Core {
         }
     }
 
-    fn save_shared_in(&self, batch: &mut Batch) {
+    pub(crate) fn save_shared_in(&self, batch: &mut Batch) {
         let list: Vec<(String, &SharedIn)> = self
             .sharing
             .shared_in
@@ -161,13 +161,13 @@ impl Core {
     }
 
     /// Whether `doc` belongs to another home: never synced with this home's own devices.
-    pub(super) fn is_foreign_doc(&self, doc: DocId) -> bool {
+    pub(crate) fn is_foreign_doc(&self, doc: DocId) -> bool {
         self.sharing.shared_in.contains_key(&doc)
     }
 
     /// Adds the entities shared with this home to the entity index, where their ids do not
     /// collide with one of this home's own.
-    pub(super) fn index_shared_in(&mut self) {
+    pub(crate) fn index_shared_in(&mut self) {
         let entries: Vec<(DocId, String)> = self
             .sharing
             .shared_in
@@ -184,7 +184,7 @@ impl Core {
     }
 
     /// Refuses a local write to an entity this home holds only read rights on.
-    pub(super) fn check_write_rights(&self, doc: DocId, id: &str) -> Result<(), Error> {
+    pub(crate) fn check_write_rights(&self, doc: DocId, id: &str) -> Result<(), Error> {
         match self.sharing.shared_in.get(&doc) {
             Some(s) if s.revoked => Err(Error::Forbidden(format!(
                 "{id} is no longer shared with this home by its owner"
@@ -196,14 +196,17 @@ impl Core {
         }
     }
 
-    pub(super) fn paired(&self) -> BTreeMap<String, home_schema::PairedHome> {
+    pub(crate) fn paired(&self) -> BTreeMap<String, home_schema::PairedHome> {
         self.engine
             .home_paired(self.home.home_doc)
             .unwrap_or_default()
     }
 
     /// A paired home named by HomeId or by a name unique among paired homes.
-    fn resolve_home(&self, name: &str) -> Result<(String, home_schema::PairedHome), Error> {
+    pub(crate) fn resolve_home(
+        &self,
+        name: &str,
+    ) -> Result<(String, home_schema::PairedHome), Error> {
         let paired = self.paired();
         if let Some(h) = paired.get(name) {
             return Ok((name.to_string(), h.clone()));
@@ -218,7 +221,7 @@ impl Core {
         }
     }
 
-    fn my_public(&self) -> HomePublic {
+    pub(crate) fn my_public(&self) -> HomePublic {
         let devices = self
             .engine
             .home_devices(self.home.home_doc)
@@ -240,7 +243,7 @@ impl Core {
     /// Joining side of home pairing: starts the exchange with the code's issuer in a task
     /// of its own (it waits on the network), which reports back with
     /// [`Request::HomePairDone`].
-    pub(super) fn start_home_pairing(&mut self, code: &str, reply: Reply<PairedWith>) {
+    pub(crate) fn start_home_pairing(&mut self, code: &str, reply: Reply<PairedWith>) {
         let now_s = now_ms() / 1000;
         let code = match InviteCode::parse(code, now_s) {
             Ok(c) => c,
@@ -283,7 +286,7 @@ impl Core {
         let net = self.net.clone();
         let me = self.net.local_peer_id();
         tokio::spawn(async move {
-            let result = crate::join::exchange_with_issuer(&net, &code, &me, info)
+            let result = crate::pairing::join::exchange_with_issuer(&net, &code, &me, info)
                 .await
                 .map(|grant| grant.home.to_vec());
             let _ = tx
@@ -299,7 +302,7 @@ impl Core {
     }
 
     /// Records the issuer's home once the exchange succeeded.
-    pub(super) async fn finish_home_pairing(
+    pub(crate) async fn finish_home_pairing(
         &mut self,
         issuer: PeerId,
         issuer_addrs: &[String],
@@ -325,7 +328,7 @@ impl Core {
 
     /// Issuing side of home pairing, once the joining home proved the code: records it and
     /// returns this home's public record for the grant.
-    pub(super) async fn grant_home(
+    pub(crate) async fn grant_home(
         &mut self,
         joiner: &str,
         extra: &[u8],
@@ -342,14 +345,14 @@ impl Core {
     }
 
     /// Called after the grant went out: admits the joining home's device that paired.
-    pub(super) async fn after_home_granted(&mut self, joiner: PeerId) {
+    pub(crate) async fn after_home_granted(&mut self, joiner: PeerId) {
         self.readmit(joiner).await;
     }
 
     /// Checks a home's public record and stores it in the home document: the HomeId must
     /// be its root key's, and only devices whose certificates verify under that root are
     /// kept.
-    async fn record_paired_home(
+    pub(crate) async fn record_paired_home(
         &mut self,
         public: &HomePublic,
         via: &str,
@@ -403,7 +406,7 @@ impl Core {
 
     /// Keeps the other home's issuing device dialled, now and after restarts, so the
     /// homes reconnect without mDNS.
-    async fn keep_dialled(&mut self, issuer: PeerId, addrs: &[String]) {
+    pub(crate) async fn keep_dialled(&mut self, issuer: PeerId, addrs: &[String]) {
         let key = crate::node::STATIC_PEERS_KEY.to_vec();
         let mut stored: Vec<String> = match self.store.get(Keyspace::Meta, key.clone()).await {
             Ok(Some(bytes)) => serde_json::from_slice(&bytes).unwrap_or_default(),
@@ -431,7 +434,7 @@ impl Core {
 
     /// The home a device already belongs to, other than `except`: this home (first), or a
     /// paired home.
-    fn home_of_device(&self, peer: &str, except: Option<&str>) -> Option<String> {
+    pub(crate) fn home_of_device(&self, peer: &str, except: Option<&str>) -> Option<String> {
         if self
             .engine
             .home_devices(self.home.home_doc)
@@ -446,7 +449,7 @@ impl Core {
     }
 
     /// Runs admission again for a connected peer whose hello waited on a pairing.
-    async fn readmit(&mut self, peer: PeerId) {
+    pub(crate) async fn readmit(&mut self, peer: PeerId) {
         if let Some(cert) = self.sharing.pending_hellos.remove(&peer) {
             self.on_hello(peer, cert).await;
         }
@@ -458,7 +461,7 @@ impl Core {
     /// admitted as a foreign peer; any other stays unadmitted while a pairing may still
     /// make it known (it can only pair, and the network drops it at its hello deadline),
     /// and is refused otherwise.
-    pub(super) async fn on_foreign_hello(
+    pub(crate) async fn on_foreign_hello(
         &mut self,
         peer: PeerId,
         certificate: Vec<u8>,
@@ -553,7 +556,7 @@ impl Core {
 
     /// Grants and sessions for a newly admitted foreign device: every entity of this home
     /// shared with its home, and every entity its home shares with this one.
-    async fn open_shared_sessions(&mut self, peer: &str) {
+    pub(crate) async fn open_shared_sessions(&mut self, peer: &str) {
         let Some(fp) = self.sharing.foreign.get(peer).cloned() else {
             return;
         };
@@ -574,7 +577,7 @@ impl Core {
     }
 
     /// This home's entities shared with `home`: (entity id, document, grant).
-    fn shares_to(&self, home: &str) -> Vec<(String, DocId, registry::Share)> {
+    pub(crate) fn shares_to(&self, home: &str) -> Vec<(String, DocId, registry::Share)> {
         let Ok(reg) = self.engine.registry(self.home.registry_doc) else {
             return Vec::new();
         };
@@ -587,7 +590,7 @@ impl Core {
 
     /// Wraps the entity's current key for a foreign device, queues the grant and opens the
     /// document's session with it.
-    fn send_grant(
+    pub(crate) fn send_grant(
         &mut self,
         peer: &str,
         fp: &ForeignPeer,
@@ -632,7 +635,7 @@ impl Core {
         }
     }
 
-    pub(super) fn queue_share_message(&mut self, peer: &str, message: &ShareMessage) {
+    pub(crate) fn queue_share_message(&mut self, peer: &str, message: &ShareMessage) {
         match to_cbor("grant message", message) {
             Ok(bytes) => self
                 .outbox
@@ -641,7 +644,7 @@ impl Core {
         }
     }
 
-    async fn attach_foreign(&mut self, peer: &str, doc: DocId) {
+    pub(crate) async fn attach_foreign(&mut self, peer: &str, doc: DocId) {
         let Some(epoch) = self.latest_epoch(doc) else {
             return;
         };
@@ -652,7 +655,7 @@ impl Core {
         }
     }
 
-    fn latest_epoch(&self, doc: DocId) -> Option<KeyEpoch> {
+    pub(crate) fn latest_epoch(&self, doc: DocId) -> Option<KeyEpoch> {
         self.keyring
             .ids()
             .filter(|(d, _)| *d == doc)
@@ -664,7 +667,7 @@ impl Core {
 
     /// A grant frame from a foreign device: a key for an entity its home shares with this
     /// one, or the end of such a grant.
-    pub(super) async fn on_grant_frame(&mut self, peer: &str, bytes: &[u8]) {
+    pub(crate) async fn on_grant_frame(&mut self, peer: &str, bytes: &[u8]) {
         // Capped before decoding; trailing bytes are refused too.
         let message: ShareMessage = match from_cbor("grant message", bytes, MAX_SHARE_MESSAGE) {
             Ok(m) => m,
@@ -746,7 +749,7 @@ impl Core {
         }
     }
 
-    async fn accept_grant(
+    pub(crate) async fn accept_grant(
         &mut self,
         fp: &ForeignPeer,
         entity_id: &str,
@@ -823,7 +826,7 @@ impl Core {
         Ok(())
     }
 
-    fn ensure_expected_owned(&mut self, doc: DocId, epoch: KeyEpoch, owner: &str) {
+    pub(crate) fn ensure_expected_owned(&mut self, doc: DocId, epoch: KeyEpoch, owner: &str) {
         if self.engine.header(doc).is_ok() {
             return;
         }
@@ -837,7 +840,7 @@ impl Core {
     /// the network stamped on the frame when it arrived (never a lookup of the peer now:
     /// by the time a queued frame is read its sender may be gone). Fails closed: anything
     /// not shown to be allowed is refused.
-    pub(super) fn authorize_foreign(&self, home: &str, frame: &Frame) -> Result<(), String> {
+    pub(crate) fn authorize_foreign(&self, home: &str, frame: &Frame) -> Result<(), String> {
         let doc = match frame {
             Frame::Push(p) => p.doc,
             Frame::Sync(s) => s.doc,
@@ -889,7 +892,7 @@ impl Core {
     }
 
     /// Logs and audits a refused frame (at most once a minute per peer and document).
-    pub(super) async fn refuse_foreign(&mut self, peer: &str, frame: &Frame, reason: &str) {
+    pub(crate) async fn refuse_foreign(&mut self, peer: &str, frame: &Frame, reason: &str) {
         let doc = match frame {
             Frame::Push(p) => p.doc,
             Frame::Sync(s) => s.doc,
@@ -932,13 +935,13 @@ impl Core {
         }
     }
 
-    fn metrics_refused(&mut self) {
+    pub(crate) fn metrics_refused(&mut self) {
         self.counters.frames_refused += 1;
     }
 
     // ----- share and unshare ----------------------------------------------------------
 
-    pub(super) async fn share(
+    pub(crate) async fn share(
         &mut self,
         entity_id: &str,
         home: &str,
@@ -983,7 +986,7 @@ impl Core {
                 .set_entity_policy(doc, p, now, None)
                 .map_err(doc_err)?;
             let more = self.handle_outputs(out);
-            super::append(&mut batch, more);
+            crate::core::append(&mut batch, more);
         }
         self.store.batch(batch).await?;
         crate::audit::record_by(
@@ -1014,7 +1017,7 @@ impl Core {
         self.share_out(entity_id, &home_id)
     }
 
-    pub(super) async fn unshare(&mut self, entity_id: &str, home: &str) -> Result<ShareOut, Error> {
+    pub(crate) async fn unshare(&mut self, entity_id: &str, home: &str) -> Result<ShareOut, Error> {
         let (home_id, _) = self.resolve_home(home)?;
         let doc = self.own_entity_doc(entity_id)?;
         let before = self.share_out(entity_id, &home_id)?;
@@ -1031,7 +1034,7 @@ impl Core {
 
     /// Removes one grant, tells the home's connected devices, and rotates the entity's key
     /// for everyone who keeps access.
-    async fn revoke_share(
+    pub(crate) async fn revoke_share(
         &mut self,
         entity_id: &str,
         doc: DocId,
@@ -1079,7 +1082,7 @@ impl Core {
     /// Starts a new epoch for an entity's document with a fresh key, wrapped for this
     /// home's devices (in the home document) and granted to the devices of every home it
     /// is still shared with.
-    pub(super) async fn rotate(&mut self, entity_id: &str, doc: DocId) -> Result<KeyEpoch, Error> {
+    pub(crate) async fn rotate(&mut self, entity_id: &str, doc: DocId) -> Result<KeyEpoch, Error> {
         let now = now_ms();
         let old = self.engine.header(doc).map_err(doc_err)?.key_epoch;
         let epoch = KeyEpoch {
@@ -1122,7 +1125,7 @@ impl Core {
 
     /// Sends the entity's current key to every connected device of the homes it is
     /// shared with.
-    pub(super) fn regrant(&mut self, entity_id: &str, doc: DocId, epoch: Option<KeyEpoch>) {
+    pub(crate) fn regrant(&mut self, entity_id: &str, doc: DocId, epoch: Option<KeyEpoch>) {
         let grants: Vec<(String, ForeignPeer, Rights)> = {
             let shares = self
                 .engine
@@ -1146,7 +1149,7 @@ impl Core {
         }
     }
 
-    fn own_entity_doc(&self, entity_id: &str) -> Result<DocId, Error> {
+    pub(crate) fn own_entity_doc(&self, entity_id: &str) -> Result<DocId, Error> {
         let entry = self
             .engine
             .registry_entry(self.home.registry_doc, entity_id)
@@ -1168,7 +1171,7 @@ impl Core {
         }
     }
 
-    fn share_out(&self, entity_id: &str, home_id: &str) -> Result<ShareOut, Error> {
+    pub(crate) fn share_out(&self, entity_id: &str, home_id: &str) -> Result<ShareOut, Error> {
         let entry = self
             .engine
             .registry_entry(self.home.registry_doc, entity_id)
@@ -1191,7 +1194,7 @@ impl Core {
         })
     }
 
-    pub(super) fn policy_name(&self, doc: DocId) -> String {
+    pub(crate) fn policy_name(&self, doc: DocId) -> String {
         self.engine
             .doc(doc)
             .ok()
@@ -1203,7 +1206,7 @@ impl Core {
     /// Forgets a paired home: unshares everything shared with it (each entity's key
     /// rotates), stops syncing what it shared with this home, removes it from the home
     /// document and disconnects its devices.
-    pub(super) async fn forget_home(&mut self, home: &str) -> Result<PairedWith, Error> {
+    pub(crate) async fn forget_home(&mut self, home: &str) -> Result<PairedWith, Error> {
         let (home_id, record) = self.resolve_home(home)?;
         for (entity_id, doc, _) in self.shares_to(&home_id) {
             self.revoke_share(&entity_id, doc, &home_id).await?;
@@ -1223,7 +1226,7 @@ impl Core {
             })
             .map_err(doc_err)?;
         let more = self.handle_outputs(out);
-        super::append(&mut batch, more);
+        crate::core::append(&mut batch, more);
         self.store.batch(batch).await?;
         let peers: Vec<(String, PeerId)> = self
             .sharing
@@ -1256,7 +1259,7 @@ impl Core {
 }
 
 impl Core {
-    fn emit_share(
+    pub(crate) fn emit_share(
         &self,
         entity_id: &str,
         owner: &str,
@@ -1275,7 +1278,7 @@ impl Core {
     }
 }
 
-pub(super) fn epoch_text(epoch: &KeyEpoch) -> String {
+pub(crate) fn epoch_text(epoch: &KeyEpoch) -> String {
     home_schema::epoch_key(epoch)
 }
 
@@ -1283,7 +1286,7 @@ pub(super) fn epoch_text(epoch: &KeyEpoch) -> String {
 mod tests {
     use super::*;
 
-    fn grant() -> ShareMessage {
+    pub(crate) fn grant() -> ShareMessage {
         ShareMessage::Grant {
             entity_id: "light.porch".into(),
             doc: DocId::from_bytes([7; 16]).to_string(),
@@ -1296,19 +1299,19 @@ mod tests {
         }
     }
 
-    fn decode(bytes: &[u8]) -> Result<ShareMessage, crate::trust::error::TrustError> {
+    pub(crate) fn decode(bytes: &[u8]) -> Result<ShareMessage, crate::trust::error::TrustError> {
         from_cbor("grant message", bytes, MAX_SHARE_MESSAGE)
     }
 
     #[test]
-    fn share_messages_round_trip_as_cbor() {
+    pub(crate) fn share_messages_round_trip_as_cbor() {
         let messages = [
             grant(),
             ShareMessage::Revoke {
                 entity_id: "light.porch".into(),
                 doc: DocId::from_bytes([7; 16]).to_string(),
             },
-            ShareMessage::HomeKey(super::super::revoke::HomeKey {
+            ShareMessage::HomeKey(crate::revocation::service::HomeKey {
                 doc: DocId::from_bytes([1; 16]).to_string(),
                 epoch: KeyEpoch {
                     counter: 1,
@@ -1346,7 +1349,7 @@ mod tests {
     }
 
     #[test]
-    fn a_grant_from_a_generic_cbor_encoder_decodes() {
+    pub(crate) fn a_grant_from_a_generic_cbor_encoder_decodes() {
         // The shape the integration test of malformed grants sends: it must get past
         // decoding, so that test reaches the checks after it.
         let mut bytes = Vec::new();
@@ -1362,7 +1365,7 @@ mod tests {
     }
 
     #[test]
-    fn share_messages_with_trailing_bytes_are_refused() {
+    pub(crate) fn share_messages_with_trailing_bytes_are_refused() {
         let mut bytes = to_cbor("grant message", &grant()).unwrap();
         bytes.push(0x00);
         assert!(decode(&bytes).is_err());
@@ -1372,7 +1375,7 @@ mod tests {
     }
 
     #[test]
-    fn oversized_share_messages_are_refused_before_decoding() {
+    pub(crate) fn oversized_share_messages_are_refused_before_decoding() {
         let big = ShareMessage::Revocation {
             record: ByteBuf::from(vec![0u8; MAX_SHARE_MESSAGE]),
         };
@@ -1385,7 +1388,7 @@ mod tests {
     }
 
     #[test]
-    fn malformed_share_messages_are_refused() {
+    pub(crate) fn malformed_share_messages_are_refused() {
         let json =
             serde_json::to_vec(&serde_json::json!({"Revoke": {"entity_id": "x", "doc": "y"}}))
                 .unwrap();

@@ -8,8 +8,8 @@ use hearth_crdt::{DocId, KeyEpoch};
 use hearth_net::PeerId;
 use serde::{Deserialize, Serialize};
 
-use super::{Core, doc_err, now_ms};
 use crate::Error;
+use crate::core::{Core, doc_err, now_ms};
 use crate::trust::cert::DeviceCert;
 use crate::trust::invite::{DEFAULT_MAX_OUTSTANDING, InviteBook, InviteKind, Issuer};
 use crate::trust::pake::{Grant, IssuerHandshake, VerifiedJoiner};
@@ -31,8 +31,8 @@ pub(crate) struct JoinPackage {
 }
 
 /// Open invites and exchanges in progress.
-pub(super) struct Pairing {
-    pub(super) book: InviteBook,
+pub(crate) struct Pairing {
+    pub(crate) book: InviteBook,
     handshakes: HashMap<PeerId, IssuerHandshake>,
 }
 
@@ -54,7 +54,7 @@ pub(crate) struct NewInvite {
 impl Core {
     /// Issues a single-use device invite. Only the admin device, which holds the home's
     /// root key, can sign certificates and so invite.
-    pub(super) async fn create_invite(
+    pub(crate) async fn create_invite(
         &mut self,
         home: bool,
         ttl_s: u64,
@@ -102,7 +102,7 @@ impl Core {
 
     /// One message of a pairing exchange from `peer`; always answers, with a refusal
     /// when something is wrong, so the joiner can say why.
-    pub(super) async fn on_pair_request(&mut self, peer: PeerId, bytes: &[u8]) -> Vec<u8> {
+    pub(crate) async fn on_pair_request(&mut self, peer: PeerId, bytes: &[u8]) -> Vec<u8> {
         let now_s = now_ms() / 1000;
         let me = self.net.local_peer_id();
         let Some(handshake) = self.pairing.handshakes.remove(&peer) else {
@@ -141,7 +141,11 @@ impl Core {
 
     /// A home that proved a home code: it is recorded, this home's public record goes back
     /// in the grant, and its device is admitted.
-    async fn grant_home_pairing(&mut self, verified: VerifiedJoiner, now_s: u64) -> Vec<u8> {
+    pub(crate) async fn grant_home_pairing(
+        &mut self,
+        verified: VerifiedJoiner,
+        now_s: u64,
+    ) -> Vec<u8> {
         let peer = *verified.peer_id();
         let refuse = |e: String| {
             tracing::warn!(%peer, error = %e, "cannot pair with the home");
@@ -175,7 +179,11 @@ impl Core {
 
     /// Issues the joiner's certificate and seals the grant; records the device in the home
     /// document only once the grant is sealed (and the code consumed).
-    async fn grant(&mut self, verified: VerifiedJoiner, now_s: u64) -> Result<Vec<u8>, Vec<u8>> {
+    pub(crate) async fn grant(
+        &mut self,
+        verified: VerifiedJoiner,
+        now_s: u64,
+    ) -> Result<Vec<u8>, Vec<u8>> {
         let peer = verified.peer_id().to_base58();
         let info = verified.info().clone();
         let refuse = |e: String| {
@@ -187,7 +195,7 @@ impl Core {
             .root_secret
             .map(|s| ed25519_dalek::SigningKey::from_bytes(&s))
             .ok_or_else(|| refuse("this device holds no root key".into()))?;
-        let name = super::clean_device_name(&info.device_name);
+        let name = crate::core::clean_device_name(&info.device_name);
         let cert = DeviceCert::issue(&root, &peer, info.x25519_public, &name, now_ms(), false)
             .and_then(|c| c.encode())
             .map_err(|e| refuse(e.to_string()))?;

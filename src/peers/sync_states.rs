@@ -5,7 +5,7 @@
 use hearth_crdt::DocId;
 use hearth_storage::{Batch, Keyspace, Scan, StoreHandle};
 
-use super::Core;
+use crate::core::Core;
 
 /// Deletes per batch, so one large clean-up is not one huge write.
 const DELETE_BATCH: usize = 1024;
@@ -15,7 +15,7 @@ impl Core {
     /// tombstone travels in the registry, not in this document), and the returned batch
     /// deletes its saved sync state with every device this node knows, of this home and
     /// of paired homes, so it goes in the same write as the deletion.
-    pub(super) fn drop_sync_states_of_doc(&mut self, doc: DocId) -> Batch {
+    pub(crate) fn drop_sync_states_of_doc(&mut self, doc: DocId) -> Batch {
         let connected: Vec<String> = self
             .admitted
             .keys()
@@ -34,17 +34,20 @@ impl Core {
         }
         let mut batch = Batch::new();
         for peer in known {
-            batch.delete(Keyspace::SyncStates, super::sync_state_key(&peer, doc));
+            batch.delete(
+                Keyspace::SyncStates,
+                crate::core::sync_state_key(&peer, doc),
+            );
         }
         batch
     }
 
     /// Deletes every saved sync state with each of `peers` (base58 PeerIds).
-    pub(super) fn drop_sync_states_of_peers(&self, peers: Vec<String>) {
+    pub(crate) fn drop_sync_states_of_peers(&self, peers: Vec<String>) {
         let store = self.store.clone();
         tokio::spawn(async move {
             for peer in peers {
-                let mut prefix = super::sync_state_key(&peer, DocId::from_bytes([0; 16]));
+                let mut prefix = crate::core::sync_state_key(&peer, DocId::from_bytes([0; 16]));
                 prefix.truncate(prefix.len() - 16);
                 if let Err(error) = delete_matching(&store, prefix, |_| true).await {
                     tracing::warn!(%peer, %error, "could not delete a gone peer's sync states");
@@ -55,7 +58,7 @@ impl Core {
 }
 
 /// Deletes the SyncStates keys under `prefix` that `doomed` picks.
-pub(super) async fn delete_matching(
+pub(crate) async fn delete_matching(
     store: &StoreHandle,
     prefix: Vec<u8>,
     doomed: impl Fn(&[u8]) -> bool,

@@ -13,19 +13,19 @@ use hearth_storage::{Batch, Keyspace};
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
-use super::revocations::{Learnt, Revocations};
-use super::{Core, doc_err, new_key, now_ms};
 use crate::Error;
+use crate::core::{Core, doc_err, new_key, now_ms};
+use crate::revocation::set::{Learnt, Revocations};
 use crate::trust::cert::{DeviceCert, Revocation};
 use crate::trust::keys::{self, WrappedKey};
 
 /// The key of the home or registry document at a new epoch, for one device of the home.
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct HomeKey {
-    pub(super) doc: String,
-    pub(super) epoch: KeyEpoch,
-    pub(super) wrapped: ByteBuf,
+pub(crate) struct HomeKey {
+    pub(crate) doc: String,
+    pub(crate) epoch: KeyEpoch,
+    pub(crate) wrapped: ByteBuf,
 }
 
 /// What a revocation did.
@@ -40,7 +40,7 @@ pub struct RevokedDevice {
 }
 
 impl Core {
-    pub(super) async fn revoke_device(&mut self, device: &str) -> Result<RevokedDevice, Error> {
+    pub(crate) async fn revoke_device(&mut self, device: &str) -> Result<RevokedDevice, Error> {
         if self.home.root_secret.is_none() {
             return Err(Error::Forbidden(
                 "only the home's admin device (the one that created it) can revoke devices".into(),
@@ -120,7 +120,7 @@ impl Core {
         for other in foreign {
             self.queue_share_message(
                 &other,
-                &super::sharing::ShareMessage::Revocation {
+                &crate::sharing::service::ShareMessage::Revocation {
                     record: ByteBuf::from(signed.clone()),
                 },
             );
@@ -135,7 +135,7 @@ impl Core {
     }
 
     /// Disconnects admitted devices the home document now marks revoked.
-    pub(super) async fn disconnect_revoked(&mut self) {
+    pub(crate) async fn disconnect_revoked(&mut self) {
         let Ok(devices) = self.engine.home_devices(self.home.home_doc) else {
             return;
         };
@@ -172,7 +172,7 @@ impl Core {
     /// rotation (under its new key), then the other documents' keys wrapped in the home
     /// document, the new keys of shared entities to the homes they are shared with, and
     /// last the other documents' rotations.
-    async fn rotate_home_keys(&mut self) -> Result<usize, Error> {
+    pub(crate) async fn rotate_home_keys(&mut self) -> Result<usize, Error> {
         let now = now_ms();
         let me = *self.engine_actor_bytes();
         let mut fresh: Vec<(DocId, KeyEpoch, crate::trust::keys::DocKey)> = Vec::new();
@@ -271,7 +271,7 @@ impl Core {
                 Ok(out) => {
                     rotated += 1;
                     let more = self.handle_outputs(out);
-                    super::append(&mut batch, more);
+                    crate::core::append(&mut batch, more);
                 }
                 Err(error) => tracing::warn!(%doc, %error, "cannot rotate a document's key"),
             }
@@ -287,11 +287,11 @@ impl Core {
         Ok(rotated)
     }
 
-    fn is_home_or_registry(&self, doc: DocId) -> bool {
+    pub(crate) fn is_home_or_registry(&self, doc: DocId) -> bool {
         doc == self.home.home_doc || doc == self.home.registry_doc
     }
 
-    fn latest_key_epoch(&self, doc: DocId) -> Option<KeyEpoch> {
+    pub(crate) fn latest_key_epoch(&self, doc: DocId) -> Option<KeyEpoch> {
         self.keyring
             .ids()
             .filter(|(d, _)| *d == doc)
@@ -301,7 +301,7 @@ impl Core {
 
     /// Sends a device of this home the current keys of the home and registry documents,
     /// once they moved past their first epoch (a revocation happened).
-    pub(super) fn send_current_home_keys(&mut self, peer: &str) {
+    pub(crate) fn send_current_home_keys(&mut self, peer: &str) {
         let mut keys = Vec::new();
         for doc in [self.home.home_doc, self.home.registry_doc] {
             if let Some(epoch) = self.latest_key_epoch(doc)
@@ -316,7 +316,7 @@ impl Core {
         }
     }
 
-    fn send_home_keys(
+    pub(crate) fn send_home_keys(
         &mut self,
         peer: &str,
         keys_: &[(DocId, KeyEpoch, crate::trust::keys::DocKey)],
@@ -344,7 +344,7 @@ impl Core {
                     continue;
                 }
             };
-            let message = super::sharing::ShareMessage::HomeKey(HomeKey {
+            let message = crate::sharing::service::ShareMessage::HomeKey(HomeKey {
                 doc: doc.to_string(),
                 epoch: *epoch,
                 wrapped: ByteBuf::from(wrapped),
@@ -355,7 +355,7 @@ impl Core {
 
     /// A home-key grant from a device of this home: stores the new key of the home or
     /// registry document.
-    pub(super) async fn accept_home_key(&mut self, peer: &str, key: HomeKey) {
+    pub(crate) async fn accept_home_key(&mut self, peer: &str, key: HomeKey) {
         let Some(doc) = DocId::parse(&key.doc).filter(|d| self.is_home_or_registry(*d)) else {
             tracing::warn!(%peer, "home-key grant for a document that is not the home's own");
             return;
@@ -381,7 +381,7 @@ impl Core {
 
 impl Core {
     /// Reads this device's copy of the revocation set.
-    pub(super) async fn load_revocations(&mut self) {
+    pub(crate) async fn load_revocations(&mut self) {
         match self
             .store
             .get(Keyspace::Meta, Revocations::store_key())
@@ -393,7 +393,7 @@ impl Core {
         }
     }
 
-    async fn save_revocations(&mut self) -> Result<(), Error> {
+    pub(crate) async fn save_revocations(&mut self) -> Result<(), Error> {
         let mut batch = Batch::new();
         self.revocations.save(&mut batch);
         Ok(self.store.batch(batch).await?)
@@ -401,7 +401,7 @@ impl Core {
 
     /// Root public keys of the homes this one trusts revocations from: itself and every
     /// paired home. A record of any other home is ignored.
-    fn trusted_roots(&self) -> std::collections::HashMap<String, [u8; 32]> {
+    pub(crate) fn trusted_roots(&self) -> std::collections::HashMap<String, [u8; 32]> {
         let mut roots = std::collections::HashMap::new();
         roots.insert(self.home.home_id.clone(), self.home.root_public);
         if let Ok(paired) = self.engine.home_paired(self.home.home_doc) {
@@ -416,7 +416,7 @@ impl Core {
 
     /// Learns the revocations the home document carries (after it changed, and at
     /// start). Records that do not verify are ignored; new ones are kept and acted on.
-    pub(super) async fn absorb_revocations(&mut self) {
+    pub(crate) async fn absorb_revocations(&mut self) {
         let records = match self
             .engine
             .doc(self.home.home_doc)
@@ -448,7 +448,7 @@ impl Core {
     /// A revocation a paired home's device sent: it must be signed by that home's root
     /// key and name one of that home's devices. A new one goes into this home's document
     /// (so every device of the home learns it) and is acted on.
-    pub(super) async fn on_paired_revocation(&mut self, peer: &str, home: &str, record: &[u8]) {
+    pub(crate) async fn on_paired_revocation(&mut self, peer: &str, home: &str, record: &[u8]) {
         let roots = self.trusted_roots();
         let learnt = self.revocations.learn(record, |h| {
             (h == home).then(|| roots.get(h).copied()).flatten()
@@ -480,7 +480,7 @@ impl Core {
     /// Acts on newly learnt revocations: keeps the set, shuts the devices out, and moves
     /// every entity shared with a paired home that lost a device to a new key, wrapped
     /// only for its remaining devices.
-    async fn after_revocations_learnt(&mut self, new: Vec<(String, String)>) {
+    pub(crate) async fn after_revocations_learnt(&mut self, new: Vec<(String, String)>) {
         if let Err(error) = self.save_revocations().await {
             tracing::error!(%error, "cannot store the revocations");
         }

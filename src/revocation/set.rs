@@ -29,7 +29,7 @@ pub(crate) const MAX_REVOCATIONS: usize = 4096;
 
 /// One verified revocation.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-struct Entry {
+pub(crate) struct Entry {
     /// HomeId of the revoked device's home.
     home: String,
     /// The signed record, as issued.
@@ -38,7 +38,7 @@ struct Entry {
 
 /// The set, by PeerId of the revoked device.
 #[derive(Default)]
-pub(super) struct Revocations {
+pub(crate) struct Revocations {
     by_peer: BTreeMap<String, Entry>,
     /// Automerge actors of the revoked devices, to refuse their changes.
     actors: HashSet<ActorId>,
@@ -46,7 +46,7 @@ pub(super) struct Revocations {
 
 /// What learning a record did.
 #[derive(Debug, PartialEq, Eq)]
-pub(super) enum Learnt {
+pub(crate) enum Learnt {
     /// A new revocation of this device, of this home.
     New { peer: String, home: String },
     /// Already known.
@@ -56,7 +56,7 @@ pub(super) enum Learnt {
 impl Revocations {
     /// Reads the stored set. Entries that do not decode are dropped with a warning: the
     /// home document and paired homes hold the records too, and they are learnt again.
-    pub(super) fn decode(bytes: &[u8]) -> Self {
+    pub(crate) fn decode(bytes: &[u8]) -> Self {
         let mut set = Self::default();
         match serde_json::from_slice::<Vec<(String, Entry)>>(bytes) {
             Ok(list) => {
@@ -70,7 +70,7 @@ impl Revocations {
     }
 
     /// Writes the set into `batch`.
-    pub(super) fn save(&self, batch: &mut Batch) {
+    pub(crate) fn save(&self, batch: &mut Batch) {
         let list: Vec<(&String, &Entry)> = self.by_peer.iter().collect();
         match serde_json::to_vec(&list) {
             Ok(bytes) => {
@@ -81,11 +81,11 @@ impl Revocations {
     }
 
     /// The key of the stored set, for reading it at start.
-    pub(super) fn store_key() -> Vec<u8> {
+    pub(crate) fn store_key() -> Vec<u8> {
         REVOCATIONS_KEY.to_vec()
     }
 
-    fn insert(&mut self, peer: String, entry: Entry) {
+    pub(crate) fn insert(&mut self, peer: String, entry: Entry) {
         if let Ok(p) = peer.parse::<hearth_net::PeerId>() {
             self.actors
                 .insert(hearth_crdt::actor_for_peer(&p.to_bytes()));
@@ -94,23 +94,23 @@ impl Revocations {
     }
 
     /// Whether `peer` is revoked.
-    pub(super) fn contains(&self, peer: &str) -> bool {
+    pub(crate) fn contains(&self, peer: &str) -> bool {
         self.by_peer.contains_key(peer)
     }
 
     /// Whether `actor` writes for a revoked device.
-    pub(super) fn has_actor(&self, actor: &ActorId) -> bool {
+    pub(crate) fn has_actor(&self, actor: &ActorId) -> bool {
         self.actors.contains(actor)
     }
 
     /// Whether any device is revoked at all (the common case is none, which keeps the
     /// per-frame checks free).
-    pub(super) fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.by_peer.is_empty()
     }
 
     /// The records of `home`'s revoked devices.
-    pub(super) fn records_of(&self, home: &str) -> Vec<Vec<u8>> {
+    pub(crate) fn records_of(&self, home: &str) -> Vec<Vec<u8>> {
         self.by_peer
             .values()
             .filter(|e| e.home == home)
@@ -119,7 +119,7 @@ impl Revocations {
     }
 
     /// PeerIds of `home`'s revoked devices.
-    pub(super) fn peers_of<'a>(&'a self, home: &'a str) -> impl Iterator<Item = &'a String> {
+    pub(crate) fn peers_of<'a>(&'a self, home: &'a str) -> impl Iterator<Item = &'a String> {
         self.by_peer
             .iter()
             .filter(move |(_, e)| e.home == home)
@@ -129,7 +129,7 @@ impl Revocations {
     /// Verifies `record` and adds it. `root_of` gives the root public key of a home this
     /// node trusts (its own, or a paired one); a record of any other home, one that does
     /// not verify, or one past the cap is refused with the reason.
-    pub(super) fn learn(
+    pub(crate) fn learn(
         &mut self,
         record: &[u8],
         root_of: impl Fn(&str) -> Option<[u8; 32]>,
@@ -172,18 +172,18 @@ mod tests {
     use super::*;
     use crate::home::home_id_for;
 
-    fn root(seed: u8) -> (SigningKey, String) {
+    pub(crate) fn root(seed: u8) -> (SigningKey, String) {
         let key = SigningKey::from_bytes(&[seed; 32]);
         let id = home_id_for(&key.verifying_key().to_bytes());
         (key, id)
     }
 
-    fn peer() -> String {
+    pub(crate) fn peer() -> String {
         hearth_net::PeerId::random().to_base58()
     }
 
     #[test]
-    fn only_records_signed_by_a_known_home_count_and_nothing_is_removed() {
+    pub(crate) fn only_records_signed_by_a_known_home_count_and_nothing_is_removed() {
         let (mine, my_id) = root(1);
         let (other, _) = root(2);
         let roots = |home: &str| (home == my_id).then(|| mine.verifying_key().to_bytes());
@@ -231,7 +231,7 @@ mod tests {
         assert_eq!(back.records_of(&my_id), vec![good]);
     }
 
-    fn batch_value(batch: &Batch) -> Vec<u8> {
+    pub(crate) fn batch_value(batch: &Batch) -> Vec<u8> {
         batch
             .ops()
             .iter()

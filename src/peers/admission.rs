@@ -7,12 +7,12 @@ use hearth_crdt::wire::{self, DigestFrame, Frame};
 use hearth_crdt::{DocId, DocKind, EngineConfig, KeyEpoch, Output};
 use hearth_net::{Bytes, PeerClass, PeerId};
 
-use super::{Core, now_ms, sync_state_key};
+use crate::core::{Core, now_ms, sync_state_key};
 use crate::trust::cert::{DeviceCert, Verdict};
 use crate::trust::keys::{self, RecordKind, WrappedKey};
 
 /// Largest frame the core decodes; the network layer already caps frames at this size.
-pub(super) const MAX_FRAME_BYTES: usize = hearth_net::MAX_FRAME_SIZE;
+pub(crate) const MAX_FRAME_BYTES: usize = hearth_net::MAX_FRAME_SIZE;
 
 /// Largest push or sync payload the engine may produce or accept: what still fits the
 /// network's frame cap once sealed (version, 24-byte nonce, 16-byte tag) and wrapped in
@@ -40,7 +40,7 @@ pub(crate) fn engine_config() -> EngineConfig {
 impl Core {
     /// Checks a peer's certificate against this home's root key. Only devices of this home
     /// whose certificate verifies, names the connecting PeerId and is not revoked get in.
-    pub(super) async fn on_hello(&mut self, peer: PeerId, certificate: Vec<u8>) {
+    pub(crate) async fn on_hello(&mut self, peer: PeerId, certificate: Vec<u8>) {
         let peer_text = peer.to_base58();
         if certificate.is_empty() {
             // A device that is joining has no certificate yet; it may only pair, and the
@@ -103,7 +103,7 @@ impl Core {
     /// frame is dropped and counted, never applied under whatever the peer is now. A
     /// device of this home that was cut off sends what it holds again through sync once
     /// it is admitted again, so nothing it wrote is lost.
-    pub(super) fn still_admitted_as(
+    pub(crate) fn still_admitted_as(
         &mut self,
         peer: &PeerId,
         class: &PeerClass,
@@ -130,7 +130,7 @@ impl Core {
     /// Whether a device of this home is shut out. The signed, add-only set decides; an
     /// unsigned `revoked_at` in the home document can add to it (fail closed) but never
     /// take a revocation away. A home document that cannot be read admits no one.
-    pub(super) fn is_revoked(&self, peer: &str) -> bool {
+    pub(crate) fn is_revoked(&self, peer: &str) -> bool {
         if self.sharing.revoking.contains(peer) || self.revocations.contains(peer) {
             return true;
         }
@@ -156,7 +156,7 @@ impl Core {
     /// Starts digest reconciliation with a newly admitted device. The smaller PeerId opens
     /// the exchange; the other side answers. When it ends, only documents whose heads
     /// differ get a sync exchange, and the rest are attached as already in sync.
-    async fn begin_reconcile(&mut self, peer: &str) {
+    pub(crate) async fn begin_reconcile(&mut self, peer: &str) {
         if self.peer_id.as_str() > peer {
             return;
         }
@@ -175,7 +175,7 @@ impl Core {
         }
     }
 
-    fn queue_digest(&mut self, peer: &str, message: &DigestMessage) {
+    pub(crate) fn queue_digest(&mut self, peer: &str, message: &DigestMessage) {
         let bytes = message.encode();
         self.counters.digest_messages += 1;
         self.counters.digest_bytes += bytes.len() as u64;
@@ -183,7 +183,7 @@ impl Core {
             .push((peer.to_string(), Frame::Digest(DigestFrame { bytes })));
     }
 
-    async fn on_digest(&mut self, peer: &str, bytes: &[u8]) {
+    pub(crate) async fn on_digest(&mut self, peer: &str, bytes: &[u8]) {
         self.counters.digest_messages += 1;
         self.counters.digest_bytes += bytes.len() as u64;
         let message = match DigestMessage::decode(bytes) {
@@ -224,7 +224,7 @@ impl Core {
 
     /// Attaches every document this device holds a key for: those the digest found
     /// different get a sync exchange, the rest start in sync without a message.
-    async fn attach_after_digest(&mut self, peer: &str, differences: &Differences) {
+    pub(crate) async fn attach_after_digest(&mut self, peer: &str, differences: &Differences) {
         let ids = self.home_key_ids();
         for (doc, epoch) in ids {
             let differs = differences.changed.contains(&doc)
@@ -250,7 +250,7 @@ impl Core {
 
     /// Opens a sync session with an admitted device for every document this node holds a
     /// key for; saved sync states make a reconnect resume where it left off.
-    pub(super) async fn attach_all(&mut self, peer: &str) {
+    pub(crate) async fn attach_all(&mut self, peer: &str) {
         let ids = self.home_key_ids();
         for (doc, epoch) in ids {
             self.queue_attach(peer, doc, epoch);
@@ -260,7 +260,7 @@ impl Core {
 
     /// The documents this home's devices sync with each other, each once at its newest
     /// epoch: every held key except other homes' entities, which are never relayed.
-    pub(super) fn home_key_ids(&self) -> Vec<(DocId, KeyEpoch)> {
+    pub(crate) fn home_key_ids(&self) -> Vec<(DocId, KeyEpoch)> {
         let mut newest: std::collections::BTreeMap<DocId, KeyEpoch> = Default::default();
         for (doc, epoch) in self.keyring.ids() {
             if self.is_foreign_doc(doc) {
@@ -274,7 +274,7 @@ impl Core {
         newest.into_iter().collect()
     }
 
-    pub(super) async fn attach(&mut self, peer: &str, doc: DocId, epoch: KeyEpoch) {
+    pub(crate) async fn attach(&mut self, peer: &str, doc: DocId, epoch: KeyEpoch) {
         self.ensure_expected(doc, epoch);
         let saved = match self
             .store
@@ -310,7 +310,7 @@ impl Core {
     /// Makes sure the engine tracks a document this node holds a key for, so a peer's
     /// frames for it have somewhere to land. The kind is a placeholder until the
     /// document's header arrives.
-    pub(super) fn ensure_expected(&mut self, doc: DocId, epoch: KeyEpoch) {
+    pub(crate) fn ensure_expected(&mut self, doc: DocId, epoch: KeyEpoch) {
         if self.engine.header(doc).is_ok() {
             return;
         }
@@ -332,10 +332,10 @@ impl Core {
 
     /// Seals and sends every frame the engine produced. A frame for a document whose key
     /// is missing is dropped with a warning; the session's retry resends it later.
-    pub(super) async fn send_pending(&mut self) {
+    pub(crate) async fn send_pending(&mut self) {
         let outbox = std::mem::take(&mut self.outbox);
         let max_push = self.engine.config().max_push_bytes;
-        for (peer, frame) in super::batching::coalesce_pushes(outbox, max_push) {
+        for (peer, frame) in crate::entities::batching::coalesce_pushes(outbox, max_push) {
             let Some(net_peer) = self
                 .admitted
                 .get(&peer)
@@ -375,7 +375,7 @@ impl Core {
         }
     }
 
-    pub(super) fn seal_frame(&self, mut frame: Frame) -> Result<Vec<u8>, String> {
+    pub(crate) fn seal_frame(&self, mut frame: Frame) -> Result<Vec<u8>, String> {
         match &mut frame {
             Frame::Push(p) => {
                 let key = self
@@ -404,7 +404,7 @@ impl Core {
     /// A frame from an admitted device: open it under the document key and hand it to the
     /// engine. Anything malformed or unopenable is dropped with a logged reason; it never
     /// reaches a document.
-    pub(super) async fn on_frame(&mut self, peer: PeerId, class: PeerClass, bytes: Bytes) {
+    pub(crate) async fn on_frame(&mut self, peer: PeerId, class: PeerClass, bytes: Bytes) {
         let peer_text = peer.to_base58();
         #[cfg(feature = "test-hooks")]
         self.capture_raw(&peer_text, "sync", &bytes);
@@ -483,7 +483,7 @@ impl Core {
     /// home) who may still hold the old key, so no change sealed under it is accepted any
     /// more. A sync message without changes passes: a device that has not yet seen the
     /// rotation still has to say what it holds, and the answer comes under the new key.
-    fn stale_epoch_changes(&self, frame: &Frame) -> Option<String> {
+    pub(crate) fn stale_epoch_changes(&self, frame: &Frame) -> Option<String> {
         let (doc, epoch) = match frame {
             Frame::Push(p) => (p.doc, p.epoch),
             Frame::Sync(s) => (s.doc, s.epoch),
@@ -506,7 +506,11 @@ impl Core {
         })
     }
 
-    fn carries_revoked_changes(&self, class: &PeerClass, frame: &Frame) -> Option<String> {
+    pub(crate) fn carries_revoked_changes(
+        &self,
+        class: &PeerClass,
+        frame: &Frame,
+    ) -> Option<String> {
         if self.revocations.is_empty()
             || (*class == PeerClass::Own && !matches!(frame, Frame::Push(_)))
         {
@@ -521,7 +525,7 @@ impl Core {
         }
     }
 
-    fn open_payload(
+    pub(crate) fn open_payload(
         &mut self,
         doc: DocId,
         epoch: KeyEpoch,
@@ -539,7 +543,7 @@ impl Core {
 
     /// Applies what a remote change caused: persistence, replies, and, when the home or
     /// registry document moved, new keys and entities.
-    pub(super) async fn after_remote(&mut self, out: Vec<Output<String>>) {
+    pub(crate) async fn after_remote(&mut self, out: Vec<Output<String>>) {
         let touched_home = out.iter().any(|o| {
             matches!(o, Output::Changed { doc, .. } if *doc == self.home.home_doc || *doc == self.home.registry_doc)
         });
@@ -572,7 +576,7 @@ impl Core {
     /// changes `chunk`, stores them, and opens sessions for the new documents with every
     /// admitted device. Only the keyring entries the chunk wrote are read: the whole
     /// keyring holds one entry per document of the home.
-    pub(super) async fn learn_keys(&mut self, chunk: &[u8]) {
+    pub(crate) async fn learn_keys(&mut self, chunk: &[u8]) {
         let keyring = match self.engine.home_keys_written(self.home.home_doc, chunk) {
             Ok(keyring) => keyring,
             Err(error) => {
@@ -627,7 +631,7 @@ mod tests {
     use crate::trust::keys::DocKey;
 
     #[test]
-    fn the_largest_payload_sealed_in_the_worst_envelope_fits_a_frame() {
+    pub(crate) fn the_largest_payload_sealed_in_the_worst_envelope_fits_a_frame() {
         let key = DocKey::generate().unwrap();
         let doc = DocId::from_bytes([0xff; 16]);
         let epoch = KeyEpoch {

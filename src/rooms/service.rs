@@ -18,14 +18,14 @@ use hearth_crdt::{DocId, DocKind, Error as CrdtError, PresenceStatus, PresenceUp
 use hearth_storage::Batch;
 use sha2::{Digest, Sha256};
 
-use super::{Core, Request, now_ms, rfc3339_ms};
 use crate::Error;
+use crate::core::{Core, Request, now_ms, rfc3339_ms};
 use crate::events::Event;
 use crate::presence::{PresenceInfo, Status};
 use crate::rooms::{ChatMessage, Room, RoomMember};
 
 /// What a room looked like when last announced.
-pub(super) struct RoomSeen {
+pub(crate) struct RoomSeen {
     members: BTreeSet<String>,
     /// The newest message announced. New messages are the ones after it, not a count
     /// past the old length: pruning takes messages off the front while others arrive.
@@ -33,7 +33,7 @@ pub(super) struct RoomSeen {
 }
 
 impl RoomSeen {
-    fn of(room: &hearth_crdt::Room) -> Self {
+    pub(crate) fn of(room: &hearth_crdt::Room) -> Self {
         Self {
             members: room
                 .members
@@ -96,7 +96,7 @@ fn prune_chat_list(
 }
 
 /// The id of a home's presence document: derived from the HomeId.
-pub(super) fn presence_doc_id(home_id: &str) -> DocId {
+pub(crate) fn presence_doc_id(home_id: &str) -> DocId {
     let digest = Sha256::new()
         .chain_update(b"hearth/presence/v1\0")
         .chain_update(home_id.as_bytes())
@@ -146,7 +146,7 @@ fn to_status(s: PresenceStatus) -> Status {
 
 impl Core {
     /// Requests about entity history, rooms and presence.
-    pub(super) fn handle_more(&mut self, request: Request) {
+    pub(crate) fn handle_more(&mut self, request: Request) {
         match request {
             Request::DeleteEntity { id, reply } => {
                 let result = self.delete_entity(&id);
@@ -227,12 +227,12 @@ impl Core {
         }
     }
 
-    fn user_or_device(&self, user: Option<String>) -> String {
+    pub(crate) fn user_or_device(&self, user: Option<String>) -> String {
         user.unwrap_or_else(|| self.device_name.clone())
     }
 
     /// Room documents of this home whose content has arrived.
-    fn room_docs(&self) -> Vec<(DocId, hearth_crdt::Room)> {
+    pub(crate) fn room_docs(&self) -> Vec<(DocId, hearth_crdt::Room)> {
         self.engine
             .documents()
             .filter(|d| {
@@ -245,7 +245,7 @@ impl Core {
     }
 
     /// A room by id (base58) or by a name only one room has.
-    fn resolve_room(&self, text: &str) -> Result<DocId, Error> {
+    pub(crate) fn resolve_room(&self, text: &str) -> Result<DocId, Error> {
         if let Some(id) = DocId::parse(text)
             && self.engine.room(id).is_ok()
         {
@@ -270,7 +270,7 @@ impl Core {
         }
     }
 
-    fn room_view(&self, doc: DocId) -> Result<Room, Error> {
+    pub(crate) fn room_view(&self, doc: DocId) -> Result<Room, Error> {
         let r = self.engine.room(doc).map_err(room_err)?;
         Ok(Room {
             room_id: doc.to_string(),
@@ -283,7 +283,7 @@ impl Core {
         })
     }
 
-    fn list_rooms(&self) -> Result<Vec<Room>, Error> {
+    pub(crate) fn list_rooms(&self) -> Result<Vec<Room>, Error> {
         let mut rooms = self
             .room_docs()
             .into_iter()
@@ -293,7 +293,7 @@ impl Core {
         Ok(rooms)
     }
 
-    fn create_room(
+    pub(crate) fn create_room(
         &mut self,
         name: &str,
         max_size: u64,
@@ -332,7 +332,7 @@ impl Core {
         Ok((room, batch))
     }
 
-    fn join_or_leave(
+    pub(crate) fn join_or_leave(
         &mut self,
         room: &str,
         user: Option<String>,
@@ -351,7 +351,7 @@ impl Core {
         Ok((self.room_view(doc)?, batch))
     }
 
-    fn say(
+    pub(crate) fn say(
         &mut self,
         room: &str,
         user: Option<String>,
@@ -375,7 +375,7 @@ impl Core {
             .is_ok_and(|r| r.chat_len > self.chat_keep.max_messages)
         {
             match self.prune_chat(doc, now_ms()) {
-                Ok((_, more)) => super::append(&mut batch, more),
+                Ok((_, more)) => crate::core::append(&mut batch, more),
                 Err(error) => tracing::warn!(%doc, %error, "cannot prune a room's chat"),
             }
         }
@@ -383,7 +383,7 @@ impl Core {
     }
 
     /// Prunes one room's chat to the retention limits.
-    fn prune_chat(&mut self, doc: DocId, now: u64) -> Result<(usize, Batch), Error> {
+    pub(crate) fn prune_chat(&mut self, doc: DocId, now: u64) -> Result<(usize, Batch), Error> {
         let keep = self.chat_keep;
         let max_age_ms = u64::try_from(keep.max_age.as_millis()).unwrap_or(u64::MAX);
         let cutoff = now.saturating_sub(max_age_ms);
@@ -397,7 +397,7 @@ impl Core {
     }
 
     /// Prunes every room's chat; the periodic retention tick asks for it.
-    fn prune_all_chats(&mut self) -> Result<(usize, Batch), Error> {
+    pub(crate) fn prune_all_chats(&mut self) -> Result<(usize, Batch), Error> {
         let now = now_ms();
         let mut total = 0;
         let mut batch = Batch::new();
@@ -405,7 +405,7 @@ impl Core {
             match self.prune_chat(doc, now) {
                 Ok((n, more)) => {
                     total += n;
-                    super::append(&mut batch, more);
+                    crate::core::append(&mut batch, more);
                 }
                 Err(error) => tracing::warn!(%doc, %error, "cannot prune a room's chat"),
             }
@@ -413,7 +413,7 @@ impl Core {
         Ok((total, batch))
     }
 
-    fn chat(&self, room: &str, limit: usize) -> Result<Vec<ChatMessage>, Error> {
+    pub(crate) fn chat(&self, room: &str, limit: usize) -> Result<Vec<ChatMessage>, Error> {
         let doc = self.resolve_room(room)?;
         let id = doc.to_string();
         Ok(self
@@ -426,7 +426,7 @@ impl Core {
     }
 
     /// Creates the home's presence document on the admin device, once.
-    pub(super) async fn ensure_presence_doc(&mut self) -> Result<(), Error> {
+    pub(crate) async fn ensure_presence_doc(&mut self) -> Result<(), Error> {
         let doc = presence_doc_id(&self.home.home_id);
         if self.home.root_secret.is_none() || self.keyring.ids().any(|(d, _)| d == doc) {
             return Ok(());
@@ -443,7 +443,7 @@ impl Core {
     }
 
     /// Records the current rooms and presence, so only later changes are announced.
-    pub(super) fn remember_rooms_and_presence(&mut self) {
+    pub(crate) fn remember_rooms_and_presence(&mut self) {
         for (doc, room) in self.room_docs() {
             self.rooms_seen.insert(doc, RoomSeen::of(&room));
         }
@@ -452,7 +452,11 @@ impl Core {
         }
     }
 
-    fn presence_info(&self, user: &str, entry: &hearth_crdt::PresenceEntry) -> PresenceInfo {
+    pub(crate) fn presence_info(
+        &self,
+        user: &str,
+        entry: &hearth_crdt::PresenceEntry,
+    ) -> PresenceInfo {
         let live = entry.device == self.peer_id || self.is_alive(&entry.device);
         PresenceInfo {
             user: user.to_string(),
@@ -467,7 +471,7 @@ impl Core {
         }
     }
 
-    fn presence_doc(&mut self) -> Result<DocId, Error> {
+    pub(crate) fn presence_doc(&mut self) -> Result<DocId, Error> {
         let doc = presence_doc_id(&self.home.home_id);
         if self.has_content(doc) {
             Ok(doc)
@@ -480,7 +484,7 @@ impl Core {
         }
     }
 
-    fn set_presence(
+    pub(crate) fn set_presence(
         &mut self,
         user: Option<String>,
         status: Status,
@@ -511,7 +515,7 @@ impl Core {
         Ok((self.presence_info(&user, &entry), batch))
     }
 
-    fn get_presence(&mut self, user: Option<String>) -> Result<PresenceInfo, Error> {
+    pub(crate) fn get_presence(&mut self, user: Option<String>) -> Result<PresenceInfo, Error> {
         let doc = self.presence_doc()?;
         let user = self.user_or_device(user);
         let presence = self.engine.presence(doc).map_err(room_err)?;
@@ -524,7 +528,7 @@ impl Core {
         }
     }
 
-    fn list_presence(&mut self, room: Option<&str>) -> Result<Vec<PresenceInfo>, Error> {
+    pub(crate) fn list_presence(&mut self, room: Option<&str>) -> Result<Vec<PresenceInfo>, Error> {
         let members: Option<BTreeSet<String>> = match room {
             Some(r) => {
                 let doc = self.resolve_room(r)?;
@@ -546,7 +550,7 @@ impl Core {
 
     /// Turns a change of a room or the presence document into events: a room seen for
     /// the first time, members who joined or left, new chat messages, changed presence.
-    pub(super) fn on_doc_changed(&mut self, doc: DocId, from_peer: Option<String>) {
+    pub(crate) fn on_doc_changed(&mut self, doc: DocId, from_peer: Option<String>) {
         let Ok(header) = self.engine.header(doc) else {
             return;
         };
@@ -571,7 +575,7 @@ impl Core {
         }
     }
 
-    fn on_room_changed(&mut self, doc: DocId, from_peer: Option<String>) {
+    pub(crate) fn on_room_changed(&mut self, doc: DocId, from_peer: Option<String>) {
         let Ok(room) = self.engine.room(doc) else {
             return;
         };
@@ -640,7 +644,7 @@ mod tests {
     use super::prune_chat_list;
 
     /// A room document's chat with one message per time, oldest first.
-    fn chat(times: &[u64]) -> AutoCommit {
+    pub(crate) fn chat(times: &[u64]) -> AutoCommit {
         let mut d = AutoCommit::new();
         let room = d.put_object(ROOT, "room", ObjType::Map).unwrap();
         let chat = d.put_object(&room, "chat", ObjType::List).unwrap();
@@ -652,7 +656,7 @@ mod tests {
         d
     }
 
-    fn ids(d: &AutoCommit) -> Vec<String> {
+    pub(crate) fn ids(d: &AutoCommit) -> Vec<String> {
         let (_, room) = d.get(ROOT, "room").unwrap().unwrap();
         let (_, chat) = d.get(&room, "chat").unwrap().unwrap();
         (0..d.length(&chat))
@@ -670,7 +674,7 @@ mod tests {
     }
 
     #[test]
-    fn chat_keeps_the_newest_by_count() {
+    pub(crate) fn chat_keeps_the_newest_by_count() {
         let mut d = chat(&[10, 20, 30, 40, 50]);
         assert_eq!(prune_chat_list(&mut d, 2, 0).unwrap(), 3);
         assert_eq!(ids(&d), ["m3", "m4"]);
@@ -678,7 +682,7 @@ mod tests {
     }
 
     #[test]
-    fn chat_drops_messages_older_than_the_cutoff() {
+    pub(crate) fn chat_drops_messages_older_than_the_cutoff() {
         let day = 86_400_000;
         let now = 100 * day;
         let mut d = chat(&[now - 40 * day, now - 31 * day, now - 29 * day, now]);

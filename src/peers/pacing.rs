@@ -9,16 +9,16 @@ use std::collections::{HashMap, VecDeque};
 
 use hearth_crdt::{DocId, KeyEpoch};
 
-use super::{Core, now_ms};
+use crate::core::{Core, now_ms};
 
 /// Sync sessions a peer may have opening (not yet in sync) at once.
-pub(super) const MAX_OPENING_PER_PEER: usize = 64;
+pub(crate) const MAX_OPENING_PER_PEER: usize = 64;
 /// After this long an opening session no longer holds its slot, whether or not it
 /// finished: a peer that stays silent must not stall the rest.
 const OPENING_SLOT_MS: u64 = 5_000;
 
 #[derive(Default)]
-pub(super) struct Pacing {
+pub(crate) struct Pacing {
     /// Sessions waiting to open, per peer, in order.
     waiting: HashMap<String, VecDeque<(DocId, KeyEpoch)>>,
     /// Sessions opened and not yet seen in sync, per peer, with when they opened.
@@ -26,11 +26,11 @@ pub(super) struct Pacing {
 }
 
 impl Pacing {
-    pub(super) fn is_idle(&self) -> bool {
+    pub(crate) fn is_idle(&self) -> bool {
         self.waiting.is_empty()
     }
 
-    pub(super) fn forget_peer(&mut self, peer: &str) {
+    pub(crate) fn forget_peer(&mut self, peer: &str) {
         self.waiting.remove(peer);
         self.opening.remove(peer);
     }
@@ -38,7 +38,7 @@ impl Pacing {
 
 impl Core {
     /// Queues a session to open with `peer`; [`Core::drain_attaches`] opens it.
-    pub(super) fn queue_attach(&mut self, peer: &str, doc: DocId, epoch: KeyEpoch) {
+    pub(crate) fn queue_attach(&mut self, peer: &str, doc: DocId, epoch: KeyEpoch) {
         self.pacing
             .waiting
             .entry(peer.to_string())
@@ -47,7 +47,7 @@ impl Core {
     }
 
     /// Opens waiting sessions while each peer has free opening slots.
-    pub(super) async fn drain_attaches(&mut self) {
+    pub(crate) async fn drain_attaches(&mut self) {
         if self.pacing.is_idle() {
             return;
         }

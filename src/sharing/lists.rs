@@ -10,10 +10,10 @@
 use hearth_crdt::{DocId, Registry};
 use tokio::sync::oneshot;
 
-use super::sharing::epoch_text;
-use super::{Core, Reply, Request, doc_err};
 use crate::Error;
+use crate::core::{Core, Reply, Request, doc_err};
 use crate::shares::{KnownHome, ShareIn, ShareOut, SharedList};
+use crate::sharing::service::epoch_text;
 
 /// One share of an entity of this home, as the registry has it.
 #[derive(Debug)]
@@ -33,7 +33,7 @@ pub(crate) enum ListReply {
 }
 
 impl ListReply {
-    fn fail(self, error: Error) {
+    pub(crate) fn fail(self, error: Error) {
         match self {
             Self::Shares(reply) => {
                 let _ = reply.send(Err(error));
@@ -67,7 +67,7 @@ fn shared_rows(registry: &automerge::AutoCommit) -> Result<Vec<Row>, Error> {
 
 impl Core {
     /// Starts a share or home listing: copies the registry document for a read job.
-    pub(super) fn list_shared(&mut self, reply: ListReply) {
+    pub(crate) fn list_shared(&mut self, reply: ListReply) {
         let copy = self
             .engine
             .doc_copy(self.home.registry_doc)
@@ -80,7 +80,7 @@ impl Core {
             }
         };
         #[cfg(test)]
-        let gate = super::entity_ops::tests::gate_for(&format!("shares:{}", self.home.home_id));
+        let gate = crate::entities::ops::tests::gate_for(&format!("shares:{}", self.home.home_id));
         let (rows_tx, rows) = oneshot::channel();
         self.spawn_read(rows_tx, move || {
             #[cfg(test)]
@@ -105,7 +105,7 @@ impl Core {
     }
 
     /// Finishes a listing from the registry's shared entries.
-    pub(super) fn finish_share_list(&mut self, rows: Vec<Row>, reply: ListReply) {
+    pub(crate) fn finish_share_list(&mut self, rows: Vec<Row>, reply: ListReply) {
         let list = self.share_list(&rows);
         match reply {
             ListReply::Shares(reply) => {
@@ -117,7 +117,7 @@ impl Core {
         }
     }
 
-    fn share_list(&self, rows: &[Row]) -> SharedList {
+    pub(crate) fn share_list(&self, rows: &[Row]) -> SharedList {
         let shared_out = rows
             .iter()
             .map(|r| ShareOut {
@@ -149,7 +149,7 @@ impl Core {
         }
     }
 
-    fn home_list(&self, rows: &[Row], list: &SharedList) -> Vec<KnownHome> {
+    pub(crate) fn home_list(&self, rows: &[Row], list: &SharedList) -> Vec<KnownHome> {
         let revoked = |by: &Option<String>| {
             by.as_ref()
                 .filter(|p| self.revocations.contains(p))

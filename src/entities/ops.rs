@@ -14,19 +14,19 @@ use std::collections::HashMap;
 
 use tokio::sync::oneshot;
 
-use super::{Core, Reply, Request, doc_err, now_ms, rfc3339_ms};
 use crate::Error;
+use crate::core::{Core, Reply, Request, doc_err, now_ms, rfc3339_ms};
 use crate::entities::{Entity, EntityVersion};
 
 impl Core {
-    fn existing_entity(&mut self, id: &str) -> Result<DocId, Error> {
+    pub(crate) fn existing_entity(&mut self, id: &str) -> Result<DocId, Error> {
         match self.doc_of_entity(id) {
             Some(doc) if self.has_content(doc) => Ok(doc),
             _ => Err(Error::NotFound(format!("no entity {id:?}"))),
         }
     }
 
-    pub(super) fn delete_entity(&mut self, id: &str) -> Result<(Entity, Batch), Error> {
+    pub(crate) fn delete_entity(&mut self, id: &str) -> Result<(Entity, Batch), Error> {
         let doc = self.existing_entity(id)?;
         let entity = self.entity_view(doc)?;
         let (_, out) = self
@@ -38,7 +38,7 @@ impl Core {
         self.entity_of_doc.remove(&doc);
         self.doc_of_entity_id.remove(id);
         let mut batch = self.handle_outputs(out);
-        super::append(&mut batch, self.drop_sync_states_of_doc(doc));
+        crate::core::append(&mut batch, self.drop_sync_states_of_doc(doc));
         self.emit_change(entity.clone(), None, None, true);
         Ok((entity, batch))
     }
@@ -46,7 +46,7 @@ impl Core {
     /// Answers with the newest `limit` versions. The core only takes a snapshot (the
     /// engine's log entries, plus a copy of the document when some clock is still
     /// unread, and the names of their writers); the listing is finished on a read job.
-    pub(super) fn entity_history(
+    pub(crate) fn entity_history(
         &mut self,
         id: &str,
         limit: usize,
@@ -97,7 +97,7 @@ impl Core {
     /// copy of the document; a read job reads the entity as of that version (which walks
     /// history) and hands it back as [`Request::WriteRestored`], written on the core as
     /// every write is.
-    pub(super) fn restore_entity(&mut self, id: &str, version: &str, reply: Reply<Entity>) {
+    pub(crate) fn restore_entity(&mut self, id: &str, version: &str, reply: Reply<Entity>) {
         let read = self.existing_entity(id).and_then(|doc| {
             let read = self
                 .engine
@@ -161,7 +161,7 @@ impl Core {
 
     /// Writes an old version's view, resolved by a restore's read job, as a new version.
     /// The entity may have been deleted (or made anew) while the job ran.
-    pub(super) fn write_restored(
+    pub(crate) fn write_restored(
         &mut self,
         id: &str,
         doc: DocId,
@@ -182,7 +182,7 @@ impl Core {
 }
 
 #[cfg(test)]
-pub(super) mod tests {
+pub(crate) mod tests {
     use std::sync::Mutex;
     use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
     use std::time::Duration;
@@ -194,14 +194,14 @@ pub(super) mod tests {
 
     /// A read job (history, or a restore's read of the old version) of one entity, held
     /// before it computes anything.
-    pub(in crate::core) struct Gate {
+    pub(crate) struct Gate {
         entered: SyncSender<()>,
         release: Receiver<()>,
     }
 
     impl Gate {
         /// Says the job started, then waits to be let go (or for the test to end).
-        pub(in crate::core) fn hold(self) {
+        pub(crate) fn hold(self) {
             let _ = self.entered.send(());
             let _ = self.release.recv();
         }
@@ -210,7 +210,7 @@ pub(super) mod tests {
     /// Gates by entity id; ids are unique to the test that sets them.
     static GATES: Mutex<Vec<(String, Gate)>> = Mutex::new(Vec::new());
 
-    pub(in crate::core) fn gate_for(id: &str) -> Option<Gate> {
+    pub(crate) fn gate_for(id: &str) -> Option<Gate> {
         let mut gates = GATES.lock().unwrap_or_else(|e| e.into_inner());
         let at = gates.iter().position(|(g, _)| g == id)?;
         Some(gates.swap_remove(at).1)
@@ -220,7 +220,7 @@ pub(super) mod tests {
     /// Each side of a gate signals once.
     const GATE_SIGNALS: usize = 1;
 
-    fn write(state: &str) -> EntityWrite {
+    pub(crate) fn write(state: &str) -> EntityWrite {
         EntityWrite {
             state: state.into(),
             attributes: json!({"level": 1}).as_object().cloned(),
@@ -231,7 +231,7 @@ pub(super) mod tests {
     /// While an entity's history is being read, the core keeps answering: the read
     /// runs on a snapshot, off the core.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn reads_answer_while_a_history_read_is_pending() {
+    pub(crate) async fn reads_answer_while_a_history_read_is_pending() {
         let dir = tempfile::tempdir().unwrap();
         let config = Config {
             data_dir: dir.path().to_path_buf(),
@@ -304,7 +304,7 @@ pub(super) mod tests {
     /// While a restore reads the old version, the core keeps answering; the restore then
     /// writes that version's state as a new version.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn reads_answer_while_a_restore_read_is_pending() {
+    pub(crate) async fn reads_answer_while_a_restore_read_is_pending() {
         let dir = tempfile::tempdir().unwrap();
         let config = Config {
             data_dir: dir.path().to_path_buf(),
@@ -392,7 +392,7 @@ pub(super) mod tests {
     /// Listing shares reads the registry on a read job: while it is held, the core
     /// answers; released, the listing shows the shares.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn reads_answer_while_a_share_listing_is_pending() {
+    pub(crate) async fn reads_answer_while_a_share_listing_is_pending() {
         let dir = tempfile::tempdir().unwrap();
         let config = Config {
             data_dir: dir.path().to_path_buf(),

@@ -13,9 +13,9 @@ use serde_bytes::ByteBuf;
 use tokio_util::sync::CancellationToken;
 
 use crate::core::keyring::{self, CERT_KEY, Keyring};
-use crate::core::pairing::JoinPackage;
 use crate::home::{HOME_KEY, HomeRecord};
 use crate::node::{IDENTITY_KEY, NAME_KEY, STATIC_PEERS_KEY};
+use crate::pairing::service::JoinPackage;
 use crate::trust::cert::{DeviceCert, Verdict};
 use crate::trust::invite::{InviteCode, InviteKind};
 use crate::trust::keys::DocKey;

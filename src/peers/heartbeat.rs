@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Core, now_ms};
+use crate::core::{Core, now_ms};
 
 /// How often a device announces itself.
 pub(crate) const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
@@ -43,13 +43,13 @@ fn encode(message: &Ephemeral) -> Vec<u8> {
 
 impl Core {
     /// Marks `peer` live until `ttl_ms` from now.
-    pub(super) fn heard_alive(&mut self, peer: &str, ttl_ms: u64) {
+    pub(crate) fn heard_alive(&mut self, peer: &str, ttl_ms: u64) {
         let until = now_ms().saturating_add(ttl_ms.min(MAX_TTL_MS));
         self.alive_until.insert(peer.to_string(), until);
     }
 
     /// Whether `peer` is admitted and was heard within its last TTL.
-    pub(super) fn is_alive(&self, peer: &str) -> bool {
+    pub(crate) fn is_alive(&self, peer: &str) -> bool {
         self.admitted.contains_key(peer)
             && self
                 .alive_until
@@ -59,7 +59,7 @@ impl Core {
 
     /// Sends a heartbeat to every admitted device of this home. A full ephemeral queue
     /// sheds the heartbeat, which is what it is for: the next one follows.
-    pub(super) async fn send_heartbeats(&mut self) {
+    pub(crate) async fn send_heartbeats(&mut self) {
         let bytes = hearth_net::Bytes::from(encode(&Ephemeral::Heartbeat {
             ttl_ms: HEARTBEAT_TTL_MS,
         }));
@@ -75,7 +75,7 @@ impl Core {
 
     /// An ephemeral frame from an admitted device. Anything that is not a well-formed
     /// message is dropped with a logged reason.
-    pub(super) fn on_ephemeral(&mut self, peer: hearth_net::PeerId, bytes: &[u8]) {
+    pub(crate) fn on_ephemeral(&mut self, peer: hearth_net::PeerId, bytes: &[u8]) {
         let text = peer.to_base58();
         #[cfg(feature = "test-hooks")]
         self.capture_raw(&text, "ephemeral", bytes);
@@ -97,12 +97,12 @@ impl Core {
 mod tests {
     use super::*;
 
-    fn decode(bytes: &[u8]) -> Result<Ephemeral, crate::trust::error::TrustError> {
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Ephemeral, crate::trust::error::TrustError> {
         crate::trust::wire::from_cbor("ephemeral message", bytes, MAX_EPHEMERAL_MESSAGE)
     }
 
     #[test]
-    fn heartbeats_round_trip_and_garbage_is_refused() {
+    pub(crate) fn heartbeats_round_trip_and_garbage_is_refused() {
         let message = Ephemeral::Heartbeat { ttl_ms: 6000 };
         let bytes = encode(&message);
         assert_eq!(decode(&bytes).unwrap(), message);
@@ -127,7 +127,7 @@ mod tests {
     }
 
     #[test]
-    fn the_ttl_is_three_intervals() {
+    pub(crate) fn the_ttl_is_three_intervals() {
         assert_eq!(HEARTBEAT_TTL_MS, 6000);
     }
 }

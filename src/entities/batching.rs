@@ -13,8 +13,8 @@ use hearth_crdt::wire::{Frame, Push};
 use hearth_storage::Batch;
 use tokio::time::Instant;
 
-use super::{Core, Reply, append};
 use crate::Error;
+use crate::core::{Core, Reply, append};
 use crate::entities::{Entity, EntityWrite};
 
 /// Most writes acknowledged under one window; a full window is committed at once, which
@@ -27,10 +27,10 @@ pub const MAX_BATCH_WRITES: usize = 10_000;
 const MAX_MERGED_PUSHES: usize = 1024;
 
 /// What a flush acknowledges: called with the flush's outcome.
-pub(super) type Ack = Box<dyn FnOnce(Result<(), Error>) + Send>;
+pub(crate) type Ack = Box<dyn FnOnce(Result<(), Error>) + Send>;
 
 /// Writes waiting for the window's flush.
-pub(super) struct WriteWindow {
+pub(crate) struct WriteWindow {
     window: Duration,
     batch: Batch,
     acks: Vec<Ack>,
@@ -38,7 +38,7 @@ pub(super) struct WriteWindow {
 }
 
 impl WriteWindow {
-    pub(super) fn new(window: Duration) -> Self {
+    pub(crate) fn new(window: Duration) -> Self {
         Self {
             window,
             batch: Batch::new(),
@@ -48,16 +48,16 @@ impl WriteWindow {
     }
 
     /// When the open window closes, if one is open.
-    pub(super) fn deadline(&self) -> Option<Instant> {
+    pub(crate) fn deadline(&self) -> Option<Instant> {
         self.deadline
     }
 
     /// Whether the window holds as many writes as it may.
-    pub(super) fn is_full(&self) -> bool {
+    pub(crate) fn is_full(&self) -> bool {
         self.acks.len() >= MAX_WINDOW_WRITES
     }
 
-    fn push(&mut self, batch: Batch, ack: Ack) {
+    pub(crate) fn push(&mut self, batch: Batch, ack: Ack) {
         if self.deadline.is_none() {
             self.deadline = Some(Instant::now() + self.window);
         }
@@ -65,7 +65,7 @@ impl WriteWindow {
         self.acks.push(ack);
     }
 
-    fn take(&mut self) -> Option<(Batch, Vec<Ack>)> {
+    pub(crate) fn take(&mut self) -> Option<(Batch, Vec<Ack>)> {
         self.deadline = None;
         if self.acks.is_empty() {
             return None;
@@ -84,7 +84,7 @@ fn acknowledge(acks: Vec<Ack>, result: Result<(), hearth_storage::Error>) {
         ack(result
             .as_ref()
             .map(|_| ())
-            .map_err(super::durability::write_error));
+            .map_err(crate::core::durability::write_error));
     }
 }
 
@@ -93,7 +93,7 @@ impl Core {
     /// holding up the actor. With a window, the batch joins the open window and is
     /// flushed when it closes; without one it goes to the store at once (the storage
     /// thread still group-commits whatever is queued).
-    pub(super) fn reply_after_flush<T: Send + 'static>(
+    pub(crate) fn reply_after_flush<T: Send + 'static>(
         &mut self,
         result: Result<(T, Batch), Error>,
         reply: Reply<T>,
@@ -120,7 +120,7 @@ impl Core {
 
     /// Hands the open window's batch to the store; its writers are answered after the
     /// flush, without holding up the actor.
-    pub(super) fn commit_window(&mut self) {
+    pub(crate) fn commit_window(&mut self) {
         let Some((batch, acks)) = self.writes.take() else {
             return;
         };
@@ -130,7 +130,7 @@ impl Core {
     /// Commits the open window and starts every queued batch: the last step before the
     /// core stops. The node waits for them (every persist slot) before closing the store,
     /// so no acknowledged-to-be write is left unflushed.
-    pub(super) async fn commit_window_now(&mut self) {
+    pub(crate) async fn commit_window_now(&mut self) {
         self.commit_window();
         self.start_persists().await;
     }
@@ -138,7 +138,7 @@ impl Core {
     /// Writes many entities in order as one step, acknowledged together after one flush.
     /// A write that fails stops the rest; the writes before it stay applied, and the
     /// error names the one that failed.
-    pub(super) fn set_many(
+    pub(crate) fn set_many(
         &mut self,
         writes: Vec<(String, EntityWrite)>,
     ) -> Result<(Vec<Entity>, Batch), Error> {
@@ -171,7 +171,7 @@ impl Core {
 /// wrote one document many times sends it once. A push is merged only into an earlier
 /// push of the same epoch and correlation id with no other frame for that document to
 /// that peer between them, which keeps every document's frames in order.
-pub(super) fn coalesce_pushes(
+pub(crate) fn coalesce_pushes(
     outbox: Vec<(String, Frame)>,
     max_bytes: usize,
 ) -> Vec<(String, Frame)> {
@@ -228,7 +228,7 @@ mod tests {
     use super::*;
     use hearth_crdt::{DocId, KeyEpoch};
 
-    fn push(doc: u8, bytes: &[u8], corr: Option<&str>) -> Frame {
+    pub(crate) fn push(doc: u8, bytes: &[u8], corr: Option<&str>) -> Frame {
         Frame::Push(Push {
             doc: DocId::from_bytes([doc; 16]),
             epoch: KeyEpoch::first([0; 16]),
@@ -237,7 +237,7 @@ mod tests {
         })
     }
 
-    fn bytes_of(frame: &Frame) -> &[u8] {
+    pub(crate) fn bytes_of(frame: &Frame) -> &[u8] {
         match frame {
             Frame::Push(p) => &p.bytes,
             _ => panic!("not a push"),
@@ -245,7 +245,7 @@ mod tests {
     }
 
     #[test]
-    fn pushes_to_one_peer_and_document_become_one_frame_in_order() {
+    pub(crate) fn pushes_to_one_peer_and_document_become_one_frame_in_order() {
         let outbox = vec![
             ("p".to_string(), push(1, b"a", None)),
             ("p".to_string(), push(2, b"x", None)),
@@ -263,7 +263,7 @@ mod tests {
     }
 
     #[test]
-    fn different_correlation_ids_and_size_cap_keep_pushes_apart() {
+    pub(crate) fn different_correlation_ids_and_size_cap_keep_pushes_apart() {
         let outbox = vec![
             ("p".to_string(), push(1, b"aa", Some("one"))),
             ("p".to_string(), push(1, b"bb", Some("two"))),
@@ -276,7 +276,7 @@ mod tests {
     }
 
     #[test]
-    fn window_takes_everything_once_and_closes() {
+    pub(crate) fn window_takes_everything_once_and_closes() {
         let mut w = WriteWindow::new(Duration::from_millis(1));
         assert!(w.deadline().is_none());
         let (tx, mut rx) = tokio::sync::oneshot::channel::<Result<(), Error>>();

@@ -4,15 +4,15 @@
 use hearth_crdt::policy::{ConflictAction, ConflictRecord};
 use hearth_crdt::{DocId, Field, Policy};
 
-use super::{Core, doc_err, now_ms};
 use crate::Error;
+use crate::core::{Core, doc_err, now_ms};
 use crate::entities::{ConflictCandidate, ConflictInfo, Entity};
 
 impl Core {
     /// Feeds the engine the home of every known device: this home's members and every
     /// paired home's devices, so owner-wins and sharer-wins decide the same on every
     /// replica. Reads only the device lists, never the keyring.
-    pub(super) fn refresh_actor_homes(&mut self) {
+    pub(crate) fn refresh_actor_homes(&mut self) {
         let mut pairs = Vec::new();
         if let Ok(devices) = self.engine.home_devices(self.home.home_doc) {
             for peer in devices.keys() {
@@ -47,7 +47,7 @@ impl Core {
     }
 
     /// Audits a conflict the engine detected or someone resolved, and tells subscribers.
-    pub(super) fn on_conflict_record(&mut self, record: ConflictRecord) {
+    pub(crate) fn on_conflict_record(&mut self, record: ConflictRecord) {
         let resolved = record.action == ConflictAction::Resolved;
         let chosen = record
             .chosen
@@ -86,7 +86,7 @@ impl Core {
         });
     }
 
-    pub(super) fn set_policy(
+    pub(crate) fn set_policy(
         &mut self,
         id: &str,
         policy: &str,
@@ -106,7 +106,7 @@ impl Core {
         Ok((self.entity_view(doc)?, batch))
     }
 
-    pub(super) fn list_conflicts(&mut self) -> Result<Vec<ConflictInfo>, Error> {
+    pub(crate) fn list_conflicts(&mut self) -> Result<Vec<ConflictInfo>, Error> {
         let mut ids: Vec<(String, DocId)> = self
             .entity_of_doc
             .iter()
@@ -129,7 +129,7 @@ impl Core {
                         value: c.value.clone(),
                         device: self.device_of_actor(&c.actor),
                         home: c.home.clone(),
-                        time: super::rfc3339_ms(c.at.wall_ms),
+                        time: crate::core::rfc3339_ms(c.at.wall_ms),
                     })
                     .collect();
                 out.push(ConflictInfo {
@@ -143,7 +143,7 @@ impl Core {
         Ok(out)
     }
 
-    pub(super) fn resolve(
+    pub(crate) fn resolve(
         &mut self,
         id: &str,
         field: &str,
@@ -169,7 +169,7 @@ impl Core {
         Ok((self.entity_view(doc)?, batch))
     }
 
-    fn readable_entity_doc(&mut self, id: &str) -> Result<DocId, Error> {
+    pub(crate) fn readable_entity_doc(&mut self, id: &str) -> Result<DocId, Error> {
         match self.doc_of_entity(id) {
             Some(doc) if self.has_content(doc) => Ok(doc),
             _ => Err(Error::NotFound(format!("no entity {id}"))),
