@@ -343,7 +343,7 @@ async fn ready(State(state): State<Arc<ApiState>>) -> Response {
         READY_NET_TIMEOUT,
         state
             .core
-            .call(|reply| crate::core::Request::Ping { reply }),
+            .call(|reply| crate::core::NodeRequest::Ping { reply }),
     )
     .await;
     match ping {
@@ -567,11 +567,13 @@ async fn create_invite(
     let ttl_s = body.ttl_s.unwrap_or(crate::DEFAULT_INVITE_TTL_S);
     let invite = state
         .core
-        .call(|reply| crate::core::Request::CreateInvite {
-            home: body.kind == InviteKindBody::Home,
-            ttl_s,
-            reply,
-        })
+        .call(
+            |reply| crate::pairing::service::PairingRequest::CreateInvite {
+                home: body.kind == InviteKindBody::Home,
+                ttl_s,
+                reply,
+            },
+        )
         .await??;
     Ok(Json(InviteReply {
         code: invite.code,
@@ -585,7 +587,7 @@ async fn repair_report(
 ) -> Result<crate::core::quarantine::RepairReport, ApiError> {
     Ok(state
         .core
-        .call(|reply| crate::core::Request::Repair { drop, reply })
+        .call(|reply| crate::core::NodeRequest::Repair { drop, reply })
         .await??)
 }
 

@@ -99,7 +99,7 @@ pub(crate) async fn run_retention(
         };
         if ticked {
             let pruned = core
-                .call(|reply| crate::core::Request::PruneChat { reply })
+                .call(|reply| crate::rooms::service::RoomRequest::PruneChat { reply })
                 .await;
             match pruned {
                 Ok(Ok(0)) => {}

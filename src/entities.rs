@@ -3,12 +3,13 @@
 pub(crate) mod batching;
 mod conflicts;
 pub(crate) mod ops;
+pub(crate) mod service;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::Error;
-use crate::core::{CoreHandle, Request};
+use crate::core::CoreHandle;
 
 /// An entity as the node presents it (the API's entity body).
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -175,7 +176,7 @@ impl Entities {
     pub async fn set(&self, id: &str, write: EntityWrite) -> Result<Entity, Error> {
         validate_write(id, &write)?;
         self.core
-            .call(|reply| Request::SetEntity {
+            .call(|reply| crate::entities::service::EntityRequest::SetEntity {
                 id: id.to_string(),
                 write,
                 reply,
@@ -207,7 +208,7 @@ impl Entities {
             return Ok(Vec::new());
         }
         self.core
-            .call(|reply| Request::SetMany { writes, reply })
+            .call(|reply| crate::entities::service::EntityRequest::SetMany { writes, reply })
             .await?
     }
 
@@ -216,7 +217,7 @@ impl Entities {
     /// Cancel-safe.
     pub async fn get(&self, id: &str) -> Result<Option<Entity>, Error> {
         self.core
-            .call(|reply| Request::GetEntity {
+            .call(|reply| crate::entities::service::EntityRequest::GetEntity {
                 id: id.to_string(),
                 reply,
             })
@@ -228,7 +229,7 @@ impl Entities {
     /// Cancel-safe.
     pub async fn list(&self) -> Result<Vec<Entity>, Error> {
         self.core
-            .call(|reply| Request::ListEntities { reply })
+            .call(|reply| crate::entities::service::EntityRequest::ListEntities { reply })
             .await?
     }
 
@@ -241,7 +242,7 @@ impl Entities {
     pub async fn delete(&self, id: &str) -> Result<Entity, Error> {
         let id = id.to_string();
         self.core
-            .call(|reply| Request::DeleteEntity { id, reply })
+            .call(|reply| crate::entities::service::EntityRequest::DeleteEntity { id, reply })
             .await?
     }
 
@@ -251,11 +252,13 @@ impl Entities {
     pub async fn history(&self, id: &str, limit: usize) -> Result<Vec<EntityVersion>, Error> {
         let id = id.to_string();
         self.core
-            .call(|reply| Request::EntityHistory {
-                id,
-                limit: limit.min(MAX_HISTORY),
-                reply,
-            })
+            .call(
+                |reply| crate::entities::service::EntityRequest::EntityHistory {
+                    id,
+                    limit: limit.min(MAX_HISTORY),
+                    reply,
+                },
+            )
             .await?
     }
 
@@ -266,7 +269,13 @@ impl Entities {
     pub async fn restore(&self, id: &str, version: &str) -> Result<Entity, Error> {
         let (id, version) = (id.to_string(), version.to_string());
         self.core
-            .call(|reply| Request::RestoreEntity { id, version, reply })
+            .call(
+                |reply| crate::entities::service::EntityRequest::RestoreEntity {
+                    id,
+                    version,
+                    reply,
+                },
+            )
             .await?
     }
 
@@ -275,13 +284,15 @@ impl Entities {
     pub async fn set_policy(&self, id: &str, policy: &str) -> Result<Entity, Error> {
         let (id, policy) = (id.to_string(), policy.to_string());
         self.core
-            .call(|reply| Request::SetPolicy { id, policy, reply })
+            .call(|reply| crate::entities::service::EntityRequest::SetPolicy { id, policy, reply })
             .await?
     }
 
     /// Conflicts waiting for a choice (entities under the user-choice policy).
     pub async fn conflicts(&self) -> Result<Vec<ConflictInfo>, Error> {
-        self.core.call(|reply| Request::Conflicts { reply }).await?
+        self.core
+            .call(|reply| crate::entities::service::EntityRequest::Conflicts { reply })
+            .await?
     }
 
     /// Settles a conflict on `field` (`state` or `attributes.<name>`) with candidate
@@ -289,12 +300,14 @@ impl Entities {
     pub async fn resolve(&self, id: &str, field: &str, choice: usize) -> Result<Entity, Error> {
         let (id, field) = (id.to_string(), field.to_string());
         self.core
-            .call(|reply| Request::ResolveConflict {
-                id,
-                field,
-                choice,
-                reply,
-            })
+            .call(
+                |reply| crate::entities::service::EntityRequest::ResolveConflict {
+                    id,
+                    field,
+                    choice,
+                    reply,
+                },
+            )
             .await?
     }
 

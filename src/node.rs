@@ -291,11 +291,13 @@ impl Node {
     async fn invite_kind(&self, home: bool, ttl: Duration) -> Result<Invite, Error> {
         let invite = self
             .core
-            .call(|reply| crate::core::Request::CreateInvite {
-                home,
-                ttl_s: ttl.as_secs().max(1),
-                reply,
-            })
+            .call(
+                |reply| crate::pairing::service::PairingRequest::CreateInvite {
+                    home,
+                    ttl_s: ttl.as_secs().max(1),
+                    reply,
+                },
+            )
             .await??;
         Ok(Invite {
             code: invite.code,
@@ -396,7 +398,7 @@ impl Node {
     /// Cancel-safe.
     pub async fn sync_counters(&self) -> Result<crate::SyncCounters, Error> {
         self.core
-            .call(|reply| crate::core::Request::Counters { reply })
+            .call(|reply| crate::core::NodeRequest::Counters { reply })
             .await?
     }
 
@@ -434,7 +436,12 @@ impl Node {
     pub async fn revoke_device(&self, device: &str) -> Result<crate::RevokedDevice, Error> {
         let device = device.to_string();
         self.core
-            .call(|reply| crate::core::Request::RevokeDevice { device, reply })
+            .call(
+                |reply| crate::revocation::service::RevocationRequest::RevokeDevice {
+                    device,
+                    reply,
+                },
+            )
             .await?
     }
 
@@ -456,7 +463,7 @@ impl Node {
         let sink = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let shared = sink.clone();
         self.core
-            .call(|reply| crate::core::Request::Capture {
+            .call(|reply| crate::core::hooks::HookRequest::Capture {
                 sink: shared,
                 reply,
             })
@@ -471,7 +478,7 @@ impl Node {
     #[doc(hidden)]
     pub async fn debug_open_frame(&self, bytes: Vec<u8>) -> Result<(), Error> {
         self.core
-            .call(|reply| crate::core::Request::OpenFrame { bytes, reply })
+            .call(|reply| crate::core::hooks::HookRequest::OpenFrame { bytes, reply })
             .await?
     }
 
@@ -485,7 +492,7 @@ impl Node {
     pub async fn debug_seal_sync(&self, id: &str, payload: Vec<u8>) -> Result<Vec<u8>, Error> {
         let entity = id.to_string();
         self.core
-            .call(|reply| crate::core::Request::SealSync {
+            .call(|reply| crate::core::hooks::HookRequest::SealSync {
                 entity,
                 payload,
                 reply,
@@ -505,12 +512,14 @@ impl Node {
     ) -> Result<crate::Entity, Error> {
         let id = id.to_string();
         self.core
-            .call(|reply| crate::core::Request::SetEntityUnchecked {
-                id,
-                write,
-                header_epoch: None,
-                reply,
-            })
+            .call(
+                |reply| crate::core::hooks::HookRequest::SetEntityUnchecked {
+                    id,
+                    write,
+                    header_epoch: None,
+                    reply,
+                },
+            )
             .await?
     }
 
@@ -526,12 +535,14 @@ impl Node {
     ) -> Result<crate::Entity, Error> {
         let id = id.to_string();
         self.core
-            .call(|reply| crate::core::Request::SetEntityUnchecked {
-                id,
-                write: crate::EntityWrite::default(),
-                header_epoch: Some(counter),
-                reply,
-            })
+            .call(
+                |reply| crate::core::hooks::HookRequest::SetEntityUnchecked {
+                    id,
+                    write: crate::EntityWrite::default(),
+                    header_epoch: Some(counter),
+                    reply,
+                },
+            )
             .await?
     }
 
@@ -543,7 +554,7 @@ impl Node {
     pub async fn debug_clear_revocation(&self, peer: &str) -> Result<(), Error> {
         let peer = peer.to_string();
         self.core
-            .call(|reply| crate::core::Request::ClearRevocation { peer, reply })
+            .call(|reply| crate::core::hooks::HookRequest::ClearRevocation { peer, reply })
             .await?
     }
 

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
-use crate::core::{CoreHandle, Request};
+use crate::core::CoreHandle;
 
 /// A user's status.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,7 +94,7 @@ impl Presence {
         }
         let user = user.map(str::to_string);
         self.core
-            .call(|reply| Request::SetPresence {
+            .call(|reply| crate::rooms::service::RoomRequest::SetPresence {
                 user,
                 status,
                 note,
@@ -109,7 +109,7 @@ impl Presence {
     pub async fn get(&self, user: Option<&str>) -> Result<PresenceInfo, Error> {
         let user = user.map(str::to_string);
         self.core
-            .call(|reply| Request::GetPresence { user, reply })
+            .call(|reply| crate::rooms::service::RoomRequest::GetPresence { user, reply })
             .await?
     }
 
@@ -120,7 +120,7 @@ impl Presence {
     pub async fn online(&self, room: Option<&str>) -> Result<Vec<PresenceInfo>, Error> {
         let room = room.map(str::to_string);
         self.core
-            .call(|reply| Request::ListPresence { room, reply })
+            .call(|reply| crate::rooms::service::RoomRequest::ListPresence { room, reply })
             .await?
     }
 }

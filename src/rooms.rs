@@ -6,7 +6,7 @@ pub(crate) mod service;
 use serde::Serialize;
 
 use crate::Error;
-use crate::core::{CoreHandle, Request};
+use crate::core::CoreHandle;
 
 /// `max_size` of a room created without one.
 pub const DEFAULT_ROOM_SIZE: u64 = 50;
@@ -84,7 +84,7 @@ impl Rooms {
         let name = name.to_string();
         let user = user.map(str::to_string);
         self.core
-            .call(|reply| Request::CreateRoom {
+            .call(|reply| crate::rooms::service::RoomRequest::CreateRoom {
                 name,
                 max_size: max_size.unwrap_or(DEFAULT_ROOM_SIZE),
                 user,
@@ -99,7 +99,7 @@ impl Rooms {
     pub async fn get(&self, room: &str) -> Result<Room, Error> {
         let room = room.to_string();
         self.core
-            .call(|reply| Request::GetRoom { room, reply })
+            .call(|reply| crate::rooms::service::RoomRequest::GetRoom { room, reply })
             .await?
     }
 
@@ -107,7 +107,9 @@ impl Rooms {
     ///
     /// Cancel-safe.
     pub async fn list(&self) -> Result<Vec<Room>, Error> {
-        self.core.call(|reply| Request::ListRooms { reply }).await?
+        self.core
+            .call(|reply| crate::rooms::service::RoomRequest::ListRooms { reply })
+            .await?
     }
 
     /// Joins a room; [`Error::Conflict`] when it is full. Joining twice is not an error.
@@ -116,7 +118,7 @@ impl Rooms {
     pub async fn join(&self, room: &str, user: Option<&str>) -> Result<Room, Error> {
         let (room, user) = (room.to_string(), user.map(str::to_string));
         self.core
-            .call(|reply| Request::JoinRoom { room, user, reply })
+            .call(|reply| crate::rooms::service::RoomRequest::JoinRoom { room, user, reply })
             .await?
     }
 
@@ -126,7 +128,7 @@ impl Rooms {
     pub async fn leave(&self, room: &str, user: Option<&str>) -> Result<Room, Error> {
         let (room, user) = (room.to_string(), user.map(str::to_string));
         self.core
-            .call(|reply| Request::LeaveRoom { room, user, reply })
+            .call(|reply| crate::rooms::service::RoomRequest::LeaveRoom { room, user, reply })
             .await?
     }
 
@@ -151,7 +153,7 @@ impl Rooms {
             message.to_string(),
         );
         self.core
-            .call(|reply| Request::Say {
+            .call(|reply| crate::rooms::service::RoomRequest::Say {
                 room,
                 user,
                 text,
@@ -166,7 +168,7 @@ impl Rooms {
     pub async fn messages(&self, room: &str, limit: usize) -> Result<Vec<ChatMessage>, Error> {
         let room = room.to_string();
         self.core
-            .call(|reply| Request::Chat {
+            .call(|reply| crate::rooms::service::RoomRequest::Chat {
                 room,
                 limit: limit.min(MAX_CHAT_LIMIT),
                 reply,

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
-use crate::core::{CoreHandle, Request};
+use crate::core::CoreHandle;
 
 /// A home this one is paired with.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,13 +98,15 @@ impl Shares {
     pub async fn pair(&self, code: &str) -> Result<PairedWith, Error> {
         let code = code.trim().to_string();
         self.core
-            .call(|reply| Request::PairHome { code, reply })
+            .call(|reply| crate::sharing::service::SharingRequest::PairHome { code, reply })
             .await?
     }
 
     /// Paired homes, with what is shared each way.
     pub async fn homes(&self) -> Result<Vec<KnownHome>, Error> {
-        self.core.call(|reply| Request::ListHomes { reply }).await?
+        self.core
+            .call(|reply| crate::sharing::service::SharingRequest::ListHomes { reply })
+            .await?
     }
 
     /// Forgets a paired home (by HomeId or unique name): every entity shared with it is
@@ -112,7 +114,7 @@ impl Shares {
     pub async fn forget(&self, home: &str) -> Result<PairedWith, Error> {
         let home = home.to_string();
         self.core
-            .call(|reply| Request::ForgetHome { home, reply })
+            .call(|reply| crate::sharing::service::SharingRequest::ForgetHome { home, reply })
             .await?
     }
 
@@ -131,7 +133,7 @@ impl Shares {
             policy.map(str::to_string),
         );
         self.core
-            .call(|reply| Request::Share {
+            .call(|reply| crate::sharing::service::SharingRequest::Share {
                 entity_id,
                 home,
                 read_only,
@@ -146,7 +148,7 @@ impl Shares {
     pub async fn unshare(&self, entity_id: &str, home: &str) -> Result<ShareOut, Error> {
         let (entity_id, home) = (entity_id.to_string(), home.to_string());
         self.core
-            .call(|reply| Request::Unshare {
+            .call(|reply| crate::sharing::service::SharingRequest::Unshare {
                 entity_id,
                 home,
                 reply,
@@ -157,7 +159,7 @@ impl Shares {
     /// What this home shares, and what is shared with it.
     pub async fn list(&self) -> Result<SharedList, Error> {
         self.core
-            .call(|reply| Request::ListShares { reply })
+            .call(|reply| crate::sharing::service::SharingRequest::ListShares { reply })
             .await?
     }
 
@@ -167,6 +169,8 @@ impl Shares {
     }
 
     async fn core_store(&self) -> Result<hearth_storage::StoreHandle, Error> {
-        self.core.call(|reply| Request::Store { reply }).await?
+        self.core
+            .call(|reply| crate::core::NodeRequest::Store { reply })
+            .await?
     }
 }

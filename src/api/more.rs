@@ -153,7 +153,7 @@ pub(crate) async fn peer_entries(state: &ApiState) -> Result<Vec<PeerEntry>, Api
     })?;
     let report = state
         .core
-        .call(|reply| crate::core::Request::SyncReport { reply })
+        .call(|reply| crate::core::NodeRequest::SyncReport { reply })
         .await??;
     let mut out: Vec<PeerEntry> = peers
         .into_iter()
@@ -371,7 +371,7 @@ pub(crate) async fn list_presence(
 pub(crate) async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
     match state
         .core
-        .call(|reply| crate::core::Request::SyncReport { reply })
+        .call(|reply| crate::core::NodeRequest::SyncReport { reply })
         .await
     {
         Ok(Ok(report)) => state.metrics.observe_core(&report),

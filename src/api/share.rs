@@ -262,7 +262,7 @@ pub(super) async fn revoke_device(
     let device = id;
     let result = state
         .core
-        .call(|reply| crate::core::Request::RevokeDevice { device, reply })
+        .call(|reply| crate::revocation::service::RevocationRequest::RevokeDevice { device, reply })
         .await??;
     Ok(Json(result))
 }

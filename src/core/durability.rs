@@ -18,7 +18,7 @@ use hearth_storage::{Batch, BatchOp, DocChunk, Keyspace, StoreHandle};
 use tokio::sync::Semaphore;
 
 use super::batching::Ack;
-use super::{Core, Request, append};
+use super::{Core, append};
 use crate::Error;
 
 /// Most store batches the core has in flight at once. A burst of remote changes beyond it
@@ -118,69 +118,6 @@ pub(crate) fn refusal(store: &StoreHandle) -> Error {
             "the write was refused and not applied: the store is failing ({reason}); it \
              retries by itself, so free disk space and try again"
         ),
-    }
-}
-
-/// Whether a request writes (and so is refused while the store is failed).
-pub(crate) fn is_write(request: &Request) -> bool {
-    #[cfg(feature = "test-hooks")]
-    if matches!(request, Request::SetEntityUnchecked { .. }) {
-        return true;
-    }
-    matches!(
-        request,
-        Request::SetEntity { .. }
-            | Request::SetMany { .. }
-            | Request::SetPolicy { .. }
-            | Request::ResolveConflict { .. }
-            | Request::DeleteEntity { .. }
-            | Request::RestoreEntity { .. }
-            | Request::WriteRestored { .. }
-            | Request::CreateRoom { .. }
-            | Request::JoinRoom { .. }
-            | Request::LeaveRoom { .. }
-            | Request::Say { .. }
-            | Request::SetPresence { .. }
-            | Request::PairHome { .. }
-            | Request::ForgetHome { .. }
-            | Request::Share { .. }
-            | Request::Unshare { .. }
-            | Request::RevokeDevice { .. }
-            | Request::Repair { drop: true, .. }
-    )
-}
-
-/// Answers a write request with `error` without running it.
-pub(crate) fn refuse(request: Request, error: Error) {
-    macro_rules! send {
-        ($reply:expr) => {{
-            let _ = $reply.send(Err(error));
-        }};
-    }
-    match request {
-        Request::SetEntity { reply, .. } => send!(reply),
-        #[cfg(feature = "test-hooks")]
-        Request::SetEntityUnchecked { reply, .. } => send!(reply),
-        Request::SetMany { reply, .. } => send!(reply),
-        Request::SetPolicy { reply, .. } => send!(reply),
-        Request::ResolveConflict { reply, .. } => send!(reply),
-        Request::DeleteEntity { reply, .. } => send!(reply),
-        Request::RestoreEntity { reply, .. } | Request::WriteRestored { reply, .. } => {
-            send!(reply)
-        }
-        Request::CreateRoom { reply, .. } => send!(reply),
-        Request::JoinRoom { reply, .. } => send!(reply),
-        Request::LeaveRoom { reply, .. } => send!(reply),
-        Request::Say { reply, .. } => send!(reply),
-        Request::SetPresence { reply, .. } => send!(reply),
-        Request::PairHome { reply, .. } => send!(reply),
-        Request::ForgetHome { reply, .. } => send!(reply),
-        Request::Share { reply, .. } => send!(reply),
-        Request::Unshare { reply, .. } => send!(reply),
-        Request::RevokeDevice { reply, .. } => send!(reply),
-        Request::Repair { reply, .. } => send!(reply),
-        // Not a write: nothing to refuse.
-        _ => {}
     }
 }
 

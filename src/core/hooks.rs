@@ -8,9 +8,36 @@ use hearth_crdt::wire::{self, Frame};
 use hearth_storage::Batch;
 
 use super::peers::MAX_FRAME_BYTES;
-use super::{Core, doc_err, now_ms};
+use super::{Core, Reply, doc_err, now_ms};
 use crate::trust::keys::{self, RecordKind};
 use crate::{Entity, EntityWrite, Error};
+
+/// Test hooks: requests that only the project's own tests make.
+pub(crate) enum HookRequest {
+    /// Test hook: a write that skips this home's own check of its rights on the entity,
+    /// to show the owner refuses it (see `Node::debug_write_unchecked`).
+    SetEntityUnchecked {
+        id: String,
+        write: EntityWrite,
+        /// Instead of the entity's value, move its document's key epoch to this counter,
+        /// as a writer home's library rewriting the header would.
+        header_epoch: Option<u64>,
+        reply: Reply<Entity>,
+    },
+    /// Test hook: writes the home document as a device of the home that wants a revoked
+    /// device back would: `revoked_at` cleared and the signed record deleted.
+    ClearRevocation { peer: String, reply: Reply<()> },
+    /// Test hook: record every frame received from now on (see `Node::debug_capture`).
+    Capture { sink: CaptureSink, reply: Reply<()> },
+    /// Test hook: try to open a captured frame with this device's keys.
+    OpenFrame { bytes: Vec<u8>, reply: Reply<()> },
+    /// Test hook: seal a sync message payload for an entity's document.
+    SealSync {
+        entity: String,
+        payload: Vec<u8>,
+        reply: Reply<Vec<u8>>,
+    },
+}
 
 /// Where received frames are recorded (see `Node::debug_capture`).
 pub(crate) type CaptureSink = std::sync::Arc<std::sync::Mutex<Vec<crate::node::Captured>>>;
@@ -155,5 +182,64 @@ impl Core {
             .map_err(doc_err)?;
         let batch = self.handle_outputs(out);
         Ok((self.entity_view(doc)?, batch))
+    }
+}
+
+impl HookRequest {
+    /// Whether the request writes (and so is refused while the store is failed).
+    pub(crate) fn is_write(&self) -> bool {
+        matches!(self, Self::SetEntityUnchecked { .. })
+    }
+
+    /// Answers the request with `error` without running it.
+    pub(crate) fn refuse(self, error: Error) {
+        match self {
+            Self::SetEntityUnchecked { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            Self::ClearRevocation { reply, .. }
+            | Self::Capture { reply, .. }
+            | Self::OpenFrame { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            Self::SealSync { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+        }
+    }
+}
+
+impl Core {
+    /// Answers a test hook's request.
+    pub(crate) fn handle_hook(&mut self, request: HookRequest) {
+        match request {
+            HookRequest::ClearRevocation { peer, reply } => {
+                let result = self.debug_clear_revocation(&peer);
+                let _ = reply.send(result);
+            }
+            HookRequest::SetEntityUnchecked {
+                id,
+                write,
+                header_epoch,
+                reply,
+            } => {
+                let result = self.debug_write_unchecked(&id, write, header_epoch);
+                self.reply_after_flush(result, reply);
+            }
+            HookRequest::Capture { sink, reply } => {
+                self.capture = Some(sink);
+                let _ = reply.send(Ok(()));
+            }
+            HookRequest::OpenFrame { bytes, reply } => {
+                let _ = reply.send(self.debug_open_frame(&bytes));
+            }
+            HookRequest::SealSync {
+                entity,
+                payload,
+                reply,
+            } => {
+                let _ = reply.send(self.debug_seal_sync(&entity, payload));
+            }
+        }
     }
 }

@@ -22,16 +22,14 @@ pub(crate) mod durability;
 pub(crate) mod quarantine;
 pub(crate) use durability::MAX_PERSISTS_IN_FLIGHT;
 #[cfg(feature = "test-hooks")]
-mod hooks;
+pub(crate) mod hooks;
 pub(crate) mod keyring;
 
 use crate::entities::batching;
 use crate::pairing::service as pairing;
 use crate::peers::{admission as peers, heartbeat, pacing};
-use crate::revocation::service as revoke;
 use crate::revocation::set as revocations;
 use crate::rooms::service as rooms;
-use crate::sharing::lists as share_lists;
 use crate::sharing::service as sharing;
 
 use hearth_crdt::schema::home as home_schema;
@@ -79,214 +77,88 @@ pub(crate) enum Notice {
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, Error>>;
 
-/// A request to the core.
+/// A request to the core: one service's own request, routed to that service alone.
 pub(crate) enum Request {
-    SetEntity {
-        id: String,
-        write: EntityWrite,
-        reply: Reply<Entity>,
-    },
-    SetPolicy {
-        id: String,
-        policy: String,
-        reply: Reply<Entity>,
-    },
-    Conflicts {
-        reply: Reply<Vec<crate::entities::ConflictInfo>>,
-    },
-    ResolveConflict {
-        id: String,
-        field: String,
-        choice: usize,
-        reply: Reply<Entity>,
-    },
-    /// Test hook: a write that skips this home's own check of its rights on the entity,
-    /// to show the owner refuses it (see `Node::debug_write_unchecked`).
+    Node(NodeRequest),
+    Entities(crate::entities::service::EntityRequest),
+    Rooms(crate::rooms::service::RoomRequest),
+    Pairing(crate::pairing::service::PairingRequest),
+    Sharing(crate::sharing::service::SharingRequest),
+    Revocation(crate::revocation::service::RevocationRequest),
     #[cfg(feature = "test-hooks")]
-    SetEntityUnchecked {
-        id: String,
-        write: EntityWrite,
-        /// Instead of the entity's value, move its document's key epoch to this counter,
-        /// as a writer home's library rewriting the header would.
-        header_epoch: Option<u64>,
-        reply: Reply<Entity>,
-    },
+    Hooks(hooks::HookRequest),
+}
+
+macro_rules! route {
+    ($($variant:ident($ty:ty)),* $(,)?) => {
+        $(impl From<$ty> for Request {
+            fn from(request: $ty) -> Self {
+                Request::$variant(request)
+            }
+        })*
+    };
+}
+route!(
+    Node(NodeRequest),
+    Entities(crate::entities::service::EntityRequest),
+    Rooms(crate::rooms::service::RoomRequest),
+    Pairing(crate::pairing::service::PairingRequest),
+    Sharing(crate::sharing::service::SharingRequest),
+    Revocation(crate::revocation::service::RevocationRequest),
+);
+#[cfg(feature = "test-hooks")]
+route!(Hooks(hooks::HookRequest));
+
+impl Request {
+    /// Whether the request writes (and so is refused while the store is failed).
+    fn is_write(&self) -> bool {
+        match self {
+            Request::Node(r) => matches!(r, NodeRequest::Repair { drop: true, .. }),
+            Request::Entities(r) => r.is_write(),
+            Request::Rooms(r) => r.is_write(),
+            Request::Pairing(r) => r.is_write(),
+            Request::Sharing(r) => r.is_write(),
+            Request::Revocation(r) => r.is_write(),
+            #[cfg(feature = "test-hooks")]
+            Request::Hooks(r) => r.is_write(),
+        }
+    }
+
+    /// Answers a write request with `error` without running it.
+    fn refuse(self, error: Error) {
+        match self {
+            Request::Node(NodeRequest::Repair { reply, .. }) => {
+                let _ = reply.send(Err(error));
+            }
+            // Only a repair that drops records writes.
+            Request::Node(_) => {}
+            Request::Entities(r) => r.refuse(error),
+            Request::Rooms(r) => r.refuse(error),
+            Request::Pairing(r) => r.refuse(error),
+            Request::Sharing(r) => r.refuse(error),
+            Request::Revocation(r) => r.refuse(error),
+            #[cfg(feature = "test-hooks")]
+            Request::Hooks(r) => r.refuse(error),
+        }
+    }
+}
+
+/// Requests about the node itself: readiness, counters, the store's repair.
+pub(crate) enum NodeRequest {
     /// Readiness: answered at once by a core that is running and reading its queue.
     Ping {
         reply: Reply<()>,
     },
-    /// Test hook: writes the home document as a device of the home that wants a revoked
-    /// device back would: `revoked_at` cleared and the signed record deleted.
-    #[cfg(feature = "test-hooks")]
-    ClearRevocation {
-        peer: String,
-        reply: Reply<()>,
-    },
-    /// Many writes in order, acknowledged together (batching.rs).
-    SetMany {
-        writes: Vec<(String, EntityWrite)>,
-        reply: Reply<Vec<Entity>>,
-    },
-    GetEntity {
-        id: String,
-        reply: Reply<Option<Entity>>,
-    },
-    ListEntities {
-        reply: Reply<Vec<Entity>>,
-    },
-    CreateInvite {
-        home: bool,
-        ttl_s: u64,
-        reply: Reply<pairing::NewInvite>,
-    },
     Counters {
         reply: Reply<SyncCounters>,
-    },
-    // Entity history and deletion (entity_ops.rs).
-    DeleteEntity {
-        id: String,
-        reply: Reply<Entity>,
-    },
-    EntityHistory {
-        id: String,
-        limit: usize,
-        reply: Reply<Vec<crate::entities::EntityVersion>>,
-    },
-    RestoreEntity {
-        id: String,
-        version: String,
-        reply: Reply<Entity>,
-    },
-    /// Internal: a restore's read job resolved the old version; write it as a new one.
-    WriteRestored {
-        id: String,
-        doc: DocId,
-        target: hearth_crdt::Entity,
-        reply: Reply<Entity>,
-    },
-    // Rooms and presence (rooms.rs).
-    CreateRoom {
-        name: String,
-        max_size: u64,
-        user: Option<String>,
-        reply: Reply<crate::rooms::Room>,
-    },
-    GetRoom {
-        room: String,
-        reply: Reply<crate::rooms::Room>,
-    },
-    ListRooms {
-        reply: Reply<Vec<crate::rooms::Room>>,
-    },
-    JoinRoom {
-        room: String,
-        user: Option<String>,
-        reply: Reply<crate::rooms::Room>,
-    },
-    LeaveRoom {
-        room: String,
-        user: Option<String>,
-        reply: Reply<crate::rooms::Room>,
-    },
-    Say {
-        room: String,
-        user: Option<String>,
-        text: String,
-        reply: Reply<crate::rooms::ChatMessage>,
-    },
-    Chat {
-        room: String,
-        limit: usize,
-        reply: Reply<Vec<crate::rooms::ChatMessage>>,
-    },
-    /// Prunes every room's chat to the retention limits; answers how many went.
-    PruneChat {
-        reply: Reply<usize>,
-    },
-    SetPresence {
-        user: Option<String>,
-        status: crate::presence::Status,
-        note: Option<String>,
-        reply: Reply<crate::presence::PresenceInfo>,
-    },
-    GetPresence {
-        user: Option<String>,
-        reply: Reply<crate::presence::PresenceInfo>,
-    },
-    ListPresence {
-        room: Option<String>,
-        reply: Reply<Vec<crate::presence::PresenceInfo>>,
     },
     /// Per-peer sync lag and document counts, for status and metrics.
     SyncReport {
         reply: Reply<SyncReport>,
     },
-    // Sharing between homes (sharing.rs).
-    PairHome {
-        code: String,
-        reply: Reply<crate::shares::PairedWith>,
-    },
-    /// Internal: the joining side's pairing exchange ended.
-    HomePairDone {
-        issuer: hearth_net::PeerId,
-        issuer_addrs: Vec<String>,
-        expected_home: String,
-        result: Result<Vec<u8>, Error>,
-        reply: Reply<crate::shares::PairedWith>,
-    },
-    ListHomes {
-        reply: Reply<Vec<crate::shares::KnownHome>>,
-    },
-    ForgetHome {
-        home: String,
-        reply: Reply<crate::shares::PairedWith>,
-    },
-    Share {
-        entity_id: String,
-        home: String,
-        read_only: bool,
-        policy: Option<String>,
-        reply: Reply<crate::shares::ShareOut>,
-    },
-    Unshare {
-        entity_id: String,
-        home: String,
-        reply: Reply<crate::shares::ShareOut>,
-    },
-    ListShares {
-        reply: Reply<crate::shares::SharedList>,
-    },
-    /// Internal: a share listing's read job found the shared entities in the registry.
-    FinishShareList {
-        rows: Vec<share_lists::Row>,
-        reply: share_lists::ListReply,
-    },
-    RevokeDevice {
-        device: String,
-        reply: Reply<revoke::RevokedDevice>,
-    },
     /// The store, for reads that need no core state (the audit log).
     Store {
         reply: Reply<StoreHandle>,
-    },
-    /// Test hook: record every frame received from now on (see `Node::debug_capture`).
-    #[cfg(feature = "test-hooks")]
-    Capture {
-        sink: hooks::CaptureSink,
-        reply: Reply<()>,
-    },
-    /// Test hook: try to open a captured frame with this device's keys.
-    #[cfg(feature = "test-hooks")]
-    OpenFrame {
-        bytes: Vec<u8>,
-        reply: Reply<()>,
-    },
-    /// Test hook: seal a sync message payload for an entity's document.
-    #[cfg(feature = "test-hooks")]
-    SealSync {
-        entity: String,
-        payload: Vec<u8>,
-        reply: Reply<Vec<u8>>,
     },
     /// Documents quarantined at start; with `drop`, their damaged records are deleted.
     Repair {
@@ -339,14 +211,14 @@ pub(crate) struct CoreHandle {
 
 impl CoreHandle {
     /// Sends a request and waits for its reply, at most [`CORE_CALL_TIMEOUT`].
-    pub(crate) async fn call<T>(
+    pub(crate) async fn call<T, R: Into<Request>>(
         &self,
-        make: impl FnOnce(Reply<T>) -> Request,
+        make: impl FnOnce(Reply<T>) -> R,
     ) -> Result<Result<T, Error>, Error> {
         let (reply, rx) = oneshot::channel();
         let asked = async {
             self.tx
-                .send(make(reply))
+                .send(make(reply).into())
                 .await
                 .map_err(|_| Error::Stopped)?;
             rx.await.map_err(|_| Error::Stopped)
@@ -930,25 +802,11 @@ impl Core {
                 _ = cancel.cancelled() => break,
                 request = rx.recv() => match request {
                     // Refused before anything applies, so memory, peers and disk stay in step.
-                    Some(request) if durability::is_write(&request) && self.store.is_failed() => {
-                        durability::refuse(request, durability::refusal(&self.store));
-                    }
-                    Some(Request::Repair { drop, reply }) => {
-                        let _ = reply.send(self.repair(drop).await);
-                    }
-                    Some(Request::CreateInvite { home, ttl_s, reply }) => {
-                        let _ = reply.send(self.create_invite(home, ttl_s).await);
-                    }
-                    Some(request @ (Request::HomePairDone { .. }
-                        | Request::ForgetHome { .. }
-                        | Request::Share { .. }
-                        | Request::RevokeDevice { .. }
-                        | Request::Unshare { .. })) => {
-                        self.handle_sharing(request).await;
-                        self.send_pending().await;
+                    Some(request) if request.is_write() && self.store.is_failed() => {
+                        request.refuse(durability::refusal(&self.store));
                     }
                     Some(request) => {
-                        self.handle(request);
+                        self.route(request).await;
                         self.send_pending().await;
                     }
                     None => break,
@@ -1066,136 +924,39 @@ impl Core {
         }
     }
 
-    pub(crate) fn handle(&mut self, request: Request) {
+    /// Hands a request to the one service it belongs to.
+    async fn route(&mut self, request: Request) {
         match request {
-            Request::Ping { reply } => {
+            Request::Node(request) => self.handle_node(request).await,
+            Request::Entities(request) => self.handle_entities(request),
+            Request::Rooms(request) => self.handle_rooms(request),
+            Request::Pairing(request) => self.handle_pairing(request).await,
+            Request::Sharing(request) => self.handle_sharing(request).await,
+            Request::Revocation(request) => self.handle_revocation(request).await,
+            #[cfg(feature = "test-hooks")]
+            Request::Hooks(request) => self.handle_hook(request),
+        }
+    }
+
+    async fn handle_node(&mut self, request: NodeRequest) {
+        match request {
+            NodeRequest::Ping { reply } => {
                 let _ = reply.send(Ok(()));
             }
-            #[cfg(feature = "test-hooks")]
-            Request::ClearRevocation { peer, reply } => {
-                let result = self.debug_clear_revocation(&peer);
-                let _ = reply.send(result);
-            }
-            #[cfg(feature = "test-hooks")]
-            Request::SetEntityUnchecked {
-                id,
-                write,
-                header_epoch,
-                reply,
-            } => {
-                let result = self.debug_write_unchecked(&id, write, header_epoch);
-                self.reply_after_flush(result, reply);
-            }
-            Request::SetPolicy { id, policy, reply } => {
-                let result = self.set_policy(&id, &policy);
-                self.reply_after_flush(result, reply);
-            }
-            Request::Conflicts { reply } => {
-                let _ = reply.send(self.list_conflicts());
-            }
-            Request::ResolveConflict {
-                id,
-                field,
-                choice,
-                reply,
-            } => {
-                let result = self.resolve(&id, &field, choice);
-                self.reply_after_flush(result, reply);
-            }
-            Request::SetEntity { id, write, reply } => {
-                let result = self.set_entity(&id, write);
-                self.reply_after_flush(result, reply);
-            }
-            Request::SetMany { writes, reply } => {
-                let result = self.set_many(writes);
-                self.reply_after_flush(result, reply);
-            }
-            Request::GetEntity { id, reply } => {
-                let _ = reply.send(self.get_entity(&id));
-            }
-            Request::ListEntities { reply } => self.list_entities(reply),
-            Request::Counters { reply } => {
+            NodeRequest::Counters { reply } => {
                 let mut counters = self.counters.clone();
                 counters.heads_root = self.digest.root_hash().map(hex::encode).unwrap_or_default();
                 let _ = reply.send(Ok(counters));
             }
-            Request::CreateInvite { reply, .. } => {
-                // Answered in the run loop, which can await the network.
-                let _ = reply.send(Err(Error::Internal("invite request misrouted".into())));
-            }
-            Request::SyncReport { reply } => {
+            NodeRequest::SyncReport { reply } => {
                 let _ = reply.send(Ok(self.sync_report()));
             }
-            Request::PairHome { code, reply } => self.start_home_pairing(&code, reply),
-            Request::ListHomes { reply } => {
-                self.list_shared(share_lists::ListReply::Homes(reply));
-            }
-            Request::ListShares { reply } => {
-                self.list_shared(share_lists::ListReply::Shares(reply));
-            }
-            Request::FinishShareList { rows, reply } => self.finish_share_list(rows, reply),
-            Request::Store { reply } => {
+            NodeRequest::Store { reply } => {
                 let _ = reply.send(Ok(self.store.clone()));
             }
-            #[cfg(feature = "test-hooks")]
-            Request::Capture { sink, reply } => {
-                self.capture = Some(sink);
-                let _ = reply.send(Ok(()));
+            NodeRequest::Repair { drop, reply } => {
+                let _ = reply.send(self.repair(drop).await);
             }
-            #[cfg(feature = "test-hooks")]
-            Request::OpenFrame { bytes, reply } => {
-                let _ = reply.send(self.debug_open_frame(&bytes));
-            }
-            #[cfg(feature = "test-hooks")]
-            Request::SealSync {
-                entity,
-                payload,
-                reply,
-            } => {
-                let _ = reply.send(self.debug_seal_sync(&entity, payload));
-            }
-            other => self.handle_more(other),
-        }
-    }
-
-    /// Requests that wait on the store or the network while changing sharing state.
-    pub(crate) async fn handle_sharing(&mut self, request: Request) {
-        match request {
-            Request::HomePairDone {
-                issuer,
-                issuer_addrs,
-                expected_home,
-                result,
-                reply,
-            } => {
-                let outcome = self
-                    .finish_home_pairing(issuer, &issuer_addrs, &expected_home, result)
-                    .await;
-                let _ = reply.send(outcome);
-            }
-            Request::ForgetHome { home, reply } => {
-                let _ = reply.send(self.forget_home(&home).await);
-            }
-            Request::RevokeDevice { device, reply } => {
-                let _ = reply.send(self.revoke_device(&device).await);
-            }
-            Request::Share {
-                entity_id,
-                home,
-                read_only,
-                policy,
-                reply,
-            } => {
-                let _ = reply.send(self.share(&entity_id, &home, read_only, policy).await);
-            }
-            Request::Unshare {
-                entity_id,
-                home,
-                reply,
-            } => {
-                let _ = reply.send(self.unshare(&entity_id, &home).await);
-            }
-            other => self.handle(other),
         }
     }
 

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use tokio::sync::oneshot;
 
 use crate::Error;
-use crate::core::{Core, Reply, Request, doc_err, now_ms, rfc3339_ms};
+use crate::core::{Core, Reply, doc_err, now_ms, rfc3339_ms};
 use crate::entities::{Entity, EntityVersion};
 
 impl Core {
@@ -95,7 +95,7 @@ impl Core {
 
     /// Restores `version`. The core finds the version in the entity's log and takes a
     /// copy of the document; a read job reads the entity as of that version (which walks
-    /// history) and hands it back as [`Request::WriteRestored`], written on the core as
+    /// history) and hands it back as [`crate::entities::service::EntityRequest::WriteRestored`], written on the core as
     /// every write is.
     pub(crate) fn restore_entity(&mut self, id: &str, version: &str, reply: Reply<Entity>) {
         let read = self.existing_entity(id).and_then(|doc| {
@@ -139,12 +139,15 @@ impl Core {
                     Ok(Ok(target)) => {
                         // A core that stopped drops the request, and with it the reply.
                         let _ = tx
-                            .send(Request::WriteRestored {
-                                id,
-                                doc,
-                                target,
-                                reply,
-                            })
+                            .send(
+                                crate::entities::service::EntityRequest::WriteRestored {
+                                    id,
+                                    doc,
+                                    target,
+                                    reply,
+                                }
+                                .into(),
+                            )
                             .await;
                     }
                     Ok(Err(e)) => {

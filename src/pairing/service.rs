@@ -9,10 +9,20 @@ use hearth_net::PeerId;
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
+use crate::core::Reply;
 use crate::core::{Core, doc_err, now_ms};
 use crate::trust::cert::DeviceCert;
 use crate::trust::invite::{DEFAULT_MAX_OUTSTANDING, InviteBook, InviteKind, Issuer};
 use crate::trust::pake::{Grant, IssuerHandshake, VerifiedJoiner};
+
+/// Requests of the pairing service.
+pub(crate) enum PairingRequest {
+    CreateInvite {
+        home: bool,
+        ttl_s: u64,
+        reply: Reply<NewInvite>,
+    },
+}
 
 /// What a joining device receives, inside the sealed grant: the home's public record and
 /// the keys of the home and registry documents. Every other document key reaches it
@@ -297,4 +307,31 @@ fn reachable(addrs: &[hearth_net::Multiaddr]) -> Vec<String> {
         .into_iter()
         .partition(|a| a.starts_with("/ip4/127.") || a.starts_with("/ip6/::1/"));
     if other.is_empty() { loopback } else { other }
+}
+
+impl PairingRequest {
+    /// Whether the request writes (and so is refused while the store is failed).
+    pub(crate) fn is_write(&self) -> bool {
+        false
+    }
+
+    /// Answers the request with `error` without running it.
+    pub(crate) fn refuse(self, error: Error) {
+        match self {
+            Self::CreateInvite { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+        }
+    }
+}
+
+impl Core {
+    /// Answers a request of the pairing service.
+    pub(crate) async fn handle_pairing(&mut self, request: PairingRequest) {
+        match request {
+            PairingRequest::CreateInvite { home, ttl_s, reply } => {
+                let _ = reply.send(self.create_invite(home, ttl_s).await);
+            }
+        }
+    }
 }

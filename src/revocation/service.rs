@@ -14,10 +14,19 @@ use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
 use crate::Error;
+use crate::core::Reply;
 use crate::core::{Core, doc_err, new_key, now_ms};
 use crate::revocation::set::{Learnt, Revocations};
 use crate::trust::cert::{DeviceCert, Revocation};
 use crate::trust::keys::{self, WrappedKey};
+
+/// Requests of the revocation service.
+pub(crate) enum RevocationRequest {
+    RevokeDevice {
+        device: String,
+        reply: Reply<RevokedDevice>,
+    },
+}
 
 /// The key of the home or registry document at a new epoch, for one device of the home.
 #[derive(Serialize, Deserialize)]
@@ -529,5 +538,32 @@ impl Core {
             }
         }
         self.send_pending().await;
+    }
+}
+
+impl RevocationRequest {
+    /// Whether the request writes (and so is refused while the store is failed).
+    pub(crate) fn is_write(&self) -> bool {
+        true
+    }
+
+    /// Answers the request with `error` without running it.
+    pub(crate) fn refuse(self, error: Error) {
+        match self {
+            Self::RevokeDevice { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+        }
+    }
+}
+
+impl Core {
+    /// Answers a request of the revocation service.
+    pub(crate) async fn handle_revocation(&mut self, request: RevocationRequest) {
+        match request {
+            RevocationRequest::RevokeDevice { device, reply } => {
+                let _ = reply.send(self.revoke_device(&device).await);
+            }
+        }
     }
 }

@@ -19,10 +19,66 @@ use hearth_storage::Batch;
 use sha2::{Digest, Sha256};
 
 use crate::Error;
-use crate::core::{Core, Request, now_ms, rfc3339_ms};
+use crate::core::Reply;
+use crate::core::{Core, now_ms, rfc3339_ms};
 use crate::events::Event;
 use crate::presence::{PresenceInfo, Status};
 use crate::rooms::{ChatMessage, Room, RoomMember};
+
+/// Requests of the rooms and presence service.
+pub(crate) enum RoomRequest {
+    // Rooms and presence (rooms.rs).
+    CreateRoom {
+        name: String,
+        max_size: u64,
+        user: Option<String>,
+        reply: Reply<crate::rooms::Room>,
+    },
+    GetRoom {
+        room: String,
+        reply: Reply<crate::rooms::Room>,
+    },
+    ListRooms {
+        reply: Reply<Vec<crate::rooms::Room>>,
+    },
+    JoinRoom {
+        room: String,
+        user: Option<String>,
+        reply: Reply<crate::rooms::Room>,
+    },
+    LeaveRoom {
+        room: String,
+        user: Option<String>,
+        reply: Reply<crate::rooms::Room>,
+    },
+    Say {
+        room: String,
+        user: Option<String>,
+        text: String,
+        reply: Reply<crate::rooms::ChatMessage>,
+    },
+    Chat {
+        room: String,
+        limit: usize,
+        reply: Reply<Vec<crate::rooms::ChatMessage>>,
+    },
+    /// Prunes every room's chat to the retention limits; answers how many went.
+    PruneChat { reply: Reply<usize> },
+    SetPresence {
+        user: Option<String>,
+        status: crate::presence::Status,
+        note: Option<String>,
+        reply: Reply<crate::presence::PresenceInfo>,
+    },
+    GetPresence {
+        user: Option<String>,
+        reply: Reply<crate::presence::PresenceInfo>,
+    },
+    ListPresence {
+        room: Option<String>,
+        reply: Reply<Vec<crate::presence::PresenceInfo>>,
+    },
+}
 
 /// What a room looked like when last announced.
 pub(crate) struct RoomSeen {
@@ -145,29 +201,10 @@ fn to_status(s: PresenceStatus) -> Status {
 }
 
 impl Core {
-    /// Requests about entity history, rooms and presence.
-    pub(crate) fn handle_more(&mut self, request: Request) {
+    /// Answers a request of the rooms and presence service.
+    pub(crate) fn handle_rooms(&mut self, request: RoomRequest) {
         match request {
-            Request::DeleteEntity { id, reply } => {
-                let result = self.delete_entity(&id);
-                self.reply_after_flush(result, reply);
-            }
-            Request::EntityHistory { id, limit, reply } => {
-                self.entity_history(&id, limit, reply);
-            }
-            Request::RestoreEntity { id, version, reply } => {
-                self.restore_entity(&id, &version, reply);
-            }
-            Request::WriteRestored {
-                id,
-                doc,
-                target,
-                reply,
-            } => {
-                let result = self.write_restored(&id, doc, target);
-                self.reply_after_flush(result, reply);
-            }
-            Request::CreateRoom {
+            RoomRequest::CreateRoom {
                 name,
                 max_size,
                 user,
@@ -176,21 +213,21 @@ impl Core {
                 let result = self.create_room(&name, max_size, user);
                 self.reply_after_flush(result, reply);
             }
-            Request::GetRoom { room, reply } => {
+            RoomRequest::GetRoom { room, reply } => {
                 let _ = reply.send(self.resolve_room(&room).and_then(|d| self.room_view(d)));
             }
-            Request::ListRooms { reply } => {
+            RoomRequest::ListRooms { reply } => {
                 let _ = reply.send(self.list_rooms());
             }
-            Request::JoinRoom { room, user, reply } => {
+            RoomRequest::JoinRoom { room, user, reply } => {
                 let result = self.join_or_leave(&room, user, true);
                 self.reply_after_flush(result, reply);
             }
-            Request::LeaveRoom { room, user, reply } => {
+            RoomRequest::LeaveRoom { room, user, reply } => {
                 let result = self.join_or_leave(&room, user, false);
                 self.reply_after_flush(result, reply);
             }
-            Request::Say {
+            RoomRequest::Say {
                 room,
                 user,
                 text,
@@ -199,14 +236,14 @@ impl Core {
                 let result = self.say(&room, user, text);
                 self.reply_after_flush(result, reply);
             }
-            Request::Chat { room, limit, reply } => {
+            RoomRequest::Chat { room, limit, reply } => {
                 let _ = reply.send(self.chat(&room, limit));
             }
-            Request::PruneChat { reply } => {
+            RoomRequest::PruneChat { reply } => {
                 let result = self.prune_all_chats();
                 self.reply_after_flush(result, reply);
             }
-            Request::SetPresence {
+            RoomRequest::SetPresence {
                 user,
                 status,
                 note,
@@ -215,15 +252,12 @@ impl Core {
                 let result = self.set_presence(user, status, note);
                 self.reply_after_flush(result, reply);
             }
-            Request::GetPresence { user, reply } => {
+            RoomRequest::GetPresence { user, reply } => {
                 let _ = reply.send(self.get_presence(user));
             }
-            Request::ListPresence { room, reply } => {
+            RoomRequest::ListPresence { room, reply } => {
                 let _ = reply.send(self.list_presence(room.as_deref()));
             }
-            // The rest are answered in `handle` and the run loop; dropping the reply
-            // tells a caller that got here by mistake that the request went nowhere.
-            _ => tracing::error!("request misrouted"),
         }
     }
 
@@ -632,6 +666,50 @@ impl Core {
                 message: Box::new(chat_view(&room_id, m)),
                 from_peer: from_peer.clone(),
             });
+        }
+    }
+}
+
+impl RoomRequest {
+    /// Whether the request writes (and so is refused while the store is failed).
+    pub(crate) fn is_write(&self) -> bool {
+        matches!(
+            self,
+            Self::CreateRoom { .. }
+                | Self::JoinRoom { .. }
+                | Self::LeaveRoom { .. }
+                | Self::Say { .. }
+                | Self::SetPresence { .. }
+        )
+    }
+
+    /// Answers the request with `error` without running it.
+    pub(crate) fn refuse(self, error: Error) {
+        match self {
+            Self::CreateRoom { reply, .. }
+            | Self::GetRoom { reply, .. }
+            | Self::JoinRoom { reply, .. }
+            | Self::LeaveRoom { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            Self::ListRooms { reply } => {
+                let _ = reply.send(Err(error));
+            }
+            Self::Say { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            Self::Chat { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            Self::PruneChat { reply } => {
+                let _ = reply.send(Err(error));
+            }
+            Self::SetPresence { reply, .. } | Self::GetPresence { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            Self::ListPresence { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
         }
     }
 }

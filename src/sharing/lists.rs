@@ -3,7 +3,7 @@
 //! Both need the entities this home shares, and finding them reads the whole registry
 //! (one entry per entity of the home). That read runs as a read job on a copy of the
 //! registry document; the job hands the shared entries back to the core
-//! ([`Request::FinishShareList`]), which adds what only it holds (each shared
+//! ([`crate::sharing::service::SharingRequest::FinishShareList`]), which adds what only it holds (each shared
 //! document's policy and key epoch, entities shared in, paired homes, revocations) at a
 //! cost that grows with the shares, not with the home.
 
@@ -11,7 +11,7 @@ use hearth_crdt::{DocId, Registry};
 use tokio::sync::oneshot;
 
 use crate::Error;
-use crate::core::{Core, Reply, Request, doc_err};
+use crate::core::{Core, Reply, doc_err};
 use crate::shares::{KnownHome, ShareIn, ShareOut, SharedList};
 use crate::sharing::service::epoch_text;
 
@@ -94,7 +94,15 @@ impl Core {
                 match rows.await {
                     Ok(Ok(rows)) => {
                         // A core that stopped drops the request, and with it the reply.
-                        let _ = tx.send(Request::FinishShareList { rows, reply }).await;
+                        let _ = tx
+                            .send(
+                                crate::sharing::service::SharingRequest::FinishShareList {
+                                    rows,
+                                    reply,
+                                }
+                                .into(),
+                            )
+                            .await;
                     }
                     Ok(Err(e)) => reply.fail(e),
                     Err(_) => reply.fail(Error::Internal("share listing dropped".into())),

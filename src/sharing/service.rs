@@ -20,13 +20,57 @@ use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
 use crate::Error;
-use crate::core::{Core, Reply, Request, doc_err, new_key, now_ms};
+use crate::core::{Core, Reply, doc_err, new_key, now_ms};
 use crate::shares::{PairedWith, ShareOut};
 use crate::trust::cert::{DeviceCert, Verdict};
 use crate::trust::invite::{InviteCode, InviteKind};
 use crate::trust::keys::{self, WrappedKey};
 use crate::trust::pake::JoinerInfo;
 use crate::trust::wire::{from_cbor, to_cbor};
+
+/// Requests of the sharing service: paired homes and what is shared with them.
+pub(crate) enum SharingRequest {
+    // Sharing between homes (sharing.rs).
+    PairHome {
+        code: String,
+        reply: Reply<crate::shares::PairedWith>,
+    },
+    /// Internal: the joining side's pairing exchange ended.
+    HomePairDone {
+        issuer: hearth_net::PeerId,
+        issuer_addrs: Vec<String>,
+        expected_home: String,
+        result: Result<Vec<u8>, Error>,
+        reply: Reply<crate::shares::PairedWith>,
+    },
+    ListHomes {
+        reply: Reply<Vec<crate::shares::KnownHome>>,
+    },
+    ForgetHome {
+        home: String,
+        reply: Reply<crate::shares::PairedWith>,
+    },
+    Share {
+        entity_id: String,
+        home: String,
+        read_only: bool,
+        policy: Option<String>,
+        reply: Reply<crate::shares::ShareOut>,
+    },
+    Unshare {
+        entity_id: String,
+        home: String,
+        reply: Reply<crate::shares::ShareOut>,
+    },
+    ListShares {
+        reply: Reply<crate::shares::SharedList>,
+    },
+    /// Internal: a share listing's read job found the shared entities in the registry.
+    FinishShareList {
+        rows: Vec<crate::sharing::lists::Row>,
+        reply: crate::sharing::lists::ListReply,
+    },
+}
 
 /// Meta record holding what other homes share with this one.
 const SHARED_IN_KEY: &[u8] = b"shared_in";
@@ -242,7 +286,7 @@ impl Core {
 
     /// Joining side of home pairing: starts the exchange with the code's issuer in a task
     /// of its own (it waits on the network), which reports back with
-    /// [`Request::HomePairDone`].
+    /// [`crate::sharing::service::SharingRequest::HomePairDone`].
     pub(crate) fn start_home_pairing(&mut self, code: &str, reply: Reply<PairedWith>) {
         let now_s = now_ms() / 1000;
         let code = match InviteCode::parse(code, now_s) {
@@ -290,13 +334,16 @@ impl Core {
                 .await
                 .map(|grant| grant.home.to_vec());
             let _ = tx
-                .send(Request::HomePairDone {
-                    issuer,
-                    issuer_addrs,
-                    expected_home: code.home_id().to_string(),
-                    result,
-                    reply,
-                })
+                .send(
+                    crate::sharing::service::SharingRequest::HomePairDone {
+                        issuer,
+                        issuer_addrs,
+                        expected_home: code.home_id().to_string(),
+                        result,
+                        reply,
+                    }
+                    .into(),
+                )
                 .await;
         });
     }
@@ -1280,6 +1327,87 @@ impl Core {
 
 pub(crate) fn epoch_text(epoch: &KeyEpoch) -> String {
     home_schema::epoch_key(epoch)
+}
+
+impl SharingRequest {
+    /// Whether the request writes (and so is refused while the store is failed).
+    pub(crate) fn is_write(&self) -> bool {
+        matches!(
+            self,
+            Self::PairHome { .. }
+                | Self::ForgetHome { .. }
+                | Self::Share { .. }
+                | Self::Unshare { .. }
+        )
+    }
+
+    /// Answers the request with `error` without running it.
+    pub(crate) fn refuse(self, error: Error) {
+        match self {
+            Self::PairHome { reply, .. }
+            | Self::HomePairDone { reply, .. }
+            | Self::ForgetHome { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            Self::Share { reply, .. } | Self::Unshare { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            Self::ListHomes { reply } => {
+                let _ = reply.send(Err(error));
+            }
+            Self::ListShares { reply } => {
+                let _ = reply.send(Err(error));
+            }
+            Self::FinishShareList { reply, .. } => reply.fail(error),
+        }
+    }
+}
+
+impl Core {
+    /// Answers a request of the sharing service.
+    pub(crate) async fn handle_sharing(&mut self, request: SharingRequest) {
+        match request {
+            SharingRequest::PairHome { code, reply } => self.start_home_pairing(&code, reply),
+            SharingRequest::HomePairDone {
+                issuer,
+                issuer_addrs,
+                expected_home,
+                result,
+                reply,
+            } => {
+                let outcome = self
+                    .finish_home_pairing(issuer, &issuer_addrs, &expected_home, result)
+                    .await;
+                let _ = reply.send(outcome);
+            }
+            SharingRequest::ListHomes { reply } => {
+                self.list_shared(crate::sharing::lists::ListReply::Homes(reply));
+            }
+            SharingRequest::ForgetHome { home, reply } => {
+                let _ = reply.send(self.forget_home(&home).await);
+            }
+            SharingRequest::Share {
+                entity_id,
+                home,
+                read_only,
+                policy,
+                reply,
+            } => {
+                let _ = reply.send(self.share(&entity_id, &home, read_only, policy).await);
+            }
+            SharingRequest::Unshare {
+                entity_id,
+                home,
+                reply,
+            } => {
+                let _ = reply.send(self.unshare(&entity_id, &home).await);
+            }
+            SharingRequest::ListShares { reply } => {
+                self.list_shared(crate::sharing::lists::ListReply::Shares(reply));
+            }
+            SharingRequest::FinishShareList { rows, reply } => self.finish_share_list(rows, reply),
+        }
+    }
 }
 
 #[cfg(test)]
