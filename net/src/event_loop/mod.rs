@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
+use libp2p::request_response::{OutboundRequestId, ResponseChannel};
 use libp2p::swarm::{ConnectionId, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, identify, mdns, ping};
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -18,25 +18,27 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error_span, info, trace, warn};
 
 use crate::Error;
-use crate::behaviour::{Behaviour, BehaviourEvent, Hello, StreamKind};
+use crate::behaviour::{Behaviour, BehaviourEvent, StreamKind};
 use crate::config::check_certificate;
-use crate::dial::{DiscoveredTable, REJECTED_COOLDOWN};
-use crate::event::{Counters, Delivery, DisconnectReason, Event, PeerClass, PeerInfo, bump};
-use crate::handle::{Command, PeerOutboxes, Shared};
+use crate::dial::DiscoveredTable;
+use crate::event::{Counters, Delivery, DisconnectReason, Event, PeerInfo, bump};
+use crate::handle::{Command, Shared};
 use crate::log_limit::{LogLimiter, UNADMITTED_LOG_BURST, UNADMITTED_LOG_INTERVAL, Verdict};
 use crate::pair::{
     MAX_PAIRING_PEERS, MAX_PENDING_PAIR_REQUESTS, MAX_PENDING_PAIR_RESPONSES, PAIR_ACTIVE_WINDOW,
     PAIR_CONNECT_TIMEOUT, PAIR_REQUEST_TIMEOUT, PairRequestId, PairRequestMsg, PairResponseMsg,
     RateTable, Refusal, extended_deadline, sanitize_reason,
 };
-use crate::stream::{Outbox, OutboxRx, StreamEnd};
+use crate::stream::{OutboxRx, StreamEnd};
 
 mod channels;
 mod connections;
+mod hello;
 mod pairing;
 
 use channels::{Channel, ChannelState, accept_loop};
 use connections::{ConnInfo, StaticPeer};
+use hello::Admission;
 
 /// Capacity of the lifecycle event channel to the node.
 pub(crate) const CONTROL_EVENT_CAPACITY: usize = 1024;
@@ -54,10 +56,6 @@ pub(crate) const INTERNAL_CAPACITY: usize = 256;
 
 /// How often timers (hello deadlines, redials, stream reopens) are checked.
 const MAINTENANCE_TICK: Duration = Duration::from_millis(100);
-
-/// Hello requests per session before giving up (the peer is then cut at the hello
-/// timeout). Retries cover a request lost on a duplicate connection being closed.
-const HELLO_MAX_ATTEMPTS: u32 = 3;
 
 /// How long shutdown waits for stream tasks to wind down.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
@@ -84,13 +82,6 @@ pub(crate) enum Internal {
         outbox: OutboxRx,
         end: StreamEnd,
     },
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Admission {
-    Pending { deadline: Instant },
-    Admitted(PeerClass),
-    Rejected,
 }
 
 /// A connected peer: one session lasts from its first connection to its last.
@@ -421,27 +412,7 @@ impl EventLoop {
                 reason,
                 reply,
             } => {
-                // Whatever standing the peer had is gone, connected or not.
-                self.swarm.behaviour_mut().guard.forget(&peer);
-                let known = self.peers.contains_key(&peer);
-                if known {
-                    // A stranger presenting a bad certificate over and over causes these.
-                    if self.stranger_log() {
-                        info!(%peer, %reason, "peer rejected");
-                    }
-                    // Marked before disconnecting so a stream or hello still in flight
-                    // from this peer is refused rather than parked.
-                    if let Some(state) = self.peers.get_mut(&peer) {
-                        state.admission = Admission::Rejected;
-                    }
-                    // mDNS keeps re-announcing it; without a cooldown the next tick would
-                    // dial it straight back into another rejection.
-                    if let Some(hint) = self.discovered.get_mut(&peer) {
-                        hint.cooldown_until = Some(Instant::now() + REJECTED_COOLDOWN);
-                    }
-                    self.disconnect(peer, DisconnectReason::Rejected(reason));
-                }
-                let _ = reply.send(known);
+                let _ = reply.send(self.reject(peer, reason));
             }
             Command::Disconnect { peer, reply } => {
                 let known = self.peers.contains_key(&peer);
@@ -476,61 +447,6 @@ impl EventLoop {
                 queued_bytes,
             } => self.on_slow_peer(peer, session, queued_frames, queued_bytes),
         }
-    }
-
-    /// Admits a peer: creates its outbound queues and starts (or accepts) its streams.
-    /// The queues exist from this moment, so frames sent right after `admit` are kept
-    /// until the stream is up instead of being refused.
-    ///
-    /// A peer keeps the class it was first admitted with for the rest of its session:
-    /// admitting it again as something else is refused, so frames already in flight can
-    /// never be read under a class they were not sent with.
-    fn admit(&mut self, peer: PeerId, class: PeerClass) -> bool {
-        let Some(state) = self.peers.get_mut(&peer) else {
-            return false;
-        };
-        match &state.admission {
-            Admission::Rejected => return false,
-            Admission::Admitted(held) => return *held == class,
-            Admission::Pending { .. } if state.closing.is_some() => return false,
-            Admission::Pending { .. } => {}
-        }
-        // Only the home's own devices earn a reserved slot, from both caps (devices of one
-        // home often share an address, as on one host or behind one NAT): a paired home
-        // can mint device certificates at will, so its devices stay under the strangers'.
-        let own = class == PeerClass::Own;
-        state.admission = Admission::Admitted(class);
-        if own {
-            let guard = &mut self.swarm.behaviour_mut().guard;
-            guard.admitted(peer);
-            guard.vouch(peer);
-        }
-        let Some(state) = self.peers.get_mut(&peer) else {
-            return false;
-        };
-        let (sync, sync_rx) = Outbox::new(StreamKind::Sync);
-        let (ephemeral, ephemeral_rx) = Outbox::new(StreamKind::Ephemeral);
-        state.channels[StreamKind::Sync.index()].outbox = Some(sync_rx);
-        state.channels[StreamKind::Ephemeral.index()].outbox = Some(ephemeral_rx);
-        self.shared.outboxes().insert(
-            peer,
-            PeerOutboxes {
-                session: state.session,
-                queues: [sync, ephemeral],
-            },
-        );
-        // A peer that got all the way to admission is a healthy target again.
-        if let Some(entry) = self.statics.get_mut(&peer) {
-            entry.backoff.reset();
-        }
-        if let Some(hint) = self.discovered.get_mut(&peer) {
-            hint.backoff.reset();
-        }
-        info!(%peer, "peer admitted");
-        for kind in StreamKind::ALL {
-            self.drive_channel(peer, kind);
-        }
-        true
     }
 
     /// A snapshot of every session, for `connected_peers`.
@@ -694,64 +610,6 @@ impl EventLoop {
         }
     }
 
-    /// Both ends send a hello request when a session starts and answer the other's, so
-    /// each learns the other's certificate from whichever message arrives first; the
-    /// exchange completes even if one direction is lost on a closing duplicate.
-    fn on_hello_event(&mut self, event: request_response::Event<Hello, Hello>) {
-        match event {
-            request_response::Event::Message { peer, message, .. } => match message {
-                request_response::Message::Request {
-                    request, channel, ..
-                } => {
-                    let response = Hello {
-                        certificate: self.certificate.clone(),
-                    };
-                    if self
-                        .swarm
-                        .behaviour_mut()
-                        .hello
-                        .send_response(channel, response)
-                        .is_err()
-                    {
-                        debug!(%peer, "hello response not sent: connection gone");
-                    }
-                    self.on_certificate(peer, request.certificate);
-                }
-                request_response::Message::Response {
-                    request_id,
-                    response,
-                } => {
-                    self.hello_requests.remove(&request_id);
-                    self.on_certificate(peer, response.certificate);
-                }
-            },
-            request_response::Event::OutboundFailure {
-                peer,
-                request_id,
-                error,
-                ..
-            } => {
-                let Some((_, session)) = self.hello_requests.remove(&request_id) else {
-                    return;
-                };
-                let retry = self.peers.get(&peer).is_some_and(|s| {
-                    s.session == session
-                        && !s.hello_received
-                        && s.closing.is_none()
-                        && s.hello_attempts < HELLO_MAX_ATTEMPTS
-                });
-                debug!(%peer, %error, retry, "hello request failed");
-                if retry {
-                    self.send_hello(peer);
-                }
-            }
-            request_response::Event::InboundFailure { peer, error, .. } => {
-                debug!(%peer, %error, "inbound hello failed");
-            }
-            request_response::Event::ResponseSent { .. } => {}
-        }
-    }
-
     /// Closes a connection that stopped answering pings, recording why if it was the
     /// peer's last one.
     fn close_dead_connection(&mut self, peer: PeerId, connection: ConnectionId) {
@@ -765,47 +623,6 @@ impl EventLoop {
             }
         }
         self.swarm.close_connection(connection);
-    }
-
-    fn send_hello(&mut self, peer: PeerId) {
-        let Some(state) = self.peers.get_mut(&peer) else {
-            return;
-        };
-        state.hello_attempts += 1;
-        let session = state.session;
-        let request = Hello {
-            certificate: self.certificate.clone(),
-        };
-        let id = self
-            .swarm
-            .behaviour_mut()
-            .hello
-            .send_request(&peer, request);
-        self.hello_requests.insert(id, (peer, session));
-    }
-
-    fn on_certificate(&mut self, peer: PeerId, certificate: Vec<u8>) {
-        let Some(state) = self.peers.get_mut(&peer) else {
-            return;
-        };
-        if state.hello_received || state.closing.is_some() {
-            return;
-        }
-        if check_certificate(&certificate).is_err() {
-            // The codec caps the message, so only a cap mismatch could get here.
-            warn!(%peer, len = certificate.len(), "oversized certificate in hello; ignoring");
-            return;
-        }
-        state.hello_received = true;
-        if !certificate.is_empty()
-            && let Admission::Pending { deadline } = &mut state.admission
-        {
-            // A certificate earns the full hello timeout (from connecting), for the node
-            // to check it; pairing may have pushed the deadline further already.
-            *deadline = (*deadline).max(state.started + self.hello_timeout);
-        }
-        debug!(%peer, len = certificate.len(), "hello received");
-        self.emit(Event::Hello { peer, certificate });
     }
 
     /// Folds an mDNS report into the capped hint table. Only new peers are reported to
@@ -862,23 +679,7 @@ impl EventLoop {
     /// stream reopens. One coarse tick instead of a timer per peer keeps the loop simple,
     /// and 100 ms is far below every deadline it serves.
     fn maintain(&mut self, now: Instant) {
-        let expired: Vec<PeerId> = self
-            .peers
-            .iter()
-            .filter(|(_, s)| {
-                s.closing.is_none()
-                    && matches!(s.admission, Admission::Pending { deadline } if deadline <= now)
-            })
-            .map(|(p, _)| *p)
-            .collect();
-        for peer in expired {
-            bump(&self.counters.hello_timeouts, 1);
-            if self.stranger_log() {
-                let certificate = self.peers.get(&peer).is_some_and(|s| s.hello_received);
-                info!(%peer, hello_received = certificate, "peer not admitted in time; disconnecting");
-            }
-            self.disconnect(peer, DisconnectReason::HelloTimeout);
-        }
+        self.expire_hellos(now);
         if let Some(suppressed) = self.stranger_logs.flush(now) {
             warn!(
                 suppressed,
