@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use libp2p::request_response::{OutboundRequestId, ResponseChannel};
 use libp2p::swarm::{ConnectionId, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, Swarm, identify, mdns, ping};
+use libp2p::{Multiaddr, PeerId, Swarm};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -23,7 +23,7 @@ use crate::config::check_certificate;
 use crate::dial::DiscoveredTable;
 use crate::event::{Counters, Delivery, DisconnectReason, Event, PeerInfo, bump};
 use crate::handle::{Command, Shared};
-use crate::log_limit::{LogLimiter, UNADMITTED_LOG_BURST, UNADMITTED_LOG_INTERVAL, Verdict};
+use crate::log_limit::{LogLimiter, UNADMITTED_LOG_BURST, UNADMITTED_LOG_INTERVAL};
 use crate::pair::{
     MAX_PAIRING_PEERS, MAX_PENDING_PAIR_REQUESTS, MAX_PENDING_PAIR_RESPONSES, PAIR_ACTIVE_WINDOW,
     PAIR_CONNECT_TIMEOUT, PAIR_REQUEST_TIMEOUT, PairRequestId, PairRequestMsg, PairResponseMsg,
@@ -34,11 +34,13 @@ use crate::stream::{OutboxRx, StreamEnd};
 mod channels;
 mod connections;
 mod hello;
+mod maintenance;
 mod pairing;
 
 use channels::{Channel, ChannelState, accept_loop};
 use connections::{ConnInfo, StaticPeer};
 use hello::Admission;
+use maintenance::MAINTENANCE_TICK;
 
 /// Capacity of the lifecycle event channel to the node.
 pub(crate) const CONTROL_EVENT_CAPACITY: usize = 1024;
@@ -53,9 +55,6 @@ pub(crate) const EVENT_BACKLOG_CAPACITY: usize = 4096;
 
 /// Capacity of the channel from stream, open and accept tasks back to the loop.
 pub(crate) const INTERNAL_CAPACITY: usize = 256;
-
-/// How often timers (hello deadlines, redials, stream reopens) are checked.
-const MAINTENANCE_TICK: Duration = Duration::from_millis(100);
 
 /// How long shutdown waits for stream tasks to wind down.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
@@ -355,27 +354,6 @@ impl EventLoop {
         self.backlog.push_back(event);
     }
 
-    /// Whether a log line caused by an unadmitted or misbehaving peer may be written.
-    /// Anyone on the LAN can cause these at will, so they share one budget; the first
-    /// line let through after some were held back says how many.
-    fn stranger_log(&mut self) -> bool {
-        match self.stranger_logs.check(Instant::now()) {
-            Verdict::Log { suppressed } => {
-                if suppressed > 0 {
-                    warn!(
-                        suppressed,
-                        "log lines about unadmitted peers were suppressed"
-                    );
-                }
-                true
-            }
-            Verdict::Suppress => {
-                bump(&self.counters.log_lines_suppressed, 1);
-                false
-            }
-        }
-    }
-
     // ---- commands -------------------------------------------------------------------
 
     /// Answers a handle's command. Replies are sent with `let _ =` throughout: a caller
@@ -559,92 +537,13 @@ impl EventLoop {
         match event {
             BehaviourEvent::Hello(event) => self.on_hello_event(event),
             BehaviourEvent::Pair(event) => self.on_pair_event(event),
-            BehaviourEvent::Ping(ping::Event {
-                peer,
-                connection,
-                result,
-            }) => {
-                let conn = self
-                    .peers
-                    .get_mut(&peer)
-                    .and_then(|s| s.conns.get_mut(&connection));
-                match result {
-                    Ok(rtt) => {
-                        trace!(%peer, ?rtt, "ping");
-                        if let Some(conn) = conn {
-                            conn.last_alive = Instant::now();
-                        }
-                    }
-                    Err(ping::Failure::Unsupported) => {
-                        debug!(%peer, "peer does not answer pings");
-                        if let Some(conn) = conn {
-                            conn.ping_supported = false;
-                        }
-                    }
-                    Err(failure) => {
-                        debug!(%peer, %connection, %failure, "ping failed; closing connection");
-                        self.close_dead_connection(peer, connection);
-                    }
-                }
-            }
-            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
-                debug!(
-                    peer = %peer_id,
-                    agent = %info.agent_version,
-                    protocol = %info.protocol_version,
-                    "identified peer"
-                );
-            }
-            BehaviourEvent::Identify(_) => {}
-            BehaviourEvent::Mdns(mdns::Event::Discovered(list)) => self.on_discovered(list),
-            BehaviourEvent::Mdns(mdns::Event::Expired(list)) => {
-                for (peer, _) in list {
-                    if !self.peers.contains_key(&peer) {
-                        self.discovered.remove(&peer);
-                    }
-                }
-            }
+            BehaviourEvent::Ping(event) => self.on_ping(event),
+            BehaviourEvent::Identify(event) => self.on_identify(event),
+            BehaviourEvent::Mdns(event) => self.on_mdns(event),
             BehaviourEvent::Guard(never) => match never {},
             BehaviourEvent::Limits(never) => match never {},
             BehaviourEvent::Streams(()) => {}
         }
-    }
-
-    /// Closes a connection that stopped answering pings, recording why if it was the
-    /// peer's last one.
-    fn close_dead_connection(&mut self, peer: PeerId, connection: ConnectionId) {
-        if let Some(state) = self.peers.get_mut(&peer) {
-            let last = state.conns.len() == 1;
-            if let Some(conn) = state.conns.get_mut(&connection) {
-                conn.close_requested = true;
-                if last {
-                    state.closing.get_or_insert(DisconnectReason::PingTimeout);
-                }
-            }
-        }
-        self.swarm.close_connection(connection);
-    }
-
-    /// Folds an mDNS report into the capped hint table. Only new peers are reported to
-    /// the node, since mDNS repeats itself on every query.
-    fn on_discovered(&mut self, list: Vec<(PeerId, Multiaddr)>) {
-        let now = Instant::now();
-        let mut by_peer: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
-        for (peer, addr) in list {
-            if peer != self.local {
-                by_peer.entry(peer).or_default().push(addr);
-            }
-        }
-        for (peer, addrs) in by_peer {
-            if self
-                .discovered
-                .insert(peer, addrs.clone(), now, self.redial_max)
-            {
-                debug!(%peer, ?addrs, known = self.discovered.len(), "discovered peer");
-                self.emit(Event::Discovered { peer, addrs });
-            }
-        }
-        self.dial_discovered(now);
     }
 
     // ---- task reports ---------------------------------------------------------------
@@ -670,54 +569,6 @@ impl EventLoop {
                 outbox,
                 end,
             } => self.on_stream_ended(peer, session, kind, generation, outbox, end),
-        }
-    }
-
-    // ---- timers ---------------------------------------------------------------------
-
-    /// The periodic pass over every timer: hello deadlines, dead connections, redials and
-    /// stream reopens. One coarse tick instead of a timer per peer keeps the loop simple,
-    /// and 100 ms is far below every deadline it serves.
-    fn maintain(&mut self, now: Instant) {
-        self.expire_hellos(now);
-        if let Some(suppressed) = self.stranger_logs.flush(now) {
-            warn!(
-                suppressed,
-                "log lines about unadmitted peers were suppressed"
-            );
-        }
-        self.prune_peer_budgets();
-        let dead: Vec<(PeerId, ConnectionId)> = self
-            .peers
-            .iter()
-            .flat_map(|(peer, s)| {
-                s.conns
-                    .iter()
-                    .filter(|(_, c)| {
-                        c.ping_supported
-                            && !c.close_requested
-                            && now.saturating_duration_since(c.last_alive) > self.liveness_timeout
-                    })
-                    .map(|(id, _)| (*peer, *id))
-            })
-            .collect();
-        for (peer, connection) in dead {
-            info!(%peer, %connection, silent_for = ?self.liveness_timeout, "no ping answered; closing connection");
-            self.close_dead_connection(peer, connection);
-        }
-        self.redial_statics(now);
-        self.dial_discovered(now);
-        self.expire_pairs(now);
-        let admitted: Vec<PeerId> = self
-            .peers
-            .iter()
-            .filter(|(_, s)| matches!(s.admission, Admission::Admitted(_)))
-            .map(|(p, _)| *p)
-            .collect();
-        for peer in admitted {
-            for kind in StreamKind::ALL {
-                self.drive_channel(peer, kind);
-            }
         }
     }
 }
