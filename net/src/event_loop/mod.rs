@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use libp2p::request_response::{OutboundRequestId, ResponseChannel};
+use libp2p::request_response::OutboundRequestId;
 use libp2p::swarm::{ConnectionId, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm};
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -24,11 +24,7 @@ use crate::dial::DiscoveredTable;
 use crate::event::{Counters, Delivery, DisconnectReason, Event, PeerInfo, bump};
 use crate::handle::{Command, Shared};
 use crate::log_limit::{LogLimiter, UNADMITTED_LOG_BURST, UNADMITTED_LOG_INTERVAL};
-use crate::pair::{
-    MAX_PAIRING_PEERS, MAX_PENDING_PAIR_REQUESTS, MAX_PENDING_PAIR_RESPONSES, PAIR_ACTIVE_WINDOW,
-    PAIR_CONNECT_TIMEOUT, PAIR_REQUEST_TIMEOUT, PairRequestId, PairRequestMsg, PairResponseMsg,
-    RateTable, Refusal, extended_deadline, sanitize_reason,
-};
+use crate::pair::{PairRequestId, RateTable};
 use crate::stream::{OutboxRx, StreamEnd};
 
 mod channels;
@@ -41,6 +37,7 @@ use channels::{Channel, ChannelState, accept_loop};
 use connections::{ConnInfo, StaticPeer};
 use hello::Admission;
 use maintenance::MAINTENANCE_TICK;
+use pairing::{InboundPair, OutboundPair, WaitingPair};
 
 /// Capacity of the lifecycle event channel to the node.
 pub(crate) const CONTROL_EVENT_CAPACITY: usize = 1024;
@@ -98,31 +95,8 @@ struct PeerState {
     /// last connection reports closed.
     closing: Option<DisconnectReason>,
     channels: [Channel; 2],
-    /// Until when the peer counts as pairing (see [`PAIR_ACTIVE_WINDOW`]).
+    /// Until when the peer counts as pairing (see [`crate::pair::PAIR_ACTIVE_WINDOW`]).
     pairing_until: Option<Instant>,
-}
-
-/// An inbound pairing request the node has not answered yet.
-struct InboundPair {
-    peer: PeerId,
-    channel: ResponseChannel<PairResponseMsg>,
-    deadline: Instant,
-}
-
-/// An outbound pairing request on the wire.
-struct OutboundPair {
-    peer: PeerId,
-    reply: oneshot::Sender<Result<Vec<u8>, Error>>,
-    /// A backstop: request-response times the request out first.
-    deadline: Instant,
-}
-
-/// An outbound pairing request waiting for its peer to connect.
-struct WaitingPair {
-    peer: PeerId,
-    bytes: Vec<u8>,
-    reply: oneshot::Sender<Result<Vec<u8>, Error>>,
-    deadline: Instant,
 }
 
 /// Drives the swarm. Run it with [`EventLoop::run`] on its own task.
