@@ -3,6 +3,11 @@
 //! It `select!`s over swarm events, handle commands, reports from stream tasks and a
 //! maintenance tick. All per-peer state lives here, so no lock guards it; the stream tasks
 //! own their streams and talk back only through a bounded channel.
+//!
+//! This file holds the loop and its dispatch; the handlers are `impl EventLoop` blocks in
+//! the submodules, by concern: `connections` (sessions, dialing, the inbound limits'
+//! refusals), `hello` (certificates and admission), `channels` (the sync and ephemeral
+//! streams), `pairing` and `maintenance` (the tick, ping, identify, mDNS, log budget).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
