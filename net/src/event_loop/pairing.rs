@@ -12,20 +12,43 @@ use libp2p::{Multiaddr, PeerId};
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
-use super::{
-    Admission, EventLoop, InboundPair, MAX_PAIRING_PEERS, MAX_PENDING_PAIR_REQUESTS,
-    MAX_PENDING_PAIR_RESPONSES, OutboundPair, PAIR_ACTIVE_WINDOW, PAIR_CONNECT_TIMEOUT,
-    PAIR_REQUEST_TIMEOUT, PairRequestId, PairRequestMsg, PairResponseMsg, Refusal, WaitingPair,
-    extended_deadline, sanitize_reason,
-};
+use super::{Admission, EventLoop};
 use crate::Error;
 use crate::event::{Event, bump};
+use crate::pair::{
+    MAX_PAIRING_PEERS, MAX_PENDING_PAIR_REQUESTS, MAX_PENDING_PAIR_RESPONSES, PAIR_ACTIVE_WINDOW,
+    PAIR_CONNECT_TIMEOUT, PAIR_REQUEST_TIMEOUT, PairRequestId, PairRequestMsg, PairResponseMsg,
+    Refusal, extended_deadline, sanitize_reason,
+};
 
 /// Slack past the request-response timeout before the loop's own backstop fails a
 /// request, so the behaviour's more precise error normally wins.
 const BACKSTOP_SLACK: std::time::Duration = std::time::Duration::from_secs(1);
 
 type PairReply = oneshot::Sender<Result<Vec<u8>, Error>>;
+
+/// An inbound pairing request the node has not answered yet.
+pub(super) struct InboundPair {
+    peer: PeerId,
+    channel: ResponseChannel<PairResponseMsg>,
+    deadline: Instant,
+}
+
+/// An outbound pairing request on the wire.
+pub(super) struct OutboundPair {
+    peer: PeerId,
+    reply: PairReply,
+    /// A backstop: request-response times the request out first.
+    deadline: Instant,
+}
+
+/// An outbound pairing request waiting for its peer to connect.
+pub(super) struct WaitingPair {
+    peer: PeerId,
+    bytes: Vec<u8>,
+    reply: PairReply,
+    deadline: Instant,
+}
 
 impl EventLoop {
     /// Starts an outbound pairing request: at once on an existing connection, else after
