@@ -3,8 +3,13 @@
 use hearth_crdt::DocId;
 
 use crate::Error;
-use crate::core::{Core, Reply};
+use crate::core::*;
+use crate::entities::EntityChange;
 use crate::entities::{Entity, EntityWrite};
+use hearth_crdt::EntityUpdate;
+use hearth_crdt::schema::registry;
+use hearth_storage::Batch;
+use std::sync::Arc;
 
 /// Requests of the entities service: writes, reads, policies, conflicts, history.
 pub(crate) enum EntityRequest {
@@ -154,5 +159,252 @@ impl Core {
                 self.reply_after_flush(result, reply);
             }
         }
+    }
+}
+
+impl Core {
+    /// Rebuilds the entity index from the registry. On a device that has not received the
+    /// registry yet the index stays empty until it arrives.
+    pub(crate) fn rebuild_entity_index_lenient(&mut self) {
+        let before = std::mem::take(&mut self.doc_of_entity_id);
+        let old_docs = std::mem::take(&mut self.entity_of_doc);
+        if let Err(error) = self.rebuild_entity_index() {
+            tracing::debug!(%error, "registry not readable yet");
+            self.doc_of_entity_id = before;
+            self.entity_of_doc = old_docs;
+            return;
+        }
+        // An entity that left the index was deleted (tombstoned in the registry) on
+        // another device: announce it with its last state.
+        for (id, doc) in before {
+            if !self.doc_of_entity_id.contains_key(&id) && self.has_content(doc) {
+                match self.entity_view(doc) {
+                    Ok(entity) => self.emit_change(entity, None, None, true),
+                    Err(error) => tracing::debug!(%id, %error, "deleted entity unreadable"),
+                }
+                let batch = self.drop_sync_states_of_doc(doc);
+                let store = self.store.clone();
+                tokio::spawn(async move {
+                    if let Err(error) = store.batch(batch).await {
+                        tracing::warn!(%error, "could not delete a deleted entity's sync states");
+                    }
+                });
+            }
+        }
+    }
+
+    pub(crate) fn rebuild_entity_index(&mut self) -> Result<(), Error> {
+        let registry = self
+            .engine
+            .registry(self.home.registry_doc)
+            .map_err(doc_err)?;
+        self.entity_of_doc = registry
+            .entities
+            .into_iter()
+            .filter(|(_, e)| e.deleted_at.is_none())
+            .map(|(id, e)| (e.doc, id))
+            .collect();
+        self.doc_of_entity_id = self
+            .entity_of_doc
+            .iter()
+            .map(|(doc, id)| (id.clone(), *doc))
+            .collect();
+        self.index_shared_in();
+        Ok(())
+    }
+
+    pub(crate) fn set_entity(
+        &mut self,
+        id: &str,
+        write: EntityWrite,
+    ) -> Result<(Entity, Batch), Error> {
+        let update = EntityUpdate {
+            state: write.state,
+            attributes: write.attributes,
+        };
+        let now = now_ms();
+        let doc = match self.doc_of_entity(id) {
+            Some(doc) => {
+                self.check_write_rights(doc, id)?;
+                doc
+            }
+            None => {
+                let entity_id = id.to_string();
+                let (doc, batch) = self.create_shared_doc(
+                    DocId::from_bytes(crate::home::random()?),
+                    now,
+                    write.correlation_id.clone(),
+                    |engine, doc, epoch, home| {
+                        let mut out = engine
+                            .create_entity(doc, &home.home_id, epoch, &entity_id, &update, now)
+                            .map_err(doc_err)?;
+                        let (_, reg_out) = engine
+                            .transact(home.registry_doc, now, None, |d, _, _| {
+                                registry::put_entity(d, &entity_id, doc)
+                            })
+                            .map_err(doc_err)?;
+                        out.extend(reg_out);
+                        Ok(out)
+                    },
+                )?;
+                self.entity_of_doc.insert(doc, id.to_string());
+                self.doc_of_entity_id.insert(id.to_string(), doc);
+                // Creating a document reports no change of its own, so announce it here.
+                let entity = self.entity_view(doc)?;
+                self.emit(entity.clone(), None, write.correlation_id);
+                return Ok((entity, batch));
+            }
+        };
+        // The correlation id goes into the same change as the state, so devices that get
+        // the change by sync rather than by push still see it.
+        let correlation = write.correlation_id.clone();
+        let (_, out) = self
+            .engine
+            .transact(doc, now, write.correlation_id, |d, at, by| {
+                hearth_crdt::schema::entity::write(d, &update, at, by)?;
+                hearth_crdt::schema::entity::put_correlation_id(d, correlation.as_deref())
+            })
+            .map_err(doc_err)?;
+        self.last_view = None;
+        let batch = self.handle_outputs(out);
+        let entity = match self.last_view.take() {
+            Some((d, entity)) if d == doc => entity,
+            _ => self.entity_view(doc)?,
+        };
+        Ok((entity, batch))
+    }
+
+    pub(crate) fn doc_of_entity(&self, id: &str) -> Option<DocId> {
+        self.doc_of_entity_id.get(id).copied()
+    }
+
+    pub(crate) fn get_entity(&mut self, id: &str) -> Result<Option<Entity>, Error> {
+        match self.doc_of_entity(id) {
+            // Listed in the registry but not synced here yet: not readable on this device.
+            Some(doc) if !self.has_content(doc) => Ok(None),
+            Some(doc) => self.entity_view(doc).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether the document's content (at least its header) has arrived.
+    pub(crate) fn has_content(&mut self, doc: DocId) -> bool {
+        self.engine.heads(doc).is_ok_and(|h| !h.is_empty())
+    }
+
+    /// Answers with every readable entity, sorted by id. The core reads again only the
+    /// entities whose heads moved since their view was cached (a write or a remote
+    /// change refreshes it as it lands), and a read job sorts and copies the views.
+    pub(crate) fn list_entities(&mut self, reply: Reply<Vec<Entity>>) {
+        let docs: Vec<DocId> = self.entity_of_doc.keys().copied().collect();
+        let mut views = Vec::with_capacity(docs.len());
+        for doc in docs {
+            // Listed in the registry but not synced here yet: not readable on this device.
+            let heads = match self.engine.heads(doc) {
+                Ok(h) if !h.is_empty() => h,
+                _ => continue,
+            };
+            match self.views.get(&doc) {
+                Some((seen, view)) if *seen == heads => views.push(view.clone()),
+                _ => match self.entity_view(doc) {
+                    Ok(view) => {
+                        let view = Arc::new(view);
+                        self.views.insert(doc, (heads, view.clone()));
+                        views.push(view);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        return;
+                    }
+                },
+            }
+        }
+        self.spawn_read(reply, move || {
+            views.sort_by(|a, b| a.id.cmp(&b.id));
+            Ok(views.iter().map(|v| Entity::clone(v)).collect())
+        });
+    }
+
+    /// The PeerId of the device that writes as `actor`: this device, a member of the home,
+    /// or a device of a paired home. An actor no known device maps to is shown in hex.
+    pub(crate) fn device_of_actor(&mut self, actor: &automerge::ActorId) -> String {
+        if actor == self.engine.actor() {
+            return self.peer_id.clone();
+        }
+        if let Some(name) = self.actor_names.get(actor) {
+            return name.clone();
+        }
+        // A miss means a device this core has not mapped yet: rebuild from the home
+        // document, which lists every member and paired device.
+        // Devices and paired homes only: the whole home view holds one keyring entry per
+        // document.
+        let devices = self.engine.home_devices(self.home.home_doc);
+        let paired = self.engine.home_paired(self.home.home_doc);
+        let known = self.actor_names.len();
+        if let (Ok(devices), Ok(paired)) = (devices, paired) {
+            let peers = devices
+                .keys()
+                .chain(paired.values().flat_map(|h| h.devices.keys()));
+            for peer in peers {
+                if let Ok(id) = peer.parse::<hearth_net::PeerId>() {
+                    let actor = hearth_crdt::ids::actor_for_peer(&id.to_bytes());
+                    self.actor_names.insert(actor, peer.clone());
+                }
+            }
+        }
+        if self.actor_names.len() != known {
+            // Cached views may name a writer that now has a name.
+            self.views.clear();
+        }
+        self.actor_names
+            .get(actor)
+            .cloned()
+            .unwrap_or_else(|| actor.to_hex_string())
+    }
+
+    pub(crate) fn entity_view(&mut self, doc: DocId) -> Result<Entity, Error> {
+        // As the entity's policy shows it: the same on every replica.
+        let e = match self.engine.resolved_entity(doc) {
+            Ok(resolved) => resolved.entity,
+            Err(_) => self.engine.entity(doc).map_err(doc_err)?,
+        };
+        let heads = self.engine.heads(doc).map_err(doc_err)?;
+        let updated_by = self.device_of_actor(&e.updated_by);
+        Ok(Entity {
+            id: e.id,
+            state: e.state,
+            attributes: e.attributes,
+            updated_at: rfc3339_ms(e.updated_at.wall_ms),
+            updated_by,
+            owner: e.owner,
+            version: hex::encode(hearth_crdt::digest::heads_hash(&heads)),
+        })
+    }
+
+    pub(crate) fn emit(
+        &self,
+        entity: Entity,
+        from_peer: Option<String>,
+        correlation_id: Option<String>,
+    ) {
+        self.emit_change(entity, from_peer, correlation_id, false);
+    }
+
+    pub(crate) fn emit_change(
+        &self,
+        entity: Entity,
+        from_peer: Option<String>,
+        correlation_id: Option<String>,
+        deleted: bool,
+    ) {
+        let change = EntityChange {
+            entity,
+            from_peer,
+            correlation_id,
+            deleted,
+        };
+        // No subscribers is normal; a send error only means nobody listens.
+        let _ = self.events.send(change.clone());
+        self.emit_event(crate::events::Event::Entity(Box::new(change)));
     }
 }
