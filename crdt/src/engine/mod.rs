@@ -768,7 +768,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
     }
 
     /// Session bookkeeping, for harness diagnostics.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "harness"))]
     pub(crate) fn debug_sessions(&mut self) -> String {
         let mut text = format!(
             "docs={} deadline={:?}\n",
