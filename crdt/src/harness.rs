@@ -3,6 +3,32 @@
 //!
 //! Frames cross the network encoded, through [`wire::encode`] and
 //! [`wire::decode`], so the envelope code is on every path the tests take.
+//!
+//! Outside this crate's own tests it is compiled only with the `harness`
+//! feature. It is test code: its calls panic where a test should fail.
+//!
+//! ```
+//! use hearth_crdt::harness::{Faults, Net};
+//! use hearth_crdt::{DocId, EngineConfig, EntityUpdate};
+//!
+//! let doc = DocId::from_bytes([7; 16]);
+//! let mut net = Net::new(3, 42, EngineConfig::default());
+//! net.share_entity(doc);
+//! net.run_until_quiet(10_000);
+//! // Lose, repeat and shuffle frames while two nodes write.
+//! net.faults = Faults { drop_pct: 20, dup_pct: 10, reorder: true };
+//! for (node, state) in [(1, "on"), (2, "dim")] {
+//!     let update = EntityUpdate { state: state.into(), attributes: None };
+//!     net.edit(node, doc, &update, None);
+//!     for _ in 0..5 {
+//!         net.step();
+//!     }
+//! }
+//! // Once the network heals, every replica holds the same document.
+//! net.faults = Faults::RELIABLE;
+//! net.run_until_quiet(100_000);
+//! net.assert_converged(doc);
+//! ```
 
 use crate::engine::{Engine, EngineConfig, Output};
 use crate::ids::{DocId, KeyEpoch};
@@ -12,14 +38,14 @@ use crate::wire;
 
 /// Deterministic generator (SplitMix64): the harness needs reproducible
 /// randomness from a seed, nothing more.
-pub(crate) struct Rng(u64);
+struct Rng(u64);
 
 impl Rng {
-    pub(crate) fn new(seed: u64) -> Self {
+    fn new(seed: u64) -> Self {
         Self(seed)
     }
 
-    pub(crate) fn next(&mut self) -> u64 {
+    fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -27,25 +53,30 @@ impl Rng {
         z ^ (z >> 31)
     }
 
-    pub(crate) fn below(&mut self, n: usize) -> usize {
+    fn below(&mut self, n: usize) -> usize {
         (self.next() % n.max(1) as u64) as usize
     }
 
-    pub(crate) fn percent(&mut self, p: u8) -> bool {
+    fn percent(&mut self, p: u8) -> bool {
         self.below(100) < usize::from(p)
     }
 }
 
 /// Network misbehaviour, in percent per frame.
 #[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct Faults {
-    pub(crate) drop_pct: u8,
-    pub(crate) dup_pct: u8,
-    pub(crate) reorder: bool,
+pub struct Faults {
+    /// Chance that a frame is lost, in percent.
+    pub drop_pct: u8,
+    /// Chance that a frame is delivered and also queued again at a random
+    /// place, in percent.
+    pub dup_pct: u8,
+    /// Deliver a random frame in flight rather than the oldest.
+    pub reorder: bool,
 }
 
 impl Faults {
-    pub(crate) const RELIABLE: Faults = Faults {
+    /// Every frame delivered once, in the order sent.
+    pub const RELIABLE: Faults = Faults {
         drop_pct: 0,
         dup_pct: 0,
         reorder: false,
@@ -61,31 +92,44 @@ struct InFlight {
 
 /// What happened on the network, for assertions.
 #[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct NetStats {
-    pub(crate) delivered: u64,
-    pub(crate) dropped: u64,
-    pub(crate) duplicated: u64,
-    pub(crate) receive_errors: u64,
+pub struct NetStats {
+    /// Frames handed to their recipient (a duplicate counts again).
+    pub delivered: u64,
+    /// Frames lost to [`Faults::drop_pct`].
+    pub dropped: u64,
+    /// Frames queued twice by [`Faults::dup_pct`].
+    pub duplicated: u64,
+    /// Deliveries that [`Engine::receive`] refused with an error.
+    pub receive_errors: u64,
     /// Largest push or sync payload sent.
-    pub(crate) largest_payload: usize,
+    pub largest_payload: usize,
 }
 
-pub(crate) struct Net {
-    pub(crate) nodes: Vec<Engine<usize>>,
+/// `n` engines, peers of each other as `0..n`, on one simulated network with one
+/// clock. Frames sent are held in flight until [`Net::step`] delivers them.
+pub struct Net {
+    /// The engines; node `i` is peer `i` to the others.
+    pub nodes: Vec<Engine<usize>>,
     in_flight: Vec<InFlight>,
-    pub(crate) rng: Rng,
-    pub(crate) faults: Faults,
-    pub(crate) now_ms: u64,
-    pub(crate) stats: NetStats,
+    rng: Rng,
+    /// How the network misbehaves from the next delivery on.
+    pub faults: Faults,
+    /// The clock every call into the engines is given, in milliseconds.
+    pub now_ms: u64,
+    /// Counters of the network so far.
+    pub stats: NetStats,
     /// Correlation ids seen in remote `Changed` outputs, per node.
-    pub(crate) remote_correlations: Vec<Vec<String>>,
+    pub remote_correlations: Vec<Vec<String>>,
 }
 
 /// Envelope cap used on the simulated wire.
 const WIRE_CAP: usize = wire::DEFAULT_MAX_FRAME_BYTES;
 
 impl Net {
-    pub(crate) fn new(n: usize, seed: u64, config: EngineConfig) -> Self {
+    /// `n` engines with `config`, named `peer-0`, `peer-1`, ... (their actor ids
+    /// come from those names), on a reliable network whose faults, once set, are
+    /// drawn from `seed`. The clock starts at 1000 ms.
+    pub fn new(n: usize, seed: u64, config: EngineConfig) -> Self {
         let nodes = (0..n)
             .map(|i| Engine::new(format!("peer-{i}").as_bytes(), config.clone()))
             .collect();
@@ -100,9 +144,9 @@ impl Net {
         }
     }
 
-    /// Node 0 creates an entity; every other node expects it; every pair is
-    /// attached.
-    pub(crate) fn share_entity(&mut self, doc: DocId) {
+    /// Node 0 creates an entity (`light.test` of `home-1`, state `off`); every
+    /// other node expects it; every pair is attached.
+    pub fn share_entity(&mut self, doc: DocId) {
         let epoch = KeyEpoch::first([0; 16]);
         let first = EntityUpdate {
             state: "off".into(),
@@ -125,8 +169,9 @@ impl Net {
         }
     }
 
-    /// Queues a node's outputs.
-    pub(crate) fn absorb(&mut self, from: usize, outputs: Vec<Output<usize>>) {
+    /// Queues the frames among a node's outputs, and records the correlation ids
+    /// of remote changes. Pass it what a direct call into `nodes[from]` returned.
+    pub fn absorb(&mut self, from: usize, outputs: Vec<Output<usize>>) {
         for o in outputs {
             match o {
                 Output::Send { peer, frame } => {
@@ -152,13 +197,14 @@ impl Net {
         }
     }
 
-    pub(crate) fn pending(&self) -> usize {
+    /// Number of frames in flight.
+    pub fn pending(&self) -> usize {
         self.in_flight.len()
     }
 
     /// Delivers one frame, subject to the faults. Returns false when nothing
     /// was in flight.
-    pub(crate) fn step(&mut self) -> bool {
+    pub fn step(&mut self) -> bool {
         if self.in_flight.is_empty() {
             return false;
         }
@@ -194,7 +240,7 @@ impl Net {
     }
 
     /// Moves time forward by `ms`, running due timers.
-    pub(crate) fn advance(&mut self, ms: u64) {
+    pub fn advance(&mut self, ms: u64) {
         self.now_ms += ms;
         for i in 0..self.nodes.len() {
             let out = self.nodes[i].tick(self.now_ms);
@@ -205,7 +251,7 @@ impl Net {
     /// Delivers frames and fires timers until nothing is in flight and no
     /// timer is pending. Returns the number of deliveries, or panics (this is
     /// test code) if the network never settles.
-    pub(crate) fn run_until_quiet(&mut self, max_steps: usize) -> usize {
+    pub fn run_until_quiet(&mut self, max_steps: usize) -> usize {
         let mut steps = 0;
         loop {
             while self.step() {
@@ -262,13 +308,9 @@ impl Net {
         }
     }
 
-    pub(crate) fn edit(
-        &mut self,
-        node: usize,
-        doc: DocId,
-        update: &EntityUpdate,
-        corr: Option<String>,
-    ) {
+    /// Node `node` writes `update` to entity `doc` (with correlation id `corr`)
+    /// and sends what the write produced.
+    pub fn edit(&mut self, node: usize, doc: DocId, update: &EntityUpdate, corr: Option<String>) {
         let out = self.nodes[node]
             .update_entity(doc, update, self.now_ms, corr)
             .unwrap();
@@ -276,7 +318,7 @@ impl Net {
     }
 
     /// Asserts identical heads and equal entity views everywhere.
-    pub(crate) fn assert_converged(&mut self, doc: DocId) {
+    pub fn assert_converged(&mut self, doc: DocId) {
         let heads0 = self.nodes[0].heads(doc).unwrap();
         let view0 = self.nodes[0].entity(doc).unwrap();
         for i in 1..self.nodes.len() {

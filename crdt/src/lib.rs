@@ -17,6 +17,10 @@
 //!   catch-up, panic containment.
 //! - [`wire`]: versioned CBOR envelopes for pushes, sync messages and digests.
 //!
+//! The `harness` feature adds `hearth_crdt::harness`, the seeded multi-peer
+//! harness this crate's own tests run on: N engines on a simulated network that
+//! drops, duplicates and reorders frames by seed, driven until it goes quiet.
+//!
 //! # Two peers converge
 //!
 //! ```
@@ -71,8 +75,8 @@ pub mod schema;
 mod session;
 pub mod wire;
 
-#[cfg(test)]
-mod harness;
+#[cfg(any(test, feature = "harness"))]
+pub mod harness;
 #[cfg(test)]
 mod harness_docs;
 

@@ -54,9 +54,8 @@ use crate::error::{Error, Result};
 use crate::history::VersionLog;
 use crate::hlc::{DEFAULT_MAX_DRIFT_MS, Hlc, HlcClock};
 use crate::ids::{DocId, KeyEpoch, actor_bytes_for_peer};
-use crate::schema::entity::{self, Entity, EntityUpdate};
-use crate::schema::home::{self, Home};
-use crate::schema::registry::{self, Registry};
+use crate::schema::home;
+use crate::schema::registry;
 use crate::schema::touched::{Touched, touched_entries};
 use crate::schema::{DocKind, Header};
 use crate::session::SyncSession;
@@ -65,6 +64,7 @@ use crate::wire::{Frame, Push};
 mod guard;
 mod load;
 mod receive;
+mod schema_ops;
 
 #[cfg(test)]
 pub(crate) use self::guard::check_actors;
@@ -424,65 +424,10 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         Ok(&self.doc_state(doc)?.doc)
     }
 
-    /// The validated entity view, with the entity's conflict policy applied
-    /// to concurrent values (see [`crate::policy`]).
-    pub fn entity(&self, doc: DocId) -> Result<Entity> {
-        self.resolved_entity(doc).map(|r| r.entity)
-    }
-
-    /// The validated registry view.
-    pub fn registry(&self, doc: DocId) -> Result<Registry> {
-        Registry::read(&self.doc_state(doc)?.doc)
-    }
-
     /// A copy of document `doc`, for reads that run away from the engine's
     /// owner. It costs a copy of the document, not a read of it.
     pub fn doc_copy(&mut self, doc: DocId) -> Result<AutoCommit> {
         Ok(self.doc_state_mut(doc)?.doc.fork())
-    }
-
-    /// One entry of registry document `doc`, read without the others.
-    pub fn registry_entry(
-        &self,
-        doc: DocId,
-        entity_id: &str,
-    ) -> Result<Option<crate::schema::registry::RegistryEntry>> {
-        let touched = Touched::Entries([entity_id.to_string()].into());
-        Ok(Registry::read_entries(&self.doc_state(doc)?.doc, &touched)?
-            .entities
-            .remove(entity_id))
-    }
-
-    /// The validated home view.
-    pub fn home(&self, doc: DocId) -> Result<Home> {
-        Home::read(&self.doc_state(doc)?.doc)
-    }
-
-    /// The homes a home document is paired with, without reading its keyring.
-    pub fn home_paired(
-        &self,
-        doc: DocId,
-    ) -> Result<std::collections::BTreeMap<String, crate::schema::home::PairedHome>> {
-        crate::schema::home::paired(&self.doc_state(doc)?.doc)
-    }
-
-    /// Only the device records of a home document: cheaper than [`Engine::home`], whose
-    /// keyring grows with every document of the home.
-    pub fn home_devices(
-        &self,
-        doc: DocId,
-    ) -> Result<std::collections::BTreeMap<String, crate::schema::home::DeviceRecord>> {
-        crate::schema::home::devices(&self.doc_state(doc)?.doc)
-    }
-
-    /// The keyring entries of home document `doc` that `chunk` wrote, read and
-    /// validated: `chunk` is the bytes of an incremental [`Output::PersistChunk`] for it.
-    /// Finding new keys this way costs what the chunk wrote, where reading the whole
-    /// keyring costs one entry per document of the home.
-    pub fn home_keys_written(&self, doc: DocId, chunk: &[u8]) -> Result<home::WrappedKeys> {
-        let ds = self.doc_state(doc)?;
-        let touched = touched_by(&ds.doc, chunk, &home::KEYRING_PATH);
-        home::keyring_entries(&ds.doc, &touched)
     }
 
     fn doc_state(&self, doc: DocId) -> Result<&DocState<P>> {
@@ -550,47 +495,6 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         }])
     }
 
-    /// Creates an entity document owned by `owner_home`.
-    pub fn create_entity(
-        &mut self,
-        id: DocId,
-        owner_home: &str,
-        epoch: KeyEpoch,
-        entity_id: &str,
-        first: &EntityUpdate,
-        now_ms: u64,
-    ) -> Result<Vec<Output<P>>> {
-        let header = Header::new(DocKind::Entity, owner_home, epoch);
-        self.create_document(id, header, now_ms, |doc, at, by| {
-            entity::init(doc, entity_id, owner_home, first, at, by)
-        })
-    }
-
-    /// Creates a home's empty registry document.
-    pub fn create_registry(
-        &mut self,
-        id: DocId,
-        owner_home: &str,
-        epoch: KeyEpoch,
-        now_ms: u64,
-    ) -> Result<Vec<Output<P>>> {
-        let header = Header::new(DocKind::Registry, owner_home, epoch);
-        self.create_document(id, header, now_ms, |doc, _, _| registry::init(doc))
-    }
-
-    /// Creates a home document with its name.
-    pub fn create_home(
-        &mut self,
-        id: DocId,
-        owner_home: &str,
-        epoch: KeyEpoch,
-        name: &str,
-        now_ms: u64,
-    ) -> Result<Vec<Output<P>>> {
-        let header = Header::new(DocKind::Home, owner_home, epoch);
-        self.create_document(id, header, now_ms, |doc, _, _| home::init(doc, name))
-    }
-
     /// Unloads a document, dropping its sessions.
     pub fn remove_document(&mut self, id: DocId) -> bool {
         let Some(ds) = self.docs.remove(&id) else {
@@ -652,20 +556,6 @@ impl<P: Clone + Ord + Debug> Engine<P> {
     }
 
     // ----- local writes ------------------------------------------------------
-
-    /// Writes an entity update as one change, and pushes it.
-    pub fn update_entity(
-        &mut self,
-        id: DocId,
-        update: &EntityUpdate,
-        now_ms: u64,
-        correlation_id: Option<String>,
-    ) -> Result<Vec<Output<P>>> {
-        self.transact(id, now_ms, correlation_id, |doc, at, by| {
-            entity::write(doc, update, at, by)
-        })
-        .map(|(_, out)| out)
-    }
 
     /// Runs `f` as one local change (rolled back if it fails), then persists
     /// and pushes the result. This is the extension point for document kinds
@@ -878,7 +768,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
     }
 
     /// Session bookkeeping, for harness diagnostics.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "harness"))]
     pub(crate) fn debug_sessions(&mut self) -> String {
         let mut text = format!(
             "docs={} deadline={:?}\n",
@@ -1077,6 +967,7 @@ mod tests {
 
     use super::*;
     use crate::harness::Net;
+    use crate::schema::entity::EntityUpdate;
     use crate::wire::SyncMessage;
 
     const DOC: DocId = DocId::from_bytes([43; 16]);
