@@ -1,0 +1,449 @@
+//! What is shared with whom: grants, share and unshare, key rotation.
+
+use super::service::*;
+use crate::Error;
+use crate::core::{Core, doc_err, new_key, now_ms};
+use crate::shares::ShareOut;
+use crate::trust::keys::{self, WrappedKey};
+use crate::trust::wire::{from_cbor, to_cbor};
+use hearth_crdt::schema::home as home_schema;
+use hearth_crdt::schema::registry::{self, Rights};
+use hearth_crdt::wire::{Frame, GrantFrame};
+use hearth_crdt::{DocId, DocKind, KeyEpoch};
+use hearth_storage::Batch;
+use serde_bytes::ByteBuf;
+
+impl Core {
+    /// Wraps the entity's current key for a foreign device, queues the grant and opens the
+    /// document's session with it.
+    pub(crate) fn send_grant(
+        &mut self,
+        peer: &str,
+        fp: &ForeignPeer,
+        entity_id: &str,
+        doc: DocId,
+        rights: Rights,
+        epoch: Option<KeyEpoch>,
+    ) {
+        // Checked again here, not only at hello: a revocation may arrive while the
+        // device is still connected, and no key is ever wrapped for a revoked device.
+        if self.revocations.contains(peer) {
+            tracing::info!(%peer, %entity_id, "not granting a key to a revoked device");
+            return;
+        }
+        let Some(epoch) = epoch.or_else(|| self.engine.header(doc).ok().map(|h| h.key_epoch))
+        else {
+            tracing::warn!(%doc, "cannot grant a document that is not loaded");
+            return;
+        };
+        let Some(key) = self.keyring.get(doc, epoch) else {
+            tracing::warn!(%doc, "cannot grant a document whose key this device lacks");
+            return;
+        };
+        let wrapped = match keys::wrap_key(key, doc, epoch, &fp.x25519) {
+            Ok(w) => w.to_bytes().to_vec(),
+            Err(error) => {
+                tracing::warn!(%peer, %doc, %error, "cannot wrap a key for a paired device");
+                return;
+            }
+        };
+        let message = ShareMessage::Grant {
+            entity_id: entity_id.to_string(),
+            doc: doc.to_string(),
+            epoch,
+            wrapped: ByteBuf::from(wrapped),
+            rights: rights.as_str().to_string(),
+        };
+        self.queue_share_message(peer, &message);
+        match self.engine.attach(peer.to_string(), doc, None, now_ms()) {
+            Ok(out) => self.persist_in_background(out),
+            Err(error) => tracing::warn!(%peer, %doc, %error, "cannot open a shared session"),
+        }
+    }
+
+    pub(crate) fn queue_share_message(&mut self, peer: &str, message: &ShareMessage) {
+        match to_cbor("grant message", message) {
+            Ok(bytes) => self
+                .outbox
+                .push((peer.to_string(), Frame::Grant(GrantFrame { bytes }))),
+            Err(error) => tracing::warn!(%error, "cannot encode a grant"),
+        }
+    }
+
+    /// A grant frame from a foreign device: a key for an entity its home shares with this
+    /// one, or the end of such a grant.
+    pub(crate) async fn on_grant_frame(&mut self, peer: &str, bytes: &[u8]) {
+        // Capped before decoding; trailing bytes are refused too.
+        let message: ShareMessage = match from_cbor("grant message", bytes, MAX_SHARE_MESSAGE) {
+            Ok(m) => m,
+            Err(error) => {
+                tracing::warn!(%peer, %error, len = bytes.len(), "malformed grant frame dropped");
+                return;
+            }
+        };
+        if let ShareMessage::HomeKey(key) = message {
+            if self.admitted.contains_key(peer) {
+                self.accept_home_key(peer, key).await;
+            } else {
+                tracing::warn!(%peer, "home key from a device that is not of this home dropped");
+            }
+            return;
+        }
+        let Some(fp) = self.sharing.foreign.get(peer).cloned() else {
+            tracing::warn!(%peer, "grant frame from a device that is not of a paired home");
+            return;
+        };
+        match message {
+            ShareMessage::HomeKey(_) => {}
+            ShareMessage::Revocation { record } => {
+                self.on_paired_revocation(peer, &fp.home, &record).await;
+            }
+            ShareMessage::Grant {
+                entity_id,
+                doc,
+                epoch,
+                wrapped,
+                rights,
+            } => {
+                let Some(doc) = DocId::parse(&doc) else {
+                    tracing::warn!(%peer, "grant for a malformed document id dropped");
+                    return;
+                };
+                if let Err(reason) = self
+                    .accept_grant(&fp, &entity_id, doc, epoch, &wrapped, &rights)
+                    .await
+                {
+                    tracing::warn!(%peer, %doc, %reason, "grant refused");
+                    crate::audit::record_by(
+                        &self.store,
+                        peer,
+                        "grant.refused",
+                        &format!("{entity_id}: {reason}"),
+                    )
+                    .await;
+                    return;
+                }
+                self.attach_foreign(peer, doc).await;
+                self.send_pending().await;
+            }
+            ShareMessage::Revoke { entity_id, doc } => {
+                let Some(doc) = DocId::parse(&doc) else {
+                    return;
+                };
+                let Some(entry) = self.sharing.shared_in.get_mut(&doc) else {
+                    return;
+                };
+                if entry.owner != fp.home || entry.revoked {
+                    return;
+                }
+                entry.revoked = true;
+                let mut batch = Batch::new();
+                self.save_shared_in(&mut batch);
+                if let Err(error) = self.store.batch(batch).await {
+                    tracing::error!(%error, "cannot record a revoked grant");
+                }
+                let peers: Vec<String> = self.sharing.foreign.keys().cloned().collect();
+                for p in peers {
+                    self.engine.detach(&p, doc);
+                }
+                crate::audit::record_by(&self.store, peer, "grant.revoked", &entity_id).await;
+                let me = self.home.home_id.clone();
+                self.emit_share(&entity_id, &fp.home, &me, "none", Some(peer.to_string()));
+                tracing::info!(%entity_id, owner = %fp.home, "a home stopped sharing an entity with this one");
+            }
+        }
+    }
+
+    pub(crate) async fn accept_grant(
+        &mut self,
+        fp: &ForeignPeer,
+        entity_id: &str,
+        doc: DocId,
+        epoch: KeyEpoch,
+        wrapped: &[u8],
+        rights: &str,
+    ) -> Result<(), String> {
+        if rights != "read" && rights != "write" {
+            return Err(format!("unknown rights {rights:?}"));
+        }
+        if entity_id.is_empty() || entity_id.len() > 256 {
+            return Err("bad entity id".into());
+        }
+        // A home cannot grant what it does not own: not a document of this home, and not
+        // one another home already shares with this one.
+        if self.keyring.ids().any(|(d, _)| d == doc) && !self.is_foreign_doc(doc) {
+            return Err("names a document of this home".into());
+        }
+        if let Some(existing) = self.sharing.shared_in.get(&doc)
+            && existing.owner != fp.home
+        {
+            return Err("names a document another home shares".into());
+        }
+        if !self.sharing.shared_in.contains_key(&doc)
+            && self
+                .sharing
+                .shared_in
+                .values()
+                .filter(|s| s.owner == fp.home)
+                .count()
+                >= MAX_SHARED_IN_PER_HOME
+        {
+            return Err(format!(
+                "its home already shares {MAX_SHARED_IN_PER_HOME} entities with this one"
+            ));
+        }
+        let key = WrappedKey::from_bytes(wrapped)
+            .and_then(|w| keys::unwrap_key(&w, doc, epoch, &self.device))
+            .map_err(|e| format!("cannot unwrap the key: {e}"))?;
+        let mut batch = Batch::new();
+        let new_key = !self.keyring.contains(doc, epoch);
+        self.keyring.insert(doc, epoch, key, &mut batch);
+        let was = self.sharing.shared_in.insert(
+            doc,
+            SharedIn {
+                entity_id: entity_id.to_string(),
+                owner: fp.home.clone(),
+                rights: rights.to_string(),
+                revoked: false,
+            },
+        );
+        self.save_shared_in(&mut batch);
+        self.store.batch(batch).await.map_err(|e| e.to_string())?;
+        self.ensure_expected_owned(doc, epoch, &fp.home);
+        self.index_shared_in();
+        let changed = was.as_ref().map(|w| (w.rights.as_str(), w.revoked)) != Some((rights, false));
+        if changed {
+            let me = self.home.home_id.clone();
+            self.emit_share(entity_id, &fp.home, &me, rights, Some(fp.net.to_base58()));
+        }
+        if changed || new_key {
+            crate::audit::record_by(
+                &self.store,
+                &fp.net.to_base58(),
+                "grant.received",
+                &format!(
+                    "{entity_id} from {} ({rights}, epoch {})",
+                    fp.home, epoch.counter
+                ),
+            )
+            .await;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn ensure_expected_owned(&mut self, doc: DocId, epoch: KeyEpoch, owner: &str) {
+        if self.engine.header(doc).is_ok() {
+            return;
+        }
+        self.engine
+            .expect_document(doc, DocKind::Entity, owner, epoch);
+    }
+
+    pub(crate) async fn share(
+        &mut self,
+        entity_id: &str,
+        home: &str,
+        read_only: bool,
+        policy: Option<String>,
+    ) -> Result<ShareOut, Error> {
+        let (home_id, _) = self.resolve_home(home)?;
+        let doc = self.own_entity_doc(entity_id)?;
+        let policy = match &policy {
+            Some(p) => Some(hearth_crdt::Policy::parse(p).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "unknown policy {p:?}; use latest-wins, merge, owner-wins, sharer-wins or user-choice"
+                ))
+            })?),
+            None => None,
+        };
+        let rights = if read_only {
+            Rights::Read
+        } else {
+            Rights::Write
+        };
+        let now = now_ms();
+        let (_, out) = self
+            .engine
+            .transact(self.home.registry_doc, now, None, |d, _, _| {
+                registry::share(
+                    d,
+                    entity_id,
+                    &home_id,
+                    &registry::Share {
+                        rights,
+                        policy: policy.map(|p| p.as_str().to_string()),
+                        by: Some(self.peer_id.clone()),
+                    },
+                )
+            })
+            .map_err(doc_err)?;
+        let mut batch = self.handle_outputs(out);
+        if let Some(p) = policy {
+            let out = self
+                .engine
+                .set_entity_policy(doc, p, now, None)
+                .map_err(doc_err)?;
+            let more = self.handle_outputs(out);
+            crate::core::append(&mut batch, more);
+        }
+        self.store.batch(batch).await?;
+        crate::audit::record_by(
+            &self.store,
+            &self.peer_id.clone(),
+            "share.granted",
+            &format!("{entity_id} with {home_id} ({})", rights.as_str()),
+        )
+        .await;
+        let peers: Vec<(String, ForeignPeer)> = self
+            .sharing
+            .foreign
+            .iter()
+            .filter(|(_, f)| f.home == home_id)
+            .map(|(p, f)| (p.clone(), f.clone()))
+            .collect();
+        for (peer, fp) in peers {
+            self.send_grant(&peer, &fp, entity_id, doc, rights, None);
+        }
+        self.send_pending().await;
+        self.emit_share(
+            entity_id,
+            &self.home.home_id.clone(),
+            &home_id,
+            rights.as_str(),
+            None,
+        );
+        self.share_out(entity_id, &home_id)
+    }
+
+    pub(crate) async fn unshare(&mut self, entity_id: &str, home: &str) -> Result<ShareOut, Error> {
+        let (home_id, _) = self.resolve_home(home)?;
+        let doc = self.own_entity_doc(entity_id)?;
+        let before = self.share_out(entity_id, &home_id)?;
+        self.revoke_share(entity_id, doc, &home_id).await?;
+        Ok(ShareOut {
+            epoch: self
+                .engine
+                .header(doc)
+                .map(|h| epoch_text(&h.key_epoch))
+                .unwrap_or_default(),
+            ..before
+        })
+    }
+
+    /// Removes one grant, tells the home's connected devices, and rotates the entity's key
+    /// for everyone who keeps access.
+    pub(crate) async fn revoke_share(
+        &mut self,
+        entity_id: &str,
+        doc: DocId,
+        home_id: &str,
+    ) -> Result<(), Error> {
+        let now = now_ms();
+        let (_, out) = self
+            .engine
+            .transact(self.home.registry_doc, now, None, |d, _, _| {
+                registry::unshare(d, entity_id, home_id)
+            })
+            .map_err(doc_err)?;
+        let batch = self.handle_outputs(out);
+        self.store.batch(batch).await?;
+        let peers: Vec<String> = self
+            .sharing
+            .foreign
+            .iter()
+            .filter(|(_, f)| f.home == home_id)
+            .map(|(p, _)| p.clone())
+            .collect();
+        for peer in &peers {
+            self.engine.detach(peer, doc);
+            self.queue_share_message(
+                peer,
+                &ShareMessage::Revoke {
+                    entity_id: entity_id.to_string(),
+                    doc: doc.to_string(),
+                },
+            );
+        }
+        crate::audit::record_by(
+            &self.store,
+            &self.peer_id.clone(),
+            "share.revoked",
+            &format!("{entity_id} from {home_id}"),
+        )
+        .await;
+        self.rotate(entity_id, doc).await?;
+        self.send_pending().await;
+        self.emit_share(entity_id, &self.home.home_id.clone(), home_id, "none", None);
+        Ok(())
+    }
+
+    /// Starts a new epoch for an entity's document with a fresh key, wrapped for this
+    /// home's devices (in the home document) and granted to the devices of every home it
+    /// is still shared with.
+    pub(crate) async fn rotate(&mut self, entity_id: &str, doc: DocId) -> Result<KeyEpoch, Error> {
+        let now = now_ms();
+        let old = self.engine.header(doc).map_err(doc_err)?.key_epoch;
+        let epoch = KeyEpoch {
+            counter: old.counter.checked_add(1).ok_or_else(|| {
+                Error::Internal(format!("{entity_id}: the key epoch counter is exhausted"))
+            })?,
+            device: *self.engine_actor_bytes(),
+        };
+        let key = new_key()?;
+        let wraps = self.wrap_for_devices(&key, doc, epoch);
+        let (_, home_out) = self
+            .engine
+            .transact(self.home.home_doc, now, None, |d, _, _| {
+                for (peer, wrapped) in &wraps {
+                    home_schema::put_wrapped_key(d, doc, &epoch, peer, wrapped)?;
+                }
+                Ok(())
+            })
+            .map_err(doc_err)?;
+        let mut batch = self.handle_outputs(home_out);
+        self.keyring.insert(doc, epoch, key, &mut batch);
+        self.store.batch(batch).await?;
+        // The new key goes out before the first frame sealed under it.
+        self.regrant(entity_id, doc, Some(epoch));
+        let out = self
+            .engine
+            .set_key_epoch(doc, epoch, now)
+            .map_err(doc_err)?;
+        let batch = self.handle_outputs(out);
+        self.store.batch(batch).await?;
+        crate::audit::record_by(
+            &self.store,
+            &self.peer_id.clone(),
+            "key.rotated",
+            &format!("{entity_id} to epoch {}", epoch.counter),
+        )
+        .await;
+        Ok(epoch)
+    }
+
+    /// Sends the entity's current key to every connected device of the homes it is
+    /// shared with.
+    pub(crate) fn regrant(&mut self, entity_id: &str, doc: DocId, epoch: Option<KeyEpoch>) {
+        let grants: Vec<(String, ForeignPeer, Rights)> = {
+            let shares = self
+                .engine
+                .registry_entry(self.home.registry_doc, entity_id)
+                .ok()
+                .flatten()
+                .map(|e| e.shares)
+                .unwrap_or_default();
+            self.sharing
+                .foreign
+                .iter()
+                .filter_map(|(p, f)| {
+                    shares
+                        .get(&f.home)
+                        .map(|s| (p.clone(), f.clone(), s.rights))
+                })
+                .collect()
+        };
+        for (peer, fp, rights) in grants {
+            self.send_grant(&peer, &fp, entity_id, doc, rights, epoch);
+        }
+    }
+}
