@@ -36,7 +36,7 @@ use crate::sharing::service as sharing;
 
 use hearth_crdt::wire::Frame;
 
-use crate::entities::{Entity, EntityChange};
+use crate::entities::EntityChange;
 use crate::home::{HOME_KEY, HomeRecord};
 use crate::trust::keys::{DeviceSecret, DocKey};
 use keyring::Keyring;
@@ -238,6 +238,12 @@ pub(crate) struct NodeFacts {
 
 pub(crate) struct Core {
     pub(crate) engine: Engine<String>,
+    /// The entities service's state.
+    pub(crate) entities: crate::entities::service::EntityState,
+    /// The rooms and presence service's state.
+    pub(crate) rooms: rooms::RoomState,
+    /// The state of this home's devices on the network.
+    pub(crate) peers: crate::peers::PeerState,
     pub(crate) store: StoreHandle,
     pub(crate) net: hearth_net::Handle,
     pub(crate) home: HomeRecord,
@@ -245,17 +251,11 @@ pub(crate) struct Core {
     /// Next incremental chunk number per document, and the first one not yet covered by
     /// a snapshot (deleted when the next snapshot lands).
     pub(crate) chunk_seq: HashMap<DocId, (u64, u64)>,
-    /// Entity document -> entity id, from the registry.
-    pub(crate) entity_of_doc: HashMap<DocId, String>,
-    /// The reverse: entity id -> document, so a write finds its document in O(1).
-    pub(crate) doc_of_entity_id: HashMap<String, DocId>,
     pub(crate) events: broadcast::Sender<EntityChange>,
     /// Document keys this device holds.
     pub(crate) keyring: Keyring,
     /// This device's X25519 secret, for keys other devices wrap for it.
     pub(crate) device: DeviceSecret,
-    /// Admitted devices, by PeerId text.
-    pub(crate) admitted: HashMap<String, hearth_net::PeerId>,
     /// Frames the engine produced, sealed and sent after each step.
     pub(crate) outbox: Vec<(String, Frame)>,
     /// Invite codes and pairing exchanges.
@@ -263,34 +263,16 @@ pub(crate) struct Core {
     /// (doc id, heads hash) of every document this device holds a key for, kept current,
     /// for digest reconciliation with devices of the home.
     pub(crate) digest: hearth_crdt::digest::DigestTree,
-    /// Digest sessions in progress, by peer.
-    pub(crate) reconcilers: HashMap<String, hearth_crdt::digest::Reconciler>,
     /// Counters shown by `sync_counters` and the metrics.
     pub(crate) counters: SyncCounters,
     /// Peer arrivals and departures, for the event bus.
     pub(crate) notices: broadcast::Sender<Notice>,
-    /// PeerIds of known devices by their Automerge actor, so views name writers by device.
-    pub(crate) actor_names: HashMap<automerge::ActorId, String>,
-    /// Until when each admitted device counts as live (ms since the epoch), from its
-    /// heartbeats; see `heartbeat`.
-    pub(crate) alive_until: HashMap<String, u64>,
     /// Every event, for library subscribers and the event bus.
     pub(crate) node_events: broadcast::Sender<crate::events::Event>,
     /// This device's name: the default user of rooms and presence.
     pub(crate) device_name: String,
-    /// What each room looked like when last announced, to turn document changes into
-    /// member and chat events.
-    pub(crate) rooms_seen: HashMap<DocId, rooms::RoomSeen>,
-    /// How much chat each room keeps.
-    pub(crate) chat_keep: rooms::ChatRetention,
-    /// Presence entries as last announced.
-    pub(crate) presence_seen: std::collections::BTreeMap<String, hearth_crdt::PresenceEntry>,
-    /// When a frame last came from each admitted peer (ms since the epoch).
-    pub(crate) last_heard: HashMap<String, u64>,
     /// The node's metrics.
     pub(crate) metrics: std::sync::Arc<crate::metrics::Metrics>,
-    /// Local writes waiting for their batch window's flush.
-    pub(crate) writes: batching::WriteWindow,
     /// Paired homes' devices and the entities shared each way.
     pub(crate) sharing: sharing::Sharing,
     /// Signed revocations of this home's and paired homes' devices; only ever added to.
@@ -299,11 +281,6 @@ pub(crate) struct Core {
     pub(crate) home_doc_read: std::cell::Cell<bool>,
     /// The core's own request queue, for tasks it spawns to report back.
     pub(crate) self_tx: Option<mpsc::Sender<Request>>,
-    /// Bulk session openings, paced per peer.
-    pub(crate) pacing: pacing::Pacing,
-    /// The entity view the last change event was built from, so a local write answers with
-    /// it instead of reading the document a second time.
-    pub(crate) last_view: Option<(DocId, Entity)>,
     /// Test hook: where received frames are recorded, when set.
     #[cfg(feature = "test-hooks")]
     pub(crate) capture: Option<hooks::CaptureSink>,
@@ -315,9 +292,6 @@ pub(crate) struct Core {
     pub(crate) unpersisted: std::sync::Arc<std::sync::Mutex<durability::Unpersisted>>,
     /// Documents whose stored records could not be loaded at start (quarantine.rs).
     pub(crate) quarantine: quarantine::Quarantine,
-    /// Each entity's view as last read, with the heads it was read at, so listing every
-    /// entity reads only the documents that changed since.
-    pub(crate) views: HashMap<DocId, (Vec<automerge::ChangeHash>, Arc<Entity>)>,
     /// Permits for read jobs (`spawn_read`).
     pub(crate) read_jobs: Arc<tokio::sync::Semaphore>,
 }
@@ -393,38 +367,45 @@ pub(crate) async fn start(
     };
     let mut core = Core {
         engine: Engine::new(peer_id_bytes, peers::engine_config()),
+        entities: crate::entities::service::EntityState {
+            of_doc: HashMap::new(),
+            by_id: HashMap::new(),
+            views: HashMap::new(),
+            last_view: None,
+            writes: batching::WriteWindow::new(batch_window),
+            actor_names: HashMap::new(),
+        },
+        rooms: rooms::RoomState {
+            seen: HashMap::new(),
+            chat_keep,
+            presence_seen: Default::default(),
+        },
+        peers: crate::peers::PeerState {
+            admitted: HashMap::new(),
+            reconcilers: HashMap::new(),
+            last_heard: HashMap::new(),
+            alive_until: HashMap::new(),
+            pacing: pacing::Pacing::default(),
+        },
         store,
         net,
         home,
         peer_id,
         chunk_seq: HashMap::new(),
-        entity_of_doc: HashMap::new(),
-        doc_of_entity_id: HashMap::new(),
         events: broadcast::channel(CHANGE_BUFFER).0,
         keyring: Keyring::default(),
         device: DeviceSecret::generate(),
-        admitted: HashMap::new(),
         outbox: Vec::new(),
         pairing: pairing::Pairing::default(),
         digest: hearth_crdt::digest::DigestTree::new(),
-        reconcilers: HashMap::new(),
         counters: SyncCounters::default(),
         notices: broadcast::channel(NOTICE_BUFFER).0,
-        actor_names: HashMap::new(),
-        alive_until: HashMap::new(),
         node_events: broadcast::channel(CHANGE_BUFFER).0,
         device_name: clean_device_name(device_name),
-        rooms_seen: HashMap::new(),
-        chat_keep,
-        presence_seen: Default::default(),
-        last_heard: HashMap::new(),
         metrics,
-        writes: batching::WriteWindow::new(batch_window),
         sharing: sharing::Sharing::default(),
         revocations: revocations::Revocations::default(),
         home_doc_read: std::cell::Cell::new(false),
-        pacing: pacing::Pacing::default(),
-        last_view: None,
         self_tx: None,
         #[cfg(feature = "test-hooks")]
         capture: None,
@@ -432,7 +413,6 @@ pub(crate) async fn start(
         persists: durability::persist_slots(),
         unpersisted: Default::default(),
         quarantine: Default::default(),
-        views: HashMap::new(),
         read_jobs: Arc::new(tokio::sync::Semaphore::new(READ_JOBS)),
     };
     let mut batch = Batch::new();
@@ -517,7 +497,7 @@ impl Core {
         let mut store_health = self.store.watch_health();
         loop {
             let net_stalled = *stall_net.borrow_and_update();
-            let window_closes = self.writes.deadline();
+            let window_closes = self.entities.writes.deadline();
             let deadline = self.engine.next_deadline();
             let timer = async {
                 match deadline {
@@ -582,9 +562,9 @@ impl Core {
         match event {
             Event::Hello { peer, certificate } => {
                 let text = peer.to_base58();
-                let was_admitted = self.admitted.contains_key(&text);
+                let was_admitted = self.peers.admitted.contains_key(&text);
                 self.on_hello(peer, certificate).await;
-                if !was_admitted && self.admitted.contains_key(&text) {
+                if !was_admitted && self.peers.admitted.contains_key(&text) {
                     // Admission counts as hearing from it; its own heartbeats follow.
                     self.heard_alive(&text, heartbeat::HEARTBEAT_TTL_MS);
                     self.notice_peer(text, true);
@@ -598,7 +578,7 @@ impl Core {
                 if !self.still_admitted_as(&peer, &class, "sync") {
                     return;
                 }
-                self.last_heard.insert(peer.to_base58(), now_ms());
+                self.peers.last_heard.insert(peer.to_base58(), now_ms());
                 self.on_frame(peer, class, bytes).await
             }
             Event::PairRequest {
@@ -619,15 +599,15 @@ impl Core {
             Event::PeerDisconnected { peer, reason } => {
                 let text = peer.to_base58();
                 tracing::info!(peer = %text, ?reason, "peer disconnected");
-                if self.admitted.remove(&text).is_some() {
+                if self.peers.admitted.remove(&text).is_some() {
                     self.notice_peer(text.clone(), false);
                 }
                 self.sharing.foreign.remove(&text);
                 self.sharing.pending_hellos.remove(&peer);
-                self.pacing.forget_peer(&text);
-                self.reconcilers.remove(&text);
-                self.last_heard.remove(&text);
-                self.alive_until.remove(&text);
+                self.peers.pacing.forget_peer(&text);
+                self.peers.reconcilers.remove(&text);
+                self.peers.last_heard.remove(&text);
+                self.peers.alive_until.remove(&text);
                 // Keep each session's state so a reconnect resumes rather than restarts.
                 let mut batch = Batch::new();
                 for (doc, state) in self.engine.detach_peer(&text) {

@@ -56,7 +56,7 @@ impl Core {
                     correlation_id,
                     heads,
                     ..
-                } if self.entity_of_doc.contains_key(&doc) => {
+                } if self.entities.of_doc.contains_key(&doc) => {
                     let from_peer = match origin {
                         Origin::Peer(peer) => Some(peer),
                         _ => None,
@@ -75,8 +75,10 @@ impl Core {
                         Ok(entity) => {
                             // The writer answers with this same view, read once, and
                             // listings reuse it.
-                            self.views.insert(doc, (heads, Arc::new(entity.clone())));
-                            self.last_view = Some((doc, entity.clone()));
+                            self.entities
+                                .views
+                                .insert(doc, (heads, Arc::new(entity.clone())));
+                            self.entities.last_view = Some((doc, entity.clone()));
                             self.emit(entity, from_peer, correlation_id)
                         }
                         Err(error) => {
@@ -163,7 +165,7 @@ impl Core {
             .map(|d| d.save_after(&[]));
         let mut batch = self.handle_outputs(out);
         self.keyring.insert(doc, epoch, key, &mut batch);
-        let peers: Vec<String> = self.admitted.keys().cloned().collect();
+        let peers: Vec<String> = self.peers.admitted.keys().cloned().collect();
         for peer in peers {
             if let Some(bytes) = &snapshot {
                 self.outbox.push((

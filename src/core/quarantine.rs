@@ -164,7 +164,7 @@ impl Core {
             .map(|(doc, (reason, _))| Quarantined {
                 doc: doc.to_string(),
                 reason: reason.clone(),
-                entity: self.entity_of_doc.get(doc).cloned(),
+                entity: self.entities.of_doc.get(doc).cloned(),
             })
             .collect()
     }

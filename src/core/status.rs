@@ -8,11 +8,16 @@ impl Core {
         let now = now_ms();
         let held: Vec<DocId> = self.keyring.ids().map(|(d, _)| d).collect();
         let mut peers: Vec<PeerLag> = self
+            .peers
             .admitted
             .keys()
             .map(|peer| PeerLag {
                 peer: peer.clone(),
-                last_heard_ms: self.last_heard.get(peer).map(|t| now.saturating_sub(*t)),
+                last_heard_ms: self
+                    .peers
+                    .last_heard
+                    .get(peer)
+                    .map(|t| now.saturating_sub(*t)),
                 docs_behind: held
                     .iter()
                     .filter(|d| !self.engine.is_in_sync(peer, **d))

@@ -108,12 +108,12 @@ impl Core {
         let ack: Ack = Box::new(move |flushed| {
             let _ = reply.send(flushed.map(|()| value));
         });
-        if self.writes.window.is_zero() {
+        if self.entities.writes.window.is_zero() {
             self.queue_persist(batch, vec![ack]);
             return;
         }
-        self.writes.push(batch, ack);
-        if self.writes.is_full() {
+        self.entities.writes.push(batch, ack);
+        if self.entities.writes.is_full() {
             self.commit_window();
         }
     }
@@ -121,7 +121,7 @@ impl Core {
     /// Hands the open window's batch to the store; its writers are answered after the
     /// flush, without holding up the actor.
     pub(crate) fn commit_window(&mut self) {
-        let Some((batch, acks)) = self.writes.take() else {
+        let Some((batch, acks)) = self.entities.writes.take() else {
             return;
         };
         self.queue_persist(batch, acks);

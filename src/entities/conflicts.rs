@@ -42,7 +42,7 @@ impl Core {
         }
         if *table != before {
             // Side policies resolve by home: cached entity views may read differently.
-            self.views.clear();
+            self.entities.views.clear();
         }
     }
 
@@ -108,7 +108,8 @@ impl Core {
 
     pub(crate) fn list_conflicts(&mut self) -> Result<Vec<ConflictInfo>, Error> {
         let mut ids: Vec<(String, DocId)> = self
-            .entity_of_doc
+            .entities
+            .of_doc
             .iter()
             .map(|(d, id)| (id.clone(), *d))
             .collect();

@@ -35,8 +35,8 @@ impl Core {
                 registry::tombstone(d, id, at)
             })
             .map_err(doc_err)?;
-        self.entity_of_doc.remove(&doc);
-        self.doc_of_entity_id.remove(id);
+        self.entities.of_doc.remove(&doc);
+        self.entities.by_id.remove(id);
         let mut batch = self.handle_outputs(out);
         crate::core::append(&mut batch, self.drop_sync_states_of_doc(doc));
         self.emit_change(entity.clone(), None, None, true);

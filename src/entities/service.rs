@@ -1,6 +1,7 @@
 //! The entities service: the core's handling of entity requests.
 
 use hearth_crdt::DocId;
+use std::collections::HashMap;
 
 use crate::Error;
 use crate::core::*;
@@ -166,18 +167,18 @@ impl Core {
     /// Rebuilds the entity index from the registry. On a device that has not received the
     /// registry yet the index stays empty until it arrives.
     pub(crate) fn rebuild_entity_index_lenient(&mut self) {
-        let before = std::mem::take(&mut self.doc_of_entity_id);
-        let old_docs = std::mem::take(&mut self.entity_of_doc);
+        let before = std::mem::take(&mut self.entities.by_id);
+        let old_docs = std::mem::take(&mut self.entities.of_doc);
         if let Err(error) = self.rebuild_entity_index() {
             tracing::debug!(%error, "registry not readable yet");
-            self.doc_of_entity_id = before;
-            self.entity_of_doc = old_docs;
+            self.entities.by_id = before;
+            self.entities.of_doc = old_docs;
             return;
         }
         // An entity that left the index was deleted (tombstoned in the registry) on
         // another device: announce it with its last state.
         for (id, doc) in before {
-            if !self.doc_of_entity_id.contains_key(&id) && self.has_content(doc) {
+            if !self.entities.by_id.contains_key(&id) && self.has_content(doc) {
                 match self.entity_view(doc) {
                     Ok(entity) => self.emit_change(entity, None, None, true),
                     Err(error) => tracing::debug!(%id, %error, "deleted entity unreadable"),
@@ -198,14 +199,15 @@ impl Core {
             .engine
             .registry(self.home.registry_doc)
             .map_err(doc_err)?;
-        self.entity_of_doc = registry
+        self.entities.of_doc = registry
             .entities
             .into_iter()
             .filter(|(_, e)| e.deleted_at.is_none())
             .map(|(id, e)| (e.doc, id))
             .collect();
-        self.doc_of_entity_id = self
-            .entity_of_doc
+        self.entities.by_id = self
+            .entities
+            .of_doc
             .iter()
             .map(|(doc, id)| (id.clone(), *doc))
             .collect();
@@ -247,8 +249,8 @@ impl Core {
                         Ok(out)
                     },
                 )?;
-                self.entity_of_doc.insert(doc, id.to_string());
-                self.doc_of_entity_id.insert(id.to_string(), doc);
+                self.entities.of_doc.insert(doc, id.to_string());
+                self.entities.by_id.insert(id.to_string(), doc);
                 // Creating a document reports no change of its own, so announce it here.
                 let entity = self.entity_view(doc)?;
                 self.emit(entity.clone(), None, write.correlation_id);
@@ -265,9 +267,9 @@ impl Core {
                 hearth_crdt::schema::entity::put_correlation_id(d, correlation.as_deref())
             })
             .map_err(doc_err)?;
-        self.last_view = None;
+        self.entities.last_view = None;
         let batch = self.handle_outputs(out);
-        let entity = match self.last_view.take() {
+        let entity = match self.entities.last_view.take() {
             Some((d, entity)) if d == doc => entity,
             _ => self.entity_view(doc)?,
         };
@@ -275,7 +277,7 @@ impl Core {
     }
 
     pub(crate) fn doc_of_entity(&self, id: &str) -> Option<DocId> {
-        self.doc_of_entity_id.get(id).copied()
+        self.entities.by_id.get(id).copied()
     }
 
     pub(crate) fn get_entity(&mut self, id: &str) -> Result<Option<Entity>, Error> {
@@ -296,7 +298,7 @@ impl Core {
     /// entities whose heads moved since their view was cached (a write or a remote
     /// change refreshes it as it lands), and a read job sorts and copies the views.
     pub(crate) fn list_entities(&mut self, reply: Reply<Vec<Entity>>) {
-        let docs: Vec<DocId> = self.entity_of_doc.keys().copied().collect();
+        let docs: Vec<DocId> = self.entities.of_doc.keys().copied().collect();
         let mut views = Vec::with_capacity(docs.len());
         for doc in docs {
             // Listed in the registry but not synced here yet: not readable on this device.
@@ -304,12 +306,12 @@ impl Core {
                 Ok(h) if !h.is_empty() => h,
                 _ => continue,
             };
-            match self.views.get(&doc) {
+            match self.entities.views.get(&doc) {
                 Some((seen, view)) if *seen == heads => views.push(view.clone()),
                 _ => match self.entity_view(doc) {
                     Ok(view) => {
                         let view = Arc::new(view);
-                        self.views.insert(doc, (heads, view.clone()));
+                        self.entities.views.insert(doc, (heads, view.clone()));
                         views.push(view);
                     }
                     Err(e) => {
@@ -331,7 +333,7 @@ impl Core {
         if actor == self.engine.actor() {
             return self.peer_id.clone();
         }
-        if let Some(name) = self.actor_names.get(actor) {
+        if let Some(name) = self.entities.actor_names.get(actor) {
             return name.clone();
         }
         // A miss means a device this core has not mapped yet: rebuild from the home
@@ -340,7 +342,7 @@ impl Core {
         // document.
         let devices = self.engine.home_devices(self.home.home_doc);
         let paired = self.engine.home_paired(self.home.home_doc);
-        let known = self.actor_names.len();
+        let known = self.entities.actor_names.len();
         if let (Ok(devices), Ok(paired)) = (devices, paired) {
             let peers = devices
                 .keys()
@@ -348,15 +350,16 @@ impl Core {
             for peer in peers {
                 if let Ok(id) = peer.parse::<hearth_net::PeerId>() {
                     let actor = hearth_crdt::ids::actor_for_peer(&id.to_bytes());
-                    self.actor_names.insert(actor, peer.clone());
+                    self.entities.actor_names.insert(actor, peer.clone());
                 }
             }
         }
-        if self.actor_names.len() != known {
+        if self.entities.actor_names.len() != known {
             // Cached views may name a writer that now has a name.
-            self.views.clear();
+            self.entities.views.clear();
         }
-        self.actor_names
+        self.entities
+            .actor_names
             .get(actor)
             .cloned()
             .unwrap_or_else(|| actor.to_hex_string())
@@ -407,4 +410,22 @@ impl Core {
         let _ = self.events.send(change.clone());
         self.emit_event(crate::events::Event::Entity(Box::new(change)));
     }
+}
+
+/// The entities service's state: the index of entity documents, cached views, the write window.
+pub(crate) struct EntityState {
+    /// Entity document -> entity id, from the registry.
+    pub(crate) of_doc: HashMap<DocId, String>,
+    /// The reverse: entity id -> document, so a write finds its document in O(1).
+    pub(crate) by_id: HashMap<String, DocId>,
+    /// PeerIds of known devices by their Automerge actor, so views name writers by device.
+    pub(crate) actor_names: HashMap<automerge::ActorId, String>,
+    /// Local writes waiting for their batch window's flush.
+    pub(crate) writes: super::batching::WriteWindow,
+    /// The entity view the last change event was built from, so a local write answers with
+    /// it instead of reading the document a second time.
+    pub(crate) last_view: Option<(DocId, Entity)>,
+    /// Each entity's view as last read, with the heads it was read at, so listing every
+    /// entity reads only the documents that changed since.
+    pub(crate) views: HashMap<DocId, (Vec<automerge::ChangeHash>, Arc<Entity>)>,
 }

@@ -79,7 +79,7 @@ impl Core {
                 tracing::info!(peer = %peer_text, device = cert.device_name(), "admitting device of this home");
                 match self.net.admit(peer, PeerClass::Own).await {
                     Ok(true) => {
-                        self.admitted.insert(peer_text.clone(), peer);
+                        self.peers.admitted.insert(peer_text.clone(), peer);
                         self.send_current_home_keys(&peer_text);
                         self.begin_reconcile(&peer_text).await;
                     }
@@ -111,7 +111,7 @@ impl Core {
     ) -> bool {
         let text = peer.to_base58();
         let ok = match class {
-            PeerClass::Own => self.admitted.contains_key(&text) && !self.is_revoked(&text),
+            PeerClass::Own => self.peers.admitted.contains_key(&text) && !self.is_revoked(&text),
             // Forgetting a home removes its devices from `foreign` at once.
             PeerClass::Paired(home) => self
                 .sharing
@@ -164,7 +164,7 @@ impl Core {
         let mut reconciler = Reconciler::new();
         match reconciler.start(session, &self.digest) {
             Ok(message) => {
-                self.reconcilers.insert(peer.to_string(), reconciler);
+                self.peers.reconcilers.insert(peer.to_string(), reconciler);
                 self.queue_digest(peer, &message);
                 self.send_pending().await;
             }
@@ -190,15 +190,17 @@ impl Core {
             Ok(m) => m,
             Err(error) => {
                 tracing::warn!(%peer, %error, "malformed digest message; syncing every document");
-                self.reconcilers.remove(peer);
+                self.peers.reconcilers.remove(peer);
                 self.attach_all(peer).await;
                 return;
             }
         };
         if message.is_start() {
-            self.reconcilers.insert(peer.to_string(), Reconciler::new());
+            self.peers
+                .reconcilers
+                .insert(peer.to_string(), Reconciler::new());
         }
-        let Some(reconciler) = self.reconcilers.get_mut(peer) else {
+        let Some(reconciler) = self.peers.reconcilers.get_mut(peer) else {
             tracing::warn!(%peer, "digest message outside a session");
             return;
         };
@@ -208,7 +210,7 @@ impl Core {
                     self.queue_digest(peer, m);
                 }
                 if let Some(differences) = progress.finished {
-                    self.reconcilers.remove(peer);
+                    self.peers.reconcilers.remove(peer);
                     self.counters.reconciliations += 1;
                     self.attach_after_digest(peer, &differences).await;
                 }
@@ -216,7 +218,7 @@ impl Core {
             }
             Err(error) => {
                 tracing::warn!(%peer, %error, "digest exchange failed; syncing every document");
-                self.reconcilers.remove(peer);
+                self.peers.reconcilers.remove(peer);
                 self.attach_all(peer).await;
             }
         }
@@ -337,6 +339,7 @@ impl Core {
         let max_push = self.engine.config().max_push_bytes;
         for (peer, frame) in crate::entities::batching::coalesce_pushes(outbox, max_push) {
             let Some(net_peer) = self
+                .peers
                 .admitted
                 .get(&peer)
                 .copied()
@@ -612,7 +615,7 @@ impl Core {
             tracing::error!(%error, "could not store learned document keys");
             return;
         }
-        let peers: Vec<String> = self.admitted.keys().cloned().collect();
+        let peers: Vec<String> = self.peers.admitted.keys().cloned().collect();
         for (doc, epoch) in learned {
             self.ensure_expected(doc, epoch);
             for peer in &peers {

@@ -45,13 +45,14 @@ impl Core {
     /// Marks `peer` live until `ttl_ms` from now.
     pub(crate) fn heard_alive(&mut self, peer: &str, ttl_ms: u64) {
         let until = now_ms().saturating_add(ttl_ms.min(MAX_TTL_MS));
-        self.alive_until.insert(peer.to_string(), until);
+        self.peers.alive_until.insert(peer.to_string(), until);
     }
 
     /// Whether `peer` is admitted and was heard within its last TTL.
     pub(crate) fn is_alive(&self, peer: &str) -> bool {
-        self.admitted.contains_key(peer)
+        self.peers.admitted.contains_key(peer)
             && self
+                .peers
                 .alive_until
                 .get(peer)
                 .is_some_and(|until| *until > now_ms())
@@ -63,7 +64,7 @@ impl Core {
         let bytes = hearth_net::Bytes::from(encode(&Ephemeral::Heartbeat {
             ttl_ms: HEARTBEAT_TTL_MS,
         }));
-        let peers: Vec<_> = self.admitted.values().copied().collect();
+        let peers: Vec<_> = self.peers.admitted.values().copied().collect();
         for peer in peers {
             match self.net.send_ephemeral(peer, bytes.clone()).await {
                 Ok(hearth_net::SendOutcome::Queued) => self.metrics.ephemeral(false, bytes.len()),

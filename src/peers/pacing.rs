@@ -39,7 +39,8 @@ impl Pacing {
 impl Core {
     /// Queues a session to open with `peer`; [`Core::drain_attaches`] opens it.
     pub(crate) fn queue_attach(&mut self, peer: &str, doc: DocId, epoch: KeyEpoch) {
-        self.pacing
+        self.peers
+            .pacing
             .waiting
             .entry(peer.to_string())
             .or_default()
@@ -48,22 +49,24 @@ impl Core {
 
     /// Opens waiting sessions while each peer has free opening slots.
     pub(crate) async fn drain_attaches(&mut self) {
-        if self.pacing.is_idle() {
+        if self.peers.pacing.is_idle() {
             return;
         }
         let now = now_ms();
-        let peers: Vec<String> = self.pacing.waiting.keys().cloned().collect();
+        let peers: Vec<String> = self.peers.pacing.waiting.keys().cloned().collect();
         for peer in peers {
-            if !self.admitted.contains_key(&peer) && !self.sharing.foreign.contains_key(&peer) {
-                self.pacing.forget_peer(&peer);
+            if !self.peers.admitted.contains_key(&peer) && !self.sharing.foreign.contains_key(&peer)
+            {
+                self.peers.pacing.forget_peer(&peer);
                 continue;
             }
-            let mut opening = self.pacing.opening.remove(&peer).unwrap_or_default();
+            let mut opening = self.peers.pacing.opening.remove(&peer).unwrap_or_default();
             opening.retain(|doc, since| {
                 now.saturating_sub(*since) < OPENING_SLOT_MS && !self.engine.is_in_sync(&peer, *doc)
             });
             while opening.len() < MAX_OPENING_PER_PEER {
                 let Some((doc, epoch)) = self
+                    .peers
                     .pacing
                     .waiting
                     .get_mut(&peer)
@@ -75,14 +78,15 @@ impl Core {
                 opening.insert(doc, now);
             }
             if self
+                .peers
                 .pacing
                 .waiting
                 .get(&peer)
                 .is_some_and(VecDeque::is_empty)
             {
-                self.pacing.waiting.remove(&peer);
+                self.peers.pacing.waiting.remove(&peer);
             }
-            self.pacing.opening.insert(peer, opening);
+            self.peers.pacing.opening.insert(peer, opening);
         }
         self.send_pending().await;
     }

@@ -17,6 +17,7 @@ impl Core {
     /// of paired homes, so it goes in the same write as the deletion.
     pub(crate) fn drop_sync_states_of_doc(&mut self, doc: DocId) -> Batch {
         let connected: Vec<String> = self
+            .peers
             .admitted
             .keys()
             .chain(self.sharing.foreign.keys())

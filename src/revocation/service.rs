@@ -149,6 +149,7 @@ impl Core {
             return;
         };
         let revoked: Vec<(String, hearth_net::PeerId)> = self
+            .peers
             .admitted
             .iter()
             .filter(|(p, _)| {
@@ -161,7 +162,7 @@ impl Core {
         let gone: Vec<String> = revoked.iter().map(|(p, _)| p.clone()).collect();
         self.drop_sync_states_of_peers(gone);
         for (text, peer) in revoked {
-            self.admitted.remove(&text);
+            self.peers.admitted.remove(&text);
             self.engine.detach_peer(&text);
             self.notice_peer(text.clone(), false);
             if let Err(error) = self
@@ -216,7 +217,7 @@ impl Core {
             .filter(|(d, _, _)| self.is_home_or_registry(*d))
             .cloned()
             .collect();
-        let peers: Vec<String> = self.admitted.keys().cloned().collect();
+        let peers: Vec<String> = self.peers.admitted.keys().cloned().collect();
         for peer in &peers {
             self.send_home_keys(peer, &home_keys);
         }

@@ -12,6 +12,7 @@
 //! be hidden); other devices receive its key like any other document's.
 
 use std::collections::BTreeSet;
+use std::collections::HashMap;
 
 use hearth_crdt::schema::room::{MAX_CHAT_READ, NewMessage, NewRoom};
 use hearth_crdt::{DocId, DocKind, Error as CrdtError, PresenceStatus, PresenceUpdate};
@@ -357,7 +358,7 @@ impl Core {
         )?;
         let room = self.room_view(doc)?;
         if let Ok(r) = self.engine.room(doc) {
-            self.rooms_seen.insert(doc, RoomSeen::of(&r));
+            self.rooms.seen.insert(doc, RoomSeen::of(&r));
         }
         self.emit_event(Event::RoomCreated {
             room: Box::new(room.clone()),
@@ -406,7 +407,7 @@ impl Core {
         if self
             .engine
             .room(doc)
-            .is_ok_and(|r| r.chat_len > self.chat_keep.max_messages)
+            .is_ok_and(|r| r.chat_len > self.rooms.chat_keep.max_messages)
         {
             match self.prune_chat(doc, now_ms()) {
                 Ok((_, more)) => crate::core::append(&mut batch, more),
@@ -418,7 +419,7 @@ impl Core {
 
     /// Prunes one room's chat to the retention limits.
     pub(crate) fn prune_chat(&mut self, doc: DocId, now: u64) -> Result<(usize, Batch), Error> {
-        let keep = self.chat_keep;
+        let keep = self.rooms.chat_keep;
         let max_age_ms = u64::try_from(keep.max_age.as_millis()).unwrap_or(u64::MAX);
         let cutoff = now.saturating_sub(max_age_ms);
         let (pruned, out) = self
@@ -479,10 +480,10 @@ impl Core {
     /// Records the current rooms and presence, so only later changes are announced.
     pub(crate) fn remember_rooms_and_presence(&mut self) {
         for (doc, room) in self.room_docs() {
-            self.rooms_seen.insert(doc, RoomSeen::of(&room));
+            self.rooms.seen.insert(doc, RoomSeen::of(&room));
         }
         if let Ok(p) = self.engine.presence(presence_doc_id(&self.home.home_id)) {
-            self.presence_seen = p.users;
+            self.rooms.presence_seen = p.users;
         }
     }
 
@@ -595,7 +596,7 @@ impl Core {
                     return;
                 };
                 for (user, entry) in &presence.users {
-                    if self.presence_seen.get(user) != Some(entry) {
+                    if self.rooms.presence_seen.get(user) != Some(entry) {
                         let info = self.presence_info(user, entry);
                         self.emit_event(Event::Presence {
                             presence: Box::new(info),
@@ -603,7 +604,7 @@ impl Core {
                         });
                     }
                 }
-                self.presence_seen = presence.users;
+                self.rooms.presence_seen = presence.users;
             }
             _ => {}
         }
@@ -615,7 +616,7 @@ impl Core {
         };
         let room_id = doc.to_string();
         let now = RoomSeen::of(&room);
-        let Some(before) = self.rooms_seen.insert(doc, RoomSeen::of(&room)) else {
+        let Some(before) = self.rooms.seen.insert(doc, RoomSeen::of(&room)) else {
             if let Ok(view) = self.room_view(doc) {
                 self.emit_event(Event::RoomCreated {
                     room: Box::new(view),
@@ -712,6 +713,17 @@ impl RoomRequest {
             }
         }
     }
+}
+
+/// The rooms and presence service's state: what was last announced.
+pub(crate) struct RoomState {
+    /// What each room looked like when last announced, to turn document changes into
+    /// member and chat events.
+    pub(crate) seen: HashMap<DocId, RoomSeen>,
+    /// How much chat each room keeps.
+    pub(crate) chat_keep: ChatRetention,
+    /// Presence entries as last announced.
+    pub(crate) presence_seen: std::collections::BTreeMap<String, hearth_crdt::PresenceEntry>,
 }
 
 #[cfg(test)]

@@ -113,7 +113,7 @@ impl Core {
                     })
             {
                 self.persist_in_background(out);
-                self.actor_names.clear();
+                self.entities.actor_names.clear();
                 self.refresh_actor_homes();
             }
         }
@@ -185,7 +185,7 @@ impl Core {
             }
             return Ok(());
         }
-        let entity = self.entity_of_doc.get(&doc).cloned().unwrap_or_default();
+        let entity = self.entities.of_doc.get(&doc).cloned().unwrap_or_default();
         let share = self
             .engine
             .registry_entry(self.home.registry_doc, &entity)
@@ -257,7 +257,8 @@ impl Core {
                 "sync.refused"
             };
             let entity = self
-                .entity_of_doc
+                .entities
+                .of_doc
                 .get(&doc)
                 .cloned()
                 .unwrap_or_else(|| doc.to_string());

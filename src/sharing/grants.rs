@@ -82,7 +82,7 @@ impl Core {
             }
         };
         if let ShareMessage::HomeKey(key) = message {
-            if self.admitted.contains_key(peer) {
+            if self.peers.admitted.contains_key(peer) {
                 self.accept_home_key(peer, key).await;
             } else {
                 tracing::warn!(%peer, "home key from a device that is not of this home dropped");

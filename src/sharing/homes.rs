@@ -192,7 +192,7 @@ impl Core {
             .map_err(doc_err)?;
         let batch = self.handle_outputs(out);
         self.store.batch(batch).await?;
-        self.actor_names.clear();
+        self.entities.actor_names.clear();
         self.refresh_actor_homes();
         crate::audit::record_by(&self.store, via, "home.paired", &home_id).await;
         tracing::info!(home = %home_id, %name, "paired with a home");

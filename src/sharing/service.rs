@@ -213,11 +213,11 @@ impl Core {
             .map(|(d, e)| (*d, e.entity_id.clone()))
             .collect();
         for (doc, id) in entries {
-            if self.doc_of_entity_id.contains_key(&id) {
+            if self.entities.by_id.contains_key(&id) {
                 continue;
             }
-            self.doc_of_entity_id.insert(id.clone(), doc);
-            self.entity_of_doc.insert(doc, id);
+            self.entities.by_id.insert(id.clone(), doc);
+            self.entities.of_doc.insert(doc, id);
         }
     }
 
@@ -295,7 +295,8 @@ impl Core {
         match entry {
             Some(e) if e.deleted_at.is_none() => Ok(e.doc),
             _ if self
-                .doc_of_entity_id
+                .entities
+                .by_id
                 .get(entity_id)
                 .is_some_and(|d| self.is_foreign_doc(*d)) =>
             {
