@@ -392,7 +392,7 @@ async fn ready(State(state): State<Arc<ApiState>>) -> Response {
         .store
         .get(
             hearth_storage::Keyspace::Meta,
-            crate::node::IDENTITY_KEY.to_vec(),
+            crate::records::IDENTITY_KEY.to_vec(),
         )
         .await
     {

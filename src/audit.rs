@@ -52,15 +52,14 @@ pub(crate) async fn record(store: &StoreHandle, action: &str, subject: &str) {
 /// device (empty for the node itself).
 pub(crate) async fn record_by(store: &StoreHandle, actor: &str, action: &str, subject: &str) {
     let ms = crate::core::now_ms();
-    let mut key = ms.to_be_bytes().to_vec();
-    key.extend_from_slice(&SEQ.fetch_add(1, Ordering::Relaxed).to_be_bytes());
+    let key = crate::records::audit_key(ms, SEQ.fetch_add(1, Ordering::Relaxed));
     let entry = Entry {
         time: crate::core::rfc3339_ms(ms),
         action,
         actor,
         subject,
     };
-    let value = match serde_json::to_vec(&entry) {
+    let value = match crate::records::to_json("audit entry", &entry) {
         Ok(v) => v,
         Err(error) => {
             tracing::error!(%error, action, "cannot encode an audit entry");
@@ -243,9 +242,7 @@ pub(crate) async fn page(
 /// The scan start for entries at or after `since_ms`: keys are `ms ‖ seq`, so everything
 /// from `since_ms` on sorts after this.
 fn since_start(since_ms: u64) -> Vec<u8> {
-    let mut start = (since_ms - 1).to_be_bytes().to_vec();
-    start.extend_from_slice(&u32::MAX.to_be_bytes());
-    start
+    crate::records::audit_key_before(since_ms)
 }
 
 /// An entry as stored; one that does not decode is shown as such rather than hidden.
@@ -291,8 +288,7 @@ mod tests {
 
     /// Writes an entry stamped `ms`, as `record_by` would have then.
     async fn append_at(store: &StoreHandle, ms: u64, subject: &str) {
-        let mut key = ms.to_be_bytes().to_vec();
-        key.extend_from_slice(&SEQ.fetch_add(1, Ordering::Relaxed).to_be_bytes());
+        let key = crate::records::audit_key(ms, SEQ.fetch_add(1, Ordering::Relaxed));
         let entry = Entry {
             time: crate::core::rfc3339_ms(ms),
             action: "test.entry",

@@ -8,9 +8,6 @@ use sha2::{Digest, Sha256};
 
 use crate::Error;
 
-/// Meta key of the home record.
-pub(crate) const HOME_KEY: &[u8] = b"home/record";
-
 /// What a device knows about its own home.
 #[derive(Clone, Serialize, Deserialize)]
 pub(crate) struct HomeRecord {
@@ -45,16 +42,13 @@ impl HomeRecord {
     }
 
     pub(crate) fn encode(&self) -> Result<Vec<u8>, Error> {
-        serde_json::to_vec(self).map_err(|e| Error::Internal(format!("encode home record: {e}")))
+        crate::records::to_json("home record", self)
     }
 
     /// Decodes the stored record and checks that its HomeId matches its root key, so a
     /// damaged record is caught at start rather than producing a different home.
     pub(crate) fn decode(bytes: &[u8]) -> Result<Self, Error> {
-        let record: Self = serde_json::from_slice(bytes).map_err(|e| Error::CorruptRecord {
-            what: "home record",
-            detail: e.to_string(),
-        })?;
+        let record: Self = crate::records::from_json("home record", bytes)?;
         if record.home_id != home_id_for(&record.root_public) {
             return Err(Error::CorruptRecord {
                 what: "home record",

@@ -37,6 +37,7 @@ mod node;
 mod pairing;
 mod peers;
 mod presence;
+mod records;
 mod revocation;
 mod rooms;
 mod shares;

@@ -1,5 +1,6 @@
 //! Node assembly: data dir, store, identity and the local API, started and stopped as one.
 
+use crate::records::{IDENTITY_KEY, NAME_KEY, STATIC_PEERS_KEY};
 use std::fs::File;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -33,12 +34,6 @@ pub struct Captured {
     pub opened: Option<Vec<u8>>,
 }
 
-/// Meta key of the sealed device keypair.
-pub(crate) const IDENTITY_KEY: &[u8] = b"device/identity";
-/// Meta key of the device name.
-pub(crate) const NAME_KEY: &[u8] = b"device/name";
-/// Meta key of peers to keep dialled, learned at pairing (JSON list of multiaddrs).
-pub(crate) const STATIC_PEERS_KEY: &[u8] = b"net/static_peers";
 /// How long shutdown spends closing peer connections.
 const PEER_CLOSE_TIMEOUT: Duration = Duration::from_millis(300);
 /// How long shutdown waits for the API to finish in-flight requests.
@@ -123,7 +118,7 @@ impl Node {
         let cancel = CancellationToken::new();
         let mut config = config;
         if let Some(bytes) = store.get(Keyspace::Meta, STATIC_PEERS_KEY.to_vec()).await? {
-            match serde_json::from_slice::<Vec<String>>(&bytes) {
+            match crate::records::from_json::<Vec<String>>("static peers", &bytes) {
                 Ok(peers) => config.static_peers.extend(peers),
                 Err(error) => tracing::warn!(%error, "ignoring unreadable stored peer list"),
             }
@@ -135,7 +130,7 @@ impl Node {
         // peer) keeps the certificate it got, and an empty one marks a device still pairing.
         // A brand-new home has none yet; its core issues one before any peer can know it.
         if let Some(cert) = store
-            .get(Keyspace::Meta, crate::core::keyring::CERT_KEY.to_vec())
+            .get(Keyspace::Meta, crate::records::CERT_KEY.to_vec())
             .await?
         {
             net_cfg.certificate = cert;

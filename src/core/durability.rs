@@ -13,8 +13,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use crate::records::DocChunk;
 use hearth_crdt::DocId;
-use hearth_storage::{Batch, BatchOp, DocChunk, Keyspace, StoreHandle};
+use hearth_storage::{Batch, BatchOp, Keyspace, StoreHandle};
 use tokio::sync::Semaphore;
 
 use super::batching::Ack;

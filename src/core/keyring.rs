@@ -3,6 +3,7 @@
 //! the home document carries each key wrapped for every member device, which is how a
 //! device learns keys for documents created elsewhere.
 
+use crate::records::X25519_KEY;
 use std::collections::HashMap;
 
 use hearth_crdt::{DocId, KeyEpoch};
@@ -11,31 +12,8 @@ use hearth_storage::{Batch, Keyspace, Scan, StoreHandle};
 use crate::Error;
 use crate::trust::keys::{DOC_KEY_LEN, DeviceSecret, DocKey};
 
-/// Meta key of the device's X25519 secret.
-pub(crate) const X25519_KEY: &[u8] = b"device/x25519";
-/// Meta key of the device's certificate, signed by the home root.
-pub(crate) const CERT_KEY: &[u8] = b"device/cert";
 /// Most keyring entries read at start, per page.
 const PAGE: usize = 4096;
-
-/// `doc id (16) ‖ epoch counter (u64 BE) ‖ epoch device (16)`.
-fn key_of(doc: DocId, epoch: KeyEpoch) -> Vec<u8> {
-    let mut key = Vec::with_capacity(40);
-    key.extend_from_slice(doc.as_bytes());
-    key.extend_from_slice(&epoch.counter.to_be_bytes());
-    key.extend_from_slice(&epoch.device);
-    key
-}
-
-fn parse_key(key: &[u8]) -> Option<(DocId, KeyEpoch)> {
-    if key.len() != 40 {
-        return None;
-    }
-    let doc = DocId::from_bytes(key[..16].try_into().ok()?);
-    let counter = u64::from_be_bytes(key[16..24].try_into().ok()?);
-    let device: [u8; 16] = key[24..40].try_into().ok()?;
-    Some((doc, KeyEpoch { counter, device }))
-}
 
 /// Document keys this device holds.
 #[derive(Default)]
@@ -66,7 +44,7 @@ impl Keyring {
             let full = page.len() == PAGE;
             for (key, value) in page {
                 match (
-                    parse_key(&key),
+                    crate::records::parse_keyring_key(&key),
                     <[u8; DOC_KEY_LEN]>::try_from(value.as_slice()),
                 ) {
                     (Some(id), Ok(bytes)) => {
@@ -103,7 +81,7 @@ impl Keyring {
     pub(crate) fn insert(&mut self, doc: DocId, epoch: KeyEpoch, key: DocKey, batch: &mut Batch) {
         batch.put(
             Keyspace::Keyring,
-            key_of(doc, epoch),
+            crate::records::keyring_key(doc, epoch),
             key.expose_secret().to_vec(),
         );
         self.keys.insert((doc, epoch), key);
@@ -114,7 +92,7 @@ impl Keyring {
                 break;
             };
             self.keys.remove(&(doc, oldest));
-            batch.delete(Keyspace::Keyring, key_of(doc, oldest));
+            batch.delete(Keyspace::Keyring, crate::records::keyring_key(doc, oldest));
         }
     }
 }
@@ -159,8 +137,11 @@ mod tests {
             counter: 7,
             device: [9; 16],
         };
-        assert_eq!(parse_key(&key_of(doc, epoch)), Some((doc, epoch)));
-        assert_eq!(parse_key(&[0; 39]), None);
+        assert_eq!(
+            crate::records::parse_keyring_key(&crate::records::keyring_key(doc, epoch)),
+            Some((doc, epoch))
+        );
+        assert_eq!(crate::records::parse_keyring_key(&[0; 39]), None);
     }
 
     #[tokio::test]

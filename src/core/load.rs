@@ -1,13 +1,14 @@
 //! Loading stored documents at start, and creating a new home on first start.
 
-use super::keyring::CERT_KEY;
 use super::*;
 use crate::Error;
-use crate::home::HOME_KEY;
+use crate::records::CERT_KEY;
+use crate::records::DocChunk;
+use crate::records::HOME_KEY;
 use crate::trust::cert::DeviceCert;
 use hearth_crdt::schema::home as home_schema;
 use hearth_crdt::{DocId, Engine, KeyEpoch};
-use hearth_storage::{DocChunk, Keyspace, Scan};
+use hearth_storage::{Keyspace, Scan};
 
 /// Rebuilds documents on `threads` threads, keeping their order.
 fn prepare_all(

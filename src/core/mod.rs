@@ -37,7 +37,8 @@ use crate::sharing::service as sharing;
 use hearth_crdt::wire::Frame;
 
 use crate::entities::EntityChange;
-use crate::home::{HOME_KEY, HomeRecord};
+use crate::home::HomeRecord;
+use crate::records::HOME_KEY;
 use crate::trust::keys::{DeviceSecret, DocKey};
 use keyring::Keyring;
 
@@ -611,7 +612,11 @@ impl Core {
                 // Keep each session's state so a reconnect resumes rather than restarts.
                 let mut batch = Batch::new();
                 for (doc, state) in self.engine.detach_peer(&text) {
-                    batch.put(Keyspace::SyncStates, sync_state_key(&text, doc), state);
+                    batch.put(
+                        Keyspace::SyncStates,
+                        crate::records::sync_state_key(&text, doc),
+                        state,
+                    );
                 }
                 if !batch.is_empty() {
                     let store = self.store.clone();
@@ -677,16 +682,6 @@ async fn sleep_until_or_never(at: Option<tokio::time::Instant>) {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
-}
-
-/// `peer id length (u8) ‖ peer id ‖ doc id`, the storage crate's layout.
-pub(crate) fn sync_state_key(peer: &str, doc: DocId) -> Vec<u8> {
-    let peer = &peer.as_bytes()[..peer.len().min(255)];
-    let mut key = Vec::with_capacity(1 + peer.len() + 16);
-    key.push(peer.len() as u8);
-    key.extend_from_slice(peer);
-    key.extend_from_slice(doc.as_bytes());
-    key
 }
 
 pub(crate) fn new_key() -> Result<DocKey, Error> {

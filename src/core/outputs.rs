@@ -3,12 +3,13 @@
 use super::*;
 use crate::Error;
 use crate::home::HomeRecord;
+use crate::records::DocChunk;
 use crate::trust::cert::DeviceCert;
 use crate::trust::keys::{self as doc_keys, DocKey};
 use hearth_crdt::schema::home as home_schema;
 use hearth_crdt::wire::Frame;
 use hearth_crdt::{ChunkKind, DocId, Engine, KeyEpoch, Origin, Output};
-use hearth_storage::{Batch, DocChunk, Keyspace};
+use hearth_storage::{Batch, Keyspace};
 use std::sync::Arc;
 
 impl Core {
@@ -48,7 +49,11 @@ impl Core {
                     }
                 }
                 Output::PersistSyncState { peer, doc, state } => {
-                    batch.put(Keyspace::SyncStates, sync_state_key(&peer, doc), state);
+                    batch.put(
+                        Keyspace::SyncStates,
+                        crate::records::sync_state_key(&peer, doc),
+                        state,
+                    );
                 }
                 Output::Changed {
                     doc,

@@ -9,17 +9,16 @@
 //! records (keeping a fresh snapshot of whatever content has arrived since), and the next
 //! start is clean.
 
+use crate::records::QUARANTINE_KEY;
 use std::collections::BTreeMap;
 
+use crate::records::DocChunk;
 use hearth_crdt::DocId;
-use hearth_storage::{Batch, DocChunk, Keyspace, Scan, StoreHandle};
+use hearth_storage::{Batch, Keyspace, Scan, StoreHandle};
 use serde::Serialize;
 
 use super::{Core, append};
 use crate::Error;
-
-/// Meta record listing the quarantined documents (JSON), rewritten at each start.
-pub(crate) const QUARANTINE_KEY: &[u8] = b"repair/quarantine";
 
 /// A quarantined document, as listed.
 #[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -149,8 +148,7 @@ impl Core {
             tracing::error!(%doc, %reason, "a stored document is damaged and was not loaded; its records are kept (see `hearth repair`)");
             self.chunk_seq.insert(*doc, (*next, 0));
         }
-        let list = serde_json::to_vec(&self.quarantine_list())
-            .map_err(|e| Error::Internal(format!("cannot encode the quarantine list: {e}")))?;
+        let list = crate::records::to_json("quarantine list", &self.quarantine_list())?;
         self.store
             .put(Keyspace::Meta, QUARANTINE_KEY.to_vec(), list)
             .await?;

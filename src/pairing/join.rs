@@ -12,10 +12,12 @@ use hearth_storage::{Batch, KeySource, Keyspace};
 use serde_bytes::ByteBuf;
 use tokio_util::sync::CancellationToken;
 
-use crate::core::keyring::{self, CERT_KEY, Keyring};
-use crate::home::{HOME_KEY, HomeRecord};
-use crate::node::{IDENTITY_KEY, NAME_KEY, STATIC_PEERS_KEY};
+use crate::core::keyring::{self, Keyring};
+use crate::home::HomeRecord;
 use crate::pairing::service::JoinPackage;
+use crate::records::CERT_KEY;
+use crate::records::HOME_KEY;
+use crate::records::{IDENTITY_KEY, NAME_KEY, STATIC_PEERS_KEY};
 use crate::trust::cert::{DeviceCert, Verdict};
 use crate::trust::invite::{InviteCode, InviteKind};
 use crate::trust::keys::DocKey;
@@ -157,7 +159,7 @@ async fn exchange(
     batch.put(
         Keyspace::Meta,
         STATIC_PEERS_KEY.to_vec(),
-        serde_json::to_vec(&package.peers).map_err(|e| Error::Internal(e.to_string()))?,
+        crate::records::to_json("static peers", &package.peers)?,
     );
     // The home record last in the same atomic batch: a store either holds a whole
     // membership or none.

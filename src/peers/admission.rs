@@ -7,7 +7,8 @@ use hearth_crdt::wire::{self, DigestFrame, Frame};
 use hearth_crdt::{DocId, DocKind, EngineConfig, KeyEpoch, Output};
 use hearth_net::{Bytes, PeerClass, PeerId};
 
-use crate::core::{Core, now_ms, sync_state_key};
+use crate::core::{Core, now_ms};
+use crate::records::sync_state_key;
 use crate::trust::cert::{DeviceCert, Verdict};
 use crate::trust::keys::{self, RecordKind, WrappedKey};
 

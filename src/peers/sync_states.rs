@@ -37,7 +37,7 @@ impl Core {
         for peer in known {
             batch.delete(
                 Keyspace::SyncStates,
-                crate::core::sync_state_key(&peer, doc),
+                crate::records::sync_state_key(&peer, doc),
             );
         }
         batch
@@ -48,8 +48,7 @@ impl Core {
         let store = self.store.clone();
         tokio::spawn(async move {
             for peer in peers {
-                let mut prefix = crate::core::sync_state_key(&peer, DocId::from_bytes([0; 16]));
-                prefix.truncate(prefix.len() - 16);
+                let prefix = crate::records::sync_state_prefix(&peer);
                 if let Err(error) = delete_matching(&store, prefix, |_| true).await {
                     tracing::warn!(%peer, %error, "could not delete a gone peer's sync states");
                 }

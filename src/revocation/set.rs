@@ -11,6 +11,7 @@
 //! Every node checks the set at hello (own and foreign devices), before wrapping a key
 //! for a device (grants and regrants), and on the actors of the changes it accepts.
 
+use crate::records::REVOCATIONS_KEY;
 use std::collections::{BTreeMap, HashSet};
 
 use automerge::ActorId;
@@ -19,9 +20,6 @@ use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
 use crate::trust::cert::{Revocation, Verdict};
-
-/// Meta record holding this device's copy of the set.
-const REVOCATIONS_KEY: &[u8] = b"revocations";
 
 /// Most revocations kept. A home revokes a handful of devices in its life; the cap bounds
 /// what a paired home can make this one store by sending records for devices it minted.
@@ -58,7 +56,7 @@ impl Revocations {
     /// home document and paired homes hold the records too, and they are learnt again.
     pub(crate) fn decode(bytes: &[u8]) -> Self {
         let mut set = Self::default();
-        match serde_json::from_slice::<Vec<(String, Entry)>>(bytes) {
+        match crate::records::from_json::<Vec<(String, Entry)>>("revocations", bytes) {
             Ok(list) => {
                 for (peer, entry) in list.into_iter().take(MAX_REVOCATIONS) {
                     set.insert(peer, entry);
@@ -72,7 +70,7 @@ impl Revocations {
     /// Writes the set into `batch`.
     pub(crate) fn save(&self, batch: &mut Batch) {
         let list: Vec<(&String, &Entry)> = self.by_peer.iter().collect();
-        match serde_json::to_vec(&list) {
+        match crate::records::to_json("revocations", &list) {
             Ok(bytes) => {
                 batch.put(Keyspace::Meta, REVOCATIONS_KEY.to_vec(), bytes);
             }

@@ -202,9 +202,11 @@ impl Core {
     /// Keeps the other home's issuing device dialled, now and after restarts, so the
     /// homes reconnect without mDNS.
     pub(crate) async fn keep_dialled(&mut self, issuer: PeerId, addrs: &[String]) {
-        let key = crate::node::STATIC_PEERS_KEY.to_vec();
+        let key = crate::records::STATIC_PEERS_KEY.to_vec();
         let mut stored: Vec<String> = match self.store.get(Keyspace::Meta, key.clone()).await {
-            Ok(Some(bytes)) => serde_json::from_slice(&bytes).unwrap_or_default(),
+            Ok(Some(bytes)) => {
+                crate::records::from_json("static peers", &bytes).unwrap_or_default()
+            }
             _ => Vec::new(),
         };
         for addr in addrs {
@@ -220,7 +222,7 @@ impl Core {
                 stored.push(full);
             }
         }
-        if let Ok(bytes) = serde_json::to_vec(&stored)
+        if let Ok(bytes) = crate::records::to_json("static peers", &stored)
             && let Err(error) = self.store.put(Keyspace::Meta, key, bytes).await
         {
             tracing::warn!(%error, "cannot store the paired home's address");

@@ -8,6 +8,7 @@
 //! no home or registry document. Entities shared with this home are synced with their
 //! owner's devices only; this home never relays them, not even to its own devices.
 
+use crate::records::SHARED_IN_KEY;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use hearth_crdt::schema::home as home_schema;
@@ -66,8 +67,6 @@ pub(crate) enum SharingRequest {
     },
 }
 
-/// Meta record holding what other homes share with this one.
-pub(crate) const SHARED_IN_KEY: &[u8] = b"shared_in";
 /// Shortest time between two audit entries for refused frames of one (peer, document): a
 /// peer retrying a refused sync would otherwise fill the log.
 pub(crate) const REFUSAL_AUDIT_INTERVAL_MS: u64 = 60_000;
@@ -169,7 +168,10 @@ impl Core {
     /// Reads what other homes share with this one.
     pub(crate) async fn load_shared_in(&mut self) {
         match self.store.get(Keyspace::Meta, SHARED_IN_KEY.to_vec()).await {
-            Ok(Some(bytes)) => match serde_json::from_slice::<Vec<(String, SharedIn)>>(&bytes) {
+            Ok(Some(bytes)) => match crate::records::from_json::<Vec<(String, SharedIn)>>(
+                "shared entities",
+                &bytes,
+            ) {
                 Ok(list) => {
                     for (doc, entry) in list {
                         if let Some(doc) = DocId::parse(&doc) {
@@ -193,7 +195,7 @@ impl Core {
             .iter()
             .map(|(d, e)| (d.to_string(), e))
             .collect();
-        if let Ok(bytes) = serde_json::to_vec(&list) {
+        if let Ok(bytes) = crate::records::to_json("shared entities", &list) {
             batch.put(Keyspace::Meta, SHARED_IN_KEY.to_vec(), bytes);
         }
     }
