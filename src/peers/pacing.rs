@@ -149,7 +149,10 @@ mod tests {
         for n in 0..(MAX_OPENING_PER_PEER as u8 + 2) {
             pacing.queue("a", doc(n), epoch());
         }
-        assert_eq!(pacing.next(0, |_| true, |_, _| false).len(), MAX_OPENING_PER_PEER);
+        assert_eq!(
+            pacing.next(0, |_| true, |_, _| false).len(),
+            MAX_OPENING_PER_PEER
+        );
         // One session reached sync: exactly one more opens.
         let open = pacing.next(10, |_| true, |_, d| d == doc(0));
         assert_eq!(open.len(), 1);

@@ -7,6 +7,7 @@
 //! remaining device of the home in a home-key grant frame, sent at once to connected
 //! devices and again by any device on admitting one of its home.
 
+use crate::trust::messages::HomeKey;
 use hearth_crdt::schema::home as home_schema;
 use hearth_crdt::{DocId, KeyEpoch};
 use hearth_storage::{Batch, Keyspace};
@@ -26,15 +27,6 @@ pub(crate) enum RevocationRequest {
         device: String,
         reply: Reply<RevokedDevice>,
     },
-}
-
-/// The key of the home or registry document at a new epoch, for one device of the home.
-#[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct HomeKey {
-    pub(crate) doc: String,
-    pub(crate) epoch: KeyEpoch,
-    pub(crate) wrapped: ByteBuf,
 }
 
 /// What a revocation did.
@@ -129,7 +121,7 @@ impl Core {
         for other in foreign {
             self.queue_share_message(
                 &other,
-                &crate::sharing::service::ShareMessage::Revocation {
+                &crate::trust::messages::ShareMessage::Revocation {
                     record: ByteBuf::from(signed.clone()),
                 },
             );
@@ -354,7 +346,7 @@ impl Core {
                     continue;
                 }
             };
-            let message = crate::sharing::service::ShareMessage::HomeKey(HomeKey {
+            let message = crate::trust::messages::ShareMessage::HomeKey(HomeKey {
                 doc: doc.to_string(),
                 epoch: *epoch,
                 wrapped: ByteBuf::from(wrapped),

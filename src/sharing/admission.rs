@@ -3,6 +3,7 @@
 use super::service::*;
 use crate::core::{Core, now_ms};
 use crate::trust::cert::{DeviceCert, Verdict};
+use crate::trust::messages::ShareMessage;
 use hearth_crdt::schema::home as home_schema;
 use hearth_crdt::schema::registry::Rights;
 use hearth_crdt::wire::Frame;

@@ -5,6 +5,7 @@ use crate::Error;
 use crate::core::{Core, doc_err, new_key, now_ms};
 use crate::shares::ShareOut;
 use crate::trust::keys::{self, WrappedKey};
+use crate::trust::messages::{MAX_SHARE_MESSAGE, ShareMessage};
 use crate::trust::wire::{from_cbor, to_cbor};
 use hearth_crdt::schema::home as home_schema;
 use hearth_crdt::schema::registry::{self, Rights};

@@ -118,33 +118,9 @@ pub(crate) struct HomePublic {
     pub(crate) devices: Vec<(String, ByteBuf)>,
 }
 
-/// What travels in a grant frame.
-#[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) enum ShareMessage {
-    /// The key of an entity's document for one epoch, wrapped for the receiving device.
-    Grant {
-        entity_id: String,
-        doc: String,
-        epoch: KeyEpoch,
-        wrapped: ByteBuf,
-        rights: String,
-    },
-    /// The receiving home's grant on the entity ended.
-    Revoke { entity_id: String, doc: String },
-    /// Between devices of one home: a new key of the home or registry document, after a
-    /// device revocation (see revoke.rs).
-    HomeKey(crate::revocation::service::HomeKey),
-    /// A device of the sending home was revoked: the record its home's root key signed.
-    Revocation { record: ByteBuf },
-}
-
 /// Most entities one home may share with this one; grants past it are refused, so a
 /// paired home cannot grow this home's keyring without bound.
 pub(crate) const MAX_SHARED_IN_PER_HOME: usize = 4096;
-
-/// Largest grant message accepted.
-pub(crate) const MAX_SHARE_MESSAGE: usize = 4096;
 
 /// Largest home record accepted at pairing: what a joining home's record may take in the
 /// pairing exchange, on both sides.
@@ -453,6 +429,7 @@ impl Core {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::trust::messages::{MAX_SHARE_MESSAGE, ShareMessage};
     use crate::trust::wire::{from_cbor, to_cbor};
 
     pub(crate) fn grant() -> ShareMessage {
@@ -480,7 +457,7 @@ mod tests {
                 entity_id: "light.porch".into(),
                 doc: DocId::from_bytes([7; 16]).to_string(),
             },
-            ShareMessage::HomeKey(crate::revocation::service::HomeKey {
+            ShareMessage::HomeKey(crate::trust::messages::HomeKey {
                 doc: DocId::from_bytes([1; 16]).to_string(),
                 epoch: KeyEpoch {
                     counter: 1,

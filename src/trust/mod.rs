@@ -23,5 +23,6 @@ pub(crate) mod cert;
 pub(crate) mod error;
 pub(crate) mod invite;
 pub(crate) mod keys;
+pub(crate) mod messages;
 pub(crate) mod pake;
 pub(crate) mod wire;

@@ -8,6 +8,7 @@ mod cli;
 mod crash;
 mod entities;
 mod frames;
+mod layout;
 mod pairing;
 mod retention;
 mod robust;
