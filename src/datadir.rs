@@ -11,14 +11,18 @@ use crate::Error;
 /// Held (by an OS file lock) while a node runs on the data dir.
 pub const LOCK_FILE: &str = "node.lock";
 /// The API bearer token, mode 0600.
+#[cfg(feature = "api")]
 pub const TOKEN_FILE: &str = "token";
 /// The address the API actually bound, as `host:port`; removed on clean exit.
+#[cfg(feature = "api")]
 pub const API_ADDR_FILE: &str = "api.addr";
 
 /// How long a held data dir lock is retried before another node counts as running.
 const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
+#[cfg(feature = "api")]
 /// Token length in random bytes; printed as hex.
 const TOKEN_BYTES: usize = 32;
+#[cfg(feature = "api")]
 /// Most bytes read from a token file: the hex token, a line end and room for spaces.
 const MAX_TOKEN_FILE_LEN: u64 = 256;
 
@@ -83,6 +87,7 @@ fn lock_result(
     }
 }
 
+#[cfg(feature = "api")]
 /// Reads the API token, creating it (0600) on first start.
 pub(crate) fn load_or_create_token(dir: &Path) -> Result<String, Error> {
     let path = dir.join(TOKEN_FILE);
@@ -100,6 +105,7 @@ pub(crate) fn load_or_create_token(dir: &Path) -> Result<String, Error> {
     Ok(token)
 }
 
+#[cfg(feature = "api")]
 /// Reads the API token from `<data_dir>/token`; `None` when there is none yet (the node
 /// creates it on first start).
 ///
@@ -151,6 +157,7 @@ pub fn read_token(data_dir: &Path) -> Result<Option<String>, Error> {
     Ok(Some(token.to_string()))
 }
 
+#[cfg(feature = "api")]
 /// Writes a new file with mode 0600, failing if it already exists, and syncs it.
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     let err = |source| Error::File {
@@ -168,6 +175,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     file.sync_all().map_err(err)
 }
 
+#[cfg(feature = "api")]
 /// Publishes the bound API address. Written to a temporary name and renamed, so a client
 /// never reads a half-written address.
 pub(crate) fn write_api_addr(dir: &Path, addr: SocketAddr) -> Result<PathBuf, Error> {
@@ -183,6 +191,7 @@ pub(crate) fn write_api_addr(dir: &Path, addr: SocketAddr) -> Result<PathBuf, Er
     Ok(path)
 }
 
+#[cfg(feature = "api")]
 /// Removes `api.addr` on a clean exit; a missing file is fine.
 pub(crate) fn remove_api_addr(path: &Path) -> Result<(), Error> {
     match fs::remove_file(path) {

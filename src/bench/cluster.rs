@@ -48,7 +48,6 @@ impl Drop for Scratch {
 pub(crate) fn config(dir: &Path, name: &str, window: Duration) -> Config {
     Config {
         data_dir: dir.to_path_buf(),
-        api_addr: "127.0.0.1:0".parse().expect("literal address"),
         device_name: Some(name.into()),
         listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
         mdns: false,

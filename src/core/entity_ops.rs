@@ -235,7 +235,6 @@ pub(super) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let config = Config {
             data_dir: dir.path().to_path_buf(),
-            api_addr: "127.0.0.1:0".parse().unwrap(),
             listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
             mdns: false,
             ..Config::default()
@@ -308,7 +307,6 @@ pub(super) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let config = Config {
             data_dir: dir.path().to_path_buf(),
-            api_addr: "127.0.0.1:0".parse().unwrap(),
             listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
             mdns: false,
             ..Config::default()
@@ -396,7 +394,6 @@ pub(super) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let config = Config {
             data_dir: dir.path().to_path_buf(),
-            api_addr: "127.0.0.1:0".parse().unwrap(),
             listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
             mdns: false,
             ..Config::default()
