@@ -1,9 +1,13 @@
 //! The files a node keeps in its data dir, beside the store.
 
 use std::fs::{self, File, OpenOptions};
+#[cfg(feature = "api")]
 use std::io::{ErrorKind, Write};
+#[cfg(feature = "api")]
 use std::net::SocketAddr;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
+#[cfg(feature = "api")]
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::Error;
@@ -19,11 +23,11 @@ pub const API_ADDR_FILE: &str = "api.addr";
 
 /// How long a held data dir lock is retried before another node counts as running.
 const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
-#[cfg(feature = "api")]
 /// Token length in random bytes; printed as hex.
-const TOKEN_BYTES: usize = 32;
 #[cfg(feature = "api")]
+const TOKEN_BYTES: usize = 32;
 /// Most bytes read from a token file: the hex token, a line end and room for spaces.
+#[cfg(feature = "api")]
 const MAX_TOKEN_FILE_LEN: u64 = 256;
 
 /// Creates the data dir (0700: it holds the key file and token) if missing.
@@ -87,8 +91,8 @@ fn lock_result(
     }
 }
 
-#[cfg(feature = "api")]
 /// Reads the API token, creating it (0600) on first start.
+#[cfg(feature = "api")]
 pub(crate) fn load_or_create_token(dir: &Path) -> Result<String, Error> {
     let path = dir.join(TOKEN_FILE);
     if let Some(token) = read_token(dir)? {
@@ -105,13 +109,13 @@ pub(crate) fn load_or_create_token(dir: &Path) -> Result<String, Error> {
     Ok(token)
 }
 
-#[cfg(feature = "api")]
 /// Reads the API token from `<data_dir>/token`; `None` when there is none yet (the node
 /// creates it on first start).
 ///
 /// A token file that other users can read (any group or world permission bit) is refused
 /// with an error that says to `chmod 600` it, as the store key file is: whoever reads the
 /// token controls the node. So is a file that is not a token.
+#[cfg(feature = "api")]
 pub fn read_token(data_dir: &Path) -> Result<Option<String>, Error> {
     use std::io::Read;
     use std::os::unix::fs::PermissionsExt;
@@ -157,8 +161,8 @@ pub fn read_token(data_dir: &Path) -> Result<Option<String>, Error> {
     Ok(Some(token.to_string()))
 }
 
-#[cfg(feature = "api")]
 /// Writes a new file with mode 0600, failing if it already exists, and syncs it.
+#[cfg(feature = "api")]
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     let err = |source| Error::File {
         what: "cannot write",
@@ -175,9 +179,9 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     file.sync_all().map_err(err)
 }
 
-#[cfg(feature = "api")]
 /// Publishes the bound API address. Written to a temporary name and renamed, so a client
 /// never reads a half-written address.
+#[cfg(feature = "api")]
 pub(crate) fn write_api_addr(dir: &Path, addr: SocketAddr) -> Result<PathBuf, Error> {
     let path = dir.join(API_ADDR_FILE);
     let tmp = dir.join(format!("{API_ADDR_FILE}.tmp"));
@@ -191,8 +195,8 @@ pub(crate) fn write_api_addr(dir: &Path, addr: SocketAddr) -> Result<PathBuf, Er
     Ok(path)
 }
 
-#[cfg(feature = "api")]
 /// Removes `api.addr` on a clean exit; a missing file is fine.
+#[cfg(feature = "api")]
 pub(crate) fn remove_api_addr(path: &Path) -> Result<(), Error> {
     match fs::remove_file(path) {
         Ok(()) => Ok(()),
@@ -227,6 +231,7 @@ mod tests {
         lock(dir.path()).unwrap();
     }
 
+    #[cfg(feature = "api")]
     #[test]
     fn token_is_created_private_and_then_reused() {
         let dir = tempfile::tempdir().unwrap();
@@ -239,6 +244,7 @@ mod tests {
         assert_eq!(load_or_create_token(dir.path()).unwrap(), first);
     }
 
+    #[cfg(feature = "api")]
     #[test]
     fn a_token_open_to_others_is_refused_with_the_fix() {
         let dir = tempfile::tempdir().unwrap();
@@ -261,6 +267,7 @@ mod tests {
         );
     }
 
+    #[cfg(feature = "api")]
     #[test]
     fn corrupt_token_names_the_file_and_the_fix() {
         let dir = tempfile::tempdir().unwrap();

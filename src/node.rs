@@ -67,6 +67,7 @@ pub struct Node {
     data_dir: PathBuf,
     store: StoreHandle,
     net: hearth_net::Handle,
+    metrics: Arc<crate::metrics::Metrics>,
     cancel: CancellationToken,
     core_task: Supervised,
     net_task: Supervised,
@@ -225,7 +226,7 @@ impl Node {
                         net: net.clone(),
                         home_id: facts.home_id.clone(),
                         home_name: facts.home_name.clone(),
-                        metrics,
+                        metrics: metrics.clone(),
                         bus: bus.clone(),
                     },
                     cancel.clone(),
@@ -235,7 +236,7 @@ impl Node {
             None => None,
         };
         #[cfg(not(feature = "api"))]
-        drop((metrics, facts.home_name));
+        drop(facts.home_name);
         tracing::info!(peer_id = %identity.peer_id(), data_dir = %dir.display(), "node started");
 
         Ok(Self {
@@ -245,6 +246,7 @@ impl Node {
             data_dir: dir,
             store,
             net,
+            metrics,
             cancel,
             core_task,
             net_task,
@@ -566,6 +568,14 @@ impl Node {
         crate::Events {
             rx: self.core.node_events.subscribe(),
         }
+    }
+
+    /// The node's metrics as OpenMetrics text, what the API serves on `/metrics`: for an
+    /// integration that serves or records them itself.
+    ///
+    /// Cancel-safe.
+    pub async fn metrics(&self) -> Result<String, Error> {
+        self.metrics.scrape(&self.core, &self.net).await
     }
 
     /// The node's event bus: `entity.changed`, `peer.connected` and the other events of

@@ -118,6 +118,7 @@ pub(crate) enum Request {
         reply: Reply<Entity>,
     },
     /// Readiness: answered at once by a core that is running and reading its queue.
+    #[cfg_attr(not(feature = "api"), expect(dead_code, reason = "only the API asks"))]
     Ping {
         reply: Reply<()>,
     },
@@ -295,6 +296,7 @@ pub(crate) enum Request {
         reply: Reply<Vec<u8>>,
     },
     /// Documents quarantined at start; with `drop`, their damaged records are deleted.
+    #[cfg_attr(not(feature = "api"), expect(dead_code, reason = "only the API asks"))]
     Repair {
         drop: bool,
         reply: Reply<quarantine::RepairReport>,

@@ -46,11 +46,20 @@ async fn a_built_node_is_headless_unless_asked_for_the_api() {
         .mdns(false);
     let node = timeout(T, builder.clone().start()).await.unwrap().unwrap();
     assert_eq!(node.api_addr(), None);
-    timeout(T, node.entities().set("light.porch", write("on", json!({}))))
-        .await
-        .unwrap()
-        .unwrap();
+    timeout(
+        T,
+        node.entities().set("light.porch", write("on", json!({}))),
+    )
+    .await
+    .unwrap()
+    .unwrap();
     assert_eq!(files(dir.path()), ["node.lock", "store", "store.key"]);
+    // Without an API the metrics are still there for the embedding program.
+    let metrics = timeout(T, node.metrics()).await.unwrap().unwrap();
+    assert!(
+        metrics.contains("hearth_events_total{name=\"entity.changed\"} 1"),
+        "{metrics}"
+    );
     timeout(T, node.shutdown()).await.unwrap().unwrap();
     assert_eq!(files(dir.path()), ["node.lock", "store", "store.key"]);
 
