@@ -44,8 +44,8 @@ async fn main() -> anyhow::Result<()> {
     Node::join(&invite.code, &config(&dir_b, "hallway")).await?;
     let hallway = Node::start(config(&dir_b, "hallway")).await?;
 
-    let mut kitchen_events = kitchen.subscribe();
-    let mut hallway_events = hallway.subscribe();
+    let mut kitchen_events = kitchen.events();
+    let mut hallway_events = hallway.events();
     let room = kitchen.rooms().create("family", Some(8), None).await?;
     println!("kitchen created room {} ({})", room.name, room.room_id);
 

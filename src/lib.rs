@@ -60,9 +60,8 @@ pub use datadir::LOCK_FILE;
 #[cfg(feature = "api")]
 pub use datadir::{API_ADDR_FILE, TOKEN_FILE, read_token};
 pub use entities::{
-    ChangeItem, Changes, ConflictCandidate, ConflictInfo, Entities, Entity, EntityChange,
-    EntityVersion, EntityWrite, MAX_ATTRIBUTES_BYTES, MAX_ENTITY_ID_LEN, MAX_HISTORY,
-    MAX_STATE_LEN,
+    ConflictCandidate, ConflictInfo, Entities, Entity, EntityChange, EntityVersion, EntityWrite,
+    MAX_ATTRIBUTES_BYTES, MAX_ENTITY_ID_LEN, MAX_HISTORY, MAX_STATE_LEN,
 };
 pub use error::Error;
 pub use events::{Event, EventItem, Events};

@@ -420,7 +420,8 @@ impl Node {
         &self.home_id
     }
 
-    /// The node's entities: read, write, subscribe.
+    /// The node's entities: read and write. Their changes come with the other events of
+    /// [`Node::events`].
     pub fn entities(&self) -> Entities {
         Entities {
             core: self.core.clone(),
@@ -561,10 +562,12 @@ impl Node {
         }
     }
 
-    /// Subscribes to every event from now on: entity changes and deletions, rooms, chat
-    /// and presence. A subscriber that falls more than [`CHANGE_BUFFER`](crate::CHANGE_BUFFER)
-    /// events behind skips ahead and is told how many it missed.
-    pub fn subscribe(&self) -> crate::Events {
+    /// Every event of the node from now on, as one stream: entity changes and deletions,
+    /// rooms, chat, presence, shares, conflicts, and devices of the home coming and going.
+    /// A subscriber that falls more than [`CHANGE_BUFFER`](crate::CHANGE_BUFFER) events
+    /// behind skips ahead and is told how many it missed. The bus ([`Node::bus`]) and the
+    /// API's WebSocket are fed from the same stream.
+    pub fn events(&self) -> crate::Events {
         crate::Events {
             rx: self.core.node_events.subscribe(),
         }

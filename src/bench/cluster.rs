@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use hearth::{ChangeItem, Config, EntityWrite, Node};
+use hearth::{Config, EntityWrite, Event, EventItem, Node};
 use serde::Serialize;
 
 /// How long any one wait of the bench may take before the run fails.
@@ -173,16 +173,14 @@ pub(crate) fn write(state: String) -> EntityWrite {
 }
 
 /// Waits on `changes` for entity `id` to reach `state`.
-pub(crate) async fn wait_change(
-    changes: &mut hearth::Changes,
-    id: &str,
-    state: &str,
-) -> Result<()> {
+pub(crate) async fn wait_change(changes: &mut hearth::Events, id: &str, state: &str) -> Result<()> {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         match tokio::time::timeout_at(deadline, changes.next()).await {
             Err(_) => bail!("{id} never reached {state}"),
-            Ok(Some(ChangeItem::Change(c))) if c.entity.id == id && c.entity.state == state => {
+            Ok(Some(EventItem::Event(Event::Entity(c))))
+                if c.entity.id == id && c.entity.state == state =>
+            {
                 return Ok(());
             }
             Ok(Some(_)) => {}

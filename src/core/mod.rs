@@ -51,37 +51,16 @@ use keyring::{CERT_KEY, Keyring};
 
 /// Requests queued for the core before callers wait.
 const CORE_QUEUE: usize = 256;
-/// Entity changes buffered per subscriber before it starts missing some.
+/// Events buffered per subscriber before it starts missing some.
 pub const CHANGE_BUFFER: usize = 1024;
 /// Entries read per page while loading documents at start.
 const LOAD_PAGE: usize = 4096;
-/// Notices buffered for the event bus bridge before it starts missing some.
-pub(crate) const NOTICE_BUFFER: usize = 256;
 /// How long a caller waits for the core to answer one request. Writes answer within the
 /// store's own request limit; this is the backstop for a core that is stuck or swamped.
 pub(crate) const CORE_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Read jobs (history listings, entity lists) computing at once, off the core. More
 /// wait their turn, each holding only its snapshot.
 const READ_JOBS: usize = 2;
-
-/// Happenings other than entity changes that the event bus reports.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum Notice {
-    /// A device of this home was admitted.
-    PeerConnected {
-        /// Its PeerId.
-        peer: String,
-        /// Its device name, from the home document.
-        device_name: Option<String>,
-    },
-    /// An admitted device's connection ended.
-    PeerDisconnected {
-        /// Its PeerId.
-        peer: String,
-        /// Its device name, from the home document.
-        device_name: Option<String>,
-    },
-}
 
 type Reply<T> = oneshot::Sender<Result<T, Error>>;
 
@@ -333,13 +312,11 @@ pub(crate) struct PeerLag {
 #[derive(Clone)]
 pub(crate) struct CoreHandle {
     tx: mpsc::Sender<Request>,
-    pub(crate) events: broadcast::Sender<EntityChange>,
-    pub(crate) notices: broadcast::Sender<Notice>,
     /// Test hook: while true, the core reads no network events (see
     /// `Node::debug_stall_network_reads`).
     #[cfg(feature = "test-hooks")]
     pub(crate) stall_net: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
-    /// Every event (entities, rooms, presence), for [`crate::Node::subscribe`].
+    /// Every event (entities, rooms, presence, peers), for [`crate::Node::events`].
     pub(crate) node_events: broadcast::Sender<crate::events::Event>,
     /// Slots for store batches in flight; shutdown takes them all before closing the store.
     pub(crate) persists: std::sync::Arc<tokio::sync::Semaphore>,
@@ -385,7 +362,6 @@ struct Core {
     entity_of_doc: HashMap<DocId, String>,
     /// The reverse: entity id -> document, so a write finds its document in O(1).
     doc_of_entity_id: HashMap<String, DocId>,
-    events: broadcast::Sender<EntityChange>,
     /// Document keys this device holds.
     keyring: Keyring,
     /// This device's X25519 secret, for keys other devices wrap for it.
@@ -403,14 +379,12 @@ struct Core {
     reconcilers: HashMap<String, hearth_crdt::digest::Reconciler>,
     /// Counters shown by `sync_counters` and the metrics.
     counters: SyncCounters,
-    /// Peer arrivals and departures, for the event bus.
-    notices: broadcast::Sender<Notice>,
     /// PeerIds of known devices by their Automerge actor, so views name writers by device.
     actor_names: HashMap<automerge::ActorId, String>,
     /// Until when each admitted device counts as live (ms since the epoch), from its
     /// heartbeats; see `heartbeat`.
     alive_until: HashMap<String, u64>,
-    /// Every event, for library subscribers and the event bus.
+    /// Every event, for library subscribers and the event bus; nobody listening is normal.
     node_events: broadcast::Sender<crate::events::Event>,
     /// This device's name: the default user of rooms and presence.
     device_name: String,
@@ -575,7 +549,6 @@ pub(crate) async fn start(
         chunk_seq: HashMap::new(),
         entity_of_doc: HashMap::new(),
         doc_of_entity_id: HashMap::new(),
-        events: broadcast::channel(CHANGE_BUFFER).0,
         keyring: Keyring::default(),
         device: DeviceSecret::generate(),
         admitted: HashMap::new(),
@@ -584,7 +557,6 @@ pub(crate) async fn start(
         digest: hearth_crdt::digest::DigestTree::new(),
         reconcilers: HashMap::new(),
         counters: SyncCounters::default(),
-        notices: broadcast::channel(NOTICE_BUFFER).0,
         actor_names: HashMap::new(),
         alive_until: HashMap::new(),
         node_events: broadcast::channel(CHANGE_BUFFER).0,
@@ -656,8 +628,6 @@ pub(crate) async fn start(
     let (stall_tx, stall_rx) = tokio::sync::watch::channel(false);
     let handle = CoreHandle {
         tx,
-        events: core.events.clone(),
-        notices: core.notices.clone(),
         #[cfg(feature = "test-hooks")]
         stall_net: std::sync::Arc::new(stall_tx),
         node_events: core.node_events.clone(),
@@ -1599,20 +1569,20 @@ impl Core {
         })
     }
 
-    /// Tells the event bus that an admitted device came or went.
+    /// Announces that an admitted device came or went.
     fn notice_peer(&self, peer: String, connected: bool) {
         let device_name = self
             .engine
             .home_devices(self.home.home_doc)
             .ok()
             .and_then(|devices| devices.get(&peer).map(|d| d.name.clone()));
-        let notice = if connected {
-            Notice::PeerConnected { peer, device_name }
+        let event = if connected {
+            crate::events::Event::PeerConnected { peer, device_name }
         } else {
-            Notice::PeerDisconnected { peer, device_name }
+            crate::events::Event::PeerDisconnected { peer, device_name }
         };
-        // Nobody listening is normal (a library user without the bus bridge).
-        let _ = self.notices.send(notice);
+        // Left out of `hearth_events_total`: the connected-peers gauge covers arrivals.
+        let _ = self.node_events.send(event);
     }
 
     fn emit(&self, entity: Entity, from_peer: Option<String>, correlation_id: Option<String>) {
@@ -1632,8 +1602,6 @@ impl Core {
             correlation_id,
             deleted,
         };
-        // No subscribers is normal; a send error only means nobody listens.
-        let _ = self.events.send(change.clone());
         self.emit_event(crate::events::Event::Entity(Box::new(change)));
     }
 

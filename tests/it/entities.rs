@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use hearth::{ChangeItem, Config, EntityWrite, Node};
+use hearth::{Config, EntityWrite, Event, EventItem, Node};
 use serde_json::json;
 use tokio::time::timeout;
 
@@ -93,7 +93,7 @@ async fn entities_are_written_read_announced_and_survive_restart() {
         .unwrap();
     let home_id = node.home_id().to_string();
     let entities = node.entities();
-    let mut changes = entities.subscribe();
+    let mut changes = node.events();
 
     let first = timeout(
         T,
@@ -126,14 +126,16 @@ async fn entities_are_written_read_announced_and_survive_restart() {
     assert_ne!(second.version, first.version);
 
     // Both writes were announced, in order, the second with its correlation id.
-    let Some(ChangeItem::Change(c1)) = timeout(T, changes.next()).await.unwrap() else {
+    let Some(EventItem::Event(Event::Entity(c1))) = timeout(T, changes.next()).await.unwrap()
+    else {
         panic!("expected a change")
     };
     assert_eq!(
         (c1.entity.state.as_str(), c1.from_peer.as_deref()),
         ("on", None)
     );
-    let Some(ChangeItem::Change(c2)) = timeout(T, changes.next()).await.unwrap() else {
+    let Some(EventItem::Event(Event::Entity(c2))) = timeout(T, changes.next()).await.unwrap()
+    else {
         panic!("expected a change")
     };
     assert_eq!(c2.entity.state, "off");
