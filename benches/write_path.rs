@@ -22,7 +22,6 @@ fn node(runtime: &tokio::runtime::Runtime, dir: &std::path::Path, window: Durati
     runtime
         .block_on(Node::start(Config {
             data_dir: dir.to_path_buf(),
-            api_addr: "127.0.0.1:0".parse().expect("literal address"),
             listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
             mdns: false,
             batch_window: window,

@@ -18,7 +18,6 @@ async fn main() -> anyhow::Result<()> {
     let data = std::env::temp_dir().join(format!("hearth-events-{}", std::process::id()));
     let node = Node::start(Config {
         data_dir: data.clone(),
-        api_addr: "127.0.0.1:0".parse()?,
         listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
         mdns: false,
         ..Config::default()

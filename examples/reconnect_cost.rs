@@ -14,7 +14,6 @@ use hearth::{Config, EntityWrite, Node};
 fn config(dir: &std::path::Path, name: &str) -> Config {
     Config {
         data_dir: dir.to_path_buf(),
-        api_addr: "127.0.0.1:0".parse().expect("literal address"),
         device_name: Some(name.into()),
         listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
         mdns: false,

@@ -15,7 +15,6 @@ use hearth::{Config, Event, EventItem, Events, Node};
 fn config(dir: &std::path::Path, name: &str) -> Config {
     Config {
         data_dir: dir.to_path_buf(),
-        api_addr: "127.0.0.1:0".parse().expect("literal address"),
         device_name: Some(name.into()),
         listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
         mdns: false,
@@ -45,8 +44,8 @@ async fn main() -> anyhow::Result<()> {
     Node::join(&invite.code, &config(&dir_b, "hallway")).await?;
     let hallway = Node::start(config(&dir_b, "hallway")).await?;
 
-    let mut kitchen_events = kitchen.subscribe();
-    let mut hallway_events = hallway.subscribe();
+    let mut kitchen_events = kitchen.events();
+    let mut hallway_events = hallway.events();
     let room = kitchen.rooms().create("family", Some(8), None).await?;
     println!("kitchen created room {} ({})", room.name, room.room_id);
 

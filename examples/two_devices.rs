@@ -10,12 +10,11 @@
 
 use std::time::{Duration, Instant};
 
-use hearth::{ChangeItem, Config, EntityWrite, Node};
+use hearth::{Config, EntityWrite, Event, EventItem, Events, Node};
 
 fn config(dir: &std::path::Path, name: &str) -> Config {
     Config {
         data_dir: dir.to_path_buf(),
-        api_addr: "127.0.0.1:0".parse().expect("literal address"),
         device_name: Some(name.into()),
         listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
         mdns: false,
@@ -42,7 +41,7 @@ async fn main() -> anyhow::Result<()> {
     );
     let b = Node::start(config(&dir_b, "hallway")).await?;
 
-    let mut changes = b.entities().subscribe();
+    let mut changes = b.events();
     let write = |state: String| EntityWrite {
         state,
         ..EntityWrite::default()
@@ -79,11 +78,11 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for(changes: &mut hearth::Changes, state: &str) -> anyhow::Result<()> {
+async fn wait_for(changes: &mut Events, state: &str) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         match tokio::time::timeout_at(deadline, changes.next()).await? {
-            Some(ChangeItem::Change(c)) if c.entity.state == state => return Ok(()),
+            Some(EventItem::Event(Event::Entity(c))) if c.entity.state == state => return Ok(()),
             Some(_) => continue,
             None => anyhow::bail!("the node stopped"),
         }

@@ -48,6 +48,106 @@ pub(crate) struct ApiState {
     pub(crate) guard: guard::Guard,
 }
 
+/// What the API needs of the node it serves.
+pub(crate) struct NodeView {
+    pub(crate) peer_id: String,
+    pub(crate) device_name: String,
+    pub(crate) data_dir: PathBuf,
+    pub(crate) store: hearth_storage::StoreHandle,
+    pub(crate) core: crate::core::CoreHandle,
+    pub(crate) net: hearth_net::Handle,
+    pub(crate) home_id: String,
+    pub(crate) home_name: String,
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
+    pub(crate) bus: crate::bus::Bus,
+}
+
+/// The API of a running node: where it listens, and the task that serves it.
+pub(crate) struct Served {
+    pub(crate) addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+    addr_file: PathBuf,
+}
+
+/// How long a stopping node waits for the API to finish in-flight requests.
+const API_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Binds the API's address, creates the token on first use, starts serving until `stop`
+/// fires, and publishes the bound address in `<data>/api.addr`. `allowed_origins` are
+/// already normalised.
+pub(crate) async fn serve(
+    config: &crate::ApiConfig,
+    allowed_origins: &[String],
+    node: NodeView,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<Served, crate::Error> {
+    let token = crate::datadir::load_or_create_token(&node.data_dir)?;
+    let bind_error = |source| crate::Error::ApiBind {
+        addr: config.addr,
+        source,
+    };
+    let listener = tokio::net::TcpListener::bind(config.addr)
+        .await
+        .map_err(bind_error)?;
+    let addr = listener.local_addr().map_err(bind_error)?;
+    let data_dir = node.data_dir.clone();
+    let state = Arc::new(ApiState {
+        token,
+        peer_id: node.peer_id,
+        device_name: node.device_name,
+        data_dir: node.data_dir,
+        api_addr: addr,
+        started: Instant::now(),
+        started_at: OffsetDateTime::now_utc(),
+        store: node.store,
+        core: node.core,
+        net: node.net,
+        home_id: node.home_id,
+        home_name: node.home_name,
+        metrics: node.metrics,
+        bus: node.bus,
+        shutdown: stop.clone(),
+        metrics_open: config.metrics_open,
+        guard: guard::Guard::new(addr, allowed_origins),
+    });
+    let app = router(state);
+    let task = tokio::spawn(tracing::Instrument::instrument(
+        async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
+            if let Err(error) = served {
+                tracing::error!(%error, "local API stopped");
+            }
+        },
+        tracing::error_span!("api", addr = %addr),
+    ));
+    // Published last, so a client that finds the address finds a node ready to answer.
+    let addr_file = crate::datadir::write_api_addr(&data_dir, addr)?;
+    tracing::info!(api = %addr, "local API serving");
+    Ok(Served {
+        addr,
+        task,
+        addr_file,
+    })
+}
+
+impl Served {
+    /// Waits (bounded) for the server to stop after the node's cancellation, and removes
+    /// `api.addr`.
+    pub(crate) async fn stop(mut self) -> Result<(), crate::Error> {
+        // Connections that stay open (a watching client) must not hold the exit hostage.
+        if tokio::time::timeout(API_DRAIN_TIMEOUT, &mut self.task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("local API did not drain in time; closing remaining connections");
+            self.task.abort();
+        }
+        crate::datadir::remove_api_addr(&self.addr_file)
+    }
+}
+
 /// Largest request body accepted; larger ones get 413.
 pub(crate) const MAX_BODY_BYTES: usize = 256 * 1024;
 

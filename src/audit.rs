@@ -4,6 +4,7 @@
 //! It is kept by count and by age ([`Retention`]): the node's retention task prunes it at
 //! start, every hour, and soon after every [`PRUNE_EVERY_APPENDS`] appends.
 
+#[cfg(feature = "api")]
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
@@ -24,6 +25,7 @@ pub(crate) static PRUNE: tokio::sync::Notify = tokio::sync::Notify::const_new();
 pub(crate) const PRUNE_EVERY_APPENDS: u64 = 64;
 
 /// Length of a key: `ms ‖ seq`.
+#[cfg(feature = "api")]
 const KEY_LEN: usize = 12;
 
 /// How much of the audit log is kept.
@@ -171,6 +173,7 @@ fn key_ms(key: &[u8]) -> u64 {
 }
 
 /// One page of the log, oldest first, and the cursor of the next older page.
+#[cfg(feature = "api")]
 pub(crate) struct Page {
     pub(crate) entries: Vec<crate::shares::AuditEntry>,
     /// Pass as `before` for the entries older than these; `None` when there are none.
@@ -180,6 +183,7 @@ pub(crate) struct Page {
 /// The newest `limit` entries from `since_ms` (Unix ms) on and before the cursor `before`
 /// (a `next_before` of an earlier page), oldest first. A cursor that is not one is an
 /// error that says so.
+#[cfg(feature = "api")]
 pub(crate) async fn page(
     store: &StoreHandle,
     since_ms: u64,
@@ -352,6 +356,7 @@ mod tests {
             .expect("no prune after a full interval of appends");
     }
 
+    #[cfg(feature = "api")]
     #[tokio::test]
     async fn pages_walk_back_from_the_newest() {
         let store = hearth_storage::open_in_memory().unwrap();

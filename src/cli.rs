@@ -570,15 +570,17 @@ fn run_up(data: PathBuf, up: UpArgs) -> Result<()> {
         .map(hearth::Passphrase);
     let config = hearth::Config {
         data_dir: data,
-        api_addr: up.api,
+        api: Some(hearth::ApiConfig {
+            addr: up.api,
+            metrics_open: up.metrics_open,
+            allowed_origins: up.allowed_origins,
+        }),
         device_name: up.name,
         passphrase,
         listen: up.listen,
         mdns: !up.no_mdns,
         static_peers: up.peers,
         batch_window: up.batch_window,
-        metrics_open: up.metrics_open,
-        allowed_origins: up.allowed_origins,
         max_connections_per_ip: up.max_connections_per_ip,
         audit_max_entries: hearth::DEFAULT_AUDIT_MAX_ENTRIES,
         audit_max_age: hearth::DEFAULT_AUDIT_MAX_AGE,
@@ -594,6 +596,9 @@ fn run_up(data: PathBuf, up: UpArgs) -> Result<()> {
         // api.addr and at once sends SIGTERM must get a clean stop, not the default kill.
         let stop = stop_signal()?;
         let node = hearth::Node::start(config).await?;
+        let api = node
+            .api_addr()
+            .context("the node started without its API")?;
         // A closed stdout (a supervisor that stopped reading) must not stop the node, so
         // write errors are ignored rather than panicking as println! would.
         let _ = writeln!(
@@ -602,7 +607,7 @@ fn run_up(data: PathBuf, up: UpArgs) -> Result<()> {
             node.peer_id(),
             node.device_name(),
             node.data_dir().display(),
-            node.api_addr()
+            api
         );
         // Test hook: the integration tests kill the core of a running `hearth up` this way.
         #[cfg(feature = "test-hooks")]

@@ -1,22 +1,27 @@
 //! Node configuration: plain data with public fields, validated by [`crate::Node::start`].
+//! [`crate::Node::builder`] fills the same struct.
 
 use std::fmt;
+#[cfg(feature = "api")]
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
 /// Where the local API listens unless told otherwise.
+#[cfg(feature = "api")]
 pub const DEFAULT_API_ADDR: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 8012);
 
 /// Everything a node needs to start.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// The data dir: store, key file, lock, token and `api.addr` live here.
+    /// The data dir: the store, its key file and the lock live here, and the token and
+    /// `api.addr` too when the node serves the API.
     pub data_dir: PathBuf,
-    /// Address for the local HTTP API; port 0 picks a free port, which the node
-    /// writes to `<data>/api.addr`.
-    pub api_addr: SocketAddr,
+    /// The local HTTP API, or `None` (the default) for a headless node: no HTTP server,
+    /// and no `token` or `api.addr` in the data dir. `hearth up` always serves it.
+    #[cfg(feature = "api")]
+    pub api: Option<ApiConfig>,
     /// The device name shown to people; defaults to the host name.
     pub device_name: Option<String>,
     /// Derive the store key from this passphrase (Argon2id) instead of using the
@@ -34,13 +39,6 @@ pub struct Config {
     /// together ([`DEFAULT_BATCH_WINDOW`]). Pushes to peers never wait for it; a write is
     /// acknowledged after its window's flush. Zero flushes each write on its own.
     pub batch_window: Duration,
-    /// Serve `/metrics` without the bearer token. Off by default: the metrics name peers
-    /// and count traffic, which is for the home's owner, not for any local program.
-    pub metrics_open: bool,
-    /// Web origins (`scheme://host[:port]`, e.g. `http://dashboard.lan:3000`) whose pages
-    /// may open the API's WebSockets, besides the node's own (`http://` plus its bound
-    /// address, `localhost:PORT` or `127.0.0.1:PORT`). Empty by default.
-    pub allowed_origins: Vec<String>,
     /// Most connections from one IP address ([`DEFAULT_MAX_CONNECTIONS_PER_IP`]); the
     /// home's own devices and static peers are exempt. A LAN neighbour opening more is
     /// refused right after the handshake.
@@ -55,6 +53,41 @@ pub struct Config {
     pub chat_max_messages: usize,
     /// Chat messages older than this are pruned ([`DEFAULT_CHAT_MAX_AGE`]).
     pub chat_max_age: Duration,
+}
+
+/// How the local HTTP API is served ([`Config::api`]).
+#[cfg(feature = "api")]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiConfig {
+    /// Address to listen on; port 0 picks a free port, which the node writes to
+    /// `<data>/api.addr`.
+    pub addr: SocketAddr,
+    /// Serve `/metrics` without the bearer token. Off by default: the metrics name peers
+    /// and count traffic, which is for the home's owner, not for any local program.
+    pub metrics_open: bool,
+    /// Web origins (`scheme://host[:port]`, e.g. `http://dashboard.lan:3000`) whose pages
+    /// may open the API's WebSockets, besides the node's own (`http://` plus its bound
+    /// address, `localhost:PORT` or `127.0.0.1:PORT`). Empty by default.
+    pub allowed_origins: Vec<String>,
+}
+
+#[cfg(feature = "api")]
+impl ApiConfig {
+    /// The API on `addr`, with the token required everywhere and no extra origins.
+    pub fn on(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            metrics_open: false,
+            allowed_origins: Vec::new(),
+        }
+    }
+}
+
+#[cfg(feature = "api")]
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self::on(DEFAULT_API_ADDR)
+    }
 }
 
 /// Connections accepted from one IP address unless told otherwise.
@@ -82,15 +115,14 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             data_dir: default_data_dir().unwrap_or_else(|| PathBuf::from("hearth-data")),
-            api_addr: DEFAULT_API_ADDR,
+            #[cfg(feature = "api")]
+            api: None,
             device_name: None,
             passphrase: None,
             listen: vec![DEFAULT_LISTEN.to_string()],
             mdns: true,
             static_peers: Vec::new(),
             batch_window: DEFAULT_BATCH_WINDOW,
-            metrics_open: false,
-            allowed_origins: Vec::new(),
             max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
             audit_max_entries: DEFAULT_AUDIT_MAX_ENTRIES,
             audit_max_age: DEFAULT_AUDIT_MAX_AGE,

@@ -1,9 +1,13 @@
 //! The files a node keeps in its data dir, beside the store.
 
 use std::fs::{self, File, OpenOptions};
+#[cfg(feature = "api")]
 use std::io::{ErrorKind, Write};
+#[cfg(feature = "api")]
 use std::net::SocketAddr;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
+#[cfg(feature = "api")]
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::Error;
@@ -11,15 +15,19 @@ use crate::Error;
 /// Held (by an OS file lock) while a node runs on the data dir.
 pub const LOCK_FILE: &str = "node.lock";
 /// The API bearer token, mode 0600.
+#[cfg(feature = "api")]
 pub const TOKEN_FILE: &str = "token";
 /// The address the API actually bound, as `host:port`; removed on clean exit.
+#[cfg(feature = "api")]
 pub const API_ADDR_FILE: &str = "api.addr";
 
 /// How long a held data dir lock is retried before another node counts as running.
 const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
 /// Token length in random bytes; printed as hex.
+#[cfg(feature = "api")]
 const TOKEN_BYTES: usize = 32;
 /// Most bytes read from a token file: the hex token, a line end and room for spaces.
+#[cfg(feature = "api")]
 const MAX_TOKEN_FILE_LEN: u64 = 256;
 
 /// Creates the data dir (0700: it holds the key file and token) if missing.
@@ -84,6 +92,7 @@ fn lock_result(
 }
 
 /// Reads the API token, creating it (0600) on first start.
+#[cfg(feature = "api")]
 pub(crate) fn load_or_create_token(dir: &Path) -> Result<String, Error> {
     let path = dir.join(TOKEN_FILE);
     if let Some(token) = read_token(dir)? {
@@ -106,6 +115,7 @@ pub(crate) fn load_or_create_token(dir: &Path) -> Result<String, Error> {
 /// A token file that other users can read (any group or world permission bit) is refused
 /// with an error that says to `chmod 600` it, as the store key file is: whoever reads the
 /// token controls the node. So is a file that is not a token.
+#[cfg(feature = "api")]
 pub fn read_token(data_dir: &Path) -> Result<Option<String>, Error> {
     use std::io::Read;
     use std::os::unix::fs::PermissionsExt;
@@ -152,6 +162,7 @@ pub fn read_token(data_dir: &Path) -> Result<Option<String>, Error> {
 }
 
 /// Writes a new file with mode 0600, failing if it already exists, and syncs it.
+#[cfg(feature = "api")]
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     let err = |source| Error::File {
         what: "cannot write",
@@ -170,6 +181,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), Error> {
 
 /// Publishes the bound API address. Written to a temporary name and renamed, so a client
 /// never reads a half-written address.
+#[cfg(feature = "api")]
 pub(crate) fn write_api_addr(dir: &Path, addr: SocketAddr) -> Result<PathBuf, Error> {
     let path = dir.join(API_ADDR_FILE);
     let tmp = dir.join(format!("{API_ADDR_FILE}.tmp"));
@@ -184,6 +196,7 @@ pub(crate) fn write_api_addr(dir: &Path, addr: SocketAddr) -> Result<PathBuf, Er
 }
 
 /// Removes `api.addr` on a clean exit; a missing file is fine.
+#[cfg(feature = "api")]
 pub(crate) fn remove_api_addr(path: &Path) -> Result<(), Error> {
     match fs::remove_file(path) {
         Ok(()) => Ok(()),
@@ -218,6 +231,7 @@ mod tests {
         lock(dir.path()).unwrap();
     }
 
+    #[cfg(feature = "api")]
     #[test]
     fn token_is_created_private_and_then_reused() {
         let dir = tempfile::tempdir().unwrap();
@@ -230,6 +244,7 @@ mod tests {
         assert_eq!(load_or_create_token(dir.path()).unwrap(), first);
     }
 
+    #[cfg(feature = "api")]
     #[test]
     fn a_token_open_to_others_is_refused_with_the_fix() {
         let dir = tempfile::tempdir().unwrap();
@@ -252,6 +267,7 @@ mod tests {
         );
     }
 
+    #[cfg(feature = "api")]
     #[test]
     fn corrupt_token_names_the_file_and_the_fix() {
         let dir = tempfile::tempdir().unwrap();

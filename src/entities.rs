@@ -310,43 +310,6 @@ impl Entities {
             )
             .await?
     }
-
-    /// Subscribes to entity changes from now on. A subscriber that falls more than
-    /// [`CHANGE_BUFFER`](crate::CHANGE_BUFFER) changes behind skips ahead and is told how
-    /// many it missed.
-    pub fn subscribe(&self) -> Changes {
-        Changes {
-            rx: self.core.events.subscribe(),
-        }
-    }
-}
-
-/// A stream of entity changes; see [`Entities::subscribe`].
-pub struct Changes {
-    rx: tokio::sync::broadcast::Receiver<EntityChange>,
-}
-
-/// What [`Changes::next`] yields.
-#[derive(Clone, Debug, PartialEq)]
-pub enum ChangeItem {
-    /// A change.
-    Change(Box<EntityChange>),
-    /// The subscriber fell behind and this many changes were dropped for it.
-    Missed(u64),
-}
-
-impl Changes {
-    /// The next change, or `None` once the node has stopped.
-    ///
-    /// Cancel-safe.
-    pub async fn next(&mut self) -> Option<ChangeItem> {
-        use tokio::sync::broadcast::error::RecvError;
-        match self.rx.recv().await {
-            Ok(change) => Some(ChangeItem::Change(Box::new(change))),
-            Err(RecvError::Lagged(n)) => Some(ChangeItem::Missed(n)),
-            Err(RecvError::Closed) => None,
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,7 @@
-//! Everything the node announces to library subscribers: entity changes, rooms, chat and
-//! presence, local or from a peer. The event bus maps these onto its named events.
+//! The node's one event stream: entity changes, rooms, chat, presence, shares, conflicts
+//! and peers coming and going, local or from a peer ([`crate::Node::events`]). The event
+//! bus and the WebSocket API are built on it: the bus bridge maps each event onto a named
+//! bus event.
 
 use tokio::sync::broadcast;
 
@@ -84,6 +86,20 @@ pub enum Event {
         /// Whether this is a resolution.
         resolved: bool,
     },
+    /// A device of this home was admitted (its certificate verified), not merely connected.
+    PeerConnected {
+        /// Its PeerId.
+        peer: String,
+        /// Its device name, from the home document.
+        device_name: Option<String>,
+    },
+    /// An admitted device's connection ended.
+    PeerDisconnected {
+        /// Its PeerId.
+        peer: String,
+        /// Its device name, from the home document.
+        device_name: Option<String>,
+    },
 }
 
 impl Event {
@@ -101,10 +117,12 @@ impl Event {
             Event::Share { .. } => "share.revoked",
             Event::Conflict { resolved: true, .. } => "conflict.resolved",
             Event::Conflict { .. } => "conflict.detected",
+            Event::PeerConnected { .. } => "peer.connected",
+            Event::PeerDisconnected { .. } => "peer.disconnected",
         }
     }
 
-    /// What the event concerns: the entity id, room id or user.
+    /// What the event concerns: the entity id, room id, user or device.
     pub fn subject(&self) -> &str {
         match self {
             Event::Entity(c) => &c.entity.id,
@@ -113,10 +131,12 @@ impl Event {
             Event::Chat { message, .. } => &message.room_id,
             Event::Presence { presence, .. } => &presence.user,
             Event::Share { entity_id, .. } | Event::Conflict { entity_id, .. } => entity_id,
+            Event::PeerConnected { peer, .. } | Event::PeerDisconnected { peer, .. } => peer,
         }
     }
 
-    /// The PeerId the change came from, `None` for a change made on this node.
+    /// The PeerId the change came from, `None` for a change made on this node and for
+    /// what this node saw itself (a peer coming or going, a conflict).
     pub fn from_peer(&self) -> Option<&str> {
         match self {
             Event::Entity(c) => c.from_peer.as_deref(),
@@ -126,12 +146,14 @@ impl Event {
             | Event::Chat { from_peer, .. }
             | Event::Presence { from_peer, .. }
             | Event::Share { from_peer, .. } => from_peer.as_deref(),
-            Event::Conflict { .. } => None,
+            Event::Conflict { .. }
+            | Event::PeerConnected { .. }
+            | Event::PeerDisconnected { .. } => None,
         }
     }
 }
 
-/// A stream of [`Event`]s; see [`Node::subscribe`](crate::Node::subscribe).
+/// A stream of [`Event`]s; see [`Node::events`](crate::Node::events).
 pub struct Events {
     pub(crate) rx: broadcast::Receiver<Event>,
 }
@@ -141,7 +163,8 @@ pub struct Events {
 pub enum EventItem {
     /// An event.
     Event(Event),
-    /// The subscriber fell behind and this many events were dropped for it.
+    /// The subscriber fell more than [`CHANGE_BUFFER`](crate::CHANGE_BUFFER) events behind,
+    /// and this many were dropped for it; state built from events should be read afresh.
     Missed(u64),
 }
 

@@ -1,20 +1,19 @@
 //! Hearth: a peer-to-peer sync node for homes.
 //!
 //! Every home, and every device in it, runs a node. This crate assembles one: it opens the
-//! node's encrypted store, loads (or on first start creates) the device identity, and serves
-//! the local HTTP API that the `hearth` command and other programs use.
+//! node's encrypted store, loads (or on first start creates) the device identity, and syncs
+//! the home's entities, rooms and presence with its peers. A node is headless unless asked
+//! for the local HTTP API that the `hearth` command and other programs use.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), hearth::Error> {
-//! let config = hearth::Config {
-//!     data_dir: "/tmp/hearth-example".into(),
-//!     api_addr: "127.0.0.1:0".parse().unwrap(),
-//!     listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
-//!     mdns: false,
-//!     ..hearth::Config::default()
-//! };
-//! let node = hearth::Node::start(config).await?;
-//! println!("PeerId {}, API on {}", node.peer_id(), node.api_addr());
+//! let node = hearth::Node::builder()
+//!     .data_dir("/tmp/hearth-example")
+//!     .listen(["/ip4/127.0.0.1/tcp/0"])
+//!     .mdns(false)
+//!     .start()
+//!     .await?;
+//! println!("PeerId {}", node.peer_id());
 //! node.shutdown().await?;
 //! # Ok(()) }
 //! ```
@@ -22,8 +21,10 @@
 //! The public types mention neither libp2p nor sled, so integrations do not depend on the
 //! transport or the storage engine.
 
+#[cfg(feature = "api")]
 mod api;
 mod audit;
+mod builder;
 pub mod bus;
 mod config;
 mod core;
@@ -46,20 +47,25 @@ mod sharing;
 // pairing, which are not built yet.
 #[allow(dead_code)]
 mod trust;
+#[cfg(feature = "api")]
 mod ws;
 
+pub use builder::NodeBuilder;
+#[cfg(feature = "api")]
+pub use config::{ApiConfig, DEFAULT_API_ADDR};
 pub use config::{
-    Config, DEFAULT_API_ADDR, DEFAULT_AUDIT_MAX_AGE, DEFAULT_AUDIT_MAX_ENTRIES,
-    DEFAULT_BATCH_WINDOW, DEFAULT_CHAT_MAX_AGE, DEFAULT_CHAT_MAX_MESSAGES, DEFAULT_LISTEN,
+    Config, DEFAULT_AUDIT_MAX_AGE, DEFAULT_AUDIT_MAX_ENTRIES, DEFAULT_BATCH_WINDOW,
+    DEFAULT_CHAT_MAX_AGE, DEFAULT_CHAT_MAX_MESSAGES, DEFAULT_LISTEN,
     DEFAULT_MAX_CONNECTIONS_PER_IP, MAX_BATCH_WINDOW, Passphrase, default_data_dir,
 };
 pub use core::{CHANGE_BUFFER, SyncCounters};
-pub use datadir::{API_ADDR_FILE, LOCK_FILE, TOKEN_FILE, read_token};
+pub use datadir::LOCK_FILE;
+#[cfg(feature = "api")]
+pub use datadir::{API_ADDR_FILE, TOKEN_FILE, read_token};
 pub use entities::batching::MAX_BATCH_WRITES;
 pub use entities::{
-    ChangeItem, Changes, ConflictCandidate, ConflictInfo, Entities, Entity, EntityChange,
-    EntityVersion, EntityWrite, MAX_ATTRIBUTES_BYTES, MAX_ENTITY_ID_LEN, MAX_HISTORY,
-    MAX_STATE_LEN,
+    ConflictCandidate, ConflictInfo, Entities, Entity, EntityChange, EntityVersion, EntityWrite,
+    MAX_ATTRIBUTES_BYTES, MAX_ENTITY_ID_LEN, MAX_HISTORY, MAX_STATE_LEN,
 };
 pub use error::Error;
 pub use events::{Event, EventItem, Events};
@@ -84,6 +90,7 @@ pub const PEER_QUEUE_BYTES: usize = hearth_net::SYNC_QUEUE_BYTES;
 /// How long an invite code lives unless told otherwise: 10 minutes.
 pub const DEFAULT_INVITE_TTL_S: u64 = 600;
 pub use node::{Invite, Node};
+#[cfg(feature = "api")]
 pub use ws::WS_CLIENT_BUFFER;
 
 /// The kind of an invite code, `device` or `home`, read without checking its expiry, so a

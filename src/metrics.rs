@@ -173,6 +173,28 @@ impl Metrics {
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Reads what is not counted as it happens from the core and the network, then
+    /// encodes the whole registry as OpenMetrics text. A core or network that does not
+    /// answer leaves its figures as they were at the last scrape.
+    pub(crate) async fn scrape(
+        &self,
+        core: &crate::core::CoreHandle,
+        net: &hearth_net::Handle,
+    ) -> Result<String, crate::Error> {
+        match core
+            .call(|reply| crate::core::NodeRequest::SyncReport { reply })
+            .await
+        {
+            Ok(Ok(report)) => self.observe_core(&report),
+            Ok(Err(e)) | Err(e) => tracing::warn!(error = %e, "metrics: core did not report"),
+        }
+        if let Ok(peers) = net.connected_peers().await {
+            self.observe_net(&net.metrics(), &peers);
+        }
+        self.encode()
+            .map_err(|_| crate::Error::Internal("metrics could not be encoded".into()))
+    }
+
     /// The whole registry as OpenMetrics text.
     pub(crate) fn encode(&self) -> Result<String, std::fmt::Error> {
         let mut text = String::new();
@@ -317,6 +339,7 @@ impl Metrics {
     }
 
     /// Counts one API request. The caller maps method and route onto fixed sets.
+    #[cfg(feature = "api")]
     pub(crate) fn api_request(&self, method: &'static str, route: &str, status: u16) {
         self.api_requests
             .get_or_create(&RouteLabels {
@@ -345,6 +368,7 @@ mod tests {
         let m = Metrics::new();
         m.frame_in(100);
         m.event("entity.changed");
+        #[cfg(feature = "api")]
         m.api_request("GET", "/api/status", 200);
         m.error_total("oversized", 3);
         m.error_total("oversized", 2);
@@ -363,6 +387,7 @@ mod tests {
             text.contains("hearth_sync_errors_total{kind=\"oversized\"} 3"),
             "{text}"
         );
+        #[cfg(feature = "api")]
         assert!(text.contains("route=\"/api/status\""), "{text}");
     }
 

@@ -1,23 +1,23 @@
-//! Node assembly: data dir, store, identity and the local API, started and stopped as one.
+//! Node assembly: data dir, store, identity, core and network (and the local API when
+//! asked for), started and stopped as one.
 
 use crate::records::{IDENTITY_KEY, NAME_KEY, STATIC_PEERS_KEY};
 use std::fs::File;
+#[cfg(feature = "api")]
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hearth_net::DeviceIdentity;
 use hearth_storage::{KeySource, Keyspace, StoreHandle};
-use time::OffsetDateTime;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::api::{self, ApiState};
 use crate::core::{self, CoreHandle};
 use crate::entities::Entities;
-use crate::{Config, Error, datadir};
+use crate::{Config, Error, NodeBuilder, datadir};
 
 /// One frame recorded by [`Node::debug_capture`].
 #[cfg(feature = "test-hooks")]
@@ -36,8 +36,6 @@ pub struct Captured {
 
 /// How long shutdown spends closing peer connections.
 const PEER_CLOSE_TIMEOUT: Duration = Duration::from_millis(300);
-/// How long shutdown waits for the API to finish in-flight requests.
-const API_DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long shutdown waits for each of the core, network and event bus tasks to stop.
 const TASK_STOP_TIMEOUT: Duration = Duration::from_millis(400);
 /// How long shutdown waits for the store batches in flight to be flushed.
@@ -56,11 +54,16 @@ pub struct Invite {
 }
 
 /// A running node. Dropping it without [`Node::shutdown`] still releases the data dir
-/// lock, but skips the final flush and leaves `api.addr` behind.
+/// lock, but skips the final flush (and leaves `api.addr` behind when it serves the API).
 pub struct Node {
-    state: Arc<ApiState>,
+    peer_id: String,
+    device_name: String,
+    home_id: String,
+    data_dir: PathBuf,
+    store: StoreHandle,
+    net: hearth_net::Handle,
+    metrics: Arc<crate::metrics::Metrics>,
     cancel: CancellationToken,
-    api_task: JoinHandle<()>,
     core_task: Supervised,
     net_task: Supervised,
     /// Set (once) to what ended when the core or the network task ends unasked.
@@ -71,14 +74,23 @@ pub struct Node {
     bus: crate::bus::Bus,
     bus_task: JoinHandle<()>,
     retention_task: JoinHandle<()>,
-    api_addr_file: PathBuf,
+    /// The local API, when the config asked for it.
+    #[cfg(feature = "api")]
+    api: Option<crate::api::Served>,
     // Held for the node's lifetime: the OS lock on it keeps a second node off the dir.
     _lock: File,
 }
 
 impl Node {
-    /// Opens (or on first start creates) the node in `config.data_dir` and starts serving
-    /// the local API.
+    /// A builder for a node: headless unless [`NodeBuilder::api`] asks for the local
+    /// API. Unset options keep [`Config::default`]'s values.
+    pub fn builder() -> NodeBuilder {
+        NodeBuilder::default()
+    }
+
+    /// Opens (or on first start creates) the node in `config.data_dir`, and serves the
+    /// local API when `config.api` asks for it (otherwise the node is headless: no HTTP
+    /// server, and nothing in the data dir besides the store, its key file and the lock).
     ///
     /// Fails at once when another node holds the data dir, when the store key is wrong, or
     /// when the API address is taken. Not cancel-safe: dropping the future part-way can
@@ -91,12 +103,16 @@ impl Node {
                 crate::MAX_BATCH_WINDOW
             )));
         }
-        let allowed_origins = config
-            .allowed_origins
-            .iter()
-            .map(|o| api::guard::normalise_origin(o))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(Error::Invalid)?;
+        #[cfg(feature = "api")]
+        let allowed_origins = match &config.api {
+            Some(api) => api
+                .allowed_origins
+                .iter()
+                .map(|o| crate::api::guard::normalise_origin(o))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(Error::Invalid)?,
+            None => Vec::new(),
+        };
         let dir = config.data_dir.clone();
         datadir::ensure_dir(&dir)?;
         let lock = datadir::lock(&dir)?;
@@ -114,7 +130,6 @@ impl Node {
 
         let identity = load_or_create_identity(&store).await?;
         let device_name = resolve_device_name(&store, config.device_name.as_deref()).await?;
-        let token = datadir::load_or_create_token(&dir)?;
         let cancel = CancellationToken::new();
         let mut config = config;
         if let Some(bytes) = store.get(Keyspace::Meta, STATIC_PEERS_KEY.to_vec()).await? {
@@ -191,57 +206,43 @@ impl Node {
             .instrument(tracing::error_span!("retention")),
         );
 
-        let listener = tokio::net::TcpListener::bind(config.api_addr)
-            .await
-            .map_err(|source| Error::ApiBind {
-                addr: config.api_addr,
-                source,
-            })?;
-        let api_addr = listener.local_addr().map_err(|source| Error::ApiBind {
-            addr: config.api_addr,
-            source,
-        })?;
-
-        let state = Arc::new(ApiState {
-            token,
-            peer_id: identity.peer_id(),
-            device_name,
-            data_dir: dir.clone(),
-            api_addr,
-            started: Instant::now(),
-            started_at: OffsetDateTime::now_utc(),
-            store,
-            core: core.clone(),
-            net,
-            home_id: facts.home_id,
-            home_name: facts.home_name,
-            metrics,
-            bus: bus.clone(),
-            shutdown: cancel.clone(),
-            metrics_open: config.metrics_open,
-            guard: api::guard::Guard::new(api_addr, &allowed_origins),
-        });
-        let app = api::router(state.clone());
-        let stop = cancel.clone();
-        let api_task = tokio::spawn(
-            async move {
-                let served = axum::serve(listener, app)
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await;
-                if let Err(error) = served {
-                    tracing::error!(%error, "local API stopped");
-                }
-            }
-            .instrument(tracing::error_span!("api", addr = %api_addr)),
-        );
-        // Published last, so a client that finds the address finds a node ready to answer.
-        let api_addr_file = datadir::write_api_addr(&dir, api_addr)?;
-        tracing::info!(peer_id = %state.peer_id, data_dir = %dir.display(), api = %api_addr, "node started");
+        #[cfg(feature = "api")]
+        let api = match &config.api {
+            Some(api) => Some(
+                crate::api::serve(
+                    api,
+                    &allowed_origins,
+                    crate::api::NodeView {
+                        peer_id: identity.peer_id(),
+                        device_name: device_name.clone(),
+                        data_dir: dir.clone(),
+                        store: store.clone(),
+                        core: core.clone(),
+                        net: net.clone(),
+                        home_id: facts.home_id.clone(),
+                        home_name: facts.home_name.clone(),
+                        metrics: metrics.clone(),
+                        bus: bus.clone(),
+                    },
+                    cancel.clone(),
+                )
+                .await?,
+            ),
+            None => None,
+        };
+        #[cfg(not(feature = "api"))]
+        drop(facts.home_name);
+        tracing::info!(peer_id = %identity.peer_id(), data_dir = %dir.display(), "node started");
 
         Ok(Self {
-            state,
+            peer_id: identity.peer_id(),
+            device_name,
+            home_id: facts.home_id,
+            data_dir: dir,
+            store,
+            net,
+            metrics,
             cancel,
-            api_task,
             core_task,
             net_task,
             failure,
@@ -251,7 +252,8 @@ impl Node {
             bus,
             bus_task,
             retention_task,
-            api_addr_file,
+            #[cfg(feature = "api")]
+            api,
             _lock: lock,
         })
     }
@@ -305,7 +307,6 @@ impl Node {
     /// Cancel-safe.
     pub async fn listen_addrs(&self) -> Result<Vec<String>, Error> {
         let addrs = self
-            .state
             .net
             .listen_addrs()
             .await
@@ -319,7 +320,6 @@ impl Node {
     /// Cancel-safe.
     pub async fn admitted_peers(&self) -> Result<Vec<String>, Error> {
         let peers = self
-            .state
             .net
             .connected_peers()
             .await
@@ -339,7 +339,6 @@ impl Node {
     /// Cancel-safe.
     pub async fn outbound_queue(&self, peer: &str) -> Result<Option<(usize, usize)>, Error> {
         let peers = self
-            .state
             .net
             .connected_peers()
             .await
@@ -377,9 +376,9 @@ impl Node {
             .map_err(|_| Error::Invalid(format!("not a PeerId: {peer}")))?;
         let bytes = hearth_net::Bytes::from(bytes);
         let sent = if ephemeral {
-            self.state.net.send_ephemeral(peer, bytes).await
+            self.net.send_ephemeral(peer, bytes).await
         } else {
-            self.state.net.send(peer, bytes).await
+            self.net.send(peer, bytes).await
         };
         match sent.map_err(|e| Error::Network(e.to_string()))? {
             hearth_net::SendOutcome::Queued => Ok(()),
@@ -399,25 +398,27 @@ impl Node {
 
     /// This device's PeerId, in base58.
     pub fn peer_id(&self) -> &str {
-        &self.state.peer_id
+        &self.peer_id
     }
 
     /// This device's name.
     pub fn device_name(&self) -> &str {
-        &self.state.device_name
+        &self.device_name
     }
 
-    /// The address the local API actually bound.
-    pub fn api_addr(&self) -> SocketAddr {
-        self.state.api_addr
+    /// The address the local API actually bound; `None` for a headless node.
+    #[cfg(feature = "api")]
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        self.api.as_ref().map(|api| api.addr)
     }
 
     /// This device's home, by HomeId.
     pub fn home_id(&self) -> &str {
-        &self.state.home_id
+        &self.home_id
     }
 
-    /// The node's entities: read, write, subscribe.
+    /// The node's entities: read and write. Their changes come with the other events of
+    /// [`Node::events`].
     pub fn entities(&self) -> Entities {
         Entities {
             core: self.core.clone(),
@@ -567,13 +568,23 @@ impl Node {
         }
     }
 
-    /// Subscribes to every event from now on: entity changes and deletions, rooms, chat
-    /// and presence. A subscriber that falls more than [`CHANGE_BUFFER`](crate::CHANGE_BUFFER)
-    /// events behind skips ahead and is told how many it missed.
-    pub fn subscribe(&self) -> crate::Events {
+    /// Every event of the node from now on, as one stream: entity changes and deletions,
+    /// rooms, chat, presence, shares, conflicts, and devices of the home coming and going.
+    /// A subscriber that falls more than [`CHANGE_BUFFER`](crate::CHANGE_BUFFER) events
+    /// behind skips ahead and is told how many it missed. The bus ([`Node::bus`]) and the
+    /// API's WebSocket are fed from the same stream.
+    pub fn events(&self) -> crate::Events {
         crate::Events {
             rx: self.core.node_events.subscribe(),
         }
+    }
+
+    /// The node's metrics as OpenMetrics text, what the API serves on `/metrics`: for an
+    /// integration that serves or records them itself.
+    ///
+    /// Cancel-safe.
+    pub async fn metrics(&self) -> Result<String, Error> {
+        self.metrics.scrape(&self.core, &self.net).await
     }
 
     /// The node's event bus: `entity.changed`, `peer.connected` and the other events of
@@ -584,15 +595,16 @@ impl Node {
 
     /// The data dir the node runs on.
     pub fn data_dir(&self) -> &Path {
-        &self.state.data_dir
+        &self.data_dir
     }
 
-    /// Stops the API, removes `api.addr`, flushes and closes the store, and releases the
-    /// data dir. Not cancel-safe: finish it, or the final flush may not happen.
+    /// Stops the API (if it serves one) and removes `api.addr`, flushes and closes the
+    /// store, and releases the data dir. Not cancel-safe: finish it, or the final flush may
+    /// not happen.
     pub async fn shutdown(self) -> Result<(), Error> {
         // Close peer connections first, so peers see this device leave now and accept its
         // next connection at once, instead of holding a stale session until it times out.
-        let net = self.state.net.clone();
+        let net = self.net.clone();
         let _ = tokio::time::timeout(PEER_CLOSE_TIMEOUT, async move {
             if let Ok(peers) = net.connected_peers().await {
                 for p in peers {
@@ -602,16 +614,10 @@ impl Node {
         })
         .await;
         self.cancel.cancel();
-        let mut api_task = self.api_task;
-        // Connections that stay open (a watching client) must not hold the exit hostage.
-        if tokio::time::timeout(API_DRAIN_TIMEOUT, &mut api_task)
-            .await
-            .is_err()
-        {
-            tracing::warn!("local API did not drain in time; closing remaining connections");
-            api_task.abort();
+        #[cfg(feature = "api")]
+        if let Some(api) = self.api {
+            api.stop().await?;
         }
-        datadir::remove_api_addr(&self.api_addr_file)?;
         // The core stops at the cancellation, after starting its last batches.
         let core_ended = stop_task("core", self.core_task).await?;
         let net_ended = stop_task("network", self.net_task).await?;
@@ -633,7 +639,7 @@ impl Node {
             }
         }
         // The store is closed even after a task failed, so what was flushed stays whole.
-        match tokio::time::timeout(STORE_CLOSE_TIMEOUT, self.state.store.close()).await {
+        match tokio::time::timeout(STORE_CLOSE_TIMEOUT, self.store.close()).await {
             Ok(closed) => closed?,
             Err(_) => tracing::warn!("the store did not close in time; leaving it to the exit"),
         }

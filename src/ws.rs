@@ -5,8 +5,9 @@
 //! handles the client's messages. The stream's queue is the client's buffer: a client
 //! that does not read falls behind, the bus closes its stream when the queue is full, and
 //! the writer closes the socket with 1008. Nothing else queues for a client, so memory
-//! per session stays bounded however slow it is. When the node itself loses events (its
-//! bridge from the core fell behind), every session gets a `missed` frame where the gap is.
+//! per session stays bounded however slow it is. The bus is fed from the node's one event
+//! stream ([`crate::Node::events`]); when its bridge falls behind that stream and loses
+//! events, every session gets a `missed` frame where the gap is.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};

@@ -369,18 +369,7 @@ pub(crate) async fn list_presence(
 /// `GET /metrics`: refreshes the metrics read from the core and the network, then
 /// encodes the registry.
 pub(crate) async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
-    match state
-        .core
-        .call(|reply| crate::core::NodeRequest::SyncReport { reply })
-        .await
-    {
-        Ok(Ok(report)) => state.metrics.observe_core(&report),
-        Ok(Err(e)) | Err(e) => tracing::warn!(error = %e, "metrics: core did not report"),
-    }
-    if let Ok(peers) = state.net.connected_peers().await {
-        state.metrics.observe_net(&state.net.metrics(), &peers);
-    }
-    match state.metrics.encode() {
+    match state.metrics.scrape(&state.core, &state.net).await {
         Ok(text) => (
             [(
                 header::CONTENT_TYPE,

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use hearth::{ChangeItem, Config, EntityWrite, Node};
+use hearth::{Config, EntityWrite, Event, EventItem, Node};
 use serde::Serialize;
 
 /// How long any one wait of the bench may take before the run fails.
@@ -48,7 +48,6 @@ impl Drop for Scratch {
 pub(crate) fn config(dir: &Path, name: &str, window: Duration) -> Config {
     Config {
         data_dir: dir.to_path_buf(),
-        api_addr: "127.0.0.1:0".parse().expect("literal address"),
         device_name: Some(name.into()),
         listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
         mdns: false,
@@ -174,16 +173,14 @@ pub(crate) fn write(state: String) -> EntityWrite {
 }
 
 /// Waits on `changes` for entity `id` to reach `state`.
-pub(crate) async fn wait_change(
-    changes: &mut hearth::Changes,
-    id: &str,
-    state: &str,
-) -> Result<()> {
+pub(crate) async fn wait_change(changes: &mut hearth::Events, id: &str, state: &str) -> Result<()> {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         match tokio::time::timeout_at(deadline, changes.next()).await {
             Err(_) => bail!("{id} never reached {state}"),
-            Ok(Some(ChangeItem::Change(c))) if c.entity.id == id && c.entity.state == state => {
+            Ok(Some(EventItem::Event(Event::Entity(c))))
+                if c.entity.id == id && c.entity.state == state =>
+            {
                 return Ok(());
             }
             Ok(Some(_)) => {}

@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail, ensure};
-use hearth::{ChangeItem, EntityWrite};
+use hearth::{EntityWrite, Event, EventItem};
 
 use super::Sizes;
 use super::cluster::{self, Device, Scratch, converge, wait_change, write};
@@ -54,7 +54,7 @@ async fn stop_all(scratch: &Scratch, devices: Vec<Device>) -> Result<()> {
 
 /// Creates `id` on A and waits until B has it.
 async fn create_seen(a: &Device, b: &Device, id: &str) -> Result<()> {
-    let mut changes = b.node.entities().subscribe();
+    let mut changes = b.node.events();
     a.node.entities().set(id, write("init".into())).await?;
     wait_change(&mut changes, id, "init").await
 }
@@ -69,7 +69,7 @@ async fn sequential(
     tag: &str,
     n: usize,
 ) -> Result<Vec<Duration>> {
-    let mut changes = b.node.entities().subscribe();
+    let mut changes = b.node.events();
     let mut samples = Vec::with_capacity(n);
     let mut acks = Vec::new();
     for i in 0..n {
@@ -237,11 +237,11 @@ pub(crate) async fn fanout(scratch: &mut Scratch, sizes: &Sizes) -> Result<Vec<S
         let tag = format!("f{r}-");
         let mut forwarders = Vec::new();
         for reader in &readers {
-            let mut changes = reader.node.entities().subscribe();
+            let mut changes = reader.node.events();
             let (tx, tag) = (tx.clone(), tag.clone());
             forwarders.push(tokio::spawn(async move {
                 while let Some(item) = changes.next().await {
-                    if let ChangeItem::Change(c) = item
+                    if let EventItem::Event(Event::Entity(c)) = item
                         && c.entity.id == "light.fanout"
                         && let Some(i) = c.entity.state.strip_prefix(&tag)
                         && let Ok(i) = i.parse::<usize>()
@@ -419,7 +419,7 @@ pub(crate) async fn wire(scratch: &mut Scratch, sizes: &Sizes) -> Result<Vec<Sce
     // Let the creation's confirmation round pass, so only the update is counted.
     settle().await;
     let before = a.node.sync_counters().await?;
-    let mut changes = b.node.entities().subscribe();
+    let mut changes = b.node.events();
     a.node
         .entities()
         .set("light.wire", write("on".into()))

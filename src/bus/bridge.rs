@@ -1,15 +1,14 @@
-//! Turns what the node's core reports (entity changes and deletions, rooms, chat,
-//! presence, peers coming and going) into bus events. Runs as its own task, so handlers on
-//! the bus never hold up the core.
+//! Turns the node's event stream ([`crate::Node::events`]: entity changes and deletions,
+//! rooms, chat, presence, peers coming and going) into bus events. Runs as its own task,
+//! so handlers on the bus never hold up the core.
 
 use serde::Serialize;
 use serde_json::{Value, json};
-use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
 use super::{Bus, Event, Source};
-use crate::core::{CoreHandle, Notice};
-use crate::events::Event as CoreEvent;
+use crate::core::CoreHandle;
+use crate::events::{Event as CoreEvent, EventItem, Events};
 
 /// Who this node is, for the `source` of the events it publishes.
 pub(crate) struct Identity {
@@ -25,30 +24,24 @@ pub(crate) fn spawn(
     me: Identity,
     cancel: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
-    let mut events = core.node_events.subscribe();
-    let mut notices = core.notices.subscribe();
+    let mut events = Events {
+        rx: core.node_events.subscribe(),
+    };
     let bridge = Bridge { bus, me };
     tokio::spawn(tracing::Instrument::instrument(
         async move {
             loop {
-                tokio::select! {
+                let item = tokio::select! {
                     _ = cancel.cancelled() => break,
-                    event = events.recv() => match event {
-                        Ok(event) => bridge.core_event(event),
-                        Err(RecvError::Lagged(n)) => {
-                            tracing::warn!(missed = n, "event bus fell behind the core; events lost");
-                            bridge.missed(n);
-                        }
-                        Err(RecvError::Closed) => break,
-                    },
-                    notice = notices.recv() => match notice {
-                        Ok(notice) => bridge.notice(notice),
-                        Err(RecvError::Lagged(n)) => {
-                            tracing::warn!(missed = n, "event bus fell behind the core; peer events lost");
-                            bridge.missed(n);
-                        }
-                        Err(RecvError::Closed) => break,
-                    },
+                    item = events.next() => item,
+                };
+                match item {
+                    Some(EventItem::Event(event)) => bridge.core_event(event),
+                    Some(EventItem::Missed(n)) => {
+                        tracing::warn!(missed = n, "event bus fell behind the core; events lost");
+                        bridge.missed(n);
+                    }
+                    None => break,
                 }
             }
         },
@@ -138,6 +131,10 @@ impl Bridge {
                 self.sender(from_peer.as_deref()),
                 None,
             ),
+            CoreEvent::PeerConnected { peer, device_name }
+            | CoreEvent::PeerDisconnected { peer, device_name } => {
+                return self.peer(name, peer, device_name);
+            }
         };
         let mut out = Event::new(name, subject, data, self.source(device))
             .with_correlation_id(correlation_id)
@@ -155,15 +152,11 @@ impl Bridge {
         self.publish(out);
     }
 
-    fn notice(&self, notice: Notice) {
-        let (name, peer, device_name) = match notice {
-            Notice::PeerConnected { peer, device_name } => ("peer.connected", peer, device_name),
-            Notice::PeerDisconnected { peer, device_name } => {
-                ("peer.disconnected", peer, device_name)
-            }
-        };
+    /// A device coming or going: this node's own observation, so without the origin
+    /// metadata of changes.
+    fn peer(&self, name: &'static str, peer: &str, device_name: &Option<String>) {
         let data = json!({ "peer_id": peer, "device_name": device_name });
-        let event = Event::new(name, peer.clone(), data, self.source(peer));
+        let event = Event::new(name, peer, data, self.source(peer.to_string()));
         self.publish(event);
     }
 

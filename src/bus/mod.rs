@@ -63,9 +63,9 @@ pub const MAX_STATS_NAMES: usize = 512;
 pub const OTHER_NAMES: &str = "(other)";
 /// Longest correlation id an event carries; the same cap applies on the wire.
 pub const MAX_CORRELATION_ID_LEN: usize = hearth_crdt::wire::MAX_CORRELATION_ID_LEN;
-/// The event the node publishes when its bridge from the core fell behind and lost events:
-/// `data.count` says how many (of every name, so some may not have matched a given
-/// subscription). It comes in order, where the gap is; WebSocket sessions receive it as a
+/// The event the node publishes when its bridge from the node's event stream fell behind
+/// and lost events: `data.count` says how many (of every name, so some may not have
+/// matched a given subscription). It comes in order, where the gap is; WebSocket sessions receive it as a
 /// `missed` frame whatever they subscribed to.
 pub const MISSED_EVENT: &str = "events.missed";
 /// Queue length of the stream behind [`Bus::wait_for`]; only the first event matters.

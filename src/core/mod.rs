@@ -36,7 +36,6 @@ use crate::sharing::service as sharing;
 
 use hearth_crdt::wire::Frame;
 
-use crate::entities::EntityChange;
 use crate::home::HomeRecord;
 use crate::records::HOME_KEY;
 use crate::trust::keys::{DeviceSecret, DocKey};
@@ -44,37 +43,16 @@ use keyring::Keyring;
 
 /// Requests queued for the core before callers wait.
 const CORE_QUEUE: usize = 256;
-/// Entity changes buffered per subscriber before it starts missing some.
+/// Events buffered per subscriber before it starts missing some.
 pub const CHANGE_BUFFER: usize = 1024;
 /// Entries read per page while loading documents at start.
 const LOAD_PAGE: usize = 4096;
-/// Notices buffered for the event bus bridge before it starts missing some.
-pub(crate) const NOTICE_BUFFER: usize = 256;
 /// How long a caller waits for the core to answer one request. Writes answer within the
 /// store's own request limit; this is the backstop for a core that is stuck or swamped.
 pub(crate) const CORE_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Read jobs (history listings, entity lists) computing at once, off the core. More
 /// wait their turn, each holding only its snapshot.
 const READ_JOBS: usize = 2;
-
-/// Happenings other than entity changes that the event bus reports.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum Notice {
-    /// A device of this home was admitted.
-    PeerConnected {
-        /// Its PeerId.
-        peer: String,
-        /// Its device name, from the home document.
-        device_name: Option<String>,
-    },
-    /// An admitted device's connection ended.
-    PeerDisconnected {
-        /// Its PeerId.
-        peer: String,
-        /// Its device name, from the home document.
-        device_name: Option<String>,
-    },
-}
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, Error>>;
 
@@ -147,6 +125,7 @@ impl Request {
 /// Requests about the node itself: readiness, counters, the store's repair.
 pub(crate) enum NodeRequest {
     /// Readiness: answered at once by a core that is running and reading its queue.
+    #[cfg_attr(not(feature = "api"), expect(dead_code, reason = "only the API asks"))]
     Ping {
         reply: Reply<()>,
     },
@@ -162,6 +141,7 @@ pub(crate) enum NodeRequest {
         reply: Reply<StoreHandle>,
     },
     /// Documents quarantined at start; with `drop`, their damaged records are deleted.
+    #[cfg_attr(not(feature = "api"), expect(dead_code, reason = "only the API asks"))]
     Repair {
         drop: bool,
         reply: Reply<quarantine::RepairReport>,
@@ -198,13 +178,11 @@ pub(crate) struct PeerLag {
 #[derive(Clone)]
 pub(crate) struct CoreHandle {
     tx: mpsc::Sender<Request>,
-    pub(crate) events: broadcast::Sender<EntityChange>,
-    pub(crate) notices: broadcast::Sender<Notice>,
     /// Test hook: while true, the core reads no network events (see
     /// `Node::debug_stall_network_reads`).
     #[cfg(feature = "test-hooks")]
     pub(crate) stall_net: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
-    /// Every event (entities, rooms, presence), for [`crate::Node::subscribe`].
+    /// Every event (entities, rooms, presence, peers), for [`crate::Node::events`].
     pub(crate) node_events: broadcast::Sender<crate::events::Event>,
     /// Slots for store batches in flight; shutdown takes them all before closing the store.
     pub(crate) persists: std::sync::Arc<tokio::sync::Semaphore>,
@@ -252,7 +230,6 @@ pub(crate) struct Core {
     /// Next incremental chunk number per document, and the first one not yet covered by
     /// a snapshot (deleted when the next snapshot lands).
     pub(crate) chunk_seq: HashMap<DocId, (u64, u64)>,
-    pub(crate) events: broadcast::Sender<EntityChange>,
     /// Document keys this device holds.
     pub(crate) keyring: Keyring,
     /// This device's X25519 secret, for keys other devices wrap for it.
@@ -266,9 +243,7 @@ pub(crate) struct Core {
     pub(crate) digest: hearth_crdt::digest::DigestTree,
     /// Counters shown by `sync_counters` and the metrics.
     pub(crate) counters: SyncCounters,
-    /// Peer arrivals and departures, for the event bus.
-    pub(crate) notices: broadcast::Sender<Notice>,
-    /// Every event, for library subscribers and the event bus.
+    /// Every event, for library subscribers and the event bus; nobody listening is normal.
     pub(crate) node_events: broadcast::Sender<crate::events::Event>,
     /// This device's name: the default user of rooms and presence.
     pub(crate) device_name: String,
@@ -393,14 +368,12 @@ pub(crate) async fn start(
         home,
         peer_id,
         chunk_seq: HashMap::new(),
-        events: broadcast::channel(CHANGE_BUFFER).0,
         keyring: Keyring::default(),
         device: DeviceSecret::generate(),
         outbox: Vec::new(),
         pairing: pairing::Pairing::default(),
         digest: hearth_crdt::digest::DigestTree::new(),
         counters: SyncCounters::default(),
-        notices: broadcast::channel(NOTICE_BUFFER).0,
         node_events: broadcast::channel(CHANGE_BUFFER).0,
         device_name: clean_device_name(device_name),
         metrics,
@@ -462,8 +435,6 @@ pub(crate) async fn start(
     let (stall_tx, stall_rx) = tokio::sync::watch::channel(false);
     let handle = CoreHandle {
         tx,
-        events: core.events.clone(),
-        notices: core.notices.clone(),
         #[cfg(feature = "test-hooks")]
         stall_net: std::sync::Arc::new(stall_tx),
         node_events: core.node_events.clone(),

@@ -301,19 +301,19 @@ impl Core {
         let _ = self.node_events.send(event);
     }
 
-    /// Tells the event bus that an admitted device came or went.
+    /// Announces that an admitted device came or went.
     pub(crate) fn notice_peer(&self, peer: String, connected: bool) {
         let device_name = self
             .engine
             .home_devices(self.home.home_doc)
             .ok()
             .and_then(|devices| devices.get(&peer).map(|d| d.name.clone()));
-        let notice = if connected {
-            Notice::PeerConnected { peer, device_name }
+        let event = if connected {
+            crate::events::Event::PeerConnected { peer, device_name }
         } else {
-            Notice::PeerDisconnected { peer, device_name }
+            crate::events::Event::PeerDisconnected { peer, device_name }
         };
-        // Nobody listening is normal (a library user without the bus bridge).
-        let _ = self.notices.send(notice);
+        // Left out of `hearth_events_total`: the connected-peers gauge covers arrivals.
+        let _ = self.node_events.send(event);
     }
 }

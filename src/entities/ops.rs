@@ -238,7 +238,6 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let config = Config {
             data_dir: dir.path().to_path_buf(),
-            api_addr: "127.0.0.1:0".parse().unwrap(),
             listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
             mdns: false,
             ..Config::default()
@@ -311,7 +310,6 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let config = Config {
             data_dir: dir.path().to_path_buf(),
-            api_addr: "127.0.0.1:0".parse().unwrap(),
             listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
             mdns: false,
             ..Config::default()
@@ -399,7 +397,6 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let config = Config {
             data_dir: dir.path().to_path_buf(),
-            api_addr: "127.0.0.1:0".parse().unwrap(),
             listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
             mdns: false,
             ..Config::default()

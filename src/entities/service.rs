@@ -406,8 +406,6 @@ impl Core {
             correlation_id,
             deleted,
         };
-        // No subscribers is normal; a send error only means nobody listens.
-        let _ = self.events.send(change.clone());
         self.emit_event(crate::events::Event::Entity(Box::new(change)));
     }
 }

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use hearth::{Config, Node};
+use hearth::{ApiConfig, Config, Node};
 use serde_json::{Value, json};
 
 use crate::util::{WAIT, http_get, http_send};
@@ -20,7 +20,7 @@ pub(crate) struct TestNode {
 pub(crate) fn config(dir: &Path, name: &str) -> Config {
     Config {
         data_dir: dir.to_path_buf(),
-        api_addr: "127.0.0.1:0".parse().unwrap(),
+        api: Some(ApiConfig::on("127.0.0.1:0".parse().unwrap())),
         device_name: Some(name.into()),
         listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
         mdns: false,
@@ -53,7 +53,7 @@ impl TestNode {
             .unwrap()
             .trim()
             .to_string();
-        let api = node.api_addr().to_string();
+        let api = node.api_addr().unwrap().to_string();
         Self {
             rt,
             node: Some(node),
@@ -133,7 +133,7 @@ fn peers_lists_known_but_unconnected_peers() {
         .unwrap()
         .unwrap();
     let token = std::fs::read_to_string(dir.path().join(hearth::TOKEN_FILE)).unwrap();
-    let api = node.api_addr().to_string();
+    let api = node.api_addr().unwrap().to_string();
     let n = TestNode {
         rt,
         node: Some(node),

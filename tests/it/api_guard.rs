@@ -7,7 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use futures::StreamExt;
-use hearth::Config;
+use hearth::{ApiConfig, Config};
 use serde_json::Value;
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest};
@@ -88,7 +88,10 @@ fn metrics_need_the_token_unless_opened() {
     let open = TestNode::start_config(
         runtime(),
         Config {
-            metrics_open: true,
+            api: Some(ApiConfig {
+                metrics_open: true,
+                ..ApiConfig::on("127.0.0.1:0".parse().unwrap())
+            }),
             ..config(open_dir.path(), "hall")
         },
     );
@@ -181,7 +184,10 @@ fn websockets_from_foreign_origins_are_refused() {
     let n = TestNode::start_config(
         rt,
         Config {
-            allowed_origins: vec!["https://Dash.example/".into()],
+            api: Some(ApiConfig {
+                allowed_origins: vec!["https://Dash.example/".into()],
+                ..ApiConfig::on("127.0.0.1:0".parse().unwrap())
+            }),
             ..config(dir.path(), "den")
         },
     );

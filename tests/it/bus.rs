@@ -1,10 +1,11 @@
 //! The node's event bus through the library: changes written while a device was away
-//! reach it by sync with their correlation id, and peers coming and going are events.
+//! reach it by sync with their correlation id, and peers coming and going are events, on
+//! the bus and on the typed stream it is fed from.
 
 use std::time::Duration;
 
-use hearth::EntityWrite;
 use hearth::bus::Pattern;
+use hearth::{EntityWrite, Event, EventItem};
 use tokio::time::timeout;
 
 use crate::ws::{config, join_and_start, start, wait_admitted};
@@ -23,6 +24,7 @@ fn write(state: &str, correlation_id: Option<&str>) -> EntityWrite {
 async fn a_correlation_id_reaches_a_device_that_catches_up_by_sync() {
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
     let a = start(dirs[0].path(), "a").await;
+    let mut a_events = a.events();
     timeout(T, a.entities().set("light.porch", write("on", None)))
         .await
         .unwrap()
@@ -42,6 +44,19 @@ async fn a_correlation_id_reaches_a_device_that_catches_up_by_sync() {
         assert!(tokio::time::Instant::now() < deadline, "{seen:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // The bus is fed from the node's typed stream, which carried the arrival first.
+    let arrived = loop {
+        match timeout(T, a_events.next()).await.unwrap() {
+            Some(EventItem::Event(Event::PeerConnected { peer, device_name }))
+                if peer == b_peer =>
+            {
+                break device_name;
+            }
+            Some(_) => {}
+            None => panic!("A stopped"),
+        }
+    };
+    assert_eq!(arrived.as_deref(), Some("b"));
     let entity = b.bus().wait_for("entity.changed", T).unwrap();
     // B may already hold the entity from the join's first sync; a fresh write is certain.
     timeout(T, a.entities().set("light.porch", write("warm", None)))

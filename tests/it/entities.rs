@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use hearth::{ChangeItem, Config, EntityWrite, Node};
+use hearth::{Config, EntityWrite, Event, EventItem, Node};
 use serde_json::json;
 use tokio::time::timeout;
 
@@ -13,7 +13,6 @@ const T: Duration = Duration::from_secs(30);
 fn config(dir: &std::path::Path) -> Config {
     Config {
         data_dir: dir.to_path_buf(),
-        api_addr: "127.0.0.1:0".parse().unwrap(),
         listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
         mdns: false,
         ..Config::default()
@@ -28,6 +27,63 @@ fn write(state: &str, attrs: serde_json::Value) -> EntityWrite {
     }
 }
 
+/// A node from the builder serves no API and leaves nothing in its data dir besides the
+/// store, its key and the lock; one asked for the API writes its token and address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_built_node_is_headless_unless_asked_for_the_api() {
+    let files = |dir: &std::path::Path| {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let builder = Node::builder()
+        .data_dir(dir.path())
+        .listen(["/ip4/127.0.0.1/tcp/0"])
+        .mdns(false);
+    let node = timeout(T, builder.clone().start()).await.unwrap().unwrap();
+    assert_eq!(node.api_addr(), None);
+    timeout(
+        T,
+        node.entities().set("light.porch", write("on", json!({}))),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(files(dir.path()), ["node.lock", "store", "store.key"]);
+    // Without an API the metrics are still there for the embedding program.
+    let metrics = timeout(T, node.metrics()).await.unwrap().unwrap();
+    assert!(
+        metrics.contains("hearth_events_total{name=\"entity.changed\"} 1"),
+        "{metrics}"
+    );
+    timeout(T, node.shutdown()).await.unwrap().unwrap();
+    assert_eq!(files(dir.path()), ["node.lock", "store", "store.key"]);
+
+    let node = timeout(T, builder.api("127.0.0.1:0".parse().unwrap()).start())
+        .await
+        .unwrap()
+        .unwrap();
+    let api = node.api_addr().expect("the API was asked for");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join(hearth::API_ADDR_FILE))
+            .unwrap()
+            .trim(),
+        api.to_string()
+    );
+    assert!(dir.path().join(hearth::TOKEN_FILE).exists());
+    // The entity written headless is there: one store, whichever way the node runs.
+    let e = timeout(T, node.entities().get("light.porch"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(e.map(|e| e.state).as_deref(), Some("on"));
+    timeout(T, node.shutdown()).await.unwrap().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entities_are_written_read_announced_and_survive_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -37,7 +93,7 @@ async fn entities_are_written_read_announced_and_survive_restart() {
         .unwrap();
     let home_id = node.home_id().to_string();
     let entities = node.entities();
-    let mut changes = entities.subscribe();
+    let mut changes = node.events();
 
     let first = timeout(
         T,
@@ -70,14 +126,16 @@ async fn entities_are_written_read_announced_and_survive_restart() {
     assert_ne!(second.version, first.version);
 
     // Both writes were announced, in order, the second with its correlation id.
-    let Some(ChangeItem::Change(c1)) = timeout(T, changes.next()).await.unwrap() else {
+    let Some(EventItem::Event(Event::Entity(c1))) = timeout(T, changes.next()).await.unwrap()
+    else {
         panic!("expected a change")
     };
     assert_eq!(
         (c1.entity.state.as_str(), c1.from_peer.as_deref()),
         ("on", None)
     );
-    let Some(ChangeItem::Change(c2)) = timeout(T, changes.next()).await.unwrap() else {
+    let Some(EventItem::Event(Event::Entity(c2))) = timeout(T, changes.next()).await.unwrap()
+    else {
         panic!("expected a change")
     };
     assert_eq!(c2.entity.state, "off");

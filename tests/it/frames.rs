@@ -60,7 +60,7 @@ async fn wait_entity(node: &Node, id: &str, want: &hearth::Entity) {
 
 /// `hearth_sync_errors_total{kind="oversized"}` as `node` serves it on `/metrics`.
 async fn oversized_metric(node: &Node, dir: &std::path::Path) -> u64 {
-    let api = node.api_addr().to_string();
+    let api = node.api_addr().unwrap().to_string();
     let token = hearth::read_token(dir).unwrap().unwrap();
     let (status, text) = timeout(
         T,

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use hearth::{Config, EntityWrite, Node};
+use hearth::{ApiConfig, Config, EntityWrite, Node};
 use tokio::time::timeout;
 
 pub(crate) const T: Duration = Duration::from_secs(30);
@@ -11,7 +11,7 @@ pub(crate) const T: Duration = Duration::from_secs(30);
 pub(crate) fn config(dir: &std::path::Path, name: &str) -> Config {
     Config {
         data_dir: dir.to_path_buf(),
-        api_addr: "127.0.0.1:0".parse().unwrap(),
+        api: Some(ApiConfig::on("127.0.0.1:0".parse().unwrap())),
         device_name: Some(name.into()),
         listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
         mdns: false,
@@ -185,7 +185,7 @@ async fn another_home_connects_but_receives_no_document() {
     let stranger = timeout(T, Node::start(other)).await.unwrap().unwrap();
     // The stranger dials, says hello and is refused, more than once: A's count of closed
     // connections moves (nothing else connects to A here).
-    let api = a.api_addr().to_string();
+    let api = a.api_addr().unwrap().to_string();
     let token = crate::ws::token(&a);
     let closed = move || {
         let (api, token) = (api.clone(), token.clone());

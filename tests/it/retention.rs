@@ -120,7 +120,7 @@ async fn a_room_keeps_its_newest_messages_and_still_announces_each() {
         .await
         .unwrap()
         .unwrap();
-    let mut events = node.subscribe();
+    let mut events = node.events();
     for i in 0..8 {
         timeout(T, node.rooms().say(&room.room_id, None, &format!("m{i}")))
             .await

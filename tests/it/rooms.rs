@@ -49,7 +49,7 @@ pub(crate) fn pair() -> (TestNode, TestNode, tempfile::TempDir) {
 #[test]
 fn rooms_chat_presence_and_deletes_reach_the_other_device() {
     let (a, b, _dir) = pair();
-    let mut events = b.node().subscribe();
+    let mut events = b.node().events();
 
     // A room made on one device appears on the other, by name.
     let room = a.ok(

@@ -60,7 +60,7 @@ async fn paired_homes_share_an_entity_and_write_it_both_ways() {
     a.entities().set("light.porch", write("off")).await.unwrap();
     pair(&a, &b).await;
 
-    let mut events = b.subscribe();
+    let mut events = b.events();
     let out = a
         .shares()
         .share("light.porch", b.home_id(), false, None)

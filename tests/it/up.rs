@@ -238,7 +238,7 @@ fn a_node_reports_its_core_task_dying() {
             .unwrap()
             .unwrap();
         assert!(futures::FutureExt::now_or_never(node.failed()).is_none());
-        let api = node.api_addr().to_string();
+        let api = node.api_addr().unwrap().to_string();
         let ready = tokio::task::spawn_blocking({
             let api = api.clone();
             move || crate::util::http_get(&api, "/health/ready", None)

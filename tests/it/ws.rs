@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use hearth::bus::Filter;
-use hearth::{Config, EntityWrite, Node};
+use hearth::{ApiConfig, Config, EntityWrite, Node};
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
@@ -23,7 +23,7 @@ const T: Duration = Duration::from_secs(30);
 pub(crate) fn config(dir: &std::path::Path, name: &str) -> Config {
     Config {
         data_dir: dir.to_path_buf(),
-        api_addr: "127.0.0.1:0".parse().unwrap(),
+        api: Some(ApiConfig::on("127.0.0.1:0".parse().unwrap())),
         device_name: Some(name.into()),
         listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
         mdns: false,
@@ -86,7 +86,7 @@ pub(crate) struct Client {
 impl Client {
     /// Connects with the bearer header and reads the `connected` frame.
     pub(crate) async fn connect(node: &Node) -> (Self, Value) {
-        let mut request = format!("ws://{}/api/ws", node.api_addr())
+        let mut request = format!("ws://{}/api/ws", node.api_addr().unwrap())
             .into_client_request()
             .unwrap();
         request.headers_mut().insert(
@@ -242,8 +242,8 @@ async fn a_client_that_stops_reading_is_closed_with_1008_while_another_gets_ever
     // The slow client has a small receive buffer, so the kernel absorbs little for it.
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
-    let tcp = socket.connect(node.api_addr()).await.unwrap();
-    let mut request = format!("ws://{}/api/ws", node.api_addr())
+    let tcp = socket.connect(node.api_addr().unwrap()).await.unwrap();
+    let mut request = format!("ws://{}/api/ws", node.api_addr().unwrap())
         .into_client_request()
         .unwrap();
     request.headers_mut().insert(
@@ -352,7 +352,7 @@ async fn a_client_that_stops_reading_is_closed_with_1008_while_another_gets_ever
 async fn the_websocket_refuses_missing_and_wrong_tokens_and_takes_a_query_token() {
     let dir = tempfile::tempdir().unwrap();
     let node = start(dir.path(), "a").await;
-    let url = format!("ws://{}/api/ws", node.api_addr());
+    let url = format!("ws://{}/api/ws", node.api_addr().unwrap());
     let status = |r: Result<_, tungstenite::Error>| match r {
         Err(tungstenite::Error::Http(response)) => response.status().as_u16(),
         Err(other) => panic!("unexpected error {other}"),
