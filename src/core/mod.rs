@@ -29,7 +29,7 @@ mod status;
 
 use crate::entities::batching;
 use crate::pairing::service as pairing;
-use crate::peers::{admission as peers, heartbeat, pacing};
+use crate::peers::{admission as peers, heartbeat};
 use crate::revocation::set as revocations;
 use crate::rooms::service as rooms;
 use crate::sharing::service as sharing;
@@ -356,13 +356,7 @@ pub(crate) async fn start(
             chat_keep,
             presence_seen: Default::default(),
         },
-        peers: crate::peers::PeerState {
-            admitted: HashMap::new(),
-            reconcilers: HashMap::new(),
-            last_heard: HashMap::new(),
-            alive_until: HashMap::new(),
-            pacing: pacing::Pacing::default(),
-        },
+        peers: crate::peers::PeerState::default(),
         store,
         net,
         home,
@@ -550,7 +544,7 @@ impl Core {
                 if !self.still_admitted_as(&peer, &class, "sync") {
                     return;
                 }
-                self.peers.last_heard.insert(peer.to_base58(), now_ms());
+                self.peers.heard_from(&peer.to_base58(), now_ms());
                 self.on_frame(peer, class, bytes).await
             }
             Event::PairRequest {
@@ -571,15 +565,11 @@ impl Core {
             Event::PeerDisconnected { peer, reason } => {
                 let text = peer.to_base58();
                 tracing::info!(peer = %text, ?reason, "peer disconnected");
-                if self.peers.admitted.remove(&text).is_some() {
+                if self.peers.forget(&text) {
                     self.notice_peer(text.clone(), false);
                 }
                 self.sharing.foreign.remove(&text);
                 self.sharing.pending_hellos.remove(&peer);
-                self.peers.pacing.forget_peer(&text);
-                self.peers.reconcilers.remove(&text);
-                self.peers.last_heard.remove(&text);
-                self.peers.alive_until.remove(&text);
                 // Keep each session's state so a reconnect resumes rather than restarts.
                 let mut batch = Batch::new();
                 for (doc, state) in self.engine.detach_peer(&text) {

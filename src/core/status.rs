@@ -13,11 +13,7 @@ impl Core {
             .keys()
             .map(|peer| PeerLag {
                 peer: peer.clone(),
-                last_heard_ms: self
-                    .peers
-                    .last_heard
-                    .get(peer)
-                    .map(|t| now.saturating_sub(*t)),
+                last_heard_ms: self.peers.heard_ago(peer, now),
                 docs_behind: held
                     .iter()
                     .filter(|d| !self.engine.is_in_sync(peer, **d))

@@ -24,7 +24,7 @@ pub(crate) const HEARTBEAT_TTL_MS: u64 = 3 * HEARTBEAT_INTERVAL.as_millis() as u
 const MAX_EPHEMERAL_MESSAGE: usize = 256;
 
 /// The longest TTL a peer may claim; a larger claim is cut to this.
-const MAX_TTL_MS: u64 = 60_000;
+pub(crate) const MAX_TTL_MS: u64 = 60_000;
 
 /// One ephemeral message. Tagged, so later kinds can share the stream.
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -44,18 +44,12 @@ fn encode(message: &Ephemeral) -> Vec<u8> {
 impl Core {
     /// Marks `peer` live until `ttl_ms` from now.
     pub(crate) fn heard_alive(&mut self, peer: &str, ttl_ms: u64) {
-        let until = now_ms().saturating_add(ttl_ms.min(MAX_TTL_MS));
-        self.peers.alive_until.insert(peer.to_string(), until);
+        self.peers.alive_for(peer, ttl_ms, now_ms());
     }
 
     /// Whether `peer` is admitted and was heard within its last TTL.
     pub(crate) fn is_alive(&self, peer: &str) -> bool {
-        self.peers.admitted.contains_key(peer)
-            && self
-                .peers
-                .alive_until
-                .get(peer)
-                .is_some_and(|until| *until > now_ms())
+        self.peers.is_alive(peer, now_ms())
     }
 
     /// Sends a heartbeat to every admitted device of this home. A full ephemeral queue
