@@ -102,9 +102,46 @@ pub(crate) struct Sharing {
     /// Issuers this node is pairing with as the joining home.
     pub(crate) pairing_with: HashSet<PeerId>,
     /// When a refused frame of (peer, document) was last audited.
-    pub(crate) refusals_audited: HashMap<(String, DocId), u64>,
+    pub(crate) refusals_audited: RefusalLog,
     /// Devices being revoked right now: refused at hello before the home document says so.
     pub(crate) revoking: HashSet<String>,
+}
+
+/// When each (peer, document) pair last had a refused frame audited: at most one entry a
+/// minute per pair, and at most [`MAX_REFUSALS_TRACKED`] pairs remembered.
+#[derive(Default)]
+pub(crate) struct RefusalLog {
+    last: HashMap<(String, DocId), u64>,
+}
+
+impl RefusalLog {
+    /// Whether a refusal of `doc` from `peer` at `now` is due an audit entry; if so, it is
+    /// noted. A full log first forgets pairs whose minute has passed, then the oldest.
+    pub(crate) fn due(&mut self, peer: &str, doc: DocId, now: u64) -> bool {
+        let key = (peer.to_string(), doc);
+        let due = self
+            .last
+            .get(&key)
+            .is_none_or(|t| now.saturating_sub(*t) >= REFUSAL_AUDIT_INTERVAL_MS);
+        if !due {
+            return false;
+        }
+        if self.last.len() >= MAX_REFUSALS_TRACKED {
+            self.last
+                .retain(|_, t| now.saturating_sub(*t) < REFUSAL_AUDIT_INTERVAL_MS);
+        }
+        if self.last.len() >= MAX_REFUSALS_TRACKED
+            && let Some(oldest) = self
+                .last
+                .iter()
+                .min_by_key(|(_, t)| **t)
+                .map(|(k, _)| k.clone())
+        {
+            self.last.remove(&oldest);
+        }
+        self.last.insert(key, now);
+        true
+    }
 }
 
 /// A home's public parts, exchanged when two homes pair.
@@ -429,6 +466,32 @@ impl Core {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_is_audited_once_a_minute_per_peer_and_document() {
+        let mut log = RefusalLog::default();
+        let doc = DocId::from_bytes([1; 16]);
+        let other = DocId::from_bytes([2; 16]);
+        assert!(log.due("p", doc, 1_000));
+        assert!(!log.due("p", doc, 1_000 + REFUSAL_AUDIT_INTERVAL_MS - 1));
+        assert!(log.due("p", other, 1_001), "another document");
+        assert!(log.due("q", doc, 1_002), "another peer");
+        assert!(log.due("p", doc, 1_000 + REFUSAL_AUDIT_INTERVAL_MS));
+    }
+
+    #[test]
+    fn the_refusal_log_stays_under_its_cap() {
+        let mut log = RefusalLog::default();
+        for n in 0..(MAX_REFUSALS_TRACKED as u64 * 2) {
+            let doc = DocId::from_bytes([(n % 251) as u8; 16]);
+            assert!(log.due(&format!("peer{n}"), doc, n));
+        }
+        assert!(log.last.len() <= MAX_REFUSALS_TRACKED);
+        // The newest pair is still remembered.
+        let n = MAX_REFUSALS_TRACKED as u64 * 2 - 1;
+        let doc = DocId::from_bytes([(n % 251) as u8; 16]);
+        assert!(!log.due(&format!("peer{n}"), doc, n + 1));
+    }
     use crate::trust::messages::{MAX_SHARE_MESSAGE, ShareMessage};
     use crate::trust::wire::{from_cbor, to_cbor};
 
