@@ -89,7 +89,61 @@ pub(crate) struct RoomSeen {
     last_chat: Option<String>,
 }
 
+/// What changed in a room since it was last announced.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct RoomDiff {
+    /// Not announced before: the whole room is new here.
+    pub(crate) created: bool,
+    pub(crate) joined: Vec<String>,
+    pub(crate) left: Vec<String>,
+    /// Messages after the last one announced, oldest first.
+    pub(crate) messages: Vec<hearth_crdt::ChatMessage>,
+}
+
 impl RoomSeen {
+    /// What `room` holds that `before` did not announce. The room view holds the newest
+    /// few messages, which covers the usual change; a longer burst reads `full_chat` (up to
+    /// a full chat read). A last announced message no longer there was pruned, and so was
+    /// everything before it: everything read is new.
+    pub(crate) fn diff(
+        before: Option<&RoomSeen>,
+        room: &hearth_crdt::Room,
+        full_chat: impl FnOnce() -> Option<Vec<hearth_crdt::ChatMessage>>,
+    ) -> RoomDiff {
+        let Some(before) = before else {
+            return RoomDiff {
+                created: true,
+                ..RoomDiff::default()
+            };
+        };
+        let now = RoomSeen::of(room);
+        let mut diff = RoomDiff {
+            joined: now.members.difference(&before.members).cloned().collect(),
+            left: before.members.difference(&now.members).cloned().collect(),
+            ..RoomDiff::default()
+        };
+        if now.last_chat == before.last_chat {
+            return diff;
+        }
+        let fresh = |messages: &[hearth_crdt::ChatMessage]| {
+            let last = before.last_chat.as_ref()?;
+            messages.iter().rposition(|m| &m.id == last).map(|i| i + 1)
+        };
+        let whole_view = room.chat_len <= room.recent_chat.len();
+        diff.messages = match fresh(&room.recent_chat) {
+            Some(start) => room.recent_chat[start..].to_vec(),
+            None if before.last_chat.is_none() && whole_view => room.recent_chat.clone(),
+            None => match full_chat() {
+                Some(all) => {
+                    let start = fresh(&all).unwrap_or(0);
+                    all[start..].to_vec()
+                }
+                None => Vec::new(),
+            },
+        };
+        diff
+    }
+
     pub(crate) fn of(room: &hearth_crdt::Room) -> Self {
         Self {
             members: room
@@ -615,8 +669,12 @@ impl Core {
             return;
         };
         let room_id = doc.to_string();
-        let now = RoomSeen::of(&room);
-        let Some(before) = self.rooms.seen.insert(doc, RoomSeen::of(&room)) else {
+        let before = self.rooms.seen.insert(doc, RoomSeen::of(&room));
+        let engine = &self.engine;
+        let diff = RoomSeen::diff(before.as_ref(), &room, || {
+            engine.room_chat(doc, MAX_CHAT_READ).ok()
+        });
+        if diff.created {
             if let Ok(view) = self.room_view(doc) {
                 self.emit_event(Event::RoomCreated {
                     room: Box::new(view),
@@ -624,45 +682,22 @@ impl Core {
                 });
             }
             return;
-        };
-        for user in now.members.difference(&before.members) {
+        }
+        for user in diff.joined {
             self.emit_event(Event::MemberJoined {
                 room_id: room_id.clone(),
-                user: user.clone(),
+                user,
                 from_peer: from_peer.clone(),
             });
         }
-        for user in before.members.difference(&now.members) {
+        for user in diff.left {
             self.emit_event(Event::MemberLeft {
                 room_id: room_id.clone(),
-                user: user.clone(),
+                user,
                 from_peer: from_peer.clone(),
             });
         }
-        if now.last_chat == before.last_chat {
-            return;
-        }
-        // The messages after the last one announced. The room view holds the newest few,
-        // which covers the usual change; a longer burst reads up to a full chat read. A
-        // last announced message no longer there was pruned, and so was all before it:
-        // everything read is new.
-        let fresh = |messages: &[hearth_crdt::ChatMessage]| {
-            let last = before.last_chat.as_ref()?;
-            messages.iter().rposition(|m| &m.id == last).map(|i| i + 1)
-        };
-        let whole_view = room.chat_len <= room.recent_chat.len();
-        let messages = match fresh(&room.recent_chat) {
-            Some(start) => room.recent_chat[start..].to_vec(),
-            None if before.last_chat.is_none() && whole_view => room.recent_chat.clone(),
-            None => match self.engine.room_chat(doc, MAX_CHAT_READ) {
-                Ok(all) => {
-                    let start = fresh(&all).unwrap_or(0);
-                    all[start..].to_vec()
-                }
-                Err(_) => return,
-            },
-        };
-        for m in messages {
+        for m in diff.messages {
             self.emit_event(Event::Chat {
                 message: Box::new(chat_view(&room_id, m)),
                 from_peer: from_peer.clone(),
@@ -779,5 +814,104 @@ mod tests {
         // Thirty days kept.
         assert_eq!(prune_chat_list(&mut d, 1_000, now - 30 * day).unwrap(), 2);
         assert_eq!(ids(&d), ["m2", "m3"]);
+    }
+
+    /// Three devices on the seeded harness network: concurrent joins, a leave and chat
+    /// while frames are lost, repeated and reordered. Once the network heals, every
+    /// device announces the same room changes from what it had announced before.
+    #[test]
+    pub(crate) fn every_device_announces_the_same_room_changes_after_loss_and_reordering() {
+        use hearth_crdt::harness::{Faults, Net};
+        use hearth_crdt::schema::room::{MAX_CHAT_READ, NewMessage, NewRoom};
+        use hearth_crdt::{DocId, DocKind, EngineConfig, KeyEpoch};
+
+        use super::{RoomDiff, RoomSeen};
+
+        for seed in [1, 7, 42] {
+            let doc = DocId::from_bytes([5; 16]);
+            let epoch = KeyEpoch::first([0; 16]);
+            let mut net = Net::new(3, seed, EngineConfig::default());
+            let room = NewRoom {
+                name: "kitchen".into(),
+                creator: "ann".into(),
+                device: "peer-0".into(),
+                max_size: 8,
+            };
+            let out = net.nodes[0]
+                .create_room(doc, "home-1", epoch, &room, net.now_ms)
+                .unwrap();
+            net.absorb(0, out);
+            for i in 1..3 {
+                net.nodes[i].expect_document(doc, DocKind::Room, "home-1", epoch);
+            }
+            for a in 0..3 {
+                for b in 0..3 {
+                    if a != b {
+                        let out = net.nodes[a].attach(b, doc, None, net.now_ms).unwrap();
+                        net.absorb(a, out);
+                    }
+                }
+            }
+            net.run_until_quiet(100_000);
+            let before: Vec<RoomSeen> = (0..3)
+                .map(|i| RoomSeen::of(&net.nodes[i].room(doc).unwrap()))
+                .collect();
+
+            net.faults = Faults {
+                drop_pct: 20,
+                dup_pct: 10,
+                reorder: true,
+            };
+            let now = net.now_ms;
+            let out = net.nodes[1]
+                .join_room(doc, "bob", "peer-1", now, None)
+                .unwrap();
+            net.absorb(1, out);
+            let out = net.nodes[2]
+                .join_room(doc, "cara", "peer-2", now, None)
+                .unwrap();
+            net.absorb(2, out);
+            for _ in 0..5 {
+                net.step();
+            }
+            for (node, id, sender, text) in [(0, "m1", "ann", "hello"), (1, "m2", "bob", "hi")] {
+                let message = NewMessage {
+                    id: id.into(),
+                    sender: sender.into(),
+                    text: text.into(),
+                };
+                let now = net.now_ms;
+                let (_, out) = net.nodes[node].say(doc, &message, now, None).unwrap();
+                net.absorb(node, out);
+                net.step();
+            }
+            let now = net.now_ms;
+            let out = net.nodes[2].leave_room(doc, "cara", now, None).unwrap();
+            net.absorb(2, out);
+            net.faults = Faults::RELIABLE;
+            net.run_until_quiet(100_000);
+
+            let diffs: Vec<RoomDiff> = (0..3)
+                .map(|i| {
+                    let engine = &net.nodes[i];
+                    let room = engine.room(doc).unwrap();
+                    RoomSeen::diff(Some(&before[i]), &room, || {
+                        engine.room_chat(doc, MAX_CHAT_READ).ok()
+                    })
+                })
+                .collect();
+            assert_eq!(diffs[0], diffs[1], "seed {seed}");
+            assert_eq!(diffs[0], diffs[2], "seed {seed}");
+            assert!(!diffs[0].created);
+            assert_eq!(diffs[0].joined, vec!["bob".to_string()], "seed {seed}");
+            assert!(diffs[0].left.is_empty(), "cara joined and left: {diffs:?}");
+            let mut ids: Vec<&str> = diffs[0].messages.iter().map(|m| m.id.as_str()).collect();
+            ids.sort_unstable();
+            assert_eq!(ids, ["m1", "m2"], "seed {seed}");
+            // Announced once: from what is seen now, nothing more is new.
+            let seen = RoomSeen::of(&net.nodes[0].room(doc).unwrap());
+            let again = RoomSeen::diff(Some(&seen), &net.nodes[0].room(doc).unwrap(), || None);
+            assert_eq!(again, RoomDiff::default());
+        }
     }
 }
