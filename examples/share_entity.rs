@@ -13,7 +13,7 @@
 
 use std::time::{Duration, Instant};
 
-use hearth::{Config, EntityWrite, Node};
+use hearth::{Config, EntityWrite, Node, Rights};
 
 fn config(dir: &std::path::Path, name: &str) -> Config {
     Config {
@@ -70,12 +70,12 @@ async fn main() -> anyhow::Result<()> {
     owner.entities().set("light.porch", write("off")).await?;
     let grant = owner
         .shares()
-        .share("light.porch", neighbour.home_id(), false, None)
+        .share("light.porch", neighbour.home_id(), Rights::Write, None)
         .await?;
     println!("maple shares light.porch with oak: {} rights", grant.rights);
     owner
         .shares()
-        .share("light.porch", third.home_id(), true, None)
+        .share("light.porch", third.home_id(), Rights::Read, None)
         .await?;
     wait_state(&neighbour, "light.porch", "off").await?;
     neighbour.entities().set("light.porch", write("on")).await?;

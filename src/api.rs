@@ -675,7 +675,7 @@ async fn create_invite(
         .await??;
     Ok(Json(InviteReply {
         code: invite.code,
-        expires_at: crate::core::rfc3339_ms(invite.expires_at_s.saturating_mul(1000)),
+        expires_at: crate::core::rfc3339_ms(invite.expires_at_s.saturating_mul(1000)).to_string(),
     }))
 }
 

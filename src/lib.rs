@@ -43,6 +43,7 @@ mod shares;
 // pairing, which are not built yet.
 #[allow(dead_code)]
 mod trust;
+mod types;
 #[cfg(feature = "api")]
 mod ws;
 
@@ -74,6 +75,7 @@ pub use rooms::{
     ChatMessage, DEFAULT_ROOM_SIZE, MAX_CHAT_LIMIT, MAX_MESSAGE_BYTES, Room, RoomMember, Rooms,
 };
 pub use shares::{AuditEntry, KnownHome, PairedWith, ShareIn, ShareOut, SharedList, Shares};
+pub use types::{DeviceId, EntityId, HomeId, Policy, Rights, Timestamp};
 
 /// Frames that may wait in the outbound sync queue to one peer before it counts as slow
 /// and is dropped.

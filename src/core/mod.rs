@@ -1559,12 +1559,12 @@ impl Core {
         let heads = self.engine.heads(doc).map_err(doc_err)?;
         let updated_by = self.device_of_actor(&e.updated_by);
         Ok(Entity {
-            id: e.id,
+            id: e.id.into(),
             state: e.state,
             attributes: e.attributes,
             updated_at: rfc3339_ms(e.updated_at.wall_ms),
-            updated_by,
-            owner: e.owner,
+            updated_by: updated_by.into(),
+            owner: e.owner.into(),
             version: hex::encode(hearth_crdt::digest::heads_hash(&heads)),
         })
     }
@@ -1576,6 +1576,7 @@ impl Core {
             .home_devices(self.home.home_doc)
             .ok()
             .and_then(|devices| devices.get(&peer).map(|d| d.name.clone()));
+        let peer = peer.into();
         let event = if connected {
             crate::events::Event::PeerConnected { peer, device_name }
         } else {
@@ -1598,7 +1599,7 @@ impl Core {
     ) {
         let change = EntityChange {
             entity,
-            from_peer,
+            from_peer: from_peer.map(Into::into),
             correlation_id,
             deleted,
         };
@@ -1779,14 +1780,8 @@ pub(crate) fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// RFC 3339 with milliseconds, UTC.
-pub(crate) fn rfc3339_ms(ms: u64) -> String {
-    let nanos = i128::from(ms) * 1_000_000;
-    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| "1970-01-01T00:00:00Z".to_string())
+/// The time `ms` (Unix ms) as the public timestamp, which bodies write as RFC 3339 in UTC
+/// with milliseconds.
+pub(crate) fn rfc3339_ms(ms: u64) -> crate::Timestamp {
+    crate::Timestamp::from_unix_ms(ms)
 }
