@@ -39,9 +39,6 @@ mod node;
 mod presence;
 mod rooms;
 mod shares;
-// Revocation records, signed device lists and some record kinds serve revocation and home
-// pairing, which are not built yet.
-#[allow(dead_code)]
 mod trust;
 mod types;
 #[cfg(feature = "api")]
