@@ -124,7 +124,6 @@ pub(crate) async fn serve(
     ));
     // Published last, so a client that finds the address finds a node ready to answer.
     let addr_file = crate::datadir::write_api_addr(&data_dir, addr)?;
-    tracing::info!(api = %addr, "local API serving");
     Ok(Served {
         addr,
         task,

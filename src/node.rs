@@ -237,7 +237,16 @@ impl Node {
         };
         #[cfg(not(feature = "api"))]
         drop(facts.home_name);
-        tracing::info!(peer_id = %identity.peer_id(), data_dir = %dir.display(), "node started");
+        #[cfg(feature = "api")]
+        let api_addr = api.as_ref().map(|api| api.addr);
+        #[cfg(not(feature = "api"))]
+        let api_addr: Option<std::net::SocketAddr> = None;
+        tracing::info!(
+            peer_id = %identity.peer_id(),
+            data_dir = %dir.display(),
+            api = api_addr.map(tracing::field::display),
+            "node started"
+        );
 
         Ok(Self {
             peer_id: identity.peer_id().into(),
