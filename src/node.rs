@@ -87,7 +87,7 @@ pub struct Node {
 }
 
 impl Node {
-    /// A builder for a node: headless unless [`NodeBuilder::api`] asks for the local
+    /// A builder for a node: headless unless `NodeBuilder::api` asks for the local
     /// API. Unset options keep [`Config::default`]'s values.
     pub fn builder() -> NodeBuilder {
         NodeBuilder::default()
