@@ -64,7 +64,7 @@ fn bench_writes(c: &mut Criterion) {
             let writes = (0..100)
                 .map(|k| {
                     i += 1;
-                    (format!("sensor.s{}", k % 10), write(format!("v{i}")))
+                    (format!("sensor.s{}", k % 10).into(), write(format!("v{i}")))
                 })
                 .collect();
             runtime

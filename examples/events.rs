@@ -11,18 +11,17 @@
 use std::time::Duration;
 
 use hearth::bus::{Filter, Pattern, SubscribeOptions};
-use hearth::{Config, EntityWrite, Node};
+use hearth::{EntityWrite, Node};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let data = std::env::temp_dir().join(format!("hearth-events-{}", std::process::id()));
-    let node = Node::start(Config {
-        data_dir: data.clone(),
-        listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
-        mdns: false,
-        ..Config::default()
-    })
-    .await?;
+    let node = Node::builder()
+        .data_dir(&data)
+        .listen(["/ip4/127.0.0.1/tcp/0"])
+        .mdns(false)
+        .start()
+        .await?;
     let bus = node.bus();
 
     bus.pre(|event| Some(event.with_metadata("seen_by", "example".into())));

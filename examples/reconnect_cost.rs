@@ -9,16 +9,15 @@
 
 use std::time::{Duration, Instant};
 
-use hearth::{Config, EntityWrite, Node};
+use hearth::{EntityWrite, Node, NodeBuilder};
 
-fn config(dir: &std::path::Path, name: &str) -> Config {
-    Config {
-        data_dir: dir.to_path_buf(),
-        device_name: Some(name.into()),
-        listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
-        mdns: false,
-        ..Config::default()
-    }
+/// A node of this example: loopback only, mDNS off, headless.
+fn node(dir: &std::path::Path, name: &str) -> NodeBuilder {
+    Node::builder()
+        .data_dir(dir)
+        .device_name(name)
+        .listen(["/ip4/127.0.0.1/tcp/0"])
+        .mdns(false)
 }
 
 fn write(state: &str) -> EntityWrite {
@@ -52,7 +51,7 @@ async fn main() -> anyhow::Result<()> {
     let base = std::env::temp_dir().join(format!("hearth-reconnect-{}", std::process::id()));
     let (dir_a, dir_b) = (base.join("a"), base.join("b"));
 
-    let a = Node::start(config(&dir_a, "a")).await?;
+    let a = node(&dir_a, "a").start().await?;
     let mut tasks = Vec::new();
     for i in 0..docs {
         let e = a.entities();
@@ -64,8 +63,8 @@ async fn main() -> anyhow::Result<()> {
         t.await??;
     }
     let invite = a.invite(Duration::from_secs(60)).await?;
-    Node::join(&invite.code, &config(&dir_b, "b")).await?;
-    let b = Node::start(config(&dir_b, "b")).await?;
+    Node::join(&invite.code, node(&dir_b, "b").config()).await?;
+    let b = node(&dir_b, "b").start().await?;
     wait_state(&b, &format!("sensor.s{}", docs - 1), "0").await?;
     for i in 0..docs {
         wait_state(&b, &format!("sensor.s{i}"), "0").await?;
@@ -80,7 +79,7 @@ async fn main() -> anyhow::Result<()> {
         }
         let before = a.sync_counters().await?;
         let started = Instant::now();
-        let b = Node::start(config(&dir_b, "b")).await?;
+        let b = node(&dir_b, "b").start().await?;
         let opened = started.elapsed();
         while b.sync_counters().await?.reconciliations == 0 {
             anyhow::ensure!(

@@ -10,16 +10,15 @@
 
 use std::time::Duration;
 
-use hearth::{Config, Event, EventItem, Events, Node};
+use hearth::{Event, EventItem, Events, Node, NodeBuilder};
 
-fn config(dir: &std::path::Path, name: &str) -> Config {
-    Config {
-        data_dir: dir.to_path_buf(),
-        device_name: Some(name.into()),
-        listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
-        mdns: false,
-        ..Config::default()
-    }
+/// A node of this example: loopback only, mDNS off, headless.
+fn node(dir: &std::path::Path, name: &str) -> NodeBuilder {
+    Node::builder()
+        .data_dir(dir)
+        .device_name(name)
+        .listen(["/ip4/127.0.0.1/tcp/0"])
+        .mdns(false)
 }
 
 /// Waits for the next chat message in `events` and returns "sender: text".
@@ -39,10 +38,10 @@ async fn main() -> anyhow::Result<()> {
     let base = std::env::temp_dir().join(format!("hearth-room-chat-{}", std::process::id()));
     let (dir_a, dir_b) = (base.join("a"), base.join("b"));
 
-    let kitchen = Node::start(config(&dir_a, "kitchen")).await?;
+    let kitchen = node(&dir_a, "kitchen").start().await?;
     let invite = kitchen.invite(Duration::from_secs(60)).await?;
-    Node::join(&invite.code, &config(&dir_b, "hallway")).await?;
-    let hallway = Node::start(config(&dir_b, "hallway")).await?;
+    Node::join(&invite.code, node(&dir_b, "hallway").config()).await?;
+    let hallway = node(&dir_b, "hallway").start().await?;
 
     let mut kitchen_events = kitchen.events();
     let mut hallway_events = hallway.events();

@@ -13,16 +13,15 @@
 
 use std::time::{Duration, Instant};
 
-use hearth::{Config, EntityWrite, Node};
+use hearth::{EntityWrite, Node, NodeBuilder, Rights};
 
-fn config(dir: &std::path::Path, name: &str) -> Config {
-    Config {
-        data_dir: dir.to_path_buf(),
-        device_name: Some(name.into()),
-        listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
-        mdns: false,
-        ..Config::default()
-    }
+/// A node of this example: loopback only, mDNS off, headless.
+fn node(dir: &std::path::Path, name: &str) -> NodeBuilder {
+    Node::builder()
+        .data_dir(dir)
+        .device_name(name)
+        .listen(["/ip4/127.0.0.1/tcp/0"])
+        .mdns(false)
 }
 
 fn write(state: &str) -> EntityWrite {
@@ -57,9 +56,9 @@ async fn main() -> anyhow::Result<()> {
         .transpose()?
         .unwrap_or(1000);
     let base = std::env::temp_dir().join(format!("hearth-share-{}", std::process::id()));
-    let owner = Node::start(config(&base.join("maple"), "maple-hub")).await?;
-    let neighbour = Node::start(config(&base.join("oak"), "oak-hub")).await?;
-    let third = Node::start(config(&base.join("elm"), "elm-hub")).await?;
+    let owner = node(&base.join("maple"), "maple-hub").start().await?;
+    let neighbour = node(&base.join("oak"), "oak-hub").start().await?;
+    let third = node(&base.join("elm"), "elm-hub").start().await?;
 
     let code = owner.invite_home(Duration::from_secs(60)).await?;
     let paired = neighbour.shares().pair(&code.code).await?;
@@ -70,12 +69,12 @@ async fn main() -> anyhow::Result<()> {
     owner.entities().set("light.porch", write("off")).await?;
     let grant = owner
         .shares()
-        .share("light.porch", neighbour.home_id(), false, None)
+        .share("light.porch", neighbour.home_id(), Rights::Write, None)
         .await?;
     println!("maple shares light.porch with oak: {} rights", grant.rights);
     owner
         .shares()
-        .share("light.porch", third.home_id(), true, None)
+        .share("light.porch", third.home_id(), Rights::Read, None)
         .await?;
     wait_state(&neighbour, "light.porch", "off").await?;
     neighbour.entities().set("light.porch", write("on")).await?;

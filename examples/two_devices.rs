@@ -10,16 +10,15 @@
 
 use std::time::{Duration, Instant};
 
-use hearth::{Config, EntityWrite, Event, EventItem, Events, Node};
+use hearth::{EntityWrite, Event, EventItem, Events, Node, NodeBuilder};
 
-fn config(dir: &std::path::Path, name: &str) -> Config {
-    Config {
-        data_dir: dir.to_path_buf(),
-        device_name: Some(name.into()),
-        listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
-        mdns: false,
-        ..Config::default()
-    }
+/// A node of this example: loopback only, mDNS off, headless.
+fn node(dir: &std::path::Path, name: &str) -> NodeBuilder {
+    Node::builder()
+        .data_dir(dir)
+        .device_name(name)
+        .listen(["/ip4/127.0.0.1/tcp/0"])
+        .mdns(false)
 }
 
 #[tokio::main]
@@ -32,14 +31,14 @@ async fn main() -> anyhow::Result<()> {
     let base = std::env::temp_dir().join(format!("hearth-two-devices-{}", std::process::id()));
     let (dir_a, dir_b) = (base.join("a"), base.join("b"));
 
-    let a = Node::start(config(&dir_a, "kitchen")).await?;
+    let a = node(&dir_a, "kitchen").start().await?;
     let invite = a.invite(Duration::from_secs(60)).await?;
-    let joined = Node::join(&invite.code, &config(&dir_b, "hallway")).await?;
+    let joined = Node::join(&invite.code, node(&dir_b, "hallway").config()).await?;
     println!(
         "hallway joined home {} ({})",
         joined.home_name, joined.home_id
     );
-    let b = Node::start(config(&dir_b, "hallway")).await?;
+    let b = node(&dir_b, "hallway").start().await?;
 
     let mut changes = b.events();
     let write = |state: String| EntityWrite {

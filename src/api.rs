@@ -124,7 +124,6 @@ pub(crate) async fn serve(
     ));
     // Published last, so a client that finds the address finds a node ready to answer.
     let addr_file = crate::datadir::write_api_addr(&data_dir, addr)?;
-    tracing::info!(api = %addr, "local API serving");
     Ok(Served {
         addr,
         task,
@@ -677,7 +676,7 @@ async fn create_invite(
         .await??;
     Ok(Json(InviteReply {
         code: invite.code,
-        expires_at: crate::core::rfc3339_ms(invite.expires_at_s.saturating_mul(1000)),
+        expires_at: crate::core::rfc3339_ms(invite.expires_at_s.saturating_mul(1000)).to_string(),
     }))
 }
 

@@ -37,7 +37,7 @@ pub(crate) struct Retention {
 
 #[derive(Serialize)]
 struct Entry<'a> {
-    time: String,
+    time: crate::Timestamp,
     action: &'a str,
     #[serde(skip_serializing_if = "str::is_empty")]
     actor: &'a str,
@@ -249,10 +249,11 @@ fn since_start(since_ms: u64) -> Vec<u8> {
     crate::records::audit_key_before(since_ms)
 }
 
-/// An entry as stored; one that does not decode is shown as such rather than hidden.
+/// An entry as stored; one that does not decode is shown as such rather than hidden, at
+/// the time its key gives.
 fn decode(key: &[u8], value: &[u8]) -> crate::shares::AuditEntry {
     serde_json::from_slice(value).unwrap_or_else(|e| crate::shares::AuditEntry {
-        time: String::new(),
+        time: crate::Timestamp::from_unix_ms(key_ms(key)),
         action: "unreadable".into(),
         actor: String::new(),
         subject: format!("entry {} does not decode: {e}", hex::encode(key)),

@@ -6,7 +6,7 @@ use std::time::Duration;
 use crate::{Config, Error, Node, Passphrase};
 
 /// Builds a [`Node`]; get one from [`Node::builder`]. Options left unset keep
-/// [`Config::default`]'s values, so the node is headless unless [`NodeBuilder::api`]
+/// [`Config::default`]'s values, so the node is headless unless `NodeBuilder::api`
 /// asks for the local API.
 ///
 /// ```no_run

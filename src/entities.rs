@@ -8,24 +8,24 @@ pub(crate) mod service;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::Error;
 use crate::core::CoreHandle;
+use crate::{DeviceId, EntityId, Error, HomeId, Policy, Timestamp};
 
 /// An entity as the node presents it (the API's entity body).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Entity {
     /// The entity id chosen by its owner, e.g. `light.porch`.
-    pub id: String,
+    pub id: EntityId,
     /// The state string, as in Home Assistant.
     pub state: String,
     /// Attributes: any JSON values by name.
     pub attributes: Map<String, Value>,
-    /// When it was last written (RFC 3339, from the writer's hybrid logical clock).
-    pub updated_at: String,
+    /// When it was last written (from the writer's hybrid logical clock).
+    pub updated_at: Timestamp,
     /// The device that last wrote it: a PeerId when known, else its actor id in hex.
-    pub updated_by: String,
-    /// The HomeId of the owner home.
-    pub owner: String,
+    pub updated_by: DeviceId,
+    /// The owner home.
+    pub owner: HomeId,
     /// The document version (hex of the heads hash); names a version in history.
     pub version: String,
 }
@@ -34,11 +34,11 @@ pub struct Entity {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ConflictInfo {
     /// The entity id.
-    pub entity_id: String,
+    pub entity_id: EntityId,
     /// `state` or `attributes.<name>`.
     pub field: String,
     /// The entity's policy.
-    pub policy: String,
+    pub policy: Policy,
     /// The values, newest first; a resolution names one by its index here.
     pub candidates: Vec<ConflictCandidate>,
 }
@@ -49,11 +49,11 @@ pub struct ConflictCandidate {
     /// The value.
     pub value: Value,
     /// The device that wrote it.
-    pub device: String,
+    pub device: DeviceId,
     /// That device's home, when known.
-    pub home: Option<String>,
-    /// When it was written (RFC 3339).
-    pub time: String,
+    pub home: Option<HomeId>,
+    /// When it was written.
+    pub time: Timestamp,
 }
 
 /// A write to an entity.
@@ -73,7 +73,7 @@ pub struct EntityChange {
     /// The entity after the change.
     pub entity: Entity,
     /// The PeerId that sent the change, or `None` for a write on this node.
-    pub from_peer: Option<String>,
+    pub from_peer: Option<DeviceId>,
     /// The writer's correlation id, when it gave one.
     pub correlation_id: Option<String>,
     /// True when the entity was deleted; `entity` is then its last state.
@@ -85,13 +85,13 @@ pub struct EntityChange {
 pub struct EntityVersion {
     /// Version id: hex of the heads hash; a prefix of 8 or more digits names it too.
     pub version: String,
-    /// When it was written (RFC 3339).
-    pub time: String,
+    /// When it was written.
+    pub time: Timestamp,
     /// The device that wrote it: a PeerId when it is a device of this home, else its
     /// actor id in hex.
-    pub device: String,
-    /// HomeId of the writing device's home, when known.
-    pub home: Option<String>,
+    pub device: DeviceId,
+    /// The writing device's home, when known.
+    pub home: Option<HomeId>,
 }
 
 /// Most versions one history read returns (the newest ones).
@@ -173,11 +173,12 @@ impl Entities {
     /// to disk; peers receive it without waiting for that flush.
     ///
     /// Not cancel-safe: once queued, the write happens even if the future is dropped.
-    pub async fn set(&self, id: &str, write: EntityWrite) -> Result<Entity, Error> {
-        validate_write(id, &write)?;
+    pub async fn set(&self, id: impl Into<EntityId>, write: EntityWrite) -> Result<Entity, Error> {
+        let id = id.into();
+        validate_write(&id, &write)?;
         self.core
             .call(|reply| crate::entities::service::EntityRequest::SetEntity {
-                id: id.to_string(),
+                id: id.into_string(),
                 write,
                 reply,
             })
@@ -193,7 +194,10 @@ impl Entities {
     /// the writes before it stay applied and the error names it.
     ///
     /// Not cancel-safe: once queued, the writes happen even if the future is dropped.
-    pub async fn set_many(&self, writes: Vec<(String, EntityWrite)>) -> Result<Vec<Entity>, Error> {
+    pub async fn set_many(
+        &self,
+        writes: Vec<(EntityId, EntityWrite)>,
+    ) -> Result<Vec<Entity>, Error> {
         if writes.len() > crate::MAX_BATCH_WRITES {
             return Err(Error::Invalid(format!(
                 "{} writes in one batch; at most {} are allowed",
@@ -207,6 +211,10 @@ impl Entities {
         if writes.is_empty() {
             return Ok(Vec::new());
         }
+        let writes = writes
+            .into_iter()
+            .map(|(id, write)| (id.into_string(), write))
+            .collect();
         self.core
             .call(|reply| crate::entities::service::EntityRequest::SetMany { writes, reply })
             .await?
@@ -215,12 +223,10 @@ impl Entities {
     /// Reads one entity; `Ok(None)` when no such entity exists.
     ///
     /// Cancel-safe.
-    pub async fn get(&self, id: &str) -> Result<Option<Entity>, Error> {
+    pub async fn get(&self, id: impl Into<EntityId>) -> Result<Option<Entity>, Error> {
+        let id = id.into().into_string();
         self.core
-            .call(|reply| crate::entities::service::EntityRequest::GetEntity {
-                id: id.to_string(),
-                reply,
-            })
+            .call(|reply| crate::entities::service::EntityRequest::GetEntity { id, reply })
             .await?
     }
 
@@ -239,8 +245,8 @@ impl Entities {
     /// [`Error::NotFound`] when there is no such entity.
     ///
     /// Not cancel-safe.
-    pub async fn delete(&self, id: &str) -> Result<Entity, Error> {
-        let id = id.to_string();
+    pub async fn delete(&self, id: impl Into<EntityId>) -> Result<Entity, Error> {
+        let id = id.into().into_string();
         self.core
             .call(|reply| crate::entities::service::EntityRequest::DeleteEntity { id, reply })
             .await?
@@ -249,8 +255,12 @@ impl Entities {
     /// The newest `limit` versions of an entity (at most [`MAX_HISTORY`]), oldest first.
     ///
     /// Cancel-safe.
-    pub async fn history(&self, id: &str, limit: usize) -> Result<Vec<EntityVersion>, Error> {
-        let id = id.to_string();
+    pub async fn history(
+        &self,
+        id: impl Into<EntityId>,
+        limit: usize,
+    ) -> Result<Vec<EntityVersion>, Error> {
+        let id = id.into().into_string();
         self.core
             .call(
                 |reply| crate::entities::service::EntityRequest::EntityHistory {
@@ -266,8 +276,8 @@ impl Entities {
     /// prefix of 8 or more hex digits) as a new change, and returns the entity.
     ///
     /// Not cancel-safe.
-    pub async fn restore(&self, id: &str, version: &str) -> Result<Entity, Error> {
-        let (id, version) = (id.to_string(), version.to_string());
+    pub async fn restore(&self, id: impl Into<EntityId>, version: &str) -> Result<Entity, Error> {
+        let (id, version) = (id.into().into_string(), version.to_string());
         self.core
             .call(
                 |reply| crate::entities::service::EntityRequest::RestoreEntity {
@@ -279,10 +289,14 @@ impl Entities {
             .await?
     }
 
-    /// Sets an entity's conflict policy: `latest-wins` (the default), `merge`,
-    /// `owner-wins`, `sharer-wins` or `user-choice`. Answered after the flush.
-    pub async fn set_policy(&self, id: &str, policy: &str) -> Result<Entity, Error> {
-        let (id, policy) = (id.to_string(), policy.to_string());
+    /// Sets an entity's conflict policy ([`Policy::LatestWins`] is the default).
+    /// Answered after the flush.
+    pub async fn set_policy(
+        &self,
+        id: impl Into<EntityId>,
+        policy: Policy,
+    ) -> Result<Entity, Error> {
+        let (id, policy) = (id.into().into_string(), policy.as_str().to_string());
         self.core
             .call(|reply| crate::entities::service::EntityRequest::SetPolicy { id, policy, reply })
             .await?
@@ -297,8 +311,13 @@ impl Entities {
 
     /// Settles a conflict on `field` (`state` or `attributes.<name>`) with candidate
     /// number `choice` of [`Entities::conflicts`]; the choice is written as a new change.
-    pub async fn resolve(&self, id: &str, field: &str, choice: usize) -> Result<Entity, Error> {
-        let (id, field) = (id.to_string(), field.to_string());
+    pub async fn resolve(
+        &self,
+        id: impl Into<EntityId>,
+        field: &str,
+        choice: usize,
+    ) -> Result<Entity, Error> {
+        let (id, field) = (id.into().into_string(), field.to_string());
         self.core
             .call(
                 |reply| crate::entities::service::EntityRequest::ResolveConflict {

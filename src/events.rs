@@ -8,6 +8,7 @@ use tokio::sync::broadcast;
 use crate::entities::EntityChange;
 use crate::presence::PresenceInfo;
 use crate::rooms::{ChatMessage, Room};
+use crate::{DeviceId, EntityId, HomeId, Policy, Rights};
 
 /// Something that changed on this node or reached it from a peer.
 #[derive(Clone, Debug, PartialEq)]
@@ -20,7 +21,7 @@ pub enum Event {
         /// The room as first seen.
         room: Box<Room>,
         /// The PeerId the change came from, `None` for this node.
-        from_peer: Option<String>,
+        from_peer: Option<DeviceId>,
     },
     /// A user joined a room.
     MemberJoined {
@@ -29,7 +30,7 @@ pub enum Event {
         /// The user who joined.
         user: String,
         /// The PeerId the change came from, `None` for this node.
-        from_peer: Option<String>,
+        from_peer: Option<DeviceId>,
     },
     /// A user left a room.
     MemberLeft {
@@ -38,47 +39,47 @@ pub enum Event {
         /// The user who left.
         user: String,
         /// The PeerId the change came from, `None` for this node.
-        from_peer: Option<String>,
+        from_peer: Option<DeviceId>,
     },
     /// A chat message was posted in a room.
     Chat {
         /// The message.
         message: Box<ChatMessage>,
         /// The PeerId the change came from, `None` for this node.
-        from_peer: Option<String>,
+        from_peer: Option<DeviceId>,
     },
     /// A user's presence changed.
     Presence {
         /// The user's presence after the change.
         presence: Box<PresenceInfo>,
         /// The PeerId the change came from, `None` for this node.
-        from_peer: Option<String>,
+        from_peer: Option<DeviceId>,
     },
     /// An entity was shared between homes (`share.granted`) or stopped being shared
     /// (`share.revoked`): by this home with another, or by another with this one.
     Share {
         /// The entity id.
-        entity_id: String,
-        /// The owner home's HomeId.
-        owner: String,
-        /// The grantee home's HomeId.
-        home: String,
+        entity_id: EntityId,
+        /// The owner home.
+        owner: HomeId,
+        /// The grantee home.
+        home: HomeId,
         /// `read` or `write`; `none` once revoked.
-        rights: String,
+        rights: Rights,
         /// Whether it was granted (else revoked).
         granted: bool,
         /// The PeerId the grant came from, `None` for this node.
-        from_peer: Option<String>,
+        from_peer: Option<DeviceId>,
     },
     /// Concurrent values of an entity field met (`conflict.detected`), or someone chose
     /// one (`conflict.resolved`).
     Conflict {
         /// The entity id.
-        entity_id: String,
+        entity_id: EntityId,
         /// `state` or `attributes.<name>`.
         field: String,
         /// The entity's policy.
-        policy: String,
+        policy: Policy,
         /// How many values met.
         candidates: usize,
         /// The value the policy or the resolution chose; `None` while a user choice waits.
@@ -89,14 +90,14 @@ pub enum Event {
     /// A device of this home was admitted (its certificate verified), not merely connected.
     PeerConnected {
         /// Its PeerId.
-        peer: String,
+        peer: DeviceId,
         /// Its device name, from the home document.
         device_name: Option<String>,
     },
     /// An admitted device's connection ended.
     PeerDisconnected {
         /// Its PeerId.
-        peer: String,
+        peer: DeviceId,
         /// Its device name, from the home document.
         device_name: Option<String>,
     },
@@ -137,15 +138,15 @@ impl Event {
 
     /// The PeerId the change came from, `None` for a change made on this node and for
     /// what this node saw itself (a peer coming or going, a conflict).
-    pub fn from_peer(&self) -> Option<&str> {
+    pub fn from_peer(&self) -> Option<&DeviceId> {
         match self {
-            Event::Entity(c) => c.from_peer.as_deref(),
+            Event::Entity(c) => c.from_peer.as_ref(),
             Event::RoomCreated { from_peer, .. }
             | Event::MemberJoined { from_peer, .. }
             | Event::MemberLeft { from_peer, .. }
             | Event::Chat { from_peer, .. }
             | Event::Presence { from_peer, .. }
-            | Event::Share { from_peer, .. } => from_peer.as_deref(),
+            | Event::Share { from_peer, .. } => from_peer.as_ref(),
             Event::Conflict { .. }
             | Event::PeerConnected { .. }
             | Event::PeerDisconnected { .. } => None,

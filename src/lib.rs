@@ -43,10 +43,8 @@ mod revocation;
 mod rooms;
 mod shares;
 mod sharing;
-// Revocation records, signed device lists and some record kinds serve revocation and home
-// pairing, which are not built yet.
-#[allow(dead_code)]
 mod trust;
+mod types;
 #[cfg(feature = "api")]
 mod ws;
 
@@ -79,6 +77,7 @@ pub use rooms::{
     ChatMessage, DEFAULT_ROOM_SIZE, MAX_CHAT_LIMIT, MAX_MESSAGE_BYTES, Room, RoomMember, Rooms,
 };
 pub use shares::{AuditEntry, KnownHome, PairedWith, ShareIn, ShareOut, SharedList, Shares};
+pub use types::{DeviceId, EntityId, HomeId, Policy, Rights, Timestamp};
 
 /// Frames that may wait in the outbound sync queue to one peer before it counts as slow
 /// and is dropped.

@@ -17,7 +17,7 @@ use tracing::Instrument;
 
 use crate::core::{self, CoreHandle};
 use crate::entities::Entities;
-use crate::{Config, Error, NodeBuilder, datadir};
+use crate::{Config, DeviceId, Error, HomeId, NodeBuilder, datadir};
 
 /// One frame recorded by [`Node::debug_capture`].
 #[cfg(feature = "test-hooks")]
@@ -49,16 +49,16 @@ const STORE_CLOSE_TIMEOUT: Duration = Duration::from_millis(500);
 pub struct Invite {
     /// The code: one line of text to give the joining device.
     pub code: String,
-    /// When it expires (RFC 3339).
-    pub expires_at: String,
+    /// When it expires.
+    pub expires_at: crate::Timestamp,
 }
 
 /// A running node. Dropping it without [`Node::shutdown`] still releases the data dir
 /// lock, but skips the final flush (and leaves `api.addr` behind when it serves the API).
 pub struct Node {
-    peer_id: String,
+    peer_id: DeviceId,
     device_name: String,
-    home_id: String,
+    home_id: HomeId,
     data_dir: PathBuf,
     store: StoreHandle,
     net: hearth_net::Handle,
@@ -82,7 +82,7 @@ pub struct Node {
 }
 
 impl Node {
-    /// A builder for a node: headless unless [`NodeBuilder::api`] asks for the local
+    /// A builder for a node: headless unless `NodeBuilder::api` asks for the local
     /// API. Unset options keep [`Config::default`]'s values.
     pub fn builder() -> NodeBuilder {
         NodeBuilder::default()
@@ -232,12 +232,21 @@ impl Node {
         };
         #[cfg(not(feature = "api"))]
         drop(facts.home_name);
-        tracing::info!(peer_id = %identity.peer_id(), data_dir = %dir.display(), "node started");
+        #[cfg(feature = "api")]
+        let api_addr = api.as_ref().map(|api| api.addr);
+        #[cfg(not(feature = "api"))]
+        let api_addr: Option<std::net::SocketAddr> = None;
+        tracing::info!(
+            peer_id = %identity.peer_id(),
+            data_dir = %dir.display(),
+            api = api_addr.map(tracing::field::display),
+            "node started"
+        );
 
         Ok(Self {
-            peer_id: identity.peer_id(),
+            peer_id: identity.peer_id().into(),
             device_name,
-            home_id: facts.home_id,
+            home_id: facts.home_id.into(),
             data_dir: dir,
             store,
             net,
@@ -318,7 +327,7 @@ impl Node {
     /// home).
     ///
     /// Cancel-safe.
-    pub async fn admitted_peers(&self) -> Result<Vec<String>, Error> {
+    pub async fn admitted_peers(&self) -> Result<Vec<DeviceId>, Error> {
         let peers = self
             .net
             .connected_peers()
@@ -327,17 +336,17 @@ impl Node {
         Ok(peers
             .into_iter()
             .filter(|p| p.admitted)
-            .map(|p| p.peer.to_base58())
+            .map(|p| p.peer.to_base58().into())
             .collect())
     }
 
-    /// How much waits in this node's outbound sync queue to `peer` (base58 PeerId), as
+    /// How much waits in this node's outbound sync queue to `peer`, as
     /// `(frames, bytes)`; `None` when the peer is not connected. The queue is bounded by
     /// [`crate::PEER_QUEUE_FRAMES`] and [`crate::PEER_QUEUE_BYTES`]; a peer that lets it
     /// fill is dropped.
     ///
     /// Cancel-safe.
-    pub async fn outbound_queue(&self, peer: &str) -> Result<Option<(usize, usize)>, Error> {
+    pub async fn outbound_queue(&self, peer: &DeviceId) -> Result<Option<(usize, usize)>, Error> {
         let peers = self
             .net
             .connected_peers()
@@ -345,7 +354,7 @@ impl Node {
             .map_err(|e| Error::Network(e.to_string()))?;
         Ok(peers
             .into_iter()
-            .find(|p| p.peer.to_base58() == peer)
+            .find(|p| p.peer.to_base58() == peer.as_str())
             .map(|p| (p.queued_frames, p.queued_bytes)))
     }
 
@@ -397,7 +406,7 @@ impl Node {
     }
 
     /// This device's PeerId, in base58.
-    pub fn peer_id(&self) -> &str {
+    pub fn peer_id(&self) -> &DeviceId {
         &self.peer_id
     }
 
@@ -413,7 +422,7 @@ impl Node {
     }
 
     /// This device's home, by HomeId.
-    pub fn home_id(&self) -> &str {
+    pub fn home_id(&self) -> &HomeId {
         &self.home_id
     }
 

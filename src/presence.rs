@@ -4,8 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::Error;
 use crate::core::CoreHandle;
+use crate::{DeviceId, Error, Timestamp};
 
 /// A user's status.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,10 +61,10 @@ pub struct PresenceInfo {
     pub user: String,
     /// Their status, `offline` when their device is unreachable.
     pub status: Status,
-    /// When the stored status last changed (RFC 3339).
-    pub since: String,
+    /// When the stored status last changed.
+    pub since: Timestamp,
     /// PeerId of the device the user is on.
-    pub device: String,
+    pub device: DeviceId,
     /// Optional free text.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,

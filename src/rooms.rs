@@ -5,8 +5,8 @@ pub(crate) mod service;
 
 use serde::Serialize;
 
-use crate::Error;
 use crate::core::CoreHandle;
+use crate::{DeviceId, Error, Timestamp};
 
 /// `max_size` of a room created without one.
 pub const DEFAULT_ROOM_SIZE: u64 = 50;
@@ -31,8 +31,8 @@ pub struct Room {
     /// Members past `max_size`: two devices admitted the last place at once, and these
     /// joined later by the room's clock. Empty in the usual case.
     pub overflow: Vec<RoomMember>,
-    /// When it was created (RFC 3339).
-    pub created_at: String,
+    /// When it was created.
+    pub created_at: Timestamp,
 }
 
 /// One member of a room.
@@ -41,9 +41,9 @@ pub struct RoomMember {
     /// User name.
     pub user: String,
     /// PeerId of the device the user joined from.
-    pub device: String,
-    /// When they joined (RFC 3339).
-    pub joined_at: String,
+    pub device: DeviceId,
+    /// When they joined.
+    pub joined_at: Timestamp,
 }
 
 /// One chat message (the API's message body).
@@ -57,8 +57,8 @@ pub struct ChatMessage {
     pub sender: String,
     /// Its text.
     pub message: String,
-    /// When it was sent (RFC 3339).
-    pub timestamp: String,
+    /// When it was sent.
+    pub timestamp: Timestamp,
 }
 
 /// Handle to the home's rooms. Cheap to clone.

@@ -3,24 +3,24 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::Error;
 use crate::core::CoreHandle;
+use crate::{DeviceId, EntityId, Error, HomeId, Policy, Rights, Timestamp};
 
 /// A home this one is paired with.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KnownHome {
     /// Its HomeId.
-    pub home_id: String,
+    pub home_id: HomeId,
     /// Its name.
     pub name: String,
     /// Devices of it this home knows (PeerIds).
-    pub devices: Vec<String>,
+    pub devices: Vec<DeviceId>,
     /// Entities this home shares with it.
-    pub we_share: Vec<String>,
+    pub we_share: Vec<EntityId>,
     /// Entities it shares with this home.
-    pub they_share: Vec<String>,
+    pub they_share: Vec<EntityId>,
     /// Its devices revoked by its root key (this home refuses them).
-    pub revoked_devices: Vec<String>,
+    pub revoked_devices: Vec<DeviceId>,
     /// What a since-revoked device of this home set up with it, for the admin to undo:
     /// `pairing by PEER`, or `share ENTITY by PEER`.
     pub made_by_revoked: Vec<String>,
@@ -30,13 +30,13 @@ pub struct KnownHome {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShareOut {
     /// The entity id.
-    pub entity_id: String,
-    /// The grantee home's HomeId.
-    pub home: String,
-    /// `read` or `write`.
-    pub rights: String,
+    pub entity_id: EntityId,
+    /// The grantee home.
+    pub home: HomeId,
+    /// `read` or `write`; `none` once unshared.
+    pub rights: Rights,
     /// The conflict policy of the entity.
-    pub policy: String,
+    pub policy: Policy,
     /// The key epoch the entity is sealed under now, as `counter-device`.
     pub epoch: String,
 }
@@ -45,11 +45,11 @@ pub struct ShareOut {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShareIn {
     /// The entity id.
-    pub entity_id: String,
-    /// The owner home's HomeId.
-    pub owner: String,
+    pub entity_id: EntityId,
+    /// The owner home.
+    pub owner: HomeId,
     /// `read` or `write`.
-    pub rights: String,
+    pub rights: Rights,
     /// Whether the owner took the grant back (what arrived before stays readable).
     pub revoked: bool,
 }
@@ -67,7 +67,7 @@ pub struct SharedList {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PairedWith {
     /// Its HomeId.
-    pub home_id: String,
+    pub home_id: HomeId,
     /// Its name.
     pub name: String,
 }
@@ -75,8 +75,8 @@ pub struct PairedWith {
 /// One audit entry.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditEntry {
-    /// When (RFC 3339).
-    pub time: String,
+    /// When.
+    pub time: Timestamp,
     /// What happened, e.g. `share.granted`.
     pub action: String,
     /// Who did it: this device, or the remote device whose request it was.
@@ -118,20 +118,42 @@ impl Shares {
             .await?
     }
 
-    /// Shares an entity of this home with a paired home; `read_only` grants read rights
-    /// only. `policy` sets the entity's conflict policy at the same time.
+    /// Shares an entity of this home with a paired home (by HomeId or unique name), with
+    /// [`Rights::Read`] or [`Rights::Write`]. `policy` sets the entity's conflict policy
+    /// at the same time.
     pub async fn share(
         &self,
-        entity_id: &str,
+        entity_id: impl Into<EntityId>,
+        home: &str,
+        rights: Rights,
+        policy: Option<Policy>,
+    ) -> Result<ShareOut, Error> {
+        let read_only = match rights {
+            Rights::Read => true,
+            Rights::Write => false,
+            Rights::None => {
+                return Err(Error::Invalid(
+                    "cannot share with rights none; share with read or write, and unshare to \
+                     take a grant back"
+                        .into(),
+                ));
+            }
+        };
+        let policy = policy.map(|p| p.as_str().to_string());
+        self.share_request(entity_id.into().into_string(), home, read_only, policy)
+            .await
+    }
+
+    /// [`Shares::share`] as the API asks for it: with the policy as text, so the core
+    /// checks the request in its own order (home, entity, then policy).
+    pub(crate) async fn share_request(
+        &self,
+        entity_id: String,
         home: &str,
         read_only: bool,
-        policy: Option<&str>,
+        policy: Option<String>,
     ) -> Result<ShareOut, Error> {
-        let (entity_id, home, policy) = (
-            entity_id.to_string(),
-            home.to_string(),
-            policy.map(str::to_string),
-        );
+        let home = home.to_string();
         self.core
             .call(|reply| crate::sharing::service::SharingRequest::Share {
                 entity_id,
@@ -143,10 +165,14 @@ impl Shares {
             .await?
     }
 
-    /// Stops sharing an entity with a home: the entity's key rotates, and the home reads
-    /// nothing written after this.
-    pub async fn unshare(&self, entity_id: &str, home: &str) -> Result<ShareOut, Error> {
-        let (entity_id, home) = (entity_id.to_string(), home.to_string());
+    /// Stops sharing an entity with a home (by HomeId or unique name): the entity's key
+    /// rotates, and the home reads nothing written after this.
+    pub async fn unshare(
+        &self,
+        entity_id: impl Into<EntityId>,
+        home: &str,
+    ) -> Result<ShareOut, Error> {
+        let (entity_id, home) = (entity_id.into().into_string(), home.to_string());
         self.core
             .call(|reply| crate::sharing::service::SharingRequest::Unshare {
                 entity_id,
@@ -163,9 +189,9 @@ impl Shares {
             .await?
     }
 
-    /// The audit log, oldest first, from `since_ms` (Unix ms) on.
-    pub async fn audit(&self, since_ms: u64) -> Result<Vec<AuditEntry>, Error> {
-        crate::audit::list(&self.core_store().await?, since_ms).await
+    /// The audit log, oldest first, from `since` on.
+    pub async fn audit(&self, since: Timestamp) -> Result<Vec<AuditEntry>, Error> {
+        crate::audit::list(&self.core_store().await?, since.unix_ms()).await
     }
 
     async fn core_store(&self) -> Result<hearth_storage::StoreHandle, Error> {

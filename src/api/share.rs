@@ -83,12 +83,7 @@ pub(super) async fn share(
 ) -> Result<Json<ShareOut>, ApiError> {
     Ok(Json(
         shares(&state)
-            .share(
-                &body.entity_id,
-                &body.home,
-                body.read_only,
-                body.policy.as_deref(),
-            )
+            .share_request(body.entity_id, &body.home, body.read_only, body.policy)
             .await?,
     ))
 }
@@ -211,7 +206,10 @@ pub(super) async fn set_policy(
     let entities = crate::Entities {
         core: state.core.clone(),
     };
-    Ok(Json(entities.set_policy(&id, &body.policy).await?))
+    // The core reads the policy before anything else, so parsing it here first refuses
+    // the same requests with the same words.
+    let policy: crate::Policy = body.policy.parse()?;
+    Ok(Json(entities.set_policy(&id, policy).await?))
 }
 
 #[derive(Serialize)]

@@ -195,7 +195,7 @@ pub(crate) async fn populate(device: &Device, count: usize, state: &str) -> Resu
     for chunk in ids.chunks(1000) {
         let writes = chunk
             .iter()
-            .map(|id| (id.clone(), write(state.to_string())))
+            .map(|id| (id.into(), write(state.to_string())))
             .collect();
         device.node.entities().set_many(writes).await?;
     }

@@ -148,8 +148,13 @@ async fn batch_writes(
     let mut next = 0;
     while next < updates {
         let n = batch.min(updates - next);
-        let writes: Vec<(String, EntityWrite)> = (next..next + n)
-            .map(|k| (ids[k % ids.len()].clone(), write(format!("{tag}{k}"))))
+        let writes: Vec<(hearth::EntityId, EntityWrite)> = (next..next + n)
+            .map(|k| {
+                (
+                    ids[k % ids.len()].as_str().into(),
+                    write(format!("{tag}{k}")),
+                )
+            })
             .collect();
         let entities = a.node.entities();
         pending.push_back(tokio::spawn(async move { entities.set_many(writes).await }));
@@ -324,7 +329,7 @@ pub(crate) async fn reconnect(scratch: &mut Scratch, sizes: &Sizes) -> Result<Ve
             if n > 0 {
                 let writes = ids[..n]
                     .iter()
-                    .map(|id| (id.clone(), write("1".into())))
+                    .map(|id| (id.into(), write("1".into())))
                     .collect();
                 a.node.entities().set_many(writes).await?;
             }

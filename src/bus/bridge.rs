@@ -74,7 +74,7 @@ impl Bridge {
     fn core_event(&self, event: CoreEvent) {
         let name = event.name();
         let subject = event.subject().to_string();
-        let from_peer = event.from_peer().map(str::to_string);
+        let from_peer = event.from_peer().map(|p| p.to_string());
         let (data, device, correlation_id) = match &event {
             CoreEvent::Entity(change) => {
                 // A write names its writer (by PeerId; by actor id in hex only for a
@@ -82,7 +82,7 @@ impl Bridge {
                 let device = if change.deleted {
                     self.sender(from_peer.as_deref())
                 } else {
-                    change.entity.updated_by.clone()
+                    change.entity.updated_by.to_string()
                 };
                 // The API caps correlation ids; one from elsewhere that is too long is
                 // dropped rather than losing the whole event.
@@ -105,7 +105,7 @@ impl Bridge {
                 (to_json(message), self.sender(from_peer.as_deref()), None)
             }
             CoreEvent::Presence { presence, .. } => {
-                (to_json(presence), presence.device.clone(), None)
+                (to_json(presence), presence.device.to_string(), None)
             }
             CoreEvent::Conflict {
                 entity_id,

@@ -694,14 +694,8 @@ pub(crate) fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// RFC 3339 with milliseconds, UTC.
-pub(crate) fn rfc3339_ms(ms: u64) -> String {
-    let nanos = i128::from(ms) * 1_000_000;
-    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| "1970-01-01T00:00:00Z".to_string())
+/// The time `ms` (Unix ms) as the public timestamp, which bodies write as RFC 3339 in UTC
+/// with milliseconds.
+pub(crate) fn rfc3339_ms(ms: u64) -> crate::Timestamp {
+    crate::Timestamp::from_unix_ms(ms)
 }

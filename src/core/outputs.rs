@@ -308,6 +308,7 @@ impl Core {
             .home_devices(self.home.home_doc)
             .ok()
             .and_then(|devices| devices.get(&peer).map(|d| d.name.clone()));
+        let peer = peer.into();
         let event = if connected {
             crate::events::Event::PeerConnected { peer, device_name }
         } else {

@@ -77,9 +77,9 @@ impl Core {
             async move { crate::audit::record_by(&store, &actor, action, &subject).await },
         );
         self.emit_event(crate::events::Event::Conflict {
-            entity_id: record.entity.clone(),
+            entity_id: record.entity.clone().into(),
             field: record.field.to_string(),
-            policy: record.policy.as_str().to_string(),
+            policy: crate::Policy::from_engine(record.policy),
             candidates: record.candidates.len(),
             chosen: record.chosen.clone(),
             resolved,
@@ -128,15 +128,15 @@ impl Core {
                     .iter()
                     .map(|c| ConflictCandidate {
                         value: c.value.clone(),
-                        device: self.device_of_actor(&c.actor),
-                        home: c.home.clone(),
+                        device: self.device_of_actor(&c.actor).into(),
+                        home: c.home.clone().map(Into::into),
                         time: crate::core::rfc3339_ms(c.at.wall_ms),
                     })
                     .collect();
                 out.push(ConflictInfo {
-                    entity_id: id.clone(),
+                    entity_id: id.clone().into(),
                     field: conflict.field.to_string(),
-                    policy: resolved.policy.as_str().to_string(),
+                    policy: crate::Policy::from_engine(resolved.policy),
                     candidates,
                 });
             }

@@ -84,10 +84,11 @@ impl Core {
                     device: names
                         .get(&v.actor)
                         .cloned()
-                        .unwrap_or_else(|| v.actor.to_hex_string()),
+                        .unwrap_or_else(|| v.actor.to_hex_string())
+                        .into(),
                     version: v.id,
                     time: rfc3339_ms(v.at.wall_ms),
-                    home: v.home.or_else(|| Some(home_id.clone())),
+                    home: v.home.or_else(|| Some(home_id.clone())).map(Into::into),
                 })
                 .collect())
         });

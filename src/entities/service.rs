@@ -374,12 +374,12 @@ impl Core {
         let heads = self.engine.heads(doc).map_err(doc_err)?;
         let updated_by = self.device_of_actor(&e.updated_by);
         Ok(Entity {
-            id: e.id,
+            id: e.id.into(),
             state: e.state,
             attributes: e.attributes,
             updated_at: rfc3339_ms(e.updated_at.wall_ms),
-            updated_by,
-            owner: e.owner,
+            updated_by: updated_by.into(),
+            owner: e.owner.into(),
             version: hex::encode(hearth_crdt::digest::heads_hash(&heads)),
         })
     }
@@ -402,7 +402,7 @@ impl Core {
     ) {
         let change = EntityChange {
             entity,
-            from_peer,
+            from_peer: from_peer.map(Into::into),
             correlation_id,
             deleted,
         };

@@ -32,11 +32,11 @@ const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Joined {
     /// The home's HomeId.
-    pub home_id: String,
+    pub home_id: crate::HomeId,
     /// The home's name.
     pub home_name: String,
     /// This device's PeerId.
-    pub peer_id: String,
+    pub peer_id: crate::DeviceId,
 }
 
 pub(crate) async fn join(code: &str, config: &Config) -> Result<Joined, Error> {
@@ -167,9 +167,9 @@ async fn exchange(
     store.batch(batch).await?;
     crate::audit::record(store, "device.joined", &record.home_id).await;
     Ok(Joined {
-        home_id: record.home_id,
+        home_id: record.home_id.into(),
         home_name: record.name,
-        peer_id: identity.peer_id(),
+        peer_id: identity.peer_id().into(),
     })
 }
 

@@ -33,7 +33,7 @@ pub(crate) enum RevocationRequest {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RevokedDevice {
     /// The device's PeerId.
-    pub peer_id: String,
+    pub peer_id: crate::DeviceId,
     /// Its name.
     pub name: String,
     /// Documents whose key rotated.
@@ -129,7 +129,7 @@ impl Core {
         self.drop_sync_states_of_peers(vec![peer.clone()]);
         self.send_pending().await;
         Ok(RevokedDevice {
-            peer_id: peer,
+            peer_id: peer.into(),
             name: record.name,
             rotated,
         })

@@ -242,7 +242,7 @@ fn chat_view(room_id: &str, m: hearth_crdt::ChatMessage) -> ChatMessage {
 fn member_view(m: &hearth_crdt::Member) -> RoomMember {
     RoomMember {
         user: m.user.clone(),
-        device: m.device.clone(),
+        device: m.device.clone().into(),
         joined_at: rfc3339_ms(m.joined_at.wall_ms),
     }
 }
@@ -555,7 +555,7 @@ impl Core {
                 Status::Offline
             },
             since: rfc3339_ms(entry.since_ms),
-            device: entry.device.clone(),
+            device: entry.device.clone().into(),
             note: entry.note.clone(),
         }
     }
@@ -654,7 +654,7 @@ impl Core {
                         let info = self.presence_info(user, entry);
                         self.emit_event(Event::Presence {
                             presence: Box::new(info),
-                            from_peer: from_peer.clone(),
+                            from_peer: from_peer.clone().map(Into::into),
                         });
                     }
                 }
@@ -665,6 +665,7 @@ impl Core {
     }
 
     pub(crate) fn on_room_changed(&mut self, doc: DocId, from_peer: Option<String>) {
+        let from_peer: Option<crate::DeviceId> = from_peer.map(Into::into);
         let Ok(room) = self.engine.room(doc) else {
             return;
         };

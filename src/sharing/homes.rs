@@ -196,7 +196,10 @@ impl Core {
         self.refresh_actor_homes();
         crate::audit::record_by(&self.store, via, "home.paired", &home_id).await;
         tracing::info!(home = %home_id, %name, "paired with a home");
-        Ok(PairedWith { home_id, name })
+        Ok(PairedWith {
+            home_id: home_id.into(),
+            name,
+        })
     }
 
     /// Keeps the other home's issuing device dialled, now and after restarts, so the
@@ -278,7 +281,7 @@ impl Core {
         )
         .await;
         Ok(PairedWith {
-            home_id,
+            home_id: home_id.into(),
             name: record.name,
         })
     }

@@ -129,9 +129,9 @@ impl Core {
         let shared_out = rows
             .iter()
             .map(|r| ShareOut {
-                entity_id: r.entity_id.clone(),
-                home: r.home.clone(),
-                rights: r.rights.clone(),
+                entity_id: r.entity_id.clone().into(),
+                home: r.home.clone().into(),
+                rights: crate::Rights::from_stored(&r.rights),
                 policy: self.policy_name(r.doc),
                 epoch: self
                     .engine
@@ -145,9 +145,9 @@ impl Core {
             .shared_in
             .values()
             .map(|s| ShareIn {
-                entity_id: s.entity_id.clone(),
-                owner: s.owner.clone(),
-                rights: s.rights.clone(),
+                entity_id: s.entity_id.clone().into(),
+                owner: s.owner.clone().into(),
+                rights: crate::Rights::from_stored(&s.rights),
                 revoked: s.revoked,
             })
             .collect();
@@ -166,7 +166,11 @@ impl Core {
         self.paired()
             .into_iter()
             .map(|(home_id, h)| KnownHome {
-                revoked_devices: self.revocations.peers_of(&home_id).cloned().collect(),
+                revoked_devices: self
+                    .revocations
+                    .peers_of(&home_id)
+                    .map(Into::into)
+                    .collect(),
                 made_by_revoked: revoked(&h.by)
                     .map(|p| format!("pairing by {p}"))
                     .into_iter()
@@ -178,7 +182,7 @@ impl Core {
                 we_share: rows
                     .iter()
                     .filter(|r| r.home == home_id)
-                    .map(|r| r.entity_id.clone())
+                    .map(|r| r.entity_id.clone().into())
                     .collect(),
                 they_share: list
                     .shared_in
@@ -186,9 +190,9 @@ impl Core {
                     .filter(|s| s.owner == home_id && !s.revoked)
                     .map(|s| s.entity_id.clone())
                     .collect(),
-                devices: h.devices.keys().cloned().collect(),
+                devices: h.devices.keys().map(Into::into).collect(),
                 name: h.name,
-                home_id,
+                home_id: home_id.into(),
             })
             .collect()
     }

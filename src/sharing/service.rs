@@ -333,12 +333,11 @@ impl Core {
             .ok_or_else(|| Error::NotFound(format!("no entity {entity_id}")))?;
         let share = entry.shares.get(home_id);
         Ok(ShareOut {
-            entity_id: entity_id.to_string(),
-            home: home_id.to_string(),
-            rights: share
-                .map(|s| s.rights.as_str())
-                .unwrap_or("none")
-                .to_string(),
+            entity_id: entity_id.into(),
+            home: home_id.into(),
+            rights: share.map_or(crate::Rights::None, |s| {
+                crate::Rights::from_engine(s.rights)
+            }),
             policy: self.policy_name(entry.doc),
             epoch: self
                 .engine
@@ -348,13 +347,13 @@ impl Core {
         })
     }
 
-    pub(crate) fn policy_name(&self, doc: DocId) -> String {
+    pub(crate) fn policy_name(&self, doc: DocId) -> crate::Policy {
         self.engine
             .doc(doc)
             .ok()
             .and_then(|d| hearth_crdt::policy::read_policy(d).ok())
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_else(|| "latest-wins".into())
+            .map(crate::Policy::from_engine)
+            .unwrap_or_default()
     }
 }
 
@@ -368,12 +367,12 @@ impl Core {
         from_peer: Option<String>,
     ) {
         self.emit_event(crate::events::Event::Share {
-            entity_id: entity_id.to_string(),
-            owner: owner.to_string(),
-            home: home.to_string(),
-            rights: rights.to_string(),
+            entity_id: entity_id.into(),
+            owner: owner.into(),
+            home: home.into(),
+            rights: crate::Rights::from_stored(rights),
             granted: rights != "none",
-            from_peer,
+            from_peer: from_peer.map(Into::into),
         });
     }
 }

@@ -1,4 +1,4 @@
-//! Records the home root key signs: device certificates, revocations and the device list.
+//! Records the home root key signs: device certificates and revocations.
 //!
 //! Each record travels as CBOR, but its signature covers a fixed byte layout (see
 //! [`Transcript`]) rebuilt from the decoded fields. The signature therefore does not depend
@@ -20,7 +20,7 @@ use super::error::TrustError;
 use super::wire::{Transcript, from_cbor, to_cbor};
 use crate::home::home_id_for;
 
-/// Format version of certificates, revocations and device lists.
+/// Format version of certificates and revocations.
 pub(crate) const CERT_VERSION: u8 = 1;
 /// Largest encoded certificate or revocation accepted. A certificate with the longest
 /// allowed name and PeerId is about 400 bytes.
@@ -30,16 +30,11 @@ pub(crate) const MAX_DEVICE_NAME_LEN: usize = 64;
 /// Longest PeerId text accepted. Ed25519 PeerIds are 52 characters; the margin allows
 /// other key types without letting a peer send kilobytes.
 pub(crate) const MAX_PEER_ID_LEN: usize = 128;
-/// Most devices a signed device list may name.
-pub(crate) const MAX_DEVICES: usize = 256;
-/// Largest encoded device list accepted: every member at the longest PeerId, plus framing.
-pub(crate) const MAX_DEVICE_LIST_LEN: usize = MAX_DEVICES * (MAX_PEER_ID_LEN + 4) + 1024;
 /// Longest HomeId text accepted (base58 of 16 bytes is at most 22 characters).
 const MAX_HOME_ID_LEN: usize = 32;
 
 const CERT_DOMAIN: &[u8] = b"hearth device certificate v1";
 const REVOCATION_DOMAIN: &[u8] = b"hearth device revocation v1";
-const DEVICE_LIST_DOMAIN: &[u8] = b"hearth device list v1";
 
 /// The outcome of checking a signed record against a home's root key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +57,7 @@ pub(crate) enum Verdict<T> {
 
 impl<T> Verdict<T> {
     /// The verified record, if the verdict is [`Verdict::Valid`].
+    #[cfg(test)]
     pub(crate) fn valid(self) -> Option<T> {
         match self {
             Self::Valid(v) => Some(v),
@@ -189,11 +185,6 @@ impl DeviceCert {
         .map(|()| self)
     }
 
-    /// The home the certificate admits the device to.
-    pub(crate) fn home_id(&self) -> &str {
-        &self.home_id
-    }
-
     /// The device's PeerId, as text.
     pub(crate) fn peer_id(&self) -> &str {
         &self.peer_id
@@ -207,16 +198,6 @@ impl DeviceCert {
     /// The name people see for the device.
     pub(crate) fn device_name(&self) -> &str {
         &self.device_name
-    }
-
-    /// When the root key signed the certificate, in Unix milliseconds.
-    pub(crate) fn issued_at_ms(&self) -> u64 {
-        self.issued_at_ms
-    }
-
-    /// Whether the device may administer the home.
-    pub(crate) fn admin(&self) -> bool {
-        self.admin
     }
 
     fn signed_bytes(&self) -> Vec<u8> {
@@ -325,11 +306,6 @@ impl Revocation {
         &self.peer_id
     }
 
-    /// When the device was revoked, in Unix milliseconds.
-    pub(crate) fn revoked_at_ms(&self) -> u64 {
-        self.revoked_at_ms
-    }
-
     fn signed_bytes(&self) -> Vec<u8> {
         let mut t = Transcript::new(REVOCATION_DOMAIN);
         t.u8(self.version)
@@ -346,134 +322,6 @@ impl fmt::Debug for Revocation {
             .field("home_id", &self.home_id)
             .field("peer_id", &self.peer_id)
             .field("revoked_at_ms", &self.revoked_at_ms)
-            .finish_non_exhaustive()
-    }
-}
-
-/// The root key's list of the home's current member devices.
-///
-/// A paired home wraps document keys for exactly these devices. `serial` grows with each
-/// new list, so a peer keeps the highest one it has verified and ignores replays of older
-/// lists that still named a revoked device.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct DeviceList {
-    version: u8,
-    home_id: String,
-    serial: u64,
-    issued_at_ms: u64,
-    members: Vec<String>,
-    #[serde(with = "serde_bytes")]
-    signature: [u8; 64],
-}
-
-impl DeviceList {
-    /// Signs a list of member PeerIds. Order and duplicates in `members` do not matter:
-    /// the list is stored sorted and de-duplicated so equal sets sign equal bytes.
-    pub(crate) fn issue(
-        root: &SigningKey,
-        serial: u64,
-        issued_at_ms: u64,
-        members: &[&str],
-    ) -> Result<Self, TrustError> {
-        let mut members: Vec<String> = members.iter().map(|m| m.to_string()).collect();
-        members.sort();
-        members.dedup();
-        check_members(&members).map_err(|detail| TrustError::Invalid {
-            what: "device list",
-            detail,
-        })?;
-        let mut list = Self {
-            version: CERT_VERSION,
-            home_id: home_id_for(&root.verifying_key().to_bytes()),
-            serial,
-            issued_at_ms,
-            members,
-            signature: [0; 64],
-        };
-        list.signature = root.sign(&list.signed_bytes()).to_bytes();
-        Ok(list)
-    }
-
-    /// Encodes the list for the home document and for paired homes.
-    pub(crate) fn encode(&self) -> Result<Vec<u8>, TrustError> {
-        to_cbor("device list", self)
-    }
-
-    /// Decodes and verifies bytes from outside.
-    pub(crate) fn verify_bytes(bytes: &[u8], root_public: &[u8; 32]) -> Verdict<Self> {
-        match from_cbor::<Self>("device list", bytes, MAX_DEVICE_LIST_LEN) {
-            Ok(list) => list.verify(root_public).map(|_| ()).map(|()| list),
-            Err(e) => Verdict::Malformed(e.to_string()),
-        }
-    }
-
-    /// Checks the list against the home's root public key.
-    pub(crate) fn verify(&self, root_public: &[u8; 32]) -> Verdict<&Self> {
-        if self.version != CERT_VERSION {
-            return Verdict::Malformed(format!(
-                "device list version {} is not supported (expected {CERT_VERSION})",
-                self.version
-            ));
-        }
-        if let Err(m) = check_members(&self.members) {
-            return Verdict::Malformed(m);
-        }
-        // Signed lists are sorted and unique; anything else was not made by `issue`.
-        if !self.members.windows(2).all(|w| w[0] < w[1]) {
-            return Verdict::Malformed("members are not sorted and unique".into());
-        }
-        verify_signed(
-            root_public,
-            &self.home_id,
-            &self.signed_bytes(),
-            &self.signature,
-        )
-        .map(|()| self)
-    }
-
-    /// Grows with every list the root key signs.
-    pub(crate) fn serial(&self) -> u64 {
-        self.serial
-    }
-
-    /// When the list was signed, in Unix milliseconds.
-    pub(crate) fn issued_at_ms(&self) -> u64 {
-        self.issued_at_ms
-    }
-
-    /// The member PeerIds, sorted.
-    pub(crate) fn members(&self) -> &[String] {
-        &self.members
-    }
-
-    /// Whether `peer_id` is on the list.
-    pub(crate) fn contains(&self, peer_id: &str) -> bool {
-        self.members
-            .binary_search_by(|m| m.as_str().cmp(peer_id))
-            .is_ok()
-    }
-
-    fn signed_bytes(&self) -> Vec<u8> {
-        let mut t = Transcript::new(DEVICE_LIST_DOMAIN);
-        t.u8(self.version)
-            .str_field(&self.home_id)
-            .u64(self.serial)
-            .u64(self.issued_at_ms)
-            .u64(self.members.len() as u64);
-        for m in &self.members {
-            t.str_field(m);
-        }
-        t.finish()
-    }
-}
-
-impl fmt::Debug for DeviceList {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DeviceList")
-            .field("home_id", &self.home_id)
-            .field("serial", &self.serial)
-            .field("members", &self.members.len())
             .finish_non_exhaustive()
     }
 }
@@ -538,16 +386,6 @@ fn check_device_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn check_members(members: &[String]) -> Result<(), String> {
-    if members.len() > MAX_DEVICES {
-        return Err(format!(
-            "{} members, at most {MAX_DEVICES} are allowed",
-            members.len()
-        ));
-    }
-    members.iter().try_for_each(|m| check_peer_id(m))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -586,14 +424,11 @@ mod tests {
             .expect("valid certificate");
         assert_eq!(back, c);
         assert_eq!(back.peer_id(), peer);
-        assert_eq!(
-            back.home_id(),
-            home_id_for(&root.verifying_key().to_bytes())
-        );
+        assert_eq!(back.home_id, home_id_for(&root.verifying_key().to_bytes()));
         assert_eq!(back.x25519_public(), &[9; 32]);
         assert_eq!(back.device_name(), "kitchen tablet");
-        assert_eq!(back.issued_at_ms(), 1_763_790_000_000);
-        assert!(!back.admin());
+        assert_eq!(back.issued_at_ms, 1_763_790_000_000);
+        assert!(!back.admin);
     }
 
     #[test]
@@ -618,7 +453,7 @@ mod tests {
         match verdict {
             Verdict::WrongHome { expected, found } => {
                 assert_eq!(expected, home_id_for(&root(1).verifying_key().to_bytes()));
-                assert_eq!(found, c.home_id());
+                assert_eq!(found, c.home_id);
             }
             v => panic!("expected WrongHome, got {v:?}"),
         }
@@ -702,7 +537,7 @@ mod tests {
             .valid()
             .unwrap();
         assert_eq!(back.peer_id(), p);
-        assert_eq!(back.revoked_at_ms(), 42);
+        assert_eq!(back.revoked_at_ms, 42);
 
         let mut forged = rev.clone();
         forged.revoked_at_ms = 41;
@@ -717,37 +552,6 @@ mod tests {
 
     fn root_of(seed: u8) -> [u8; 32] {
         root(seed).verifying_key().to_bytes()
-    }
-
-    #[test]
-    fn device_lists_are_canonical_and_signed() {
-        let root = root(5);
-        let (a, b) = (peer(), peer());
-        let list = DeviceList::issue(&root, 7, 1000, &[&b, &a, &b]).unwrap();
-        assert_eq!(list.members().len(), 2);
-        assert!(list.contains(&a) && list.contains(&b));
-        assert!(!list.contains(&peer()));
-        let back = DeviceList::verify_bytes(&list.encode().unwrap(), &root_of(5))
-            .valid()
-            .unwrap();
-        assert_eq!(back.serial(), 7);
-        assert_eq!(back.issued_at_ms(), 1000);
-
-        let mut grown = list.clone();
-        grown.members.push(peer());
-        grown.members.sort();
-        assert_eq!(grown.verify(&root_of(5)), Verdict::BadSignature);
-
-        let mut unsorted = list.clone();
-        unsorted.members.reverse();
-        assert!(matches!(
-            unsorted.verify(&root_of(5)),
-            Verdict::Malformed(_)
-        ));
-
-        let too_many: Vec<String> = (0..=MAX_DEVICES).map(|_| peer()).collect();
-        let refs: Vec<&str> = too_many.iter().map(String::as_str).collect();
-        assert!(DeviceList::issue(&root, 8, 0, &refs).is_err());
     }
 
     #[test]
@@ -768,7 +572,6 @@ mod tests {
             let public = root_of(1);
             prop_assert!(!matches!(DeviceCert::verify_bytes(&bytes, &public), Verdict::Valid(_)));
             prop_assert!(!matches!(Revocation::verify_bytes(&bytes, &public), Verdict::Valid(_)));
-            prop_assert!(!matches!(DeviceList::verify_bytes(&bytes, &public), Verdict::Valid(_)));
         }
 
         #[test]

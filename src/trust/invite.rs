@@ -38,8 +38,6 @@ pub(crate) const MAX_INVITE_PEER_ID_LEN: usize = 64;
 /// Longest code text accepted: the longest valid code, with room to spare. Checked
 /// before base58 decoding, whose cost grows with the square of the length.
 pub(crate) const MAX_CODE_CHARS: usize = 1024;
-/// How long a code lives unless the caller says otherwise: 10 minutes.
-pub(crate) const DEFAULT_TTL_S: u64 = 600;
 /// Longest lifetime a code may be given: one day.
 pub(crate) const MAX_TTL_S: u64 = 24 * 3600;
 /// Open codes an issuer keeps by default.
@@ -631,19 +629,13 @@ impl InviteBook {
         }
     }
 
-    /// Withdraws a code before it is used; returns whether it was open.
-    pub(crate) fn withdraw(&mut self, id: &CodeId, now_s: u64) -> bool {
-        let was_open = self.entries.get(id).is_some_and(|e| e.is_open(now_s));
-        self.entries.remove(id);
-        was_open
-    }
-
     /// Codes that could still be used at `now_s`.
     pub(crate) fn open_count(&self, now_s: u64) -> usize {
         self.entries.values().filter(|e| e.is_open(now_s)).count()
     }
 
     /// Attempts left for a code, or `None` if the book does not know it.
+    #[cfg(test)]
     pub(crate) fn attempts_left(&self, id: &CodeId) -> Option<u8> {
         self.entries
             .get(id)
@@ -960,14 +952,6 @@ pub(crate) mod tests {
 
         assert_eq!(
             book.check(&CodeId::from_bytes([0; 16]), NOW),
-            Err(TrustError::InviteUnknown)
-        );
-        assert!(
-            !book.withdraw(&b.code_id(), NOW),
-            "a burned code is not open"
-        );
-        assert_eq!(
-            book.check(&b.code_id(), NOW),
             Err(TrustError::InviteUnknown)
         );
     }

@@ -80,12 +80,6 @@ pub(crate) enum RecordKind {
     Push,
     /// An Automerge sync message on the sync stream.
     SyncMessage,
-    /// A stored full save of a document.
-    SnapshotChunk,
-    /// A stored incremental chunk of a document.
-    IncrementalChunk,
-    /// An ephemeral message (presence heartbeat, typing, ...), never stored.
-    Ephemeral,
 }
 
 impl RecordKind {
@@ -94,9 +88,6 @@ impl RecordKind {
         match self {
             Self::Push => 1,
             Self::SyncMessage => 2,
-            Self::SnapshotChunk => 3,
-            Self::IncrementalChunk => 4,
-            Self::Ephemeral => 5,
         }
     }
 }
@@ -442,18 +433,18 @@ mod tests {
     #[test]
     fn any_mismatch_refuses_to_open() {
         let key = DocKey::generate().unwrap();
-        let sealed = seal(&key, doc(1), epoch(2), RecordKind::SnapshotChunk, b"state").unwrap();
+        let sealed = seal(&key, doc(1), epoch(2), RecordKind::SyncMessage, b"state").unwrap();
         let decrypt_err = TrustError::Decrypt {
             what: "sealed record",
         };
 
         assert_eq!(
-            open(&key, doc(2), epoch(2), RecordKind::SnapshotChunk, &sealed),
+            open(&key, doc(2), epoch(2), RecordKind::SyncMessage, &sealed),
             Err(decrypt_err.clone()),
             "wrong doc id"
         );
         assert_eq!(
-            open(&key, doc(1), epoch(3), RecordKind::SnapshotChunk, &sealed),
+            open(&key, doc(1), epoch(3), RecordKind::SyncMessage, &sealed),
             Err(decrypt_err.clone()),
             "wrong epoch counter"
         );
@@ -462,24 +453,12 @@ mod tests {
             device: [4; 16],
         };
         assert_eq!(
-            open(
-                &key,
-                doc(1),
-                other_device,
-                RecordKind::SnapshotChunk,
-                &sealed
-            ),
+            open(&key, doc(1), other_device, RecordKind::SyncMessage, &sealed),
             Err(decrypt_err.clone()),
             "wrong epoch device"
         );
         assert_eq!(
-            open(
-                &key,
-                doc(1),
-                epoch(2),
-                RecordKind::IncrementalChunk,
-                &sealed
-            ),
+            open(&key, doc(1), epoch(2), RecordKind::Push, &sealed),
             Err(decrypt_err.clone()),
             "wrong kind"
         );
@@ -489,7 +468,7 @@ mod tests {
                 &other_key,
                 doc(1),
                 epoch(2),
-                RecordKind::SnapshotChunk,
+                RecordKind::SyncMessage,
                 &sealed
             ),
             Err(decrypt_err.clone()),
@@ -499,7 +478,7 @@ mod tests {
             let mut tampered = sealed.clone();
             tampered[i] ^= 0x80;
             assert_eq!(
-                open(&key, doc(1), epoch(2), RecordKind::SnapshotChunk, &tampered),
+                open(&key, doc(1), epoch(2), RecordKind::SyncMessage, &tampered),
                 Err(decrypt_err.clone()),
                 "byte {i} flipped"
             );
@@ -511,7 +490,7 @@ mod tests {
                 &key,
                 doc(1),
                 epoch(2),
-                RecordKind::SnapshotChunk,
+                RecordKind::SyncMessage,
                 &wrong_version
             ),
             Err(TrustError::Malformed { .. })
@@ -522,7 +501,7 @@ mod tests {
                     &key,
                     doc(1),
                     epoch(2),
-                    RecordKind::SnapshotChunk,
+                    RecordKind::SyncMessage,
                     &sealed[..len]
                 ),
                 Err(TrustError::Malformed { .. })
@@ -533,9 +512,9 @@ mod tests {
     #[test]
     fn an_empty_plaintext_still_authenticates() {
         let key = DocKey::generate().unwrap();
-        let sealed = seal(&key, doc(1), epoch(0), RecordKind::Ephemeral, b"").unwrap();
+        let sealed = seal(&key, doc(1), epoch(0), RecordKind::SyncMessage, b"").unwrap();
         assert_eq!(
-            open(&key, doc(1), epoch(0), RecordKind::Ephemeral, &sealed).unwrap(),
+            open(&key, doc(1), epoch(0), RecordKind::SyncMessage, &sealed).unwrap(),
             b""
         );
         assert!(open(&key, doc(1), epoch(0), RecordKind::Push, &sealed).is_err());

@@ -3,8 +3,8 @@
 //!
 //! Everything here is pure logic, with no sockets and no async runtime, so that the network
 //! layer can drive it and tests can run it in one thread:
-//! - [`cert`]: what the home root key signs (device certificates, revocations, the device
-//!   list), and the [`cert::Verdict`] of checking such a record.
+//! - [`cert`]: what the home root key signs (device certificates and revocations), and the
+//!   [`cert::Verdict`] of checking such a record.
 //! - [`invite`]: invite codes as one line of base58, and the issuer's [`invite::InviteBook`]
 //!   that makes them single-use and time-limited.
 //! - [`pake`]: the pairing exchange, a SPAKE2 handshake in which the joiner proves it knows

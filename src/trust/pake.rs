@@ -65,9 +65,6 @@ pub(crate) const MAX_GRANT_LEN: usize = 1024 * 1024;
 pub(crate) const MAX_JOINER_EXTRA_LEN: usize = 64 * 1024;
 /// Largest pairing message: a grant plus its framing.
 pub(crate) const MAX_PAIR_MESSAGE_LEN: usize = MAX_GRANT_LEN + 4096;
-/// How long the network layer should let one pairing exchange run before dropping it; the
-/// state machine itself has no timers.
-pub(crate) const PAIRING_TIMEOUT_S: u64 = 30;
 
 /// Length of a SPAKE2 message over Ed25519: a side byte and a compressed point.
 const SPAKE_MSG_LEN: usize = 33;

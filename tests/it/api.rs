@@ -158,9 +158,9 @@ fn status_peers_and_auth() {
     let dir = tempfile::tempdir().unwrap();
     let n = TestNode::start(dir.path(), "den");
     let status = n.ok("GET", "/api/status", None, 200);
-    assert_eq!(status["home"]["home_id"], n.node().home_id());
+    assert_eq!(status["home"]["home_id"], n.node().home_id().as_str());
     assert_eq!(status["device"], "den");
-    assert_eq!(status["peer_id"], n.node().peer_id());
+    assert_eq!(status["peer_id"], n.node().peer_id().as_str());
     assert!(!status["listen"].as_array().unwrap().is_empty(), "{status}");
     assert_eq!(status["peers"], json!([]));
     assert_eq!(n.ok("GET", "/api/peers", None, 200), json!({"peers": []}));
@@ -218,8 +218,8 @@ fn entity_delete_history_restore_and_bad_input() {
     );
     assert_eq!(*versions.last().unwrap(), off["version"].as_str().unwrap());
     for v in history["versions"].as_array().unwrap() {
-        assert_eq!(v["device"], n.node().peer_id(), "{v}");
-        assert_eq!(v["home"], n.node().home_id());
+        assert_eq!(v["device"], n.node().peer_id().as_str(), "{v}");
+        assert_eq!(v["home"], n.node().home_id().as_str());
         assert!(v["time"].as_str().unwrap().ends_with('Z'));
     }
     let limited = n.ok(
@@ -375,7 +375,7 @@ fn rooms_and_presence_round_trip_and_bad_input() {
     assert_eq!(room["creator"], "den");
     assert_eq!(room["max_size"], 2);
     assert_eq!(room["members"][0]["user"], "den");
-    assert_eq!(room["members"][0]["device"], n.node().peer_id());
+    assert_eq!(room["members"][0]["device"], n.node().peer_id().as_str());
     assert!(room["created_at"].as_str().unwrap().ends_with('Z'));
     // By id and by name.
     assert_eq!(
@@ -515,7 +515,7 @@ fn rooms_and_presence_round_trip_and_bad_input() {
     assert_eq!(set["status"], "away");
     assert_eq!(set["user"], "alice");
     assert_eq!(set["note"], "out");
-    assert_eq!(set["device"], n.node().peer_id());
+    assert_eq!(set["device"], n.node().peer_id().as_str());
     n.ok(
         "PUT",
         "/api/presence/bob",

@@ -36,8 +36,13 @@ async fn a_batch_of_writes_reaches_a_peer_and_survives_restart() {
     .unwrap();
 
     // 3 entities, 100 updates each, interleaved: new entities and updates in one batch.
-    let writes: Vec<(String, EntityWrite)> = (0..300)
-        .map(|i| (format!("sensor.s{}", i % 3), write(&format!("v{}", i / 3))))
+    let writes: Vec<(hearth::EntityId, EntityWrite)> = (0..300)
+        .map(|i| {
+            (
+                format!("sensor.s{}", i % 3).into(),
+                write(&format!("v{}", i / 3)),
+            )
+        })
         .collect();
     let written = timeout(T, a.entities().set_many(writes))
         .await
@@ -99,7 +104,7 @@ async fn a_batch_with_one_bad_write_applies_none_and_oversized_batches_are_refus
     assert!(err.to_string().contains("invalid entity id"), "{err}");
     assert_eq!(e.get("light.ok").await.unwrap(), None);
 
-    let too_many = vec![("light.ok".to_string(), write("on")); hearth::MAX_BATCH_WRITES + 1];
+    let too_many = vec![("light.ok".into(), write("on")); hearth::MAX_BATCH_WRITES + 1];
     let err = e.set_many(too_many).await.unwrap_err();
     assert!(err.to_string().contains("at most"), "{err}");
     assert!(e.set_many(Vec::new()).await.unwrap().is_empty());

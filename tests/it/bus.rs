@@ -98,7 +98,7 @@ async fn a_correlation_id_reaches_a_device_that_catches_up_by_sync() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(event.correlation_id.as_deref(), Some("away-7"));
-    assert_eq!(event.source.device, a.peer_id());
+    assert_eq!(event.source.device, a.peer_id().as_str());
     assert_eq!(event.metadata["origin"], "remote");
 
     // A later write without an id is not credited with the earlier one.

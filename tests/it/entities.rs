@@ -91,7 +91,7 @@ async fn entities_are_written_read_announced_and_survive_restart() {
         .await
         .unwrap()
         .unwrap();
-    let home_id = node.home_id().to_string();
+    let home_id = node.home_id().clone();
     let entities = node.entities();
     let mut changes = node.events();
 
@@ -150,7 +150,7 @@ async fn entities_are_written_read_announced_and_survive_restart() {
         .unwrap()
         .unwrap()
         .into_iter()
-        .map(|e| e.id)
+        .map(|e| e.id.into_string())
         .collect();
     assert_eq!(listed, ["light.porch", "sensor.door"]);
     assert_eq!(

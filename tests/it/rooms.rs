@@ -37,7 +37,7 @@ pub(crate) fn pair() -> (TestNode, TestNode, tempfile::TempDir) {
     .expect("join timed out")
     .expect("join");
     let b = TestNode::start_on(rt, &b_dir, "hallway");
-    let peer = a.node().peer_id().to_string();
+    let peer = a.node().peer_id().clone();
     eventually("b admits a", || {
         b.rt.block_on(b.node().admitted_peers())
             .unwrap()
@@ -104,7 +104,7 @@ fn rooms_chat_presence_and_deletes_reach_the_other_device() {
         status == 200 && p["status"] == "busy"
     });
     let p = b.ok("GET", "/api/presence/alice", None, 200);
-    assert_eq!(p["device"], a.node().peer_id());
+    assert_eq!(p["device"], a.node().peer_id().as_str());
 
     // A delete on a removes the entity on b.
     a.ok(
@@ -136,7 +136,7 @@ fn rooms_chat_presence_and_deletes_reach_the_other_device() {
         match &event {
             Event::RoomCreated { room, from_peer } => {
                 assert_eq!(room.room_id, id);
-                assert_eq!(from_peer.as_deref(), Some(a.node().peer_id()));
+                assert_eq!(from_peer.as_ref(), Some(a.node().peer_id()));
             }
             Event::Chat { message, .. } if message.sender == "kitchen" => {
                 assert_eq!(message.message, "hello hallway");

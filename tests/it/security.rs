@@ -8,7 +8,7 @@ use crate::pairing::{T, wait_state, write};
 use crate::sharing::{init_tracing, pair, start, until};
 
 /// Waits until `node` holds no frames queued for `peer`: everything it sent is on the wire.
-async fn drained(node: &Node, peer: &str) {
+async fn drained(node: &Node, peer: &hearth::DeviceId) {
     until("the sender's queue drains", || async {
         matches!(node.outbound_queue(peer).await, Ok(None) | Ok(Some((0, _))))
     })
@@ -28,7 +28,7 @@ async fn a_write_read_after_its_sender_left_is_not_applied() {
     a.entities().set("light.porch", write("off")).await.unwrap();
     pair(&a, &b).await;
     a.shares()
-        .share("light.porch", b.home_id(), true, None)
+        .share("light.porch", b.home_id(), hearth::Rights::Read, None)
         .await
         .unwrap();
     wait_state(&b, "light.porch", "off").await;
@@ -40,7 +40,7 @@ async fn a_write_read_after_its_sender_left_is_not_applied() {
         .await
         .unwrap();
     drained(&b, a.peer_id()).await;
-    let b_peer = b.peer_id().to_string();
+    let b_peer = b.peer_id().clone();
     timeout(T, b.shutdown()).await.unwrap().unwrap();
     until("A's network sees B gone", || async {
         matches!(a.outbound_queue(&b_peer).await, Ok(None))
@@ -96,7 +96,7 @@ async fn a_device_revocation_reaches_a_paired_home() {
     b.entities().set("sensor.b", write("v1")).await.unwrap();
     pair(&a, &b).await;
     b.shares()
-        .share("sensor.b", a.home_id(), false, None)
+        .share("sensor.b", a.home_id(), hearth::Rights::Write, None)
         .await
         .unwrap();
     wait_state(&a, "sensor.b", "v1").await;
@@ -107,12 +107,12 @@ async fn a_device_revocation_reaches_a_paired_home() {
     wait_state(&a3, "light.a", "on").await;
     // What a3 sets up with B, for A's admin to find later.
     a3.shares()
-        .share("light.a", b.home_id(), true, None)
+        .share("light.a", b.home_id(), hearth::Rights::Read, None)
         .await
         .unwrap();
     wait_state(&b, "light.a", "on").await;
 
-    let a3_peer = a3.peer_id().to_string();
+    let a3_peer = a3.peer_id().clone();
     a.revoke_device(&a3_peer).await.unwrap();
     until("B lists the revoked device of A", || async {
         b.shares()
@@ -139,7 +139,7 @@ async fn a_device_revocation_reaches_a_paired_home() {
         .lock()
         .unwrap()
         .iter()
-        .filter(|c| c.peer == b.peer_id() && c.stream == "sync")
+        .filter(|c| c.peer == b.peer_id().as_str() && c.stream == "sync")
         .filter(|c| epoch_of(&c.raw).is_some_and(|e| e > 0))
         .map(|c| c.raw.clone())
         .collect();
@@ -192,11 +192,11 @@ async fn a_revocation_holds_against_unsigned_resets_and_old_keys() {
         .unwrap()
         .iter()
         .rev()
-        .find(|c| c.peer == a.peer_id() && c.stream == "sync" && c.opened.is_some())
+        .find(|c| c.peer == a.peer_id().as_str() && c.stream == "sync" && c.opened.is_some())
         .map(|c| c.raw.clone())
         .expect("a frame from A");
 
-    let a3_peer = a3.peer_id().to_string();
+    let a3_peer = a3.peer_id().clone();
     a.revoke_device(&a3_peer).await.unwrap();
     a.entities()
         .set("light.hall", write("after"))
@@ -264,7 +264,7 @@ async fn a_writer_home_cannot_rewrite_an_entitys_header() {
     a.entities().set("light.porch", write("off")).await.unwrap();
     pair(&a, &b).await;
     a.shares()
-        .share("light.porch", b.home_id(), false, None)
+        .share("light.porch", b.home_id(), hearth::Rights::Write, None)
         .await
         .unwrap();
     wait_state(&b, "light.porch", "off").await;
@@ -273,9 +273,16 @@ async fn a_writer_home_cannot_rewrite_an_entitys_header() {
         .await
         .unwrap();
     until("A refuses and audits B's header change", || async {
-        a.shares().audit(0).await.unwrap().iter().any(|e| {
-            e.action == "write.refused" && e.actor == b.peer_id() && e.subject.contains("header")
-        })
+        a.shares()
+            .audit(hearth::Timestamp::from_unix_ms(0))
+            .await
+            .unwrap()
+            .iter()
+            .any(|e| {
+                e.action == "write.refused"
+                    && e.actor == b.peer_id().as_str()
+                    && e.subject.contains("header")
+            })
     })
     .await;
     // A's own rotation still works: the counter was never moved at A.
@@ -284,7 +291,7 @@ async fn a_writer_home_cannot_rewrite_an_entitys_header() {
         .await
         .unwrap();
     a.shares()
-        .share("light.porch", b.home_id(), false, None)
+        .share("light.porch", b.home_id(), hearth::Rights::Write, None)
         .await
         .unwrap();
     a.entities().set("light.porch", write("on")).await.unwrap();

@@ -88,7 +88,7 @@ async fn a_compressed_bomb_from_a_read_only_home_is_refused_and_the_owner_keeps_
     a.entities().set("light.porch", write("off")).await.unwrap();
     pair(&a, &b).await;
     a.shares()
-        .share("light.porch", b.home_id(), true, None)
+        .share("light.porch", b.home_id(), hearth::Rights::Read, None)
         .await
         .unwrap();
     wait_state(&b, "light.porch", "off").await;
@@ -112,11 +112,16 @@ async fn a_compressed_bomb_from_a_read_only_home_is_refused_and_the_owner_keeps_
     })
     .await;
     until("A audits the refusal as a compressed chunk", || async {
-        a.shares().audit(0).await.unwrap().iter().any(|e| {
-            e.action == "sync.refused"
-                && e.actor == b.peer_id()
-                && e.subject.contains("compressed chunk")
-        })
+        a.shares()
+            .audit(hearth::Timestamp::from_unix_ms(0))
+            .await
+            .unwrap()
+            .iter()
+            .any(|e| {
+                e.action == "sync.refused"
+                    && e.actor == b.peer_id().as_str()
+                    && e.subject.contains("compressed chunk")
+            })
     })
     .await;
 

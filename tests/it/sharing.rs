@@ -63,10 +63,10 @@ async fn paired_homes_share_an_entity_and_write_it_both_ways() {
     let mut events = b.events();
     let out = a
         .shares()
-        .share("light.porch", b.home_id(), false, None)
+        .share("light.porch", b.home_id(), hearth::Rights::Write, None)
         .await
         .unwrap();
-    assert_eq!(out.rights, "write");
+    assert_eq!(out.rights, hearth::Rights::Write);
     wait_state(&b, "light.porch", "off").await;
     let granted = timeout(T, async {
         loop {
@@ -109,7 +109,7 @@ async fn a_read_only_grant_refuses_writes_at_both_ends() {
     a.entities().set("light.porch", write("off")).await.unwrap();
     pair(&a, &b).await;
     a.shares()
-        .share("light.porch", b.home_id(), true, None)
+        .share("light.porch", b.home_id(), hearth::Rights::Read, None)
         .await
         .unwrap();
     wait_state(&b, "light.porch", "off").await;
@@ -137,12 +137,12 @@ async fn an_unshared_home_reads_nothing_new_and_its_requests_are_refused() {
     pair(&a, &c).await;
     for home in [b.home_id(), c.home_id()] {
         a.shares()
-            .share("light.porch", home, false, None)
+            .share("light.porch", home, hearth::Rights::Write, None)
             .await
             .unwrap();
     }
     a.shares()
-        .share("light.sentinel", b.home_id(), false, None)
+        .share("light.sentinel", b.home_id(), hearth::Rights::Write, None)
         .await
         .unwrap();
     wait_state(&b, "light.sentinel", "0").await;
@@ -183,7 +183,11 @@ async fn an_unshared_home_reads_nothing_new_and_its_requests_are_refused() {
         .find(|s| s.entity_id == "light.porch");
     assert!(porch.unwrap().revoked);
 
-    let audit = a.shares().audit(0).await.unwrap();
+    let audit = a
+        .shares()
+        .audit(hearth::Timestamp::from_unix_ms(0))
+        .await
+        .unwrap();
     let actions: Vec<&str> = audit.iter().map(|e| e.action.as_str()).collect();
     let pos = |what: &str| actions.iter().position(|a| *a == what);
     assert!(pos("home.paired") < pos("share.granted"), "{actions:?}");
@@ -219,7 +223,12 @@ async fn only_shared_entities_leave_the_home() {
     pair(&a, &b).await;
     for i in [3, 11] {
         a.shares()
-            .share(&format!("sensor.s{i}"), b.home_id(), true, None)
+            .share(
+                &format!("sensor.s{i}"),
+                b.home_id(),
+                hearth::Rights::Read,
+                None,
+            )
             .await
             .unwrap();
     }
@@ -244,7 +253,7 @@ async fn only_shared_entities_leave_the_home() {
         .await
         .unwrap()
         .into_iter()
-        .map(|e| e.id)
+        .map(|e| e.id.into_string())
         .collect();
     assert_eq!(listed, ["sensor.s11", "sensor.s3"]);
     let captured = captured.lock().unwrap().clone();
@@ -284,7 +293,7 @@ async fn a_third_home_cannot_open_frames_meant_for_another() {
     pair(&a, &b).await;
     pair(&a, &c).await;
     a.shares()
-        .share("light.porch", b.home_id(), false, None)
+        .share("light.porch", b.home_id(), hearth::Rights::Write, None)
         .await
         .unwrap();
     wait_state(&b, "light.porch", "off").await;
@@ -295,7 +304,7 @@ async fn a_third_home_cannot_open_frames_meant_for_another() {
         .lock()
         .unwrap()
         .iter()
-        .filter(|c| c.peer == a.peer_id() && c.opened.is_some())
+        .filter(|c| c.peer == a.peer_id().as_str() && c.opened.is_some())
         .map(|c| c.raw.clone())
         .collect();
     assert!(!frames.is_empty(), "no frame of A's captured at B");
@@ -320,11 +329,11 @@ async fn the_owner_refuses_writes_from_a_read_only_home() {
     pair(&a, &b).await;
     pair(&a, &c).await;
     a.shares()
-        .share("light.porch", b.home_id(), true, None)
+        .share("light.porch", b.home_id(), hearth::Rights::Read, None)
         .await
         .unwrap();
     a.shares()
-        .share("light.porch", c.home_id(), false, None)
+        .share("light.porch", c.home_id(), hearth::Rights::Write, None)
         .await
         .unwrap();
     wait_state(&b, "light.porch", "off").await;
@@ -336,11 +345,11 @@ async fn the_owner_refuses_writes_from_a_read_only_home() {
         .unwrap();
     until("A refuses and audits B's write", || async {
         a.shares()
-            .audit(0)
+            .audit(hearth::Timestamp::from_unix_ms(0))
             .await
             .unwrap()
             .iter()
-            .any(|e| e.action == "write.refused" && e.actor == b.peer_id())
+            .any(|e| e.action == "write.refused" && e.actor == b.peer_id().as_str())
     })
     .await;
     // A write that C makes still flows, and B's never does.
@@ -381,7 +390,7 @@ async fn a_home_revoked_while_away_is_refused_when_it_returns() {
     pair(&a, &b).await;
     for id in ["light.porch", "light.sentinel"] {
         a.shares()
-            .share(id, b.home_id(), false, None)
+            .share(id, b.home_id(), hearth::Rights::Write, None)
             .await
             .unwrap();
     }
@@ -401,11 +410,11 @@ async fn a_home_revoked_while_away_is_refused_when_it_returns() {
     let captured = b.debug_capture().await.unwrap();
     until("A refuses B's sync requests for the entity", || async {
         a.shares()
-            .audit(0)
+            .audit(hearth::Timestamp::from_unix_ms(0))
             .await
             .unwrap()
             .iter()
-            .any(|e| e.action == "sync.refused" && e.actor == b.peer_id())
+            .any(|e| e.action == "sync.refused" && e.actor == b.peer_id().as_str())
     })
     .await;
     // A write of the entity still shared with B arrives after anything A sent before it.
@@ -583,10 +592,15 @@ async fn a_user_choice_conflict_between_homes_waits_for_a_resolution() {
     pair(&a, &b).await;
     let out = a
         .shares()
-        .share("lock.door", b.home_id(), false, Some("user-choice"))
+        .share(
+            "lock.door",
+            b.home_id(),
+            hearth::Rights::Write,
+            Some(hearth::Policy::UserChoice),
+        )
         .await
         .unwrap();
-    assert_eq!(out.policy, "user-choice");
+    assert_eq!(out.policy, hearth::Policy::UserChoice);
     wait_state(&b, "lock.door", "locked").await;
 
     // Concurrent writes: neither side reads the network while both write.
@@ -637,7 +651,7 @@ async fn a_user_choice_conflict_between_homes_waits_for_a_resolution() {
     assert!(matches!(err, Error::Invalid(_)), "{err:?}");
     until("the owner audits the detection", || async {
         a.shares()
-            .audit(0)
+            .audit(hearth::Timestamp::from_unix_ms(0))
             .await
             .unwrap()
             .iter()
@@ -646,11 +660,11 @@ async fn a_user_choice_conflict_between_homes_waits_for_a_resolution() {
     .await;
     assert!(
         b.shares()
-            .audit(0)
+            .audit(hearth::Timestamp::from_unix_ms(0))
             .await
             .unwrap()
             .iter()
-            .any(|e| e.action == "conflict.resolved" && e.actor == b.peer_id())
+            .any(|e| e.action == "conflict.resolved" && e.actor == b.peer_id().as_str())
     );
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
@@ -674,7 +688,7 @@ async fn a_revoked_device_is_refused_and_reads_nothing_new() {
     let b = start(dirs[3].path(), "b").await;
     pair(&a, &b).await;
     a.shares()
-        .share("light.porch", b.home_id(), false, None)
+        .share("light.porch", b.home_id(), hearth::Rights::Write, None)
         .await
         .unwrap();
     for node in [&a2, &a3, &b] {
@@ -759,7 +773,11 @@ async fn a_revoked_device_is_refused_and_reads_nothing_new() {
         "the revoked device opened {opened_by_revoked} of {} new frames",
         frames.len()
     );
-    let audit = a.shares().audit(0).await.unwrap();
+    let audit = a
+        .shares()
+        .audit(hearth::Timestamp::from_unix_ms(0))
+        .await
+        .unwrap();
     assert!(audit.iter().any(|e| e.action == "device.revoked"));
     for node in [a, a2, a3, b] {
         node.shutdown().await.unwrap();
@@ -776,7 +794,7 @@ async fn a_grantee_never_relays_a_shared_entity_to_its_own_devices() {
     b.entities().set("sensor.own", write("b's")).await.unwrap();
     pair(&a, &b).await;
     a.shares()
-        .share("light.porch", b.home_id(), false, None)
+        .share("light.porch", b.home_id(), hearth::Rights::Write, None)
         .await
         .unwrap();
     wait_state(&b, "light.porch", "on").await;
@@ -808,7 +826,7 @@ async fn malformed_grants_from_a_paired_home_are_dropped() {
     a.entities().set("light.porch", write("on")).await.unwrap();
     pair(&a, &b).await;
     a.shares()
-        .share("light.porch", b.home_id(), false, None)
+        .share("light.porch", b.home_id(), hearth::Rights::Write, None)
         .await
         .unwrap();
     wait_state(&b, "light.porch", "on").await;

@@ -355,7 +355,7 @@ async fn every_change_received_before_shutdown_is_on_disk_after_restart() {
 
     // Each write makes a new document on A, so B persists hundreds of remote changes.
     let writes = (0..WRITES)
-        .map(|i| (format!("sensor.n{i}"), write(&format!("v{i}"))))
+        .map(|i| (format!("sensor.n{i}").into(), write(&format!("v{i}"))))
         .collect();
     timeout(T, a.entities().set_many(writes))
         .await

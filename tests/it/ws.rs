@@ -158,8 +158,8 @@ async fn a_state_written_on_one_device_reaches_the_other_devices_clients_with_it
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
     let a = start(dirs[0].path(), "a").await;
     let (mut peers_a, hello) = Client::connect(&a).await;
-    assert_eq!(hello["device"], a.peer_id());
-    assert_eq!(hello["home"], a.home_id());
+    assert_eq!(hello["device"], a.peer_id().as_str());
+    assert_eq!(hello["home"], a.home_id().as_str());
     assert!(!hello["session_id"].as_str().unwrap().is_empty());
     peers_a.subscribe(&["peer.*"]).await;
 
@@ -168,7 +168,7 @@ async fn a_state_written_on_one_device_reaches_the_other_devices_clients_with_it
     // The admission on A reaches A's client as a generic event.
     let connected = peers_a.next_of("event").await;
     assert_eq!(connected["name"], "peer.connected");
-    assert_eq!(connected["subject"], b.peer_id());
+    assert_eq!(connected["subject"], b.peer_id().as_str());
     assert_eq!(connected["data"]["device_name"], "b");
 
     let (mut on_b, _) = Client::connect(&b).await;
@@ -184,7 +184,7 @@ async fn a_state_written_on_one_device_reaches_the_other_devices_clients_with_it
     assert_eq!(update["entity_id"], "light.porch");
     assert_eq!(update["state"], "on");
     assert_eq!(update["attributes"]["brightness"], 80);
-    assert_eq!(update["source_device"], a.peer_id());
+    assert_eq!(update["source_device"], a.peer_id().as_str());
     assert!(update["timestamp"].as_f64().unwrap() > 1.0e9);
 
     // Now a write with a correlation id: B's bus and B's client see the id.
@@ -208,8 +208,8 @@ async fn a_state_written_on_one_device_reaches_the_other_devices_clients_with_it
     assert_eq!(event.name, "entity.changed");
     assert_eq!(event.subject, "light.porch");
     assert_eq!(event.correlation_id.as_deref(), Some("req-42"));
-    assert_eq!(event.source.device, a.peer_id());
-    assert_eq!(event.source.home, a.home_id());
+    assert_eq!(event.source.device, a.peer_id().as_str());
+    assert_eq!(event.source.home, a.home_id().as_str());
     assert_eq!(event.metadata["origin"], "remote");
 
     // A local write on B is an event on B too, without a correlation id.
@@ -219,7 +219,7 @@ async fn a_state_written_on_one_device_reaches_the_other_devices_clients_with_it
         .unwrap();
     let update = on_b.next_of("state_update").await;
     assert_eq!(update["state"], "dim");
-    assert_eq!(update["source_device"], b.peer_id());
+    assert_eq!(update["source_device"], b.peer_id().as_str());
     assert!(update.get("correlation_id").is_none());
 
     drop((peers_a, on_a, on_b, bus_b));
@@ -443,7 +443,7 @@ async fn bad_messages_get_errors_and_the_socket_stays_open() {
         .await;
     let update = c.next_of("state_update").await;
     assert_eq!(update["state"], "on");
-    assert_eq!(update["source_device"], node.peer_id());
+    assert_eq!(update["source_device"], node.peer_id().as_str());
     timeout(T, node.shutdown()).await.unwrap().unwrap();
 }
 
@@ -469,7 +469,7 @@ async fn chat_and_presence_sent_on_one_device_reach_the_other_devices_clients() 
     };
     assert_eq!(created["subject"], room.room_id);
     assert_eq!(created["data"]["name"], "lounge");
-    assert_eq!(created["source"]["device"], a.peer_id());
+    assert_eq!(created["source"]["device"], a.peer_id().as_str());
 
     let (mut on_a, _) = Client::connect(&a).await;
     on_a.send(json!({"type": "send_message", "data": {
@@ -561,7 +561,7 @@ async fn a_client_learns_how_many_events_the_node_lost() {
     while written < total {
         let batch = ids
             .iter()
-            .map(|id| (id.clone(), write(&written.to_string())));
+            .map(|id| (id.into(), write(&written.to_string())));
         timeout(T, node.entities().set_many(batch.collect()))
             .await
             .unwrap()
