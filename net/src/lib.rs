@@ -112,6 +112,8 @@ mod identity;
 mod log_limit;
 mod pair;
 mod stream;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 use std::sync::Arc;
 

@@ -26,6 +26,8 @@ pub(crate) mod keyring;
 mod load;
 mod outputs;
 mod status;
+#[cfg(test)]
+pub(crate) mod testing;
 
 use crate::entities::batching;
 use crate::pairing::service as pairing;

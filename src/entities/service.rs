@@ -45,7 +45,7 @@ pub(crate) enum EntityRequest {
     ListEntities {
         reply: Reply<Vec<Entity>>,
     },
-    // Entity history and deletion (entity_ops.rs).
+    // Entity history and deletion (ops.rs).
     DeleteEntity {
         id: String,
         reply: Reply<Entity>,
@@ -426,4 +426,110 @@ pub(crate) struct EntityState {
     /// Each entity's view as last read, with the heads it was read at, so listing every
     /// entity reads only the documents that changed since.
     pub(crate) views: HashMap<DocId, (Vec<automerge::ChangeHash>, Arc<Entity>)>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EntityRequest;
+    use crate::core::testing::TestCore;
+    use crate::entities::EntityWrite;
+    use crate::events::Event;
+
+    fn write(state: &str) -> EntityWrite {
+        EntityWrite {
+            state: state.into(),
+            attributes: None,
+            correlation_id: Some("c-1".into()),
+        }
+    }
+
+    /// Entity requests on a core with no sockets: create, update, read, list, delete,
+    /// and the events they announce.
+    #[tokio::test]
+    async fn entity_requests_write_read_and_announce() {
+        let t = TestCore::start("kitchen").await;
+        let mut events = t.events();
+        let set = |id: &str, state: &str| {
+            let (id, w) = (id.to_string(), write(state));
+            t.core.call(move |reply| EntityRequest::SetEntity {
+                id,
+                write: w,
+                reply,
+            })
+        };
+        let created = set("light.a", "on").await.unwrap().unwrap();
+        assert_eq!(created.owner.as_str(), t.facts.home_id);
+        assert_eq!(created.updated_by.as_str(), t.peer_id);
+        match events.recv().await.unwrap() {
+            Event::Entity(change) => {
+                assert_eq!(change.entity.id.as_str(), "light.a");
+                assert_eq!(change.correlation_id.as_deref(), Some("c-1"));
+                assert!(change.from_peer.is_none());
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let updated = set("light.a", "off").await.unwrap().unwrap();
+        assert_ne!(updated.version, created.version);
+        // Answered after its chunks were stored.
+        let stored = t
+            .store
+            .scan(
+                hearth_storage::Keyspace::DocChunks,
+                hearth_storage::Scan::all().limit(1000),
+            )
+            .await
+            .unwrap();
+        assert!(stored.len() >= 2, "the entity's and the registry's chunks");
+        set("light.b", "on").await.unwrap().unwrap();
+
+        let got = t
+            .core
+            .call(|reply| EntityRequest::GetEntity {
+                id: "light.a".into(),
+                reply,
+            })
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.state, "off");
+        let listed = t
+            .core
+            .call(|reply| EntityRequest::ListEntities { reply })
+            .await
+            .unwrap()
+            .unwrap();
+        let ids: Vec<&str> = listed.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(ids, ["light.a", "light.b"]);
+
+        t.core
+            .call(|reply| EntityRequest::DeleteEntity {
+                id: "light.a".into(),
+                reply,
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        let gone = t
+            .core
+            .call(|reply| EntityRequest::GetEntity {
+                id: "light.a".into(),
+                reply,
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(gone.is_none());
+        let unknown = t
+            .core
+            .call(|reply| EntityRequest::SetPolicy {
+                id: "light.b".into(),
+                policy: "coin-toss".into(),
+                reply,
+            })
+            .await
+            .unwrap();
+        assert!(unknown.is_err(), "an unknown policy is refused");
+        t.stop().await;
+    }
 }

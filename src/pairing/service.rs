@@ -335,3 +335,29 @@ impl Core {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::PairingRequest;
+    use crate::core::testing::TestCore;
+
+    #[tokio::test]
+    async fn the_admin_issues_device_and_home_invites_of_their_kind() {
+        let t = TestCore::start("admin").await;
+        for (home, kind) in [(false, "device"), (true, "home")] {
+            let invite = t
+                .core
+                .call(|reply| PairingRequest::CreateInvite {
+                    home,
+                    ttl_s: 60,
+                    reply,
+                })
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(crate::invite_code_kind(&invite.code).unwrap(), kind);
+            assert!(invite.expires_at_s > 0);
+        }
+        t.stop().await;
+    }
+}

@@ -629,6 +629,45 @@ impl Core {
 
 #[cfg(test)]
 mod tests {
+    /// A stranger whose certificate does not verify is refused at hello and counted;
+    /// nothing is admitted.
+    #[tokio::test]
+    async fn a_hello_with_a_bad_certificate_is_refused() {
+        use crate::core::NodeRequest;
+        use crate::core::testing::TestCore;
+
+        let t = TestCore::start("door").await;
+        let peer = hearth_net::PeerId::random();
+        t.net_events
+            .send(hearth_net::Event::Hello {
+                peer,
+                certificate: vec![0xde, 0xad, 0xbe, 0xef],
+            })
+            .await
+            .unwrap();
+        let counters = loop {
+            let counters = t
+                .core
+                .call(|reply| NodeRequest::Counters { reply })
+                .await
+                .unwrap()
+                .unwrap();
+            if counters.hellos_refused > 0 {
+                break counters;
+            }
+            tokio::task::yield_now().await;
+        };
+        assert_eq!(counters.hellos_refused, 1);
+        let report = t
+            .core
+            .call(|reply| NodeRequest::SyncReport { reply })
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(report.peers.is_empty(), "nobody admitted");
+        t.stop().await;
+    }
+
     use hearth_crdt::wire::{Push, SyncMessage};
 
     use super::*;

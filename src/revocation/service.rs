@@ -560,3 +560,23 @@ impl Core {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::RevocationRequest;
+    use crate::core::testing::TestCore;
+
+    #[tokio::test]
+    async fn an_unknown_device_or_this_one_cannot_be_revoked() {
+        let t = TestCore::start("admin").await;
+        for device in ["no-such-device".to_string(), t.peer_id.clone()] {
+            let result = t
+                .core
+                .call(|reply| RevocationRequest::RevokeDevice { device, reply })
+                .await
+                .unwrap();
+            assert!(result.is_err());
+        }
+        t.stop().await;
+    }
+}

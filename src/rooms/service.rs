@@ -764,6 +764,124 @@ pub(crate) struct RoomState {
 
 #[cfg(test)]
 mod tests {
+    /// Room and presence requests on a core with no sockets.
+    #[tokio::test]
+    async fn room_requests_create_join_chat_leave_and_presence() {
+        use super::RoomRequest;
+        use crate::core::testing::TestCore;
+
+        let t = TestCore::start("hall").await;
+        let mut events = t.events();
+        let room = t
+            .core
+            .call(|reply| RoomRequest::CreateRoom {
+                name: "kitchen".into(),
+                max_size: 4,
+                user: Some("ann".into()),
+                reply,
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(room.members.len(), 1, "the creator is a member");
+        let id = room.room_id.clone();
+        let again = t
+            .core
+            .call(|reply| RoomRequest::CreateRoom {
+                name: "kitchen".into(),
+                max_size: 4,
+                user: None,
+                reply,
+            })
+            .await
+            .unwrap();
+        assert!(again.is_err(), "room names are unique");
+        let joined = t
+            .core
+            .call(|reply| RoomRequest::JoinRoom {
+                room: "kitchen".into(),
+                user: Some("bob".into()),
+                reply,
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(joined.members.len(), 2);
+        let said = t
+            .core
+            .call(|reply| RoomRequest::Say {
+                room: id.clone(),
+                user: Some("bob".into()),
+                text: "hi".into(),
+                reply,
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(said.sender, "bob");
+        let stranger = t
+            .core
+            .call(|reply| RoomRequest::Say {
+                room: id.clone(),
+                user: Some("eve".into()),
+                text: "let me in".into(),
+                reply,
+            })
+            .await
+            .unwrap();
+        assert!(stranger.is_err(), "only members speak");
+        let chat = t
+            .core
+            .call(|reply| RoomRequest::Chat {
+                room: id.clone(),
+                limit: 10,
+                reply,
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(chat.len(), 1);
+        let left = t
+            .core
+            .call(|reply| RoomRequest::LeaveRoom {
+                room: id.clone(),
+                user: Some("bob".into()),
+                reply,
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(left.members.len(), 1);
+
+        let me = t
+            .core
+            .call(|reply| RoomRequest::SetPresence {
+                user: None,
+                status: crate::presence::Status::Busy,
+                note: Some("cooking".into()),
+                reply,
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(me.user, "hall", "the device name is the default user");
+        assert_eq!(me.status, crate::presence::Status::Busy);
+
+        let mut names = Vec::new();
+        while let Ok(event) = events.try_recv() {
+            names.push(event.name());
+        }
+        for name in [
+            "room.created",
+            "room.member_joined",
+            "room.chat",
+            "room.member_left",
+        ] {
+            assert!(names.contains(&name), "{name} missing from {names:?}");
+        }
+        t.stop().await;
+    }
+
     use automerge::transaction::Transactable;
     use automerge::{AutoCommit, ObjType, ROOT, ReadDoc, ScalarValue};
 

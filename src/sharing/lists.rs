@@ -197,3 +197,51 @@ impl Core {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::core::testing::TestCore;
+    use crate::sharing::service::SharingRequest;
+
+    /// Sharing requests on a core with no sockets and no paired home.
+    #[tokio::test]
+    async fn with_no_paired_home_nothing_is_listed_and_sharing_is_refused() {
+        let t = TestCore::start("hub").await;
+        let homes = t
+            .core
+            .call(|reply| SharingRequest::ListHomes { reply })
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(homes.is_empty());
+        let shares = t
+            .core
+            .call(|reply| SharingRequest::ListShares { reply })
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(shares.shared_out.is_empty() && shares.shared_in.is_empty());
+        let refused = t
+            .core
+            .call(|reply| SharingRequest::Share {
+                entity_id: "light.a".into(),
+                home: "nowhere".into(),
+                read_only: true,
+                policy: None,
+                reply,
+            })
+            .await
+            .unwrap();
+        assert!(refused.is_err(), "an unknown home is refused");
+        let garbage = t
+            .core
+            .call(|reply| SharingRequest::PairHome {
+                code: "not a code".into(),
+                reply,
+            })
+            .await
+            .unwrap();
+        assert!(garbage.is_err());
+        t.stop().await;
+    }
+}
