@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Error;
 pub(crate) mod durability;
+pub(crate) mod effects;
 pub(crate) mod quarantine;
 pub(crate) use durability::MAX_PERSISTS_IN_FLIGHT;
 #[cfg(feature = "test-hooks")]

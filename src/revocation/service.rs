@@ -525,7 +525,7 @@ impl Core {
                 })
                 .unwrap_or_default();
             for (entity_id, doc) in shared {
-                if let Err(error) = self.rotate(&entity_id, doc).await {
+                if let Err(error) = self.step(|core, fx| core.rotate(&entity_id, doc, fx)).await {
                     tracing::warn!(%entity_id, %error, "cannot rotate an entity after a revocation");
                 }
             }

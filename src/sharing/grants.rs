@@ -2,8 +2,10 @@
 
 use super::service::*;
 use crate::Error;
+use crate::core::effects::Effects;
 use crate::core::{Core, doc_err, new_key, now_ms};
 use crate::shares::ShareOut;
+use crate::sharing::service::share_event;
 use crate::trust::keys::{self, WrappedKey};
 use crate::trust::messages::{MAX_SHARE_MESSAGE, ShareMessage};
 use crate::trust::wire::{from_cbor, to_cbor};
@@ -240,12 +242,15 @@ impl Core {
             .expect_document(doc, DocKind::Entity, owner, epoch);
     }
 
-    pub(crate) async fn share(
+    /// Grants `entity_id` to `home`: the registry records it (and the policy, if given),
+    /// then the grant goes to the home's connected devices.
+    pub(crate) fn share(
         &mut self,
         entity_id: &str,
         home: &str,
         read_only: bool,
         policy: Option<String>,
+        fx: &mut Effects,
     ) -> Result<ShareOut, Error> {
         let (home_id, _) = self.resolve_home(home)?;
         let doc = self.own_entity_doc(entity_id)?;
@@ -287,14 +292,12 @@ impl Core {
             let more = self.handle_outputs(out);
             crate::core::append(&mut batch, more);
         }
-        self.store.batch(batch).await?;
-        crate::audit::record_by(
-            &self.store,
-            &self.peer_id.clone(),
+        fx.persist(batch);
+        fx.audit(
+            &self.peer_id,
             "share.granted",
-            &format!("{entity_id} with {home_id} ({})", rights.as_str()),
-        )
-        .await;
+            format!("{entity_id} with {home_id} ({})", rights.as_str()),
+        );
         let peers: Vec<(String, ForeignPeer)> = self
             .sharing
             .foreign
@@ -305,22 +308,27 @@ impl Core {
         for (peer, fp) in peers {
             self.send_grant(&peer, &fp, entity_id, doc, rights, None);
         }
-        self.send_pending().await;
-        self.emit_share(
+        fx.send();
+        fx.emit(share_event(
             entity_id,
-            &self.home.home_id.clone(),
+            &self.home.home_id,
             &home_id,
             rights.as_str(),
             None,
-        );
+        ));
         self.share_out(entity_id, &home_id)
     }
 
-    pub(crate) async fn unshare(&mut self, entity_id: &str, home: &str) -> Result<ShareOut, Error> {
+    pub(crate) fn unshare(
+        &mut self,
+        entity_id: &str,
+        home: &str,
+        fx: &mut Effects,
+    ) -> Result<ShareOut, Error> {
         let (home_id, _) = self.resolve_home(home)?;
         let doc = self.own_entity_doc(entity_id)?;
         let before = self.share_out(entity_id, &home_id)?;
-        self.revoke_share(entity_id, doc, &home_id).await?;
+        self.revoke_share(entity_id, doc, &home_id, fx)?;
         Ok(ShareOut {
             epoch: self
                 .engine
@@ -333,11 +341,12 @@ impl Core {
 
     /// Removes one grant, tells the home's connected devices, and rotates the entity's key
     /// for everyone who keeps access.
-    pub(crate) async fn revoke_share(
+    pub(crate) fn revoke_share(
         &mut self,
         entity_id: &str,
         doc: DocId,
         home_id: &str,
+        fx: &mut Effects,
     ) -> Result<(), Error> {
         let now = now_ms();
         let (_, out) = self
@@ -347,7 +356,7 @@ impl Core {
             })
             .map_err(doc_err)?;
         let batch = self.handle_outputs(out);
-        self.store.batch(batch).await?;
+        fx.persist(batch);
         let peers: Vec<String> = self
             .sharing
             .foreign
@@ -365,23 +374,32 @@ impl Core {
                 },
             );
         }
-        crate::audit::record_by(
-            &self.store,
-            &self.peer_id.clone(),
+        fx.audit(
+            &self.peer_id,
             "share.revoked",
-            &format!("{entity_id} from {home_id}"),
-        )
-        .await;
-        self.rotate(entity_id, doc).await?;
-        self.send_pending().await;
-        self.emit_share(entity_id, &self.home.home_id.clone(), home_id, "none", None);
+            format!("{entity_id} from {home_id}"),
+        );
+        self.rotate(entity_id, doc, fx)?;
+        fx.send();
+        fx.emit(share_event(
+            entity_id,
+            &self.home.home_id,
+            home_id,
+            "none",
+            None,
+        ));
         Ok(())
     }
 
     /// Starts a new epoch for an entity's document with a fresh key, wrapped for this
     /// home's devices (in the home document) and granted to the devices of every home it
-    /// is still shared with.
-    pub(crate) async fn rotate(&mut self, entity_id: &str, doc: DocId) -> Result<KeyEpoch, Error> {
+    /// is still shared with. The key is stored before any frame sealed under it goes out.
+    pub(crate) fn rotate(
+        &mut self,
+        entity_id: &str,
+        doc: DocId,
+        fx: &mut Effects,
+    ) -> Result<KeyEpoch, Error> {
         let now = now_ms();
         let old = self.engine.header(doc).map_err(doc_err)?.key_epoch;
         let epoch = KeyEpoch {
@@ -403,7 +421,7 @@ impl Core {
             .map_err(doc_err)?;
         let mut batch = self.handle_outputs(home_out);
         self.keyring.insert(doc, epoch, key, &mut batch);
-        self.store.batch(batch).await?;
+        fx.persist(batch);
         // The new key goes out before the first frame sealed under it.
         self.regrant(entity_id, doc, Some(epoch));
         let out = self
@@ -411,14 +429,12 @@ impl Core {
             .set_key_epoch(doc, epoch, now)
             .map_err(doc_err)?;
         let batch = self.handle_outputs(out);
-        self.store.batch(batch).await?;
-        crate::audit::record_by(
-            &self.store,
-            &self.peer_id.clone(),
+        fx.persist(batch);
+        fx.audit(
+            &self.peer_id,
             "key.rotated",
-            &format!("{entity_id} to epoch {}", epoch.counter),
-        )
-        .await;
+            format!("{entity_id} to epoch {}", epoch.counter),
+        );
         Ok(epoch)
     }
 

@@ -2,6 +2,7 @@
 
 use super::service::*;
 use crate::Error;
+use crate::core::effects::Effects;
 use crate::core::{Core, Reply, doc_err, now_ms};
 use crate::shares::PairedWith;
 use crate::trust::cert::{DeviceCert, Verdict};
@@ -235,10 +236,14 @@ impl Core {
     /// Forgets a paired home: unshares everything shared with it (each entity's key
     /// rotates), stops syncing what it shared with this home, removes it from the home
     /// document and disconnects its devices.
-    pub(crate) async fn forget_home(&mut self, home: &str) -> Result<PairedWith, Error> {
+    pub(crate) fn forget_home(
+        &mut self,
+        home: &str,
+        fx: &mut Effects,
+    ) -> Result<PairedWith, Error> {
         let (home_id, record) = self.resolve_home(home)?;
         for (entity_id, doc, _) in self.shares_to(&home_id) {
-            self.revoke_share(&entity_id, doc, &home_id).await?;
+            self.revoke_share(&entity_id, doc, &home_id, fx)?;
         }
         let mut batch = Batch::new();
         for entry in self.sharing.shared_in.values_mut() {
@@ -256,7 +261,7 @@ impl Core {
             .map_err(doc_err)?;
         let more = self.handle_outputs(out);
         crate::core::append(&mut batch, more);
-        self.store.batch(batch).await?;
+        fx.persist(batch);
         let peers: Vec<(String, PeerId)> = self
             .sharing
             .foreign
@@ -267,19 +272,10 @@ impl Core {
         for (text, peer) in peers {
             self.sharing.foreign.remove(&text);
             self.engine.detach_peer(&text);
-            let _ = self
-                .net
-                .reject(peer, "peer belongs to a home this one forgot")
-                .await;
+            fx.reject(peer, "peer belongs to a home this one forgot");
         }
         self.drop_sync_states_of_peers(record.devices.keys().cloned().collect());
-        crate::audit::record_by(
-            &self.store,
-            &self.peer_id.clone(),
-            "home.forgotten",
-            &home_id,
-        )
-        .await;
+        fx.audit(&self.peer_id, "home.forgotten", home_id.clone());
         Ok(PairedWith {
             home_id: home_id.into(),
             name: record.name,

@@ -366,14 +366,25 @@ impl Core {
         rights: &str,
         from_peer: Option<String>,
     ) {
-        self.emit_event(crate::events::Event::Share {
-            entity_id: entity_id.into(),
-            owner: owner.into(),
-            home: home.into(),
-            rights: crate::Rights::from_stored(rights),
-            granted: rights != "none",
-            from_peer: from_peer.map(Into::into),
-        });
+        self.emit_event(share_event(entity_id, owner, home, rights, from_peer));
+    }
+}
+
+/// A grant given, changed or ended.
+pub(crate) fn share_event(
+    entity_id: &str,
+    owner: &str,
+    home: &str,
+    rights: &str,
+    from_peer: Option<String>,
+) -> crate::events::Event {
+    crate::events::Event::Share {
+        entity_id: entity_id.into(),
+        owner: owner.into(),
+        home: home.into(),
+        rights: crate::Rights::from_stored(rights),
+        granted: rights != "none",
+        from_peer: from_peer.map(Into::into),
     }
 }
 
@@ -436,7 +447,8 @@ impl Core {
                 self.list_shared(crate::sharing::lists::ListReply::Homes(reply));
             }
             SharingRequest::ForgetHome { home, reply } => {
-                let _ = reply.send(self.forget_home(&home).await);
+                let result = self.step(|core, fx| core.forget_home(&home, fx)).await;
+                let _ = reply.send(result);
             }
             SharingRequest::Share {
                 entity_id,
@@ -445,14 +457,20 @@ impl Core {
                 policy,
                 reply,
             } => {
-                let _ = reply.send(self.share(&entity_id, &home, read_only, policy).await);
+                let result = self
+                    .step(|core, fx| core.share(&entity_id, &home, read_only, policy, fx))
+                    .await;
+                let _ = reply.send(result);
             }
             SharingRequest::Unshare {
                 entity_id,
                 home,
                 reply,
             } => {
-                let _ = reply.send(self.unshare(&entity_id, &home).await);
+                let result = self
+                    .step(|core, fx| core.unshare(&entity_id, &home, fx))
+                    .await;
+                let _ = reply.send(result);
             }
             SharingRequest::ListShares { reply } => {
                 self.list_shared(crate::sharing::lists::ListReply::Shares(reply));

@@ -1,0 +1,102 @@
+//! The effects of a service's step, carried out in order by the driver.
+//!
+//! A service decides synchronously and records what must happen: batches to store,
+//! audit entries, events, and points at which the frames queued so far go out. The core
+//! carries them out in the order recorded ([`Core::carry_out`]), awaiting each store
+//! batch before what follows, so "stored before sent" holds as the service wrote it.
+
+use hearth_storage::Batch;
+
+use super::Core;
+use crate::Error;
+
+/// One effect.
+pub(crate) enum Effect {
+    /// Store this batch; later effects wait for it, and a failure stops the rest.
+    Persist(Batch),
+    /// Append an audit entry.
+    Audit {
+        actor: String,
+        action: &'static str,
+        subject: String,
+    },
+    /// Announce an event.
+    Emit(crate::events::Event),
+    /// Send the frames queued so far.
+    Send,
+    /// Close a peer's connections and refuse it from now on (see `hearth_net::Handle::reject`).
+    Reject {
+        peer: hearth_net::PeerId,
+        reason: &'static str,
+    },
+}
+
+/// Effects in the order a step recorded them.
+#[derive(Default)]
+pub(crate) struct Effects(Vec<Effect>);
+
+impl Effects {
+    pub(crate) fn persist(&mut self, batch: Batch) {
+        if !batch.is_empty() {
+            self.0.push(Effect::Persist(batch));
+        }
+    }
+
+    pub(crate) fn audit(&mut self, actor: &str, action: &'static str, subject: String) {
+        self.0.push(Effect::Audit {
+            actor: actor.to_string(),
+            action,
+            subject,
+        });
+    }
+
+    pub(crate) fn emit(&mut self, event: crate::events::Event) {
+        self.0.push(Effect::Emit(event));
+    }
+
+    pub(crate) fn send(&mut self) {
+        self.0.push(Effect::Send);
+    }
+
+    pub(crate) fn reject(&mut self, peer: hearth_net::PeerId, reason: &'static str) {
+        self.0.push(Effect::Reject { peer, reason });
+    }
+}
+
+impl Core {
+    /// Carries out `effects` in order. A batch the store refuses stops the rest (nothing
+    /// after it may claim it was stored) and is the answer.
+    pub(crate) async fn carry_out(&mut self, effects: Effects) -> Result<(), Error> {
+        for effect in effects.0 {
+            match effect {
+                Effect::Persist(batch) => self.store.batch(batch).await?,
+                Effect::Audit {
+                    actor,
+                    action,
+                    subject,
+                } => crate::audit::record_by(&self.store, &actor, action, &subject).await,
+                Effect::Emit(event) => self.emit_event(event),
+                Effect::Send => self.send_pending().await,
+                Effect::Reject { peer, reason } => {
+                    if let Err(error) = self.net.reject(peer, reason).await {
+                        tracing::warn!(%peer, %error, "cannot refuse a peer");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs a step that records effects, carries them out (also when the step failed
+    /// part way, as the effects it recorded already happened in its logic), and answers
+    /// with the step's result unless carrying out failed.
+    pub(crate) async fn step<T>(
+        &mut self,
+        run: impl FnOnce(&mut Self, &mut Effects) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let mut effects = Effects::default();
+        let result = run(self, &mut effects);
+        self.carry_out(effects).await?;
+        result
+    }
+}
