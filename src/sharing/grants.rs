@@ -112,10 +112,16 @@ impl Core {
                     tracing::warn!(%peer, "grant for a malformed document id dropped");
                     return;
                 };
-                if let Err(reason) = self
-                    .accept_grant(&fp, &entity_id, doc, epoch, &wrapped, &rights)
-                    .await
-                {
+                let mut fx = Effects::default();
+                let accepted =
+                    self.accept_grant(&fp, &entity_id, doc, epoch, &wrapped, &rights, &mut fx);
+                let stored = self.carry_out(fx).await;
+                let refused = match (accepted, stored) {
+                    (Err(reason), _) => Some(reason),
+                    (Ok(()), Err(error)) => Some(error.to_string()),
+                    (Ok(()), Ok(())) => None,
+                };
+                if let Some(reason) = refused {
                     tracing::warn!(%peer, %doc, %reason, "grant refused");
                     crate::audit::record_by(
                         &self.store,
@@ -140,24 +146,33 @@ impl Core {
                     return;
                 }
                 entry.revoked = true;
+                let mut fx = Effects::default();
                 let mut batch = Batch::new();
                 self.save_shared_in(&mut batch);
-                if let Err(error) = self.store.batch(batch).await {
-                    tracing::error!(%error, "cannot record a revoked grant");
-                }
+                fx.persist(batch);
                 let peers: Vec<String> = self.sharing.foreign.keys().cloned().collect();
                 for p in peers {
                     self.engine.detach(&p, doc);
                 }
-                crate::audit::record_by(&self.store, peer, "grant.revoked", &entity_id).await;
-                let me = self.home.home_id.clone();
-                self.emit_share(&entity_id, &fp.home, &me, "none", Some(peer.to_string()));
+                fx.audit(peer, "grant.revoked", entity_id.clone());
+                fx.emit(share_event(
+                    &entity_id,
+                    &fp.home,
+                    &self.home.home_id,
+                    "none",
+                    Some(peer.to_string()),
+                ));
+                if let Err(error) = self.carry_out(fx).await {
+                    tracing::error!(%error, "cannot record a revoked grant");
+                }
                 tracing::info!(%entity_id, owner = %fp.home, "a home stopped sharing an entity with this one");
             }
         }
     }
 
-    pub(crate) async fn accept_grant(
+    // Each argument is a field of the grant message.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn accept_grant(
         &mut self,
         fp: &ForeignPeer,
         entity_id: &str,
@@ -165,6 +180,7 @@ impl Core {
         epoch: KeyEpoch,
         wrapped: &[u8],
         rights: &str,
+        fx: &mut Effects,
     ) -> Result<(), String> {
         if rights != "read" && rights != "write" {
             return Err(format!("unknown rights {rights:?}"));
@@ -211,25 +227,28 @@ impl Core {
             },
         );
         self.save_shared_in(&mut batch);
-        self.store.batch(batch).await.map_err(|e| e.to_string())?;
+        fx.persist(batch);
         self.ensure_expected_owned(doc, epoch, &fp.home);
         self.index_shared_in();
         let changed = was.as_ref().map(|w| (w.rights.as_str(), w.revoked)) != Some((rights, false));
         if changed {
-            let me = self.home.home_id.clone();
-            self.emit_share(entity_id, &fp.home, &me, rights, Some(fp.net.to_base58()));
+            fx.emit(share_event(
+                entity_id,
+                &fp.home,
+                &self.home.home_id,
+                rights,
+                Some(fp.net.to_base58()),
+            ));
         }
         if changed || new_key {
-            crate::audit::record_by(
-                &self.store,
+            fx.audit(
                 &fp.net.to_base58(),
                 "grant.received",
-                &format!(
+                format!(
                     "{entity_id} from {} ({rights}, epoch {})",
                     fp.home, epoch.counter
                 ),
-            )
-            .await;
+            );
         }
         Ok(())
     }

@@ -357,19 +357,6 @@ impl Core {
     }
 }
 
-impl Core {
-    pub(crate) fn emit_share(
-        &self,
-        entity_id: &str,
-        owner: &str,
-        home: &str,
-        rights: &str,
-        from_peer: Option<String>,
-    ) {
-        self.emit_event(share_event(entity_id, owner, home, rights, from_peer));
-    }
-}
-
 /// A grant given, changed or ended.
 pub(crate) fn share_event(
     entity_id: &str,
