@@ -568,7 +568,12 @@ impl Core {
             self.rebuild_entity_index_lenient();
             self.refresh_actor_homes();
             self.absorb_revocations().await;
-            self.disconnect_revoked().await;
+            let _ = self
+                .step(|core, fx| {
+                    core.disconnect_revoked(fx);
+                    Ok(())
+                })
+                .await;
             for chunk in &home_chunks {
                 self.learn_keys(chunk).await;
             }

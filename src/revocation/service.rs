@@ -7,6 +7,7 @@
 //! remaining device of the home in a home-key grant frame, sent at once to connected
 //! devices and again by any device on admitting one of its home.
 
+use crate::core::effects::Effects;
 use crate::trust::messages::HomeKey;
 use hearth_crdt::schema::home as home_schema;
 use hearth_crdt::{DocId, KeyEpoch};
@@ -41,7 +42,11 @@ pub struct RevokedDevice {
 }
 
 impl Core {
-    pub(crate) async fn revoke_device(&mut self, device: &str) -> Result<RevokedDevice, Error> {
+    pub(crate) fn revoke_device(
+        &mut self,
+        device: &str,
+        fx: &mut Effects,
+    ) -> Result<RevokedDevice, Error> {
         if self.home.root_secret.is_none() {
             return Err(Error::Forbidden(
                 "only the home's admin device (the one that created it) can revoke devices".into(),
@@ -90,12 +95,14 @@ impl Core {
                 "the new revocation does not verify: {reason}"
             )));
         }
-        self.save_revocations().await?;
+        let mut batch = Batch::new();
+        self.revocations.save(&mut batch);
+        fx.persist(batch);
         // Out first, and kept out while the keys rotate; the revocation itself is then
         // recorded under the home document's new key, like everything after it.
         self.sharing.revoking.insert(peer.clone());
-        self.disconnect_revoked().await;
-        let rotated = self.rotate_home_keys().await;
+        self.disconnect_revoked(fx);
+        let rotated = self.rotate_home_keys(fx);
         let marked = self
             .engine
             .transact(self.home.home_doc, now, None, |d, _, _| {
@@ -107,14 +114,12 @@ impl Core {
         let rotated = rotated?;
         let (_, out) = marked?;
         let batch = self.handle_outputs(out);
-        self.store.batch(batch).await?;
-        crate::audit::record_by(
-            &self.store,
-            &self.peer_id.clone(),
+        fx.persist(batch);
+        fx.audit(
+            &self.peer_id,
             "device.revoked",
-            &format!("{peer} ({}); {rotated} document keys rotated", record.name),
-        )
-        .await;
+            format!("{peer} ({}); {rotated} document keys rotated", record.name),
+        );
         tracing::info!(%peer, name = %record.name, rotated, "revoked a device");
         // Paired homes learn it now; those not connected learn it when they next are.
         let foreign: Vec<String> = self.sharing.foreign.keys().cloned().collect();
@@ -127,7 +132,7 @@ impl Core {
             );
         }
         self.drop_sync_states_of_peers(vec![peer.clone()]);
-        self.send_pending().await;
+        fx.send();
         Ok(RevokedDevice {
             peer_id: peer.into(),
             name: record.name,
@@ -136,7 +141,7 @@ impl Core {
     }
 
     /// Disconnects admitted devices the home document now marks revoked.
-    pub(crate) async fn disconnect_revoked(&mut self) {
+    pub(crate) fn disconnect_revoked(&mut self, fx: &mut Effects) {
         let Ok(devices) = self.engine.home_devices(self.home.home_doc) else {
             return;
         };
@@ -157,13 +162,7 @@ impl Core {
             self.peers.admitted.remove(&text);
             self.engine.detach_peer(&text);
             self.notice_peer(text.clone(), false);
-            if let Err(error) = self
-                .net
-                .reject(peer, "peer is a revoked device of this home")
-                .await
-            {
-                tracing::warn!(peer = %text, %error, "could not disconnect a revoked device");
-            }
+            fx.reject(peer, "peer is a revoked device of this home");
         }
     }
 
@@ -174,7 +173,7 @@ impl Core {
     /// rotation (under its new key), then the other documents' keys wrapped in the home
     /// document, the new keys of shared entities to the homes they are shared with, and
     /// last the other documents' rotations.
-    pub(crate) async fn rotate_home_keys(&mut self) -> Result<usize, Error> {
+    pub(crate) fn rotate_home_keys(&mut self, fx: &mut Effects) -> Result<usize, Error> {
         let now = now_ms();
         let me = *self.engine_actor_bytes();
         let mut fresh: Vec<(DocId, KeyEpoch, crate::trust::keys::DocKey)> = Vec::new();
@@ -202,7 +201,7 @@ impl Core {
         for (doc, epoch, key) in &fresh {
             self.keyring.insert(*doc, *epoch, key.clone(), &mut batch);
         }
-        self.store.batch(batch).await?;
+        fx.persist(batch);
 
         let home_keys: Vec<_> = fresh
             .iter()
@@ -221,7 +220,7 @@ impl Core {
                 .set_key_epoch(home_doc, *epoch, now)
                 .map_err(doc_err)?;
             let batch = self.handle_outputs(out);
-            self.store.batch(batch).await?;
+            fx.persist(batch);
             rotated += 1;
         }
 
@@ -244,7 +243,7 @@ impl Core {
             })
             .map_err(doc_err)?;
         let batch = self.handle_outputs(out);
-        self.store.batch(batch).await?;
+        fx.persist(batch);
 
         // Homes that share in this home's entities get the new keys too.
         let shared: Vec<(String, DocId)> = self
@@ -278,14 +277,12 @@ impl Core {
                 Err(error) => tracing::warn!(%doc, %error, "cannot rotate a document's key"),
             }
         }
-        self.store.batch(batch).await?;
-        crate::audit::record_by(
-            &self.store,
-            &self.peer_id.clone(),
+        fx.persist(batch);
+        fx.audit(
+            &self.peer_id,
             "key.rotated",
-            &format!("{rotated} documents of the home"),
-        )
-        .await;
+            format!("{rotated} documents of the home"),
+        );
         Ok(rotated)
     }
 
@@ -486,7 +483,12 @@ impl Core {
         if let Err(error) = self.save_revocations().await {
             tracing::error!(%error, "cannot store the revocations");
         }
-        self.disconnect_revoked().await;
+        let _ = self
+            .step(|core, fx| {
+                core.disconnect_revoked(fx);
+                Ok(())
+            })
+            .await;
         let mine = self.home.home_id.clone();
         let mut homes = std::collections::BTreeSet::new();
         for (peer, home) in new {
@@ -555,7 +557,8 @@ impl Core {
     pub(crate) async fn handle_revocation(&mut self, request: RevocationRequest) {
         match request {
             RevocationRequest::RevokeDevice { device, reply } => {
-                let _ = reply.send(self.revoke_device(&device).await);
+                let result = self.step(|core, fx| core.revoke_device(&device, fx)).await;
+                let _ = reply.send(result);
             }
         }
     }
