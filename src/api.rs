@@ -32,7 +32,7 @@ pub(crate) struct ApiState {
     pub(crate) api_addr: SocketAddr,
     pub(crate) started: Instant,
     pub(crate) started_at: OffsetDateTime,
-    pub(crate) store: hearth_storage::StoreHandle,
+    pub(crate) store: crate::store_view::StoreView,
     pub(crate) core: crate::core::CoreHandle,
     pub(crate) net: hearth_net::Handle,
     pub(crate) home_id: String,
@@ -53,7 +53,7 @@ pub(crate) struct NodeView {
     pub(crate) peer_id: String,
     pub(crate) device_name: String,
     pub(crate) data_dir: PathBuf,
-    pub(crate) store: hearth_storage::StoreHandle,
+    pub(crate) store: crate::store_view::StoreView,
     pub(crate) core: crate::core::CoreHandle,
     pub(crate) net: hearth_net::Handle,
     pub(crate) home_id: String,
@@ -487,14 +487,7 @@ async fn ready(State(state): State<Arc<ApiState>>) -> Response {
             .into_response();
         }
     }
-    match state
-        .store
-        .get(
-            hearth_storage::Keyspace::Meta,
-            crate::records::IDENTITY_KEY.to_vec(),
-        )
-        .await
-    {
+    match state.store.probe().await {
         Ok(_) => Json(Health { status: "ready" }).into_response(),
         Err(e) => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,

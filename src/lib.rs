@@ -43,6 +43,8 @@ mod revocation;
 mod rooms;
 mod shares;
 mod sharing;
+#[cfg(feature = "api")]
+mod store_view;
 mod trust;
 mod types;
 #[cfg(feature = "api")]

@@ -216,7 +216,7 @@ impl Node {
                         peer_id: identity.peer_id(),
                         device_name: device_name.clone(),
                         data_dir: dir.clone(),
-                        store: store.clone(),
+                        store: crate::store_view::StoreView::new(store.clone()),
                         core: core.clone(),
                         net: net.clone(),
                         home_id: facts.home_id.clone(),

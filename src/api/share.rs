@@ -140,13 +140,14 @@ pub(super) async fn audit(
             "limit {limit} is out of range; use 1 to {MAX_AUDIT_PAGE}"
         )));
     }
-    let page = crate::audit::page(
-        &state.store,
-        since_ms,
-        q.before.as_deref().filter(|b| !b.is_empty()),
-        limit,
-    )
-    .await?;
+    let page = state
+        .store
+        .audit_page(
+            since_ms,
+            q.before.as_deref().filter(|b| !b.is_empty()),
+            limit,
+        )
+        .await?;
     Ok(Json(AuditReply {
         entries: page.entries,
         next_before: page.next_before,
