@@ -199,6 +199,9 @@ impl From<crate::Error> for ApiError {
             Error::Invalid(d) => Self::bad_request(d),
             Error::Forbidden(d) => Self::new(StatusCode::FORBIDDEN, "forbidden", d),
             Error::Conflict(d) => Self::new(StatusCode::CONFLICT, "conflict", d),
+            Error::ArbiterUnreachable(d) => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "arbiter_unreachable", d)
+            }
             Error::Stopped => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",

@@ -102,6 +102,10 @@ pub enum Error {
     /// The node is shutting down or its core stopped.
     #[error("the node is not running")]
     Stopped,
+
+    /// The lock's arbiter cannot be reached; nothing was granted.
+    #[error("{0}")]
+    ArbiterUnreachable(String),
     /// The store is failing (a full disk, say). With `applied`, the write is in memory and
     /// on peers but not durable on this device; without, it was refused before it applied.
     #[error("{detail}")]

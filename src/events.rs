@@ -101,6 +101,13 @@ pub enum Event {
         /// Its device name, from the home document.
         device_name: Option<String>,
     },
+    /// A device lock changed: granted, released, forced, preempted or expired.
+    Lock {
+        /// What happened.
+        action: crate::locks::LockAction,
+        /// The lock concerned (for a preemption, the one that ended).
+        lock: Box<crate::locks::LockInfo>,
+    },
 }
 
 impl Event {
@@ -120,6 +127,7 @@ impl Event {
             Event::Conflict { .. } => "conflict.detected",
             Event::PeerConnected { .. } => "peer.connected",
             Event::PeerDisconnected { .. } => "peer.disconnected",
+            Event::Lock { action, .. } => action.event_name(),
         }
     }
 
@@ -133,6 +141,7 @@ impl Event {
             Event::Presence { presence, .. } => &presence.user,
             Event::Share { entity_id, .. } | Event::Conflict { entity_id, .. } => entity_id,
             Event::PeerConnected { peer, .. } | Event::PeerDisconnected { peer, .. } => peer,
+            Event::Lock { lock, .. } => &lock.device_name,
         }
     }
 
@@ -149,7 +158,8 @@ impl Event {
             | Event::Share { from_peer, .. } => from_peer.as_ref(),
             Event::Conflict { .. }
             | Event::PeerConnected { .. }
-            | Event::PeerDisconnected { .. } => None,
+            | Event::PeerDisconnected { .. }
+            | Event::Lock { .. } => None,
         }
     }
 }

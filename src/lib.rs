@@ -33,6 +33,7 @@ mod entities;
 mod error;
 mod events;
 mod home;
+mod locks;
 mod metrics;
 mod node;
 mod pairing;
@@ -69,6 +70,10 @@ pub use entities::{
 };
 pub use error::Error;
 pub use events::{Event, EventItem, Events};
+pub use locks::{
+    DEFAULT_LOCK_TIMEOUT, LockAction, LockAsk, LockGuard, LockInfo, LockOutcome, LockType, Locks,
+    ReleaseOutcome,
+};
 #[cfg(feature = "test-hooks")]
 #[doc(hidden)]
 pub use node::Captured;

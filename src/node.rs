@@ -577,6 +577,13 @@ impl Node {
         }
     }
 
+    /// Device locks: priority leases decided by the home's arbiter (its admin device).
+    pub fn locks(&self) -> crate::Locks {
+        crate::Locks {
+            core: self.core.clone(),
+        }
+    }
+
     /// Every event of the node from now on, as one stream: entity changes and deletions,
     /// rooms, chat, presence, shares, conflicts, and devices of the home coming and going.
     /// A subscriber that falls more than [`CHANGE_BUFFER`](crate::CHANGE_BUFFER) events

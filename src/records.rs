@@ -39,6 +39,8 @@ pub(crate) const QUARANTINE_KEY: &[u8] = b"repair/quarantine";
 pub(crate) const REVOCATIONS_KEY: &[u8] = b"revocations";
 /// Entities other homes share with this one (JSON).
 pub(crate) const SHARED_IN_KEY: &[u8] = b"shared_in";
+/// The lock arbiter's table, keys included (JSON); only on the arbiter device.
+pub(crate) const LOCKS_KEY: &[u8] = b"locks/table";
 
 /// Length of a [`keyring_key`].
 const KEYRING_KEY_LEN: usize = 16 + 8 + 16;

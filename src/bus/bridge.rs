@@ -135,6 +135,11 @@ impl Bridge {
             | CoreEvent::PeerDisconnected { peer, device_name } => {
                 return self.peer(name, peer, device_name);
             }
+            CoreEvent::Lock { action, lock } => (
+                json!({ "action": action, "lock": lock }),
+                self.sender(None),
+                None,
+            ),
         };
         let mut out = Event::new(name, subject, data, self.source(device))
             .with_correlation_id(correlation_id)

@@ -67,6 +67,7 @@ pub(crate) enum Request {
     Pairing(crate::pairing::service::PairingRequest),
     Sharing(crate::sharing::service::SharingRequest),
     Revocation(crate::revocation::service::RevocationRequest),
+    Locks(crate::locks::service::LockRequest),
     #[cfg(feature = "test-hooks")]
     Hooks(hooks::HookRequest),
 }
@@ -87,6 +88,7 @@ route!(
     Pairing(crate::pairing::service::PairingRequest),
     Sharing(crate::sharing::service::SharingRequest),
     Revocation(crate::revocation::service::RevocationRequest),
+    Locks(crate::locks::service::LockRequest),
 );
 #[cfg(feature = "test-hooks")]
 route!(Hooks(hooks::HookRequest));
@@ -101,6 +103,7 @@ impl Request {
             Request::Pairing(r) => r.is_write(),
             Request::Sharing(r) => r.is_write(),
             Request::Revocation(r) => r.is_write(),
+            Request::Locks(r) => r.is_write(),
             #[cfg(feature = "test-hooks")]
             Request::Hooks(r) => r.is_write(),
         }
@@ -119,6 +122,7 @@ impl Request {
             Request::Pairing(r) => r.refuse(error),
             Request::Sharing(r) => r.refuse(error),
             Request::Revocation(r) => r.refuse(error),
+            Request::Locks(r) => r.refuse(error),
             #[cfg(feature = "test-hooks")]
             Request::Hooks(r) => r.refuse(error),
         }
@@ -226,6 +230,8 @@ pub(crate) struct Core {
     pub(crate) rooms: rooms::RoomState,
     /// The state of this home's devices on the network.
     pub(crate) peers: crate::peers::PeerState,
+    /// The locks service's state.
+    pub(crate) locks: crate::locks::service::LockState,
     pub(crate) store: StoreHandle,
     pub(crate) net: hearth_net::Handle,
     pub(crate) home: HomeRecord,
@@ -360,6 +366,7 @@ pub(crate) async fn start(
             presence_seen: Default::default(),
         },
         peers: crate::peers::PeerState::default(),
+        locks: crate::locks::service::LockState::default(),
         store,
         net,
         home,
@@ -394,6 +401,7 @@ pub(crate) async fn start(
     core.keyring = Keyring::load(&core.store).await?;
     core.load_shared_in().await;
     core.load_revocations().await;
+    core.load_locks().await;
     core.load_documents().await?;
     core.record_quarantine().await?;
     core.absorb_revocations().await;
@@ -467,6 +475,7 @@ impl Core {
         loop {
             let net_stalled = *stall_net.borrow_and_update();
             let window_closes = self.entities.writes.deadline();
+            let lease_ends = self.next_lock_deadline();
             let deadline = self.engine.next_deadline();
             let timer = async {
                 match deadline {
@@ -516,6 +525,8 @@ impl Core {
                     self.drain_attaches().await;
                 }
                 _ = sleep_until_or_never(window_closes) => self.commit_window(),
+                // Leases end on time, not when next read.
+                _ = sleep_until_ms(lease_ends) => self.expire_locks().await,
             }
             // Waits for a slot when too many batches are in flight: a burst of remote
             // changes then slows the core down instead of piling up tasks.
@@ -612,6 +623,7 @@ impl Core {
             Request::Pairing(request) => self.handle_pairing(request).await,
             Request::Sharing(request) => self.handle_sharing(request).await,
             Request::Revocation(request) => self.handle_revocation(request).await,
+            Request::Locks(request) => self.handle_locks(request).await,
             #[cfg(feature = "test-hooks")]
             Request::Hooks(request) => self.handle_hook(request),
         }
@@ -644,6 +656,17 @@ impl Core {
 async fn sleep_until_or_never(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sleeps until `at_ms` (ms since the epoch), or forever when there is nothing to wait for.
+async fn sleep_until_ms(at_ms: Option<u64>) {
+    match at_ms {
+        Some(at) => {
+            let wait = at.saturating_sub(now_ms());
+            tokio::time::sleep(std::time::Duration::from_millis(wait)).await
+        }
         None => std::future::pending().await,
     }
 }

@@ -13,6 +13,7 @@ const SERVICES: &[&str] = &[
     "sharing",
     "revocation",
     "peers",
+    "locks",
 ];
 /// Modules that serve people and programs over HTTP or the command line.
 const SURFACES: &[&str] = &["api", "ws", "cli", "verbs", "client", "watch", "bench"];

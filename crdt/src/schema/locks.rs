@@ -33,7 +33,10 @@ pub const LOCKS_KEY: &str = "locks";
 
 /// Kinds of lock, declared in priority order: a lower
 /// [`priority`](LockType::priority) number preempts a higher one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum LockType {
     /// Maintenance work on the device (priority 0, the highest).
     Maintenance,
