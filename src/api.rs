@@ -20,6 +20,7 @@ use crate::entities::{Entities, Entity, EntityWrite};
 use time::OffsetDateTime;
 
 pub(crate) mod guard;
+mod locks;
 mod more;
 mod share;
 
@@ -153,9 +154,9 @@ pub(crate) const MAX_BODY_BYTES: usize = 256 * 1024;
 /// An API error: a kind from INTERFACES.md's table and a human sentence.
 #[derive(Debug)]
 pub(crate) struct ApiError {
-    status: StatusCode,
-    kind: &'static str,
-    detail: String,
+    pub(crate) status: StatusCode,
+    pub(crate) kind: &'static str,
+    pub(crate) detail: String,
     /// For a write the store could not keep: whether it was applied anyway.
     applied: Option<bool>,
 }
@@ -308,6 +309,12 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
             "/api/rooms/{id}/messages",
             post(more::post_message).get(more::get_messages),
         )
+        .route("/api/lock/request", post(locks::request))
+        .route("/api/lock/release", post(locks::release))
+        .route("/api/locks/status", get(locks::status))
+        .route("/api/locks/device/{device_name}", get(locks::device))
+        .route("/api/health/live", get(live))
+        .route("/api/health/ready", get(ready))
         .route("/api/repair", get(repair_list))
         .route("/api/repair/drop", post(repair_drop))
         .route("/api/presence", get(more::list_presence))
@@ -327,6 +334,8 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
         // The WebSocket checks its own token: browsers cannot set headers on an upgrade,
         // so it also takes `?token=`.
         .route("/api/ws", get(crate::ws::upgrade))
+        // Seed 004's lock updates; the same token check as /api/ws.
+        .route("/ws", get(locks::upgrade))
         .merge(api)
         .merge(metrics)
         .fallback(not_found)

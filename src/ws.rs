@@ -50,26 +50,8 @@ pub(crate) async fn upgrade(
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    let from_header = headers
-        .get(header::AUTHORIZATION)
-        .map(|v| v.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")));
-    let from_query = query.ok().and_then(|Query(q)| q.get("token").cloned());
-    let presented = match (from_header, from_query.as_deref()) {
-        (Some(header), _) => header.unwrap_or(""),
-        (None, Some(token)) => token,
-        (None, None) => {
-            return ApiError::unauthorized(
-                "missing token; send `Authorization: Bearer <token>` or `?token=<token>` \
-                 (see `hearth token`)",
-            )
-            .into_response();
-        }
-    };
-    if !constant_time_eq(presented.as_bytes(), state.token.as_bytes()) {
-        return ApiError::unauthorized(
-            "wrong bearer token; use the one in the node's data dir (`hearth token`)",
-        )
-        .into_response();
+    if let Err(refused) = check_token(&state, &headers, query) {
+        return refused.into_response();
     }
     match ws {
         Ok(ws) => ws
@@ -83,6 +65,35 @@ pub(crate) async fn upgrade(
         ))
         .into_response(),
     }
+}
+
+/// The token of a WebSocket upgrade: the `Authorization: Bearer` header, or `?token=`
+/// (browsers cannot set headers on an upgrade).
+pub(crate) fn check_token(
+    state: &ApiState,
+    headers: &HeaderMap,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<(), ApiError> {
+    let from_header = headers
+        .get(header::AUTHORIZATION)
+        .map(|v| v.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")));
+    let from_query = query.ok().and_then(|Query(q)| q.get("token").cloned());
+    let presented = match (from_header, from_query.as_deref()) {
+        (Some(header), _) => header.unwrap_or(""),
+        (None, Some(token)) => token,
+        (None, None) => {
+            return Err(ApiError::unauthorized(
+                "missing token; send `Authorization: Bearer <token>` or `?token=<token>` \
+                 (see `hearth token`)",
+            ));
+        }
+    };
+    if !constant_time_eq(presented.as_bytes(), state.token.as_bytes()) {
+        return Err(ApiError::unauthorized(
+            "wrong bearer token; use the one in the node's data dir (`hearth token`)",
+        ));
+    }
+    Ok(())
 }
 
 /// A frame for the client.

@@ -9,6 +9,7 @@ mod crash;
 mod entities;
 mod frames;
 mod layout;
+mod locks;
 mod pairing;
 mod retention;
 mod robust;
