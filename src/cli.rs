@@ -53,6 +53,9 @@ enum Command {
     /// Set and read presence (online, away, busy; offline is derived).
     #[command(subcommand)]
     Presence(PresenceCommand),
+    /// Device locks: priority leases decided by the home's arbiter (its admin device).
+    #[command(subcommand)]
+    Lock(LockCommand),
     /// Ask the running node for a single-use invite code.
     ///
     /// The code goes to stdout alone; a QR code and instructions go to stderr.
@@ -249,6 +252,53 @@ enum EntityCommand {
         /// The version: its id, or a prefix of 8 or more hex digits.
         #[arg(value_name = "VERSION")]
         version_id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum LockCommand {
+    /// Lock a device (an entity id or any name) and print the lock's key.
+    Acquire {
+        /// The device.
+        device: String,
+        /// MAINTENANCE, QUEUE_EXECUTING, MANUAL_OPERATOR or QUEUE_QUEUED (or 0 to 3).
+        #[arg(long = "type", value_name = "TYPE", default_value = "MANUAL_OPERATOR")]
+        lock_type: String,
+        /// Lease length, like 300s, 5m or 1h (default 300 s).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        timeout: Option<std::time::Duration>,
+        /// Why, shown to others.
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+        /// Who holds it (a label; default: $USER, else `hearth`).
+        #[arg(long, value_name = "USER")]
+        user: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Release a lock with its key (or force it with a MAINTENANCE lock's key).
+    Release {
+        /// The device.
+        device: String,
+        /// The key `lock acquire` printed.
+        key: String,
+        /// Who releases it (default: $USER, else `hearth`).
+        #[arg(long, value_name = "USER")]
+        user: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show every held lock, or one device's.
+    Status {
+        /// One device.
+        device: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Print every lock change as it happens.
+    Watch {
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -463,6 +513,7 @@ pub(crate) fn run(args: Args) -> Result<()> {
         Command::Repair { drop, client: c } => verbs::repair(&client(&data, &c)?, drop, c.json),
         Command::Room(cmd) => room(&data, cmd),
         Command::Presence(cmd) => presence(&data, cmd),
+        Command::Lock(cmd) => lock(&data, cmd),
         Command::Invite {
             home,
             ttl,
@@ -763,6 +814,42 @@ fn room(data: &std::path::Path, cmd: RoomCommand) -> Result<()> {
             limit,
             client: c,
         } => verbs::room_chat(&client(data, &c)?, &room, limit, c.json),
+    }
+}
+
+fn lock(data: &std::path::Path, cmd: LockCommand) -> Result<()> {
+    let user = |given: Option<String>| {
+        given
+            .or_else(|| std::env::var("USER").ok())
+            .unwrap_or_else(|| "hearth".into())
+    };
+    match cmd {
+        LockCommand::Acquire {
+            device,
+            lock_type,
+            timeout,
+            reason,
+            user: u,
+            client: c,
+        } => verbs::lock_acquire(
+            &client(data, &c)?,
+            &device,
+            &lock_type,
+            timeout,
+            reason.as_deref(),
+            &user(u),
+            c.json,
+        ),
+        LockCommand::Release {
+            device,
+            key,
+            user: u,
+            client: c,
+        } => verbs::lock_release(&client(data, &c)?, &device, &key, &user(u), c.json),
+        LockCommand::Status { device, client: c } => {
+            verbs::lock_status(&client(data, &c)?, device.as_deref(), c.json)
+        }
+        LockCommand::Watch { client: c } => verbs::lock_watch(&client(data, &c)?, c.json),
     }
 }
 

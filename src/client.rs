@@ -147,7 +147,12 @@ impl Client {
             .read_json()
             .with_context(|| format!("{url} answered {status} with a body that is not JSON"))?;
         if !status.is_success() {
-            let detail = body.get("detail").and_then(|d| d.as_str()).unwrap_or("");
+            // The API's errors say `detail`; the lock routes, in seed 004's shape, `message`.
+            let detail = body
+                .get("detail")
+                .or_else(|| body.get("message"))
+                .and_then(|d| d.as_str())
+                .unwrap_or("");
             let kind = body
                 .get("error")
                 .and_then(|d| d.as_str())
@@ -165,6 +170,14 @@ impl Client {
     /// Opens the node's WebSocket (`/api/ws`) with the bearer token. Blocking; reads then
     /// wait for as long as the node sends nothing.
     pub(crate) fn websocket(&self) -> Result<tungstenite::WebSocket<std::net::TcpStream>> {
+        self.websocket_at("/api/ws")
+    }
+
+    /// Opens the WebSocket at `path` with the bearer token.
+    pub(crate) fn websocket_at(
+        &self,
+        path: &str,
+    ) -> Result<tungstenite::WebSocket<std::net::TcpStream>> {
         let Some(host) = self.base.strip_prefix("http://") else {
             bail!(
                 "the live stream needs a plain http:// node address, not {}",
@@ -185,7 +198,7 @@ impl Client {
             .iter()
             .find_map(|a| std::net::TcpStream::connect_timeout(a, REQUEST_TIMEOUT).ok())
             .ok_or_else(not_running)?;
-        let url = format!("ws://{host}/api/ws");
+        let url = format!("ws://{host}{path}");
         let mut request = tungstenite::client::IntoClientRequest::into_client_request(url.as_str())
             .with_context(|| format!("cannot build a WebSocket request to {url}"))?;
         request.headers_mut().insert(

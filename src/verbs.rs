@@ -691,6 +691,131 @@ pub(crate) fn repair(client: &Client, drop: bool, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// A lock's one-line summary.
+fn lock_line(lock: &Value) -> String {
+    format!(
+        "{} {} by {} (token {}, until {}){}",
+        printable(&text(&lock["device_name"])),
+        text(&lock["lock_type"]),
+        printable(&text(&lock["user_id"])),
+        lock["fencing_token"],
+        text(&lock["expires_at"]),
+        lock["reason"]
+            .as_str()
+            .map(|r| format!(": {}", printable(r)))
+            .unwrap_or_default()
+    )
+}
+
+/// `lock acquire`: prints the key alone on stdout, so scripts can capture it.
+pub(crate) fn lock_acquire(
+    client: &Client,
+    device: &str,
+    lock_type: &str,
+    timeout: Option<std::time::Duration>,
+    reason: Option<&str>,
+    user: &str,
+    json: bool,
+) -> Result<()> {
+    let lock_type = match lock_type.parse::<u64>() {
+        Ok(n) => json!(n),
+        Err(_) => json!(lock_type.to_ascii_uppercase()),
+    };
+    let mut body = json!({"device_name": device, "lock_type": lock_type, "user_id": user});
+    if let Some(t) = timeout {
+        body["timeout"] = json!(t.as_secs_f64());
+    }
+    if let Some(r) = reason {
+        body["reason"] = json!(r);
+    }
+    let reply: Value = client.post("/api/lock/request", &body)?;
+    if json {
+        return print_json(&reply);
+    }
+    if reply["success"] != json!(true) {
+        anyhow::bail!(
+            "{}; held: {}",
+            printable(&text(&reply["message"])),
+            lock_line(&reply["lock"])
+        );
+    }
+    println!("{}", text(&reply["lock_key"]));
+    eprintln!("locked {}", lock_line(&reply["lock"]));
+    Ok(())
+}
+
+pub(crate) fn lock_release(
+    client: &Client,
+    device: &str,
+    key: &str,
+    user: &str,
+    json: bool,
+) -> Result<()> {
+    let body = json!({"device_name": device, "lock_key": key, "user_id": user});
+    let reply: Value = client.post("/api/lock/release", &body)?;
+    if json {
+        return print_json(&reply);
+    }
+    println!("{}", printable(&text(&reply["message"])));
+    Ok(())
+}
+
+pub(crate) fn lock_status(client: &Client, device: Option<&str>, json: bool) -> Result<()> {
+    let reply: Value = match device {
+        Some(d) => client.get(&format!("/api/locks/device/{}", segment(d)))?,
+        None => client.get("/api/locks/status")?,
+    };
+    if json {
+        return print_json(&reply);
+    }
+    let locks: Vec<Value> = match device {
+        Some(_) => reply["lock"]
+            .as_object()
+            .map(|_| reply["lock"].clone())
+            .into_iter()
+            .collect(),
+        None => reply["locks"].as_array().cloned().unwrap_or_default(),
+    };
+    if locks.is_empty() {
+        println!("no locks held");
+    }
+    for lock in &locks {
+        println!("{}", lock_line(lock));
+    }
+    Ok(())
+}
+
+/// `lock watch`: one line per lock change, from seed 004's `/ws`.
+pub(crate) fn lock_watch(client: &Client, json: bool) -> Result<()> {
+    let mut socket = client.websocket_at("/ws")?;
+    eprintln!("watching lock changes (Ctrl-C to stop)");
+    loop {
+        let message = socket
+            .read()
+            .map_err(|e| anyhow::anyhow!("the lock stream from the node broke: {e}"))?;
+        let tungstenite::Message::Text(t) = message else {
+            if let tungstenite::Message::Close(_) = message {
+                anyhow::bail!("the node closed the lock stream");
+            }
+            continue;
+        };
+        let frame: Value = serde_json::from_str(t.as_str())?;
+        if json {
+            println!("{frame}");
+            continue;
+        }
+        match frame["type"].as_str() {
+            Some("lock_update") => {
+                println!("{} {}", text(&frame["action"]), lock_line(&frame["lock"]))
+            }
+            Some("initial_status") => {
+                eprintln!("{} locks held", frame["data"]["total_count"]);
+            }
+            _ => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -268,3 +268,63 @@ fn two_homes_pair_share_and_unshare_from_the_command_line() {
         .failure()
         .stderr(predicates::str::contains("no device nobody"));
 }
+
+#[test]
+fn locks_from_the_command_line_acquire_refuse_show_and_release() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("node");
+    let mut node = UpProcess::start(&data);
+    let key = ok(
+        &data,
+        &[
+            "lock",
+            "acquire",
+            "motor1",
+            "--type",
+            "QUEUE_EXECUTING",
+            "--timeout",
+            "5m",
+            "--reason",
+            "plan 7",
+            "--user",
+            "queue",
+        ],
+    )
+    .trim()
+    .to_string();
+    assert_eq!(key.len(), 32, "the key alone on stdout: {key:?}");
+    // A lower priority is refused with the holder named, exit 1.
+    let refused = cli(
+        &data,
+        &["lock", "acquire", "motor1", "--type", "3", "--user", "me"],
+    )
+    .assert()
+    .failure()
+    .get_output()
+    .stderr
+    .clone();
+    let refused = String::from_utf8(refused).unwrap();
+    assert!(refused.contains("queue"), "{refused}");
+    let status = ok(&data, &["lock", "status"]);
+    assert!(
+        status.contains("motor1 QUEUE_EXECUTING by queue"),
+        "{status}"
+    );
+    assert!(!status.contains(&key));
+    let one = ok_json(&data, &["lock", "status", "motor1", "--json"]);
+    assert_eq!(one["locked"], true);
+    // A wrong key: the node's refusal, exit 1.
+    cli(
+        &data,
+        &["lock", "release", "motor1", "0000", "--user", "queue"],
+    )
+    .assert()
+    .failure();
+    let released = ok(
+        &data,
+        &["lock", "release", "motor1", &key, "--user", "queue"],
+    );
+    assert!(released.contains("released"), "{released}");
+    assert!(ok(&data, &["lock", "status"]).contains("no locks held"));
+    assert!(node.terminate().success());
+}
