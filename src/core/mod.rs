@@ -582,6 +582,8 @@ impl Core {
                 if self.peers.forget(&text) {
                     self.notice_peer(text.clone(), false);
                 }
+                // Requests forwarded to it will get no answer.
+                self.fail_lock_forwards(Some(&text));
                 self.sharing.foreign.remove(&text);
                 self.sharing.pending_hellos.remove(&peer);
                 // Keep each session's state so a reconnect resumes rather than restarts.

@@ -100,6 +100,7 @@ impl Arbiter {
     }
 
     /// The lock on `device`, if held.
+    #[cfg(test)]
     pub(crate) fn lock(&self, device: &str) -> Option<&LockRecord> {
         self.held.get(device).map(|h| &h.lock)
     }

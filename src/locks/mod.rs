@@ -4,12 +4,14 @@
 //! it on the core, keeps its table in the store, releases leases on time and announces
 //! every change. This module holds the public types and the [`Locks`] handle.
 //!
-//! As built, the arbiter is the home's admin device. Requests on the home's other
-//! devices are refused with [`crate::Error::ArbiterUnreachable`] (forwarding to the
-//! arbiter over the sync stream is not built yet), so no two devices ever grant the
-//! same lock.
+//! The arbiter is the home's admin device. The home's other devices forward requests to
+//! it over the sync stream and keep a copy of its table, which it updates with every
+//! change (`forward.rs`); when it cannot be reached a request fails at once with
+//! [`crate::Error::ArbiterUnreachable`] and nothing is granted, so no two devices ever
+//! hold the same lock.
 
 pub(crate) mod arbiter;
+pub(crate) mod forward;
 pub(crate) mod service;
 
 use std::time::Duration;
@@ -66,7 +68,7 @@ impl From<arbiter::LockRecord> for LockInfo {
 }
 
 /// What happened to a lock, for [`crate::Event::Lock`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LockAction {
     /// Granted.

@@ -4,7 +4,8 @@
 
 use hearth_storage::{Batch, Keyspace};
 
-use super::arbiter::{Arbiter, Ask, Decision, LockError, Released};
+use super::arbiter::{Arbiter, Ask, Decision, LockError, LockRecord, Released};
+use super::forward::{LockMessage, Waiting};
 use super::{LockAction, LockAsk, LockInfo, LockOutcome, ReleaseOutcome};
 use crate::Error;
 use crate::core::effects::Effects;
@@ -60,7 +61,10 @@ impl LockRequest {
 /// The locks service's state.
 #[derive(Default)]
 pub(crate) struct LockState {
+    /// The table, when this device is the arbiter.
     pub(crate) arbiter: Arbiter,
+    /// The arbiter's table as it last said, and requests forwarded to it, elsewhere.
+    pub(crate) mirror: super::forward::Mirror,
 }
 
 impl From<LockError> for Error {
@@ -73,6 +77,12 @@ impl From<LockError> for Error {
     }
 }
 
+/// A lease length in whole seconds; a nonzero one shorter than a second is one second,
+/// and zero stays zero (which the arbiter refuses).
+fn timeout_secs(timeout: std::time::Duration) -> u64 {
+    timeout.as_secs().max(u64::from(!timeout.is_zero()))
+}
+
 /// A fresh lock key: 128 random bits in hex.
 fn new_lock_key() -> Result<String, Error> {
     let mut bytes = [0u8; 16];
@@ -82,11 +92,59 @@ fn new_lock_key() -> Result<String, Error> {
 }
 
 impl Core {
-    /// Answers a request of the locks service.
+    /// Answers a request of the locks service: on the arbiter at once, elsewhere by
+    /// forwarding it to the arbiter.
     pub(crate) async fn handle_locks(&mut self, request: LockRequest) {
+        let arbiter = self.is_lock_arbiter();
         match request {
+            LockRequest::Request { ask, reply } if arbiter => {
+                let result = self
+                    .step(|core, fx| core.decide_lock(ask, fx))
+                    .await
+                    .map(|decided| match decided {
+                        Ok((lock, key)) => LockOutcome::Granted {
+                            lock: lock.into(),
+                            key,
+                        },
+                        Err((holder, message)) => LockOutcome::Refused {
+                            holder: holder.into(),
+                            message,
+                        },
+                    });
+                let _ = reply.send(result);
+            }
             LockRequest::Request { ask, reply } => {
-                let result = self.step(|core, fx| core.request_lock(ask, fx)).await;
+                let timeout_s = timeout_secs(ask.timeout);
+                self.forward_lock(
+                    |id| LockMessage::Ask {
+                        id,
+                        device_name: ask.device_name,
+                        lock_type: ask.lock_type,
+                        user_id: ask.user_id,
+                        timeout_s,
+                        reason: ask.reason,
+                        plan_uid: ask.plan_uid,
+                    },
+                    Waiting::Request(reply),
+                );
+            }
+            LockRequest::Release {
+                device,
+                key,
+                user_id,
+                reply,
+            } if arbiter => {
+                let result = self
+                    .step(|core, fx| core.decide_release(&device, &key, &user_id, fx))
+                    .await
+                    .map(|(lock, forced)| {
+                        let lock = LockInfo::from(lock);
+                        if forced {
+                            ReleaseOutcome::ForceReleased(lock)
+                        } else {
+                            ReleaseOutcome::Released(lock)
+                        }
+                    });
                 let _ = reply.send(result);
             }
             LockRequest::Release {
@@ -95,56 +153,58 @@ impl Core {
                 user_id,
                 reply,
             } => {
-                let result = self
-                    .step(|core, fx| core.release_lock(&device, &key, &user_id, fx))
-                    .await;
-                let _ = reply.send(result);
+                self.forward_lock(
+                    |id| LockMessage::Release {
+                        id,
+                        device_name: device,
+                        key,
+                        user_id,
+                    },
+                    Waiting::Release(reply),
+                );
             }
             LockRequest::Status { reply } => {
-                let result = self.lock_arbiter().map(|a| {
-                    let now = now_ms();
-                    a.locks()
-                        .into_iter()
-                        .filter(|l| l.expires_at_ms > now)
-                        .map(LockInfo::from)
-                        .collect()
-                });
-                let _ = reply.send(result);
+                let now = now_ms();
+                let list = self
+                    .lock_table()
+                    .filter(|l| l.expires_at_ms > now)
+                    .map(LockInfo::from)
+                    .collect();
+                let _ = reply.send(Ok(list));
             }
             LockRequest::Device { device, reply } => {
                 let now = now_ms();
-                let result = self.lock_arbiter().map(|a| {
-                    a.lock(&device)
-                        .filter(|l| l.expires_at_ms > now)
-                        .cloned()
-                        .map(LockInfo::from)
-                });
-                let _ = reply.send(result);
+                let lock = self
+                    .lock_table()
+                    .find(|l| l.device_name == device && l.expires_at_ms > now)
+                    .map(LockInfo::from);
+                let _ = reply.send(Ok(lock));
             }
         }
     }
 
-    /// The arbiter, when this device is it: the home's admin device. Elsewhere requests
-    /// would need forwarding to it, which is not built, so they fail closed.
-    fn lock_arbiter(&self) -> Result<&Arbiter, Error> {
-        if self.home.root_secret.is_none() {
-            return Err(Error::ArbiterUnreachable(
-                "this home's lock arbiter is its admin device; ask it directly (forwarding \
-                 lock requests from other devices is not available yet)"
-                    .into(),
-            ));
+    /// The table: the arbiter's own, or elsewhere its copy.
+    fn lock_table(&self) -> Box<dyn Iterator<Item = LockRecord> + '_> {
+        if self.is_lock_arbiter() {
+            Box::new(self.locks.arbiter.locks().into_iter())
+        } else {
+            Box::new(self.locks.mirror.table.values().cloned())
         }
-        Ok(&self.locks.arbiter)
     }
 
-    fn request_lock(&mut self, ask: LockAsk, fx: &mut Effects) -> Result<LockOutcome, Error> {
-        self.lock_arbiter()?;
-        let timeout_s = ask.timeout.as_secs().max(u64::from(!ask.timeout.is_zero()));
+    /// As the arbiter: decides a request. `Ok(Ok((lock, key)))` is a grant,
+    /// `Ok(Err((holder, message)))` a refusal.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn decide_lock(
+        &mut self,
+        ask: LockAsk,
+        fx: &mut Effects,
+    ) -> Result<Result<(LockRecord, String), (LockRecord, String)>, Error> {
         let ask = Ask {
             device_name: ask.device_name,
             lock_type: ask.lock_type,
             user_id: ask.user_id,
-            timeout_s,
+            timeout_s: timeout_secs(ask.timeout),
             reason: ask.reason,
             plan_uid: ask.plan_uid,
         };
@@ -158,46 +218,54 @@ impl Core {
             } => {
                 self.persist_locks(fx);
                 if let Some(old) = preempted {
-                    fx.emit(lock_event(LockAction::Preempted, old.into()));
+                    self.announce(LockAction::Preempted, old, fx);
                 }
-                let lock = LockInfo::from(lock);
-                fx.emit(lock_event(LockAction::Acquired, lock.clone()));
-                LockOutcome::Granted { lock, key }
+                self.announce(LockAction::Acquired, lock.clone(), fx);
+                fx.send();
+                Ok((lock, key))
             }
-            Decision::Refused { holder, message } => LockOutcome::Refused {
-                holder: holder.into(),
-                message,
-            },
+            Decision::Refused { holder, message } => Err((holder, message)),
         })
     }
 
-    fn release_lock(
+    /// As the arbiter: releases `device` with `key`; answers the lock and whether it was
+    /// forced.
+    pub(crate) fn decide_release(
         &mut self,
         device: &str,
         key: &str,
         user_id: &str,
         fx: &mut Effects,
-    ) -> Result<ReleaseOutcome, Error> {
-        self.lock_arbiter()?;
+    ) -> Result<(LockRecord, bool), Error> {
         let released = self.locks.arbiter.release(device, key, user_id, now_ms())?;
         self.persist_locks(fx);
-        Ok(match released {
-            Released::ByHolder(lock) => {
-                let lock = LockInfo::from(lock);
-                fx.emit(lock_event(LockAction::Released, lock.clone()));
-                ReleaseOutcome::Released(lock)
-            }
-            Released::Forced(lock) => {
-                let lock = LockInfo::from(lock);
-                fx.emit(lock_event(LockAction::ForceReleased, lock.clone()));
-                ReleaseOutcome::ForceReleased(lock)
-            }
-        })
+        let (lock, forced) = match released {
+            Released::ByHolder(lock) => (lock, false),
+            Released::Forced(lock) => (lock, true),
+        };
+        let action = if forced {
+            LockAction::ForceReleased
+        } else {
+            LockAction::Released
+        };
+        self.announce(action, lock.clone(), fx);
+        fx.send();
+        Ok((lock, forced))
     }
 
-    /// Releases every lease that has ended; the run loop calls it at
-    /// [`Core::next_lock_deadline`].
+    /// A change, as an event here and a message to every connected device of the home.
+    fn announce(&mut self, action: LockAction, lock: LockRecord, fx: &mut Effects) {
+        self.announce_lock_change(action, &lock);
+        fx.emit(lock_event(action, lock.into()));
+    }
+
+    /// Releases every lease that has ended (on the arbiter) and fails forwarded requests
+    /// past their time; the run loop calls it at [`Core::next_lock_deadline`].
     pub(crate) async fn expire_locks(&mut self) {
+        self.fail_lock_forwards(None);
+        if !self.is_lock_arbiter() {
+            return;
+        }
         let _ = self
             .step(|core, fx| {
                 let ended = core.locks.arbiter.expire(now_ms());
@@ -205,17 +273,26 @@ impl Core {
                     core.persist_locks(fx);
                 }
                 for lock in ended {
-                    fx.emit(lock_event(LockAction::Expired, lock.into()));
+                    core.announce(LockAction::Expired, lock, fx);
                 }
+                fx.send();
                 Ok(())
             })
             .await
             .inspect_err(|error| tracing::warn!(%error, "cannot store the ended leases"));
     }
 
-    /// When the next lease ends (ms since the epoch).
+    /// When the next lease ends or forwarded request runs out of time (ms since the epoch).
     pub(crate) fn next_lock_deadline(&self) -> Option<u64> {
-        self.locks.arbiter.next_deadline()
+        let lease = if self.is_lock_arbiter() {
+            self.locks.arbiter.next_deadline()
+        } else {
+            None
+        };
+        match (lease, self.next_forward_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     fn persist_locks(&mut self, fx: &mut Effects) {
@@ -247,7 +324,7 @@ impl Core {
     }
 }
 
-fn lock_event(action: LockAction, lock: LockInfo) -> Event {
+pub(crate) fn lock_event(action: LockAction, lock: LockInfo) -> Event {
     Event::Lock {
         action,
         lock: Box::new(lock),

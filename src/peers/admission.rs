@@ -81,7 +81,11 @@ impl Core {
                 match self.net.admit(peer, PeerClass::Own).await {
                     Ok(true) => {
                         self.peers.admitted.insert(peer_text.clone(), peer);
+                        if cert.is_admin() {
+                            self.peers.admin = Some(peer_text.clone());
+                        }
                         self.send_current_home_keys(&peer_text);
+                        self.send_lock_table(&peer_text);
                         self.begin_reconcile(&peer_text).await;
                     }
                     Ok(false) => tracing::debug!(peer = %peer_text, "peer left before admission"),

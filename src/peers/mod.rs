@@ -23,6 +23,8 @@ pub(crate) struct PeerState {
     pub(crate) last_heard: HashMap<String, u64>,
     /// Bulk session openings, paced per peer.
     pub(crate) pacing: pacing::Pacing,
+    /// The home's admin device, once admitted with its certificate (it arbitrates locks).
+    pub(crate) admin: Option<String>,
 }
 
 impl PeerState {

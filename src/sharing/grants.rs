@@ -84,6 +84,14 @@ impl Core {
                 return;
             }
         };
+        if let ShareMessage::Lock { bytes } = &message {
+            if self.peers.admitted.contains_key(peer) {
+                self.on_lock_message(peer, bytes).await;
+            } else {
+                tracing::warn!(%peer, "lock message from a device that is not of this home dropped");
+            }
+            return;
+        }
         if let ShareMessage::HomeKey(key) = message {
             if self.peers.admitted.contains_key(peer) {
                 self.accept_home_key(peer, key).await;
@@ -97,7 +105,7 @@ impl Core {
             return;
         };
         match message {
-            ShareMessage::HomeKey(_) => {}
+            ShareMessage::HomeKey(_) | ShareMessage::Lock { .. } => {}
             ShareMessage::Revocation { record } => {
                 self.on_paired_revocation(peer, &fp.home, &record).await;
             }

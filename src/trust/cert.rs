@@ -195,6 +195,12 @@ impl DeviceCert {
         &self.x25519_public
     }
 
+    /// Whether the home's root key made this device its admin (the device that created
+    /// the home).
+    pub(crate) fn is_admin(&self) -> bool {
+        self.admin
+    }
+
     /// The name people see for the device.
     pub(crate) fn device_name(&self) -> &str {
         &self.device_name

@@ -28,6 +28,9 @@ pub(crate) enum ShareMessage {
     HomeKey(HomeKey),
     /// A device of the sending home was revoked: the record its home's root key signed.
     Revocation { record: ByteBuf },
+    /// Between devices of one home: a device-lock message (requests forwarded to the
+    /// arbiter, its answers, and changes of its table), CBOR the locks service decodes.
+    Lock { bytes: ByteBuf },
 }
 
 /// The key of the home or registry document at a new epoch, for one device of the home.

@@ -1,6 +1,6 @@
 //! Device locks through seed 004's protocol, as its client speaks it: the REST routes
-//! with the seed's bodies and `/ws` with the seed's messages; and a device that is not
-//! the arbiter refuses with `arbiter_unreachable`, granting nothing.
+//! with the seed's bodies and `/ws` with the seed's messages; requests from devices that
+//! are not the arbiter, forwarded to it; and `arbiter_unreachable` when it is away.
 
 use std::time::Duration;
 
@@ -168,11 +168,152 @@ async fn a_seed_004_client_locks_releases_and_watches() {
     timeout(T, node.shutdown()).await.unwrap().unwrap();
 }
 
+/// Waits until `f` holds, at most `T`.
+async fn eventually<F: std::future::Future<Output = bool>>(what: &str, mut f: impl FnMut() -> F) {
+    let deadline = tokio::time::Instant::now() + T;
+    while !f().await {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Three devices: requests from the two that are not the arbiter go to it; racing for
+/// one lock, exactly one wins every time; every device reads the table and hears every
+/// change; with the arbiter gone a request fails at once with `arbiter_unreachable`,
+/// and the restarted arbiter still holds its lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_device_that_is_not_the_arbiter_grants_nothing() {
+async fn devices_lock_through_the_arbiter_and_exactly_one_wins_each_race() {
+    use hearth::{Event, EventItem, LockAction, LockAsk, LockOutcome, LockType};
+
+    let dirs = [
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    ];
+    let admin = start(dirs[0].path(), "admin").await;
+    let b = join_and_start(&admin, dirs[1].path(), "b").await;
+    let c = join_and_start(&admin, dirs[2].path(), "c").await;
+    for node in [&b, &c] {
+        crate::ws::wait_admitted(node, admin.peer_id().as_str()).await;
+        crate::ws::wait_admitted(&admin, node.peer_id().as_str()).await;
+    }
+    let mut c_events = c.events();
+
+    // One device locks; the others read it and hear of it.
+    let LockOutcome::Granted { key, lock } = b
+        .locks()
+        .request(LockAsk::new("pump", LockType::ManualOperator, "bob"))
+        .await
+        .unwrap()
+    else {
+        panic!("not granted");
+    };
+    assert_eq!(lock.fencing_token, 1);
+    assert_eq!(
+        admin.locks().device("pump").await.unwrap().unwrap().user_id,
+        "bob"
+    );
+    eventually("c reads b's lock", || async {
+        c.locks().device("pump").await.unwrap().is_some()
+    })
+    .await;
+    let heard = timeout(T, async {
+        loop {
+            if let Some(EventItem::Event(Event::Lock { action, lock })) = c_events.next().await {
+                return (action, lock);
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(heard.0, LockAction::Acquired);
+    assert_eq!(heard.1.device_name, "pump");
+    // A refusal carries the holder, whoever asks.
+    assert!(matches!(
+        c.locks()
+            .request(LockAsk::new("pump", LockType::QueueQueued, "carol"))
+            .await
+            .unwrap(),
+        LockOutcome::Refused { .. }
+    ));
+    b.locks().release("pump", &key, "bob").await.unwrap();
+
+    // The race: both ask at once; exactly one wins; the winner releases.
+    let rounds = 1000;
+    let mut wins = [0u32; 2];
+    for round in 0..rounds {
+        let ask = |who: &str| LockAsk::new("valve", LockType::QueueExecuting, who);
+        let (lb, lc) = (b.locks(), c.locks());
+        let (rb, rc) = tokio::join!(lb.request(ask("b")), lc.request(ask("c")));
+        let outcomes = [rb.unwrap(), rc.unwrap()];
+        let granted: Vec<(usize, String)> = outcomes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, o)| match o {
+                LockOutcome::Granted { key, .. } => Some((i, key.clone())),
+                LockOutcome::Refused { .. } => None,
+            })
+            .collect();
+        assert_eq!(granted.len(), 1, "round {round}: {outcomes:?}");
+        let (winner, key) = &granted[0];
+        wins[*winner] += 1;
+        let node = if *winner == 0 { &b } else { &c };
+        let user = if *winner == 0 { "b" } else { "c" };
+        node.locks().release("valve", key, user).await.unwrap();
+    }
+    assert_eq!(wins[0] + wins[1], rounds);
+
+    // A lease held when the arbiter goes.
+    let LockOutcome::Granted { .. } = b
+        .locks()
+        .request(LockAsk::new("door", LockType::Maintenance, "tech"))
+        .await
+        .unwrap()
+    else {
+        panic!("not granted");
+    };
+    let admin_peer = admin.peer_id().to_string();
+    timeout(T, admin.shutdown()).await.unwrap().unwrap();
+    eventually("b sees the arbiter go", || async {
+        !b.admitted_peers()
+            .await
+            .unwrap()
+            .iter()
+            .any(|p| p.as_str() == admin_peer)
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let refused = c
+        .locks()
+        .request(LockAsk::new("door", LockType::Maintenance, "other"))
+        .await;
+    assert!(
+        matches!(refused, Err(hearth::Error::ArbiterUnreachable(_))),
+        "{refused:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "it failed at once"
+    );
+    let admin = start(dirs[0].path(), "admin").await;
+    let held = admin
+        .locks()
+        .device("door")
+        .await
+        .unwrap()
+        .expect("the lease survived");
+    assert_eq!(held.user_id, "tech");
+    for node in [c, b, admin] {
+        timeout(T, node.shutdown()).await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_arbiter_away_a_device_grants_nothing() {
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
     let admin = start(dirs[0].path(), "admin").await;
     let other = join_and_start(&admin, dirs[1].path(), "other").await;
+    timeout(T, admin.shutdown()).await.unwrap().unwrap();
     let api = other.api_addr().unwrap().to_string();
     let (status, body) = post(
         &api,
@@ -194,7 +335,5 @@ async fn a_device_that_is_not_the_arbiter_grants_nothing() {
         ))
         .await;
     assert!(matches!(refused, Err(hearth::Error::ArbiterUnreachable(_))));
-    assert!(admin.locks().status().await.unwrap().is_empty());
     timeout(T, other.shutdown()).await.unwrap().unwrap();
-    timeout(T, admin.shutdown()).await.unwrap().unwrap();
 }

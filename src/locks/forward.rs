@@ -1,0 +1,417 @@
+//! Locks on the home's devices that are not the arbiter: their requests go to the
+//! arbiter (the admin device) in grant frames on the sync stream and wait for its answer,
+//! at most [`FORWARD_TIMEOUT_MS`]; the arbiter tells every connected device of each
+//! change, and sends its whole table to a device when it is admitted, so every device
+//! reads the table with at most one round trip of lag.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+
+use super::arbiter::LockRecord;
+use super::{LockAction, LockAsk, LockInfo, LockOutcome, LockType, ReleaseOutcome};
+use crate::Error;
+use crate::core::{Core, Reply, now_ms};
+use crate::trust::messages::{MAX_SHARE_MESSAGE, ShareMessage};
+
+/// How long a forwarded request waits for the arbiter's answer.
+pub(crate) const FORWARD_TIMEOUT_MS: u64 = 5_000;
+/// Forwarded requests waiting at once; more are refused at once.
+pub(crate) const MAX_FORWARDS: usize = 1024;
+/// Locks per table message, so one stays under the grant message cap.
+const TABLE_CHUNK: usize = 2;
+
+/// What devices of one home say about locks.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) enum LockMessage {
+    /// A request, to the arbiter.
+    Ask {
+        id: u64,
+        device_name: String,
+        lock_type: LockType,
+        user_id: String,
+        timeout_s: u64,
+        reason: Option<String>,
+        plan_uid: Option<String>,
+    },
+    /// A release, to the arbiter.
+    Release {
+        id: u64,
+        device_name: String,
+        key: String,
+        user_id: String,
+    },
+    /// The arbiter's answer to request `id`.
+    Answer { id: u64, answer: Answer },
+    /// A change of the arbiter's table.
+    Changed {
+        action: LockAction,
+        lock: LockRecord,
+    },
+    /// Part of the arbiter's whole table; `first` starts it afresh.
+    Table { first: bool, locks: Vec<LockRecord> },
+}
+
+/// The arbiter's answer.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) enum Answer {
+    Granted { lock: LockRecord, key: String },
+    Refused { holder: LockRecord, message: String },
+    Released { lock: LockRecord, forced: bool },
+    Failed { kind: Failure, message: String },
+}
+
+/// An error, as it crosses to the device that asked.
+#[derive(Serialize, Deserialize)]
+pub(crate) enum Failure {
+    NotFound,
+    Forbidden,
+    Invalid,
+    Unavailable,
+}
+
+impl Answer {
+    fn failed(error: Error) -> Self {
+        let kind = match &error {
+            Error::NotFound(_) => Failure::NotFound,
+            Error::Forbidden(_) => Failure::Forbidden,
+            Error::Invalid(_) => Failure::Invalid,
+            _ => Failure::Unavailable,
+        };
+        Answer::Failed {
+            kind,
+            message: error.to_string(),
+        }
+    }
+}
+
+impl Failure {
+    fn into_error(self, message: String) -> Error {
+        match self {
+            Failure::NotFound => Error::NotFound(message),
+            Failure::Forbidden => Error::Forbidden(message),
+            Failure::Invalid => Error::Invalid(message),
+            Failure::Unavailable => Error::ArbiterUnreachable(message),
+        }
+    }
+}
+
+/// Who waits for a forwarded request's answer.
+pub(crate) enum Waiting {
+    Request(Reply<LockOutcome>),
+    Release(Reply<ReleaseOutcome>),
+}
+
+impl Waiting {
+    fn fail(self, error: Error) {
+        match self {
+            Waiting::Request(reply) => {
+                let _ = reply.send(Err(error));
+            }
+            Waiting::Release(reply) => {
+                let _ = reply.send(Err(error));
+            }
+        }
+    }
+
+    fn answer(self, answer: Answer) {
+        match (self, answer) {
+            (Waiting::Request(reply), Answer::Granted { lock, key }) => {
+                let _ = reply.send(Ok(LockOutcome::Granted {
+                    lock: lock.into(),
+                    key,
+                }));
+            }
+            (Waiting::Request(reply), Answer::Refused { holder, message }) => {
+                let _ = reply.send(Ok(LockOutcome::Refused {
+                    holder: holder.into(),
+                    message,
+                }));
+            }
+            (Waiting::Release(reply), Answer::Released { lock, forced }) => {
+                let lock = LockInfo::from(lock);
+                let _ = reply.send(Ok(if forced {
+                    ReleaseOutcome::ForceReleased(lock)
+                } else {
+                    ReleaseOutcome::Released(lock)
+                }));
+            }
+            (waiting, Answer::Failed { kind, message }) => waiting.fail(kind.into_error(message)),
+            (waiting, _) => waiting.fail(Error::Internal(
+                "the arbiter answered a different kind of request".into(),
+            )),
+        }
+    }
+}
+
+/// A forwarded request.
+pub(crate) struct Forwarded {
+    pub(crate) arbiter: String,
+    pub(crate) deadline_ms: u64,
+    pub(crate) waiting: Waiting,
+}
+
+/// This device's view of the locks when it is not the arbiter.
+#[derive(Default)]
+pub(crate) struct Mirror {
+    /// The arbiter's table as it last said.
+    pub(crate) table: BTreeMap<String, LockRecord>,
+    /// Forwarded requests by id.
+    pub(crate) forwarded: BTreeMap<u64, Forwarded>,
+    pub(crate) next_id: u64,
+}
+
+fn encode(message: &LockMessage) -> Option<ShareMessage> {
+    match crate::trust::wire::to_cbor("lock message", message) {
+        Ok(bytes) => Some(ShareMessage::Lock {
+            bytes: ByteBuf::from(bytes),
+        }),
+        Err(error) => {
+            tracing::warn!(%error, "cannot encode a lock message");
+            None
+        }
+    }
+}
+
+impl Core {
+    /// The arbiter's PeerId: the home's unrevoked admin device, as its certificate said
+    /// at admission, else as the home document lists it.
+    pub(crate) fn lock_arbiter_peer(&self) -> Option<String> {
+        if let Some(admin) = &self.peers.admin
+            && !self.revocations.contains(admin)
+        {
+            return Some(admin.clone());
+        }
+        let devices = self.engine.home_devices(self.home.home_doc).ok()?;
+        devices
+            .into_iter()
+            .find(|(peer, record)| {
+                record.revoked_at.is_none()
+                    && !self.revocations.contains(peer)
+                    && crate::trust::cert::DeviceCert::decode(&record.certificate)
+                        .is_ok_and(|c| c.is_admin())
+            })
+            .map(|(peer, _)| peer)
+    }
+
+    /// Whether this device decides locks.
+    pub(crate) fn is_lock_arbiter(&self) -> bool {
+        self.home.root_secret.is_some()
+    }
+
+    fn queue_lock_message(&mut self, peer: &str, message: &LockMessage) {
+        if let Some(message) = encode(message) {
+            self.queue_share_message(peer, &message);
+        }
+    }
+
+    /// Sends `message` to the arbiter and parks `waiting` until it answers, or fails it at
+    /// once when the arbiter is not connected.
+    pub(crate) fn forward_lock(&mut self, make: impl FnOnce(u64) -> LockMessage, waiting: Waiting) {
+        let arbiter = match self.lock_arbiter_peer() {
+            Some(peer) if self.peers.admitted.contains_key(&peer) => peer,
+            Some(peer) => {
+                return waiting.fail(Error::ArbiterUnreachable(format!(
+                    "the lock arbiter (device {peer}) is not connected; nothing was granted"
+                )));
+            }
+            None => {
+                return waiting.fail(Error::ArbiterUnreachable(
+                    "this home's lock arbiter is not known on this device yet".into(),
+                ));
+            }
+        };
+        if self.locks.mirror.forwarded.len() >= MAX_FORWARDS {
+            return waiting.fail(Error::ArbiterUnreachable(format!(
+                "{MAX_FORWARDS} lock requests are waiting for the arbiter already"
+            )));
+        }
+        let id = self.locks.mirror.next_id;
+        self.locks.mirror.next_id += 1;
+        self.queue_lock_message(&arbiter, &make(id));
+        self.locks.mirror.forwarded.insert(
+            id,
+            Forwarded {
+                arbiter,
+                deadline_ms: now_ms() + FORWARD_TIMEOUT_MS,
+                waiting,
+            },
+        );
+    }
+
+    /// Fails forwarded requests past their time, or all those sent to `gone`.
+    pub(crate) fn fail_lock_forwards(&mut self, gone: Option<&str>) {
+        let now = now_ms();
+        let ids: Vec<u64> = self
+            .locks
+            .mirror
+            .forwarded
+            .iter()
+            .filter(|(_, f)| f.deadline_ms <= now || gone == Some(f.arbiter.as_str()))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            if let Some(f) = self.locks.mirror.forwarded.remove(&id) {
+                f.waiting.fail(Error::ArbiterUnreachable(format!(
+                    "the lock arbiter (device {}) did not answer; the request may not have \
+                     reached it, so check `lock status` before asking again",
+                    f.arbiter
+                )));
+            }
+        }
+    }
+
+    /// When the first forwarded request runs out of time.
+    pub(crate) fn next_forward_deadline(&self) -> Option<u64> {
+        self.locks
+            .mirror
+            .forwarded
+            .values()
+            .map(|f| f.deadline_ms)
+            .min()
+    }
+
+    /// As the arbiter: tells every connected device of the home of a change.
+    pub(crate) fn announce_lock_change(&mut self, action: LockAction, lock: &LockRecord) {
+        let peers: Vec<String> = self.peers.admitted.keys().cloned().collect();
+        let message = LockMessage::Changed {
+            action,
+            lock: lock.clone(),
+        };
+        for peer in peers {
+            self.queue_lock_message(&peer, &message);
+        }
+    }
+
+    /// As the arbiter: sends a newly admitted device the whole table.
+    pub(crate) fn send_lock_table(&mut self, peer: &str) {
+        if !self.is_lock_arbiter() {
+            return;
+        }
+        let locks = self.locks.arbiter.locks();
+        if locks.is_empty() {
+            self.queue_lock_message(
+                peer,
+                &LockMessage::Table {
+                    first: true,
+                    locks: Vec::new(),
+                },
+            );
+        }
+        for (i, chunk) in locks.chunks(TABLE_CHUNK).enumerate() {
+            self.queue_lock_message(
+                peer,
+                &LockMessage::Table {
+                    first: i == 0,
+                    locks: chunk.to_vec(),
+                },
+            );
+        }
+    }
+
+    /// A lock message from a device of this home.
+    pub(crate) async fn on_lock_message(&mut self, peer: &str, bytes: &[u8]) {
+        let message: LockMessage =
+            match crate::trust::wire::from_cbor("lock message", bytes, MAX_SHARE_MESSAGE) {
+                Ok(m) => m,
+                Err(error) => {
+                    tracing::warn!(%peer, %error, "malformed lock message dropped");
+                    return;
+                }
+            };
+        let from_arbiter = self.lock_arbiter_peer().as_deref() == Some(peer);
+        match message {
+            LockMessage::Ask {
+                id,
+                device_name,
+                lock_type,
+                user_id,
+                timeout_s,
+                reason,
+                plan_uid,
+            } if self.is_lock_arbiter() => {
+                let ask = LockAsk {
+                    device_name,
+                    lock_type,
+                    user_id,
+                    timeout: std::time::Duration::from_secs(timeout_s),
+                    reason,
+                    plan_uid,
+                };
+                let answer = match self.step(|core, fx| core.decide_lock(ask, fx)).await {
+                    Ok(Ok((lock, key))) => Answer::Granted { lock, key },
+                    Ok(Err((holder, message))) => Answer::Refused { holder, message },
+                    Err(error) => Answer::failed(error),
+                };
+                self.queue_lock_message(peer, &LockMessage::Answer { id, answer });
+            }
+            LockMessage::Release {
+                id,
+                device_name,
+                key,
+                user_id,
+            } if self.is_lock_arbiter() => {
+                let answer = match self
+                    .step(|core, fx| core.decide_release(&device_name, &key, &user_id, fx))
+                    .await
+                {
+                    Ok((lock, forced)) => Answer::Released { lock, forced },
+                    Err(error) => Answer::failed(error),
+                };
+                self.queue_lock_message(peer, &LockMessage::Answer { id, answer });
+            }
+            LockMessage::Answer { id, answer } if from_arbiter => {
+                match self.locks.mirror.forwarded.remove(&id) {
+                    Some(f) if f.arbiter == peer => f.waiting.answer(answer),
+                    Some(f) => {
+                        // Not the device it was sent to: put it back.
+                        self.locks.mirror.forwarded.insert(id, f);
+                    }
+                    None => tracing::debug!(%peer, id, "late lock answer dropped"),
+                }
+            }
+            LockMessage::Changed { action, lock } if from_arbiter => {
+                match action {
+                    LockAction::Acquired => {
+                        self.locks
+                            .mirror
+                            .table
+                            .insert(lock.device_name.clone(), lock.clone());
+                    }
+                    // A preemption's record is the lock that ended; its successor's
+                    // `acquired` follows.
+                    _ => {
+                        if self
+                            .locks
+                            .mirror
+                            .table
+                            .get(&lock.device_name)
+                            .is_some_and(|held| held.fencing_token <= lock.fencing_token)
+                        {
+                            self.locks.mirror.table.remove(&lock.device_name);
+                        }
+                    }
+                }
+                self.emit_event(super::service::lock_event(action, lock.into()));
+            }
+            LockMessage::Table { first, locks } if from_arbiter => {
+                if first {
+                    self.locks.mirror.table.clear();
+                }
+                for lock in locks.into_iter().take(super::arbiter::MAX_LOCKS) {
+                    if self.locks.mirror.table.len() < super::arbiter::MAX_LOCKS {
+                        self.locks
+                            .mirror
+                            .table
+                            .insert(lock.device_name.clone(), lock);
+                    }
+                }
+            }
+            _ => tracing::warn!(%peer, "lock message this device does not take dropped"),
+        }
+        self.send_pending().await;
+    }
+}
