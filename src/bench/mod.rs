@@ -99,6 +99,8 @@ pub(crate) enum Scenario {
     History,
     /// Throughput and latency at several batching windows.
     Batching,
+    /// Lock acquire and release, on the arbiter and through it from another device.
+    Locks,
 }
 
 impl Scenario {
@@ -114,6 +116,7 @@ impl Scenario {
             Self::Memory => "memory",
             Self::History => "history",
             Self::Batching => "batching",
+            Self::Locks => "locks",
         }
     }
 }
@@ -196,6 +199,7 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
             Scenario::Wire,
             Scenario::History,
             Scenario::Batching,
+            Scenario::Locks,
         ];
         let mut stores = None;
         let mut failed = Vec::new();
@@ -223,6 +227,7 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
                     Scenario::Wire => scenarios::wire(&mut scratch, &sizes).await?,
                     Scenario::History => scenarios::history(&mut scratch, &sizes, &report).await?,
                     Scenario::Batching => scenarios::batching(&mut scratch, &sizes).await?,
+                    Scenario::Locks => scenarios::locks(&mut scratch, &sizes).await?,
                 })
             }
             .await;

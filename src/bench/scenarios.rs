@@ -705,3 +705,83 @@ pub(crate) async fn batching(scratch: &mut Scratch, sizes: &Sizes) -> Result<Vec
     }
     Ok(out)
 }
+
+/// Acquire-then-release rounds of one lock on `device`, timing each call.
+async fn lock_rounds(
+    device: &Device,
+    name: &str,
+    rounds: usize,
+) -> Result<(Vec<Duration>, Vec<Duration>)> {
+    let locks = device.node.locks();
+    let (mut acquire, mut release) = (Vec::with_capacity(rounds), Vec::with_capacity(rounds));
+    for _ in 0..rounds {
+        let started = Instant::now();
+        let outcome = locks
+            .request(hearth::LockAsk::new(
+                name,
+                hearth::LockType::QueueExecuting,
+                "bench",
+            ))
+            .await?;
+        acquire.push(started.elapsed());
+        let hearth::LockOutcome::Granted { key, .. } = outcome else {
+            anyhow::bail!("the bench's own lock on {name} was refused");
+        };
+        let started = Instant::now();
+        locks.release(name, &key, "bench").await?;
+        release.push(started.elapsed());
+    }
+    Ok((acquire, release))
+}
+
+/// Scenario 10, locks: acquire and release p95 on the arbiter (A) and from B through it,
+/// against one sync round trip between the two measured in the same run (twice the
+/// one-way latency of an entity change); the target is a round trip plus 1 ms.
+pub(crate) async fn locks(scratch: &mut Scratch, sizes: &Sizes) -> Result<Vec<ScenarioReport>> {
+    let rounds = sizes.updates.clamp(50, 1000);
+    let (a, b) = pair(scratch, hearth::DEFAULT_BATCH_WINDOW).await?;
+    create_seen(&a, &b, "light.locks").await?;
+    let mut one_way = sequential(&a, &b, "light.locks", "k", rounds).await?;
+    let (one_way_p50, _, _) = p50_95_99(&mut one_way);
+    let round_trip = 2.0 * one_way_p50;
+    let (mut local_acquire, mut local_release) = lock_rounds(&a, "bench.local", rounds).await?;
+    let (mut remote_acquire, mut remote_release) = lock_rounds(&b, "bench.remote", rounds).await?;
+    let (_, la95, _) = p50_95_99(&mut local_acquire);
+    let (_, lr95, _) = p50_95_99(&mut local_release);
+    let (ra50, ra95, _) = p50_95_99(&mut remote_acquire);
+    let (_, rr95, _) = p50_95_99(&mut remote_release);
+    let nodes = converge(&[&a, &b]).await?;
+    stop_all(scratch, vec![a, b]).await?;
+    let within = |p95: f64| p95 <= round_trip + 1000.0;
+    Ok(vec![
+        ScenarioReport::new(
+            "locks",
+            format!("{rounds} acquire and release rounds"),
+            nodes,
+        )
+        .figure(
+            Figure::new("acquire p95 on the arbiter", la95, "us")
+                .baseline("sync round trip", round_trip)
+                .target("<= round trip + 1 ms", within(la95)),
+        )
+        .figure(
+            Figure::new("release p95 on the arbiter", lr95, "us")
+                .baseline("sync round trip", round_trip)
+                .target("<= round trip + 1 ms", within(lr95)),
+        )
+        .figure(
+            Figure::new("acquire p50 through the arbiter", ra50, "us")
+                .baseline("sync round trip", round_trip),
+        )
+        .figure(
+            Figure::new("acquire p95 through the arbiter", ra95, "us")
+                .baseline("sync round trip", round_trip)
+                .target("<= round trip + 1 ms", within(ra95)),
+        )
+        .figure(
+            Figure::new("release p95 through the arbiter", rr95, "us")
+                .baseline("sync round trip", round_trip)
+                .target("<= round trip + 1 ms", within(rr95)),
+        ),
+    ])
+}
