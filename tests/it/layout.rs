@@ -118,6 +118,17 @@ fn services_import_one_another_one_way_and_never_the_surfaces() {
             "no service folder src/{service}"
         );
     }
+    // The service graph, for `cargo test --test it layout -- --nocapture`.
+    for service in SERVICES {
+        let to: Vec<&str> = graph
+            .get(*service)
+            .into_iter()
+            .flatten()
+            .map(String::as_str)
+            .filter(|m| SERVICES.contains(m) || *m == "core")
+            .collect();
+        println!("{service} -> {}", to.join(", "));
+    }
     if let Some(cycle) = find_cycle(&graph, SERVICES) {
         panic!(
             "service folders import one another in a cycle: {}",
