@@ -208,22 +208,55 @@ impl Core {
         }
     }
 
-    /// Sends `message` to the arbiter and parks `waiting` until it answers, or fails it at
-    /// once when the arbiter is not connected.
-    pub(crate) fn forward_lock(&mut self, make: impl FnOnce(u64) -> LockMessage, waiting: Waiting) {
-        let arbiter = match self.lock_arbiter_peer() {
-            Some(peer) if self.peers.admitted.contains_key(&peer) => peer,
-            Some(peer) => {
-                return waiting.fail(Error::ArbiterUnreachable(format!(
-                    "the lock arbiter (device {peer}) is not connected; nothing was granted"
+    /// Where a request about `device` goes: the owner home's arbiter for an entity another
+    /// home shares with this one (refused here when the share is read-only), else this
+    /// home's arbiter. `Ok(None)`: this device decides.
+    pub(crate) fn lock_route(&self, device: &str) -> Result<Option<String>, Error> {
+        if let Some(shared) = self
+            .sharing
+            .shared_in
+            .values()
+            .find(|s| s.entity_id == device && !s.revoked)
+        {
+            if shared.rights != "write" {
+                return Err(Error::Forbidden(format!(
+                    "{device} is shared with this home read-only; only homes that may write it                      may lock it"
                 )));
             }
-            None => {
-                return waiting.fail(Error::ArbiterUnreachable(
-                    "this home's lock arbiter is not known on this device yet".into(),
-                ));
-            }
-        };
+            return self
+                .sharing
+                .foreign
+                .iter()
+                .find(|(_, f)| f.home == shared.owner && f.admin)
+                .map(|(peer, _)| Some(peer.clone()))
+                .ok_or_else(|| {
+                    Error::ArbiterUnreachable(format!(
+                        "{device} belongs to home {}, whose lock arbiter is not connected;                          nothing was granted",
+                        shared.owner
+                    ))
+                });
+        }
+        if self.is_lock_arbiter() {
+            return Ok(None);
+        }
+        match self.lock_arbiter_peer() {
+            Some(peer) if self.peers.admitted.contains_key(&peer) => Ok(Some(peer)),
+            Some(peer) => Err(Error::ArbiterUnreachable(format!(
+                "the lock arbiter (device {peer}) is not connected; nothing was granted"
+            ))),
+            None => Err(Error::ArbiterUnreachable(
+                "this home's lock arbiter is not known on this device yet".into(),
+            )),
+        }
+    }
+
+    /// Sends `message` to `arbiter` and parks `waiting` until it answers.
+    pub(crate) fn forward_lock(
+        &mut self,
+        arbiter: String,
+        make: impl FnOnce(u64) -> LockMessage,
+        waiting: Waiting,
+    ) {
         if self.locks.mirror.forwarded.len() >= MAX_FORWARDS {
             return waiting.fail(Error::ArbiterUnreachable(format!(
                 "{MAX_FORWARDS} lock requests are waiting for the arbiter already"
@@ -240,6 +273,121 @@ impl Core {
                 waiting,
             },
         );
+    }
+
+    /// A lock message from a device of paired home `home`: as the arbiter, it may lock
+    /// and release this home's entities shared with that home with write rights; and it
+    /// answers requests this device forwarded to it. Nothing else is taken.
+    pub(crate) async fn on_foreign_lock_message(&mut self, peer: &str, home: &str, bytes: &[u8]) {
+        let message: LockMessage =
+            match crate::trust::wire::from_cbor("lock message", bytes, MAX_SHARE_MESSAGE) {
+                Ok(m) => m,
+                Err(error) => {
+                    tracing::warn!(%peer, %error, "malformed lock message dropped");
+                    return;
+                }
+            };
+        let may = |core: &Self, device: &str| -> Result<(), Error> {
+            if !core.is_lock_arbiter() {
+                return Err(Error::ArbiterUnreachable(
+                    "this device is not its home's lock arbiter".into(),
+                ));
+            }
+            let rights = core
+                .entities
+                .by_id
+                .get(device)
+                .and_then(|_| {
+                    core.engine
+                        .registry_entry(core.home.registry_doc, device)
+                        .ok()
+                        .flatten()
+                })
+                .filter(|e| e.deleted_at.is_none())
+                .and_then(|e| e.shares.get(home).map(|s| s.rights));
+            match rights {
+                Some(hearth_crdt::schema::registry::Rights::Write) => Ok(()),
+                Some(_) => Err(Error::Forbidden(format!(
+                    "{device} is shared with home {home} read-only"
+                ))),
+                None => Err(Error::Forbidden(format!(
+                    "{device} is not an entity shared with home {home}"
+                ))),
+            }
+        };
+        let answer = match message {
+            LockMessage::Ask {
+                id,
+                device_name,
+                lock_type,
+                user_id,
+                timeout_s,
+                reason,
+                plan_uid,
+            } => {
+                let answer = match may(self, &device_name) {
+                    Err(error) => Answer::failed(error),
+                    Ok(()) => {
+                        let ask = LockAsk {
+                            device_name,
+                            lock_type,
+                            user_id,
+                            timeout: std::time::Duration::from_secs(timeout_s),
+                            reason,
+                            plan_uid,
+                        };
+                        match self.step(|core, fx| core.decide_lock(ask, fx)).await {
+                            Ok(Ok((lock, key))) => Answer::Granted { lock, key },
+                            Ok(Err((holder, message))) => Answer::Refused { holder, message },
+                            Err(error) => Answer::failed(error),
+                        }
+                    }
+                };
+                Some((id, answer))
+            }
+            LockMessage::Release {
+                id,
+                device_name,
+                key,
+                user_id,
+            } => {
+                let answer = match may(self, &device_name) {
+                    Err(error) => Answer::failed(error),
+                    Ok(()) => match self
+                        .step(|core, fx| core.decide_release(&device_name, &key, &user_id, fx))
+                        .await
+                    {
+                        Ok((lock, forced)) => Answer::Released { lock, forced },
+                        Err(error) => Answer::failed(error),
+                    },
+                };
+                Some((id, answer))
+            }
+            LockMessage::Answer { id, answer } => {
+                self.take_answer(peer, id, answer);
+                None
+            }
+            _ => {
+                tracing::warn!(%peer, %home, "lock message a paired home may not send dropped");
+                None
+            }
+        };
+        if let Some((id, answer)) = answer {
+            self.queue_lock_message(peer, &LockMessage::Answer { id, answer });
+        }
+        self.send_pending().await;
+    }
+
+    /// The answer to request `id`, from the device it was sent to.
+    fn take_answer(&mut self, peer: &str, id: u64, answer: Answer) {
+        match self.locks.mirror.forwarded.remove(&id) {
+            Some(f) if f.arbiter == peer => f.waiting.answer(answer),
+            Some(f) => {
+                // Not the device it was sent to: put it back.
+                self.locks.mirror.forwarded.insert(id, f);
+            }
+            None => tracing::debug!(%peer, id, "late lock answer dropped"),
+        }
     }
 
     /// Fails forwarded requests past their time, or all those sent to `gone`.
@@ -363,16 +511,7 @@ impl Core {
                 };
                 self.queue_lock_message(peer, &LockMessage::Answer { id, answer });
             }
-            LockMessage::Answer { id, answer } if from_arbiter => {
-                match self.locks.mirror.forwarded.remove(&id) {
-                    Some(f) if f.arbiter == peer => f.waiting.answer(answer),
-                    Some(f) => {
-                        // Not the device it was sent to: put it back.
-                        self.locks.mirror.forwarded.insert(id, f);
-                    }
-                    None => tracing::debug!(%peer, id, "late lock answer dropped"),
-                }
-            }
+            LockMessage::Answer { id, answer } => self.take_answer(peer, id, answer),
             LockMessage::Changed { action, lock } if from_arbiter => {
                 match action {
                     LockAction::Acquired => {

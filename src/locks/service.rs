@@ -95,7 +95,18 @@ impl Core {
     /// Answers a request of the locks service: on the arbiter at once, elsewhere by
     /// forwarding it to the arbiter.
     pub(crate) async fn handle_locks(&mut self, request: LockRequest) {
-        let arbiter = self.is_lock_arbiter();
+        // Where a request or release goes: decided here, or forwarded (to this home's
+        // arbiter, or for a shared-in entity to its owner's), or refused at once.
+        let route = match &request {
+            LockRequest::Request { ask, .. } => Some(self.lock_route(&ask.device_name)),
+            LockRequest::Release { device, .. } => Some(self.lock_route(device)),
+            LockRequest::Status { .. } | LockRequest::Device { .. } => None,
+        };
+        let (arbiter, forward_to) = match route {
+            Some(Err(error)) => return request.refuse(error),
+            Some(Ok(None)) | None => (true, None),
+            Some(Ok(Some(peer))) => (false, Some(peer)),
+        };
         match request {
             LockRequest::Request { ask, reply } if arbiter => {
                 let result = self
@@ -116,6 +127,7 @@ impl Core {
             LockRequest::Request { ask, reply } => {
                 let timeout_s = timeout_secs(ask.timeout);
                 self.forward_lock(
+                    forward_to.unwrap_or_default(),
                     |id| LockMessage::Ask {
                         id,
                         device_name: ask.device_name,
@@ -154,6 +166,7 @@ impl Core {
                 reply,
             } => {
                 self.forward_lock(
+                    forward_to.unwrap_or_default(),
                     |id| LockMessage::Release {
                         id,
                         device_name: device,

@@ -101,6 +101,7 @@ impl Core {
                 net: peer,
                 home: claimed_home.to_string(),
                 x25519: *cert.x25519_public(),
+                admin: cert.is_admin(),
             },
         );
         if !home.devices.contains_key(&peer_text) {

@@ -87,8 +87,10 @@ impl Core {
         if let ShareMessage::Lock { bytes } = &message {
             if self.peers.admitted.contains_key(peer) {
                 self.on_lock_message(peer, bytes).await;
+            } else if let Some(home) = self.sharing.foreign.get(peer).map(|f| f.home.clone()) {
+                self.on_foreign_lock_message(peer, &home, bytes).await;
             } else {
-                tracing::warn!(%peer, "lock message from a device that is not of this home dropped");
+                tracing::warn!(%peer, "lock message from a device of no known home dropped");
             }
             return;
         }

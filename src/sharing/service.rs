@@ -77,6 +77,8 @@ pub(crate) struct ForeignPeer {
     pub(crate) net: PeerId,
     pub(crate) home: String,
     pub(crate) x25519: [u8; 32],
+    /// Its certificate makes it its home's admin device, which arbitrates its locks.
+    pub(crate) admin: bool,
 }
 
 /// An entity another home shares with this one.

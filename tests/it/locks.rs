@@ -337,3 +337,91 @@ async fn with_the_arbiter_away_a_device_grants_nothing() {
     assert!(matches!(refused, Err(hearth::Error::ArbiterUnreachable(_))));
     timeout(T, other.shutdown()).await.unwrap().unwrap();
 }
+
+/// A home that may write a shared entity locks it through the owner's arbiter; a
+/// read-only share may not lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_home_locks_a_shared_entity_through_its_owner_and_a_reader_may_not() {
+    use hearth::{LockAsk, LockOutcome, LockType, Rights};
+
+    use crate::pairing::{wait_state, write};
+    use crate::sharing::{pair, start as start_home};
+
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let owner = start_home(dirs[0].path(), "owner").await;
+    let guest = start_home(dirs[1].path(), "guest").await;
+    owner
+        .entities()
+        .set("light.porch", write("off"))
+        .await
+        .unwrap();
+    owner
+        .entities()
+        .set("sensor.temp", write("20"))
+        .await
+        .unwrap();
+    pair(&owner, &guest).await;
+    owner
+        .shares()
+        .share("light.porch", guest.home_id(), Rights::Write, None)
+        .await
+        .unwrap();
+    owner
+        .shares()
+        .share("sensor.temp", guest.home_id(), Rights::Read, None)
+        .await
+        .unwrap();
+    wait_state(&guest, "light.porch", "off").await;
+    wait_state(&guest, "sensor.temp", "20").await;
+
+    let LockOutcome::Granted { key, lock } = guest
+        .locks()
+        .request(LockAsk::new(
+            "light.porch",
+            LockType::ManualOperator,
+            "guest-op",
+        ))
+        .await
+        .unwrap()
+    else {
+        panic!("not granted");
+    };
+    assert_eq!(lock.user_id, "guest-op");
+    let held = owner.locks().device("light.porch").await.unwrap().unwrap();
+    assert_eq!(held.fencing_token, lock.fencing_token);
+    // The owner's own request of the same priority is refused: one arbiter.
+    assert!(matches!(
+        owner
+            .locks()
+            .request(LockAsk::new(
+                "light.porch",
+                LockType::ManualOperator,
+                "owner-op"
+            ))
+            .await
+            .unwrap(),
+        LockOutcome::Refused { .. }
+    ));
+    guest
+        .locks()
+        .release("light.porch", &key, "guest-op")
+        .await
+        .unwrap();
+    assert!(owner.locks().device("light.porch").await.unwrap().is_none());
+
+    let refused = guest
+        .locks()
+        .request(LockAsk::new(
+            "sensor.temp",
+            LockType::Maintenance,
+            "guest-op",
+        ))
+        .await;
+    assert!(
+        matches!(refused, Err(hearth::Error::Forbidden(_))),
+        "{refused:?}"
+    );
+    assert!(owner.locks().device("sensor.temp").await.unwrap().is_none());
+    timeout(T, guest.shutdown()).await.unwrap().unwrap();
+    timeout(T, owner.shutdown()).await.unwrap().unwrap();
+}
