@@ -282,8 +282,9 @@ enum LockCommand {
     Release {
         /// The device.
         device: String,
-        /// The key `lock acquire` printed.
-        key: String,
+        /// The key `lock acquire` printed; `-` or absent reads it from stdin, which keeps it
+        /// out of the shell's history and the process list.
+        key: Option<String>,
         /// Who releases it (default: $USER, else `hearth`).
         #[arg(long, value_name = "USER")]
         user: Option<String>,
@@ -845,7 +846,19 @@ fn lock(data: &std::path::Path, cmd: LockCommand) -> Result<()> {
             key,
             user: u,
             client: c,
-        } => verbs::lock_release(&client(data, &c)?, &device, &key, &user(u), c.json),
+        } => {
+            let key = match key.filter(|k| k != "-") {
+                Some(k) => k,
+                None => {
+                    let mut line = String::new();
+                    std::io::stdin()
+                        .read_line(&mut line)
+                        .context("cannot read the lock key from stdin")?;
+                    line.trim().to_string()
+                }
+            };
+            verbs::lock_release(&client(data, &c)?, &device, &key, &user(u), c.json)
+        }
         LockCommand::Status { device, client: c } => {
             verbs::lock_status(&client(data, &c)?, device.as_deref(), c.json)
         }

@@ -22,8 +22,10 @@ pub(crate) enum Effect {
     },
     /// Announce an event.
     Emit(crate::events::Event),
-    /// Send the frames queued so far.
-    Send,
+    /// Send these frames: the ones the step queued before it recorded this.
+    Send(Vec<(String, hearth_crdt::wire::Frame)>),
+    /// Forget admitted devices of a paired home (after the frames to them went out).
+    ForgetForeign(Vec<String>),
     /// Close a peer's connections and refuse it from now on (see `hearth_net::Handle::reject`).
     Reject {
         peer: hearth_net::PeerId,
@@ -54,8 +56,15 @@ impl Effects {
         self.0.push(Effect::Emit(event));
     }
 
-    pub(crate) fn send(&mut self) {
-        self.0.push(Effect::Send);
+    /// Sends `frames` at this point of the log: after the batches recorded before.
+    pub(crate) fn send(&mut self, frames: Vec<(String, hearth_crdt::wire::Frame)>) {
+        if !frames.is_empty() {
+            self.0.push(Effect::Send(frames));
+        }
+    }
+
+    pub(crate) fn forget_foreign(&mut self, peers: Vec<String>) {
+        self.0.push(Effect::ForgetForeign(peers));
     }
 
     pub(crate) fn reject(&mut self, peer: hearth_net::PeerId, reason: &'static str) {
@@ -76,7 +85,16 @@ impl Core {
                     subject,
                 } => crate::audit::record_by(&self.store, &actor, action, &subject).await,
                 Effect::Emit(event) => self.emit_event(event),
-                Effect::Send => self.send_pending().await,
+                Effect::Send(frames) => {
+                    self.outbox.extend(frames);
+                    self.send_pending().await;
+                }
+                Effect::ForgetForeign(peers) => {
+                    for peer in peers {
+                        self.sharing.foreign.remove(&peer);
+                        self.engine.detach_peer(&peer);
+                    }
+                }
                 Effect::Reject { peer, reason } => {
                     if let Err(error) = self.net.reject(peer, reason).await {
                         tracing::warn!(%peer, %error, "cannot refuse a peer");
@@ -89,14 +107,24 @@ impl Core {
 
     /// Runs a step that records effects, carries them out (also when the step failed
     /// part way, as the effects it recorded already happened in its logic), and answers
-    /// with the step's result unless carrying out failed.
+    /// with the step's result unless carrying out failed. Frames the step queued and did
+    /// not hand to a send effect go out last, after every batch it recorded; when a batch
+    /// fails, the frames after it never go out.
     pub(crate) async fn step<T>(
         &mut self,
         run: impl FnOnce(&mut Self, &mut Effects) -> Result<T, Error>,
     ) -> Result<T, Error> {
+        let earlier = std::mem::take(&mut self.outbox);
         let mut effects = Effects::default();
         let result = run(self, &mut effects);
+        let rest = std::mem::replace(&mut self.outbox, earlier);
+        effects.send(rest);
         self.carry_out(effects).await?;
         result
+    }
+
+    /// Hands the frames queued so far to a send effect at this point of the log.
+    pub(crate) fn send_queued(&mut self, fx: &mut Effects) {
+        fx.send(std::mem::take(&mut self.outbox));
     }
 }

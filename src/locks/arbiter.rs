@@ -5,7 +5,7 @@
 //! Rules (seed 004): a lower priority number is a higher priority. A request preempts a
 //! held lock of lower priority; one of the same or lower priority is refused with the
 //! holder's lock. Every grant is a lease with a secret key and a fencing token that only
-//! grows per device, also across releases. Releasing takes the key; the key of a
+//! grows (one counter for every device, also across releases). Releasing takes the key; the key of a
 //! MAINTENANCE lock the same user holds (on any device) force-releases any lock. A lease
 //! past its end is released at [`Arbiter::expire`], which the service runs on time.
 
@@ -89,8 +89,9 @@ struct Held {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub(crate) struct Arbiter {
     held: BTreeMap<String, Held>,
-    /// The highest fencing token issued per device, kept after release.
-    tokens: BTreeMap<String, u64>,
+    /// The last fencing token issued, on any device: one counter, so tokens only grow
+    /// on every device and the table does not grow with every name ever locked.
+    last_token: u64,
 }
 
 impl Arbiter {
@@ -176,8 +177,8 @@ impl Arbiter {
             }
             None => None,
         };
-        let token = self.tokens.get(&ask.device_name).copied().unwrap_or(0) + 1;
-        self.tokens.insert(ask.device_name.clone(), token);
+        let token = self.last_token.saturating_add(1);
+        self.last_token = token;
         let lock = LockRecord {
             device_name: ask.device_name.clone(),
             lock_type: ask.lock_type,
@@ -316,10 +317,10 @@ mod tests {
         let (second, _, _) =
             granted(arbiter.request(ask("m1", LockType::ManualOperator, "a"), 2, "k2".into()));
         assert!(second.fencing_token > first.fencing_token);
-        // Another device counts on its own.
+        // Another device's tokens grow too, from the same counter.
         let (other, _, _) =
             granted(arbiter.request(ask("m2", LockType::ManualOperator, "a"), 2, "k3".into()));
-        assert_eq!(other.fencing_token, 1);
+        assert!(other.fencing_token > second.fencing_token);
     }
 
     #[test]

@@ -189,10 +189,17 @@ impl Core {
         devices
             .into_iter()
             .find(|(peer, record)| {
+                // Any device of the home can write the home document: only a certificate
+                // the home's root key signed, for this very device, counts.
                 record.revoked_at.is_none()
                     && !self.revocations.contains(peer)
-                    && crate::trust::cert::DeviceCert::decode(&record.certificate)
-                        .is_ok_and(|c| c.is_admin())
+                    && matches!(
+                        crate::trust::cert::DeviceCert::verify_bytes(
+                            &record.certificate,
+                            &self.home.root_public
+                        ),
+                        crate::trust::cert::Verdict::Valid(c) if c.is_admin() && c.peer_id() == peer.as_str()
+                    )
             })
             .map(|(peer, _)| peer)
     }
@@ -336,7 +343,7 @@ impl Core {
                             reason,
                             plan_uid,
                         };
-                        match self.step(|core, fx| core.decide_lock(ask, fx)).await {
+                        match self.decide_lock_or_undo(ask).await {
                             Ok(Ok((lock, key))) => Answer::Granted { lock, key },
                             Ok(Err((holder, message))) => Answer::Refused { holder, message },
                             Err(error) => Answer::failed(error),
@@ -354,7 +361,7 @@ impl Core {
                 let answer = match may(self, &device_name) {
                     Err(error) => Answer::failed(error),
                     Ok(()) => match self
-                        .step(|core, fx| core.decide_release(&device_name, &key, &user_id, fx))
+                        .decide_release_or_undo(&device_name, &key, &user_id)
                         .await
                     {
                         Ok((lock, forced)) => Answer::Released { lock, forced },
@@ -386,7 +393,25 @@ impl Core {
                 // Not the device it was sent to: put it back.
                 self.locks.mirror.forwarded.insert(id, f);
             }
-            None => tracing::debug!(%peer, id, "late lock answer dropped"),
+            None => {
+                // A grant nobody waits for any more (it timed out, or its arbiter was
+                // thought gone): give it back, or the lease would stay held with a key
+                // nobody has.
+                if let Answer::Granted { lock, key } = answer {
+                    tracing::info!(%peer, device = %lock.device_name, "releasing a late lock grant");
+                    let id = self.locks.mirror.next_id;
+                    self.locks.mirror.next_id += 1;
+                    self.queue_lock_message(
+                        peer,
+                        &LockMessage::Release {
+                            id,
+                            device_name: lock.device_name,
+                            key,
+                            user_id: lock.user_id,
+                        },
+                    );
+                }
+            }
         }
     }
 
@@ -489,10 +514,18 @@ impl Core {
                     reason,
                     plan_uid,
                 };
-                let answer = match self.step(|core, fx| core.decide_lock(ask, fx)).await {
-                    Ok(Ok((lock, key))) => Answer::Granted { lock, key },
-                    Ok(Err((holder, message))) => Answer::Refused { holder, message },
+                // A name that is another home's shared entity here is that home's to decide.
+                let answer = match self.lock_route(&ask.device_name) {
+                    Ok(Some(_)) => Answer::failed(Error::Invalid(format!(
+                        "{} is an entity another home owns; lock it from a device that holds                          its share",
+                        ask.device_name
+                    ))),
                     Err(error) => Answer::failed(error),
+                    Ok(None) => match self.decide_lock_or_undo(ask).await {
+                        Ok(Ok((lock, key))) => Answer::Granted { lock, key },
+                        Ok(Err((holder, message))) => Answer::Refused { holder, message },
+                        Err(error) => Answer::failed(error),
+                    },
                 };
                 self.queue_lock_message(peer, &LockMessage::Answer { id, answer });
             }
@@ -503,7 +536,7 @@ impl Core {
                 user_id,
             } if self.is_lock_arbiter() => {
                 let answer = match self
-                    .step(|core, fx| core.decide_release(&device_name, &key, &user_id, fx))
+                    .decide_release_or_undo(&device_name, &key, &user_id)
                     .await
                 {
                     Ok((lock, forced)) => Answer::Released { lock, forced },
@@ -515,10 +548,12 @@ impl Core {
             LockMessage::Changed { action, lock } if from_arbiter => {
                 match action {
                     LockAction::Acquired => {
-                        self.locks
-                            .mirror
-                            .table
-                            .insert(lock.device_name.clone(), lock.clone());
+                        let table = &mut self.locks.mirror.table;
+                        if table.len() < super::arbiter::MAX_LOCKS
+                            || table.contains_key(&lock.device_name)
+                        {
+                            table.insert(lock.device_name.clone(), lock.clone());
+                        }
                     }
                     // A preemption's record is the lock that ended; its successor's
                     // `acquired` follows.

@@ -138,8 +138,8 @@ impl LockAsk {
     }
 }
 
-/// What a lock request came to.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// What a lock request came to. Its `Debug` form never shows the key.
+#[derive(Clone, PartialEq, Eq)]
 pub enum LockOutcome {
     /// Granted: the lock and its secret key, which releases it.
     Granted {
@@ -155,6 +155,23 @@ pub enum LockOutcome {
         /// Why the request could not take it.
         message: String,
     },
+}
+
+impl std::fmt::Debug for LockOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LockOutcome::Granted { lock, .. } => f
+                .debug_struct("Granted")
+                .field("lock", lock)
+                .field("key", &"<hidden>")
+                .finish(),
+            LockOutcome::Refused { holder, message } => f
+                .debug_struct("Refused")
+                .field("holder", holder)
+                .field("message", message)
+                .finish(),
+        }
+    }
 }
 
 /// How a release ended.
@@ -241,8 +258,8 @@ impl Locks {
     }
 }
 
-/// A held lock; dropping it releases the lock (in the background).
-#[derive(Debug)]
+/// A held lock; dropping it releases the lock (in the background). Its `Debug` form
+/// never shows the key.
 pub struct LockGuard {
     locks: Locks,
     lock: LockInfo,
@@ -254,6 +271,15 @@ pub struct LockGuard {
 impl std::fmt::Debug for Locks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Locks").finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for LockGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LockGuard")
+            .field("lock", &self.lock)
+            .field("key", &"<hidden>")
+            .finish_non_exhaustive()
     }
 }
 
@@ -271,10 +297,13 @@ impl LockGuard {
     /// Releases the lock now and says how. A lock preempted or expired meanwhile is
     /// an error naming the device.
     pub async fn release(mut self) -> Result<ReleaseOutcome, Error> {
-        self.released = true;
-        self.locks
+        let result = self
+            .locks
             .release(&self.lock.device_name, &self.key, &self.user_id)
-            .await
+            .await;
+        // Only now: a release cancelled half way leaves the drop to release it.
+        self.released = true;
+        result
     }
 }
 

@@ -110,7 +110,7 @@ impl Core {
         match request {
             LockRequest::Request { ask, reply } if arbiter => {
                 let result = self
-                    .step(|core, fx| core.decide_lock(ask, fx))
+                    .decide_lock_or_undo(ask)
                     .await
                     .map(|decided| match decided {
                         Ok((lock, key)) => LockOutcome::Granted {
@@ -147,7 +147,7 @@ impl Core {
                 reply,
             } if arbiter => {
                 let result = self
-                    .step(|core, fx| core.decide_release(&device, &key, &user_id, fx))
+                    .decide_release_or_undo(&device, &key, &user_id)
                     .await
                     .map(|(lock, forced)| {
                         let lock = LockInfo::from(lock);
@@ -205,6 +205,38 @@ impl Core {
         }
     }
 
+    /// Decides a request as one step; when its table cannot be stored, the table goes
+    /// back to what it was, so no lease stays held whose key nobody received.
+    #[allow(clippy::type_complexity)]
+    pub(crate) async fn decide_lock_or_undo(
+        &mut self,
+        ask: LockAsk,
+    ) -> Result<Result<(LockRecord, String), (LockRecord, String)>, Error> {
+        let before = self.locks.arbiter.clone();
+        let result = self.step(|core, fx| core.decide_lock(ask, fx)).await;
+        if result.is_err() {
+            self.locks.arbiter = before;
+        }
+        result
+    }
+
+    /// Decides a release as one step, undone like [`Core::decide_lock_or_undo`].
+    pub(crate) async fn decide_release_or_undo(
+        &mut self,
+        device: &str,
+        key: &str,
+        user_id: &str,
+    ) -> Result<(LockRecord, bool), Error> {
+        let before = self.locks.arbiter.clone();
+        let result = self
+            .step(|core, fx| core.decide_release(device, key, user_id, fx))
+            .await;
+        if result.is_err() {
+            self.locks.arbiter = before;
+        }
+        result
+    }
+
     /// As the arbiter: decides a request. `Ok(Ok((lock, key)))` is a grant,
     /// `Ok(Err((holder, message)))` a refusal.
     #[allow(clippy::type_complexity)]
@@ -234,7 +266,7 @@ impl Core {
                     self.announce(LockAction::Preempted, old, fx);
                 }
                 self.announce(LockAction::Acquired, lock.clone(), fx);
-                fx.send();
+                self.send_queued(fx);
                 Ok((lock, key))
             }
             Decision::Refused { holder, message } => Err((holder, message)),
@@ -262,7 +294,7 @@ impl Core {
             LockAction::Released
         };
         self.announce(action, lock.clone(), fx);
-        fx.send();
+        self.send_queued(fx);
         Ok((lock, forced))
     }
 
@@ -288,7 +320,7 @@ impl Core {
                 for lock in ended {
                     core.announce(LockAction::Expired, lock, fx);
                 }
-                fx.send();
+                core.send_queued(fx);
                 Ok(())
             })
             .await

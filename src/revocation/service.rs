@@ -132,7 +132,7 @@ impl Core {
             );
         }
         self.drop_sync_states_of_peers(vec![peer.clone()]);
-        fx.send();
+        self.send_queued(fx);
         Ok(RevokedDevice {
             peer_id: peer.into(),
             name: record.name,

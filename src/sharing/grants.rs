@@ -337,7 +337,7 @@ impl Core {
         for (peer, fp) in peers {
             self.send_grant(&peer, &fp, entity_id, doc, rights, None);
         }
-        fx.send();
+        self.send_queued(fx);
         fx.emit(share_event(
             entity_id,
             &self.home.home_id,
@@ -409,7 +409,7 @@ impl Core {
             format!("{entity_id} from {home_id}"),
         );
         self.rotate(entity_id, doc, fx)?;
-        fx.send();
+        self.send_queued(fx);
         fx.emit(share_event(
             entity_id,
             &self.home.home_id,

@@ -269,9 +269,10 @@ impl Core {
             .filter(|(_, f)| f.home == home_id)
             .map(|(p, f)| (p.clone(), f.net))
             .collect();
-        for (text, peer) in peers {
-            self.sharing.foreign.remove(&text);
-            self.engine.detach_peer(&text);
+        // After the frames that tell them their grants ended.
+        self.send_queued(fx);
+        fx.forget_foreign(peers.iter().map(|(text, _)| text.clone()).collect());
+        for (_, peer) in peers {
             fx.reject(peer, "peer belongs to a home this one forgot");
         }
         self.drop_sync_states_of_peers(record.devices.keys().cloned().collect());
