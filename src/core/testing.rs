@@ -20,12 +20,86 @@ pub(crate) struct TestCore {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// An in-memory store whose writes fail while `fail` is set, as a full disk's would.
+pub(crate) struct FlakyStore {
+    inner: hearth_storage::MemStore,
+    pub(crate) fail: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FlakyStore {
+    fn check(&self) -> Result<(), hearth_storage::Error> {
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(hearth_storage::Error::Backend {
+                path: "<memory>".into(),
+                detail: "no space left on device".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl hearth_storage::Store for FlakyStore {
+    fn get(
+        &self,
+        keyspace: hearth_storage::Keyspace,
+        key: &[u8],
+    ) -> Result<Option<Vec<u8>>, hearth_storage::Error> {
+        self.inner.get(keyspace, key)
+    }
+    fn put(
+        &mut self,
+        keyspace: hearth_storage::Keyspace,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<(), hearth_storage::Error> {
+        self.check()?;
+        self.inner.put(keyspace, key, value)
+    }
+    fn delete(
+        &mut self,
+        keyspace: hearth_storage::Keyspace,
+        key: &[u8],
+    ) -> Result<(), hearth_storage::Error> {
+        self.check()?;
+        self.inner.delete(keyspace, key)
+    }
+    fn scan(
+        &self,
+        keyspace: hearth_storage::Keyspace,
+        scan: &hearth_storage::Scan,
+    ) -> Result<Vec<hearth_storage::Entry>, hearth_storage::Error> {
+        self.inner.scan(keyspace, scan)
+    }
+    fn apply_batch(&mut self, batch: hearth_storage::Batch) -> Result<(), hearth_storage::Error> {
+        self.check()?;
+        self.inner.apply_batch(batch)
+    }
+    fn flush(&mut self) -> Result<(), hearth_storage::Error> {
+        self.check()?;
+        self.inner.flush()
+    }
+}
+
 impl TestCore {
     /// A new home's first device, named `name`, with no batching window.
     pub(crate) async fn start(name: &str) -> Self {
+        Self::start_on(name, hearth_storage::open_in_memory().unwrap()).await
+    }
+
+    /// Like [`TestCore::start`], on a store whose writes fail while the flag is set.
+    pub(crate) async fn start_flaky(name: &str) -> (Self, Arc<std::sync::atomic::AtomicBool>) {
+        let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let store = hearth_storage::StoreHandle::spawn(FlakyStore {
+            inner: hearth_storage::MemStore::new(),
+            fail: fail.clone(),
+        })
+        .unwrap();
+        (Self::start_on(name, store).await, fail)
+    }
+
+    async fn start_on(name: &str, store: hearth_storage::StoreHandle) -> Self {
         let identity = hearth_net::DeviceIdentity::generate();
         let (net, stream, net_events) = hearth_net::testing::detached(identity.to_peer_id());
-        let store = hearth_storage::open_in_memory().unwrap();
         let cancel = CancellationToken::new();
         let (core, facts, task) = super::start(
             store.clone(),

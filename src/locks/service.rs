@@ -512,4 +512,57 @@ mod tests {
         assert_eq!(table.lock("det1").unwrap().user_id, "op");
         t.stop().await;
     }
+
+    /// A lock whose table cannot be stored is not granted, is not announced, and leaves
+    /// no lease behind; once the store is back, requests are granted again.
+    #[tokio::test]
+    async fn a_grant_the_store_refused_leaves_no_lease() {
+        let (t, fail) = TestCore::start_flaky("admin").await;
+        let mut events = t.events();
+        assert!(matches!(
+            request(&t, LockAsk::new("det1", LockType::ManualOperator, "op")).await,
+            LockOutcome::Granted { .. }
+        ));
+        fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        let refused = t
+            .core
+            .call(|reply| LockRequest::Request {
+                ask: LockAsk::new("det2", LockType::ManualOperator, "op"),
+                reply,
+            })
+            .await
+            .unwrap();
+        assert!(refused.is_err(), "granted on a failing store: {refused:?}");
+        fail.store(false, std::sync::atomic::Ordering::SeqCst);
+        let status = t
+            .core
+            .call(|reply| LockRequest::Status { reply })
+            .await
+            .unwrap()
+            .unwrap();
+        let held: Vec<&str> = status.iter().map(|l| l.device_name.as_str()).collect();
+        assert_eq!(held, ["det1"], "the refused grant left a lease");
+        assert_eq!(actions(&mut events), [LockAction::Acquired]);
+        // The store recovers (its thread probes it), and locks are granted again.
+        let granted = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let outcome = t
+                    .core
+                    .call(|reply| LockRequest::Request {
+                        ask: LockAsk::new("det2", LockType::ManualOperator, "op"),
+                        reply,
+                    })
+                    .await
+                    .unwrap();
+                if let Ok(LockOutcome::Granted { lock, .. }) = outcome {
+                    return lock;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("no grant after the store recovered");
+        assert_eq!(granted.device_name, "det2");
+        t.stop().await;
+    }
 }
