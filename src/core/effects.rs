@@ -14,6 +14,8 @@ use crate::Error;
 pub(crate) enum Effect {
     /// Store this batch; later effects wait for it, and a failure stops the rest.
     Persist(Batch),
+    /// Store this batch; a failure is logged (naming what) and the rest still happens.
+    PersistOrLog(Batch, &'static str),
     /// Append an audit entry.
     Audit {
         actor: String,
@@ -41,6 +43,13 @@ impl Effects {
     pub(crate) fn persist(&mut self, batch: Batch) {
         if !batch.is_empty() {
             self.0.push(Effect::Persist(batch));
+        }
+    }
+
+    /// Stores `batch` where a failure must not stop what follows; it is logged.
+    pub(crate) fn persist_or_log(&mut self, batch: Batch, what: &'static str) {
+        if !batch.is_empty() {
+            self.0.push(Effect::PersistOrLog(batch, what));
         }
     }
 
@@ -79,6 +88,11 @@ impl Core {
         for effect in effects.0 {
             match effect {
                 Effect::Persist(batch) => self.store.batch(batch).await?,
+                Effect::PersistOrLog(batch, what) => {
+                    if let Err(error) = self.store.batch(batch).await {
+                        tracing::error!(%error, "cannot store {what}");
+                    }
+                }
                 Effect::Audit {
                     actor,
                     action,

@@ -404,7 +404,15 @@ pub(crate) async fn start(
     core.load_locks().await;
     core.load_documents().await?;
     core.record_quarantine().await?;
-    core.absorb_revocations().await;
+    if let Err(error) = core
+        .step(|core, fx| {
+            core.absorb_revocations(fx);
+            Ok(())
+        })
+        .await
+    {
+        tracing::warn!(%error, "acting on stored revocations failed part way");
+    }
     if fresh {
         core.create_home(device_name).await?;
     }

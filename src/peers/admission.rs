@@ -571,13 +571,16 @@ impl Core {
         if touched_home {
             self.rebuild_entity_index_lenient();
             self.refresh_actor_homes();
-            self.absorb_revocations().await;
-            let _ = self
+            if let Err(error) = self
                 .step(|core, fx| {
+                    core.absorb_revocations(fx);
                     core.disconnect_revoked(fx);
                     Ok(())
                 })
-                .await;
+                .await
+            {
+                tracing::warn!(%error, "acting on the home document's revocations failed part way");
+            }
             for chunk in &home_chunks {
                 self.learn_keys(chunk).await;
             }

@@ -354,7 +354,7 @@ impl Core {
 
     /// A home-key grant from a device of this home: stores the new key of the home or
     /// registry document.
-    pub(crate) async fn accept_home_key(&mut self, peer: &str, key: HomeKey) {
+    pub(crate) fn accept_home_key(&mut self, peer: &str, key: HomeKey, fx: &mut Effects) {
         let Some(doc) = DocId::parse(&key.doc).filter(|d| self.is_home_or_registry(*d)) else {
             tracing::warn!(%peer, "home-key grant for a document that is not the home's own");
             return;
@@ -368,9 +368,7 @@ impl Core {
             Ok(k) => {
                 let mut batch = Batch::new();
                 self.keyring.insert(doc, key.epoch, k, &mut batch);
-                if let Err(error) = self.store.batch(batch).await {
-                    tracing::error!(%error, "cannot store a home key");
-                }
+                fx.persist_or_log(batch, "a home key");
                 tracing::info!(%doc, epoch = key.epoch.counter, "learned a rotated home key");
             }
             Err(error) => tracing::warn!(%peer, %error, "cannot unwrap a home key"),
@@ -392,12 +390,6 @@ impl Core {
         }
     }
 
-    pub(crate) async fn save_revocations(&mut self) -> Result<(), Error> {
-        let mut batch = Batch::new();
-        self.revocations.save(&mut batch);
-        Ok(self.store.batch(batch).await?)
-    }
-
     /// Root public keys of the homes this one trusts revocations from: itself and every
     /// paired home. A record of any other home is ignored.
     pub(crate) fn trusted_roots(&self) -> std::collections::HashMap<String, [u8; 32]> {
@@ -415,7 +407,7 @@ impl Core {
 
     /// Learns the revocations the home document carries (after it changed, and at
     /// start). Records that do not verify are ignored; new ones are kept and acted on.
-    pub(crate) async fn absorb_revocations(&mut self) {
+    pub(crate) fn absorb_revocations(&mut self, fx: &mut Effects) {
         let records = match self
             .engine
             .doc(self.home.home_doc)
@@ -440,14 +432,20 @@ impl Core {
             }
         }
         if !new.is_empty() {
-            self.after_revocations_learnt(new).await;
+            self.after_revocations_learnt(new, fx);
         }
     }
 
     /// A revocation a paired home's device sent: it must be signed by that home's root
     /// key and name one of that home's devices. A new one goes into this home's document
     /// (so every device of the home learns it) and is acted on.
-    pub(crate) async fn on_paired_revocation(&mut self, peer: &str, home: &str, record: &[u8]) {
+    pub(crate) fn on_paired_revocation(
+        &mut self,
+        peer: &str,
+        home: &str,
+        record: &[u8],
+        fx: &mut Effects,
+    ) {
         let roots = self.trusted_roots();
         let learnt = self.revocations.learn(record, |h| {
             (h == home).then(|| roots.get(h).copied()).flatten()
@@ -467,51 +465,40 @@ impl Core {
             }) {
             Ok((_, out)) => {
                 let batch = self.handle_outputs(out);
-                if let Err(error) = self.store.batch(batch).await {
-                    tracing::error!(%error, "cannot store a paired home's revocation");
-                }
+                fx.persist_or_log(batch, "a paired home's revocation");
             }
             Err(error) => tracing::warn!(%error, "cannot record a paired home's revocation"),
         }
-        self.after_revocations_learnt(vec![(revoked, of)]).await;
+        self.after_revocations_learnt(vec![(revoked, of)], fx);
     }
 
     /// Acts on newly learnt revocations: keeps the set, shuts the devices out, and moves
     /// every entity shared with a paired home that lost a device to a new key, wrapped
     /// only for its remaining devices.
-    pub(crate) async fn after_revocations_learnt(&mut self, new: Vec<(String, String)>) {
-        if let Err(error) = self.save_revocations().await {
-            tracing::error!(%error, "cannot store the revocations");
-        }
-        let _ = self
-            .step(|core, fx| {
-                core.disconnect_revoked(fx);
-                Ok(())
-            })
-            .await;
+    pub(crate) fn after_revocations_learnt(
+        &mut self,
+        new: Vec<(String, String)>,
+        fx: &mut Effects,
+    ) {
+        let mut batch = Batch::new();
+        self.revocations.save(&mut batch);
+        fx.persist_or_log(batch, "the revocations");
+        self.disconnect_revoked(fx);
         let mine = self.home.home_id.clone();
         let mut homes = std::collections::BTreeSet::new();
         for (peer, home) in new {
-            crate::audit::record_by(
-                &self.store,
-                &self.peer_id.clone(),
+            fx.audit(
+                &self.peer_id,
                 "device.revocation_learnt",
-                &format!("{peer} of {home}"),
-            )
-            .await;
+                format!("{peer} of {home}"),
+            );
             if home == mine {
                 continue;
             }
             homes.insert(home);
             if let Some(fp) = self.sharing.foreign.remove(&peer) {
                 self.engine.detach_peer(&peer);
-                if let Err(error) = self
-                    .net
-                    .reject(fp.net, "peer is a revoked device of its home")
-                    .await
-                {
-                    tracing::warn!(%peer, %error, "could not disconnect a revoked device");
-                }
+                fx.reject(fp.net, "peer is a revoked device of its home");
             }
         }
         for home in homes {
@@ -527,12 +514,12 @@ impl Core {
                 })
                 .unwrap_or_default();
             for (entity_id, doc) in shared {
-                if let Err(error) = self.step(|core, fx| core.rotate(&entity_id, doc, fx)).await {
+                if let Err(error) = self.rotate(&entity_id, doc, fx) {
                     tracing::warn!(%entity_id, %error, "cannot rotate an entity after a revocation");
                 }
             }
         }
-        self.send_pending().await;
+        self.send_queued(fx);
     }
 }
 

@@ -96,7 +96,12 @@ impl Core {
         }
         if let ShareMessage::HomeKey(key) = message {
             if self.peers.admitted.contains_key(peer) {
-                self.accept_home_key(peer, key).await;
+                let _ = self
+                    .step(|core, fx| {
+                        core.accept_home_key(peer, key, fx);
+                        Ok(())
+                    })
+                    .await;
             } else {
                 tracing::warn!(%peer, "home key from a device that is not of this home dropped");
             }
@@ -109,7 +114,15 @@ impl Core {
         match message {
             ShareMessage::HomeKey(_) | ShareMessage::Lock { .. } => {}
             ShareMessage::Revocation { record } => {
-                self.on_paired_revocation(peer, &fp.home, &record).await;
+                if let Err(error) = self
+                    .step(|core, fx| {
+                        core.on_paired_revocation(peer, &fp.home, &record, fx);
+                        Ok(())
+                    })
+                    .await
+                {
+                    tracing::warn!(%peer, %error, "acting on a paired home's revocation failed part way");
+                }
             }
             ShareMessage::Grant {
                 entity_id,
