@@ -54,6 +54,41 @@ pub(crate) enum LockMessage {
     Table { first: bool, locks: Vec<LockRecord> },
 }
 
+impl LockMessage {
+    /// The device a request or release names; empty for other messages.
+    fn device_name(&self) -> &str {
+        match self {
+            LockMessage::Ask { device_name, .. } | LockMessage::Release { device_name, .. } => {
+                device_name
+            }
+            _ => "",
+        }
+    }
+
+    /// The request an `Ask` carries.
+    fn into_ask(self) -> Option<LockAsk> {
+        match self {
+            LockMessage::Ask {
+                device_name,
+                lock_type,
+                user_id,
+                timeout_s,
+                reason,
+                plan_uid,
+                ..
+            } => Some(LockAsk {
+                device_name,
+                lock_type,
+                user_id,
+                timeout: std::time::Duration::from_secs(timeout_s),
+                reason,
+                plan_uid,
+            }),
+            _ => None,
+        }
+    }
+}
+
 /// The arbiter's answer.
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -282,18 +317,41 @@ impl Core {
         );
     }
 
+    /// Decodes a lock message, capped; a malformed one is logged and dropped.
+    fn decode_lock_message(peer: &str, bytes: &[u8]) -> Option<LockMessage> {
+        match crate::trust::wire::from_cbor("lock message", bytes, MAX_SHARE_MESSAGE) {
+            Ok(m) => Some(m),
+            Err(error) => {
+                tracing::warn!(%peer, %error, "malformed lock message dropped");
+                None
+            }
+        }
+    }
+
+    /// As the arbiter: decides a request that came in a message, as its answer.
+    async fn answer_ask(&mut self, ask: LockAsk) -> Answer {
+        match self.decide_lock_or_undo(ask).await {
+            Ok(Ok((lock, key))) => Answer::Granted { lock, key },
+            Ok(Err((holder, message))) => Answer::Refused { holder, message },
+            Err(error) => Answer::failed(error),
+        }
+    }
+
+    /// As the arbiter: a release that came in a message, as its answer.
+    async fn answer_release(&mut self, device: &str, key: &str, user_id: &str) -> Answer {
+        match self.decide_release_or_undo(device, key, user_id).await {
+            Ok((lock, forced)) => Answer::Released { lock, forced },
+            Err(error) => Answer::failed(error),
+        }
+    }
+
     /// A lock message from a device of paired home `home`: as the arbiter, it may lock
     /// and release this home's entities shared with that home with write rights; and it
     /// answers requests this device forwarded to it. Nothing else is taken.
     pub(crate) async fn on_foreign_lock_message(&mut self, peer: &str, home: &str, bytes: &[u8]) {
-        let message: LockMessage =
-            match crate::trust::wire::from_cbor("lock message", bytes, MAX_SHARE_MESSAGE) {
-                Ok(m) => m,
-                Err(error) => {
-                    tracing::warn!(%peer, %error, "malformed lock message dropped");
-                    return;
-                }
-            };
+        let Some(message) = Self::decode_lock_message(peer, bytes) else {
+            return;
+        };
         let may = |core: &Self, device: &str| -> Result<(), Error> {
             if !core.is_lock_arbiter() {
                 return Err(Error::ArbiterUnreachable(
@@ -323,49 +381,21 @@ impl Core {
             }
         };
         let answer = match message {
-            LockMessage::Ask {
-                id,
-                device_name,
-                lock_type,
-                user_id,
-                timeout_s,
-                reason,
-                plan_uid,
-            } => {
-                let answer = match may(self, &device_name) {
-                    Err(error) => Answer::failed(error),
-                    Ok(()) => {
-                        let ask = LockAsk {
+            LockMessage::Ask { id, .. } | LockMessage::Release { id, .. } => {
+                let answer = match (may(self, message.device_name()), message) {
+                    (Err(error), _) => Answer::failed(error),
+                    (
+                        Ok(()),
+                        LockMessage::Release {
                             device_name,
-                            lock_type,
+                            key,
                             user_id,
-                            timeout: std::time::Duration::from_secs(timeout_s),
-                            reason,
-                            plan_uid,
-                        };
-                        match self.decide_lock_or_undo(ask).await {
-                            Ok(Ok((lock, key))) => Answer::Granted { lock, key },
-                            Ok(Err((holder, message))) => Answer::Refused { holder, message },
-                            Err(error) => Answer::failed(error),
-                        }
-                    }
-                };
-                Some((id, answer))
-            }
-            LockMessage::Release {
-                id,
-                device_name,
-                key,
-                user_id,
-            } => {
-                let answer = match may(self, &device_name) {
-                    Err(error) => Answer::failed(error),
-                    Ok(()) => match self
-                        .decide_release_or_undo(&device_name, &key, &user_id)
-                        .await
-                    {
-                        Ok((lock, forced)) => Answer::Released { lock, forced },
-                        Err(error) => Answer::failed(error),
+                            ..
+                        },
+                    ) => self.answer_release(&device_name, &key, &user_id).await,
+                    (Ok(()), ask) => match ask.into_ask() {
+                        Some(ask) => self.answer_ask(ask).await,
+                        None => return,
                     },
                 };
                 Some((id, answer))
@@ -487,44 +517,23 @@ impl Core {
 
     /// A lock message from a device of this home.
     pub(crate) async fn on_lock_message(&mut self, peer: &str, bytes: &[u8]) {
-        let message: LockMessage =
-            match crate::trust::wire::from_cbor("lock message", bytes, MAX_SHARE_MESSAGE) {
-                Ok(m) => m,
-                Err(error) => {
-                    tracing::warn!(%peer, %error, "malformed lock message dropped");
-                    return;
-                }
-            };
+        let Some(message) = Self::decode_lock_message(peer, bytes) else {
+            return;
+        };
         let from_arbiter = self.lock_arbiter_peer().as_deref() == Some(peer);
         match message {
-            LockMessage::Ask {
-                id,
-                device_name,
-                lock_type,
-                user_id,
-                timeout_s,
-                reason,
-                plan_uid,
-            } if self.is_lock_arbiter() => {
-                let ask = LockAsk {
-                    device_name,
-                    lock_type,
-                    user_id,
-                    timeout: std::time::Duration::from_secs(timeout_s),
-                    reason,
-                    plan_uid,
-                };
+            ask @ LockMessage::Ask { id, .. } if self.is_lock_arbiter() => {
                 // A name that is another home's shared entity here is that home's to decide.
-                let answer = match self.lock_route(&ask.device_name) {
+                let answer = match self.lock_route(ask.device_name()) {
                     Ok(Some(_)) => Answer::failed(Error::Invalid(format!(
-                        "{} is an entity another home owns; lock it from a device that holds                          its share",
-                        ask.device_name
+                        "{} is an entity another home owns; lock it from a device that holds \
+                         its share",
+                        ask.device_name()
                     ))),
                     Err(error) => Answer::failed(error),
-                    Ok(None) => match self.decide_lock_or_undo(ask).await {
-                        Ok(Ok((lock, key))) => Answer::Granted { lock, key },
-                        Ok(Err((holder, message))) => Answer::Refused { holder, message },
-                        Err(error) => Answer::failed(error),
+                    Ok(None) => match ask.into_ask() {
+                        Some(ask) => self.answer_ask(ask).await,
+                        None => return,
                     },
                 };
                 self.queue_lock_message(peer, &LockMessage::Answer { id, answer });
@@ -535,13 +544,7 @@ impl Core {
                 key,
                 user_id,
             } if self.is_lock_arbiter() => {
-                let answer = match self
-                    .decide_release_or_undo(&device_name, &key, &user_id)
-                    .await
-                {
-                    Ok((lock, forced)) => Answer::Released { lock, forced },
-                    Err(error) => Answer::failed(error),
-                };
+                let answer = self.answer_release(&device_name, &key, &user_id).await;
                 self.queue_lock_message(peer, &LockMessage::Answer { id, answer });
             }
             LockMessage::Answer { id, answer } => self.take_answer(peer, id, answer),
