@@ -83,11 +83,23 @@ impl Effects {
 
 impl Core {
     /// Carries out `effects` in order. A batch the store refuses stops the rest (nothing
-    /// after it may claim it was stored) and is the answer.
+    /// after it may claim it was stored) and is the answer; only the effects that take
+    /// access away (forgetting a paired home's devices, refusing a peer) still happen, as
+    /// memory already says they are gone.
     pub(crate) async fn carry_out(&mut self, effects: Effects) -> Result<(), Error> {
+        let mut failed = None;
         for effect in effects.0 {
+            if failed.is_some()
+                && !matches!(effect, Effect::ForgetForeign(_) | Effect::Reject { .. })
+            {
+                continue;
+            }
             match effect {
-                Effect::Persist(batch) => self.store.batch(batch).await?,
+                Effect::Persist(batch) => {
+                    if let Err(error) = self.store.batch(batch).await {
+                        failed = Some(error);
+                    }
+                }
                 Effect::PersistOrLog(batch, what) => {
                     if let Err(error) = self.store.batch(batch).await {
                         tracing::error!(%error, "cannot store {what}");
@@ -116,7 +128,10 @@ impl Core {
                 }
             }
         }
-        Ok(())
+        match failed {
+            Some(error) => Err(error.into()),
+            None => Ok(()),
+        }
     }
 
     /// Runs a step that records effects, carries them out (also when the step failed

@@ -404,14 +404,9 @@ pub(crate) async fn start(
     core.load_locks().await;
     core.load_documents().await?;
     core.record_quarantine().await?;
-    if let Err(error) = core
-        .step(|core, fx| {
-            core.absorb_revocations(fx);
-            Ok(())
-        })
-        .await
-    {
-        tracing::warn!(%error, "acting on stored revocations failed part way");
+    match core.step(|core, fx| Ok(core.absorb_revocations(fx))).await {
+        Ok(rotate) => core.rotate_each(rotate).await,
+        Err(error) => tracing::warn!(%error, "acting on stored revocations failed part way"),
     }
     if fresh {
         core.create_home(device_name).await?;

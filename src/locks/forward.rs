@@ -304,8 +304,15 @@ impl Core {
                 "{MAX_FORWARDS} lock requests are waiting for the arbiter already"
             )));
         }
+        if self.locks.mirror.next_id == 0 {
+            // A random start, so an answer meant for a request made before a restart
+            // cannot match one made after it.
+            let mut seed = [0u8; 8];
+            let _ = getrandom::fill(&mut seed);
+            self.locks.mirror.next_id = u64::from_le_bytes(seed) >> 1 | 1;
+        }
         let id = self.locks.mirror.next_id;
-        self.locks.mirror.next_id += 1;
+        self.locks.mirror.next_id = id.wrapping_add(1).max(1);
         self.queue_lock_message(&arbiter, &make(id));
         self.locks.mirror.forwarded.insert(
             id,

@@ -571,15 +571,18 @@ impl Core {
         if touched_home {
             self.rebuild_entity_index_lenient();
             self.refresh_actor_homes();
-            if let Err(error) = self
+            match self
                 .step(|core, fx| {
-                    core.absorb_revocations(fx);
+                    let rotate = core.absorb_revocations(fx);
                     core.disconnect_revoked(fx);
-                    Ok(())
+                    Ok(rotate)
                 })
                 .await
             {
-                tracing::warn!(%error, "acting on the home document's revocations failed part way");
+                Ok(rotate) => self.rotate_each(rotate).await,
+                Err(error) => {
+                    tracing::warn!(%error, "acting on the home document's revocations failed part way")
+                }
             }
             for chunk in &home_chunks {
                 self.learn_keys(chunk).await;

@@ -407,7 +407,9 @@ impl Core {
 
     /// Learns the revocations the home document carries (after it changed, and at
     /// start). Records that do not verify are ignored; new ones are kept and acted on.
-    pub(crate) fn absorb_revocations(&mut self, fx: &mut Effects) {
+    /// Answers the entities whose keys must rotate now (see
+    /// [`Core::after_revocations_learnt`]).
+    pub(crate) fn absorb_revocations(&mut self, fx: &mut Effects) -> Vec<(String, DocId)> {
         let records = match self
             .engine
             .doc(self.home.home_doc)
@@ -417,7 +419,7 @@ impl Core {
             Ok(records) => records,
             Err(error) => {
                 tracing::debug!(%error, "home document revocations not readable");
-                return;
+                return Vec::new();
             }
         };
         let roots = self.trusted_roots();
@@ -431,31 +433,34 @@ impl Core {
                 }
             }
         }
-        if !new.is_empty() {
-            self.after_revocations_learnt(new, fx);
+        if new.is_empty() {
+            return Vec::new();
         }
+        self.after_revocations_learnt(new, fx)
     }
 
     /// A revocation a paired home's device sent: it must be signed by that home's root
     /// key and name one of that home's devices. A new one goes into this home's document
     /// (so every device of the home learns it) and is acted on.
+    /// Answers the entities whose keys must rotate now (see
+    /// [`Core::after_revocations_learnt`]).
     pub(crate) fn on_paired_revocation(
         &mut self,
         peer: &str,
         home: &str,
         record: &[u8],
         fx: &mut Effects,
-    ) {
+    ) -> Vec<(String, DocId)> {
         let roots = self.trusted_roots();
         let learnt = self.revocations.learn(record, |h| {
             (h == home).then(|| roots.get(h).copied()).flatten()
         });
         let (revoked, of) = match learnt {
             Ok(Learnt::New { peer, home }) => (peer, home),
-            Ok(Learnt::Known) => return,
+            Ok(Learnt::Known) => return Vec::new(),
             Err(reason) => {
                 tracing::warn!(%peer, %home, %reason, "refusing a revocation from a paired home");
-                return;
+                return Vec::new();
             }
         };
         match self
@@ -469,21 +474,25 @@ impl Core {
             }
             Err(error) => tracing::warn!(%error, "cannot record a paired home's revocation"),
         }
-        self.after_revocations_learnt(vec![(revoked, of)], fx);
+        self.after_revocations_learnt(vec![(revoked, of)], fx)
     }
 
     /// Acts on newly learnt revocations: keeps the set, shuts the devices out, and moves
     /// every entity shared with a paired home that lost a device to a new key, wrapped
     /// only for its remaining devices.
+    /// Answers the entities shared with a home that lost a device: each rotates in its
+    /// own step ([`Core::rotate_each`]), so one that cannot be stored does not hold up
+    /// the others.
     pub(crate) fn after_revocations_learnt(
         &mut self,
         new: Vec<(String, String)>,
         fx: &mut Effects,
-    ) {
+    ) -> Vec<(String, DocId)> {
         let mut batch = Batch::new();
         self.revocations.save(&mut batch);
         fx.persist_or_log(batch, "the revocations");
         self.disconnect_revoked(fx);
+        self.send_queued(fx);
         let mine = self.home.home_id.clone();
         let mut homes = std::collections::BTreeSet::new();
         for (peer, home) in new {
@@ -501,6 +510,7 @@ impl Core {
                 fx.reject(fp.net, "peer is a revoked device of its home");
             }
         }
+        let mut rotate = Vec::new();
         for home in homes {
             let shared: Vec<(String, DocId)> = self
                 .engine
@@ -513,13 +523,18 @@ impl Core {
                         .collect()
                 })
                 .unwrap_or_default();
-            for (entity_id, doc) in shared {
-                if let Err(error) = self.rotate(&entity_id, doc, fx) {
-                    tracing::warn!(%entity_id, %error, "cannot rotate an entity after a revocation");
-                }
+            rotate.extend(shared);
+        }
+        rotate
+    }
+
+    /// Rotates each entity's key in a step of its own; one that fails is logged.
+    pub(crate) async fn rotate_each(&mut self, entities: Vec<(String, DocId)>) {
+        for (entity_id, doc) in entities {
+            if let Err(error) = self.step(|core, fx| core.rotate(&entity_id, doc, fx)).await {
+                tracing::warn!(%entity_id, %error, "cannot rotate an entity after a revocation");
             }
         }
-        self.send_queued(fx);
     }
 }
 

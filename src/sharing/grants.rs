@@ -114,14 +114,14 @@ impl Core {
         match message {
             ShareMessage::HomeKey(_) | ShareMessage::Lock { .. } => {}
             ShareMessage::Revocation { record } => {
-                if let Err(error) = self
-                    .step(|core, fx| {
-                        core.on_paired_revocation(peer, &fp.home, &record, fx);
-                        Ok(())
-                    })
+                match self
+                    .step(|core, fx| Ok(core.on_paired_revocation(peer, &fp.home, &record, fx)))
                     .await
                 {
-                    tracing::warn!(%peer, %error, "acting on a paired home's revocation failed part way");
+                    Ok(rotate) => self.rotate_each(rotate).await,
+                    Err(error) => {
+                        tracing::warn!(%peer, %error, "acting on a paired home's revocation failed part way")
+                    }
                 }
             }
             ShareMessage::Grant {
