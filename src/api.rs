@@ -313,6 +313,10 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
         .route("/api/lock/release", post(locks::release))
         .route("/api/locks/status", get(locks::status))
         .route("/api/locks/device/{device_name}", get(locks::device))
+        .route(
+            "/api/locks/arbiter",
+            get(locks::arbiter).put(locks::name_arbiter),
+        )
         .route("/api/health/live", get(live))
         .route("/api/health/ready", get(ready))
         .route("/api/repair", get(repair_list))

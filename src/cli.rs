@@ -291,6 +291,21 @@ enum LockCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Show which device decides locks, or name another (run on the admin device).
+    ///
+    /// The current arbiter stops granting and hands its table (leases, keys, fencing
+    /// counter) to the new one before the naming is written, so two devices never grant
+    /// the same lock. If the handoff does not complete, the arbiter stays where it was.
+    Arbiter {
+        /// The device to name (its name or PeerId); absent: show the current arbiter.
+        device: Option<String>,
+        /// Name it without the old arbiter's table, for an arbiter that is gone for good:
+        /// the leases it granted are lost.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Show every held lock, or one device's.
     Status {
         /// One device.
@@ -863,6 +878,11 @@ fn lock(data: &std::path::Path, cmd: LockCommand) -> Result<()> {
             verbs::lock_status(&client(data, &c)?, device.as_deref(), c.json)
         }
         LockCommand::Watch { client: c } => verbs::lock_watch(&client(data, &c)?, c.json),
+        LockCommand::Arbiter {
+            device,
+            force,
+            client: c,
+        } => verbs::lock_arbiter(&client(data, &c)?, device.as_deref(), force, c.json),
     }
 }
 

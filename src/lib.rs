@@ -71,8 +71,8 @@ pub use entities::{
 pub use error::Error;
 pub use events::{Event, EventItem, Events};
 pub use locks::{
-    DEFAULT_LOCK_TIMEOUT, LockAction, LockAsk, LockGuard, LockInfo, LockOutcome, LockType, Locks,
-    ReleaseOutcome,
+    ArbiterInfo, DEFAULT_LOCK_TIMEOUT, LockAction, LockAsk, LockGuard, LockInfo, LockOutcome,
+    LockType, Locks, ReleaseOutcome,
 };
 #[cfg(feature = "test-hooks")]
 #[doc(hidden)]

@@ -39,8 +39,14 @@ pub(crate) const QUARANTINE_KEY: &[u8] = b"repair/quarantine";
 pub(crate) const REVOCATIONS_KEY: &[u8] = b"revocations";
 /// Entities other homes share with this one (JSON).
 pub(crate) const SHARED_IN_KEY: &[u8] = b"shared_in";
-/// The lock arbiter's table, keys included (JSON); only on the arbiter device.
+/// The lock arbiter's table, keys included (JSON): on the arbiter device, and on a
+/// device a handoff placed it on.
 pub(crate) const LOCKS_KEY: &[u8] = b"locks/table";
+/// This device's part in the lock arbiter naming: the naming its table is for, and
+/// whether it yielded it to a handoff (JSON).
+pub(crate) const LOCK_ROLE_KEY: &[u8] = b"locks/role";
+/// The highest signed lock arbiter naming this device has seen (CBOR, as signed).
+pub(crate) const LOCK_NAMING_KEY: &[u8] = b"locks/naming";
 
 /// Length of a [`keyring_key`].
 const KEYRING_KEY_LEN: usize = 16 + 8 + 16;

@@ -785,6 +785,38 @@ pub(crate) fn lock_status(client: &Client, device: Option<&str>, json: bool) -> 
     Ok(())
 }
 
+/// `lock arbiter [DEVICE]`: shows the arbiter, or names another and waits for the
+/// handoff.
+pub(crate) fn lock_arbiter(
+    client: &Client,
+    device: Option<&str>,
+    force: bool,
+    json: bool,
+) -> Result<()> {
+    let reply: Value = match device {
+        Some(d) => client.put(
+            "/api/locks/arbiter",
+            &serde_json::json!({ "device": d, "force": force }),
+        )?,
+        None => client.get("/api/locks/arbiter")?,
+    };
+    if json {
+        return print_json(&reply);
+    }
+    let name = reply["device_name"].as_str().unwrap_or("(name unknown)");
+    let peer = reply["peer_id"].as_str().unwrap_or_default();
+    let here = if reply["this_device"].as_bool() == Some(true) {
+        " (this device)"
+    } else {
+        ""
+    };
+    println!("lock arbiter: {name} {peer}{here}");
+    if reply["handoff_running"].as_bool() == Some(true) {
+        println!("a handoff is running");
+    }
+    Ok(())
+}
+
 /// `lock watch`: one line per lock change, from seed 004's `/ws`.
 pub(crate) fn lock_watch(client: &Client, json: bool) -> Result<()> {
     let mut socket = client.websocket_at("/ws")?;

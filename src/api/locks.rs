@@ -190,6 +190,35 @@ pub(crate) async fn device(
     }
 }
 
+/// `GET /api/locks/arbiter`: which device decides locks.
+pub(crate) async fn arbiter(State(state): State<Arc<ApiState>>) -> Response {
+    match locks(&state).arbiter().await {
+        Ok(info) => Json(info).into_response(),
+        Err(e) => lock_error(e),
+    }
+}
+
+/// The body of `PUT /api/locks/arbiter`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct NameArbiterBody {
+    device: String,
+    #[serde(default)]
+    force: bool,
+}
+
+/// `PUT /api/locks/arbiter {device, force?}`: names another arbiter (admin device only);
+/// answers once the handoff is done or given up.
+pub(crate) async fn name_arbiter(
+    State(state): State<Arc<ApiState>>,
+    ApiJson(body): ApiJson<NameArbiterBody>,
+) -> Response {
+    match locks(&state).name_arbiter(&body.device, body.force).await {
+        Ok(info) => Json(info).into_response(),
+        Err(e) => lock_error(e),
+    }
+}
+
 /// `WS /ws`: seed 004's lock updates.
 pub(crate) async fn upgrade(
     State(state): State<Arc<ApiState>>,

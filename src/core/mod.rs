@@ -402,9 +402,16 @@ pub(crate) async fn start(
     core.load_shared_in().await;
     core.load_revocations().await;
     core.load_locks().await;
+    core.load_lock_role().await;
     core.load_documents().await?;
     core.record_quarantine().await?;
-    match core.step(|core, fx| Ok(core.absorb_revocations(fx))).await {
+    match core
+        .step(|core, fx| {
+            core.absorb_lock_naming(fx);
+            Ok(core.absorb_revocations(fx))
+        })
+        .await
+    {
         Ok(rotate) => core.rotate_each(rotate).await,
         Err(error) => tracing::warn!(%error, "acting on stored revocations failed part way"),
     }
@@ -587,6 +594,7 @@ impl Core {
                 }
                 // Requests forwarded to it will get no answer.
                 self.fail_lock_forwards(Some(&text));
+                self.check_handoff(Some(&text)).await;
                 self.sharing.foreign.remove(&text);
                 self.sharing.pending_hellos.remove(&peer);
                 // Keep each session's state so a reconnect resumes rather than restarts.

@@ -106,6 +106,49 @@ impl Arbiter {
         self.held.get(device).map(|h| &h.lock)
     }
 
+    /// An empty table whose next fencing token is above `floor`.
+    pub(crate) fn starting_after(floor: u64) -> Self {
+        Self {
+            held: BTreeMap::new(),
+            last_token: floor,
+        }
+    }
+
+    /// The last fencing token issued.
+    pub(crate) fn last_token(&self) -> u64 {
+        self.last_token
+    }
+
+    /// Checks a table that came from another device: within the caps, every lock under
+    /// its own name, every field as a request would have it, tokens at most the counter.
+    pub(crate) fn check(&self) -> Result<(), String> {
+        if self.held.len() > MAX_LOCKS {
+            return Err(format!("a table of {} locks is refused", self.held.len()));
+        }
+        for (device, h) in &self.held {
+            let l = &h.lock;
+            let fields = [
+                ("device_name", Some(&l.device_name), false),
+                ("user_id", Some(&l.user_id), false),
+                ("reason", l.reason.as_ref(), true),
+                ("plan_uid", l.plan_uid.as_ref(), true),
+            ];
+            for (what, value, may_be_empty) in fields {
+                if let Some(v) = value {
+                    check_field(what, v, may_be_empty).map_err(|e| e.to_string())?;
+                }
+            }
+            if *device != l.device_name
+                || l.fencing_token > self.last_token
+                || h.key.len() != 32
+                || !h.key.bytes().all(|b| b.is_ascii_hexdigit())
+            {
+                return Err(format!("the lock on {device} in the table is malformed"));
+            }
+        }
+        Ok(())
+    }
+
     /// When the next lease ends (ms since the epoch).
     pub(crate) fn next_deadline(&self) -> Option<u64> {
         self.held.values().map(|h| h.lock.expires_at_ms).min()
@@ -277,6 +320,28 @@ mod tests {
             } => (lock, key, preempted),
             other => panic!("expected a grant, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_table_from_another_device_is_checked() {
+        let mut a = Arbiter::default();
+        a.request(
+            ask("lamp", LockType::Maintenance, "ann"),
+            1,
+            "ab".repeat(16),
+        )
+        .unwrap();
+        assert_eq!(a.check(), Ok(()));
+        let text = serde_json::to_string(&a).unwrap();
+        // A lock whose token is above the counter, or whose key is not a key, is refused.
+        let mut bad: Arbiter =
+            serde_json::from_str(&text.replace(r#""last_token":1"#, r#""last_token":0"#)).unwrap();
+        assert!(bad.check().is_err());
+        bad = serde_json::from_str(&text.replace(&"ab".repeat(16), "zz")).unwrap();
+        assert!(bad.check().is_err());
+        let after = Arbiter::starting_after(1 << 40);
+        assert_eq!(after.last_token(), 1 << 40);
+        assert!(after.locks().is_empty());
     }
 
     #[test]

@@ -52,6 +52,24 @@ pub(crate) enum LockMessage {
     },
     /// Part of the arbiter's whole table; `first` starts it afresh.
     Table { first: bool, locks: Vec<LockRecord> },
+    /// To the arbiter: send me your whole table (a device that learnt of a new arbiter).
+    TableAsk,
+    /// Handoff, from the admin to the arbiter: stop granting and send me your table.
+    Yield { seq: u64 },
+    /// Handoff, from the admin: the handoff was given up; grant again.
+    Resume { seq: Option<u64> },
+    /// Handoff: part `index` of `total` of a whole table (keys and counter included),
+    /// from the yielding arbiter to the admin, and from the admin to the device named.
+    Part {
+        seq: u64,
+        index: u32,
+        total: u32,
+        bytes: ByteBuf,
+    },
+    /// Handoff, from the device being named: the table is stored.
+    Took { seq: u64 },
+    /// Handoff: this device cannot take part, and why.
+    HandoffFailed { seq: u64, message: String },
 }
 
 impl LockMessage {
@@ -138,11 +156,18 @@ impl Failure {
 pub(crate) enum Waiting {
     Request(Reply<LockOutcome>),
     Release(Reply<ReleaseOutcome>),
+    /// A paired home's device, whose request this (admin) device passed on to this
+    /// home's arbiter: the answer goes back to it under its own id.
+    Relay {
+        peer: String,
+        id: u64,
+    },
 }
 
 impl Waiting {
     fn fail(self, error: Error) {
         match self {
+            Waiting::Relay { .. } => {}
             Waiting::Request(reply) => {
                 let _ = reply.send(Err(error));
             }
@@ -154,6 +179,7 @@ impl Waiting {
 
     fn answer(self, answer: Answer) {
         match (self, answer) {
+            (Waiting::Relay { .. }, _) => {}
             (Waiting::Request(reply), Answer::Granted { lock, key }) => {
                 let _ = reply.send(Ok(LockOutcome::Granted {
                     lock: lock.into(),
@@ -215,6 +241,10 @@ impl Core {
     /// The arbiter's PeerId: the home's unrevoked admin device, as its certificate said
     /// at admission, else as the home document lists it.
     pub(crate) fn lock_arbiter_peer(&self) -> Option<String> {
+        if let Some(named) = &self.locks.naming {
+            // A naming the root key signed decides; a revoked device decides nothing.
+            return (!self.revocations.contains(&named.peer)).then(|| named.peer.clone());
+        }
         if let Some(admin) = &self.peers.admin
             && !self.revocations.contains(admin)
         {
@@ -239,12 +269,7 @@ impl Core {
             .map(|(peer, _)| peer)
     }
 
-    /// Whether this device decides locks.
-    pub(crate) fn is_lock_arbiter(&self) -> bool {
-        self.home.root_secret.is_some()
-    }
-
-    fn queue_lock_message(&mut self, peer: &str, message: &LockMessage) {
+    pub(crate) fn queue_lock_message(&mut self, peer: &str, message: &LockMessage) {
         if let Some(message) = encode(message) {
             self.queue_share_message(peer, &message);
         }
@@ -282,6 +307,11 @@ impl Core {
             return Ok(None);
         }
         match self.lock_arbiter_peer() {
+            Some(peer) if peer == self.peer_id => Err(Error::ArbiterUnreachable(
+                "this device's lock table is being handed over to another device; nothing \
+                 was granted, try again in a moment"
+                    .into(),
+            )),
             Some(peer) if self.peers.admitted.contains_key(&peer) => Ok(Some(peer)),
             Some(peer) => Err(Error::ArbiterUnreachable(format!(
                 "the lock arbiter (device {peer}) is not connected; nothing was granted"
@@ -360,7 +390,7 @@ impl Core {
             return;
         };
         let may = |core: &Self, device: &str| -> Result<(), Error> {
-            if !core.is_lock_arbiter() {
+            if !core.is_lock_arbiter() && core.home.root_secret.is_none() {
                 return Err(Error::ArbiterUnreachable(
                     "this device is not its home's lock arbiter".into(),
                 ));
@@ -389,7 +419,15 @@ impl Core {
         };
         let answer = match message {
             LockMessage::Ask { id, .. } | LockMessage::Release { id, .. } => {
-                let answer = match (may(self, message.device_name()), message) {
+                let allowed = may(self, message.device_name());
+                if allowed.is_ok() && !self.is_lock_arbiter() {
+                    // This home's locks are decided by another of its devices: pass the
+                    // request on, and its answer back.
+                    self.relay_lock_message(peer, message);
+                    self.send_pending().await;
+                    return;
+                }
+                let answer = match (allowed, message) {
                     (Err(error), _) => Answer::failed(error),
                     (
                         Ok(()),
@@ -422,10 +460,79 @@ impl Core {
         self.send_pending().await;
     }
 
+    /// On the admin device when another device decides: passes a paired home's request
+    /// (already allowed) on to the arbiter, to answer `peer` under its own id.
+    fn relay_lock_message(&mut self, peer: &str, message: LockMessage) {
+        let (their_id, arbiter) = match (&message, self.lock_arbiter_peer()) {
+            (LockMessage::Ask { id, .. } | LockMessage::Release { id, .. }, Some(arbiter))
+                if self.peers.admitted.contains_key(&arbiter) =>
+            {
+                (*id, arbiter)
+            }
+            (LockMessage::Ask { id, .. } | LockMessage::Release { id, .. }, _) => {
+                let answer = Answer::failed(Error::ArbiterUnreachable(
+                    "the owner home's lock arbiter is not connected; nothing was granted".into(),
+                ));
+                let id = *id;
+                return self.queue_lock_message(peer, &LockMessage::Answer { id, answer });
+            }
+            _ => return,
+        };
+        let waiting = Waiting::Relay {
+            peer: peer.to_string(),
+            id: their_id,
+        };
+        self.forward_lock(
+            arbiter,
+            move |id| match message {
+                LockMessage::Ask {
+                    device_name,
+                    lock_type,
+                    user_id,
+                    timeout_s,
+                    reason,
+                    plan_uid,
+                    ..
+                } => LockMessage::Ask {
+                    id,
+                    device_name,
+                    lock_type,
+                    user_id,
+                    timeout_s,
+                    reason,
+                    plan_uid,
+                },
+                LockMessage::Release {
+                    device_name,
+                    key,
+                    user_id,
+                    ..
+                } => LockMessage::Release {
+                    id,
+                    device_name,
+                    key,
+                    user_id,
+                },
+                other => other,
+            },
+            waiting,
+        );
+    }
+
+    /// An answer for a relayed request goes back to the paired home's device.
+    fn settle(&mut self, waiting: Waiting, answer: Answer) {
+        match waiting {
+            Waiting::Relay { peer, id } => {
+                self.queue_lock_message(&peer, &LockMessage::Answer { id, answer })
+            }
+            waiting => waiting.answer(answer),
+        }
+    }
+
     /// The answer to request `id`, from the device it was sent to.
     fn take_answer(&mut self, peer: &str, id: u64, answer: Answer) {
         match self.locks.mirror.forwarded.remove(&id) {
-            Some(f) if f.arbiter == peer => f.waiting.answer(answer),
+            Some(f) if f.arbiter == peer => self.settle(f.waiting, answer),
             Some(f) => {
                 // Not the device it was sent to: put it back.
                 self.locks.mirror.forwarded.insert(id, f);
@@ -465,11 +572,18 @@ impl Core {
             .collect();
         for id in ids {
             if let Some(f) = self.locks.mirror.forwarded.remove(&id) {
-                f.waiting.fail(Error::ArbiterUnreachable(format!(
+                let error = Error::ArbiterUnreachable(format!(
                     "the lock arbiter (device {}) did not answer; the request may not have \
                      reached it, so check `lock status` before asking again",
                     f.arbiter
-                )));
+                ));
+                match f.waiting {
+                    Waiting::Relay { peer, id } => {
+                        let answer = Answer::failed(error);
+                        self.queue_lock_message(&peer, &LockMessage::Answer { id, answer });
+                    }
+                    waiting => waiting.fail(error),
+                }
             }
         }
     }
@@ -593,6 +707,24 @@ impl Core {
                             .insert(lock.device_name.clone(), lock);
                     }
                 }
+            }
+            LockMessage::Ask { id, .. } | LockMessage::Release { id, .. } => {
+                // Sent here as the arbiter, but this device is not (any more): say so at
+                // once rather than let the request time out.
+                let answer = Answer::failed(Error::ArbiterUnreachable(
+                    "the device asked is not the lock arbiter (a handoff may be running); \
+                     nothing was granted"
+                        .into(),
+                ));
+                self.queue_lock_message(peer, &LockMessage::Answer { id, answer });
+            }
+            handoff @ (LockMessage::TableAsk
+            | LockMessage::Yield { .. }
+            | LockMessage::Resume { .. }
+            | LockMessage::Part { .. }
+            | LockMessage::Took { .. }
+            | LockMessage::HandoffFailed { .. }) => {
+                return self.on_handoff_message(peer, handoff).await;
             }
             _ => tracing::warn!(%peer, "lock message this device does not take dropped"),
         }

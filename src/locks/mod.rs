@@ -12,6 +12,7 @@
 
 pub(crate) mod arbiter;
 pub(crate) mod forward;
+pub(crate) mod handoff;
 pub(crate) mod service;
 
 use std::time::Duration;
@@ -183,6 +184,23 @@ pub enum ReleaseOutcome {
     ForceReleased(LockInfo),
 }
 
+/// Which device of the home decides locks (the arbiter), as this device knows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ArbiterInfo {
+    /// The arbiter's PeerId.
+    pub peer_id: String,
+    /// Its name, when the home document lists it.
+    pub device_name: Option<String>,
+    /// The naming in force (0: none was made, so the admin device decides).
+    pub seq: u64,
+    /// Whether it is this device.
+    pub this_device: bool,
+    /// Whether this device grants locks now (false on the arbiter while it hands over).
+    pub granting: bool,
+    /// Whether this (admin) device is running a handoff.
+    pub handoff_running: bool,
+}
+
 /// Device locks; see [`crate::Node::locks`].
 #[derive(Clone)]
 pub struct Locks {
@@ -227,6 +245,28 @@ impl Locks {
         let device = device.to_string();
         self.core
             .call(|reply| LockRequest::Device { device, reply })
+            .await?
+    }
+
+    /// Which device decides locks.
+    pub async fn arbiter(&self) -> Result<ArbiterInfo, Error> {
+        self.core
+            .call(|reply| LockRequest::Arbiter { reply })
+            .await?
+    }
+
+    /// Names `device` (a name or PeerId of this home) the lock arbiter; only on the admin
+    /// device. The current arbiter stops granting and hands its table over before the
+    /// naming is written, so two devices never grant the same lock. `force` names it
+    /// without the old table, for an arbiter that is gone for good: its leases are lost.
+    pub async fn name_arbiter(&self, device: &str, force: bool) -> Result<ArbiterInfo, Error> {
+        let device = device.to_string();
+        self.core
+            .call(|reply| LockRequest::NameArbiter {
+                device,
+                force,
+                reply,
+            })
             .await?
     }
 

@@ -6,7 +6,7 @@ use hearth_storage::{Batch, Keyspace};
 
 use super::arbiter::{Arbiter, Ask, Decision, LockError, LockRecord, Released};
 use super::forward::{LockMessage, Waiting};
-use super::{LockAction, LockAsk, LockInfo, LockOutcome, ReleaseOutcome};
+use super::{ArbiterInfo, LockAction, LockAsk, LockInfo, LockOutcome, ReleaseOutcome};
 use crate::Error;
 use crate::core::effects::Effects;
 use crate::core::{Core, Reply, now_ms};
@@ -31,12 +31,25 @@ pub(crate) enum LockRequest {
         device: String,
         reply: Reply<Option<LockInfo>>,
     },
+    /// Who decides locks.
+    Arbiter {
+        reply: Reply<ArbiterInfo>,
+    },
+    /// Names another arbiter (on the admin device): see `handoff.rs`.
+    NameArbiter {
+        device: String,
+        force: bool,
+        reply: Reply<ArbiterInfo>,
+    },
 }
 
 impl LockRequest {
     /// Whether the request writes (and so is refused while the store is failed).
     pub(crate) fn is_write(&self) -> bool {
-        matches!(self, Self::Request { .. } | Self::Release { .. })
+        matches!(
+            self,
+            Self::Request { .. } | Self::Release { .. } | Self::NameArbiter { .. }
+        )
     }
 
     /// Answers the request with `error` without running it.
@@ -54,6 +67,9 @@ impl LockRequest {
             Self::Device { reply, .. } => {
                 let _ = reply.send(Err(error));
             }
+            Self::Arbiter { reply } | Self::NameArbiter { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
         }
     }
 }
@@ -65,6 +81,14 @@ pub(crate) struct LockState {
     pub(crate) arbiter: Arbiter,
     /// The arbiter's table as it last said, and requests forwarded to it, elsewhere.
     pub(crate) mirror: super::forward::Mirror,
+    /// The naming this device's table is for, and whether it yielded it.
+    pub(crate) role: super::handoff::Role,
+    /// The highest verified naming of the arbiter; none: the admin device decides.
+    pub(crate) naming: Option<super::handoff::Named>,
+    /// A handoff this (admin) device runs.
+    pub(crate) handoff: Option<super::handoff::Handoff>,
+    /// A table arriving in parts.
+    pub(crate) incoming: super::handoff::Incoming,
 }
 
 impl From<LockError> for Error {
@@ -101,6 +125,7 @@ impl Core {
             LockRequest::Request { ask, .. } => Some(self.lock_route(&ask.device_name)),
             LockRequest::Release { device, .. } => Some(self.lock_route(device)),
             LockRequest::Status { .. } | LockRequest::Device { .. } => None,
+            LockRequest::Arbiter { .. } | LockRequest::NameArbiter { .. } => None,
         };
         let (arbiter, forward_to) = match route {
             Some(Err(error)) => return request.refuse(error),
@@ -193,12 +218,21 @@ impl Core {
                     .map(LockInfo::from);
                 let _ = reply.send(Ok(lock));
             }
+            LockRequest::Arbiter { reply } => {
+                let _ = reply.send(self.arbiter_info());
+            }
+            LockRequest::NameArbiter {
+                device,
+                force,
+                reply,
+            } => self.start_arbiter_handoff(device, force, reply).await,
         }
     }
 
-    /// The table: the arbiter's own, or elsewhere its copy.
+    /// The table: the arbiter's own (also while it is being handed over), or elsewhere
+    /// its copy.
     fn lock_table(&self) -> Box<dyn Iterator<Item = LockRecord> + '_> {
-        if self.is_lock_arbiter() {
+        if self.is_lock_arbiter() || self.locks.role.yielded_to.is_some() {
             Box::new(self.locks.arbiter.locks().into_iter())
         } else {
             Box::new(self.locks.mirror.table.values().cloned())
@@ -308,6 +342,7 @@ impl Core {
     /// past their time; the run loop calls it at [`Core::next_lock_deadline`].
     pub(crate) async fn expire_locks(&mut self) {
         self.fail_lock_forwards(None);
+        self.check_handoff(None).await;
         if !self.is_lock_arbiter() {
             return;
         }
@@ -334,10 +369,10 @@ impl Core {
         } else {
             None
         };
-        match (lease, self.next_forward_deadline()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [lease, self.next_forward_deadline(), self.handoff_deadline()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     fn persist_locks(&mut self, fx: &mut Effects) {

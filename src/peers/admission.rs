@@ -86,6 +86,7 @@ impl Core {
                         }
                         self.send_current_home_keys(&peer_text);
                         self.send_lock_table(&peer_text);
+                        self.resume_stale_arbiter(&peer_text);
                         self.begin_reconcile(&peer_text).await;
                     }
                     Ok(false) => tracing::debug!(peer = %peer_text, "peer left before admission"),
@@ -573,6 +574,7 @@ impl Core {
             self.refresh_actor_homes();
             match self
                 .step(|core, fx| {
+                    core.absorb_lock_naming(fx);
                     let rotate = core.absorb_revocations(fx);
                     core.disconnect_revoked(fx);
                     Ok(rotate)

@@ -35,6 +35,7 @@ const MAX_HOME_ID_LEN: usize = 32;
 
 const CERT_DOMAIN: &[u8] = b"hearth device certificate v1";
 const REVOCATION_DOMAIN: &[u8] = b"hearth device revocation v1";
+const ARBITER_DOMAIN: &[u8] = b"hearth lock arbiter naming v1";
 
 /// The outcome of checking a signed record against a home's root key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -332,6 +333,106 @@ impl fmt::Debug for Revocation {
     }
 }
 
+/// The root key's statement that a device decides the home's locks, from naming `seq`
+/// on: the highest `seq` that verifies names the arbiter (see the locks service's
+/// handoff). Written into the home document, which any device can write, so only the
+/// signature makes it count.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ArbiterNaming {
+    version: u8,
+    home_id: String,
+    peer_id: String,
+    seq: u64,
+    named_at_ms: u64,
+    #[serde(with = "serde_bytes")]
+    signature: [u8; 64],
+}
+
+impl ArbiterNaming {
+    /// Signs a naming of `peer_id` as the lock arbiter from `seq` on.
+    pub(crate) fn issue(
+        root: &SigningKey,
+        peer_id: &str,
+        seq: u64,
+        named_at_ms: u64,
+    ) -> Result<Self, TrustError> {
+        check_peer_id(peer_id).map_err(|detail| TrustError::Invalid {
+            what: "PeerId",
+            detail,
+        })?;
+        let mut naming = Self {
+            version: CERT_VERSION,
+            home_id: home_id_for(&root.verifying_key().to_bytes()),
+            peer_id: peer_id.to_string(),
+            seq,
+            named_at_ms,
+            signature: [0; 64],
+        };
+        naming.signature = root.sign(&naming.signed_bytes()).to_bytes();
+        Ok(naming)
+    }
+
+    /// Encodes the naming for the home document and the store.
+    pub(crate) fn encode(&self) -> Result<Vec<u8>, TrustError> {
+        to_cbor("lock arbiter naming", self)
+    }
+
+    /// Decodes and verifies bytes from outside.
+    pub(crate) fn verify_bytes(bytes: &[u8], root_public: &[u8; 32]) -> Verdict<Self> {
+        match from_cbor::<Self>("lock arbiter naming", bytes, MAX_CERT_LEN) {
+            Ok(naming) => {
+                if naming.version != CERT_VERSION {
+                    return Verdict::Malformed(format!(
+                        "arbiter naming version {} is not supported",
+                        naming.version
+                    ));
+                }
+                if let Err(m) = check_peer_id(&naming.peer_id) {
+                    return Verdict::Malformed(m);
+                }
+                verify_signed(
+                    root_public,
+                    &naming.home_id,
+                    &naming.signed_bytes(),
+                    &naming.signature,
+                )
+                .map(|()| naming)
+            }
+            Err(e) => Verdict::Malformed(e.to_string()),
+        }
+    }
+
+    /// The named device.
+    pub(crate) fn peer_id(&self) -> &str {
+        &self.peer_id
+    }
+
+    /// The naming's sequence number: a higher one replaces a lower one.
+    pub(crate) fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    fn signed_bytes(&self) -> Vec<u8> {
+        let mut t = Transcript::new(ARBITER_DOMAIN);
+        t.u8(self.version)
+            .str_field(&self.home_id)
+            .str_field(&self.peer_id)
+            .u64(self.seq)
+            .u64(self.named_at_ms);
+        t.finish()
+    }
+}
+
+impl fmt::Debug for ArbiterNaming {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ArbiterNaming")
+            .field("peer_id", &self.peer_id)
+            .field("seq", &self.seq)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The checks every signed record shares: the home matches the root key, then the
 /// signature verifies. The home is checked first so that a record of another home is
 /// reported as such rather than as a forgery.
@@ -415,6 +516,39 @@ mod tests {
             false,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn an_arbiter_naming_verifies_only_under_its_home_root() {
+        let r = root(3);
+        let p = peer();
+        let bytes = ArbiterNaming::issue(&r, &p, 7, 1)
+            .unwrap()
+            .encode()
+            .unwrap();
+        let public = r.verifying_key().to_bytes();
+        let Verdict::Valid(naming) = ArbiterNaming::verify_bytes(&bytes, &public) else {
+            panic!("a naming signed by the root must verify");
+        };
+        assert_eq!((naming.peer_id(), naming.seq()), (p.as_str(), 7));
+        let other = root(4).verifying_key().to_bytes();
+        assert!(matches!(
+            ArbiterNaming::verify_bytes(&bytes, &other),
+            Verdict::WrongHome { .. }
+        ));
+        // A revocation's bytes are not a naming, and a flipped byte breaks it.
+        let rev = Revocation::issue(&r, &p, 1).unwrap().encode().unwrap();
+        assert!(matches!(
+            ArbiterNaming::verify_bytes(&rev, &public),
+            Verdict::Malformed(_)
+        ));
+        let mut bad = bytes.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        assert!(!matches!(
+            ArbiterNaming::verify_bytes(&bad, &public),
+            Verdict::Valid(_)
+        ));
     }
 
     #[test]

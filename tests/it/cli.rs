@@ -326,5 +326,25 @@ fn locks_from_the_command_line_acquire_refuse_show_and_release() {
     );
     assert!(released.contains("released"), "{released}");
     assert!(ok(&data, &["lock", "status"]).contains("no locks held"));
+    // One device: it is the arbiter; naming a device the home does not have fails,
+    // naming itself keeps it.
+    assert!(ok(&data, &["lock", "arbiter"]).contains("(this device)"));
+    let info = ok_json(&data, &["lock", "arbiter", "--json"]);
+    assert_eq!(info["granting"], true);
+    let missing = cli(&data, &["lock", "arbiter", "no-such-device"])
+        .assert()
+        .failure()
+        .get_output()
+        .stderr
+        .clone();
+    assert!(
+        String::from_utf8_lossy(&missing).contains("no-such-device"),
+        "{}",
+        String::from_utf8_lossy(&missing)
+    );
+    let name = info["device_name"].as_str().unwrap().to_string();
+    let same = ok_json(&data, &["lock", "arbiter", &name, "--json"]);
+    assert_eq!(same["peer_id"], info["peer_id"]);
+    assert_eq!(same["granting"], true);
     assert!(node.terminate().success());
 }

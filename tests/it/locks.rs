@@ -422,6 +422,237 @@ async fn a_writer_home_locks_a_shared_entity_through_its_owner_and_a_reader_may_
         "{refused:?}"
     );
     assert!(owner.locks().device("sensor.temp").await.unwrap().is_none());
+
+    // With another device of the owner home named its arbiter, the owner's admin device
+    // passes the guest's request on to it and the answer back.
+    let dir2 = tempfile::tempdir().unwrap();
+    let owner2 = join_and_start(&owner, dir2.path(), "owner2").await;
+    crate::ws::wait_admitted(&owner, owner2.peer_id().as_str()).await;
+    owner.locks().name_arbiter("owner2", false).await.unwrap();
+    let LockOutcome::Granted { key, .. } = guest
+        .locks()
+        .request(LockAsk::new(
+            "light.porch",
+            LockType::QueueExecuting,
+            "guest-op",
+        ))
+        .await
+        .unwrap()
+    else {
+        panic!("not granted");
+    };
+    assert_eq!(
+        owner2
+            .locks()
+            .device("light.porch")
+            .await
+            .unwrap()
+            .unwrap()
+            .user_id,
+        "guest-op"
+    );
+    guest
+        .locks()
+        .release("light.porch", &key, "guest-op")
+        .await
+        .unwrap();
+    assert!(
+        owner2
+            .locks()
+            .device("light.porch")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let refused = guest
+        .locks()
+        .request(LockAsk::new(
+            "sensor.temp",
+            LockType::Maintenance,
+            "guest-op",
+        ))
+        .await;
+    assert!(
+        matches!(refused, Err(hearth::Error::Forbidden(_))),
+        "{refused:?}"
+    );
+    timeout(T, owner2.shutdown()).await.unwrap().unwrap();
     timeout(T, guest.shutdown()).await.unwrap().unwrap();
     timeout(T, owner.shutdown()).await.unwrap().unwrap();
+}
+
+/// The admin names another device the arbiter: the lease, its key and the fencing counter
+/// move with the table; every device sends its requests there; the new arbiter keeps it
+/// across a restart; a handoff to a device that is down is given up and the arbiter
+/// stays; the admin takes it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_hands_the_lock_table_to_another_device_and_back() {
+    use hearth::{LockAsk, LockOutcome, LockType, ReleaseOutcome};
+
+    let dirs = [
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    ];
+    let admin = start(dirs[0].path(), "admin").await;
+    let b = join_and_start(&admin, dirs[1].path(), "b").await;
+    let c = join_and_start(&admin, dirs[2].path(), "c").await;
+    // c also keeps b dialled (on a LAN, mDNS does this).
+    let b_addr = format!(
+        "{}/p2p/{}",
+        b.listen_addrs().await.unwrap().remove(0),
+        b.peer_id()
+    );
+    timeout(T, c.shutdown()).await.unwrap().unwrap();
+    let mut c_config = crate::ws::config(dirs[2].path(), "c");
+    c_config.static_peers.push(b_addr);
+    let c = timeout(T, hearth::Node::start(c_config))
+        .await
+        .unwrap()
+        .unwrap();
+    for (x, y) in [(&b, &admin), (&c, &admin), (&c, &b)] {
+        crate::ws::wait_admitted(x, y.peer_id().as_str()).await;
+        crate::ws::wait_admitted(y, x.peer_id().as_str()).await;
+    }
+
+    let LockOutcome::Granted { key, lock } = c
+        .locks()
+        .request(LockAsk::new("pump", LockType::ManualOperator, "carol"))
+        .await
+        .unwrap()
+    else {
+        panic!("not granted");
+    };
+    assert_eq!(lock.fencing_token, 1);
+
+    // Only the admin device may name the arbiter.
+    let refused = b.locks().name_arbiter("b", false).await;
+    assert!(
+        matches!(refused, Err(hearth::Error::Forbidden(_))),
+        "{refused:?}"
+    );
+    let missing = admin.locks().name_arbiter("no-such-device", false).await;
+    assert!(
+        matches!(missing, Err(hearth::Error::NotFound(_))),
+        "{missing:?}"
+    );
+
+    let named = admin.locks().name_arbiter("b", false).await.unwrap();
+    assert_eq!(named.peer_id, b.peer_id().to_string());
+    assert_eq!(named.device_name.as_deref(), Some("b"));
+    assert!(!named.granting, "the admin no longer grants");
+    eventually("b grants", || async {
+        let info = b.locks().arbiter().await.unwrap();
+        info.this_device && info.granting
+    })
+    .await;
+    // The lease moved with its key: a lower priority is refused with carol's lock (c's
+    // request goes to b now), and carol releases with the key she had.
+    eventually("c knows b decides", || async {
+        c.locks().arbiter().await.unwrap().peer_id == b.peer_id().as_str()
+    })
+    .await;
+    match c
+        .locks()
+        .request(LockAsk::new("pump", LockType::QueueQueued, "quinn"))
+        .await
+        .unwrap()
+    {
+        LockOutcome::Refused { holder, .. } => assert_eq!(holder.user_id, "carol"),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        c.locks().release("pump", &key, "carol").await.unwrap(),
+        ReleaseOutcome::Released(_)
+    ));
+    // The counter moved too, and the admin's requests go to b.
+    let LockOutcome::Granted { lock, .. } = admin
+        .locks()
+        .request(LockAsk::new("door", LockType::Maintenance, "tech"))
+        .await
+        .unwrap()
+    else {
+        panic!("not granted");
+    };
+    assert_eq!(lock.fencing_token, 2);
+    assert_eq!(
+        b.locks().device("door").await.unwrap().unwrap().user_id,
+        "tech"
+    );
+    eventually("the admin reads the table from b", || async {
+        admin.locks().device("door").await.unwrap().is_some()
+    })
+    .await;
+
+    // A handoff to a device that is down is given up; b still decides.
+    let c_peer = c.peer_id().to_string();
+    timeout(T, c.shutdown()).await.unwrap().unwrap();
+    eventually("the admin sees c go", || async {
+        !admin
+            .admitted_peers()
+            .await
+            .unwrap()
+            .iter()
+            .any(|p| p.as_str() == c_peer)
+    })
+    .await;
+    let failed = admin.locks().name_arbiter("c", false).await;
+    assert!(
+        matches!(failed, Err(hearth::Error::ArbiterUnreachable(_))),
+        "{failed:?}"
+    );
+    eventually("b grants again after the given-up handoff", || async {
+        b.locks().arbiter().await.unwrap().granting
+    })
+    .await;
+    assert!(matches!(
+        admin
+            .locks()
+            .request(LockAsk::new("valve", LockType::QueueQueued, "q"))
+            .await
+            .unwrap(),
+        LockOutcome::Granted { .. }
+    ));
+
+    // The new arbiter keeps its table and its part across a restart.
+    timeout(T, b.shutdown()).await.unwrap().unwrap();
+    let b = start(dirs[1].path(), "b").await;
+    crate::ws::wait_admitted(&admin, b.peer_id().as_str()).await;
+    let info = b.locks().arbiter().await.unwrap();
+    assert!(info.this_device && info.granting, "{info:?}");
+    assert_eq!(
+        b.locks().device("door").await.unwrap().unwrap().user_id,
+        "tech"
+    );
+
+    // And the admin takes it back, table and all.
+    let back = admin.locks().name_arbiter("admin", false).await.unwrap();
+    assert!(back.this_device && back.granting, "{back:?}");
+    assert_eq!(
+        admin
+            .locks()
+            .device("door")
+            .await
+            .unwrap()
+            .unwrap()
+            .fencing_token,
+        2
+    );
+    eventually("b learns the admin decides again", || async {
+        let info = b.locks().arbiter().await.unwrap();
+        !info.granting && info.peer_id == admin.peer_id().as_str()
+    })
+    .await;
+    let LockOutcome::Granted { lock, .. } = b
+        .locks()
+        .request(LockAsk::new("fan", LockType::QueueQueued, "f"))
+        .await
+        .unwrap()
+    else {
+        panic!("not granted");
+    };
+    assert_eq!(lock.fencing_token, 4);
+    for node in [b, admin] {
+        timeout(T, node.shutdown()).await.unwrap().unwrap();
+    }
 }

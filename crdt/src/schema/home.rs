@@ -364,6 +364,31 @@ pub fn put_revocation<T: Transactable>(doc: &mut T, peer: &str, record: &[u8]) -
     Ok(())
 }
 
+/// Key of the signed lock arbiter naming under the home map.
+const LOCK_ARBITER_KEY: &str = "lock_arbiter";
+
+/// The signed naming of the home's lock arbiter, if one was written. The bytes are
+/// opaque here; the node verifies them against the home's root key and keeps the
+/// highest naming it has seen, so writing an older one here undoes nothing.
+pub fn lock_arbiter<D: ReadDoc>(doc: &D) -> Result<Option<Vec<u8>>> {
+    let h = req_map(doc, &ROOT, HOME_KEY, HOME_KEY)?;
+    match doc.get(&h, LOCK_ARBITER_KEY).map_err(am)? {
+        None => Ok(None),
+        Some(_) => {
+            let p = join("home", LOCK_ARBITER_KEY);
+            req_bytes(doc, &h, LOCK_ARBITER_KEY, &p).map(Some)
+        }
+    }
+}
+
+/// Writes the signed naming of the home's lock arbiter.
+pub fn put_lock_arbiter<T: Transactable>(doc: &mut T, record: &[u8]) -> Result<()> {
+    let h = ensure_map(doc, &ROOT, HOME_KEY)?;
+    doc.put(&h, LOCK_ARBITER_KEY, ScalarValue::Bytes(record.to_vec()))
+        .map_err(am)?;
+    Ok(())
+}
+
 /// Deletes the revocation of `peer` from the document. Nothing the node does calls this
 /// (the set is add-only); it exists to show that deleting an entry undoes nothing.
 pub fn remove_revocation<T: Transactable>(doc: &mut T, peer: &str) -> Result<()> {
@@ -424,6 +449,9 @@ mod tests {
         assert!(revocations(&doc).unwrap().is_empty());
         put_revocation(&mut doc, "peerA", &[1, 2, 3]).unwrap();
         assert_eq!(revocations(&doc).unwrap()["peerA"], vec![1, 2, 3]);
+        assert_eq!(lock_arbiter(&doc).unwrap(), None);
+        put_lock_arbiter(&mut doc, &[4, 2]).unwrap();
+        assert_eq!(lock_arbiter(&doc).unwrap(), Some(vec![4, 2]));
         let d = DocId::from_bytes([3; 16]);
         let epoch = KeyEpoch {
             counter: 2,
