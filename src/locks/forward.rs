@@ -43,6 +43,9 @@ pub(crate) enum LockMessage {
         key: String,
         user_id: String,
     },
+    /// A read of the lock on one device, to the arbiter (from a paired home's device, for
+    /// an entity shared with it).
+    Read { id: u64, device_name: String },
     /// The arbiter's answer to request `id`.
     Answer { id: u64, answer: Answer },
     /// A change of the arbiter's table.
@@ -76,9 +79,9 @@ impl LockMessage {
     /// The device a request or release names; empty for other messages.
     fn device_name(&self) -> &str {
         match self {
-            LockMessage::Ask { device_name, .. } | LockMessage::Release { device_name, .. } => {
-                device_name
-            }
+            LockMessage::Ask { device_name, .. }
+            | LockMessage::Release { device_name, .. }
+            | LockMessage::Read { device_name, .. } => device_name,
             _ => "",
         }
     }
@@ -114,6 +117,7 @@ pub(crate) enum Answer {
     Granted { lock: LockRecord, key: String },
     Refused { holder: LockRecord, message: String },
     Released { lock: LockRecord, forced: bool },
+    Lock { lock: Option<LockRecord> },
     Failed { kind: Failure, message: String },
 }
 
@@ -156,6 +160,7 @@ impl Failure {
 pub(crate) enum Waiting {
     Request(Reply<LockOutcome>),
     Release(Reply<ReleaseOutcome>),
+    Read(Reply<Option<LockInfo>>),
     /// A paired home's device, whose request this (admin) device passed on to this
     /// home's arbiter: the answer goes back to it under its own id.
     Relay {
@@ -172,6 +177,9 @@ impl Waiting {
                 let _ = reply.send(Err(error));
             }
             Waiting::Release(reply) => {
+                let _ = reply.send(Err(error));
+            }
+            Waiting::Read(reply) => {
                 let _ = reply.send(Err(error));
             }
         }
@@ -199,6 +207,9 @@ impl Waiting {
                 } else {
                     ReleaseOutcome::Released(lock)
                 }));
+            }
+            (Waiting::Read(reply), Answer::Lock { lock }) => {
+                let _ = reply.send(Ok(lock.map(LockInfo::from)));
             }
             (waiting, Answer::Failed { kind, message }) => waiting.fail(kind.into_error(message)),
             (waiting, _) => waiting.fail(Error::Internal(
@@ -279,29 +290,8 @@ impl Core {
     /// home shares with this one (refused here when the share is read-only), else this
     /// home's arbiter. `Ok(None)`: this device decides.
     pub(crate) fn lock_route(&self, device: &str) -> Result<Option<String>, Error> {
-        if let Some(shared) = self
-            .sharing
-            .shared_in
-            .values()
-            .find(|s| s.entity_id == device && !s.revoked)
-        {
-            if shared.rights != "write" {
-                return Err(Error::Forbidden(format!(
-                    "{device} is shared with this home read-only; only homes that may write it                      may lock it"
-                )));
-            }
-            return self
-                .sharing
-                .foreign
-                .iter()
-                .find(|(_, f)| f.home == shared.owner && f.admin)
-                .map(|(peer, _)| Some(peer.clone()))
-                .ok_or_else(|| {
-                    Error::ArbiterUnreachable(format!(
-                        "{device} belongs to home {}, whose lock arbiter is not connected;                          nothing was granted",
-                        shared.owner
-                    ))
-                });
+        if let Some(route) = self.shared_in_lock_route(device, true) {
+            return route.map(Some);
         }
         if self.is_lock_arbiter() {
             return Ok(None);
@@ -319,6 +309,43 @@ impl Core {
             None => Err(Error::ArbiterUnreachable(
                 "this home's lock arbiter is not known on this device yet".into(),
             )),
+        }
+    }
+
+    /// For an entity another home shares with this one: the owner home's admin device,
+    /// which its lock requests (and, with `write` false, reads) go to. `None`: not such
+    /// an entity.
+    pub(crate) fn shared_in_lock_route(
+        &self,
+        device: &str,
+        write: bool,
+    ) -> Option<Result<String, Error>> {
+        let shared = self
+            .sharing
+            .shared_in
+            .values()
+            .find(|s| s.entity_id == device && !s.revoked)?;
+        {
+            if write && shared.rights != "write" {
+                return Some(Err(Error::Forbidden(format!(
+                    "{device} is shared with this home read-only; only homes that may write it \
+                     may lock it"
+                ))));
+            }
+            return Some(
+                self.sharing
+                    .foreign
+                    .iter()
+                    .find(|(_, f)| f.home == shared.owner && f.admin)
+                    .map(|(peer, _)| peer.clone())
+                    .ok_or_else(|| {
+                        Error::ArbiterUnreachable(format!(
+                            "{device} belongs to home {}, whose lock arbiter is not connected; \
+                         nothing was granted",
+                            shared.owner
+                        ))
+                    }),
+            );
         }
     }
 
@@ -389,7 +416,7 @@ impl Core {
         let Some(message) = Self::decode_lock_message(peer, bytes) else {
             return;
         };
-        let may = |core: &Self, device: &str| -> Result<(), Error> {
+        let may = |core: &Self, device: &str, write: bool| -> Result<(), Error> {
             if !core.is_lock_arbiter() && core.home.root_secret.is_none() {
                 return Err(Error::ArbiterUnreachable(
                     "this device is not its home's lock arbiter".into(),
@@ -409,6 +436,7 @@ impl Core {
                 .and_then(|e| e.shares.get(home).map(|s| s.rights));
             match rights {
                 Some(hearth_crdt::schema::registry::Rights::Write) => Ok(()),
+                Some(_) if !write => Ok(()),
                 Some(_) => Err(Error::Forbidden(format!(
                     "{device} is shared with home {home} read-only"
                 ))),
@@ -418,8 +446,21 @@ impl Core {
             }
         };
         let answer = match message {
+            LockMessage::Read { id, .. } => {
+                let allowed = may(self, message.device_name(), false);
+                if allowed.is_ok() && !self.is_lock_arbiter() {
+                    self.relay_lock_message(peer, message);
+                    self.send_pending().await;
+                    return;
+                }
+                let answer = match allowed {
+                    Ok(()) => self.read_lock(message.device_name()),
+                    Err(error) => Answer::failed(error),
+                };
+                Some((id, answer))
+            }
             LockMessage::Ask { id, .. } | LockMessage::Release { id, .. } => {
-                let allowed = may(self, message.device_name());
+                let allowed = may(self, message.device_name(), true);
                 if allowed.is_ok() && !self.is_lock_arbiter() {
                     // This home's locks are decided by another of its devices: pass the
                     // request on, and its answer back.
@@ -464,12 +505,18 @@ impl Core {
     /// (already allowed) on to the arbiter, to answer `peer` under its own id.
     fn relay_lock_message(&mut self, peer: &str, message: LockMessage) {
         let (their_id, arbiter) = match (&message, self.lock_arbiter_peer()) {
-            (LockMessage::Ask { id, .. } | LockMessage::Release { id, .. }, Some(arbiter))
-                if self.peers.admitted.contains_key(&arbiter) =>
-            {
-                (*id, arbiter)
-            }
-            (LockMessage::Ask { id, .. } | LockMessage::Release { id, .. }, _) => {
+            (
+                LockMessage::Ask { id, .. }
+                | LockMessage::Release { id, .. }
+                | LockMessage::Read { id, .. },
+                Some(arbiter),
+            ) if self.peers.admitted.contains_key(&arbiter) => (*id, arbiter),
+            (
+                LockMessage::Ask { id, .. }
+                | LockMessage::Release { id, .. }
+                | LockMessage::Read { id, .. },
+                _,
+            ) => {
                 let answer = Answer::failed(Error::ArbiterUnreachable(
                     "the owner home's lock arbiter is not connected; nothing was granted".into(),
                 ));
@@ -513,10 +560,24 @@ impl Core {
                     key,
                     user_id,
                 },
+                LockMessage::Read { device_name, .. } => LockMessage::Read { id, device_name },
                 other => other,
             },
             waiting,
         );
+    }
+
+    /// As the arbiter: the lock on `device`, as a read's answer.
+    fn read_lock(&self, device: &str) -> Answer {
+        let now = now_ms();
+        Answer::Lock {
+            lock: self
+                .locks
+                .arbiter
+                .locks()
+                .into_iter()
+                .find(|l| l.device_name == device && l.expires_at_ms > now),
+        }
     }
 
     /// An answer for a relayed request goes back to the paired home's device.
@@ -668,6 +729,10 @@ impl Core {
                 let answer = self.answer_release(&device_name, &key, &user_id).await;
                 self.queue_lock_message(peer, &LockMessage::Answer { id, answer });
             }
+            LockMessage::Read { id, device_name } if self.is_lock_arbiter() => {
+                let answer = self.read_lock(&device_name);
+                self.queue_lock_message(peer, &LockMessage::Answer { id, answer });
+            }
             LockMessage::Answer { id, answer } => self.take_answer(peer, id, answer),
             LockMessage::Changed { action, lock } if from_arbiter => {
                 match action {
@@ -708,7 +773,9 @@ impl Core {
                     }
                 }
             }
-            LockMessage::Ask { id, .. } | LockMessage::Release { id, .. } => {
+            LockMessage::Ask { id, .. }
+            | LockMessage::Release { id, .. }
+            | LockMessage::Read { id, .. } => {
                 // Sent here as the arbiter, but this device is not (any more): say so at
                 // once rather than let the request time out.
                 let answer = Answer::failed(Error::ArbiterUnreachable(

@@ -761,6 +761,74 @@ impl Core {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::testing::TestCore;
+    use crate::locks::service::LockRequest;
+    use crate::locks::{LockAsk, LockOutcome, LockType};
+
+    async fn grant(t: &TestCore, device: &str) -> u64 {
+        let ask = LockAsk::new(device, LockType::QueueExecuting, "q");
+        match t
+            .core
+            .call(|reply| LockRequest::Request { ask, reply })
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            LockOutcome::Granted { lock, .. } => lock.fencing_token,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    async fn name(t: &TestCore, device: &str, force: bool) -> Result<ArbiterInfo, Error> {
+        let device = device.to_string();
+        t.core
+            .call(|reply| LockRequest::NameArbiter {
+                device,
+                force,
+                reply,
+            })
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_admin_names_itself_and_a_forced_naming_starts_a_fresh_table_above_every_token() {
+        let t = TestCore::start("admin").await;
+        assert_eq!(grant(&t, "pump").await, 1);
+        let info = t
+            .core
+            .call(|reply| LockRequest::Arbiter { reply })
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            info.this_device && info.granting && info.seq == 0,
+            "{info:?}"
+        );
+        assert!(matches!(
+            name(&t, "nobody", false).await,
+            Err(Error::NotFound(_))
+        ));
+        // Naming the arbiter it already is changes nothing.
+        let same = name(&t, "admin", false).await.unwrap();
+        assert_eq!((same.seq, same.granting), (0, true));
+        assert_eq!(grant(&t, "valve").await, 2);
+        // Forced: a new naming, the old leases gone, tokens far above the old ones.
+        let forced = name(&t, &t.peer_id, true).await.unwrap();
+        assert!(
+            forced.seq > 0 && forced.granting && forced.this_device,
+            "{forced:?}"
+        );
+        let status = t
+            .core
+            .call(|reply| LockRequest::Status { reply })
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(status.is_empty(), "{status:?}");
+        assert!(grant(&t, "pump").await > FORCED_TOKEN_GAP);
+        t.stop().await;
+    }
 
     #[test]
     fn a_table_in_parts_comes_back_whole_and_order_is_enforced() {

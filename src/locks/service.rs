@@ -211,6 +211,24 @@ impl Core {
                 let _ = reply.send(Ok(list));
             }
             LockRequest::Device { device, reply } => {
+                // Another home's entity: its owner's arbiter has the table.
+                match self.shared_in_lock_route(&device, false) {
+                    Some(Ok(owner)) => {
+                        return self.forward_lock(
+                            owner,
+                            |id| LockMessage::Read {
+                                id,
+                                device_name: device,
+                            },
+                            Waiting::Read(reply),
+                        );
+                    }
+                    Some(Err(error)) => {
+                        let _ = reply.send(Err(error));
+                        return;
+                    }
+                    None => {}
+                }
                 let now = now_ms();
                 let lock = self
                     .lock_table()

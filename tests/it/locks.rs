@@ -389,6 +389,9 @@ async fn a_writer_home_locks_a_shared_entity_through_its_owner_and_a_reader_may_
     assert_eq!(lock.user_id, "guest-op");
     let held = owner.locks().device("light.porch").await.unwrap().unwrap();
     assert_eq!(held.fencing_token, lock.fencing_token);
+    // The guest reads the owner's table for the shared entity, not a copy of its own.
+    let read = guest.locks().device("light.porch").await.unwrap().unwrap();
+    assert_eq!(read.fencing_token, lock.fencing_token);
     // The owner's own request of the same priority is refused: one arbiter.
     assert!(matches!(
         owner
@@ -451,6 +454,18 @@ async fn a_writer_home_locks_a_shared_entity_through_its_owner_and_a_reader_may_
             .user_id,
         "guest-op"
     );
+    assert_eq!(
+        guest
+            .locks()
+            .device("light.porch")
+            .await
+            .unwrap()
+            .unwrap()
+            .user_id,
+        "guest-op"
+    );
+    // A read-only share may be read, not locked.
+    assert!(guest.locks().device("sensor.temp").await.unwrap().is_none());
     guest
         .locks()
         .release("light.porch", &key, "guest-op")
