@@ -325,28 +325,26 @@ impl Core {
             .shared_in
             .values()
             .find(|s| s.entity_id == device && !s.revoked)?;
-        {
-            if write && shared.rights != "write" {
-                return Some(Err(Error::Forbidden(format!(
-                    "{device} is shared with this home read-only; only homes that may write it \
-                     may lock it"
-                ))));
-            }
-            return Some(
-                self.sharing
-                    .foreign
-                    .iter()
-                    .find(|(_, f)| f.home == shared.owner && f.admin)
-                    .map(|(peer, _)| peer.clone())
-                    .ok_or_else(|| {
-                        Error::ArbiterUnreachable(format!(
-                            "{device} belongs to home {}, whose lock arbiter is not connected; \
-                         nothing was granted",
-                            shared.owner
-                        ))
-                    }),
-            );
+        if write && shared.rights != "write" {
+            return Some(Err(Error::Forbidden(format!(
+                "{device} is shared with this home read-only; only homes that may write it \
+                 may lock it"
+            ))));
         }
+        Some(
+            self.sharing
+                .foreign
+                .iter()
+                .find(|(_, f)| f.home == shared.owner && f.admin)
+                .map(|(peer, _)| peer.clone())
+                .ok_or_else(|| {
+                    Error::ArbiterUnreachable(format!(
+                        "{device} belongs to home {}, whose lock arbiter is not connected; \
+                         nothing was granted",
+                        shared.owner
+                    ))
+                }),
+        )
     }
 
     /// Sends `message` to `arbiter` and parks `waiting` until it answers.
