@@ -327,6 +327,9 @@ fn check_view<P>(
         DocKind::Session => {
             crate::schema::session::Session::read(&ds.doc)?;
         }
+        DocKind::Users => {
+            crate::schema::users::Users::read(&ds.doc)?;
+        }
     }
     Ok(kind)
 }

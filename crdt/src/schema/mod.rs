@@ -16,6 +16,7 @@ pub mod registry;
 pub mod room;
 pub mod session;
 pub mod touched;
+pub mod users;
 
 pub use fields::{MAX_NAME_BYTES, MAX_NOTE_BYTES};
 
@@ -54,6 +55,8 @@ pub enum DocKind {
     Locks,
     /// A user session.
     Session,
+    /// A home's users: each user's state and client sessions.
+    Users,
 }
 
 impl DocKind {
@@ -67,6 +70,7 @@ impl DocKind {
             DocKind::Presence => "presence",
             DocKind::Locks => "locks",
             DocKind::Session => "session",
+            DocKind::Users => "users",
         }
     }
 
@@ -80,6 +84,7 @@ impl DocKind {
             "presence" => DocKind::Presence,
             "locks" => DocKind::Locks,
             "session" => DocKind::Session,
+            "users" => DocKind::Users,
             _ => return None,
         })
     }
@@ -371,6 +376,7 @@ mod tests {
             DocKind::Presence,
             DocKind::Locks,
             DocKind::Session,
+            DocKind::Users,
         ] {
             assert_eq!(DocKind::parse(k.as_str()), Some(k));
         }

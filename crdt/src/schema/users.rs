@@ -1,0 +1,443 @@
+//! Typed view of the home's `users` document (one per home): each user's state, which
+//! follows them across their clients and devices, and their client sessions.
+//!
+//! Layout under the root key `users`: `<user>` = map {
+//! `state`: map { `<key>`: map { `value`: string (JSON text), `at`: string (HLC),
+//!   `client`: string (the client's device id) } },
+//! `sessions`: map { `<client>`: map { `node`: string (PeerId), `opened`: uint ms,
+//!   `closed`: uint ms, 0 while a socket is open } } }.
+//!
+//! Every write of a state key puts a fresh map, so writes made concurrently on two devices
+//! stay side by side as Automerge conflicts. The reader keeps them all: the winner is the
+//! one with the highest HLC (last writer wins per top-level key), and the losers are the
+//! concurrent candidates a vector-clock reading surfaces.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+
+use automerge::transaction::Transactable;
+use automerge::{ObjType, ROOT, ReadDoc, ScalarValue, Value};
+
+use super::fields::{check_name, check_text, req_hlc, req_name};
+use super::room::expect_kind;
+use super::{DocKind, Header, am, ensure_map, join, keys, req_map, req_str, req_u64};
+use crate::engine::{Engine, Output};
+use crate::error::{Error, Result};
+use crate::hlc::Hlc;
+use crate::ids::{DocId, KeyEpoch};
+
+/// Root key of the users map.
+pub const USERS_KEY: &str = "users";
+/// Longest value of one state key, in bytes of JSON text.
+pub const MAX_STATE_VALUE_BYTES: usize = 16 * 1024;
+/// Most keys in one user's state.
+pub const MAX_STATE_KEYS: usize = 256;
+/// Most users in one home's document.
+pub const MAX_USERS: usize = 1024;
+/// Most client sessions kept per user (open or recently closed).
+pub const MAX_SESSIONS: usize = 64;
+
+/// One written value of a state key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StateValue {
+    /// The value, as JSON text.
+    pub value: String,
+    /// When it was written.
+    pub at: Hlc,
+    /// The client (device id) that wrote it.
+    pub client: String,
+}
+
+/// One state key: the winner and any concurrent writes beside it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StateKey {
+    /// The value with the highest HLC.
+    pub winner: StateValue,
+    /// Concurrent writes that lost, highest first.
+    pub concurrent: Vec<StateValue>,
+}
+
+/// A client session of a user.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientSession {
+    /// The node (PeerId) the client is connected to.
+    pub node: String,
+    /// When it opened, ms since the Unix epoch.
+    pub opened_ms: u64,
+    /// When its last socket closed; 0 while one is open.
+    pub closed_ms: u64,
+}
+
+/// One user's entry.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct UserEntry {
+    /// State by top-level key.
+    pub state: BTreeMap<String, StateKey>,
+    /// Sessions by client device id.
+    pub sessions: BTreeMap<String, ClientSession>,
+}
+
+/// The users document, after validation.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Users {
+    /// Entries by user.
+    pub users: BTreeMap<String, UserEntry>,
+}
+
+fn read_value<D: ReadDoc>(doc: &D, obj: &automerge::ObjId, path: &str) -> Result<StateValue> {
+    let value = req_str(doc, obj, "value", &join(path, "value"))?;
+    check_text(&join(path, "value"), &value, MAX_STATE_VALUE_BYTES)?;
+    if serde_json::from_str::<serde_json::Value>(&value).is_err() {
+        return Err(Error::schema(&join(path, "value"), "is not JSON text"));
+    }
+    Ok(StateValue {
+        value,
+        at: req_hlc(doc, obj, "at", &join(path, "at"))?,
+        client: req_name(doc, obj, "client", &join(path, "client"))?,
+    })
+}
+
+fn read_entry<D: ReadDoc>(doc: &D, e: &automerge::ObjId, path: &str) -> Result<UserEntry> {
+    let mut entry = UserEntry::default();
+    if let Some((Value::Object(ObjType::Map), s)) = doc.get(e, "state").map_err(am)? {
+        let state_keys = keys(doc, &s);
+        if state_keys.len() > MAX_STATE_KEYS {
+            return Err(Error::schema(
+                &join(path, "state"),
+                format!(
+                    "has {} keys, over the cap of {MAX_STATE_KEYS}",
+                    state_keys.len()
+                ),
+            ));
+        }
+        for key in state_keys {
+            let kpath = join(&join(path, "state"), &key);
+            check_name(&kpath, &key)?;
+            let mut values = Vec::new();
+            for (v, id) in doc.get_all(&s, key.as_str()).map_err(am)? {
+                match v {
+                    Value::Object(ObjType::Map) => values.push(read_value(doc, &id, &kpath)?),
+                    other => {
+                        return Err(Error::schema(
+                            &kpath,
+                            format!("must be a map, found {other:?}"),
+                        ));
+                    }
+                }
+            }
+            values.sort_by(|a, b| b.at.cmp(&a.at));
+            let mut values = values.into_iter();
+            if let Some(winner) = values.next() {
+                entry.state.insert(
+                    key,
+                    StateKey {
+                        winner,
+                        concurrent: values.collect(),
+                    },
+                );
+            }
+        }
+    }
+    if let Some((Value::Object(ObjType::Map), s)) = doc.get(e, "sessions").map_err(am)? {
+        for client in keys(doc, &s) {
+            let cpath = join(&join(path, "sessions"), &client);
+            check_name(&cpath, &client)?;
+            let c = req_map(doc, &s, &client, &cpath)?;
+            entry.sessions.insert(
+                client,
+                ClientSession {
+                    node: req_name(doc, &c, "node", &join(&cpath, "node"))?,
+                    opened_ms: req_u64(doc, &c, "opened", &join(&cpath, "opened"))?,
+                    closed_ms: req_u64(doc, &c, "closed", &join(&cpath, "closed"))?,
+                },
+            );
+        }
+    }
+    Ok(entry)
+}
+
+impl Users {
+    /// Reads and validates the whole document.
+    pub fn read<D: ReadDoc>(doc: &D) -> Result<Self> {
+        let u = req_map(doc, &ROOT, USERS_KEY, USERS_KEY)?;
+        let names = keys(doc, &u);
+        if names.len() > MAX_USERS {
+            return Err(Error::schema(
+                USERS_KEY,
+                format!("has {} users, over the cap of {MAX_USERS}", names.len()),
+            ));
+        }
+        let mut users = BTreeMap::new();
+        for user in names {
+            let path = join(USERS_KEY, &user);
+            check_name(&path, &user)?;
+            let e = req_map(doc, &u, &user, &path)?;
+            users.insert(user, read_entry(doc, &e, &path)?);
+        }
+        Ok(Self { users })
+    }
+
+    /// Reads one user's entry, if there is one.
+    pub fn read_user<D: ReadDoc>(doc: &D, user: &str) -> Result<Option<UserEntry>> {
+        let u = req_map(doc, &ROOT, USERS_KEY, USERS_KEY)?;
+        match doc.get(&u, user).map_err(am)? {
+            Some((Value::Object(ObjType::Map), e)) => {
+                read_entry(doc, &e, &join(USERS_KEY, user)).map(Some)
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+/// Creates the empty layout.
+pub(crate) fn init<T: Transactable>(doc: &mut T) -> Result<()> {
+    ensure_map(doc, &ROOT, USERS_KEY)?;
+    Ok(())
+}
+
+fn user_map<T: Transactable>(doc: &mut T, user: &str) -> Result<automerge::ObjId> {
+    check_name(&join(USERS_KEY, user), user)?;
+    let u = ensure_map(doc, &ROOT, USERS_KEY)?;
+    if doc.get(&u, user).map_err(am)?.is_none() && doc.length(&u) >= MAX_USERS {
+        return Err(Error::schema(
+            USERS_KEY,
+            format!("already holds {MAX_USERS} users"),
+        ));
+    }
+    ensure_map(doc, &u, user)
+}
+
+/// Writes state keys of `user` from `client` at `at`; each value is JSON text.
+pub fn write_state<T: Transactable>(
+    doc: &mut T,
+    user: &str,
+    entries: &BTreeMap<String, String>,
+    client: &str,
+    at: Hlc,
+) -> Result<()> {
+    let path = join(USERS_KEY, user);
+    check_name(&join(&path, "client"), client)?;
+    for (key, value) in entries {
+        check_name(&join(&join(&path, "state"), key), key)?;
+        check_text(
+            &join(&join(&path, "state"), key),
+            value,
+            MAX_STATE_VALUE_BYTES,
+        )?;
+    }
+    let e = user_map(doc, user)?;
+    let s = ensure_map(doc, &e, "state")?;
+    let new_keys = entries
+        .keys()
+        .filter(|k| doc.get(&s, k.as_str()).ok().flatten().is_none())
+        .count();
+    if doc.length(&s) + new_keys > MAX_STATE_KEYS {
+        return Err(Error::schema(
+            &join(&path, "state"),
+            format!("would hold more than {MAX_STATE_KEYS} keys"),
+        ));
+    }
+    for (key, value) in entries {
+        let v = doc.put_object(&s, key.as_str(), ObjType::Map).map_err(am)?;
+        doc.put(&v, "value", value.as_str()).map_err(am)?;
+        doc.put(&v, "at", at.to_string()).map_err(am)?;
+        doc.put(&v, "client", client).map_err(am)?;
+    }
+    Ok(())
+}
+
+/// Opens (or reopens) `client`'s session of `user` on `node`.
+pub fn open_session<T: Transactable>(
+    doc: &mut T,
+    user: &str,
+    client: &str,
+    node: &str,
+    now_ms: u64,
+) -> Result<()> {
+    let path = join(&join(USERS_KEY, user), "sessions");
+    check_name(&join(&path, client), client)?;
+    let e = user_map(doc, user)?;
+    let s = ensure_map(doc, &e, "sessions")?;
+    let c = ensure_map(doc, &s, client)?;
+    doc.put(&c, "node", node).map_err(am)?;
+    doc.put(&c, "opened", ScalarValue::Uint(now_ms))
+        .map_err(am)?;
+    doc.put(&c, "closed", ScalarValue::Uint(0)).map_err(am)?;
+    Ok(())
+}
+
+/// Marks `client`'s session of `user` closed at `now_ms`, and drops sessions of the
+/// user that closed before `forget_before_ms` (and the oldest past [`MAX_SESSIONS`]).
+pub fn close_session<T: Transactable>(
+    doc: &mut T,
+    user: &str,
+    client: &str,
+    now_ms: u64,
+    forget_before_ms: u64,
+) -> Result<()> {
+    let e = user_map(doc, user)?;
+    let s = ensure_map(doc, &e, "sessions")?;
+    if let Some((Value::Object(ObjType::Map), c)) = doc.get(&s, client).map_err(am)? {
+        doc.put(&c, "closed", ScalarValue::Uint(now_ms.max(1)))
+            .map_err(am)?;
+    }
+    prune_sessions(doc, &s, forget_before_ms)
+}
+
+fn prune_sessions<T: Transactable>(
+    doc: &mut T,
+    s: &automerge::ObjId,
+    forget_before_ms: u64,
+) -> Result<()> {
+    let mut closed: Vec<(u64, String)> = Vec::new();
+    for client in keys(doc, s) {
+        if let Some((Value::Object(ObjType::Map), c)) = doc.get(s, client.as_str()).map_err(am)? {
+            let at = req_u64(doc, &c, "closed", "closed").unwrap_or(1);
+            if at != 0 {
+                closed.push((at, client));
+            }
+        }
+    }
+    closed.sort();
+    let over = keys(doc, s).len().saturating_sub(MAX_SESSIONS);
+    for (i, (at, client)) in closed.into_iter().enumerate() {
+        if at < forget_before_ms || i < over {
+            doc.delete(s, client.as_str()).map_err(am)?;
+        }
+    }
+    Ok(())
+}
+
+impl<P: Clone + Ord + Debug> Engine<P> {
+    /// Creates an empty users document owned by `owner_home`.
+    pub fn create_users(
+        &mut self,
+        id: DocId,
+        owner_home: &str,
+        epoch: KeyEpoch,
+        now_ms: u64,
+    ) -> Result<Vec<Output<P>>> {
+        let header = Header::new(DocKind::Users, owner_home, epoch);
+        self.create_document(id, header, now_ms, |doc, _, _| init(doc))
+    }
+
+    /// One user's validated entry.
+    pub fn user_entry(&self, id: DocId, user: &str) -> Result<Option<UserEntry>> {
+        expect_kind(self, id, DocKind::Users)?;
+        Users::read_user(self.doc(id)?, user)
+    }
+
+    /// Writes state keys of `user` from `client`; answers the HLC they were written at.
+    pub fn write_user_state(
+        &mut self,
+        id: DocId,
+        user: &str,
+        entries: &BTreeMap<String, String>,
+        client: &str,
+        now_ms: u64,
+    ) -> Result<(Hlc, Vec<Output<P>>)> {
+        expect_kind(self, id, DocKind::Users)?;
+        self.transact(id, now_ms, None, |doc, at, _| {
+            write_state(doc, user, entries, client, at).map(|()| at)
+        })
+    }
+
+    /// Opens or closes a client session (see [`open_session`], [`close_session`]).
+    pub fn user_session(
+        &mut self,
+        id: DocId,
+        user: &str,
+        client: &str,
+        open: Option<&str>,
+        now_ms: u64,
+        forget_before_ms: u64,
+    ) -> Result<Vec<Output<P>>> {
+        expect_kind(self, id, DocKind::Users)?;
+        self.transact(id, now_ms, None, |doc, _, _| match open {
+            Some(node) => open_session(doc, user, client, node, now_ms),
+            None => close_session(doc, user, client, now_ms, forget_before_ms),
+        })
+        .map(|(_, out)| out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use automerge::AutoCommit;
+
+    fn hlc(wall_ms: u64, actor: u8) -> Hlc {
+        Hlc {
+            wall_ms,
+            counter: 0,
+            actor: [actor; 16],
+        }
+    }
+
+    fn one(key: &str, value: &str) -> BTreeMap<String, String> {
+        [(key.to_string(), value.to_string())].into()
+    }
+
+    #[test]
+    fn concurrent_writes_are_kept_and_the_latest_wins() {
+        let mut a = AutoCommit::new();
+        init(&mut a).unwrap();
+        write_state(&mut a, "ann", &one("progress", "0.5"), "web1", hlc(10, 1)).unwrap();
+        let mut b = a.fork();
+        write_state(&mut a, "ann", &one("progress", "0.7"), "web1", hlc(30, 1)).unwrap();
+        write_state(&mut b, "ann", &one("progress", "0.6"), "phone", hlc(20, 2)).unwrap();
+        write_state(&mut b, "ann", &one("lesson", "\"l5\""), "phone", hlc(20, 2)).unwrap();
+        a.merge(&mut b).unwrap();
+        let ann = Users::read_user(&a, "ann").unwrap().unwrap();
+        let progress = &ann.state["progress"];
+        assert_eq!(progress.winner.value, "0.7");
+        assert_eq!(progress.concurrent.len(), 1);
+        assert_eq!(progress.concurrent[0].client, "phone");
+        assert_eq!(ann.state["lesson"].winner.value, "\"l5\"");
+        assert!(ann.state["lesson"].concurrent.is_empty());
+        // A later write on top of both ends the conflict.
+        write_state(&mut a, "ann", &one("progress", "1.0"), "web1", hlc(40, 1)).unwrap();
+        let ann = Users::read_user(&a, "ann").unwrap().unwrap();
+        assert!(ann.state["progress"].concurrent.is_empty());
+        assert_eq!(Users::read(&a).unwrap().users.len(), 1);
+    }
+
+    #[test]
+    fn bad_values_and_too_many_keys_are_refused() {
+        let mut a = AutoCommit::new();
+        init(&mut a).unwrap();
+        assert!(write_state(&mut a, "", &one("k", "1"), "c", hlc(1, 1)).is_err());
+        assert!(write_state(&mut a, "u", &one("k", "1"), "", hlc(1, 1)).is_err());
+        let big = "1".repeat(MAX_STATE_VALUE_BYTES + 1);
+        assert!(write_state(&mut a, "u", &one("k", &big), "c", hlc(1, 1)).is_err());
+        let many: BTreeMap<String, String> = (0..=MAX_STATE_KEYS)
+            .map(|i| (format!("k{i}"), "1".to_string()))
+            .collect();
+        assert!(write_state(&mut a, "u", &many, "c", hlc(1, 1)).is_err());
+        // A peer's value that is not JSON is refused on read.
+        let u = ensure_map(&mut a, &ROOT, USERS_KEY).unwrap();
+        let e = ensure_map(&mut a, &u, "eve").unwrap();
+        let s = ensure_map(&mut a, &e, "state").unwrap();
+        let v = a.put_object(&s, "k", ObjType::Map).unwrap();
+        a.put(&v, "value", "{not json").unwrap();
+        a.put(&v, "at", hlc(1, 1).to_string()).unwrap();
+        a.put(&v, "client", "c").unwrap();
+        assert!(Users::read(&a).is_err());
+    }
+
+    #[test]
+    fn sessions_open_close_and_old_ones_are_forgotten() {
+        let mut a = AutoCommit::new();
+        init(&mut a).unwrap();
+        open_session(&mut a, "ann", "web1", "node-a", 100).unwrap();
+        open_session(&mut a, "ann", "phone", "node-b", 110).unwrap();
+        close_session(&mut a, "ann", "web1", 200, 0).unwrap();
+        let ann = Users::read_user(&a, "ann").unwrap().unwrap();
+        assert_eq!(ann.sessions["web1"].closed_ms, 200);
+        assert_eq!(ann.sessions["phone"].closed_ms, 0);
+        close_session(&mut a, "ann", "phone", 300, 250).unwrap();
+        let ann = Users::read_user(&a, "ann").unwrap().unwrap();
+        assert!(!ann.sessions.contains_key("web1"), "closed before the cut");
+        assert!(ann.sessions.contains_key("phone"));
+    }
+}
