@@ -12,6 +12,7 @@ use serde_json::{Map, Value, json};
 use super::more::ApiQuery;
 use super::{ApiError, ApiJson, ApiState};
 use crate::bus::{DEAD_LETTER_CAPACITY, HISTORY_CAPACITY, Pattern};
+use crate::propagation::service::PropagationRequest;
 use crate::propagation::{Publish, PublishReport};
 
 /// Entries a history or dead-letter listing returns unless `limit` says otherwise.
@@ -57,17 +58,16 @@ fn payload_object(value: Value) -> Result<Map<String, Value>, ApiError> {
     )))
 }
 
-/// Publishes through the node's event stream handle, as the library does.
+/// Publishes through the core, as `Events::publish` does.
 pub(crate) async fn publish_body(
     state: &ApiState,
     body: PublishBody,
 ) -> Result<PublishReport, ApiError> {
-    let publish = body.into_publish()?;
-    let events = crate::Events {
-        rx: state.core.node_events.subscribe(),
-        core: state.core.clone(),
-    };
-    Ok(events.publish(publish).await?)
+    let event = body.into_publish()?;
+    Ok(state
+        .core
+        .call(|reply| PropagationRequest::Publish { event, reply })
+        .await??)
 }
 
 pub(super) async fn publish(
@@ -142,11 +142,10 @@ pub(super) async fn dead_letters(
 /// seconds), and the counters of events between devices.
 pub(super) async fn stats(State(state): State<Arc<ApiState>>) -> Result<Json<Value>, ApiError> {
     let stats = state.bus.stats();
-    let events = crate::Events {
-        rx: state.core.node_events.subscribe(),
-        core: state.core.clone(),
-    };
-    let devices = events.counters().await?;
+    let devices = state
+        .core
+        .call(|reply| PropagationRequest::Counters { reply })
+        .await??;
     let by_name: Map<String, Value> = stats
         .by_name
         .iter()
