@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::entities::{Entities, Entity, EntityWrite};
 use time::OffsetDateTime;
 
+pub(crate) mod events;
 pub(crate) mod guard;
 mod locks;
 mod more;
@@ -309,6 +310,10 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
             "/api/rooms/{id}/messages",
             post(more::post_message).get(more::get_messages),
         )
+        .route("/api/events", post(events::publish))
+        .route("/api/events/history", get(events::history))
+        .route("/api/events/dead-letters", get(events::dead_letters))
+        .route("/api/events/stats", get(events::stats))
         .route("/api/lock/request", post(locks::request))
         .route("/api/lock/release", post(locks::release))
         .route("/api/locks/status", get(locks::status))

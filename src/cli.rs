@@ -11,6 +11,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::client::Client;
 use crate::verbs;
 
+mod events;
+
 /// Hearth: a peer-to-peer sync node for homes.
 ///
 /// `hearth up` runs a node. Every other verb talks to the running node through its local
@@ -169,14 +171,23 @@ enum Command {
     /// Print the node's events live, one line each, until stopped.
     ///
     /// PATTERN matches event names: `entity.*`, `room.**`; `*` or `**` (the default)
-    /// is every event. `--json` prints each WebSocket frame as it arrives.
+    /// is every event. `--json` prints each WebSocket frame as it arrives. `events
+    /// history|dead|stats` are `bus history|dead|stats`.
+    #[command(args_conflicts_with_subcommands = true)]
     Events {
         /// Event name pattern.
         #[arg(default_value = "**")]
         pattern: String,
         #[command(flatten)]
         client: ClientArgs,
+        #[command(subcommand)]
+        bus: Option<events::BusCommand>,
     },
+    /// Publish an event for the home's devices: every device, or the ones named with --to.
+    Emit(events::EmitArgs),
+    /// The node's event bus: recent events, failed deliveries, counters.
+    #[command(subcommand)]
+    Bus(events::BusCommand),
     /// Measure the sync path on this machine: latency, throughput, fanout, reconnect,
     /// cold start, wire bytes, memory, history and batching, each against an in-run
     /// baseline. Runs its own nodes on loopback (mDNS off) in a scratch dir.
@@ -588,7 +599,13 @@ pub(crate) fn run(args: Args) -> Result<()> {
         Command::Audit { since, client: c } => {
             crate::verbs::audit(&client(&data, &c)?, since.as_deref(), c.json)
         }
-        Command::Events { pattern, client: c } => {
+        Command::Events { bus: Some(cmd), .. } | Command::Bus(cmd) => events::bus(&data, cmd),
+        Command::Emit(args) => events::emit(&data, args),
+        Command::Events {
+            pattern,
+            client: c,
+            bus: None,
+        } => {
             let pattern = hearth::bus::Pattern::parse(&pattern)?;
             crate::watch::run(
                 &client(&data, &c)?,

@@ -108,12 +108,31 @@ pub enum Event {
         /// The lock concerned (for a preemption, the one that ended).
         lock: Box<crate::locks::LockInfo>,
     },
+    /// An event a device of the home published for this device (or for every device):
+    /// see [`Events::publish`]. Its name is its type.
+    Device {
+        /// The event, as its source published it.
+        event: Box<crate::propagation::DeviceEvent>,
+        /// The PeerId it came from, `None` when this node published it.
+        from_peer: Option<DeviceId>,
+    },
 }
 
 impl Event {
-    /// The event's name, `<area>.<action>` as INTERFACES.md lists them.
-    pub fn name(&self) -> &'static str {
+    /// The event's name, `<area>.<action>` as INTERFACES.md lists them; a device event's
+    /// is its type.
+    pub fn name(&self) -> &str {
         match self {
+            Event::Device { event, .. } => &event.event_type,
+            other => other.metric_name(),
+        }
+    }
+
+    /// The name as counted in `hearth_events_total`: device events, whose types any
+    /// device chooses, share one label so the metric stays bounded.
+    pub(crate) fn metric_name(&self) -> &'static str {
+        match self {
+            Event::Device { .. } => "device.event",
             Event::Entity(c) if c.deleted => "entity.deleted",
             Event::Entity(_) => "entity.changed",
             Event::RoomCreated { .. } => "room.created",
@@ -142,6 +161,7 @@ impl Event {
             Event::Share { entity_id, .. } | Event::Conflict { entity_id, .. } => entity_id,
             Event::PeerConnected { peer, .. } | Event::PeerDisconnected { peer, .. } => peer,
             Event::Lock { lock, .. } => &lock.device_name,
+            Event::Device { event, .. } => &event.source_device_id,
         }
     }
 
@@ -155,7 +175,8 @@ impl Event {
             | Event::MemberLeft { from_peer, .. }
             | Event::Chat { from_peer, .. }
             | Event::Presence { from_peer, .. }
-            | Event::Share { from_peer, .. } => from_peer.as_ref(),
+            | Event::Share { from_peer, .. }
+            | Event::Device { from_peer, .. } => from_peer.as_ref(),
             Event::Conflict { .. }
             | Event::PeerConnected { .. }
             | Event::PeerDisconnected { .. }
@@ -167,6 +188,8 @@ impl Event {
 /// A stream of [`Event`]s; see [`Node::events`](crate::Node::events).
 pub struct Events {
     pub(crate) rx: broadcast::Receiver<Event>,
+    /// For [`Events::publish`].
+    pub(crate) core: crate::core::CoreHandle,
 }
 
 /// What [`Events::next`] yields.

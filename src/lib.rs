@@ -39,6 +39,7 @@ mod node;
 mod pairing;
 mod peers;
 mod presence;
+mod propagation;
 mod records;
 mod revocation;
 mod rooms;
@@ -79,6 +80,10 @@ pub use locks::{
 pub use node::Captured;
 pub use pairing::join::Joined;
 pub use presence::{Presence, PresenceInfo, Status};
+pub use propagation::{
+    DeviceEvent, MAX_EVENT_PAYLOAD, MAX_EVENT_TARGETS, MAX_EVENT_TYPE_LEN, PropagationCounters,
+    Publish, PublishReport,
+};
 pub use revocation::service::RevokedDevice;
 pub use rooms::{
     ChatMessage, DEFAULT_ROOM_SIZE, MAX_CHAT_LIMIT, MAX_MESSAGE_BYTES, Room, RoomMember, Rooms,

@@ -585,13 +585,16 @@ impl Node {
     }
 
     /// Every event of the node from now on, as one stream: entity changes and deletions,
-    /// rooms, chat, presence, shares, conflicts, and devices of the home coming and going.
+    /// rooms, chat, presence, shares, conflicts, locks, devices of the home coming and
+    /// going, and events devices published for this one; [`Events::publish`](crate::Events::publish)
+    /// publishes one for the home's devices.
     /// A subscriber that falls more than [`CHANGE_BUFFER`](crate::CHANGE_BUFFER) events
     /// behind skips ahead and is told how many it missed. The bus ([`Node::bus`]) and the
     /// API's WebSocket are fed from the same stream.
     pub fn events(&self) -> crate::Events {
         crate::Events {
             rx: self.core.node_events.subscribe(),
+            core: self.core.clone(),
         }
     }
 

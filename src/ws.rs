@@ -141,8 +141,26 @@ fn event_frame(event: Event) -> Message {
             }),
         ),
         MISSED_EVENT => frame("missed", json!({ "count": field("count") })),
-        _ => frame("event", serde_json::to_value(&event).unwrap_or(Value::Null)),
+        _ => frame("event", event_data(&event)),
     }
+}
+
+/// An `event` frame's data: the event's own fields, and for an event a device published
+/// (it names its targets) seed 000's fields too: `type`, `source_device_id`,
+/// `target_device_ids`, `payload` and `timestamp` (Unix seconds).
+fn event_data(event: &Event) -> Value {
+    let mut data = serde_json::to_value(event).unwrap_or(Value::Null);
+    if let (Some(targets), Some(obj)) = (
+        event.metadata.get("target_device_ids"),
+        data.as_object_mut(),
+    ) {
+        obj.insert("type".into(), json!(event.name));
+        obj.insert("source_device_id".into(), json!(event.subject));
+        obj.insert("target_device_ids".into(), targets.clone());
+        obj.insert("payload".into(), event.data.clone());
+        obj.insert("timestamp".into(), json!(event.time));
+    }
+    data
 }
 
 /// An RFC 3339 time (as bodies carry it) in Unix seconds (as frames carry it).
@@ -394,11 +412,21 @@ async fn handle(text: &str, wanted: &RwLock<Filter>, state: &ApiState) -> Option
             }
             Err(reply) => Some(reply),
         },
+        "publish" => match fields::<crate::api::events::PublishBody>(kind, frame_in.data) {
+            Ok(body) => crate::api::events::publish_body(state, body)
+                .await
+                .err()
+                .map(|e| {
+                    let (kind, detail) = e.kind_and_detail();
+                    error_frame(kind, detail)
+                }),
+            Err(reply) => Some(reply),
+        },
         other => Some(error_frame(
             "bad_request",
             format!(
                 "unknown message type {:?}; expected subscribe, heartbeat, sync_state, \
-                 send_message or presence",
+                 send_message, presence or publish",
                 other.chars().take(64).collect::<String>()
             ),
         )),
@@ -499,6 +527,34 @@ mod tests {
         assert_eq!(f["data"]["name"], "peer.connected");
         assert_eq!(f["data"]["source"]["home"], "h");
         assert!(f["data"]["correlation_id"].is_null());
+    }
+
+    #[test]
+    fn a_device_event_frame_holds_hearth_and_seed_fields() {
+        let source = Source {
+            home: "h".into(),
+            device: "src".into(),
+        };
+        let mut event = Event::new(
+            "coordination.broadcast",
+            "src",
+            json!({"song": "lullaby"}),
+            source,
+        )
+        .with_correlation_id(Some("req-9".into()))
+        .with_metadata("target_device_ids", json!(["t1"]));
+        event.time = 1_767_323_045.5;
+        let f = text(event_frame(event));
+        assert_eq!(f["type"], "event");
+        let d = &f["data"];
+        assert_eq!(d["name"], "coordination.broadcast");
+        assert_eq!(d["subject"], "src");
+        assert_eq!(d["correlation_id"], "req-9");
+        assert_eq!(d["type"], "coordination.broadcast");
+        assert_eq!(d["source_device_id"], "src");
+        assert_eq!(d["target_device_ids"], json!(["t1"]));
+        assert_eq!(d["payload"]["song"], "lullaby");
+        assert_eq!(d["timestamp"], 1_767_323_045.5);
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub(crate) fn spawn(
 ) -> tokio::task::JoinHandle<()> {
     let mut events = Events {
         rx: core.node_events.subscribe(),
+        core: core.clone(),
     };
     let bridge = Bridge { bus, me };
     tokio::spawn(tracing::Instrument::instrument(
@@ -135,6 +136,9 @@ impl Bridge {
             | CoreEvent::PeerDisconnected { peer, device_name } => {
                 return self.peer(name, peer, device_name);
             }
+            CoreEvent::Device { event, from_peer } => {
+                return self.device_event(event, from_peer.as_deref());
+            }
             CoreEvent::Lock { action, lock } => (
                 json!({ "action": action, "lock": lock }),
                 self.sender(None),
@@ -154,15 +158,57 @@ impl Bridge {
         if let Some(peer) = from_peer {
             out = out.with_metadata("from_peer", json!(peer));
         }
-        self.publish(out);
+        self.publish_with_alias(out);
     }
 
     /// A device coming or going: this node's own observation, so without the origin
     /// metadata of changes.
-    fn peer(&self, name: &'static str, peer: &str, device_name: &Option<String>) {
+    fn peer(&self, name: &str, peer: &str, device_name: &Option<String>) {
         let data = json!({ "peer_id": peer, "device_name": device_name });
         let event = Event::new(name, peer, data, self.source(peer.to_string()));
+        self.publish_with_alias(event);
+    }
+
+    /// An event a device published (see `crate::propagation`): named by its type, about
+    /// its source device, its payload as data, its source's time, its correlation id
+    /// kept, and its targets in the metadata (`target_device_ids`), which marks it as a
+    /// device event for the WebSocket.
+    fn device_event(&self, event: &crate::propagation::DeviceEvent, from_peer: Option<&str>) {
+        let mut out = Event::new(
+            event.event_type.as_str(),
+            event.source_device_id.as_str(),
+            Value::Object(event.payload.clone()),
+            self.source(event.source_device_id.to_string()),
+        )
+        .with_correlation_id(event.correlation_id.clone())
+        .with_metadata(
+            "origin",
+            json!(if from_peer.is_some() {
+                "remote"
+            } else {
+                "local"
+            }),
+        )
+        .with_metadata("target_device_ids", json!(event.target_device_ids));
+        out.time = event.timestamp.unix_ms() as f64 / 1000.0;
+        if let Some(peer) = from_peer {
+            out = out.with_metadata("from_peer", json!(peer));
+        }
+        self.publish(out);
+    }
+
+    /// Publishes `event`, then under seed 000's name where it has one
+    /// ([`super::alias_of`]), with `metadata.alias_of` naming the original.
+    fn publish_with_alias(&self, event: Event) {
+        let alias = super::alias_of(&event.name).map(|alias| {
+            let mut copy = event.clone().with_metadata("alias_of", json!(event.name));
+            copy.name = alias.to_string();
+            copy
+        });
         self.publish(event);
+        if let Some(alias) = alias {
+            self.publish(alias);
+        }
     }
 
     /// Tells the bus's readers that `count` events were lost here, at this point of the

@@ -33,6 +33,7 @@
 
 pub(crate) mod bridge;
 mod pattern;
+mod stats;
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::fmt;
@@ -47,6 +48,7 @@ use serde_json::{Map, Value};
 use tokio::sync::{Notify, mpsc};
 
 pub use pattern::{MAX_NAME_LEN, Pattern};
+pub use stats::{BusStats, HandlerStats, NameStats};
 
 use crate::Error;
 
@@ -68,6 +70,25 @@ pub const MAX_CORRELATION_ID_LEN: usize = hearth_crdt::wire::MAX_CORRELATION_ID_
 /// matched a given subscription). It comes in order, where the gap is; WebSocket sessions receive it as a
 /// `missed` frame whatever they subscribed to.
 pub const MISSED_EVENT: &str = "events.missed";
+/// The event the bus publishes when a handler (or middleware) fails: `subject` is the
+/// handler's label (or subscription id), `data` holds `error`, `handler`, `subscription`,
+/// `panicked` and the failed event's `event_name` and `event_subject`; the failed event's
+/// source and correlation id are kept. A failure while handling this event itself
+/// publishes nothing more, so failures cannot feed on one another.
+pub const ERROR_EVENT: &str = "error.occurred";
+
+/// Seed 000's name for one of the node's own events, which the node also publishes under
+/// it (with `metadata.alias_of`): `device.connect`, `device.disconnect` and
+/// `device.state_change` for `peer.connected`, `peer.disconnected` and `entity.changed`.
+pub fn alias_of(name: &str) -> Option<&'static str> {
+    match name {
+        "peer.connected" => Some("device.connect"),
+        "peer.disconnected" => Some("device.disconnect"),
+        "entity.changed" => Some("device.state_change"),
+        _ => None,
+    }
+}
+
 /// Queue length of the stream behind [`Bus::wait_for`]; only the first event matters.
 const WAIT_FOR_CAPACITY: usize = 4;
 
@@ -273,40 +294,6 @@ pub struct DeadLetter {
     pub time: f64,
 }
 
-/// Counters for one event name.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct NameStats {
-    /// Events published (after pre-middleware).
-    pub published: u64,
-    /// Handler calls and stream deliveries.
-    pub delivered: u64,
-    /// Handler calls that returned an error.
-    pub handler_errors: u64,
-    /// Handler calls that panicked.
-    pub handler_panics: u64,
-    /// Time spent in handlers, in total.
-    pub handler_time: Duration,
-    /// The longest single handler call.
-    pub handler_time_max: Duration,
-}
-
-/// What the bus has done since it was made.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct BusStats {
-    /// Events published (after pre-middleware).
-    pub published: u64,
-    /// Events a pre-middleware dropped.
-    pub dropped_by_middleware: u64,
-    /// Events refused for a malformed name or correlation id.
-    pub refused: u64,
-    /// Streams closed because they fell a whole queue behind.
-    pub streams_overflowed: u64,
-    /// Per event name (at most [`MAX_STATS_NAMES`], the rest under [`OTHER_NAMES`]).
-    pub by_name: BTreeMap<String, NameStats>,
-    /// Live subscriptions (handlers and streams).
-    pub subscriptions: usize,
-}
-
 /// What [`Bus::publish`] did with an event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Published {
@@ -362,6 +349,8 @@ struct State {
     history: VecDeque<Event>,
     dead: VecDeque<DeadLetter>,
     stats: BusStats,
+    /// Per handler subscription, while it lives.
+    handlers: BTreeMap<SubscriptionId, HandlerStats>,
 }
 
 struct Inner {
@@ -382,6 +371,7 @@ impl Inner {
         let mut state = self.lock();
         let before = state.subs.len();
         state.subs.retain(|s| s.id != id);
+        state.handlers.remove(&id);
         state.stats.subscriptions = state.subs.len();
         state.subs.len() != before
     }
@@ -486,6 +476,19 @@ impl Bus {
         let mut state = self.inner.lock();
         state.next_id += 1;
         let id = SubscriptionId(state.next_id);
+        if matches!(target, Target::Handler(_)) {
+            let stats = HandlerStats {
+                subscription: id,
+                label: options.label.clone(),
+                priority: options.priority,
+                calls: 0,
+                errors: 0,
+                panics: 0,
+                total_time: Duration::ZERO,
+                max_time: Duration::ZERO,
+            };
+            state.handlers.insert(id, stats);
+        }
         let sub = Arc::new(Sub {
             id,
             filter,
@@ -593,6 +596,8 @@ impl Bus {
         let mut handler_max = Duration::ZERO;
         let mut errors = 0u64;
         let mut panics = 0u64;
+        // (subscription, time taken, error, panic) per handler call.
+        let mut calls: Vec<(SubscriptionId, Duration, bool, bool)> = Vec::new();
         for sub in subs {
             if !sub.filter.matches(&event) {
                 continue;
@@ -620,6 +625,12 @@ impl Bus {
                             Some((panic_text(&*panic), true))
                         }
                     };
+                    calls.push((
+                        sub.id,
+                        took,
+                        matches!(failure, Some((_, false))),
+                        matches!(failure, Some((_, true))),
+                    ));
                     if let Some((error, panicked)) = failure {
                         tracing::debug!(subscription = %sub.id, %error, panicked, "event handler failed");
                         failures.push(DeadLetter {
@@ -665,6 +676,21 @@ impl Bus {
         }
 
         let mut state = self.inner.lock();
+        for (id, took, error, panic) in calls {
+            // A `once` handler is gone by now; its call still counts in the totals.
+            if let Some(h) = state.handlers.get_mut(&id) {
+                h.calls += 1;
+                h.errors += u64::from(error);
+                h.panics += u64::from(panic);
+                h.total_time += took;
+                h.max_time = h.max_time.max(took);
+            }
+        }
+        let reports: Vec<Event> = if event.name == ERROR_EVENT {
+            Vec::new()
+        } else {
+            failures.iter().map(error_event).collect()
+        };
         for failure in failures {
             push_bounded(&mut state.dead, failure, DEAD_LETTER_CAPACITY);
         }
@@ -683,6 +709,12 @@ impl Bus {
         entry.handler_time += handler_time;
         entry.handler_time_max = entry.handler_time_max.max(handler_max);
         push_bounded(&mut state.history, event, HISTORY_CAPACITY);
+        drop(state);
+        for report in reports {
+            if let Err(error) = self.publish(report) {
+                tracing::debug!(%error, "could not report a failed handler");
+            }
+        }
         Ok(Published::Delivered(delivered))
     }
 
@@ -716,10 +748,35 @@ impl Bus {
         self.inner.lock().dead.drain(..).collect()
     }
 
-    /// Counters since the bus was made.
+    /// Counters since the bus was made, with the live handlers' own in priority order.
     pub fn stats(&self) -> BusStats {
-        self.inner.lock().stats.clone()
+        let state = self.inner.lock();
+        let mut stats = state.stats.clone();
+        stats.handlers = state
+            .subs
+            .iter()
+            .filter_map(|s| state.handlers.get(&s.id).cloned())
+            .collect();
+        stats
     }
+}
+
+/// The `error.occurred` event for a failed delivery.
+fn error_event(failure: &DeadLetter) -> Event {
+    let handler = failure
+        .label
+        .clone()
+        .unwrap_or_else(|| failure.subscription.to_string());
+    let data = serde_json::json!({
+        "error": failure.error,
+        "handler": handler,
+        "subscription": failure.subscription.0,
+        "panicked": failure.panicked,
+        "event_name": failure.event.name,
+        "event_subject": failure.event.subject,
+    });
+    Event::new(ERROR_EVENT, handler, data, failure.event.source.clone())
+        .with_correlation_id(failure.event.correlation_id.clone())
 }
 
 fn check_event(event: &Event) -> Result<(), Error> {
@@ -985,16 +1042,15 @@ mod tests {
             label: Some(label.into()),
             ..SubscribeOptions::default()
         };
-        bus.subscribe_with(Filter::all(), options(2, "panics"), |_| {
+        // On `entity.*` only: a handler of every event would also fail on the
+        // `error.occurred` events that these failures raise.
+        let entity = || Filter::new("entity.*").unwrap();
+        bus.subscribe_with(entity(), options(2, "panics"), |_| {
             panic!("handler exploded")
         });
-        bus.subscribe_with(
-            Filter::all(),
-            options(1, "fails"),
-            |_| Err("no luck".into()),
-        );
+        bus.subscribe_with(entity(), options(1, "fails"), |_| Err("no luck".into()));
         let c = count.clone();
-        bus.subscribe(Filter::all(), move |_| {
+        bus.subscribe(entity(), move |_| {
             c.fetch_add(1, Ordering::SeqCst);
             Ok(())
         });
@@ -1021,9 +1077,86 @@ mod tests {
     }
 
     #[test]
+    fn a_failing_handler_raises_error_occurred_once_with_the_correlation_id() {
+        let bus = Bus::new();
+        let options = SubscribeOptions {
+            label: Some("thermostat".into()),
+            ..SubscribeOptions::default()
+        };
+        bus.subscribe_with(Filter::new("coordination.*").unwrap(), options, |_| {
+            Err("sensor offline".into())
+        });
+        let mut errors = bus.stream(Filter::new(ERROR_EVENT).unwrap(), 8);
+        // A handler that fails on the error events themselves raises no more of them.
+        bus.subscribe(Filter::new(ERROR_EVENT).unwrap(), |_| {
+            Err("also broken".into())
+        });
+        bus.publish(
+            ev("coordination.broadcast", "dev-1").with_correlation_id(Some("req-5".into())),
+        )
+        .unwrap();
+        let report = errors.try_recv().expect("no error.occurred");
+        assert_eq!(report.subject, "thermostat");
+        assert_eq!(report.data["error"], "sensor offline");
+        assert_eq!(report.data["handler"], "thermostat");
+        assert_eq!(report.data["event_name"], "coordination.broadcast");
+        assert_eq!(report.data["panicked"], false);
+        assert_eq!(report.correlation_id.as_deref(), Some("req-5"));
+        assert!(errors.try_recv().is_none(), "an error about an error");
+        // Both failures are dead letters: the handler's and the error handler's.
+        assert_eq!(bus.dead_letters().len(), 2);
+    }
+
+    #[test]
+    fn stats_are_kept_per_handler() {
+        let bus = Bus::new();
+        let labelled = |label: &str, priority| SubscribeOptions {
+            label: Some(label.into()),
+            priority,
+            ..SubscribeOptions::default()
+        };
+        let slow = bus.subscribe_with(Filter::all(), labelled("slow", 1), |_| {
+            std::thread::sleep(Duration::from_millis(2));
+            Ok(())
+        });
+        bus.subscribe_with(Filter::new("room.*").unwrap(), labelled("flaky", 0), |e| {
+            if e.subject == "bad" {
+                panic!("boom")
+            }
+            Err("nope".into())
+        });
+        let _stream = bus.stream(Filter::all(), 16);
+        bus.publish(ev("entity.changed", "a.b")).unwrap();
+        bus.publish(ev("room.chat", "r")).unwrap();
+        bus.publish(ev("room.chat", "bad")).unwrap();
+        let stats = bus.stats();
+        // Handlers only, in priority order; the stream is not one.
+        let labels: Vec<_> = stats.handlers.iter().map(|h| h.label.as_deref()).collect();
+        assert_eq!(labels, [Some("slow"), Some("flaky")]);
+        let (s, f) = (&stats.handlers[0], &stats.handlers[1]);
+        // Three events, and the two `error.occurred` that the flaky handler raised.
+        assert_eq!((s.calls, s.errors, s.panics), (5, 0, 0));
+        assert!(s.total_time >= Duration::from_millis(10));
+        assert!(s.max_time >= Duration::from_millis(2));
+        assert!(s.average_time() >= Duration::from_millis(2));
+        assert_eq!((f.calls, f.errors, f.panics), (2, 1, 1));
+        // A removed handler's row goes with it.
+        bus.unsubscribe(slow);
+        assert_eq!(bus.stats().handlers.len(), 1);
+    }
+
+    #[test]
+    fn seed_000_names_alias_the_node_events() {
+        assert_eq!(alias_of("peer.connected"), Some("device.connect"));
+        assert_eq!(alias_of("peer.disconnected"), Some("device.disconnect"));
+        assert_eq!(alias_of("entity.changed"), Some("device.state_change"));
+        assert_eq!(alias_of("room.chat"), None);
+    }
+
+    #[test]
     fn the_dead_letter_queue_is_bounded() {
         let bus = Bus::new();
-        bus.subscribe(Filter::all(), |e| Err(e.subject.clone()));
+        bus.subscribe(Filter::new("a.b").unwrap(), |e| Err(e.subject.clone()));
         for i in 0..DEAD_LETTER_CAPACITY + 10 {
             bus.publish(ev("a.b", &format!("s{i}"))).unwrap();
         }

@@ -68,6 +68,7 @@ pub(crate) enum Request {
     Sharing(crate::sharing::service::SharingRequest),
     Revocation(crate::revocation::service::RevocationRequest),
     Locks(crate::locks::service::LockRequest),
+    Propagation(crate::propagation::service::PropagationRequest),
     #[cfg(feature = "test-hooks")]
     Hooks(hooks::HookRequest),
 }
@@ -89,6 +90,7 @@ route!(
     Sharing(crate::sharing::service::SharingRequest),
     Revocation(crate::revocation::service::RevocationRequest),
     Locks(crate::locks::service::LockRequest),
+    Propagation(crate::propagation::service::PropagationRequest),
 );
 #[cfg(feature = "test-hooks")]
 route!(Hooks(hooks::HookRequest));
@@ -104,6 +106,7 @@ impl Request {
             Request::Sharing(r) => r.is_write(),
             Request::Revocation(r) => r.is_write(),
             Request::Locks(r) => r.is_write(),
+            Request::Propagation(r) => r.is_write(),
             #[cfg(feature = "test-hooks")]
             Request::Hooks(r) => r.is_write(),
         }
@@ -123,6 +126,7 @@ impl Request {
             Request::Sharing(r) => r.refuse(error),
             Request::Revocation(r) => r.refuse(error),
             Request::Locks(r) => r.refuse(error),
+            Request::Propagation(r) => r.refuse(error),
             #[cfg(feature = "test-hooks")]
             Request::Hooks(r) => r.refuse(error),
         }
@@ -232,6 +236,8 @@ pub(crate) struct Core {
     pub(crate) peers: crate::peers::PeerState,
     /// The locks service's state.
     pub(crate) locks: crate::locks::service::LockState,
+    /// The events-across-devices service's state.
+    pub(crate) propagation: crate::propagation::service::PropagationState,
     pub(crate) store: StoreHandle,
     pub(crate) net: hearth_net::Handle,
     pub(crate) home: HomeRecord,
@@ -367,6 +373,7 @@ pub(crate) async fn start(
         },
         peers: crate::peers::PeerState::default(),
         locks: crate::locks::service::LockState::default(),
+        propagation: Default::default(),
         store,
         net,
         home,
@@ -637,6 +644,7 @@ impl Core {
             Request::Sharing(request) => self.handle_sharing(request).await,
             Request::Revocation(request) => self.handle_revocation(request).await,
             Request::Locks(request) => self.handle_locks(request).await,
+            Request::Propagation(request) => self.handle_propagation(request).await,
             #[cfg(feature = "test-hooks")]
             Request::Hooks(request) => self.handle_hook(request),
         }

@@ -297,7 +297,7 @@ impl Core {
 
     /// Announces an event to library subscribers and counts it by name.
     pub(crate) fn emit_event(&self, event: crate::events::Event) {
-        self.metrics.event(event.name());
+        self.metrics.event(event.metric_name());
         let _ = self.node_events.send(event);
     }
 

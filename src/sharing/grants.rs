@@ -7,7 +7,7 @@ use crate::core::{Core, doc_err, new_key, now_ms};
 use crate::shares::ShareOut;
 use crate::sharing::service::share_event;
 use crate::trust::keys::{self, WrappedKey};
-use crate::trust::messages::{MAX_SHARE_MESSAGE, ShareMessage};
+use crate::trust::messages::{MAX_OWN_SHARE_MESSAGE, MAX_SHARE_MESSAGE, ShareMessage};
 use crate::trust::wire::{from_cbor, to_cbor};
 use hearth_crdt::schema::home as home_schema;
 use hearth_crdt::schema::registry::{self, Rights};
@@ -76,14 +76,33 @@ impl Core {
     /// A grant frame from a foreign device: a key for an entity its home shares with this
     /// one, or the end of such a grant.
     pub(crate) async fn on_grant_frame(&mut self, peer: &str, bytes: &[u8]) {
-        // Capped before decoding; trailing bytes are refused too.
-        let message: ShareMessage = match from_cbor("grant message", bytes, MAX_SHARE_MESSAGE) {
+        // Capped before decoding; trailing bytes are refused too. Only a device of this
+        // home may send a larger message, and only an event.
+        let own = self.peers.admitted.contains_key(peer);
+        let cap = if own {
+            MAX_OWN_SHARE_MESSAGE
+        } else {
+            MAX_SHARE_MESSAGE
+        };
+        let message: ShareMessage = match from_cbor("grant message", bytes, cap) {
             Ok(m) => m,
             Err(error) => {
                 tracing::warn!(%peer, %error, len = bytes.len(), "malformed grant frame dropped");
                 return;
             }
         };
+        if let ShareMessage::Event { bytes } = &message {
+            if own {
+                self.on_event_message(peer, bytes);
+            } else {
+                tracing::warn!(%peer, "event from a device that is not of this home dropped");
+            }
+            return;
+        }
+        if bytes.len() > MAX_SHARE_MESSAGE {
+            tracing::warn!(%peer, len = bytes.len(), "oversized grant frame dropped");
+            return;
+        }
         if let ShareMessage::Lock { bytes } = &message {
             if self.peers.admitted.contains_key(peer) {
                 self.on_lock_message(peer, bytes).await;
@@ -112,7 +131,7 @@ impl Core {
             return;
         };
         match message {
-            ShareMessage::HomeKey(_) | ShareMessage::Lock { .. } => {}
+            ShareMessage::HomeKey(_) | ShareMessage::Lock { .. } | ShareMessage::Event { .. } => {}
             ShareMessage::Revocation { record } => {
                 match self
                     .step(|core, fx| Ok(core.on_paired_revocation(peer, &fp.home, &record, fx)))

@@ -14,6 +14,7 @@ const SERVICES: &[&str] = &[
     "revocation",
     "peers",
     "locks",
+    "propagation",
 ];
 /// Modules that serve people and programs over HTTP or the command line.
 const SURFACES: &[&str] = &["api", "ws", "cli", "verbs", "client", "watch", "bench"];

@@ -7,6 +7,7 @@ mod bus;
 mod cli;
 mod crash;
 mod entities;
+mod events;
 mod frames;
 mod layout;
 mod locks;

@@ -12,7 +12,8 @@
 # a connection. The polled figure includes start-up and the polling delay; the figure from the
 # nodes' own log timestamps does not include the polling.
 #
-# Then one home of three devices: changes must reach the other two within CONVERGE_LIMIT, and
+# Then one home of three devices: changes must reach the other two within CONVERGE_LIMIT, an
+# event targeted at one device must reach it and no other device, and
 # a device whose link goes down during writes (long enough for ping to drop it) must catch up
 # once the link returns. `tc netem` loss and delay are not used: the kernels of these machines
 # have no sch_netem.
@@ -326,6 +327,56 @@ if [ -z "$home_failed" ]; then
         converge_times+=("$(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }')")
     done
 fi
+# A targeted event: node-1 publishes one for node-2 only. Node-2 must have it (with its
+# correlation id) within CONVERGE_LIMIT; node-3 must never see it, nor be sent it: a broadcast
+# node-1 publishes after it, on the same stream, reaches node-3, and by then node-3's bus holds
+# no trace of the targeted one and its receiver counted nothing dropped (a device drops and
+# counts an event that does not name it).
+history_in() { # I PATTERN: the bus history of node I, as JSON
+    hearth_in "${ns[$(($1 - 1))]}" bus history "$2" --limit 1024 --json --data "$dir/node-$1" 2>/dev/null
+}
+has_correlation() { # I PATTERN ID
+    history_in "$1" "$2" | jq -e --arg c "$3" 'any(.events[]; .correlation_id == $c)' >/dev/null 2>&1
+}
+wait_correlation() { # I PATTERN ID WHAT
+    local t0
+    t0=$(now)
+    until has_correlation "$1" "$2" "$3"; do
+        if awk -v a="$t0" -v b="$(now)" -v l="$CONVERGE_LIMIT" 'BEGIN { exit !(b - a > l) }'; then
+            home_failed="$4 not on node-$1 after ${CONVERGE_LIMIT}s"
+            return 1
+        fi
+        sleep 0.02
+    done
+}
+target_event_time=""
+if [ -z "$home_failed" ]; then
+    t0=$(now)
+    sent=$(hearth_in "${ns[0]}" emit coordination.netns_target --to node-2 \
+        --payload '{"secret": "for node-2"}' --correlation-id netns-target --json \
+        --data "$dir/node-1" 2>/dev/null) || home_failed="emit on node-1 failed"
+    if [ -z "$home_failed" ] &&
+        ! jq -e '(.sent_to | length) == 1 and .delivered_here == false' \
+            <<<"$sent" >/dev/null; then
+        home_failed="the targeted event was not sent to exactly one device: $sent"
+    fi
+    [ -n "$home_failed" ] || wait_correlation 2 'coordination.*' netns-target "the targeted event" || true
+    [ -n "$home_failed" ] || target_event_time=$(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }')
+fi
+if [ -z "$home_failed" ]; then
+    hearth_in "${ns[0]}" emit coordination.netns_marker --correlation-id netns-marker \
+        --data "$dir/node-1" >/dev/null 2>&1 || home_failed="the marker emit on node-1 failed"
+    [ -n "$home_failed" ] || wait_correlation 3 'coordination.*' netns-marker "the broadcast marker" || true
+fi
+if [ -z "$home_failed" ]; then
+    for i in 1 3; do
+        if has_correlation "$i" '**' netns-target || history_in "$i" '**' | grep -q 'for node-2'; then
+            home_failed="node-$i, not a target, has the targeted event"
+        fi
+    done
+    dropped=$(hearth_in "${ns[2]}" bus stats --json --data "$dir/node-3" 2>/dev/null | jq -r '.devices.dropped_malformed')
+    [ "$dropped" = 0 ] || home_failed="${home_failed:-node-3 was sent an event not for it (dropped: $dropped)}"
+fi
 # Partition: node-3 loses its link while node-1 writes, long enough for both sides to notice
 # (ping) and drop the connection. When the link returns, node-3 must reconnect and catch up.
 PARTITION_WRITES=20
@@ -377,6 +428,9 @@ read -r conv_median conv_max <<<"$(printf '%s\n' "${converge_times[@]}" | sort -
     { t[NR] = $1 } END { printf "%.3f %.3f", (NR % 2) ? t[(NR + 1) / 2] : (t[NR / 2] + t[NR / 2 + 1]) / 2, t[NR] }')"
 printf 'netns: one home of 3 devices (paired by invite codes, mDNS on): %d changes, write to visible on both others (CLI polling included): median %ss, max %ss\n' \
     "${#converge_times[@]}" "$conv_median" "$conv_max"
+
+printf 'netns: targeted event from node-1 to node-2 visible on node-2 (CLI polling included) after %ss; node-3 neither saw nor was sent it\n' \
+    "$target_event_time"
 
 printf 'netns: partition of node-3 for %s writes (+%ss): caught up on 10 entities %ss after the link returned\n' \
     "$PARTITION_WRITES" "$PARTITION_HOLD" "$heal_time"
