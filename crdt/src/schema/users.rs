@@ -88,7 +88,7 @@ fn read_value<D: ReadDoc>(doc: &D, obj: &automerge::ObjId, path: &str) -> Result
     let value = req_str(doc, obj, "value", &join(path, "value"))?;
     check_text(&join(path, "value"), &value, MAX_STATE_VALUE_BYTES)?;
     if serde_json::from_str::<serde_json::Value>(&value).is_err() {
-        return Err(Error::schema(&join(path, "value"), "is not JSON text"));
+        return Err(Error::schema(join(path, "value"), "is not JSON text"));
     }
     Ok(StateValue {
         value,
@@ -103,7 +103,7 @@ fn read_entry<D: ReadDoc>(doc: &D, e: &automerge::ObjId, path: &str) -> Result<U
         let state_keys = keys(doc, &s);
         if state_keys.len() > MAX_STATE_KEYS {
             return Err(Error::schema(
-                &join(path, "state"),
+                join(path, "state"),
                 format!(
                     "has {} keys, over the cap of {MAX_STATE_KEYS}",
                     state_keys.len()
@@ -125,7 +125,7 @@ fn read_entry<D: ReadDoc>(doc: &D, e: &automerge::ObjId, path: &str) -> Result<U
                     }
                 }
             }
-            values.sort_by(|a, b| b.at.cmp(&a.at));
+            values.sort_by_key(|v| std::cmp::Reverse(v.at));
             let mut values = values.into_iter();
             if let Some(winner) = values.next() {
                 entry.state.insert(
@@ -233,7 +233,7 @@ pub fn write_state<T: Transactable>(
         .count();
     if doc.length(&s) + new_keys > MAX_STATE_KEYS {
         return Err(Error::schema(
-            &join(&path, "state"),
+            join(&path, "state"),
             format!("would hold more than {MAX_STATE_KEYS} keys"),
         ));
     }
