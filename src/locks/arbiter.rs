@@ -121,7 +121,7 @@ impl Arbiter {
 
     /// Checks a table that came from another device: within the caps, every lock under
     /// its own name, every field as a request would have it, tokens at most the counter.
-    pub(crate) fn check(&self) -> Result<(), String> {
+    pub(crate) fn check(&self, now: u64) -> Result<(), String> {
         if self.held.len() > MAX_LOCKS {
             return Err(format!("a table of {} locks is refused", self.held.len()));
         }
@@ -140,6 +140,7 @@ impl Arbiter {
             }
             if *device != l.device_name
                 || l.fencing_token > self.last_token
+                || l.expires_at_ms > now.saturating_add(MAX_TIMEOUT_S * 1000 + 60_000)
                 || h.key.len() != 32
                 || !h.key.bytes().all(|b| b.is_ascii_hexdigit())
             {
@@ -331,14 +332,14 @@ mod tests {
             "ab".repeat(16),
         )
         .unwrap();
-        assert_eq!(a.check(), Ok(()));
+        assert_eq!(a.check(2), Ok(()));
         let text = serde_json::to_string(&a).unwrap();
         // A lock whose token is above the counter, or whose key is not a key, is refused.
         let mut bad: Arbiter =
             serde_json::from_str(&text.replace(r#""last_token":1"#, r#""last_token":0"#)).unwrap();
-        assert!(bad.check().is_err());
+        assert!(bad.check(2).is_err());
         bad = serde_json::from_str(&text.replace(&"ab".repeat(16), "zz")).unwrap();
-        assert!(bad.check().is_err());
+        assert!(bad.check(2).is_err());
         let after = Arbiter::starting_after(1 << 40);
         assert_eq!(after.last_token(), 1 << 40);
         assert!(after.locks().is_empty());

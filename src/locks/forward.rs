@@ -19,6 +19,8 @@ use crate::trust::messages::{MAX_SHARE_MESSAGE, ShareMessage};
 pub(crate) const FORWARD_TIMEOUT_MS: u64 = 5_000;
 /// Forwarded requests waiting at once; more are refused at once.
 pub(crate) const MAX_FORWARDS: usize = 1024;
+/// Requests of one paired home's device this admin device passes on at once.
+const MAX_RELAYS_PER_PEER: usize = 64;
 /// Locks per table message, so one stays under the grant message cap.
 const TABLE_CHUNK: usize = 2;
 
@@ -59,8 +61,12 @@ pub(crate) enum LockMessage {
     TableAsk,
     /// Handoff, from the admin to the arbiter: stop granting and send me your table.
     Yield { seq: u64 },
-    /// Handoff, from the admin: the handoff was given up; grant again.
-    Resume { seq: Option<u64> },
+    /// Handoff, from the admin: handoffs started before `below` were given up; grant
+    /// again if yielded to one of them.
+    Resume { below: u64 },
+    /// A signed naming of the arbiter (also in the home document), passed on so that a
+    /// device learns it even if the home document's copy was tampered with.
+    Naming { bytes: ByteBuf },
     /// Handoff: part `index` of `total` of a whole table (keys and counter included),
     /// from the yielding arbiter to the admin, and from the admin to the device named.
     Part {
@@ -523,6 +529,25 @@ impl Core {
             }
             _ => return,
         };
+        let relayed = self
+            .locks
+            .mirror
+            .forwarded
+            .values()
+            .filter(|f| matches!(&f.waiting, Waiting::Relay { peer: p, .. } if p == peer))
+            .count();
+        if relayed >= MAX_RELAYS_PER_PEER || self.locks.mirror.forwarded.len() >= MAX_FORWARDS {
+            let answer = Answer::failed(Error::ArbiterUnreachable(format!(
+                "{relayed} requests of this device are waiting for the lock arbiter already"
+            )));
+            return self.queue_lock_message(
+                peer,
+                &LockMessage::Answer {
+                    id: their_id,
+                    answer,
+                },
+            );
+        }
         let waiting = Waiting::Relay {
             peer: peer.to_string(),
             id: their_id,
@@ -674,6 +699,12 @@ impl Core {
         if !self.is_lock_arbiter() {
             return;
         }
+        if let Some(named) = &self.locks.naming {
+            let message = LockMessage::Naming {
+                bytes: ByteBuf::from(named.bytes.clone()),
+            };
+            self.queue_lock_message(peer, &message);
+        }
         let locks = self.locks.arbiter.locks();
         if locks.is_empty() {
             self.queue_lock_message(
@@ -786,6 +817,7 @@ impl Core {
             handoff @ (LockMessage::TableAsk
             | LockMessage::Yield { .. }
             | LockMessage::Resume { .. }
+            | LockMessage::Naming { .. }
             | LockMessage::Part { .. }
             | LockMessage::Took { .. }
             | LockMessage::HandoffFailed { .. }) => {

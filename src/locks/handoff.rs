@@ -17,9 +17,13 @@
 //!    new arbiter starts granting when it reads the naming; every device sends its
 //!    requests there from then on.
 //!
+//! The admin keeps the signed naming in its store before it writes it anywhere else, and
+//! passes it to every connected device over the lock channel too (the arbiter also sends
+//! it with its table), so a device that edits the home document cannot hide it.
+//!
 //! If a step does not complete within [`HANDOFF_TIMEOUT_MS`] the admin gives up, never
-//! writes the naming, and tells the old arbiter to resume (`Resume`), so the old arbiter
-//! is still the only one that may grant. An old arbiter left yielded (the admin
+//! writes the naming, and tells the old arbiter to resume (`Resume`, which gives up only
+//! handoffs started before it), so the old arbiter is still the only one that may grant. An old arbiter left yielded (the admin
 //! restarted mid-handoff) is told to resume when the admin next sees it with no handoff
 //! running. `force` names a device without the old table, for an arbiter that is gone
 //! for good: its leases are lost, and the new table's fencing tokens start far above
@@ -41,8 +45,10 @@ use hearth_crdt::schema::home as home_schema;
 pub(crate) const HANDOFF_TIMEOUT_MS: u64 = 4_000;
 /// Bytes of the table per `Part` message, so one stays under the grant message cap.
 pub(crate) const PART_BYTES: usize = 2_800;
-/// Most bytes a table in transit may have (every lock at its largest fits).
-pub(crate) const MAX_TABLE_BYTES: usize = 8 << 20;
+/// Most bytes a table in transit may have: a full table of the longest fields, each
+/// character escaped, is about 11 MiB of JSON. Tables that large take thousands of parts
+/// and may not move within [`HANDOFF_TIMEOUT_MS`]; a handoff that does not is given up.
+pub(crate) const MAX_TABLE_BYTES: usize = 12 << 20;
 /// How far above every token seen a forced naming starts the fencing counter.
 const FORCED_TOKEN_GAP: u64 = 1 << 32;
 
@@ -61,6 +67,8 @@ pub(crate) struct Role {
 pub(crate) struct Named {
     pub(crate) peer: String,
     pub(crate) seq: u64,
+    /// The signed naming, passed on to devices over the lock channel.
+    pub(crate) bytes: Vec<u8>,
 }
 
 /// A handoff the admin device runs.
@@ -201,19 +209,33 @@ impl Core {
             .engine
             .home_devices(self.home.home_doc)
             .map_err(doc_err)?;
-        let live = |peer: &String, r: &hearth_crdt::schema::home::DeviceRecord| {
-            r.revoked_at.is_none() && !self.revocations.contains(peer)
+        // Any device can edit the home document's records: only a name and PeerId that a
+        // certificate the root key signed for that very device states count.
+        let certified = |peer: &String, r: &hearth_crdt::schema::home::DeviceRecord| {
+            if r.revoked_at.is_some() || self.revocations.contains(peer) {
+                return None;
+            }
+            match crate::trust::cert::DeviceCert::verify_bytes(
+                &r.certificate,
+                &self.home.root_public,
+            ) {
+                Verdict::Valid(c) if c.peer_id() == peer.as_str() => {
+                    Some(c.device_name().to_string())
+                }
+                _ => None,
+            }
         };
         if let Some(r) = devices.get(device) {
-            return if live(&device.to_string(), r) {
-                Ok(device.to_string())
-            } else {
-                Err(Error::Invalid(format!("device {device} is revoked")))
+            return match certified(&device.to_string(), r) {
+                Some(_) => Ok(device.to_string()),
+                None => Err(Error::Invalid(format!(
+                    "device {device} is revoked or has no valid certificate"
+                ))),
             };
         }
         let named: Vec<&String> = devices
             .iter()
-            .filter(|(p, r)| r.name == device && live(p, r))
+            .filter(|(p, r)| certified(p, r).as_deref() == Some(device))
             .map(|(p, _)| p)
             .collect();
         match named.as_slice() {
@@ -281,7 +303,8 @@ impl Core {
             .max(self.locks.role.seq + 1)
             .max(now_ms());
         if to == from && !force {
-            // Already named: make sure it grants (it may have been left yielded).
+            // Already named: make sure it grants (it may have been left yielded by a
+            // handoff that never completed; none is running now).
             let result = if to == self.peer_id {
                 self.locks.role.yielded_to = None;
                 self.step(|core, fx| {
@@ -289,8 +312,19 @@ impl Core {
                     Ok(())
                 })
                 .await
+                .and_then(|()| {
+                    if self.is_lock_arbiter() {
+                        Ok(())
+                    } else {
+                        Err(Error::Conflict(
+                            "this device is named the lock arbiter but holds no table for the \
+                             naming; name it again with --force (its leases are lost)"
+                                .into(),
+                        ))
+                    }
+                })
             } else if self.peers.admitted.contains_key(&to) {
-                self.queue_lock_message(&to, &LockMessage::Resume { seq: None });
+                self.queue_lock_message(&to, &LockMessage::Resume { below: seq });
                 Ok(())
             } else {
                 Err(Error::ArbiterUnreachable(format!(
@@ -391,25 +425,53 @@ impl Core {
         }
     }
 
-    /// Step 3: the new arbiter holds the table; the naming is signed and written.
+    /// Step 3: the new arbiter holds the table; the naming is signed and kept in this
+    /// device's store first (so a restart cannot undo it), then written into the home
+    /// document and passed on to every connected device.
     async fn finish_handoff(&mut self) {
         let Some(h) = self.locks.handoff.take() else {
             return;
         };
-        let result = self
-            .step(|core, fx| {
-                let root = core
-                    .home
-                    .root_secret
-                    .map(|s| ed25519_dalek::SigningKey::from_bytes(&s))
-                    .ok_or_else(|| Error::Internal("the home root key is missing".into()))?;
-                let signed = ArbiterNaming::issue(&root, &h.to, h.seq, now_ms())
+        let signed = self
+            .home
+            .root_secret
+            .map(|s| ed25519_dalek::SigningKey::from_bytes(&s))
+            .ok_or_else(|| Error::Internal("the home root key is missing".into()))
+            .and_then(|root| {
+                ArbiterNaming::issue(&root, &h.to, h.seq, now_ms())
                     .and_then(|n| n.encode())
-                    .map_err(|e| Error::Internal(format!("cannot sign the naming: {e}")))?;
+                    .map_err(|e| Error::Internal(format!("cannot sign the naming: {e}")))
+            });
+        let signed = match signed {
+            Ok(signed) => signed,
+            Err(error) => {
+                self.locks.handoff = Some(h);
+                return self.abort_handoff(error).await;
+            }
+        };
+        let before = (
+            self.locks.naming.clone(),
+            self.locks.role.clone(),
+            self.locks.arbiter.clone(),
+        );
+        let kept = self
+            .step(|core, fx| {
+                core.learn_lock_naming(&signed, fx);
+                Ok(())
+            })
+            .await;
+        if let Err(error) = kept {
+            // Not stored, so never sent: undone, and the old arbiter resumes.
+            (self.locks.naming, self.locks.role, self.locks.arbiter) = before;
+            self.locks.handoff = Some(h);
+            return self.abort_handoff(error).await;
+        }
+        let written = self
+            .step(|core, fx| {
                 let (_, out) = core
                     .engine
                     .transact(core.home.home_doc, now_ms(), None, |d, _, _| {
-                        home_schema::put_lock_arbiter(d, &signed)
+                        home_schema::put_lock_arbiter(d, h.seq, &signed)
                     })
                     .map_err(doc_err)?;
                 let batch = core.handle_outputs(out);
@@ -419,13 +481,24 @@ impl Core {
                     "lock.arbiter",
                     format!("{} from {} (naming {})", h.to, h.from, h.seq),
                 );
-                core.absorb_lock_naming(fx);
+                let peers: Vec<String> = core.peers.admitted.keys().cloned().collect();
+                let message = LockMessage::Naming {
+                    bytes: serde_bytes::ByteBuf::from(signed.clone()),
+                };
+                for peer in peers {
+                    core.queue_lock_message(&peer, &message);
+                }
                 core.send_queued(fx);
                 Ok(())
             })
             .await;
+        if let Err(error) = &written {
+            // The naming is kept in this device's store and goes to every device over
+            // the lock channel; the home document catches up when the store does.
+            tracing::warn!(%error, "the lock arbiter naming is not in the home document yet");
+        }
         self.send_pending().await;
-        let _ = h.reply.send(result.and_then(|()| self.arbiter_info()));
+        let _ = h.reply.send(self.arbiter_info());
     }
 
     /// Gives a handoff up: the naming is never written, and the old arbiter resumes.
@@ -443,7 +516,7 @@ impl Core {
                 })
                 .await;
         } else if self.peers.admitted.contains_key(&h.from) {
-            self.queue_lock_message(&h.from, &LockMessage::Resume { seq: Some(h.seq) });
+            self.queue_lock_message(&h.from, &LockMessage::Resume { below: h.seq + 1 });
         }
         self.send_pending().await;
         let _ = h.reply.send(Err(error));
@@ -482,7 +555,9 @@ impl Core {
                     let message = "this device is not the lock arbiter".to_string();
                     self.queue_lock_message(peer, &LockMessage::HandoffFailed { seq, message });
                 } else {
-                    self.locks.role.yielded_to = Some(seq);
+                    let before = self.locks.role.yielded_to;
+                    // Only ever raised: a stale `Yield` cannot undo a later one.
+                    self.locks.role.yielded_to = Some(before.map_or(seq, |b| b.max(seq)));
                     let stored = self
                         .step(|core, fx| {
                             core.persist_lock_role(fx);
@@ -498,7 +573,7 @@ impl Core {
                             }
                         }
                         (Err(error), _) | (_, Err(error)) => {
-                            self.locks.role.yielded_to = None;
+                            self.locks.role.yielded_to = before;
                             let message = error.to_string();
                             self.queue_lock_message(
                                 peer,
@@ -508,10 +583,10 @@ impl Core {
                     }
                 }
             }
-            LockMessage::Resume { seq } if from_admin => {
-                if self.locks.role.yielded_to.is_some()
-                    && (seq.is_none() || seq == self.locks.role.yielded_to)
-                {
+            LockMessage::Resume { below } if from_admin => {
+                // Only handoffs started before `below` are given up: a `Resume` overtaken
+                // by a later `Yield` leaves that one alone.
+                if self.locks.role.yielded_to.is_some_and(|y| y < below) {
                     tracing::info!("the lock arbiter resumes: the handoff was given up");
                     self.locks.role.yielded_to = None;
                     let _ = self
@@ -555,6 +630,14 @@ impl Core {
                 }
             }
             LockMessage::TableAsk if self.is_lock_arbiter() => self.send_lock_table(peer),
+            LockMessage::Naming { bytes } => {
+                let _ = self
+                    .step(|core, fx| {
+                        core.learn_lock_naming(&bytes, fx);
+                        Ok(())
+                    })
+                    .await;
+            }
             _ => tracing::warn!(%peer, "lock handoff message this device does not take dropped"),
         }
         self.send_pending().await;
@@ -580,6 +663,19 @@ impl Core {
             tracing::warn!(%peer, "lock table part from a device that may not send one dropped");
             return;
         }
+        let newest = self
+            .locks
+            .role
+            .seq
+            .max(self.locks.naming.as_ref().map_or(0, |n| n.seq))
+            .max(self.locks.role.yielded_to.unwrap_or(0));
+        if !collecting && (self.is_lock_arbiter() || seq <= newest) {
+            // A table for a handoff older than what this device holds, or one sent to the
+            // device that grants now: taking it could move its counter backwards.
+            let message = "this device holds a newer lock table".to_string();
+            self.queue_lock_message(peer, &LockMessage::HandoffFailed { seq, message });
+            return;
+        }
         let whole = match self.locks.incoming.take(peer, seq, index, total, bytes) {
             Ok(Some(whole)) => whole,
             Ok(None) => return,
@@ -587,15 +683,33 @@ impl Core {
                 tracing::warn!(%peer, %message, "lock table transfer refused");
                 self.locks.incoming = Incoming::default();
                 if collecting {
-                    self.abort_handoff(Error::Invalid(message)).await;
+                    self.abort_handoff(Error::ArbiterUnreachable(message)).await;
                 } else {
                     self.queue_lock_message(peer, &LockMessage::HandoffFailed { seq, message });
                 }
                 return;
             }
         };
+        let floor = self.highest_token_seen();
         let table = crate::records::from_json::<Arbiter>("lock table", &whole)
-            .and_then(|t| t.check().map(|()| t).map_err(Error::Invalid));
+            .map_err(|e| Error::ArbiterUnreachable(format!("the lock table did not decode: {e}")))
+            .and_then(|t| {
+                t.check(now_ms())
+                    .and_then(|()| {
+                        if t.last_token() < floor {
+                            Err(format!(
+                                "its fencing counter {} is below a token already seen ({floor})",
+                                t.last_token()
+                            ))
+                        } else {
+                            Ok(())
+                        }
+                    })
+                    .map(|()| t)
+                    .map_err(|m| {
+                        Error::ArbiterUnreachable(format!("the lock table was refused: {m}"))
+                    })
+            });
         match (collecting, table) {
             (true, Ok(table)) => self.place_table(table).await,
             (true, Err(error)) => self.abort_handoff(error).await,
@@ -641,16 +755,17 @@ impl Core {
             .engine
             .doc(self.home.home_doc)
             .map_err(|e| e.to_string())
-            .and_then(|d| home_schema::lock_arbiter(d).map_err(|e| e.to_string()))
+            .and_then(|d| home_schema::lock_arbiters(d).map_err(|e| e.to_string()))
         {
-            Ok(Some(bytes)) => bytes,
-            Ok(None) => return,
+            Ok(all) => all,
             Err(error) => {
-                tracing::debug!(%error, "home document lock arbiter not readable");
+                tracing::debug!(%error, "home document lock arbiters not readable");
                 return;
             }
         };
-        self.learn_lock_naming(&bytes, fx);
+        for naming in bytes {
+            self.learn_lock_naming(&naming, fx);
+        }
     }
 
     /// Takes a signed naming if it verifies and is newer than the one known.
@@ -674,6 +789,7 @@ impl Core {
         self.locks.naming = Some(Named {
             peer: naming.peer_id().to_string(),
             seq: naming.seq(),
+            bytes: bytes.to_vec(),
         });
         let mut batch = Batch::new();
         batch.put(
@@ -729,6 +845,7 @@ impl Core {
                         self.locks.naming = Some(Named {
                             peer: n.peer_id().to_string(),
                             seq: n.seq(),
+                            bytes,
                         });
                     }
                 }
@@ -753,7 +870,9 @@ impl Core {
             return;
         }
         if self.locks.naming.as_ref().is_some_and(|n| n.peer == peer) {
-            self.queue_lock_message(peer, &LockMessage::Resume { seq: None });
+            // Every handoff this device started is over, so any yield before now is stale.
+            let below = now_ms();
+            self.queue_lock_message(peer, &LockMessage::Resume { below });
         }
     }
 }

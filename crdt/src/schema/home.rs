@@ -364,27 +364,39 @@ pub fn put_revocation<T: Transactable>(doc: &mut T, peer: &str, record: &[u8]) -
     Ok(())
 }
 
-/// Key of the signed lock arbiter naming under the home map.
-const LOCK_ARBITER_KEY: &str = "lock_arbiter";
+/// Key of the signed lock arbiter namings under the home map.
+const LOCK_ARBITERS_KEY: &str = "lock_arbiters";
 
-/// The signed naming of the home's lock arbiter, if one was written. The bytes are
-/// opaque here; the node verifies them against the home's root key and keeps the
-/// highest naming it has seen, so writing an older one here undoes nothing.
-pub fn lock_arbiter<D: ReadDoc>(doc: &D) -> Result<Option<Vec<u8>>> {
+/// The signed namings of the home's lock arbiter, by their sequence number (decimal
+/// text). The bytes are opaque here; the node verifies each against the home's root key
+/// and keeps the highest that verifies, so deleting or rewriting an entry undoes nothing
+/// (and the node also passes namings on over the lock channel). Entries that are not
+/// bytes are skipped, so one bad entry cannot hide the others.
+pub fn lock_arbiters<D: ReadDoc>(doc: &D) -> Result<Vec<Vec<u8>>> {
     let h = req_map(doc, &ROOT, HOME_KEY, HOME_KEY)?;
-    match doc.get(&h, LOCK_ARBITER_KEY).map_err(am)? {
-        None => Ok(None),
-        Some(_) => {
-            let p = join("home", LOCK_ARBITER_KEY);
-            req_bytes(doc, &h, LOCK_ARBITER_KEY, &p).map(Some)
+    let Some((automerge::Value::Object(automerge::ObjType::Map), m)) =
+        doc.get(&h, LOCK_ARBITERS_KEY).map_err(am)?
+    else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for seq in keys(doc, &m) {
+        for (value, _) in doc.get_all(&m, seq.as_str()).map_err(am)? {
+            if let automerge::Value::Scalar(s) = value
+                && let ScalarValue::Bytes(b) = s.as_ref()
+            {
+                out.push(b.clone());
+            }
         }
     }
+    Ok(out)
 }
 
-/// Writes the signed naming of the home's lock arbiter.
-pub fn put_lock_arbiter<T: Transactable>(doc: &mut T, record: &[u8]) -> Result<()> {
+/// Adds a signed naming of the home's lock arbiter under its sequence number.
+pub fn put_lock_arbiter<T: Transactable>(doc: &mut T, seq: u64, record: &[u8]) -> Result<()> {
     let h = ensure_map(doc, &ROOT, HOME_KEY)?;
-    doc.put(&h, LOCK_ARBITER_KEY, ScalarValue::Bytes(record.to_vec()))
+    let m = ensure_map(doc, &h, LOCK_ARBITERS_KEY)?;
+    doc.put(&m, seq.to_string(), ScalarValue::Bytes(record.to_vec()))
         .map_err(am)?;
     Ok(())
 }
@@ -449,9 +461,10 @@ mod tests {
         assert!(revocations(&doc).unwrap().is_empty());
         put_revocation(&mut doc, "peerA", &[1, 2, 3]).unwrap();
         assert_eq!(revocations(&doc).unwrap()["peerA"], vec![1, 2, 3]);
-        assert_eq!(lock_arbiter(&doc).unwrap(), None);
-        put_lock_arbiter(&mut doc, &[4, 2]).unwrap();
-        assert_eq!(lock_arbiter(&doc).unwrap(), Some(vec![4, 2]));
+        assert!(lock_arbiters(&doc).unwrap().is_empty());
+        put_lock_arbiter(&mut doc, 7, &[4, 2]).unwrap();
+        put_lock_arbiter(&mut doc, 9, &[5]).unwrap();
+        assert_eq!(lock_arbiters(&doc).unwrap(), vec![vec![4, 2], vec![5]]);
         let d = DocId::from_bytes([3; 16]);
         let epoch = KeyEpoch {
             counter: 2,
