@@ -23,6 +23,7 @@ pub(crate) mod events;
 pub(crate) mod guard;
 mod locks;
 mod more;
+mod seed001;
 mod share;
 
 /// What the handlers can see of the node.
@@ -48,6 +49,8 @@ pub(crate) struct ApiState {
     pub(crate) metrics_open: bool,
     /// The host names and WebSocket origins the API answers.
     pub(crate) guard: guard::Guard,
+    /// Seed 001's clients connected here.
+    pub(crate) clients: seed001::Clients,
 }
 
 /// What the API needs of the node it serves.
@@ -111,6 +114,7 @@ pub(crate) async fn serve(
         shutdown: stop.clone(),
         metrics_open: config.metrics_open,
         guard: guard::Guard::new(addr, allowed_origins),
+        clients: seed001::Clients::default(),
     });
     let app = router(state);
     let task = tokio::spawn(tracing::Instrument::instrument(
@@ -310,6 +314,16 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
             "/api/rooms/{id}/messages",
             post(more::post_message).get(more::get_messages),
         )
+        .route("/api/users/{user}/state", get(seed001::user_state))
+        .route("/api/notify", post(seed001::notify))
+        // Seed 001's routes, with its bodies.
+        .route("/notify", post(seed001::notify))
+        .route("/broadcast/{room_id}", post(seed001::broadcast))
+        .route("/sync-state", post(seed001::sync_state))
+        .route("/create-room", post(seed001::create_room))
+        .route("/join-room", post(seed001::join_room))
+        .route("/presence/{user_id}", get(seed001::presence))
+        .route("/room/{room_id}", get(seed001::room))
         .route("/api/events", post(events::publish))
         .route("/api/events/history", get(events::history))
         .route("/api/events/dead-letters", get(events::dead_letters))
@@ -338,6 +352,9 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
         metrics = metrics.route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     }
     Router::new()
+        .route("/health", get(seed001::health))
+        // Seed 001's WebSocket; it checks the token itself, like /api/ws.
+        .route("/ws/{user_id}", get(seed001::upgrade))
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
         // The WebSocket checks its own token: browsers cannot set headers on an upgrade,

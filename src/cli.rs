@@ -670,6 +670,7 @@ fn run_up(data: PathBuf, up: UpArgs) -> Result<()> {
         audit_max_age: hearth::DEFAULT_AUDIT_MAX_AGE,
         chat_max_messages: hearth::DEFAULT_CHAT_MAX_MESSAGES,
         chat_max_age: hearth::DEFAULT_CHAT_MAX_AGE,
+        users: hearth::UsersConfig::default(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

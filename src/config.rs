@@ -53,6 +53,8 @@ pub struct Config {
     pub chat_max_messages: usize,
     /// Chat messages older than this are pruned ([`DEFAULT_CHAT_MAX_AGE`]).
     pub chat_max_age: Duration,
+    /// Users' state and client sessions (seed 001's session and sync settings).
+    pub users: crate::UsersConfig,
 }
 
 /// How the local HTTP API is served ([`Config::api`]).
@@ -128,6 +130,7 @@ impl Default for Config {
             audit_max_age: DEFAULT_AUDIT_MAX_AGE,
             chat_max_messages: DEFAULT_CHAT_MAX_MESSAGES,
             chat_max_age: DEFAULT_CHAT_MAX_AGE,
+            users: crate::UsersConfig::default(),
         }
     }
 }

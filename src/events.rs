@@ -116,6 +116,25 @@ pub enum Event {
         /// The PeerId it came from, `None` when this node published it.
         from_peer: Option<DeviceId>,
     },
+    /// A notification for a user reached this node (`notification.sent`): made here or
+    /// on another device of the home. The user's clients connected here get it.
+    Notification {
+        /// The notification.
+        notification: Box<crate::users::Notification>,
+        /// The PeerId it came from, `None` for this node.
+        from_peer: Option<DeviceId>,
+    },
+    /// Keys of a user's state changed (seed 001's `sync_state`), as one client wrote them.
+    UserState {
+        /// The user.
+        user: String,
+        /// The keys written, with their values now.
+        state: serde_json::Map<String, serde_json::Value>,
+        /// The client (device id) that wrote them.
+        source_device: String,
+        /// The PeerId the change came from, `None` for this node.
+        from_peer: Option<DeviceId>,
+    },
 }
 
 impl Event {
@@ -147,6 +166,8 @@ impl Event {
             Event::PeerConnected { .. } => "peer.connected",
             Event::PeerDisconnected { .. } => "peer.disconnected",
             Event::Lock { action, .. } => action.event_name(),
+            Event::UserState { .. } => "user.state_changed",
+            Event::Notification { .. } => "notification.sent",
         }
     }
 
@@ -162,6 +183,8 @@ impl Event {
             Event::PeerConnected { peer, .. } | Event::PeerDisconnected { peer, .. } => peer,
             Event::Lock { lock, .. } => &lock.device_name,
             Event::Device { event, .. } => &event.source_device_id,
+            Event::UserState { user, .. } => user,
+            Event::Notification { notification, .. } => &notification.user_id,
         }
     }
 
@@ -176,7 +199,9 @@ impl Event {
             | Event::Chat { from_peer, .. }
             | Event::Presence { from_peer, .. }
             | Event::Share { from_peer, .. }
-            | Event::Device { from_peer, .. } => from_peer.as_ref(),
+            | Event::Device { from_peer, .. }
+            | Event::UserState { from_peer, .. }
+            | Event::Notification { from_peer, .. } => from_peer.as_ref(),
             Event::Conflict { .. }
             | Event::PeerConnected { .. }
             | Event::PeerDisconnected { .. }

@@ -49,6 +49,7 @@ mod sharing;
 mod store_view;
 mod trust;
 mod types;
+mod users;
 #[cfg(feature = "api")]
 mod ws;
 
@@ -90,6 +91,10 @@ pub use rooms::{
 };
 pub use shares::{AuditEntry, KnownHome, PairedWith, ShareIn, ShareOut, SharedList, Shares};
 pub use types::{DeviceId, EntityId, HomeId, Policy, Rights, Timestamp};
+pub use users::{
+    ClientSession, ConcurrentValue, ConflictResolution, MAX_NOTIFICATION_TTL, NOTIFICATION_TYPES,
+    NewNotification, Notification, Notifications, PRIORITIES, UserState, Users, UsersConfig,
+};
 
 /// Frames that may wait in the outbound sync queue to one peer before it counts as slow
 /// and is dropped.

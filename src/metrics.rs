@@ -61,6 +61,60 @@ pub(crate) struct RouteLabels {
     pub(crate) status: u16,
 }
 
+/// Seed 001's metrics (`connections_total`, `active_users_total`, `messages_sent_total`,
+/// `notifications_sent_total`, `rooms_active_total`, unprefixed as the seed names them),
+/// and Hearth's gauges of seed clients and active rooms.
+#[derive(Default)]
+pub(crate) struct SeedMetrics {
+    pub(crate) connections: Counter,
+    pub(crate) active_users: Gauge,
+    pub(crate) messages_sent: Counter,
+    pub(crate) notifications_sent: Counter,
+    pub(crate) rooms_active: Gauge,
+    pub(crate) ws_clients: Gauge,
+}
+
+impl SeedMetrics {
+    fn register(&self, top: &mut Registry) {
+        top.register(
+            "connections",
+            "Seed WebSocket connections opened",
+            self.connections.clone(),
+        );
+        top.register(
+            "active_users_total",
+            "Users with a seed WebSocket open on this node",
+            self.active_users.clone(),
+        );
+        top.register(
+            "messages_sent",
+            "Chat messages sent through the seed protocol",
+            self.messages_sent.clone(),
+        );
+        top.register(
+            "notifications_sent",
+            "Notifications sent",
+            self.notifications_sent.clone(),
+        );
+        top.register(
+            "rooms_active_total",
+            "Rooms with at least one member",
+            self.rooms_active.clone(),
+        );
+        let hearth = top.sub_registry_with_prefix("hearth");
+        hearth.register(
+            "ws_clients",
+            "Seed WebSocket clients connected to this node",
+            self.ws_clients.clone(),
+        );
+        hearth.register(
+            "rooms_active",
+            "Rooms with at least one member",
+            self.rooms_active.clone(),
+        );
+    }
+}
+
 /// Every metric of the node, and the registry that encodes them.
 pub(crate) struct Metrics {
     /// Shared with the network layer, which registers libp2p's metrics in it.
@@ -75,6 +129,8 @@ pub(crate) struct Metrics {
     pub(crate) sync_docs_behind: Family<PeerLabels, Gauge>,
     pub(crate) events: Family<EventLabels, Counter>,
     pub(crate) api_requests: Family<RouteLabels, Counter>,
+    /// Seed 001's metrics, under its names, and the WebSocket gauges beside them.
+    pub(crate) seed: SeedMetrics,
     /// The last totals of refusals for size seen from the core (engine and frames) and
     /// from the network, which arrive separately but share `kind="oversized"`.
     oversized_core: AtomicU64,
@@ -97,6 +153,7 @@ impl Metrics {
             sync_docs_behind: Family::default(),
             events: Family::default(),
             api_requests: Family::default(),
+            seed: SeedMetrics::default(),
             oversized_core: AtomicU64::new(0),
             oversized_net: AtomicU64::new(0),
         };
@@ -142,6 +199,7 @@ impl Metrics {
             "Local API requests by method, route and status",
             m.api_requests.clone(),
         );
+        m.seed.register(&mut top);
         *m.lock() = top;
         // Every direction and kind shows from the start, at zero, so dashboards and
         // alerts see the series before the first traffic.

@@ -175,6 +175,7 @@ impl Node {
                 max_messages: config.chat_max_messages,
                 max_age: config.chat_max_age,
             },
+            config.users.clone(),
             cancel.clone(),
         )
         .await?;
@@ -578,6 +579,20 @@ impl Node {
     }
 
     /// Device locks: priority leases decided by the home's arbiter (its admin device).
+    pub fn users(&self) -> crate::Users {
+        crate::Users {
+            core: self.core.clone(),
+        }
+    }
+
+    /// Notifications for users (seed 001).
+    pub fn notifications(&self) -> crate::Notifications {
+        crate::Notifications {
+            core: self.core.clone(),
+        }
+    }
+
+    /// Device locks (seed 004): priority leases decided by the home's arbiter.
     pub fn locks(&self) -> crate::Locks {
         crate::Locks {
             core: self.core.clone(),

@@ -369,6 +369,18 @@ pub(crate) async fn list_presence(
 /// `GET /metrics`: refreshes the metrics read from the core and the network, then
 /// encodes the registry.
 pub(crate) async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
+    let (sockets, users) = state.clients.counts();
+    state.metrics.seed.ws_clients.set(sockets as i64);
+    state.metrics.seed.active_users.set(users as i64);
+    if let Ok(rooms) = (crate::Rooms {
+        core: state.core.clone(),
+    })
+    .list()
+    .await
+    {
+        let active = rooms.iter().filter(|r| !r.members.is_empty()).count();
+        state.metrics.seed.rooms_active.set(active as i64);
+    }
     match state.metrics.scrape(&state.core, &state.net).await {
         Ok(text) => (
             [(

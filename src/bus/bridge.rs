@@ -144,6 +144,21 @@ impl Bridge {
                 self.sender(None),
                 None,
             ),
+            CoreEvent::UserState {
+                user,
+                state,
+                source_device,
+                ..
+            } => (
+                json!({ "user": user, "state": state, "source_device": source_device }),
+                self.sender(from_peer.as_deref()),
+                None,
+            ),
+            CoreEvent::Notification { notification, .. } => (
+                to_json(notification),
+                self.sender(from_peer.as_deref()),
+                None,
+            ),
         };
         let mut out = Event::new(name, subject, data, self.source(device))
             .with_correlation_id(correlation_id)

@@ -69,6 +69,7 @@ pub(crate) enum Request {
     Revocation(crate::revocation::service::RevocationRequest),
     Locks(crate::locks::service::LockRequest),
     Propagation(crate::propagation::service::PropagationRequest),
+    Users(crate::users::service::UserRequest),
     #[cfg(feature = "test-hooks")]
     Hooks(hooks::HookRequest),
 }
@@ -91,6 +92,7 @@ route!(
     Revocation(crate::revocation::service::RevocationRequest),
     Locks(crate::locks::service::LockRequest),
     Propagation(crate::propagation::service::PropagationRequest),
+    Users(crate::users::service::UserRequest),
 );
 #[cfg(feature = "test-hooks")]
 route!(Hooks(hooks::HookRequest));
@@ -107,6 +109,7 @@ impl Request {
             Request::Revocation(r) => r.is_write(),
             Request::Locks(r) => r.is_write(),
             Request::Propagation(r) => r.is_write(),
+            Request::Users(r) => r.is_write(),
             #[cfg(feature = "test-hooks")]
             Request::Hooks(r) => r.is_write(),
         }
@@ -127,6 +130,7 @@ impl Request {
             Request::Revocation(r) => r.refuse(error),
             Request::Locks(r) => r.refuse(error),
             Request::Propagation(r) => r.refuse(error),
+            Request::Users(r) => r.refuse(error),
             #[cfg(feature = "test-hooks")]
             Request::Hooks(r) => r.refuse(error),
         }
@@ -238,6 +242,7 @@ pub(crate) struct Core {
     pub(crate) locks: crate::locks::service::LockState,
     /// The events-across-devices service's state.
     pub(crate) propagation: crate::propagation::service::PropagationState,
+    pub(crate) users: crate::users::service::UserStates,
     pub(crate) store: StoreHandle,
     pub(crate) net: hearth_net::Handle,
     pub(crate) home: HomeRecord,
@@ -348,6 +353,7 @@ pub(crate) async fn start(
     metrics: std::sync::Arc<crate::metrics::Metrics>,
     batch_window: std::time::Duration,
     chat_keep: rooms::ChatRetention,
+    users: crate::users::UsersConfig,
     cancel: CancellationToken,
 ) -> Result<(CoreHandle, NodeFacts, tokio::task::JoinHandle<()>), Error> {
     let stored = store.get(Keyspace::Meta, HOME_KEY.to_vec()).await?;
@@ -374,6 +380,7 @@ pub(crate) async fn start(
         peers: crate::peers::PeerState::default(),
         locks: crate::locks::service::LockState::default(),
         propagation: Default::default(),
+        users: crate::users::service::UserStates::new(users),
         store,
         net,
         home,
@@ -440,7 +447,9 @@ pub(crate) async fn start(
     core.refresh_actor_homes();
     core.reserve_own_devices().await;
     core.ensure_presence_doc().await?;
+    core.ensure_users_doc().await?;
     core.remember_rooms_and_presence();
+    core.remember_user_states();
     let held: Vec<_> = core.keyring.ids().map(|(d, _)| d).collect();
     for doc in held {
         core.refresh_digest(doc);
@@ -645,6 +654,7 @@ impl Core {
             Request::Revocation(request) => self.handle_revocation(request).await,
             Request::Locks(request) => self.handle_locks(request).await,
             Request::Propagation(request) => self.handle_propagation(request).await,
+            Request::Users(request) => self.handle_users(request),
             #[cfg(feature = "test-hooks")]
             Request::Hooks(request) => self.handle_hook(request),
         }

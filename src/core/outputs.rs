@@ -96,6 +96,7 @@ impl Core {
                         Origin::Peer(peer) => Some(peer),
                         _ => None,
                     };
+                    self.on_users_changed(doc, from_peer.clone());
                     self.on_doc_changed(doc, from_peer);
                 }
                 Output::Send { peer, frame } => self.outbox.push((peer, frame)),

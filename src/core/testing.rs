@@ -114,6 +114,7 @@ impl TestCore {
                 max_messages: 1000,
                 max_age: std::time::Duration::from_secs(30 * 24 * 3600),
             },
+            crate::users::UsersConfig::default(),
             cancel.clone(),
         )
         .await

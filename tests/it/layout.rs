@@ -15,6 +15,7 @@ const SERVICES: &[&str] = &[
     "peers",
     "locks",
     "propagation",
+    "users",
 ];
 /// Modules that serve people and programs over HTTP or the command line.
 const SURFACES: &[&str] = &["api", "ws", "cli", "verbs", "client", "watch", "bench"];

@@ -17,6 +17,7 @@ mod robust;
 mod rooms;
 mod security;
 mod security_bomb;
+mod seed001;
 mod sharing;
 mod store;
 mod up;

@@ -5,7 +5,9 @@
 //! `state`: map { `<key>`: map { `value`: string (JSON text), `at`: string (HLC),
 //!   `client`: string (the client's device id) } },
 //! `sessions`: map { `<client>`: map { `node`: string (PeerId), `opened`: uint ms,
-//!   `closed`: uint ms, 0 while a socket is open } } }.
+//!   `closed`: uint ms, 0 while a socket is open } },
+//! `notifications`: map { `<id>`: map { `kind`, `priority`, `title`, `body`: string,
+//!   `data`: string (JSON object text), `created`, `expires`: uint ms } } }.
 //!
 //! Every write of a state key puts a fresh map, so writes made concurrently on two devices
 //! stay side by side as Automerge conflicts. The reader keeps them all: the winner is the
@@ -36,6 +38,33 @@ pub const MAX_STATE_KEYS: usize = 256;
 pub const MAX_USERS: usize = 1024;
 /// Most client sessions kept per user (open or recently closed).
 pub const MAX_SESSIONS: usize = 64;
+/// Most notifications kept per user; the oldest go first.
+pub const MAX_NOTIFICATIONS: usize = 256;
+/// Longest notification title, in bytes.
+pub const MAX_TITLE_BYTES: usize = 256;
+/// Longest notification body, in bytes.
+pub const MAX_BODY_BYTES: usize = 4096;
+/// Longest notification data, in bytes of JSON text.
+pub const MAX_DATA_BYTES: usize = 16 * 1024;
+
+/// A notification for a user.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredNotification {
+    /// Its kind (seed 001's type, e.g. `milestone_achieved`).
+    pub kind: String,
+    /// `low`, `normal`, `high` or `urgent`.
+    pub priority: String,
+    /// Title.
+    pub title: String,
+    /// Body.
+    pub body: String,
+    /// Data, as JSON object text.
+    pub data: String,
+    /// When it was made, ms since the Unix epoch.
+    pub created_ms: u64,
+    /// When it expires, ms since the Unix epoch.
+    pub expires_ms: u64,
+}
 
 /// One written value of a state key.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -75,6 +104,8 @@ pub struct UserEntry {
     pub state: BTreeMap<String, StateKey>,
     /// Sessions by client device id.
     pub sessions: BTreeMap<String, ClientSession>,
+    /// Notifications by id.
+    pub notifications: BTreeMap<String, StoredNotification>,
 }
 
 /// The users document, after validation.
@@ -153,7 +184,87 @@ fn read_entry<D: ReadDoc>(doc: &D, e: &automerge::ObjId, path: &str) -> Result<U
             );
         }
     }
+    if let Some((Value::Object(ObjType::Map), s)) = doc.get(e, "notifications").map_err(am)? {
+        for id in keys(doc, &s) {
+            let npath = join(&join(path, "notifications"), &id);
+            check_name(&npath, &id)?;
+            let n = req_map(doc, &s, &id, &npath)?;
+            let text = |key: &str, max: usize| -> Result<String> {
+                let v = req_str(doc, &n, key, &join(&npath, key))?;
+                check_text(&join(&npath, key), &v, max)?;
+                Ok(v)
+            };
+            let data = text("data", MAX_DATA_BYTES)?;
+            if !matches!(
+                serde_json::from_str::<serde_json::Value>(&data),
+                Ok(serde_json::Value::Object(_))
+            ) {
+                return Err(Error::schema(join(&npath, "data"), "is not a JSON object"));
+            }
+            entry.notifications.insert(
+                id,
+                StoredNotification {
+                    kind: req_name(doc, &n, "kind", &join(&npath, "kind"))?,
+                    priority: req_name(doc, &n, "priority", &join(&npath, "priority"))?,
+                    title: text("title", MAX_TITLE_BYTES)?,
+                    body: text("body", MAX_BODY_BYTES)?,
+                    data,
+                    created_ms: req_u64(doc, &n, "created", &join(&npath, "created"))?,
+                    expires_ms: req_u64(doc, &n, "expires", &join(&npath, "expires"))?,
+                },
+            );
+        }
+    }
     Ok(entry)
+}
+
+/// Adds notification `id` for `user`, dropping expired ones and the oldest past
+/// [`MAX_NOTIFICATIONS`].
+pub fn put_notification<T: Transactable>(
+    doc: &mut T,
+    user: &str,
+    id: &str,
+    n: &StoredNotification,
+    now_ms: u64,
+) -> Result<()> {
+    let path = join(&join(USERS_KEY, user), "notifications");
+    let npath = join(&path, id);
+    check_name(&npath, id)?;
+    check_name(&join(&npath, "kind"), &n.kind)?;
+    check_name(&join(&npath, "priority"), &n.priority)?;
+    check_text(&join(&npath, "title"), &n.title, MAX_TITLE_BYTES)?;
+    check_text(&join(&npath, "body"), &n.body, MAX_BODY_BYTES)?;
+    check_text(&join(&npath, "data"), &n.data, MAX_DATA_BYTES)?;
+    let e = user_map(doc, user)?;
+    let s = ensure_map(doc, &e, "notifications")?;
+    let mut kept: Vec<(u64, String)> = Vec::new();
+    for other in keys(doc, &s) {
+        if let Some((Value::Object(ObjType::Map), o)) = doc.get(&s, other.as_str()).map_err(am)? {
+            let expires = req_u64(doc, &o, "expires", "expires").unwrap_or(0);
+            let created = req_u64(doc, &o, "created", "created").unwrap_or(0);
+            if expires <= now_ms {
+                doc.delete(&s, other.as_str()).map_err(am)?;
+            } else {
+                kept.push((created, other));
+            }
+        }
+    }
+    kept.sort();
+    let over = (kept.len() + 1).saturating_sub(MAX_NOTIFICATIONS);
+    for (_, old) in kept.into_iter().take(over) {
+        doc.delete(&s, old.as_str()).map_err(am)?;
+    }
+    let o = doc.put_object(&s, id, ObjType::Map).map_err(am)?;
+    doc.put(&o, "kind", n.kind.as_str()).map_err(am)?;
+    doc.put(&o, "priority", n.priority.as_str()).map_err(am)?;
+    doc.put(&o, "title", n.title.as_str()).map_err(am)?;
+    doc.put(&o, "body", n.body.as_str()).map_err(am)?;
+    doc.put(&o, "data", n.data.as_str()).map_err(am)?;
+    doc.put(&o, "created", ScalarValue::Uint(n.created_ms))
+        .map_err(am)?;
+    doc.put(&o, "expires", ScalarValue::Uint(n.expires_ms))
+        .map_err(am)?;
+    Ok(())
 }
 
 impl Users {
@@ -342,6 +453,22 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         })
     }
 
+    /// Adds a notification for `user` (see [`put_notification`]).
+    pub fn notify_user(
+        &mut self,
+        id: DocId,
+        user: &str,
+        notification_id: &str,
+        n: &StoredNotification,
+        now_ms: u64,
+    ) -> Result<Vec<Output<P>>> {
+        expect_kind(self, id, DocKind::Users)?;
+        self.transact(id, now_ms, None, |doc, _, _| {
+            put_notification(doc, user, notification_id, n, now_ms)
+        })
+        .map(|(_, out)| out)
+    }
+
     /// Opens or closes a client session (see [`open_session`], [`close_session`]).
     pub fn user_session(
         &mut self,
@@ -423,6 +550,49 @@ mod tests {
         a.put(&v, "at", hlc(1, 1).to_string()).unwrap();
         a.put(&v, "client", "c").unwrap();
         assert!(Users::read(&a).is_err());
+    }
+
+    #[test]
+    fn notifications_are_kept_until_they_expire_and_capped() {
+        let mut a = AutoCommit::new();
+        init(&mut a).unwrap();
+        let n = |created_ms, expires_ms| StoredNotification {
+            kind: "milestone_achieved".into(),
+            priority: "high".into(),
+            title: "Well done".into(),
+            body: String::new(),
+            data: "{\"chapter\":1}".into(),
+            created_ms,
+            expires_ms,
+        };
+        put_notification(&mut a, "ann", "n1", &n(10, 100), 10).unwrap();
+        put_notification(&mut a, "ann", "n2", &n(20, 1000), 20).unwrap();
+        let ann = Users::read_user(&a, "ann").unwrap().unwrap();
+        assert_eq!(ann.notifications.len(), 2);
+        assert_eq!(ann.notifications["n1"], n(10, 100));
+        // n1 has expired by the next write.
+        put_notification(&mut a, "ann", "n3", &n(200, 1000), 200).unwrap();
+        let ann = Users::read_user(&a, "ann").unwrap().unwrap();
+        assert!(!ann.notifications.contains_key("n1"));
+        for i in 0..MAX_NOTIFICATIONS + 3 {
+            put_notification(
+                &mut a,
+                "ann",
+                &format!("m{i}"),
+                &n(300 + i as u64, 9999),
+                300,
+            )
+            .unwrap();
+        }
+        let ann = Users::read_user(&a, "ann").unwrap().unwrap();
+        assert_eq!(ann.notifications.len(), MAX_NOTIFICATIONS);
+        assert!(
+            ann.notifications
+                .contains_key(&format!("m{}", MAX_NOTIFICATIONS + 2))
+        );
+        let mut bad = n(1, 2);
+        bad.title = "t".repeat(MAX_TITLE_BYTES + 1);
+        assert!(put_notification(&mut a, "ann", "x", &bad, 1).is_err());
     }
 
     #[test]

@@ -1,0 +1,164 @@
+//! A user's state across their clients and devices (seed 001): `sync_state` from one
+//! client merges into the user's state in the home's users document, which every device
+//! of the home keeps; every other client of the user hears of it. Also the user's client
+//! sessions (`device_id`s), which expire `session_ttl` after their last socket closed and
+//! are capped at `max_devices_per_user` across the home.
+
+pub(crate) mod notify;
+pub(crate) mod service;
+
+pub use notify::{
+    MAX_TTL as MAX_NOTIFICATION_TTL, NOTIFICATION_TYPES, NewNotification, Notification,
+    Notifications, PRIORITIES,
+};
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::core::CoreHandle;
+use crate::{DeviceId, Error, Timestamp};
+use service::UserRequest;
+
+/// How concurrent writes of one key of a user's state are resolved.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConflictResolution {
+    /// The write with the latest hybrid logical clock wins, per top-level key; the losers
+    /// are not shown.
+    #[default]
+    LastWriteWins,
+    /// Writes that were concurrent (neither saw the other) are all kept and shown beside
+    /// the one read as current (the latest).
+    VectorClock,
+}
+
+/// Settings of the users service (seed 001's `session_management` and
+/// `synchronization` keys).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UsersConfig {
+    /// How long a client session lives after its last socket closed.
+    pub session_ttl: Duration,
+    /// Distinct client device ids with a live session a user may have across the home.
+    pub max_devices_per_user: usize,
+    /// How concurrent writes are shown.
+    pub conflict_resolution: ConflictResolution,
+}
+
+impl Default for UsersConfig {
+    fn default() -> Self {
+        Self {
+            session_ttl: Duration::from_secs(3600),
+            max_devices_per_user: 5,
+            conflict_resolution: ConflictResolution::LastWriteWins,
+        }
+    }
+}
+
+/// A value written concurrently with the current one (shown with
+/// [`ConflictResolution::VectorClock`]).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ConcurrentValue {
+    /// The value.
+    pub value: Value,
+    /// The client that wrote it.
+    pub source_device: String,
+    /// When it was written (the writer's clock).
+    pub written_at: Timestamp,
+}
+
+/// A client session of a user.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ClientSession {
+    /// The client's device id.
+    pub device_id: String,
+    /// The node it is connected to.
+    pub node: DeviceId,
+    /// When it opened.
+    pub opened_at: Timestamp,
+    /// When its last socket closed; `None` while one is open.
+    pub closed_at: Option<Timestamp>,
+    /// Whether it counts against `max_devices_per_user` now.
+    pub live: bool,
+}
+
+/// A user's state.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct UserState {
+    /// The user.
+    pub user: String,
+    /// The current value of each top-level key.
+    pub state: Map<String, Value>,
+    /// Concurrent writes per key, when the config asks for them (else empty).
+    pub conflicts: BTreeMap<String, Vec<ConcurrentValue>>,
+    /// The user's client sessions.
+    pub sessions: Vec<ClientSession>,
+}
+
+/// Users' state; see [`crate::Node::users`].
+#[derive(Clone)]
+pub struct Users {
+    pub(crate) core: CoreHandle,
+}
+
+impl std::fmt::Debug for Users {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Users").finish_non_exhaustive()
+    }
+}
+
+impl Users {
+    /// Merges `state` (top-level keys) into `user`'s state, as written by client
+    /// `device_id`. Answers the state after the write.
+    pub async fn sync_state(
+        &self,
+        user: &str,
+        device_id: &str,
+        state: Map<String, Value>,
+    ) -> Result<UserState, Error> {
+        let (user, client) = (user.to_string(), device_id.to_string());
+        self.core
+            .call(|reply| UserRequest::SyncState {
+                user,
+                client,
+                state,
+                reply,
+            })
+            .await?
+    }
+
+    /// `user`'s state (empty when they never wrote any).
+    pub async fn state(&self, user: &str) -> Result<UserState, Error> {
+        let user = user.to_string();
+        self.core
+            .call(|reply| UserRequest::State { user, reply })
+            .await?
+    }
+
+    /// Opens a session of client `device_id` of `user` on this node; refused with
+    /// [`Error::Conflict`] past `max_devices_per_user`.
+    pub async fn open_session(&self, user: &str, device_id: &str) -> Result<(), Error> {
+        let (user, client) = (user.to_string(), device_id.to_string());
+        self.core
+            .call(|reply| UserRequest::OpenSession {
+                user,
+                client,
+                reply,
+            })
+            .await?
+    }
+
+    /// Marks the session closed (its last socket went); it expires `session_ttl` later.
+    pub async fn close_session(&self, user: &str, device_id: &str) -> Result<(), Error> {
+        let (user, client) = (user.to_string(), device_id.to_string());
+        self.core
+            .call(|reply| UserRequest::CloseSession {
+                user,
+                client,
+                reply,
+            })
+            .await?
+    }
+}

@@ -1,0 +1,504 @@
+//! The users service on the core: writes into the home's users document (created once
+//! by the admin device, like the presence document), reads a user's state and sessions,
+//! and turns changes of the document (local or from a device of the home) into
+//! `user.state_changed` events, one per writing client.
+
+use std::collections::{BTreeMap, HashMap};
+
+use hearth_crdt::hlc::Hlc;
+use hearth_crdt::schema::users::{StateKey, UserEntry, Users as UsersDoc};
+use hearth_crdt::{DocId, DocKind};
+use hearth_storage::Batch;
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use super::{ClientSession, ConcurrentValue, ConflictResolution, UserState, UsersConfig};
+use crate::Error;
+use crate::core::{Core, Reply, now_ms, rfc3339_ms};
+use crate::events::Event;
+
+/// Requests of the users service.
+pub(crate) enum UserRequest {
+    SyncState {
+        user: String,
+        client: String,
+        state: Map<String, Value>,
+        reply: Reply<UserState>,
+    },
+    State {
+        user: String,
+        reply: Reply<UserState>,
+    },
+    OpenSession {
+        user: String,
+        client: String,
+        reply: Reply<()>,
+    },
+    CloseSession {
+        user: String,
+        client: String,
+        reply: Reply<()>,
+    },
+    Notify {
+        n: super::NewNotification,
+        reply: Reply<super::Notification>,
+    },
+    Pending {
+        user: String,
+        client: String,
+        reply: Reply<Vec<super::Notification>>,
+    },
+}
+
+impl UserRequest {
+    /// Whether the request writes (and so is refused while the store is failed).
+    pub(crate) fn is_write(&self) -> bool {
+        !matches!(self, Self::State { .. } | Self::Pending { .. })
+    }
+
+    /// Answers the request with `error` without running it.
+    pub(crate) fn refuse(self, error: Error) {
+        match self {
+            Self::SyncState { reply, .. } | Self::State { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            Self::OpenSession { reply, .. } | Self::CloseSession { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            Self::Notify { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            Self::Pending { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+        }
+    }
+}
+
+/// The users service's state.
+#[derive(Default)]
+pub(crate) struct UserStates {
+    pub(crate) config: UsersConfig,
+    /// The clock of each key's current value, per user, as last announced.
+    seen: HashMap<String, BTreeMap<String, Hlc>>,
+    /// Notification ids already announced, per user.
+    notified: HashMap<String, std::collections::BTreeSet<String>>,
+}
+
+impl UserStates {
+    pub(crate) fn new(config: UsersConfig) -> Self {
+        Self {
+            config,
+            seen: HashMap::new(),
+            notified: HashMap::new(),
+        }
+    }
+}
+
+/// The home's users document: one per home, its id derived from the HomeId.
+pub(crate) fn users_doc_id(home_id: &str) -> DocId {
+    let digest = Sha256::new()
+        .chain_update(b"hearth/users/v1\0")
+        .chain_update(home_id.as_bytes())
+        .finalize();
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&digest[..16]);
+    DocId::from_bytes(id)
+}
+
+fn users_err(e: hearth_crdt::Error) -> Error {
+    match e {
+        hearth_crdt::Error::Schema { .. } => Error::Invalid(e.to_string()),
+        other => crate::core::doc_err(other),
+    }
+}
+
+/// A stored value back as JSON (stored values are checked JSON text).
+fn json(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or(Value::Null)
+}
+
+impl Core {
+    pub(crate) fn handle_users(&mut self, request: UserRequest) {
+        match request {
+            UserRequest::SyncState {
+                user,
+                client,
+                state,
+                reply,
+            } => {
+                let result = self.sync_user_state(&user, &client, state);
+                self.reply_after_flush(result, reply);
+            }
+            UserRequest::State { user, reply } => {
+                let _ = reply.send(self.user_state(&user));
+            }
+            UserRequest::OpenSession {
+                user,
+                client,
+                reply,
+            } => {
+                let result = self.open_user_session(&user, &client);
+                self.reply_after_flush(result, reply);
+            }
+            UserRequest::CloseSession {
+                user,
+                client,
+                reply,
+            } => {
+                let result = self.close_user_session(&user, &client);
+                self.reply_after_flush(result, reply);
+            }
+            UserRequest::Notify { n, reply } => {
+                let result = self.notify_user(n);
+                self.reply_after_flush(result, reply);
+            }
+            UserRequest::Pending {
+                user,
+                client,
+                reply,
+            } => {
+                let _ = reply.send(self.pending_notifications(&user, &client));
+            }
+        }
+    }
+
+    /// The users document, once its content is here.
+    fn users_doc(&mut self) -> Result<DocId, Error> {
+        let doc = users_doc_id(&self.home.home_id);
+        if self.has_content(doc) {
+            Ok(doc)
+        } else {
+            Err(Error::Conflict(
+                "user state is not available on this device yet: the home's users document \
+                 arrives from the admin device; connect to it and retry"
+                    .into(),
+            ))
+        }
+    }
+
+    /// Creates the home's users document on the admin device, once.
+    pub(crate) async fn ensure_users_doc(&mut self) -> Result<(), Error> {
+        let doc = users_doc_id(&self.home.home_id);
+        if self.home.root_secret.is_none() || self.keyring.ids().any(|(d, _)| d == doc) {
+            return Ok(());
+        }
+        let now = now_ms();
+        let (_, batch) = self.create_shared_doc(doc, now, None, |engine, doc, epoch, home| {
+            engine
+                .create_users(doc, &home.home_id, epoch, now)
+                .map_err(users_err)
+        })?;
+        self.store.batch(batch).await?;
+        tracing::info!(%doc, "created the home's users document");
+        Ok(())
+    }
+
+    fn sync_user_state(
+        &mut self,
+        user: &str,
+        client: &str,
+        state: Map<String, Value>,
+    ) -> Result<(UserState, Batch), Error> {
+        let doc = self.users_doc()?;
+        let mut entries = BTreeMap::new();
+        for (key, value) in state {
+            let text = serde_json::to_string(&value)
+                .map_err(|e| Error::Invalid(format!("state key {key}: {e}")))?;
+            entries.insert(key, text);
+        }
+        let batch = if entries.is_empty() {
+            Batch::new()
+        } else {
+            let (_, out) = self
+                .engine
+                .write_user_state(doc, user, &entries, client, now_ms())
+                .map_err(users_err)?;
+            self.handle_outputs(out)
+        };
+        Ok((self.user_state(user)?, batch))
+    }
+
+    /// Whether a session counts against the cap now.
+    fn session_live(&self, s: &hearth_crdt::schema::users::ClientSession, now: u64) -> bool {
+        if s.closed_ms == 0 {
+            s.node == self.peer_id || self.is_alive(&s.node)
+        } else {
+            s.closed_ms
+                .saturating_add(self.users.config.session_ttl.as_millis() as u64)
+                > now
+        }
+    }
+
+    pub(crate) fn user_state(&mut self, user: &str) -> Result<UserState, Error> {
+        let doc = self.users_doc()?;
+        let entry = self
+            .engine
+            .user_entry(doc, user)
+            .map_err(users_err)?
+            .unwrap_or_default();
+        Ok(self.user_view(user, &entry))
+    }
+
+    fn user_view(&self, user: &str, entry: &UserEntry) -> UserState {
+        let now = now_ms();
+        let vector = self.users.config.conflict_resolution == ConflictResolution::VectorClock;
+        let mut state = Map::new();
+        let mut conflicts = BTreeMap::new();
+        for (key, StateKey { winner, concurrent }) in &entry.state {
+            state.insert(key.clone(), json(&winner.value));
+            if vector && !concurrent.is_empty() {
+                conflicts.insert(
+                    key.clone(),
+                    concurrent
+                        .iter()
+                        .map(|v| ConcurrentValue {
+                            value: json(&v.value),
+                            source_device: v.client.clone(),
+                            written_at: rfc3339_ms(v.at.wall_ms),
+                        })
+                        .collect(),
+                );
+            }
+        }
+        let sessions = entry
+            .sessions
+            .iter()
+            .map(|(client, s)| ClientSession {
+                device_id: client.clone(),
+                node: s.node.clone().into(),
+                opened_at: rfc3339_ms(s.opened_ms),
+                closed_at: (s.closed_ms != 0).then(|| rfc3339_ms(s.closed_ms)),
+                live: self.session_live(s, now),
+            })
+            .collect();
+        UserState {
+            user: user.to_string(),
+            state,
+            conflicts,
+            sessions,
+        }
+    }
+
+    fn open_user_session(&mut self, user: &str, client: &str) -> Result<((), Batch), Error> {
+        let doc = self.users_doc()?;
+        let now = now_ms();
+        let entry = self
+            .engine
+            .user_entry(doc, user)
+            .map_err(users_err)?
+            .unwrap_or_default();
+        let others = entry
+            .sessions
+            .iter()
+            .filter(|(c, s)| c.as_str() != client && self.session_live(s, now))
+            .count();
+        let max = self.users.config.max_devices_per_user;
+        if others >= max {
+            return Err(Error::Conflict(format!(
+                "user {user} has {others} devices with a live session already (at most {max}); \
+                 close one, or wait for its session to expire"
+            )));
+        }
+        let node = self.peer_id.clone();
+        let out = self
+            .engine
+            .user_session(doc, user, client, Some(&node), now, 0)
+            .map_err(users_err)?;
+        Ok(((), self.handle_outputs(out)))
+    }
+
+    fn close_user_session(&mut self, user: &str, client: &str) -> Result<((), Batch), Error> {
+        let doc = self.users_doc()?;
+        let now = now_ms();
+        let forget = now.saturating_sub(self.users.config.session_ttl.as_millis() as u64);
+        let out = self
+            .engine
+            .user_session(doc, user, client, None, now, forget)
+            .map_err(users_err)?;
+        Ok(((), self.handle_outputs(out)))
+    }
+
+    /// Records the current state, so only later changes are announced.
+    pub(crate) fn remember_user_states(&mut self) {
+        let doc = users_doc_id(&self.home.home_id);
+        if let Ok(users) = self
+            .engine
+            .doc(doc)
+            .map_err(|e| e.to_string())
+            .and_then(|d| UsersDoc::read(d).map_err(|e| e.to_string()))
+        {
+            for (user, entry) in users.users {
+                let keys = entry
+                    .state
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.winner.at))
+                    .collect();
+                self.users.seen.insert(user.clone(), keys);
+                self.users
+                    .notified
+                    .insert(user, entry.notifications.keys().cloned().collect());
+            }
+        }
+    }
+
+    /// A change of the users document: every key whose current value changed is
+    /// announced, grouped by the client that wrote it.
+    pub(crate) fn on_users_changed(&mut self, doc: DocId, from_peer: Option<String>) {
+        if doc != users_doc_id(&self.home.home_id)
+            || self
+                .engine
+                .header(doc)
+                .map_or(true, |h| h.kind != DocKind::Users)
+        {
+            return;
+        }
+        let users = match self
+            .engine
+            .doc(doc)
+            .map_err(|e| e.to_string())
+            .and_then(|d| UsersDoc::read(d).map_err(|e| e.to_string()))
+        {
+            Ok(users) => users,
+            Err(error) => {
+                tracing::warn!(%error, "the users document does not validate");
+                return;
+            }
+        };
+        for (user, entry) in users.users {
+            let seen = self.users.seen.entry(user.clone()).or_default();
+            let mut by_client: BTreeMap<String, Map<String, Value>> = BTreeMap::new();
+            for (key, value) in &entry.state {
+                if seen.get(key) != Some(&value.winner.at) {
+                    seen.insert(key.clone(), value.winner.at);
+                    by_client
+                        .entry(value.winner.client.clone())
+                        .or_default()
+                        .insert(key.clone(), json(&value.winner.value));
+                }
+            }
+            let known = self.users.notified.entry(user.clone()).or_default();
+            let mut fresh = Vec::new();
+            for (id, n) in &entry.notifications {
+                if known.insert(id.clone()) {
+                    fresh.push(super::notify::view(&user, id, n));
+                }
+            }
+            known.retain(|id| entry.notifications.contains_key(id));
+            for notification in fresh {
+                self.emit_event(Event::Notification {
+                    notification: Box::new(notification),
+                    from_peer: from_peer.clone().map(Into::into),
+                });
+            }
+            for (client, state) in by_client {
+                self.emit_event(Event::UserState {
+                    user: user.clone(),
+                    state,
+                    source_device: client,
+                    from_peer: from_peer.clone().map(Into::into),
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::UserRequest;
+    use crate::Error;
+    use crate::core::testing::TestCore;
+    use crate::events::Event;
+    use crate::users::UserState;
+
+    async fn sync(t: &TestCore, user: &str, client: &str, state: serde_json::Value) -> UserState {
+        let serde_json::Value::Object(state) = state else {
+            panic!("an object")
+        };
+        let (user, client) = (user.to_string(), client.to_string());
+        t.core
+            .call(|reply| UserRequest::SyncState {
+                user,
+                client,
+                state,
+                reply,
+            })
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    async fn open(t: &TestCore, user: &str, client: &str) -> Result<(), Error> {
+        let (user, client) = (user.to_string(), client.to_string());
+        t.core
+            .call(|reply| UserRequest::OpenSession {
+                user,
+                client,
+                reply,
+            })
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn state_merges_per_key_and_each_write_is_announced_with_its_client() {
+        let t = TestCore::start("admin").await;
+        let mut events = t.events();
+        let after = sync(&t, "ann", "web1", json!({"progress": 0.5, "lesson": "l4"})).await;
+        assert_eq!(after.state["progress"], json!(0.5));
+        let after = sync(&t, "ann", "phone", json!({"lesson": "l5"})).await;
+        assert_eq!(after.state["progress"], json!(0.5), "untouched keys stay");
+        assert_eq!(after.state["lesson"], json!("l5"));
+        let mut seen = Vec::new();
+        while let Ok(event) = events.try_recv() {
+            if let Event::UserState {
+                user,
+                state,
+                source_device,
+                ..
+            } = event
+            {
+                seen.push((user, source_device, state.len()));
+            }
+        }
+        assert_eq!(
+            seen,
+            vec![
+                ("ann".to_string(), "web1".to_string(), 2),
+                ("ann".to_string(), "phone".to_string(), 1)
+            ]
+        );
+        t.stop().await;
+    }
+
+    #[tokio::test]
+    async fn the_sixth_client_of_a_user_is_refused_and_a_closed_one_still_counts_until_its_ttl() {
+        let t = TestCore::start("admin").await;
+        for i in 0..5 {
+            open(&t, "ann", &format!("c{i}")).await.unwrap();
+        }
+        let refused = open(&t, "ann", "c5").await;
+        assert!(matches!(refused, Err(Error::Conflict(_))), "{refused:?}");
+        // Reopening one it has is fine; another user is not affected.
+        open(&t, "ann", "c0").await.unwrap();
+        open(&t, "bob", "c5").await.unwrap();
+        let (user, client) = ("ann".to_string(), "c1".to_string());
+        t.core
+            .call(|reply| UserRequest::CloseSession {
+                user,
+                client,
+                reply,
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        // Closed, but within its TTL: it still counts.
+        assert!(matches!(
+            open(&t, "ann", "c5").await,
+            Err(Error::Conflict(_))
+        ));
+        t.stop().await;
+    }
+}

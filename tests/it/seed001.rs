@@ -1,0 +1,387 @@
+//! Seed 001's protocol, as its clients speak it, across two devices of one home: the
+//! WebSocket `/ws/{user_id}?device_id=` with the seed's messages, its REST routes, a
+//! user's state following them across devices, chat to every member's sockets,
+//! notifications (live and kept for a client that is away), the cap on a user's
+//! devices and the session TTL, and the seed's metrics.
+
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::time::timeout;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+use crate::util::http_send;
+use crate::ws::token;
+
+const T: Duration = Duration::from_secs(30);
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+fn post(api: &str, token: &str, path: &str, body: Value) -> (u16, Value) {
+    let (status, text) = http_send(api, "POST", path, Some(token), &body.to_string());
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+fn get(api: &str, token: Option<&str>, path: &str) -> (u16, String) {
+    crate::util::http_get(api, path, token)
+}
+
+fn get_json(api: &str, token: &str, path: &str) -> Value {
+    let (status, text) = get(api, Some(token), path);
+    assert_eq!(status, 200, "{path}: {text}");
+    serde_json::from_str(&text).unwrap()
+}
+
+async fn connect(api: &str, token: &str, user: &str, client: &str) -> Socket {
+    let url = format!("ws://{api}/ws/{user}?device_id={client}&token={token}");
+    let (ws, _) = timeout(
+        T,
+        tokio_tungstenite::connect_async(url.into_client_request().unwrap()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    ws
+}
+
+/// The next text frame.
+async fn next(ws: &mut Socket) -> Value {
+    loop {
+        match timeout(T, ws.next()).await.unwrap().unwrap().unwrap() {
+            Message::Text(t) => return serde_json::from_str(&t).unwrap(),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+/// The next frame of `kind`, skipping others.
+async fn next_of(ws: &mut Socket, kind: &str) -> Value {
+    loop {
+        let frame = next(ws).await;
+        if frame["type"] == kind {
+            return frame;
+        }
+    }
+}
+
+async fn send(ws: &mut Socket, kind: &str, data: Value) {
+    ws.send(Message::Text(
+        json!({ "type": kind, "data": data }).to_string().into(),
+    ))
+    .await
+    .unwrap();
+}
+
+/// Starts a node whose client sessions expire after `ttl`.
+async fn start_with_ttl(dir: &std::path::Path, name: &str, ttl: Duration) -> hearth::Node {
+    let mut config = crate::ws::config(dir, name);
+    config.users.session_ttl = ttl;
+    timeout(T, hearth::Node::start(config))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seed_001_client_works_across_two_devices_of_a_home() {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let ttl = Duration::from_secs(2);
+    let a = start_with_ttl(dirs[0].path(), "a", ttl).await;
+    let invite = timeout(T, a.invite(Duration::from_secs(600)))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut b_config = crate::ws::config(dirs[1].path(), "b");
+    b_config.users.session_ttl = ttl;
+    timeout(T, hearth::Node::join(&invite.code, &b_config))
+        .await
+        .unwrap()
+        .unwrap();
+    let b = start_with_ttl(dirs[1].path(), "b", ttl).await;
+    crate::ws::wait_admitted(&a, b.peer_id().as_str()).await;
+    let (api_a, tok_a) = (a.api_addr().unwrap().to_string(), token(&a));
+    let (api_b, tok_b) = (b.api_addr().unwrap().to_string(), token(&b));
+    // The users document comes from the admin device.
+    let deadline = tokio::time::Instant::now() + T;
+    while b.users().state("ann").await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "users document never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Health without the token; everything else needs it.
+    let (status, body) = get(&api_a, None, "/health");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["status"],
+        "healthy"
+    );
+    assert_eq!(get(&api_a, None, "/presence/ann").0, 401);
+
+    let mut web = connect(&api_a, &tok_a, "ann", "web1").await;
+    let connected = next(&mut web).await;
+    assert_eq!(connected["type"], "connected", "{connected}");
+    assert_eq!(connected["data"]["device_id"], "web1");
+    assert!(connected["data"]["session_id"].is_string());
+    assert!(
+        connected["timestamp"].is_f64(),
+        "top-level float seconds: {connected}"
+    );
+    let mut phone = connect(&api_b, &tok_b, "ann", "phone1").await;
+    assert_eq!(next(&mut phone).await["type"], "connected");
+    let mut bob = connect(&api_b, &tok_b, "bob", "tab").await;
+    assert_eq!(next(&mut bob).await["type"], "connected");
+
+    // State follows the user to their other device; the writer gets nothing back.
+    send(
+        &mut web,
+        "sync_state",
+        json!({"state": {"progress": 0.75, "current_lesson": "lesson_5"}}),
+    )
+    .await;
+    let update = next_of(&mut phone, "state_update").await;
+    assert_eq!(update["data"]["state"]["progress"], 0.75, "{update}");
+    assert_eq!(update["data"]["source_device"], "web1");
+    assert!(update["data"]["timestamp"].is_f64());
+    send(&mut web, "heartbeat", json!({})).await;
+    let after = next(&mut web).await;
+    assert_eq!(
+        after["type"], "heartbeat_ack",
+        "no state_update for the writer: {after}"
+    );
+    let (status, body) = post(
+        &api_b,
+        &tok_b,
+        "/sync-state",
+        json!({"user_id": "ann", "device_id": "phone1", "state": {"progress": 0.8}}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        json!({"success": true, "user_id": "ann", "device_id": "phone1"})
+    );
+    let update = next_of(&mut web, "state_update").await;
+    assert_eq!(update["data"]["state"], json!({"progress": 0.8}));
+    assert_eq!(update["data"]["source_device"], "phone1");
+    let state = get_json(&api_a, &tok_a, "/api/users/ann/state");
+    assert_eq!(state["state"]["progress"], 0.8);
+    assert_eq!(state["state"]["current_lesson"], "lesson_5");
+
+    // Rooms: the creator is a member; chat reaches every member's sockets on both devices.
+    let (status, created) = post(
+        &api_a,
+        &tok_a,
+        "/create-room",
+        json!({"room_name": "Math Study Group", "creator_id": "ann", "max_size": 20}),
+    );
+    assert_eq!(status, 200, "{created}");
+    assert_eq!(created["success"], true);
+    assert_eq!(created["room_name"], "Math Study Group");
+    let room_id = created["room_id"].as_str().unwrap().to_string();
+    let (status, joined) = post(
+        &api_a,
+        &tok_a,
+        "/join-room",
+        json!({"room_id": room_id, "user_id": "bob"}),
+    );
+    assert_eq!(status, 200, "{joined}");
+    assert_eq!(joined["user_id"], "bob");
+    let room = get_json(&api_a, &tok_a, &format!("/room/{room_id}"));
+    assert_eq!(room["member_count"], 2, "{room}");
+    assert_eq!(room["creator_id"], "ann");
+    assert_eq!(room["max_size"], 20);
+    assert_eq!(room["is_active"], true);
+    assert!(room["created_at"].is_f64());
+    // Wait until b has the room's membership, then bob speaks from b.
+    let deadline = tokio::time::Instant::now() + T;
+    while b
+        .rooms()
+        .get(&room_id)
+        .await
+        .map_or(true, |r| r.members.len() < 2)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "room never reached b"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    send(
+        &mut bob,
+        "send_message",
+        json!({"room_id": room_id, "message": "Great question!"}),
+    )
+    .await;
+    for ws in [&mut web, &mut phone, &mut bob] {
+        let chat = next_of(ws, "chat_message").await;
+        assert_eq!(chat["sender_id"], "bob", "{chat}");
+        assert_eq!(chat["message"], "Great question!");
+        assert!(chat["timestamp"].is_f64());
+    }
+    let (status, sent) = post(
+        &api_a,
+        &tok_a,
+        &format!("/broadcast/{room_id}"),
+        json!({"message": {"text": "Study session starting!", "type": "announcement"},
+               "sender_id": "ann"}),
+    );
+    assert_eq!(status, 200, "{sent}");
+    assert_eq!(sent["sent_count"], 2);
+    assert_eq!(
+        next_of(&mut bob, "chat_message").await["message"],
+        "Study session starting!"
+    );
+
+    // Presence in the seed's shape.
+    send(&mut web, "presence", json!({"status": "away"})).await;
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let p = get_json(&api_a, &tok_a, "/presence/ann");
+        if p["status"] == "away" {
+            assert_eq!(p["is_online"], true);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{p}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let nobody = get_json(&api_a, &tok_a, "/presence/nobody");
+    assert_eq!(
+        nobody,
+        json!({"user_id": "nobody", "status": "offline", "is_online": false})
+    );
+    send(&mut web, "presence", json!({"status": "sleeping"})).await;
+    assert_eq!(
+        next_of(&mut web, "error").await["data"]["error"],
+        "bad_request"
+    );
+
+    // Notifications: to every socket of the user, on both devices; not to others.
+    let (status, sent) = post(
+        &api_b,
+        &tok_b,
+        "/notify",
+        json!({"user_id": "ann", "type": "milestone_achieved", "priority": "high",
+               "title": "Congratulations!", "body": "You completed Chapter 1",
+               "data": {"chapter": 1}, "ttl": 86400}),
+    );
+    assert_eq!(status, 200, "{sent}");
+    assert_eq!(sent["success"], true);
+    assert_eq!(sent["type"], "milestone_achieved");
+    for ws in [&mut web, &mut phone] {
+        let n = next_of(ws, "notification").await;
+        assert_eq!(n["data"]["title"], "Congratulations!", "{n}");
+        assert_eq!(n["data"]["priority"], "high");
+        assert!(n["data"]["notification_id"].is_string());
+    }
+    let (status, bad) = post(
+        &api_a,
+        &tok_a,
+        "/notify",
+        json!({"user_id": "ann", "type": "nonsense", "title": "x"}),
+    );
+    assert_eq!(status, 400, "{bad}");
+
+    // A client that is away gets what it missed when it returns.
+    web.close(None).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, _) = post(
+        &api_b,
+        &tok_b,
+        "/api/notify",
+        json!({"user_id": "ann", "type": "review_reminder", "title": "Review time"}),
+    );
+    assert_eq!(status, 200);
+    let _ = next_of(&mut phone, "notification").await;
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        // Until the notification has reached a.
+        let pending = a.notifications().pending("ann", "web1").await.unwrap();
+        if pending.iter().any(|n| n.title == "Review time") {
+            assert!(
+                !pending.iter().any(|n| n.title == "Congratulations!"),
+                "only what it missed"
+            );
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never reached a");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut web = connect(&api_a, &tok_a, "ann", "web1").await;
+    assert_eq!(next(&mut web).await["type"], "connected");
+    let missed = next(&mut web).await;
+    assert_eq!(missed["type"], "notification", "{missed}");
+    assert_eq!(missed["data"]["title"], "Review time");
+
+    // At most five clients per user across the home; a closed one counts until its TTL.
+    let mut carl = Vec::new();
+    for i in 0..5 {
+        let (api, tok) = if i % 2 == 0 {
+            (&api_a, &tok_a)
+        } else {
+            (&api_b, &tok_b)
+        };
+        let mut ws = connect(api, tok, "carl", &format!("c{i}")).await;
+        assert_eq!(next(&mut ws).await["type"], "connected");
+        carl.push(ws);
+    }
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        // Sessions opened on b reach a through the users document.
+        let state = a.users().state("carl").await.unwrap();
+        if state.sessions.iter().filter(|s| s.live).count() == 5 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{state:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut sixth = connect(&api_a, &tok_a, "carl", "c5").await;
+    match timeout(T, sixth.next()).await.unwrap() {
+        Some(Ok(Message::Close(Some(frame)))) => {
+            assert_eq!(u16::from(frame.code), 1008);
+            assert!(frame.reason.contains("at most 5"), "{}", frame.reason);
+        }
+        other => panic!("the sixth client was not refused: {other:?}"),
+    }
+    let mut first = carl.remove(0);
+    first.close(None).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut seventh = connect(&api_a, &tok_a, "carl", "c6").await;
+    assert!(
+        matches!(
+            timeout(T, seventh.next()).await.unwrap(),
+            Some(Ok(Message::Close(_)))
+        ),
+        "a closed session counts until its TTL"
+    );
+    tokio::time::sleep(ttl + Duration::from_millis(500)).await;
+    let mut eighth = connect(&api_a, &tok_a, "carl", "c7").await;
+    assert_eq!(
+        next(&mut eighth).await["type"],
+        "connected",
+        "after the TTL it is gone"
+    );
+
+    // The seed's metrics, under its names.
+    let (status, metrics) = get(&api_a, Some(&tok_a), "/metrics");
+    assert_eq!(status, 200);
+    for name in [
+        "connections_total",
+        "active_users_total",
+        "messages_sent_total",
+        "notifications_sent_total",
+        "rooms_active_total",
+        "hearth_ws_clients",
+    ] {
+        assert!(metrics.contains(name), "{name} missing");
+    }
+
+    drop((web, phone, bob, carl, eighth));
+    timeout(T, b.shutdown()).await.unwrap().unwrap();
+    timeout(T, a.shutdown()).await.unwrap().unwrap();
+}
