@@ -58,6 +58,32 @@ enum Command {
     /// Device locks: priority leases decided by the home's arbiter (its admin device).
     #[command(subcommand)]
     Lock(LockCommand),
+    /// Send a notification to a user: every client of theirs on every device of the home
+    /// gets it, and clients that are away get it when they connect, within its TTL.
+    Notify {
+        /// The user.
+        user: String,
+        /// The title.
+        title: String,
+        /// The body.
+        #[arg(long, value_name = "TEXT")]
+        body: Option<String>,
+        /// low, normal (default), high or urgent.
+        #[arg(long, default_value = "normal")]
+        priority: String,
+        /// Seed 001's type: milestone_achieved, review_reminder, peer_message (default),
+        /// achievement_unlocked or intervention_alert.
+        #[arg(long = "type", value_name = "TYPE", default_value = "peer_message")]
+        kind: String,
+        /// How long it is kept for clients that are away, like 1h or 1d (default 1 day).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        ttl: Option<Duration>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// A user's state, which follows them across their clients and devices (seed 001).
+    #[command(subcommand)]
+    User(UserCommand),
     /// Ask the running node for a single-use invite code.
     ///
     /// The code goes to stdout alone; a QR code and instructions go to stderr.
@@ -263,6 +289,18 @@ enum EntityCommand {
         /// The version: its id, or a prefix of 8 or more hex digits.
         #[arg(value_name = "VERSION")]
         version_id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum UserCommand {
+    /// Show a user's state: each key's current value, concurrent writes when the node
+    /// keeps them, and the user's client sessions.
+    State {
+        /// The user.
+        user: String,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -541,6 +579,29 @@ pub(crate) fn run(args: Args) -> Result<()> {
         Command::Room(cmd) => room(&data, cmd),
         Command::Presence(cmd) => presence(&data, cmd),
         Command::Lock(cmd) => lock(&data, cmd),
+        Command::Notify {
+            user,
+            title,
+            body,
+            priority,
+            kind,
+            ttl,
+            client: c,
+        } => verbs::notify(
+            &client(&data, &c)?,
+            &serde_json::json!({
+                "user_id": user,
+                "title": title,
+                "body": body.unwrap_or_default(),
+                "priority": priority,
+                "type": kind,
+                "ttl": ttl.map_or(86_400, |t| t.as_secs()),
+            }),
+            c.json,
+        ),
+        Command::User(UserCommand::State { user, client: c }) => {
+            verbs::user_state(&client(&data, &c)?, &user, c.json)
+        }
         Command::Invite {
             home,
             ttl,

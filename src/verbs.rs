@@ -785,6 +785,48 @@ pub(crate) fn lock_status(client: &Client, device: Option<&str>, json: bool) -> 
     Ok(())
 }
 
+/// `notify USER TITLE`: sends it and prints its id.
+pub(crate) fn notify(client: &Client, body: &Value, json: bool) -> Result<()> {
+    let reply: Value = client.post("/api/notify", body)?;
+    if json {
+        return print_json(&reply);
+    }
+    println!(
+        "notification {} sent to {}",
+        reply["notification_id"].as_str().unwrap_or("?"),
+        reply["user_id"].as_str().unwrap_or("?")
+    );
+    Ok(())
+}
+
+/// `user state USER`.
+pub(crate) fn user_state(client: &Client, user: &str, json: bool) -> Result<()> {
+    let reply: Value = client.get(&format!("/api/users/{}/state", segment(user)))?;
+    if json {
+        return print_json(&reply);
+    }
+    let state = reply["state"].as_object().cloned().unwrap_or_default();
+    if state.is_empty() {
+        println!("{user} has no state");
+    }
+    for (key, value) in &state {
+        println!("{key} = {value}");
+        if let Some(others) = reply["conflicts"][key].as_array() {
+            for other in others {
+                println!(
+                    "  concurrent: {} (from {})",
+                    other["value"],
+                    other["source_device"].as_str().unwrap_or("?")
+                );
+            }
+        }
+    }
+    let sessions = reply["sessions"].as_array().cloned().unwrap_or_default();
+    let live = sessions.iter().filter(|s| s["live"] == true).count();
+    println!("{live} live client session(s) of {}", sessions.len());
+    Ok(())
+}
+
 /// `lock arbiter [DEVICE]`: shows the arbiter, or names another and waits for the
 /// handoff.
 pub(crate) fn lock_arbiter(

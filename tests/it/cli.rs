@@ -342,6 +342,18 @@ fn locks_from_the_command_line_acquire_refuse_show_and_release() {
         "{}",
         String::from_utf8_lossy(&missing)
     );
+    // Notifications and a user's state from the command line.
+    let sent = ok(
+        &data,
+        &["notify", "ann", "Dinner is ready", "--priority", "high"],
+    );
+    assert!(sent.contains("sent to ann"), "{sent}");
+    cli(&data, &["notify", "ann", "x", "--priority", "loud"])
+        .assert()
+        .failure();
+    assert!(ok(&data, &["user", "state", "ann"]).contains("ann has no state"));
+    let state = ok_json(&data, &["user", "state", "ann", "--json"]);
+    assert_eq!(state["user"], "ann");
     let name = info["device_name"].as_str().unwrap().to_string();
     let same = ok_json(&data, &["lock", "arbiter", &name, "--json"]);
     assert_eq!(same["peer_id"], info["peer_id"]);
