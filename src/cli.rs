@@ -531,6 +531,36 @@ struct UpArgs {
     /// Log output format.
     #[arg(long, value_enum, default_value_t = LogFormat::Pretty)]
     log_format: LogFormat,
+    /// How long a seed 001 client session lives after its last socket closed.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+    session_ttl: Duration,
+    /// Distinct seed 001 clients (device ids) a user may have live across the home.
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    max_devices_per_user: usize,
+    /// How concurrent writes of a user's state are shown: last-write-wins (only the
+    /// latest) or vector-clock (the concurrent ones beside it).
+    #[arg(long, value_enum, default_value_t = Resolution::LastWriteWins)]
+    conflict_resolution: Resolution,
+    /// Post every notification this device makes to this URL as JSON (repeatable).
+    #[arg(long = "notify-webhook", value_name = "URL")]
+    notify_webhooks: Vec<String>,
+    /// Post every notification this device makes to this ntfy topic URL (repeatable).
+    #[arg(long = "notify-ntfy", value_name = "URL")]
+    notify_ntfy: Vec<String>,
+    /// Tries per push target.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    notify_retry_attempts: u32,
+    /// Wait between tries of a push target.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    notify_retry_delay: Duration,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Resolution {
+    /// The latest write of each key wins.
+    LastWriteWins,
+    /// Concurrent writes are kept and shown.
+    VectorClock,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -731,7 +761,24 @@ fn run_up(data: PathBuf, up: UpArgs) -> Result<()> {
         audit_max_age: hearth::DEFAULT_AUDIT_MAX_AGE,
         chat_max_messages: hearth::DEFAULT_CHAT_MAX_MESSAGES,
         chat_max_age: hearth::DEFAULT_CHAT_MAX_AGE,
-        users: hearth::UsersConfig::default(),
+        users: hearth::UsersConfig {
+            session_ttl: up.session_ttl,
+            max_devices_per_user: up.max_devices_per_user,
+            conflict_resolution: match up.conflict_resolution {
+                Resolution::LastWriteWins => hearth::ConflictResolution::LastWriteWins,
+                Resolution::VectorClock => hearth::ConflictResolution::VectorClock,
+            },
+            push: hearth::PushConfig {
+                targets: up
+                    .notify_webhooks
+                    .into_iter()
+                    .map(hearth::PushTarget::Webhook)
+                    .chain(up.notify_ntfy.into_iter().map(hearth::PushTarget::Ntfy))
+                    .collect(),
+                retry_attempts: up.notify_retry_attempts,
+                retry_delay: up.notify_retry_delay,
+            },
+        },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

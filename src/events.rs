@@ -124,6 +124,14 @@ pub enum Event {
         /// The PeerId it came from, `None` for this node.
         from_peer: Option<DeviceId>,
     },
+    /// A notification was pushed to a target (`notification.sent`), or could not be after
+    /// every try (`notification.failed`), by the device that made it.
+    NotificationPush {
+        /// The notification.
+        notification: Box<crate::users::Notification>,
+        /// How it went.
+        outcome: Box<crate::users::PushOutcome>,
+    },
     /// Keys of a user's state changed (seed 001's `sync_state`), as one client wrote them.
     UserState {
         /// The user.
@@ -168,6 +176,10 @@ impl Event {
             Event::Lock { action, .. } => action.event_name(),
             Event::UserState { .. } => "user.state_changed",
             Event::Notification { .. } => "notification.sent",
+            Event::NotificationPush { outcome, .. } if outcome.error.is_none() => {
+                "notification.sent"
+            }
+            Event::NotificationPush { .. } => "notification.failed",
         }
     }
 
@@ -184,7 +196,8 @@ impl Event {
             Event::Lock { lock, .. } => &lock.device_name,
             Event::Device { event, .. } => &event.source_device_id,
             Event::UserState { user, .. } => user,
-            Event::Notification { notification, .. } => &notification.user_id,
+            Event::Notification { notification, .. }
+            | Event::NotificationPush { notification, .. } => &notification.user_id,
         }
     }
 
@@ -205,7 +218,8 @@ impl Event {
             Event::Conflict { .. }
             | Event::PeerConnected { .. }
             | Event::PeerDisconnected { .. }
-            | Event::Lock { .. } => None,
+            | Event::Lock { .. }
+            | Event::NotificationPush { .. } => None,
         }
     }
 }

@@ -93,7 +93,8 @@ pub use shares::{AuditEntry, KnownHome, PairedWith, ShareIn, ShareOut, SharedLis
 pub use types::{DeviceId, EntityId, HomeId, Policy, Rights, Timestamp};
 pub use users::{
     ClientSession, ConcurrentValue, ConflictResolution, MAX_NOTIFICATION_TTL, NOTIFICATION_TYPES,
-    NewNotification, Notification, Notifications, PRIORITIES, UserState, Users, UsersConfig,
+    NewNotification, Notification, Notifications, PRIORITIES, PushConfig, PushOutcome, PushTarget,
+    UserState, Users, UsersConfig,
 };
 
 /// Frames that may wait in the outbound sync queue to one peer before it counts as slow

@@ -96,6 +96,7 @@ impl Node {
     /// when the API address is taken. Not cancel-safe: dropping the future part-way can
     /// leave the store open until the runtime drops its thread handle.
     pub async fn start(config: Config) -> Result<Self, Error> {
+        config.users.check()?;
         if config.batch_window > crate::MAX_BATCH_WINDOW {
             return Err(Error::Invalid(format!(
                 "batch window {:?} is longer than the {:?} allowed",

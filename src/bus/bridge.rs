@@ -155,8 +155,18 @@ impl Bridge {
                 None,
             ),
             CoreEvent::Notification { notification, .. } => (
-                to_json(notification),
+                json!({ "notification": notification, "channel": "sockets" }),
                 self.sender(from_peer.as_deref()),
+                None,
+            ),
+            CoreEvent::NotificationPush {
+                notification,
+                outcome,
+            } => (
+                json!({ "notification": notification, "channel": outcome.target,
+                        "url": outcome.url, "attempts": outcome.attempts,
+                        "error": outcome.error }),
+                self.sender(None),
                 None,
             ),
         };

@@ -5,12 +5,14 @@
 //! are capped at `max_devices_per_user` across the home.
 
 pub(crate) mod notify;
+pub(crate) mod push;
 pub(crate) mod service;
 
 pub use notify::{
     MAX_TTL as MAX_NOTIFICATION_TTL, NOTIFICATION_TYPES, NewNotification, Notification,
     Notifications, PRIORITIES,
 };
+pub use push::{PushConfig, PushOutcome, PushTarget};
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -45,6 +47,36 @@ pub struct UsersConfig {
     pub max_devices_per_user: usize,
     /// How concurrent writes are shown.
     pub conflict_resolution: ConflictResolution,
+    /// Where notifications are pushed besides the user's sockets.
+    pub push: PushConfig,
+}
+
+impl UsersConfig {
+    /// Checks the settings: at least one device per user, a nonzero TTL, push targets
+    /// that are http(s) URLs, at least one try.
+    pub fn check(&self) -> Result<(), Error> {
+        if self.max_devices_per_user == 0 {
+            return Err(Error::Invalid(
+                "max_devices_per_user must be at least 1".into(),
+            ));
+        }
+        if self.session_ttl.is_zero() {
+            return Err(Error::Invalid("session_ttl must be more than 0".into()));
+        }
+        if self.push.retry_attempts == 0 || self.push.retry_attempts > 20 {
+            return Err(Error::Invalid("retry_attempts must be 1 to 20".into()));
+        }
+        for target in &self.push.targets {
+            let url = target.url();
+            if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() > 2048 {
+                return Err(Error::Invalid(format!(
+                    "push target {:?} is not an http:// or https:// URL",
+                    url.chars().take(64).collect::<String>()
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for UsersConfig {
@@ -53,6 +85,7 @@ impl Default for UsersConfig {
             session_ttl: Duration::from_secs(3600),
             max_devices_per_user: 5,
             conflict_resolution: ConflictResolution::LastWriteWins,
+            push: PushConfig::default(),
         }
     }
 }
@@ -160,5 +193,27 @@ impl Users {
                 reply,
             })
             .await?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_are_checked() {
+        assert!(UsersConfig::default().check().is_ok());
+        let mut c = UsersConfig {
+            max_devices_per_user: 0,
+            ..UsersConfig::default()
+        };
+        assert!(c.check().is_err());
+        c.max_devices_per_user = 1;
+        c.push.targets = vec![PushTarget::Ntfy("ftp://example/topic".into())];
+        assert!(c.check().is_err());
+        c.push.targets = vec![PushTarget::Webhook("https://hooks.local/x".into())];
+        assert!(c.check().is_ok());
+        c.push.retry_attempts = 0;
+        assert!(c.check().is_err());
     }
 }

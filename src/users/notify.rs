@@ -170,7 +170,14 @@ impl Core {
                 other => crate::core::doc_err(other),
             })?;
         let batch = self.handle_outputs(out);
-        Ok((view(&n.user_id, &id, &stored), batch))
+        let made = view(&n.user_id, &id, &stored);
+        // Only the device that made it pushes it, so each target gets it once.
+        super::push::spawn_pushes(
+            made.clone(),
+            self.users.config.push.clone(),
+            self.node_events.clone(),
+        );
+        Ok((made, batch))
     }
 
     pub(crate) fn pending_notifications(

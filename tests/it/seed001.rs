@@ -385,3 +385,158 @@ async fn a_seed_001_client_works_across_two_devices_of_a_home() {
     timeout(T, b.shutdown()).await.unwrap().unwrap();
     timeout(T, a.shutdown()).await.unwrap().unwrap();
 }
+
+/// A tiny HTTP receiver on loopback: records each request (head and body) and answers
+/// 500 to the first `fail_first` requests, then 200.
+/// Requests a receiver keeps before the test reads them.
+const RECEIVED: usize = 64;
+
+async fn receiver(fail_first: usize) -> (String, tokio::sync::mpsc::Receiver<String>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(RECEIVED);
+    tokio::spawn(async move {
+        let mut served = 0usize;
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            // Read the head, then as much body as Content-Length says.
+            loop {
+                let n = stream.read(&mut chunk).await.unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                let text = String::from_utf8_lossy(&buf).to_string();
+                if let Some(end) = text.find("\r\n\r\n") {
+                    let len = text[..end]
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                        })
+                        .unwrap_or(0);
+                    if buf.len() >= end + 4 + len {
+                        break;
+                    }
+                }
+            }
+            served += 1;
+            let status = if served <= fail_first {
+                "500 Internal Server Error"
+            } else {
+                "200 OK"
+            };
+            let _ = tx.try_send(String::from_utf8_lossy(&buf).to_string());
+            let _ = stream
+                .write_all(
+                    format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                        .as_bytes(),
+                )
+                .await;
+        }
+    });
+    (format!("http://{addr}"), rx)
+}
+
+/// Push targets: a webhook gets the notification as JSON after two refusals (retried),
+/// an ntfy topic gets the body with its headers, and a target that never answers ends
+/// in `notification.failed` after every try.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_are_pushed_to_a_webhook_and_ntfy_with_retries() {
+    use hearth::{Event, EventItem, PushTarget};
+
+    let (webhook, mut hooks) = receiver(2).await;
+    let (ntfy, mut topics) = receiver(0).await;
+    // A port nothing listens on.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = crate::ws::config(dir.path(), "hub");
+    config.users.push.targets = vec![
+        PushTarget::Webhook(format!("{webhook}/hook")),
+        PushTarget::Ntfy(format!("{ntfy}/family")),
+        PushTarget::Webhook(format!("{closed}/gone")),
+    ];
+    config.users.push.retry_delay = Duration::from_millis(100);
+    let node = timeout(T, hearth::Node::start(config))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut events = node.events();
+    let sent = node
+        .notifications()
+        .send(hearth::NewNotification {
+            user_id: "ann".into(),
+            kind: "achievement_unlocked".into(),
+            priority: "urgent".into(),
+            title: "Badge".into(),
+            body: "You earned a badge".into(),
+            data: serde_json::Map::from_iter([("badge".to_string(), json!("gold"))]),
+            ttl: Duration::from_secs(60),
+        })
+        .await
+        .unwrap();
+
+    let mut outcomes = Vec::new();
+    timeout(T, async {
+        while outcomes.len() < 3 {
+            if let Some(EventItem::Event(e @ Event::NotificationPush { .. })) = events.next().await
+            {
+                outcomes.push(e);
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let by_url = |part: &str| {
+        outcomes
+            .iter()
+            .find_map(|e| match e {
+                Event::NotificationPush { outcome, .. } if outcome.url.contains(part) => {
+                    Some((e.name().to_string(), outcome.clone()))
+                }
+                _ => None,
+            })
+            .unwrap()
+    };
+    let (name, hook) = by_url("/hook");
+    assert_eq!(
+        (name.as_str(), hook.attempts, hook.error.is_none()),
+        ("notification.sent", 3, true)
+    );
+    let (name, topic) = by_url("/family");
+    assert_eq!((name.as_str(), topic.attempts), ("notification.sent", 1));
+    let (name, gone) = by_url("/gone");
+    assert_eq!((name.as_str(), gone.attempts), ("notification.failed", 3));
+    assert!(gone.error.is_some());
+
+    // What the receivers got: the webhook the JSON notification (three times: two
+    // refused), ntfy the body with its headers.
+    let mut last = String::new();
+    for _ in 0..3 {
+        last = timeout(T, hooks.recv()).await.unwrap().unwrap();
+    }
+    let body: Value = serde_json::from_str(last.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(body["id"], sent.id.as_str());
+    assert_eq!(body["title"], "Badge");
+    assert_eq!(body["data"]["badge"], "gold");
+    assert!(
+        last.to_ascii_lowercase()
+            .contains("content-type: application/json")
+    );
+    let topic = timeout(T, topics.recv()).await.unwrap().unwrap();
+    assert!(topic.starts_with("POST /family"), "{topic}");
+    let lower = topic.to_ascii_lowercase();
+    assert!(lower.contains("title: badge"), "{topic}");
+    assert!(lower.contains("priority: 5"), "{topic}");
+    assert!(topic.ends_with("You earned a badge"), "{topic}");
+    timeout(T, node.shutdown()).await.unwrap().unwrap();
+}
