@@ -79,6 +79,7 @@ pub struct PushOutcome {
 }
 
 /// ntfy's priority for ours.
+#[cfg_attr(not(feature = "push"), allow(dead_code))]
 fn ntfy_priority(priority: &str) -> &'static str {
     match priority {
         "low" => "2",
@@ -89,6 +90,7 @@ fn ntfy_priority(priority: &str) -> &'static str {
 }
 
 /// Header values must be visible ASCII; anything else is replaced.
+#[cfg_attr(not(feature = "push"), allow(dead_code))]
 fn header_text(text: &str) -> String {
     text.chars()
         .map(|c| {
