@@ -278,9 +278,10 @@ async fn a_returning_device_syncs_only_the_documents_that_changed() {
     let counters = timeout(T, b.sync_counters()).await.unwrap().unwrap();
     assert_eq!(counters.reconciliations, 1, "{counters:?}");
     // The 10 changed entities needed a sync exchange; the other 40, and the home,
-    // registry and presence documents, were found equal by the digest and sent nothing.
+    // registry, presence and users documents, were found equal by the digest and sent
+    // nothing.
     assert_eq!(counters.docs_synced, 10, "{counters:?}");
-    assert_eq!(counters.docs_already_in_sync, 43, "{counters:?}");
+    assert_eq!(counters.docs_already_in_sync, 44, "{counters:?}");
 
     // Live pushes still reach B for an entity the digest found equal.
     timeout(T, a.entities().set("sensor.s40", write("live")))
