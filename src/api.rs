@@ -51,6 +51,8 @@ pub(crate) struct ApiState {
     pub(crate) guard: guard::Guard,
     /// Seed 001's clients connected here.
     pub(crate) clients: seed001::Clients,
+    /// Seed 001's WebSocket and room settings.
+    pub(crate) seed: crate::SeedApiConfig,
 }
 
 /// What the API needs of the node it serves.
@@ -115,6 +117,7 @@ pub(crate) async fn serve(
         metrics_open: config.metrics_open,
         guard: guard::Guard::new(addr, allowed_origins),
         clients: seed001::Clients::default(),
+        seed: config.seed.clone(),
     });
     let app = router(state);
     let task = tokio::spawn(tracing::Instrument::instrument(

@@ -1,7 +1,6 @@
 //! Command-line parsing (clap derive) and the verbs.
 
 use std::io::Write;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -11,6 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::client::Client;
 use crate::verbs;
 
+mod config;
 mod events;
 mod locks;
 
@@ -35,7 +35,7 @@ enum Command {
     ///
     /// A fresh data dir gets a new device identity, a store key file (or, with
     /// HEARTH_PASSPHRASE set, a key derived from the passphrase) and an API token.
-    Up(UpArgs),
+    Up(config::UpArgs),
     /// Show the running node: PeerId, device, home, listen addresses, peers with their
     /// sync lag, data dir, API address and uptime.
     Status(ClientArgs),
@@ -85,6 +85,9 @@ enum Command {
     /// A user's state, which follows them across their clients and devices (seed 001).
     #[command(subcommand)]
     User(UserCommand),
+    /// The settings file (`hearth.toml` in the data dir, or `up --config FILE`).
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Ask the running node for a single-use invite code.
     ///
     /// The code goes to stdout alone; a QR code and instructions go to stderr.
@@ -296,6 +299,20 @@ enum EntityCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Read a settings file (default: hearth.toml in the data dir) with the environment's
+    /// HEARTH_<SECTION>__<KEY> overrides, and print what `up` would run with, or what is
+    /// wrong with it (exit 1).
+    Check {
+        /// The file.
+        file: Option<PathBuf>,
+        /// Print JSON only.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum UserCommand {
     /// Show a user's state: each key's current value, concurrent writes when the node
     /// keeps them, and the user's client sessions.
@@ -421,87 +438,8 @@ enum PresenceCommand {
     },
 }
 
-#[derive(Debug, clap::Args)]
-struct UpArgs {
-    /// Address for the local HTTP API; port 0 picks a free port (written to <data>/api.addr).
-    #[arg(long, value_name = "ADDR", default_value_t = hearth::DEFAULT_API_ADDR)]
-    api: SocketAddr,
-
-    /// Multiaddr to listen on for peers; repeatable.
-    #[arg(long = "listen", value_name = "MULTIADDR", default_value = hearth::DEFAULT_LISTEN)]
-    listen: Vec<String>,
-
-    /// Do not discover peers with mDNS. Use this where multicast must not leave the host
-    /// (and there use --peer).
-    #[arg(long)]
-    no_mdns: bool,
-
-    /// A peer to keep dialled, `/ip4/ADDR/tcp/PORT/p2p/PEERID`; repeatable.
-    #[arg(long = "peer", value_name = "MULTIADDR")]
-    peers: Vec<String>,
-
-    /// This device's name, shown to people (default: the host name, or the last name given).
-    #[arg(long, value_name = "NAME")]
-    name: Option<String>,
-
-    /// How long local writes wait for company before one flush covers them all, e.g.
-    /// `1ms`, `500us`; `0s` flushes each write on its own. Pushes to peers never wait.
-    #[arg(long, value_name = "DURATION", default_value = "1ms", value_parser = parse_duration)]
-    batch_window: Duration,
-
-    /// Serve /metrics without the API token. By default a scraper sends the token as
-    /// `Authorization: Bearer <token>`, like any client.
-    #[arg(long)]
-    metrics_open: bool,
-
-    /// A web origin whose pages may open the API's WebSockets, as a browser sends it
-    /// (`http://dashboard.lan:3000`); repeatable. The node's own origins (http:// plus its
-    /// API address, localhost or 127.0.0.1 with the API port) always may.
-    #[arg(long = "allowed-origin", value_name = "ORIGIN")]
-    allowed_origins: Vec<String>,
-
-    /// Most connections one IP address may hold to this node; the home's own devices and
-    /// --peer addresses are exempt.
-    #[arg(long, value_name = "N", default_value_t = hearth::DEFAULT_MAX_CONNECTIONS_PER_IP,
-          value_parser = clap::value_parser!(u32).range(1..))]
-    max_connections_per_ip: u32,
-
-    /// Log output format.
-    #[arg(long, value_enum, default_value_t = LogFormat::Pretty)]
-    log_format: LogFormat,
-    /// How long a seed 001 client session lives after its last socket closed.
-    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
-    session_ttl: Duration,
-    /// Distinct seed 001 clients (device ids) a user may have live across the home.
-    #[arg(long, value_name = "N", default_value_t = 5)]
-    max_devices_per_user: usize,
-    /// How concurrent writes of a user's state are shown: last-write-wins (only the
-    /// latest) or vector-clock (the concurrent ones beside it).
-    #[arg(long, value_enum, default_value_t = Resolution::LastWriteWins)]
-    conflict_resolution: Resolution,
-    /// Post every notification this device makes to this URL as JSON (repeatable).
-    #[arg(long = "notify-webhook", value_name = "URL")]
-    notify_webhooks: Vec<String>,
-    /// Post every notification this device makes to this ntfy topic URL (repeatable).
-    #[arg(long = "notify-ntfy", value_name = "URL")]
-    notify_ntfy: Vec<String>,
-    /// Tries per push target.
-    #[arg(long, value_name = "N", default_value_t = 3)]
-    notify_retry_attempts: u32,
-    /// Wait between tries of a push target.
-    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
-    notify_retry_delay: Duration,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum Resolution {
-    /// The latest write of each key wins.
-    LastWriteWins,
-    /// Concurrent writes are kept and shown.
-    VectorClock,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 enum LogFormat {
     /// Human-readable lines.
     Pretty,
@@ -567,6 +505,7 @@ pub(crate) fn run(args: Args) -> Result<()> {
             }),
             c.json,
         ),
+        Command::Config(ConfigCommand::Check { file, json }) => config::check(&data, file, json),
         Command::User(UserCommand::State { user, client: c }) => {
             verbs::user_state(&client(&data, &c)?, &user, c.json)
         }
@@ -675,49 +614,12 @@ const SHUTDOWN_LIMIT: Duration = Duration::from_millis(4500);
 /// How long the runtime waits for leftover blocking tasks once the node has stopped.
 const RUNTIME_STOP_LIMIT: Duration = Duration::from_millis(300);
 
-fn run_up(data: PathBuf, up: UpArgs) -> Result<()> {
-    init_tracing(up.log_format);
-    let passphrase = std::env::var("HEARTH_PASSPHRASE")
-        .ok()
-        .filter(|p| !p.is_empty())
-        .map(hearth::Passphrase);
-    let config = hearth::Config {
-        data_dir: data,
-        api: Some(hearth::ApiConfig {
-            addr: up.api,
-            metrics_open: up.metrics_open,
-            allowed_origins: up.allowed_origins,
-        }),
-        device_name: up.name,
-        passphrase,
-        listen: up.listen,
-        mdns: !up.no_mdns,
-        static_peers: up.peers,
-        batch_window: up.batch_window,
-        max_connections_per_ip: up.max_connections_per_ip,
-        audit_max_entries: hearth::DEFAULT_AUDIT_MAX_ENTRIES,
-        audit_max_age: hearth::DEFAULT_AUDIT_MAX_AGE,
-        chat_max_messages: hearth::DEFAULT_CHAT_MAX_MESSAGES,
-        chat_max_age: hearth::DEFAULT_CHAT_MAX_AGE,
-        users: hearth::UsersConfig {
-            session_ttl: up.session_ttl,
-            max_devices_per_user: up.max_devices_per_user,
-            conflict_resolution: match up.conflict_resolution {
-                Resolution::LastWriteWins => hearth::ConflictResolution::LastWriteWins,
-                Resolution::VectorClock => hearth::ConflictResolution::VectorClock,
-            },
-            push: hearth::PushConfig {
-                targets: up
-                    .notify_webhooks
-                    .into_iter()
-                    .map(hearth::PushTarget::Webhook)
-                    .chain(up.notify_ntfy.into_iter().map(hearth::PushTarget::Ntfy))
-                    .collect(),
-                retry_attempts: up.notify_retry_attempts,
-                retry_delay: up.notify_retry_delay,
-            },
-        },
-    };
+fn run_up(data: PathBuf, up: config::UpArgs) -> Result<()> {
+    let (config, log_format, notes) = config::resolve(data, up)?;
+    init_tracing(log_format);
+    for note in notes {
+        tracing::warn!("{note}");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

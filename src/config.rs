@@ -71,6 +71,34 @@ pub struct ApiConfig {
     /// may open the API's WebSockets, besides the node's own (`http://` plus its bound
     /// address, `localhost:PORT` or `127.0.0.1:PORT`). Empty by default.
     pub allowed_origins: Vec<String>,
+    /// Seed 001's WebSocket and room settings.
+    pub seed: SeedApiConfig,
+}
+
+/// Seed 001's `websocket` and `collaboration` settings, for its `/ws/{user_id}` clients.
+#[cfg(feature = "api")]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeedApiConfig {
+    /// How often the node pings each client.
+    pub heartbeat_interval: Duration,
+    /// A client that sends nothing (not even a heartbeat or a pong) for this long is closed.
+    pub timeout: Duration,
+    /// Clients connected to this node at once; more are refused with 503.
+    pub max_connections: usize,
+    /// Room size when `/create-room` gives none, and the most it may ask for.
+    pub max_room_size: u64,
+}
+
+#[cfg(feature = "api")]
+impl Default for SeedApiConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_secs(30),
+            timeout: Duration::from_secs(60),
+            max_connections: 10_000,
+            max_room_size: crate::DEFAULT_ROOM_SIZE,
+        }
+    }
 }
 
 #[cfg(feature = "api")]
@@ -81,6 +109,7 @@ impl ApiConfig {
             addr,
             metrics_open: false,
             allowed_origins: Vec::new(),
+            seed: SeedApiConfig::default(),
         }
     }
 }

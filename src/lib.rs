@@ -55,7 +55,7 @@ mod ws;
 
 pub use builder::NodeBuilder;
 #[cfg(feature = "api")]
-pub use config::{ApiConfig, DEFAULT_API_ADDR};
+pub use config::{ApiConfig, DEFAULT_API_ADDR, SeedApiConfig};
 pub use config::{
     Config, DEFAULT_AUDIT_MAX_AGE, DEFAULT_AUDIT_MAX_ENTRIES, DEFAULT_BATCH_WINDOW,
     DEFAULT_CHAT_MAX_AGE, DEFAULT_CHAT_MAX_MESSAGES, DEFAULT_LISTEN,

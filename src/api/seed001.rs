@@ -130,6 +130,17 @@ pub(crate) async fn upgrade(
         )
         .into_response();
     };
+    if state.clients.counts().0 >= state.seed.max_connections {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!(
+                "{} clients are connected to this node already (websocket.max_connections)",
+                state.seed.max_connections
+            ),
+        )
+        .into_response();
+    }
     if user.is_empty() || user.len() > 128 || user.chars().any(char::is_control) {
         return ApiError::bad_request("user_id must be 1 to 128 bytes of printable text")
             .into_response();
@@ -186,13 +197,30 @@ async fn session(socket: WebSocket, state: Arc<ApiState>, user: String, client: 
         }
     }
     let mut rooms: HashMap<String, bool> = HashMap::new();
+    let mut ping = tokio::time::interval(state.seed.heartbeat_interval);
+    ping.reset();
+    let mut heard = tokio::time::Instant::now();
     while ok {
+        let idle = tokio::time::sleep_until(heard + state.seed.timeout);
         let out = tokio::select! {
             _ = state.shutdown.cancelled() => break,
-            incoming = source.next() => match incoming {
-                Some(Ok(Message::Text(t))) => handle(&state, &user, &client, &t).await,
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
-                Some(Ok(_)) => None,
+            _ = ping.tick() => Some(Message::Ping(Vec::new().into())),
+            _ = idle => {
+                let _ = sink
+                    .send(Message::Close(Some(CloseFrame {
+                        code: 1001,
+                        reason: "no message within websocket.timeout".into(),
+                    })))
+                    .await;
+                break;
+            }
+            incoming = source.next() => {
+                heard = tokio::time::Instant::now();
+                match incoming {
+                    Some(Ok(Message::Text(t))) => handle(&state, &user, &client, &t).await,
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                    Some(Ok(_)) => None,
+                }
             },
             event = events.recv() => match event {
                 Ok(event) => outgoing(&state, &user, &client, event, &mut rooms).await,
@@ -520,9 +548,16 @@ pub(crate) async fn create_room(
     let rooms = crate::Rooms {
         core: state.core.clone(),
     };
+    let most = state.seed.max_room_size;
     let result = async {
+        let size = body.max_size.unwrap_or(most);
+        if size > most {
+            return Err(Error::Invalid(format!(
+                "max_size {size} is over this node's max_room_size of {most}"
+            )));
+        }
         let room = rooms
-            .create(&body.room_name, body.max_size, Some(&body.creator_id))
+            .create(&body.room_name, Some(size), Some(&body.creator_id))
             .await?;
         rooms.join(&room.room_id, Some(&body.creator_id)).await
     }

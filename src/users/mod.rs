@@ -49,6 +49,8 @@ pub struct UsersConfig {
     pub conflict_resolution: ConflictResolution,
     /// Where notifications are pushed besides the user's sockets.
     pub push: PushConfig,
+    /// Notification types accepted (seed 001's `notifications.types`).
+    pub notification_types: Vec<String>,
 }
 
 impl UsersConfig {
@@ -62,6 +64,17 @@ impl UsersConfig {
         }
         if self.session_ttl.is_zero() {
             return Err(Error::Invalid("session_ttl must be more than 0".into()));
+        }
+        if self.notification_types.is_empty()
+            || self.notification_types.len() > 64
+            || self
+                .notification_types
+                .iter()
+                .any(|t| t.is_empty() || t.len() > 128 || t.chars().any(char::is_control))
+        {
+            return Err(Error::Invalid(
+                "notification types: 1 to 64 names of 1 to 128 printable bytes".into(),
+            ));
         }
         if self.push.retry_attempts == 0 || self.push.retry_attempts > 20 {
             return Err(Error::Invalid("retry_attempts must be 1 to 20".into()));
@@ -86,6 +99,7 @@ impl Default for UsersConfig {
             max_devices_per_user: 5,
             conflict_resolution: ConflictResolution::LastWriteWins,
             push: PushConfig::default(),
+            notification_types: NOTIFICATION_TYPES.iter().map(|t| t.to_string()).collect(),
         }
     }
 }

@@ -123,11 +123,12 @@ impl Core {
         &mut self,
         n: NewNotification,
     ) -> Result<(Notification, Batch), Error> {
-        if !NOTIFICATION_TYPES.contains(&n.kind.as_str()) {
+        let types = &self.users.config.notification_types;
+        if !types.contains(&n.kind) {
             return Err(Error::Invalid(format!(
                 "unknown notification type {:?}; use one of {}",
                 n.kind.chars().take(64).collect::<String>(),
-                NOTIFICATION_TYPES.join(", ")
+                types.join(", ")
             )));
         }
         if !PRIORITIES.contains(&n.priority.as_str()) {

@@ -360,3 +360,56 @@ fn locks_from_the_command_line_acquire_refuse_show_and_release() {
     assert_eq!(same["granting"], true);
     assert!(node.terminate().success());
 }
+
+#[test]
+fn config_check_reads_the_file_and_the_environment_and_names_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("node");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(
+        data.join("hearth.toml"),
+        "[session_management]\nsession_ttl = 600\nredis_url = \"redis://localhost\"\n\n\
+         [synchronization]\nconflict_resolution = \"vector_clock\"\n\n\
+         [push_services]\nntfy = [\"http://127.0.0.1:9/family\"]\n",
+    )
+    .unwrap();
+    let checked = ok_json(&data, &["config", "check", "--json"]);
+    assert_eq!(checked["session_management"]["session_ttl"], 600);
+    assert_eq!(checked["synchronization"]["conflict_resolution"], "vector_clock");
+    assert_eq!(checked["push_services"]["targets"][0]["kind"], "ntfy");
+    assert!(
+        checked["unused"][0]
+            .as_str()
+            .unwrap()
+            .contains("session_management.redis_url"),
+        "{checked}"
+    );
+    // The environment wins over the file.
+    let over = cli(&data, &["config", "check", "--json"])
+        .env("HEARTH_SESSION_MANAGEMENT__MAX_DEVICES_PER_USER", "2")
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let over: serde_json::Value = serde_json::from_slice(&over).unwrap();
+    assert_eq!(over["session_management"]["max_devices_per_user"], 2);
+    // A misspelt key and a bad value are named.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[websocket]\nheartbeat_intervall = 5\n").unwrap();
+    let out = cli(&data, &["config", "check", bad.to_str().unwrap()])
+        .assert()
+        .failure()
+        .get_output()
+        .stderr
+        .clone();
+    assert!(String::from_utf8_lossy(&out).contains("heartbeat_intervall"));
+    std::fs::write(&bad, "[session_management]\nmax_devices_per_user = 0\n").unwrap();
+    let out = cli(&data, &["config", "check", bad.to_str().unwrap()])
+        .assert()
+        .failure()
+        .get_output()
+        .stderr
+        .clone();
+    assert!(String::from_utf8_lossy(&out).contains("max_devices_per_user"));
+}
