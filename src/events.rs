@@ -124,6 +124,14 @@ pub enum Event {
         /// The PeerId it came from, `None` for this node.
         from_peer: Option<DeviceId>,
     },
+    /// An emergency alert raised here or received from a device of this home or of a
+    /// paired home this one opted in to (`emergency.alert`; subject: the alert's id).
+    Alert {
+        /// The alert.
+        alert: Box<crate::alerts::Alert>,
+        /// The PeerId it came from, `None` when raised here.
+        from_peer: Option<DeviceId>,
+    },
     /// Keys of a user's state changed (seed 001's `sync_state`), as one client wrote them.
     UserState {
         /// The user.
@@ -168,6 +176,7 @@ impl Event {
             Event::Lock { action, .. } => action.event_name(),
             Event::UserState { .. } => "user.state_changed",
             Event::Notification { .. } => "notification.sent",
+            Event::Alert { .. } => "emergency.alert",
         }
     }
 
@@ -185,6 +194,7 @@ impl Event {
             Event::Device { event, .. } => &event.source_device_id,
             Event::UserState { user, .. } => user,
             Event::Notification { notification, .. } => &notification.user_id,
+            Event::Alert { alert, .. } => &alert.id,
         }
     }
 
@@ -201,7 +211,8 @@ impl Event {
             | Event::Share { from_peer, .. }
             | Event::Device { from_peer, .. }
             | Event::UserState { from_peer, .. }
-            | Event::Notification { from_peer, .. } => from_peer.as_ref(),
+            | Event::Notification { from_peer, .. }
+            | Event::Alert { from_peer, .. } => from_peer.as_ref(),
             Event::Conflict { .. }
             | Event::PeerConnected { .. }
             | Event::PeerDisconnected { .. }
