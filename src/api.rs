@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::entities::{Entities, Entity, EntityWrite};
 use time::OffsetDateTime;
 
+mod alerts;
 pub(crate) mod events;
 pub(crate) mod guard;
 mod locks;
@@ -327,6 +328,9 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
         .route("/join-room", post(seed001::join_room))
         .route("/presence/{user_id}", get(seed001::presence))
         .route("/room/{room_id}", get(seed001::room))
+        .route("/api/alerts", post(alerts::send).get(alerts::list))
+        .route("/api/alerts/{id}", get(alerts::get))
+        .route("/api/homes/{home}/alerts", put(alerts::accept))
         .route("/api/events", post(events::publish))
         .route("/api/events/history", get(events::history))
         .route("/api/events/dead-letters", get(events::dead_letters))

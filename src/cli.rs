@@ -10,8 +10,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::client::Client;
 use crate::verbs;
 
+mod alerts;
 mod config;
 mod events;
+mod invite;
 mod locks;
 
 /// Hearth: a peer-to-peer sync node for homes.
@@ -116,8 +118,15 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// List paired homes, with what is shared each way.
-    Homes(ClientArgs),
+    /// List paired homes, with what is shared each way; `homes alerts HOME on|off` takes
+    /// or refuses a paired home's emergency alerts.
+    #[command(args_conflicts_with_subcommands = true)]
+    Homes {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        cmd: Option<alerts::HomesCommand>,
+    },
     /// Forget a paired home: everything shared with it is unshared (keys rotate) and its
     /// devices are no longer admitted.
     Forget {
@@ -215,6 +224,11 @@ enum Command {
     },
     /// Publish an event for the home's devices: every device, or the ones named with --to.
     Emit(events::EmitArgs),
+    /// Raise an emergency alert on every device of the home and of the paired homes that
+    /// take this home's alerts; devices away get it when they return within its TTL.
+    Alert(alerts::AlertArgs),
+    /// The emergency alerts this device sent or received, or one with its receipts.
+    Alerts(alerts::AlertsArgs),
     /// The node's event bus: recent events, failed deliveries, counters.
     #[command(subcommand)]
     Bus(events::BusCommand),
@@ -513,7 +527,7 @@ pub(crate) fn run(args: Args) -> Result<()> {
             home,
             ttl,
             client: c,
-        } => invite(&data, home, ttl, &c),
+        } => invite::invite(&data, home, ttl, &c),
         Command::Join {
             code,
             name,
@@ -525,7 +539,10 @@ pub(crate) fn run(args: Args) -> Result<()> {
                 join(data, &code, name)
             }
         }
-        Command::Homes(c) => crate::verbs::homes(&client(&data, &c)?, c.json),
+        Command::Homes { cmd: Some(cmd), .. } => alerts::homes(&data, cmd),
+        Command::Homes { client: c, .. } => crate::verbs::homes(&client(&data, &c)?, c.json),
+        Command::Alert(args) => alerts::alert(&data, args),
+        Command::Alerts(args) => alerts::alerts(&data, args),
         Command::Forget { home, client: c } => {
             crate::verbs::forget(&client(&data, &c)?, &home, c.json)
         }
@@ -831,35 +848,6 @@ fn presence(data: &std::path::Path, cmd: PresenceCommand) -> Result<()> {
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|e| format!("{e}; write it like 10m or 1h"))
-}
-
-fn invite(data: &std::path::Path, home: bool, ttl: Duration, c: &ClientArgs) -> Result<()> {
-    let body = serde_json::json!({
-        "kind": if home { "home" } else { "device" },
-        "ttl_s": ttl.as_secs().max(1),
-    });
-    let reply: serde_json::Value = client(data, c)?.post("/api/invites", &body)?;
-    let code = reply["code"]
-        .as_str()
-        .context("the node's reply has no code")?;
-    if c.json {
-        println!("{}", serde_json::to_string_pretty(&reply)?);
-    } else {
-        println!("{code}");
-    }
-    if let Ok(qr) = qrcode::QrCode::new(code.as_bytes()) {
-        let picture = qr
-            .render::<qrcode::render::unicode::Dense1x2>()
-            .quiet_zone(true)
-            .build();
-        eprintln!("{picture}");
-    }
-    eprintln!(
-        "On the new device run:\n  hearth join <code> --data <DIR>\nthen `hearth up --data <DIR>`. \
-         The code works once and expires at {}.",
-        reply["expires_at"].as_str().unwrap_or("-")
-    );
-    Ok(())
 }
 
 fn join(data: PathBuf, code: &str, name: Option<String>) -> Result<()> {

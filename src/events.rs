@@ -132,6 +132,14 @@ pub enum Event {
         /// How it went.
         outcome: Box<crate::users::PushOutcome>,
     },
+    /// An emergency alert raised here or received from a device of this home or of a
+    /// paired home this one opted in to (`emergency.alert`; subject: the alert's id).
+    Alert {
+        /// The alert.
+        alert: Box<crate::alerts::Alert>,
+        /// The PeerId it came from, `None` when raised here.
+        from_peer: Option<DeviceId>,
+    },
     /// Keys of a user's state changed (seed 001's `sync_state`), as one client wrote them.
     UserState {
         /// The user.
@@ -180,6 +188,7 @@ impl Event {
                 "notification.sent"
             }
             Event::NotificationPush { .. } => "notification.failed",
+            Event::Alert { .. } => "emergency.alert",
         }
     }
 
@@ -198,6 +207,7 @@ impl Event {
             Event::UserState { user, .. } => user,
             Event::Notification { notification, .. }
             | Event::NotificationPush { notification, .. } => &notification.user_id,
+            Event::Alert { alert, .. } => &alert.id,
         }
     }
 
@@ -214,7 +224,8 @@ impl Event {
             | Event::Share { from_peer, .. }
             | Event::Device { from_peer, .. }
             | Event::UserState { from_peer, .. }
-            | Event::Notification { from_peer, .. } => from_peer.as_ref(),
+            | Event::Notification { from_peer, .. }
+            | Event::Alert { from_peer, .. } => from_peer.as_ref(),
             Event::Conflict { .. }
             | Event::PeerConnected { .. }
             | Event::PeerDisconnected { .. }

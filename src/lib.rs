@@ -21,6 +21,7 @@
 //! The public types mention neither libp2p nor sled, so integrations do not depend on the
 //! transport or the storage engine.
 
+mod alerts;
 #[cfg(feature = "api")]
 mod api;
 mod audit;
@@ -53,6 +54,11 @@ mod users;
 #[cfg(feature = "api")]
 mod ws;
 
+pub use alerts::{
+    Alert, AlertAcceptance, AlertCounters, AlertRecord, AlertSource, Alerts, DEFAULT_ALERT_TTL_S,
+    Direction, MAX_ALERT_MESSAGE, MAX_ALERT_TARGETS, MAX_ALERT_TTL_S, MAX_OUTBOX_ALERTS,
+    MAX_RECEIVED_KEPT, MAX_SENT_KEPT, NewAlert, Receipt, ReceiptState, Severity,
+};
 pub use builder::NodeBuilder;
 #[cfg(feature = "api")]
 pub use config::{ApiConfig, DEFAULT_API_ADDR, SeedApiConfig};

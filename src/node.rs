@@ -593,6 +593,14 @@ impl Node {
         }
     }
 
+    /// Emergency alerts: raise one for the home and the paired homes that take them,
+    /// list what this device sent or received, opt in to a paired home's.
+    pub fn alerts(&self) -> crate::Alerts {
+        crate::Alerts {
+            core: self.core.clone(),
+        }
+    }
+
     /// Device locks (seed 004): priority leases decided by the home's arbiter.
     pub fn locks(&self) -> crate::Locks {
         crate::Locks {

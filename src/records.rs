@@ -9,6 +9,8 @@
 //! | `SyncStates` | [`sync_state_key`]: `len(peer) ‖ peer ‖ doc id` | encoded Automerge sync state |
 //! | `Keyring` | [`keyring_key`]: `doc id ‖ epoch counter ‖ epoch device` | a document key |
 //! | `Audit` | [`audit_key`]: `ms ‖ seq` (big-endian, so keys sort by time) | JSON audit entry |
+//! | `Outbox` | [`alert_out_key`]: `alert/` ‖ alert id | JSON alert this device sent, with its receipts |
+//! | `Meta` | [`alert_in_key`]: `alerts/in/` ‖ alert id | JSON alert this device received |
 //!
 //! The project is unreleased: when an encoding here changes, old stores get no migration.
 
@@ -47,6 +49,21 @@ pub(crate) const LOCKS_KEY: &[u8] = b"locks/table";
 pub(crate) const LOCK_ROLE_KEY: &[u8] = b"locks/role";
 /// The highest signed lock arbiter naming this device has seen (CBOR, as signed).
 pub(crate) const LOCK_NAMING_KEY: &[u8] = b"locks/naming";
+
+/// Prefix of every sent alert's key in the Outbox keyspace.
+pub(crate) const ALERT_OUT_PREFIX: &[u8] = b"alert/";
+/// Prefix of every received alert's key in the Meta keyspace.
+pub(crate) const ALERT_IN_PREFIX: &[u8] = b"alerts/in/";
+
+/// A sent alert's key (Outbox keyspace): `alert/` ‖ its id.
+pub(crate) fn alert_out_key(id: &str) -> Vec<u8> {
+    [ALERT_OUT_PREFIX, id.as_bytes()].concat()
+}
+
+/// A received alert's key (Meta keyspace): `alerts/in/` ‖ its id.
+pub(crate) fn alert_in_key(id: &str) -> Vec<u8> {
+    [ALERT_IN_PREFIX, id.as_bytes()].concat()
+}
 
 /// Length of a [`keyring_key`].
 const KEYRING_KEY_LEN: usize = 16 + 8 + 16;

@@ -139,6 +139,9 @@ impl Bridge {
             CoreEvent::Device { event, from_peer } => {
                 return self.device_event(event, from_peer.as_deref());
             }
+            CoreEvent::Alert { alert, .. } => {
+                return self.alert_event(alert, from_peer.as_deref());
+            }
             CoreEvent::Lock { action, lock } => (
                 json!({ "action": action, "lock": lock }),
                 self.sender(None),
@@ -216,6 +219,29 @@ impl Bridge {
         )
         .with_metadata("target_device_ids", json!(event.target_device_ids));
         out.time = event.timestamp.unix_ms() as f64 / 1000.0;
+        if let Some(peer) = from_peer {
+            out = out.with_metadata("from_peer", json!(peer));
+        }
+        self.publish(out);
+    }
+
+    /// An emergency alert: about the alert (its id), the alert as data, its source's
+    /// home and device (a paired home's for one from there), and its send time.
+    fn alert_event(&self, alert: &crate::alerts::Alert, from_peer: Option<&str>) {
+        let source = Source {
+            home: alert.source.home.to_string(),
+            device: alert.source.device.to_string(),
+        };
+        let mut out = Event::new("emergency.alert", alert.id.as_str(), to_json(alert), source)
+            .with_metadata(
+                "origin",
+                json!(if from_peer.is_some() {
+                    "remote"
+                } else {
+                    "local"
+                }),
+            );
+        out.time = alert.sent_at.unix_ms() as f64 / 1000.0;
         if let Some(peer) = from_peer {
             out = out.with_metadata("from_peer", json!(peer));
         }

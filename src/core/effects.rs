@@ -26,6 +26,9 @@ pub(crate) enum Effect {
     Emit(crate::events::Event),
     /// Send these frames: the ones the step queued before it recorded this.
     Send(Vec<(String, hearth_crdt::wire::Frame)>),
+    /// Queue these frames on the peers' ephemeral streams (the alert lane), which do not
+    /// wait behind queued sync frames.
+    SendEphemeral(Vec<(hearth_net::PeerId, hearth_net::Bytes)>),
     /// Forget admitted devices of a paired home (after the frames to them went out).
     ForgetForeign(Vec<String>),
     /// Close a peer's connections and refuse it from now on (see `hearth_net::Handle::reject`).
@@ -72,6 +75,13 @@ impl Effects {
         }
     }
 
+    /// Queues `frames` on the peers' ephemeral streams at this point of the log.
+    pub(crate) fn send_ephemeral(&mut self, frames: Vec<(hearth_net::PeerId, hearth_net::Bytes)>) {
+        if !frames.is_empty() {
+            self.0.push(Effect::SendEphemeral(frames));
+        }
+    }
+
     pub(crate) fn forget_foreign(&mut self, peers: Vec<String>) {
         self.0.push(Effect::ForgetForeign(peers));
     }
@@ -114,6 +124,23 @@ impl Core {
                 Effect::Send(frames) => {
                     self.outbox.extend(frames);
                     self.send_pending().await;
+                }
+                Effect::SendEphemeral(frames) => {
+                    for (peer, bytes) in frames {
+                        let len = bytes.len();
+                        match self.net.send_ephemeral(peer, bytes).await {
+                            Ok(hearth_net::SendOutcome::Queued) => {
+                                self.metrics.ephemeral(false, len)
+                            }
+                            // A copy that did not go is sent again by its retry.
+                            Ok(outcome) => {
+                                tracing::debug!(%peer, ?outcome, "ephemeral frame not queued")
+                            }
+                            Err(error) => {
+                                tracing::debug!(%peer, %error, "ephemeral frame not sent")
+                            }
+                        }
+                    }
                 }
                 Effect::ForgetForeign(peers) => {
                     for peer in peers {

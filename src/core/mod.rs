@@ -70,6 +70,7 @@ pub(crate) enum Request {
     Locks(crate::locks::service::LockRequest),
     Propagation(crate::propagation::service::PropagationRequest),
     Users(crate::users::service::UserRequest),
+    Alerts(crate::alerts::service::AlertRequest),
     #[cfg(feature = "test-hooks")]
     Hooks(hooks::HookRequest),
 }
@@ -93,6 +94,7 @@ route!(
     Locks(crate::locks::service::LockRequest),
     Propagation(crate::propagation::service::PropagationRequest),
     Users(crate::users::service::UserRequest),
+    Alerts(crate::alerts::service::AlertRequest),
 );
 #[cfg(feature = "test-hooks")]
 route!(Hooks(hooks::HookRequest));
@@ -110,6 +112,7 @@ impl Request {
             Request::Locks(r) => r.is_write(),
             Request::Propagation(r) => r.is_write(),
             Request::Users(r) => r.is_write(),
+            Request::Alerts(r) => r.is_write(),
             #[cfg(feature = "test-hooks")]
             Request::Hooks(r) => r.is_write(),
         }
@@ -131,6 +134,7 @@ impl Request {
             Request::Locks(r) => r.refuse(error),
             Request::Propagation(r) => r.refuse(error),
             Request::Users(r) => r.refuse(error),
+            Request::Alerts(r) => r.refuse(error),
             #[cfg(feature = "test-hooks")]
             Request::Hooks(r) => r.refuse(error),
         }
@@ -243,6 +247,8 @@ pub(crate) struct Core {
     /// The events-across-devices service's state.
     pub(crate) propagation: crate::propagation::service::PropagationState,
     pub(crate) users: crate::users::service::UserStates,
+    /// The emergency alerts service's state.
+    pub(crate) alerts: crate::alerts::service::AlertState,
     pub(crate) store: StoreHandle,
     pub(crate) net: hearth_net::Handle,
     pub(crate) home: HomeRecord,
@@ -381,6 +387,7 @@ pub(crate) async fn start(
         locks: crate::locks::service::LockState::default(),
         propagation: Default::default(),
         users: crate::users::service::UserStates::new(users),
+        alerts: Default::default(),
         store,
         net,
         home,
@@ -417,6 +424,7 @@ pub(crate) async fn start(
     core.load_revocations().await;
     core.load_locks().await;
     core.load_lock_role().await;
+    core.load_alerts().await;
     core.load_documents().await?;
     core.record_quarantine().await?;
     match core
@@ -502,6 +510,7 @@ impl Core {
             let net_stalled = *stall_net.borrow_and_update();
             let window_closes = self.entities.writes.deadline();
             let lease_ends = self.next_lock_deadline();
+            let alerts_due = self.alerts.deadline;
             let deadline = self.engine.next_deadline();
             let timer = async {
                 match deadline {
@@ -553,6 +562,8 @@ impl Core {
                 _ = sleep_until_or_never(window_closes) => self.commit_window(),
                 // Leases end on time, not when next read.
                 _ = sleep_until_ms(lease_ends) => self.expire_locks().await,
+                // Alert retries and expiries.
+                _ = sleep_until_ms(alerts_due) => self.alert_tick().await,
             }
             // Waits for a slot when too many batches are in flight: a burst of remote
             // changes then slows the core down instead of piling up tasks.
@@ -573,9 +584,11 @@ impl Core {
                 if !was_admitted && self.peers.admitted.contains_key(&text) {
                     // Admission counts as hearing from it; its own heartbeats follow.
                     self.heard_alive(&text, heartbeat::HEARTBEAT_TTL_MS);
-                    self.notice_peer(text, true);
+                    self.notice_peer(text.clone(), true);
                     self.send_heartbeats().await;
                 }
+                // Alerts it has not acknowledged go at once, ahead of any backoff.
+                self.on_alert_peer_up(&text).await;
             }
             Event::Frame { peer, class, bytes } => {
                 self.metrics.frame_in(bytes.len());
@@ -631,13 +644,16 @@ impl Core {
                     });
                 }
             }
-            // Heartbeats are between devices of one home; a paired home's device has
-            // nothing to say on this stream.
+            // Heartbeats are between devices of one home; a paired home's device may
+            // only use this stream's alert lane.
             Event::EphemeralFrame { peer, class, bytes }
-                if class == PeerClass::Own
+                if matches!(class, PeerClass::Own | PeerClass::Paired(_))
                     && self.still_admitted_as(&peer, &class, "ephemeral") =>
             {
-                self.on_ephemeral(peer, &bytes);
+                if let Some(alert) = self.on_ephemeral(peer, &class, &bytes) {
+                    self.on_alert_message(&peer.to_base58(), &class, &alert)
+                        .await;
+                }
             }
             _ => {}
         }
@@ -655,6 +671,7 @@ impl Core {
             Request::Locks(request) => self.handle_locks(request).await,
             Request::Propagation(request) => self.handle_propagation(request).await,
             Request::Users(request) => self.handle_users(request),
+            Request::Alerts(request) => self.handle_alerts(request).await,
             #[cfg(feature = "test-hooks")]
             Request::Hooks(request) => self.handle_hook(request),
         }

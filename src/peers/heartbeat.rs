@@ -20,8 +20,9 @@ pub(crate) const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
 /// heartbeat does not flip a device offline.
 pub(crate) const HEARTBEAT_TTL_MS: u64 = 3 * HEARTBEAT_INTERVAL.as_millis() as u64;
 
-/// Largest ephemeral message accepted; a heartbeat takes about twenty bytes.
-const MAX_EPHEMERAL_MESSAGE: usize = 256;
+/// Largest ephemeral message accepted: an alert message in its envelope (a heartbeat
+/// takes about twenty bytes).
+const MAX_EPHEMERAL_MESSAGE: usize = crate::alerts::wire::MAX_ALERT_WIRE + 64;
 
 /// The longest TTL a peer may claim; a larger claim is cut to this.
 pub(crate) const MAX_TTL_MS: u64 = 60_000;
@@ -32,6 +33,9 @@ pub(crate) const MAX_TTL_MS: u64 = 60_000;
 enum Ephemeral {
     /// "I am alive for the next `ttl_ms` milliseconds."
     Heartbeat { ttl_ms: u64 },
+    /// A message of the emergency alerts' lane (an alert or an answer to one), CBOR the
+    /// alerts service decodes; also from paired homes' devices.
+    Alert { bytes: serde_bytes::ByteBuf },
 }
 
 fn encode(message: &Ephemeral) -> Vec<u8> {
@@ -68,9 +72,23 @@ impl Core {
         }
     }
 
-    /// An ephemeral frame from an admitted device. Anything that is not a well-formed
-    /// message is dropped with a logged reason.
-    pub(crate) fn on_ephemeral(&mut self, peer: hearth_net::PeerId, bytes: &[u8]) {
+    /// An alert-lane message, in its ephemeral envelope.
+    pub(crate) fn ephemeral_alert_frame(&self, bytes: Vec<u8>) -> hearth_net::Bytes {
+        hearth_net::Bytes::from(encode(&Ephemeral::Alert {
+            bytes: serde_bytes::ByteBuf::from(bytes),
+        }))
+    }
+
+    /// An ephemeral frame from an admitted device of this home or of a paired home.
+    /// Anything that is not a well-formed message is dropped with a logged reason; an
+    /// alert-lane message is handed back for the alerts service. Only this home's
+    /// devices send heartbeats.
+    pub(crate) fn on_ephemeral(
+        &mut self,
+        peer: hearth_net::PeerId,
+        class: &hearth_net::PeerClass,
+        bytes: &[u8],
+    ) -> Option<Vec<u8>> {
         let text = peer.to_base58();
         #[cfg(feature = "test-hooks")]
         self.capture_raw(&text, "ephemeral", bytes);
@@ -80,11 +98,18 @@ impl Core {
             bytes,
             MAX_EPHEMERAL_MESSAGE,
         ) {
-            Ok(Ephemeral::Heartbeat { ttl_ms }) => self.heard_alive(&text, ttl_ms),
+            Ok(Ephemeral::Heartbeat { ttl_ms }) if *class == hearth_net::PeerClass::Own => {
+                self.heard_alive(&text, ttl_ms)
+            }
+            Ok(Ephemeral::Heartbeat { .. }) => {
+                tracing::debug!(peer = %text, "heartbeat from a paired home's device ignored")
+            }
+            Ok(Ephemeral::Alert { bytes }) => return Some(bytes.into_vec()),
             Err(error) => {
                 tracing::warn!(peer = %text, %error, len = bytes.len(), "malformed ephemeral message dropped");
             }
         }
+        None
     }
 }
 

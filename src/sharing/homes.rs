@@ -183,6 +183,13 @@ impl Core {
             root_key: public.root_public.to_vec(),
             devices,
             by: Some(self.peer_id.clone()),
+            // Pairing again keeps an opt-in to the home's emergency alerts.
+            accept_alerts: self
+                .engine
+                .home_paired(self.home.home_doc)
+                .ok()
+                .and_then(|p| p.get(&public.home_id).map(|h| h.accept_alerts))
+                .unwrap_or(false),
         };
         let home_id = public.home_id.clone();
         let (_, out) = self

@@ -375,7 +375,10 @@ fn config_check_reads_the_file_and_the_environment_and_names_what_is_wrong() {
     .unwrap();
     let checked = ok_json(&data, &["config", "check", "--json"]);
     assert_eq!(checked["session_management"]["session_ttl"], 600);
-    assert_eq!(checked["synchronization"]["conflict_resolution"], "vector_clock");
+    assert_eq!(
+        checked["synchronization"]["conflict_resolution"],
+        "vector_clock"
+    );
     assert_eq!(checked["push_services"]["targets"][0]["kind"], "ntfy");
     assert!(
         checked["unused"][0]

@@ -16,6 +16,7 @@ const SERVICES: &[&str] = &[
     "locks",
     "propagation",
     "users",
+    "alerts",
 ];
 /// Modules that serve people and programs over HTTP or the command line.
 const SURFACES: &[&str] = &["api", "ws", "cli", "verbs", "client", "watch", "bench"];

@@ -4,7 +4,8 @@
 //! Layout under the root key `home`:
 //! - `name`: string;
 //! - `devices.<PeerId>`: map { `name`, `certificate`: bytes, `revoked_at`: optional ms };
-//! - `paired.<HomeId>`: map { `name`, `root_key`: bytes, `devices`: map { `<PeerId>`: certificate bytes } };
+//! - `paired.<HomeId>`: map { `name`, `root_key`: bytes, `devices`: map { `<PeerId>`: certificate bytes },
+//!   `accept_alerts`: optional bool (this home takes emergency alerts from that one; absent = no) };
 //! - `keyring.<DocId>.<epoch>.<PeerId>`: the document key of that epoch wrapped for that device.
 //!
 //! Certificates and wrapped keys are opaque here; the node verifies and unwraps them.
@@ -47,6 +48,9 @@ pub struct PairedHome {
     /// PeerId of the device of this home that made the pairing, so the pairings of a
     /// device revoked later can be found; `None` in records written before this was kept.
     pub by: Option<String>,
+    /// Whether this home takes emergency alerts from that home (it opted in); `false`
+    /// when never set.
+    pub accept_alerts: bool,
 }
 
 /// The whole home document.
@@ -215,10 +219,38 @@ fn read_paired<D: ReadDoc>(doc: &D, h: &automerge::ObjId) -> Result<BTreeMap<Str
                 root_key: req_bytes(doc, &rec, "root_key", &join(&p, "root_key"))?,
                 devices: their,
                 by: opt_str(doc, &rec, "by", &join(&p, "by"))?,
+                accept_alerts: opt_bool(doc, &rec, "accept_alerts", &join(&p, "accept_alerts"))?,
             },
         );
     }
     Ok(paired)
+}
+
+/// An optional boolean field; absent is `false`, anything but a boolean is an error.
+fn opt_bool<D: ReadDoc>(doc: &D, obj: &automerge::ObjId, key: &str, path: &str) -> Result<bool> {
+    match doc.get(obj, key).map_err(am)? {
+        None => Ok(false),
+        Some((automerge::Value::Scalar(s), _)) => match s.as_ref() {
+            ScalarValue::Boolean(b) => Ok(*b),
+            _ => Err(Error::schema(path, "expected a boolean")),
+        },
+        Some(_) => Err(Error::schema(path, "expected a boolean")),
+    }
+}
+
+/// Sets whether this home takes emergency alerts from paired home `home_id`. Fails if
+/// the home is not paired.
+pub fn set_paired_accept_alerts<T: Transactable>(
+    doc: &mut T,
+    home_id: &str,
+    accept: bool,
+) -> Result<()> {
+    let h = req_map(doc, &ROOT, HOME_KEY, HOME_KEY)?;
+    let ph = req_map(doc, &h, "paired", "home.paired")?;
+    let rec = req_map(doc, &ph, home_id, &join("home.paired", home_id))?;
+    doc.put(&rec, "accept_alerts", ScalarValue::Boolean(accept))
+        .map_err(am)?;
+    Ok(())
 }
 
 /// Adds (or replaces) one device certificate of a paired home. Fails if the home is not
@@ -324,6 +356,10 @@ pub fn put_paired_home<T: Transactable>(
         .map_err(am)?;
     if let Some(by) = &home.by {
         doc.put(&rec, "by", by.as_str()).map_err(am)?;
+    }
+    if home.accept_alerts {
+        doc.put(&rec, "accept_alerts", ScalarValue::Boolean(true))
+            .map_err(am)?;
     }
     let devs = doc
         .put_object(&rec, "devices", automerge::ObjType::Map)
@@ -456,6 +492,7 @@ mod tests {
             root_key: vec![9; 32],
             devices: [("peerX".to_string(), vec![4, 5])].into(),
             by: Some("peerA".into()),
+            accept_alerts: false,
         };
         put_paired_home(&mut doc, "homeB", &other).unwrap();
         assert!(revocations(&doc).unwrap().is_empty());
@@ -477,6 +514,19 @@ mod tests {
         assert_eq!(home.devices["peerA"].revoked_at, Some(77));
         assert_eq!(home.paired["homeB"], other);
         assert_eq!(home.keyring[&(d, epoch)]["peerA"], vec![8; 48]);
+
+        // Opting in to a paired home's alerts, and out again; an unpaired home fails.
+        set_paired_accept_alerts(&mut doc, "homeB", true).unwrap();
+        assert!(paired(&doc).unwrap()["homeB"].accept_alerts);
+        set_paired_accept_alerts(&mut doc, "homeB", false).unwrap();
+        assert!(!paired(&doc).unwrap()["homeB"].accept_alerts);
+        assert!(set_paired_accept_alerts(&mut doc, "homeZ", true).is_err());
+        let h = doc.get(&ROOT, HOME_KEY).unwrap().unwrap().1;
+        let ph = doc.get(&h, "paired").unwrap().unwrap().1;
+        let rec = doc.get(&ph, "homeB").unwrap().unwrap().1;
+        doc.put(&rec, "accept_alerts", "yes").unwrap();
+        assert!(paired(&doc).is_err(), "a non-boolean opt-in read as one");
+        doc.put(&rec, "accept_alerts", true).unwrap();
 
         remove_paired_home(&mut doc, "homeB").unwrap();
         assert!(Home::read(&doc).unwrap().paired.is_empty());
