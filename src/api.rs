@@ -320,6 +320,15 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
         )
         .route("/api/users/{user}/state", get(seed001::user_state))
         .route("/api/notify", post(seed001::notify))
+        .route("/api/push/vapid-public-key", get(seed001::vapid_public_key))
+        .route(
+            "/api/users/{user}/push-subscriptions",
+            post(seed001::subscribe),
+        )
+        .route(
+            "/api/users/{user}/push-subscriptions/{id}",
+            axum::routing::delete(seed001::unsubscribe),
+        )
         // Seed 001's routes, with its bodies.
         .route("/notify", post(seed001::notify))
         .route("/broadcast/{room_id}", post(seed001::broadcast))

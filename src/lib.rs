@@ -100,7 +100,7 @@ pub use types::{DeviceId, EntityId, HomeId, Policy, Rights, Timestamp};
 pub use users::{
     ClientSession, ConcurrentValue, ConflictResolution, MAX_NOTIFICATION_TTL, NOTIFICATION_TYPES,
     NewNotification, Notification, Notifications, PRIORITIES, PushConfig, PushOutcome, PushTarget,
-    UserState, Users, UsersConfig,
+    UserState, Users, UsersConfig, WebPushKeys, WebPushSubscription,
 };
 
 /// Frames that may wait in the outbound sync queue to one peer before it counts as slow

@@ -662,3 +662,40 @@ pub(crate) async fn user_state(
         Err(e) => ApiError::from(e).into_response(),
     }
 }
+
+fn notifications(state: &ApiState) -> crate::Notifications {
+    crate::Notifications {
+        core: state.core.clone(),
+    }
+}
+
+/// `GET /api/push/vapid-public-key`: the `applicationServerKey` for Web Push clients.
+pub(crate) async fn vapid_public_key(State(state): State<Arc<ApiState>>) -> Response {
+    match notifications(&state).vapid_public_key().await {
+        Ok(key) => Json(json!({ "public_key": key })).into_response(),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+/// `POST /api/users/{user}/push-subscriptions` with a browser's `PushSubscription` JSON.
+pub(crate) async fn subscribe(
+    State(state): State<Arc<ApiState>>,
+    Path(user): Path<String>,
+    ApiJson(subscription): ApiJson<Value>,
+) -> Response {
+    match notifications(&state).subscribe(&user, subscription).await {
+        Ok(id) => (StatusCode::CREATED, Json(json!({ "id": id, "user": user }))).into_response(),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+/// `DELETE /api/users/{user}/push-subscriptions/{id}`.
+pub(crate) async fn unsubscribe(
+    State(state): State<Arc<ApiState>>,
+    Path((user, id)): Path<(String, String)>,
+) -> Response {
+    match notifications(&state).unsubscribe(&user, &id).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}

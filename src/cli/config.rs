@@ -222,7 +222,8 @@ struct Collaboration {
 struct PushServices {
     webhooks: Option<Vec<String>>,
     ntfy: Option<Vec<String>>,
-    /// Not used: FCM, APNS and Web Push are reached through a webhook relay.
+    /// Not used: FCM and APNS are reached through a webhook relay; Web Push subscriptions
+    /// come from clients.
     fcm_enabled: Option<bool>,
     apns_enabled: Option<bool>,
     web_push_enabled: Option<bool>,
@@ -275,7 +276,7 @@ impl FileConfig {
             ),
             (
                 self.push_services.web_push_enabled.is_some(),
-                "push_services.web_push_enabled (Web Push is not built yet)",
+                "push_services.web_push_enabled (Web Push is always on: clients subscribe through the API)",
             ),
         ];
         given

@@ -12,7 +12,7 @@ pub use notify::{
     MAX_TTL as MAX_NOTIFICATION_TTL, NOTIFICATION_TYPES, NewNotification, Notification,
     Notifications, PRIORITIES,
 };
-pub use push::{PushConfig, PushOutcome, PushTarget};
+pub use push::{PushConfig, PushOutcome, PushTarget, WebPushKeys, WebPushSubscription};
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -80,6 +80,13 @@ impl UsersConfig {
             return Err(Error::Invalid("retry_attempts must be 1 to 20".into()));
         }
         for target in &self.push.targets {
+            if let PushTarget::WebPush(_) = target {
+                return Err(Error::Invalid(
+                    "Web Push subscriptions come from clients (POST \
+                     /api/users/{user}/push-subscriptions), not from the settings"
+                        .into(),
+                ));
+            }
             let url = target.url();
             if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() > 2048 {
                 return Err(Error::Invalid(format!(

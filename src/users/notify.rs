@@ -104,6 +104,40 @@ impl Notifications {
             .await?
     }
 
+    /// Registers a client's Web Push subscription (`PushSubscription.toJSON()`) for
+    /// `user`; answers its id. Notifications for the user are then pushed to it too.
+    pub async fn subscribe(
+        &self,
+        user: &str,
+        subscription: serde_json::Value,
+    ) -> Result<String, Error> {
+        let user = user.to_string();
+        self.core
+            .call(|reply| UserRequest::Subscribe {
+                user,
+                subscription,
+                reply,
+            })
+            .await?
+    }
+
+    /// Removes a Web Push subscription of `user`.
+    pub async fn unsubscribe(&self, user: &str, id: &str) -> Result<(), Error> {
+        let (user, id) = (user.to_string(), id.to_string());
+        self.core
+            .call(|reply| UserRequest::Unsubscribe { user, id, reply })
+            .await?
+            .map(|_| ())
+    }
+
+    /// The home's VAPID public key (base64url), the `applicationServerKey` clients
+    /// subscribe with.
+    pub async fn vapid_public_key(&self) -> Result<String, Error> {
+        self.core
+            .call(|reply| UserRequest::VapidPublicKey { reply })
+            .await?
+    }
+
     /// The unexpired notifications of `user` that client `device_id` has not had: those
     /// made since its session last closed, or all of them for a client new to the home.
     pub async fn pending(&self, user: &str, device_id: &str) -> Result<Vec<Notification>, Error> {
@@ -172,13 +206,126 @@ impl Core {
             })?;
         let batch = self.handle_outputs(out);
         let made = view(&n.user_id, &id, &stored);
+        // The user's Web Push subscriptions, and the home's key to sign for them.
+        let entry = self.engine.user_entry(doc, &n.user_id).ok().flatten();
+        let subscriptions: Vec<super::PushTarget> = entry
+            .map(|e| e.push.into_values().collect::<Vec<_>>())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|text| serde_json::from_str::<serde_json::Value>(text).ok())
+            .filter_map(|v| super::push::WebPushSubscription::parse(&v).ok())
+            .map(super::PushTarget::WebPush)
+            .collect();
+        let vapid = self.engine.users_vapid_key(doc).ok().flatten();
         // Only the device that made it pushes it, so each target gets it once.
         super::push::spawn_pushes(
             made.clone(),
             self.users.config.push.clone(),
+            subscriptions,
+            vapid,
             self.node_events.clone(),
         );
         Ok((made, batch))
+    }
+
+    /// Registers a client's Web Push subscription for `user`; answers its id.
+    pub(crate) fn subscribe_push(
+        &mut self,
+        user: &str,
+        subscription: &serde_json::Value,
+    ) -> Result<(String, Batch), Error> {
+        let sub = super::push::WebPushSubscription::parse(subscription)?;
+        let doc = users_doc_id(&self.home.home_id);
+        if !self.has_content(doc) {
+            return Err(Error::Conflict(
+                "push subscriptions are not available on this device yet: the home's users \
+                 document arrives from the admin device"
+                    .into(),
+            ));
+        }
+        let id = sub.id();
+        let text = serde_json::to_string(&sub).map_err(|e| Error::Internal(e.to_string()))?;
+        let (_, out) = self
+            .engine
+            .write_users(doc, now_ms(), |d| {
+                hearth_crdt::schema::users::put_push_subscription(d, user, &id, &text)
+            })
+            .map_err(|e| match e {
+                hearth_crdt::Error::Schema { .. } => Error::Invalid(e.to_string()),
+                other => crate::core::doc_err(other),
+            })?;
+        Ok((id, self.handle_outputs(out)))
+    }
+
+    /// Removes a Web Push subscription of `user`.
+    pub(crate) fn unsubscribe_push(
+        &mut self,
+        user: &str,
+        id: &str,
+    ) -> Result<(bool, Batch), Error> {
+        let doc = users_doc_id(&self.home.home_id);
+        let (removed, out) = self
+            .engine
+            .write_users(doc, now_ms(), |d| {
+                hearth_crdt::schema::users::remove_push_subscription(d, user, id)
+            })
+            .map_err(crate::core::doc_err)?;
+        if !removed {
+            return Err(Error::NotFound(format!(
+                "{user} has no push subscription {id}"
+            )));
+        }
+        Ok((true, self.handle_outputs(out)))
+    }
+
+    /// The home's VAPID public key, for clients to subscribe with.
+    pub(crate) fn vapid_public_key(&mut self) -> Result<String, Error> {
+        let doc = users_doc_id(&self.home.home_id);
+        let key = self
+            .engine
+            .users_vapid_key(doc)
+            .ok()
+            .flatten()
+            .ok_or_else(|| {
+                Error::Conflict(
+                    "the home has no Web Push key yet: the admin device makes it".into(),
+                )
+            })?;
+        #[cfg(feature = "push")]
+        return super::push::vapid_public(&key);
+        #[cfg(not(feature = "push"))]
+        {
+            let _ = key;
+            Err(Error::Conflict(
+                "this build has no Web Push (feature `push`)".into(),
+            ))
+        }
+    }
+
+    /// On the admin device: makes the home's VAPID key once.
+    pub(crate) async fn ensure_vapid_key(&mut self) {
+        #[cfg(feature = "push")]
+        {
+            let doc = users_doc_id(&self.home.home_id);
+            if self.home.root_secret.is_none()
+                || !self.has_content(doc)
+                || self.engine.users_vapid_key(doc).ok().flatten().is_some()
+            {
+                return;
+            }
+            let key = super::push::new_vapid_key();
+            match self.engine.write_users(doc, now_ms(), |d| {
+                hearth_crdt::schema::users::put_vapid_key(d, &key)
+            }) {
+                Ok((_, out)) => {
+                    let batch = self.handle_outputs(out);
+                    if let Err(error) = self.store.batch(batch).await {
+                        tracing::warn!(%error, "cannot store the home's Web Push key");
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "cannot make the home's Web Push key"),
+            }
+        }
     }
 
     pub(crate) fn pending_notifications(

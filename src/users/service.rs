@@ -48,12 +48,28 @@ pub(crate) enum UserRequest {
         client: String,
         reply: Reply<Vec<super::Notification>>,
     },
+    Subscribe {
+        user: String,
+        subscription: Value,
+        reply: Reply<String>,
+    },
+    Unsubscribe {
+        user: String,
+        id: String,
+        reply: Reply<bool>,
+    },
+    VapidPublicKey {
+        reply: Reply<String>,
+    },
 }
 
 impl UserRequest {
     /// Whether the request writes (and so is refused while the store is failed).
     pub(crate) fn is_write(&self) -> bool {
-        !matches!(self, Self::State { .. } | Self::Pending { .. })
+        !matches!(
+            self,
+            Self::State { .. } | Self::Pending { .. } | Self::VapidPublicKey { .. }
+        )
     }
 
     /// Answers the request with `error` without running it.
@@ -69,6 +85,12 @@ impl UserRequest {
                 let _ = reply.send(Err(error));
             }
             Self::Pending { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            Self::Subscribe { reply, .. } | Self::VapidPublicKey { reply } => {
+                let _ = reply.send(Err(error));
+            }
+            Self::Unsubscribe { reply, .. } => {
                 let _ = reply.send(Err(error));
             }
         }
@@ -160,6 +182,21 @@ impl Core {
             } => {
                 let _ = reply.send(self.pending_notifications(&user, &client));
             }
+            UserRequest::Subscribe {
+                user,
+                subscription,
+                reply,
+            } => {
+                let result = self.subscribe_push(&user, &subscription);
+                self.reply_after_flush(result, reply);
+            }
+            UserRequest::Unsubscribe { user, id, reply } => {
+                let result = self.unsubscribe_push(&user, &id);
+                self.reply_after_flush(result, reply);
+            }
+            UserRequest::VapidPublicKey { reply } => {
+                let _ = reply.send(self.vapid_public_key());
+            }
         }
     }
 
@@ -181,6 +218,8 @@ impl Core {
     pub(crate) async fn ensure_users_doc(&mut self) -> Result<(), Error> {
         let doc = users_doc_id(&self.home.home_id);
         if self.home.root_secret.is_none() || self.keyring.ids().any(|(d, _)| d == doc) {
+            // A users document made before Web Push came gets its key now.
+            self.ensure_vapid_key().await;
             return Ok(());
         }
         let now = now_ms();
@@ -191,6 +230,7 @@ impl Core {
         })?;
         self.store.batch(batch).await?;
         tracing::info!(%doc, "created the home's users document");
+        self.ensure_vapid_key().await;
         Ok(())
     }
 

@@ -391,7 +391,7 @@ async fn a_seed_001_client_works_across_two_devices_of_a_home() {
 /// Requests a receiver keeps before the test reads them.
 const RECEIVED: usize = 64;
 
-async fn receiver(fail_first: usize) -> (String, tokio::sync::mpsc::Receiver<String>) {
+async fn receiver(fail_first: usize) -> (String, tokio::sync::mpsc::Receiver<Vec<u8>>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -432,7 +432,7 @@ async fn receiver(fail_first: usize) -> (String, tokio::sync::mpsc::Receiver<Str
             } else {
                 "200 OK"
             };
-            let _ = tx.try_send(String::from_utf8_lossy(&buf).to_string());
+            let _ = tx.try_send(buf);
             let _ = stream
                 .write_all(
                     format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
@@ -522,7 +522,7 @@ async fn notifications_are_pushed_to_a_webhook_and_ntfy_with_retries() {
     // refused), ntfy the body with its headers.
     let mut last = String::new();
     for _ in 0..3 {
-        last = timeout(T, hooks.recv()).await.unwrap().unwrap();
+        last = String::from_utf8(timeout(T, hooks.recv()).await.unwrap().unwrap()).unwrap();
     }
     let body: Value = serde_json::from_str(last.split("\r\n\r\n").nth(1).unwrap()).unwrap();
     assert_eq!(body["id"], sent.id.as_str());
@@ -532,11 +532,115 @@ async fn notifications_are_pushed_to_a_webhook_and_ntfy_with_retries() {
         last.to_ascii_lowercase()
             .contains("content-type: application/json")
     );
-    let topic = timeout(T, topics.recv()).await.unwrap().unwrap();
+    let topic = String::from_utf8(timeout(T, topics.recv()).await.unwrap().unwrap()).unwrap();
     assert!(topic.starts_with("POST /family"), "{topic}");
     let lower = topic.to_ascii_lowercase();
     assert!(lower.contains("title: badge"), "{topic}");
     assert!(lower.contains("priority: 5"), "{topic}");
     assert!(topic.ends_with("You earned a badge"), "{topic}");
+    timeout(T, node.shutdown()).await.unwrap().unwrap();
+}
+
+/// Web Push: a client subscribes with the home's VAPID key; a notification for its user is
+/// posted to the push endpoint encrypted for the subscription (RFC 8291) and signed with
+/// the home's key (RFC 8292). The local endpoint here decrypts it and checks the
+/// signature, as a push service and the browser would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_web_push_subscriber_gets_the_notification_encrypted_and_signed() {
+    use base64ct::{Base64UrlUnpadded, Encoding};
+    use web_push_native::jwt_simple::prelude::{ECDSAP256PublicKeyLike, ES256PublicKey};
+    use web_push_native::p256::elliptic_curve::rand_core::{OsRng, RngCore};
+    use web_push_native::p256::elliptic_curve::sec1::ToEncodedPoint;
+
+    let (endpoint, mut received) = receiver(0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let node = crate::ws::start(dir.path(), "hub").await;
+    let (api, tok) = (node.api_addr().unwrap().to_string(), token(&node));
+
+    // The browser side: its key pair and auth secret, and the home's key to subscribe with.
+    let secret = web_push_native::p256::SecretKey::random(&mut OsRng);
+    let mut auth = [0u8; 16];
+    OsRng.fill_bytes(&mut auth);
+    let vapid = get_json(&api, &tok, "/api/push/vapid-public-key");
+    let vapid_public = vapid["public_key"].as_str().unwrap().to_string();
+    let (status, subscribed) = post(
+        &api,
+        &tok,
+        "/api/users/ann/push-subscriptions",
+        json!({
+            "endpoint": format!("{endpoint}/push/ann-phone"),
+            "expirationTime": null,
+            "keys": {
+                "p256dh": Base64UrlUnpadded::encode_string(
+                    secret.public_key().to_encoded_point(false).as_bytes()),
+                "auth": Base64UrlUnpadded::encode_string(&auth),
+            }
+        }),
+    );
+    assert_eq!(status, 201, "{subscribed}");
+    let (status, bad) = post(
+        &api,
+        &tok,
+        "/api/users/ann/push-subscriptions",
+        json!({"endpoint": "ftp://x", "keys": {"p256dh": "AA", "auth": "AA"}}),
+    );
+    assert_eq!(status, 400, "{bad}");
+
+    let (status, sent) = post(
+        &api,
+        &tok,
+        "/api/notify",
+        json!({"user_id": "ann", "type": "review_reminder", "priority": "high",
+               "title": "Review time", "body": "Chapter 2 is due", "ttl": 600}),
+    );
+    assert_eq!(status, 200, "{sent}");
+
+    let raw = timeout(T, received.recv()).await.unwrap().unwrap();
+    let start = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head = String::from_utf8(raw[..start].to_vec()).unwrap();
+    assert!(head.starts_with("POST /push/ann-phone"), "{head}");
+    let lower = head.to_ascii_lowercase();
+    assert!(lower.contains("content-encoding: aes128gcm"), "{head}");
+    let body = raw[start..].to_vec();
+    let plain = web_push_native::decrypt(
+        body,
+        &secret,
+        &web_push_native::Auth::clone_from_slice(&auth),
+    )
+    .expect("the payload decrypts with the subscription's keys");
+    let n: Value = serde_json::from_slice(&plain).unwrap();
+    assert_eq!(n["title"], "Review time");
+    assert_eq!(n["user_id"], "ann");
+    assert_eq!(n["id"], sent["notification_id"]);
+
+    // The VAPID header: `vapid t=<JWT>, k=<the home's public key>`, the JWT signed by it.
+    let authorization = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .starts_with("authorization:")
+                .then(|| l["authorization:".len()..].trim().to_string())
+        })
+        .expect("an Authorization header");
+    let (t, k) = authorization
+        .strip_prefix("vapid ")
+        .and_then(|rest| rest.split_once(", k="))
+        .map(|(t, k)| (t.trim_start_matches("t=").to_string(), k.to_string()))
+        .expect("vapid t=..., k=...");
+    assert_eq!(k, vapid_public);
+    let key = ES256PublicKey::from_bytes(&Base64UrlUnpadded::decode_vec(&k).unwrap()).unwrap();
+    key.verify_token::<web_push_native::jwt_simple::prelude::NoCustomClaims>(&t, None)
+        .expect("the JWT verifies under the home's key");
+
+    // A subscription can be removed.
+    let id = subscribed["id"].as_str().unwrap();
+    let (status, _) = http_send(
+        &api,
+        "DELETE",
+        &format!("/api/users/ann/push-subscriptions/{id}"),
+        Some(&tok),
+        "",
+    );
+    assert_eq!(status, 204);
     timeout(T, node.shutdown()).await.unwrap().unwrap();
 }

@@ -7,7 +7,10 @@
 //! `sessions`: map { `<client>`: map { `node`: string (PeerId), `opened`: uint ms,
 //!   `closed`: uint ms, 0 while a socket is open } },
 //! `notifications`: map { `<id>`: map { `kind`, `priority`, `title`, `body`: string,
-//!   `data`: string (JSON object text), `created`, `expires`: uint ms } } }.
+//!   `data`: string (JSON object text), `created`, `expires`: uint ms } },
+//! `push`: map { `<id>`: string (a Web Push subscription as JSON text) } },
+//! and at the root `vapid`: string, the home's Web Push (VAPID) private key in base64url,
+//! written once by the admin device.
 //!
 //! Every write of a state key puts a fresh map, so writes made concurrently on two devices
 //! stay side by side as Automerge conflicts. The reader keeps them all: the winner is the
@@ -46,6 +49,13 @@ pub const MAX_TITLE_BYTES: usize = 256;
 pub const MAX_BODY_BYTES: usize = 4096;
 /// Longest notification data, in bytes of JSON text.
 pub const MAX_DATA_BYTES: usize = 16 * 1024;
+
+/// Most Web Push subscriptions kept per user.
+pub const MAX_PUSH_SUBSCRIPTIONS: usize = 16;
+/// Longest Web Push subscription, in bytes of JSON text.
+pub const MAX_SUBSCRIPTION_BYTES: usize = 2048;
+/// Root key of the home's VAPID key.
+pub const VAPID_KEY: &str = "vapid";
 
 /// A notification for a user.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -106,6 +116,8 @@ pub struct UserEntry {
     pub sessions: BTreeMap<String, ClientSession>,
     /// Notifications by id.
     pub notifications: BTreeMap<String, StoredNotification>,
+    /// Web Push subscriptions (JSON text) by id.
+    pub push: BTreeMap<String, String>,
 }
 
 /// The users document, after validation.
@@ -215,7 +227,79 @@ fn read_entry<D: ReadDoc>(doc: &D, e: &automerge::ObjId, path: &str) -> Result<U
             );
         }
     }
+    if let Some((Value::Object(ObjType::Map), s)) = doc.get(e, "push").map_err(am)? {
+        let ids = keys(doc, &s);
+        if ids.len() > MAX_PUSH_SUBSCRIPTIONS {
+            return Err(Error::schema(
+                join(path, "push"),
+                format!("has {} subscriptions, over the cap", ids.len()),
+            ));
+        }
+        for id in ids {
+            let spath = join(&join(path, "push"), &id);
+            check_name(&spath, &id)?;
+            let text = req_str(doc, &s, &id, &spath)?;
+            check_text(&spath, &text, MAX_SUBSCRIPTION_BYTES)?;
+            entry.push.insert(id, text);
+        }
+    }
     Ok(entry)
+}
+
+/// Adds (or replaces) Web Push subscription `id` of `user`.
+pub fn put_push_subscription<T: Transactable>(
+    doc: &mut T,
+    user: &str,
+    id: &str,
+    subscription: &str,
+) -> Result<()> {
+    let spath = join(&join(&join(USERS_KEY, user), "push"), id);
+    check_name(&spath, id)?;
+    check_text(&spath, subscription, MAX_SUBSCRIPTION_BYTES)?;
+    let e = user_map(doc, user)?;
+    let s = ensure_map(doc, &e, "push")?;
+    if doc.get(&s, id).map_err(am)?.is_none() && doc.length(&s) >= MAX_PUSH_SUBSCRIPTIONS {
+        return Err(Error::schema(
+            join(&join(USERS_KEY, user), "push"),
+            format!("already holds {MAX_PUSH_SUBSCRIPTIONS} subscriptions"),
+        ));
+    }
+    doc.put(&s, id, subscription).map_err(am)?;
+    Ok(())
+}
+
+/// Removes Web Push subscription `id` of `user`; false when there was none.
+pub fn remove_push_subscription<T: Transactable>(
+    doc: &mut T,
+    user: &str,
+    id: &str,
+) -> Result<bool> {
+    let e = user_map(doc, user)?;
+    let s = ensure_map(doc, &e, "push")?;
+    if doc.get(&s, id).map_err(am)?.is_none() {
+        return Ok(false);
+    }
+    doc.delete(&s, id).map_err(am)?;
+    Ok(true)
+}
+
+/// The home's VAPID private key (base64url), if written.
+pub fn vapid_key<D: ReadDoc>(doc: &D) -> Result<Option<String>> {
+    match doc.get(&ROOT, VAPID_KEY).map_err(am)? {
+        None => Ok(None),
+        Some(_) => {
+            let key = req_str(doc, &ROOT, VAPID_KEY, VAPID_KEY)?;
+            check_text(VAPID_KEY, &key, 128)?;
+            Ok(Some(key))
+        }
+    }
+}
+
+/// Writes the home's VAPID private key (base64url).
+pub fn put_vapid_key<T: Transactable>(doc: &mut T, key: &str) -> Result<()> {
+    check_text(VAPID_KEY, key, 128)?;
+    doc.put(&ROOT, VAPID_KEY, key).map_err(am)?;
+    Ok(())
 }
 
 /// Adds notification `id` for `user`, dropping expired ones and the oldest past
@@ -469,6 +553,24 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         .map(|(_, out)| out)
     }
 
+    /// Runs `f` on the users document as one change (for the small writes that need no
+    /// engine method of their own: subscriptions, the VAPID key).
+    pub fn write_users<R>(
+        &mut self,
+        id: DocId,
+        now_ms: u64,
+        f: impl FnOnce(&mut automerge::AutoCommit) -> Result<R>,
+    ) -> Result<(R, Vec<Output<P>>)> {
+        expect_kind(self, id, DocKind::Users)?;
+        self.transact(id, now_ms, None, |doc, _, _| f(doc))
+    }
+
+    /// The home's VAPID private key, if written.
+    pub fn users_vapid_key(&self, id: DocId) -> Result<Option<String>> {
+        expect_kind(self, id, DocKind::Users)?;
+        vapid_key(self.doc(id)?)
+    }
+
     /// Opens or closes a client session (see [`open_session`], [`close_session`]).
     pub fn user_session(
         &mut self,
@@ -593,6 +695,26 @@ mod tests {
         let mut bad = n(1, 2);
         bad.title = "t".repeat(MAX_TITLE_BYTES + 1);
         assert!(put_notification(&mut a, "ann", "x", &bad, 1).is_err());
+    }
+
+    #[test]
+    fn push_subscriptions_and_the_vapid_key_round_trip_with_caps() {
+        let mut a = AutoCommit::new();
+        init(&mut a).unwrap();
+        assert_eq!(vapid_key(&a).unwrap(), None);
+        put_vapid_key(&mut a, "abc").unwrap();
+        assert_eq!(vapid_key(&a).unwrap().as_deref(), Some("abc"));
+        put_push_subscription(&mut a, "ann", "s1", "{}").unwrap();
+        let ann = Users::read_user(&a, "ann").unwrap().unwrap();
+        assert_eq!(ann.push["s1"], "{}");
+        for i in 1..MAX_PUSH_SUBSCRIPTIONS {
+            put_push_subscription(&mut a, "ann", &format!("x{i}"), "{}").unwrap();
+        }
+        assert!(put_push_subscription(&mut a, "ann", "over", "{}").is_err());
+        assert!(remove_push_subscription(&mut a, "ann", "s1").unwrap());
+        assert!(!remove_push_subscription(&mut a, "ann", "s1").unwrap());
+        let long = "x".repeat(MAX_SUBSCRIPTION_BYTES + 1);
+        assert!(put_push_subscription(&mut a, "ann", "big", &long).is_err());
     }
 
     #[test]
