@@ -160,58 +160,116 @@ pub(crate) async fn upgrade(
 
 /// One client's socket: opens its session (refused past `max_devices_per_user`), then
 /// relays its messages to the services and the services' events to it.
+/// How long one frame may take to reach a client before it counts as gone.
+const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A close reason of at most `max` bytes, cut on a character boundary.
+fn close_reason(text: &str, max: usize) -> String {
+    let mut out = String::new();
+    for c in text.chars() {
+        if out.len() + c.len_utf8() > max {
+            break;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Sends one frame; false when the client is gone or took longer than [`SEND_TIMEOUT`].
+async fn send_to(sink: &mut futures::stream::SplitSink<WebSocket, Message>, m: Message) -> bool {
+    matches!(
+        tokio::time::timeout(SEND_TIMEOUT, sink.send(m)).await,
+        Ok(Ok(()))
+    )
+}
+
+/// Counts the client's socket out and closes its session when it was the last one, even
+/// if the session task ends early (a panic, a cancelled task).
+struct Registered {
+    state: Arc<ApiState>,
+    user: String,
+    client: String,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        if self.state.clients.remove(&self.user, &self.client) == 0 {
+            let users = crate::Users {
+                core: self.state.core.clone(),
+            };
+            let (user, client) = (self.user.clone(), self.client.clone());
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    if let Err(e) = users.close_session(&user, &client).await {
+                        tracing::warn!(%user, %client, error = %e, "cannot close a client session");
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// One client's socket: opens its session (refused past `max_devices_per_user`), then
+/// relays its messages to the services and the services' events to it.
 async fn session(socket: WebSocket, state: Arc<ApiState>, user: String, client: String) {
     let (mut sink, mut source) = socket.split();
     let users = crate::Users {
         core: state.core.clone(),
     };
+    // Subscribed first, so nothing made from here on is missed; a notification both read
+    // as pending and heard as an event is sent once.
+    let mut events = state.core.node_events.subscribe();
     // Read before the session opens: what this client missed since its session closed.
     let pending = pending_notifications(&state, &user, &client).await;
     if let Err(e) = users.open_session(&user, &client).await {
-        let reason: String = e.to_string().chars().take(120).collect();
         let _ = sink
             .send(Message::Close(Some(CloseFrame {
                 code: CLOSE_POLICY,
-                reason: reason.into(),
+                reason: close_reason(&e.to_string(), 120).into(),
             })))
             .await;
         return;
     }
     state.clients.add(&user, &client);
+    let _registered = Registered {
+        state: state.clone(),
+        user: user.clone(),
+        client: client.clone(),
+    };
     state.metrics.seed.connections.inc();
-    // Subscribed before `connected`, so nothing written after it is missed.
-    let mut events = state.core.node_events.subscribe();
     let session_id = hex::encode(crate::home::random::<8>().unwrap_or_default());
     let connected = frame(
         "connected",
         json!({ "session_id": session_id, "device_id": client, "user_id": user,
                 "timestamp": now_s() }),
     );
-    let mut ok = sink.send(connected).await.is_ok();
-    if ok {
-        for pending in pending {
-            if sink.send(pending).await.is_err() {
-                ok = false;
-                break;
-            }
+    let mut ok = send_to(&mut sink, connected).await;
+    let mut sent_ids: HashSet<String> = HashSet::new();
+    for (id, pending) in pending {
+        if !ok {
+            break;
         }
+        sent_ids.insert(id);
+        ok = send_to(&mut sink, pending).await;
     }
     let mut rooms: HashMap<String, bool> = HashMap::new();
     let mut ping = tokio::time::interval(state.seed.heartbeat_interval);
     ping.reset();
     let mut heard = tokio::time::Instant::now();
     while ok {
-        let idle = tokio::time::sleep_until(heard + state.seed.timeout);
+        let idle = tokio::time::sleep_until(
+            heard
+                .checked_add(state.seed.timeout)
+                .unwrap_or_else(|| heard + std::time::Duration::from_secs(86_400)),
+        );
         let out = tokio::select! {
             _ = state.shutdown.cancelled() => break,
             _ = ping.tick() => Some(Message::Ping(Vec::new().into())),
             _ = idle => {
-                let _ = sink
-                    .send(Message::Close(Some(CloseFrame {
-                        code: 1001,
-                        reason: "no message within websocket.timeout".into(),
-                    })))
-                    .await;
+                let _ = send_to(&mut sink, Message::Close(Some(CloseFrame {
+                    code: 1001,
+                    reason: "no message within websocket.timeout".into(),
+                }))).await;
                 break;
             }
             incoming = source.next() => {
@@ -223,9 +281,16 @@ async fn session(socket: WebSocket, state: Arc<ApiState>, user: String, client: 
                 }
             },
             event = events.recv() => match event {
+                Ok(Event::Notification { notification, .. })
+                    if notification.user_id == user && !sent_ids.insert(notification.id.clone()) =>
+                {
+                    None
+                }
                 Ok(event) => outgoing(&state, &user, &client, event, &mut rooms).await,
                 Err(RecvError::Lagged(n)) => {
                     tracing::warn!(%user, %client, missed = n, "a seed client fell behind");
+                    // Joins and leaves may be among what was missed.
+                    rooms.clear();
                     Some(frame("error", json!({ "error": "lagged",
                         "message": format!("{n} updates were missed; read the state again") })))
                 }
@@ -233,13 +298,8 @@ async fn session(socket: WebSocket, state: Arc<ApiState>, user: String, client: 
             },
         };
         if let Some(out) = out {
-            ok = sink.send(out).await.is_ok();
+            ok = send_to(&mut sink, out).await;
         }
-    }
-    if state.clients.remove(&user, &client) == 0
-        && let Err(e) = users.close_session(&user, &client).await
-    {
-        tracing::warn!(%user, %client, error = %e, "cannot close a client session");
     }
 }
 
@@ -396,12 +456,19 @@ fn notification_frame(n: &crate::users::Notification) -> Message {
 
 /// Notifications of `user` this client has not seen: those made since its session last
 /// closed (or every unexpired one, for a client new to the home).
-async fn pending_notifications(state: &ApiState, user: &str, client: &str) -> Vec<Message> {
+async fn pending_notifications(
+    state: &ApiState,
+    user: &str,
+    client: &str,
+) -> Vec<(String, Message)> {
     let notify = crate::Notifications {
         core: state.core.clone(),
     };
     match notify.pending(user, client).await {
-        Ok(list) => list.iter().map(notification_frame).collect(),
+        Ok(list) => list
+            .iter()
+            .map(|n| (n.id.clone(), notification_frame(n)))
+            .collect(),
         Err(e) => {
             tracing::warn!(%user, %client, error = %e, "cannot read pending notifications");
             Vec::new()

@@ -458,6 +458,7 @@ pub(crate) async fn start(
     core.ensure_users_doc().await?;
     core.remember_rooms_and_presence();
     core.remember_user_states();
+    core.close_stale_sessions().await;
     let held: Vec<_> = core.keyring.ids().map(|(d, _)| d).collect();
     for doc in held {
         core.refresh_digest(doc);

@@ -16,6 +16,7 @@
 //!
 //! Posting needs an HTTP client, which comes with the `push` feature (on by default).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -328,6 +329,10 @@ pub(crate) fn push(
     }
 }
 
+/// Pushes in flight on this node at once; more fail at once with `notification.failed`.
+const MAX_IN_FLIGHT: usize = 32;
+static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+
 /// Pushes `n` to every configured target and to `subscriptions` (signed with `vapid`)
 /// in the background, announcing each outcome.
 pub(crate) fn spawn_pushes(
@@ -345,8 +350,26 @@ pub(crate) fn spawn_pushes(
     };
     for target in config.targets.iter().cloned().chain(subscriptions) {
         let (n, config, events, vapid) = (n.clone(), config.clone(), events.clone(), vapid.clone());
+        // Pushes run on blocking threads, which the store's reads use too: a flood of
+        // notifications to a slow target must not take them all.
+        if IN_FLIGHT.fetch_add(1, Ordering::SeqCst) >= MAX_IN_FLIGHT {
+            IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+            let outcome = PushOutcome {
+                target: target.kind(),
+                url: target.url().to_string(),
+                attempts: 0,
+                error: Some(format!("{MAX_IN_FLIGHT} pushes are in flight already")),
+            };
+            tracing::warn!(url = %outcome.url, "a notification was not pushed: too many in flight");
+            let _ = events.send(crate::events::Event::NotificationPush {
+                notification: Box::new(n),
+                outcome: Box::new(outcome),
+            });
+            continue;
+        }
         runtime.spawn_blocking(move || {
             let outcome = push(&target, &n, &config, vapid.as_deref());
+            IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
             if let Some(error) = &outcome.error {
                 tracing::warn!(url = %outcome.url, attempts = outcome.attempts, %error,
                     "a notification could not be pushed");

@@ -351,12 +351,64 @@ impl Core {
     fn close_user_session(&mut self, user: &str, client: &str) -> Result<((), Batch), Error> {
         let doc = self.users_doc()?;
         let now = now_ms();
+        // The client may have reconnected to another device since: only its session here
+        // is this device's to close.
+        let here = self
+            .engine
+            .user_entry(doc, user)
+            .ok()
+            .flatten()
+            .and_then(|e| e.sessions.get(client).cloned())
+            .is_some_and(|s| s.node == self.peer_id && s.closed_ms == 0);
+        if !here {
+            return Ok(((), Batch::new()));
+        }
         let forget = now.saturating_sub(self.users.config.session_ttl.as_millis() as u64);
         let out = self
             .engine
             .user_session(doc, user, client, None, now, forget)
             .map_err(users_err)?;
         Ok(((), self.handle_outputs(out)))
+    }
+
+    /// At start: sessions this device left open (it stopped without closing them) are
+    /// closed now, so they stop counting against the user's cap after their TTL.
+    pub(crate) async fn close_stale_sessions(&mut self) {
+        let doc = users_doc_id(&self.home.home_id);
+        if !self.has_content(doc) {
+            return;
+        }
+        let Ok(users) = self
+            .engine
+            .doc(doc)
+            .map_err(|e| e.to_string())
+            .and_then(|d| UsersDoc::read(d).map_err(|e| e.to_string()))
+        else {
+            return;
+        };
+        let now = now_ms();
+        let forget = now.saturating_sub(self.users.config.session_ttl.as_millis() as u64);
+        let mut batch = Batch::new();
+        for (user, entry) in users.users {
+            for (client, s) in entry.sessions {
+                if s.node == self.peer_id && s.closed_ms == 0 {
+                    match self
+                        .engine
+                        .user_session(doc, &user, &client, None, now, forget)
+                    {
+                        Ok(out) => crate::core::append(&mut batch, self.handle_outputs(out)),
+                        Err(error) => {
+                            tracing::warn!(%user, %client, %error, "cannot close a stale session")
+                        }
+                    }
+                }
+            }
+        }
+        if !batch.is_empty()
+            && let Err(error) = self.store.batch(batch).await
+        {
+            tracing::warn!(%error, "cannot store the closed sessions");
+        }
     }
 
     /// Records the current state, so only later changes are announced.
@@ -405,6 +457,13 @@ impl Core {
                 return;
             }
         };
+        if !users.skipped.is_empty() {
+            tracing::debug!(
+                count = users.skipped.len(),
+                first = %users.skipped[0],
+                "items of the users document left out"
+            );
+        }
         for (user, entry) in users.users {
             let seen = self.users.seen.entry(user.clone()).or_default();
             let mut by_client: BTreeMap<String, Map<String, Value>> = BTreeMap::new();

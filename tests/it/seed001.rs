@@ -279,6 +279,10 @@ async fn a_seed_001_client_works_across_two_devices_of_a_home() {
         assert_eq!(n["data"]["priority"], "high");
         assert!(n["data"]["notification_id"].is_string());
     }
+    // bob got none: his next frame is the answer to his heartbeat.
+    send(&mut bob, "heartbeat", json!({})).await;
+    let next_bob = next(&mut bob).await;
+    assert_eq!(next_bob["type"], "heartbeat_ack", "{next_bob}");
     let (status, bad) = post(
         &api_a,
         &tok_a,
@@ -317,6 +321,9 @@ async fn a_seed_001_client_works_across_two_devices_of_a_home() {
     let missed = next(&mut web).await;
     assert_eq!(missed["type"], "notification", "{missed}");
     assert_eq!(missed["data"]["title"], "Review time");
+    // Once only: the next frame is the answer to a heartbeat.
+    send(&mut web, "heartbeat", json!({})).await;
+    assert_eq!(next(&mut web).await["type"], "heartbeat_ack");
 
     // At most five clients per user across the home; a closed one counts until its TTL.
     let mut carl = Vec::new();

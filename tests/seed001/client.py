@@ -202,7 +202,11 @@ async def scenario(a, b):
         ws = await node.socket("carl", f"c{i}").__aenter__()
         await next_of(ws, "connected")
         sockets.append(ws)
-    await asyncio.sleep(1)
+
+    def live_sessions():
+        status, state = a.http("GET", "/api/users/carl/state")
+        return status == 200 and sum(1 for s in state["sessions"] if s["live"]) == 5
+    await until("the five sessions never all reached a", live_sessions)
     sixth = await a.socket("carl", "c5").__aenter__()
     try:
         msg = await asyncio.wait_for(sixth.recv(), TIMEOUT)

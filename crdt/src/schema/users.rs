@@ -38,7 +38,7 @@ pub const MAX_STATE_VALUE_BYTES: usize = 16 * 1024;
 /// Most keys in one user's state.
 pub const MAX_STATE_KEYS: usize = 256;
 /// Most users in one home's document.
-pub const MAX_USERS: usize = 1024;
+pub const MAX_USERS: usize = 4096;
 /// Most client sessions kept per user (open or recently closed).
 pub const MAX_SESSIONS: usize = 64;
 /// Most notifications kept per user; the oldest go first.
@@ -118,6 +118,8 @@ pub struct UserEntry {
     pub notifications: BTreeMap<String, StoredNotification>,
     /// Web Push subscriptions (JSON text) by id.
     pub push: BTreeMap<String, String>,
+    /// Items that did not validate and were left out, with why.
+    pub skipped: Vec<String>,
 }
 
 /// The users document, after validation.
@@ -125,6 +127,8 @@ pub struct UserEntry {
 pub struct Users {
     /// Entries by user.
     pub users: BTreeMap<String, UserEntry>,
+    /// Items that did not validate and were left out, with why.
+    pub skipped: Vec<String>,
 }
 
 fn read_value<D: ReadDoc>(doc: &D, obj: &automerge::ObjId, path: &str) -> Result<StateValue> {
@@ -140,109 +144,165 @@ fn read_value<D: ReadDoc>(doc: &D, obj: &automerge::ObjId, path: &str) -> Result
     })
 }
 
+fn read_session<D: ReadDoc>(
+    doc: &D,
+    s: &automerge::ObjId,
+    client: &str,
+    cpath: &str,
+) -> Result<ClientSession> {
+    check_name(cpath, client)?;
+    let c = req_map(doc, s, client, cpath)?;
+    Ok(ClientSession {
+        node: req_name(doc, &c, "node", &join(cpath, "node"))?,
+        opened_ms: req_u64(doc, &c, "opened", &join(cpath, "opened"))?,
+        closed_ms: req_u64(doc, &c, "closed", &join(cpath, "closed"))?,
+    })
+}
+
+fn read_notification<D: ReadDoc>(
+    doc: &D,
+    s: &automerge::ObjId,
+    id: &str,
+    npath: &str,
+) -> Result<StoredNotification> {
+    check_name(npath, id)?;
+    let n = req_map(doc, s, id, npath)?;
+    let text = |key: &str, max: usize| -> Result<String> {
+        let v = req_str(doc, &n, key, &join(npath, key))?;
+        check_text(&join(npath, key), &v, max)?;
+        Ok(v)
+    };
+    let data = text("data", MAX_DATA_BYTES)?;
+    if !matches!(
+        serde_json::from_str::<serde_json::Value>(&data),
+        Ok(serde_json::Value::Object(_))
+    ) {
+        return Err(Error::schema(join(npath, "data"), "is not a JSON object"));
+    }
+    Ok(StoredNotification {
+        kind: req_name(doc, &n, "kind", &join(npath, "kind"))?,
+        priority: req_name(doc, &n, "priority", &join(npath, "priority"))?,
+        title: text("title", MAX_TITLE_BYTES)?,
+        body: text("body", MAX_BODY_BYTES)?,
+        data,
+        created_ms: req_u64(doc, &n, "created", &join(npath, "created"))?,
+        expires_ms: req_u64(doc, &n, "expires", &join(npath, "expires"))?,
+    })
+}
+
+/// The keys of map `key` under `e`, at most `cap` of them (the rest are reported).
+fn capped_keys<D: ReadDoc>(
+    doc: &D,
+    e: &automerge::ObjId,
+    key: &str,
+    cap: usize,
+    path: &str,
+    skipped: &mut Vec<String>,
+) -> Result<Option<(automerge::ObjId, Vec<String>)>> {
+    let Some((Value::Object(ObjType::Map), m)) = doc.get(e, key).map_err(am)? else {
+        return Ok(None);
+    };
+    let mut names = keys(doc, &m);
+    if names.len() > cap {
+        skipped.push(format!(
+            "{}: {} entries, over the cap of {cap}; the rest are not read",
+            join(path, key),
+            names.len()
+        ));
+        names.truncate(cap);
+    }
+    Ok(Some((m, names)))
+}
+
+/// Reads one user's entry. An item that does not validate (a peer's bad write, or two
+/// devices crossing a cap at once) is left out and reported in `skipped`, so one bad item
+/// never hides the rest of the user, nor the other users.
 fn read_entry<D: ReadDoc>(doc: &D, e: &automerge::ObjId, path: &str) -> Result<UserEntry> {
     let mut entry = UserEntry::default();
-    if let Some((Value::Object(ObjType::Map), s)) = doc.get(e, "state").map_err(am)? {
-        let state_keys = keys(doc, &s);
-        if state_keys.len() > MAX_STATE_KEYS {
-            return Err(Error::schema(
-                join(path, "state"),
-                format!(
-                    "has {} keys, over the cap of {MAX_STATE_KEYS}",
-                    state_keys.len()
-                ),
-            ));
-        }
-        for key in state_keys {
+    let mut skipped = Vec::new();
+    if let Some((s, names)) = capped_keys(doc, e, "state", MAX_STATE_KEYS, path, &mut skipped)? {
+        for key in names {
             let kpath = join(&join(path, "state"), &key);
-            check_name(&kpath, &key)?;
-            let mut values = Vec::new();
-            for (v, id) in doc.get_all(&s, key.as_str()).map_err(am)? {
-                match v {
-                    Value::Object(ObjType::Map) => values.push(read_value(doc, &id, &kpath)?),
-                    other => {
-                        return Err(Error::schema(
-                            &kpath,
-                            format!("must be a map, found {other:?}"),
-                        ));
+            let read = check_name(&kpath, &key).and_then(|()| {
+                let mut values = Vec::new();
+                for (v, id) in doc.get_all(&s, key.as_str()).map_err(am)? {
+                    match v {
+                        Value::Object(ObjType::Map) => values.push(read_value(doc, &id, &kpath)?),
+                        other => {
+                            return Err(Error::schema(
+                                &kpath,
+                                format!("must be a map, found {other:?}"),
+                            ));
+                        }
                     }
                 }
-            }
-            values.sort_by_key(|v| std::cmp::Reverse(v.at));
-            let mut values = values.into_iter();
-            if let Some(winner) = values.next() {
-                entry.state.insert(
-                    key,
-                    StateKey {
-                        winner,
-                        concurrent: values.collect(),
-                    },
-                );
+                Ok(values)
+            });
+            match read {
+                Ok(mut values) => {
+                    values.sort_by_key(|v| std::cmp::Reverse(v.at));
+                    let mut values = values.into_iter();
+                    if let Some(winner) = values.next() {
+                        entry.state.insert(
+                            key,
+                            StateKey {
+                                winner,
+                                concurrent: values.collect(),
+                            },
+                        );
+                    }
+                }
+                Err(error) => skipped.push(error.to_string()),
             }
         }
     }
-    if let Some((Value::Object(ObjType::Map), s)) = doc.get(e, "sessions").map_err(am)? {
-        for client in keys(doc, &s) {
+    if let Some((s, names)) = capped_keys(doc, e, "sessions", MAX_SESSIONS * 2, path, &mut skipped)?
+    {
+        for client in names {
             let cpath = join(&join(path, "sessions"), &client);
-            check_name(&cpath, &client)?;
-            let c = req_map(doc, &s, &client, &cpath)?;
-            entry.sessions.insert(
-                client,
-                ClientSession {
-                    node: req_name(doc, &c, "node", &join(&cpath, "node"))?,
-                    opened_ms: req_u64(doc, &c, "opened", &join(&cpath, "opened"))?,
-                    closed_ms: req_u64(doc, &c, "closed", &join(&cpath, "closed"))?,
-                },
-            );
-        }
-    }
-    if let Some((Value::Object(ObjType::Map), s)) = doc.get(e, "notifications").map_err(am)? {
-        for id in keys(doc, &s) {
-            let npath = join(&join(path, "notifications"), &id);
-            check_name(&npath, &id)?;
-            let n = req_map(doc, &s, &id, &npath)?;
-            let text = |key: &str, max: usize| -> Result<String> {
-                let v = req_str(doc, &n, key, &join(&npath, key))?;
-                check_text(&join(&npath, key), &v, max)?;
-                Ok(v)
-            };
-            let data = text("data", MAX_DATA_BYTES)?;
-            if !matches!(
-                serde_json::from_str::<serde_json::Value>(&data),
-                Ok(serde_json::Value::Object(_))
-            ) {
-                return Err(Error::schema(join(&npath, "data"), "is not a JSON object"));
+            match read_session(doc, &s, &client, &cpath) {
+                Ok(session) => {
+                    entry.sessions.insert(client, session);
+                }
+                Err(error) => skipped.push(error.to_string()),
             }
-            entry.notifications.insert(
-                id,
-                StoredNotification {
-                    kind: req_name(doc, &n, "kind", &join(&npath, "kind"))?,
-                    priority: req_name(doc, &n, "priority", &join(&npath, "priority"))?,
-                    title: text("title", MAX_TITLE_BYTES)?,
-                    body: text("body", MAX_BODY_BYTES)?,
-                    data,
-                    created_ms: req_u64(doc, &n, "created", &join(&npath, "created"))?,
-                    expires_ms: req_u64(doc, &n, "expires", &join(&npath, "expires"))?,
-                },
-            );
         }
     }
-    if let Some((Value::Object(ObjType::Map), s)) = doc.get(e, "push").map_err(am)? {
-        let ids = keys(doc, &s);
-        if ids.len() > MAX_PUSH_SUBSCRIPTIONS {
-            return Err(Error::schema(
-                join(path, "push"),
-                format!("has {} subscriptions, over the cap", ids.len()),
-            ));
+    if let Some((s, names)) = capped_keys(
+        doc,
+        e,
+        "notifications",
+        MAX_NOTIFICATIONS * 2,
+        path,
+        &mut skipped,
+    )? {
+        for id in names {
+            let npath = join(&join(path, "notifications"), &id);
+            match read_notification(doc, &s, &id, &npath) {
+                Ok(n) => {
+                    entry.notifications.insert(id, n);
+                }
+                Err(error) => skipped.push(error.to_string()),
+            }
         }
-        for id in ids {
+    }
+    if let Some((s, names)) =
+        capped_keys(doc, e, "push", MAX_PUSH_SUBSCRIPTIONS, path, &mut skipped)?
+    {
+        for id in names {
             let spath = join(&join(path, "push"), &id);
-            check_name(&spath, &id)?;
-            let text = req_str(doc, &s, &id, &spath)?;
-            check_text(&spath, &text, MAX_SUBSCRIPTION_BYTES)?;
-            entry.push.insert(id, text);
+            let read = check_name(&spath, &id)
+                .and_then(|()| req_str(doc, &s, &id, &spath))
+                .and_then(|text| check_text(&spath, &text, MAX_SUBSCRIPTION_BYTES).map(|()| text));
+            match read {
+                Ok(text) => {
+                    entry.push.insert(id, text);
+                }
+                Err(error) => skipped.push(error.to_string()),
+            }
         }
     }
+    entry.skipped = skipped;
     Ok(entry)
 }
 
@@ -352,24 +412,35 @@ pub fn put_notification<T: Transactable>(
 }
 
 impl Users {
-    /// Reads and validates the whole document.
+    /// Reads the whole document. Only a document without its `users` map fails; a user
+    /// entry that is not a map, users past [`MAX_USERS`] and items that do not validate
+    /// are left out and reported in `skipped`.
     pub fn read<D: ReadDoc>(doc: &D) -> Result<Self> {
         let u = req_map(doc, &ROOT, USERS_KEY, USERS_KEY)?;
-        let names = keys(doc, &u);
+        let mut names = keys(doc, &u);
+        let mut skipped = Vec::new();
         if names.len() > MAX_USERS {
-            return Err(Error::schema(
-                USERS_KEY,
-                format!("has {} users, over the cap of {MAX_USERS}", names.len()),
+            skipped.push(format!(
+                "{USERS_KEY}: {} users, over the cap of {MAX_USERS}; the rest are not read",
+                names.len()
             ));
+            names.truncate(MAX_USERS);
         }
         let mut users = BTreeMap::new();
         for user in names {
             let path = join(USERS_KEY, &user);
-            check_name(&path, &user)?;
-            let e = req_map(doc, &u, &user, &path)?;
-            users.insert(user, read_entry(doc, &e, &path)?);
+            let read = check_name(&path, &user)
+                .and_then(|()| req_map(doc, &u, &user, &path))
+                .and_then(|e| read_entry(doc, &e, &path));
+            match read {
+                Ok(mut entry) => {
+                    skipped.append(&mut entry.skipped);
+                    users.insert(user, entry);
+                }
+                Err(error) => skipped.push(error.to_string()),
+            }
         }
-        Ok(Self { users })
+        Ok(Self { users, skipped })
     }
 
     /// Reads one user's entry, if there is one.
@@ -476,7 +547,35 @@ pub fn close_session<T: Transactable>(
         doc.put(&c, "closed", ScalarValue::Uint(now_ms.max(1)))
             .map_err(am)?;
     }
-    prune_sessions(doc, &s, forget_before_ms)
+    prune_sessions(doc, &s, forget_before_ms)?;
+    prune_idle_users(doc, forget_before_ms)
+}
+
+/// Drops, for every user, sessions closed before `forget_before_ms`, and then users left
+/// with nothing (no state, sessions, notifications or subscriptions), so ids that were
+/// used once do not hold places under [`MAX_USERS`] for ever.
+fn prune_idle_users<T: Transactable>(doc: &mut T, forget_before_ms: u64) -> Result<()> {
+    let u = ensure_map(doc, &ROOT, USERS_KEY)?;
+    for user in keys(doc, &u) {
+        let Some((Value::Object(ObjType::Map), e)) = doc.get(&u, user.as_str()).map_err(am)? else {
+            continue;
+        };
+        if let Some((Value::Object(ObjType::Map), s)) = doc.get(&e, "sessions").map_err(am)? {
+            prune_sessions(doc, &s, forget_before_ms)?;
+        }
+        let mut empty = true;
+        for part in ["state", "sessions", "notifications", "push"] {
+            if let Some((Value::Object(ObjType::Map), m)) = doc.get(&e, part).map_err(am)?
+                && doc.length(&m) > 0
+            {
+                empty = false;
+            }
+        }
+        if empty {
+            doc.delete(&u, user.as_str()).map_err(am)?;
+        }
+    }
+    Ok(())
 }
 
 fn prune_sessions<T: Transactable>(
@@ -651,7 +750,12 @@ mod tests {
         a.put(&v, "value", "{not json").unwrap();
         a.put(&v, "at", hlc(1, 1).to_string()).unwrap();
         a.put(&v, "client", "c").unwrap();
-        assert!(Users::read(&a).is_err());
+        // Left out and reported, not fatal: the rest of the document still reads.
+        write_state(&mut a, "ann", &one("k", "1"), "c", hlc(1, 1)).unwrap();
+        let read = Users::read(&a).unwrap();
+        assert!(read.users["eve"].state.is_empty());
+        assert_eq!(read.users["ann"].state["k"].winner.value, "1");
+        assert_eq!(read.skipped.len(), 1, "{:?}", read.skipped);
     }
 
     #[test]
@@ -731,5 +835,15 @@ mod tests {
         let ann = Users::read_user(&a, "ann").unwrap().unwrap();
         assert!(!ann.sessions.contains_key("web1"), "closed before the cut");
         assert!(ann.sessions.contains_key("phone"));
+        // A user with nothing left is dropped at the next close past the cut.
+        open_session(&mut a, "bob", "tab", "node-a", 400).unwrap();
+        close_session(&mut a, "bob", "tab", 500, 0).unwrap();
+        write_state(&mut a, "ann", &one("k", "1"), "phone", hlc(5, 1)).unwrap();
+        close_session(&mut a, "ann", "phone", 900, 600).unwrap();
+        assert!(Users::read_user(&a, "bob").unwrap().is_none());
+        assert!(
+            Users::read_user(&a, "ann").unwrap().is_some(),
+            "ann has state"
+        );
     }
 }
