@@ -11,6 +11,7 @@ mod cluster;
 mod floor;
 mod report;
 mod scenarios;
+mod ws;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -101,6 +102,9 @@ pub(crate) enum Scenario {
     Batching,
     /// Lock acquire and release, on the arbiter and through it from another device.
     Locks,
+    /// Seed 001's table with real WebSocket clients: connect, message, state sync,
+    /// notification, room broadcast.
+    Ws,
 }
 
 impl Scenario {
@@ -117,6 +121,7 @@ impl Scenario {
             Self::History => "history",
             Self::Batching => "batching",
             Self::Locks => "locks",
+            Self::Ws => "ws",
         }
     }
 }
@@ -200,6 +205,7 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
             Scenario::History,
             Scenario::Batching,
             Scenario::Locks,
+            Scenario::Ws,
         ];
         let mut stores = None;
         let mut failed = Vec::new();
@@ -228,6 +234,7 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
                     Scenario::History => scenarios::history(&mut scratch, &sizes, &report).await?,
                     Scenario::Batching => scenarios::batching(&mut scratch, &sizes).await?,
                     Scenario::Locks => scenarios::locks(&mut scratch, &sizes).await?,
+                    Scenario::Ws => ws::ws(&mut scratch, &sizes).await?,
                 })
             }
             .await;
