@@ -105,6 +105,8 @@ pub(crate) struct UserStates {
     seen: HashMap<String, BTreeMap<String, Hlc>>,
     /// Notification ids already announced, per user.
     notified: HashMap<String, std::collections::BTreeSet<String>>,
+    /// The users document's heads when last read, to read only the users changed since.
+    heads: Vec<hearth_crdt::ChangeHash>,
 }
 
 impl UserStates {
@@ -113,6 +115,7 @@ impl UserStates {
             config,
             seen: HashMap::new(),
             notified: HashMap::new(),
+            heads: Vec::new(),
         }
     }
 }
@@ -414,6 +417,9 @@ impl Core {
     /// Records the current state, so only later changes are announced.
     pub(crate) fn remember_user_states(&mut self) {
         let doc = users_doc_id(&self.home.home_id);
+        if let Ok((_, heads)) = self.engine.touched_since(doc, &[], &[]) {
+            self.users.heads = heads;
+        }
         if let Ok(users) = self
             .engine
             .doc(doc)
@@ -445,12 +451,43 @@ impl Core {
         {
             return;
         }
-        let users = match self
-            .engine
-            .doc(doc)
-            .map_err(|e| e.to_string())
-            .and_then(|d| UsersDoc::read(d).map_err(|e| e.to_string()))
-        {
+        // Only the users the changes since the last read wrote are read again.
+        let since = std::mem::take(&mut self.users.heads);
+        let touched = match self.engine.touched_since(doc, &since, &["users"]) {
+            Ok((touched, heads)) => {
+                self.users.heads = heads;
+                touched
+            }
+            Err(error) => {
+                tracing::warn!(%error, "the users document cannot be read");
+                return;
+            }
+        };
+        let read = match touched {
+            hearth_crdt::schema::touched::Touched::Everything => self
+                .engine
+                .doc(doc)
+                .map_err(|e| e.to_string())
+                .and_then(|d| UsersDoc::read(d).map_err(|e| e.to_string())),
+            hearth_crdt::schema::touched::Touched::Entries(names) => {
+                let mut users = UsersDoc::default();
+                for name in names {
+                    match self.engine.user_entry(doc, &name) {
+                        Ok(Some(mut entry)) => {
+                            users.skipped.append(&mut entry.skipped);
+                            users.users.insert(name, entry);
+                        }
+                        Ok(None) => {
+                            self.users.seen.remove(&name);
+                            self.users.notified.remove(&name);
+                        }
+                        Err(error) => users.skipped.push(error.to_string()),
+                    }
+                }
+                Ok(users)
+            }
+        };
+        let users = match read {
             Ok(users) => users,
             Err(error) => {
                 tracing::warn!(%error, "the users document does not validate");

@@ -132,3 +132,28 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         .map(|(_, out)| out)
     }
 }
+
+impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
+    /// Which entries of the collection map at `path` changed since `since` (heads seen
+    /// before), and the heads now. No heads before means everything.
+    pub fn touched_since(
+        &mut self,
+        id: DocId,
+        since: &[automerge::ChangeHash],
+        path: &[&str],
+    ) -> Result<(crate::schema::touched::Touched, Vec<automerge::ChangeHash>)> {
+        let ds = self
+            .docs
+            .get_mut(&id)
+            .ok_or(crate::error::Error::UnknownDocument(id))?;
+        let heads = ds.doc.get_heads();
+        if since.is_empty() {
+            return Ok((crate::schema::touched::Touched::Everything, heads));
+        }
+        let changes = ds.doc.get_changes(since);
+        Ok((
+            crate::schema::touched::touched_entries(&ds.doc, &changes, path),
+            heads,
+        ))
+    }
+}

@@ -455,6 +455,11 @@ impl Users {
     }
 }
 
+/// Checks that the document has its `users` map (the only thing a read needs).
+pub fn check_root<D: ReadDoc>(doc: &D) -> Result<()> {
+    req_map(doc, &ROOT, USERS_KEY, USERS_KEY).map(|_| ())
+}
+
 /// Creates the empty layout.
 pub(crate) fn init<T: Transactable>(doc: &mut T) -> Result<()> {
     ensure_map(doc, &ROOT, USERS_KEY)?;
