@@ -44,6 +44,7 @@ mod propagation;
 mod records;
 mod revocation;
 mod rooms;
+mod sessions;
 mod shares;
 mod sharing;
 #[cfg(feature = "api")]
@@ -94,6 +95,10 @@ pub use propagation::{
 pub use revocation::service::RevokedDevice;
 pub use rooms::{
     ChatMessage, DEFAULT_ROOM_SIZE, MAX_CHAT_LIMIT, MAX_MESSAGE_BYTES, Room, RoomMember, Rooms,
+};
+pub use sessions::{
+    HANDOFF_TIMEOUT, Handoff, HandoffReport, MAX_PENDING_HANDOFFS, MAX_SESSION_CONTEXT,
+    MAX_SESSIONS, NewSession, Session, Sessions,
 };
 pub use shares::{AuditEntry, KnownHome, PairedWith, ShareIn, ShareOut, SharedList, Shares};
 pub use types::{DeviceId, EntityId, HomeId, Policy, Rights, Timestamp};

@@ -601,6 +601,14 @@ impl Node {
         }
     }
 
+    /// User sessions, readable on every device of the home, and their handoff from the
+    /// device a session is active on to another.
+    pub fn sessions(&self) -> crate::Sessions {
+        crate::Sessions {
+            core: self.core.clone(),
+        }
+    }
+
     /// Device locks (seed 004): priority leases decided by the home's arbiter.
     pub fn locks(&self) -> crate::Locks {
         crate::Locks {

@@ -99,6 +99,14 @@ impl Core {
             }
             return;
         }
+        if let ShareMessage::Session { bytes } = &message {
+            if own {
+                self.on_session_message(peer, bytes).await;
+            } else {
+                tracing::warn!(%peer, "handoff message from a device that is not of this home dropped");
+            }
+            return;
+        }
         if bytes.len() > MAX_SHARE_MESSAGE {
             tracing::warn!(%peer, len = bytes.len(), "oversized grant frame dropped");
             return;
@@ -131,7 +139,10 @@ impl Core {
             return;
         };
         match message {
-            ShareMessage::HomeKey(_) | ShareMessage::Lock { .. } | ShareMessage::Event { .. } => {}
+            ShareMessage::HomeKey(_)
+            | ShareMessage::Lock { .. }
+            | ShareMessage::Event { .. }
+            | ShareMessage::Session { .. } => {}
             ShareMessage::Revocation { record } => {
                 match self
                     .step(|core, fx| Ok(core.on_paired_revocation(peer, &fp.home, &record, fx)))

@@ -17,6 +17,7 @@ const SERVICES: &[&str] = &[
     "propagation",
     "users",
     "alerts",
+    "sessions",
 ];
 /// Modules that serve people and programs over HTTP or the command line.
 const SURFACES: &[&str] = &["api", "ws", "cli", "verbs", "client", "watch", "bench"];

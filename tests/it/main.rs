@@ -19,6 +19,7 @@ mod rooms;
 mod security;
 mod security_bomb;
 mod seed001;
+mod sessions;
 mod sharing;
 mod store;
 mod up;
