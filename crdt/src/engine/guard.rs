@@ -330,6 +330,9 @@ fn check_view<P>(
         DocKind::Users => {
             crate::schema::users::Users::read(&ds.doc)?;
         }
+        DocKind::Activity => {
+            crate::schema::activity::Activity::read(&ds.doc)?;
+        }
     }
     Ok(kind)
 }
