@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::entities::{Entities, Entity, EntityWrite};
 use time::OffsetDateTime;
 
+mod activities;
 mod alerts;
 pub(crate) mod events;
 pub(crate) mod guard;
@@ -332,6 +333,13 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
         .route("/api/alerts", post(alerts::send).get(alerts::list))
         .route("/api/alerts/{id}", get(alerts::get))
         .route("/api/homes/{home}/alerts", put(alerts::accept))
+        .route(
+            "/api/activities",
+            post(activities::start).get(activities::list),
+        )
+        .route("/api/activities/{id}", get(activities::get))
+        .route("/api/activities/{id}/score", post(activities::score))
+        .route("/api/activities/{id}/{action}", post(activities::act))
         .route("/api/sessions", post(sessions::start).get(sessions::list))
         .route("/api/sessions/{id}", get(sessions::get))
         .route("/api/sessions/{id}/context", put(sessions::context))

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::client::Client;
 use crate::verbs;
 
+mod activities;
 mod alerts;
 mod config;
 mod events;
@@ -66,6 +67,10 @@ enum Command {
     /// devices (prepare, accept, acknowledge; rolled back on timeout).
     #[command(subcommand)]
     Session(sessions::SessionCommand),
+    /// Group activities (trivia, story, sing-along, synchronised playback): start, show,
+    /// score, pause, resume, step and end.
+    #[command(subcommand)]
+    Activity(activities::ActivityCommand),
     /// Send a notification to a user: every client of theirs on every device of the home
     /// gets it, and clients that are away get it when they connect, within its TTL.
     Notify {
@@ -505,6 +510,7 @@ pub(crate) fn run(args: Args) -> Result<()> {
         Command::Presence(cmd) => presence(&data, cmd),
         Command::Lock(cmd) => locks::lock(&data, cmd),
         Command::Session(cmd) => sessions::session(&data, cmd),
+        Command::Activity(cmd) => activities::activity(&data, cmd),
         Command::Notify {
             user,
             title,

@@ -21,6 +21,7 @@
 //! The public types mention neither libp2p nor sled, so integrations do not depend on the
 //! transport or the storage engine.
 
+mod activities;
 mod alerts;
 #[cfg(feature = "api")]
 mod api;
@@ -55,6 +56,10 @@ mod users;
 #[cfg(feature = "api")]
 mod ws;
 
+pub use activities::{
+    ACK_TIMEOUT, ACTIVITY_TYPES, Activities, Activity, ActivityAction, ActivityDevice,
+    MAX_ACTIVITY_CONFIG, MAX_ACTIVITY_DEVICES, MAX_LIVE_ACTIVITIES, MAX_SCORE_DELTA, NewActivity,
+};
 pub use alerts::{
     Alert, AlertAcceptance, AlertCounters, AlertRecord, AlertSource, Alerts, DEFAULT_ALERT_TTL_S,
     Direction, MAX_ALERT_MESSAGE, MAX_ALERT_TARGETS, MAX_ALERT_TTL_S, MAX_OUTBOX_ALERTS,

@@ -609,6 +609,14 @@ impl Node {
         }
     }
 
+    /// Group activities (trivia, story, sing-along, synchronised playback): start one run
+    /// by this device, read any of the home's, score from any device.
+    pub fn activities(&self) -> crate::Activities {
+        crate::Activities {
+            core: self.core.clone(),
+        }
+    }
+
     /// Device locks (seed 004): priority leases decided by the home's arbiter.
     pub fn locks(&self) -> crate::Locks {
         crate::Locks {

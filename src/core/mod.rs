@@ -72,6 +72,7 @@ pub(crate) enum Request {
     Users(crate::users::service::UserRequest),
     Alerts(crate::alerts::service::AlertRequest),
     Sessions(crate::sessions::service::SessionRequest),
+    Activities(crate::activities::service::ActivityRequest),
     #[cfg(feature = "test-hooks")]
     Hooks(hooks::HookRequest),
     /// Unit tests only: run a closure on the core (see `testing.rs`).
@@ -100,6 +101,7 @@ route!(
     Users(crate::users::service::UserRequest),
     Alerts(crate::alerts::service::AlertRequest),
     Sessions(crate::sessions::service::SessionRequest),
+    Activities(crate::activities::service::ActivityRequest),
 );
 #[cfg(feature = "test-hooks")]
 route!(Hooks(hooks::HookRequest));
@@ -119,6 +121,7 @@ impl Request {
             Request::Users(r) => r.is_write(),
             Request::Alerts(r) => r.is_write(),
             Request::Sessions(r) => r.is_write(),
+            Request::Activities(r) => r.is_write(),
             #[cfg(feature = "test-hooks")]
             Request::Hooks(r) => r.is_write(),
             #[cfg(test)]
@@ -144,6 +147,7 @@ impl Request {
             Request::Users(r) => r.refuse(error),
             Request::Alerts(r) => r.refuse(error),
             Request::Sessions(r) => r.refuse(error),
+            Request::Activities(r) => r.refuse(error),
             #[cfg(feature = "test-hooks")]
             Request::Hooks(r) => r.refuse(error),
             #[cfg(test)]
@@ -262,6 +266,9 @@ pub(crate) struct Core {
     pub(crate) alerts: crate::alerts::service::AlertState,
     /// The sessions service's state (handoffs under way).
     pub(crate) sessions: crate::sessions::service::SessionState,
+    /// The activities service's state (starts waiting for acknowledgements, what was
+    /// announced).
+    pub(crate) activities: crate::activities::service::ActivityState,
     pub(crate) store: StoreHandle,
     pub(crate) net: hearth_net::Handle,
     pub(crate) home: HomeRecord,
@@ -402,6 +409,7 @@ pub(crate) async fn start(
         users: crate::users::service::UserStates::new(users),
         alerts: Default::default(),
         sessions: Default::default(),
+        activities: Default::default(),
         store,
         net,
         home,
@@ -472,6 +480,7 @@ pub(crate) async fn start(
     core.ensure_users_doc().await?;
     core.remember_rooms_and_presence();
     core.remember_user_states();
+    core.remember_activities();
     let held: Vec<_> = core.keyring.ids().map(|(d, _)| d).collect();
     for doc in held {
         core.refresh_digest(doc);
@@ -526,6 +535,7 @@ impl Core {
             let lease_ends = self.next_lock_deadline();
             let alerts_due = self.alerts.deadline;
             let handoffs_due = self.sessions.deadline();
+            let acks_due = self.activities.deadline();
             let deadline = self.engine.next_deadline();
             let timer = async {
                 match deadline {
@@ -581,6 +591,8 @@ impl Core {
                 _ = sleep_until_ms(alerts_due) => self.alert_tick().await,
                 // Handoffs that were not accepted or acknowledged in time.
                 _ = sleep_until_ms(handoffs_due) => self.session_tick().await,
+                // Activity starts not acknowledged in time.
+                _ = sleep_until_ms(acks_due) => self.activity_tick().await,
             }
             // Waits for a slot when too many batches are in flight: a burst of remote
             // changes then slows the core down instead of piling up tasks.
@@ -690,6 +702,7 @@ impl Core {
             Request::Users(request) => self.handle_users(request),
             Request::Alerts(request) => self.handle_alerts(request).await,
             Request::Sessions(request) => self.handle_sessions(request).await,
+            Request::Activities(request) => self.handle_activities(request).await,
             #[cfg(feature = "test-hooks")]
             Request::Hooks(request) => self.handle_hook(request),
             #[cfg(test)]

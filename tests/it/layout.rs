@@ -18,6 +18,7 @@ const SERVICES: &[&str] = &[
     "users",
     "alerts",
     "sessions",
+    "activities",
 ];
 /// Modules that serve people and programs over HTTP or the command line.
 const SURFACES: &[&str] = &["api", "ws", "cli", "verbs", "client", "watch", "bench"];

@@ -1,5 +1,6 @@
 //! Integration tests: real `hearth` processes and in-process nodes on loopback.
 
+mod activities;
 mod alerts;
 mod api;
 mod api_guard;
