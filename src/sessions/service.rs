@@ -970,4 +970,55 @@ mod tests {
         assert_eq!(got.device_id, t.peer_id.as_str());
         t.stop().await;
     }
+
+    #[tokio::test]
+    async fn an_offer_is_taken_and_only_its_source_completes_it() {
+        let t = TestCore::start("kitchen").await;
+        let mut events = t.events();
+        let session = DocId::from_bytes([3; 16]).to_string();
+        let offer = SessionMessage::Offer {
+            session: session.clone(),
+            handoff: "h1".into(),
+            user: "ann".into(),
+            persona: Some("chef".into()),
+            context: r#"{"recipe":"soup"}"#.into(),
+        }
+        .encode()
+        .unwrap();
+        let commit = SessionMessage::Commit {
+            session: session.clone(),
+            handoff: "h1".into(),
+        }
+        .encode()
+        .unwrap();
+        let (o, c1, c2) = (offer.clone(), commit.clone(), commit);
+        t.on_core(move |core| {
+            Box::pin(async move {
+                core.on_session_message("12D3KooWsource", &o).await;
+                // Again: answered again, announced once.
+                core.on_session_message("12D3KooWsource", &o).await;
+                // Another device cannot complete it; its source can.
+                core.on_session_message("12D3KooWother", &c1).await;
+                core.on_session_message("12D3KooWsource", &c2).await;
+            })
+        })
+        .await;
+        let mut phases = Vec::new();
+        while let Ok(e) = events.try_recv() {
+            if let Event::Coordination {
+                name: "session.handoff",
+                data,
+                from_peer,
+                ..
+            } = e
+            {
+                assert_eq!(from_peer.as_deref(), Some("12D3KooWsource"));
+                assert_eq!(data["context"]["recipe"], "soup");
+                assert_eq!(data["role"], "target");
+                phases.push(data["phase"].as_str().unwrap().to_string());
+            }
+        }
+        assert_eq!(phases, ["started", "completed"]);
+        t.stop().await;
+    }
 }
