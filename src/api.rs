@@ -19,12 +19,14 @@ use serde::{Deserialize, Serialize};
 use crate::entities::{Entities, Entity, EntityWrite};
 use time::OffsetDateTime;
 
+mod activities;
 mod alerts;
 pub(crate) mod events;
 pub(crate) mod guard;
 mod locks;
 mod more;
 mod seed001;
+mod sessions;
 mod share;
 
 /// What the handlers can see of the node.
@@ -340,6 +342,17 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
         .route("/api/alerts", post(alerts::send).get(alerts::list))
         .route("/api/alerts/{id}", get(alerts::get))
         .route("/api/homes/{home}/alerts", put(alerts::accept))
+        .route(
+            "/api/activities",
+            post(activities::start).get(activities::list),
+        )
+        .route("/api/activities/{id}", get(activities::get))
+        .route("/api/activities/{id}/score", post(activities::score))
+        .route("/api/activities/{id}/{action}", post(activities::act))
+        .route("/api/sessions", post(sessions::start).get(sessions::list))
+        .route("/api/sessions/{id}", get(sessions::get))
+        .route("/api/sessions/{id}/context", put(sessions::context))
+        .route("/api/sessions/{id}/handoff", post(sessions::handoff))
         .route("/api/events", post(events::publish))
         .route("/api/events/history", get(events::history))
         .route("/api/events/dead-letters", get(events::dead_letters))

@@ -10,11 +10,13 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::client::Client;
 use crate::verbs;
 
+mod activities;
 mod alerts;
 mod config;
 mod events;
 mod invite;
 mod locks;
+mod sessions;
 
 /// Hearth: a peer-to-peer sync node for homes.
 ///
@@ -61,6 +63,14 @@ enum Command {
     /// Device locks: priority leases decided by the home's arbiter (its admin device).
     #[command(subcommand)]
     Lock(locks::LockCommand),
+    /// User sessions, readable on every device of the home, and their handoff between
+    /// devices (prepare, accept, acknowledge; rolled back on timeout).
+    #[command(subcommand)]
+    Session(sessions::SessionCommand),
+    /// Group activities (trivia, story, sing-along, synchronised playback): start, show,
+    /// score, pause, resume, step and end.
+    #[command(subcommand)]
+    Activity(activities::ActivityCommand),
     /// Send a notification to a user: every client of theirs on every device of the home
     /// gets it, and clients that are away get it when they connect, within its TTL.
     Notify {
@@ -499,6 +509,8 @@ pub(crate) fn run(args: Args) -> Result<()> {
         Command::Room(cmd) => room(&data, cmd),
         Command::Presence(cmd) => presence(&data, cmd),
         Command::Lock(cmd) => locks::lock(&data, cmd),
+        Command::Session(cmd) => sessions::session(&data, cmd),
+        Command::Activity(cmd) => activities::activity(&data, cmd),
         Command::Notify {
             user,
             title,

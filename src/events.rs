@@ -151,6 +151,19 @@ pub enum Event {
         /// The PeerId the change came from, `None` for this node.
         from_peer: Option<DeviceId>,
     },
+    /// A step of a session handoff (`session.handoff`, with `phase` started, completed or
+    /// rolled_back in its data) or a change of a group activity (`activity.*`, and seed
+    /// 000's `coordination.group_start` and `coordination.group_end`).
+    Coordination {
+        /// The event's name.
+        name: &'static str,
+        /// The session's or the activity's id.
+        subject: String,
+        /// What happened: the fields the event carries on the bus and `/api/ws`.
+        data: serde_json::Value,
+        /// The PeerId it came from, `None` for this node.
+        from_peer: Option<DeviceId>,
+    },
 }
 
 impl Event {
@@ -189,6 +202,7 @@ impl Event {
             }
             Event::NotificationPush { .. } => "notification.failed",
             Event::Alert { .. } => "emergency.alert",
+            Event::Coordination { name, .. } => name,
         }
     }
 
@@ -208,6 +222,7 @@ impl Event {
             Event::Notification { notification, .. }
             | Event::NotificationPush { notification, .. } => &notification.user_id,
             Event::Alert { alert, .. } => &alert.id,
+            Event::Coordination { subject, .. } => subject,
         }
     }
 
@@ -225,7 +240,8 @@ impl Event {
             | Event::Device { from_peer, .. }
             | Event::UserState { from_peer, .. }
             | Event::Notification { from_peer, .. }
-            | Event::Alert { from_peer, .. } => from_peer.as_ref(),
+            | Event::Alert { from_peer, .. }
+            | Event::Coordination { from_peer, .. } => from_peer.as_ref(),
             Event::Conflict { .. }
             | Event::PeerConnected { .. }
             | Event::PeerDisconnected { .. }

@@ -21,6 +21,7 @@
 //! The public types mention neither libp2p nor sled, so integrations do not depend on the
 //! transport or the storage engine.
 
+mod activities;
 mod alerts;
 #[cfg(feature = "api")]
 mod api;
@@ -44,6 +45,7 @@ mod propagation;
 mod records;
 mod revocation;
 mod rooms;
+mod sessions;
 mod shares;
 mod sharing;
 #[cfg(feature = "api")]
@@ -54,6 +56,10 @@ mod users;
 #[cfg(feature = "api")]
 mod ws;
 
+pub use activities::{
+    ACK_TIMEOUT, ACTIVITY_TYPES, Activities, Activity, ActivityAction, ActivityDevice,
+    MAX_ACTIVITY_CONFIG, MAX_ACTIVITY_DEVICES, MAX_LIVE_ACTIVITIES, MAX_SCORE_DELTA, NewActivity,
+};
 pub use alerts::{
     Alert, AlertAcceptance, AlertCounters, AlertRecord, AlertSource, Alerts, DEFAULT_ALERT_TTL_S,
     Direction, MAX_ALERT_MESSAGE, MAX_ALERT_TARGETS, MAX_ALERT_TTL_S, MAX_OUTBOX_ALERTS,
@@ -94,6 +100,10 @@ pub use propagation::{
 pub use revocation::service::RevokedDevice;
 pub use rooms::{
     ChatMessage, DEFAULT_ROOM_SIZE, MAX_CHAT_LIMIT, MAX_MESSAGE_BYTES, Room, RoomMember, Rooms,
+};
+pub use sessions::{
+    HANDOFF_TIMEOUT, Handoff, HandoffReport, MAX_PENDING_HANDOFFS, MAX_SESSION_CONTEXT,
+    MAX_SESSIONS, NewSession, Session, Sessions,
 };
 pub use shares::{AuditEntry, KnownHome, PairedWith, ShareIn, ShareOut, SharedList, Shares};
 pub use types::{DeviceId, EntityId, HomeId, Policy, Rights, Timestamp};

@@ -601,6 +601,22 @@ impl Node {
         }
     }
 
+    /// User sessions, readable on every device of the home, and their handoff from the
+    /// device a session is active on to another.
+    pub fn sessions(&self) -> crate::Sessions {
+        crate::Sessions {
+            core: self.core.clone(),
+        }
+    }
+
+    /// Group activities (trivia, story, sing-along, synchronised playback): start one run
+    /// by this device, read any of the home's, score from any device.
+    pub fn activities(&self) -> crate::Activities {
+        crate::Activities {
+            core: self.core.clone(),
+        }
+    }
+
     /// Device locks (seed 004): priority leases decided by the home's arbiter.
     pub fn locks(&self) -> crate::Locks {
         crate::Locks {

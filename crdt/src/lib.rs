@@ -92,6 +92,7 @@ pub use policy::{
     ActorHomes, Candidate, Conflict, ConflictAction, ConflictRecord, Field, HomeLookup, Policy,
     ResolvedEntity,
 };
+pub use schema::activity::{ActivityPhase, NewActivity};
 pub use schema::entity::{Entity, EntityUpdate};
 pub use schema::home::Home;
 pub use schema::locks::{Lock, LockType, Locks};

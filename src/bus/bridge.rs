@@ -157,6 +157,9 @@ impl Bridge {
                 self.sender(from_peer.as_deref()),
                 None,
             ),
+            CoreEvent::Coordination { data, .. } => {
+                (data.clone(), self.sender(from_peer.as_deref()), None)
+            }
             CoreEvent::Notification { notification, .. } => (
                 json!({ "notification": notification, "channel": "sockets" }),
                 self.sender(from_peer.as_deref()),

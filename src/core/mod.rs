@@ -71,8 +71,13 @@ pub(crate) enum Request {
     Propagation(crate::propagation::service::PropagationRequest),
     Users(crate::users::service::UserRequest),
     Alerts(crate::alerts::service::AlertRequest),
+    Sessions(crate::sessions::service::SessionRequest),
+    Activities(crate::activities::service::ActivityRequest),
     #[cfg(feature = "test-hooks")]
     Hooks(hooks::HookRequest),
+    /// Unit tests only: run a closure on the core (see `testing.rs`).
+    #[cfg(test)]
+    OnCore(testing::OnCore),
 }
 
 macro_rules! route {
@@ -95,6 +100,8 @@ route!(
     Propagation(crate::propagation::service::PropagationRequest),
     Users(crate::users::service::UserRequest),
     Alerts(crate::alerts::service::AlertRequest),
+    Sessions(crate::sessions::service::SessionRequest),
+    Activities(crate::activities::service::ActivityRequest),
 );
 #[cfg(feature = "test-hooks")]
 route!(Hooks(hooks::HookRequest));
@@ -113,8 +120,12 @@ impl Request {
             Request::Propagation(r) => r.is_write(),
             Request::Users(r) => r.is_write(),
             Request::Alerts(r) => r.is_write(),
+            Request::Sessions(r) => r.is_write(),
+            Request::Activities(r) => r.is_write(),
             #[cfg(feature = "test-hooks")]
             Request::Hooks(r) => r.is_write(),
+            #[cfg(test)]
+            Request::OnCore(_) => false,
         }
     }
 
@@ -135,8 +146,12 @@ impl Request {
             Request::Propagation(r) => r.refuse(error),
             Request::Users(r) => r.refuse(error),
             Request::Alerts(r) => r.refuse(error),
+            Request::Sessions(r) => r.refuse(error),
+            Request::Activities(r) => r.refuse(error),
             #[cfg(feature = "test-hooks")]
             Request::Hooks(r) => r.refuse(error),
+            #[cfg(test)]
+            Request::OnCore(_) => {}
         }
     }
 }
@@ -249,6 +264,11 @@ pub(crate) struct Core {
     pub(crate) users: crate::users::service::UserStates,
     /// The emergency alerts service's state.
     pub(crate) alerts: crate::alerts::service::AlertState,
+    /// The sessions service's state (handoffs under way).
+    pub(crate) sessions: crate::sessions::service::SessionState,
+    /// The activities service's state (starts waiting for acknowledgements, what was
+    /// announced).
+    pub(crate) activities: crate::activities::service::ActivityState,
     pub(crate) store: StoreHandle,
     pub(crate) net: hearth_net::Handle,
     pub(crate) home: HomeRecord,
@@ -388,6 +408,8 @@ pub(crate) async fn start(
         propagation: Default::default(),
         users: crate::users::service::UserStates::new(users),
         alerts: Default::default(),
+        sessions: Default::default(),
+        activities: Default::default(),
         store,
         net,
         home,
@@ -459,6 +481,7 @@ pub(crate) async fn start(
     core.remember_rooms_and_presence();
     core.remember_user_states();
     core.close_stale_sessions().await;
+    core.remember_activities();
     let held: Vec<_> = core.keyring.ids().map(|(d, _)| d).collect();
     for doc in held {
         core.refresh_digest(doc);
@@ -512,6 +535,8 @@ impl Core {
             let window_closes = self.entities.writes.deadline();
             let lease_ends = self.next_lock_deadline();
             let alerts_due = self.alerts.deadline;
+            let handoffs_due = self.sessions.deadline();
+            let acks_due = self.activities.deadline();
             let deadline = self.engine.next_deadline();
             let timer = async {
                 match deadline {
@@ -565,6 +590,10 @@ impl Core {
                 _ = sleep_until_ms(lease_ends) => self.expire_locks().await,
                 // Alert retries and expiries.
                 _ = sleep_until_ms(alerts_due) => self.alert_tick().await,
+                // Handoffs that were not accepted or acknowledged in time.
+                _ = sleep_until_ms(handoffs_due) => self.session_tick().await,
+                // Activity starts not acknowledged in time.
+                _ = sleep_until_ms(acks_due) => self.activity_tick().await,
             }
             // Waits for a slot when too many batches are in flight: a burst of remote
             // changes then slows the core down instead of piling up tasks.
@@ -673,8 +702,12 @@ impl Core {
             Request::Propagation(request) => self.handle_propagation(request).await,
             Request::Users(request) => self.handle_users(request),
             Request::Alerts(request) => self.handle_alerts(request).await,
+            Request::Sessions(request) => self.handle_sessions(request).await,
+            Request::Activities(request) => self.handle_activities(request).await,
             #[cfg(feature = "test-hooks")]
             Request::Hooks(request) => self.handle_hook(request),
+            #[cfg(test)]
+            Request::OnCore(on) => on.run(self).await,
         }
     }
 

@@ -97,6 +97,7 @@ impl Core {
                         _ => None,
                     };
                     self.on_users_changed(doc, from_peer.clone());
+                    self.on_activity_changed(doc, from_peer.clone());
                     self.on_doc_changed(doc, from_peer);
                 }
                 Output::Send { peer, frame } => self.outbox.push((peer, frame)),

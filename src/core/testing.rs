@@ -141,3 +141,37 @@ impl TestCore {
         self.task.await.unwrap();
     }
 }
+
+/// A closure for the core to run (unit tests only): a receive path, fed what a peer
+/// would send, without a network.
+pub(crate) struct OnCore {
+    run: Box<dyn for<'a> FnOnce(&'a mut super::Core) -> CoreFuture<'a> + Send>,
+    done: tokio::sync::oneshot::Sender<()>,
+}
+
+/// What an [`OnCore`] closure returns.
+pub(crate) type CoreFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
+
+impl OnCore {
+    pub(crate) async fn run(self, core: &mut super::Core) {
+        (self.run)(core).await;
+        let _ = self.done.send(());
+    }
+}
+
+impl TestCore {
+    /// Runs `f` on the core, between its requests, and waits for it.
+    pub(crate) async fn on_core(
+        &self,
+        f: impl for<'a> FnOnce(&'a mut super::Core) -> CoreFuture<'a> + Send + 'static,
+    ) {
+        let (done, rx) = tokio::sync::oneshot::channel();
+        let request = super::Request::OnCore(OnCore {
+            run: Box::new(f),
+            done,
+        });
+        self.core.tx.send(request).await.unwrap();
+        rx.await.unwrap();
+    }
+}

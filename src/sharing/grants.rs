@@ -99,6 +99,22 @@ impl Core {
             }
             return;
         }
+        if let ShareMessage::Session { bytes } = &message {
+            if own {
+                self.on_session_message(peer, bytes).await;
+            } else {
+                tracing::warn!(%peer, "handoff message from a device that is not of this home dropped");
+            }
+            return;
+        }
+        if let ShareMessage::Activity { bytes } = &message {
+            if own {
+                self.on_activity_message(peer, bytes).await;
+            } else {
+                tracing::warn!(%peer, "activity message from a device that is not of this home dropped");
+            }
+            return;
+        }
         if bytes.len() > MAX_SHARE_MESSAGE {
             tracing::warn!(%peer, len = bytes.len(), "oversized grant frame dropped");
             return;
@@ -131,7 +147,11 @@ impl Core {
             return;
         };
         match message {
-            ShareMessage::HomeKey(_) | ShareMessage::Lock { .. } | ShareMessage::Event { .. } => {}
+            ShareMessage::HomeKey(_)
+            | ShareMessage::Lock { .. }
+            | ShareMessage::Event { .. }
+            | ShareMessage::Session { .. }
+            | ShareMessage::Activity { .. } => {}
             ShareMessage::Revocation { record } => {
                 match self
                     .step(|core, fx| Ok(core.on_paired_revocation(peer, &fp.home, &record, fx)))

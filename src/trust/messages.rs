@@ -8,8 +8,9 @@ use serde_bytes::ByteBuf;
 
 /// Largest grant message accepted.
 pub(crate) const MAX_SHARE_MESSAGE: usize = 4096;
-/// Largest grant message accepted from a device of this home, for an `Event` only (every
-/// other kind stays under [`MAX_SHARE_MESSAGE`]): an event's payload may be larger.
+/// Largest grant message accepted from a device of this home, for an `Event`, a
+/// `Session` or an `Activity` only (every other kind stays under [`MAX_SHARE_MESSAGE`]): an event's
+/// payload and a session's context may be larger.
 pub(crate) const MAX_OWN_SHARE_MESSAGE: usize = 48 * 1024;
 
 /// What travels in a grant frame.
@@ -37,6 +38,12 @@ pub(crate) enum ShareMessage {
     /// Between devices of one home: an event published for devices of the home, CBOR the
     /// events-across-devices service decodes (`propagation/wire.rs`).
     Event { bytes: ByteBuf },
+    /// Between devices of one home: a step of a session handoff, CBOR the sessions
+    /// service decodes (`sessions/wire.rs`); it may carry a context snapshot.
+    Session { bytes: ByteBuf },
+    /// Between devices of one home: a group activity's start and its acknowledgement,
+    /// CBOR the activities service decodes (`activities/wire.rs`).
+    Activity { bytes: ByteBuf },
 }
 
 /// The key of the home or registry document at a new epoch, for one device of the home.

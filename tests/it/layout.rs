@@ -17,6 +17,8 @@ const SERVICES: &[&str] = &[
     "propagation",
     "users",
     "alerts",
+    "sessions",
+    "activities",
 ];
 /// Modules that serve people and programs over HTTP or the command line.
 const SURFACES: &[&str] = &["api", "ws", "cli", "verbs", "client", "watch", "bench"];

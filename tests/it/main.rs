@@ -1,5 +1,6 @@
 //! Integration tests: real `hearth` processes and in-process nodes on loopback.
 
+mod activities;
 mod alerts;
 mod api;
 mod api_guard;
@@ -19,6 +20,7 @@ mod rooms;
 mod security;
 mod security_bomb;
 mod seed001;
+mod sessions;
 mod sharing;
 mod store;
 mod up;

@@ -332,6 +332,9 @@ fn check_view<P>(
             // `Users::read`): only the layout's root must be there.
             crate::schema::users::check_root(&ds.doc)?;
         }
+        DocKind::Activity => {
+            crate::schema::activity::Activity::read(&ds.doc)?;
+        }
     }
     Ok(kind)
 }

@@ -1,12 +1,13 @@
 //! Document schemas: the header every document carries, and typed views over
 //! every kind ([`entity`], [`registry`], [`home`], [`room`], [`presence`],
-//! [`locks`], [`session`]).
+//! [`locks`], [`session`], [`users`], [`activity`]).
 //!
 //! Reads validate. Content that came from a peer may have any shape, so every
 //! accessor checks types and presence and reports the dotted path of the first
 //! field that is wrong (`entity.attributes.brightness`). Nothing here panics on
 //! a malformed document.
 
+pub mod activity;
 pub mod entity;
 mod fields;
 pub mod home;
@@ -57,6 +58,8 @@ pub enum DocKind {
     Session,
     /// A home's users: each user's state and client sessions.
     Users,
+    /// A group activity across devices of a home.
+    Activity,
 }
 
 impl DocKind {
@@ -71,6 +74,7 @@ impl DocKind {
             DocKind::Locks => "locks",
             DocKind::Session => "session",
             DocKind::Users => "users",
+            DocKind::Activity => "activity",
         }
     }
 
@@ -85,6 +89,7 @@ impl DocKind {
             "locks" => DocKind::Locks,
             "session" => DocKind::Session,
             "users" => DocKind::Users,
+            "activity" => DocKind::Activity,
             _ => return None,
         })
     }
@@ -377,6 +382,7 @@ mod tests {
             DocKind::Locks,
             DocKind::Session,
             DocKind::Users,
+            DocKind::Activity,
         ] {
             assert_eq!(DocKind::parse(k.as_str()), Some(k));
         }

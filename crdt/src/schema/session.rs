@@ -6,6 +6,7 @@
 //! | key | type |
 //! | --- | --- |
 //! | `user`, `active_device` | string |
+//! | `persona` | optional string: who the assistant is in this session |
 //! | `context` | string: a JSON object, at most [`MAX_CONTEXT_BYTES`] |
 //! | `context_at` | uint ms, when the context was last saved |
 //! | `handoffs` | list of map { `id`, `from`, `to`: string, `started_at`: uint ms, `finished_at`: optional uint ms, `outcome`: "pending" \| "completed" \| "rolled_back" } |
@@ -96,6 +97,8 @@ pub struct Session {
     pub user: String,
     /// Device the session is active on.
     pub active_device: String,
+    /// The persona the session runs with, if one was given.
+    pub persona: Option<String>,
     /// Context snapshot.
     pub context: Map<String, Json>,
     /// When the context was saved, ms since the Unix epoch.
@@ -110,6 +113,10 @@ impl Session {
         let s = req_map(doc, &ROOT, SESSION_KEY, SESSION_KEY)?;
         let user = req_name(doc, &s, "user", "session.user")?;
         let active_device = req_name(doc, &s, "active_device", "session.active_device")?;
+        let persona = super::opt_str(doc, &s, "persona", "session.persona")?;
+        if let Some(p) = &persona {
+            check_name("session.persona", p)?;
+        }
         let text = req_str(doc, &s, "context", "session.context")?;
         let context = parse_context(&text)?;
         let context_at_ms = req_u64(doc, &s, "context_at", "session.context_at")?;
@@ -123,6 +130,7 @@ impl Session {
         Ok(Self {
             user,
             active_device,
+            persona,
             context,
             context_at_ms,
             handoffs,
@@ -315,6 +323,34 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         })
     }
 
+    /// Creates a session document for `user` with `persona`, active on `device`, holding
+    /// `context` from the start: one change, so no device ever sees it half made.
+    #[allow(clippy::too_many_arguments)]
+    pub fn create_session_with(
+        &mut self,
+        id: DocId,
+        owner_home: &str,
+        epoch: KeyEpoch,
+        user: &str,
+        persona: Option<&str>,
+        device: &str,
+        context: &Map<String, Json>,
+        now_ms: u64,
+    ) -> Result<Vec<Output<P>>> {
+        if let Some(p) = persona {
+            check_name("session.persona", p)?;
+        }
+        let header = Header::new(DocKind::Session, owner_home, epoch);
+        self.create_document(id, header, now_ms, |doc, _, _| {
+            init(doc, user, device, now_ms)?;
+            if let Some(p) = persona {
+                let s = session_map(doc)?;
+                doc.put(&s, "persona", p).map_err(am)?;
+            }
+            set_context(doc, context, now_ms)
+        })
+    }
+
     /// The validated session view.
     pub fn session(&self, id: DocId) -> Result<Session> {
         Session::read(self.doc(id)?)
@@ -399,6 +435,7 @@ mod tests {
         finish_handoff(&mut d, "h2", HandoffOutcome::RolledBack, 25).unwrap();
         let s = Session::read(&d).unwrap();
         assert_eq!(s.user, "ann");
+        assert_eq!(s.persona, None);
         assert_eq!(
             s.active_device, "phone",
             "a rollback leaves the session where it was"
@@ -489,6 +526,12 @@ mod tests {
         d.put(&s, "context", "x".repeat(MAX_CONTEXT_BYTES + 1))
             .unwrap();
         check(&d, "session.context");
+        let mut d = base.clone();
+        let s = s_of(&d);
+        d.put(&s, "persona", 7_i64).unwrap();
+        check(&d, "session.persona");
+        d.put(&s, "persona", "").unwrap();
+        check(&d, "session.persona");
         let mut d = base.clone();
         let s = s_of(&d);
         d.put(&s, "active_device", ScalarValue::Boolean(true))
