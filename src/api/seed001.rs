@@ -160,6 +160,10 @@ pub(crate) async fn upgrade(
 
 /// One client's socket: opens its session (refused past `max_devices_per_user`), then
 /// relays its messages to the services and the services' events to it.
+/// A client's messages being handled at once; past this its socket is not read until
+/// some are done.
+const MAX_IN_FLIGHT: usize = 64;
+
 /// How long one frame may take to reach a client before it counts as gone.
 const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -256,6 +260,10 @@ async fn session(socket: WebSocket, state: Arc<ApiState>, user: String, client: 
     let mut ping = tokio::time::interval(state.seed.heartbeat_interval);
     ping.reset();
     let mut heard = tokio::time::Instant::now();
+    // A client's messages are handled in order but without waiting for each one's write
+    // to be stored before reading the next: the core takes them in order, and one flush
+    // covers many. Answers (errors, heartbeat acks) go back in the order asked.
+    let mut inflight = futures::stream::FuturesOrdered::new();
     while ok {
         let idle = tokio::time::sleep_until(
             heard
@@ -272,10 +280,14 @@ async fn session(socket: WebSocket, state: Arc<ApiState>, user: String, client: 
                 }))).await;
                 break;
             }
-            incoming = source.next() => {
+            Some(answer) = inflight.next(), if !inflight.is_empty() => answer,
+            incoming = source.next(), if inflight.len() < MAX_IN_FLIGHT => {
                 heard = tokio::time::Instant::now();
                 match incoming {
-                    Some(Ok(Message::Text(t))) => handle(&state, &user, &client, &t).await,
+                    Some(Ok(Message::Text(t))) => {
+                        inflight.push_back(handle(&state, &user, &client, t.to_string()));
+                        None
+                    }
                     Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
                     Some(Ok(_)) => None,
                 }
@@ -313,8 +325,8 @@ struct Incoming {
 
 /// A client's message: handled by the service it names; answers a frame to send back,
 /// if any (the writing socket gets no `state_update` for its own write).
-async fn handle(state: &ApiState, user: &str, client: &str, text: &str) -> Option<Message> {
-    let message: Incoming = match serde_json::from_str(text) {
+async fn handle(state: &ApiState, user: &str, client: &str, text: String) -> Option<Message> {
+    let message: Incoming = match serde_json::from_str(&text) {
         Ok(m) => m,
         Err(e) => {
             return Some(frame(
