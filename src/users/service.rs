@@ -375,7 +375,8 @@ impl Core {
     }
 
     /// At start: sessions this device left open (it stopped without closing them) are
-    /// closed now, so they stop counting against the user's cap after their TTL.
+    /// closed now, so they stop counting against the user's cap after their TTL; users
+    /// left with nothing are dropped.
     pub(crate) async fn close_stale_sessions(&mut self) {
         let doc = users_doc_id(&self.home.home_id);
         if !self.has_content(doc) {
@@ -406,6 +407,13 @@ impl Core {
                     }
                 }
             }
+        }
+        // Users left with nothing are dropped here, once per start (it reads every user).
+        match self.engine.write_users(doc, now, |d| {
+            hearth_crdt::schema::users::prune_idle_users(d, forget)
+        }) {
+            Ok((_, out)) => crate::core::append(&mut batch, self.handle_outputs(out)),
+            Err(error) => tracing::warn!(%error, "cannot prune idle users"),
         }
         if !batch.is_empty()
             && let Err(error) = self.store.batch(batch).await

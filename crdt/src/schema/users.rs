@@ -552,14 +552,14 @@ pub fn close_session<T: Transactable>(
         doc.put(&c, "closed", ScalarValue::Uint(now_ms.max(1)))
             .map_err(am)?;
     }
-    prune_sessions(doc, &s, forget_before_ms)?;
-    prune_idle_users(doc, forget_before_ms)
+    prune_sessions(doc, &s, forget_before_ms)
 }
 
 /// Drops, for every user, sessions closed before `forget_before_ms`, and then users left
 /// with nothing (no state, sessions, notifications or subscriptions), so ids that were
-/// used once do not hold places under [`MAX_USERS`] for ever.
-fn prune_idle_users<T: Transactable>(doc: &mut T, forget_before_ms: u64) -> Result<()> {
+/// used once do not hold places under [`MAX_USERS`] for ever. It reads every user, so
+/// the node runs it at start, not on every close.
+pub fn prune_idle_users<T: Transactable>(doc: &mut T, forget_before_ms: u64) -> Result<()> {
     let u = ensure_map(doc, &ROOT, USERS_KEY)?;
     for user in keys(doc, &u) {
         let Some((Value::Object(ObjType::Map), e)) = doc.get(&u, user.as_str()).map_err(am)? else {
@@ -845,6 +845,7 @@ mod tests {
         close_session(&mut a, "bob", "tab", 500, 0).unwrap();
         write_state(&mut a, "ann", &one("k", "1"), "phone", hlc(5, 1)).unwrap();
         close_session(&mut a, "ann", "phone", 900, 600).unwrap();
+        prune_idle_users(&mut a, 600).unwrap();
         assert!(Users::read_user(&a, "bob").unwrap().is_none());
         assert!(
             Users::read_user(&a, "ann").unwrap().is_some(),
