@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use hearth_crdt::hlc::Hlc;
-use hearth_crdt::schema::users::{StateKey, UserEntry, Users as UsersDoc};
+use hearth_crdt::schema::users::{Parts, StateKey, UserEntry, Users as UsersDoc};
 use hearth_crdt::{DocId, DocKind};
 use hearth_storage::Batch;
 use serde_json::{Map, Value};
@@ -275,9 +275,14 @@ impl Core {
 
     pub(crate) fn user_state(&mut self, user: &str) -> Result<UserState, Error> {
         let doc = self.users_doc()?;
+        let parts = Parts {
+            state: true,
+            sessions: true,
+            ..Parts::NONE
+        };
         let entry = self
             .engine
-            .user_entry(doc, user)
+            .user_entry(doc, user, parts)
             .map_err(users_err)?
             .unwrap_or_default();
         Ok(self.user_view(user, &entry))
@@ -326,9 +331,13 @@ impl Core {
     fn open_user_session(&mut self, user: &str, client: &str) -> Result<((), Batch), Error> {
         let doc = self.users_doc()?;
         let now = now_ms();
+        let sessions = Parts {
+            sessions: true,
+            ..Parts::NONE
+        };
         let entry = self
             .engine
-            .user_entry(doc, user)
+            .user_entry(doc, user, sessions)
             .map_err(users_err)?
             .unwrap_or_default();
         let others = entry
@@ -356,9 +365,13 @@ impl Core {
         let now = now_ms();
         // The client may have reconnected to another device since: only its session here
         // is this device's to close.
+        let sessions = Parts {
+            sessions: true,
+            ..Parts::NONE
+        };
         let here = self
             .engine
-            .user_entry(doc, user)
+            .user_entry(doc, user, sessions)
             .ok()
             .flatten()
             .and_then(|e| e.sessions.get(client).cloned())
@@ -479,8 +492,14 @@ impl Core {
                 .and_then(|d| UsersDoc::read(d).map_err(|e| e.to_string())),
             hearth_crdt::schema::touched::Touched::Entries(names) => {
                 let mut users = UsersDoc::default();
+                // Announcements need the state and the notifications only.
+                let parts = Parts {
+                    state: true,
+                    notifications: true,
+                    ..Parts::NONE
+                };
                 for name in names {
-                    match self.engine.user_entry(doc, &name) {
+                    match self.engine.user_entry(doc, &name, parts) {
                         Ok(Some(mut entry)) => {
                             users.skipped.append(&mut entry.skipped);
                             users.users.insert(name, entry);

@@ -214,13 +214,50 @@ fn capped_keys<D: ReadDoc>(
     Ok(Some((m, names)))
 }
 
+/// Which parts of a user's entry a read decodes; the others are left empty.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Parts {
+    /// The state keys.
+    pub state: bool,
+    /// The client sessions.
+    pub sessions: bool,
+    /// The stored notifications.
+    pub notifications: bool,
+    /// The Web Push subscriptions.
+    pub push: bool,
+}
+
+impl Parts {
+    /// Every part.
+    pub const ALL: Parts = Parts {
+        state: true,
+        sessions: true,
+        notifications: true,
+        push: true,
+    };
+    /// None: set the fields wanted.
+    pub const NONE: Parts = Parts {
+        state: false,
+        sessions: false,
+        notifications: false,
+        push: false,
+    };
+}
+
 /// Reads one user's entry. An item that does not validate (a peer's bad write, or two
 /// devices crossing a cap at once) is left out and reported in `skipped`, so one bad item
 /// never hides the rest of the user, nor the other users.
-fn read_entry<D: ReadDoc>(doc: &D, e: &automerge::ObjId, path: &str) -> Result<UserEntry> {
+fn read_entry<D: ReadDoc>(
+    doc: &D,
+    e: &automerge::ObjId,
+    path: &str,
+    parts: Parts,
+) -> Result<UserEntry> {
     let mut entry = UserEntry::default();
     let mut skipped = Vec::new();
-    if let Some((s, names)) = capped_keys(doc, e, "state", MAX_STATE_KEYS, path, &mut skipped)? {
+    if parts.state
+        && let Some((s, names)) = capped_keys(doc, e, "state", MAX_STATE_KEYS, path, &mut skipped)?
+    {
         for key in names {
             let kpath = join(&join(path, "state"), &key);
             let read = check_name(&kpath, &key).and_then(|()| {
@@ -256,7 +293,9 @@ fn read_entry<D: ReadDoc>(doc: &D, e: &automerge::ObjId, path: &str) -> Result<U
             }
         }
     }
-    if let Some((s, names)) = capped_keys(doc, e, "sessions", MAX_SESSIONS * 2, path, &mut skipped)?
+    if parts.sessions
+        && let Some((s, names)) =
+            capped_keys(doc, e, "sessions", MAX_SESSIONS * 2, path, &mut skipped)?
     {
         for client in names {
             let cpath = join(&join(path, "sessions"), &client);
@@ -268,14 +307,16 @@ fn read_entry<D: ReadDoc>(doc: &D, e: &automerge::ObjId, path: &str) -> Result<U
             }
         }
     }
-    if let Some((s, names)) = capped_keys(
-        doc,
-        e,
-        "notifications",
-        MAX_NOTIFICATIONS * 2,
-        path,
-        &mut skipped,
-    )? {
+    if parts.notifications
+        && let Some((s, names)) = capped_keys(
+            doc,
+            e,
+            "notifications",
+            MAX_NOTIFICATIONS * 2,
+            path,
+            &mut skipped,
+        )?
+    {
         for id in names {
             let npath = join(&join(path, "notifications"), &id);
             match read_notification(doc, &s, &id, &npath) {
@@ -286,8 +327,9 @@ fn read_entry<D: ReadDoc>(doc: &D, e: &automerge::ObjId, path: &str) -> Result<U
             }
         }
     }
-    if let Some((s, names)) =
-        capped_keys(doc, e, "push", MAX_PUSH_SUBSCRIPTIONS, path, &mut skipped)?
+    if parts.push
+        && let Some((s, names)) =
+            capped_keys(doc, e, "push", MAX_PUSH_SUBSCRIPTIONS, path, &mut skipped)?
     {
         for id in names {
             let spath = join(&join(path, "push"), &id);
@@ -431,7 +473,7 @@ impl Users {
             let path = join(USERS_KEY, &user);
             let read = check_name(&path, &user)
                 .and_then(|()| req_map(doc, &u, &user, &path))
-                .and_then(|e| read_entry(doc, &e, &path));
+                .and_then(|e| read_entry(doc, &e, &path, Parts::ALL));
             match read {
                 Ok(mut entry) => {
                     skipped.append(&mut entry.skipped);
@@ -444,11 +486,11 @@ impl Users {
     }
 
     /// Reads one user's entry, if there is one.
-    pub fn read_user<D: ReadDoc>(doc: &D, user: &str) -> Result<Option<UserEntry>> {
+    pub fn read_user<D: ReadDoc>(doc: &D, user: &str, parts: Parts) -> Result<Option<UserEntry>> {
         let u = req_map(doc, &ROOT, USERS_KEY, USERS_KEY)?;
         match doc.get(&u, user).map_err(am)? {
             Some((Value::Object(ObjType::Map), e)) => {
-                read_entry(doc, &e, &join(USERS_KEY, user)).map(Some)
+                read_entry(doc, &e, &join(USERS_KEY, user), parts).map(Some)
             }
             _ => Ok(None),
         }
@@ -620,10 +662,10 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         self.create_document(id, header, now_ms, |doc, _, _| init(doc))
     }
 
-    /// One user's validated entry.
-    pub fn user_entry(&self, id: DocId, user: &str) -> Result<Option<UserEntry>> {
+    /// One user's validated entry, with only `parts` read.
+    pub fn user_entry(&self, id: DocId, user: &str, parts: Parts) -> Result<Option<UserEntry>> {
         expect_kind(self, id, DocKind::Users)?;
-        Users::read_user(self.doc(id)?, user)
+        Users::read_user(self.doc(id)?, user, parts)
     }
 
     /// Writes state keys of `user` from `client`; answers the HLC they were written at.
@@ -721,7 +763,7 @@ mod tests {
         write_state(&mut b, "ann", &one("progress", "0.6"), "phone", hlc(20, 2)).unwrap();
         write_state(&mut b, "ann", &one("lesson", "\"l5\""), "phone", hlc(20, 2)).unwrap();
         a.merge(&mut b).unwrap();
-        let ann = Users::read_user(&a, "ann").unwrap().unwrap();
+        let ann = Users::read_user(&a, "ann", Parts::ALL).unwrap().unwrap();
         let progress = &ann.state["progress"];
         assert_eq!(progress.winner.value, "0.7");
         assert_eq!(progress.concurrent.len(), 1);
@@ -730,7 +772,7 @@ mod tests {
         assert!(ann.state["lesson"].concurrent.is_empty());
         // A later write on top of both ends the conflict.
         write_state(&mut a, "ann", &one("progress", "1.0"), "web1", hlc(40, 1)).unwrap();
-        let ann = Users::read_user(&a, "ann").unwrap().unwrap();
+        let ann = Users::read_user(&a, "ann", Parts::ALL).unwrap().unwrap();
         assert!(ann.state["progress"].concurrent.is_empty());
         assert_eq!(Users::read(&a).unwrap().users.len(), 1);
     }
@@ -778,12 +820,12 @@ mod tests {
         };
         put_notification(&mut a, "ann", "n1", &n(10, 100), 10).unwrap();
         put_notification(&mut a, "ann", "n2", &n(20, 1000), 20).unwrap();
-        let ann = Users::read_user(&a, "ann").unwrap().unwrap();
+        let ann = Users::read_user(&a, "ann", Parts::ALL).unwrap().unwrap();
         assert_eq!(ann.notifications.len(), 2);
         assert_eq!(ann.notifications["n1"], n(10, 100));
         // n1 has expired by the next write.
         put_notification(&mut a, "ann", "n3", &n(200, 1000), 200).unwrap();
-        let ann = Users::read_user(&a, "ann").unwrap().unwrap();
+        let ann = Users::read_user(&a, "ann", Parts::ALL).unwrap().unwrap();
         assert!(!ann.notifications.contains_key("n1"));
         for i in 0..MAX_NOTIFICATIONS + 3 {
             put_notification(
@@ -795,7 +837,7 @@ mod tests {
             )
             .unwrap();
         }
-        let ann = Users::read_user(&a, "ann").unwrap().unwrap();
+        let ann = Users::read_user(&a, "ann", Parts::ALL).unwrap().unwrap();
         assert_eq!(ann.notifications.len(), MAX_NOTIFICATIONS);
         assert!(
             ann.notifications
@@ -814,7 +856,7 @@ mod tests {
         put_vapid_key(&mut a, "abc").unwrap();
         assert_eq!(vapid_key(&a).unwrap().as_deref(), Some("abc"));
         put_push_subscription(&mut a, "ann", "s1", "{}").unwrap();
-        let ann = Users::read_user(&a, "ann").unwrap().unwrap();
+        let ann = Users::read_user(&a, "ann", Parts::ALL).unwrap().unwrap();
         assert_eq!(ann.push["s1"], "{}");
         for i in 1..MAX_PUSH_SUBSCRIPTIONS {
             put_push_subscription(&mut a, "ann", &format!("x{i}"), "{}").unwrap();
@@ -833,11 +875,22 @@ mod tests {
         open_session(&mut a, "ann", "web1", "node-a", 100).unwrap();
         open_session(&mut a, "ann", "phone", "node-b", 110).unwrap();
         close_session(&mut a, "ann", "web1", 200, 0).unwrap();
-        let ann = Users::read_user(&a, "ann").unwrap().unwrap();
+        let ann = Users::read_user(&a, "ann", Parts::ALL).unwrap().unwrap();
         assert_eq!(ann.sessions["web1"].closed_ms, 200);
         assert_eq!(ann.sessions["phone"].closed_ms, 0);
+        // A read of some parts leaves the others empty.
+        write_state(&mut a, "ann", &one("k", "0"), "phone", hlc(4, 1)).unwrap();
+        let only = Parts {
+            sessions: true,
+            ..Parts::NONE
+        };
+        let part = Users::read_user(&a, "ann", only).unwrap().unwrap();
+        assert_eq!(part.sessions, ann.sessions);
+        assert!(part.state.is_empty());
+        let ann = Users::read_user(&a, "ann", Parts::ALL).unwrap().unwrap();
+        assert_eq!(ann.state["k"].winner.value, "0");
         close_session(&mut a, "ann", "phone", 300, 250).unwrap();
-        let ann = Users::read_user(&a, "ann").unwrap().unwrap();
+        let ann = Users::read_user(&a, "ann", Parts::ALL).unwrap().unwrap();
         assert!(!ann.sessions.contains_key("web1"), "closed before the cut");
         assert!(ann.sessions.contains_key("phone"));
         // A user with nothing left is dropped at the next close past the cut.
@@ -846,9 +899,9 @@ mod tests {
         write_state(&mut a, "ann", &one("k", "1"), "phone", hlc(5, 1)).unwrap();
         close_session(&mut a, "ann", "phone", 900, 600).unwrap();
         prune_idle_users(&mut a, 600).unwrap();
-        assert!(Users::read_user(&a, "bob").unwrap().is_none());
+        assert!(Users::read_user(&a, "bob", Parts::ALL).unwrap().is_none());
         assert!(
-            Users::read_user(&a, "ann").unwrap().is_some(),
+            Users::read_user(&a, "ann", Parts::ALL).unwrap().is_some(),
             "ann has state"
         );
     }
