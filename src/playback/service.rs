@@ -544,3 +544,200 @@ fn sync_event(
         from_peer: from_peer.map(DeviceId::from),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::testing::TestCore;
+
+    async fn schedules(t: &TestCore) -> Vec<PlaybackSchedule> {
+        t.core
+            .call(|reply| PlaybackRequest::List { reply })
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_received_playback_waits_for_a_clock_sample_then_starts_at_the_converted_time() {
+        let t = TestCore::start("den").await;
+        let mut events = t.events();
+        let peer = PeerId::random();
+        let text = peer.to_base58();
+        let skew = 2_000_000i64;
+        let t1 = 1_000_000_000i64;
+        let nonce = std::sync::Arc::new(std::sync::Mutex::new(0));
+        let seen = nonce.clone();
+        t.on_core(move |core| {
+            Box::pin(async move {
+                core.peers.admitted.insert(text.clone(), peer);
+                let start = ClockMessage::Start {
+                    id: "5Kq9wXyzAbCdEfGhJk".into(),
+                    media: "song".into(),
+                    start_at_ms: 50_000,
+                }
+                .encode()
+                .unwrap();
+                core.on_clock_message(peer, true, &start, 0).await;
+                // No estimate yet: kept, pending, and a probe went out.
+                *seen.lock().unwrap() = core.playback.clock.probe(&text, t1).unwrap();
+            })
+        })
+        .await;
+        let listed = schedules(&t).await;
+        assert_eq!(listed.len(), 1);
+        assert!(!listed[0].initiated_here);
+        assert_eq!(listed[0].devices[0].state, DeviceSchedule::Pending);
+        assert!(events.try_recv().is_err());
+
+        let nonce = *nonce.lock().unwrap();
+        t.on_core(move |core| {
+            Box::pin(async move {
+                // 1 ms each way, the peer 2 s ahead.
+                let t2 = t1 + 1000 + skew;
+                let t3 = t2 + 10;
+                let answer = ClockMessage::Answer {
+                    nonce,
+                    t2_us: t2,
+                    t3_us: t3,
+                }
+                .encode()
+                .unwrap();
+                core.on_clock_message(peer, true, &answer, t3 - skew + 1000)
+                    .await;
+            })
+        })
+        .await;
+        let Event::Coordination {
+            name,
+            subject,
+            data,
+            ..
+        } = events.recv().await.unwrap()
+        else {
+            panic!("not a coordination event");
+        };
+        assert_eq!(
+            (name, subject.as_str()),
+            (SYNC_PLAYBACK, "5Kq9wXyzAbCdEfGhJk")
+        );
+        assert_eq!(data["local_start_at"], 48_000);
+        assert_eq!(data["offset_ms"], 2000.0);
+        assert_eq!(data["uncertainty_ms"], 1.0);
+        let listed = schedules(&t).await;
+        assert_eq!(listed[0].devices[0].state, DeviceSchedule::Scheduled);
+        assert_eq!(listed[0].devices[0].local_start_at, Some(48_000));
+        let clocks = t
+            .core
+            .call(|reply| PlaybackRequest::Clocks { reply })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(clocks.len(), 1);
+        assert_eq!(clocks[0].1.offset_ms, 2000.0);
+        t.stop().await;
+    }
+
+    #[tokio::test]
+    async fn malformed_foreign_and_flooding_messages_are_dropped() {
+        let t = TestCore::start("den").await;
+        let peer = PeerId::random();
+        let dropped = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let out = dropped.clone();
+        t.on_core(move |core| {
+            Box::pin(async move {
+                core.peers.admitted.insert(peer.to_base58(), peer);
+                let probe = ClockMessage::Probe { nonce: 1 }.encode().unwrap();
+                core.on_clock_message(peer, false, &probe, 0).await;
+                out.lock().unwrap().push(core.playback.dropped);
+                core.on_clock_message(peer, true, b"\xff\x00", 0).await;
+                out.lock().unwrap().push(core.playback.dropped);
+                // A report for a playback that does not exist changes nothing.
+                let report = ClockMessage::Scheduled {
+                    id: "5Kq9wXyzAbCdEfGhJk".into(),
+                    local_start_ms: 1,
+                    offset_us: 0,
+                    uncertainty_us: 0,
+                }
+                .encode()
+                .unwrap();
+                core.on_clock_message(peer, true, &report, 0).await;
+                let before = core.playback.dropped;
+                for _ in 0..(crate::propagation::limit::EVENT_BURST * 2) {
+                    core.on_clock_message(peer, true, &probe, 0).await;
+                }
+                out.lock().unwrap().push(core.playback.dropped - before);
+            })
+        })
+        .await;
+        let dropped = dropped.lock().unwrap().clone();
+        assert_eq!(dropped[0], 1, "a paired home's device was heard");
+        assert_eq!(dropped[1], 2, "garbage was taken");
+        assert!(dropped[2] >= 50, "{dropped:?}: the flood was not limited");
+        assert!(schedules(&t).await.is_empty());
+        t.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_playback_started_here_is_scheduled_here_and_bad_ones_are_refused() {
+        let t = TestCore::start("den").await;
+        let mut events = t.events();
+        let start = |playback: NewPlayback| {
+            t.core
+                .call(move |reply| PlaybackRequest::Start { playback, reply })
+        };
+        let schedule = start(NewPlayback {
+            media: "radio".into(),
+            start_at: 77_000,
+            device_ids: vec![],
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert!(schedule.initiated_here);
+        assert_eq!(schedule.devices.len(), 1);
+        assert_eq!(schedule.devices[0].device_id.as_str(), t.peer_id);
+        assert_eq!(schedule.devices[0].name, "den");
+        assert_eq!(schedule.devices[0].local_start_at, Some(77_000));
+        let Event::Coordination { name, data, .. } = events.recv().await.unwrap() else {
+            panic!("not a coordination event");
+        };
+        assert_eq!(name, SYNC_PLAYBACK);
+        assert_eq!(data["local_start_at"], 77_000);
+        for (bad, invalid) in [
+            (
+                NewPlayback {
+                    media: " ".into(),
+                    start_at: 1,
+                    device_ids: vec![],
+                },
+                true,
+            ),
+            (
+                NewPlayback {
+                    media: "m".into(),
+                    start_at: 1,
+                    device_ids: vec!["x".into(); MAX_PLAYBACK_DEVICES + 1],
+                },
+                true,
+            ),
+            (
+                NewPlayback {
+                    media: "m".into(),
+                    start_at: 1,
+                    device_ids: vec!["nobody".into()],
+                },
+                false,
+            ),
+        ] {
+            let result = start(bad).await.unwrap();
+            match result {
+                Err(Error::Invalid(_)) if invalid => {}
+                Err(Error::NotFound(_)) if !invalid => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(schedules(&t).await.len(), 1);
+        t.stop().await;
+    }
+}
