@@ -487,15 +487,14 @@ impl Core {
             device.uncertainty_ms = Some(estimate.uncertainty_ms);
             reports.push(schedule.clone());
         }
-        let Some(net) = self.peers.admitted.get(initiator).copied() else {
-            return;
-        };
+        let net = self.peers.admitted.get(initiator).copied();
         for schedule in reports {
             self.emit_event(sync_event(SYNC_PLAYBACK, &schedule, &me, Some(initiator)));
             tracing::info!(id = %schedule.id, local_start_at = ?schedule.devices[0].local_start_at,
                 offset_ms = estimate.offset_ms, uncertainty_ms = estimate.uncertainty_ms,
                 "synchronised playback scheduled");
-            if let Some(report) = report_of(&schedule, &me) {
+            // An initiator gone meanwhile gets the report when it sends the playback again.
+            if let (Some(net), Some(report)) = (net, report_of(&schedule, &me)) {
                 self.send_clock(net, &report).await;
             }
         }
