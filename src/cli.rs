@@ -16,6 +16,7 @@ mod config;
 mod events;
 mod invite;
 mod locks;
+mod playback;
 mod sessions;
 
 /// Hearth: a peer-to-peer sync node for homes.
@@ -67,6 +68,10 @@ enum Command {
     /// devices (prepare, accept, acknowledge; rolled back on timeout).
     #[command(subcommand)]
     Session(sessions::SessionCommand),
+    /// Synchronised playback: start media on devices of the home at one instant (each
+    /// converts the start to its own clock from clock probes), show each one's start.
+    #[command(subcommand)]
+    Playback(playback::PlaybackCommand),
     /// Group activities (trivia, story, sing-along, synchronised playback): start, show,
     /// score, pause, resume, step and end.
     #[command(subcommand)]
@@ -510,6 +515,7 @@ pub(crate) fn run(args: Args) -> Result<()> {
         Command::Presence(cmd) => presence(&data, cmd),
         Command::Lock(cmd) => locks::lock(&data, cmd),
         Command::Session(cmd) => sessions::session(&data, cmd),
+        Command::Playback(cmd) => playback::playback(&data, cmd),
         Command::Activity(cmd) => activities::activity(&data, cmd),
         Command::Notify {
             user,

@@ -40,6 +40,7 @@ mod metrics;
 mod node;
 mod pairing;
 mod peers;
+mod playback;
 mod presence;
 mod propagation;
 mod records;
@@ -92,6 +93,10 @@ pub use locks::{
 #[doc(hidden)]
 pub use node::Captured;
 pub use pairing::join::Joined;
+pub use playback::{
+    ClockEstimate, DeviceSchedule, MAX_MEDIA, MAX_PLAYBACK_DEVICES, MAX_PLAYBACKS, NewPlayback,
+    Playback, PlaybackDevice, PlaybackSchedule,
+};
 pub use presence::{Presence, PresenceInfo, Status};
 pub use propagation::{
     DeviceEvent, MAX_EVENT_PAYLOAD, MAX_EVENT_TARGETS, MAX_EVENT_TYPE_LEN, PropagationCounters,

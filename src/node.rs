@@ -617,6 +617,25 @@ impl Node {
         }
     }
 
+    /// Synchronised playback: start media on several devices at one instant, each by
+    /// its own clock, and the clock estimates behind it.
+    pub fn playback(&self) -> crate::Playback {
+        crate::Playback {
+            core: self.core.clone(),
+        }
+    }
+
+    /// Test hook: moves this node's playback clock by `ms`, as a device whose clock is
+    /// set wrong; its peers must find the offset by probing. Forgets this node's clock
+    /// samples (not its peers' samples of it).
+    #[cfg(feature = "test-hooks")]
+    #[doc(hidden)]
+    pub async fn debug_clock_skew(&self, ms: i64) -> Result<(), crate::Error> {
+        self.core
+            .call(|reply| crate::playback::service::PlaybackRequest::Skew { ms, reply })
+            .await?
+    }
+
     /// Device locks (seed 004): priority leases decided by the home's arbiter.
     pub fn locks(&self) -> crate::Locks {
         crate::Locks {

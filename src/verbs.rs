@@ -118,7 +118,14 @@ fn peer_state(p: &Value) -> &'static str {
 }
 
 pub(crate) fn peers_table(peers: &[Value]) -> Table {
-    let mut t = table(&["PEER", "STATE", "ADDRESS", "LAST HEARD", "DOCS BEHIND"]);
+    let mut t = table(&[
+        "PEER",
+        "STATE",
+        "ADDRESS",
+        "LAST HEARD",
+        "DOCS BEHIND",
+        "CLOCK OFFSET",
+    ]);
     for p in peers {
         let heard = p["last_heard_ms"]
             .as_u64()
@@ -134,9 +141,18 @@ pub(crate) fn peers_table(peers: &[Value]) -> Table {
                 .unwrap_or_else(|| "-".into()),
             heard,
             text(&p["docs_behind"]),
+            clock(&p["clock"]),
         ]);
     }
     t
+}
+
+/// A peer's clock against this device's: `+2500.1 ± 0.4 ms`, or `-`.
+fn clock(c: &Value) -> String {
+    match (c["offset_ms"].as_f64(), c["uncertainty_ms"].as_f64()) {
+        (Some(offset), Some(uncertainty)) => format!("{offset:+.1} ± {uncertainty:.1} ms"),
+        _ => "-".into(),
+    }
 }
 
 pub(crate) fn peers(client: &Client, json: bool) -> Result<()> {

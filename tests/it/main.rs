@@ -14,6 +14,7 @@ mod frames;
 mod layout;
 mod locks;
 mod pairing;
+mod playback;
 mod retention;
 mod robust;
 mod rooms;
