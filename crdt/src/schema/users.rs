@@ -17,7 +17,7 @@
 //! one with the highest HLC (last writer wins per top-level key), and the losers are the
 //! concurrent candidates a vector-clock reading surfaces.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
 
 use automerge::transaction::Transactable;
@@ -244,6 +244,42 @@ impl Parts {
     };
 }
 
+/// Which state keys and notifications a read decodes, when not all of them: the ones
+/// some changes wrote (see `touched`). Names not in the document are left out.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Only<'a> {
+    /// These state keys only.
+    pub state: Option<&'a BTreeSet<String>>,
+    /// These notifications only.
+    pub notifications: Option<&'a BTreeSet<String>>,
+}
+
+/// The names of map `key` under `e` to read: all of them under the cap, or those of
+/// `only` that are there (also under the cap).
+fn item_names<D: ReadDoc>(
+    doc: &D,
+    e: &automerge::ObjId,
+    key: &str,
+    cap: usize,
+    path: &str,
+    skipped: &mut Vec<String>,
+    only: Option<&BTreeSet<String>>,
+) -> Result<Option<(automerge::ObjId, Vec<String>)>> {
+    let Some(only) = only else {
+        return capped_keys(doc, e, key, cap, path, skipped);
+    };
+    let Some((Value::Object(ObjType::Map), m)) = doc.get(e, key).map_err(am)? else {
+        return Ok(None);
+    };
+    let names = only
+        .iter()
+        .filter(|name| matches!(doc.get(&m, name.as_str()), Ok(Some(_))))
+        .take(cap)
+        .cloned()
+        .collect();
+    Ok(Some((m, names)))
+}
+
 /// Reads one user's entry. An item that does not validate (a peer's bad write, or two
 /// devices crossing a cap at once) is left out and reported in `skipped`, so one bad item
 /// never hides the rest of the user, nor the other users.
@@ -252,11 +288,20 @@ fn read_entry<D: ReadDoc>(
     e: &automerge::ObjId,
     path: &str,
     parts: Parts,
+    only: Only<'_>,
 ) -> Result<UserEntry> {
     let mut entry = UserEntry::default();
     let mut skipped = Vec::new();
     if parts.state
-        && let Some((s, names)) = capped_keys(doc, e, "state", MAX_STATE_KEYS, path, &mut skipped)?
+        && let Some((s, names)) = item_names(
+            doc,
+            e,
+            "state",
+            MAX_STATE_KEYS,
+            path,
+            &mut skipped,
+            only.state,
+        )?
     {
         for key in names {
             let kpath = join(&join(path, "state"), &key);
@@ -308,13 +353,14 @@ fn read_entry<D: ReadDoc>(
         }
     }
     if parts.notifications
-        && let Some((s, names)) = capped_keys(
+        && let Some((s, names)) = item_names(
             doc,
             e,
             "notifications",
             MAX_NOTIFICATIONS * 2,
             path,
             &mut skipped,
+            only.notifications,
         )?
     {
         for id in names {
@@ -423,22 +469,28 @@ pub fn put_notification<T: Transactable>(
     check_text(&join(&npath, "data"), &n.data, MAX_DATA_BYTES)?;
     let e = user_map(doc, user)?;
     let s = ensure_map(doc, &e, "notifications")?;
-    let mut kept: Vec<(u64, String)> = Vec::new();
+    let mut kept: Vec<(automerge::ObjId, String)> = Vec::new();
     for other in keys(doc, &s) {
         if let Some((Value::Object(ObjType::Map), o)) = doc.get(&s, other.as_str()).map_err(am)? {
             let expires = req_u64(doc, &o, "expires", "expires").unwrap_or(0);
-            let created = req_u64(doc, &o, "created", "created").unwrap_or(0);
             if expires <= now_ms {
                 doc.delete(&s, other.as_str()).map_err(am)?;
             } else {
-                kept.push((created, other));
+                kept.push((o, other));
             }
         }
     }
-    kept.sort();
     let over = (kept.len() + 1).saturating_sub(MAX_NOTIFICATIONS);
-    for (_, old) in kept.into_iter().take(over) {
-        doc.delete(&s, old.as_str()).map_err(am)?;
+    if over > 0 {
+        // The oldest go: their creation times are read only when some must.
+        let mut by_age: Vec<(u64, String)> = kept
+            .into_iter()
+            .map(|(o, id)| (req_u64(doc, &o, "created", "created").unwrap_or(0), id))
+            .collect();
+        by_age.sort();
+        for (_, old) in by_age.into_iter().take(over) {
+            doc.delete(&s, old.as_str()).map_err(am)?;
+        }
     }
     let o = doc.put_object(&s, id, ObjType::Map).map_err(am)?;
     doc.put(&o, "kind", n.kind.as_str()).map_err(am)?;
@@ -473,7 +525,7 @@ impl Users {
             let path = join(USERS_KEY, &user);
             let read = check_name(&path, &user)
                 .and_then(|()| req_map(doc, &u, &user, &path))
-                .and_then(|e| read_entry(doc, &e, &path, Parts::ALL));
+                .and_then(|e| read_entry(doc, &e, &path, Parts::ALL, Only::default()));
             match read {
                 Ok(mut entry) => {
                     skipped.append(&mut entry.skipped);
@@ -487,10 +539,20 @@ impl Users {
 
     /// Reads one user's entry, if there is one.
     pub fn read_user<D: ReadDoc>(doc: &D, user: &str, parts: Parts) -> Result<Option<UserEntry>> {
+        Self::read_user_only(doc, user, parts, Only::default())
+    }
+
+    /// Reads one user's entry, if there is one, with only the items `only` names.
+    pub fn read_user_only<D: ReadDoc>(
+        doc: &D,
+        user: &str,
+        parts: Parts,
+        only: Only<'_>,
+    ) -> Result<Option<UserEntry>> {
         let u = req_map(doc, &ROOT, USERS_KEY, USERS_KEY)?;
         match doc.get(&u, user).map_err(am)? {
             Some((Value::Object(ObjType::Map), e)) => {
-                read_entry(doc, &e, &join(USERS_KEY, user), parts).map(Some)
+                read_entry(doc, &e, &join(USERS_KEY, user), parts, only).map(Some)
             }
             _ => Ok(None),
         }
@@ -668,6 +730,18 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         Users::read_user(self.doc(id)?, user, parts)
     }
 
+    /// One user's validated entry, with only `parts` and in them the items of `only`.
+    pub fn user_entry_only(
+        &self,
+        id: DocId,
+        user: &str,
+        parts: Parts,
+        only: Only<'_>,
+    ) -> Result<Option<UserEntry>> {
+        expect_kind(self, id, DocKind::Users)?;
+        Users::read_user_only(self.doc(id)?, user, parts, only)
+    }
+
     /// Writes state keys of `user` from `client`; answers the HLC they were written at.
     pub fn write_user_state(
         &mut self,
@@ -843,9 +917,25 @@ mod tests {
             ann.notifications
                 .contains_key(&format!("m{}", MAX_NOTIFICATIONS + 2))
         );
+        // The oldest went past the cap: m0, m1, m2 and n2, n3 (created before them).
+        assert!(!ann.notifications.contains_key("m0"));
+        assert!(!ann.notifications.contains_key("n2"));
+        assert!(ann.notifications.contains_key("m3"));
         let mut bad = n(1, 2);
         bad.title = "t".repeat(MAX_TITLE_BYTES + 1);
         assert!(put_notification(&mut a, "ann", "x", &bad, 1).is_err());
+
+        // A read of named items only: those that are there.
+        let wanted: BTreeSet<String> = ["m5".to_string(), "gone".to_string()].into();
+        let only = Only {
+            notifications: Some(&wanted),
+            ..Only::default()
+        };
+        let part = Users::read_user_only(&a, "ann", Parts::ALL, only)
+            .unwrap()
+            .unwrap();
+        assert_eq!(part.notifications.keys().collect::<Vec<_>>(), ["m5"]);
+        assert_eq!(part.notifications["m5"], ann.notifications["m5"]);
     }
 
     #[test]
