@@ -462,7 +462,7 @@ enum PresenceCommand {
     },
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, ValueEnum, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 enum LogFormat {
     /// Human-readable lines.

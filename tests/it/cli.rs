@@ -416,3 +416,96 @@ fn config_check_reads_the_file_and_the_environment_and_names_what_is_wrong() {
         .clone();
     assert!(String::from_utf8_lossy(&out).contains("max_devices_per_user"));
 }
+
+#[test]
+fn config_precedence_is_flags_then_environment_then_file_then_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("node");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(
+        data.join("hearth.toml"),
+        "[node]\nname = \"from-file\"\n[api]\naddr = \"127.0.0.1:5000\"\n",
+    )
+    .unwrap();
+    // The environment's seed-style port wins over the file's api.addr (its host stays).
+    let out = cli(&data, &["config", "check", "--json"])
+        .env("HEARTH_AGENT__PORT", "6000")
+        .env("HEARTH_NODE__NAME", "from-env")
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let checked: Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(checked["api"]["addr"], "127.0.0.1:6000", "{checked}");
+    assert_eq!(checked["node"]["name"], "from-env");
+    assert_eq!(
+        checked["sources"]["node.name"]["from"],
+        "env HEARTH_NODE__NAME"
+    );
+    assert_eq!(
+        checked["sources"]["agent.port"]["from"],
+        "env HEARTH_AGENT__PORT"
+    );
+    assert!(
+        checked["sources"]["api.addr"]["from"]
+            .as_str()
+            .unwrap()
+            .starts_with("file "),
+        "{checked}"
+    );
+    assert_eq!(checked["sources"]["node.mdns"]["from"], "default");
+    // The plain output says where each value came from too.
+    let text = cli(&data, &["config", "check"])
+        .env("HEARTH_NODE__NAME", "from-env")
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let text = String::from_utf8(text).unwrap();
+    assert!(
+        text.lines().any(
+            |l| l.contains("node.name = \"from-env\"") && l.contains("# env HEARTH_NODE__NAME")
+        ),
+        "{text}"
+    );
+    // An unknown key in the environment is named as the variable.
+    let out = cli(&data, &["config", "check"])
+        .env("HEARTH_NODE__NAMEZ", "x")
+        .assert()
+        .failure()
+        .get_output()
+        .stderr
+        .clone();
+    assert!(String::from_utf8_lossy(&out).contains("HEARTH_NODE__NAMEZ"));
+
+    // A flag wins over the environment: `up --name` and `--api 127.0.0.1:0` against an
+    // environment that names the device and the API otherwise.
+    let mut child = crate::util::up_cmd(&data)
+        .args(["--name", "from-flag"])
+        .env("HEARTH_NODE__NAME", "from-env")
+        .env("HEARTH_API__ADDR", "127.0.0.1:1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = crate::util::wait_until(|| std::fs::read_to_string(data.join("api.addr")).ok());
+    assert!(!addr.trim().ends_with(":1"), "{addr}");
+    let status = ok_json(&data, &["status", "--json"]);
+    assert_eq!(status["device"], "from-flag", "{status}");
+    crate::util::signal(child.id(), "TERM");
+    assert!(crate::util::wait_exit(&mut child, WAIT).is_some_and(|s| s.success()));
+}
+
+#[test]
+fn the_annotated_example_config_checks_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/hearth.toml");
+    let checked = ok_json(
+        dir.path(),
+        &["config", "check", example.to_str().unwrap(), "--json"],
+    );
+    assert_eq!(checked["unused"], serde_json::json!([]), "{checked}");
+    assert_eq!(checked["node"]["name"], "hall");
+}
