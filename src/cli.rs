@@ -18,12 +18,20 @@ mod invite;
 mod locks;
 mod sessions;
 
+/// `hearth --version`: the crate's version and the git commit it was built from.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("HEARTH_GIT_COMMIT"),
+    ")"
+);
+
 /// Hearth: a peer-to-peer sync node for homes.
 ///
 /// `hearth up` runs a node. Every other verb talks to the running node through its local
 /// API, found through --api (or HEARTH_API), else through `<data>/api.addr`.
 #[derive(Debug, Parser)]
-#[command(name = "hearth", version, propagate_version = true)]
+#[command(name = "hearth", version = VERSION, propagate_version = true)]
 pub(crate) struct Args {
     /// Data dir (default: the platform's data dir, e.g. ~/.local/share/hearth).
     #[arg(long, global = true, env = "HEARTH_DATA", value_name = "DIR")]

@@ -509,3 +509,22 @@ fn the_annotated_example_config_checks_clean() {
     assert_eq!(checked["unused"], serde_json::json!([]), "{checked}");
     assert_eq!(checked["node"]["name"], "hall");
 }
+
+#[test]
+fn version_names_the_git_commit_it_was_built_from() {
+    let out = crate::util::run(hearth().arg("--version"));
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8(o.stdout).unwrap().trim().to_string());
+    let commit = head.unwrap_or_else(|| "unknown".to_string());
+    assert_eq!(
+        text.trim(),
+        format!("hearth {} (commit {commit})", env!("CARGO_PKG_VERSION"))
+    );
+}
