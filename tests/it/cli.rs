@@ -263,6 +263,34 @@ fn two_homes_pair_share_and_unshare_from_the_command_line() {
     ] {
         assert!(actions.contains(&want), "{want} missing from {actions:?}");
     }
+    // Many at once: a pattern over this home's entities.
+    ok(&a_dir, &["entity", "set", "switch.fan", "off"]);
+    ok(&a_dir, &["entity", "set", "switch.heater", "on"]);
+    let many = ok_json(
+        &a_dir,
+        &[
+            "share",
+            "switch.*",
+            "--with",
+            &b_home,
+            "--read-only",
+            "--json",
+        ],
+    );
+    let ids: Vec<&str> = many["shared"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["entity_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["switch.fan", "switch.heater"], "{many}");
+    assert_eq!(many["failed"], serde_json::json!([]));
+    cli(&a_dir, &["share", "cover.*", "--with", &b_home])
+        .assert()
+        .failure()
+        .stderr(predicates::str::contains(
+            "no entity of this home matches cover.*",
+        ));
     cli(&a_dir, &["revoke-device", "nobody"])
         .assert()
         .failure()
