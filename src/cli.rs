@@ -335,9 +335,9 @@ enum EntityCommand {
 
 #[derive(Debug, Subcommand)]
 enum ConfigCommand {
-    /// Read a settings file (default: hearth.toml in the data dir) with the environment's
-    /// HEARTH_<SECTION>__<KEY> overrides, and print what `up` would run with, or what is
-    /// wrong with it (exit 1).
+    /// Read a settings file (default: hearth.toml in the data dir, when there is one) with
+    /// the environment's HEARTH_<SECTION>__<KEY> overrides, and print what `up` would run
+    /// with and where each value came from, or what is wrong (exit 1).
     Check {
         /// The file.
         file: Option<PathBuf>,

@@ -70,7 +70,7 @@ pub(super) struct UpArgs {
     config: Option<PathBuf>,
 
     /// Address for the local HTTP API; port 0 picks a free port (written to
-    /// <data>/api.addr). Default 127.0.0.1:4650.
+    /// <data>/api.addr). Default 127.0.0.1:8012.
     #[arg(long, value_name = "ADDR")]
     api: Option<SocketAddr>,
 
@@ -862,14 +862,16 @@ fn settle(data: PathBuf, l: &Layered) -> Result<(hearth::Config, LogFormat)> {
     Ok((config, need(s.node.log_format, "node.log_format")?))
 }
 
-/// `hearth config check [FILE]`: reads the file (default: the data dir's) with the
-/// environment's overrides, and prints each setting with where it came from, or what is
-/// wrong.
+/// `hearth config check [FILE]`: reads the file (default: the data dir's, when there is
+/// one) with the environment's overrides, and prints each setting with where it came
+/// from, or what is wrong.
 pub(super) fn check(data: &Path, file: Option<PathBuf>, json: bool) -> Result<()> {
+    // A file named must exist; without one, the data dir's is read when it is there.
+    let must = file.is_some();
     let path = file.unwrap_or_else(|| data.join(CONFIG_FILE));
     let up = UpArgs::default();
     let layered =
-        layered(&path, true, &up).with_context(|| format!("{} is not valid", path.display()))?;
+        layered(&path, must, &up).with_context(|| format!("{} is not valid", path.display()))?;
     let (config, _) = settle(data.to_path_buf(), &layered)
         .with_context(|| format!("{} is not valid", path.display()))?;
     let notes: Vec<String> = layered
@@ -893,6 +895,7 @@ pub(super) fn check(data: &Path, file: Option<PathBuf>, json: bool) -> Result<()
     };
     let summary = serde_json::json!({
         "file": path.display().to_string(),
+        "file_exists": path.exists(),
         "api": { "addr": api.addr.to_string(), "metrics_open": api.metrics_open,
                  "allowed_origins": api.allowed_origins },
         "node": { "name": config.device_name, "listen": config.listen, "mdns": config.mdns,
@@ -921,7 +924,14 @@ pub(super) fn check(data: &Path, file: Option<PathBuf>, json: bool) -> Result<()
         println!("{}", serde_json::to_string_pretty(&summary)?);
         return Ok(());
     }
-    println!("{} is valid", path.display());
+    if path.exists() {
+        println!("{} is valid", path.display());
+    } else {
+        println!(
+            "there is no {}; the defaults and the environment are valid",
+            path.display()
+        );
+    }
     for note in &notes {
         println!("  note: {note}");
     }
@@ -1056,11 +1066,11 @@ webhooks = ["http://127.0.0.1:9/hook"]
     fn the_seeds_agent_port_and_api_addr_take_each_part_from_the_higher_layer() {
         let dir = tempfile::tempdir().unwrap();
         // A port alone keeps the default host.
-        let path = write(dir.path(), "[agent]\nport = 8012\n");
+        let path = write(dir.path(), "[agent]\nport = 8099\n");
         let layered = layered(&path, true, &UpArgs::default()).unwrap();
         assert_eq!(
             api_addr(&layered).unwrap(),
-            "127.0.0.1:8012".parse().unwrap()
+            "127.0.0.1:8099".parse().unwrap()
         );
         // The flag wins over the file's agent.port.
         let flagged = UpArgs {

@@ -508,6 +508,26 @@ fn config_precedence_is_flags_then_environment_then_file_then_defaults() {
         .clone();
     assert!(String::from_utf8_lossy(&out).contains("HEARTH_NODE__NAMEZ"));
 
+    // Without a file in the data dir, the defaults and the environment are checked; a file
+    // that is named must exist.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = cli(&empty, &["config", "check", "--json"])
+        .env("HEARTH_NODE__NAME", "from-env")
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let checked: Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(checked["file_exists"], false);
+    assert_eq!(checked["node"]["name"], "from-env");
+    let missing = empty.join("missing.toml");
+    cli(&empty, &["config", "check", missing.to_str().unwrap()])
+        .assert()
+        .failure()
+        .stderr(predicates::str::contains("no config file"));
+
     // A flag wins over the environment: `up --name` and `--api 127.0.0.1:0` against an
     // environment that names the device and the API otherwise.
     let mut child = crate::util::up_cmd(&data)
