@@ -1034,6 +1034,7 @@ webhooks = ["http://127.0.0.1:9/hook"]
             name: Some("kitchen".into()),
             no_mdns: true,
             ws_timeout: Some(Duration::from_secs(90)),
+            notify_retry_delay: Some(Duration::from_millis(1500)),
             ..UpArgs::default()
         };
         let (config, format, _) = resolve(dir.path().to_path_buf(), up).unwrap();
@@ -1044,6 +1045,8 @@ webhooks = ["http://127.0.0.1:9/hook"]
         assert_eq!(api.addr, "127.0.0.1:5000".parse().unwrap());
         assert_eq!(api.seed.timeout, Duration::from_secs(90));
         assert_eq!(config.users.session_ttl, Duration::from_secs(600));
+        // A time that is not whole seconds keeps its fraction through the flags layer.
+        assert_eq!(config.users.push.retry_delay, Duration::from_millis(1500));
         assert!(matches!(format, LogFormat::Pretty));
         assert_eq!(config.listen, vec![hearth::DEFAULT_LISTEN.to_string()]);
 
