@@ -563,16 +563,27 @@ fn version_names_the_git_commit_it_was_built_from() {
     let out = crate::util::run(hearth().arg("--version"));
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
-    let head = std::process::Command::new("git")
-        .args(["rev-parse", "--short=12", "HEAD"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8(o.stdout).unwrap().trim().to_string());
-    let commit = head.unwrap_or_else(|| "unknown".to_string());
+    // The commit build.rs read for this build (HEAD may have moved since).
+    let commit = env!("HEARTH_GIT_COMMIT");
     assert_eq!(
         text.trim(),
         format!("hearth {} (commit {commit})", env!("CARGO_PKG_VERSION"))
     );
+    // In a checkout it is a commit of this repository, abbreviated to 12 digits.
+    let in_checkout = std::process::Command::new("git")
+        .args(["rev-parse", "--git-dir"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if in_checkout {
+        assert_eq!(commit.len(), 12, "{commit}");
+        let known = std::process::Command::new("git")
+            .args(["cat-file", "-e", &format!("{commit}^{{commit}}")])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .unwrap();
+        assert!(known.success(), "{commit} is not a commit here");
+    } else {
+        assert_eq!(commit, "unknown");
+    }
 }
