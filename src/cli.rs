@@ -681,7 +681,11 @@ async fn initial_sync(node: &hearth::Node) {
             }
             return;
         }
-        let bar = bar.get_or_insert_with(|| progress::bar(lag.documents, "initial sync"));
+        let bar = bar.get_or_insert_with(|| {
+            let bar = progress::bar(lag.documents, "initial sync");
+            progress::under_logs(&bar);
+            bar
+        });
         bar.set_length(lag.documents);
         bar.set_position(lag.documents.saturating_sub(behind));
         bar.set_message(format!("documents ({} device(s))", lag.peers.len()));
@@ -779,7 +783,7 @@ fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(|| progress::LogWriter);
     match format {
         LogFormat::Pretty => builder.init(),
         LogFormat::Json => builder.json().init(),

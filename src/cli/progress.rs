@@ -2,9 +2,42 @@
 //! bench), drawn only when stderr is a terminal: in a pipe, a log file or the journal
 //! they are hidden and cost nothing.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
+use std::sync::Mutex;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// The bar log lines step around while it is drawn (`hearth up`'s initial sync).
+static UNDER_LOGS: Mutex<Option<ProgressBar>> = Mutex::new(None);
+
+/// Makes log lines step around `bar` until it finishes: each line clears it, prints,
+/// and draws it again below.
+pub(crate) fn under_logs(bar: &ProgressBar) {
+    if let Ok(mut slot) = UNDER_LOGS.lock() {
+        *slot = Some(bar.clone());
+    }
+}
+
+/// Stderr for the log: a line written while a bar is drawn does not tear it.
+pub(crate) struct LogWriter;
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let bar = UNDER_LOGS
+            .lock()
+            .ok()
+            .and_then(|slot| slot.clone())
+            .filter(|b| !b.is_finished());
+        match bar {
+            Some(bar) => bar.suspend(|| std::io::stderr().write(buf)),
+            None => std::io::stderr().write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
 
 /// Whether bars are drawn: stderr is a terminal.
 pub(crate) fn shown() -> bool {
