@@ -74,7 +74,7 @@ pub use config::{
     DEFAULT_CHAT_MAX_AGE, DEFAULT_CHAT_MAX_MESSAGES, DEFAULT_LISTEN,
     DEFAULT_MAX_CONNECTIONS_PER_IP, MAX_BATCH_WINDOW, Passphrase, default_data_dir,
 };
-pub use core::{CHANGE_BUFFER, SyncCounters};
+pub use core::{CHANGE_BUFFER, SyncCounters, SyncLag};
 pub use datadir::LOCK_FILE;
 #[cfg(feature = "api")]
 pub use datadir::{API_ADDR_FILE, TOKEN_FILE, read_token};

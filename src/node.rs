@@ -407,6 +407,27 @@ impl Node {
             .await?
     }
 
+    /// How far this device is from the home's devices it is connected to: the documents it
+    /// holds, and per admitted peer how many of them are not yet in sync with that peer.
+    /// A device that just joined starts far behind; `hearth up` shows this as its initial
+    /// sync.
+    ///
+    /// Cancel-safe.
+    pub async fn sync_lag(&self) -> Result<crate::SyncLag, Error> {
+        let report = self
+            .core
+            .call(|reply| crate::core::NodeRequest::SyncReport { reply })
+            .await??;
+        Ok(crate::SyncLag {
+            documents: report.documents,
+            peers: report
+                .peers
+                .into_iter()
+                .map(|p| (p.peer, p.docs_behind))
+                .collect(),
+        })
+    }
+
     /// This device's PeerId, in base58.
     pub fn peer_id(&self) -> &DeviceId {
         &self.peer_id

@@ -204,6 +204,15 @@ pub(crate) struct SyncReport {
     pub(crate) frames_oversized: u64,
 }
 
+/// How far this device is from the home's devices it is connected to ([`crate::Node::sync_lag`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyncLag {
+    /// Documents this device holds.
+    pub documents: u64,
+    /// Per admitted peer: its PeerId and the documents not yet in sync with it.
+    pub peers: Vec<(String, u64)>,
+}
+
 /// One admitted peer's lag.
 #[derive(Clone, Debug)]
 pub(crate) struct PeerLag {
