@@ -21,6 +21,7 @@ use time::OffsetDateTime;
 
 mod activities;
 mod alerts;
+pub(crate) mod dashboard;
 pub(crate) mod events;
 pub(crate) mod guard;
 mod locks;
@@ -56,6 +57,8 @@ pub(crate) struct ApiState {
     pub(crate) clients: seed001::Clients,
     /// Seed 001's WebSocket and room settings.
     pub(crate) seed: crate::SeedApiConfig,
+    /// The dashboard's browser sessions (the cookie).
+    pub(crate) sessions: dashboard::Sessions,
 }
 
 /// What the API needs of the node it serves.
@@ -121,6 +124,7 @@ pub(crate) async fn serve(
         guard: guard::Guard::new(addr, allowed_origins),
         clients: seed001::Clients::default(),
         seed: config.seed.clone(),
+        sessions: dashboard::Sessions::default(),
     });
     let app = router(state);
     let task = tokio::spawn(tracing::Instrument::instrument(
@@ -287,6 +291,8 @@ impl IntoResponse for ApiError {
 pub(crate) fn router(state: Arc<ApiState>) -> Router {
     let api = Router::new()
         .route("/api/status", get(status))
+        .route("/api/devices", get(dashboard::devices))
+        .route("/api/logout", post(dashboard::logout))
         .route("/api/entities", get(list_entities))
         .route("/api/invites", post(create_invite))
         .route(
@@ -381,6 +387,12 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
         metrics = metrics.route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     }
     Router::new()
+        // The dashboard: the login page without a session, its assets, and the login.
+        .route("/", get(dashboard::page))
+        .route("/dashboard/login.js", get(dashboard::login_js))
+        .route("/dashboard/dashboard.js", get(dashboard::dashboard_js))
+        .route("/dashboard/style.css", get(dashboard::style_css))
+        .route("/api/login", post(dashboard::login))
         .route("/health", get(seed001::health))
         // Seed 001's WebSocket; it checks the token itself, like /api/ws.
         .route("/ws/{user_id}", get(seed001::upgrade))
@@ -449,6 +461,8 @@ fn route_label(matched: Option<&str>) -> String {
     }
 }
 
+/// The bearer token, or the dashboard's session cookie (with its CSRF checks on
+/// anything but a read). A request with both is judged by the header.
 async fn require_token(
     State(state): State<Arc<ApiState>>,
     headers: HeaderMap,
@@ -456,6 +470,10 @@ async fn require_token(
     next: Next,
 ) -> Result<Response, ApiError> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
+        if let Some(id) = dashboard::session_cookie(&headers) {
+            dashboard::check_cookie(&state, request.method(), &headers, id)?;
+            return Ok(next.run(request).await);
+        }
         return Err(ApiError::unauthorized(
             "missing Authorization header; send `Authorization: Bearer <token>` (see `hearth token`)",
         ));

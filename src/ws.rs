@@ -68,7 +68,7 @@ pub(crate) async fn upgrade(
 }
 
 /// The token of a WebSocket upgrade: the `Authorization: Bearer` header, or `?token=`
-/// (browsers cannot set headers on an upgrade).
+/// (browsers cannot set headers on an upgrade), or the dashboard's session cookie.
 pub(crate) fn check_token(
     state: &ApiState,
     headers: &HeaderMap,
@@ -81,12 +81,22 @@ pub(crate) fn check_token(
     let presented = match (from_header, from_query.as_deref()) {
         (Some(header), _) => header.unwrap_or(""),
         (None, Some(token)) => token,
-        (None, None) => {
-            return Err(ApiError::unauthorized(
-                "missing token; send `Authorization: Bearer <token>` or `?token=<token>` \
-                 (see `hearth token`)",
-            ));
-        }
+        // The dashboard's session cookie; the guard has already refused an upgrade from
+        // a foreign origin, and an upgrade is a read (GET).
+        (None, None) => match crate::api::dashboard::session_cookie(headers) {
+            Some(id) if state.sessions.valid(id) => return Ok(()),
+            Some(_) => {
+                return Err(ApiError::unauthorized(
+                    "the dashboard session has expired or the node restarted; log in again at /",
+                ));
+            }
+            None => {
+                return Err(ApiError::unauthorized(
+                    "missing token; send `Authorization: Bearer <token>` or `?token=<token>` \
+                     (see `hearth token`)",
+                ));
+            }
+        },
     };
     if !constant_time_eq(presented.as_bytes(), state.token.as_bytes()) {
         return Err(ApiError::unauthorized(

@@ -96,7 +96,7 @@ impl Guard {
         }
     }
 
-    fn origin_allowed(&self, origin: &str) -> bool {
+    pub(crate) fn origin_allowed(&self, origin: &str) -> bool {
         let origin = origin.trim_end_matches('/').to_ascii_lowercase();
         self.origins.contains(&origin)
     }
