@@ -1,6 +1,7 @@
 //! The local HTTP API: health probes without a token, everything under `/api` and
-//! `/metrics` behind the bearer token, and every route behind the Host and Origin checks
-//! of [`guard`]. Error bodies are `{"error": kind, "detail": sentence}` throughout.
+//! `/metrics` behind the bearer token (or the dashboard's session cookie, see
+//! [`dashboard`]), the dashboard at `/`, and every route behind the Host and Origin
+//! checks of [`guard`]. Error bodies are `{"error": kind, "detail": sentence}` throughout.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
