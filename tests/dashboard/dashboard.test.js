@@ -4,8 +4,10 @@
 //
 // It loads the page, logs in with the token, sees the other device as an admitted peer,
 // watches an entity that the other node changes change on the page, flips a switch on
-// the page and sees it on the other node, sees a chat message said on the other node, and
-// saves a screenshot to target/dashboard.png.
+// the page and sees it on the other node, sees a chat message, a presence and an alert from
+// the other node, sees
+// what is shared each way with a paired home (a third node) and that home's read-only
+// entity offered for no edit, and saves a screenshot to target/dashboard.png.
 //
 // Usage: node dashboard.test.js HEARTH_BIN   (npm ci first; CHROMIUM overrides the browser)
 "use strict";
@@ -89,7 +91,7 @@ class Node {
   }
 }
 
-async function scenario(a, b, page, context) {
+async function scenario(a, b, c, page, context) {
   const bPeer = b.status.peer_id;
   const browserErrors = [];
   page.on("pageerror", (e) => browserErrors.push(String(e)));
@@ -154,8 +156,46 @@ async function scenario(a, b, page, context) {
   await page.waitForFunction(() => document.querySelector("#rooms .chat").textContent.includes("dinner is ready"),
     null, { timeout: TIMEOUT });
 
+  // Presence set and an alert raised on the other node arrive live.
+  await b.http("PUT", "/api/presence/ann", { status: "away" });
+  await page.waitForFunction(() => {
+    const li = document.querySelector('#presence li[data-user="ann"]');
+    return li && li.textContent.includes("away");
+  }, null, { timeout: TIMEOUT });
+  await b.http("POST", "/api/alerts", { message: "smoke in the kitchen", severity: "critical", ttl_s: 600 });
+  await page.waitForFunction(() => document.querySelector("#alerts").textContent.includes("smoke in the kitchen"),
+    null, { timeout: TIMEOUT });
+
+  // A paired home: what is shared each way, and its read-only entity shown as such.
+  const aHome = a.status.home.home_id;
+  const cHome = c.status.home.home_id;
+  const homeCode = (await a.http("POST", "/api/invites", { kind: "home" })).code;
+  await c.http("POST", "/api/pair", { code: homeCode });
+  await c.http("PUT", "/api/entities/light.porch", { state: "on" });
+  await c.http("POST", "/api/shares", { entity_id: "light.porch", home: aHome, read_only: true });
+  await a.http("POST", "/api/shares", { entity_id: "switch.lamp", home: cHome });
+  const homeBox = `#homes div[data-home="${cHome}"]`;
+  await page.waitForFunction((sel) => {
+    const box = document.querySelector(sel);
+    return box && /switch\.lamp write/.test(box.textContent) && /light\.porch read/.test(box.textContent);
+  }, homeBox, { timeout: TIMEOUT });
+  const porch = '#entities tr[data-entity="light.porch"]';
+  await page.waitForSelector(porch, { timeout: TIMEOUT });
+  if ((await page.$(`${porch} button.toggle`)) || !(await page.textContent(porch)).includes("read only")) {
+    fail(`a read-only share is editable: ${await page.textContent(porch)}`);
+  }
+
   // Let the audit tail and lag poll settle, then keep a picture for review.
   await sleep(1200);
+  // Reloads since (events, the timer) kept what the live updates showed.
+  const final = await page.evaluate(() => ({
+    chat: document.querySelector("#rooms .chat").textContent,
+    temp: document.querySelector('#entities tr[data-entity="sensor.temp"]').dataset.state,
+    lamp: document.querySelector('#entities tr[data-entity="switch.lamp"]').dataset.state,
+  }));
+  if (!final.chat.includes("dinner is ready") || final.temp !== "23.5" || final.lamp !== "on") {
+    fail(`the page lost a live update: ${JSON.stringify(final)}`);
+  }
   fs.mkdirSync(targetDir, { recursive: true });
   const shot = path.join(targetDir, "dashboard.png");
   await page.screenshot({ path: shot, fullPage: true });
@@ -169,6 +209,7 @@ async function main() {
   const work = fs.mkdtempSync(path.join(os.tmpdir(), "hearth-dashboard-"));
   const a = new Node(work, "a");
   const b = new Node(work, "b");
+  const c = new Node(work, "c");
   let context;
   let ok = false;
   try {
@@ -179,6 +220,8 @@ async function main() {
     await b.up(["--peer", `${aAddr}/p2p/${a.status.peer_id}`]);
     await a.http("PUT", "/api/entities/switch.lamp", { state: "off" });
     await a.http("PUT", "/api/entities/sensor.temp", { state: "20.0" });
+    // Another home, paired during the scenario.
+    await c.up();
 
     context = await chromium.launchPersistentContext(path.join(work, "chromium"), {
       executablePath: browserPath,
@@ -189,16 +232,16 @@ async function main() {
       timeout: TIMEOUT,
     });
     const page = context.pages()[0] || (await context.newPage());
-    const shot = await scenario(a, b, page, context);
+    const shot = await scenario(a, b, c, page, context);
     ok = true;
     console.log(`dashboard: ok (screenshot ${shot})`);
   } finally {
     if (context) await context.close().catch(() => {});
-    await Promise.all([a.stop(), b.stop()]);
+    await Promise.all([a.stop(), b.stop(), c.stop()]);
     if (ok) {
       fs.rmSync(work, { recursive: true, force: true });
     } else {
-      for (const n of [a, b]) {
+      for (const n of [a, b, c]) {
         if (fs.existsSync(n.log)) console.error(`--- ${n.name}.log (tail)\n${fs.readFileSync(n.log, "utf8").slice(-3000)}`);
       }
     }

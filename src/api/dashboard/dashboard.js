@@ -47,7 +47,9 @@ function short(id) {
 
 function deviceName(peer) {
   const d = view.devices.find((x) => x.peer_id === peer);
-  return d ? d.name : short(peer);
+  if (d) return d.name;
+  const h = view.homes.find((x) => x.devices.includes(peer));
+  return h ? `${short(peer)} (${h.name})` : short(peer);
 }
 
 function homeName(home) {
@@ -96,6 +98,15 @@ async function api(method, path, body) {
   return data;
 }
 
+// Reads that overlap (an event's reload while a timer's is in flight) may answer out of
+// order: only the answer to the latest read of each kind is used.
+const reads = {};
+async function latest(kind, path) {
+  const n = (reads[kind] = (reads[kind] || 0) + 1);
+  const data = await api("GET", path);
+  return n === reads[kind] ? data : null;
+}
+
 // Runs a section's loader; a failure shows in the section, not over the whole page.
 async function load(section, loader) {
   const box = document.getElementById(section);
@@ -112,13 +123,17 @@ async function load(section, loader) {
 // ----- this node, devices, peers ----------------------------------------------------
 
 async function loadStatus() {
-  view.status = await api("GET", "/api/status");
+  const status = await latest("status", "/api/status");
+  if (!status) return;
+  view.status = status;
   renderNode();
   renderPeers();
 }
 
 async function loadDevices() {
-  view.devices = (await api("GET", "/api/devices")).devices;
+  const devices = await latest("devices", "/api/devices");
+  if (!devices) return;
+  view.devices = devices.devices;
   renderDevices();
   renderPeers();
 }
@@ -184,7 +199,8 @@ function renderPeers() {
 // ----- paired homes and shares ------------------------------------------------------
 
 async function loadHomes() {
-  const [homes, shares] = await Promise.all([api("GET", "/api/homes"), api("GET", "/api/shares")]);
+  const [homes, shares] = await Promise.all([latest("homes", "/api/homes"), latest("shares", "/api/shares")]);
+  if (!homes || !shares) return;
   view.homes = homes.homes;
   view.shares = shares;
   renderHomes();
@@ -220,9 +236,20 @@ function renderHomes() {
 
 // ----- entities ---------------------------------------------------------------------
 
+// Entities changed by live updates since the latest list read began: the list may predate
+// them, so their live copy wins.
+let patched = new Set();
+
 async function loadEntities() {
-  const list = (await api("GET", "/api/entities")).entities;
-  view.entities = new Map(list.map((e) => [e.id, e]));
+  const since = (patched = new Set());
+  const list = await latest("entities", "/api/entities");
+  if (!list) return;
+  const fresh = new Map(list.entities.map((e) => [e.id, e]));
+  for (const id of since) {
+    const live = view.entities.get(id);
+    if (live) fresh.set(id, live);
+  }
+  view.entities = fresh;
   renderEntities();
 }
 
@@ -284,6 +311,7 @@ function onStateUpdate(d) {
     load("entities", loadEntities);
     return;
   }
+  patched.add(d.entity_id);
   e.state = d.state;
   e.attributes = d.attributes || {};
   e.updated_by = d.source_device;
@@ -294,12 +322,21 @@ function onStateUpdate(d) {
 // ----- rooms and chat ---------------------------------------------------------------
 
 async function loadRooms() {
-  view.rooms = (await api("GET", "/api/rooms")).rooms;
+  const rooms = await latest("rooms", "/api/rooms");
+  if (!rooms) return;
+  view.rooms = rooms.rooms;
   if (view.room && !view.rooms.some((r) => r.room_id === view.room)) view.room = null;
   if (!view.room && view.rooms.length) view.room = view.rooms[0].room_id;
-  if (view.room) {
-    view.chat = (await api("GET", `/api/rooms/${encodeURIComponent(view.room)}/messages?limit=${CHAT_LIMIT}`)).messages;
-  }
+  renderRooms();
+  await loadChat();
+}
+
+async function loadChat() {
+  const room = view.room;
+  if (!room) return;
+  const chat = await latest("chat", `/api/rooms/${encodeURIComponent(room)}/messages?limit=${CHAT_LIMIT}`);
+  if (!chat || room !== view.room) return;
+  view.chat = chat.messages;
   renderRooms();
 }
 
@@ -312,7 +349,7 @@ function renderRooms() {
   const tabs = el("div", { class: "tabs" }, view.rooms.map((r) =>
     el("button", {
       type: "button", class: r.room_id === view.room ? "tab active" : "tab",
-      onclick: () => { view.room = r.room_id; load("rooms", loadRooms); },
+      onclick: () => { view.room = r.room_id; view.chat = []; load("rooms", loadRooms); },
     }, `${r.name} (${r.members.length}/${r.max_size})`)));
   const room = view.rooms.find((r) => r.room_id === view.room);
   const members = el("p", { class: "dim" }, "Members: ", room.members.map((m) => m.user).join(", ") || "none");
@@ -348,13 +385,16 @@ function onChat(d) {
   } else {
     renderRooms();
   }
+  // The room's own list is the record (a read in flight may predate this message).
+  load("rooms", loadChat);
 }
 
 // ----- presence, locks, alerts, audit -----------------------------------------------
 
 async function loadPresence() {
-  const list = (await api("GET", "/api/presence")).presence;
-  view.presence = new Map(list.map((p) => [p.user, p]));
+  const list = await latest("presence", "/api/presence");
+  if (!list) return;
+  view.presence = new Map(list.presence.map((p) => [p.user, p]));
   renderPresence();
 }
 
@@ -370,10 +410,14 @@ function onPresence(d) {
   if (d.status === "offline") view.presence.delete(d.user);
   else view.presence.set(d.user, { ...(view.presence.get(d.user) || {}), user: d.user, status: d.status, since: d.since });
   renderPresence();
+  // For the note and device, and over any read in flight that predates this change.
+  load("presence", loadPresence);
 }
 
 async function loadLocks() {
-  const locks = (await api("GET", "/api/locks/status")).locks;
+  const status = await latest("locks", "/api/locks/status");
+  if (!status) return;
+  const locks = status.locks;
   const rows = locks.map((l) => el("tr", {},
     el("td", {}, l.device_name), el("td", {}, l.lock_type), el("td", {}, l.user_id, l.reason ? ` (${l.reason})` : ""),
     el("td", {}, when(l.expires_at))));
@@ -382,7 +426,9 @@ async function loadLocks() {
 }
 
 async function loadAlerts() {
-  const alerts = (await api("GET", "/api/alerts")).alerts;
+  const list = await latest("alerts", "/api/alerts");
+  if (!list) return;
+  const alerts = list.alerts;
   const items = alerts.slice(-20).reverse().map((a) => {
     const acked = a.receipts.filter((r) => r.state === "acknowledged").length;
     return el("li", { class: `alert ${a.severity}` },
@@ -396,7 +442,9 @@ async function loadAlerts() {
 }
 
 async function loadAudit() {
-  const entries = (await api("GET", `/api/audit?limit=${AUDIT_LIMIT}`)).entries;
+  const audit = await latest("audit", `/api/audit?limit=${AUDIT_LIMIT}`);
+  if (!audit) return;
+  const entries = audit.entries;
   const rows = entries.slice().reverse().map((a) => el("tr", {},
     el("td", {}, when(a.time)), el("td", {}, a.action), el("td", { title: a.actor }, deviceName(a.actor)),
     el("td", { class: "mono" }, a.subject)));
