@@ -201,6 +201,17 @@ async function scenario(a, b, c, page, context) {
   await page.screenshot({ path: shot, fullPage: true });
 
   if (browserErrors.length) fail(`errors in the page: ${browserErrors.join(" | ")}`);
+
+  // Logging out ends the session: back to the login page, and the API refuses the browser.
+  await page.click("#logout");
+  await page.waitForSelector("#login #token", { timeout: TIMEOUT });
+  const after = await page.evaluate(async () => (await fetch("/api/status")).status);
+  if (after !== 401) fail(`the API answered ${after} after logout`);
+  // The login page's own probe and the read above are the expected 401s.
+  browserErrors.splice(0, browserErrors.length,
+    ...browserErrors.filter((e) => !e.includes("status of 401")));
+
+  if (browserErrors.length) fail(`errors in the page: ${browserErrors.join(" | ")}`);
   return shot;
 }
 

@@ -1,6 +1,12 @@
 // Posts the pasted token once; the node answers with an HttpOnly session cookie.
 "use strict";
 
+// The cookie is SameSite=Strict, so a link from another site opens this page without it
+// even when the browser is logged in; a same-origin read tells, and a reload sends it.
+fetch("/api/status").then((res) => {
+  if (res.ok) location.replace("/");
+}, () => {});
+
 document.getElementById("login").addEventListener("submit", async (ev) => {
   ev.preventDefault();
   const error = document.getElementById("error");
