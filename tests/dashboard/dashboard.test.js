@@ -148,6 +148,13 @@ async function scenario(a, b, c, page, context) {
   await until("the switch never turned on at b",
     async () => (await b.http("GET", "/api/entities/switch.lamp")).state === "on");
 
+  // So does a state typed into a field.
+  await page.fill('#entities tr[data-entity="sensor.temp"] input', "21.0");
+  await page.click('#entities tr[data-entity="sensor.temp"] button[type=submit]');
+  await page.waitForSelector('#entities tr[data-entity="sensor.temp"][data-state="21.0"]', { timeout: TIMEOUT });
+  await until("the typed state never reached b",
+    async () => (await b.http("GET", "/api/entities/sensor.temp")).state === "21.0");
+
   // Chat said on the other node shows in the room.
   const room = (await a.http("POST", "/api/rooms", { name: "kitchen" })).room_id;
   await page.waitForSelector("#rooms .tab", { timeout: TIMEOUT });
@@ -155,6 +162,12 @@ async function scenario(a, b, c, page, context) {
   await b.http("POST", `/api/rooms/${room}/messages`, { message: "dinner is ready", user: "bea" });
   await page.waitForFunction(() => document.querySelector("#rooms .chat").textContent.includes("dinner is ready"),
     null, { timeout: TIMEOUT });
+
+  // And a message typed on the page reaches the other node.
+  await page.fill("#rooms form input", "coming");
+  await page.click("#rooms form button[type=submit]");
+  await until("b never got the message from the page", async () =>
+    (await b.http("GET", `/api/rooms/${room}/messages`)).messages.some((m) => m.message === "coming" && m.sender === "a"));
 
   // Presence set and an alert raised on the other node arrive live.
   await b.http("PUT", "/api/presence/ann", { status: "away" });
@@ -193,7 +206,7 @@ async function scenario(a, b, c, page, context) {
     temp: document.querySelector('#entities tr[data-entity="sensor.temp"]').dataset.state,
     lamp: document.querySelector('#entities tr[data-entity="switch.lamp"]').dataset.state,
   }));
-  if (!final.chat.includes("dinner is ready") || final.temp !== "23.5" || final.lamp !== "on") {
+  if (!final.chat.includes("dinner is ready") || !final.chat.includes("coming") || final.temp !== "21.0" || final.lamp !== "on") {
     fail(`the page lost a live update: ${JSON.stringify(final)}`);
   }
   fs.mkdirSync(targetDir, { recursive: true });

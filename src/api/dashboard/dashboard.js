@@ -18,6 +18,7 @@ const view = {
   room: null, // the room whose chat is shown
   chat: [],
   presence: new Map(),
+  audit: [],
 };
 
 // ----- helpers ----------------------------------------------------------------------
@@ -135,6 +136,7 @@ async function loadDevices() {
   if (!devices) return;
   view.devices = devices.devices;
   renderDevices();
+  renderAudit();
   renderPeers();
 }
 
@@ -205,6 +207,7 @@ async function loadHomes() {
   view.shares = shares;
   renderHomes();
   renderEntities();
+  renderAudit();
 }
 
 function renderHomes() {
@@ -265,6 +268,8 @@ async function writeState(id, state) {
   try {
     const e = await api("PUT", `/api/entities/${encodeURIComponent(id)}`, { state });
     view.entities.set(e.id, e);
+    // Leaving the field lets the table redraw (it waits while a state is being typed).
+    if (document.activeElement && document.activeElement.closest("#entities")) document.activeElement.blur();
     renderEntities();
     problem("");
   } catch (err) {
@@ -304,6 +309,12 @@ function renderEntities() {
   if (active && active.closest && active.closest("#entities form")) return;
   tbody("entities").replaceChildren(...rows);
 }
+
+// Redraw once focus leaves the state fields, for updates that came while one was being typed.
+document.querySelector("#entities tbody").addEventListener("focusout", (ev) => {
+  const to = ev.relatedTarget;
+  if (!(to && to.closest && to.closest("#entities form"))) setTimeout(renderEntities, 0);
+});
 
 function onStateUpdate(d) {
   const e = view.entities.get(d.entity_id);
@@ -352,17 +363,39 @@ function renderRooms() {
       onclick: () => { view.room = r.room_id; view.chat = []; load("rooms", loadRooms); },
     }, `${r.name} (${r.members.length}/${r.max_size})`)));
   const room = view.rooms.find((r) => r.room_id === view.room);
-  const members = el("p", { class: "dim" }, "Members: ", room.members.map((m) => m.user).join(", ") || "none");
+  // Messages from the page are sent as this device's name, which must be a member.
+  const me = view.status && view.status.device;
+  const join = me && !room.members.some((m) => m.user === me)
+    ? el("button", {
+      type: "button", class: "join",
+      onclick: async () => {
+        try {
+          await api("POST", `/api/rooms/${encodeURIComponent(room.room_id)}/join`, {});
+          load("rooms", loadRooms);
+        } catch (err) {
+          problem(`join: ${err.message}`);
+        }
+      },
+    }, `Join as ${me}`)
+    : null;
+  const members = el("p", { class: "dim" }, "Members: ", room.members.map((m) => m.user).join(", ") || "none", " ", join);
   const log = el("ol", { class: "chat" }, view.chat.map((m) =>
     el("li", {}, el("span", { class: "dim" }, when(m.timestamp)), " ", el("b", {}, m.sender), " ", m.message)));
+  // A redraw keeps a half-typed message and the focus.
+  const before = box.querySelector("form input");
+  const typing = before && document.activeElement === before;
   const input = el("input", { placeholder: "message", required: "", maxlength: "4096", "aria-label": "message" });
+  if (before) input.value = before.value;
   const form = el("form", {
     class: "inline",
     onsubmit: async (ev) => {
       ev.preventDefault();
       try {
-        await api("POST", `/api/rooms/${encodeURIComponent(room.room_id)}/messages`, { message: input.value });
-        input.value = "";
+        const message = input.value;
+        await api("POST", `/api/rooms/${encodeURIComponent(room.room_id)}/messages`, { message });
+        // The form may have been redrawn meanwhile; clear the one on the page.
+        const now = box.querySelector("form input");
+        if (now && now.value === message) now.value = "";
         problem("");
       } catch (err) {
         problem(`chat: ${err.message}`);
@@ -371,20 +404,14 @@ function renderRooms() {
   }, input, el("button", { type: "submit" }, "Send"));
   box.replaceChildren(tabs, members, log, form);
   log.scrollTop = log.scrollHeight;
+  if (typing) input.focus();
 }
 
 function onChat(d) {
   if (d.room_id !== view.room) return;
   view.chat.push({ sender: d.sender, message: d.message, timestamp: d.timestamp });
   view.chat = view.chat.slice(-CHAT_LIMIT);
-  const typing = document.activeElement && document.activeElement.closest && document.activeElement.closest("#rooms form");
-  if (typing) {
-    const log = document.querySelector("#rooms .chat");
-    log.append(el("li", {}, el("span", { class: "dim" }, when(d.timestamp)), " ", el("b", {}, d.sender), " ", d.message));
-    log.scrollTop = log.scrollHeight;
-  } else {
-    renderRooms();
-  }
+  renderRooms();
   // The room's own list is the record (a read in flight may predate this message).
   load("rooms", loadChat);
 }
@@ -444,8 +471,13 @@ async function loadAlerts() {
 async function loadAudit() {
   const audit = await latest("audit", `/api/audit?limit=${AUDIT_LIMIT}`);
   if (!audit) return;
-  const entries = audit.entries;
-  const rows = entries.slice().reverse().map((a) => el("tr", {},
+  view.audit = audit.entries;
+  renderAudit();
+}
+
+// Drawn again when names arrive (devices, paired homes), since it shows actors by name.
+function renderAudit() {
+  const rows = view.audit.slice().reverse().map((a) => el("tr", {},
     el("td", {}, when(a.time)), el("td", {}, a.action), el("td", { title: a.actor }, deviceName(a.actor)),
     el("td", { class: "mono" }, a.subject)));
   if (!rows.length) rows.push(el("tr", {}, el("td", { colspan: 4, class: "empty" }, "nothing audited yet")));
