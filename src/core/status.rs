@@ -106,3 +106,30 @@ impl Core {
             .collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::core::NodeRequest;
+    use crate::core::testing::TestCore;
+
+    /// A new home lists its first device: named by its certificate, the admin, this device.
+    #[tokio::test]
+    async fn a_new_home_lists_its_first_device_as_admin() {
+        let t = TestCore::start("hall").await;
+        let devices = t
+            .core
+            .call(|reply| NodeRequest::Devices { reply })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(devices.len(), 1, "{devices:?}");
+        let d = &devices[0];
+        assert_eq!(d.peer_id, t.peer_id);
+        assert_eq!(d.name, "hall");
+        assert!(
+            d.verified && d.admin && d.this_device && !d.revoked,
+            "{d:?}"
+        );
+        t.stop().await;
+    }
+}
