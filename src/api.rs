@@ -125,7 +125,7 @@ pub(crate) async fn serve(
         guard: guard::Guard::new(addr, allowed_origins),
         clients: seed001::Clients::default(),
         seed: config.seed.clone(),
-        sessions: dashboard::Sessions::default(),
+        sessions: dashboard::Sessions::new(addr.port()),
     });
     let app = router(state);
     let task = tokio::spawn(tracing::Instrument::instrument(
@@ -471,8 +471,8 @@ async fn require_token(
     next: Next,
 ) -> Result<Response, ApiError> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
-        if let Some(id) = dashboard::session_cookie(&headers) {
-            dashboard::check_cookie(&state, request.method(), &headers, id)?;
+        if state.sessions.carried(&headers) {
+            dashboard::check_cookie(&state, request.method(), &headers)?;
             return Ok(next.run(request).await);
         }
         return Err(ApiError::unauthorized(

@@ -4,12 +4,18 @@
 //! runs in headless Chromium in `tests/dashboard/` (driven by `.ci/run`).
 
 use futures::StreamExt;
+use hearth::{ApiConfig, Config};
 use serde_json::{Value, json};
+use tokio::net::TcpStream;
 use tokio::time::timeout;
-use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{self, Message, client::IntoClientRequest};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::api::TestNode;
+use crate::api::{TestNode, config};
 use crate::util::WAIT;
+
+type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// What a request got back: status, its `Set-Cookie` and `Content-Type`, and the body.
 struct Reply {
@@ -70,6 +76,42 @@ fn login(n: &TestNode) -> String {
     set.split(';').next().unwrap().trim().to_string()
 }
 
+/// The session cookie's name for a node whose API is at `api`.
+fn cookie_name(api: &str) -> String {
+    format!("hearth_session_{}", api.rsplit(':').next().unwrap())
+}
+
+/// Opens `/api/ws` at `api` with exactly these headers and reads its `connected` hello.
+fn open_ws(
+    n: &TestNode,
+    api: &str,
+    headers: &[(&'static str, &str)],
+) -> Result<Socket, tungstenite::Error> {
+    let mut request = format!("ws://{api}/api/ws").into_client_request().unwrap();
+    for (k, v) in headers {
+        request.headers_mut().insert(*k, v.parse().unwrap());
+    }
+    n.rt.block_on(async {
+        let (mut ws, _) = timeout(WAIT, tokio_tungstenite::connect_async(request))
+            .await
+            .expect("handshake timed out")?;
+        let hello = timeout(WAIT, ws.next())
+            .await
+            .expect("no hello in time")
+            .expect("socket ended")?;
+        assert!(hello.to_text().unwrap().contains("\"connected\""));
+        Ok(ws)
+    })
+}
+
+/// The HTTP status a refused upgrade got.
+fn refused_status(result: Result<Socket, tungstenite::Error>) -> u16 {
+    match result {
+        Err(tungstenite::Error::Http(response)) => response.status().as_u16(),
+        other => panic!("the upgrade was not refused: {other:?}"),
+    }
+}
+
 #[test]
 fn root_serves_the_login_page_without_a_session() {
     let dir = tempfile::tempdir().unwrap();
@@ -79,6 +121,7 @@ fn root_serves_the_login_page_without_a_session() {
     for headers in [
         vec![],
         vec![("Cookie", "hearth_session=0000")],
+        vec![("Cookie", &format!("{}=0000", cookie_name(&n.api)))],
         // The bearer token is for programs; the browser's page needs the session.
         vec![("Authorization", bearer.as_str())],
     ] {
@@ -146,7 +189,11 @@ fn the_login_cookie_reads_the_api_and_opens_the_websocket() {
         assert!(set.contains(attribute), "{set}");
     }
     let cookie = set.split(';').next().unwrap().trim().to_string();
-    assert!(cookie.starts_with("hearth_session="));
+    // Named after the port: browsers send one host's cookies to all its ports.
+    assert!(
+        cookie.starts_with(&format!("{}=", cookie_name(&n.api))),
+        "{cookie}"
+    );
     assert!(!cookie.contains(&n.token), "the cookie holds the token");
 
     // Reads with the cookie alone.
@@ -172,49 +219,29 @@ fn the_login_cookie_reads_the_api_and_opens_the_websocket() {
     );
 
     // A made-up session is refused.
+    let forged_cookie = format!("{}=00112233", cookie_name(&n.api));
     let forged = request(
         &n.api,
         "GET",
         "/api/status",
-        &[("Cookie", "hearth_session=00112233")],
+        &[("Cookie", &forged_cookie)],
         "",
     );
     assert_eq!(forged.status, 401);
 
     // The WebSocket takes the cookie from the node's own page, not from another origin.
-    let connect = |origin: &str, cookie: &str| {
-        let mut request = format!("ws://{}/api/ws", n.api)
-            .into_client_request()
-            .unwrap();
-        request
-            .headers_mut()
-            .insert("Origin", origin.parse().unwrap());
-        request
-            .headers_mut()
-            .insert("Cookie", cookie.parse().unwrap());
-        n.rt.block_on(async {
-            let (mut ws, _) = timeout(WAIT, tokio_tungstenite::connect_async(request))
-                .await
-                .expect("handshake timed out")?;
-            let hello = timeout(WAIT, ws.next())
-                .await
-                .expect("no hello in time")
-                .expect("socket ended")?;
-            assert!(hello.to_text().unwrap().contains("\"connected\""));
-            Ok::<_, tungstenite::Error>(())
-        })
-    };
-    connect(&origin, &cookie).expect("the page's own socket");
+    let socket = open_ws(&n, &n.api, &[("Origin", &origin), ("Cookie", &cookie)])
+        .expect("the page's own socket");
     for (origin, cookie, want) in [
         ("http://evil.example", cookie.as_str(), 403),
-        (origin.as_str(), "hearth_session=00112233", 401),
+        (origin.as_str(), forged_cookie.as_str(), 401),
     ] {
-        match connect(origin, cookie) {
-            Err(tungstenite::Error::Http(response)) => {
-                assert_eq!(response.status().as_u16(), want, "{origin} {cookie}")
-            }
-            other => panic!("{origin} {cookie}: {other:?}"),
-        }
+        let got = refused_status(open_ws(
+            &n,
+            &n.api,
+            &[("Origin", origin), ("Cookie", cookie)],
+        ));
+        assert_eq!(got, want, "{origin} {cookie}");
     }
 
     // Logging out ends the session.
@@ -230,11 +257,235 @@ fn the_login_cookie_reads_the_api_and_opens_the_websocket() {
         "",
     );
     assert_eq!(out.status, 204, "{}", out.body);
-    assert!(out.set_cookie.unwrap().contains("Max-Age=0"));
+    let cleared = out.set_cookie.unwrap();
+    assert!(
+        cleared.starts_with(&format!("{}=;", cookie_name(&n.api))) && cleared.contains("Max-Age=0"),
+        "{cleared}"
+    );
     assert_eq!(
         request(&n.api, "GET", "/api/status", &[("Cookie", &cookie)], "").status,
         401
     );
+    // The socket opened with the cookie closes with a policy violation.
+    assert_closed_by_policy(&n, socket);
+}
+
+/// The socket gets a close frame with code 1008 (policy violation).
+fn assert_closed_by_policy(n: &TestNode, mut socket: Socket) {
+    let close = n.rt.block_on(async {
+        loop {
+            match timeout(WAIT, socket.next())
+                .await
+                .expect("the socket stayed open after its session ended")
+            {
+                Some(Ok(Message::Close(frame))) => break frame,
+                Some(Ok(_)) => continue,
+                other => panic!("the socket ended without a close frame: {other:?}"),
+            }
+        }
+    });
+    let close = close.expect("a close frame with a code");
+    assert_eq!(close.code, CloseCode::Policy, "{close:?}");
+    assert!(close.reason.contains("log in again"), "{close:?}");
+}
+
+#[test]
+fn the_cookie_needs_the_nodes_own_origin_not_an_allowed_extra() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let extra = "http://dash.example:3000";
+    let n = TestNode::start_config(
+        rt,
+        Config {
+            api: Some(ApiConfig {
+                allowed_origins: vec![extra.into()],
+                ..ApiConfig::on("127.0.0.1:0".parse().unwrap())
+            }),
+            ..config(dir.path(), "den")
+        },
+    );
+    let cookie = login(&n);
+    // The extra origin opens sockets with the token, as --allowed-origin promises.
+    let token_url = format!("{}/api/ws?token={}", n.api, n.token);
+    let mut with_token = format!("ws://{token_url}").into_client_request().unwrap();
+    with_token
+        .headers_mut()
+        .insert("Origin", extra.parse().unwrap());
+    n.rt.block_on(async {
+        timeout(WAIT, tokio_tungstenite::connect_async(with_token))
+            .await
+            .expect("handshake timed out")
+            .expect("the extra origin's socket with the token")
+    });
+    // With the cookie alone it is refused, on the socket and on a change.
+    let got = refused_status(open_ws(
+        &n,
+        &n.api,
+        &[("Origin", extra), ("Cookie", &cookie)],
+    ));
+    assert_eq!(got, 403);
+    let put = request(
+        &n.api,
+        "PUT",
+        "/api/entities/switch.fan",
+        &[
+            ("Cookie", &cookie),
+            ("Origin", extra),
+            ("X-Hearth-Csrf", "1"),
+        ],
+        r#"{"state":"on"}"#,
+    );
+    assert_eq!(put.status, 403, "{}", put.body);
+    // A browser that says the upgrade is same-origin is believed (pages cannot set it).
+    open_ws(
+        &n,
+        &n.api,
+        &[("Sec-Fetch-Site", "same-origin"), ("Cookie", &cookie)],
+    )
+    .expect("a same-origin socket");
+    // Another site that says so of itself is not: only the browser sets that header.
+    let got = refused_status(open_ws(
+        &n,
+        &n.api,
+        &[
+            ("Sec-Fetch-Site", "cross-site"),
+            ("Origin", extra),
+            ("Cookie", &cookie),
+        ],
+    ));
+    assert_eq!(got, 403);
+}
+
+#[test]
+fn two_nodes_on_one_host_keep_their_own_logins() {
+    let dir_a = tempfile::tempdir().unwrap();
+    let dir_b = tempfile::tempdir().unwrap();
+    let a = TestNode::start(dir_a.path(), "den");
+    let b = TestNode::start(dir_b.path(), "hall");
+    let cookie_a = login(&a);
+    let cookie_b = login(&b);
+    assert_ne!(cookie_name(&a.api), cookie_name(&b.api));
+    // The browser sends both nodes' cookies to each (cookies ignore ports): each node
+    // finds its own, whatever the order.
+    let both = format!("{cookie_b}; {cookie_a}");
+    for n in [&a, &b] {
+        let status = request(&n.api, "GET", "/api/status", &[("Cookie", &both)], "");
+        assert_eq!(status.status, 200, "{}", status.body);
+        assert_eq!(status.json()["peer_id"], n.node().peer_id().to_string());
+    }
+    // One node's cookie alone is nothing to the other.
+    let other = request(&b.api, "GET", "/api/status", &[("Cookie", &cookie_a)], "");
+    assert_eq!(other.status, 401, "{}", other.body);
+    // A stale value of the same name ahead of the live one does not hide it.
+    let stale = format!("{}=00112233; {cookie_a}", cookie_name(&a.api));
+    let status = request(&a.api, "GET", "/api/status", &[("Cookie", &stale)], "");
+    assert_eq!(status.status, 200, "{}", status.body);
+    let page = request(&a.api, "GET", "/", &[("Cookie", &stale)], "");
+    assert!(
+        page.body.contains("/dashboard/dashboard.js"),
+        "{}",
+        page.body
+    );
+    // Logging out of one leaves the other logged in.
+    let own_a = format!("http://{}", a.api);
+    let out = request(
+        &a.api,
+        "POST",
+        "/api/logout",
+        &[
+            ("Cookie", &both),
+            ("X-Hearth-Csrf", "1"),
+            ("Origin", &own_a),
+        ],
+        "",
+    );
+    assert_eq!(out.status, 204, "{}", out.body);
+    assert_eq!(
+        request(&a.api, "GET", "/api/status", &[("Cookie", &both)], "").status,
+        401
+    );
+    assert_eq!(
+        request(&b.api, "GET", "/api/status", &[("Cookie", &both)], "").status,
+        200
+    );
+}
+
+/// A node bound to every interface, reached at a LAN address: its page's origin is that
+/// address, which the node takes as its own. The requests carry the LAN address in Host
+/// and Origin but go to 127.0.0.1.
+#[test]
+fn a_page_at_a_lan_address_logs_in_and_opens_the_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let n = TestNode::start_config(
+        rt,
+        Config {
+            api: Some(ApiConfig::on("0.0.0.0:0".parse().unwrap())),
+            ..config(dir.path(), "den")
+        },
+    );
+    let port = n.api.rsplit(':').next().unwrap().to_string();
+    let local = format!("127.0.0.1:{port}");
+    let lan = format!("192.0.2.20:{port}");
+    let lan_origin = format!("http://{lan}");
+    let reply = request(
+        &local,
+        "POST",
+        "/api/login",
+        &[("Host", &lan), ("Origin", &lan_origin)],
+        &json!({ "token": n.token }).to_string(),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let cookie = reply
+        .set_cookie
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let put = request(
+        &local,
+        "PUT",
+        "/api/entities/switch.fan",
+        &[
+            ("Host", &lan),
+            ("Origin", &lan_origin),
+            ("Cookie", &cookie),
+            ("X-Hearth-Csrf", "1"),
+        ],
+        r#"{"state":"on"}"#,
+    );
+    assert_eq!(put.status, 200, "{}", put.body);
+    open_ws(
+        &n,
+        &local,
+        &[("Host", &lan), ("Origin", &lan_origin), ("Cookie", &cookie)],
+    )
+    .expect("the LAN page's socket");
+    // Another address's page is still another origin.
+    let other = format!("http://192.0.2.21:{port}");
+    let refused = request(
+        &local,
+        "POST",
+        "/api/login",
+        &[("Host", &lan), ("Origin", &other)],
+        &json!({ "token": n.token }).to_string(),
+    );
+    assert_eq!(refused.status, 403, "{}", refused.body);
+    let got = refused_status(open_ws(
+        &n,
+        &local,
+        &[("Host", &lan), ("Origin", &other), ("Cookie", &cookie)],
+    ));
+    assert_eq!(got, 403);
 }
 
 #[test]
