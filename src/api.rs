@@ -232,6 +232,7 @@ impl From<crate::Error> for ApiError {
                     detail,
                 )
             },
+            Error::Unavailable(d) => Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", d),
             e @ Error::Timeout(_) => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
@@ -808,6 +809,18 @@ mod tests {
         assert_eq!(
             route_label(Some("/{*__private__axum_fallback}")),
             "unmatched"
+        );
+    }
+
+    #[test]
+    fn not_ready_is_unavailable_not_internal() {
+        let e = ApiError::from(crate::Error::Unavailable(
+            "the home document cannot be read yet".into(),
+        ));
+        assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            e.kind_and_detail(),
+            ("unavailable", "the home document cannot be read yet")
         );
     }
 

@@ -80,10 +80,11 @@ impl Core {
     /// keyring, which holds one entry per document), names and roles from certificates.
     pub(crate) fn devices(&self) -> Result<Vec<DeviceInfo>, Error> {
         use crate::trust::cert::{DeviceCert, Verdict};
-        let records = self
-            .engine
-            .home_devices(self.home.home_doc)
-            .map_err(|e| Error::Internal(format!("the home document cannot be read yet: {e}")))?;
+        let records = self.engine.home_devices(self.home.home_doc).map_err(|e| {
+            Error::Unavailable(format!(
+                "the home document cannot be read yet ({e}); try again shortly"
+            ))
+        })?;
         Ok(records
             .into_iter()
             .map(|(peer, record)| {
