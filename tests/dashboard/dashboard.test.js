@@ -23,8 +23,20 @@ const binary = path.resolve(process.argv[2] || path.join(__dirname, "../../targe
 const targetDir = process.env.CARGO_TARGET_DIR || path.join(__dirname, "../../target");
 const browserPath = process.env.CHROMIUM || "/usr/bin/chromium";
 
+// A failure the test states itself, which `until` must not take for a probe not yet true.
+class Failure extends Error {}
+
 function fail(message) {
-  throw new Error(`dashboard: FAIL: ${message}`);
+  throw new Failure(`dashboard: FAIL: ${message}`);
+}
+
+// The nodes started and not yet stopped: one that exits meanwhile fails the test at once.
+const running = new Set();
+
+function checkRunning() {
+  for (const n of running) {
+    if (n.exited) fail(`${n.name} exited; see ${n.log}`);
+  }
 }
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -33,7 +45,11 @@ async function until(what, probe) {
   const deadline = Date.now() + TIMEOUT;
   let last = "";
   for (;;) {
-    const value = await probe().catch((e) => { last = ` (last: ${e.message})`; });
+    checkRunning();
+    const value = await probe().catch((e) => {
+      if (e instanceof Failure) throw e;
+      last = ` (last: ${e.message})`;
+    });
     if (value) return value;
     if (Date.now() > deadline) fail(what + last);
     await sleep(100);
@@ -54,6 +70,7 @@ class Node {
     { stdio: ["ignore", log, log] });
     this.exited = false;
     this.proc.on("exit", () => { this.exited = true; });
+    running.add(this);
     const addrFile = path.join(this.data, "api.addr");
     await until(`${this.name} never wrote api.addr`, async () => {
       if (this.exited) fail(`${this.name} exited at start; see ${this.log}`);
@@ -70,6 +87,7 @@ class Node {
   }
 
   async http(method, p, body) {
+    checkRunning();
     const res = await fetch(this.base + p, {
       method,
       headers: { Authorization: `Bearer ${this.token}`, "Content-Type": "application/json" },
@@ -82,6 +100,7 @@ class Node {
   }
 
   async stop() {
+    running.delete(this);
     if (this.proc && !this.exited) {
       const gone = new Promise((r) => this.proc.once("exit", r));
       this.proc.kill("SIGTERM");
@@ -114,7 +133,8 @@ async function scenario(a, b, c, page, context) {
   await page.click("#login button[type=submit]");
   await page.waitForSelector("#node-facts dd", { timeout: TIMEOUT });
   const cookies = await context.cookies(a.base);
-  const session = cookies.find((c) => c.name === "hearth_session");
+  // Named after the port: a browser sends one host's cookies to all its ports.
+  const session = cookies.find((c) => c.name === `hearth_session_${new URL(a.base).port}`);
   if (!session || !session.httpOnly || session.sameSite !== "Strict") {
     fail(`session cookie: ${JSON.stringify(cookies)}`);
   }
@@ -215,9 +235,18 @@ async function scenario(a, b, c, page, context) {
 
   if (browserErrors.length) fail(`errors in the page: ${browserErrors.join(" | ")}`);
 
+  // A second tab on the same session, live.
+  const other = await context.newPage();
+  await other.goto(a.base);
+  await other.waitForSelector("#live.on", { timeout: TIMEOUT });
+
   // Logging out ends the session: back to the login page, and the API refuses the browser.
   await page.click("#logout");
   await page.waitForSelector("#login #token", { timeout: TIMEOUT });
+  // The other tab goes to the login page too: the node closes its socket with 1008 (its
+  // next periodic read's 401 would also send it there; tests/it/dashboard.rs checks the 1008).
+  await other.waitForSelector("#login #token", { timeout: TIMEOUT });
+  await other.close();
   const after = await page.evaluate(async () => (await fetch("/api/status")).status);
   if (after !== 401) fail(`the API answered ${after} after logout`);
   // The login page's own probe and the read above are the expected 401s.

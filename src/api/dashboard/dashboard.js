@@ -528,7 +528,12 @@ function connect() {
       default: return undefined;
     }
   };
-  ws.onclose = () => {
+  ws.onclose = (e) => {
+    // 1008: the session ended (logged out elsewhere, or expired); back to the login page.
+    if (e.code === 1008) {
+      location.replace("/");
+      return;
+    }
     setLive(false, "reconnecting");
     setTimeout(connect, backoff);
     backoff = Math.min(backoff * 2, 10000);
