@@ -541,6 +541,38 @@ mod tests {
         }
     }
 
+    /// A cookie socket's session ends on logout or on expiry; a token socket's never.
+    #[tokio::test]
+    async fn a_socket_session_ends_on_logout_or_expiry_only_with_a_cookie() {
+        use crate::api::dashboard::Live;
+        use futures::FutureExt;
+        use std::time::Instant;
+        use tokio_util::sync::CancellationToken;
+        let wait = Duration::from_secs(30);
+        let far = Instant::now() + Duration::from_secs(3600);
+        let logged_out = Live {
+            ends: far,
+            ended: CancellationToken::new(),
+        };
+        logged_out.ended.cancel();
+        tokio::time::timeout(wait, session_end(Some(logged_out)))
+            .await
+            .expect("a logged-out session ends");
+        let expired = Live {
+            ends: Instant::now(),
+            ended: CancellationToken::new(),
+        };
+        tokio::time::timeout(wait, session_end(Some(expired)))
+            .await
+            .expect("an expired session ends");
+        let live = Live {
+            ends: far,
+            ended: CancellationToken::new(),
+        };
+        assert!(session_end(Some(live)).now_or_never().is_none());
+        assert!(session_end(None).now_or_never().is_none());
+    }
+
     #[test]
     fn entity_changes_become_state_updates_and_others_events() {
         let source = Source {
