@@ -223,6 +223,9 @@ pub(crate) async fn ws(scratch: &mut Scratch, sizes: &Sizes) -> Result<Vec<Scena
         let _ = ws.close(None).await;
     }
 
+    // Each row starts once both devices hold the same state: no row pays for the
+    // previous one's backlog.
+    converge(&[&a.device, &b.device]).await?;
     // Message: alice sends, bob (same room, same device) receives each.
     let room = rest(
         &a,
@@ -264,6 +267,7 @@ pub(crate) async fn ws(scratch: &mut Scratch, sizes: &Sizes) -> Result<Vec<Scena
         &mut msg_lat,
     );
 
+    converge(&[&a.device, &b.device]).await?;
     // State sync: carol's client on a writes, her client on b hears it.
     let mut web = connect(&a, "carol", "web").await?;
     let mut phone = connect(&b, "carol", "phone").await?;
@@ -296,6 +300,7 @@ pub(crate) async fn ws(scratch: &mut Scratch, sizes: &Sizes) -> Result<Vec<Scena
         &mut sync_lat,
     );
 
+    converge(&[&a.device, &b.device]).await?;
     // Notification: POST /notify (IN_FLIGHT calls at once), the user's socket gets each.
     let mut dave = connect(&a, "dave", "w").await?;
     let notes = (messages / 10).max(20);
@@ -334,6 +339,7 @@ pub(crate) async fn ws(scratch: &mut Scratch, sizes: &Sizes) -> Result<Vec<Scena
         &mut note_lat,
     );
 
+    converge(&[&a.device, &b.device]).await?;
     // Room broadcast to a 10-user room: every member's socket gets it.
     let members: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
     let big = rest(
