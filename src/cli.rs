@@ -16,6 +16,7 @@ mod config;
 mod events;
 mod invite;
 mod locks;
+mod mqtt;
 mod sessions;
 
 /// Hearth: a peer-to-peer sync node for homes.

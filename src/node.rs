@@ -77,6 +77,9 @@ pub struct Node {
     /// The local API, when the config asked for it.
     #[cfg(feature = "api")]
     api: Option<crate::api::Served>,
+    /// The MQTT bridge, when the config asked for it.
+    #[cfg(feature = "mqtt")]
+    mqtt: Option<crate::mqtt::Running>,
     // Held for the node's lifetime: the OS lock on it keeps a second node off the dir.
     _lock: File,
 }
@@ -116,6 +119,12 @@ impl Node {
         };
         let dir = config.data_dir.clone();
         datadir::ensure_dir(&dir)?;
+        // The MQTT settings are checked before anything is opened; the node id they may
+        // derive needs the PeerId, so the check runs again below with it.
+        #[cfg(feature = "mqtt")]
+        if let Some(mqtt) = &config.mqtt {
+            mqtt.check("")?;
+        }
         let lock = datadir::lock(&dir)?;
 
         let key = match &config.passphrase {
@@ -234,6 +243,20 @@ impl Node {
         };
         #[cfg(not(feature = "api"))]
         drop(facts.home_name);
+        #[cfg(feature = "mqtt")]
+        let mqtt = match &config.mqtt {
+            Some(mqtt) => Some(crate::mqtt::spawn(
+                mqtt.check(&identity.peer_id())?,
+                crate::Entities { core: core.clone() },
+                crate::Events {
+                    rx: core.node_events.subscribe(),
+                    core: core.clone(),
+                },
+                &device_name,
+                cancel.clone(),
+            )),
+            None => None,
+        };
         #[cfg(feature = "api")]
         let api_addr = api.as_ref().map(|api| api.addr);
         #[cfg(not(feature = "api"))]
@@ -265,6 +288,8 @@ impl Node {
             retention_task,
             #[cfg(feature = "api")]
             api,
+            #[cfg(feature = "mqtt")]
+            mqtt,
             _lock: lock,
         })
     }
@@ -652,6 +677,12 @@ impl Node {
         &self.bus
     }
 
+    /// What the MQTT bridge has done so far, or `None` when the node runs none.
+    #[cfg(feature = "mqtt")]
+    pub fn mqtt_status(&self) -> Option<crate::MqttStatus> {
+        self.mqtt.as_ref().map(|m| m.stats.snapshot())
+    }
+
     /// The data dir the node runs on.
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
@@ -676,6 +707,11 @@ impl Node {
         #[cfg(feature = "api")]
         if let Some(api) = self.api {
             api.stop().await?;
+        }
+        // The bridge says `offline` to the broker and leaves, within a bounded time.
+        #[cfg(feature = "mqtt")]
+        if let Some(mqtt) = self.mqtt {
+            let _ = mqtt.task.await;
         }
         // The core stops at the cancellation, after starting its last batches.
         let core_ended = stop_task("core", self.core_task).await?;

@@ -113,6 +113,9 @@ pub(super) struct UpArgs {
     /// Wait between tries of a push target (default 5s).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     notify_retry_delay: Option<Duration>,
+
+    #[command(flatten)]
+    mqtt: super::mqtt::MqttArgs,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -137,6 +140,7 @@ pub(super) struct FileConfig {
     notifications: Notifications,
     collaboration: Collaboration,
     push_services: PushServices,
+    mqtt: super::mqtt::MqttSection,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -425,6 +429,9 @@ pub(super) fn resolve(
         }
     };
     let listen = or_file(up.listen, file.node.listen);
+    let file_dir = path.parent().unwrap_or(Path::new("."));
+    let mqtt = super::mqtt::resolve(up.mqtt, file.mqtt, file_dir)
+        .map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))?;
     let config = hearth::Config {
         data_dir: data,
         api: Some(hearth::ApiConfig {
@@ -451,6 +458,7 @@ pub(super) fn resolve(
             .or(file.node.max_connections_per_ip)
             .unwrap_or(hearth::DEFAULT_MAX_CONNECTIONS_PER_IP),
         users,
+        mqtt,
         ..defaults
     };
     let log_format = up
@@ -486,6 +494,7 @@ pub(super) fn check(data: &Path, file: Option<PathBuf>, json: bool) -> Result<()
         notify_ntfy: Vec::new(),
         notify_retry_attempts: None,
         notify_retry_delay: None,
+        mqtt: Default::default(),
     };
     let (config, _, notes) = resolve(data.to_path_buf(), up)
         .with_context(|| format!("{} is not valid", path.display()))?;
@@ -509,6 +518,10 @@ pub(super) fn check(data: &Path, file: Option<PathBuf>, json: bool) -> Result<()
                            "retry_delay": config.users.push.retry_delay.as_secs() },
         "collaboration": { "max_room_size": api.seed.max_room_size },
         "push_services": { "targets": config.users.push.targets },
+        "mqtt": config.mqtt.as_ref().map(|m| serde_json::json!({
+            "url": m.url, "user": m.user, "password": m.password.as_ref().map(|_| "<set>"),
+            "discovery_prefix": m.discovery_prefix, "node_id": m.node_id, "export": m.export,
+            "import_prefix": m.import_prefix, "max_imported": m.max_imported })),
         "unused": notes,
     });
     if json {

@@ -13,6 +13,7 @@ mod events;
 mod frames;
 mod layout;
 mod locks;
+mod mqtt;
 mod pairing;
 mod retention;
 mod robust;
