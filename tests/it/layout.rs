@@ -19,6 +19,7 @@ const SERVICES: &[&str] = &[
     "alerts",
     "sessions",
     "activities",
+    "mqtt",
 ];
 /// Modules that serve people and programs over HTTP or the command line.
 const SURFACES: &[&str] = &["api", "ws", "cli", "verbs", "client", "watch", "bench"];
