@@ -455,6 +455,13 @@ async fn the_bridge_rides_out_a_broker_outage_and_republishes_on_return() {
     let broker = start_broker();
     let relay = Relay::start(broker).await;
     let ha = Ha::connect(broker, &["homeassistant/#", "hearth/#"]).await;
+    // A config an earlier run left retained, for an entity that is gone since.
+    ha.publish(
+        "homeassistant/switch/outage/old/config",
+        r#"{"~":"hearth/outage/switch/old","name":"old"}"#,
+        true,
+    )
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let node = timeout(
         T,
@@ -470,6 +477,7 @@ async fn the_bridge_rides_out_a_broker_outage_and_republishes_on_return() {
     ha.wait("hearth/outage/switch/fan/state", "OFF").await;
     ha.wait("hearth/outage/availability", "online").await;
     assert_eq!(node.mqtt_status().unwrap().connections, 1);
+    ha.wait("homeassistant/switch/outage/old/config", "").await;
 
     // The broker goes away for the bridge: the broker publishes its last will, and the node
     // keeps taking writes.
