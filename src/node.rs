@@ -43,6 +43,10 @@ const PERSIST_DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long shutdown waits for the store to flush and close. With the steps above the
 /// whole stop stays within about 4 s, even with a failed or hung store.
 const STORE_CLOSE_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long the MQTT bridge may take to stop, counted from the start of the stop, alongside
+/// the other steps.
+#[cfg(feature = "mqtt")]
+const MQTT_STOP_TIMEOUT: Duration = Duration::from_millis(2500);
 
 /// A new invite code.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -708,11 +712,10 @@ impl Node {
         if let Some(api) = self.api {
             api.stop().await?;
         }
-        // The bridge says `offline` to the broker and leaves, within a bounded time.
+        // The MQTT bridge says `offline` to the broker and leaves while the rest stops; it
+        // is waited for at the end, against a deadline counted from now.
         #[cfg(feature = "mqtt")]
-        if let Some(mqtt) = self.mqtt {
-            let _ = mqtt.task.await;
-        }
+        let mqtt_deadline = tokio::time::Instant::now() + MQTT_STOP_TIMEOUT;
         // The core stops at the cancellation, after starting its last batches.
         let core_ended = stop_task("core", self.core_task).await?;
         let net_ended = stop_task("network", self.net_task).await?;
@@ -737,6 +740,17 @@ impl Node {
         match tokio::time::timeout(STORE_CLOSE_TIMEOUT, self.store.close()).await {
             Ok(closed) => closed?,
             Err(_) => tracing::warn!("the store did not close in time; leaving it to the exit"),
+        }
+        #[cfg(feature = "mqtt")]
+        if let Some(mut mqtt) = self.mqtt {
+            // Its own limits end it within about 2 s; this is the backstop.
+            if tokio::time::timeout_at(mqtt_deadline, &mut mqtt.task)
+                .await
+                .is_err()
+            {
+                tracing::warn!("the MQTT bridge did not stop in time; aborting it");
+                mqtt.task.abort();
+            }
         }
         if let Some(Err(reason)) = core_ended {
             return Err(Error::Task(reason));

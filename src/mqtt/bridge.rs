@@ -85,6 +85,7 @@ pub(crate) fn spawn(
             incoming_tx,
             stats.clone(),
             stop_polling.clone(),
+            cancel.clone(),
         )
         .instrument(span.clone()),
     );
@@ -119,18 +120,30 @@ pub(crate) fn spawn(
 /// Polls the connection until `stop`: hands over the broker's messages, reports the link's
 /// state, and after an error waits (doubling up to [`MAX_BACKOFF`]) before the next poll
 /// dials again.
+///
+/// The bridge cancels `stop` once it has queued its goodbye. Should the bridge itself be
+/// stuck (waiting on a full request queue while the broker is away), the node's `cancel`
+/// ends polling after [`STOP_TIMEOUT`] anyway; dropping the event loop then fails the
+/// bridge's pending publish, which frees it to stop too.
 async fn poll(
     mut eventloop: rumqttc::EventLoop,
     link: watch::Sender<Link>,
     incoming: mpsc::Sender<rumqttc::Publish>,
     stats: Arc<Stats>,
     stop: CancellationToken,
+    cancel: CancellationToken,
 ) {
     let mut backoff = MIN_BACKOFF;
     let mut dropped = 0u64;
+    let deadline = async {
+        cancel.cancelled().await;
+        tokio::time::sleep(STOP_TIMEOUT).await;
+    };
+    tokio::pin!(deadline);
     loop {
         let event = tokio::select! {
             _ = stop.cancelled() => break,
+            _ = &mut deadline => break,
             event = eventloop.poll() => event,
         };
         match event {
@@ -166,6 +179,7 @@ async fn poll(
                 link.send_modify(|l| l.connected = false);
                 tokio::select! {
                     _ = stop.cancelled() => break,
+                    _ = &mut deadline => break,
                     _ = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);

@@ -545,3 +545,71 @@ async fn bad_bridge_settings_stop_the_node_from_starting_with_a_clear_error() {
     assert!(!node.mqtt_status().unwrap().connected);
     timeout(T, node.shutdown()).await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hearth_up_takes_the_broker_from_its_flags_and_keeps_the_password_out_of_sight() {
+    let broker = start_broker();
+    let ha = Ha::connect(broker, &["homeassistant/#", "hearth/#"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("node");
+    std::fs::create_dir_all(&data).unwrap();
+    let password = dir.path().join("mqtt.password");
+    std::fs::write(&password, format!("{PASSWORD}\n")).unwrap();
+    let url = format!("mqtt://{broker}");
+    let flags = [
+        "--mqtt",
+        url.as_str(),
+        "--mqtt-user",
+        USER,
+        "--mqtt-password-file",
+        password.to_str().unwrap(),
+    ];
+    // `config check` shows the bridge's settings, the password only as set.
+    let mut check = crate::util::hearth();
+    check
+        .args(["config", "check", "--json", "--data"])
+        .arg(&data);
+    std::fs::write(
+        data.join("hearth.toml"),
+        format!(
+            "[mqtt]\nurl = \"{url}\"\nuser = \"{USER}\"\npassword_file = \"{}\"\nnode_id = \"checked\"\n",
+            password.display()
+        ),
+    )
+    .unwrap();
+    let out = crate::util::run(&mut check);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains(PASSWORD), "{text}");
+    let summary: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(summary["mqtt"]["node_id"], "checked");
+    assert_eq!(summary["mqtt"]["password"], "<set>");
+    std::fs::remove_file(data.join("hearth.toml")).unwrap();
+
+    let flags: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
+    let mut up = tokio::task::spawn_blocking(move || {
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        crate::util::UpProcess::start_with(&data, &flags)
+    })
+    .await
+    .unwrap();
+    // The node id comes from the PeerId: `hearth_` and its last 10 characters.
+    let tail: String = up
+        .peer_id
+        .chars()
+        .rev()
+        .take(10)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    let node_id = format!("hearth_{}", tail.to_ascii_lowercase());
+    ha.wait(&format!("hearth/{node_id}/availability"), "online")
+        .await;
+    let status = tokio::task::spawn_blocking(move || up.terminate())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    ha.wait(&format!("hearth/{node_id}/availability"), "offline")
+        .await;
+}
