@@ -31,6 +31,14 @@ const MIN_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How long imported messages gather before they are written together.
 const IMPORT_FLUSH: Duration = Duration::from_millis(100);
+/// Most imported entities written per flush: with [`IMPORT_FLUSH`], 500 writes a second
+/// at most, whatever the broker sends; the rest fold into later flushes.
+const IMPORT_WRITES_PER_FLUSH: usize = 50;
+/// Commands written per second on average, and in a burst; more are rejected and counted.
+const COMMANDS_PER_SECOND: f64 = 20.0;
+const COMMAND_BURST: f64 = 50.0;
+/// Home Assistant's birth message republishes everything at most this often.
+const REPUBLISH_INTERVAL: Duration = Duration::from_secs(10);
 /// How long a clean stop waits to tell the broker this node is offline.
 const STOP_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -104,6 +112,8 @@ pub(crate) fn spawn(
         native: HashSet::new(),
         synced: 0,
         connected: false,
+        commands: TokenBucket::new(COMMANDS_PER_SECOND, COMMAND_BURST),
+        last_full: None,
     };
     let task = tokio::spawn(
         async move {
@@ -217,6 +227,42 @@ struct Bridge {
     /// The connection the last full publish was for.
     synced: u64,
     connected: bool,
+    /// The rate the broker may make this node write at.
+    commands: TokenBucket,
+    /// When everything was last published.
+    last_full: Option<tokio::time::Instant>,
+}
+
+/// A token bucket: `rate` a second on average, `burst` at once.
+struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    at: tokio::time::Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: f64, burst: f64) -> Self {
+        Self {
+            rate,
+            burst,
+            tokens: burst,
+            at: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Takes a token if there is one.
+    fn take(&mut self, now: tokio::time::Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// Why a publish did not go out: the node stops, or the client's queue closed.
@@ -338,6 +384,7 @@ impl Bridge {
     /// exported entity afresh, the ones no longer exported taken out, then availability and
     /// the subscriptions.
     async fn publish_all(&mut self) -> Sent {
+        self.last_full = Some(tokio::time::Instant::now());
         let list = match self.entities.list().await {
             Ok(list) => list,
             Err(error) => {
@@ -435,8 +482,13 @@ impl Bridge {
             return;
         }
         if topic == format!("{}/status", self.topics.discovery) {
-            // Home Assistant's birth message: it (re)started and wants the configs again.
+            // Home Assistant's birth message: it (re)started and wants the configs again
+            // (they are retained, so a birth soon after a full publish needs nothing).
+            let recent = self
+                .last_full
+                .is_some_and(|at| at.elapsed() < REPUBLISH_INTERVAL);
             if message.payload.as_ref() == b"online"
+                && !recent
                 && let Err(error) = self.publish_all().await
             {
                 tracing::warn!(%error, "MQTT publish failed");
@@ -480,6 +532,9 @@ impl Bridge {
         // Only entities the bridge exports take commands: the broker reaches no other.
         if !self.published.contains_key(&id) {
             return reject("the entity is not exported");
+        }
+        if !self.commands.take(tokio::time::Instant::now()) {
+            return reject("commands arrive faster than 20 a second");
         }
         let command = match ha::parse_command(&id, field, payload) {
             Ok(command) => command,
@@ -530,12 +585,30 @@ impl Bridge {
         let Some(importer) = &mut self.importer else {
             return;
         };
-        let writes = importer.take_writes();
+        let writes = importer.take_writes(IMPORT_WRITES_PER_FLUSH);
         for chunk in writes.chunks(crate::MAX_BATCH_WRITES) {
             if let Err(error) = self.entities.set_many(chunk.to_vec()).await {
                 self.stats.rejected.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%error, "writing entities imported from MQTT failed");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_bucket_allows_a_burst_then_its_rate() {
+        let start = tokio::time::Instant::now();
+        let mut bucket = TokenBucket::new(20.0, 50.0);
+        assert!((0..50).all(|_| bucket.take(start)));
+        assert!(!bucket.take(start));
+        // A tenth of a second later: two more.
+        let later = start + Duration::from_millis(100);
+        assert!(bucket.take(later));
+        assert!(bucket.take(later));
+        assert!(!bucket.take(later));
     }
 }

@@ -149,13 +149,18 @@ impl Importer {
         Ok(true)
     }
 
-    /// The writes gathered since the last call: each changed entity that has a state, with
-    /// all its attributes and the import marker. Entities still waiting for a state stay
-    /// pending.
-    pub(crate) fn take_writes(&mut self) -> Vec<(EntityId, EntityWrite)> {
+    /// The writes gathered since the last call, at most `limit`: each changed entity that
+    /// has a state, with all its attributes and the import marker. Entities still waiting
+    /// for a state, and those past the limit, stay pending (their later messages fold into
+    /// the same write).
+    pub(crate) fn take_writes(&mut self, limit: usize) -> Vec<(EntityId, EntityWrite)> {
         let mut writes = Vec::new();
         let dirty = std::mem::take(&mut self.dirty);
         for id in dirty {
+            if writes.len() >= limit {
+                self.dirty.insert(id);
+                continue;
+            }
             let Some(entry) = self.entities.get(&id) else {
                 continue;
             };
@@ -199,7 +204,7 @@ mod tests {
         );
         // No state yet: nothing to write.
         assert!(!imp.has_writes());
-        assert!(imp.take_writes().is_empty());
+        assert!(imp.take_writes(10).is_empty());
         imp.on_message("ha/light/desk/state", b"on", native)
             .unwrap();
         imp.on_message("ha/light/desk/friendly_name", b"\"Desk\"", native)
@@ -207,7 +212,7 @@ mod tests {
         imp.on_message("ha/light/desk/last_changed", b"\"2026\"", native)
             .unwrap();
         assert!(imp.has_writes());
-        let writes = imp.take_writes();
+        let writes = imp.take_writes(10);
         assert_eq!(writes.len(), 1);
         let (id, write) = &writes[0];
         assert_eq!(id.as_str(), "light.desk");
@@ -220,7 +225,7 @@ mod tests {
         // The same state again writes nothing.
         imp.on_message("ha/light/desk/state", b"on", native)
             .unwrap();
-        assert!(imp.take_writes().is_empty());
+        assert!(imp.take_writes(10).is_empty());
         assert_eq!(
             imp.on_message("other/light/desk/state", b"on", native),
             Ok(false)
