@@ -145,6 +145,7 @@ async fn poll(
 ) {
     let mut backoff = MIN_BACKOFF;
     let mut dropped = 0u64;
+    let mut failures = 0u64;
     let deadline = async {
         cancel.cancelled().await;
         tokio::time::sleep(STOP_TIMEOUT).await;
@@ -159,6 +160,7 @@ async fn poll(
         match event {
             Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
                 backoff = MIN_BACKOFF;
+                failures = 0;
                 stats.connected.store(true, Ordering::Relaxed);
                 stats.connections.fetch_add(1, Ordering::Relaxed);
                 link.send_modify(|l| {
@@ -180,8 +182,14 @@ async fn poll(
             }
             Ok(_) => {}
             Err(error) => {
+                failures += 1;
                 if link.borrow().connected {
                     tracing::warn!(%error, "lost the MQTT broker; reconnecting");
+                } else if failures % 20 == 1 {
+                    // The first failure of a streak, and then every twentieth (about every
+                    // 10 minutes at the longest backoff): a wrong password or address shows,
+                    // without a line per retry.
+                    tracing::warn!(%error, ?backoff, failures, "cannot reach the MQTT broker; retrying");
                 } else {
                     tracing::debug!(%error, ?backoff, "MQTT broker unreachable; retrying");
                 }
