@@ -25,6 +25,7 @@ pub(crate) mod events;
 pub(crate) mod guard;
 mod locks;
 mod more;
+mod playback;
 mod seed001;
 mod sessions;
 mod share;
@@ -349,6 +350,8 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
         .route("/api/activities/{id}", get(activities::get))
         .route("/api/activities/{id}/score", post(activities::score))
         .route("/api/activities/{id}/{action}", post(activities::act))
+        .route("/api/playback", post(playback::start).get(playback::list))
+        .route("/api/playback/{id}", get(playback::get))
         .route("/api/sessions", post(sessions::start).get(sessions::list))
         .route("/api/sessions/{id}", get(sessions::get))
         .route("/api/sessions/{id}/context", put(sessions::context))

@@ -17,14 +17,24 @@ mod events;
 mod invite;
 mod locks;
 mod mqtt;
+mod playback;
+pub(crate) mod progress;
 mod sessions;
+
+/// `hearth --version`: the crate's version and the git commit it was built from.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("HEARTH_GIT_COMMIT"),
+    ")"
+);
 
 /// Hearth: a peer-to-peer sync node for homes.
 ///
 /// `hearth up` runs a node. Every other verb talks to the running node through its local
 /// API, found through --api (or HEARTH_API), else through `<data>/api.addr`.
 #[derive(Debug, Parser)]
-#[command(name = "hearth", version, propagate_version = true)]
+#[command(name = "hearth", version = VERSION, propagate_version = true)]
 pub(crate) struct Args {
     /// Data dir (default: the platform's data dir, e.g. ~/.local/share/hearth).
     #[arg(long, global = true, env = "HEARTH_DATA", value_name = "DIR")]
@@ -68,6 +78,10 @@ enum Command {
     /// devices (prepare, accept, acknowledge; rolled back on timeout).
     #[command(subcommand)]
     Session(sessions::SessionCommand),
+    /// Synchronised playback: start media on devices of the home at one instant (each
+    /// converts the start to its own clock from clock probes), show each one's start.
+    #[command(subcommand)]
+    Playback(playback::PlaybackCommand),
     /// Group activities (trivia, story, sing-along, synchronised playback): start, show,
     /// score, pause, resume, step and end.
     #[command(subcommand)]
@@ -146,10 +160,12 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Share an entity of this home with a paired home.
+    /// Share entities of this home with a paired home: ids, or patterns over this home's
+    /// entities (`light.*`, `**`). Many at once show a progress bar on a terminal.
     Share {
-        /// The entity id, e.g. `light.porch`.
-        id: String,
+        /// Entity ids or patterns, e.g. `light.porch` or `'light.*'`.
+        #[arg(required = true, value_name = "ID")]
+        ids: Vec<String>,
         /// The home to share with: its HomeId, or its name when unique.
         #[arg(long = "with", value_name = "HOME")]
         with: String,
@@ -325,9 +341,9 @@ enum EntityCommand {
 
 #[derive(Debug, Subcommand)]
 enum ConfigCommand {
-    /// Read a settings file (default: hearth.toml in the data dir) with the environment's
-    /// HEARTH_<SECTION>__<KEY> overrides, and print what `up` would run with, or what is
-    /// wrong with it (exit 1).
+    /// Read a settings file (default: hearth.toml in the data dir, when there is one) with
+    /// the environment's HEARTH_<SECTION>__<KEY> overrides, and print what `up` would run
+    /// with and where each value came from, or what is wrong (exit 1).
     Check {
         /// The file.
         file: Option<PathBuf>,
@@ -463,7 +479,7 @@ enum PresenceCommand {
     },
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, ValueEnum, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 enum LogFormat {
     /// Human-readable lines.
@@ -511,6 +527,7 @@ pub(crate) fn run(args: Args) -> Result<()> {
         Command::Presence(cmd) => presence(&data, cmd),
         Command::Lock(cmd) => locks::lock(&data, cmd),
         Command::Session(cmd) => sessions::session(&data, cmd),
+        Command::Playback(cmd) => playback::playback(&data, cmd),
         Command::Activity(cmd) => activities::activity(&data, cmd),
         Command::Notify {
             user,
@@ -560,14 +577,14 @@ pub(crate) fn run(args: Args) -> Result<()> {
             crate::verbs::forget(&client(&data, &c)?, &home, c.json)
         }
         Command::Share {
-            id,
+            ids,
             with,
             read_only,
             policy,
             client: c,
         } => crate::verbs::share(
             &client(&data, &c)?,
-            &id,
+            &ids,
             &with,
             read_only,
             policy.as_deref(),
@@ -644,6 +661,50 @@ const SHUTDOWN_LIMIT: Duration = Duration::from_millis(4500);
 /// How long the runtime waits for leftover blocking tasks once the node has stopped.
 const RUNTIME_STOP_LIMIT: Duration = Duration::from_millis(300);
 
+/// Shows the first catch-up with the home's devices as a bar on a terminal: a device that
+/// just joined fetches the whole home. It ends once a device of the home is in sync with
+/// this one, or is set aside after a minute without progress (a document no connected
+/// device holds).
+async fn initial_sync(node: &hearth::Node) {
+    const STALL: Duration = Duration::from_secs(60);
+    if !progress::shown() {
+        return;
+    }
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    let mut last = (u64::MAX, std::time::Instant::now());
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        // A core that stopped answering ends the node through `failed`, not here.
+        let Ok(lag) = node.sync_lag().await else {
+            continue;
+        };
+        let Some(behind) = lag.peers.iter().map(|(_, b)| *b).min() else {
+            continue;
+        };
+        if behind == 0 {
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+                eprintln!("in sync with the home: {} documents", lag.documents);
+            }
+            return;
+        }
+        let bar = bar.get_or_insert_with(|| {
+            let bar = progress::bar(lag.documents, "initial sync");
+            progress::under_logs(&bar);
+            bar
+        });
+        bar.set_length(lag.documents);
+        bar.set_position(lag.documents.saturating_sub(behind));
+        bar.set_message(format!("documents ({} device(s))", lag.peers.len()));
+        if behind != last.0 {
+            last = (behind, std::time::Instant::now());
+        } else if last.1.elapsed() > STALL {
+            bar.abandon_with_message(format!("{behind} documents not yet in sync"));
+            return;
+        }
+    }
+}
+
 fn run_up(data: PathBuf, up: config::UpArgs) -> Result<()> {
     let (config, log_format, notes) = config::resolve(data, up)?;
     init_tracing(log_format);
@@ -682,6 +743,10 @@ fn run_up(data: PathBuf, up: config::UpArgs) -> Result<()> {
         let failure = tokio::select! {
             stopped = stop => { stopped?; None }
             reason = node.failed() => Some(reason),
+            never = async {
+                initial_sync(&node).await;
+                std::future::pending::<std::convert::Infallible>().await
+            } => match never {},
         };
         match failure {
             None => {
@@ -725,7 +790,7 @@ fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(|| progress::LogWriter);
     match format {
         LogFormat::Pretty => builder.init(),
         LogFormat::Json => builder.json().init(),

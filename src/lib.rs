@@ -42,6 +42,7 @@ mod mqtt;
 mod node;
 mod pairing;
 mod peers;
+mod playback;
 mod presence;
 mod propagation;
 mod records;
@@ -75,7 +76,7 @@ pub use config::{
     DEFAULT_CHAT_MAX_AGE, DEFAULT_CHAT_MAX_MESSAGES, DEFAULT_LISTEN,
     DEFAULT_MAX_CONNECTIONS_PER_IP, MAX_BATCH_WINDOW, Passphrase, default_data_dir,
 };
-pub use core::{CHANGE_BUFFER, SyncCounters};
+pub use core::{CHANGE_BUFFER, SyncCounters, SyncLag};
 pub use datadir::LOCK_FILE;
 #[cfg(feature = "api")]
 pub use datadir::{API_ADDR_FILE, TOKEN_FILE, read_token};
@@ -100,6 +101,10 @@ pub use mqtt::{
 #[doc(hidden)]
 pub use node::Captured;
 pub use pairing::join::Joined;
+pub use playback::{
+    ClockEstimate, DeviceSchedule, MAX_MEDIA, MAX_PLAYBACK_DEVICES, MAX_PLAYBACKS, NewPlayback,
+    Playback, PlaybackDevice, PlaybackSchedule,
+};
 pub use presence::{Presence, PresenceInfo, Status};
 pub use propagation::{
     DeviceEvent, MAX_EVENT_PAYLOAD, MAX_EVENT_TARGETS, MAX_EVENT_TYPE_LEN, PropagationCounters,

@@ -436,6 +436,27 @@ impl Node {
             .await?
     }
 
+    /// How far this device is from the home's devices it is connected to: the documents it
+    /// holds, and per admitted peer how many of them are not yet in sync with that peer.
+    /// A device that just joined starts far behind; `hearth up` shows this as its initial
+    /// sync.
+    ///
+    /// Cancel-safe.
+    pub async fn sync_lag(&self) -> Result<crate::SyncLag, Error> {
+        let report = self
+            .core
+            .call(|reply| crate::core::NodeRequest::SyncReport { reply })
+            .await??;
+        Ok(crate::SyncLag {
+            documents: report.documents,
+            peers: report
+                .peers
+                .into_iter()
+                .map(|p| (p.peer, p.docs_behind))
+                .collect(),
+        })
+    }
+
     /// This device's PeerId, in base58.
     pub fn peer_id(&self) -> &DeviceId {
         &self.peer_id
@@ -644,6 +665,25 @@ impl Node {
         crate::Activities {
             core: self.core.clone(),
         }
+    }
+
+    /// Synchronised playback: start media on several devices at one instant, each by
+    /// its own clock, and the clock estimates behind it.
+    pub fn playback(&self) -> crate::Playback {
+        crate::Playback {
+            core: self.core.clone(),
+        }
+    }
+
+    /// Test hook: moves this node's playback clock by `ms`, as a device whose clock is
+    /// set wrong; its peers must find the offset by probing. Forgets this node's clock
+    /// samples (not its peers' samples of it).
+    #[cfg(feature = "test-hooks")]
+    #[doc(hidden)]
+    pub async fn debug_clock_skew(&self, ms: i64) -> Result<(), crate::Error> {
+        self.core
+            .call(|reply| crate::playback::service::PlaybackRequest::Skew { ms, reply })
+            .await?
     }
 
     /// Device locks (seed 004): priority leases decided by the home's arbiter.

@@ -1,6 +1,6 @@
 //! Client verbs for peers, entity history, rooms and presence, and their tables.
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use serde_json::{Value, json};
 
@@ -118,7 +118,14 @@ fn peer_state(p: &Value) -> &'static str {
 }
 
 pub(crate) fn peers_table(peers: &[Value]) -> Table {
-    let mut t = table(&["PEER", "STATE", "ADDRESS", "LAST HEARD", "DOCS BEHIND"]);
+    let mut t = table(&[
+        "PEER",
+        "STATE",
+        "ADDRESS",
+        "LAST HEARD",
+        "DOCS BEHIND",
+        "CLOCK OFFSET",
+    ]);
     for p in peers {
         let heard = p["last_heard_ms"]
             .as_u64()
@@ -134,9 +141,18 @@ pub(crate) fn peers_table(peers: &[Value]) -> Table {
                 .unwrap_or_else(|| "-".into()),
             heard,
             text(&p["docs_behind"]),
+            clock(&p["clock"]),
         ]);
     }
     t
+}
+
+/// A peer's clock against this device's: `+2500.1 ± 0.4 ms`, or `-`.
+fn clock(c: &Value) -> String {
+    match (c["offset_ms"].as_f64(), c["uncertainty_ms"].as_f64()) {
+        (Some(offset), Some(uncertainty)) => format!("{offset:+.1} ± {uncertainty:.1} ms"),
+        _ => "-".into(),
+    }
 }
 
 pub(crate) fn peers(client: &Client, json: bool) -> Result<()> {
@@ -467,29 +483,110 @@ pub(crate) fn forget(client: &Client, home: &str, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// The entities `ids` name: ids as given, and each pattern (`light.*`) as the entities of
+/// this home it matches.
+fn share_targets(client: &Client, ids: &[String]) -> Result<Vec<String>> {
+    if !ids.iter().any(|i| i.contains('*')) {
+        return Ok(ids.to_vec());
+    }
+    let status: Value = client.get("/api/status")?;
+    let home = status["home"]["home_id"]
+        .as_str()
+        .context("the node's status names no home")?;
+    let list: Value = client.get("/api/entities")?;
+    let own: Vec<&str> = list["entities"]
+        .as_array()
+        .context("the node's reply has no entities list")?
+        .iter()
+        .filter(|e| e["owner"].as_str() == Some(home))
+        .filter_map(|e| e["id"].as_str())
+        .collect();
+    let mut out: Vec<String> = Vec::new();
+    for id in ids {
+        if !id.contains('*') {
+            out.push(id.clone());
+            continue;
+        }
+        let pattern = hearth::bus::Pattern::parse(id)?;
+        let matched: Vec<&str> = own.iter().copied().filter(|e| pattern.matches(e)).collect();
+        if matched.is_empty() {
+            bail!("no entity of this home matches {}", printable(id));
+        }
+        out.extend(matched.into_iter().map(str::to_string));
+    }
+    out.dedup();
+    Ok(out)
+}
+
 pub(crate) fn share(
     client: &Client,
-    id: &str,
+    ids: &[String],
     home: &str,
     read_only: bool,
     policy: Option<&str>,
     json: bool,
 ) -> Result<()> {
-    let mut body = json!({ "entity_id": id, "home": home, "read_only": read_only });
-    if let Some(p) = policy {
-        body["policy"] = json!(p);
+    let targets = share_targets(client, ids)?;
+    let one = |id: &str| -> Result<Value> {
+        let mut body = json!({ "entity_id": id, "home": home, "read_only": read_only });
+        if let Some(p) = policy {
+            body["policy"] = json!(p);
+        }
+        client.post("/api/shares", &body)
+    };
+    let line = |out: &Value| {
+        format!(
+            "shared {} with {} ({}, policy {})",
+            text(&out["entity_id"]),
+            text(&out["home"]),
+            text(&out["rights"]),
+            text(&out["policy"])
+        )
+    };
+    // One id: one share, as before.
+    if let [id] = targets.as_slice()
+        && ids.len() == 1
+        && !ids[0].contains('*')
+    {
+        let out = one(id)?;
+        if json {
+            return print_json(&out);
+        }
+        println!("{}", line(&out));
+        return Ok(());
     }
-    let out: Value = client.post("/api/shares", &body)?;
+    let bar = crate::cli::progress::bar(targets.len() as u64, "sharing");
+    let mut shared = Vec::new();
+    let mut failed = Vec::new();
+    for id in &targets {
+        bar.set_message(printable(id));
+        match one(id) {
+            Ok(out) => {
+                if !json {
+                    bar.suspend(|| println!("{}", line(&out)));
+                }
+                shared.push(out);
+            }
+            Err(e) => failed.push(json!({ "entity_id": id, "error": format!("{e:#}") })),
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
     if json {
-        return print_json(&out);
+        print_json(&json!({ "shared": shared, "failed": failed }))?;
     }
-    println!(
-        "shared {} with {} ({}, policy {})",
-        text(&out["entity_id"]),
-        text(&out["home"]),
-        text(&out["rights"]),
-        text(&out["policy"])
-    );
+    if !failed.is_empty() {
+        let what: Vec<String> = failed
+            .iter()
+            .map(|f| format!("{}: {}", text(&f["entity_id"]), text(&f["error"])))
+            .collect();
+        bail!(
+            "{} of {} shares failed: {}",
+            failed.len(),
+            targets.len(),
+            what.join("; ")
+        );
+    }
     Ok(())
 }
 

@@ -99,7 +99,7 @@ pub use schema::locks::{Lock, LockType, Locks};
 pub use schema::presence::{Presence, PresenceEntry, PresenceStatus, PresenceUpdate};
 pub use schema::registry::Registry;
 pub use schema::room::{
-    Activity, ActivityState, ChatMessage, Member, NewMessage, NewRoom, Playback, Room,
+    Activity, ActivityState, ChatMessage, Member, NewMessage, NewRoom, Playback, Room, RoomHead,
 };
 pub use schema::session::{Handoff, HandoffOutcome, Session};
 pub use schema::{DocKind, Header};

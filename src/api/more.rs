@@ -134,6 +134,9 @@ pub(crate) struct PeerEntry {
     last_heard_ms: Option<u64>,
     /// Documents not in sync with the peer; only for admitted peers.
     docs_behind: Option<u64>,
+    /// The peer's clock against this device's, from clock probes; only for admitted
+    /// devices of the home that answered one.
+    clock: Option<crate::playback::ClockEstimate>,
 }
 
 #[derive(Serialize)]
@@ -155,6 +158,11 @@ pub(crate) async fn peer_entries(state: &ApiState) -> Result<Vec<PeerEntry>, Api
         .core
         .call(|reply| crate::core::NodeRequest::SyncReport { reply })
         .await??;
+    let clocks = crate::playback::Playback {
+        core: state.core.clone(),
+    }
+    .clocks()
+    .await?;
     let mut out: Vec<PeerEntry> = peers
         .into_iter()
         .map(|p| {
@@ -170,6 +178,10 @@ pub(crate) async fn peer_entries(state: &ApiState) -> Result<Vec<PeerEntry>, Api
                 connected_for_s: p.connected_for.as_secs_f64(),
                 last_heard_ms: lag.and_then(|l| l.last_heard_ms),
                 docs_behind: lag.map(|l| l.docs_behind),
+                clock: clocks
+                    .iter()
+                    .find(|(p, _)| p.as_str() == id)
+                    .map(|(_, e)| e.clone()),
                 peer_id: id,
             }
         })
@@ -187,6 +199,7 @@ pub(crate) async fn peer_entries(state: &ApiState) -> Result<Vec<PeerEntry>, Api
             connected_for_s: 0.0,
             last_heard_ms: None,
             docs_behind: None,
+            clock: None,
         }));
     }
     out.sort_by(|a, b| (!a.connected, &a.peer_id).cmp(&(!b.connected, &b.peer_id)));

@@ -209,8 +209,12 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
         ];
         let mut stores = None;
         let mut failed = Vec::new();
-        for s in order.into_iter().filter(|s| wanted(*s)) {
-            if !args.json {
+        let chosen: Vec<Scenario> = order.into_iter().filter(|s| wanted(*s)).collect();
+        let bar = crate::cli::progress::bar(chosen.len() as u64, "bench");
+        for s in chosen {
+            if crate::cli::progress::shown() {
+                bar.set_message(s.name());
+            } else if !args.json {
                 eprintln!("running {s:?}");
             }
             let done: Result<Vec<ScenarioReport>> = async {
@@ -250,7 +254,9 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
                         .push(ScenarioReport::failed(name, format!("{error:#}")));
                 }
             }
+            bar.inc(1);
         }
+        bar.finish_and_clear();
         Ok::<_, anyhow::Error>((report, failed))
     })?;
     let (report, failed) = report;

@@ -39,6 +39,8 @@ struct Served {
     device: Device,
     api: String,
     token: String,
+    /// One HTTP client for every REST call, keeping its connections open.
+    http: ureq::Agent,
 }
 
 async fn serve(scratch: &mut Scratch, first: Option<&Served>, name: &str) -> Result<Served> {
@@ -67,6 +69,10 @@ async fn serve(scratch: &mut Scratch, first: Option<&Served>, name: &str) -> Res
         },
         api,
         token,
+        http: ureq::Agent::config_builder()
+            .timeout_global(Some(WAIT))
+            .build()
+            .into(),
     })
 }
 
@@ -115,20 +121,36 @@ async fn send(ws: &mut Socket, kind: &str, data: Value) -> Result<()> {
 
 /// A REST call (blocking client, off the async threads).
 async fn rest(s: &Served, path: &str, body: Value) -> Result<Value> {
+    rest_call(s, path, body).await
+}
+
+/// A REST call that owns what it needs, so it can run as its own task.
+fn rest_call(
+    s: &Served,
+    path: &str,
+    body: Value,
+) -> impl std::future::Future<Output = Result<Value>> + Send + 'static {
     let url = format!("http://{}{path}", s.api);
     let token = s.token.clone();
-    tokio::task::spawn_blocking(move || -> Result<Value> {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .timeout_global(Some(WAIT))
-            .build()
-            .into();
-        let mut r = agent
-            .post(&url)
-            .header("Authorization", &format!("Bearer {token}"))
-            .send_json(&body)?;
-        Ok(r.body_mut().read_json()?)
-    })
-    .await?
+    let agent = s.http.clone();
+    async move {
+        tokio::task::spawn_blocking(move || -> Result<Value> {
+            let mut r = agent
+                .post(&url)
+                .header("Authorization", &format!("Bearer {token}"))
+                .send_json(&body)?;
+            Ok(r.body_mut().read_json()?)
+        })
+        .await?
+    }
+}
+
+/// Fails on the first REST call of `calls` that ended with an error.
+fn check_calls(calls: &mut tokio::task::JoinSet<Result<Value>>) -> Result<()> {
+    while let Some(done) = calls.try_join_next() {
+        done??;
+    }
+    Ok(())
 }
 
 /// Ops a second over `elapsed`.
@@ -274,26 +296,36 @@ pub(crate) async fn ws(scratch: &mut Scratch, sizes: &Sizes) -> Result<Vec<Scena
         &mut sync_lat,
     );
 
-    // Notification: POST /notify, the user's socket gets it.
+    // Notification: POST /notify (IN_FLIGHT calls at once), the user's socket gets each.
     let mut dave = connect(&a, "dave", "w").await?;
     let notes = (messages / 10).max(20);
     let mut note_lat = Vec::with_capacity(notes);
+    let mut calls = tokio::task::JoinSet::new();
+    let mut sent_at: HashMap<String, Instant> = HashMap::new();
     let started = Instant::now();
-    for i in 0..notes {
-        let t = Instant::now();
-        rest(
-            &a,
-            "/notify",
-            json!({"user_id": "dave", "type": "peer_message", "title": format!("n{i}"), "ttl": 60}),
-        )
-        .await?;
-        loop {
-            let got = next_of(&mut dave, "notification").await?;
-            if got["data"]["title"] == format!("n{i}") {
-                break;
-            }
+    let mut next_send = 0;
+    while note_lat.len() < notes {
+        while next_send < notes && sent_at.len() < IN_FLIGHT {
+            let title = format!("n{next_send}");
+            sent_at.insert(title.clone(), Instant::now());
+            calls.spawn(rest_call(
+                &a,
+                "/notify",
+                json!({"user_id": "dave", "type": "peer_message", "title": title, "ttl": 60}),
+            ));
+            next_send += 1;
         }
-        note_lat.push(t.elapsed());
+        let got = next_of(&mut dave, "notification").await?;
+        if let Some(t) = got["data"]["title"]
+            .as_str()
+            .and_then(|title| sent_at.remove(title))
+        {
+            note_lat.push(t.elapsed());
+        }
+        check_calls(&mut calls)?;
+    }
+    while let Some(done) = calls.join_next().await {
+        done??;
     }
     report = row(
         report,
@@ -318,27 +350,49 @@ pub(crate) async fn ws(scratch: &mut Scratch, sizes: &Sizes) -> Result<Vec<Scena
         rest(&a, "/join-room", json!({"room_id": big, "user_id": m})).await?;
         member_sockets.push(connect(&a, m, "w").await?);
     }
+    // IN_FLIGHT broadcasts at once; each is done when every member's socket has it.
     let casts = (messages / 20).max(10);
     let mut cast_lat = Vec::with_capacity(casts);
+    let mut heard = futures::stream::select_all(member_sockets.iter_mut());
+    let mut waiting: HashMap<String, (Instant, usize)> = HashMap::new();
+    let mut calls = tokio::task::JoinSet::new();
     let started = Instant::now();
-    for i in 0..casts {
-        let t = Instant::now();
-        let text = format!("b{i}");
-        rest(
-            &a,
-            &format!("/broadcast/{big}"),
-            json!({"message": {"text": text}, "sender_id": members[0]}),
-        )
-        .await?;
-        for ws in member_sockets.iter_mut() {
-            loop {
-                let got = next_of(ws, "chat_message").await?;
-                if got["message"] == text {
-                    break;
-                }
+    let mut next_send = 0;
+    while cast_lat.len() < casts {
+        while next_send < casts && waiting.len() < IN_FLIGHT {
+            let text = format!("b{next_send}");
+            waiting.insert(text.clone(), (Instant::now(), 0));
+            calls.spawn(rest_call(
+                &a,
+                &format!("/broadcast/{big}"),
+                json!({"message": {"text": text}, "sender_id": members[0]}),
+            ));
+            next_send += 1;
+        }
+        let got = match tokio::time::timeout(WAIT, heard.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => serde_json::from_str::<Value>(&t)?,
+            Ok(Some(Ok(_))) => continue,
+            Ok(other) => bail!("a member's socket ended: {other:?}"),
+            Err(_) => bail!("no broadcast within {WAIT:?}"),
+        };
+        if got["type"] != "chat_message" {
+            continue;
+        }
+        let Some(text) = got["message"].as_str() else {
+            continue;
+        };
+        if let Some((at, count)) = waiting.get_mut(text) {
+            *count += 1;
+            if *count == members.len() {
+                cast_lat.push(at.elapsed());
+                waiting.remove(text);
             }
         }
-        cast_lat.push(t.elapsed());
+        check_calls(&mut calls)?;
+    }
+    drop(heard);
+    while let Some(done) = calls.join_next().await {
+        done??;
     }
     report = row(
         report,

@@ -73,6 +73,7 @@ pub(crate) enum Request {
     Alerts(crate::alerts::service::AlertRequest),
     Sessions(crate::sessions::service::SessionRequest),
     Activities(crate::activities::service::ActivityRequest),
+    Playback(crate::playback::service::PlaybackRequest),
     #[cfg(feature = "test-hooks")]
     Hooks(hooks::HookRequest),
     /// Unit tests only: run a closure on the core (see `testing.rs`).
@@ -102,6 +103,7 @@ route!(
     Alerts(crate::alerts::service::AlertRequest),
     Sessions(crate::sessions::service::SessionRequest),
     Activities(crate::activities::service::ActivityRequest),
+    Playback(crate::playback::service::PlaybackRequest),
 );
 #[cfg(feature = "test-hooks")]
 route!(Hooks(hooks::HookRequest));
@@ -122,6 +124,7 @@ impl Request {
             Request::Alerts(r) => r.is_write(),
             Request::Sessions(r) => r.is_write(),
             Request::Activities(r) => r.is_write(),
+            Request::Playback(r) => r.is_write(),
             #[cfg(feature = "test-hooks")]
             Request::Hooks(r) => r.is_write(),
             #[cfg(test)]
@@ -148,6 +151,7 @@ impl Request {
             Request::Alerts(r) => r.refuse(error),
             Request::Sessions(r) => r.refuse(error),
             Request::Activities(r) => r.refuse(error),
+            Request::Playback(r) => r.refuse(error),
             #[cfg(feature = "test-hooks")]
             Request::Hooks(r) => r.refuse(error),
             #[cfg(test)]
@@ -198,6 +202,15 @@ pub(crate) struct SyncReport {
     pub(crate) engine: hearth_crdt::EngineStats,
     /// Frames refused for size outside the engine (see [`SyncCounters::frames_oversized`]).
     pub(crate) frames_oversized: u64,
+}
+
+/// How far this device is from the home's devices it is connected to ([`crate::Node::sync_lag`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyncLag {
+    /// Documents this device holds.
+    pub documents: u64,
+    /// Per admitted peer: its PeerId and the documents not yet in sync with it.
+    pub peers: Vec<(String, u64)>,
 }
 
 /// One admitted peer's lag.
@@ -269,6 +282,8 @@ pub(crate) struct Core {
     /// The activities service's state (starts waiting for acknowledgements, what was
     /// announced).
     pub(crate) activities: crate::activities::service::ActivityState,
+    /// The playback service's state (clock estimates, playbacks).
+    pub(crate) playback: crate::playback::service::PlaybackState,
     pub(crate) store: StoreHandle,
     pub(crate) net: hearth_net::Handle,
     pub(crate) home: HomeRecord,
@@ -410,6 +425,7 @@ pub(crate) async fn start(
         alerts: Default::default(),
         sessions: Default::default(),
         activities: Default::default(),
+        playback: Default::default(),
         store,
         net,
         home,
@@ -562,6 +578,7 @@ impl Core {
                 },
                 _ = heartbeats.tick(), if !net_stalled => {
                     self.send_heartbeats().await;
+                    self.playback_tick().await;
                     // Frees opening slots whose peer went quiet.
                     self.drain_attaches().await;
                 }
@@ -616,6 +633,7 @@ impl Core {
                     self.heard_alive(&text, heartbeat::HEARTBEAT_TTL_MS);
                     self.notice_peer(text.clone(), true);
                     self.send_heartbeats().await;
+                    self.on_playback_peer_up(&text).await;
                 }
                 // Alerts it has not acknowledged go at once, ahead of any backoff.
                 self.on_alert_peer_up(&text).await;
@@ -651,6 +669,7 @@ impl Core {
                 if self.peers.forget(&text) {
                     self.notice_peer(text.clone(), false);
                 }
+                self.on_playback_peer_down(&text);
                 // Requests forwarded to it will get no answer.
                 self.fail_lock_forwards(Some(&text));
                 self.check_handoff(Some(&text)).await;
@@ -680,9 +699,19 @@ impl Core {
                 if matches!(class, PeerClass::Own | PeerClass::Paired(_))
                     && self.still_admitted_as(&peer, &class, "ephemeral") =>
             {
-                if let Some(alert) = self.on_ephemeral(peer, &class, &bytes) {
-                    self.on_alert_message(&peer.to_base58(), &class, &alert)
-                        .await;
+                // Taken before anything else, for the clock probes' timestamps.
+                let received_us = self.playback.now_us();
+                match self.on_ephemeral(peer, &class, &bytes) {
+                    Some(heartbeat::Lane::Alert(alert)) => {
+                        self.on_alert_message(&peer.to_base58(), &class, &alert)
+                            .await
+                    }
+                    Some(heartbeat::Lane::Clock(message)) => {
+                        let own = class == PeerClass::Own;
+                        self.on_clock_message(peer, own, &message, received_us)
+                            .await
+                    }
+                    None => {}
                 }
             }
             _ => {}
@@ -704,6 +733,7 @@ impl Core {
             Request::Alerts(request) => self.handle_alerts(request).await,
             Request::Sessions(request) => self.handle_sessions(request).await,
             Request::Activities(request) => self.handle_activities(request).await,
+            Request::Playback(request) => self.handle_playback(request).await,
             #[cfg(feature = "test-hooks")]
             Request::Hooks(request) => self.handle_hook(request),
             #[cfg(test)]

@@ -178,6 +178,13 @@ fn default_node_id(peer_id: &str) -> String {
 }
 
 impl MqttConfig {
+    /// Checks the settings as [`crate::Node::start`] does, before any node runs: the URL,
+    /// the prefixes, the node id, the export patterns and the credentials. Errors say which
+    /// one is wrong and how to fix it.
+    pub fn validate(&self) -> Result<(), Error> {
+        self.check("").map(|_| ())
+    }
+
     /// Checks the settings; errors say which one is wrong and how to fix it.
     pub(crate) fn check(&self, peer_id: &str) -> Result<Checked, Error> {
         let (host, port) = parse_url(&self.url)?;

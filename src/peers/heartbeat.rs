@@ -20,9 +20,16 @@ pub(crate) const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
 /// heartbeat does not flip a device offline.
 pub(crate) const HEARTBEAT_TTL_MS: u64 = 3 * HEARTBEAT_INTERVAL.as_millis() as u64;
 
-/// Largest ephemeral message accepted: an alert message in its envelope (a heartbeat
-/// takes about twenty bytes).
-const MAX_EPHEMERAL_MESSAGE: usize = crate::alerts::wire::MAX_ALERT_WIRE + 64;
+/// Largest ephemeral message accepted: an alert or clock-lane message in its envelope (a
+/// heartbeat takes about twenty bytes).
+const MAX_EPHEMERAL_MESSAGE: usize = max(
+    crate::alerts::wire::MAX_ALERT_WIRE,
+    crate::playback::wire::MAX_CLOCK_WIRE,
+) + 64;
+
+const fn max(a: usize, b: usize) -> usize {
+    if a > b { a } else { b }
+}
 
 /// The longest TTL a peer may claim; a larger claim is cut to this.
 pub(crate) const MAX_TTL_MS: u64 = 60_000;
@@ -36,6 +43,17 @@ enum Ephemeral {
     /// A message of the emergency alerts' lane (an alert or an answer to one), CBOR the
     /// alerts service decodes; also from paired homes' devices.
     Alert { bytes: serde_bytes::ByteBuf },
+    /// A message of the clock lane (a clock probe or answer, or a synchronised
+    /// playback's), CBOR the playback service decodes.
+    Clock { bytes: serde_bytes::ByteBuf },
+}
+
+/// What an ephemeral frame carries for a service.
+pub(crate) enum Lane {
+    /// An alert-lane message.
+    Alert(Vec<u8>),
+    /// A clock-lane message.
+    Clock(Vec<u8>),
 }
 
 fn encode(message: &Ephemeral) -> Vec<u8> {
@@ -79,16 +97,23 @@ impl Core {
         }))
     }
 
+    /// A clock-lane message, in its ephemeral envelope.
+    pub(crate) fn ephemeral_clock_frame(&self, bytes: Vec<u8>) -> hearth_net::Bytes {
+        hearth_net::Bytes::from(encode(&Ephemeral::Clock {
+            bytes: serde_bytes::ByteBuf::from(bytes),
+        }))
+    }
+
     /// An ephemeral frame from an admitted device of this home or of a paired home.
     /// Anything that is not a well-formed message is dropped with a logged reason; an
-    /// alert-lane message is handed back for the alerts service. Only this home's
+    /// alert-lane or clock-lane message is handed back for its service. Only this home's
     /// devices send heartbeats.
     pub(crate) fn on_ephemeral(
         &mut self,
         peer: hearth_net::PeerId,
         class: &hearth_net::PeerClass,
         bytes: &[u8],
-    ) -> Option<Vec<u8>> {
+    ) -> Option<Lane> {
         let text = peer.to_base58();
         #[cfg(feature = "test-hooks")]
         self.capture_raw(&text, "ephemeral", bytes);
@@ -104,7 +129,8 @@ impl Core {
             Ok(Ephemeral::Heartbeat { .. }) => {
                 tracing::debug!(peer = %text, "heartbeat from a paired home's device ignored")
             }
-            Ok(Ephemeral::Alert { bytes }) => return Some(bytes.into_vec()),
+            Ok(Ephemeral::Alert { bytes }) => return Some(Lane::Alert(bytes.into_vec())),
+            Ok(Ephemeral::Clock { bytes }) => return Some(Lane::Clock(bytes.into_vec())),
             Err(error) => {
                 tracing::warn!(peer = %text, %error, len = bytes.len(), "malformed ephemeral message dropped");
             }

@@ -191,7 +191,7 @@ impl Core {
 
     /// PeerIds of the named devices of this home (each a PeerId or a device name), in the
     /// order given, without repeats. A revoked device is no device of the home.
-    fn resolve_event_targets(&self, named: &[String]) -> Result<Vec<String>, Error> {
+    pub(crate) fn resolve_event_targets(&self, named: &[String]) -> Result<Vec<String>, Error> {
         if named.is_empty() {
             return Ok(Vec::new());
         }

@@ -101,14 +101,14 @@ pub(crate) struct RoomDiff {
 }
 
 impl RoomSeen {
-    /// What `room` holds that `before` did not announce. The room view holds the newest
-    /// few messages, which covers the usual change; a longer burst reads `full_chat` (up to
-    /// a full chat read). A last announced message no longer there was pruned, and so was
-    /// everything before it: everything read is new.
+    /// What the room (`now`, its members and newest message) holds that `before` did
+    /// not announce. New messages are read by `after`, given the last one announced: the
+    /// messages after it (all of the newest up to a full chat read when it is gone, since
+    /// pruning took it and everything before it).
     pub(crate) fn diff(
         before: Option<&RoomSeen>,
-        room: &hearth_crdt::Room,
-        full_chat: impl FnOnce() -> Option<Vec<hearth_crdt::ChatMessage>>,
+        now: &RoomSeen,
+        after: impl FnOnce(Option<&str>) -> Option<Vec<hearth_crdt::ChatMessage>>,
     ) -> RoomDiff {
         let Some(before) = before else {
             return RoomDiff {
@@ -116,31 +116,14 @@ impl RoomSeen {
                 ..RoomDiff::default()
             };
         };
-        let now = RoomSeen::of(room);
         let mut diff = RoomDiff {
             joined: now.members.difference(&before.members).cloned().collect(),
             left: before.members.difference(&now.members).cloned().collect(),
             ..RoomDiff::default()
         };
-        if now.last_chat == before.last_chat {
-            return diff;
+        if now.last_chat != before.last_chat {
+            diff.messages = after(before.last_chat.as_deref()).unwrap_or_default();
         }
-        let fresh = |messages: &[hearth_crdt::ChatMessage]| {
-            let last = before.last_chat.as_ref()?;
-            messages.iter().rposition(|m| &m.id == last).map(|i| i + 1)
-        };
-        let whole_view = room.chat_len <= room.recent_chat.len();
-        diff.messages = match fresh(&room.recent_chat) {
-            Some(start) => room.recent_chat[start..].to_vec(),
-            None if before.last_chat.is_none() && whole_view => room.recent_chat.clone(),
-            None => match full_chat() {
-                Some(all) => {
-                    let start = fresh(&all).unwrap_or(0);
-                    all[start..].to_vec()
-                }
-                None => Vec::new(),
-            },
-        };
         diff
     }
 
@@ -153,6 +136,18 @@ impl RoomSeen {
                 .map(|m| m.user.clone())
                 .collect(),
             last_chat: room.recent_chat.last().map(|m| m.id.clone()),
+        }
+    }
+
+    pub(crate) fn of_head(head: &hearth_crdt::RoomHead) -> Self {
+        Self {
+            members: head
+                .members
+                .iter()
+                .chain(&head.overflow)
+                .map(|m| m.user.clone())
+                .collect(),
+            last_chat: head.last_chat.clone(),
         }
     }
 }
@@ -320,7 +315,7 @@ impl Core {
         user.unwrap_or_else(|| self.device_name.clone())
     }
 
-    /// Room documents of this home whose content has arrived.
+    /// Room documents of this home whose content has arrived, read without their chat.
     pub(crate) fn room_docs(&self) -> Vec<(DocId, hearth_crdt::Room)> {
         self.engine
             .documents()
@@ -329,14 +324,14 @@ impl Core {
                     .header(*d)
                     .is_ok_and(|h| h.kind == DocKind::Room && h.owner_home == self.home.home_id)
             })
-            .filter_map(|d| self.engine.room(d).ok().map(|r| (d, r)))
+            .filter_map(|d| self.engine.room_meta(d).ok().map(|r| (d, r)))
             .collect()
     }
 
     /// A room by id (base58) or by a name only one room has.
     pub(crate) fn resolve_room(&self, text: &str) -> Result<DocId, Error> {
         if let Some(id) = DocId::parse(text)
-            && self.engine.room(id).is_ok()
+            && self.engine.is_room(id)
         {
             return Ok(id);
         }
@@ -360,7 +355,7 @@ impl Core {
     }
 
     pub(crate) fn room_view(&self, doc: DocId) -> Result<Room, Error> {
-        let r = self.engine.room(doc).map_err(room_err)?;
+        let r = self.engine.room_meta(doc).map_err(room_err)?;
         Ok(Room {
             room_id: doc.to_string(),
             name: r.name,
@@ -460,8 +455,8 @@ impl Core {
         // Over the limit now: the oldest go in the same write.
         if self
             .engine
-            .room(doc)
-            .is_ok_and(|r| r.chat_len > self.rooms.chat_keep.max_messages)
+            .room_chat_len(doc)
+            .is_ok_and(|n| n > self.rooms.chat_keep.max_messages)
         {
             match self.prune_chat(doc, now_ms()) {
                 Ok((_, more)) => crate::core::append(&mut batch, more),
@@ -533,8 +528,10 @@ impl Core {
 
     /// Records the current rooms and presence, so only later changes are announced.
     pub(crate) fn remember_rooms_and_presence(&mut self) {
-        for (doc, room) in self.room_docs() {
-            self.rooms.seen.insert(doc, RoomSeen::of(&room));
+        for (doc, _) in self.room_docs() {
+            if let Ok(head) = self.engine.room_head(doc) {
+                self.rooms.seen.insert(doc, RoomSeen::of_head(&head));
+            }
         }
         if let Ok(p) = self.engine.presence(presence_doc_id(&self.home.home_id)) {
             self.rooms.presence_seen = p.users;
@@ -621,7 +618,7 @@ impl Core {
         let members: Option<BTreeSet<String>> = match room {
             Some(r) => {
                 let doc = self.resolve_room(r)?;
-                let room = self.engine.room(doc).map_err(room_err)?;
+                let room = self.engine.room_meta(doc).map_err(room_err)?;
                 Some(room.members.into_iter().map(|m| m.user).collect())
             }
             None => None,
@@ -666,15 +663,16 @@ impl Core {
 
     pub(crate) fn on_room_changed(&mut self, doc: DocId, from_peer: Option<String>) {
         let from_peer: Option<crate::DeviceId> = from_peer.map(Into::into);
-        let Ok(room) = self.engine.room(doc) else {
+        let Ok(head) = self.engine.room_head(doc) else {
             return;
         };
         let room_id = doc.to_string();
-        let before = self.rooms.seen.insert(doc, RoomSeen::of(&room));
+        let now = RoomSeen::of_head(&head);
         let engine = &self.engine;
-        let diff = RoomSeen::diff(before.as_ref(), &room, || {
-            engine.room_chat(doc, MAX_CHAT_READ).ok()
+        let diff = RoomSeen::diff(self.rooms.seen.get(&doc), &now, |after| {
+            engine.room_chat_after(doc, after, MAX_CHAT_READ).ok()
         });
+        self.rooms.seen.insert(doc, now);
         if diff.created {
             if let Ok(view) = self.room_view(doc) {
                 self.emit_event(Event::RoomCreated {
@@ -1016,9 +1014,9 @@ mod tests {
             let diffs: Vec<RoomDiff> = (0..3)
                 .map(|i| {
                     let engine = &net.nodes[i];
-                    let room = engine.room(doc).unwrap();
-                    RoomSeen::diff(Some(&before[i]), &room, || {
-                        engine.room_chat(doc, MAX_CHAT_READ).ok()
+                    let now = RoomSeen::of_head(&engine.room_head(doc).unwrap());
+                    RoomSeen::diff(Some(&before[i]), &now, |after| {
+                        engine.room_chat_after(doc, after, MAX_CHAT_READ).ok()
                     })
                 })
                 .collect();
@@ -1032,7 +1030,7 @@ mod tests {
             assert_eq!(ids, ["m1", "m2"], "seed {seed}");
             // Announced once: from what is seen now, nothing more is new.
             let seen = RoomSeen::of(&net.nodes[0].room(doc).unwrap());
-            let again = RoomSeen::diff(Some(&seen), &net.nodes[0].room(doc).unwrap(), || None);
+            let again = RoomSeen::diff(Some(&seen), &seen, |_| None);
             assert_eq!(again, RoomDiff::default());
         }
     }

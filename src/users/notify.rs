@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use hearth_crdt::schema::users::StoredNotification;
+use hearth_crdt::schema::users::{Parts, StoredNotification};
 use hearth_storage::Batch;
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -207,7 +207,11 @@ impl Core {
         let batch = self.handle_outputs(out);
         let made = view(&n.user_id, &id, &stored);
         // The user's Web Push subscriptions, and the home's key to sign for them.
-        let entry = self.engine.user_entry(doc, &n.user_id).ok().flatten();
+        let push = Parts {
+            push: true,
+            ..Parts::NONE
+        };
+        let entry = self.engine.user_entry(doc, &n.user_id, push).ok().flatten();
         let subscriptions: Vec<super::PushTarget> = entry
             .map(|e| e.push.into_values().collect::<Vec<_>>())
             .unwrap_or_default()
@@ -337,9 +341,14 @@ impl Core {
         if !self.has_content(doc) {
             return Ok(Vec::new());
         }
+        let parts = Parts {
+            sessions: true,
+            notifications: true,
+            ..Parts::NONE
+        };
         let Some(entry) = self
             .engine
-            .user_entry(doc, user)
+            .user_entry(doc, user, parts)
             .map_err(crate::core::doc_err)?
         else {
             return Ok(Vec::new());

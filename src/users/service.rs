@@ -3,10 +3,11 @@
 //! and turns changes of the document (local or from a device of the home) into
 //! `user.state_changed` events, one per writing client.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use hearth_crdt::hlc::Hlc;
-use hearth_crdt::schema::users::{StateKey, UserEntry, Users as UsersDoc};
+use hearth_crdt::schema::touched::Touched;
+use hearth_crdt::schema::users::{Only, Parts, StateKey, UserEntry, Users as UsersDoc};
 use hearth_crdt::{DocId, DocKind};
 use hearth_storage::Batch;
 use serde_json::{Map, Value};
@@ -275,9 +276,14 @@ impl Core {
 
     pub(crate) fn user_state(&mut self, user: &str) -> Result<UserState, Error> {
         let doc = self.users_doc()?;
+        let parts = Parts {
+            state: true,
+            sessions: true,
+            ..Parts::NONE
+        };
         let entry = self
             .engine
-            .user_entry(doc, user)
+            .user_entry(doc, user, parts)
             .map_err(users_err)?
             .unwrap_or_default();
         Ok(self.user_view(user, &entry))
@@ -326,9 +332,13 @@ impl Core {
     fn open_user_session(&mut self, user: &str, client: &str) -> Result<((), Batch), Error> {
         let doc = self.users_doc()?;
         let now = now_ms();
+        let sessions = Parts {
+            sessions: true,
+            ..Parts::NONE
+        };
         let entry = self
             .engine
-            .user_entry(doc, user)
+            .user_entry(doc, user, sessions)
             .map_err(users_err)?
             .unwrap_or_default();
         let others = entry
@@ -356,9 +366,13 @@ impl Core {
         let now = now_ms();
         // The client may have reconnected to another device since: only its session here
         // is this device's to close.
+        let sessions = Parts {
+            sessions: true,
+            ..Parts::NONE
+        };
         let here = self
             .engine
-            .user_entry(doc, user)
+            .user_entry(doc, user, sessions)
             .ok()
             .flatten()
             .and_then(|e| e.sessions.get(client).cloned())
@@ -471,18 +485,44 @@ impl Core {
                 return;
             }
         };
+        // Users whose notifications were read only in part: the ids the changes wrote.
+        let mut partial: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         let read = match touched {
-            hearth_crdt::schema::touched::Touched::Everything => self
+            Touched::Everything => self
                 .engine
                 .doc(doc)
                 .map_err(|e| e.to_string())
                 .and_then(|d| UsersDoc::read(d).map_err(|e| e.to_string())),
-            hearth_crdt::schema::touched::Touched::Entries(names) => {
+            Touched::Entries(names) => {
                 let mut users = UsersDoc::default();
+                // Announcements need the state and the notifications only, and of
+                // those only the keys and notifications the changes wrote.
+                let parts = Parts {
+                    state: true,
+                    notifications: true,
+                    ..Parts::NONE
+                };
                 for name in names {
-                    match self.engine.user_entry(doc, &name) {
+                    let paths: [&[&str]; 2] = [
+                        &["users", name.as_str(), "state"],
+                        &["users", name.as_str(), "notifications"],
+                    ];
+                    let items = self.engine.touched_paths(doc, &since, &paths).ok();
+                    let entries = |i: usize| match items.as_ref().map(|t| &t[i]) {
+                        Some(Touched::Entries(names)) => Some(names.clone()),
+                        _ => None,
+                    };
+                    let (state_keys, notification_ids) = (entries(0), entries(1));
+                    let only = Only {
+                        state: state_keys.as_ref(),
+                        notifications: notification_ids.as_ref(),
+                    };
+                    match self.engine.user_entry_only(doc, &name, parts, only) {
                         Ok(Some(mut entry)) => {
                             users.skipped.append(&mut entry.skipped);
+                            if let Some(ids) = notification_ids {
+                                partial.insert(name.clone(), ids);
+                            }
                             users.users.insert(name, entry);
                         }
                         Ok(None) => {
@@ -528,7 +568,17 @@ impl Core {
                     fresh.push(super::notify::view(&user, id, n));
                 }
             }
-            known.retain(|id| entry.notifications.contains_key(id));
+            match partial.get(&user) {
+                // Of a part read, only the ids written can have gone.
+                Some(written) => {
+                    for id in written {
+                        if !entry.notifications.contains_key(id) {
+                            known.remove(id);
+                        }
+                    }
+                }
+                None => known.retain(|id| entry.notifications.contains_key(id)),
+            }
             for notification in fresh {
                 self.emit_event(Event::Notification {
                     notification: Box::new(notification),

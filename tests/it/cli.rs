@@ -263,6 +263,34 @@ fn two_homes_pair_share_and_unshare_from_the_command_line() {
     ] {
         assert!(actions.contains(&want), "{want} missing from {actions:?}");
     }
+    // Many at once: a pattern over this home's entities.
+    ok(&a_dir, &["entity", "set", "switch.fan", "off"]);
+    ok(&a_dir, &["entity", "set", "switch.heater", "on"]);
+    let many = ok_json(
+        &a_dir,
+        &[
+            "share",
+            "switch.*",
+            "--with",
+            &b_home,
+            "--read-only",
+            "--json",
+        ],
+    );
+    let ids: Vec<&str> = many["shared"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["entity_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["switch.fan", "switch.heater"], "{many}");
+    assert_eq!(many["failed"], serde_json::json!([]));
+    cli(&a_dir, &["share", "cover.*", "--with", &b_home])
+        .assert()
+        .failure()
+        .stderr(predicates::str::contains(
+            "no entity of this home matches cover.*",
+        ));
     cli(&a_dir, &["revoke-device", "nobody"])
         .assert()
         .failure()
@@ -415,4 +443,147 @@ fn config_check_reads_the_file_and_the_environment_and_names_what_is_wrong() {
         .stderr
         .clone();
     assert!(String::from_utf8_lossy(&out).contains("max_devices_per_user"));
+}
+
+#[test]
+fn config_precedence_is_flags_then_environment_then_file_then_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("node");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(
+        data.join("hearth.toml"),
+        "[node]\nname = \"from-file\"\n[api]\naddr = \"127.0.0.1:5000\"\n",
+    )
+    .unwrap();
+    // The environment's seed-style port wins over the file's api.addr (its host stays).
+    let out = cli(&data, &["config", "check", "--json"])
+        .env("HEARTH_AGENT__PORT", "6000")
+        .env("HEARTH_NODE__NAME", "from-env")
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let checked: Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(checked["api"]["addr"], "127.0.0.1:6000", "{checked}");
+    assert_eq!(checked["node"]["name"], "from-env");
+    assert_eq!(
+        checked["sources"]["node.name"]["from"],
+        "env HEARTH_NODE__NAME"
+    );
+    assert_eq!(
+        checked["sources"]["agent.port"]["from"],
+        "env HEARTH_AGENT__PORT"
+    );
+    assert!(
+        checked["sources"]["api.addr"]["from"]
+            .as_str()
+            .unwrap()
+            .starts_with("file "),
+        "{checked}"
+    );
+    assert_eq!(checked["sources"]["node.mdns"]["from"], "default");
+    // The plain output says where each value came from too.
+    let text = cli(&data, &["config", "check"])
+        .env("HEARTH_NODE__NAME", "from-env")
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let text = String::from_utf8(text).unwrap();
+    assert!(
+        text.lines().any(
+            |l| l.contains("node.name = \"from-env\"") && l.contains("# env HEARTH_NODE__NAME")
+        ),
+        "{text}"
+    );
+    // An unknown key in the environment is named as the variable.
+    let out = cli(&data, &["config", "check"])
+        .env("HEARTH_NODE__NAMEZ", "x")
+        .assert()
+        .failure()
+        .get_output()
+        .stderr
+        .clone();
+    assert!(String::from_utf8_lossy(&out).contains("HEARTH_NODE__NAMEZ"));
+
+    // Without a file in the data dir, the defaults and the environment are checked; a file
+    // that is named must exist.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = cli(&empty, &["config", "check", "--json"])
+        .env("HEARTH_NODE__NAME", "from-env")
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let checked: Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(checked["file_exists"], false);
+    assert_eq!(checked["node"]["name"], "from-env");
+    let missing = empty.join("missing.toml");
+    cli(&empty, &["config", "check", missing.to_str().unwrap()])
+        .assert()
+        .failure()
+        .stderr(predicates::str::contains("no config file"));
+
+    // A flag wins over the environment: `up --name` and `--api 127.0.0.1:0` against an
+    // environment that names the device and the API otherwise.
+    let mut child = crate::util::up_cmd(&data)
+        .args(["--name", "from-flag"])
+        .env("HEARTH_NODE__NAME", "from-env")
+        .env("HEARTH_API__ADDR", "127.0.0.1:1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = crate::util::wait_until(|| std::fs::read_to_string(data.join("api.addr")).ok());
+    assert!(!addr.trim().ends_with(":1"), "{addr}");
+    let status = ok_json(&data, &["status", "--json"]);
+    assert_eq!(status["device"], "from-flag", "{status}");
+    crate::util::signal(child.id(), "TERM");
+    assert!(crate::util::wait_exit(&mut child, WAIT).is_some_and(|s| s.success()));
+}
+
+#[test]
+fn the_annotated_example_config_checks_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/hearth.toml");
+    let checked = ok_json(
+        dir.path(),
+        &["config", "check", example.to_str().unwrap(), "--json"],
+    );
+    assert_eq!(checked["unused"], serde_json::json!([]), "{checked}");
+    assert_eq!(checked["node"]["name"], "hall");
+}
+
+#[test]
+fn version_names_the_git_commit_it_was_built_from() {
+    let out = crate::util::run(hearth().arg("--version"));
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    // The commit build.rs read for this build (HEAD may have moved since).
+    let commit = env!("HEARTH_GIT_COMMIT");
+    assert_eq!(
+        text.trim(),
+        format!("hearth {} (commit {commit})", env!("CARGO_PKG_VERSION"))
+    );
+    // In a checkout it is a commit of this repository, abbreviated to 12 digits.
+    let in_checkout = std::process::Command::new("git")
+        .args(["rev-parse", "--git-dir"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if in_checkout {
+        assert_eq!(commit.len(), 12, "{commit}");
+        let known = std::process::Command::new("git")
+            .args(["cat-file", "-e", &format!("{commit}^{{commit}}")])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .unwrap();
+        assert!(known.success(), "{commit} is not a commit here");
+    } else {
+        assert_eq!(commit, "unknown");
+    }
 }

@@ -20,6 +20,7 @@ const SERVICES: &[&str] = &[
     "sessions",
     "activities",
     "mqtt",
+    "playback",
 ];
 /// Modules that serve people and programs over HTTP or the command line.
 const SURFACES: &[&str] = &["api", "ws", "cli", "verbs", "client", "watch", "bench"];

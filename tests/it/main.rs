@@ -15,6 +15,7 @@ mod layout;
 mod locks;
 mod mqtt;
 mod pairing;
+mod playback;
 mod retention;
 mod robust;
 mod rooms;

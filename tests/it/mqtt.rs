@@ -584,6 +584,32 @@ async fn hearth_up_takes_the_broker_from_its_flags_and_keeps_the_password_out_of
     let summary: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(summary["mqtt"]["node_id"], "checked");
     assert_eq!(summary["mqtt"]["password"], "<set>");
+    assert_eq!(
+        summary["sources"]["mqtt.url"]["from"],
+        format!("file {}", data.join("hearth.toml").display())
+    );
+    assert_eq!(
+        summary["sources"]["mqtt.discovery_prefix"]["from"],
+        "default"
+    );
+    // The environment layers over the file, and the plain output hides the password too.
+    let mut check = crate::util::hearth();
+    check
+        .args(["config", "check", "--data"])
+        .arg(&data)
+        .env("HEARTH_MQTT__USER", "from-env")
+        .env("HEARTH_MQTT__PASSWORD_FILE", &password);
+    let out = crate::util::run(&mut check);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains(PASSWORD), "{text}");
+    assert!(text.contains("as from-env (password <set>)"), "{text}");
+    assert!(
+        text.lines().any(
+            |l| l.contains("mqtt.user = \"from-env\"") && l.contains("# env HEARTH_MQTT__USER")
+        ),
+        "{text}"
+    );
     std::fs::remove_file(data.join("hearth.toml")).unwrap();
 
     let flags: Vec<String> = flags.iter().map(|f| f.to_string()).collect();

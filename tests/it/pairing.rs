@@ -106,6 +106,41 @@ async fn three_devices_pair_and_sync_entities_both_ways() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_joined_reports_its_lag_until_it_is_in_sync() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = timeout(T, Node::start(config(dirs[0].path(), "a")))
+        .await
+        .unwrap()
+        .unwrap();
+    for id in ["light.porch", "light.hall", "sensor.door"] {
+        timeout(T, a.entities().set(id, write("on")))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let alone = a.sync_lag().await.unwrap();
+    assert!(alone.peers.is_empty(), "{alone:?}");
+    let b = join_and_start(&a, dirs[1].path(), "b").await;
+    wait_state(&b, "sensor.door", "on").await;
+    // The lag `hearth up` draws as its initial sync: it reaches zero with A.
+    let deadline = Instant::now() + T;
+    loop {
+        let lag = b.sync_lag().await.unwrap();
+        if let [(peer, 0)] = lag.peers.as_slice() {
+            assert_eq!(peer, &a.peer_id().to_string());
+            // The home's documents and the three entities' at least.
+            assert!(lag.documents >= 4, "{lag:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "B never in sync: {lag:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for n in [a, b] {
+        timeout(T, n.shutdown()).await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_codes_are_refused_with_the_intended_message_and_change_nothing() {
     let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
     let a = timeout(T, Node::start(config(dirs[0].path(), "a")))

@@ -15,8 +15,15 @@
 # Then one home of three devices: changes must reach the other two within CONVERGE_LIMIT, an
 # event targeted at one device must reach it and no other device, and
 # a device whose link goes down during writes (long enough for ping to drop it) must catch up
-# once the link returns. `tc netem` loss and delay are not used: the kernels of these machines
-# have no sch_netem.
+# once the link returns, and get the emergency alerts raised while it was away: one from a sender
+# that stays up, one from a sender killed with SIGKILL right after it accepted the alert and then
+# restarted (its outbox is on disk).
+#
+# Last, synchronised playback: the three devices run again with mDNS off, two of them with their
+# clocks set wrong by Debian's faketime, each behind a userspace proxy that delays every byte
+# (tests/netns/delay_proxy.py; `tc netem` is not used: the kernels of these machines have no
+# sch_netem). The offsets the nodes estimate by probing must match the skews, and each device's
+# local start of a playback must be within 5 ms plus its reported uncertainty of the ideal.
 #
 # Usage (as root):  tests/netns/run.sh
 # Environment:
@@ -48,7 +55,7 @@ die() {
 log() { printf 'netns: %s\n' "$*" >&2; }
 
 [ "$(id -u)" -eq 0 ] || die "must run as root (it creates network namespaces)"
-for tool in ip jq awk sort; do
+for tool in ip jq awk sort faketime /usr/bin/python3; do
     command -v "$tool" >/dev/null || die "needs '$tool' on PATH"
 done
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer, got '$ROUNDS'"
@@ -67,14 +74,16 @@ ns=()
 for i in $(seq 1 "$NODES"); do ns+=("$tag-n$i"); done
 work=$(mktemp -d "${TMPDIR:-/tmp}/hearth-netns.XXXXXX")
 pids=()
+# The playback scenario's delay proxies.
+proxy_pids=()
 
 cleanup() {
     local status=$?
     trap - EXIT INT TERM
-    for pid in "${pids[@]}"; do
+    for pid in "${pids[@]}" "${proxy_pids[@]}"; do
         kill -KILL "$pid" 2>/dev/null || true
     done
-    for pid in "${pids[@]}"; do
+    for pid in "${pids[@]}" "${proxy_pids[@]}"; do
         wait "$pid" 2>/dev/null || true
     done
     # Deleting a namespace removes the veth ends and the bridge inside it.
@@ -124,7 +133,8 @@ status() {
 # tracing's JSON lines with the plain start-up banner on stdout, so only JSON goes to jq.
 connections() {
     grep '^{' "$1" 2>/dev/null |
-        jq -r 'select(.fields.message == "peer connected" and .target == "hearth_net::event_loop")
+        jq -r 'select(.fields.message == "peer connected"
+                      and (.target | startswith("hearth_net::event_loop")))
                | "\(.fields.peer) \(.timestamp)"' 2>/dev/null || true
 }
 
@@ -270,27 +280,34 @@ hearth_in() { # NS ARGS...: run the CLI inside a node namespace
     shift
     timeout 30 ip netns exec "$name" "$bin" "$@"
 }
-start_home_node() { # I
-    local i=$1 data="$dir/node-$1"
-    ip netns exec "${ns[$((i - 1))]}" env RUST_LOG="$NODE_LOG" "$bin" up --data "$data" \
-        --listen /ip4/0.0.0.0/tcp/0 --api 127.0.0.1:0 --name "node-$i" \
-        --log-format json >"$data.log" 2>&1 &
-    pids+=("$!")
+home_ids=()
+start_home_node() { # I [EXTRA UP ARGS...]: start node I (its pid goes to pids[I-1])
+    local i=$1 data="$dir/node-$1" id=""
+    shift
+    # The log is appended to, so a restarted node's first run stays readable.
+    ip netns exec "${ns[$((i - 1))]}" env RUST_LOG="$NODE_LOG" "${run_prefix[@]}" "$bin" up \
+        --data "$data" --api 127.0.0.1:0 --name "node-$i" --log-format json "$@" \
+        >>"$data.log" 2>&1 &
+    pids[$((i - 1))]=$!
     local deadline=$((SECONDS + READY_TIMEOUT))
-    until [ -n "$(status "${ns[$((i - 1))]}" "$data" | jq -r '.peer_id // empty' 2>/dev/null)" ]; do
+    until [ -n "$id" ]; do
         [ "$SECONDS" -lt "$deadline" ] || die "home node-$i did not start (log: $data.log)"
         sleep 0.05
+        id=$(status "${ns[$((i - 1))]}" "$data" | jq -r '.peer_id // empty' 2>/dev/null || true)
     done
+    home_ids[$((i - 1))]=$id
 }
+# What runs the node: nothing in particular, or faketime with its arguments.
+run_prefix=(env)
 home_failed=""
 mkdir -p "$dir/node-1"
-start_home_node 1
+start_home_node 1 --listen /ip4/0.0.0.0/tcp/0
 for i in 2 3; do
     code=$(hearth_in "${ns[0]}" invite --data "$dir/node-1" 2>/dev/null) ||
         { home_failed="invite for node-$i failed"; break; }
     hearth_in "${ns[$((i - 1))]}" join "$code" --data "$dir/node-$i" --name "node-$i" >/dev/null ||
         { home_failed="node-$i could not join"; break; }
-    start_home_node "$i"
+    start_home_node "$i" --listen /ip4/0.0.0.0/tcp/0
 done
 admitted_all() {
     local i
@@ -391,6 +408,40 @@ if [ -z "$home_failed" ]; then
     done
     sleep "$PARTITION_HOLD"
 fi
+# Alerts for the home while node-3 is away: node-1 raises one and stays up; node-2 raises one and
+# is killed with SIGKILL as soon as its API accepted it (the outbox record is stored before the
+# answer), then restarted on the same data dir. Node-3 must get both when it returns.
+ALERT_TTL=120s
+alert_receipt() { # I ID PEER: the state of PEER's receipt on node I's alert ID
+    hearth_in "${ns[$(($1 - 1))]}" alerts "$2" --json --data "$dir/node-$1" 2>/dev/null |
+        jq -r --arg p "$3" '.receipts[]? | select(.device == $p) | .state' 2>/dev/null || true
+}
+received_alert() { # I ID: whether node I received alert ID
+    hearth_in "${ns[$(($1 - 1))]}" alerts --json --data "$dir/node-$1" 2>/dev/null |
+        jq -e --arg id "$2" 'any(.alerts[]; .id == $id and .direction == "received")' >/dev/null 2>&1
+}
+alert_away="" alert_killed=""
+if [ -z "$home_failed" ]; then
+    alert_away=$(hearth_in "${ns[0]}" alert "netns: raised while node-3 is away" --ttl "$ALERT_TTL" \
+        --json --data "$dir/node-1" 2>/dev/null | jq -r '.id // empty')
+    [ -n "$alert_away" ] || home_failed="node-1 could not raise an alert"
+fi
+if [ -z "$home_failed" ]; then
+    alert_killed=$(hearth_in "${ns[1]}" alert "netns: the sender is killed" --ttl "$ALERT_TTL" \
+        --severity critical --json --data "$dir/node-2" 2>/dev/null | jq -r '.id // empty')
+    kill -KILL "${pids[1]}" 2>/dev/null || true
+    wait "${pids[1]}" 2>/dev/null || true
+    [ -n "$alert_killed" ] || home_failed="node-2 could not raise an alert"
+fi
+if [ -z "$home_failed" ]; then
+    received_alert 3 "$alert_away" && home_failed="node-3 had an alert while its link was down"
+    start_home_node 2 --listen /ip4/0.0.0.0/tcp/0
+    state=$(alert_receipt 2 "$alert_killed" "${home_ids[2]}")
+    case "$state" in
+        pending | delivered) ;;
+        *) home_failed="after SIGKILL and restart, node-2's alert shows node-3's receipt as '$state'" ;;
+    esac
+fi
 if [ -z "$home_failed" ]; then
     t0=$(now)
     ip -n "${ns[2]}" link set eth0 up
@@ -415,6 +466,23 @@ if [ -z "$home_failed" ]; then
     done
     [ -n "$home_failed" ] || heal_time=$(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }')
 fi
+# Both alerts reach node-3 and are acknowledged to their senders, within their TTL.
+alert_time=""
+if [ -z "$home_failed" ]; then
+    for want in "1 $alert_away" "2 $alert_killed"; do
+        read -r sender id <<<"$want"
+        until received_alert 3 "$id" &&
+            [ "$(alert_receipt "$sender" "$id" "${home_ids[2]}")" = acknowledged ]; do
+            elapsed=$(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }')
+            if awk -v e="$elapsed" -v l="$HEAL_LIMIT" 'BEGIN { exit !(e > l) }'; then
+                home_failed="node-$sender's alert not received and acknowledged by node-3 ${HEAL_LIMIT}s after its link returned (receipt: $(alert_receipt "$sender" "$id" "${home_ids[2]}"))"
+                break 2
+            fi
+            sleep 0.1
+        done
+    done
+    [ -n "$home_failed" ] || alert_time=$(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }')
+fi
 stop_nodes || home_failed="${home_failed:+$home_failed; }a home node did not stop on SIGTERM"
 if [ -n "$home_failed" ]; then
     for i in 1 2 3; do
@@ -434,6 +502,136 @@ printf 'netns: targeted event from node-1 to node-2 visible on node-2 (CLI polli
 
 printf 'netns: partition of node-3 for %s writes (+%ss): caught up on 10 entities %ss after the link returned\n' \
     "$PARTITION_WRITES" "$PARTITION_HOLD" "$heal_time"
+printf 'netns: alerts raised while node-3 was away (one by a sender killed with SIGKILL and restarted) received and acknowledged %ss after its link returned\n' \
+    "$alert_time"
+
+# ---- synchronised playback: skewed clocks, delayed links -----------------------------------
+# Each node listens on its own loopback only, behind a proxy in its namespace that delays
+# every byte (PLAYBACK_DELAY_IN ms towards the node, PLAYBACK_DELAY_OUT ms back), so every
+# connection between two nodes crosses one proxy. Node-2's clock is 2.5 s fast and node-3's
+# 1.7 s slow (faketime; the monotonic clock is left alone). Nothing tells a node the skews: the
+# offsets must come from its probes.
+PLAYBACK_DELAY_IN=${PLAYBACK_DELAY_IN:-15}
+PLAYBACK_DELAY_OUT=${PLAYBACK_DELAY_OUT:-5}
+PLAYBACK_LIMIT=${PLAYBACK_LIMIT:-30}
+skew_ms=(0 2500 -1700)
+skew_arg=("" "+2.5s" "-1.7s")
+pb_failed=""
+real_ms() { date +%s%3N; }
+for i in 1 2 3; do
+    ip netns exec "${ns[$((i - 1))]}" /usr/bin/python3 "$repo/tests/netns/delay_proxy.py" \
+        "10.231.0.$((10 + i))" 4700 127.0.0.1 "$((4710 + i))" \
+        "$PLAYBACK_DELAY_IN" "$PLAYBACK_DELAY_OUT" >"$dir/proxy-$i.log" 2>&1 &
+    proxy_pids+=("$!")
+done
+for i in 1 2 3; do
+    deadline=$((SECONDS + READY_TIMEOUT))
+    until grep -q ready "$dir/proxy-$i.log" 2>/dev/null; do
+        [ "$SECONDS" -lt "$deadline" ] || die "the delay proxy of node-$i did not start: $(cat "$dir/proxy-$i.log")"
+        sleep 0.05
+    done
+done
+for i in 1 2 3; do
+    peers=()
+    for j in 1 2 3; do
+        [ "$i" = "$j" ] && continue
+        peers+=(--peer "/ip4/10.231.0.$((10 + j))/tcp/4700/p2p/${home_ids[$((j - 1))]}")
+    done
+    if [ -n "${skew_arg[$((i - 1))]}" ]; then
+        run_prefix=(env FAKETIME_DONT_FAKE_MONOTONIC=1 faketime -f "${skew_arg[$((i - 1))]}")
+    else
+        run_prefix=(env)
+    fi
+    start_home_node "$i" --no-mdns --listen "/ip4/127.0.0.1/tcp/$((4710 + i))" "${peers[@]}"
+done
+run_prefix=(env)
+peers_json() { # I: node I's GET /api/peers
+    hearth_in "${ns[$(($1 - 1))]}" peers --json --data "$dir/node-$1" 2>/dev/null
+}
+clocks_ready() { # every node has an estimate of both others from at least 4 probes
+    local i
+    for i in 1 2 3; do
+        peers_json "$i" | jq -e '[.peers[]? | select(.clock.total_samples >= 4)] | length >= 2' \
+            >/dev/null 2>&1 || return 1
+    done
+}
+deadline=$((SECONDS + PLAYBACK_LIMIT))
+until clocks_ready; do
+    [ "$SECONDS" -lt "$deadline" ] || { pb_failed="no clock estimates of both peers on every node after ${PLAYBACK_LIMIT}s"; break; }
+    sleep 0.2
+done
+offsets=()
+if [ -z "$pb_failed" ]; then
+    for i in 1 2 3; do
+        for j in 1 2 3; do
+            [ "$i" = "$j" ] && continue
+            c=$(peers_json "$i" | jq -c --arg p "${home_ids[$((j - 1))]}" '.peers[] | select(.peer_id == $p) | .clock')
+            truth=$((skew_ms[j - 1] - skew_ms[i - 1]))
+            # Every byte of a probe and its answer crossed one proxy each way, so the round trip
+            # is at least the two delays: proof the probes took the delayed path.
+            if ! jq -e --argjson t "$truth" --argjson d "$((PLAYBACK_DELAY_IN + PLAYBACK_DELAY_OUT))" '
+                    (.offset_ms - $t | fabs) <= 5 + .uncertainty_ms and .rtt_ms >= $d' <<<"$c" >/dev/null 2>&1; then
+                pb_failed="node-$i's estimate of node-$j's clock is $c; the skew is $truth ms"
+                break 2
+            fi
+            offsets+=("$(jq -r --argjson t "$truth" '"\(.offset_ms - $t | fabs | . * 10 | round / 10) ms off (± \(.uncertainty_ms | . * 10 | round / 10), rtt \(.rtt_ms | . * 10 | round / 10))"' <<<"$c")")
+        done
+    done
+fi
+# Node-2 starts a playback 3 s ahead by its own (fast) clock. The ideal local start on node I is
+# the same real instant on I's clock: start_at - skew(2) + skew(I).
+pb_id=""
+if [ -z "$pb_failed" ]; then
+    start_at=$(($(real_ms) + skew_ms[1] + 3000))
+    pb_id=$(hearth_in "${ns[1]}" playback start netns-lullaby --at "$start_at" --json \
+        --data "$dir/node-2" 2>/dev/null | jq -r '.id // empty')
+    [ -n "$pb_id" ] || pb_failed="node-2 could not start a playback"
+fi
+if [ -z "$pb_failed" ]; then
+    deadline=$((SECONDS + PLAYBACK_LIMIT))
+    until shown=$(hearth_in "${ns[1]}" playback show "$pb_id" --json --data "$dir/node-2" 2>/dev/null) &&
+        jq -e '(.devices | length) == 3 and all(.devices[]; .state == "scheduled")' <<<"$shown" >/dev/null 2>&1; do
+        [ "$SECONDS" -lt "$deadline" ] || { pb_failed="not every device reported its local start: $shown"; break; }
+        sleep 0.1
+    done
+fi
+starts=()
+if [ -z "$pb_failed" ]; then
+    for i in 1 2 3; do
+        ideal=$((start_at - skew_ms[1] + skew_ms[i - 1]))
+        d=$(jq -c --arg p "${home_ids[$((i - 1))]}" '.devices[] | select(.device_id == $p)' <<<"$shown")
+        if ! jq -e --argjson ideal "$ideal" '(.local_start_at - $ideal | fabs) <= 5 + .uncertainty_ms' \
+                <<<"$d" >/dev/null 2>&1; then
+            pb_failed="node-$i starts at $(jq -r .local_start_at <<<"$d"), the ideal is $ideal: $d"
+            break
+        fi
+        starts+=("node-$i $(jq -r --argjson ideal "$ideal" '"\(.local_start_at - $ideal) ms from the ideal (± \(.uncertainty_ms | . * 10 | round / 10))"' <<<"$d")")
+        # Each device raised coordination.sync_playback with the same local start.
+        if ! history_in "$i" 'coordination.*' | jq -e --arg id "$pb_id" --argjson at "$(jq .local_start_at <<<"$d")" '
+                any(.events[]; .name == "coordination.sync_playback" and .subject == $id
+                    and .data.local_start_at == $at)' >/dev/null 2>&1; then
+            pb_failed="node-$i did not raise coordination.sync_playback with its local start"
+            break
+        fi
+    done
+fi
+stop_nodes || pb_failed="${pb_failed:+$pb_failed; }a node did not stop on SIGTERM"
+for pid in "${proxy_pids[@]}"; do
+    kill -TERM "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+done
+proxy_pids=()
+if [ -n "$pb_failed" ]; then
+    for i in 1 2 3; do
+        log "--- last lines of node-$i.log"
+        tail -n 15 "$dir/node-$i.log" >&2 2>/dev/null || true
+    done
+    KEEP_LOGS=1
+    die "playback scenario: $pb_failed (logs in $dir)"
+fi
+printf 'netns: clock offsets by probing through %s+%s ms proxies, skews of +2.5 s and -1.7 s: %s\n' \
+    "$PLAYBACK_DELAY_IN" "$PLAYBACK_DELAY_OUT" "$(IFS=';'; echo "${offsets[*]}")"
+printf 'netns: playback started on node-2 for 3 devices: %s\n' "$(IFS=';'; echo "${starts[*]}")"
 
 # ---- report -------------------------------------------------------------------------------
 # stats COLUMN: the median and the max of one column of the per-round times.

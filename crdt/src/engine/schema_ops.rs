@@ -156,4 +156,29 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
             heads,
         ))
     }
+
+    /// What the changes after `since` wrote under each of `paths` (each as in
+    /// [`Self::touched_since`]), in order; with no `since`, everything.
+    pub fn touched_paths(
+        &mut self,
+        id: DocId,
+        since: &[automerge::ChangeHash],
+        paths: &[&[&str]],
+    ) -> Result<Vec<crate::schema::touched::Touched>> {
+        let ds = self
+            .docs
+            .get_mut(&id)
+            .ok_or(crate::error::Error::UnknownDocument(id))?;
+        if since.is_empty() {
+            return Ok(vec![
+                crate::schema::touched::Touched::Everything;
+                paths.len()
+            ]);
+        }
+        let changes = ds.doc.get_changes(since);
+        Ok(paths
+            .iter()
+            .map(|path| crate::schema::touched::touched_entries(&ds.doc, &changes, path))
+            .collect())
+    }
 }

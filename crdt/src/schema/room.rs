@@ -203,6 +203,12 @@ pub struct Room {
 impl Room {
     /// Reads and validates the room view of `doc`.
     pub fn read<D: ReadDoc>(doc: &D) -> Result<Self> {
+        Self::read_with_chat(doc, ROOM_VIEW_CHAT)
+    }
+
+    /// Reads and validates the room view of `doc` with its newest `chat` messages in
+    /// `recent_chat` (none: a view for what only needs the room's fields and members).
+    pub fn read_with_chat<D: ReadDoc>(doc: &D, chat: usize) -> Result<Self> {
         let r = req_map(doc, &ROOT, ROOM_KEY, ROOM_KEY)?;
         let name = req_name(doc, &r, "name", "room.name")?;
         let creator = req_name(doc, &r, "creator", "room.creator")?;
@@ -212,7 +218,7 @@ impl Room {
         let (members, overflow) = read_members(doc, &r, max_size)?;
         let list = req_list(doc, &r, "chat", "room.chat")?;
         let chat_len = doc.length(&list);
-        let recent_chat = read_messages(doc, &list, chat_len, ROOM_VIEW_CHAT)?;
+        let recent_chat = read_messages(doc, &list, chat_len, chat.min(MAX_CHAT_READ))?;
         let activity = match opt_map(doc, &r, "activity", "room.activity")? {
             Some(a) => Some(read_activity(doc, &a)?),
             None => None,
@@ -248,6 +254,75 @@ impl Room {
     pub fn is_member(&self, user: &str) -> bool {
         self.members.iter().any(|m| m.user == user)
     }
+}
+
+/// A room's members, its chat length and the id of its newest message, read without
+/// decoding the chat: what a change announcement needs before it reads new messages.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoomHead {
+    /// Admitted members, in join order.
+    pub members: Vec<Member>,
+    /// Members past `max_size`: not admitted.
+    pub overflow: Vec<Member>,
+    /// Number of chat messages.
+    pub chat_len: usize,
+    /// The newest message's id, if there is one.
+    pub last_chat: Option<String>,
+}
+
+impl RoomHead {
+    /// Reads and validates the members and the newest message's id of `doc`.
+    pub fn read<D: ReadDoc>(doc: &D) -> Result<Self> {
+        let r = req_map(doc, &ROOT, ROOM_KEY, ROOM_KEY)?;
+        let max_size = req_u64(doc, &r, "max_size", "room.max_size")?;
+        check_max_size(max_size)?;
+        let (members, overflow) = read_members(doc, &r, max_size)?;
+        let list = req_list(doc, &r, "chat", "room.chat")?;
+        let chat_len = doc.length(&list);
+        let last_chat = match chat_len.checked_sub(1) {
+            Some(i) => Some(message_id(doc, &list, i)?),
+            None => None,
+        };
+        Ok(Self {
+            members,
+            overflow,
+            chat_len,
+            last_chat,
+        })
+    }
+}
+
+impl Room {
+    /// The messages after the one whose id is `after`, oldest first, found by reading
+    /// ids back from the newest. With no `after`, or one not among the newest `max`
+    /// (it was pruned), the newest `max` (at most [`MAX_CHAT_READ`]) are read.
+    pub fn read_chat_after<D: ReadDoc>(
+        doc: &D,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<Vec<ChatMessage>> {
+        let r = req_map(doc, &ROOT, ROOM_KEY, ROOM_KEY)?;
+        let list = req_list(doc, &r, "chat", "room.chat")?;
+        let len = doc.length(&list);
+        let max = max.min(MAX_CHAT_READ);
+        let mut take = max.min(len);
+        if let Some(after) = after {
+            for back in 0..max.min(len) {
+                if message_id(doc, &list, len - 1 - back)? == after {
+                    take = back;
+                    break;
+                }
+            }
+        }
+        read_messages(doc, &list, len, take)
+    }
+}
+
+/// The id of message `i` of the chat list.
+fn message_id<D: ReadDoc>(doc: &D, list: &ObjId, i: usize) -> Result<String> {
+    let path = join("room.chat", &i.to_string());
+    let m = list_map(doc, list, i, &path)?;
+    req_name(doc, &m, "id", &join(&path, "id"))
 }
 
 fn check_max_size(max_size: u64) -> Result<()> {
@@ -602,6 +677,42 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         Room::read_chat(self.doc(id)?, limit)
     }
 
+    /// The validated room view without its chat (`recent_chat` is empty).
+    pub fn room_meta(&self, id: DocId) -> Result<Room> {
+        Room::read_with_chat(self.doc(id)?, 0)
+    }
+
+    /// The room's members and newest message id, without reading its chat.
+    pub fn room_head(&self, id: DocId) -> Result<RoomHead> {
+        RoomHead::read(self.doc(id)?)
+    }
+
+    /// The messages after the one with id `after` (see [`Room::read_chat_after`]).
+    pub fn room_chat_after(
+        &self,
+        id: DocId,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<Vec<ChatMessage>> {
+        Room::read_chat_after(self.doc(id)?, after, max)
+    }
+
+    /// Whether `id` is a room document whose content is here (reads no member or message).
+    pub fn is_room(&self, id: DocId) -> bool {
+        self.header(id).is_ok_and(|h| h.kind == DocKind::Room)
+            && self
+                .doc(id)
+                .is_ok_and(|d| req_map(d, &ROOT, ROOM_KEY, ROOM_KEY).is_ok())
+    }
+
+    /// The number of chat messages of a room, without reading them.
+    pub fn room_chat_len(&self, id: DocId) -> Result<usize> {
+        let doc = self.doc(id)?;
+        let r = req_map(doc, &ROOT, ROOM_KEY, ROOM_KEY)?;
+        let list = req_list(doc, &r, "chat", "room.chat")?;
+        Ok(doc.length(&list))
+    }
+
     /// Joins `user` on `device`; [`Error::RoomFull`] past `max_size`.
     pub fn join_room(
         &mut self,
@@ -839,6 +950,28 @@ mod tests {
         let texts: Vec<_> = last3.iter().map(|m| m.text.as_str()).collect();
         assert_eq!(texts, ["52", "53", "54"]);
         assert_eq!(Room::read_chat(&doc, 0).unwrap(), vec![]);
+
+        let head = RoomHead::read(&doc).unwrap();
+        assert_eq!(head.chat_len, ROOM_VIEW_CHAT + 5);
+        assert_eq!(head.last_chat.as_deref(), Some("m54"));
+        assert_eq!(head.members, room.members);
+        let texts = |ms: Vec<ChatMessage>| ms.into_iter().map(|m| m.text).collect::<Vec<_>>();
+        // After a known message: only the newer ones.
+        let after = Room::read_chat_after(&doc, Some("m51"), MAX_CHAT_READ).unwrap();
+        assert_eq!(texts(after), ["52", "53", "54"]);
+        assert!(
+            Room::read_chat_after(&doc, Some("m54"), MAX_CHAT_READ)
+                .unwrap()
+                .is_empty()
+        );
+        // Unknown (pruned) or none: the newest `max`.
+        let gone = Room::read_chat_after(&doc, Some("gone"), 2).unwrap();
+        assert_eq!(texts(gone), ["53", "54"]);
+        let all = Room::read_chat_after(&doc, None, MAX_CHAT_READ).unwrap();
+        assert_eq!(all.len(), ROOM_VIEW_CHAT + 5);
+        // A known message further back than `max` counts as gone.
+        let far = Room::read_chat_after(&doc, Some("m0"), 4).unwrap();
+        assert_eq!(texts(far), ["51", "52", "53", "54"]);
     }
 
     #[test]

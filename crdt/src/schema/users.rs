@@ -17,7 +17,7 @@
 //! one with the highest HLC (last writer wins per top-level key), and the losers are the
 //! concurrent candidates a vector-clock reading surfaces.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
 
 use automerge::transaction::Transactable;
@@ -214,13 +214,95 @@ fn capped_keys<D: ReadDoc>(
     Ok(Some((m, names)))
 }
 
+/// Which parts of a user's entry a read decodes; the others are left empty.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Parts {
+    /// The state keys.
+    pub state: bool,
+    /// The client sessions.
+    pub sessions: bool,
+    /// The stored notifications.
+    pub notifications: bool,
+    /// The Web Push subscriptions.
+    pub push: bool,
+}
+
+impl Parts {
+    /// Every part.
+    pub const ALL: Parts = Parts {
+        state: true,
+        sessions: true,
+        notifications: true,
+        push: true,
+    };
+    /// None: set the fields wanted.
+    pub const NONE: Parts = Parts {
+        state: false,
+        sessions: false,
+        notifications: false,
+        push: false,
+    };
+}
+
+/// Which state keys and notifications a read decodes, when not all of them: the ones
+/// some changes wrote (see `touched`). Names not in the document are left out.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Only<'a> {
+    /// These state keys only.
+    pub state: Option<&'a BTreeSet<String>>,
+    /// These notifications only.
+    pub notifications: Option<&'a BTreeSet<String>>,
+}
+
+/// The names of map `key` under `e` to read: all of them under the cap, or those of
+/// `only` that are there (also under the cap).
+fn item_names<D: ReadDoc>(
+    doc: &D,
+    e: &automerge::ObjId,
+    key: &str,
+    cap: usize,
+    path: &str,
+    skipped: &mut Vec<String>,
+    only: Option<&BTreeSet<String>>,
+) -> Result<Option<(automerge::ObjId, Vec<String>)>> {
+    let Some(only) = only else {
+        return capped_keys(doc, e, key, cap, path, skipped);
+    };
+    let Some((Value::Object(ObjType::Map), m)) = doc.get(e, key).map_err(am)? else {
+        return Ok(None);
+    };
+    let names = only
+        .iter()
+        .filter(|name| matches!(doc.get(&m, name.as_str()), Ok(Some(_))))
+        .take(cap)
+        .cloned()
+        .collect();
+    Ok(Some((m, names)))
+}
+
 /// Reads one user's entry. An item that does not validate (a peer's bad write, or two
 /// devices crossing a cap at once) is left out and reported in `skipped`, so one bad item
 /// never hides the rest of the user, nor the other users.
-fn read_entry<D: ReadDoc>(doc: &D, e: &automerge::ObjId, path: &str) -> Result<UserEntry> {
+fn read_entry<D: ReadDoc>(
+    doc: &D,
+    e: &automerge::ObjId,
+    path: &str,
+    parts: Parts,
+    only: Only<'_>,
+) -> Result<UserEntry> {
     let mut entry = UserEntry::default();
     let mut skipped = Vec::new();
-    if let Some((s, names)) = capped_keys(doc, e, "state", MAX_STATE_KEYS, path, &mut skipped)? {
+    if parts.state
+        && let Some((s, names)) = item_names(
+            doc,
+            e,
+            "state",
+            MAX_STATE_KEYS,
+            path,
+            &mut skipped,
+            only.state,
+        )?
+    {
         for key in names {
             let kpath = join(&join(path, "state"), &key);
             let read = check_name(&kpath, &key).and_then(|()| {
@@ -256,7 +338,9 @@ fn read_entry<D: ReadDoc>(doc: &D, e: &automerge::ObjId, path: &str) -> Result<U
             }
         }
     }
-    if let Some((s, names)) = capped_keys(doc, e, "sessions", MAX_SESSIONS * 2, path, &mut skipped)?
+    if parts.sessions
+        && let Some((s, names)) =
+            capped_keys(doc, e, "sessions", MAX_SESSIONS * 2, path, &mut skipped)?
     {
         for client in names {
             let cpath = join(&join(path, "sessions"), &client);
@@ -268,14 +352,17 @@ fn read_entry<D: ReadDoc>(doc: &D, e: &automerge::ObjId, path: &str) -> Result<U
             }
         }
     }
-    if let Some((s, names)) = capped_keys(
-        doc,
-        e,
-        "notifications",
-        MAX_NOTIFICATIONS * 2,
-        path,
-        &mut skipped,
-    )? {
+    if parts.notifications
+        && let Some((s, names)) = item_names(
+            doc,
+            e,
+            "notifications",
+            MAX_NOTIFICATIONS * 2,
+            path,
+            &mut skipped,
+            only.notifications,
+        )?
+    {
         for id in names {
             let npath = join(&join(path, "notifications"), &id);
             match read_notification(doc, &s, &id, &npath) {
@@ -286,8 +373,9 @@ fn read_entry<D: ReadDoc>(doc: &D, e: &automerge::ObjId, path: &str) -> Result<U
             }
         }
     }
-    if let Some((s, names)) =
-        capped_keys(doc, e, "push", MAX_PUSH_SUBSCRIPTIONS, path, &mut skipped)?
+    if parts.push
+        && let Some((s, names)) =
+            capped_keys(doc, e, "push", MAX_PUSH_SUBSCRIPTIONS, path, &mut skipped)?
     {
         for id in names {
             let spath = join(&join(path, "push"), &id);
@@ -381,22 +469,28 @@ pub fn put_notification<T: Transactable>(
     check_text(&join(&npath, "data"), &n.data, MAX_DATA_BYTES)?;
     let e = user_map(doc, user)?;
     let s = ensure_map(doc, &e, "notifications")?;
-    let mut kept: Vec<(u64, String)> = Vec::new();
+    let mut kept: Vec<(automerge::ObjId, String)> = Vec::new();
     for other in keys(doc, &s) {
         if let Some((Value::Object(ObjType::Map), o)) = doc.get(&s, other.as_str()).map_err(am)? {
             let expires = req_u64(doc, &o, "expires", "expires").unwrap_or(0);
-            let created = req_u64(doc, &o, "created", "created").unwrap_or(0);
             if expires <= now_ms {
                 doc.delete(&s, other.as_str()).map_err(am)?;
             } else {
-                kept.push((created, other));
+                kept.push((o, other));
             }
         }
     }
-    kept.sort();
     let over = (kept.len() + 1).saturating_sub(MAX_NOTIFICATIONS);
-    for (_, old) in kept.into_iter().take(over) {
-        doc.delete(&s, old.as_str()).map_err(am)?;
+    if over > 0 {
+        // The oldest go: their creation times are read only when some must.
+        let mut by_age: Vec<(u64, String)> = kept
+            .into_iter()
+            .map(|(o, id)| (req_u64(doc, &o, "created", "created").unwrap_or(0), id))
+            .collect();
+        by_age.sort();
+        for (_, old) in by_age.into_iter().take(over) {
+            doc.delete(&s, old.as_str()).map_err(am)?;
+        }
     }
     let o = doc.put_object(&s, id, ObjType::Map).map_err(am)?;
     doc.put(&o, "kind", n.kind.as_str()).map_err(am)?;
@@ -431,7 +525,7 @@ impl Users {
             let path = join(USERS_KEY, &user);
             let read = check_name(&path, &user)
                 .and_then(|()| req_map(doc, &u, &user, &path))
-                .and_then(|e| read_entry(doc, &e, &path));
+                .and_then(|e| read_entry(doc, &e, &path, Parts::ALL, Only::default()));
             match read {
                 Ok(mut entry) => {
                     skipped.append(&mut entry.skipped);
@@ -444,11 +538,21 @@ impl Users {
     }
 
     /// Reads one user's entry, if there is one.
-    pub fn read_user<D: ReadDoc>(doc: &D, user: &str) -> Result<Option<UserEntry>> {
+    pub fn read_user<D: ReadDoc>(doc: &D, user: &str, parts: Parts) -> Result<Option<UserEntry>> {
+        Self::read_user_only(doc, user, parts, Only::default())
+    }
+
+    /// Reads one user's entry, if there is one, with only the items `only` names.
+    pub fn read_user_only<D: ReadDoc>(
+        doc: &D,
+        user: &str,
+        parts: Parts,
+        only: Only<'_>,
+    ) -> Result<Option<UserEntry>> {
         let u = req_map(doc, &ROOT, USERS_KEY, USERS_KEY)?;
         match doc.get(&u, user).map_err(am)? {
             Some((Value::Object(ObjType::Map), e)) => {
-                read_entry(doc, &e, &join(USERS_KEY, user)).map(Some)
+                read_entry(doc, &e, &join(USERS_KEY, user), parts, only).map(Some)
             }
             _ => Ok(None),
         }
@@ -620,10 +724,22 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         self.create_document(id, header, now_ms, |doc, _, _| init(doc))
     }
 
-    /// One user's validated entry.
-    pub fn user_entry(&self, id: DocId, user: &str) -> Result<Option<UserEntry>> {
+    /// One user's validated entry, with only `parts` read.
+    pub fn user_entry(&self, id: DocId, user: &str, parts: Parts) -> Result<Option<UserEntry>> {
         expect_kind(self, id, DocKind::Users)?;
-        Users::read_user(self.doc(id)?, user)
+        Users::read_user(self.doc(id)?, user, parts)
+    }
+
+    /// One user's validated entry, with only `parts` and in them the items of `only`.
+    pub fn user_entry_only(
+        &self,
+        id: DocId,
+        user: &str,
+        parts: Parts,
+        only: Only<'_>,
+    ) -> Result<Option<UserEntry>> {
+        expect_kind(self, id, DocKind::Users)?;
+        Users::read_user_only(self.doc(id)?, user, parts, only)
     }
 
     /// Writes state keys of `user` from `client`; answers the HLC they were written at.
@@ -721,7 +837,7 @@ mod tests {
         write_state(&mut b, "ann", &one("progress", "0.6"), "phone", hlc(20, 2)).unwrap();
         write_state(&mut b, "ann", &one("lesson", "\"l5\""), "phone", hlc(20, 2)).unwrap();
         a.merge(&mut b).unwrap();
-        let ann = Users::read_user(&a, "ann").unwrap().unwrap();
+        let ann = Users::read_user(&a, "ann", Parts::ALL).unwrap().unwrap();
         let progress = &ann.state["progress"];
         assert_eq!(progress.winner.value, "0.7");
         assert_eq!(progress.concurrent.len(), 1);
@@ -730,7 +846,7 @@ mod tests {
         assert!(ann.state["lesson"].concurrent.is_empty());
         // A later write on top of both ends the conflict.
         write_state(&mut a, "ann", &one("progress", "1.0"), "web1", hlc(40, 1)).unwrap();
-        let ann = Users::read_user(&a, "ann").unwrap().unwrap();
+        let ann = Users::read_user(&a, "ann", Parts::ALL).unwrap().unwrap();
         assert!(ann.state["progress"].concurrent.is_empty());
         assert_eq!(Users::read(&a).unwrap().users.len(), 1);
     }
@@ -778,12 +894,12 @@ mod tests {
         };
         put_notification(&mut a, "ann", "n1", &n(10, 100), 10).unwrap();
         put_notification(&mut a, "ann", "n2", &n(20, 1000), 20).unwrap();
-        let ann = Users::read_user(&a, "ann").unwrap().unwrap();
+        let ann = Users::read_user(&a, "ann", Parts::ALL).unwrap().unwrap();
         assert_eq!(ann.notifications.len(), 2);
         assert_eq!(ann.notifications["n1"], n(10, 100));
         // n1 has expired by the next write.
         put_notification(&mut a, "ann", "n3", &n(200, 1000), 200).unwrap();
-        let ann = Users::read_user(&a, "ann").unwrap().unwrap();
+        let ann = Users::read_user(&a, "ann", Parts::ALL).unwrap().unwrap();
         assert!(!ann.notifications.contains_key("n1"));
         for i in 0..MAX_NOTIFICATIONS + 3 {
             put_notification(
@@ -795,15 +911,31 @@ mod tests {
             )
             .unwrap();
         }
-        let ann = Users::read_user(&a, "ann").unwrap().unwrap();
+        let ann = Users::read_user(&a, "ann", Parts::ALL).unwrap().unwrap();
         assert_eq!(ann.notifications.len(), MAX_NOTIFICATIONS);
         assert!(
             ann.notifications
                 .contains_key(&format!("m{}", MAX_NOTIFICATIONS + 2))
         );
+        // The oldest went past the cap: m0, m1, m2 and n2, n3 (created before them).
+        assert!(!ann.notifications.contains_key("m0"));
+        assert!(!ann.notifications.contains_key("n2"));
+        assert!(ann.notifications.contains_key("m3"));
         let mut bad = n(1, 2);
         bad.title = "t".repeat(MAX_TITLE_BYTES + 1);
         assert!(put_notification(&mut a, "ann", "x", &bad, 1).is_err());
+
+        // A read of named items only: those that are there.
+        let wanted: BTreeSet<String> = ["m5".to_string(), "gone".to_string()].into();
+        let only = Only {
+            notifications: Some(&wanted),
+            ..Only::default()
+        };
+        let part = Users::read_user_only(&a, "ann", Parts::ALL, only)
+            .unwrap()
+            .unwrap();
+        assert_eq!(part.notifications.keys().collect::<Vec<_>>(), ["m5"]);
+        assert_eq!(part.notifications["m5"], ann.notifications["m5"]);
     }
 
     #[test]
@@ -814,7 +946,7 @@ mod tests {
         put_vapid_key(&mut a, "abc").unwrap();
         assert_eq!(vapid_key(&a).unwrap().as_deref(), Some("abc"));
         put_push_subscription(&mut a, "ann", "s1", "{}").unwrap();
-        let ann = Users::read_user(&a, "ann").unwrap().unwrap();
+        let ann = Users::read_user(&a, "ann", Parts::ALL).unwrap().unwrap();
         assert_eq!(ann.push["s1"], "{}");
         for i in 1..MAX_PUSH_SUBSCRIPTIONS {
             put_push_subscription(&mut a, "ann", &format!("x{i}"), "{}").unwrap();
@@ -833,11 +965,22 @@ mod tests {
         open_session(&mut a, "ann", "web1", "node-a", 100).unwrap();
         open_session(&mut a, "ann", "phone", "node-b", 110).unwrap();
         close_session(&mut a, "ann", "web1", 200, 0).unwrap();
-        let ann = Users::read_user(&a, "ann").unwrap().unwrap();
+        let ann = Users::read_user(&a, "ann", Parts::ALL).unwrap().unwrap();
         assert_eq!(ann.sessions["web1"].closed_ms, 200);
         assert_eq!(ann.sessions["phone"].closed_ms, 0);
+        // A read of some parts leaves the others empty.
+        write_state(&mut a, "ann", &one("k", "0"), "phone", hlc(4, 1)).unwrap();
+        let only = Parts {
+            sessions: true,
+            ..Parts::NONE
+        };
+        let part = Users::read_user(&a, "ann", only).unwrap().unwrap();
+        assert_eq!(part.sessions, ann.sessions);
+        assert!(part.state.is_empty());
+        let ann = Users::read_user(&a, "ann", Parts::ALL).unwrap().unwrap();
+        assert_eq!(ann.state["k"].winner.value, "0");
         close_session(&mut a, "ann", "phone", 300, 250).unwrap();
-        let ann = Users::read_user(&a, "ann").unwrap().unwrap();
+        let ann = Users::read_user(&a, "ann", Parts::ALL).unwrap().unwrap();
         assert!(!ann.sessions.contains_key("web1"), "closed before the cut");
         assert!(ann.sessions.contains_key("phone"));
         // A user with nothing left is dropped at the next close past the cut.
@@ -846,9 +989,9 @@ mod tests {
         write_state(&mut a, "ann", &one("k", "1"), "phone", hlc(5, 1)).unwrap();
         close_session(&mut a, "ann", "phone", 900, 600).unwrap();
         prune_idle_users(&mut a, 600).unwrap();
-        assert!(Users::read_user(&a, "bob").unwrap().is_none());
+        assert!(Users::read_user(&a, "bob", Parts::ALL).unwrap().is_none());
         assert!(
-            Users::read_user(&a, "ann").unwrap().is_some(),
+            Users::read_user(&a, "ann", Parts::ALL).unwrap().is_some(),
             "ann has state"
         );
     }

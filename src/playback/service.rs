@@ -1,0 +1,742 @@
+//! The playback service on the core: clock probes to every admitted device of the home
+//! (one with each heartbeat, a few at once after an admission), answers to theirs, and
+//! playbacks: started here (scheduled here, sent to the other targets, which report their
+//! local start back) or received (scheduled by this device's estimate of the initiator's
+//! clock, then reported). Clock-lane messages from each peer go through a token bucket
+//! (the events' rates) before they are decoded. Nothing here is stored.
+
+use std::collections::BTreeMap;
+
+use hearth_net::PeerId;
+
+use super::clock::{ClockBook, ClockEstimate, Taken};
+use super::wire::ClockMessage;
+use super::{
+    DeviceSchedule, MAX_PLAYBACK_DEVICES, MAX_PLAYBACKS, NewPlayback, PlaybackDevice,
+    PlaybackSchedule,
+};
+use crate::Error;
+use crate::core::{Core, Reply, doc_err, now_ms};
+use crate::events::Event;
+use crate::propagation::limit::{RateLimit, Verdict};
+use crate::types::{DeviceId, Timestamp};
+
+/// The name of the event each device raises with its local start.
+pub(crate) const SYNC_PLAYBACK: &str = "coordination.sync_playback";
+/// The name of the event the initiator raises as each device reports its local start.
+pub(crate) const SYNC_PLAYBACK_SCHEDULED: &str = "coordination.sync_playback_scheduled";
+/// How long after its start the initiator keeps sending a playback to targets that have
+/// not reported (ms): a device that connects late still gets it.
+const RESEND_FOR_MS: u64 = 10_000;
+
+/// Requests of the playback service.
+pub(crate) enum PlaybackRequest {
+    Start {
+        playback: NewPlayback,
+        reply: Reply<PlaybackSchedule>,
+    },
+    Get {
+        id: String,
+        reply: Reply<PlaybackSchedule>,
+    },
+    List {
+        reply: Reply<Vec<PlaybackSchedule>>,
+    },
+    Clocks {
+        reply: Reply<Vec<(DeviceId, ClockEstimate)>>,
+    },
+    /// Test hook: moves this device's playback clock by `ms`, as a device whose clock is
+    /// set wrong, and forgets every sample taken so far.
+    #[cfg(feature = "test-hooks")]
+    Skew {
+        ms: i64,
+        reply: Reply<()>,
+    },
+}
+
+impl PlaybackRequest {
+    /// Nothing here is stored, so nothing is refused while the store is failed.
+    pub(crate) fn is_write(&self) -> bool {
+        false
+    }
+
+    /// Answers the request with `error` without running it.
+    pub(crate) fn refuse(self, error: Error) {
+        match self {
+            Self::Start { reply, .. } | Self::Get { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            Self::List { reply } => {
+                let _ = reply.send(Err(error));
+            }
+            Self::Clocks { reply } => {
+                let _ = reply.send(Err(error));
+            }
+            #[cfg(feature = "test-hooks")]
+            Self::Skew { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+        }
+    }
+}
+
+/// The service's state.
+#[derive(Default)]
+pub(crate) struct PlaybackState {
+    pub(crate) clock: ClockBook,
+    /// Playbacks by id, each with the order it came in.
+    playbacks: BTreeMap<String, (u64, PlaybackSchedule)>,
+    seq: u64,
+    limit: RateLimit,
+    /// Added to the system clock (µs); only the test hook sets it.
+    skew_us: i64,
+    /// Messages dropped: malformed, over the rate, from a paired home, or impossible.
+    pub(crate) dropped: u64,
+}
+
+impl PlaybackState {
+    /// This device's clock for playback, in µs since the Unix epoch.
+    pub(crate) fn now_us(&self) -> i64 {
+        let us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        us.saturating_add(self.skew_us)
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.now_us().max(0) / 1000).unwrap_or(0)
+    }
+
+    /// Keeps `schedule`, dropping the oldest past [`MAX_PLAYBACKS`].
+    fn keep(&mut self, schedule: PlaybackSchedule) {
+        self.seq += 1;
+        self.playbacks
+            .insert(schedule.id.clone(), (self.seq, schedule));
+        while self.playbacks.len() > MAX_PLAYBACKS {
+            let oldest = self
+                .playbacks
+                .iter()
+                .min_by_key(|(_, (seq, _))| *seq)
+                .map(|(id, _)| id.clone());
+            match oldest {
+                Some(id) => self.playbacks.remove(&id),
+                None => break,
+            };
+        }
+    }
+}
+
+/// A fresh playback id: 16 random bytes in base58.
+fn new_id() -> Result<String, Error> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes)
+        .map_err(|e| Error::Internal(format!("no randomness for a playback id: {e}")))?;
+    Ok(bs58::encode(bytes).into_string())
+}
+
+impl Core {
+    /// Answers a request of the service.
+    pub(crate) async fn handle_playback(&mut self, request: PlaybackRequest) {
+        match request {
+            PlaybackRequest::Start { playback, reply } => {
+                let result = self.start_playback(playback).await;
+                let _ = reply.send(result);
+            }
+            PlaybackRequest::Get { id, reply } => {
+                let found = self
+                    .playback
+                    .playbacks
+                    .get(&id)
+                    .map(|(_, s)| s.clone())
+                    .ok_or_else(|| {
+                        Error::NotFound(format!(
+                            "no playback {:?} was started or received here",
+                            id.chars().take(64).collect::<String>()
+                        ))
+                    });
+                let _ = reply.send(found);
+            }
+            PlaybackRequest::List { reply } => {
+                let mut all: Vec<_> = self.playback.playbacks.values().cloned().collect();
+                all.sort_by_key(|(seq, _)| std::cmp::Reverse(*seq));
+                let _ = reply.send(Ok(all.into_iter().map(|(_, s)| s).collect()));
+            }
+            PlaybackRequest::Clocks { reply } => {
+                let all = self.playback.clock.all();
+                let _ = reply.send(Ok(all.into_iter().map(|(p, e)| (p.into(), e)).collect()));
+            }
+            #[cfg(feature = "test-hooks")]
+            PlaybackRequest::Skew { ms, reply } => {
+                self.playback.skew_us = ms.saturating_mul(1000);
+                // Samples taken before are of another clock.
+                self.playback.clock = ClockBook::default();
+                let _ = reply.send(Ok(()));
+            }
+        }
+    }
+
+    /// Queues a clock-lane message for `peer`; a full queue sheds it (the next probe or
+    /// resend follows).
+    async fn send_clock(&mut self, peer: PeerId, message: &ClockMessage) {
+        let bytes = match message.encode() {
+            Ok(bytes) => self.ephemeral_clock_frame(bytes),
+            Err(error) => {
+                tracing::warn!(%error, "cannot encode a clock message");
+                return;
+            }
+        };
+        let len = bytes.len();
+        match self.net.send_ephemeral(peer, bytes).await {
+            Ok(hearth_net::SendOutcome::Queued) => self.metrics.ephemeral(false, len),
+            Ok(outcome) => tracing::debug!(%peer, ?outcome, "clock message not queued"),
+            Err(error) => tracing::debug!(%peer, %error, "clock message not sent"),
+        }
+    }
+
+    /// Sends `peer` a probe, timed as late as possible.
+    async fn probe_clock(&mut self, peer: &str) {
+        let Some(net) = self.peers.admitted.get(peer).copied() else {
+            return;
+        };
+        let t1 = self.playback.now_us();
+        if let Some(nonce) = self.playback.clock.probe(peer, t1) {
+            self.send_clock(net, &ClockMessage::Probe { nonce }).await;
+        }
+    }
+
+    /// With every heartbeat: a probe to each admitted device of the home, and playbacks
+    /// started here sent again to targets that have not reported, until shortly after
+    /// their start.
+    pub(crate) async fn playback_tick(&mut self) {
+        let peers: Vec<String> = self.peers.admitted.keys().cloned().collect();
+        for peer in &peers {
+            self.probe_clock(peer).await;
+        }
+        let now = self.playback.now_ms();
+        let mut resend = Vec::new();
+        for (_, s) in self.playback.playbacks.values() {
+            if !s.initiated_here || s.start_at.saturating_add(RESEND_FOR_MS) < now {
+                continue;
+            }
+            for d in &s.devices {
+                if d.state == DeviceSchedule::Pending
+                    && let Some(net) = self.peers.admitted.get(d.device_id.as_str())
+                {
+                    let start = ClockMessage::Start {
+                        id: s.id.clone(),
+                        media: s.media.clone(),
+                        start_at_ms: s.start_at,
+                    };
+                    resend.push((*net, start));
+                }
+            }
+        }
+        for (net, message) in resend {
+            self.send_clock(net, &message).await;
+        }
+    }
+
+    /// A device of the home was admitted: probes start at once.
+    pub(crate) async fn on_playback_peer_up(&mut self, peer: &str) {
+        self.probe_clock(peer).await;
+    }
+
+    /// A device left: its estimate goes, as its clock may change before it returns.
+    pub(crate) fn on_playback_peer_down(&mut self, peer: &str) {
+        self.playback.clock.forget(peer);
+    }
+
+    /// Starts a playback here: see [`super::Playback::start`].
+    async fn start_playback(&mut self, new: NewPlayback) -> Result<PlaybackSchedule, Error> {
+        super::check_media(&new.media).map_err(Error::Invalid)?;
+        if new.device_ids.len() > MAX_PLAYBACK_DEVICES {
+            return Err(Error::Invalid(format!(
+                "{} devices; at most {MAX_PLAYBACK_DEVICES} are allowed",
+                new.device_ids.len()
+            )));
+        }
+        let devices = self
+            .engine
+            .home_devices(self.home.home_doc)
+            .map_err(doc_err)?;
+        let targets: Vec<String> = if new.device_ids.is_empty() {
+            devices
+                .iter()
+                .filter(|(peer, record)| {
+                    record.revoked_at.is_none() && !self.revocations.contains(peer.as_str())
+                })
+                .map(|(peer, _)| peer.clone())
+                .take(MAX_PLAYBACK_DEVICES)
+                .collect()
+        } else {
+            self.resolve_event_targets(&new.device_ids)?
+        };
+        let me = self.peer_id.clone();
+        let schedule = PlaybackSchedule {
+            id: new_id()?,
+            media: new.media,
+            start_at: new.start_at,
+            initiator: me.as_str().into(),
+            initiated_here: true,
+            devices: targets
+                .iter()
+                .map(|peer| {
+                    let here = *peer == me;
+                    PlaybackDevice {
+                        device_id: peer.as_str().into(),
+                        name: devices
+                            .get(peer)
+                            .map(|d| d.name.clone())
+                            .unwrap_or_default(),
+                        state: if here {
+                            DeviceSchedule::Scheduled
+                        } else {
+                            DeviceSchedule::Pending
+                        },
+                        local_start_at: here.then_some(new.start_at),
+                        offset_ms: here.then_some(0.0),
+                        uncertainty_ms: here.then_some(0.0),
+                    }
+                })
+                .collect(),
+            created_at: Timestamp::from_unix_ms(now_ms()),
+        };
+        self.playback.keep(schedule.clone());
+        if targets.contains(&me) {
+            self.emit_event(sync_event(SYNC_PLAYBACK, &schedule, &me, None));
+        }
+        let start = ClockMessage::Start {
+            id: schedule.id.clone(),
+            media: schedule.media.clone(),
+            start_at_ms: schedule.start_at,
+        };
+        for peer in targets.iter().filter(|p| **p != me) {
+            if let Some(net) = self.peers.admitted.get(peer).copied() {
+                self.send_clock(net, &start).await;
+            }
+        }
+        tracing::info!(id = %schedule.id, devices = targets.len(), start_at = schedule.start_at,
+            "synchronised playback started");
+        Ok(schedule)
+    }
+
+    /// A clock-lane message from admitted device `peer`, which arrived at `received_us`
+    /// by this device's playback clock. Only devices of this home use the lane.
+    pub(crate) async fn on_clock_message(
+        &mut self,
+        peer: PeerId,
+        own: bool,
+        bytes: &[u8],
+        received_us: i64,
+    ) {
+        let text = peer.to_base58();
+        if !own {
+            self.playback.dropped += 1;
+            tracing::debug!(peer = %text, "clock message from a paired home's device ignored");
+            return;
+        }
+        if let Verdict::Drop { log } = self.playback.limit.check(&text, now_ms()) {
+            self.playback.dropped += 1;
+            if let Some(dropped) = log {
+                tracing::warn!(peer = %text, dropped, "a device sends clock messages faster than allowed; dropping them");
+            }
+            return;
+        }
+        let message = match ClockMessage::decode(bytes) {
+            Ok(m) => m,
+            Err(reason) => {
+                self.playback.dropped += 1;
+                tracing::warn!(peer = %text, %reason, len = bytes.len(), "clock message dropped");
+                return;
+            }
+        };
+        match message {
+            ClockMessage::Probe { nonce } => {
+                let t3_us = self.playback.now_us();
+                let answer = ClockMessage::Answer {
+                    nonce,
+                    t2_us: received_us,
+                    t3_us,
+                };
+                self.send_clock(peer, &answer).await;
+            }
+            ClockMessage::Answer {
+                nonce,
+                t2_us,
+                t3_us,
+            } => match self
+                .playback
+                .clock
+                .answer(&text, nonce, t2_us, t3_us, received_us)
+            {
+                Taken::Sample { more } => {
+                    if more {
+                        self.probe_clock(&text).await;
+                    }
+                    self.schedule_waiting(&text).await;
+                }
+                Taken::Unknown => {
+                    tracing::debug!(peer = %text, nonce, "clock answer to no outstanding probe")
+                }
+                Taken::Impossible => {
+                    self.playback.dropped += 1;
+                    tracing::warn!(peer = %text, "clock answer with impossible times dropped");
+                }
+            },
+            ClockMessage::Start {
+                id,
+                media,
+                start_at_ms,
+            } => self.take_playback(&text, id, media, start_at_ms).await,
+            ClockMessage::Scheduled {
+                id,
+                local_start_ms,
+                offset_us,
+                uncertainty_us,
+            } => {
+                let Some((_, schedule)) = self.playback.playbacks.get_mut(&id) else {
+                    return;
+                };
+                let Some(device) = schedule
+                    .devices
+                    .iter_mut()
+                    .filter(|_| schedule.initiated_here)
+                    .find(|d| d.device_id.as_str() == text)
+                else {
+                    self.playback.dropped += 1;
+                    tracing::debug!(peer = %text, "a report for a playback it is not in");
+                    return;
+                };
+                if device.state == DeviceSchedule::Scheduled {
+                    return;
+                }
+                device.state = DeviceSchedule::Scheduled;
+                device.local_start_at = Some(local_start_ms);
+                device.offset_ms = Some(offset_us as f64 / 1000.0);
+                device.uncertainty_ms = Some(uncertainty_us as f64 / 1000.0);
+                let event = sync_event(SYNC_PLAYBACK_SCHEDULED, schedule, &text, Some(&text));
+                self.emit_event(event);
+            }
+        }
+    }
+
+    /// A playback `peer` started for this device: kept, then scheduled when this device
+    /// has an estimate of its clock (or once the first probe answers). A copy sent again
+    /// gets the report again.
+    async fn take_playback(&mut self, peer: &str, id: String, media: String, start_at: u64) {
+        let me = self.peer_id.clone();
+        if let Some((_, known)) = self.playback.playbacks.get(&id) {
+            if known.initiator.as_str() != peer {
+                self.playback.dropped += 1;
+                return;
+            }
+            if let Some(report) = report_of(known, &me)
+                && let Some(net) = self.peers.admitted.get(peer).copied()
+            {
+                self.send_clock(net, &report).await;
+            }
+            return;
+        }
+        let schedule = PlaybackSchedule {
+            id: id.clone(),
+            media,
+            start_at,
+            initiator: peer.into(),
+            initiated_here: false,
+            devices: vec![PlaybackDevice {
+                device_id: me.as_str().into(),
+                name: self.device_name.clone(),
+                state: DeviceSchedule::Pending,
+                local_start_at: None,
+                offset_ms: None,
+                uncertainty_ms: None,
+            }],
+            created_at: Timestamp::from_unix_ms(now_ms()),
+        };
+        self.playback.keep(schedule);
+        if self.playback.clock.estimate(peer).is_some() {
+            self.schedule_waiting(peer).await;
+        } else {
+            self.probe_clock(peer).await;
+        }
+    }
+
+    /// Schedules every playback from `initiator` still waiting here for an estimate of
+    /// its clock, raises `coordination.sync_playback` for each and reports it back.
+    async fn schedule_waiting(&mut self, initiator: &str) {
+        let Some(estimate) = self.playback.clock.estimate(initiator) else {
+            return;
+        };
+        let me = self.peer_id.clone();
+        let offset_us = (estimate.offset_ms * 1000.0).round() as i64;
+        let mut reports = Vec::new();
+        for (_, schedule) in self.playback.playbacks.values_mut() {
+            if schedule.initiated_here || schedule.initiator.as_str() != initiator {
+                continue;
+            }
+            let Some(device) = schedule.devices.first_mut() else {
+                continue;
+            };
+            if device.state != DeviceSchedule::Pending {
+                continue;
+            }
+            device.state = DeviceSchedule::Scheduled;
+            device.local_start_at = Some(super::local_start(schedule.start_at, offset_us));
+            device.offset_ms = Some(estimate.offset_ms);
+            device.uncertainty_ms = Some(estimate.uncertainty_ms);
+            reports.push(schedule.clone());
+        }
+        let net = self.peers.admitted.get(initiator).copied();
+        for schedule in reports {
+            self.emit_event(sync_event(SYNC_PLAYBACK, &schedule, &me, Some(initiator)));
+            tracing::info!(id = %schedule.id, local_start_at = ?schedule.devices[0].local_start_at,
+                offset_ms = estimate.offset_ms, uncertainty_ms = estimate.uncertainty_ms,
+                "synchronised playback scheduled");
+            // An initiator gone meanwhile gets the report when it sends the playback again.
+            if let (Some(net), Some(report)) = (net, report_of(&schedule, &me)) {
+                self.send_clock(net, &report).await;
+            }
+        }
+    }
+}
+
+/// The report of device `me` on `schedule`, once it is scheduled there.
+fn report_of(schedule: &PlaybackSchedule, me: &str) -> Option<ClockMessage> {
+    let d = schedule
+        .devices
+        .iter()
+        .find(|d| d.device_id.as_str() == me && d.state == DeviceSchedule::Scheduled)?;
+    Some(ClockMessage::Scheduled {
+        id: schedule.id.clone(),
+        local_start_ms: d.local_start_at?,
+        offset_us: (d.offset_ms? * 1000.0).round() as i64,
+        uncertainty_us: (d.uncertainty_ms? * 1000.0).round().max(0.0) as u64,
+    })
+}
+
+/// Event `name` for `device` of `schedule`: its local start, the offset and uncertainty
+/// it used, with the playback's own fields.
+fn sync_event(
+    name: &'static str,
+    schedule: &PlaybackSchedule,
+    device: &str,
+    from_peer: Option<&str>,
+) -> Event {
+    let d = schedule
+        .devices
+        .iter()
+        .find(|d| d.device_id.as_str() == device);
+    Event::Coordination {
+        name,
+        subject: schedule.id.clone(),
+        data: serde_json::json!({
+            "playback_id": schedule.id,
+            "media": schedule.media,
+            "start_at": schedule.start_at,
+            "initiator": schedule.initiator,
+            "device_id": device,
+            "local_start_at": d.and_then(|d| d.local_start_at),
+            "offset_ms": d.and_then(|d| d.offset_ms),
+            "uncertainty_ms": d.and_then(|d| d.uncertainty_ms),
+        }),
+        from_peer: from_peer.map(DeviceId::from),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::testing::TestCore;
+
+    async fn schedules(t: &TestCore) -> Vec<PlaybackSchedule> {
+        t.core
+            .call(|reply| PlaybackRequest::List { reply })
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_received_playback_waits_for_a_clock_sample_then_starts_at_the_converted_time() {
+        let t = TestCore::start("den").await;
+        let mut events = t.events();
+        let peer = PeerId::random();
+        let text = peer.to_base58();
+        let skew = 2_000_000i64;
+        let t1 = 1_000_000_000i64;
+        let nonce = std::sync::Arc::new(std::sync::Mutex::new(0));
+        let seen = nonce.clone();
+        t.on_core(move |core| {
+            Box::pin(async move {
+                core.peers.admitted.insert(text.clone(), peer);
+                let start = ClockMessage::Start {
+                    id: "5Kq9wXyzAbCdEfGhJk".into(),
+                    media: "song".into(),
+                    start_at_ms: 50_000,
+                }
+                .encode()
+                .unwrap();
+                core.on_clock_message(peer, true, &start, 0).await;
+                // No estimate yet: kept, pending, and a probe went out.
+                *seen.lock().unwrap() = core.playback.clock.probe(&text, t1).unwrap();
+            })
+        })
+        .await;
+        let listed = schedules(&t).await;
+        assert_eq!(listed.len(), 1);
+        assert!(!listed[0].initiated_here);
+        assert_eq!(listed[0].devices[0].state, DeviceSchedule::Pending);
+        assert!(events.try_recv().is_err());
+
+        let nonce = *nonce.lock().unwrap();
+        t.on_core(move |core| {
+            Box::pin(async move {
+                // 1 ms each way, the peer 2 s ahead.
+                let t2 = t1 + 1000 + skew;
+                let t3 = t2 + 10;
+                let answer = ClockMessage::Answer {
+                    nonce,
+                    t2_us: t2,
+                    t3_us: t3,
+                }
+                .encode()
+                .unwrap();
+                core.on_clock_message(peer, true, &answer, t3 - skew + 1000)
+                    .await;
+            })
+        })
+        .await;
+        let Event::Coordination {
+            name,
+            subject,
+            data,
+            ..
+        } = events.recv().await.unwrap()
+        else {
+            panic!("not a coordination event");
+        };
+        assert_eq!(
+            (name, subject.as_str()),
+            (SYNC_PLAYBACK, "5Kq9wXyzAbCdEfGhJk")
+        );
+        assert_eq!(data["local_start_at"], 48_000);
+        assert_eq!(data["offset_ms"], 2000.0);
+        assert_eq!(data["uncertainty_ms"], 1.0);
+        let listed = schedules(&t).await;
+        assert_eq!(listed[0].devices[0].state, DeviceSchedule::Scheduled);
+        assert_eq!(listed[0].devices[0].local_start_at, Some(48_000));
+        let clocks = t
+            .core
+            .call(|reply| PlaybackRequest::Clocks { reply })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(clocks.len(), 1);
+        assert_eq!(clocks[0].1.offset_ms, 2000.0);
+        t.stop().await;
+    }
+
+    #[tokio::test]
+    async fn malformed_foreign_and_flooding_messages_are_dropped() {
+        let t = TestCore::start("den").await;
+        let peer = PeerId::random();
+        let dropped = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let out = dropped.clone();
+        t.on_core(move |core| {
+            Box::pin(async move {
+                core.peers.admitted.insert(peer.to_base58(), peer);
+                let probe = ClockMessage::Probe { nonce: 1 }.encode().unwrap();
+                core.on_clock_message(peer, false, &probe, 0).await;
+                out.lock().unwrap().push(core.playback.dropped);
+                core.on_clock_message(peer, true, b"\xff\x00", 0).await;
+                out.lock().unwrap().push(core.playback.dropped);
+                // A report for a playback that does not exist changes nothing.
+                let report = ClockMessage::Scheduled {
+                    id: "5Kq9wXyzAbCdEfGhJk".into(),
+                    local_start_ms: 1,
+                    offset_us: 0,
+                    uncertainty_us: 0,
+                }
+                .encode()
+                .unwrap();
+                core.on_clock_message(peer, true, &report, 0).await;
+                let before = core.playback.dropped;
+                for _ in 0..(crate::propagation::limit::EVENT_BURST * 2) {
+                    core.on_clock_message(peer, true, &probe, 0).await;
+                }
+                out.lock().unwrap().push(core.playback.dropped - before);
+            })
+        })
+        .await;
+        let dropped = dropped.lock().unwrap().clone();
+        assert_eq!(dropped[0], 1, "a paired home's device was heard");
+        assert_eq!(dropped[1], 2, "garbage was taken");
+        assert!(dropped[2] >= 50, "{dropped:?}: the flood was not limited");
+        assert!(schedules(&t).await.is_empty());
+        t.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_playback_started_here_is_scheduled_here_and_bad_ones_are_refused() {
+        let t = TestCore::start("den").await;
+        let mut events = t.events();
+        let start = |playback: NewPlayback| {
+            t.core
+                .call(move |reply| PlaybackRequest::Start { playback, reply })
+        };
+        let schedule = start(NewPlayback {
+            media: "radio".into(),
+            start_at: 77_000,
+            device_ids: vec![],
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert!(schedule.initiated_here);
+        assert_eq!(schedule.devices.len(), 1);
+        assert_eq!(schedule.devices[0].device_id.as_str(), t.peer_id);
+        assert_eq!(schedule.devices[0].name, "den");
+        assert_eq!(schedule.devices[0].local_start_at, Some(77_000));
+        let Event::Coordination { name, data, .. } = events.recv().await.unwrap() else {
+            panic!("not a coordination event");
+        };
+        assert_eq!(name, SYNC_PLAYBACK);
+        assert_eq!(data["local_start_at"], 77_000);
+        for (bad, invalid) in [
+            (
+                NewPlayback {
+                    media: " ".into(),
+                    start_at: 1,
+                    device_ids: vec![],
+                },
+                true,
+            ),
+            (
+                NewPlayback {
+                    media: "m".into(),
+                    start_at: 1,
+                    device_ids: vec!["x".into(); MAX_PLAYBACK_DEVICES + 1],
+                },
+                true,
+            ),
+            (
+                NewPlayback {
+                    media: "m".into(),
+                    start_at: 1,
+                    device_ids: vec!["nobody".into()],
+                },
+                false,
+            ),
+        ] {
+            let result = start(bad).await.unwrap();
+            match result {
+                Err(Error::Invalid(_)) if invalid => {}
+                Err(Error::NotFound(_)) if !invalid => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(schedules(&t).await.len(), 1);
+        t.stop().await;
+    }
+}
