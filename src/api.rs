@@ -1,6 +1,7 @@
 //! The local HTTP API: health probes without a token, everything under `/api` and
-//! `/metrics` behind the bearer token, and every route behind the Host and Origin checks
-//! of [`guard`]. Error bodies are `{"error": kind, "detail": sentence}` throughout.
+//! `/metrics` behind the bearer token (or the dashboard's session cookie, see
+//! [`dashboard`]), the dashboard at `/`, and every route behind the Host and Origin
+//! checks of [`guard`]. Error bodies are `{"error": kind, "detail": sentence}` throughout.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -21,6 +22,7 @@ use time::OffsetDateTime;
 
 mod activities;
 mod alerts;
+pub(crate) mod dashboard;
 pub(crate) mod events;
 pub(crate) mod guard;
 mod locks;
@@ -57,6 +59,8 @@ pub(crate) struct ApiState {
     pub(crate) clients: seed001::Clients,
     /// Seed 001's WebSocket and room settings.
     pub(crate) seed: crate::SeedApiConfig,
+    /// The dashboard's browser sessions (the cookie).
+    pub(crate) sessions: dashboard::Sessions,
 }
 
 /// What the API needs of the node it serves.
@@ -122,6 +126,7 @@ pub(crate) async fn serve(
         guard: guard::Guard::new(addr, allowed_origins),
         clients: seed001::Clients::default(),
         seed: config.seed.clone(),
+        sessions: dashboard::Sessions::new(addr.port()),
     });
     let app = router(state);
     let task = tokio::spawn(tracing::Instrument::instrument(
@@ -228,6 +233,7 @@ impl From<crate::Error> for ApiError {
                     detail,
                 )
             },
+            Error::Unavailable(d) => Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", d),
             e @ Error::Timeout(_) => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
@@ -288,6 +294,8 @@ impl IntoResponse for ApiError {
 pub(crate) fn router(state: Arc<ApiState>) -> Router {
     let api = Router::new()
         .route("/api/status", get(status))
+        .route("/api/devices", get(dashboard::devices))
+        .route("/api/logout", post(dashboard::logout))
         .route("/api/entities", get(list_entities))
         .route("/api/invites", post(create_invite))
         .route(
@@ -384,6 +392,12 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
         metrics = metrics.route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     }
     Router::new()
+        // The dashboard: the login page without a session, its assets, and the login.
+        .route("/", get(dashboard::page))
+        .route("/dashboard/login.js", get(dashboard::login_js))
+        .route("/dashboard/dashboard.js", get(dashboard::dashboard_js))
+        .route("/dashboard/style.css", get(dashboard::style_css))
+        .route("/api/login", post(dashboard::login))
         .route("/health", get(seed001::health))
         // Seed 001's WebSocket; it checks the token itself, like /api/ws.
         .route("/ws/{user_id}", get(seed001::upgrade))
@@ -452,6 +466,8 @@ fn route_label(matched: Option<&str>) -> String {
     }
 }
 
+/// The bearer token, or the dashboard's session cookie (with its CSRF checks on
+/// anything but a read). A request with both is judged by the header.
 async fn require_token(
     State(state): State<Arc<ApiState>>,
     headers: HeaderMap,
@@ -459,6 +475,10 @@ async fn require_token(
     next: Next,
 ) -> Result<Response, ApiError> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
+        if state.sessions.carried(&headers) {
+            dashboard::check_cookie(&state, request.method(), &headers)?;
+            return Ok(next.run(request).await);
+        }
         return Err(ApiError::unauthorized(
             "missing Authorization header; send `Authorization: Bearer <token>` (see `hearth token`)",
         ));
@@ -792,6 +812,18 @@ mod tests {
         assert_eq!(
             route_label(Some("/{*__private__axum_fallback}")),
             "unmatched"
+        );
+    }
+
+    #[test]
+    fn not_ready_is_unavailable_not_internal() {
+        let e = ApiError::from(crate::Error::Unavailable(
+            "the home document cannot be read yet".into(),
+        ));
+        assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            e.kind_and_detail(),
+            ("unavailable", "the home document cannot be read yet")
         );
     }
 

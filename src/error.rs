@@ -115,6 +115,10 @@ pub enum Error {
         /// What happened and what to do.
         detail: String,
     },
+    /// The node cannot answer this yet (it is still loading what the answer needs); the
+    /// message says what and to try again shortly.
+    #[error("{0}")]
+    Unavailable(String),
     /// The node did not answer a request within this many seconds.
     #[error("the node did not answer within {0} s; it may be overloaded or its disk hung")]
     Timeout(u64),

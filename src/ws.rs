@@ -50,21 +50,41 @@ pub(crate) async fn upgrade(
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    if let Err(refused) = check_token(&state, &headers, query) {
-        return refused.into_response();
-    }
+    let login = match check_credentials(&state, &headers, query) {
+        Ok(login) => login,
+        Err(refused) => return refused.into_response(),
+    };
     match ws {
         Ok(ws) => ws
             .max_message_size(MAX_WS_MESSAGE_BYTES)
             // A single frame is read whole before the message cap is checked; cap it too.
             .max_frame_size(MAX_WS_MESSAGE_BYTES)
-            .on_upgrade(move |socket| session(socket, state)),
+            .on_upgrade(move |socket| session(socket, state, login)),
         Err(rejection) => ApiError::bad_request(format!(
             "/api/ws takes WebSocket upgrades only: {}",
             rejection.body_text()
         ))
         .into_response(),
     }
+}
+
+/// `/api/ws`'s credentials: the token as [`check_token`] takes it, or, without one, the
+/// dashboard's session cookie from one of the node's own pages (not an origin given with
+/// `--allowed-origin`: those are for pages that hold the token). A socket opened with the
+/// cookie gets its session, to close when that ends.
+fn check_credentials(
+    state: &ApiState,
+    headers: &HeaderMap,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<Option<crate::api::dashboard::Live>, ApiError> {
+    let has_token = headers.contains_key(header::AUTHORIZATION)
+        || query.as_ref().is_ok_and(|Query(q)| q.contains_key("token"));
+    if !has_token && state.sessions.carried(headers) {
+        let live = crate::api::dashboard::live_session(state, headers)?;
+        crate::api::dashboard::check_own_origin(state, headers)?;
+        return Ok(Some(live));
+    }
+    check_token(state, headers, query).map(|()| None)
 }
 
 /// The token of a WebSocket upgrade: the `Authorization: Bearer` header, or `?token=`
@@ -173,7 +193,25 @@ fn unix_seconds(value: &Value) -> Option<f64> {
     Some(t.unix_timestamp_nanos() as f64 / 1e9)
 }
 
-async fn session(socket: WebSocket, state: Arc<ApiState>) {
+/// Resolves when the dashboard session a socket was opened with ends (logout, pushed
+/// out, or expired); never for a socket opened with the token.
+async fn session_end(login: Option<crate::api::dashboard::Live>) {
+    match login {
+        Some(live) => {
+            tokio::select! {
+                _ = live.ended.cancelled() => {}
+                _ = tokio::time::sleep_until(live.ends.into()) => {}
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn session(
+    socket: WebSocket,
+    state: Arc<ApiState>,
+    login: Option<crate::api::dashboard::Live>,
+) {
     let session_id = match crate::home::random::<8>() {
         Ok(bytes) => hex::encode(bytes),
         Err(error) => {
@@ -200,14 +238,18 @@ async fn session(socket: WebSocket, state: Arc<ApiState>) {
         "connected",
         json!({ "session_id": session_id, "device": state.peer_id, "home": state.home_id }),
     );
-    tokio::select! {
-        _ = write_loop(&mut sink, stream, replies_rx, hello) => {}
-        _ = state.shutdown.cancelled() => {}
-    }
-    if state.shutdown.is_cancelled() {
+    let close = tokio::select! {
+        _ = write_loop(&mut sink, stream, replies_rx, hello) => None,
+        _ = state.shutdown.cancelled() => Some((close_code::AWAY, "the node is shutting down")),
+        _ = session_end(login) => Some((
+            close_code::POLICY,
+            "the dashboard session ended (logged out or expired); log in again at /",
+        )),
+    };
+    if let Some((code, reason)) = close {
         let close = Message::Close(Some(CloseFrame {
-            code: close_code::AWAY,
-            reason: "the node is shutting down".into(),
+            code,
+            reason: reason.into(),
         }));
         let _ = tokio::time::timeout(WS_CLOSE_TIMEOUT, sink.send(close)).await;
     }
@@ -497,6 +539,38 @@ mod tests {
             Message::Text(t) => serde_json::from_str(t.as_str()).unwrap(),
             other => panic!("not text: {other:?}"),
         }
+    }
+
+    /// A cookie socket's session ends on logout or on expiry; a token socket's never.
+    #[tokio::test]
+    async fn a_socket_session_ends_on_logout_or_expiry_only_with_a_cookie() {
+        use crate::api::dashboard::Live;
+        use futures::FutureExt;
+        use std::time::Instant;
+        use tokio_util::sync::CancellationToken;
+        let wait = Duration::from_secs(30);
+        let far = Instant::now() + Duration::from_secs(3600);
+        let logged_out = Live {
+            ends: far,
+            ended: CancellationToken::new(),
+        };
+        logged_out.ended.cancel();
+        tokio::time::timeout(wait, session_end(Some(logged_out)))
+            .await
+            .expect("a logged-out session ends");
+        let expired = Live {
+            ends: Instant::now(),
+            ended: CancellationToken::new(),
+        };
+        tokio::time::timeout(wait, session_end(Some(expired)))
+            .await
+            .expect("an expired session ends");
+        let live = Live {
+            ends: far,
+            ended: CancellationToken::new(),
+        };
+        assert!(session_end(Some(live)).now_or_never().is_none());
+        assert!(session_end(None).now_or_never().is_none());
     }
 
     #[test]

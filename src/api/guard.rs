@@ -34,8 +34,12 @@ pub(crate) struct Guard {
     /// accepted too: clients may use any of the machine's addresses, and a rebinding attack
     /// always carries a DNS name, never an IP literal.
     any_ip_port: Option<u16>,
-    /// Accepted `Origin` values on WebSocket upgrades, lower case without a trailing `/`.
+    /// The node's own origins (`http://` and an accepted host), lower case without a
+    /// trailing `/`.
     origins: Vec<String>,
+    /// Origins given with `--allowed-origin`: admitted on WebSocket upgrades that carry
+    /// the token, never for the dashboard's cookie.
+    extra_origins: Vec<String>,
 }
 
 impl Guard {
@@ -71,7 +75,6 @@ impl Guard {
         if bound.is_ipv6() {
             hosts.push("[::1]".to_string());
         }
-        origins.extend(extra_origins.iter().cloned());
         hosts.sort();
         hosts.dedup();
         origins.sort();
@@ -80,6 +83,7 @@ impl Guard {
             hosts,
             any_ip_port: bound.ip().is_unspecified().then_some(port),
             origins,
+            extra_origins: extra_origins.to_vec(),
         }
     }
 
@@ -96,9 +100,28 @@ impl Guard {
         }
     }
 
-    fn origin_allowed(&self, origin: &str) -> bool {
+    /// Whether `origin` is one of the node's own: a fixed one, or `http://` plus the
+    /// request's own `Host` (which passed [`Guard::check`], so it names this node; this is
+    /// how a page reached at a LAN address of a node bound to every interface is its own).
+    pub(crate) fn own_origin(&self, origin: &str, headers: &HeaderMap) -> bool {
         let origin = origin.trim_end_matches('/').to_ascii_lowercase();
         self.origins.contains(&origin)
+            || headers.get_all(header::HOST).iter().any(|host| {
+                host.to_str().is_ok_and(|host| {
+                    origin
+                        .strip_prefix("http://")
+                        .is_some_and(|rest| rest == host.to_ascii_lowercase())
+                })
+            })
+    }
+
+    /// Whether an upgrade carrying the token may come from `origin`: the node's own or one
+    /// given with `--allowed-origin`.
+    fn origin_allowed(&self, origin: &str, headers: &HeaderMap) -> bool {
+        self.own_origin(origin, headers)
+            || self
+                .extra_origins
+                .contains(&origin.trim_end_matches('/').to_ascii_lowercase())
     }
 
     /// Checks one request's headers: `Err` with the reason when it must be refused.
@@ -127,7 +150,7 @@ impl Guard {
         if is_upgrade(headers) {
             for origin in headers.get_all(header::ORIGIN) {
                 let origin = origin.to_str().unwrap_or("<not text>");
-                if !self.origin_allowed(origin) {
+                if !self.origin_allowed(origin, headers) {
                     return Err(forbidden(format!(
                         "WebSocket from origin {origin:?} refused: only this node's own \
                          origins and those given with --allowed-origin may connect"
@@ -244,7 +267,7 @@ mod tests {
         assert!(g.host_allowed("[::1]:9000"));
         assert!(g.host_allowed("[::1]"));
         assert!(g.host_allowed("localhost:9000"));
-        assert!(g.origin_allowed("http://[::1]:9000"));
+        assert!(g.own_origin("http://[::1]:9000", &HeaderMap::new()));
         assert!(!g.host_allowed("::1:9000"));
     }
 
@@ -298,6 +321,31 @@ mod tests {
         // A plain request's Origin is the browser's CORS business, not this check's.
         let plain = headers(&[(header::ORIGIN, "http://evil.example")]);
         assert!(g.check(&plain, None).is_ok());
+    }
+
+    #[test]
+    fn the_request_host_is_an_own_origin_and_extras_are_not() {
+        let g = Guard::new(
+            "0.0.0.0:8012".parse().unwrap(),
+            &[normalise_origin("http://dash.lan:3000").unwrap()],
+        );
+        let lan = headers(&[(header::HOST, "192.168.1.20:8012")]);
+        assert!(g.own_origin("http://192.168.1.20:8012", &lan));
+        assert!(g.own_origin("http://127.0.0.1:8012", &lan));
+        assert!(!g.own_origin("https://192.168.1.20:8012", &lan));
+        assert!(!g.own_origin("http://192.168.1.20:8013", &lan));
+        assert!(!g.own_origin("http://192.168.1.20:8012", &HeaderMap::new()));
+        // An extra origin opens token-carrying sockets, but is not the node's own.
+        assert!(!g.own_origin("http://dash.lan:3000", &lan));
+        assert!(g.origin_allowed("http://dash.lan:3000", &lan));
+        // An upgrade from the page at the LAN address passes the guard.
+        let mut upgrade = lan.clone();
+        upgrade.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        upgrade.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("http://192.168.1.20:8012"),
+        );
+        assert!(g.check(&upgrade, None).is_ok());
     }
 
     #[test]

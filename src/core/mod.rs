@@ -26,7 +26,7 @@ pub(crate) mod hooks;
 pub(crate) mod keyring;
 mod load;
 mod outputs;
-mod status;
+pub(crate) mod status;
 #[cfg(test)]
 pub(crate) mod testing;
 
@@ -173,6 +173,11 @@ pub(crate) enum NodeRequest {
     /// Per-peer sync lag and document counts, for status and metrics.
     SyncReport {
         reply: Reply<SyncReport>,
+    },
+    /// This home's devices as the home document lists them, for the dashboard.
+    #[cfg_attr(not(feature = "api"), expect(dead_code, reason = "only the API asks"))]
+    Devices {
+        reply: Reply<Vec<status::DeviceInfo>>,
     },
     /// The store, for reads that need no core state (the audit log).
     Store {
@@ -753,6 +758,9 @@ impl Core {
             }
             NodeRequest::SyncReport { reply } => {
                 let _ = reply.send(Ok(self.sync_report()));
+            }
+            NodeRequest::Devices { reply } => {
+                let _ = reply.send(self.devices());
             }
             NodeRequest::Store { reply } => {
                 let _ = reply.send(Ok(self.store.clone()));

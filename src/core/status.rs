@@ -57,3 +57,80 @@ impl Core {
         (out, shared_in)
     }
 }
+
+/// One device of this home, as the dashboard lists it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub(crate) struct DeviceInfo {
+    pub(crate) peer_id: String,
+    /// The name its root-signed certificate states (the record's own name when the
+    /// certificate does not verify, which also marks it `verified: false`).
+    pub(crate) name: String,
+    /// Whether its certificate verifies under the home's root key.
+    pub(crate) verified: bool,
+    /// Whether the root key made it the home's admin device.
+    pub(crate) admin: bool,
+    /// Whether it is shut out (the signed revocation set, or the home document).
+    pub(crate) revoked: bool,
+    /// Whether it is the device answering.
+    pub(crate) this_device: bool,
+}
+
+impl Core {
+    /// This home's devices from the home document's device records only (not its
+    /// keyring, which holds one entry per document), names and roles from certificates.
+    pub(crate) fn devices(&self) -> Result<Vec<DeviceInfo>, Error> {
+        use crate::trust::cert::{DeviceCert, Verdict};
+        let records = self.engine.home_devices(self.home.home_doc).map_err(|e| {
+            Error::Unavailable(format!(
+                "the home document cannot be read yet ({e}); try again shortly"
+            ))
+        })?;
+        Ok(records
+            .into_iter()
+            .map(|(peer, record)| {
+                let cert =
+                    match DeviceCert::verify_bytes(&record.certificate, &self.home.root_public) {
+                        Verdict::Valid(cert) if cert.peer_id() == peer => Some(cert),
+                        _ => None,
+                    };
+                DeviceInfo {
+                    name: cert
+                        .as_ref()
+                        .map_or(record.name.clone(), |c| c.device_name().to_string()),
+                    verified: cert.is_some(),
+                    admin: cert.as_ref().is_some_and(|c| c.is_admin()),
+                    revoked: self.is_revoked(&peer),
+                    this_device: peer == self.peer_id,
+                    peer_id: peer,
+                }
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::core::NodeRequest;
+    use crate::core::testing::TestCore;
+
+    /// A new home lists its first device: named by its certificate, the admin, this device.
+    #[tokio::test]
+    async fn a_new_home_lists_its_first_device_as_admin() {
+        let t = TestCore::start("hall").await;
+        let devices = t
+            .core
+            .call(|reply| NodeRequest::Devices { reply })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(devices.len(), 1, "{devices:?}");
+        let d = &devices[0];
+        assert_eq!(d.peer_id, t.peer_id);
+        assert_eq!(d.name, "hall");
+        assert!(
+            d.verified && d.admin && d.this_device && !d.revoked,
+            "{d:?}"
+        );
+        t.stop().await;
+    }
+}

@@ -8,6 +8,7 @@ mod batching;
 mod bus;
 mod cli;
 mod crash;
+mod dashboard;
 mod entities;
 mod events;
 mod frames;
