@@ -90,6 +90,14 @@ impl NodeBuilder {
         self
     }
 
+    /// Bridges the node's entities to an MQTT broker with Home Assistant discovery
+    /// ([`Config::mqtt`]).
+    #[cfg(feature = "mqtt")]
+    pub fn mqtt(mut self, mqtt: crate::MqttConfig) -> Self {
+        self.config.mqtt = Some(mqtt);
+        self
+    }
+
     /// The config as built so far.
     pub fn config(&self) -> &Config {
         &self.config

@@ -16,6 +16,7 @@ mod config;
 mod events;
 mod invite;
 mod locks;
+mod mqtt;
 mod playback;
 pub(crate) mod progress;
 mod sessions;

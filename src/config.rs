@@ -55,6 +55,9 @@ pub struct Config {
     pub chat_max_age: Duration,
     /// Users' state and client sessions (seed 001's session and sync settings).
     pub users: crate::UsersConfig,
+    /// The MQTT bridge to Home Assistant, or `None` (the default) for none.
+    #[cfg(feature = "mqtt")]
+    pub mqtt: Option<crate::MqttConfig>,
 }
 
 /// How the local HTTP API is served ([`Config::api`]).
@@ -160,6 +163,8 @@ impl Default for Config {
             chat_max_messages: DEFAULT_CHAT_MAX_MESSAGES,
             chat_max_age: DEFAULT_CHAT_MAX_AGE,
             users: crate::UsersConfig::default(),
+            #[cfg(feature = "mqtt")]
+            mqtt: None,
         }
     }
 }

@@ -37,6 +37,8 @@ mod events;
 mod home;
 mod locks;
 mod metrics;
+#[cfg(feature = "mqtt")]
+mod mqtt;
 mod node;
 mod pairing;
 mod peers;
@@ -88,6 +90,12 @@ pub use events::{Event, EventItem, Events};
 pub use locks::{
     ArbiterInfo, DEFAULT_LOCK_TIMEOUT, LockAction, LockAsk, LockGuard, LockInfo, LockOutcome,
     LockType, Locks, ReleaseOutcome,
+};
+#[cfg(feature = "mqtt")]
+pub use mqtt::{
+    COMPONENTS as MQTT_COMPONENTS, DEFAULT_DISCOVERY_PREFIX, DEFAULT_MAX_IMPORTED, IMPORT_MARKER,
+    MAX_COMMAND_PAYLOAD, MAX_IMPORT_ATTRIBUTES, MAX_IMPORT_ATTRIBUTES_BYTES, MAX_IMPORT_PAYLOAD,
+    MAX_MQTT_PACKET, MqttConfig, MqttStatus, TOPIC_ROOT as MQTT_TOPIC_ROOT,
 };
 #[cfg(feature = "test-hooks")]
 #[doc(hidden)]

@@ -43,6 +43,10 @@ const PERSIST_DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long shutdown waits for the store to flush and close. With the steps above the
 /// whole stop stays within about 4 s, even with a failed or hung store.
 const STORE_CLOSE_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long the MQTT bridge may take to stop, counted from the start of the stop, alongside
+/// the other steps.
+#[cfg(feature = "mqtt")]
+const MQTT_STOP_TIMEOUT: Duration = Duration::from_millis(2500);
 
 /// A new invite code.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -77,6 +81,9 @@ pub struct Node {
     /// The local API, when the config asked for it.
     #[cfg(feature = "api")]
     api: Option<crate::api::Served>,
+    /// The MQTT bridge, when the config asked for it.
+    #[cfg(feature = "mqtt")]
+    mqtt: Option<crate::mqtt::Running>,
     // Held for the node's lifetime: the OS lock on it keeps a second node off the dir.
     _lock: File,
 }
@@ -116,6 +123,12 @@ impl Node {
         };
         let dir = config.data_dir.clone();
         datadir::ensure_dir(&dir)?;
+        // The MQTT settings are checked before anything is opened; the node id they may
+        // derive needs the PeerId, so the check runs again below with it.
+        #[cfg(feature = "mqtt")]
+        if let Some(mqtt) = &config.mqtt {
+            mqtt.check("")?;
+        }
         let lock = datadir::lock(&dir)?;
 
         let key = match &config.passphrase {
@@ -234,6 +247,20 @@ impl Node {
         };
         #[cfg(not(feature = "api"))]
         drop(facts.home_name);
+        #[cfg(feature = "mqtt")]
+        let mqtt = match &config.mqtt {
+            Some(mqtt) => Some(crate::mqtt::spawn(
+                mqtt.check(&identity.peer_id())?,
+                crate::Entities { core: core.clone() },
+                crate::Events {
+                    rx: core.node_events.subscribe(),
+                    core: core.clone(),
+                },
+                &device_name,
+                cancel.clone(),
+            )),
+            None => None,
+        };
         #[cfg(feature = "api")]
         let api_addr = api.as_ref().map(|api| api.addr);
         #[cfg(not(feature = "api"))]
@@ -265,6 +292,8 @@ impl Node {
             retention_task,
             #[cfg(feature = "api")]
             api,
+            #[cfg(feature = "mqtt")]
+            mqtt,
             _lock: lock,
         })
     }
@@ -692,6 +721,12 @@ impl Node {
         &self.bus
     }
 
+    /// What the MQTT bridge has done so far, or `None` when the node runs none.
+    #[cfg(feature = "mqtt")]
+    pub fn mqtt_status(&self) -> Option<crate::MqttStatus> {
+        self.mqtt.as_ref().map(|m| m.stats.snapshot())
+    }
+
     /// The data dir the node runs on.
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
@@ -717,6 +752,10 @@ impl Node {
         if let Some(api) = self.api {
             api.stop().await?;
         }
+        // The MQTT bridge says `offline` to the broker and leaves while the rest stops; it
+        // is waited for at the end, against a deadline counted from now.
+        #[cfg(feature = "mqtt")]
+        let mqtt_deadline = tokio::time::Instant::now() + MQTT_STOP_TIMEOUT;
         // The core stops at the cancellation, after starting its last batches.
         let core_ended = stop_task("core", self.core_task).await?;
         let net_ended = stop_task("network", self.net_task).await?;
@@ -741,6 +780,17 @@ impl Node {
         match tokio::time::timeout(STORE_CLOSE_TIMEOUT, self.store.close()).await {
             Ok(closed) => closed?,
             Err(_) => tracing::warn!("the store did not close in time; leaving it to the exit"),
+        }
+        #[cfg(feature = "mqtt")]
+        if let Some(mut mqtt) = self.mqtt {
+            // Its own limits end it within about 2 s; this is the backstop.
+            if tokio::time::timeout_at(mqtt_deadline, &mut mqtt.task)
+                .await
+                .is_err()
+            {
+                tracing::warn!("the MQTT bridge did not stop in time; aborting it");
+                mqtt.task.abort();
+            }
         }
         if let Some(Err(reason)) = core_ended {
             return Err(Error::Task(reason));

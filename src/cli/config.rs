@@ -9,7 +9,8 @@
 //! `websocket` (`max_connections`, `heartbeat_interval`, `timeout`), `session_management`
 //! (`session_ttl`, `max_devices_per_user`), `synchronization` (`conflict_resolution`),
 //! `notifications` (`types`, `retry_attempts`, `retry_delay`), `collaboration`
-//! (`max_room_size`) and `push_services` (`webhooks`, `ntfy`). The seed's keys that do not
+//! (`max_room_size`) and `push_services` (`webhooks`, `ntfy`); and `mqtt`, the bridge to
+//! Home Assistant (see [`super::mqtt`]). The seed's keys that do not
 //! apply here (Redis, FCM and APNS credentials, compression, ...) are read and reported as
 //! unused; any other key is an error naming its path. Times are whole seconds, as in the
 //! seed, or a duration text (`"1ms"`, `"10m"`).
@@ -60,6 +61,9 @@ pub(super) const FLAGS: &[(&str, &str)] = &[
     ("max-room-size", "collaboration.max_room_size"),
     ("notify-webhook", "push_services.webhooks"),
     ("notify-ntfy", "push_services.ntfy"),
+    ("mqtt", "mqtt.url"),
+    ("mqtt-user", "mqtt.user"),
+    ("mqtt-password-file", "mqtt.password_file"),
 ];
 
 /// `hearth up`'s flags; each one given wins over the environment and the file.
@@ -166,6 +170,9 @@ pub(super) struct UpArgs {
     /// Wait between tries of a push target (default 5s).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     notify_retry_delay: Option<Duration>,
+
+    #[command(flatten)]
+    mqtt: super::mqtt::MqttArgs,
 }
 
 /// How concurrent writes of a user's state are shown.
@@ -232,6 +239,7 @@ pub(super) struct FileConfig {
     notifications: Notifications,
     collaboration: Collaboration,
     push_services: PushServices,
+    mqtt: super::mqtt::MqttSection,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -379,6 +387,7 @@ impl FileConfig {
                 ntfy: Some(Vec::new()),
                 ..PushServices::default()
             },
+            mqtt: super::mqtt::MqttSection::defaults(),
             agent: Agent::default(),
         }
     }
@@ -430,6 +439,7 @@ impl FileConfig {
                 ntfy: list(&up.notify_ntfy),
                 ..PushServices::default()
             },
+            mqtt: super::mqtt::MqttSection::flags(&up.mqtt),
             agent: Agent::default(),
         }
     }
@@ -838,6 +848,13 @@ fn settle(data: PathBuf, l: &Layered) -> Result<(hearth::Config, LogFormat)> {
     if max_connections_per_ip == 0 {
         bail!("node.max_connections_per_ip must be at least 1");
     }
+    // A password file named in the file is read from the file's folder; one from a flag or
+    // the environment from the working dir.
+    let password_dir = match l.layer("mqtt.password_file") {
+        Some(Layer::File) => l.path.parent(),
+        _ => None,
+    };
+    let mqtt = s.mqtt.settle(password_dir)?;
     let config = hearth::Config {
         data_dir: data,
         api: Some(hearth::ApiConfig {
@@ -857,6 +874,7 @@ fn settle(data: PathBuf, l: &Layered) -> Result<(hearth::Config, LogFormat)> {
         batch_window: need(s.node.batch_window, "node.batch_window")?.0,
         max_connections_per_ip,
         users,
+        mqtt,
         ..hearth::Config::default()
     };
     Ok((config, need(s.node.log_format, "node.log_format")?))
@@ -913,6 +931,7 @@ pub(super) fn check(data: &Path, file: Option<PathBuf>, json: bool) -> Result<()
                            "retry_delay": config.users.push.retry_delay.as_secs() },
         "collaboration": { "max_room_size": api.seed.max_room_size },
         "push_services": { "targets": config.users.push.targets },
+        "mqtt": config.mqtt.as_ref().map(super::mqtt::summary),
         "api_addr_from": api_from,
         "sources": rows.iter().map(|(k, v, from)| (k.clone(), serde_json::json!({
             "value": serde_json::from_str::<serde_json::Value>(v).unwrap_or_default(),
@@ -946,13 +965,15 @@ pub(super) fn check(data: &Path, file: Option<PathBuf>, json: bool) -> Result<()
         println!("  {pair:width$}  # {from}");
     }
     println!("  the API listens on {} ({api_from})", api.addr);
+    println!("  {}", super::mqtt::describe(config.mqtt.as_ref()));
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
-    use clap::{Args, Command};
+    use clap::{Args, Command, FromArgMatches};
 
+    use super::super::mqtt::MqttArgs;
     use super::*;
 
     fn write(dir: &Path, text: &str) -> PathBuf {
@@ -1096,6 +1117,75 @@ webhooks = ["http://127.0.0.1:9/hook"]
     }
 
     #[test]
+    fn the_mqtt_section_is_layered_and_its_password_file_is_read_beside_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("mqtt.password"), "s3cret\n").unwrap();
+        let path = write(
+            dir.path(),
+            "[mqtt]\nurl = \"mqtt://broker.lan:1883\"\nuser = \"hearth\"\n\
+             password_file = \"mqtt.password\"\nexport = [\"light.*\"]\n",
+        );
+        let up = UpArgs {
+            config: Some(path.clone()),
+            ..UpArgs::default()
+        };
+        let (config, _, _) = resolve(dir.path().to_path_buf(), up).unwrap();
+        let mqtt = config.mqtt.unwrap();
+        assert_eq!(mqtt.url, "mqtt://broker.lan:1883");
+        assert_eq!(mqtt.user.as_deref(), Some("hearth"));
+        assert_eq!(mqtt.password.as_deref(), Some("s3cret"));
+        assert_eq!(mqtt.export, vec!["light.*".to_string()]);
+        assert_eq!(mqtt.discovery_prefix, "homeassistant");
+
+        // The flags win over the file, and say so.
+        let flagged = UpArgs {
+            config: Some(path.clone()),
+            mqtt: MqttArgs::from_arg_matches(
+                &MqttArgs::augment_args(Command::new("up")).get_matches_from([
+                    "up",
+                    "--mqtt",
+                    "mqtt://127.0.0.1:1884",
+                    "--mqtt-user",
+                    "me",
+                ]),
+            )
+            .unwrap(),
+            ..UpArgs::default()
+        };
+        let layered = super::layered(&path, true, &flagged).unwrap();
+        assert_eq!(layered.origin("mqtt.url"), "flag --mqtt");
+        assert_eq!(layered.origin("mqtt.user"), "flag --mqtt-user");
+        assert_eq!(
+            layered.origin("mqtt.password_file"),
+            format!("file {}", path.display())
+        );
+        assert_eq!(layered.origin("mqtt.max_imported"), "default");
+        let (config, _) = settle(dir.path().to_path_buf(), &layered).unwrap();
+        let mqtt = config.mqtt.unwrap();
+        assert_eq!(mqtt.url, "mqtt://127.0.0.1:1884");
+        assert_eq!(mqtt.user.as_deref(), Some("me"));
+        assert_eq!(mqtt.password.as_deref(), Some("s3cret"));
+        // The password is never among the rows `config check` prints.
+        let rows = layered.rows().unwrap();
+        assert!(rows.iter().all(|(_, v, _)| !v.contains("s3cret")));
+        assert!(rows.iter().any(|(k, _, _)| k == "mqtt.password_file"));
+
+        // No broker: no bridge; an unknown key in the section is named.
+        let path = write(dir.path(), "[mqtt]\nnode_id = \"house\"\n");
+        let layered = super::layered(&path, true, &UpArgs::default()).unwrap();
+        let (config, _) = settle(dir.path().to_path_buf(), &layered).unwrap();
+        assert!(config.mqtt.is_none());
+        let bad = write(dir.path(), "[mqtt]\npassword = \"x\"\n");
+        let error = load(&bad, true).unwrap_err().to_string();
+        assert!(error.contains("mqtt.password "), "{error}");
+        assert!(error.contains("unknown key"), "{error}");
+    }
+
+    /// The keys of [`FLAGS`] that have no default: unset, they leave their feature off (or
+    /// take the device's host name).
+    const NO_DEFAULT: &[&str] = &["node.name", "mqtt.url", "mqtt.user", "mqtt.password_file"];
+
+    #[test]
     fn every_flag_of_up_has_a_key_and_every_key_a_flag_or_a_default() {
         let command = UpArgs::augment_args(Command::new("up"));
         let defaults = Source::of(Layer::Default, &FileConfig::defaults()).unwrap();
@@ -1110,9 +1200,10 @@ webhooks = ["http://127.0.0.1:9/hook"]
                 .iter()
                 .find(|(flag, _)| *flag == long)
                 .unwrap_or_else(|| panic!("--{long} has no key in FLAGS"));
-            // The device name's default is the host name, found at start.
+            // The device name's default is the host name, found at start; the MQTT
+            // bridge is off until a broker is named.
             assert!(
-                *key == "node.name" || keys.iter().any(|(k, _)| k == key),
+                NO_DEFAULT.contains(key) || keys.iter().any(|(k, _)| k == key),
                 "--{long}'s key {key} has no default"
             );
         }

@@ -19,6 +19,7 @@ const SERVICES: &[&str] = &[
     "alerts",
     "sessions",
     "activities",
+    "mqtt",
     "playback",
 ];
 /// Modules that serve people and programs over HTTP or the command line.

@@ -14,6 +14,7 @@ mod events;
 mod frames;
 mod layout;
 mod locks;
+mod mqtt;
 mod pairing;
 mod playback;
 mod retention;
