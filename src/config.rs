@@ -104,6 +104,31 @@ impl Default for SeedApiConfig {
     }
 }
 
+/// The longest interval between the node's pings to a seed 001 client (an hour).
+#[cfg(feature = "api")]
+pub const MAX_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(3600);
+/// The longest a seed 001 client may stay silent before it is closed (a day).
+#[cfg(feature = "api")]
+pub const MAX_WS_TIMEOUT: Duration = Duration::from_secs(86_400);
+
+#[cfg(feature = "api")]
+impl SeedApiConfig {
+    /// Checks the times: the heartbeat interval 1 s to [`MAX_HEARTBEAT_INTERVAL`], the
+    /// timeout 1 s to [`MAX_WS_TIMEOUT`].
+    pub fn check(&self) -> Result<(), crate::Error> {
+        let second = Duration::from_secs(1);
+        if self.heartbeat_interval < second || self.heartbeat_interval > MAX_HEARTBEAT_INTERVAL {
+            return Err(crate::Error::Invalid(
+                "heartbeat_interval must be 1s to 1h".into(),
+            ));
+        }
+        if self.timeout < second || self.timeout > MAX_WS_TIMEOUT {
+            return Err(crate::Error::Invalid("timeout must be 1s to 1 day".into()));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(feature = "api")]
 impl ApiConfig {
     /// The API on `addr`, with the token required everywhere and no extra origins.

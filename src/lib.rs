@@ -70,7 +70,9 @@ pub use alerts::{
 };
 pub use builder::NodeBuilder;
 #[cfg(feature = "api")]
-pub use config::{ApiConfig, DEFAULT_API_ADDR, SeedApiConfig};
+pub use config::{
+    ApiConfig, DEFAULT_API_ADDR, MAX_HEARTBEAT_INTERVAL, MAX_WS_TIMEOUT, SeedApiConfig,
+};
 pub use config::{
     Config, DEFAULT_AUDIT_MAX_AGE, DEFAULT_AUDIT_MAX_ENTRIES, DEFAULT_BATCH_WINDOW,
     DEFAULT_CHAT_MAX_AGE, DEFAULT_CHAT_MAX_MESSAGES, DEFAULT_LISTEN,
@@ -121,9 +123,10 @@ pub use sessions::{
 pub use shares::{AuditEntry, KnownHome, PairedWith, ShareIn, ShareOut, SharedList, Shares};
 pub use types::{DeviceId, EntityId, HomeId, Policy, Rights, Timestamp};
 pub use users::{
-    ClientSession, ConcurrentValue, ConflictResolution, MAX_NOTIFICATION_TTL, NOTIFICATION_TYPES,
-    NewNotification, Notification, Notifications, PRIORITIES, PushConfig, PushOutcome, PushTarget,
-    UserState, Users, UsersConfig, WebPushKeys, WebPushSubscription,
+    ClientSession, ConcurrentValue, ConflictResolution, MAX_NOTIFICATION_TTL, MAX_RETRY_DELAY,
+    MAX_SESSION_TTL, NOTIFICATION_TYPES, NewNotification, Notification, Notifications, PRIORITIES,
+    PushConfig, PushOutcome, PushTarget, UserState, Users, UsersConfig, WebPushKeys,
+    WebPushSubscription,
 };
 
 /// Frames that may wait in the outbound sync queue to one peer before it counts as slow

@@ -112,6 +112,10 @@ impl Node {
             )));
         }
         #[cfg(feature = "api")]
+        if let Some(api) = &config.api {
+            api.seed.check()?;
+        }
+        #[cfg(feature = "api")]
         let allowed_origins = match &config.api {
             Some(api) => api
                 .allowed_origins

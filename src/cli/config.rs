@@ -225,6 +225,66 @@ impl<'de> Deserialize<'de> for Span {
     }
 }
 
+const SECOND: Duration = Duration::from_secs(1);
+
+/// Text settings take any scalar as its text: the environment's values are parsed, so
+/// `HEARTH_NODE__NAME=1234` arrives as a number and `=true` as a bool.
+pub(super) mod text {
+    use std::fmt;
+
+    use serde::Deserialize;
+    use serde::de::{Deserializer, Error, Visitor};
+
+    struct Text(String);
+
+    impl<'de> Deserialize<'de> for Text {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct Visit;
+            impl Visitor<'_> for Visit {
+                type Value = Text;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("text")
+                }
+                fn visit_str<E: Error>(self, v: &str) -> Result<Text, E> {
+                    Ok(Text(v.to_string()))
+                }
+                fn visit_char<E: Error>(self, v: char) -> Result<Text, E> {
+                    Ok(Text(v.to_string()))
+                }
+                fn visit_bool<E: Error>(self, v: bool) -> Result<Text, E> {
+                    Ok(Text(v.to_string()))
+                }
+                fn visit_i64<E: Error>(self, v: i64) -> Result<Text, E> {
+                    Ok(Text(v.to_string()))
+                }
+                fn visit_u64<E: Error>(self, v: u64) -> Result<Text, E> {
+                    Ok(Text(v.to_string()))
+                }
+                fn visit_i128<E: Error>(self, v: i128) -> Result<Text, E> {
+                    Ok(Text(v.to_string()))
+                }
+                fn visit_u128<E: Error>(self, v: u128) -> Result<Text, E> {
+                    Ok(Text(v.to_string()))
+                }
+                fn visit_f64<E: Error>(self, v: f64) -> Result<Text, E> {
+                    Ok(Text(v.to_string()))
+                }
+            }
+            d.deserialize_any(Visit)
+        }
+    }
+
+    pub(in crate::cli) fn one<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        Ok(Option::<Text>::deserialize(d)?.map(|t| t.0))
+    }
+
+    pub(in crate::cli) fn list<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Vec<String>>, D::Error> {
+        Ok(Option::<Vec<Text>>::deserialize(d)?.map(|v| v.into_iter().map(|t| t.0).collect()))
+    }
+}
+
 /// The settings, as each layer writes them. Every key is optional: a layer sets the keys
 /// it has, and the defaults layer sets all but `node.name` and `agent.*`.
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -246,6 +306,7 @@ pub(super) struct FileConfig {
 #[serde(deny_unknown_fields, default)]
 struct Agent {
     /// The seed's agent name: not used.
+    #[serde(deserialize_with = "text::one")]
     name: Option<String>,
     host: Option<IpAddr>,
     port: Option<u16>,
@@ -254,9 +315,12 @@ struct Agent {
 #[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 struct NodeSection {
+    #[serde(deserialize_with = "text::one")]
     name: Option<String>,
+    #[serde(deserialize_with = "text::list")]
     listen: Option<Vec<String>>,
     mdns: Option<bool>,
+    #[serde(deserialize_with = "text::list")]
     peers: Option<Vec<String>>,
     batch_window: Option<Span>,
     max_connections_per_ip: Option<u32>,
@@ -268,6 +332,7 @@ struct NodeSection {
 struct ApiSection {
     addr: Option<SocketAddr>,
     metrics_open: Option<bool>,
+    #[serde(deserialize_with = "text::list")]
     allowed_origins: Option<Vec<String>>,
 }
 
@@ -289,6 +354,7 @@ struct Sessions {
     /// Not used: state always follows a user across the home's devices.
     multi_device_sync: Option<bool>,
     /// Not used: there is no Redis; the home's devices share the users document.
+    #[serde(deserialize_with = "text::one")]
     redis_url: Option<String>,
 }
 
@@ -305,6 +371,7 @@ struct Synchronization {
 #[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 struct Notifications {
+    #[serde(deserialize_with = "text::list")]
     types: Option<Vec<String>>,
     retry_attempts: Option<u32>,
     retry_delay: Option<Span>,
@@ -323,14 +390,18 @@ struct Collaboration {
 #[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 struct PushServices {
+    #[serde(deserialize_with = "text::list")]
     webhooks: Option<Vec<String>>,
+    #[serde(deserialize_with = "text::list")]
     ntfy: Option<Vec<String>>,
     /// Not used: FCM and APNS are reached through a webhook relay; Web Push subscriptions
     /// come from clients.
     fcm_enabled: Option<bool>,
     apns_enabled: Option<bool>,
     web_push_enabled: Option<bool>,
+    #[serde(deserialize_with = "text::one")]
     fcm_server_key: Option<String>,
+    #[serde(deserialize_with = "text::one")]
     fcm_project_id: Option<String>,
 }
 
@@ -643,12 +714,49 @@ fn leaves(dict: &Dict, prefix: &str, out: &mut Vec<(String, String)>) {
         };
         match value {
             Value::Dict(_, inner) => leaves(inner, &path, out),
-            value => out.push((
-                path,
-                serde_json::to_string(value).unwrap_or_else(|e| format!("({e})")),
-            )),
+            value => {
+                let shown = serde_json::to_value(value)
+                    .map(|v| redact(&path, v))
+                    .and_then(|v| serde_json::to_string(&v));
+                out.push((path, shown.unwrap_or_else(|e| format!("({e})"))));
+            }
         }
     }
+}
+
+/// Whether `key` holds a secret whose value is never shown: a password, token, secret or
+/// key (`push_services.fcm_server_key`, `mqtt.password`).
+fn is_secret(key: &str) -> bool {
+    let last = key.rsplit('.').next().unwrap_or(key);
+    ["password", "secret", "token", "_key"]
+        .iter()
+        .any(|s| last.ends_with(s))
+}
+
+/// A setting's value as `config check` shows it: a secret as `<set, N chars>`, and any URL
+/// as its scheme and host (a URL's user, password, path and query may be secret: an ntfy
+/// topic, a webhook's token, Redis's password).
+fn redact(key: &str, value: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value as J;
+    match value {
+        J::String(s) if is_secret(key) => J::String(format!("<set, {} chars>", s.chars().count())),
+        J::String(s) => J::String(redact_url(&s)),
+        J::Array(items) => J::Array(items.into_iter().map(|v| redact(key, v)).collect()),
+        J::Null => J::Null,
+        other if is_secret(key) => J::String(format!("<set, {} chars>", other.to_string().len())),
+        other => other,
+    }
+}
+
+/// `scheme://host[:port]` of a URL, without its user, password, path, query or fragment;
+/// text that is not a URL as it is.
+fn redact_url(text: &str) -> String {
+    let Some((scheme, rest)) = text.split_once("://") else {
+        return text.to_string();
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = authority.rsplit('@').next().unwrap_or("");
+    format!("{scheme}://{host}")
 }
 
 /// Says what is wrong in each of figment's errors, with the key's full path and where
@@ -667,6 +775,8 @@ fn explain(error: figment::Error, path: &Path) -> anyhow::Error {
                     }
                     format!("unknown key (known here: {})", expected.join(", "))
                 }
+                // A secret's value is never echoed, even when it is wrong.
+                _ if is_secret(&key) => "not valid (the value is not shown)".to_string(),
                 kind => kind.to_string(),
             };
             let at = match layer {
@@ -736,12 +846,15 @@ fn need<T>(value: Option<T>, key: &str) -> Result<T> {
     value.ok_or_else(|| anyhow!("{key} has no value"))
 }
 
-fn at_least_a_second(span: Option<Span>, key: &str) -> Result<Duration> {
+/// The time at `key`, which must be `min` to `max`.
+fn bounded(span: Option<Span>, key: &str, min: Duration, max: Duration) -> Result<Duration> {
     let d = need(span, key)?.0;
-    if d < Duration::from_secs(1) {
+    if d < min || d > max {
         bail!(
-            "{key} is {}; it must be at least 1s",
-            humantime::format_duration(d)
+            "{key} is {}; it must be {} to {}",
+            humantime::format_duration(d),
+            humantime::format_duration(min),
+            humantime::format_duration(max)
         );
     }
     Ok(d)
@@ -801,19 +914,27 @@ fn settle(data: PathBuf, l: &Layered) -> Result<(hearth::Config, LogFormat)> {
     let s = &l.settings;
     let seed = hearth::SeedApiConfig {
         max_connections: need(s.websocket.max_connections, "websocket.max_connections")?,
-        heartbeat_interval: at_least_a_second(
+        heartbeat_interval: bounded(
             s.websocket.heartbeat_interval,
             "websocket.heartbeat_interval",
+            SECOND,
+            hearth::MAX_HEARTBEAT_INTERVAL,
         )?,
-        timeout: at_least_a_second(s.websocket.timeout, "websocket.timeout")?,
+        timeout: bounded(
+            s.websocket.timeout,
+            "websocket.timeout",
+            SECOND,
+            hearth::MAX_WS_TIMEOUT,
+        )?,
         max_room_size: need(s.collaboration.max_room_size, "collaboration.max_room_size")?,
     };
     let mut users = hearth::UsersConfig {
-        session_ttl: need(
+        session_ttl: bounded(
             s.session_management.session_ttl,
             "session_management.session_ttl",
-        )?
-        .0,
+            Duration::from_nanos(1),
+            hearth::MAX_SESSION_TTL,
+        )?,
         max_devices_per_user: need(
             s.session_management.max_devices_per_user,
             "session_management.max_devices_per_user",
@@ -832,7 +953,12 @@ fn settle(data: PathBuf, l: &Layered) -> Result<(hearth::Config, LogFormat)> {
         s.notifications.retry_attempts,
         "notifications.retry_attempts",
     )?;
-    users.push.retry_delay = need(s.notifications.retry_delay, "notifications.retry_delay")?.0;
+    users.push.retry_delay = bounded(
+        s.notifications.retry_delay,
+        "notifications.retry_delay",
+        Duration::ZERO,
+        hearth::MAX_RETRY_DELAY,
+    )?;
     users.push.targets = need(s.push_services.webhooks.clone(), "push_services.webhooks")?
         .into_iter()
         .map(hearth::PushTarget::Webhook)
@@ -871,7 +997,12 @@ fn settle(data: PathBuf, l: &Layered) -> Result<(hearth::Config, LogFormat)> {
         listen: need(s.node.listen.clone(), "node.listen")?,
         mdns: need(s.node.mdns, "node.mdns")?,
         static_peers: need(s.node.peers.clone(), "node.peers")?,
-        batch_window: need(s.node.batch_window, "node.batch_window")?.0,
+        batch_window: bounded(
+            s.node.batch_window,
+            "node.batch_window",
+            Duration::ZERO,
+            hearth::MAX_BATCH_WINDOW,
+        )?,
         max_connections_per_ip,
         users,
         mqtt,
@@ -918,7 +1049,7 @@ pub(super) fn check(data: &Path, file: Option<PathBuf>, json: bool) -> Result<()
                  "allowed_origins": api.allowed_origins },
         "node": { "name": config.device_name, "listen": config.listen, "mdns": config.mdns,
                   "peers": config.static_peers,
-                  "batch_window_us": config.batch_window.as_micros() as u64,
+                  "batch_window_us": u64::try_from(config.batch_window.as_micros()).unwrap_or(u64::MAX),
                   "max_connections_per_ip": config.max_connections_per_ip },
         "websocket": { "max_connections": api.seed.max_connections,
                        "heartbeat_interval": api.seed.heartbeat_interval.as_secs(),
@@ -930,7 +1061,9 @@ pub(super) fn check(data: &Path, file: Option<PathBuf>, json: bool) -> Result<()
                            "retry_attempts": config.users.push.retry_attempts,
                            "retry_delay": config.users.push.retry_delay.as_secs() },
         "collaboration": { "max_room_size": api.seed.max_room_size },
-        "push_services": { "targets": config.users.push.targets },
+        "push_services": { "targets": config.users.push.targets.iter().map(|t| serde_json::json!({
+            "kind": t.kind(), "url": redact_url(t.url()),
+        })).collect::<Vec<_>>() },
         "mqtt": config.mqtt.as_ref().map(super::mqtt::summary),
         "api_addr_from": api_from,
         "sources": rows.iter().map(|(k, v, from)| (k.clone(), serde_json::json!({
@@ -1213,6 +1346,77 @@ webhooks = ["http://127.0.0.1:9/hook"]
                 "FLAGS names --{flag}, which up does not have"
             );
         }
+    }
+
+    #[test]
+    fn each_time_has_an_upper_bound_named_by_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let huge = 10_000_000_000_i64;
+        for (section, key) in [
+            ("websocket", "heartbeat_interval"),
+            ("websocket", "timeout"),
+            ("session_management", "session_ttl"),
+            ("notifications", "retry_delay"),
+            ("node", "batch_window"),
+        ] {
+            let path = write(dir.path(), &format!("[{section}]\n{key} = {huge}\n"));
+            let layered = layered(&path, true, &UpArgs::default()).unwrap();
+            let error = settle(dir.path().to_path_buf(), &layered)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.starts_with(&format!("{section}.{key} is ")),
+                "{error}"
+            );
+        }
+        let path = write(
+            dir.path(),
+            "[websocket]\nheartbeat_interval = \"1h\"\ntimeout = \"1day\"\n\
+             [session_management]\nsession_ttl = \"365days\"\n\
+             [notifications]\nretry_delay = \"1h\"\n[node]\nbatch_window = \"1s\"\n",
+        );
+        let layered = layered(&path, true, &UpArgs::default()).unwrap();
+        settle(dir.path().to_path_buf(), &layered).unwrap();
+        // The library checks the same bounds for a config built without the CLI.
+        let mut users = hearth::UsersConfig {
+            session_ttl: Duration::MAX,
+            ..hearth::UsersConfig::default()
+        };
+        assert!(users.check().is_err());
+        users.session_ttl = Duration::from_secs(60);
+        users.push.retry_delay = Duration::from_secs(7200);
+        assert!(users.check().is_err());
+        let seed = hearth::SeedApiConfig {
+            heartbeat_interval: Duration::from_secs(u64::MAX),
+            ..hearth::SeedApiConfig::default()
+        };
+        assert!(seed.check().is_err());
+        assert!(hearth::SeedApiConfig::default().check().is_ok());
+    }
+
+    #[test]
+    fn secrets_and_urls_are_redacted() {
+        assert_eq!(
+            redact_url("redis://u:pw@redis.lan:6379/0?x=1"),
+            "redis://redis.lan:6379"
+        );
+        assert_eq!(redact_url("https://ntfy.sh/topic"), "https://ntfy.sh");
+        assert_eq!(redact_url("https://h.example#frag"), "https://h.example");
+        assert_eq!(redact_url("/ip4/1.2.3.4/tcp/1"), "/ip4/1.2.3.4/tcp/1");
+        let key = serde_json::json!("abcd");
+        assert_eq!(
+            redact("push_services.fcm_server_key", key.clone()),
+            "<set, 4 chars>"
+        );
+        assert_eq!(redact("mqtt.password", key.clone()), "<set, 4 chars>");
+        assert_eq!(redact("node.name", key), "abcd");
+        assert_eq!(
+            redact(
+                "push_services.webhooks",
+                serde_json::json!(["https://a.example/t?k=1"])
+            ),
+            serde_json::json!(["https://a.example"])
+        );
     }
 
     #[test]

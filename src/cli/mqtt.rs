@@ -27,18 +27,24 @@ pub(super) struct MqttArgs {
 #[serde(deny_unknown_fields, default)]
 pub(super) struct MqttSection {
     /// The broker, `mqtt://host:1883`; the bridge runs when it is set.
+    #[serde(deserialize_with = "super::config::text::one")]
     url: Option<String>,
+    #[serde(deserialize_with = "super::config::text::one")]
     user: Option<String>,
     /// The password's file (its first line); relative to the config file's folder when
     /// the file names it.
     password_file: Option<PathBuf>,
     /// Home Assistant's discovery prefix (default `homeassistant`).
+    #[serde(deserialize_with = "super::config::text::one")]
     discovery_prefix: Option<String>,
     /// The node id in the topics (default: `hearth_` and the end of the PeerId).
+    #[serde(deserialize_with = "super::config::text::one")]
     node_id: Option<String>,
     /// Entity id patterns to export (default `["*"]`).
+    #[serde(deserialize_with = "super::config::text::list")]
     export: Option<Vec<String>>,
     /// Import what Home Assistant's mqtt_statestream publishes under this base topic.
+    #[serde(deserialize_with = "super::config::text::one")]
     import_prefix: Option<String>,
     /// Most entities imported (default 1000).
     max_imported: Option<usize>,

@@ -37,6 +37,12 @@ pub enum ConflictResolution {
     VectorClock,
 }
 
+/// The longest a client session may live after its last socket closed (a year).
+pub const MAX_SESSION_TTL: Duration = Duration::from_secs(365 * 86_400);
+
+/// The longest wait between tries of a push target (an hour).
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(3600);
+
 /// Settings of the users service (seed 001's `session_management` and
 /// `synchronization` keys).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -54,16 +60,22 @@ pub struct UsersConfig {
 }
 
 impl UsersConfig {
-    /// Checks the settings: at least one device per user, a nonzero TTL, push targets
-    /// that are http(s) URLs, at least one try.
+    /// Checks the settings: at least one device per user, a TTL above 0 and at most
+    /// [`MAX_SESSION_TTL`], push targets that are http(s) URLs, at least one try, a retry
+    /// delay of at most [`MAX_RETRY_DELAY`].
     pub fn check(&self) -> Result<(), Error> {
         if self.max_devices_per_user == 0 {
             return Err(Error::Invalid(
                 "max_devices_per_user must be at least 1".into(),
             ));
         }
-        if self.session_ttl.is_zero() {
-            return Err(Error::Invalid("session_ttl must be more than 0".into()));
+        if self.session_ttl.is_zero() || self.session_ttl > MAX_SESSION_TTL {
+            return Err(Error::Invalid(
+                "session_ttl must be more than 0 and at most a year (365 days)".into(),
+            ));
+        }
+        if self.push.retry_delay > MAX_RETRY_DELAY {
+            return Err(Error::Invalid("retry_delay must be at most 1h".into()));
         }
         if self.notification_types.is_empty()
             || self.notification_types.len() > 64

@@ -300,7 +300,7 @@ pub(crate) fn push(
                 tracing::debug!(url = %target.url(), attempt, error = %e, "push failed");
                 error = Some(e);
                 if attempt < tries {
-                    std::thread::sleep(config.retry_delay);
+                    std::thread::sleep(config.retry_delay.min(super::MAX_RETRY_DELAY));
                 }
             }
         }

@@ -139,6 +139,12 @@ fn users_err(e: hearth_crdt::Error) -> Error {
     }
 }
 
+/// A session TTL in milliseconds, saturating (the settings bound it, but a library user
+/// may set any `Duration`).
+fn ttl_ms(ttl: std::time::Duration) -> u64 {
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// A stored value back as JSON (stored values are checked JSON text).
 fn json(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or(Value::Null)
@@ -269,7 +275,7 @@ impl Core {
             s.node == self.peer_id || self.is_alive(&s.node)
         } else {
             s.closed_ms
-                .saturating_add(self.users.config.session_ttl.as_millis() as u64)
+                .saturating_add(ttl_ms(self.users.config.session_ttl))
                 > now
         }
     }
@@ -380,7 +386,7 @@ impl Core {
         if !here {
             return Ok(((), Batch::new()));
         }
-        let forget = now.saturating_sub(self.users.config.session_ttl.as_millis() as u64);
+        let forget = now.saturating_sub(ttl_ms(self.users.config.session_ttl));
         let out = self
             .engine
             .user_session(doc, user, client, None, now, forget)
@@ -405,7 +411,7 @@ impl Core {
             return;
         };
         let now = now_ms();
-        let forget = now.saturating_sub(self.users.config.session_ttl.as_millis() as u64);
+        let forget = now.saturating_sub(ttl_ms(self.users.config.session_ttl));
         let mut batch = Batch::new();
         for (user, entry) in users.users {
             for (client, s) in entry.sessions {

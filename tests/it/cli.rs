@@ -446,6 +446,95 @@ fn config_check_reads_the_file_and_the_environment_and_names_what_is_wrong() {
 }
 
 #[test]
+fn config_check_shows_no_secret_and_reads_numbers_from_the_environment_as_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("node");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(
+        data.join("hearth.toml"),
+        "[session_management]\nredis_url = \"redis://app:hunter2@redis.lan:6379/0\"\n\n\
+         [push_services]\nwebhooks = [\"https://hooks.example.com/T0/B1/tok3n?sig=abc\"]\n\
+         ntfy = [\"http://127.0.0.1:9/family-topic-k7\"]\nfcm_server_key = \"AAAAfcmkey\"\n",
+    )
+    .unwrap();
+    let secrets = [
+        "hunter2",
+        "app:",
+        "tok3n",
+        "sig=abc",
+        "family-topic-k7",
+        "AAAAfcmkey",
+    ];
+    for json in [false, true] {
+        let mut args = vec!["config", "check"];
+        if json {
+            args.push("--json");
+        }
+        let out = cli(&data, &args)
+            .env("HEARTH_NODE__NAME", "1234")
+            .assert()
+            .success()
+            .get_output()
+            .stdout
+            .clone();
+        let out = String::from_utf8(out).unwrap();
+        for secret in secrets {
+            assert!(!out.contains(secret), "{secret} is shown:\n{out}");
+        }
+        assert!(out.contains("<set, 10 chars>"), "{out}");
+        assert!(out.contains("redis://redis.lan:6379"), "{out}");
+        assert!(out.contains("https://hooks.example.com"), "{out}");
+        assert!(out.contains("http://127.0.0.1:9"), "{out}");
+    }
+    let checked: Value = serde_json::from_slice(
+        &cli(&data, &["config", "check", "--json"])
+            .env("HEARTH_NODE__NAME", "1234")
+            .env("HEARTH_AGENT__NAME", "true")
+            .assert()
+            .success()
+            .get_output()
+            .stdout,
+    )
+    .unwrap();
+    assert_eq!(checked["node"]["name"], "1234");
+    assert_eq!(checked["sources"]["agent.name"]["value"], "true");
+    assert_eq!(
+        checked["push_services"]["targets"][0]["url"],
+        "https://hooks.example.com"
+    );
+    // A secret given a value of the wrong shape is named, its value not shown.
+    let out = cli(&data, &["config", "check"])
+        .env("HEARTH_PUSH_SERVICES__FCM_SERVER_KEY", "[\"s3cr3t\"]")
+        .assert()
+        .failure()
+        .get_output()
+        .stderr
+        .clone();
+    let out = String::from_utf8_lossy(&out);
+    assert!(
+        out.contains("HEARTH_PUSH_SERVICES__FCM_SERVER_KEY"),
+        "{out}"
+    );
+    assert!(!out.contains("s3cr3t"), "{out}");
+    // A time too long for the node is refused, naming its key.
+    let out = cli(&data, &["config", "check"])
+        .env(
+            "HEARTH_WEBSOCKET__HEARTBEAT_INTERVAL",
+            "10000000000000000000",
+        )
+        .assert()
+        .failure()
+        .get_output()
+        .stderr
+        .clone();
+    assert!(
+        String::from_utf8_lossy(&out).contains("websocket.heartbeat_interval"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+}
+
+#[test]
 fn config_precedence_is_flags_then_environment_then_file_then_defaults() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("node");

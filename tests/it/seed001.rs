@@ -651,3 +651,32 @@ async fn a_web_push_subscriber_gets_the_notification_encrypted_and_signed() {
     assert_eq!(status, 204);
     timeout(T, node.shutdown()).await.unwrap().unwrap();
 }
+
+/// A library user sets `Config` directly: the node refuses, at start, times its timers and
+/// clocks cannot hold (before it touches the data dir).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_refuses_times_too_long_for_its_timers() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("node");
+    let huge = Duration::from_secs(10_000_000_000_000_000_000);
+    let mut configs = Vec::new();
+    for field in 0..4 {
+        let mut config = crate::pairing::config(&data, "a");
+        let api = config.api.as_mut().unwrap();
+        match field {
+            0 => api.seed.heartbeat_interval = huge,
+            1 => api.seed.timeout = huge,
+            2 => config.users.session_ttl = huge,
+            _ => config.users.push.retry_delay = huge,
+        }
+        configs.push(config);
+    }
+    for config in configs {
+        let error = match timeout(T, hearth::Node::start(config)).await.unwrap() {
+            Ok(_) => panic!("a node started with a time too long"),
+            Err(e) => e,
+        };
+        assert!(matches!(error, hearth::Error::Invalid(_)), "{error}");
+    }
+    assert!(!data.exists(), "the data dir was made before the check");
+}
