@@ -81,7 +81,6 @@ impl PlaybackRequest {
 }
 
 /// The service's state.
-#[derive(Default)]
 pub(crate) struct PlaybackState {
     pub(crate) clock: ClockBook,
     /// Playbacks by id, each with the order it came in.
@@ -92,6 +91,22 @@ pub(crate) struct PlaybackState {
     skew_us: i64,
     /// Messages dropped: malformed, over the rate, from a paired home, or impossible.
     pub(crate) dropped: u64,
+    /// The origin of [`Self::mono_us`].
+    epoch: std::time::Instant,
+}
+
+impl Default for PlaybackState {
+    fn default() -> Self {
+        Self {
+            clock: ClockBook::default(),
+            playbacks: BTreeMap::new(),
+            seq: 0,
+            limit: RateLimit::default(),
+            skew_us: 0,
+            dropped: 0,
+            epoch: std::time::Instant::now(),
+        }
+    }
 }
 
 impl PlaybackState {
@@ -102,6 +117,12 @@ impl PlaybackState {
             .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
             .unwrap_or(0);
         us.saturating_add(self.skew_us)
+    }
+
+    /// A monotonic clock, in µs since this state was made: round trips are measured by it,
+    /// so a step of the system clock cannot shorten one.
+    pub(crate) fn mono_us(&self) -> i64 {
+        i64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(i64::MAX)
     }
 
     fn now_ms(&self) -> u64 {
@@ -200,7 +221,8 @@ impl Core {
             return;
         };
         let t1 = self.playback.now_us();
-        if let Some(nonce) = self.playback.clock.probe(peer, t1) {
+        let mono = self.playback.mono_us();
+        if let Some(nonce) = self.playback.clock.probe(peer, t1, mono) {
             self.send_clock(net, &ClockMessage::Probe { nonce }).await;
         }
     }
@@ -322,13 +344,15 @@ impl Core {
     }
 
     /// A clock-lane message from admitted device `peer`, which arrived at `received_us`
-    /// by this device's playback clock. Only devices of this home use the lane.
+    /// by this device's playback clock and `received_mono` by its monotonic one
+    /// ([`PlaybackState::mono_us`]). Only devices of this home use the lane.
     pub(crate) async fn on_clock_message(
         &mut self,
         peer: PeerId,
         own: bool,
         bytes: &[u8],
         received_us: i64,
+        received_mono: i64,
     ) {
         let text = peer.to_base58();
         if !own {
@@ -368,7 +392,7 @@ impl Core {
             } => match self
                 .playback
                 .clock
-                .answer(&text, nonce, t2_us, t3_us, received_us)
+                .answer(&text, nonce, t2_us, t3_us, received_mono)
             {
                 Taken::Sample { more } => {
                     if more {
@@ -577,9 +601,9 @@ mod tests {
                 }
                 .encode()
                 .unwrap();
-                core.on_clock_message(peer, true, &start, 0).await;
+                core.on_clock_message(peer, true, &start, 0, 0).await;
                 // No estimate yet: kept, pending, and a probe went out.
-                *seen.lock().unwrap() = core.playback.clock.probe(&text, t1).unwrap();
+                *seen.lock().unwrap() = core.playback.clock.probe(&text, t1, t1).unwrap();
             })
         })
         .await;
@@ -602,8 +626,8 @@ mod tests {
                 }
                 .encode()
                 .unwrap();
-                core.on_clock_message(peer, true, &answer, t3 - skew + 1000)
-                    .await;
+                let t4 = t3 - skew + 1000;
+                core.on_clock_message(peer, true, &answer, t4, t4).await;
             })
         })
         .await;
@@ -647,9 +671,9 @@ mod tests {
             Box::pin(async move {
                 core.peers.admitted.insert(peer.to_base58(), peer);
                 let probe = ClockMessage::Probe { nonce: 1 }.encode().unwrap();
-                core.on_clock_message(peer, false, &probe, 0).await;
+                core.on_clock_message(peer, false, &probe, 0, 0).await;
                 out.lock().unwrap().push(core.playback.dropped);
-                core.on_clock_message(peer, true, b"\xff\x00", 0).await;
+                core.on_clock_message(peer, true, b"\xff\x00", 0, 0).await;
                 out.lock().unwrap().push(core.playback.dropped);
                 // A report for a playback that does not exist changes nothing.
                 let report = ClockMessage::Scheduled {
@@ -660,10 +684,10 @@ mod tests {
                 }
                 .encode()
                 .unwrap();
-                core.on_clock_message(peer, true, &report, 0).await;
+                core.on_clock_message(peer, true, &report, 0, 0).await;
                 let before = core.playback.dropped;
                 for _ in 0..(crate::propagation::limit::EVENT_BURST * 2) {
-                    core.on_clock_message(peer, true, &probe, 0).await;
+                    core.on_clock_message(peer, true, &probe, 0, 0).await;
                 }
                 out.lock().unwrap().push(core.playback.dropped - before);
             })
