@@ -10,7 +10,8 @@
 //! that local start, and reports it back, so the initiator shows every device's local
 //! start, the offset used and its uncertainty. A target with no estimate yet probes the
 //! initiator first and schedules on the first answer. Playbacks are short-lived and kept
-//! in memory only, the newest [`MAX_PLAYBACKS`].
+//! in memory only, by initiator and id: the newest [`MAX_PLAYBACKS`] started here, and of
+//! those received the newest few per initiator, [`MAX_PLAYBACKS`] in all.
 
 pub(crate) mod clock;
 pub(crate) mod service;
@@ -26,7 +27,7 @@ use crate::types::{DeviceId, Timestamp};
 
 /// Longest media name, in bytes of UTF-8.
 pub const MAX_MEDIA: usize = 1024;
-/// Playbacks kept here (started or received); the oldest go first.
+/// Playbacks kept here started here, and as many received; the oldest of each go first.
 pub const MAX_PLAYBACKS: usize = 64;
 /// Most devices one playback names.
 pub const MAX_PLAYBACK_DEVICES: usize = 64;
