@@ -330,6 +330,7 @@ impl Core {
     /// Starts a playback here: see [`super::Playback::start`].
     async fn start_playback(&mut self, new: NewPlayback) -> Result<PlaybackSchedule, Error> {
         super::check_media(&new.media).map_err(Error::Invalid)?;
+        super::check_start(new.start_at, self.playback.now_ms()).map_err(Error::Invalid)?;
         if new.device_ids.len() > MAX_PLAYBACK_DEVICES {
             return Err(Error::Invalid(format!(
                 "{} devices; at most {MAX_PLAYBACK_DEVICES} are allowed",
@@ -779,9 +780,10 @@ mod tests {
             t.core
                 .call(move |reply| PlaybackRequest::Start { playback, reply })
         };
+        let at = now_ms() + 77_000;
         let schedule = start(NewPlayback {
             media: "radio".into(),
-            start_at: 77_000,
+            start_at: at,
             device_ids: vec![],
         })
         .await
@@ -791,17 +793,17 @@ mod tests {
         assert_eq!(schedule.devices.len(), 1);
         assert_eq!(schedule.devices[0].device_id.as_str(), t.peer_id);
         assert_eq!(schedule.devices[0].name, "den");
-        assert_eq!(schedule.devices[0].local_start_at, Some(77_000));
+        assert_eq!(schedule.devices[0].local_start_at, Some(at));
         let Event::Coordination { name, data, .. } = events.recv().await.unwrap() else {
             panic!("not a coordination event");
         };
         assert_eq!(name, SYNC_PLAYBACK);
-        assert_eq!(data["local_start_at"], 77_000);
+        assert_eq!(data["local_start_at"], at);
         for (bad, invalid) in [
             (
                 NewPlayback {
                     media: " ".into(),
-                    start_at: 1,
+                    start_at: at,
                     device_ids: vec![],
                 },
                 true,
@@ -809,7 +811,7 @@ mod tests {
             (
                 NewPlayback {
                     media: "m".into(),
-                    start_at: 1,
+                    start_at: at,
                     device_ids: vec!["x".into(); MAX_PLAYBACK_DEVICES + 1],
                 },
                 true,
@@ -818,6 +820,22 @@ mod tests {
                 NewPlayback {
                     media: "m".into(),
                     start_at: 1,
+                    device_ids: vec![],
+                },
+                true,
+            ),
+            (
+                NewPlayback {
+                    media: "m".into(),
+                    start_at: at + super::super::MAX_START_DISTANCE_MS,
+                    device_ids: vec![],
+                },
+                true,
+            ),
+            (
+                NewPlayback {
+                    media: "m".into(),
+                    start_at: at,
                     device_ids: vec!["nobody".into()],
                 },
                 false,
