@@ -21,9 +21,9 @@
 #
 # Last, synchronised playback: the three devices run again with mDNS off, two of them with their
 # clocks set wrong by Debian's libfaketime (preloaded straight into the node, not through the
-# `faketime` wrapper, which forks and does not pass signals on), each behind a userspace proxy that delays every byte
-# (tests/netns/delay_proxy.py; `tc netem` is not used: the kernels of these machines have no
-# sch_netem). The offsets the nodes estimate by probing must match the skews, and each device's
+# `faketime` wrapper, which forks and does not pass signals on), each behind a userspace proxy
+# that delays every byte (tests/netns/delay_proxy.py; `tc netem` is not used: the kernels of
+# these machines have no sch_netem). The offsets the nodes estimate by probing must match the skews, and each device's
 # local start of a playback must be within 5 ms plus its reported uncertainty of the ideal.
 #
 # Usage (as root):  tests/netns/run.sh
