@@ -104,8 +104,8 @@ pub use mqtt::{
 pub use node::Captured;
 pub use pairing::join::Joined;
 pub use playback::{
-    ClockEstimate, DeviceSchedule, MAX_MEDIA, MAX_PLAYBACK_DEVICES, MAX_PLAYBACKS, NewPlayback,
-    Playback, PlaybackDevice, PlaybackSchedule,
+    ClockEstimate, DeviceSchedule, MAX_MEDIA, MAX_PLAYBACK_DEVICES, MAX_PLAYBACKS,
+    MAX_START_DISTANCE_MS, NewPlayback, Playback, PlaybackDevice, PlaybackSchedule,
 };
 pub use presence::{Presence, PresenceInfo, Status};
 pub use propagation::{

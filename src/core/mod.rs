@@ -706,6 +706,7 @@ impl Core {
             {
                 // Taken before anything else, for the clock probes' timestamps.
                 let received_us = self.playback.now_us();
+                let received_mono = self.playback.mono_us();
                 match self.on_ephemeral(peer, &class, &bytes) {
                     Some(heartbeat::Lane::Alert(alert)) => {
                         self.on_alert_message(&peer.to_base58(), &class, &alert)
@@ -713,7 +714,7 @@ impl Core {
                     }
                     Some(heartbeat::Lane::Clock(message)) => {
                         let own = class == PeerClass::Own;
-                        self.on_clock_message(peer, own, &message, received_us)
+                        self.on_clock_message(peer, own, &message, received_us, received_mono)
                             .await
                     }
                     None => {}

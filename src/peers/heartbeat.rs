@@ -56,6 +56,24 @@ pub(crate) enum Lane {
     Clock(Vec<u8>),
 }
 
+/// Just the tag of an ephemeral message, other fields ignored.
+#[derive(Deserialize)]
+struct KindOnly {
+    kind: String,
+}
+
+/// The kinds [`Ephemeral`] knows.
+const KNOWN_KINDS: [&str; 3] = ["heartbeat", "alert", "clock"];
+
+/// The kind of a well-formed ephemeral message of a kind this version does not know (a
+/// lane a newer device uses): such a message is ignored quietly, not logged as malformed.
+/// `None` for anything else.
+fn unknown_kind(bytes: &[u8]) -> Option<String> {
+    let tagged: KindOnly =
+        crate::trust::wire::from_cbor("ephemeral message", bytes, MAX_EPHEMERAL_MESSAGE).ok()?;
+    (!KNOWN_KINDS.contains(&tagged.kind.as_str())).then(|| tagged.kind.chars().take(32).collect())
+}
+
 fn encode(message: &Ephemeral) -> Vec<u8> {
     let mut out = Vec::with_capacity(32);
     // Writing a small enum into a Vec cannot fail.
@@ -131,9 +149,13 @@ impl Core {
             }
             Ok(Ephemeral::Alert { bytes }) => return Some(Lane::Alert(bytes.into_vec())),
             Ok(Ephemeral::Clock { bytes }) => return Some(Lane::Clock(bytes.into_vec())),
-            Err(error) => {
-                tracing::warn!(peer = %text, %error, len = bytes.len(), "malformed ephemeral message dropped");
-            }
+            Err(error) => match unknown_kind(bytes) {
+                Some(kind) => tracing::debug!(peer = %text, %kind,
+                    "ephemeral message of a kind this version does not know ignored"),
+                None => {
+                    tracing::warn!(peer = %text, %error, len = bytes.len(), "malformed ephemeral message dropped")
+                }
+            },
         }
         None
     }
@@ -170,6 +192,52 @@ mod tests {
         )
         .unwrap();
         assert!(decode(&unknown[..]).is_err());
+    }
+
+    #[test]
+    fn only_a_well_formed_message_of_an_unknown_kind_is_told_apart() {
+        let cbor = |value: serde_json::Value| {
+            let mut out = Vec::new();
+            ciborium::into_writer(&value, &mut out).unwrap();
+            out
+        };
+        assert_eq!(
+            unknown_kind(&cbor(
+                serde_json::json!({"kind": "telepathy", "bytes": [1]})
+            )),
+            Some("telepathy".to_string())
+        );
+        for kind in KNOWN_KINDS {
+            // A known kind with bad fields is malformed, not unknown.
+            let bad = cbor(serde_json::json!({"kind": kind, "nonsense": 1}));
+            assert!(decode(&bad).is_err(), "{kind}");
+            assert_eq!(unknown_kind(&bad), None, "{kind}");
+        }
+        let oversized = cbor(serde_json::json!({"kind": "x".repeat(MAX_EPHEMERAL_MESSAGE)}));
+        for bad in [
+            &b""[..],
+            &b"\xff\x00"[..],
+            &cbor(serde_json::json!({"kind": 7}))[..],
+            &cbor(serde_json::json!({"no_kind": "x"}))[..],
+            &oversized[..],
+        ] {
+            assert_eq!(unknown_kind(bad), None);
+        }
+        // Every kind this version sends is one it knows.
+        for message in [
+            Ephemeral::Heartbeat { ttl_ms: 1 },
+            Ephemeral::Alert {
+                bytes: serde_bytes::ByteBuf::from(vec![1]),
+            },
+            Ephemeral::Clock {
+                bytes: serde_bytes::ByteBuf::from(vec![1]),
+            },
+        ] {
+            let bytes = encode(&message);
+            assert!(decode(&bytes).is_ok());
+            let tagged: KindOnly = ciborium::from_reader(&bytes[..]).unwrap();
+            assert!(KNOWN_KINDS.contains(&tagged.kind.as_str()));
+        }
     }
 
     #[test]

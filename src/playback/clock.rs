@@ -10,7 +10,13 @@
 //! Of the last [`WINDOW`] samples per peer the one with the smallest round trip wins: a
 //! sample that waited in a queue on either side has a longer round trip and a wider
 //! bound, so filtering by round trip keeps the tightest. Plain state with the times passed
-//! in (microseconds), so tests need no clock.
+//! in (microseconds), so tests need no clock: each probe carries its wall-clock `t1` and a
+//! monotonic reading, and `t4` is `t1` plus the monotonic time elapsed, so a step of the
+//! wall clock between probe and answer cannot make a bogus sample.
+//!
+//! `t2` and `t3` come from the peer unchecked, so the arithmetic is done in `i128` and an
+//! answer whose times are more than [`MAX_SKEW_US`] from this device's, or that claims to
+//! have held the probe longer than the whole round trip, is refused.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -30,6 +36,9 @@ const MAX_OUTSTANDING: usize = 4;
 const PROBE_EXPIRY_US: i64 = 10_000_000;
 /// Peers tracked at once.
 const MAX_PEERS: usize = 256;
+/// An answer whose `t2` or `t3` is further than this from this device's `t1` or `t4` is
+/// refused (µs): one day. A clock a day off is broken, not skewed.
+pub(crate) const MAX_SKEW_US: i64 = 86_400_000_000;
 
 /// The estimate of one peer's clock against this device's.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -60,14 +69,39 @@ pub(crate) struct Sample {
 
 impl Sample {
     /// Time on the wire both ways, µs; negative only for timestamps that cannot be.
+    /// Computed wide and saturated, so any four times give an answer.
     pub(crate) fn rtt(&self) -> i64 {
-        (self.t4 - self.t1) - (self.t3 - self.t2)
+        let [t1, t2, t3, t4] = self.wide();
+        saturate((t4 - t1) - (t3 - t2))
     }
 
     /// The peer's clock minus this one's, µs.
     pub(crate) fn offset(&self) -> i64 {
-        ((self.t2 - self.t1) + (self.t3 - self.t4)) / 2
+        let [t1, t2, t3, t4] = self.wide();
+        saturate(((t2 - t1) + (t3 - t4)) / 2)
     }
+
+    fn wide(&self) -> [i128; 4] {
+        [self.t1, self.t2, self.t3, self.t4].map(i128::from)
+    }
+
+    /// Whether the times can be: the peer answered after it was asked, held the probe no
+    /// longer than the whole round trip, and its clock is within [`MAX_SKEW_US`] of this
+    /// one's at both ends.
+    fn possible(&self) -> bool {
+        let [t1, t2, t3, t4] = self.wide();
+        let bound = i128::from(MAX_SKEW_US);
+        t3 >= t2
+            && t4 >= t1
+            && t3 - t2 <= t4 - t1
+            && (t2 - t1).abs() <= bound
+            && (t3 - t4).abs() <= bound
+    }
+}
+
+/// `v` clamped into `i64`.
+fn saturate(v: i128) -> i64 {
+    i64::try_from(v).unwrap_or(if v < 0 { i64::MIN } else { i64::MAX })
 }
 
 /// What became of an answer.
@@ -78,14 +112,15 @@ pub(crate) enum Taken {
     Sample { more: bool },
     /// No probe of this nonce is outstanding (late, repeated or made up).
     Unknown,
-    /// Timestamps that cannot be (the peer answered before it was asked, or its answer
-    /// arrived before it was sent).
+    /// Timestamps that cannot be (the peer answered before it was asked, held the probe
+    /// longer than the round trip, or its clock is more than [`MAX_SKEW_US`] off).
     Impossible,
 }
 
 #[derive(Default)]
 struct PeerClock {
-    outstanding: VecDeque<(u64, i64)>,
+    /// Nonce, wall-clock `t1` and monotonic time of each probe not yet answered.
+    outstanding: VecDeque<(u64, i64, i64)>,
     samples: VecDeque<Sample>,
     total: u64,
     last_t4: i64,
@@ -99,8 +134,9 @@ pub(crate) struct ClockBook {
 }
 
 impl ClockBook {
-    /// A probe to `peer` sent at `t1`: its nonce. `None` when the table of peers is full.
-    pub(crate) fn probe(&mut self, peer: &str, t1: i64) -> Option<u64> {
+    /// A probe to `peer` sent at `t1` (wall clock, µs), `mono` by a monotonic clock (µs):
+    /// its nonce. `None` when the table of peers is full.
+    pub(crate) fn probe(&mut self, peer: &str, t1: i64, mono: i64) -> Option<u64> {
         if !self.peers.contains_key(peer) && self.peers.len() >= MAX_PEERS {
             return None;
         }
@@ -110,24 +146,30 @@ impl ClockBook {
         if clock.outstanding.len() >= MAX_OUTSTANDING {
             clock.outstanding.pop_front();
         }
-        clock.outstanding.push_back((nonce, t1));
+        clock.outstanding.push_back((nonce, t1, mono));
         Some(nonce)
     }
 
-    /// The answer of `peer` to probe `nonce`, taken here at `t4`.
-    pub(crate) fn answer(&mut self, peer: &str, nonce: u64, t2: i64, t3: i64, t4: i64) -> Taken {
+    /// The answer of `peer` to probe `nonce`, taken here at monotonic time `mono` (µs,
+    /// the clock the probe's `mono` was read from): `t4` is the probe's `t1` plus the
+    /// monotonic time elapsed.
+    pub(crate) fn answer(&mut self, peer: &str, nonce: u64, t2: i64, t3: i64, mono: i64) -> Taken {
         let Some(clock) = self.peers.get_mut(peer) else {
             return Taken::Unknown;
         };
-        let Some(at) = clock.outstanding.iter().position(|(n, _)| *n == nonce) else {
+        let Some(at) = clock.outstanding.iter().position(|(n, ..)| *n == nonce) else {
             return Taken::Unknown;
         };
-        let (_, t1) = clock.outstanding.remove(at).unwrap_or((nonce, t4));
-        let sample = Sample { t1, t2, t3, t4 };
-        if t4 - t1 > PROBE_EXPIRY_US {
+        let Some((_, t1, sent)) = clock.outstanding.remove(at) else {
+            return Taken::Unknown;
+        };
+        let elapsed = mono.saturating_sub(sent);
+        if elapsed > PROBE_EXPIRY_US {
             return Taken::Unknown;
         }
-        if t3 < t2 || sample.rtt() < 0 {
+        let t4 = t1.saturating_add(elapsed);
+        let sample = Sample { t1, t2, t3, t4 };
+        if !sample.possible() {
             return Taken::Impossible;
         }
         if clock.samples.len() >= WINDOW {
@@ -180,7 +222,7 @@ mod tests {
     /// A probe over a path of `out` µs one way and `back` µs the other, to a peer whose
     /// clock is `skew` µs ahead, answered `hold` µs after it arrived.
     fn exchange(book: &mut ClockBook, t1: i64, skew: i64, out: i64, back: i64, hold: i64) -> Taken {
-        let nonce = book.probe("p", t1).unwrap();
+        let nonce = book.probe("p", t1, t1).unwrap();
         let t2 = t1 + out + skew;
         let t3 = t2 + hold;
         let t4 = t3 - skew + back;
@@ -264,7 +306,7 @@ mod tests {
     fn unknown_late_repeated_and_impossible_answers_are_not_taken() {
         let mut book = ClockBook::default();
         assert_eq!(book.answer("p", 1, 0, 0, 0), Taken::Unknown);
-        let nonce = book.probe("p", 1_000).unwrap();
+        let nonce = book.probe("p", 1_000, 1_000).unwrap();
         assert_eq!(book.answer("q", nonce, 0, 0, 2_000), Taken::Unknown);
         assert_eq!(book.answer("p", nonce + 1, 0, 0, 2_000), Taken::Unknown);
         // Answered "before" it was asked by more than the round trip allows.
@@ -274,15 +316,15 @@ mod tests {
         );
         // The nonce is used up either way.
         assert_eq!(book.answer("p", nonce, 1_500, 1_500, 2_000), Taken::Unknown);
-        let nonce = book.probe("p", 3_000).unwrap();
+        let nonce = book.probe("p", 3_000, 3_000).unwrap();
         assert_eq!(book.answer("p", nonce, 9, 8, 4_000), Taken::Impossible);
-        let nonce = book.probe("p", 0).unwrap();
+        let nonce = book.probe("p", 0, 0).unwrap();
         assert_eq!(
             book.answer("p", nonce, 1, 1, PROBE_EXPIRY_US + 1),
             Taken::Unknown
         );
         assert!(book.estimate("p").is_none());
-        let nonce = book.probe("p", 10).unwrap();
+        let nonce = book.probe("p", 10, 10).unwrap();
         assert_eq!(
             book.answer("p", nonce, 20, 20, 30),
             Taken::Sample { more: true }
@@ -293,16 +335,79 @@ mod tests {
     #[test]
     fn outstanding_probes_and_peers_are_bounded() {
         let mut book = ClockBook::default();
-        let first = book.probe("p", 0).unwrap();
+        let first = book.probe("p", 0, 0).unwrap();
         for i in 0..MAX_OUTSTANDING as i64 {
-            book.probe("p", i).unwrap();
+            book.probe("p", i, i).unwrap();
         }
         assert_eq!(book.answer("p", first, 1, 1, 10), Taken::Unknown);
         for i in 0..MAX_PEERS {
-            book.probe(&format!("x{i}"), 0);
+            book.probe(&format!("x{i}"), 0, 0);
         }
-        assert!(book.probe("late", 0).is_none());
+        assert!(book.probe("late", 0, 0).is_none());
         book.forget("x0");
-        assert!(book.probe("late", 0).is_some());
+        assert!(book.probe("late", 0, 0).is_some());
+    }
+
+    #[test]
+    fn extreme_times_from_a_peer_are_refused_without_overflow() {
+        let mut book = ClockBook::default();
+        let t1 = 1_767_323_045_000_000;
+        let day = MAX_SKEW_US;
+        for (t2, t3, t4) in [
+            (-1, i64::MAX, t1 + 10),
+            (i64::MIN, i64::MAX, t1 + 10),
+            (i64::MIN, i64::MIN, t1 + 10),
+            (i64::MAX, i64::MAX, t1 + 10),
+            (i64::MAX, i64::MIN, t1 + 10),
+            (0, 0, t1 + 10),
+            // A day and a bit off at either end.
+            (t1 - day - 1, t1 - day - 1, t1 + 10),
+            (t1 + day + 1, t1 + day + 2, t1 + 10),
+            // Held longer than the whole round trip.
+            (t1 + 1, t1 + 12, t1 + 10),
+        ] {
+            let nonce = book.probe("p", t1, 0).unwrap();
+            let taken = book.answer("p", nonce, t2, t3, t4 - t1);
+            assert_eq!(taken, Taken::Impossible, "{t2} {t3} {t4}");
+        }
+        assert!(book.estimate("p").is_none());
+        // Just within a day either way is a (badly set) clock, and taken.
+        let nonce = book.probe("p", t1, 0).unwrap();
+        let taken = book.answer("p", nonce, t1 + day, t1 + day, 10);
+        assert_eq!(taken, Taken::Sample { more: true });
+        let e = book.estimate("p").unwrap();
+        assert!(
+            (e.offset_ms - (day - 5) as f64 / 1000.0).abs() < 1e-9,
+            "{e:?}"
+        );
+        // The sums themselves never overflow, whatever the times.
+        let wild = Sample {
+            t1: i64::MIN,
+            t2: i64::MAX,
+            t3: i64::MIN,
+            t4: i64::MAX,
+        };
+        assert_eq!(wild.rtt(), i64::MAX);
+        assert_eq!(wild.offset(), 0);
+        assert!(!wild.possible());
+    }
+
+    #[test]
+    fn a_wall_clock_step_between_probe_and_answer_does_not_shorten_the_round_trip() {
+        let mut book = ClockBook::default();
+        // Sent at wall 10 s, monotonic 5 s; answered 3 ms later by the monotonic clock,
+        // whatever the wall clock did meanwhile: t4 is 10.003 s.
+        let nonce = book.probe("p", 10_000_000, 5_000_000).unwrap();
+        let taken = book.answer("p", nonce, 10_001_000, 10_001_000, 5_003_000);
+        assert_eq!(taken, Taken::Sample { more: true });
+        let e = book.estimate("p").unwrap();
+        assert_eq!(e.rtt_ms, 3.0);
+        assert_eq!(e.offset_ms, -0.5);
+        // A monotonic reading before the probe's cannot be.
+        let nonce = book.probe("p", 10_000_000, 5_000_000).unwrap();
+        assert_eq!(
+            book.answer("p", nonce, 10_000_000, 10_000_000, 4_000_000),
+            Taken::Impossible
+        );
     }
 }

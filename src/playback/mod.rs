@@ -10,7 +10,8 @@
 //! that local start, and reports it back, so the initiator shows every device's local
 //! start, the offset used and its uncertainty. A target with no estimate yet probes the
 //! initiator first and schedules on the first answer. Playbacks are short-lived and kept
-//! in memory only, the newest [`MAX_PLAYBACKS`].
+//! in memory only, by initiator and id: the newest [`MAX_PLAYBACKS`] started here, and of
+//! those received the newest few per initiator, [`MAX_PLAYBACKS`] in all.
 
 pub(crate) mod clock;
 pub(crate) mod service;
@@ -26,8 +27,10 @@ use crate::types::{DeviceId, Timestamp};
 
 /// Longest media name, in bytes of UTF-8.
 pub const MAX_MEDIA: usize = 1024;
-/// Playbacks kept here (started or received); the oldest go first.
+/// Playbacks kept here started here, and as many received; the oldest of each go first.
 pub const MAX_PLAYBACKS: usize = 64;
+/// How far from now a playback may start, either way (ms): one day.
+pub const MAX_START_DISTANCE_MS: u64 = 86_400_000;
 /// Most devices one playback names.
 pub const MAX_PLAYBACK_DEVICES: usize = 64;
 
@@ -104,7 +107,8 @@ impl Playback {
     /// Starts a playback at `start_at` (this device's clock) on the devices named:
     /// scheduled here at once when this device is one of them, sent to the others, which
     /// schedule it by their estimate of this device's clock and report back. `Invalid`
-    /// for blank or long media or more than [`MAX_PLAYBACK_DEVICES`] devices; `NotFound`
+    /// for blank or long media, a start more than [`MAX_START_DISTANCE_MS`] from now or
+    /// more than [`MAX_PLAYBACK_DEVICES`] devices; `NotFound`
     /// for a device not in the home.
     ///
     /// Cancel-safe: dropping the future may still start it.
@@ -157,6 +161,18 @@ pub(crate) fn check_media(media: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// `start_at` must be within [`MAX_START_DISTANCE_MS`] of `now_ms` (both ms since the
+/// Unix epoch by this device's clock).
+pub(crate) fn check_start(start_at: u64, now_ms: u64) -> Result<(), String> {
+    if start_at.abs_diff(now_ms) > MAX_START_DISTANCE_MS {
+        return Err(format!(
+            "start_at {start_at} is more than a day from now ({now_ms} ms since the Unix \
+             epoch); a playback starts within a day either way"
+        ));
+    }
+    Ok(())
+}
+
 /// A playback id: as an alert id, 8 to 64 base58 characters.
 pub(crate) fn check_id(id: &str) -> Result<(), String> {
     crate::alerts::check_id(id).map_err(|_| {
@@ -197,5 +213,27 @@ mod tests {
         assert!(check_media(&"x".repeat(MAX_MEDIA + 1)).is_err());
         assert!(check_id("5Kq9wXyzAbCdEfGhJk").is_ok());
         assert!(check_id("nope").is_err());
+    }
+
+    #[test]
+    fn a_start_must_be_within_a_day() {
+        let now = 1_767_323_045_000;
+        for ok in [
+            now,
+            now - MAX_START_DISTANCE_MS,
+            now + MAX_START_DISTANCE_MS,
+        ] {
+            assert!(check_start(ok, now).is_ok(), "{ok}");
+        }
+        for bad in [
+            0,
+            1,
+            now - MAX_START_DISTANCE_MS - 1,
+            now + MAX_START_DISTANCE_MS + 1,
+            u64::MAX,
+        ] {
+            let error = check_start(bad, now).unwrap_err();
+            assert!(error.contains("within a day"), "{error}");
+        }
     }
 }

@@ -4,6 +4,14 @@
 //! local start back) or received (scheduled by this device's estimate of the initiator's
 //! clock, then reported). Clock-lane messages from each peer go through a token bucket
 //! (the events' rates) before they are decoded. Nothing here is stored.
+//!
+//! Playbacks are kept by initiator and id, so a device that learned another's playback id
+//! cannot take that playback over by sending it first. Each device may have at most
+//! [`MAX_RECEIVED_PER_DEVICE`] of its playbacks kept here (its oldest go), received ones
+//! at most [`MAX_PLAYBACKS`] in all, and playbacks started here are never evicted for
+//! received ones. A received playback whose local start is more than [`RESEND_FOR_MS`]
+//! past is dropped rather than announced, and one still waiting for a clock estimate
+//! after [`PENDING_FOR_MS`] is forgotten (the initiator sends it again until its start).
 
 use std::collections::BTreeMap;
 
@@ -28,6 +36,13 @@ pub(crate) const SYNC_PLAYBACK_SCHEDULED: &str = "coordination.sync_playback_sch
 /// How long after its start the initiator keeps sending a playback to targets that have
 /// not reported (ms): a device that connects late still gets it.
 const RESEND_FOR_MS: u64 = 10_000;
+/// Received playbacks kept per initiating device; its oldest go first.
+pub(crate) const MAX_RECEIVED_PER_DEVICE: usize = 8;
+/// How long a received playback may wait for a clock estimate of its initiator (ms).
+const PENDING_FOR_MS: u64 = 60_000;
+
+/// A kept playback's key: its initiator (PeerId) and its id.
+type Key = (String, String);
 
 /// Requests of the playback service.
 pub(crate) enum PlaybackRequest {
@@ -81,17 +96,32 @@ impl PlaybackRequest {
 }
 
 /// The service's state.
-#[derive(Default)]
 pub(crate) struct PlaybackState {
     pub(crate) clock: ClockBook,
-    /// Playbacks by id, each with the order it came in.
-    playbacks: BTreeMap<String, (u64, PlaybackSchedule)>,
+    /// Playbacks by initiator and id, each with the order it came in.
+    playbacks: BTreeMap<Key, (u64, PlaybackSchedule)>,
     seq: u64,
     limit: RateLimit,
     /// Added to the system clock (µs); only the test hook sets it.
     skew_us: i64,
     /// Messages dropped: malformed, over the rate, from a paired home, or impossible.
     pub(crate) dropped: u64,
+    /// The origin of [`Self::mono_us`].
+    epoch: std::time::Instant,
+}
+
+impl Default for PlaybackState {
+    fn default() -> Self {
+        Self {
+            clock: ClockBook::default(),
+            playbacks: BTreeMap::new(),
+            seq: 0,
+            limit: RateLimit::default(),
+            skew_us: 0,
+            dropped: 0,
+            epoch: std::time::Instant::now(),
+        }
+    }
 }
 
 impl PlaybackState {
@@ -104,26 +134,73 @@ impl PlaybackState {
         us.saturating_add(self.skew_us)
     }
 
+    /// A monotonic clock, in µs since this state was made: round trips are measured by it,
+    /// so a step of the system clock cannot shorten one.
+    pub(crate) fn mono_us(&self) -> i64 {
+        i64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(i64::MAX)
+    }
+
     fn now_ms(&self) -> u64 {
         u64::try_from(self.now_us().max(0) / 1000).unwrap_or(0)
     }
 
-    /// Keeps `schedule`, dropping the oldest past [`MAX_PLAYBACKS`].
+    /// Keeps `schedule`. Past the caps the oldest of its kind goes: started here, at most
+    /// [`MAX_PLAYBACKS`]; received, at most [`MAX_RECEIVED_PER_DEVICE`] of its initiator
+    /// and [`MAX_PLAYBACKS`] in all. A received playback never evicts one started here.
     fn keep(&mut self, schedule: PlaybackSchedule) {
         self.seq += 1;
-        self.playbacks
-            .insert(schedule.id.clone(), (self.seq, schedule));
-        while self.playbacks.len() > MAX_PLAYBACKS {
-            let oldest = self
-                .playbacks
-                .iter()
-                .min_by_key(|(_, (seq, _))| *seq)
-                .map(|(id, _)| id.clone());
-            match oldest {
-                Some(id) => self.playbacks.remove(&id),
-                None => break,
-            };
+        let here = schedule.initiated_here;
+        let initiator = schedule.initiator.as_str().to_string();
+        let key = (initiator.clone(), schedule.id.clone());
+        self.playbacks.insert(key, (self.seq, schedule));
+        if here {
+            self.evict(MAX_PLAYBACKS, |s| s.initiated_here);
+        } else {
+            self.evict(MAX_RECEIVED_PER_DEVICE, |s| {
+                !s.initiated_here && s.initiator.as_str() == initiator
+            });
+            self.evict(MAX_PLAYBACKS, |s| !s.initiated_here);
         }
+    }
+
+    /// Drops the oldest playbacks that match `which` until at most `cap` are left.
+    fn evict(&mut self, cap: usize, which: impl Fn(&PlaybackSchedule) -> bool) {
+        let mut matching: Vec<(u64, Key)> = self
+            .playbacks
+            .iter()
+            .filter(|(_, (_, s))| which(s))
+            .map(|(key, (seq, _))| (*seq, key.clone()))
+            .collect();
+        if matching.len() <= cap {
+            return;
+        }
+        matching.sort();
+        let excess = matching.len() - cap;
+        for (_, key) in matching.into_iter().take(excess) {
+            self.playbacks.remove(&key);
+        }
+    }
+
+    /// Forgets received playbacks still waiting for a clock estimate of their initiator
+    /// that came in more than [`PENDING_FOR_MS`] before `now_ms` (the system clock, as
+    /// `created_at`); the number forgotten.
+    fn prune(&mut self, now_ms: u64) -> usize {
+        let before = self.playbacks.len();
+        self.playbacks.retain(|_, (_, s)| {
+            s.initiated_here
+                || s.devices.first().map(|d| d.state) != Some(DeviceSchedule::Pending)
+                || s.created_at.unix_ms().saturating_add(PENDING_FOR_MS) >= now_ms
+        });
+        before - self.playbacks.len()
+    }
+
+    /// The playback `id`: the one started here if there is one, else the newest received.
+    fn find(&self, id: &str) -> Option<&PlaybackSchedule> {
+        self.playbacks
+            .values()
+            .filter(|(_, s)| s.id == id)
+            .max_by_key(|(seq, s)| (s.initiated_here, *seq))
+            .map(|(_, s)| s)
     }
 }
 
@@ -144,17 +221,12 @@ impl Core {
                 let _ = reply.send(result);
             }
             PlaybackRequest::Get { id, reply } => {
-                let found = self
-                    .playback
-                    .playbacks
-                    .get(&id)
-                    .map(|(_, s)| s.clone())
-                    .ok_or_else(|| {
-                        Error::NotFound(format!(
-                            "no playback {:?} was started or received here",
-                            id.chars().take(64).collect::<String>()
-                        ))
-                    });
+                let found = self.playback.find(&id).cloned().ok_or_else(|| {
+                    Error::NotFound(format!(
+                        "no playback {:?} was started or received here",
+                        id.chars().take(64).collect::<String>()
+                    ))
+                });
                 let _ = reply.send(found);
             }
             PlaybackRequest::List { reply } => {
@@ -200,7 +272,8 @@ impl Core {
             return;
         };
         let t1 = self.playback.now_us();
-        if let Some(nonce) = self.playback.clock.probe(peer, t1) {
+        let mono = self.playback.mono_us();
+        if let Some(nonce) = self.playback.clock.probe(peer, t1, mono) {
             self.send_clock(net, &ClockMessage::Probe { nonce }).await;
         }
     }
@@ -212,6 +285,13 @@ impl Core {
         let peers: Vec<String> = self.peers.admitted.keys().cloned().collect();
         for peer in &peers {
             self.probe_clock(peer).await;
+        }
+        let forgotten = self.playback.prune(now_ms());
+        if forgotten > 0 {
+            tracing::debug!(
+                forgotten,
+                "received playbacks that never got a clock estimate forgotten"
+            );
         }
         let now = self.playback.now_ms();
         let mut resend = Vec::new();
@@ -250,6 +330,7 @@ impl Core {
     /// Starts a playback here: see [`super::Playback::start`].
     async fn start_playback(&mut self, new: NewPlayback) -> Result<PlaybackSchedule, Error> {
         super::check_media(&new.media).map_err(Error::Invalid)?;
+        super::check_start(new.start_at, self.playback.now_ms()).map_err(Error::Invalid)?;
         if new.device_ids.len() > MAX_PLAYBACK_DEVICES {
             return Err(Error::Invalid(format!(
                 "{} devices; at most {MAX_PLAYBACK_DEVICES} are allowed",
@@ -322,13 +403,15 @@ impl Core {
     }
 
     /// A clock-lane message from admitted device `peer`, which arrived at `received_us`
-    /// by this device's playback clock. Only devices of this home use the lane.
+    /// by this device's playback clock and `received_mono` by its monotonic one
+    /// ([`PlaybackState::mono_us`]). Only devices of this home use the lane.
     pub(crate) async fn on_clock_message(
         &mut self,
         peer: PeerId,
         own: bool,
         bytes: &[u8],
         received_us: i64,
+        received_mono: i64,
     ) {
         let text = peer.to_base58();
         if !own {
@@ -368,7 +451,7 @@ impl Core {
             } => match self
                 .playback
                 .clock
-                .answer(&text, nonce, t2_us, t3_us, received_us)
+                .answer(&text, nonce, t2_us, t3_us, received_mono)
             {
                 Taken::Sample { more } => {
                     if more {
@@ -395,7 +478,8 @@ impl Core {
                 offset_us,
                 uncertainty_us,
             } => {
-                let Some((_, schedule)) = self.playback.playbacks.get_mut(&id) else {
+                let key = (self.peer_id.clone(), id);
+                let Some((_, schedule)) = self.playback.playbacks.get_mut(&key) else {
                     return;
                 };
                 let Some(device) = schedule
@@ -426,11 +510,8 @@ impl Core {
     /// gets the report again.
     async fn take_playback(&mut self, peer: &str, id: String, media: String, start_at: u64) {
         let me = self.peer_id.clone();
-        if let Some((_, known)) = self.playback.playbacks.get(&id) {
-            if known.initiator.as_str() != peer {
-                self.playback.dropped += 1;
-                return;
-            }
+        let key = (peer.to_string(), id.clone());
+        if let Some((_, known)) = self.playback.playbacks.get(&key) {
             if let Some(report) = report_of(known, &me)
                 && let Some(net) = self.peers.admitted.get(peer).copied()
             {
@@ -469,9 +550,11 @@ impl Core {
             return;
         };
         let me = self.peer_id.clone();
+        let now = self.playback.now_ms();
         let offset_us = (estimate.offset_ms * 1000.0).round() as i64;
         let mut reports = Vec::new();
-        for (_, schedule) in self.playback.playbacks.values_mut() {
+        let mut stale = Vec::new();
+        for (key, (_, schedule)) in self.playback.playbacks.iter_mut() {
             if schedule.initiated_here || schedule.initiator.as_str() != initiator {
                 continue;
             }
@@ -481,11 +564,21 @@ impl Core {
             if device.state != DeviceSchedule::Pending {
                 continue;
             }
+            let local = super::local_start(schedule.start_at, offset_us);
+            if local.saturating_add(RESEND_FOR_MS) < now {
+                // Long past: announcing it now would start it in the middle, or never.
+                stale.push(key.clone());
+                continue;
+            }
             device.state = DeviceSchedule::Scheduled;
-            device.local_start_at = Some(super::local_start(schedule.start_at, offset_us));
+            device.local_start_at = Some(local);
             device.offset_ms = Some(estimate.offset_ms);
             device.uncertainty_ms = Some(estimate.uncertainty_ms);
             reports.push(schedule.clone());
+        }
+        for key in stale {
+            tracing::debug!(id = %key.1, peer = %key.0, "a received playback whose start is long past dropped");
+            self.playback.playbacks.remove(&key);
         }
         let net = self.peers.admitted.get(initiator).copied();
         for schedule in reports {
@@ -567,19 +660,21 @@ mod tests {
         let t1 = 1_000_000_000i64;
         let nonce = std::sync::Arc::new(std::sync::Mutex::new(0));
         let seen = nonce.clone();
+        // A minute ahead by the initiator's clock.
+        let start_at = now_ms() + 60_000;
         t.on_core(move |core| {
             Box::pin(async move {
                 core.peers.admitted.insert(text.clone(), peer);
                 let start = ClockMessage::Start {
                     id: "5Kq9wXyzAbCdEfGhJk".into(),
                     media: "song".into(),
-                    start_at_ms: 50_000,
+                    start_at_ms: start_at,
                 }
                 .encode()
                 .unwrap();
-                core.on_clock_message(peer, true, &start, 0).await;
+                core.on_clock_message(peer, true, &start, 0, 0).await;
                 // No estimate yet: kept, pending, and a probe went out.
-                *seen.lock().unwrap() = core.playback.clock.probe(&text, t1).unwrap();
+                *seen.lock().unwrap() = core.playback.clock.probe(&text, t1, t1).unwrap();
             })
         })
         .await;
@@ -602,8 +697,8 @@ mod tests {
                 }
                 .encode()
                 .unwrap();
-                core.on_clock_message(peer, true, &answer, t3 - skew + 1000)
-                    .await;
+                let t4 = t3 - skew + 1000;
+                core.on_clock_message(peer, true, &answer, t4, t4).await;
             })
         })
         .await;
@@ -620,12 +715,12 @@ mod tests {
             (name, subject.as_str()),
             (SYNC_PLAYBACK, "5Kq9wXyzAbCdEfGhJk")
         );
-        assert_eq!(data["local_start_at"], 48_000);
+        assert_eq!(data["local_start_at"], start_at - 2000);
         assert_eq!(data["offset_ms"], 2000.0);
         assert_eq!(data["uncertainty_ms"], 1.0);
         let listed = schedules(&t).await;
         assert_eq!(listed[0].devices[0].state, DeviceSchedule::Scheduled);
-        assert_eq!(listed[0].devices[0].local_start_at, Some(48_000));
+        assert_eq!(listed[0].devices[0].local_start_at, Some(start_at - 2000));
         let clocks = t
             .core
             .call(|reply| PlaybackRequest::Clocks { reply })
@@ -647,9 +742,9 @@ mod tests {
             Box::pin(async move {
                 core.peers.admitted.insert(peer.to_base58(), peer);
                 let probe = ClockMessage::Probe { nonce: 1 }.encode().unwrap();
-                core.on_clock_message(peer, false, &probe, 0).await;
+                core.on_clock_message(peer, false, &probe, 0, 0).await;
                 out.lock().unwrap().push(core.playback.dropped);
-                core.on_clock_message(peer, true, b"\xff\x00", 0).await;
+                core.on_clock_message(peer, true, b"\xff\x00", 0, 0).await;
                 out.lock().unwrap().push(core.playback.dropped);
                 // A report for a playback that does not exist changes nothing.
                 let report = ClockMessage::Scheduled {
@@ -660,10 +755,10 @@ mod tests {
                 }
                 .encode()
                 .unwrap();
-                core.on_clock_message(peer, true, &report, 0).await;
+                core.on_clock_message(peer, true, &report, 0, 0).await;
                 let before = core.playback.dropped;
                 for _ in 0..(crate::propagation::limit::EVENT_BURST * 2) {
-                    core.on_clock_message(peer, true, &probe, 0).await;
+                    core.on_clock_message(peer, true, &probe, 0, 0).await;
                 }
                 out.lock().unwrap().push(core.playback.dropped - before);
             })
@@ -685,9 +780,10 @@ mod tests {
             t.core
                 .call(move |reply| PlaybackRequest::Start { playback, reply })
         };
+        let at = now_ms() + 77_000;
         let schedule = start(NewPlayback {
             media: "radio".into(),
-            start_at: 77_000,
+            start_at: at,
             device_ids: vec![],
         })
         .await
@@ -697,17 +793,17 @@ mod tests {
         assert_eq!(schedule.devices.len(), 1);
         assert_eq!(schedule.devices[0].device_id.as_str(), t.peer_id);
         assert_eq!(schedule.devices[0].name, "den");
-        assert_eq!(schedule.devices[0].local_start_at, Some(77_000));
+        assert_eq!(schedule.devices[0].local_start_at, Some(at));
         let Event::Coordination { name, data, .. } = events.recv().await.unwrap() else {
             panic!("not a coordination event");
         };
         assert_eq!(name, SYNC_PLAYBACK);
-        assert_eq!(data["local_start_at"], 77_000);
+        assert_eq!(data["local_start_at"], at);
         for (bad, invalid) in [
             (
                 NewPlayback {
                     media: " ".into(),
-                    start_at: 1,
+                    start_at: at,
                     device_ids: vec![],
                 },
                 true,
@@ -715,7 +811,7 @@ mod tests {
             (
                 NewPlayback {
                     media: "m".into(),
-                    start_at: 1,
+                    start_at: at,
                     device_ids: vec!["x".into(); MAX_PLAYBACK_DEVICES + 1],
                 },
                 true,
@@ -724,6 +820,22 @@ mod tests {
                 NewPlayback {
                     media: "m".into(),
                     start_at: 1,
+                    device_ids: vec![],
+                },
+                true,
+            ),
+            (
+                NewPlayback {
+                    media: "m".into(),
+                    start_at: at + super::super::MAX_START_DISTANCE_MS,
+                    device_ids: vec![],
+                },
+                true,
+            ),
+            (
+                NewPlayback {
+                    media: "m".into(),
+                    start_at: at,
                     device_ids: vec!["nobody".into()],
                 },
                 false,
@@ -737,6 +849,179 @@ mod tests {
             }
         }
         assert_eq!(schedules(&t).await.len(), 1);
+        t.stop().await;
+    }
+
+    fn schedule(initiator: &str, id: &str, here: bool, created_ms: u64) -> PlaybackSchedule {
+        PlaybackSchedule {
+            id: id.into(),
+            media: "m".into(),
+            start_at: 1,
+            initiator: initiator.into(),
+            initiated_here: here,
+            devices: vec![PlaybackDevice {
+                device_id: "me".into(),
+                name: String::new(),
+                state: if here {
+                    DeviceSchedule::Scheduled
+                } else {
+                    DeviceSchedule::Pending
+                },
+                local_start_at: None,
+                offset_ms: None,
+                uncertainty_ms: None,
+            }],
+            created_at: Timestamp::from_unix_ms(created_ms),
+        }
+    }
+
+    fn kept(state: &PlaybackState, initiator: &str) -> Vec<String> {
+        let mut ids: Vec<_> = state
+            .playbacks
+            .keys()
+            .filter(|(i, _)| i == initiator)
+            .map(|(_, id)| id.clone())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    #[test]
+    fn one_device_cannot_evict_other_devices_playbacks_or_ones_started_here() {
+        let mut state = PlaybackState::default();
+        state.keep(schedule("me", "mine", true, 0));
+        state.keep(schedule("b", "b-one", false, 0));
+        for i in 0..(MAX_PLAYBACKS * 2) {
+            state.keep(schedule("a", &format!("a-{i:03}"), false, 0));
+        }
+        // Only a's newest few; b's and this device's stay.
+        let a: Vec<String> = (MAX_PLAYBACKS * 2 - MAX_RECEIVED_PER_DEVICE..MAX_PLAYBACKS * 2)
+            .map(|i| format!("a-{i:03}"))
+            .collect();
+        assert_eq!(kept(&state, "a"), a);
+        assert_eq!(kept(&state, "b"), vec!["b-one".to_string()]);
+        assert_eq!(kept(&state, "me"), vec!["mine".to_string()]);
+        // Many devices together are bounded too, still without touching this device's.
+        for d in 0..MAX_PLAYBACKS {
+            for i in 0..MAX_RECEIVED_PER_DEVICE {
+                state.keep(schedule(&format!("d{d}"), &format!("x{i}"), false, 0));
+            }
+        }
+        let received = state
+            .playbacks
+            .values()
+            .filter(|(_, s)| !s.initiated_here)
+            .count();
+        assert_eq!(received, MAX_PLAYBACKS);
+        assert_eq!(kept(&state, "me"), vec!["mine".to_string()]);
+        // Started here: the oldest of those go past the cap, never a received one.
+        for i in 0..MAX_PLAYBACKS {
+            state.keep(schedule("me", &format!("m{i:02}"), true, 0));
+        }
+        assert_eq!(kept(&state, "me").len(), MAX_PLAYBACKS);
+        assert!(!kept(&state, "me").contains(&"mine".to_string()));
+        assert_eq!(state.playbacks.len(), 2 * MAX_PLAYBACKS);
+    }
+
+    #[test]
+    fn the_same_id_from_two_devices_is_two_playbacks() {
+        let mut state = PlaybackState::default();
+        state.keep(schedule("mallory", "shared", false, 0));
+        state.keep(schedule("alice", "shared", false, 0));
+        state.keep(schedule("me", "shared", true, 0));
+        assert_eq!(state.playbacks.len(), 3);
+        assert_eq!(state.find("shared").unwrap().initiator.as_str(), "me");
+        state
+            .playbacks
+            .remove(&("me".to_string(), "shared".to_string()));
+        assert_eq!(state.find("shared").unwrap().initiator.as_str(), "alice");
+        assert!(state.find("other").is_none());
+    }
+
+    #[test]
+    fn received_playbacks_waiting_too_long_for_a_clock_are_forgotten() {
+        let mut state = PlaybackState::default();
+        state.keep(schedule("a", "old-pending", false, 1_000));
+        state.keep(schedule("a", "new-pending", false, 1_000 + PENDING_FOR_MS));
+        let mut scheduled = schedule("a", "old-scheduled", false, 1_000);
+        scheduled.devices[0].state = DeviceSchedule::Scheduled;
+        state.keep(scheduled);
+        state.keep(schedule("me", "old-mine", true, 1_000));
+        assert_eq!(state.prune(1_000 + PENDING_FOR_MS), 0);
+        assert_eq!(state.prune(1_001 + PENDING_FOR_MS), 1);
+        assert_eq!(
+            kept(&state, "a"),
+            vec!["new-pending".to_string(), "old-scheduled".to_string()]
+        );
+        assert_eq!(kept(&state, "me"), vec!["old-mine".to_string()]);
+    }
+
+    #[tokio::test]
+    async fn a_start_long_past_is_dropped_and_an_id_sent_first_by_another_device_takes_nothing() {
+        let t = TestCore::start("den").await;
+        let mut events = t.events();
+        let (alice, mallory) = (PeerId::random(), PeerId::random());
+        let start_at = now_ms() + 60_000;
+        t.on_core(move |core| {
+            Box::pin(async move {
+                for peer in [alice, mallory] {
+                    let text = peer.to_base58();
+                    core.peers.admitted.insert(text.clone(), peer);
+                    // An estimate of each: clocks in step, 1 ms round trip.
+                    let now = core.playback.now_us();
+                    let nonce = core.playback.clock.probe(&text, now, 0).unwrap();
+                    core.playback
+                        .clock
+                        .answer(&text, nonce, now + 500, now + 500, 1000);
+                }
+                let start = |start_at_ms: u64, media: &str| {
+                    ClockMessage::Start {
+                        id: "5Kq9wXyzAbCdEfGhJk".into(),
+                        media: media.into(),
+                        start_at_ms,
+                    }
+                    .encode()
+                    .unwrap()
+                };
+                // An hour ago: not announced, not kept.
+                let past = start(now_ms() - 3_600_000, "stale");
+                core.on_clock_message(alice, true, &past, 0, 0).await;
+                // Mallory sends alice's id first; alice's own start still counts.
+                let theirs = start(start_at, "mallory's");
+                core.on_clock_message(mallory, true, &theirs, 0, 0).await;
+                let ours = start(start_at, "alice's");
+                core.on_clock_message(alice, true, &ours, 0, 0).await;
+            })
+        })
+        .await;
+        let mut announced = Vec::new();
+        for _ in 0..2 {
+            let Event::Coordination { name, data, .. } = events.recv().await.unwrap() else {
+                panic!("not a coordination event");
+            };
+            assert_eq!(name, SYNC_PLAYBACK);
+            announced.push((data["initiator"].clone(), data["media"].clone()));
+        }
+        assert!(
+            events.try_recv().is_err(),
+            "the stale playback was announced"
+        );
+        assert_eq!(
+            announced,
+            vec![
+                (
+                    serde_json::json!(mallory.to_base58()),
+                    serde_json::json!("mallory's")
+                ),
+                (
+                    serde_json::json!(alice.to_base58()),
+                    serde_json::json!("alice's")
+                ),
+            ]
+        );
+        let listed = schedules(&t).await;
+        assert_eq!(listed.len(), 2);
+        assert!(listed.iter().all(|s| s.media != "stale"));
         t.stop().await;
     }
 }

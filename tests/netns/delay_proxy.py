@@ -3,7 +3,10 @@
 
 Bytes from the client reach the target IN_MS milliseconds after they arrived here, and bytes from
 the target reach the client OUT_MS milliseconds after; order is kept and throughput is not
-limited (the kernels here have no sch_netem, so this stands in for `tc netem delay`). It runs
+limited beyond a bounded queue per direction of each connection (MAX_QUEUED chunks of at most
+64 KiB; a full queue stops reading until the writer catches up), so a fast sender cannot make it
+hold unbounded memory (the kernels here have no sch_netem, so this stands in for `tc netem
+delay`). It runs
 until killed, and prints "ready" on stdout once it listens.
 
 Usage: delay_proxy.py LISTEN_HOST LISTEN_PORT TARGET_HOST TARGET_PORT IN_MS OUT_MS
@@ -12,11 +15,14 @@ Usage: delay_proxy.py LISTEN_HOST LISTEN_PORT TARGET_HOST TARGET_PORT IN_MS OUT_
 import asyncio
 import sys
 
+# Chunks waiting for their delay, per direction of a connection.
+MAX_QUEUED = 256
+
 
 async def pump(reader, writer, delay):
     """Copies reader to writer, each chunk delivered `delay` seconds after it was read."""
     loop = asyncio.get_running_loop()
-    queue = asyncio.Queue()
+    queue = asyncio.Queue(maxsize=MAX_QUEUED)
 
     async def read():
         try:

@@ -20,9 +20,10 @@
 # restarted (its outbox is on disk).
 #
 # Last, synchronised playback: the three devices run again with mDNS off, two of them with their
-# clocks set wrong by Debian's faketime, each behind a userspace proxy that delays every byte
-# (tests/netns/delay_proxy.py; `tc netem` is not used: the kernels of these machines have no
-# sch_netem). The offsets the nodes estimate by probing must match the skews, and each device's
+# clocks set wrong by Debian's libfaketime (preloaded straight into the node, not through the
+# `faketime` wrapper, which forks and does not pass signals on), each behind a userspace proxy
+# that delays every byte (tests/netns/delay_proxy.py; `tc netem` is not used: the kernels of
+# these machines have no sch_netem). The offsets the nodes estimate by probing must match the skews, and each device's
 # local start of a playback must be within 5 ms plus its reported uncertainty of the ideal.
 #
 # Usage (as root):  tests/netns/run.sh
@@ -55,9 +56,17 @@ die() {
 log() { printf 'netns: %s\n' "$*" >&2; }
 
 [ "$(id -u)" -eq 0 ] || die "must run as root (it creates network namespaces)"
-for tool in ip jq awk sort faketime /usr/bin/python3; do
+for tool in ip jq awk sort /usr/bin/python3; do
     command -v "$tool" >/dev/null || die "needs '$tool' on PATH"
 done
+# libfaketime, preloaded into the playback scenario's skewed nodes (Debian's libfaketime).
+libfaketime=$(dpkg -L libfaketime 2>/dev/null | grep '/libfaketime\.so\.1$' | head -n 1 || true)
+if [ -z "$libfaketime" ]; then
+    for candidate in /usr/lib/*/faketime/libfaketime.so.1 /usr/lib/faketime/libfaketime.so.1; do
+        [ -f "$candidate" ] && { libfaketime=$candidate; break; }
+    done
+fi
+[ -f "$libfaketime" ] || die "needs libfaketime.so.1 (Debian package libfaketime)"
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer, got '$ROUNDS'"
 [[ $DISCOVER_TIMEOUT =~ ^[1-9][0-9]*$ ]] || die "DISCOVER_TIMEOUT must be a positive integer"
 
@@ -98,6 +107,9 @@ cleanup() {
     exit "$status"
 }
 trap cleanup EXIT
+# A signal ends the run through cleanup too, so no node or proxy outlives it.
+trap 'exit 130' INT
+trap 'exit 143' TERM
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
@@ -295,9 +307,12 @@ start_home_node() { # I [EXTRA UP ARGS...]: start node I (its pid goes to pids[I
         sleep 0.05
         id=$(status "${ns[$((i - 1))]}" "$data" | jq -r '.peer_id // empty' 2>/dev/null || true)
     done
+    # ip netns exec and env exec, so the pid kept is the node's own: stopping it stops the node.
+    [ "$(readlink "/proc/${pids[$((i - 1))]}/exe")" = "$(readlink -f "$bin")" ] ||
+        die "node-$i's pid ${pids[$((i - 1))]} is not the node's ($(readlink "/proc/${pids[$((i - 1))]}/exe"))"
     home_ids[$((i - 1))]=$id
 }
-# What runs the node: nothing in particular, or faketime with its arguments.
+# What runs the node: env with nothing in particular, or with libfaketime's variables.
 run_prefix=(env)
 home_failed=""
 mkdir -p "$dir/node-1"
@@ -509,13 +524,13 @@ printf 'netns: alerts raised while node-3 was away (one by a sender killed with 
 # Each node listens on its own loopback only, behind a proxy in its namespace that delays
 # every byte (PLAYBACK_DELAY_IN ms towards the node, PLAYBACK_DELAY_OUT ms back), so every
 # connection between two nodes crosses one proxy. Node-2's clock is 2.5 s fast and node-3's
-# 1.7 s slow (faketime; the monotonic clock is left alone). Nothing tells a node the skews: the
+# 1.7 s slow (libfaketime; the monotonic clock is left alone). Nothing tells a node the skews: the
 # offsets must come from its probes.
 PLAYBACK_DELAY_IN=${PLAYBACK_DELAY_IN:-15}
 PLAYBACK_DELAY_OUT=${PLAYBACK_DELAY_OUT:-5}
 PLAYBACK_LIMIT=${PLAYBACK_LIMIT:-30}
 skew_ms=(0 2500 -1700)
-skew_arg=("" "+2.5s" "-1.7s")
+skew_arg=("" "+2.5" "-1.7")
 pb_failed=""
 real_ms() { date +%s%3N; }
 for i in 1 2 3; do
@@ -538,7 +553,9 @@ for i in 1 2 3; do
         peers+=(--peer "/ip4/10.231.0.$((10 + j))/tcp/4700/p2p/${home_ids[$((j - 1))]}")
     done
     if [ -n "${skew_arg[$((i - 1))]}" ]; then
-        run_prefix=(env FAKETIME_DONT_FAKE_MONOTONIC=1 faketime -f "${skew_arg[$((i - 1))]}")
+        # LC_ALL=C: libfaketime reads the fraction with the locale's decimal point.
+        run_prefix=(env LC_ALL=C LD_PRELOAD="$libfaketime" FAKETIME="${skew_arg[$((i - 1))]}s"
+            FAKETIME_DONT_FAKE_MONOTONIC=1)
     else
         run_prefix=(env)
     fi
@@ -653,4 +670,7 @@ if [ "${#times[@]}" -gt 0 ]; then
         "$ready_median" "$ready_max"
 fi
 [ "$failures" -eq 0 ] || die "$failures of $ROUNDS rounds failed"
+# Every node was stopped through its own pid: none of this run's is left.
+left=$(pgrep -a -f -- "--data $dir/node-" || true)
+[ -z "$left" ] || die "nodes left running after the run: $left"
 log "ok"
