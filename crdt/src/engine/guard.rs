@@ -315,9 +315,12 @@ fn check_view<P>(
             let touched = touched(&home::KEYRING_PATH);
             home::validate_touched(&ds.doc, &touched)?;
         }
-        DocKind::Room => {
-            crate::schema::room::Room::read(&ds.doc)?;
-        }
+        DocKind::Room => match crate::chunks::parse_changes(fresh, usize::MAX) {
+            Ok(changes) => crate::schema::room::check_after(&ds.doc, &changes)?,
+            Err(_) => {
+                crate::schema::room::Room::read(&ds.doc)?;
+            }
+        },
         DocKind::Presence => {
             crate::schema::presence::Presence::read(&ds.doc)?;
         }

@@ -376,20 +376,45 @@ fn read_messages<D: ReadDoc>(
     for i in start..len {
         let path = join("room.chat", &i.to_string());
         let m = list_map(doc, list, i, &path)?;
-        let id = req_name(doc, &m, "id", &join(&path, "id"))?;
-        let sender = req_name(doc, &m, "sender", &join(&path, "sender"))?;
-        let text_path = join(&path, "text");
-        let text = req_str(doc, &m, "text", &text_path)?;
-        check_text(&text_path, &text, MAX_CHAT_TEXT_BYTES)?;
-        let time_ms = req_u64(doc, &m, "time", &join(&path, "time"))?;
-        out.push(ChatMessage {
-            id,
-            sender,
-            text,
-            time_ms,
-        });
+        out.push(read_message(doc, &m, &path)?);
     }
     Ok(out)
+}
+
+/// One chat message's map, validated.
+fn read_message<D: ReadDoc>(doc: &D, m: &ObjId, path: &str) -> Result<ChatMessage> {
+    let id = req_name(doc, m, "id", &join(path, "id"))?;
+    let sender = req_name(doc, m, "sender", &join(path, "sender"))?;
+    let text_path = join(path, "text");
+    let text = req_str(doc, m, "text", &text_path)?;
+    check_text(&text_path, &text, MAX_CHAT_TEXT_BYTES)?;
+    let time_ms = req_u64(doc, m, "time", &join(path, "time"))?;
+    Ok(ChatMessage {
+        id,
+        sender,
+        text,
+        time_ms,
+    })
+}
+
+/// Validates a room after `changes` were applied to it: its fields and members, and
+/// the chat messages the changes wrote (not the whole recent chat, which earlier checks
+/// covered). When the changes' writes cannot all be placed, the room view with its
+/// newest messages is read, as a read of the room would.
+pub(crate) fn check_after(
+    doc: &automerge::AutoCommit,
+    changes: &[automerge::Change],
+) -> Result<()> {
+    Room::read_with_chat(doc, 0)?;
+    match crate::schema::touched::written_list_maps(doc, changes, &[ROOM_KEY, "chat"]) {
+        Some(messages) => {
+            for m in messages {
+                read_message(doc, &m, "room.chat")?;
+            }
+            Ok(())
+        }
+        None => Room::read(doc).map(|_| ()),
+    }
 }
 
 fn read_activity<D: ReadDoc>(doc: &D, a: &ObjId) -> Result<Activity> {
@@ -972,6 +997,68 @@ mod tests {
         // A known message further back than `max` counts as gone.
         let far = Room::read_chat_after(&doc, Some("m0"), 4).unwrap();
         assert_eq!(texts(far), ["51", "52", "53", "54"]);
+    }
+
+    #[test]
+    fn a_check_after_changes_reads_only_the_messages_they_wrote() {
+        use automerge::transaction::Transactable;
+        let mut doc = new_room(4);
+        for i in 0..3 {
+            say(&mut doc, &msg(&format!("m{i}"), "ann", "hi"), i).unwrap();
+        }
+        let heads = doc.get_heads();
+        let changes_since = |d: &mut AutoCommit| -> Vec<automerge::Change> {
+            d.get_changes(&heads).into_iter().collect()
+        };
+        // A good message, and pruning the oldest: fine.
+        let mut good = doc.fork();
+        say(&mut good, &msg("m3", "ann", "ok"), 9).unwrap();
+        prune_oldest(&mut good);
+        let changes = changes_since(&mut good);
+        let written = crate::schema::touched::written_list_maps(&good, &changes, &["room", "chat"])
+            .expect("placed");
+        assert_eq!(written.len(), 1, "only the new message is read");
+        check_after(&good, &changes).unwrap();
+
+        // A message without its time: refused.
+        let mut bad = doc.fork();
+        let r = req_map(&bad, &ROOT, ROOM_KEY, ROOM_KEY).unwrap();
+        let list = req_list(&bad, &r, "chat", "room.chat").unwrap();
+        let at = bad.length(&list);
+        let m = bad.insert_object(&list, at, ObjType::Map).unwrap();
+        bad.put(&m, "id", "x").unwrap();
+        bad.put(&m, "sender", "ann").unwrap();
+        bad.put(&m, "text", "no time").unwrap();
+        let changes = changes_since(&mut bad);
+        assert!(check_after(&bad, &changes).is_err());
+
+        // A later change that breaks an older message's field: refused too.
+        let mut edit = doc.fork();
+        let r = req_map(&edit, &ROOT, ROOM_KEY, ROOM_KEY).unwrap();
+        let list = req_list(&edit, &r, "chat", "room.chat").unwrap();
+        let (_, first) = edit.get(&list, 0).unwrap().unwrap();
+        edit.put(&first, "time", "not a number").unwrap();
+        let changes = changes_since(&mut edit);
+        assert!(check_after(&edit, &changes).is_err());
+
+        // A value that is not a map, put into the chat: the whole view is read, refused.
+        let mut scalar = doc.fork();
+        let r = req_map(&scalar, &ROOT, ROOM_KEY, ROOM_KEY).unwrap();
+        let list = req_list(&scalar, &r, "chat", "room.chat").unwrap();
+        scalar.insert(&list, 1, "loose").unwrap();
+        let changes = changes_since(&mut scalar);
+        assert!(
+            crate::schema::touched::written_list_maps(&scalar, &changes, &["room", "chat"])
+                .is_none()
+        );
+        assert!(check_after(&scalar, &changes).is_err());
+    }
+
+    fn prune_oldest(doc: &mut AutoCommit) {
+        use automerge::transaction::Transactable;
+        let r = req_map(doc, &ROOT, ROOM_KEY, ROOM_KEY).unwrap();
+        let list = req_list(doc, &r, "chat", "room.chat").unwrap();
+        doc.delete(&list, 0).unwrap();
     }
 
     #[test]

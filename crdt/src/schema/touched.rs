@@ -147,6 +147,88 @@ fn paths(doc: &AutoCommit, changes: &[Change]) -> Option<Vec<Path>> {
     Some(out)
 }
 
+/// The elements of the list at `list` (a path of map keys) that `changes` made or wrote
+/// into, each a map still in the list, for checking only those. The changes must be
+/// applied to `doc`. `None` when some write cannot be told to be one of those (an
+/// object that cannot be placed, a value other than a map put into the list, a write
+/// below an element's map): check the whole list then. Deleting elements is not a write
+/// here. Never panics.
+pub fn written_list_maps(
+    doc: &AutoCommit,
+    changes: &[Change],
+    list: &[&str],
+) -> Option<Vec<automerge::ObjId>> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        list_maps(doc, changes, list)
+    }))
+    .ok()
+    .flatten()
+}
+
+fn list_maps(doc: &AutoCommit, changes: &[Change], list: &[&str]) -> Option<Vec<automerge::ObjId>> {
+    let is = |path: &[Option<String>], extra: usize| {
+        path.len() == list.len() + extra
+            && path.iter().zip(list).all(|(p, l)| p.as_deref() == Some(*l))
+    };
+    let mut paths: HashMap<String, Option<Vec<Option<String>>>> = HashMap::new();
+    let mut elements: BTreeSet<String> = BTreeSet::new();
+    for change in changes {
+        let expanded = change.decode();
+        let start = expanded.start_op.get();
+        for (i, op) in expanded.operations.iter().enumerate() {
+            let ObjectId::Id(_) = &op.obj else {
+                continue;
+            };
+            let text = op.obj.to_string();
+            let path = paths
+                .entry(text.clone())
+                .or_insert_with_key(|t| path_of(doc, t))
+                .clone();
+            let Some(path) = path else {
+                // Not in the document now (deleted since), or not placeable.
+                if elements.contains(&text) {
+                    continue;
+                }
+                return None;
+            };
+            if is(&path, 0) {
+                // The list itself: a new map element, or a deletion.
+                match (&op.action, op.insert) {
+                    (OpType::Make(automerge::ObjType::Map), true) => {
+                        let counter = start.checked_add(u64::try_from(i).ok()?)?;
+                        elements.insert(OpId::new(counter, &expanded.actor_id).to_string());
+                    }
+                    (OpType::Delete, false) => {}
+                    _ => return None,
+                }
+            } else if is(&path, 1) && path[list.len()].is_none() {
+                // A key of one element's map.
+                if !matches!(op.action, OpType::Put(_) | OpType::Delete) {
+                    return None;
+                }
+                elements.insert(text);
+            } else if path.len() > list.len()
+                && path.iter().zip(list).all(|(p, l)| p.as_deref() == Some(*l))
+            {
+                return None;
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(elements.len());
+    for text in elements {
+        let Ok(obj) = doc.import_obj(&text) else {
+            return None;
+        };
+        // A map made and deleted again is not in the list any more: nothing to check.
+        match doc.parents(&obj).ok().map(|p| p.path()) {
+            Some(p) if p.len() == list.len() + 1 => out.push(obj),
+            Some(_) => return None,
+            None => {}
+        }
+    }
+    Some(out)
+}
+
 fn path_of(doc: &AutoCommit, obj_text: &str) -> Option<Vec<Option<String>>> {
     let obj = doc.import_obj(obj_text).ok()?;
     let parents = doc.parents(&obj).ok()?;
