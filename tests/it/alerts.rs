@@ -276,9 +276,13 @@ async fn a_device_that_is_down_gets_the_alert_when_it_returns_even_after_the_sen
         .send(hearth::NewAlert::new("doorbell").ttl(Duration::from_secs(1)))
         .await
         .unwrap();
-    assert_eq!(
-        receipt(&a1, &kept.alert.id, a2_id.as_str()).await,
-        Some(ReceiptState::Pending)
+    // Not acknowledged: A2 is down. `delivered` (sent) is possible too: a redial that A2
+    // started while it was stopping can reach A1 after A1 saw A2 leave, and A1 sends on
+    // that connection until it learns it closed.
+    let state = receipt(&a1, &kept.alert.id, a2_id.as_str()).await;
+    assert!(
+        matches!(state, Some(ReceiptState::Pending | ReceiptState::Delivered)),
+        "{state:?}"
     );
     wait_receipt(&a1, &brief.alert.id, a2_id.as_str(), ReceiptState::Expired).await;
 
@@ -287,9 +291,10 @@ async fn a_device_that_is_down_gets_the_alert_when_it_returns_even_after_the_sen
     let mut again = config(dirs[0].path(), "a1");
     again.listen = vec![a1_addr];
     let a1 = timeout(T, Node::start(again)).await.unwrap().unwrap();
-    assert_eq!(
-        receipt(&a1, &kept.alert.id, a2_id.as_str()).await,
-        Some(ReceiptState::Pending)
+    let state = receipt(&a1, &kept.alert.id, a2_id.as_str()).await;
+    assert!(
+        matches!(state, Some(ReceiptState::Pending | ReceiptState::Delivered)),
+        "{state:?}"
     );
     assert_eq!(
         receipt(&a1, &brief.alert.id, a2_id.as_str()).await,
