@@ -48,7 +48,7 @@ use crate::hlc::Hlc;
 use crate::ids::DocId;
 use crate::policy::{self, HomeLookup, ResolvedEntity};
 use crate::schema::DocKind;
-use crate::schema::entity::{ENTITY_KEY, Entity, EntityUpdate};
+use crate::schema::entity::{self, ENTITY_KEY, Entity, EntityUpdate};
 use crate::schema::room::expect_kind;
 
 /// Shortest version prefix accepted (INTERFACES.md: 8 or more hex digits).
@@ -353,7 +353,7 @@ pub(crate) fn hlc_at<D: ReadDoc>(doc: &D, heads: &[ChangeHash]) -> Option<Hlc> {
         .and_then(|(_, e)| doc.get_all_at(&e, "updated_at", heads).ok())
         .into_iter()
         .flatten()
-        .filter_map(|(v, _)| v.as_str().and_then(|s| s.parse::<Hlc>().ok()))
+        .filter_map(|(v, id)| entity::stamp_from_value(&v, &id))
         .max()
 }
 
@@ -479,7 +479,7 @@ fn written_at(change: &Change, entity: &ObjId) -> Option<Hlc> {
                 && matches!(&op.key, Key::Map(k) if k == "updated_at")
         })
         .filter_map(|op| match &op.action {
-            OpType::Put(automerge::ScalarValue::Str(s)) => s.parse::<Hlc>().ok(),
+            OpType::Put(value) => entity::stamp_from_scalar(value, change.actor_id()),
             _ => None,
         })
         .max()

@@ -72,10 +72,31 @@ pub struct KeyEpoch {
     pub device: [u8; 16],
 }
 
+/// Bytes of an epoch's device that a frame carries: the counter and this prefix name the
+/// epoch among a document's few, and the seal's associated data binds the whole epoch.
+pub const EPOCH_WIRE_PREFIX: usize = 4;
+
 impl KeyEpoch {
     /// The first epoch of a document created by `device`.
     pub const fn first(device: [u8; 16]) -> Self {
         Self { counter: 0, device }
+    }
+
+    /// The epoch as a frame carries it: the counter and the first
+    /// [`EPOCH_WIRE_PREFIX`] bytes of the device, the rest zero.
+    pub fn wire_form(&self) -> Self {
+        let mut device = [0; 16];
+        device[..EPOCH_WIRE_PREFIX].copy_from_slice(&self.device[..EPOCH_WIRE_PREFIX]);
+        Self {
+            counter: self.counter,
+            device,
+        }
+    }
+
+    /// Whether this (whole) epoch is one that `wire`, an epoch as decoded from a frame,
+    /// may name. Several may match; only the right key opens the payload.
+    pub fn matches_wire(&self, wire: &KeyEpoch) -> bool {
+        self.wire_form() == wire.wire_form()
     }
 }
 

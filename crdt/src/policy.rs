@@ -78,6 +78,7 @@ use crate::hlc::{HLC_ACTOR_LEN, Hlc};
 use crate::ids::DocId;
 use crate::schema::entity::{
     self, ENTITY_KEY, Entity, EntityUpdate, MAX_ATTRIBUTE_DEPTH, MAX_ATTRIBUTE_ENTRIES,
+    stamp_from_value,
 };
 use crate::schema::room::expect_kind;
 use crate::schema::{DocKind, am, join, keys, opt_str, req_map};
@@ -458,7 +459,7 @@ fn settle_stamp<D: ReadDoc>(
     }
     let newest = stamps
         .iter()
-        .filter_map(|(v, id)| Some((v.as_str()?.parse::<Hlc>().ok()?, id.clone())))
+        .filter_map(|(v, id)| Some((stamp_from_value(v, id)?, id.clone())))
         .max_by_key(|(h, _)| *h);
     let Some((at, id)) = newest else {
         return Ok(());
@@ -513,10 +514,7 @@ fn visible_stamps<D: ReadDoc>(
 ) -> Result<BTreeMap<ChangeHash, Hlc>> {
     let mut out = BTreeMap::new();
     for (v, id) in get_all(view, e, "updated_at", "entity.updated_at")? {
-        if let (Some(hlc), Some(change)) = (
-            v.as_str().and_then(|s| s.parse::<Hlc>().ok()),
-            doc.hash_for_opid(&id),
-        ) {
+        if let (Some(hlc), Some(change)) = (stamp_from_value(&v, &id), doc.hash_for_opid(&id)) {
             out.insert(change, hlc);
         }
     }

@@ -6,6 +6,23 @@
 //! here: the engine produces plaintext, the node seals it under the document's
 //! key for `epoch` before sending and opens it before handing a frame back.
 //!
+//! The frame is a positional array led by its kind, so a one-field push spends
+//! its bytes on the change rather than on field names:
+//!
+//! | kind | array |
+//! | --- | --- |
+//! | push | `[0, doc, epoch, payload]`, or `[0, doc, epoch, payload, correlation id]` |
+//! | sync | `[1, doc, epoch, payload]`, or `[1, doc, epoch, payload, true]` when it expects a reply |
+//! | digest | `[2, payload]` |
+//! | grant | `[3, payload]` |
+//!
+//! `doc` is the 16-byte id, `epoch` one byte string: the first
+//! [`EPOCH_WIRE_PREFIX`] bytes of the epoch's device, then its counter big-endian
+//! without leading zero bytes. A decoded
+//! frame's epoch holds only that much (see [`KeyEpoch::matches_wire`]); the node
+//! finds the whole epoch among the document's keys, and the seal, whose associated
+//! data binds the whole epoch, opens only under the right one.
+//!
 //! [`decode`] checks the caller's size cap before parsing. The CBOR reader
 //! never pre-allocates from a declared length (byte strings grow as they are
 //! read from the bounded input), so a hostile length prefix cannot make it
@@ -14,10 +31,11 @@
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::{Error, Result};
-use crate::ids::{DOC_ID_LEN, DocId, KeyEpoch};
+use crate::ids::{DOC_ID_LEN, DocId, EPOCH_WIRE_PREFIX, KeyEpoch};
 
-/// Envelope version written by this build.
-pub const WIRE_VERSION: u8 = 1;
+/// Envelope version written by this build. Version 1 (field names, whole epochs) is
+/// refused by number: every device of a home runs the same envelope.
+pub const WIRE_VERSION: u8 = 2;
 
 /// Default cap on an encoded envelope: 16 MiB of payload plus framing. Large
 /// enough for a full-document sync message of a busy entity, small enough
@@ -72,7 +90,8 @@ pub enum Frame {
 pub struct Push {
     /// Document the changes belong to.
     pub doc: DocId,
-    /// Key epoch the payload is (to be) sealed under.
+    /// Key epoch the payload is (to be) sealed under. As decoded, only its wire form
+    /// ([`KeyEpoch::wire_form`]) is known.
     pub epoch: KeyEpoch,
     /// Id of the write that produced the changes, so that events on other
     /// nodes can carry it.
@@ -86,7 +105,8 @@ pub struct Push {
 pub struct SyncMessage {
     /// Document the session is about.
     pub doc: DocId,
-    /// Key epoch the payload is (to be) sealed under.
+    /// Key epoch the payload is (to be) sealed under. As decoded, only its wire form
+    /// ([`KeyEpoch::wire_form`]) is known.
     pub epoch: KeyEpoch,
     /// The sender waits for an answer. Automerge stays silent towards a peer
     /// whose heads equal its own, which a sender that lost track of the
@@ -112,25 +132,9 @@ pub struct GrantFrame {
 
 /// Encodes a frame into an envelope.
 pub fn encode(frame: &Frame) -> Vec<u8> {
-    let repr = match frame {
-        Frame::Push(p) => FrameRepr::Push(PushRepr {
-            doc: *p.doc.as_bytes(),
-            epoch: EpochRepr::from(&p.epoch),
-            correlation_id: p.correlation_id.clone(),
-            bytes: Bytes(p.bytes.clone()),
-        }),
-        Frame::Sync(s) => FrameRepr::Sync(SyncRepr {
-            doc: *s.doc.as_bytes(),
-            epoch: EpochRepr::from(&s.epoch),
-            expects_reply: s.expects_reply,
-            bytes: Bytes(s.bytes.clone()),
-        }),
-        Frame::Digest(d) => FrameRepr::Digest(Bytes(d.bytes.clone())),
-        Frame::Grant(g) => FrameRepr::Grant(Bytes(g.bytes.clone())),
-    };
-    let mut out = Vec::with_capacity(payload_len(frame) + 96);
+    let mut out = Vec::with_capacity(payload_len(frame) + 64);
     // Writing into a Vec cannot fail, and every field is plain data.
-    if ciborium::into_writer(&(WIRE_VERSION, repr), &mut out).is_err() {
+    if ciborium::into_writer(&(WIRE_VERSION, FrameOut(frame)), &mut out).is_err() {
         out.clear();
     }
     out
@@ -167,7 +171,7 @@ pub fn decode(input: &[u8], max_len: usize) -> Result<Frame> {
         _ => return Err(Error::Wire("not a versioned envelope".into())),
     }
     let mut rest = input;
-    let (_, repr): (u8, FrameRepr) =
+    let (_, repr): (u8, FrameIn) =
         ciborium::from_reader(&mut rest).map_err(|e| Error::Wire(e.to_string()))?;
     // One frame has one encoding: bytes after the envelope are refused, not ignored.
     if !rest.is_empty() {
@@ -176,94 +180,202 @@ pub fn decode(input: &[u8], max_len: usize) -> Result<Frame> {
             rest.len()
         )));
     }
-    Ok(match repr {
-        FrameRepr::Push(p) => {
-            if let Some(c) = &p.correlation_id
-                && c.len() > MAX_CORRELATION_ID_LEN
-            {
-                return Err(Error::Wire(format!(
-                    "correlation id of {} bytes exceeds {MAX_CORRELATION_ID_LEN}",
-                    c.len()
-                )));
-            }
-            Frame::Push(Push {
-                doc: DocId::from_bytes(p.doc),
-                epoch: p.epoch.into(),
-                correlation_id: p.correlation_id,
-                bytes: p.bytes.0,
-            })
-        }
-        FrameRepr::Sync(s) => Frame::Sync(SyncMessage {
-            doc: DocId::from_bytes(s.doc),
-            epoch: s.epoch.into(),
-            expects_reply: s.expects_reply,
-            bytes: s.bytes.0,
-        }),
-        FrameRepr::Digest(b) => Frame::Digest(DigestFrame { bytes: b.0 }),
-        FrameRepr::Grant(b) => Frame::Grant(GrantFrame { bytes: b.0 }),
-    })
+    Ok(repr.0)
 }
 
-// Private serde shapes: short keys and CBOR byte strings keep a one-field push
+// Private serde shapes: positional arrays and CBOR byte strings keep a one-field push
 // small, and the public types stay free of serde attributes.
 
-#[derive(Serialize, Deserialize)]
-enum FrameRepr {
-    #[serde(rename = "p")]
-    Push(PushRepr),
-    #[serde(rename = "s")]
-    Sync(SyncRepr),
-    #[serde(rename = "d")]
-    Digest(Bytes),
-    #[serde(rename = "g")]
-    Grant(Bytes),
-}
+const KIND_PUSH: u8 = 0;
+const KIND_SYNC: u8 = 1;
+const KIND_DIGEST: u8 = 2;
+const KIND_GRANT: u8 = 3;
 
-#[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PushRepr {
-    #[serde(rename = "d", with = "doc_bytes")]
-    doc: [u8; DOC_ID_LEN],
-    #[serde(rename = "e")]
-    epoch: EpochRepr,
-    #[serde(rename = "c", default, skip_serializing_if = "Option::is_none")]
-    correlation_id: Option<String>,
-    #[serde(rename = "b")]
-    bytes: Bytes,
-}
+/// A frame being written.
+struct FrameOut<'a>(&'a Frame);
 
-#[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SyncRepr {
-    #[serde(rename = "d", with = "doc_bytes")]
-    doc: [u8; DOC_ID_LEN],
-    #[serde(rename = "e")]
-    epoch: EpochRepr,
-    #[serde(rename = "r", default, skip_serializing_if = "is_false")]
-    expects_reply: bool,
-    #[serde(rename = "b")]
-    bytes: Bytes,
-}
+/// Bytes written as a CBOR byte string.
+struct ByteRef<'a>(&'a [u8]);
 
-fn is_false(b: &bool) -> bool {
-    !*b
-}
-
-#[derive(Serialize, Deserialize)]
-struct EpochRepr(u64, #[serde(with = "doc_bytes")] [u8; 16]);
-
-impl From<&KeyEpoch> for EpochRepr {
-    fn from(e: &KeyEpoch) -> Self {
-        Self(e.counter, e.device)
+impl Serialize for ByteRef<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_bytes(self.0)
     }
 }
 
-impl From<EpochRepr> for KeyEpoch {
-    fn from(e: EpochRepr) -> Self {
-        KeyEpoch {
-            counter: e.0,
-            device: e.1,
+/// An epoch as one byte string: the device prefix, then the counter big-endian without
+/// leading zero bytes (one byte for 0).
+struct EpochOut<'a>(&'a KeyEpoch);
+
+impl Serialize for EpochOut<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        let be = self.0.counter.to_be_bytes();
+        let zeros = be
+            .iter()
+            .take(be.len() - 1)
+            .take_while(|b| **b == 0)
+            .count();
+        let mut out = [0u8; EPOCH_WIRE_PREFIX + 8];
+        out[..EPOCH_WIRE_PREFIX].copy_from_slice(&self.0.device[..EPOCH_WIRE_PREFIX]);
+        let len = EPOCH_WIRE_PREFIX + be.len() - zeros;
+        out[EPOCH_WIRE_PREFIX..len].copy_from_slice(&be[zeros..]);
+        s.serialize_bytes(&out[..len])
+    }
+}
+
+impl Serialize for FrameOut<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeTuple;
+        match self.0 {
+            Frame::Push(p) => {
+                let mut t = s.serialize_tuple(4 + usize::from(p.correlation_id.is_some()))?;
+                t.serialize_element(&KIND_PUSH)?;
+                t.serialize_element(&ByteRef(p.doc.as_bytes()))?;
+                t.serialize_element(&EpochOut(&p.epoch))?;
+                t.serialize_element(&ByteRef(&p.bytes))?;
+                if let Some(c) = &p.correlation_id {
+                    t.serialize_element(c)?;
+                }
+                t.end()
+            }
+            Frame::Sync(m) => {
+                let mut t = s.serialize_tuple(4 + usize::from(m.expects_reply))?;
+                t.serialize_element(&KIND_SYNC)?;
+                t.serialize_element(&ByteRef(m.doc.as_bytes()))?;
+                t.serialize_element(&EpochOut(&m.epoch))?;
+                t.serialize_element(&ByteRef(&m.bytes))?;
+                if m.expects_reply {
+                    t.serialize_element(&true)?;
+                }
+                t.end()
+            }
+            Frame::Digest(d) => (KIND_DIGEST, ByteRef(&d.bytes)).serialize(s),
+            Frame::Grant(g) => (KIND_GRANT, ByteRef(&g.bytes)).serialize(s),
         }
+    }
+}
+
+/// A frame being read.
+struct FrameIn(Frame);
+
+impl<'de> Deserialize<'de> for FrameIn {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = FrameIn;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a frame: an array led by its kind")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<FrameIn, A::Error> {
+                use serde::de::Error as _;
+                let kind: u8 = need(&mut seq, "kind")?;
+                let frame = match kind {
+                    KIND_PUSH | KIND_SYNC => {
+                        let doc = DocId::from_bytes(need::<DocBytes, _>(&mut seq, "doc")?.0);
+                        let epoch = need::<EpochIn, _>(&mut seq, "epoch")?.0;
+                        let bytes = need::<Bytes, _>(&mut seq, "payload")?.0;
+                        if kind == KIND_PUSH {
+                            let correlation_id: Option<String> = seq.next_element()?;
+                            if let Some(c) = &correlation_id
+                                && c.len() > MAX_CORRELATION_ID_LEN
+                            {
+                                return Err(A::Error::custom(format!(
+                                    "correlation id of {} bytes exceeds {MAX_CORRELATION_ID_LEN}",
+                                    c.len()
+                                )));
+                            }
+                            Frame::Push(Push {
+                                doc,
+                                epoch,
+                                correlation_id,
+                                bytes,
+                            })
+                        } else {
+                            // Present only when true: one frame, one encoding.
+                            let expects_reply = match seq.next_element::<bool>()? {
+                                None => false,
+                                Some(true) => true,
+                                Some(false) => {
+                                    return Err(A::Error::custom("a reply flag written as false"));
+                                }
+                            };
+                            Frame::Sync(SyncMessage {
+                                doc,
+                                epoch,
+                                expects_reply,
+                                bytes,
+                            })
+                        }
+                    }
+                    KIND_DIGEST => Frame::Digest(DigestFrame {
+                        bytes: need::<Bytes, _>(&mut seq, "payload")?.0,
+                    }),
+                    KIND_GRANT => Frame::Grant(GrantFrame {
+                        bytes: need::<Bytes, _>(&mut seq, "payload")?.0,
+                    }),
+                    other => return Err(A::Error::custom(format!("unknown frame kind {other}"))),
+                };
+                if seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                    return Err(A::Error::custom("more fields than the frame kind has"));
+                }
+                Ok(FrameIn(frame))
+            }
+        }
+        d.deserialize_seq(V)
+    }
+}
+
+/// The next element of a frame's array, which must be there.
+fn need<'de, T: Deserialize<'de>, A: serde::de::SeqAccess<'de>>(
+    seq: &mut A,
+    what: &'static str,
+) -> std::result::Result<T, A::Error> {
+    seq.next_element()?
+        .ok_or_else(|| serde::de::Error::custom(format!("a frame without its {what}")))
+}
+
+/// A 16-byte id as a CBOR byte string.
+struct DocBytes([u8; DOC_ID_LEN]);
+
+impl<'de> Deserialize<'de> for DocBytes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let b = Bytes::deserialize(d)?;
+        <[u8; DOC_ID_LEN]>::try_from(b.0.as_slice())
+            .map(DocBytes)
+            .map_err(|_| serde::de::Error::invalid_length(b.0.len(), &"16 bytes"))
+    }
+}
+
+/// An epoch's byte string (see [`EpochOut`]), read into its wire form.
+struct EpochIn(KeyEpoch);
+
+impl<'de> Deserialize<'de> for EpochIn {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let bytes = Bytes::deserialize(d)?.0;
+        let (prefix, counter) = match bytes.len() {
+            n if (EPOCH_WIRE_PREFIX + 1..=EPOCH_WIRE_PREFIX + 8).contains(&n) => {
+                bytes.split_at(EPOCH_WIRE_PREFIX)
+            }
+            n => {
+                return Err(serde::de::Error::invalid_length(
+                    n,
+                    &"an epoch of 5 to 12 bytes: a 4-byte device prefix and its counter",
+                ));
+            }
+        };
+        // One epoch, one encoding: no leading zero bytes in the counter.
+        if counter.len() > 1 && counter[0] == 0 {
+            return Err(serde::de::Error::custom(
+                "an epoch counter with a leading zero byte",
+            ));
+        }
+        let mut device = [0; 16];
+        device[..EPOCH_WIRE_PREFIX].copy_from_slice(prefix);
+        let counter = counter.iter().fold(0u64, |n, b| n << 8 | u64::from(*b));
+        Ok(EpochIn(KeyEpoch { counter, device }))
     }
 }
 
@@ -296,21 +408,6 @@ impl<'de> Deserialize<'de> for Bytes {
             }
         }
         d.deserialize_byte_buf(V)
-    }
-}
-
-/// Fixed 16-byte arrays as CBOR byte strings.
-mod doc_bytes {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub(super) fn serialize<S: Serializer>(v: &[u8; 16], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(v)
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 16], D::Error> {
-        let b = super::Bytes::deserialize(d)?;
-        <[u8; 16]>::try_from(b.0.as_slice())
-            .map_err(|_| serde::de::Error::invalid_length(b.0.len(), &"16 bytes"))
     }
 }
 
@@ -347,10 +444,109 @@ mod tests {
                 _ => unreachable!(),
             }
         });
-        for f in [push(), bare_push, sync, digest] {
+        let grant = Frame::Grant(GrantFrame { bytes: vec![1; 3] });
+        let no_reply = Frame::Sync(SyncMessage {
+            expects_reply: false,
+            ..match &sync {
+                Frame::Sync(m) => m.clone(),
+                _ => unreachable!(),
+            }
+        });
+        for f in [push(), bare_push, sync, no_reply, digest, grant] {
             let bytes = encode(&f);
-            assert_eq!(decode(&bytes, DEFAULT_MAX_FRAME_BYTES).unwrap(), f);
+            // The epoch comes back in its wire form; everything else as it was.
+            let mut expected = f.clone();
+            if let Frame::Push(Push { epoch, .. }) | Frame::Sync(SyncMessage { epoch, .. }) =
+                &mut expected
+            {
+                *epoch = epoch.wire_form();
+            }
+            assert_eq!(decode(&bytes, DEFAULT_MAX_FRAME_BYTES).unwrap(), expected);
         }
+    }
+
+    #[test]
+    fn every_epoch_counter_round_trips() {
+        for counter in [0, 1, 255, 256, 65_535, 1 << 40, u64::MAX] {
+            let f = Frame::Sync(SyncMessage {
+                doc: DocId::from_bytes([1; 16]),
+                epoch: KeyEpoch {
+                    counter,
+                    device: [0xee; 16],
+                },
+                expects_reply: false,
+                bytes: vec![1],
+            });
+            let Frame::Sync(m) = decode(&encode(&f), usize::MAX).unwrap() else {
+                panic!("not a sync message");
+            };
+            assert_eq!(m.epoch.counter, counter);
+        }
+    }
+
+    #[test]
+    fn a_decoded_epoch_names_the_whole_one_by_counter_and_prefix() {
+        let whole = KeyEpoch {
+            counter: 2,
+            device: [3; 16],
+        };
+        let Frame::Push(p) = decode(&encode(&push()), usize::MAX).unwrap() else {
+            panic!("not a push");
+        };
+        assert!(whole.matches_wire(&p.epoch));
+        assert_eq!(p.epoch.device[..EPOCH_WIRE_PREFIX], [3; EPOCH_WIRE_PREFIX]);
+        let mut other = whole;
+        other.device[0] = 4;
+        assert!(!other.matches_wire(&p.epoch));
+        other = whole;
+        other.counter = 3;
+        assert!(!other.matches_wire(&p.epoch));
+        // Bytes past the prefix do not take part: the seal tells such epochs apart.
+        other = whole;
+        other.device[15] = 0;
+        assert!(other.matches_wire(&p.epoch));
+    }
+
+    #[test]
+    fn fields_a_kind_does_not_have_are_refused() {
+        // A sync message's reply flag is written only when true.
+        let mut false_flag = vec![0x82, WIRE_VERSION, 0x85, KIND_SYNC, 0x50];
+        false_flag.extend([9; 16]);
+        false_flag.extend([0x45, 0, 0, 0, 0, 0, 0x41, 7, 0xf4]);
+        assert!(decode(&false_flag, usize::MAX).is_err());
+        let mut extra = encode(&Frame::Digest(DigestFrame { bytes: vec![1] }));
+        extra[2] = 0x83;
+        extra.push(0x00);
+        assert!(decode(&extra, usize::MAX).is_err());
+        let unknown = [0x82, WIRE_VERSION, 0x82, 9, 0x41, 1];
+        assert!(decode(&unknown, usize::MAX).is_err());
+        let short_prefix = {
+            let mut b = vec![0x82, WIRE_VERSION, 0x84, KIND_PUSH, 0x50];
+            b.extend([9; 16]);
+            b.extend([0x44, 0, 0, 0, 0, 0x41, 7]);
+            b
+        };
+        assert!(decode(&short_prefix, usize::MAX).is_err());
+        let padded_counter = {
+            let mut b = vec![0x82, WIRE_VERSION, 0x84, KIND_PUSH, 0x50];
+            b.extend([9; 16]);
+            b.extend([0x46, 0, 0, 0, 0, 0, 1, 0x41, 7]);
+            b
+        };
+        assert!(decode(&padded_counter, usize::MAX).is_err());
+        let fine = {
+            let mut b = vec![0x82, WIRE_VERSION, 0x84, KIND_PUSH, 0x50];
+            b.extend([9; 16]);
+            b.extend([0x46, 1, 2, 3, 4, 1, 0, 0x41, 7]);
+            b
+        };
+        let Ok(Frame::Push(p)) = decode(&fine, usize::MAX) else {
+            panic!("a well-formed push was refused");
+        };
+        assert_eq!(
+            (p.epoch.counter, &p.epoch.device[..4]),
+            (256, &[1, 2, 3, 4][..])
+        );
     }
 
     #[test]
@@ -368,8 +564,9 @@ mod tests {
     #[test]
     fn envelope_overhead_is_small() {
         let bytes = encode(&push());
-        // 7 payload bytes + 6 correlation bytes; the rest is framing.
-        assert!(bytes.len() < 13 + 60, "{} bytes", bytes.len());
+        // 7 payload bytes + 6 correlation bytes; the rest is framing: version, kind,
+        // the 16-byte id, the epoch's counter and prefix, and the length prefixes.
+        assert!(bytes.len() <= 13 + 32, "{} bytes", bytes.len());
     }
 
     #[test]
@@ -420,12 +617,12 @@ mod tests {
     #[test]
     fn other_versions_are_refused_by_number() {
         let mut bytes = encode(&push());
-        bytes[1] = 2;
+        bytes[1] = 1;
         assert!(matches!(
             decode(&bytes, usize::MAX),
             Err(Error::WireVersion {
-                found: 2,
-                supported: 1
+                found: 1,
+                supported: 2
             })
         ));
     }
@@ -454,9 +651,9 @@ mod tests {
 
     #[test]
     fn a_huge_declared_length_does_not_allocate_it() {
-        // [1, {"d": <bytes of length 2^62>}]: the reader must fail on the short
+        // [2, [0, <bytes of length 2^62>]]: the reader must fail on the short
         // input, not try to reserve 4 EiB.
-        let mut bytes = vec![0x82, 0x01, 0xa1, 0x61, b'd', 0x5b];
+        let mut bytes = vec![0x82, WIRE_VERSION, 0x84, 0x00, 0x5b];
         bytes.extend_from_slice(&(1u64 << 62).to_be_bytes());
         bytes.extend_from_slice(&[0; 8]);
         assert!(decode(&bytes, 1024).is_err());
@@ -470,7 +667,7 @@ mod tests {
 
         #[test]
         fn arbitrary_bytes_after_a_valid_prefix_never_panic(tail in proptest::collection::vec(any::<u8>(), 0..256)) {
-            let mut bytes = vec![0x82, 0x01];
+            let mut bytes = vec![0x82, WIRE_VERSION];
             bytes.extend(tail);
             let _ = decode(&bytes, 4096);
         }

@@ -9,7 +9,7 @@ use hearth_storage::Batch;
 
 use super::peers::MAX_FRAME_BYTES;
 use super::{Core, Reply, doc_err, now_ms};
-use crate::trust::keys::{self, RecordKind};
+use crate::trust::keys::RecordKind;
 use crate::{Entity, EntityWrite, Error};
 
 /// Test hooks: requests that only the project's own tests make.
@@ -83,13 +83,7 @@ impl Core {
             Frame::Sync(s) => (s.doc, s.epoch, RecordKind::SyncMessage, &s.bytes),
             _ => return Err(crate::Error::Invalid("not a push or sync frame".into())),
         };
-        let key = self.keyring.get(doc, epoch).ok_or_else(|| {
-            crate::Error::Forbidden(format!(
-                "no key for document {doc} at epoch {}",
-                epoch.counter
-            ))
-        })?;
-        keys::open(key, doc, epoch, kind, sealed)
+        crate::peers::admission::open_sealed(&self.keyring, doc, epoch, kind, sealed)
             .map(|_| ())
             .map_err(|e| crate::Error::Forbidden(format!("cannot open: {e}")))
     }

@@ -67,6 +67,22 @@ impl Keyring {
         self.keys.get(&(doc, epoch))
     }
 
+    /// The keys of `doc` whose epoch a decoded frame's `wire` epoch (its counter and device
+    /// prefix) may name: at most [`MAX_EPOCHS_PER_DOC`], almost always one. Only the
+    /// right one opens the frame's seal, whose associated data binds the whole epoch.
+    pub(crate) fn matching(
+        &self,
+        doc: DocId,
+        wire: KeyEpoch,
+    ) -> impl Iterator<Item = (KeyEpoch, &DocKey)> + '_ {
+        self.epochs
+            .get(&doc)
+            .into_iter()
+            .flatten()
+            .filter(move |e| e.matches_wire(&wire))
+            .filter_map(move |e| Some((*e, self.keys.get(&(doc, *e))?)))
+    }
+
     pub(crate) fn contains(&self, doc: DocId, epoch: KeyEpoch) -> bool {
         self.keys.contains_key(&(doc, epoch))
     }

@@ -430,9 +430,11 @@ impl Core {
             }
         };
         let opened = match &mut frame {
-            Frame::Push(p) => self.open_payload(p.doc, p.epoch, RecordKind::Push, &mut p.bytes),
+            Frame::Push(p) => {
+                self.open_payload(p.doc, &mut p.epoch, RecordKind::Push, &mut p.bytes)
+            }
             Frame::Sync(s) => {
-                self.open_payload(s.doc, s.epoch, RecordKind::SyncMessage, &mut s.bytes)
+                self.open_payload(s.doc, &mut s.epoch, RecordKind::SyncMessage, &mut s.bytes)
             }
             Frame::Digest(d) => {
                 if class != PeerClass::Own {
@@ -534,19 +536,20 @@ impl Core {
         }
     }
 
+    /// Opens a decoded frame's payload. The frame names its epoch by counter and device
+    /// prefix; the key that opens it tells which whole epoch it was, and `epoch` becomes
+    /// that one.
     pub(crate) fn open_payload(
         &mut self,
         doc: DocId,
-        epoch: KeyEpoch,
+        epoch: &mut KeyEpoch,
         kind: RecordKind,
         bytes: &mut Vec<u8>,
     ) -> Result<(), String> {
-        let key = self
-            .keyring
-            .get(doc, epoch)
-            .ok_or_else(|| format!("no key for document {doc}"))?;
-        *bytes = keys::open(key, doc, epoch, kind, bytes).map_err(|e| e.to_string())?;
-        self.ensure_expected(doc, epoch);
+        let (whole, opened) = open_sealed(&self.keyring, doc, *epoch, kind, bytes)?;
+        *bytes = opened;
+        *epoch = whole;
+        self.ensure_expected(doc, whole);
         Ok(())
     }
 
@@ -642,6 +645,26 @@ impl Core {
         }
         self.drain_attaches().await;
     }
+}
+
+/// Opens `sealed`, a payload of `doc` whose frame named the epoch `wire` (its counter and
+/// device prefix), with whichever held key of a matching epoch opens it: that epoch and
+/// the plaintext.
+pub(crate) fn open_sealed(
+    keyring: &crate::core::keyring::Keyring,
+    doc: DocId,
+    wire: KeyEpoch,
+    kind: RecordKind,
+    sealed: &[u8],
+) -> Result<(KeyEpoch, Vec<u8>), String> {
+    let mut failed = None;
+    for (epoch, key) in keyring.matching(doc, wire) {
+        match keys::open(key, doc, epoch, kind, sealed) {
+            Ok(plain) => return Ok((epoch, plain)),
+            Err(e) => failed = Some(e.to_string()),
+        }
+    }
+    Err(failed.unwrap_or_else(|| format!("no key for document {doc} at epoch {}", wire.counter)))
 }
 
 #[cfg(test)]

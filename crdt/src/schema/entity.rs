@@ -7,7 +7,7 @@
 //! | `id` | string, e.g. `light.living_room` |
 //! | `state` | string |
 //! | `attributes` | map of JSON-like values |
-//! | `updated_at` | string, an [`Hlc`] in its text form |
+//! | `updated_at` | unsigned integer, an [`Hlc`] in its compact form (see [`stamp_value`]); the text form is read too |
 //! | `updated_by` | string, hex actor id of the writing device |
 //! | `owner` | string, HomeId of the owner home |
 //! | `correlation_id` | optional string, the id the last write carried |
@@ -17,7 +17,7 @@
 //! the conflict policies (read with `get_all`) to decide between.
 
 use automerge::transaction::Transactable;
-use automerge::{ActorId, ObjId, ObjType, ROOT, ReadDoc, ScalarValue, Value};
+use automerge::{ActorId, AutoCommit, ObjId, ObjType, ROOT, ReadDoc, ScalarValue, Value};
 use serde_json::{Map, Number, Value as Json};
 
 use super::{am, ensure_map, join, keys, put_str_if_changed, req_map, req_str, type_name};
@@ -74,9 +74,7 @@ impl Entity {
         let a = req_map(doc, &e, "attributes", "entity.attributes")?;
         let mut budget = MAX_ATTRIBUTE_ENTRIES;
         let attributes = read_map(doc, &a, "entity.attributes", 1, &mut budget)?;
-        let updated_at = req_str(doc, &e, "updated_at", "entity.updated_at")?
-            .parse::<Hlc>()
-            .map_err(|err| Error::schema("entity.updated_at", err.to_string()))?;
+        let updated_at = read_stamp(doc, &e)?;
         let by = req_str(doc, &e, "updated_by", "entity.updated_by")?;
         let updated_by = parse_actor(&by)
             .ok_or_else(|| Error::schema("entity.updated_by", "expected 32 hex digits"))?;
@@ -92,6 +90,82 @@ impl Entity {
     }
 }
 
+/// Bits of the compact stamp that hold the clock's counter, when it is not 0.
+const STAMP_COUNTER_BITS: u32 = 8;
+
+/// How `updated_at` holds `at`, written by the operation of actor `writer`. When the
+/// clock is the writer's own (as every write's is) and its counter fits 8 bits, an
+/// unsigned integer with the actor taken back from the operation: `wall_ms << 1` for
+/// counter 0 (the usual case, 6 bytes in a change until 2039), else
+/// `wall_ms << 9 | counter << 1 | 1`; the text form takes 58. Otherwise the text form,
+/// which names the actor itself and which every reader accepts too (and older versions
+/// wrote).
+pub fn stamp_value(at: &Hlc, writer: &ActorId) -> ScalarValue {
+    let own = writer.to_bytes() == at.actor.as_slice();
+    let counter = u64::from(at.counter);
+    match own {
+        true if counter == 0 && at.wall_ms < 1 << 63 => ScalarValue::Uint(at.wall_ms << 1),
+        true if counter < 1 << STAMP_COUNTER_BITS
+            && at.wall_ms < 1 << (63 - STAMP_COUNTER_BITS) =>
+        {
+            ScalarValue::Uint(at.wall_ms << (STAMP_COUNTER_BITS + 1) | counter << 1 | 1)
+        }
+        _ => ScalarValue::Str(at.to_string().into()),
+    }
+}
+
+/// The clock an `updated_at` value holds, written by an operation of `writer`: the
+/// compact form takes its actor from `writer`, the text form names its own. `None`
+/// for any other value (a signed or negative integer, a malformed text, an actor
+/// that is not 16 bytes).
+pub fn stamp_from_scalar(value: &ScalarValue, writer: &ActorId) -> Option<Hlc> {
+    match value {
+        ScalarValue::Uint(packed) => {
+            let (wall_ms, counter) = if packed & 1 == 0 {
+                (packed >> 1, 0)
+            } else {
+                let counter = (packed >> 1) & ((1 << STAMP_COUNTER_BITS) - 1);
+                // Counter 0 has the short form only: one clock, one encoding.
+                if counter == 0 {
+                    return None;
+                }
+                (packed >> (STAMP_COUNTER_BITS + 1), counter)
+            };
+            Some(Hlc {
+                wall_ms,
+                counter: u32::try_from(counter).ok()?,
+                actor: writer.to_bytes().try_into().ok()?,
+            })
+        }
+        ScalarValue::Str(text) => text.parse().ok(),
+        _ => None,
+    }
+}
+
+/// The clock an `updated_at` value read from a document holds; `id` is the value's
+/// operation, which names the writer.
+pub fn stamp_from_value(value: &Value<'_>, id: &ObjId) -> Option<Hlc> {
+    match (value, id) {
+        (Value::Scalar(s), ObjId::Id(_, actor, _)) => stamp_from_scalar(s, actor),
+        (Value::Scalar(s), ObjId::Root) => match s.as_ref() {
+            ScalarValue::Str(text) => text.parse().ok(),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// The entity's `updated_at`, required.
+fn read_stamp<D: ReadDoc>(doc: &D, e: &ObjId) -> Result<Hlc> {
+    let (value, id) = super::required(doc, e, "updated_at", "entity.updated_at")?;
+    stamp_from_value(&value, &id).ok_or_else(|| {
+        Error::schema(
+            "entity.updated_at",
+            "expected a clock: an unsigned integer or 58 characters of text",
+        )
+    })
+}
+
 fn parse_actor(text: &str) -> Option<ActorId> {
     if text.len() != 32 {
         return None;
@@ -100,8 +174,8 @@ fn parse_actor(text: &str) -> Option<ActorId> {
 }
 
 /// Writes the immutable fields and a first state. Used once, at creation.
-pub(crate) fn init<T: Transactable>(
-    doc: &mut T,
+pub(crate) fn init(
+    doc: &mut AutoCommit,
     id: &str,
     owner: &str,
     update: &EntityUpdate,
@@ -135,12 +209,7 @@ fn validate_id(id: &str) -> Result<()> {
 }
 
 /// Applies `update` with timestamp `at` written by `by`.
-pub fn write<T: Transactable>(
-    doc: &mut T,
-    update: &EntityUpdate,
-    at: Hlc,
-    by: &ActorId,
-) -> Result<()> {
+pub fn write(doc: &mut AutoCommit, update: &EntityUpdate, at: Hlc, by: &ActorId) -> Result<()> {
     if let Some(attrs) = &update.attributes {
         let mut budget = MAX_ATTRIBUTE_ENTRIES;
         check_json_map(attrs, "entity.attributes", 1, &mut budget)?;
@@ -166,7 +235,11 @@ pub fn write<T: Transactable>(
             }
         }
     }
-    doc.put(&e, "updated_at", at.to_string()).map_err(am)?;
+    // The compact stamp names no actor: the reader takes the operation's, which is the
+    // document's actor, so that is what decides whether `at` can be written compactly.
+    let writer = doc.get_actor().clone();
+    doc.put(&e, "updated_at", stamp_value(&at, &writer))
+        .map_err(am)?;
     put_str_if_changed(doc, &e, "updated_by", &by.to_hex_string())?;
     Ok(())
 }
@@ -451,6 +524,64 @@ mod tests {
         assert_eq!(correlation_id(&doc), None);
         // And the entity itself still reads.
         assert_eq!(Entity::read(&doc).unwrap().state, "on");
+    }
+
+    #[test]
+    fn a_stamp_is_written_compactly_by_its_own_clock_and_as_text_otherwise() {
+        let mut doc = AutoCommit::new().with_actor(actor());
+        let update = EntityUpdate {
+            state: "on".into(),
+            attributes: None,
+        };
+        init(&mut doc, "light.a", "home-1", &update, at(1), &actor()).unwrap();
+        let e = doc.get(ROOT, ENTITY_KEY).unwrap().unwrap().1;
+        let stored = |doc: &AutoCommit| match doc.get(&e, "updated_at").unwrap().unwrap().0 {
+            Value::Scalar(s) => s.into_owned(),
+            Value::Object(_) => ScalarValue::Null,
+        };
+        // The writer's own clock: an integer, read back with the writer's actor.
+        assert!(matches!(stored(&doc), ScalarValue::Uint(_)));
+        assert_eq!(Entity::read(&doc).unwrap().updated_at, at(1));
+        let busy = Hlc {
+            counter: 255,
+            ..at(1_780_000_000_000)
+        };
+        write(&mut doc, &update, busy, &actor()).unwrap();
+        assert_eq!(Entity::read(&doc).unwrap().updated_at, busy);
+        // A counter past 8 bits, or a clock that is not the document's actor's: text.
+        for other in [
+            Hlc {
+                counter: 256,
+                ..at(2)
+            },
+            Hlc {
+                actor: [9; 16],
+                ..at(3)
+            },
+        ] {
+            write(&mut doc, &update, other, &actor()).unwrap();
+            assert!(stored(&doc).is_str());
+            assert_eq!(Entity::read(&doc).unwrap().updated_at, other);
+        }
+        // The compact form takes whichever actor wrote it; anything but an unsigned
+        // integer or a clock's text is refused.
+        let mut peer = doc.fork().with_actor(ActorId::from([8u8; 16]));
+        peer.put(&e, "updated_at", 4u64 << 9 | 2 << 1 | 1).unwrap();
+        let read = Entity::read(&peer).unwrap().updated_at;
+        assert_eq!((read.wall_ms, read.counter, read.actor), (4, 2, [8; 16]));
+        peer.put(&e, "updated_at", 4u64 << 1).unwrap();
+        let read = Entity::read(&peer).unwrap().updated_at;
+        assert_eq!((read.wall_ms, read.counter), (4, 0));
+        for bad in [
+            ScalarValue::Int(5),
+            ScalarValue::Str("soon".into()),
+            ScalarValue::F64(1.0),
+            ScalarValue::Uint(4 << 9 | 1),
+        ] {
+            peer.put(&e, "updated_at", bad).unwrap();
+            let err = Entity::read(&peer).unwrap_err();
+            assert!(matches!(&err, Error::Schema { path, .. } if path == "entity.updated_at"));
+        }
     }
 
     #[test]

@@ -203,7 +203,7 @@ fn get<'a, D: ReadDoc>(
         .map_err(|e| Error::schema(path, format!("unreadable: {e}")))
 }
 
-fn required<'a, D: ReadDoc>(
+pub(crate) fn required<'a, D: ReadDoc>(
     doc: &'a D,
     obj: &ObjId,
     key: &str,
