@@ -6,6 +6,7 @@
 //! scenario ends by reading each node's heads root, and the report shows them, so
 //! convergence is shown rather than claimed.
 
+mod api;
 mod child;
 mod cluster;
 mod floor;
@@ -68,6 +69,12 @@ pub(crate) struct BenchArgs {
     /// batching: pipelined updates per window (default 5000).
     #[arg(long, value_name = "N")]
     batching_updates: Option<usize>,
+    /// api: acknowledged PUTs in the timed run (default 20000).
+    #[arg(long, value_name = "N")]
+    api_updates: Option<usize>,
+    /// api: concurrent HTTP clients, one connection each (default 64).
+    #[arg(long, value_name = "N")]
+    api_clients: Option<usize>,
     /// wire: messages in the chat burst (default 20).
     #[arg(long, value_name = "N")]
     chat_messages: Option<usize>,
@@ -105,6 +112,8 @@ pub(crate) enum Scenario {
     /// Seed 001's table with real WebSocket clients: connect, message, state sync,
     /// notification, room broadcast.
     Ws,
+    /// REST writes from concurrent HTTP clients, acknowledged updates a second.
+    Api,
 }
 
 impl Scenario {
@@ -122,6 +131,7 @@ impl Scenario {
             Self::Batching => "batching",
             Self::Locks => "locks",
             Self::Ws => "ws",
+            Self::Api => "api",
         }
     }
 }
@@ -142,6 +152,8 @@ pub(crate) struct Sizes {
     pub(crate) windows: Vec<Duration>,
     pub(crate) batching_updates: usize,
     pub(crate) chat_messages: usize,
+    pub(crate) api_updates: usize,
+    pub(crate) api_clients: usize,
     pub(crate) rest: Duration,
 }
 
@@ -174,6 +186,8 @@ impl Sizes {
                 .collect(),
             batching_updates: pick(a.batching_updates, 5000, 200),
             chat_messages: pick(a.chat_messages, 20, 20),
+            api_updates: pick(a.api_updates, 20_000, 1000),
+            api_clients: pick(a.api_clients, 64, 64),
             rest: Duration::from_millis(if q { 200 } else { 1000 }),
         }
     }
@@ -193,7 +207,7 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
     let report = runtime.block_on(async {
         let mut scratch = cluster::Scratch::new()?;
         let mut report = Report::new(&sizes);
-        report.floor = Some(scenarios::floor(&sizes).await?);
+        report.set_floor(scenarios::floor(&sizes).await?);
         let order = [
             Scenario::Latency,
             Scenario::Throughput,
@@ -206,6 +220,7 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
             Scenario::Batching,
             Scenario::Locks,
             Scenario::Ws,
+            Scenario::Api,
         ];
         let mut stores = None;
         let mut failed = Vec::new();
@@ -239,6 +254,7 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
                     Scenario::Batching => scenarios::batching(&mut scratch, &sizes).await?,
                     Scenario::Locks => scenarios::locks(&mut scratch, &sizes).await?,
                     Scenario::Ws => ws::ws(&mut scratch, &sizes).await?,
+                    Scenario::Api => api::api(&mut scratch, &sizes).await?,
                 })
             }
             .await;

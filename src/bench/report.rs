@@ -123,6 +123,61 @@ pub(crate) struct Floor {
     pub(crate) floor_p95_us: f64,
 }
 
+/// The machine the run had: figures taken under load are visibly so.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct Machine {
+    /// Cores this process may use.
+    pub(crate) cores: usize,
+    /// The 1, 5 and 15 minute load averages when the run started (Linux), else absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) load_average_start: Option<[f64; 3]>,
+    /// The floor's p95 figures, once measured: TCP echo, Automerge put+apply.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) floor_tcp_echo_p95_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) floor_automerge_put_apply_p95_us: Option<f64>,
+}
+
+impl Machine {
+    /// This machine now.
+    pub(crate) fn now() -> Self {
+        Self {
+            cores: std::thread::available_parallelism().map_or(1, usize::from),
+            load_average_start: std::fs::read_to_string("/proc/loadavg")
+                .ok()
+                .and_then(|text| parse_loadavg(&text)),
+            floor_tcp_echo_p95_us: None,
+            floor_automerge_put_apply_p95_us: None,
+        }
+    }
+
+    fn line(&self) -> String {
+        let mut out = format!("machine: {} cores", self.cores);
+        if let Some([one, five, fifteen]) = self.load_average_start {
+            let _ = write!(
+                out,
+                ", load average {one:.2} {five:.2} {fifteen:.2} at start"
+            );
+        }
+        if let (Some(tcp), Some(am)) = (
+            self.floor_tcp_echo_p95_us,
+            self.floor_automerge_put_apply_p95_us,
+        ) {
+            let _ = write!(
+                out,
+                ", floor p95: tcp echo {tcp:.0} us, automerge put+apply {am:.0} us"
+            );
+        }
+        out
+    }
+}
+
+/// The three load averages of `/proc/loadavg`'s text.
+fn parse_loadavg(text: &str) -> Option<[f64; 3]> {
+    let mut fields = text.split_whitespace().map(|f| f.parse::<f64>().ok());
+    Some([fields.next()??, fields.next()??, fields.next()??])
+}
+
 /// Everything `hearth bench` prints.
 #[derive(Debug, Serialize)]
 pub(crate) struct Report {
@@ -131,6 +186,7 @@ pub(crate) struct Report {
     /// `release` or `debug`: debug figures are not comparable with targets.
     pub(crate) profile: &'static str,
     pub(crate) quick: bool,
+    pub(crate) machine: Machine,
     pub(crate) floor: Option<Floor>,
     pub(crate) scenarios: Vec<ScenarioReport>,
 }
@@ -146,9 +202,17 @@ impl Report {
                 "release"
             },
             quick: sizes.quick,
+            machine: Machine::now(),
             floor: None,
             scenarios: Vec::new(),
         }
+    }
+
+    /// Records the floor, in its own field and on the machine line.
+    pub(crate) fn set_floor(&mut self, floor: Floor) {
+        self.machine.floor_tcp_echo_p95_us = Some(floor.tcp_echo_p95_us);
+        self.machine.floor_automerge_put_apply_p95_us = Some(floor.automerge_put_apply_p95_us);
+        self.floor = Some(floor);
     }
 
     /// The first report of `scenario`, if it ran.
@@ -232,10 +296,11 @@ impl Report {
             }
         }
         let mut out = format!(
-            "hearth bench {} ({} build{})\n",
+            "hearth bench {} ({} build{})\n{}\n",
             self.version,
             self.profile,
-            if self.quick { ", quick sizes" } else { "" }
+            if self.quick { ", quick sizes" } else { "" },
+            self.machine.line()
         );
         for row in rows {
             let mut line = String::new();
@@ -275,6 +340,12 @@ mod tests {
             version: "test",
             profile: "debug",
             quick: true,
+            machine: Machine {
+                cores: 2,
+                load_average_start: parse_loadavg("1.50 0.75 0.25 2/345 6789\n"),
+                floor_tcp_echo_p95_us: None,
+                floor_automerge_put_apply_p95_us: None,
+            },
             floor: None,
             scenarios: Vec::new(),
         };
@@ -287,7 +358,13 @@ mod tests {
             table.contains("FAILED: devices did not converge"),
             "{table}"
         );
+        assert!(
+            table.contains("machine: 2 cores, load average 1.50 0.75 0.25 at start"),
+            "{table}"
+        );
         let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["machine"]["cores"], 2);
+        assert_eq!(json["machine"]["load_average_start"][0], 1.5);
         assert_eq!(json["scenarios"][0]["converged"], false);
         assert_eq!(json["scenarios"][0]["error"], "devices did not converge");
     }

@@ -35,15 +35,19 @@ const SEED: [(&str, f64, f64); 5] = [
 ];
 
 /// A device with its API on loopback.
-struct Served {
-    device: Device,
-    api: String,
-    token: String,
+pub(super) struct Served {
+    pub(super) device: Device,
+    pub(super) api: String,
+    pub(super) token: String,
     /// One HTTP client for every REST call, keeping its connections open.
     http: ureq::Agent,
 }
 
-async fn serve(scratch: &mut Scratch, first: Option<&Served>, name: &str) -> Result<Served> {
+pub(super) async fn serve(
+    scratch: &mut Scratch,
+    first: Option<&Served>,
+    name: &str,
+) -> Result<Served> {
     let dir = scratch.dir(name);
     let mut config = cluster::config(&dir, name, hearth::DEFAULT_BATCH_WINDOW);
     config.api = Some(hearth::ApiConfig::on("127.0.0.1:0".parse()?));
