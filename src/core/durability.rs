@@ -1,8 +1,8 @@
 //! What the core does about its store: background persists under a cap, refusing writes
 //! while the store is failed, and storing again what a failed store missed once it is back.
 //!
-//! A local write is applied and pushed before its batch reaches the store, so the write
-//! that discovers a failure cannot be undone: its answer says it is applied but not
+//! A local write is applied before its batch reaches the store (and sent to peers once the
+//! batch finished, send_gate.rs), so the write that discovers a failure cannot be undone: its answer says it is applied but not
 //! durable here (507, `applied: true`). From then on the store's health latch is set, and
 //! writes are refused before they apply (507, `applied: false`) until the storage thread
 //! has reopened the database. Changes from peers still apply in memory meanwhile. Every
@@ -34,6 +34,8 @@ const MAX_REPERSIST_OPS: usize = 10_000;
 pub(crate) struct Pending {
     pub(crate) batch: Batch,
     pub(crate) acks: Vec<Ack>,
+    /// Frames queued after this batch wait for it (send_gate.rs).
+    pub(crate) ticket: u64,
 }
 
 /// A record by keyspace and key.
@@ -125,9 +127,13 @@ pub(crate) fn refusal(store: &StoreHandle) -> Error {
 /// Stores one batch and answers its writers; a failure is remembered for the recovery.
 async fn persist(
     store: StoreHandle,
-    batch: Batch,
-    acks: Vec<Ack>,
+    Pending {
+        batch,
+        acks,
+        ticket,
+    }: Pending,
     unpersisted: Arc<Mutex<Unpersisted>>,
+    finish: super::send_gate::Finish,
 ) {
     let salvage = Salvage::of(&batch);
     let result = store.batch(batch).await;
@@ -141,6 +147,7 @@ async fn persist(
         // The store logged the failure that latched it; this is one of its consequences.
         tracing::warn!(%error, "could not persist document changes");
     }
+    finish.finished(ticket);
     for ack in acks {
         ack(result.as_ref().map(|_| ()).map_err(write_error));
     }
@@ -153,21 +160,32 @@ impl Core {
         if batch.is_empty() && acks.is_empty() {
             return;
         }
-        self.persist_queue.push(Pending { batch, acks });
+        let ticket = self.tickets.issue();
+        self.queue_ticketed(batch, acks, ticket);
+    }
+
+    /// Queues a batch whose ticket was reserved earlier (the write window's).
+    pub(crate) fn queue_ticketed(&mut self, batch: Batch, acks: Vec<Ack>, ticket: u64) {
+        self.persist_queue.push(Pending {
+            batch,
+            acks,
+            ticket,
+        });
     }
 
     /// Starts every queued batch, waiting for a slot when [`MAX_PERSISTS_IN_FLIGHT`] are
     /// already in flight.
     pub(crate) async fn start_persists(&mut self) {
-        for Pending { batch, acks } in std::mem::take(&mut self.persist_queue) {
+        for pending in std::mem::take(&mut self.persist_queue) {
             let Ok(permit) = self.persists.clone().acquire_owned().await else {
                 // Closed only when the node is gone.
                 return;
             };
             let store = self.store.clone();
             let unpersisted = self.unpersisted.clone();
+            let finish = self.tickets.finish();
             tokio::spawn(async move {
-                persist(store, batch, acks, unpersisted).await;
+                persist(store, pending, unpersisted, finish).await;
                 drop(permit);
             });
         }

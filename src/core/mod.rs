@@ -20,6 +20,7 @@ use crate::Error;
 pub(crate) mod durability;
 pub(crate) mod effects;
 pub(crate) mod quarantine;
+pub(crate) mod send_gate;
 pub(crate) use durability::MAX_PERSISTS_IN_FLIGHT;
 #[cfg(feature = "test-hooks")]
 pub(crate) mod hooks;
@@ -302,6 +303,10 @@ pub(crate) struct Core {
     pub(crate) device: DeviceSecret,
     /// Frames the engine produced, sealed and sent after each step.
     pub(crate) outbox: Vec<(String, Frame)>,
+    /// Frames waiting for the store batches queued before them (send_gate.rs).
+    pub(crate) gate: send_gate::SendGate,
+    /// Tickets of background store batches, and how far they finished.
+    pub(crate) tickets: send_gate::Tickets,
     /// Invite codes and pairing exchanges.
     pub(crate) pairing: pairing::Pairing,
     /// (doc id, heads hash) of every document this device holds a key for, kept current,
@@ -439,6 +444,8 @@ pub(crate) async fn start(
         keyring: Keyring::default(),
         device: DeviceSecret::generate(),
         outbox: Vec::new(),
+        gate: send_gate::SendGate::default(),
+        tickets: send_gate::Tickets::new(),
         pairing: pairing::Pairing::default(),
         digest: hearth_crdt::digest::DigestTree::new(),
         counters: SyncCounters::default(),
@@ -551,6 +558,7 @@ impl Core {
         // A late tick is not worth a burst of catch-up heartbeats.
         heartbeats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut store_health = self.store.watch_health();
+        let mut batches_finished = self.tickets.watch();
         loop {
             let net_stalled = *stall_net.borrow_and_update();
             let window_closes = self.entities.writes.deadline();
@@ -589,6 +597,8 @@ impl Core {
                 }
                 // Re-evaluates the guard below when the test hook flips.
                 Ok(()) = stall_net.changed() => {}
+                // Frames that waited for their store batches.
+                Ok(()) = batches_finished.changed() => self.send_pending().await,
                 Ok(()) = store_health.changed() => {
                     if !self.store.is_failed() {
                         self.repersist();

@@ -3,8 +3,9 @@
 //! batch, so a burst of writes costs one flush instead of one each. Every write in the
 //! window is acknowledged after that flush, so an acknowledged write is still durable.
 //!
-//! Pushes never wait for the window: the window only delays the acknowledgement. Pushes
-//! that one core step produced for the same document and peer are merged into one frame
+//! The window's batch has its ticket from its first write (core/send_gate.rs): the pushes
+//! of its writes leave once it is flushed, so no peer holds a change this device could
+//! lose. Pushes that one core step produced for the same document and peer are merged into one frame
 //! (a batch write of many updates to few entities becomes one sealed frame per entity).
 
 use std::time::Duration;
@@ -35,6 +36,8 @@ pub(crate) struct WriteWindow {
     batch: Batch,
     acks: Vec<Ack>,
     deadline: Option<Instant>,
+    /// The store ticket reserved for the window's batch, from its first write.
+    ticket: Option<u64>,
 }
 
 impl WriteWindow {
@@ -44,6 +47,7 @@ impl WriteWindow {
             batch: Batch::new(),
             acks: Vec::new(),
             deadline: None,
+            ticket: None,
         }
     }
 
@@ -57,15 +61,19 @@ impl WriteWindow {
         self.acks.len() >= MAX_WINDOW_WRITES
     }
 
-    pub(crate) fn push(&mut self, batch: Batch, ack: Ack) {
+    /// Adds a write; `ticket` reserves the batch's store ticket when the window opens.
+    pub(crate) fn push(&mut self, batch: Batch, ack: Ack, ticket: impl FnOnce() -> u64) {
         if self.deadline.is_none() {
             self.deadline = Some(Instant::now() + self.window);
+        }
+        if self.ticket.is_none() {
+            self.ticket = Some(ticket());
         }
         append(&mut self.batch, batch);
         self.acks.push(ack);
     }
 
-    pub(crate) fn take(&mut self) -> Option<(Batch, Vec<Ack>)> {
+    pub(crate) fn take(&mut self) -> Option<(Batch, Vec<Ack>, Option<u64>)> {
         self.deadline = None;
         if self.acks.is_empty() {
             return None;
@@ -73,6 +81,7 @@ impl WriteWindow {
         Some((
             std::mem::take(&mut self.batch),
             std::mem::take(&mut self.acks),
+            self.ticket.take(),
         ))
     }
 }
@@ -112,7 +121,8 @@ impl Core {
             self.queue_persist(batch, vec![ack]);
             return;
         }
-        self.entities.writes.push(batch, ack);
+        let tickets = &mut self.tickets;
+        self.entities.writes.push(batch, ack, || tickets.issue());
         if self.entities.writes.is_full() {
             self.commit_window();
         }
@@ -121,10 +131,13 @@ impl Core {
     /// Hands the open window's batch to the store; its writers are answered after the
     /// flush, without holding up the actor.
     pub(crate) fn commit_window(&mut self) {
-        let Some((batch, acks)) = self.entities.writes.take() else {
+        let Some((batch, acks, ticket)) = self.entities.writes.take() else {
             return;
         };
-        self.queue_persist(batch, acks);
+        match ticket {
+            Some(ticket) => self.queue_ticketed(batch, acks, ticket),
+            None => self.queue_persist(batch, acks),
+        }
     }
 
     /// Commits the open window and starts every queued batch: the last step before the
@@ -285,9 +298,13 @@ mod tests {
             Box::new(move |r| {
                 let _ = tx.send(r);
             }),
+            || 7,
         );
+        // Later writes keep the ticket the window reserved with its first.
+        w.push(Batch::new(), Box::new(|_| {}), || 8);
         assert!(w.deadline().is_some());
-        let (_, acks) = w.take().expect("one write waits");
+        let (_, acks, ticket) = w.take().expect("two writes wait");
+        assert_eq!(ticket, Some(7));
         assert!(w.deadline().is_none() && w.take().is_none());
         acknowledge(acks, Ok(()));
         assert!(matches!(rx.try_recv(), Ok(Ok(()))));

@@ -338,10 +338,19 @@ impl Core {
             .expect_document(doc, kind, &self.home.home_id, epoch);
     }
 
-    /// Seals and sends every frame the engine produced. A frame for a document whose key
-    /// is missing is dropped with a warning; the session's retry resends it later.
+    /// Seals and sends every frame the engine produced whose store batches have finished
+    /// (core/send_gate.rs: no peer gets a change before it is durable here); the rest wait
+    /// in order. A frame for a document whose key is missing is dropped with a warning;
+    /// the session's retry resends it later.
     pub(crate) async fn send_pending(&mut self) {
-        let outbox = std::mem::take(&mut self.outbox);
+        let queued = std::mem::take(&mut self.outbox);
+        if !queued.is_empty() {
+            self.gate.hold(self.tickets.last_issued(), queued);
+        }
+        let outbox = self.gate.release(self.tickets.finished_through());
+        if outbox.is_empty() {
+            return;
+        }
         let max_push = self.engine.config().max_push_bytes;
         for (peer, frame) in crate::entities::batching::coalesce_pushes(outbox, max_push) {
             let Some(net_peer) = self
