@@ -14,7 +14,7 @@ use crate::chunks::Scanner;
 use crate::engine::{Engine, EngineConfig, frame_limits};
 use crate::error::{Error, Result};
 use crate::schema::entity::ENTITY_KEY;
-use crate::schema::touched::{Path, written_paths};
+use crate::schema::touched::{MAX_OBJECT_DEPTH, Path, check_nesting, written_paths};
 use crate::wire::Frame;
 
 /// Fields under `entity` that a granted home's write may touch (attributes with
@@ -49,6 +49,9 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
             return Ok(());
         }
         let current = self.doc(doc)?;
+        // Before the paths, whose cost grows with the square of the nesting.
+        check_nesting(current, &changes, MAX_OBJECT_DEPTH)
+            .map_err(|reason| Error::Changes { doc, reason })?;
         let paths = written_paths(current, &changes).ok_or_else(|| Error::Changes {
             doc,
             reason: "writes to an object this document cannot place".into(),

@@ -11,6 +11,7 @@ use crate::chunks::Scanner;
 use crate::error::{Error, Result};
 use crate::ids::{DocId, KeyEpoch};
 use crate::schema::DocKind;
+use crate::schema::touched::{MAX_OBJECT_DEPTH, check_nesting};
 use crate::session::SyncSession;
 use crate::wire::{Frame, Push, SyncMessage};
 
@@ -182,6 +183,9 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         if let Err(reason) = check_actors(&push.changes, &push.changes, &ds.actors) {
             return Err(Error::Changes { doc: id, reason });
         }
+        if let Err(reason) = check_nesting(&ds.doc, &push.changes, MAX_OBJECT_DEPTH) {
+            return Err(Error::Changes { doc: id, reason });
+        }
         let Parked {
             from,
             changes,
@@ -278,7 +282,9 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         };
         let doc = &mut ds.doc;
         let known = &ds.actors;
-        let actor_check = catch(|| check_sync_actors(doc, &sync_changes, known));
+        let actor_check = catch(|| check_sync_actors(doc, &sync_changes, known))
+            .unwrap_or_else(|()| Err("checking the changes' actors failed".into()))
+            .and_then(|()| check_nesting(doc, &sync_changes, MAX_OBJECT_DEPTH));
         // What the message would add: its changes not here yet, and any whole
         // document in full.
         let fresh = catch(|| {
@@ -294,7 +300,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
             .sessions
             .entry(peer.clone())
             .or_insert_with(SyncSession::new);
-        if let Err(reason) = actor_check.unwrap_or(Ok(())) {
+        if let Err(reason) = actor_check {
             self.stats.session_resets += 1;
             session.reset(now_ms);
             return Err(Error::Sync { doc: id, reason });

@@ -229,6 +229,74 @@ fn list_maps(doc: &AutoCommit, changes: &[Change], list: &[&str]) -> Option<Vec<
     Some(out)
 }
 
+/// Deepest nesting of objects (maps, lists, texts) a document may reach from its root.
+/// Every schema stays far below it (an entity's attributes, the deepest, are capped at 16
+/// levels below two more); deeper objects only come from a hostile writer, and walking
+/// them costs time and memory in the depth squared.
+pub const MAX_OBJECT_DEPTH: usize = 32;
+
+/// Refuses `changes` when an object they make would sit deeper than `max_depth` below the
+/// root of `doc` (the changes not yet applied): one pass over their operations, and one
+/// walk up from each object outside them that they make objects in, cut off at the cap.
+/// Never panics.
+pub fn check_nesting(doc: &AutoCommit, changes: &[Change], max_depth: usize) -> Result<(), String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        nesting(doc, changes, max_depth)
+    }))
+    .unwrap_or_else(|_| Err("changes whose objects cannot be placed".into()))
+}
+
+fn nesting(doc: &AutoCommit, changes: &[Change], max_depth: usize) -> Result<(), String> {
+    // Depth of each object the changes make, and of each outside object they make one in.
+    let mut depth: HashMap<String, usize> = HashMap::new();
+    for change in changes {
+        let expanded = change.decode();
+        let start = expanded.start_op.get();
+        for (i, op) in expanded.operations.iter().enumerate() {
+            if !matches!(op.action, OpType::Make(_)) {
+                continue;
+            }
+            let parent = match &op.obj {
+                ObjectId::Root => 0,
+                ObjectId::Id(id) => {
+                    let text = id.to_string();
+                    match depth.get(&text) {
+                        Some(d) => *d,
+                        None => {
+                            let d = depth_in(doc, &text, max_depth);
+                            depth.insert(text, d);
+                            d
+                        }
+                    }
+                }
+            };
+            let made = parent.saturating_add(1);
+            if made > max_depth {
+                return Err(format!("an object nested deeper than {max_depth} levels"));
+            }
+            let counter = u64::try_from(i)
+                .ok()
+                .and_then(|i| start.checked_add(i))
+                .ok_or("an operation counter out of range")?;
+            depth.insert(OpId::new(counter, &expanded.actor_id).to_string(), made);
+        }
+    }
+    Ok(())
+}
+
+/// How deep `obj_text` sits in `doc`, counting at most `cap + 1` levels. An object the
+/// document does not hold (its change is missing) counts as the root's child: the change
+/// that makes it is checked when it comes.
+fn depth_in(doc: &AutoCommit, obj_text: &str, cap: usize) -> usize {
+    let Ok(obj) = doc.import_obj(obj_text) else {
+        return 1;
+    };
+    match doc.parents(&obj) {
+        Ok(parents) => parents.take(cap.saturating_add(1)).count(),
+        Err(_) => 1,
+    }
+}
+
 fn path_of(doc: &AutoCommit, obj_text: &str) -> Option<Vec<Option<String>>> {
     let obj = doc.import_obj(obj_text).ok()?;
     let parents = doc.parents(&obj).ok()?;
@@ -252,6 +320,42 @@ mod tests {
 
     fn new_changes(doc: &mut AutoCommit, since: &[automerge::ChangeHash]) -> Vec<Change> {
         doc.get_changes(since).into_iter().collect()
+    }
+
+    #[test]
+    fn objects_nested_past_the_cap_are_refused_in_and_across_changes() {
+        let nest = |doc: &mut AutoCommit, from: automerge::ObjId, levels: usize| {
+            let mut obj = from;
+            for _ in 0..levels {
+                obj = doc.put_object(&obj, "m", ObjType::Map).unwrap();
+            }
+            obj
+        };
+        let mut doc = AutoCommit::new();
+        let base = doc.get_heads();
+        let deep = nest(&mut doc, ROOT, 20);
+        let changes = new_changes(&mut doc, &base);
+        let empty = AutoCommit::new();
+        assert_eq!(check_nesting(&empty, &changes, 20), Ok(()));
+        assert!(check_nesting(&empty, &changes, 19).is_err());
+        // Applied, then deepened by a later change: the depth counts from the root.
+        let mut holder = AutoCommit::new();
+        holder.apply_changes(changes).unwrap();
+        let seen = doc.get_heads();
+        nest(&mut doc, deep, 5);
+        let more = new_changes(&mut doc, &seen);
+        assert_eq!(check_nesting(&holder, &more, 25), Ok(()));
+        let err = check_nesting(&holder, &more, 24).unwrap_err();
+        assert!(err.contains("deeper than 24"), "{err}");
+        // A text and a list count as levels too; scalars do not.
+        let mut flat = AutoCommit::new();
+        let before = flat.get_heads();
+        let list = flat.put_object(ROOT, "l", ObjType::List).unwrap();
+        flat.insert_object(&list, 0, ObjType::Text).unwrap();
+        flat.put(ROOT, "x", 1).unwrap();
+        let changes = new_changes(&mut flat, &before);
+        assert_eq!(check_nesting(&empty, &changes, 2), Ok(()));
+        assert!(check_nesting(&empty, &changes, 1).is_err());
     }
 
     #[test]
