@@ -193,8 +193,12 @@ impl DiscoveredTable {
 /// itself. mDNS discovery is not always mutual: a node that starts after its neighbour's
 /// query hears the neighbour, but the neighbour does not hear it until its next query,
 /// minutes later. Without this fallback such a pair, with the larger side the only one
-/// that knows, would never connect.
-pub(crate) const LARGER_SIDE_GRACE: Duration = Duration::from_secs(2);
+/// that knows, would never connect. It is short because that is exactly what a restarted
+/// node sees: its start-up query hears every neighbour at once, none of them hears it, and
+/// the pair should be connected again well within the 2 s a restart may take to heal.
+/// Dialling from a fresh port (see `dial_peer`) keeps a dial that crosses the smaller
+/// side's from failing; the duplicate is closed.
+pub(crate) const LARGER_SIDE_GRACE: Duration = Duration::from_millis(300);
 
 /// Whether this node should dial a discovered peer now.
 ///
