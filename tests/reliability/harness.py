@@ -164,8 +164,9 @@ class Api:
         self.host, self.port, self.timeout = host, port, timeout
         self.conn = None
 
-    def call(self, method, path, body=None):
-        """Returns (status, parsed JSON or None). Raises OSError when the node is unreachable."""
+    def call(self, method, path, body=None, raw=False):
+        """Returns (status, parsed JSON or None; the text with `raw`). Raises OSError when the
+        node is unreachable."""
         for attempt in (0, 1):
             if self.conn is None:
                 self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
@@ -176,9 +177,11 @@ class Api:
                     headers["Content-Type"] = "application/json"
                 self.conn.request(method, path, body=data, headers=headers)
                 r = self.conn.getresponse()
-                raw = r.read()
+                data = r.read()
+                if raw:
+                    return r.status, data.decode(errors="replace")
                 try:
-                    parsed = json.loads(raw) if raw else None
+                    parsed = json.loads(data) if data else None
                 except ValueError:
                     parsed = None
                 return r.status, parsed
@@ -248,14 +251,14 @@ class Node:
             time.sleep(0.05)
         raise Failure(f"{self.name} did not answer within {timeout}s; see {self.log}")
 
-    def call(self, method, path, body=None):
+    def call(self, method, path, body=None, raw=False):
         """One API call from a thread in the node's namespace (a fresh connection)."""
         token = self.token()
 
         def go():
             api = Api(token)
             try:
-                return api.call(method, path, body)
+                return api.call(method, path, body, raw)
             finally:
                 api.close()
 
