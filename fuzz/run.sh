@@ -20,8 +20,8 @@ if ! command -v cargo-fuzz >/dev/null 2>&1; then
 fi
 
 # target:runs. Runs are sized from measured rates (envelope ~250k/s,
-# receive ~700/s, sync_message ~400/s on 2 cores) to about half a minute each.
-budget=("envelope:6000000" "receive:20000" "sync_message:12000")
+# receive ~700/s, sync_message ~400/s, digest ~16k/s on 2 cores) to about half a minute each.
+budget=("envelope:6000000" "receive:20000" "sync_message:12000" "digest:400000")
 seed=20261122
 
 scratch=$(mktemp -d)

@@ -881,6 +881,11 @@ async fn stop_task<T>(what: &str, mut task: JoinHandle<T>) -> Result<Option<T>, 
     }
 }
 
+/// Longest wait between redials of a peer that went away. hearth-net's own default (30 s)
+/// suits a library talking to strangers; a home's devices come back after a restart or a
+/// healed partition and must be found again within seconds, and dials are cheap on a LAN.
+pub(crate) const NODE_REDIAL_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Parses the public, string-typed network settings into the network layer's config.
 fn net_config(config: &Config, identity: &DeviceIdentity) -> Result<hearth_net::Config, Error> {
     let parse = |what: &str, text: &str| {
@@ -906,6 +911,7 @@ fn net_config(config: &Config, identity: &DeviceIdentity) -> Result<hearth_net::
         mdns: config.mdns,
         static_peers,
         max_connections_per_ip: config.max_connections_per_ip,
+        redial_max: NODE_REDIAL_MAX,
         ..hearth_net::Config::default()
     })
 }
@@ -944,4 +950,21 @@ pub(crate) fn host_name() -> String {
         .map(|h| h.trim().to_string())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "hearth-device".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A peer that was away (restarted, or cut off by a partition) is redialled within
+    /// seconds however long it was gone: the backoff stops growing at the node's cap, not
+    /// at the network layer's 30 s default.
+    #[test]
+    fn the_node_caps_the_redial_backoff_at_two_seconds() {
+        let identity = DeviceIdentity::generate();
+        let net = net_config(&Config::default(), &identity).expect("default config");
+        assert_eq!(net.redial_max, NODE_REDIAL_MAX);
+        assert!(NODE_REDIAL_MAX <= std::time::Duration::from_secs(2));
+        assert!(net.redial_max < hearth_net::Config::default().redial_max);
+    }
 }

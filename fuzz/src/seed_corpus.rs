@@ -74,7 +74,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         seed.extend(payload);
         fs::write(sync_dir.join(name), seed)?;
     }
-    println!("wrote {} frames", frames.len());
+    let digests = digest_seeds()?;
+    let digest_dir = Path::new("corpus/digest");
+    fs::create_dir_all(digest_dir)?;
+    for (i, seed) in digests.iter().enumerate() {
+        fs::write(digest_dir.join(format!("session-{i:02}")), seed)?;
+    }
+    println!(
+        "wrote {} frames and {} digest sessions",
+        frames.len(),
+        digests.len()
+    );
     Ok(())
 }
 
@@ -127,4 +137,56 @@ fn serde_json_map(i: u64) -> Option<hearth_crdt::schema::entity::AttributeMap> {
     let mut m = hearth_crdt::schema::entity::AttributeMap::new();
     m.insert("brightness".into(), (i * 10).into());
     Some(m)
+}
+
+/// Two reconcilers over trees that differ in a few documents run a session to its end; each
+/// seed is one side's messages of a session, joined by the target's 0xff separator (a message
+/// holding that byte is left out, so the target reads every seed as whole messages).
+fn digest_seeds() -> Result<Vec<Vec<u8>>, Box<dyn std::error::Error>> {
+    use hearth_crdt::digest::{DigestTree, Reconciler};
+    let mut seeds = Vec::new();
+    for (docs, differ) in [(5u32, 1u32), (300, 3), (300, 40)] {
+        let mut ours = DigestTree::new();
+        let mut theirs = DigestTree::new();
+        for i in 0..docs {
+            let mut id = [0u8; 16];
+            id[..4].copy_from_slice(&i.wrapping_mul(2_654_435_761).to_be_bytes());
+            let mut hash = [0u8; 32];
+            hash[..4].copy_from_slice(&i.to_le_bytes());
+            ours.insert(DocId::from_bytes(id), hash);
+            if i < differ {
+                hash[31] = 1;
+            }
+            theirs.insert(DocId::from_bytes(id), hash);
+        }
+        let mut a = Reconciler::new();
+        let mut b = Reconciler::new();
+        let mut from_a = vec![a.start(u64::from(docs), &ours)?];
+        let (mut sent_a, mut sent_b) = (Vec::new(), Vec::new());
+        for _ in 0..64 {
+            let mut from_b = Vec::new();
+            for m in from_a.drain(..) {
+                sent_a.push(m.encode());
+                from_b.extend(b.handle(&theirs, m)?.send);
+            }
+            for m in from_b {
+                sent_b.push(m.encode());
+                from_a.extend(a.handle(&ours, m)?.send);
+            }
+            if from_a.is_empty() {
+                break;
+            }
+        }
+        for side in [sent_a, sent_b] {
+            let joined: Vec<u8> = side
+                .into_iter()
+                .filter(|m| !m.contains(&0xff))
+                .flat_map(|m| m.into_iter().chain([0xff]))
+                .collect();
+            if !joined.is_empty() {
+                seeds.push(joined);
+            }
+        }
+    }
+    Ok(seeds)
 }

@@ -110,6 +110,9 @@ pub(crate) struct Discovered {
     pub(crate) dialing: Option<ConnectionId>,
     /// Set when the node rejected this peer; no automatic dial before then.
     pub(crate) cooldown_until: Option<Instant>,
+    /// Set once a session with this peer was admitted: a device of the home (or of a paired
+    /// home) that this node must be able to redial. Such entries are evicted last.
+    pub(crate) admitted: bool,
 }
 
 /// The capped table of mDNS-discovered peers.
@@ -121,9 +124,12 @@ pub(crate) struct DiscoveredTable {
 impl DiscoveredTable {
     /// Records addresses for `peer`; returns true if the peer was not known before.
     ///
-    /// When the table is full the least recently seen peer is evicted: a flood of fake
-    /// announcements then only pushes out stale entries, and a real neighbour that keeps
-    /// announcing itself stays.
+    /// When the table is full the least recently seen peer that was never admitted is
+    /// evicted (the least recently seen of all only if every entry was admitted): a flood
+    /// of fake announcements then only pushes out other strangers. A real neighbour
+    /// announces itself once per query interval while a flood turns the whole table over
+    /// within seconds, so recency alone would let a flood push out the home's own devices,
+    /// which then could not be redialled after a dropped connection.
     pub(crate) fn insert(
         &mut self,
         peer: PeerId,
@@ -136,7 +142,7 @@ impl DiscoveredTable {
             let oldest = self
                 .peers
                 .iter()
-                .min_by_key(|(_, d)| d.last_seen)
+                .min_by_key(|(_, d)| (d.admitted, d.last_seen))
                 .map(|(p, _)| *p);
             if let Some(oldest) = oldest {
                 self.peers.remove(&oldest);
@@ -150,6 +156,7 @@ impl DiscoveredTable {
             next_dial: now,
             dialing: None,
             cooldown_until: None,
+            admitted: false,
         });
         entry.last_seen = now;
         for addr in addrs {
@@ -193,8 +200,12 @@ impl DiscoveredTable {
 /// itself. mDNS discovery is not always mutual: a node that starts after its neighbour's
 /// query hears the neighbour, but the neighbour does not hear it until its next query,
 /// minutes later. Without this fallback such a pair, with the larger side the only one
-/// that knows, would never connect.
-pub(crate) const LARGER_SIDE_GRACE: Duration = Duration::from_secs(2);
+/// that knows, would never connect. It is short because that is exactly what a restarted
+/// node sees: its start-up query hears every neighbour at once, none of them hears it, and
+/// the pair should be connected again well within the 2 s a restart may take to heal.
+/// Dialling from a fresh port (see `dial_peer`) keeps a dial that crosses the smaller
+/// side's from failing; the duplicate is closed.
+pub(crate) const LARGER_SIDE_GRACE: Duration = Duration::from_millis(300);
 
 /// Whether this node should dial a discovered peer now.
 ///
@@ -293,6 +304,33 @@ mod tests {
         let (small, large) = ordered_pair();
         assert!(connections_to_close(&small, &large, &[id(1)], None).is_empty());
         assert!(connections_to_close(&large, &small, &[id(1)], Some(id(2))).is_empty());
+    }
+
+    /// A flood of fresh announcements, each newer than the home's device was last heard,
+    /// fills the table many times over; the admitted device stays and can be redialled.
+    #[test]
+    fn a_flood_of_announcements_never_evicts_an_admitted_peer() {
+        let mut table = DiscoveredTable::default();
+        let start = Instant::now();
+        let device = PeerId::random();
+        let addr: Multiaddr = "/ip4/127.0.0.1/tcp/1".parse().unwrap();
+        table.insert(device, [addr.clone()], start, Duration::from_secs(1));
+        table.get_mut(&device).unwrap().admitted = true;
+        for i in 0..4 * MAX_DISCOVERED_PEERS {
+            let now = start + Duration::from_millis(i as u64 + 1);
+            table.insert(
+                PeerId::random(),
+                [addr.clone()],
+                now,
+                Duration::from_secs(1),
+            );
+            assert!(table.len() <= MAX_DISCOVERED_PEERS);
+        }
+        assert_eq!(table.len(), MAX_DISCOVERED_PEERS);
+        assert!(
+            table.get_mut(&device).is_some(),
+            "the admitted device was evicted"
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@ mod dashboard;
 mod entities;
 mod events;
 mod frames;
+mod hostile;
 mod layout;
 mod locks;
 mod mqtt;

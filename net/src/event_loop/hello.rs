@@ -175,6 +175,7 @@ impl EventLoop {
         }
         if let Some(hint) = self.discovered.get_mut(&peer) {
             hint.backoff.reset();
+            hint.admitted = true;
         }
         info!(%peer, "peer admitted");
         for kind in StreamKind::ALL {

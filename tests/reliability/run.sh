@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The reliability suite: crash, partition and heal, slow consumer, soak (see tests/reliability/README.md).
+#
+# Usage (as root):  tests/reliability/run.sh
+# Environment:
+#   RELIABILITY=full   the long form; the default is the short form CI runs
+#   SCENARIOS=a,b      only these scenarios (crash, partition, slow, soak)
+#   SEED=N             random seed (default 1)
+#   HEARTH_BIN=PATH    binary to run (default: $CARGO_TARGET_DIR or target, /debug/hearth;
+#                      built with `cargo build` when absent)
+#   KEEP_LOGS=1        keep the work dir (node logs and data dirs)
+# Every namespace and process it made is gone when it exits, however it exits.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+bin=${HEARTH_BIN:-${CARGO_TARGET_DIR:-$repo/target}/debug/hearth}
+die() { printf 'reliability: FAIL: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || die "must run as root (it creates network namespaces)"
+for tool in ip iptables /usr/bin/python3; do
+    command -v "$tool" >/dev/null || die "needs '$tool' on PATH"
+done
+if [ ! -x "$bin" ]; then
+    (cd "$repo" && cargo build --bin hearth) || die "cargo build failed"
+fi
+work=$(mktemp -d "${TMPDIR:-/tmp}/hearth-reliability.XXXXXX")
+cleanup() {
+    local status=$?
+    if [ "${KEEP_LOGS:-0}" = 1 ] || [ "$status" -ne 0 ]; then
+        printf 'reliability: logs kept in %s\n' "$work" >&2
+    else
+        rm -rf "$work"
+    fi
+    exit "$status"
+}
+trap cleanup EXIT
+# The driver tears down its namespaces and nodes itself, on failure and on SIGTERM too.
+/usr/bin/python3 "$repo/tests/reliability/suite.py" "$(readlink -f "$bin")" "$work"
