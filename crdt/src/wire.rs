@@ -278,7 +278,8 @@ impl<'de> Deserialize<'de> for FrameIn {
                         let epoch = need::<EpochIn, _>(&mut seq, "epoch")?.0;
                         let bytes = need::<Bytes, _>(&mut seq, "payload")?.0;
                         if kind == KIND_PUSH {
-                            let correlation_id: Option<String> = seq.next_element()?;
+                            // Absent, or a string: never null, so a push has one encoding.
+                            let correlation_id = seq.next_element::<String>()?;
                             if let Some(c) = &correlation_id
                                 && c.len() > MAX_CORRELATION_ID_LEN
                             {
@@ -518,6 +519,16 @@ mod tests {
         extra[2] = 0x83;
         extra.push(0x00);
         assert!(decode(&extra, usize::MAX).is_err());
+        let mut null_id = encode(&Frame::Push(Push {
+            correlation_id: None,
+            ..match push() {
+                Frame::Push(p) => p,
+                _ => unreachable!(),
+            }
+        }));
+        null_id[2] = 0x85;
+        null_id.push(0xf6);
+        assert!(decode(&null_id, usize::MAX).is_err());
         let unknown = [0x82, WIRE_VERSION, 0x82, 9, 0x41, 1];
         assert!(decode(&unknown, usize::MAX).is_err());
         let short_prefix = {

@@ -135,6 +135,8 @@ async fn persist(
     unpersisted: Arc<Mutex<Unpersisted>>,
     finish: super::send_gate::Finish,
 ) {
+    // Finished however this ends, a panic included, so frames never wait for it forever.
+    let finished = finish.on_drop(ticket);
     let salvage = Salvage::of(&batch);
     let result = store.batch(batch).await;
     if let Err(error) = &result {
@@ -147,7 +149,7 @@ async fn persist(
         // The store logged the failure that latched it; this is one of its consequences.
         tracing::warn!(%error, "could not persist document changes");
     }
-    finish.finished(ticket);
+    drop(finished);
     for ack in acks {
         ack(result.as_ref().map(|_| ()).map_err(write_error));
     }

@@ -630,6 +630,14 @@ impl Core {
             // Waits for a slot when too many batches are in flight: a burst of remote
             // changes then slows the core down instead of piling up tasks.
             self.start_persists().await;
+            // Frames held behind a slow batch: take no more work until they can leave
+            // (a hung store's requests time out, which finishes their batches).
+            while self.gate.len() > send_gate::MAX_HELD_FRAMES {
+                if batches_finished.changed().await.is_err() {
+                    break;
+                }
+                self.send_pending().await;
+            }
         }
         self.commit_window_now().await;
         tracing::debug!("core stopped");

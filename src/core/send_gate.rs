@@ -17,6 +17,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use hearth_crdt::wire::Frame;
 use tokio::sync::watch;
 
+/// Most frames held for the store before the core stops taking more work and waits for
+/// its batches: one slow batch must not let them pile up without bound.
+pub(crate) const MAX_HELD_FRAMES: usize = 16_384;
+
 /// Tickets of background store batches, and how far they have finished.
 pub(crate) struct Tickets {
     issued: u64,
@@ -35,7 +39,27 @@ pub(crate) struct Watermark {
 #[derive(Clone)]
 pub(crate) struct Finish(Arc<Mutex<Watermark>>);
 
+/// Finishes its ticket when dropped.
+pub(crate) struct FinishOnDrop {
+    finish: Finish,
+    ticket: u64,
+}
+
+impl Drop for FinishOnDrop {
+    fn drop(&mut self) {
+        self.finish.finished(self.ticket);
+    }
+}
+
 impl Finish {
+    /// A guard that finishes `ticket` when dropped, also while unwinding.
+    pub(crate) fn on_drop(&self, ticket: u64) -> FinishOnDrop {
+        FinishOnDrop {
+            finish: self.clone(),
+            ticket,
+        }
+    }
+
     pub(crate) fn finished(&self, ticket: u64) {
         self.0
             .lock()
@@ -129,8 +153,7 @@ impl SendGate {
     }
 
     /// Frames still waiting.
-    #[cfg(test)]
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.held.len()
     }
 }
@@ -164,6 +187,14 @@ mod tests {
         finish.finished(a);
         assert_eq!(tickets.finished_through(), c, "a repeat changes nothing");
         assert_eq!(tickets.last_issued(), c);
+        let d = tickets.issue();
+        // A guard finishes its ticket even when the task holding it panics.
+        let guard = finish.on_drop(d);
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            let _held = guard;
+            panic!("the store client panicked");
+        }));
+        assert_eq!(tickets.finished_through(), d);
     }
 
     #[test]

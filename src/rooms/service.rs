@@ -516,12 +516,18 @@ impl Core {
             return Ok(());
         }
         let now = now_ms();
-        let (_, batch) = self.create_shared_doc(doc, now, None, |engine, doc, epoch, home| {
+        // The frames the creation queued leave only once it is stored, and never if it
+        // is not: a peer must not hold changes this device could lose.
+        let earlier = std::mem::take(&mut self.outbox);
+        let created = self.create_shared_doc(doc, now, None, |engine, doc, epoch, home| {
             engine
                 .create_presence(doc, &home.home_id, epoch, now)
                 .map_err(room_err)
-        })?;
+        });
+        let made = std::mem::replace(&mut self.outbox, earlier);
+        let (_, batch) = created?;
         self.store.batch(batch).await?;
+        self.outbox.extend(made);
         tracing::info!(%doc, "created the home's presence document");
         Ok(())
     }

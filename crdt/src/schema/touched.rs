@@ -236,7 +236,8 @@ fn list_maps(doc: &AutoCommit, changes: &[Change], list: &[&str]) -> Option<Vec<
 pub const MAX_OBJECT_DEPTH: usize = 32;
 
 /// Refuses `changes` when an object they make would sit deeper than `max_depth` below the
-/// root of `doc` (the changes not yet applied): one pass over their operations, and one
+/// root of `doc` (the changes not yet applied), or is made inside an object neither they
+/// nor the document hold: one pass over their operations, whatever their order, and one
 /// walk up from each object outside them that they make objects in, cut off at the cap.
 /// Never panics.
 pub fn check_nesting(doc: &AutoCommit, changes: &[Change], max_depth: usize) -> Result<(), String> {
@@ -247,8 +248,9 @@ pub fn check_nesting(doc: &AutoCommit, changes: &[Change], max_depth: usize) -> 
 }
 
 fn nesting(doc: &AutoCommit, changes: &[Change], max_depth: usize) -> Result<(), String> {
-    // Depth of each object the changes make, and of each outside object they make one in.
-    let mut depth: HashMap<String, usize> = HashMap::new();
+    // Every object the changes make, with the object it is made in, whatever order the
+    // changes come in: a chain sent child first is measured like one sent parent first.
+    let mut parent_of: HashMap<String, Option<String>> = HashMap::new();
     for change in changes {
         let expanded = change.decode();
         let start = expanded.start_op.get();
@@ -256,45 +258,62 @@ fn nesting(doc: &AutoCommit, changes: &[Change], max_depth: usize) -> Result<(),
             if !matches!(op.action, OpType::Make(_)) {
                 continue;
             }
-            let parent = match &op.obj {
-                ObjectId::Root => 0,
-                ObjectId::Id(id) => {
-                    let text = id.to_string();
-                    match depth.get(&text) {
-                        Some(d) => *d,
-                        None => {
-                            let d = depth_in(doc, &text, max_depth);
-                            depth.insert(text, d);
-                            d
-                        }
-                    }
-                }
-            };
-            let made = parent.saturating_add(1);
-            if made > max_depth {
-                return Err(format!("an object nested deeper than {max_depth} levels"));
-            }
             let counter = u64::try_from(i)
                 .ok()
                 .and_then(|i| start.checked_add(i))
                 .ok_or("an operation counter out of range")?;
-            depth.insert(OpId::new(counter, &expanded.actor_id).to_string(), made);
+            let parent = match &op.obj {
+                ObjectId::Root => None,
+                ObjectId::Id(id) => Some(id.to_string()),
+            };
+            parent_of.insert(OpId::new(counter, &expanded.actor_id).to_string(), parent);
+        }
+    }
+    let too_deep = || format!("an object nested deeper than {max_depth} levels");
+    let mut depth: HashMap<String, usize> = HashMap::new();
+    for made in parent_of.keys() {
+        // Walk up through the objects the changes make until one whose depth is known, the
+        // root, or an object outside them; at most `max_depth + 1` steps.
+        let mut chain: Vec<&String> = vec![made];
+        let base = loop {
+            let Some(current) = chain.last().copied() else {
+                break 0;
+            };
+            if let Some(d) = depth.get(current) {
+                chain.pop();
+                break *d;
+            }
+            if chain.len() > max_depth + 1 {
+                return Err(too_deep());
+            }
+            match parent_of.get(current) {
+                Some(None) => break 0,
+                Some(Some(parent)) => chain.push(parent),
+                // Outside the changes: the document's own object, or none it holds (the
+                // change that makes it is missing), which is refused for objects made in it.
+                None => {
+                    chain.pop();
+                    break depth_in(doc, current, max_depth).unwrap_or(max_depth);
+                }
+            }
+        };
+        for (levels, obj) in chain.iter().rev().enumerate() {
+            let d = base.saturating_add(levels + 1);
+            if d > max_depth {
+                return Err(too_deep());
+            }
+            depth.insert((*obj).clone(), d);
         }
     }
     Ok(())
 }
 
-/// How deep `obj_text` sits in `doc`, counting at most `cap + 1` levels. An object the
-/// document does not hold (its change is missing) counts as the root's child: the change
-/// that makes it is checked when it comes.
-fn depth_in(doc: &AutoCommit, obj_text: &str, cap: usize) -> usize {
-    let Ok(obj) = doc.import_obj(obj_text) else {
-        return 1;
-    };
-    match doc.parents(&obj) {
-        Ok(parents) => parents.take(cap.saturating_add(1)).count(),
-        Err(_) => 1,
-    }
+/// How deep `obj_text` sits in `doc`, counting at most `cap + 1` levels; `None` when the
+/// document holds no such object.
+fn depth_in(doc: &AutoCommit, obj_text: &str, cap: usize) -> Option<usize> {
+    let obj = doc.import_obj(obj_text).ok()?;
+    let parents = doc.parents(&obj).ok()?;
+    Some(parents.take(cap.saturating_add(1)).count())
 }
 
 fn path_of(doc: &AutoCommit, obj_text: &str) -> Option<Vec<Option<String>>> {
@@ -347,6 +366,21 @@ mod tests {
         assert_eq!(check_nesting(&holder, &more, 25), Ok(()));
         let err = check_nesting(&holder, &more, 24).unwrap_err();
         assert!(err.contains("deeper than 24"), "{err}");
+        // One change per level, sent child first: measured the same.
+        let mut chain = AutoCommit::new();
+        let mut obj = ROOT;
+        let mut each = Vec::new();
+        for _ in 0..40 {
+            let before = chain.get_heads();
+            obj = chain.put_object(&obj, "m", ObjType::Map).unwrap();
+            each.extend(new_changes(&mut chain, &before));
+        }
+        each.reverse();
+        assert!(check_nesting(&empty, &each, 32).is_err());
+        assert_eq!(check_nesting(&empty, &each, 40), Ok(()));
+        // Objects made inside one that neither the changes nor the document hold.
+        let orphans: Vec<Change> = each[..5].to_vec();
+        assert!(check_nesting(&empty, &orphans, 40).is_err());
         // A text and a list count as levels too; scalars do not.
         let mut flat = AutoCommit::new();
         let before = flat.get_heads();
