@@ -10,7 +10,7 @@
 //! on recovery the core writes a full snapshot of each such document, which covers any
 //! chunk that never landed, together with those records.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::records::DocChunk;
@@ -19,6 +19,7 @@ use hearth_storage::{Batch, BatchOp, Keyspace, StoreHandle};
 use tokio::sync::Semaphore;
 
 use super::batching::Ack;
+use super::resident::Resident;
 use super::{Core, append};
 use crate::Error;
 
@@ -34,6 +35,8 @@ const MAX_REPERSIST_OPS: usize = 10_000;
 pub(crate) struct Pending {
     pub(crate) batch: Batch,
     pub(crate) acks: Vec<Ack>,
+    /// Documents whose chunks it holds, not evicted until it is stored (resident.rs).
+    pub(crate) held: Vec<DocId>,
 }
 
 /// A record by keyspace and key.
@@ -50,6 +53,11 @@ pub(crate) struct Unpersisted {
 impl Unpersisted {
     pub(crate) fn is_empty(&self) -> bool {
         self.docs.is_empty() && self.records.is_empty()
+    }
+
+    /// Whether a failed batch left chunks of `doc` to store again.
+    pub(crate) fn holds(&self, doc: DocId) -> bool {
+        self.docs.contains(&doc)
     }
 
     pub(crate) fn add(&mut self, salvage: Salvage) {
@@ -128,6 +136,7 @@ async fn persist(
     batch: Batch,
     acks: Vec<Ack>,
     unpersisted: Arc<Mutex<Unpersisted>>,
+    held: (Arc<Mutex<HashMap<DocId, u32>>>, Vec<DocId>),
 ) {
     let salvage = Salvage::of(&batch);
     let result = store.batch(batch).await;
@@ -141,6 +150,8 @@ async fn persist(
         // The store logged the failure that latched it; this is one of its consequences.
         tracing::warn!(%error, "could not persist document changes");
     }
+    // Released after a failure is noted, so the document is never evictable between.
+    Resident::release(&held.0, &held.1);
     for ack in acks {
         ack(result.as_ref().map(|_| ()).map_err(write_error));
     }
@@ -153,21 +164,23 @@ impl Core {
         if batch.is_empty() && acks.is_empty() {
             return;
         }
-        self.persist_queue.push(Pending { batch, acks });
+        let held = Resident::hold(&self.resident.unstored, &batch);
+        self.persist_queue.push(Pending { batch, acks, held });
     }
 
     /// Starts every queued batch, waiting for a slot when [`MAX_PERSISTS_IN_FLIGHT`] are
     /// already in flight.
     pub(crate) async fn start_persists(&mut self) {
-        for Pending { batch, acks } in std::mem::take(&mut self.persist_queue) {
+        for Pending { batch, acks, held } in std::mem::take(&mut self.persist_queue) {
             let Ok(permit) = self.persists.clone().acquire_owned().await else {
                 // Closed only when the node is gone.
                 return;
             };
             let store = self.store.clone();
             let unpersisted = self.unpersisted.clone();
+            let held = (self.resident.unstored.clone(), held);
             tokio::spawn(async move {
-                persist(store, batch, acks, unpersisted).await;
+                persist(store, batch, acks, unpersisted, held).await;
                 drop(permit);
             });
         }

@@ -15,6 +15,7 @@ mod frames;
 mod layout;
 mod locks;
 mod mqtt;
+mod ondemand;
 mod pairing;
 mod playback;
 mod retention;

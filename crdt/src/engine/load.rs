@@ -75,11 +75,13 @@ impl<P: Clone + Ord + Debug> Engine<P> {
                 self.stats.panics_caught += 1;
             }
         })?;
-        let sessions = self
+        let mut sessions = self
             .docs
             .remove(&id)
             .map(|old| old.sessions)
             .unwrap_or_default();
+        // A document that was evicted wakes the sessions it had.
+        sessions.extend(self.wake_sessions(id));
         self.docs.insert(
             id,
             DocState {
