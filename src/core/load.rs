@@ -158,7 +158,7 @@ impl Core {
             match self.engine.finish_load(prepared) {
                 Ok(()) => {
                     self.chunk_seq.insert(doc, (next_seq, 0));
-                    self.note_written(doc, stored);
+                    self.note_written(doc, stored, true);
                 }
                 Err(error) => {
                     self.quarantine

@@ -21,7 +21,7 @@ impl Core {
             match output {
                 Output::PersistChunk { doc, kind, bytes } => {
                     self.refresh_digest(doc);
-                    self.note_written(doc, bytes.len());
+                    self.note_written(doc, bytes.len(), kind == ChunkKind::Snapshot);
                     written.insert(doc);
                     let (next, live_from) = self.chunk_seq.entry(doc).or_insert((0, 0));
                     match kind {

@@ -86,6 +86,13 @@ impl Resident {
         self.order.insert((self.clock, doc));
     }
 
+    /// Counts `doc` anew from a snapshot of `stored` bytes, which replaces every chunk
+    /// before it.
+    fn resize(&mut self, doc: DocId, stored: usize) {
+        self.forget(doc);
+        self.touch(doc, stored);
+    }
+
     fn forget(&mut self, doc: DocId) {
         if let Some((at, size)) = self.used.remove(&doc) {
             self.order.remove(&(at, doc));
@@ -490,9 +497,15 @@ impl Core {
     }
 
     /// Marks a document that was just written to (locally or by a peer) as used, adding
-    /// the chunk's size; documents that are always loaded are not counted.
-    pub(crate) fn note_written(&mut self, doc: DocId, stored: usize) {
-        if self.engine.header(doc).is_ok_and(|h| on_demand(h.kind)) {
+    /// the chunk's size (a snapshot replaces what was counted); documents that are always
+    /// loaded are not counted.
+    pub(crate) fn note_written(&mut self, doc: DocId, stored: usize, snapshot: bool) {
+        if !self.engine.header(doc).is_ok_and(|h| on_demand(h.kind)) {
+            return;
+        }
+        if snapshot {
+            self.resident.resize(doc, stored);
+        } else {
             self.resident.touch(doc, stored);
         }
     }
@@ -751,6 +764,8 @@ mod tests {
         r.touch(a, 10);
         assert_eq!(r.total(), 2 * DOC_OVERHEAD + 110 * BYTES_PER_STORED);
         assert_eq!(r.order.iter().next().map(|(_, d)| *d), Some(b));
+        r.resize(a, 50);
+        assert_eq!(r.total(), 2 * DOC_OVERHEAD + 50 * BYTES_PER_STORED);
         r.forget(b);
         r.forget(a);
         assert_eq!(r.total(), 0);
