@@ -43,6 +43,12 @@ pub struct Config {
     /// home's own devices and static peers are exempt. A LAN neighbour opening more is
     /// refused right after the handshake.
     pub max_connections_per_ip: u32,
+    /// Memory for loaded documents, in MiB ([`DEFAULT_DOCUMENTS_CACHE_MIB`]). Every
+    /// document's header, heads and key stay in memory; an entity document itself is
+    /// loaded from the store when first used, and the least recently used ones are
+    /// unloaded once the loaded ones pass this (each counted by an estimate from its
+    /// stored size). The home's other documents stay loaded.
+    pub documents_cache_mib: u32,
     /// Audit entries kept at most ([`DEFAULT_AUDIT_MAX_ENTRIES`]); the oldest go first.
     pub audit_max_entries: usize,
     /// Audit entries older than this are pruned ([`DEFAULT_AUDIT_MAX_AGE`]).
@@ -152,6 +158,9 @@ impl Default for ApiConfig {
 /// Connections accepted from one IP address unless told otherwise.
 pub const DEFAULT_MAX_CONNECTIONS_PER_IP: u32 = hearth_net::DEFAULT_MAX_CONNECTIONS_PER_IP;
 
+/// Memory for loaded documents unless told otherwise: 32 MiB.
+pub const DEFAULT_DOCUMENTS_CACHE_MIB: u32 = 32;
+
 /// Chat messages each room keeps unless told otherwise: 1000 (what one read returns).
 pub const DEFAULT_CHAT_MAX_MESSAGES: usize = 1_000;
 /// How long chat messages are kept unless told otherwise: 30 days.
@@ -183,6 +192,7 @@ impl Default for Config {
             static_peers: Vec::new(),
             batch_window: DEFAULT_BATCH_WINDOW,
             max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
+            documents_cache_mib: DEFAULT_DOCUMENTS_CACHE_MIB,
             audit_max_entries: DEFAULT_AUDIT_MAX_ENTRIES,
             audit_max_age: DEFAULT_AUDIT_MAX_AGE,
             chat_max_messages: DEFAULT_CHAT_MAX_MESSAGES,

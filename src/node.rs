@@ -194,6 +194,7 @@ impl Node {
                 max_age: config.chat_max_age,
             },
             config.users.clone(),
+            config.documents_cache_mib as usize * 1024 * 1024,
             cancel.clone(),
         )
         .await?;

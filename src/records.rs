@@ -11,6 +11,7 @@
 //! | `Audit` | [`audit_key`]: `ms ‖ seq` (big-endian, so keys sort by time) | JSON audit entry |
 //! | `Outbox` | [`alert_out_key`]: `alert/` ‖ alert id | JSON alert this device sent, with its receipts |
 //! | `Meta` | [`alert_in_key`]: `alerts/in/` ‖ alert id | JSON alert this device received |
+//! | `Meta` | [`doc_meta_key`]: `docs/meta/` ‖ doc id | JSON header and heads of a document (core/resident.rs) |
 //!
 //! The project is unreleased: when an encoding here changes, old stores get no migration.
 
@@ -49,6 +50,18 @@ pub(crate) const LOCKS_KEY: &[u8] = b"locks/table";
 pub(crate) const LOCK_ROLE_KEY: &[u8] = b"locks/role";
 /// The highest signed lock arbiter naming this device has seen (CBOR, as signed).
 pub(crate) const LOCK_NAMING_KEY: &[u8] = b"locks/naming";
+
+/// Prefix of every document's meta record (JSON: header and heads), written in the same
+/// batch as the document's chunks, so start-up reads these instead of every document.
+pub(crate) const DOC_META_PREFIX: &[u8] = b"docs/meta/";
+/// Present once every stored document has a meta record (stores written before them are
+/// loaded whole once, and get them).
+pub(crate) const DOC_INDEX_KEY: &[u8] = b"docs/index";
+
+/// A document's meta record key (Meta keyspace): `docs/meta/` ‖ doc id.
+pub(crate) fn doc_meta_key(doc: DocId) -> Vec<u8> {
+    [DOC_META_PREFIX, doc.as_bytes()].concat()
+}
 
 /// Prefix of every sent alert's key in the Outbox keyspace.
 pub(crate) const ALERT_OUT_PREFIX: &[u8] = b"alert/";

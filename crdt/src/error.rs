@@ -90,6 +90,10 @@ pub enum Error {
     /// The document is not loaded in this engine.
     #[error("unknown document {0}")]
     UnknownDocument(DocId),
+    /// The document is held but not loaded: its owner must read it from storage
+    /// and hand it over ([`crate::Engine::finish_load`]) before using it.
+    #[error("document {0} is not loaded")]
+    NotLoaded(DocId),
     /// A document with this id is already loaded.
     #[error("document {0} already exists")]
     DocumentExists(DocId),

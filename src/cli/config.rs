@@ -45,6 +45,7 @@ pub(super) const FLAGS: &[(&str, &str)] = &[
     ("peer", "node.peers"),
     ("batch-window", "node.batch_window"),
     ("max-connections-per-ip", "node.max_connections_per_ip"),
+    ("documents-cache-mib", "node.documents_cache_mib"),
     ("log-format", "node.log_format"),
     ("ws-max-connections", "websocket.max_connections"),
     ("ws-heartbeat-interval", "websocket.heartbeat_interval"),
@@ -115,6 +116,11 @@ pub(super) struct UpArgs {
     /// --peer addresses are exempt. Default 16.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     max_connections_per_ip: Option<u32>,
+
+    /// Memory for loaded documents, in MiB: documents are loaded when first used and the
+    /// least recently used are unloaded past this. Default 32.
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u32).range(1..))]
+    documents_cache_mib: Option<u32>,
 
     /// Log output format (default pretty).
     #[arg(long, value_enum)]
@@ -324,6 +330,7 @@ struct NodeSection {
     peers: Option<Vec<String>>,
     batch_window: Option<Span>,
     max_connections_per_ip: Option<u32>,
+    documents_cache_mib: Option<u32>,
     log_format: Option<LogFormat>,
 }
 
@@ -419,6 +426,7 @@ impl FileConfig {
                 peers: Some(Vec::new()),
                 batch_window: Some(Span(node.batch_window)),
                 max_connections_per_ip: Some(hearth::DEFAULT_MAX_CONNECTIONS_PER_IP),
+                documents_cache_mib: Some(hearth::DEFAULT_DOCUMENTS_CACHE_MIB),
                 log_format: Some(LogFormat::Pretty),
             },
             api: ApiSection {
@@ -474,6 +482,7 @@ impl FileConfig {
                 peers: list(&up.peers),
                 batch_window: up.batch_window.map(Span),
                 max_connections_per_ip: up.max_connections_per_ip,
+                documents_cache_mib: up.documents_cache_mib,
                 log_format: up.log_format,
             },
             api: ApiSection {
@@ -974,6 +983,10 @@ fn settle(data: PathBuf, l: &Layered) -> Result<(hearth::Config, LogFormat)> {
     if max_connections_per_ip == 0 {
         bail!("node.max_connections_per_ip must be at least 1");
     }
+    let documents_cache_mib = need(s.node.documents_cache_mib, "node.documents_cache_mib")?;
+    if documents_cache_mib == 0 {
+        bail!("node.documents_cache_mib must be at least 1");
+    }
     // A password file named in the file is read from the file's folder; one from a flag or
     // the environment from the working dir.
     let password_dir = match l.layer("mqtt.password_file") {
@@ -1004,6 +1017,7 @@ fn settle(data: PathBuf, l: &Layered) -> Result<(hearth::Config, LogFormat)> {
             hearth::MAX_BATCH_WINDOW,
         )?,
         max_connections_per_ip,
+        documents_cache_mib,
         users,
         mqtt,
         ..hearth::Config::default()
@@ -1050,7 +1064,8 @@ pub(super) fn check(data: &Path, file: Option<PathBuf>, json: bool) -> Result<()
         "node": { "name": config.device_name, "listen": config.listen, "mdns": config.mdns,
                   "peers": config.static_peers,
                   "batch_window_us": u64::try_from(config.batch_window.as_micros()).unwrap_or(u64::MAX),
-                  "max_connections_per_ip": config.max_connections_per_ip },
+                  "max_connections_per_ip": config.max_connections_per_ip,
+                  "documents_cache_mib": config.documents_cache_mib },
         "websocket": { "max_connections": api.seed.max_connections,
                        "heartbeat_interval": api.seed.heartbeat_interval.as_secs(),
                        "timeout": api.seed.timeout.as_secs() },

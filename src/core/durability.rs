@@ -10,7 +10,7 @@
 //! on recovery the core writes a full snapshot of each such document, which covers any
 //! chunk that never landed, together with those records.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::records::DocChunk;
@@ -19,6 +19,7 @@ use hearth_storage::{Batch, BatchOp, Keyspace, StoreHandle};
 use tokio::sync::Semaphore;
 
 use super::batching::Ack;
+use super::resident::Resident;
 use super::{Core, append};
 use crate::Error;
 
@@ -36,6 +37,8 @@ pub(crate) struct Pending {
     pub(crate) acks: Vec<Ack>,
     /// Frames queued after this batch wait for it (send_gate.rs).
     pub(crate) ticket: u64,
+    /// Documents whose chunks it holds, not evicted until it is stored (resident.rs).
+    pub(crate) held: Vec<DocId>,
 }
 
 /// A record by keyspace and key.
@@ -52,6 +55,11 @@ pub(crate) struct Unpersisted {
 impl Unpersisted {
     pub(crate) fn is_empty(&self) -> bool {
         self.docs.is_empty() && self.records.is_empty()
+    }
+
+    /// Whether a failed batch left chunks of `doc` to store again.
+    pub(crate) fn holds(&self, doc: DocId) -> bool {
+        self.docs.contains(&doc)
     }
 
     pub(crate) fn add(&mut self, salvage: Salvage) {
@@ -131,9 +139,11 @@ async fn persist(
         batch,
         acks,
         ticket,
+        held,
     }: Pending,
     unpersisted: Arc<Mutex<Unpersisted>>,
     finish: super::send_gate::Finish,
+    unstored: Arc<Mutex<HashMap<DocId, u32>>>,
 ) {
     // Finished however this ends, a panic included, so frames never wait for it forever.
     let finished = finish.on_drop(ticket);
@@ -149,6 +159,8 @@ async fn persist(
         // The store logged the failure that latched it; this is one of its consequences.
         tracing::warn!(%error, "could not persist document changes");
     }
+    // Released after a failure is noted, so the document is never evictable between.
+    Resident::release(&unstored, &held);
     drop(finished);
     for ack in acks {
         ack(result.as_ref().map(|_| ()).map_err(write_error));
@@ -168,10 +180,12 @@ impl Core {
 
     /// Queues a batch whose ticket was reserved earlier (the write window's).
     pub(crate) fn queue_ticketed(&mut self, batch: Batch, acks: Vec<Ack>, ticket: u64) {
+        let held = Resident::hold(&self.resident.unstored, &batch);
         self.persist_queue.push(Pending {
             batch,
             acks,
             ticket,
+            held,
         });
     }
 
@@ -186,8 +200,9 @@ impl Core {
             let store = self.store.clone();
             let unpersisted = self.unpersisted.clone();
             let finish = self.tickets.finish();
+            let unstored = self.resident.unstored.clone();
             tokio::spawn(async move {
-                persist(store, pending, unpersisted, finish).await;
+                persist(store, pending, unpersisted, finish, unstored).await;
                 drop(permit);
             });
         }

@@ -55,6 +55,15 @@ impl Core {
     /// to load, is quarantined (quarantine.rs): logged, listed, and left on disk untouched,
     /// so nothing stored is lost and the rest of the node still starts.
     pub(crate) async fn load_documents(&mut self) -> Result<(), Error> {
+        if self.load_index().await? {
+            return Ok(());
+        }
+        self.load_every_document().await?;
+        self.write_doc_index().await
+    }
+
+    /// Loads every stored document whole: a store written before meta records.
+    async fn load_every_document(&mut self) -> Result<(), Error> {
         let mut current: Option<StoredDoc> = None;
         let mut after: Option<Vec<u8>> = None;
         loop {
@@ -126,6 +135,10 @@ impl Core {
         if docs.is_empty() {
             return;
         }
+        let sizes: Vec<usize> = docs
+            .iter()
+            .map(|(_, chunks, _)| chunks.iter().map(Vec::len).sum())
+            .collect();
         let actor = self.engine.actor().clone();
         let threads = std::thread::available_parallelism()
             .map(|n| n.get())
@@ -140,11 +153,12 @@ impl Core {
                 return;
             }
         };
-        for (prepared, next_seq) in prepared {
+        for ((prepared, next_seq), stored) in prepared.into_iter().zip(sizes) {
             let doc = prepared.id();
             match self.engine.finish_load(prepared) {
                 Ok(()) => {
                     self.chunk_seq.insert(doc, (next_seq, 0));
+                    self.note_written(doc, stored, true);
                 }
                 Err(error) => {
                     self.quarantine

@@ -27,6 +27,7 @@ pub(crate) mod hooks;
 pub(crate) mod keyring;
 mod load;
 mod outputs;
+pub(crate) mod resident;
 pub(crate) mod status;
 #[cfg(test)]
 pub(crate) mod testing;
@@ -341,6 +342,8 @@ pub(crate) struct Core {
     pub(crate) quarantine: quarantine::Quarantine,
     /// Permits for read jobs (`spawn_read`).
     pub(crate) read_jobs: Arc<tokio::sync::Semaphore>,
+    /// The loaded entity documents and what keeps them loaded (resident.rs).
+    pub(crate) resident: resident::Resident,
 }
 
 /// What reconnects cost, counted since start.
@@ -386,6 +389,13 @@ pub struct SyncCounters {
     /// not take them) or on arrival. Sync messages and pushes too large for the engine's
     /// caps count in the engine's own `oversized` total; the metrics add the two.
     pub frames_oversized: u64,
+    /// Documents loaded in memory now (the rest are held by header and heads, and load
+    /// when used).
+    pub documents_loaded: u64,
+    /// Documents loaded from the store since start because they were used.
+    pub documents_loads: u64,
+    /// Documents unloaded since start to stay within the memory budget.
+    pub documents_evicted: u64,
 }
 
 /// A stored document as read: its id, its chunks in order, and its next chunk number.
@@ -405,6 +415,7 @@ pub(crate) async fn start(
     batch_window: std::time::Duration,
     chat_keep: rooms::ChatRetention,
     users: crate::users::UsersConfig,
+    documents_cache_bytes: usize,
     cancel: CancellationToken,
 ) -> Result<(CoreHandle, NodeFacts, tokio::task::JoinHandle<()>), Error> {
     let stored = store.get(Keyspace::Meta, HOME_KEY.to_vec()).await?;
@@ -463,6 +474,7 @@ pub(crate) async fn start(
         unpersisted: Default::default(),
         quarantine: Default::default(),
         read_jobs: Arc::new(tokio::sync::Semaphore::new(READ_JOBS)),
+        resident: resident::Resident::new(documents_cache_bytes),
     };
     let mut batch = Batch::new();
     core.device = keyring::device_secret(&core.store, &mut batch).await?;
@@ -514,6 +526,8 @@ pub(crate) async fn start(
     for doc in held {
         core.refresh_digest(doc);
     }
+    // A store loaded whole (written before meta records) trims back to the budget.
+    core.trim();
 
     let facts = NodeFacts {
         home_id: core.home.home_id.clone(),
@@ -584,6 +598,8 @@ impl Core {
                         request.refuse(durability::refusal(&self.store));
                     }
                     Some(request) => {
+                        let needs = self.needs(&request);
+                        self.load_needs(needs).await;
                         self.route(request).await;
                         self.send_pending().await;
                     }
@@ -638,6 +654,7 @@ impl Core {
                 }
                 self.send_pending().await;
             }
+            self.trim();
         }
         self.commit_window_now().await;
         tracing::debug!("core stopped");
@@ -773,6 +790,9 @@ impl Core {
             NodeRequest::Counters { reply } => {
                 let mut counters = self.counters.clone();
                 counters.heads_root = self.digest.root_hash().map(hex::encode).unwrap_or_default();
+                counters.documents_loaded = self.engine.loaded_count() as u64;
+                counters.documents_loads = self.resident.loads;
+                counters.documents_evicted = self.resident.evictions;
                 let _ = reply.send(Ok(counters));
             }
             NodeRequest::SyncReport { reply } => {

@@ -16,10 +16,13 @@ impl Core {
     /// Turns engine outputs into one store batch, and change events.
     pub(crate) fn handle_outputs(&mut self, outputs: Vec<Output<String>>) -> Batch {
         let mut batch = Batch::new();
+        let mut written = std::collections::BTreeSet::new();
         for output in outputs {
             match output {
                 Output::PersistChunk { doc, kind, bytes } => {
                     self.refresh_digest(doc);
+                    self.note_written(doc, bytes.len(), kind == ChunkKind::Snapshot);
+                    written.insert(doc);
                     let (next, live_from) = self.chunk_seq.entry(doc).or_insert((0, 0));
                     match kind {
                         ChunkKind::Snapshot => {
@@ -107,6 +110,10 @@ impl Core {
                 }
                 _ => {}
             }
+        }
+        // Each written document's header and heads, in the same atomic batch as its chunks.
+        for doc in written {
+            self.put_doc_meta(doc, &mut batch);
         }
         batch
     }

@@ -102,6 +102,19 @@ pub(crate) async fn scan_chunks_one_by_one(
 }
 
 /// Every stored chunk key of `doc`, damaged records included.
+/// The first chunk number past every stored chunk of `doc`.
+pub(crate) async fn next_chunk(store: &StoreHandle, doc: DocId) -> Result<u64, Error> {
+    Ok(chunk_keys(store, doc)
+        .await?
+        .iter()
+        .filter_map(|k| match DocChunk::parse(k) {
+            Some((_, DocChunk::Incremental(seq))) => Some(seq.saturating_add(1)),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0))
+}
+
 async fn chunk_keys(store: &StoreHandle, doc: DocId) -> Result<Vec<Vec<u8>>, Error> {
     let prefix = DocChunk::prefix(doc.as_bytes());
     let mut keys = Vec::new();
@@ -185,7 +198,9 @@ impl Core {
             for key in chunk_keys(&store, *doc).await? {
                 batch.delete(Keyspace::DocChunks, key);
             }
-            // Content synced since start is kept: its snapshot lands after the deletes.
+            // Content synced since start is kept: its snapshot (and meta record) lands
+            // after the deletes; without content, no record may name the document.
+            batch.delete(Keyspace::Meta, crate::records::doc_meta_key(*doc));
             if self.has_content(*doc) {
                 self.chunk_seq.insert(*doc, (0, 0));
                 match self.engine.snapshot(*doc) {

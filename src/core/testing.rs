@@ -98,6 +98,15 @@ impl TestCore {
     }
 
     async fn start_on(name: &str, store: hearth_storage::StoreHandle) -> Self {
+        Self::start_with(name, store, 32 * 1024 * 1024).await
+    }
+
+    /// Like [`TestCore::start`], on `store`, with `cache_bytes` for loaded documents.
+    pub(crate) async fn start_with(
+        name: &str,
+        store: hearth_storage::StoreHandle,
+        cache_bytes: usize,
+    ) -> Self {
         let identity = hearth_net::DeviceIdentity::generate();
         let (net, stream, net_events) = hearth_net::testing::detached(identity.to_peer_id());
         let cancel = CancellationToken::new();
@@ -115,6 +124,7 @@ impl TestCore {
                 max_age: std::time::Duration::from_secs(30 * 24 * 3600),
             },
             crate::users::UsersConfig::default(),
+            cache_bytes,
             cancel.clone(),
         )
         .await

@@ -283,6 +283,7 @@ impl Core {
     }
 
     pub(crate) async fn attach(&mut self, peer: &str, doc: DocId, epoch: KeyEpoch) {
+        self.ensure_loaded(doc).await;
         self.ensure_expected(doc, epoch);
         let saved = match self
             .store
@@ -465,6 +466,12 @@ impl Core {
             tracing::warn!(peer = %peer_text, %reason, "dropping a frame");
             return;
         }
+        // A frame for a document that is not loaded loads it (core/resident.rs).
+        if let Frame::Push(hearth_crdt::wire::Push { doc, .. })
+        | Frame::Sync(hearth_crdt::wire::SyncMessage { doc, .. }) = &frame
+        {
+            self.ensure_loaded(*doc).await;
+        }
         #[cfg(feature = "test-hooks")]
         self.capture_opened(&peer_text, &frame);
         if let Some(reason) = self.stale_epoch_changes(&frame) {
@@ -582,6 +589,7 @@ impl Core {
             .collect();
         self.persist_in_background(out);
         if touched_home {
+            self.load_deleted_entities().await;
             self.rebuild_entity_index_lenient();
             self.refresh_actor_homes();
             match self

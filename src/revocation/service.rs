@@ -531,6 +531,7 @@ impl Core {
     /// Rotates each entity's key in a step of its own; one that fails is logged.
     pub(crate) async fn rotate_each(&mut self, entities: Vec<(String, DocId)>) {
         for (entity_id, doc) in entities {
+            self.ensure_loaded(doc).await;
             if let Err(error) = self.step(|core, fx| core.rotate(&entity_id, doc, fx)).await {
                 tracing::warn!(%entity_id, %error, "cannot rotate an entity after a revocation");
             }

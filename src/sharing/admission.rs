@@ -140,6 +140,7 @@ impl Core {
             return;
         };
         for (entity_id, doc, share) in self.shares_to(&fp.home) {
+            self.ensure_loaded(doc).await;
             self.send_grant(peer, &fp, &entity_id, doc, share.rights, None);
         }
         let incoming: Vec<DocId> = self
@@ -159,6 +160,7 @@ impl Core {
         let Some(epoch) = self.latest_epoch(doc) else {
             return;
         };
+        self.ensure_loaded(doc).await;
         self.ensure_expected(doc, epoch);
         match self.engine.attach(peer.to_string(), doc, None, now_ms()) {
             Ok(out) => self.persist_in_background(out),

@@ -16,6 +16,7 @@ mod hostile;
 mod layout;
 mod locks;
 mod mqtt;
+mod ondemand;
 mod pairing;
 mod playback;
 mod retention;

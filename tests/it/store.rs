@@ -280,9 +280,12 @@ fn a_damaged_record_quarantines_its_document_and_the_node_still_starts() {
     let kitchen_and_hall: Vec<Vec<u8>> = stored_docs(&data).difference(&before).cloned().collect();
     assert_eq!(kitchen_and_hall.len(), 2);
 
-    // Damage one of the two entity documents; the node must start anyway.
+    // Damage one of the two entity documents; the node must start anyway. Entity
+    // documents load when first used, so the damage is found by the first read.
     damage(&data, &kitchen_and_hall[0]);
     let node = Logged::start(&data, &log);
+    let read = [node.state_of("light.kitchen"), node.state_of("light.hall")];
+    assert_eq!(read.iter().filter(|s| s.is_some()).count(), 1, "{read:?}");
     let status = hearth_json(&node, &["status"]);
     let quarantined = status["store"]["quarantined"].as_array().unwrap().clone();
     assert_eq!(quarantined.len(), 1, "{status}");

@@ -75,11 +75,13 @@ impl<P: Clone + Ord + Debug> Engine<P> {
                 self.stats.panics_caught += 1;
             }
         })?;
-        let sessions = self
+        let mut sessions = self
             .docs
             .remove(&id)
             .map(|old| old.sessions)
             .unwrap_or_default();
+        // A document that was evicted wakes the sessions it had.
+        sessions.extend(self.wake_sessions(id));
         self.docs.insert(
             id,
             DocState {
@@ -112,13 +114,17 @@ pub(super) fn doc_actors(doc: &mut AutoCommit) -> BTreeSet<ActorId> {
 /// `save()` output, whose deflated columns Automerge inflates here without a
 /// cap, and that is the one place it may. Peer bytes reach a document only
 /// through [`Engine::receive`], which walks and caps them first.
+///
+/// The chunks are loaded in one call, so Automerge applies every change after the
+/// snapshot in one batch: one by one, each change walked the map it writes, which for the
+/// registry (one key per entity) made loading it grow with the square of its changes.
 pub(super) fn rebuild(
     actor: &ActorId,
     chunks: &[Vec<u8>],
 ) -> std::result::Result<AutoCommit, String> {
-    let mut doc = AutoCommit::new().with_actor(actor.clone());
-    for chunk in chunks {
-        doc.load_incremental(chunk).map_err(|e| e.to_string())?;
+    if chunks.is_empty() {
+        return Ok(AutoCommit::new().with_actor(actor.clone()));
     }
-    Ok(doc)
+    let doc = AutoCommit::load(&chunks.concat()).map_err(|e| e.to_string())?;
+    Ok(doc.with_actor(actor.clone()))
 }

@@ -64,6 +64,7 @@ use crate::wire::{Frame, Push};
 mod guard;
 mod load;
 mod receive;
+mod resident;
 mod schema_ops;
 
 #[cfg(test)]
@@ -72,6 +73,7 @@ pub(crate) use self::guard::frame_limits;
 pub use self::guard::payload_actors;
 pub use self::load::PreparedLoad;
 use self::receive::generate_into;
+use self::resident::Unloaded;
 
 /// Default cap on one encoded sync message: 16 MiB (automerge#896: unbounded
 /// catch-up messages exhaust memory).
@@ -328,6 +330,8 @@ pub struct Engine<P> {
     actor: ActorId,
     clock: HlcClock,
     docs: BTreeMap<DocId, DocState<P>>,
+    /// Documents held but not loaded (resident.rs): their header, heads and idle sessions.
+    unloaded: BTreeMap<DocId, Unloaded<P>>,
     /// Every session's next deadline, earliest first. Kept in step by
     /// [`Engine::reschedule`] after each call that may move one, so finding the next
     /// deadline and the due sessions does not scan every session of every document.
@@ -358,6 +362,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
             actor: ActorId::from(actor),
             config,
             docs: BTreeMap::new(),
+            unloaded: BTreeMap::new(),
             timers: BTreeSet::new(),
             stats: EngineStats::default(),
             step_left: 0,
@@ -387,18 +392,24 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         self.clock.now(now_ms)
     }
 
-    /// Ids of the loaded documents.
+    /// Ids of the documents held, loaded or not.
     pub fn documents(&self) -> impl Iterator<Item = DocId> + '_ {
-        self.docs.keys().copied()
+        self.docs.keys().chain(self.unloaded.keys()).copied()
     }
 
-    /// The cached header of a document.
+    /// The cached header of a document, loaded or not.
     pub fn header(&self, doc: DocId) -> Result<&Header> {
+        if let Some(u) = self.unloaded.get(&doc) {
+            return Ok(&u.header);
+        }
         Ok(&self.doc_state(doc)?.header)
     }
 
-    /// Current heads of a document.
+    /// Current heads of a document, loaded or not.
     pub fn heads(&mut self, doc: DocId) -> Result<Vec<ChangeHash>> {
+        if let Some(u) = self.unloaded.get(&doc) {
+            return Ok(u.heads.clone());
+        }
         Ok(self.doc_state_mut(doc)?.doc.get_heads())
     }
 
@@ -431,11 +442,21 @@ impl<P: Clone + Ord + Debug> Engine<P> {
     }
 
     fn doc_state(&self, doc: DocId) -> Result<&DocState<P>> {
-        self.docs.get(&doc).ok_or(Error::UnknownDocument(doc))
+        self.docs.get(&doc).ok_or_else(|| self.missing(doc))
     }
 
     fn doc_state_mut(&mut self, doc: DocId) -> Result<&mut DocState<P>> {
-        self.docs.get_mut(&doc).ok_or(Error::UnknownDocument(doc))
+        let missing = self.missing(doc);
+        self.docs.get_mut(&doc).ok_or(missing)
+    }
+
+    /// The error for a document that is not in `docs`: unknown, or held but not loaded.
+    fn missing(&self, doc: DocId) -> Error {
+        if self.unloaded.contains_key(&doc) {
+            Error::NotLoaded(doc)
+        } else {
+            Error::UnknownDocument(doc)
+        }
     }
 
     /// An entity document's version log, caught up with the document (built
@@ -466,7 +487,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         now_ms: u64,
         init: impl FnOnce(&mut AutoCommit, Hlc, &ActorId) -> Result<()>,
     ) -> Result<Vec<Output<P>>> {
-        if self.docs.contains_key(&id) {
+        if self.docs.contains_key(&id) || self.unloaded.contains_key(&id) {
             return Err(Error::DocumentExists(id));
         }
         let mut doc = AutoCommit::new().with_actor(self.actor.clone());
@@ -497,6 +518,9 @@ impl<P: Clone + Ord + Debug> Engine<P> {
 
     /// Unloads a document, dropping its sessions.
     pub fn remove_document(&mut self, id: DocId) -> bool {
+        if self.unloaded.remove(&id).is_some() {
+            return true;
+        }
         let Some(ds) = self.docs.remove(&id) else {
             return false;
         };
@@ -543,6 +567,9 @@ impl<P: Clone + Ord + Debug> Engine<P> {
     /// has arrived (e.g. one shared with this home): it is filled by the first
     /// sync session. Until the header arrives, frames carry `epoch`.
     pub fn expect_document(&mut self, id: DocId, kind: DocKind, owner_home: &str, epoch: KeyEpoch) {
+        if self.unloaded.contains_key(&id) {
+            return;
+        }
         self.docs.entry(id).or_insert_with(|| DocState {
             doc: AutoCommit::new().with_actor(self.actor.clone()),
             header: Header::new(kind, owner_home, epoch),
@@ -675,7 +702,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         now_ms: u64,
     ) -> Result<Vec<Output<P>>> {
         if !self.docs.contains_key(&doc) {
-            return Err(Error::UnknownDocument(doc));
+            return Err(self.missing(doc));
         }
         let mut session = match saved {
             Some(bytes) => {
@@ -717,6 +744,9 @@ impl<P: Clone + Ord + Debug> Engine<P> {
     /// heads: the session starts in sync, so live pushes flow at once, and no sync message
     /// is sent. This is what keeps a reconnect where nothing changed at one round trip.
     pub fn attach_in_sync(&mut self, peer: P, doc: DocId, saved: Option<&[u8]>) -> Result<()> {
+        if self.unloaded.contains_key(&doc) {
+            return self.attach_unloaded_in_sync(peer, doc);
+        }
         if !self.docs.contains_key(&doc) {
             return Err(Error::UnknownDocument(doc));
         }
@@ -746,6 +776,9 @@ impl<P: Clone + Ord + Debug> Engine<P> {
 
     /// Disconnects `peer` from `doc`, returning the state to persist.
     pub fn detach(&mut self, peer: &P, doc: DocId) -> Option<Vec<u8>> {
+        if let Some(u) = self.unloaded.get_mut(&doc) {
+            return u.sessions.remove(peer).map(|s| s.state);
+        }
         let ds = self.docs.get_mut(&doc)?;
         ds.parked.retain(|p| &p.from != peer);
         self.take_session(doc, peer).map(|s| s.encode())
@@ -753,7 +786,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
 
     /// Disconnects `peer` from every document, returning the states to persist.
     pub fn detach_peer(&mut self, peer: &P) -> Vec<(DocId, Vec<u8>)> {
-        let ids: Vec<DocId> = self.docs.keys().copied().collect();
+        let ids: Vec<DocId> = self.documents().collect();
         ids.into_iter()
             .filter_map(|d| self.detach(peer, d).map(|s| (d, s)))
             .collect()
@@ -761,6 +794,9 @@ impl<P: Clone + Ord + Debug> Engine<P> {
 
     /// Whether `peer`'s session for `doc` is in sync (pushes go straight to it).
     pub fn is_in_sync(&self, peer: &P, doc: DocId) -> bool {
+        if let Some(u) = self.unloaded.get(&doc) {
+            return u.sessions.get(peer).is_some_and(|s| s.in_sync);
+        }
         self.docs
             .get(&doc)
             .and_then(|d| d.sessions.get(peer))

@@ -63,7 +63,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
             });
         }
         if !self.docs.contains_key(&id) {
-            return Err(Error::UnknownDocument(id));
+            return Err(self.missing(id));
         }
         let limits = frame_limits(&self.config, false);
         let scanned = catch(|| {
