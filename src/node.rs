@@ -104,6 +104,7 @@ impl Node {
     /// leave the store open until the runtime drops its thread handle.
     pub async fn start(config: Config) -> Result<Self, Error> {
         config.users.check()?;
+        config.history.check()?;
         if config.batch_window > crate::MAX_BATCH_WINDOW {
             return Err(Error::Invalid(format!(
                 "batch window {:?} is longer than the {:?} allowed",
@@ -194,6 +195,7 @@ impl Node {
                 max_age: config.chat_max_age,
             },
             config.users.clone(),
+            config.history.clone(),
             cancel.clone(),
         )
         .await?;

@@ -62,6 +62,7 @@ impl Core {
                     heads,
                     ..
                 } if self.entities.of_doc.contains_key(&doc) => {
+                    self.note_generation_change(doc);
                     let from_peer = match origin {
                         Origin::Peer(peer) => Some(peer),
                         _ => None,
@@ -96,6 +97,10 @@ impl Core {
                         Origin::Peer(peer) => Some(peer),
                         _ => None,
                     };
+                    if doc == self.home.home_doc {
+                        self.home_devices_changed();
+                    }
+                    self.note_generation_change(doc);
                     self.on_users_changed(doc, from_peer.clone());
                     self.on_activity_changed(doc, from_peer.clone());
                     self.on_doc_changed(doc, from_peer);

@@ -102,7 +102,7 @@ pub(crate) async fn scan_chunks_one_by_one(
 }
 
 /// Every stored chunk key of `doc`, damaged records included.
-async fn chunk_keys(store: &StoreHandle, doc: DocId) -> Result<Vec<Vec<u8>>, Error> {
+pub(crate) async fn chunk_keys(store: &StoreHandle, doc: DocId) -> Result<Vec<Vec<u8>>, Error> {
     let prefix = DocChunk::prefix(doc.as_bytes());
     let mut keys = Vec::new();
     let mut after: Option<Vec<u8>> = None;

@@ -115,6 +115,7 @@ impl TestCore {
                 max_age: std::time::Duration::from_secs(30 * 24 * 3600),
             },
             crate::users::UsersConfig::default(),
+            crate::config::HistoryConfig::default(),
             cancel.clone(),
         )
         .await

@@ -12,6 +12,7 @@ mod dashboard;
 mod entities;
 mod events;
 mod frames;
+mod generations;
 mod layout;
 mod locks;
 mod mqtt;
