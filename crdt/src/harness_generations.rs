@@ -161,6 +161,42 @@ fn an_older_concurrent_write_loses_to_the_cut_value_as_it_would_have() {
 }
 
 #[test]
+fn a_pending_user_choice_keeps_its_candidates_across_a_cut() {
+    let mut net = Net::new(3, 11, EngineConfig::default());
+    net.share_entity(FIRST);
+    let mut gens = Gens { docs: vec![FIRST] };
+    settle(&mut net, &gens);
+    let out = net.nodes[0]
+        .set_entity_policy(FIRST, crate::policy::Policy::UserChoice, net.now_ms, None)
+        .unwrap();
+    net.absorb(0, out);
+    settle(&mut net, &gens);
+    // Two devices write at once: a conflict that waits for a person.
+    net.advance(5);
+    write(&mut net, &gens, 1, "left");
+    write(&mut net, &gens, 2, "right");
+    settle(&mut net, &gens);
+    let before = net.nodes[0].resolved_entity(FIRST).unwrap();
+    assert_eq!(before.pending().count(), 1);
+    cut(&mut net, &mut gens);
+    settle(&mut net, &gens);
+    let values = |r: &crate::policy::ResolvedEntity| {
+        let mut v: Vec<String> = r
+            .pending()
+            .flat_map(|c| c.candidates.iter().map(|x| x.value.to_string()))
+            .collect();
+        v.sort();
+        v
+    };
+    for n in 0..3 {
+        let after = net.nodes[n].resolved_entity(gens.current()).unwrap();
+        assert_eq!(after.policy, crate::policy::Policy::UserChoice);
+        assert_eq!(values(&after), values(&before), "node {n}");
+        assert_eq!(after.entity.state, before.entity.state, "node {n}");
+    }
+}
+
+#[test]
 fn a_record_written_by_two_devices_is_refused() {
     let mut net = Net::new(2, 9, EngineConfig::default());
     net.share_entity(FIRST);

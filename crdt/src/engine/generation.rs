@@ -414,11 +414,72 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         let policy = resolved.policy;
         let me = self.actor.clone();
         let header = Header::new(DocKind::Entity, header.owner_home, epoch);
+        // Conflicts still waiting for a person keep their candidates: each is written
+        // again by its own writer, concurrently, after the cut's first change.
+        let pending: Vec<policy::Conflict> = resolved
+            .conflicts
+            .into_iter()
+            .filter(|c| c.is_pending())
+            .collect();
+        let skip: BTreeSet<policy::Field> = pending.iter().map(|c| c.field.clone()).collect();
         let out = self.create_document(new, header, now_ms, |d, _at, _by| {
-            write_entity(d, &entity, policy)?;
+            write_entity(d, &entity, policy, &skip)?;
             write_record(d, &record, &me, now_ms)
         })?;
-        Ok(out)
+        if pending.is_empty() {
+            return Ok(out);
+        }
+        let mut by_actor: BTreeMap<ActorId, Vec<(policy::Field, Json, Hlc)>> = BTreeMap::new();
+        for c in pending {
+            for cand in c.candidates {
+                by_actor.entry(cand.actor).or_default().push((
+                    c.field.clone(),
+                    cand.value,
+                    cand.at,
+                ));
+            }
+        }
+        let ds = self.doc_state_mut(new)?;
+        let base = ds.doc.get_heads();
+        let mut changes = Vec::new();
+        for (actor, values) in by_actor {
+            let mut fork = ds.doc.fork_at(&base).map_err(am)?;
+            fork.set_actor(actor.clone());
+            let e = match fork.get(ROOT, ENTITY_KEY).map_err(am)? {
+                Some((_, e)) => e,
+                None => return Err(refuse("the new generation has no entity")),
+            };
+            let a = ensure_map(&mut fork, &e, "attributes")?;
+            let mut newest = None;
+            for (field, value, at) in values {
+                match (&field, &value) {
+                    (policy::Field::State, Json::String(v)) => {
+                        fork.put(&e, "state", v.as_str()).map_err(am)?;
+                    }
+                    (policy::Field::State, _) => continue,
+                    (policy::Field::Attribute(k), v) => put_json(&mut fork, &a, k, v)?,
+                }
+                newest = newest.max(Some(at));
+            }
+            if let Some(at) = newest {
+                fork.put(&e, "updated_at", at.to_string()).map_err(am)?;
+                fork.put(&e, "updated_by", actor.to_hex_string())
+                    .map_err(am)?;
+            }
+            fork.commit_with(CommitOptions::default().with_time(secs(now_ms)));
+            if let Some(change) = fork.get_last_local_change() {
+                changes.push(change);
+            }
+            ds.actors.insert(actor);
+        }
+        ds.doc.apply_changes(changes).map_err(am)?;
+        let snapshot = ds.doc.save();
+        ds.journal = vec![snapshot.clone()];
+        Ok(vec![Output::PersistChunk {
+            doc: new,
+            kind: super::ChunkKind::Snapshot,
+            bytes: snapshot,
+        }])
     }
 
     /// Moves this device to generation `new`: carries over the changes of the
@@ -608,14 +669,24 @@ fn field_clocks(doc: &AutoCommit, resolved: &ResolvedEntity) -> Result<BTreeMap<
 }
 
 /// Writes the entity as shown (its fields, clock, writer, policy) into a fresh document.
-fn write_entity<T: Transactable>(doc: &mut T, entity: &Entity, policy: Policy) -> Result<()> {
+/// Fields in `skip` (pending conflicts) are left to their candidates' own changes.
+fn write_entity<T: Transactable>(
+    doc: &mut T,
+    entity: &Entity,
+    policy: Policy,
+    skip: &BTreeSet<policy::Field>,
+) -> Result<()> {
     let e = doc.put_object(ROOT, ENTITY_KEY, ObjType::Map).map_err(am)?;
     doc.put(&e, "id", entity.id.as_str()).map_err(am)?;
     doc.put(&e, "owner", entity.owner.as_str()).map_err(am)?;
-    doc.put(&e, "state", entity.state.as_str()).map_err(am)?;
+    if !skip.contains(&policy::Field::State) {
+        doc.put(&e, "state", entity.state.as_str()).map_err(am)?;
+    }
     let a = doc.put_object(&e, "attributes", ObjType::Map).map_err(am)?;
     for (k, v) in &entity.attributes {
-        put_json(doc, &a, k, v)?;
+        if !skip.contains(&policy::Field::Attribute(k.clone())) {
+            put_json(doc, &a, k, v)?;
+        }
     }
     doc.put(&e, "updated_at", entity.updated_at.to_string())
         .map_err(am)?;
