@@ -22,6 +22,9 @@ use crate::core::{Core, append, doc_err, now_ms};
 /// Most documents remembered as refused (a bad record is audited once per document).
 const MAX_REFUSED: usize = 1024;
 
+/// Local writes to a generation between two looks at deleting the ones behind it.
+const DELETE_CHECK_EVERY: u32 = 32;
+
 /// Most generations walked back from the current one.
 const MAX_CHAIN: usize = 64;
 
@@ -36,6 +39,10 @@ pub(crate) struct Generations {
     waiting: HashMap<DocId, String>,
     /// Documents to look at after the step: a cut, a carry, a deletion.
     due: BTreeSet<DocId>,
+    /// Current generations whose older ones may be deletable.
+    delete_due: HashSet<DocId>,
+    /// Local writes seen per generation, to look at deletion every few of them.
+    local_writes: HashMap<DocId, u32>,
     /// Generations whose record was refused, audited once each.
     refused: HashSet<DocId>,
     /// Current generations this device has moved to.
@@ -58,13 +65,20 @@ impl Core {
     /// Notes that `doc` changed: an entity may have passed its threshold, an old
     /// generation may hold a write to carry, a new one may have arrived or gained a
     /// device that moved. The work runs after the step ([`Core::run_generation_work`]).
-    pub(crate) fn note_generation_change(&mut self, doc: DocId) {
+    pub(crate) fn note_generation_change(&mut self, doc: DocId, remote: bool) {
         let g = &mut self.entities.generations;
         if self.entities.of_doc.contains_key(&doc)
             || g.successor.contains_key(&doc)
             || g.waiting.contains_key(&doc)
         {
             g.due.insert(doc);
+            // Devices announce their moves in remote changes; local writes only add
+            // versions, so every few of them is often enough to look at deletion.
+            let n = g.local_writes.entry(doc).or_default();
+            *n = n.wrapping_add(1);
+            if remote || n.is_multiple_of(DELETE_CHECK_EVERY) {
+                g.delete_due.insert(doc);
+            }
         }
     }
 
@@ -102,7 +116,7 @@ impl Core {
                 {
                     self.move_to(doc);
                 }
-                if behind {
+                if behind && self.entities.generations.delete_due.remove(&doc) {
                     self.maybe_delete_before(doc);
                 }
             }
@@ -298,6 +312,7 @@ impl Core {
         })?;
         self.point(id, new);
         self.entities.generations.successor.insert(old, new);
+        self.entities.generations.local_writes.remove(&old);
         self.entities.views.remove(&old);
         tracing::debug!(%old, %new, "cut a new generation");
         self.queue_persist(batch, Vec::new());
@@ -365,6 +380,8 @@ impl Core {
         tracing::debug!(%doc, "deleted an old generation");
         self.entities.generations.successor.remove(&doc);
         self.entities.generations.moved_here.remove(&doc);
+        self.entities.generations.local_writes.remove(&doc);
+        self.entities.generations.delete_due.remove(&doc);
         self.entities.views.remove(&doc);
         self.digest.remove(&doc);
         self.chunk_seq.remove(&doc);
@@ -441,6 +458,7 @@ impl Core {
             }
             if chain.len() > 1 {
                 self.entities.generations.due.insert(doc);
+                self.entities.generations.delete_due.insert(doc);
                 if let Some(old) = chain.get(1) {
                     self.entities.generations.due.insert(*old);
                 }
