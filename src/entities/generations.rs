@@ -103,7 +103,13 @@ impl Core {
                 self.move_to(new);
                 continue;
             }
-            if self.entities.of_doc.contains_key(&doc) {
+            // Only this home's entities have generations here: another home's entity
+            // shared with this one is never written outside its value fields.
+            let own = self
+                .engine
+                .header(doc)
+                .is_ok_and(|h| h.owner_home == self.home.home_id);
+            if own && self.entities.of_doc.contains_key(&doc) {
                 self.maybe_cut(doc);
                 let behind = self
                     .entities
@@ -251,6 +257,14 @@ impl Core {
     /// Moves this device to generation `new` (carrying what its cut missed) and
     /// persists and pushes what that wrote.
     fn move_to(&mut self, new: DocId) {
+        // Moves write into the generation: only into this home's own documents.
+        if !self
+            .engine
+            .header(new)
+            .is_ok_and(|h| h.owner_home == self.home.home_id)
+        {
+            return;
+        }
         match self.engine.move_to_generation(new, now_ms()) {
             Ok(report) => {
                 self.entities.generations.moved_here.insert(new);
@@ -266,7 +280,8 @@ impl Core {
     /// Cuts entity document `doc` when this device is the home's admin, the home owns
     /// it, no other home holds it, and it passed a threshold.
     fn maybe_cut(&mut self, doc: DocId) {
-        if self.home.root_secret.is_none() {
+        // A cut is a write: none while the store is failing.
+        if self.home.root_secret.is_none() || self.store.is_failed() {
             return;
         }
         let Some(id) = self.entities.of_doc.get(&doc).cloned() else {
@@ -450,7 +465,14 @@ impl Core {
     /// At start: finds the old generations held behind each entity, and looks at each
     /// entity once (a move or deletion a stop interrupted finishes now).
     pub(crate) fn index_generations(&mut self) {
-        let current: Vec<DocId> = self.entities.of_doc.keys().copied().collect();
+        let home = self.home.home_id.clone();
+        let current: Vec<DocId> = self
+            .entities
+            .of_doc
+            .keys()
+            .copied()
+            .filter(|d| self.engine.header(*d).is_ok_and(|h| h.owner_home == home))
+            .collect();
         for doc in current {
             let chain = self.generation_chain(doc);
             for pair in chain.windows(2) {
