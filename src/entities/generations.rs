@@ -118,7 +118,7 @@ impl Core {
                     .values()
                     .any(|d| *d == doc);
                 if !self.entities.generations.moved_here.contains(&doc)
-                    && matches!(self.engine.generation(doc), Ok(Some(_)))
+                    && matches!(self.engine.generation(doc), Ok(Some(_)) | Err(_))
                 {
                     self.move_to(doc);
                 }
@@ -265,6 +265,12 @@ impl Core {
         {
             return;
         }
+        // Only a generation the home's admin device cut is moved to.
+        match self.valid_generation(new) {
+            Ok(Some(_)) => {}
+            Ok(None) => return,
+            Err(reason) => return self.refuse_generation(new, reason),
+        }
         match self.engine.move_to_generation(new, now_ms()) {
             Ok(report) => {
                 self.entities.generations.moved_here.insert(new);
@@ -339,7 +345,8 @@ impl Core {
         let mut chain = vec![current];
         let mut at = current;
         while chain.len() < MAX_CHAIN {
-            let Ok(Some(g)) = self.engine.generation(at) else {
+            // Only records the admin device wrote link generations.
+            let Ok(Some(g)) = self.valid_generation(at) else {
                 break;
             };
             if self.engine.header(g.prev).is_err() || chain.contains(&g.prev) {
@@ -369,7 +376,7 @@ impl Core {
         for i in 0..chain.len() - 1 {
             let newer = chain[i];
             newer_versions += self.engine.generation_stats(newer).map_or(0, |s| s.changes);
-            let Ok(Some(g)) = self.engine.generation(newer) else {
+            let Ok(Some(g)) = self.valid_generation(newer) else {
                 return;
             };
             if !holders.iter().all(|a| g.moved.contains(a)) {
