@@ -495,8 +495,20 @@ impl<P: Clone + Ord + Debug> Engine<P> {
             .generation(new)?
             .ok_or_else(|| refuse("the document is no generation"))?;
         let me = self.actor.clone();
+        // The usual case is an old generation nobody wrote to since the cut: its heads
+        // are still the cut's, and nothing needs a pass over its changes.
         let all = match self.docs.get_mut(&record.prev) {
-            Some(old) => old.doc.get_changes(&[]),
+            Some(old) => {
+                let mut heads = old.doc.get_heads();
+                let mut cut = record.prev_heads.clone();
+                heads.sort();
+                cut.sort();
+                if heads == cut {
+                    Vec::new()
+                } else {
+                    old.doc.get_changes(&[])
+                }
+            }
             None => Vec::new(),
         };
         let new_doc = &self.doc_state(new)?.doc;
