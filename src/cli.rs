@@ -50,7 +50,7 @@ enum Command {
     ///
     /// A fresh data dir gets a new device identity, a store key file (or, with
     /// HEARTH_PASSPHRASE set, a key derived from the passphrase) and an API token.
-    Up(config::UpArgs),
+    Up(Box<config::UpArgs>),
     /// Show the running node: PeerId, device, home, listen addresses, peers with their
     /// sync lag, data dir, API address and uptime.
     Status(ClientArgs),
@@ -518,7 +518,7 @@ pub(crate) fn run(args: Args) -> Result<()> {
         )?,
     };
     match args.command {
-        Command::Up(up) => run_up(data, up),
+        Command::Up(up) => run_up(data, *up),
         Command::Status(c) => status(&Client::find(&data, c.api, c.token)?, c.json),
         Command::Entity(cmd) => entity(&data, cmd),
         Command::Peers(c) => verbs::peers(&client(&data, &c)?, c.json),

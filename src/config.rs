@@ -61,6 +61,9 @@ pub struct Config {
     pub chat_max_age: Duration,
     /// Users' state and client sessions (seed 001's session and sync settings).
     pub users: crate::UsersConfig,
+    /// When an entity's document is cut into a new generation, and how much history is
+    /// kept behind it.
+    pub history: HistoryConfig,
     /// The MQTT bridge to Home Assistant, or `None` (the default) for none.
     #[cfg(feature = "mqtt")]
     pub mqtt: Option<crate::MqttConfig>,
@@ -166,6 +169,68 @@ pub const DEFAULT_CHAT_MAX_MESSAGES: usize = 1_000;
 /// How long chat messages are kept unless told otherwise: 30 days.
 pub const DEFAULT_CHAT_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
 
+/// Bounds on an entity's history ([`Config::history`]). Past `cut_changes` changes or
+/// `cut_bytes` stored bytes, the home's admin device starts a new generation of the
+/// entity's document (a fresh document holding its current state); while the admin
+/// device is offline, cuts wait. An older generation is deleted once every device of the
+/// home has moved past it and it is outside the retention window: the newer generations
+/// hold at least `keep_versions` versions, or it was cut off more than `keep_days` ago.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HistoryConfig {
+    /// Changes in an entity's document that start a new generation
+    /// ([`DEFAULT_CUT_CHANGES`]).
+    pub cut_changes: usize,
+    /// Stored bytes of an entity's document that start a new generation
+    /// ([`DEFAULT_CUT_BYTES`]).
+    pub cut_bytes: usize,
+    /// Versions kept readable and restorable behind the newest
+    /// ([`DEFAULT_KEEP_VERSIONS`]).
+    pub keep_versions: usize,
+    /// Days of versions kept readable and restorable ([`DEFAULT_KEEP_DAYS`]).
+    pub keep_days: u32,
+}
+
+/// Changes after which an entity's document is cut, unless told otherwise: 1000.
+pub const DEFAULT_CUT_CHANGES: usize = 1_000;
+/// Stored bytes after which an entity's document is cut, unless told otherwise: 1 MiB.
+pub const DEFAULT_CUT_BYTES: usize = 1 << 20;
+/// Versions kept behind the newest, unless told otherwise: 1000.
+pub const DEFAULT_KEEP_VERSIONS: usize = 1_000;
+/// Days of versions kept, unless told otherwise: 30.
+pub const DEFAULT_KEEP_DAYS: u32 = 30;
+/// The fewest changes a cut threshold may name: below it, cuts would outnumber writes.
+pub const MIN_CUT_CHANGES: usize = 16;
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        Self {
+            cut_changes: DEFAULT_CUT_CHANGES,
+            cut_bytes: DEFAULT_CUT_BYTES,
+            keep_versions: DEFAULT_KEEP_VERSIONS,
+            keep_days: DEFAULT_KEEP_DAYS,
+        }
+    }
+}
+
+impl HistoryConfig {
+    /// Checks the bounds `Node::start` relies on.
+    pub fn check(&self) -> Result<(), crate::Error> {
+        if self.cut_changes < MIN_CUT_CHANGES {
+            return Err(crate::Error::Invalid(format!(
+                "history.cut_changes is {}; at least {MIN_CUT_CHANGES}",
+                self.cut_changes
+            )));
+        }
+        if self.cut_bytes < 4096 {
+            return Err(crate::Error::Invalid(format!(
+                "history.cut_bytes is {}; at least 4096",
+                self.cut_bytes
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Audit entries kept unless told otherwise: 10 000.
 pub const DEFAULT_AUDIT_MAX_ENTRIES: usize = 10_000;
 /// How long audit entries are kept unless told otherwise: 90 days.
@@ -198,6 +263,7 @@ impl Default for Config {
             chat_max_messages: DEFAULT_CHAT_MAX_MESSAGES,
             chat_max_age: DEFAULT_CHAT_MAX_AGE,
             users: crate::UsersConfig::default(),
+            history: HistoryConfig::default(),
             #[cfg(feature = "mqtt")]
             mqtt: None,
         }

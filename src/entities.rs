@@ -2,6 +2,7 @@
 
 pub(crate) mod batching;
 mod conflicts;
+pub(crate) mod generations;
 pub(crate) mod ops;
 pub(crate) mod service;
 
@@ -78,6 +79,19 @@ pub struct EntityChange {
     pub correlation_id: Option<String>,
     /// True when the entity was deleted; `entity` is then its last state.
     pub deleted: bool,
+}
+
+/// What an entity's document takes on this device ([`Entities::storage`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct EntityStorage {
+    /// The current generation's number: 0 until the document is first cut.
+    pub generation: u64,
+    /// Generations held here (the current one and older ones not yet deleted).
+    pub generations_held: usize,
+    /// Changes (versions) in the held generations.
+    pub changes: usize,
+    /// Stored bytes of the held generations' documents.
+    pub bytes: usize,
 }
 
 /// One version of an entity, as history lists it.
@@ -269,6 +283,18 @@ impl Entities {
                     reply,
                 },
             )
+            .await?
+    }
+
+    /// What the entity's document takes on this device: its generation, how many
+    /// generations are held, their changes and stored bytes. History past a threshold
+    /// is cut into a new generation ([`crate::HistoryConfig`]).
+    ///
+    /// Cancel-safe.
+    pub async fn storage(&self, id: impl Into<EntityId>) -> Result<EntityStorage, Error> {
+        let id = id.into().into_string();
+        self.core
+            .call(|reply| crate::entities::service::EntityRequest::Storage { id, reply })
             .await?
     }
 

@@ -75,8 +75,10 @@ pub use config::{
 };
 pub use config::{
     Config, DEFAULT_AUDIT_MAX_AGE, DEFAULT_AUDIT_MAX_ENTRIES, DEFAULT_BATCH_WINDOW,
-    DEFAULT_CHAT_MAX_AGE, DEFAULT_CHAT_MAX_MESSAGES, DEFAULT_DOCUMENTS_CACHE_MIB, DEFAULT_LISTEN,
-    DEFAULT_MAX_CONNECTIONS_PER_IP, MAX_BATCH_WINDOW, Passphrase, default_data_dir,
+    DEFAULT_CHAT_MAX_AGE, DEFAULT_CHAT_MAX_MESSAGES, DEFAULT_CUT_BYTES, DEFAULT_CUT_CHANGES,
+    DEFAULT_DOCUMENTS_CACHE_MIB, DEFAULT_KEEP_DAYS, DEFAULT_KEEP_VERSIONS, DEFAULT_LISTEN,
+    DEFAULT_MAX_CONNECTIONS_PER_IP, HistoryConfig, MAX_BATCH_WINDOW, MIN_CUT_CHANGES, Passphrase,
+    default_data_dir,
 };
 pub use core::{CHANGE_BUFFER, SyncCounters, SyncLag};
 pub use datadir::LOCK_FILE;
@@ -84,8 +86,8 @@ pub use datadir::LOCK_FILE;
 pub use datadir::{API_ADDR_FILE, TOKEN_FILE, read_token};
 pub use entities::batching::MAX_BATCH_WRITES;
 pub use entities::{
-    ConflictCandidate, ConflictInfo, Entities, Entity, EntityChange, EntityVersion, EntityWrite,
-    MAX_ATTRIBUTES_BYTES, MAX_ENTITY_ID_LEN, MAX_HISTORY, MAX_STATE_LEN,
+    ConflictCandidate, ConflictInfo, Entities, Entity, EntityChange, EntityStorage, EntityVersion,
+    EntityWrite, MAX_ATTRIBUTES_BYTES, MAX_ENTITY_ID_LEN, MAX_HISTORY, MAX_STATE_LEN,
 };
 pub use error::Error;
 pub use events::{Event, EventItem, Events};

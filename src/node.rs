@@ -104,6 +104,7 @@ impl Node {
     /// leave the store open until the runtime drops its thread handle.
     pub async fn start(config: Config) -> Result<Self, Error> {
         config.users.check()?;
+        config.history.check()?;
         if config.batch_window > crate::MAX_BATCH_WINDOW {
             return Err(Error::Invalid(format!(
                 "batch window {:?} is longer than the {:?} allowed",
@@ -195,6 +196,7 @@ impl Node {
             },
             config.users.clone(),
             config.documents_cache_mib as usize * 1024 * 1024,
+            config.history.clone(),
             cancel.clone(),
         )
         .await?;

@@ -120,6 +120,12 @@ pub struct Net {
     pub stats: NetStats,
     /// Correlation ids seen in remote `Changed` outputs, per node.
     pub remote_correlations: Vec<Vec<String>>,
+    /// Nodes cut off from the rest: frames from or to them are lost.
+    pub isolated: Vec<bool>,
+    /// What each node was told to persist, per document (a snapshot replaces the
+    /// chunks before it), for [`Net::restart`].
+    pub disk: Vec<std::collections::BTreeMap<DocId, Vec<Vec<u8>>>>,
+    config: EngineConfig,
 }
 
 /// Envelope cap used on the simulated wire.
@@ -133,6 +139,8 @@ impl Net {
         let nodes = (0..n)
             .map(|i| Engine::new(format!("peer-{i}").as_bytes(), config.clone()))
             .collect();
+        let isolated = vec![false; n];
+        let disk = vec![std::collections::BTreeMap::new(); n];
         Self {
             nodes,
             in_flight: Vec::new(),
@@ -141,6 +149,70 @@ impl Net {
             now_ms: 1_000,
             stats: NetStats::default(),
             remote_correlations: vec![Vec::new(); n],
+            isolated,
+            disk,
+            config,
+        }
+    }
+
+    /// Every other node expects `doc` (which node `from` holds) and every pair is
+    /// attached, as a node does with a new document of its home.
+    pub fn spread(&mut self, from: usize, doc: DocId) {
+        let header = self.nodes[from].header(doc).unwrap().clone();
+        for i in 0..self.nodes.len() {
+            if i != from {
+                self.nodes[i].expect_document(
+                    doc,
+                    header.kind,
+                    &header.owner_home,
+                    header.key_epoch,
+                );
+            }
+        }
+        for a in 0..self.nodes.len() {
+            for b in 0..self.nodes.len() {
+                if a != b {
+                    let out = self.nodes[a].attach(b, doc, None, self.now_ms).unwrap();
+                    self.absorb(a, out);
+                }
+            }
+        }
+    }
+
+    /// Stops node `node` and starts it again from what it persisted: its frames in
+    /// flight are lost and every session with it starts over.
+    pub fn restart(&mut self, node: usize) {
+        self.in_flight.retain(|m| m.from != node && m.to != node);
+        let mut fresh = Engine::new(format!("peer-{node}").as_bytes(), self.config.clone());
+        *fresh.actor_homes_mut() = self.nodes[node].actor_homes().clone();
+        let docs: Vec<DocId> = self.nodes[node].documents().collect();
+        for doc in &docs {
+            match self.disk[node].get(doc) {
+                Some(chunks) => fresh.load_document(*doc, chunks).unwrap(),
+                // Known by key only, as a node tracks documents whose content has not
+                // arrived yet.
+                None => {
+                    let h = self.nodes[node].header(*doc).unwrap().clone();
+                    fresh.expect_document(*doc, h.kind, &h.owner_home, h.key_epoch);
+                }
+            }
+        }
+        self.nodes[node] = fresh;
+        for doc in docs {
+            for other in 0..self.nodes.len() {
+                if other == node || self.nodes[other].header(doc).is_err() {
+                    continue;
+                }
+                self.nodes[other].detach(&node, doc);
+                let out = self.nodes[other]
+                    .attach(node, doc, None, self.now_ms)
+                    .unwrap();
+                self.absorb(other, out);
+                let out = self.nodes[node]
+                    .attach(other, doc, None, self.now_ms)
+                    .unwrap();
+                self.absorb(node, out);
+            }
         }
     }
 
@@ -192,6 +264,13 @@ impl Net {
                     origin: crate::engine::Origin::Peer(_),
                     ..
                 } => self.remote_correlations[from].push(c),
+                Output::PersistChunk { doc, kind, bytes } => {
+                    let chunks = self.disk[from].entry(doc).or_default();
+                    if kind == crate::engine::ChunkKind::Snapshot {
+                        chunks.clear();
+                    }
+                    chunks.push(bytes);
+                }
                 _ => {}
             }
         }
@@ -214,7 +293,10 @@ impl Net {
             0
         };
         let msg = self.in_flight.remove(i);
-        if self.rng.percent(self.faults.drop_pct) {
+        if self.isolated[msg.from]
+            || self.isolated[msg.to]
+            || self.rng.percent(self.faults.drop_pct)
+        {
             self.stats.dropped += 1;
             return true;
         }

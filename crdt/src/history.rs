@@ -402,6 +402,11 @@ thread_local! {
 }
 
 impl VersionLog {
+    /// Number of changes logged.
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
     /// The log of every change in `doc`, with the clocks the changes wrote.
     /// One pass over the document's operations: done where a document loads,
     /// off the engine's owner.

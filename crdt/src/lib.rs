@@ -79,6 +79,8 @@ pub mod wire;
 pub mod harness;
 #[cfg(test)]
 mod harness_docs;
+#[cfg(test)]
+mod harness_generations;
 
 pub use automerge::{ActorId, ChangeHash};
 pub use engine::{

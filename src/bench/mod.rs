@@ -60,7 +60,7 @@ pub(crate) struct BenchArgs {
     /// coldstart and memory: documents in the store (default 1000,10000).
     #[arg(long, value_delimiter = ',', value_name = "D,..")]
     store_docs: Option<Vec<usize>>,
-    /// history: changes already in the entity's document (default 20000).
+    /// history: changes written to the entity before it is measured (default 100000).
     #[arg(long, value_name = "N")]
     history_changes: Option<usize>,
     /// batching: windows to compare, in ms (default 0,1,5).
@@ -176,7 +176,7 @@ impl Sizes {
             fanout_updates: pick(a.fanout_updates, 500, 30),
             reconnect_docs: list(&a.reconnect_docs, &[100, 1000, 10_000], &[50]),
             store_docs: list(&a.store_docs, &[1000, 10_000], &[100]),
-            history_changes: pick(a.history_changes, 20_000, 500),
+            history_changes: pick(a.history_changes, 100_000, 500),
             windows: a
                 .windows
                 .clone()

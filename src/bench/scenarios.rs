@@ -525,6 +525,10 @@ pub(crate) async fn history(
     let (h50, h95, h99) = p50_95_99(&mut long);
     // Reads while the long entity's history is listed, over and over. B restarts first,
     // so the listings work from the version log built as the document loaded.
+    // What the long entity takes on each device: its generations are cut and the old
+    // ones deleted, so this stays bounded whatever the number of changes.
+    let on_a = a.node.entities().storage("light.history").await?;
+    let on_b = b.node.entities().storage("light.history").await?;
     let (b_name, b_dir) = b.stop().await?;
     let b = Device::restart(&b_name, b_dir, hearth::DEFAULT_BATCH_WINDOW).await?;
     let reads = ReadsDuringHistory::measure(&b, "light.fresh", "light.history", n).await?;
@@ -551,6 +555,32 @@ pub(crate) async fn history(
     if let Some(l) = latency_p95 {
         r = r.figure(Figure::new("p95 vs latency scenario", h95, "us").baseline("latency p95", l));
     }
+    let cut = hearth::HistoryConfig::default();
+    r = r
+        .figure(Figure::new("generations cut", on_a.generation as f64, ""))
+        .figure(
+            Figure::new("entity bytes on A", on_a.bytes as f64, "B").baseline(
+                "bytes per change held",
+                on_a.bytes as f64 / on_a.changes.max(1) as f64,
+            ),
+        )
+        .figure(Figure::new("entity bytes on B", on_b.bytes as f64, "B"))
+        .figure(
+            Figure::new("changes held on A", on_a.changes as f64, "")
+                .baseline(
+                    "cut_changes + keep_versions",
+                    (cut.cut_changes + cut.keep_versions) as f64,
+                )
+                .target(
+                    "bounded by cut_changes + keep_versions",
+                    on_a.changes <= cut.cut_changes + cut.keep_versions + sizes.batch,
+                ),
+        )
+        .figure(Figure::new(
+            "generations held on A",
+            on_a.generations_held as f64,
+            "",
+        ));
     r = r
         .figure(Figure::new(
             "history?limit=1 after restart",

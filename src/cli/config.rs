@@ -62,6 +62,10 @@ pub(super) const FLAGS: &[(&str, &str)] = &[
     ("max-room-size", "collaboration.max_room_size"),
     ("notify-webhook", "push_services.webhooks"),
     ("notify-ntfy", "push_services.ntfy"),
+    ("history-cut-changes", "history.cut_changes"),
+    ("history-cut-bytes", "history.cut_bytes"),
+    ("history-keep-versions", "history.keep_versions"),
+    ("history-keep-days", "history.keep_days"),
     ("mqtt", "mqtt.url"),
     ("mqtt-user", "mqtt.user"),
     ("mqtt-password-file", "mqtt.password_file"),
@@ -176,6 +180,23 @@ pub(super) struct UpArgs {
     /// Wait between tries of a push target (default 5s).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     notify_retry_delay: Option<Duration>,
+
+    /// Changes after which an entity's document starts a new generation (default 1000).
+    #[arg(long, value_name = "N")]
+    history_cut_changes: Option<usize>,
+
+    /// Stored bytes after which an entity's document starts a new generation (default
+    /// 1048576).
+    #[arg(long, value_name = "BYTES")]
+    history_cut_bytes: Option<usize>,
+
+    /// Versions of an entity kept readable and restorable (default 1000).
+    #[arg(long, value_name = "N")]
+    history_keep_versions: Option<usize>,
+
+    /// Days of an entity's versions kept readable and restorable (default 30).
+    #[arg(long, value_name = "DAYS")]
+    history_keep_days: Option<u32>,
 
     #[command(flatten)]
     mqtt: super::mqtt::MqttArgs,
@@ -305,7 +326,17 @@ pub(super) struct FileConfig {
     notifications: Notifications,
     collaboration: Collaboration,
     push_services: PushServices,
+    history: History,
     mqtt: super::mqtt::MqttSection,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+struct History {
+    cut_changes: Option<usize>,
+    cut_bytes: Option<usize>,
+    keep_versions: Option<usize>,
+    keep_days: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -466,6 +497,15 @@ impl FileConfig {
                 ntfy: Some(Vec::new()),
                 ..PushServices::default()
             },
+            history: {
+                let h = hearth::HistoryConfig::default();
+                History {
+                    cut_changes: Some(h.cut_changes),
+                    cut_bytes: Some(h.cut_bytes),
+                    keep_versions: Some(h.keep_versions),
+                    keep_days: Some(h.keep_days),
+                }
+            },
             mqtt: super::mqtt::MqttSection::defaults(),
             agent: Agent::default(),
         }
@@ -518,6 +558,12 @@ impl FileConfig {
                 webhooks: list(&up.notify_webhooks),
                 ntfy: list(&up.notify_ntfy),
                 ..PushServices::default()
+            },
+            history: History {
+                cut_changes: up.history_cut_changes,
+                cut_bytes: up.history_cut_bytes,
+                keep_versions: up.history_keep_versions,
+                keep_days: up.history_keep_days,
             },
             mqtt: super::mqtt::MqttSection::flags(&up.mqtt),
             agent: Agent::default(),
@@ -994,6 +1040,13 @@ fn settle(data: PathBuf, l: &Layered) -> Result<(hearth::Config, LogFormat)> {
         _ => None,
     };
     let mqtt = s.mqtt.settle(password_dir)?;
+    let history = hearth::HistoryConfig {
+        cut_changes: need(s.history.cut_changes, "history.cut_changes")?,
+        cut_bytes: need(s.history.cut_bytes, "history.cut_bytes")?,
+        keep_versions: need(s.history.keep_versions, "history.keep_versions")?,
+        keep_days: need(s.history.keep_days, "history.keep_days")?,
+    };
+    history.check()?;
     let config = hearth::Config {
         data_dir: data,
         api: Some(hearth::ApiConfig {
@@ -1019,6 +1072,7 @@ fn settle(data: PathBuf, l: &Layered) -> Result<(hearth::Config, LogFormat)> {
         max_connections_per_ip,
         documents_cache_mib,
         users,
+        history,
         mqtt,
         ..hearth::Config::default()
     };
@@ -1079,6 +1133,10 @@ pub(super) fn check(data: &Path, file: Option<PathBuf>, json: bool) -> Result<()
         "push_services": { "targets": config.users.push.targets.iter().map(|t| serde_json::json!({
             "kind": t.kind(), "url": redact_url(t.url()),
         })).collect::<Vec<_>>() },
+        "history": { "cut_changes": config.history.cut_changes,
+                     "cut_bytes": config.history.cut_bytes,
+                     "keep_versions": config.history.keep_versions,
+                     "keep_days": config.history.keep_days },
         "mqtt": config.mqtt.as_ref().map(super::mqtt::summary),
         "api_addr_from": api_from,
         "sources": rows.iter().map(|(k, v, from)| (k.clone(), serde_json::json!({

@@ -111,6 +111,15 @@ impl Keyring {
             batch.delete(Keyspace::Keyring, crate::records::keyring_key(doc, oldest));
         }
     }
+
+    /// Forgets every key of `doc` (a deleted generation), adding the deletes to `batch`,
+    /// so the document is not expected again after a restart.
+    pub(crate) fn forget(&mut self, doc: DocId, batch: &mut Batch) {
+        for epoch in self.epochs.remove(&doc).unwrap_or_default() {
+            self.keys.remove(&(doc, epoch));
+            batch.delete(Keyspace::Keyring, crate::records::keyring_key(doc, epoch));
+        }
+    }
 }
 
 /// Loads the device's X25519 secret, creating it (in `batch`) when absent.

@@ -416,6 +416,7 @@ pub(crate) async fn start(
     chat_keep: rooms::ChatRetention,
     users: crate::users::UsersConfig,
     documents_cache_bytes: usize,
+    history: crate::config::HistoryConfig,
     cancel: CancellationToken,
 ) -> Result<(CoreHandle, NodeFacts, tokio::task::JoinHandle<()>), Error> {
     let stored = store.get(Keyspace::Meta, HOME_KEY.to_vec()).await?;
@@ -433,6 +434,7 @@ pub(crate) async fn start(
             last_view: None,
             writes: batching::WriteWindow::new(batch_window),
             actor_names: HashMap::new(),
+            generations: crate::entities::generations::Generations::new(history),
         },
         rooms: rooms::RoomState {
             seen: HashMap::new(),
@@ -514,6 +516,7 @@ pub(crate) async fn start(
         core.ensure_expected(doc, epoch);
     }
     core.rebuild_entity_index_lenient();
+    core.index_generations();
     core.refresh_actor_homes();
     core.reserve_own_devices().await;
     core.ensure_presence_doc().await?;
@@ -642,6 +645,11 @@ impl Core {
                 _ = sleep_until_ms(handoffs_due) => self.session_tick().await,
                 // Activity starts not acknowledged in time.
                 _ = sleep_until_ms(acks_due) => self.activity_tick().await,
+            }
+            // Cuts, moves and deletions of generations the step made due.
+            if self.generation_work_due() {
+                self.run_generation_work();
+                self.send_pending().await;
             }
             // Waits for a slot when too many batches are in flight: a burst of remote
             // changes then slows the core down instead of piling up tasks.

@@ -65,6 +65,7 @@ impl Core {
                     heads,
                     ..
                 } if self.entities.of_doc.contains_key(&doc) => {
+                    self.note_generation_change(doc, !matches!(origin, Origin::Local));
                     let from_peer = match origin {
                         Origin::Peer(peer) => Some(peer),
                         _ => None,
@@ -99,6 +100,10 @@ impl Core {
                         Origin::Peer(peer) => Some(peer),
                         _ => None,
                     };
+                    if doc == self.home.home_doc {
+                        self.home_devices_changed();
+                    }
+                    self.note_generation_change(doc, from_peer.is_some());
                     self.on_users_changed(doc, from_peer.clone());
                     self.on_activity_changed(doc, from_peer.clone());
                     self.on_doc_changed(doc, from_peer);

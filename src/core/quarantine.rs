@@ -115,7 +115,7 @@ pub(crate) async fn next_chunk(store: &StoreHandle, doc: DocId) -> Result<u64, E
         .unwrap_or(0))
 }
 
-async fn chunk_keys(store: &StoreHandle, doc: DocId) -> Result<Vec<Vec<u8>>, Error> {
+pub(crate) async fn chunk_keys(store: &StoreHandle, doc: DocId) -> Result<Vec<Vec<u8>>, Error> {
     let prefix = DocChunk::prefix(doc.as_bytes());
     let mut keys = Vec::new();
     let mut after: Option<Vec<u8>> = None;

@@ -125,6 +125,7 @@ impl TestCore {
             },
             crate::users::UsersConfig::default(),
             cache_bytes,
+            crate::config::HistoryConfig::default(),
             cancel.clone(),
         )
         .await

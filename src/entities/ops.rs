@@ -52,10 +52,24 @@ impl Core {
         limit: usize,
         reply: Reply<Vec<EntityVersion>>,
     ) {
-        let snapshot = self
-            .existing_entity(id)
-            .and_then(|doc| self.engine.history_snapshot(doc, limit).map_err(doc_err));
-        let snapshot = match snapshot {
+        // The generations this device holds, newest first, each up to `limit` versions:
+        // history runs on across cuts as far as the old generations are kept.
+        let snapshots = self.existing_entity(id).and_then(|doc| {
+            let chain = self.generation_chain(doc);
+            let mut out = Vec::with_capacity(chain.len());
+            let mut left = limit;
+            for g in chain {
+                if left == 0 {
+                    break;
+                }
+                let s = self.engine.history_snapshot(g, left).map_err(doc_err)?;
+                left = left
+                    .saturating_sub(self.engine.generation_stats(g).map_or(left, |s| s.changes));
+                out.push(s);
+            }
+            Ok(out)
+        });
+        let snapshots = match snapshots {
             Ok(s) => s,
             Err(e) => {
                 let _ = reply.send(Err(e));
@@ -63,10 +77,12 @@ impl Core {
             }
         };
         let mut names: HashMap<automerge::ActorId, String> = HashMap::new();
-        for actor in snapshot.actors() {
-            if !names.contains_key(actor) {
-                let name = self.device_of_actor(actor);
-                names.insert(actor.clone(), name);
+        for snapshot in &snapshots {
+            for actor in snapshot.actors() {
+                if !names.contains_key(actor) {
+                    let name = self.device_of_actor(actor);
+                    names.insert(actor.clone(), name);
+                }
             }
         }
         let home_id = self.home.home_id.clone();
@@ -77,9 +93,15 @@ impl Core {
             if let Some(gate) = gate {
                 gate.hold();
             }
-            Ok(snapshot
-                .versions()
+            // Oldest generation first, each oldest first; the newest `limit` are kept.
+            let mut versions: Vec<hearth_crdt::Version> = Vec::new();
+            for snapshot in snapshots.into_iter().rev() {
+                versions.extend(snapshot.versions());
+            }
+            let skip = versions.len().saturating_sub(limit);
+            Ok(versions
                 .into_iter()
+                .skip(skip)
                 .map(|v| EntityVersion {
                     device: names
                         .get(&v.actor)
@@ -99,18 +121,22 @@ impl Core {
     /// history) and hands it back as [`crate::entities::service::EntityRequest::WriteRestored`], written on the core as
     /// every write is.
     pub(crate) fn restore_entity(&mut self, id: &str, version: &str, reply: Reply<Entity>) {
+        // The version may be in an older generation still held; the restore is written
+        // into the current one.
         let read = self.existing_entity(id).and_then(|doc| {
-            let read = self
-                .engine
-                .version_read(doc, version)
-                .map_err(|e| match e {
-                    CrdtError::Version { reason, .. } if reason.starts_with("no such") => {
-                        Error::NotFound(format!("entity {id:?} has no version {version:?}"))
+            for g in self.generation_chain(doc) {
+                match self.engine.version_read(g, version) {
+                    Ok(read) => return Ok((doc, read)),
+                    Err(CrdtError::Version { reason, .. }) if reason.starts_with("no such") => {}
+                    Err(e @ CrdtError::Version { .. }) => {
+                        return Err(Error::Invalid(e.to_string()));
                     }
-                    CrdtError::Version { .. } => Error::Invalid(e.to_string()),
-                    other => doc_err(other),
-                })?;
-            Ok((doc, read))
+                    Err(other) => return Err(doc_err(other)),
+                }
+            }
+            Err(Error::NotFound(format!(
+                "entity {id:?} has no version {version:?}"
+            )))
         });
         let ((doc, read), tx) = match (read, self.self_tx.clone()) {
             (Ok(read), Some(tx)) => (read, tx),

@@ -60,6 +60,11 @@ pub(crate) enum EntityRequest {
         version: String,
         reply: Reply<Entity>,
     },
+    /// What an entity's document generations hold on this device (generations.rs).
+    Storage {
+        id: String,
+        reply: Reply<crate::entities::EntityStorage>,
+    },
     /// Internal: a restore's read job resolved the old version; write it as a new one.
     WriteRestored {
         id: String,
@@ -78,6 +83,7 @@ impl EntityRequest {
                 | Self::GetEntity { .. }
                 | Self::ListEntities { .. }
                 | Self::EntityHistory { .. }
+                | Self::Storage { .. }
         )
     }
 
@@ -102,6 +108,9 @@ impl EntityRequest {
                 let _ = reply.send(Err(error));
             }
             Self::EntityHistory { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            Self::Storage { reply, .. } => {
                 let _ = reply.send(Err(error));
             }
         }
@@ -150,6 +159,9 @@ impl Core {
             EntityRequest::RestoreEntity { id, version, reply } => {
                 self.restore_entity(&id, &version, reply);
             }
+            EntityRequest::Storage { id, reply } => {
+                let _ = reply.send(self.entity_storage(&id));
+            }
             EntityRequest::WriteRestored {
                 id,
                 doc,
@@ -175,6 +187,8 @@ impl Core {
             self.entities.of_doc = old_docs;
             return;
         }
+        // An entry that names a new generation is followed only once it is valid and here.
+        self.follow_registry(&before);
         // An entity that left the index was deleted (tombstoned in the registry) on
         // another device: announce it with its last state.
         for (id, doc) in before {
@@ -426,6 +440,8 @@ pub(crate) struct EntityState {
     /// Each entity's view as last read, with the heads it was read at, so listing every
     /// entity reads only the documents that changed since.
     pub(crate) views: HashMap<DocId, (Vec<automerge::ChangeHash>, Arc<Entity>)>,
+    /// Generations of entity documents (generations.rs).
+    pub(crate) generations: super::generations::Generations,
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ mod dashboard;
 mod entities;
 mod events;
 mod frames;
+mod generations;
 mod hostile;
 mod layout;
 mod locks;

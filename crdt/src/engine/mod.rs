@@ -61,12 +61,14 @@ use crate::schema::{DocKind, Header};
 use crate::session::SyncSession;
 use crate::wire::{Frame, Push};
 
+pub mod generation;
 mod guard;
 mod load;
 mod receive;
 mod resident;
 mod schema_ops;
 
+pub use self::generation::{Generation, GenerationStats, MoveReport};
 #[cfg(test)]
 pub(crate) use self::guard::check_actors;
 pub(crate) use self::guard::frame_limits;
@@ -604,13 +606,28 @@ impl<P: Clone + Ord + Debug> Engine<P> {
                 return Err(e);
             }
         };
-        let mut out = Vec::new();
         let committed = ds
             .doc
             .commit_with(CommitOptions::default().with_time(secs(now_ms)));
         if committed.is_none() {
-            return Ok((result, out));
+            return Ok((result, Vec::new()));
         }
+        ds.actors.insert(actor.clone());
+        let out = self.finish_local(id, actor, correlation_id, now_ms)?;
+        Ok((result, out))
+    }
+
+    /// Persists and pushes what a local change (committed or applied to `id` just now
+    /// by `actor`) added since the last save, and reports the change.
+    fn finish_local(
+        &mut self,
+        id: DocId,
+        actor: ActorId,
+        correlation_id: Option<String>,
+        now_ms: u64,
+    ) -> Result<Vec<Output<P>>> {
+        let mut out = Vec::new();
+        let ds = self.docs.get_mut(&id).ok_or(Error::UnknownDocument(id))?;
         ds.actors.insert(actor);
         let bytes = ds.doc.save_incremental();
         note_local_write(ds, &bytes);
@@ -659,7 +676,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         });
         record_chunk(id, ds, bytes, &self.config, &mut self.stats, &mut out);
         self.reschedule(id);
-        Ok((result, out))
+        Ok(out)
     }
 
     /// Starts a new key epoch for `doc`: records it in the header, in a change that (like

@@ -335,7 +335,12 @@ fn scalar_for(v: &Json) -> Option<ScalarValue> {
     })
 }
 
-fn put_json<T: Transactable>(doc: &mut T, obj: &ObjId, key: &str, v: &Json) -> Result<()> {
+pub(crate) fn put_json<T: Transactable>(
+    doc: &mut T,
+    obj: &ObjId,
+    key: &str,
+    v: &Json,
+) -> Result<()> {
     match (scalar_for(v), v) {
         (Some(s), _) => {
             doc.put(obj, key, s).map_err(am)?;

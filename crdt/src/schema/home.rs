@@ -471,6 +471,17 @@ pub fn put_wrapped_key<T: Transactable>(
     Ok(())
 }
 
+/// Removes every wrapped key of `target` (a deleted generation of an entity), so the
+/// keyring holds only documents that still exist.
+pub fn remove_wrapped_keys<T: Transactable>(doc: &mut T, target: DocId) -> Result<()> {
+    let h = ensure_map(doc, &ROOT, HOME_KEY)?;
+    let k = ensure_map(doc, &h, "keyring")?;
+    if doc.get(&k, target.to_string()).map_err(am)?.is_some() {
+        doc.delete(&k, target.to_string()).map_err(am)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
