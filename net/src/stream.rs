@@ -27,8 +27,9 @@ pub const MAX_EPHEMERAL_FRAME_SIZE: usize = 64 * 1024;
 pub const SYNC_QUEUE_FRAMES: usize = 4096;
 
 /// Bytes that may wait in one peer's outbound sync queue. Filling either cap marks the
-/// peer slow; the byte cap is what actually bounds memory when frames are large.
-pub const SYNC_QUEUE_BYTES: usize = 16 * 1024 * 1024;
+/// peer slow; the byte cap is what actually bounds memory when frames are large. With the
+/// ephemeral queue's cap, one peer holds at most 8 MiB of ours.
+pub const SYNC_QUEUE_BYTES: usize = 7 * 1024 * 1024;
 
 /// Frames that may wait in one peer's outbound ephemeral queue.
 pub const EPHEMERAL_QUEUE_FRAMES: usize = 256;
@@ -46,6 +47,7 @@ pub const INBOUND_BUFFER_BYTES: usize = 64 * 1024 * 1024;
 const _: () = assert!(INBOUND_BUFFER_BYTES >= MAX_FRAME_SIZE);
 const _: () = assert!(SYNC_QUEUE_BYTES >= MAX_FRAME_SIZE);
 const _: () = assert!(EPHEMERAL_QUEUE_BYTES >= MAX_EPHEMERAL_FRAME_SIZE);
+const _: () = assert!(SYNC_QUEUE_BYTES + EPHEMERAL_QUEUE_BYTES <= 8 * 1024 * 1024);
 
 /// Buffer between the stream and the framing code, each direction.
 const IO_BUFFER: usize = 64 * 1024;
@@ -491,8 +493,10 @@ mod tests {
     #[test]
     fn outbox_refuses_past_the_byte_cap() {
         let (outbox, _rx) = Outbox::new(StreamKind::Sync);
-        let big = Bytes::from(vec![0u8; MAX_FRAME_SIZE]);
-        for _ in 0..SYNC_QUEUE_BYTES / MAX_FRAME_SIZE {
+        const CHUNK: usize = 1024 * 1024;
+        const _: () = assert!(SYNC_QUEUE_BYTES.is_multiple_of(CHUNK));
+        let big = Bytes::from(vec![0u8; CHUNK]);
+        for _ in 0..SYNC_QUEUE_BYTES / CHUNK {
             outbox.push(big.clone()).unwrap();
         }
         let err = outbox
@@ -501,7 +505,7 @@ mod tests {
         assert_eq!(
             err,
             PushError::Full {
-                frames: SYNC_QUEUE_BYTES / MAX_FRAME_SIZE,
+                frames: SYNC_QUEUE_BYTES / CHUNK,
                 bytes: SYNC_QUEUE_BYTES
             }
         );

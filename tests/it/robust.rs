@@ -54,10 +54,19 @@ async fn a_device_that_stops_reading_is_dropped_while_a_keeps_syncing_with_b() {
         writers.push(tokio::spawn(async move {
             let mut n = 0usize;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < MAX_WRITES / WRITERS {
+                // Each write carries 2 KiB that does not compress, so the queue fills by bytes
+                // too when pushes merge (they do per document when they leave together).
                 let calls: Vec<(hearth::EntityId, hearth::EntityWrite)> = (0..PER_CALL)
                     .map(|k| {
                         let id = format!("sensor.blob_{}", w * PER_CALL + k);
-                        (id.into(), write(&format!("{n}")))
+                        let mut blob = write(&format!("{n}"));
+                        let text = hex::encode(noise((n + k) as u64, 1024));
+                        blob.attributes = Some(
+                            [("blob".to_string(), serde_json::Value::String(text))]
+                                .into_iter()
+                                .collect(),
+                        );
+                        (id.into(), blob)
                     })
                     .collect();
                 timeout(T, entities.set_many(calls)).await.unwrap().unwrap();
@@ -69,7 +78,7 @@ async fn a_device_that_stops_reading_is_dropped_while_a_keeps_syncing_with_b() {
     let (mut max_frames, mut max_bytes) = (0, 0);
     let mut dropped = false;
     let mut checks = 0;
-    let deadline = Instant::now() + Duration::from_secs(40);
+    let deadline = Instant::now() + Duration::from_secs(90);
     while Instant::now() < deadline && !writers.iter().all(|w| w.is_finished()) {
         match a.outbound_queue(&c_peer).await.unwrap() {
             Some((frames, bytes)) => {

@@ -36,9 +36,15 @@ async fn a_write_read_after_its_sender_left_is_not_applied() {
 
     // A's core stops reading; its network layer still takes frames off the wire.
     a.debug_stall_network_reads(true);
+    let b_before = b.sync_counters().await.unwrap();
     b.debug_write_unchecked("light.porch", write("forged"))
         .await
         .unwrap();
+    // B sends the push once its own flush is done; then it must have left B's queue.
+    until("B sends the forged write", || async {
+        b.sync_counters().await.unwrap().frames_sent > b_before.frames_sent
+    })
+    .await;
     drained(&b, a.peer_id()).await;
     let b_peer = b.peer_id().clone();
     timeout(T, b.shutdown()).await.unwrap().unwrap();

@@ -147,10 +147,7 @@ pub fn stamp_from_scalar(value: &ScalarValue, writer: &ActorId) -> Option<Hlc> {
 pub fn stamp_from_value(value: &Value<'_>, id: &ObjId) -> Option<Hlc> {
     match (value, id) {
         (Value::Scalar(s), ObjId::Id(_, actor, _)) => stamp_from_scalar(s, actor),
-        (Value::Scalar(s), ObjId::Root) => match s.as_ref() {
-            ScalarValue::Str(text) => text.parse().ok(),
-            _ => None,
-        },
+        // A value's operation is never the root.
         _ => None,
     }
 }
