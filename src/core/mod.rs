@@ -648,7 +648,7 @@ impl Core {
             }
             // Cuts, moves and deletions of generations the step made due.
             if self.generation_work_due() {
-                self.run_generation_work();
+                self.run_generation_work().await;
                 self.send_pending().await;
             }
             // Waits for a slot when too many batches are in flight: a burst of remote

@@ -93,7 +93,7 @@ impl Resident {
         self.touch(doc, stored);
     }
 
-    fn forget(&mut self, doc: DocId) {
+    pub(crate) fn forget(&mut self, doc: DocId) {
         if let Some((at, size)) = self.used.remove(&doc) {
             self.order.remove(&(at, doc));
             self.total = self.total.saturating_sub(size);
@@ -149,16 +149,21 @@ struct DocMeta {
     schema: u64,
     /// Heads, in hex.
     heads: Vec<String>,
+    /// The generation this document replaces, as its record names it (unvalidated), so
+    /// that start-up finds the generations held behind each entity without loading any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    prev: Option<String>,
 }
 
 impl DocMeta {
-    fn of(header: &Header, heads: &[ChangeHash]) -> Self {
+    fn of(header: &Header, heads: &[ChangeHash], prev: Option<DocId>) -> Self {
         Self {
             kind: header.kind.as_str().to_string(),
             owner: header.owner_home.clone(),
             epoch: header.key_epoch,
             schema: header.schema_version,
             heads: heads.iter().map(|h| h.to_string()).collect(),
+            prev: prev.map(|p| p.to_string()),
         }
     }
 
@@ -181,6 +186,9 @@ impl DocMeta {
 /// What a request needs loaded before it runs ([`Core::needs`]).
 pub(crate) enum Needs {
     Docs(BTreeSet<DocId>),
+    /// An entity's document and the generations held behind it (history, restore,
+    /// storage figures read them all).
+    Chain(DocId),
     Views,
     AllEntities,
 }
@@ -196,10 +204,11 @@ impl Core {
         let Ok(heads) = self.engine.heads(doc) else {
             return;
         };
+        let prev = self.engine.generation_prev(doc).ok().flatten();
         let Ok(header) = self.engine.header(doc) else {
             return;
         };
-        match crate::records::to_json("document meta", &DocMeta::of(header, &heads)) {
+        match crate::records::to_json("document meta", &DocMeta::of(header, &heads, prev)) {
             Ok(bytes) => {
                 batch.put(Keyspace::Meta, doc_meta_key(doc), bytes);
             }
@@ -240,9 +249,15 @@ impl Core {
                 if self.quarantine.contains(doc) {
                     continue;
                 }
-                let parts = crate::records::from_json::<DocMeta>("document meta", &value)
-                    .ok()
-                    .and_then(|m| m.parts());
+                let meta = crate::records::from_json::<DocMeta>("document meta", &value).ok();
+                if let Some(prev) = meta
+                    .as_ref()
+                    .and_then(|m| m.prev.as_deref())
+                    .and_then(DocId::parse)
+                {
+                    self.note_generation_link(doc, prev);
+                }
+                let parts = meta.and_then(|m| m.parts());
                 match parts {
                     Some((header, heads)) if on_demand(header.kind) && !heads.is_empty() => {
                         let _ = self.engine.insert_unloaded(doc, header, heads);
@@ -522,14 +537,19 @@ impl Core {
             Request::Entities(r) => match r {
                 E::ListEntities { .. } => return Needs::Views,
                 E::Conflicts { .. } => return Needs::AllEntities,
+                E::Storage { id, .. }
+                | E::EntityHistory { id, .. }
+                | E::RestoreEntity { id, .. } => {
+                    return self
+                        .doc_of_entity(id)
+                        .map_or_else(|| Needs::Docs(BTreeSet::new()), Needs::Chain);
+                }
                 E::SetMany { writes, .. } => writes.iter().map(|(id, _)| id.as_str()).collect(),
                 E::SetEntity { id, .. }
                 | E::SetPolicy { id, .. }
                 | E::ResolveConflict { id, .. }
                 | E::GetEntity { id, .. }
                 | E::DeleteEntity { id, .. }
-                | E::EntityHistory { id, .. }
-                | E::RestoreEntity { id, .. }
                 | E::WriteRestored { id, .. } => vec![id.as_str()],
             },
             Request::Sharing(_) | Request::Revocation(_) => return Needs::AllEntities,
@@ -549,6 +569,7 @@ impl Core {
         match needs {
             Needs::Views => self.fill_views().await,
             Needs::AllEntities => self.load_all_entities().await,
+            Needs::Chain(doc) => self.load_chain(doc).await,
             Needs::Docs(docs) => {
                 for doc in docs {
                     self.ensure_loaded(doc).await;

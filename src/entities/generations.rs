@@ -50,6 +50,9 @@ pub(crate) struct Generations {
     /// The actors that may cut and the ones that must move, from the home document;
     /// cleared when it changes.
     actors: Option<(HashSet<automerge::ActorId>, Vec<automerge::ActorId>)>,
+    /// At start, before documents load: generation -> the one it replaces, as the
+    /// stored meta records name them (hints; records are checked before anything acts).
+    links: HashMap<DocId, DocId>,
 }
 
 impl Generations {
@@ -82,15 +85,51 @@ impl Core {
         }
     }
 
+    /// At start: the meta record of `doc` says it replaces `prev`.
+    pub(crate) fn note_generation_link(&mut self, doc: DocId, prev: DocId) {
+        self.entities.generations.links.insert(doc, prev);
+    }
+
+    /// The generation `doc` replaces, unvalidated: from the document when it is
+    /// loaded, from its meta record otherwise.
+    fn prev_hint(&self, doc: DocId) -> Option<DocId> {
+        if self.engine.is_loaded(doc) {
+            self.engine.generation_prev(doc).ok().flatten()
+        } else {
+            self.entities.generations.links.get(&doc).copied()
+        }
+    }
+
+    /// Loads `doc` and the generations behind it (documents are loaded on demand), so
+    /// that the work on it reads them all.
+    pub(crate) async fn load_chain(&mut self, doc: DocId) {
+        let mut at = doc;
+        let mut seen = Vec::new();
+        while seen.len() < MAX_CHAIN && !seen.contains(&at) {
+            self.ensure_loaded(at).await;
+            seen.push(at);
+            match self.engine.generation_prev(at) {
+                Ok(Some(prev)) if self.engine.header(prev).is_ok() => at = prev,
+                _ => break,
+            }
+        }
+    }
+
     /// Whether generation work waits.
     pub(crate) fn generation_work_due(&self) -> bool {
         !self.entities.generations.due.is_empty()
     }
 
-    /// Does the work noted since the last call.
-    pub(crate) fn run_generation_work(&mut self) {
+    /// Does the work noted since the last call, loading the documents it reads first.
+    pub(crate) async fn run_generation_work(&mut self) {
         let due = std::mem::take(&mut self.entities.generations.due);
         for doc in due {
+            let successor = self.entities.generations.successor.get(&doc).copied();
+            self.load_chain(successor.unwrap_or(doc)).await;
+            if !self.engine.is_loaded(doc) {
+                // Not held any more, or its records do not load (quarantined).
+                continue;
+            }
             if let Some(id) = self.entities.generations.waiting.get(&doc).cloned() {
                 if self.has_content(doc) {
                     self.entities.generations.waiting.remove(&doc);
@@ -144,12 +183,14 @@ impl Core {
             })
             .collect();
         for (id, old, new) in moved {
-            // Until it is shown to be a valid generation, the entity stays on `old`.
+            // Until it is shown to be a valid generation, the entity stays on `old`; the
+            // generation work after the step loads `new` and follows it once it has
+            // content.
             self.point(&id, old);
-            if self.has_content(new) {
-                self.follow(&id, new);
-            } else if self.entities.generations.waiting.len() < MAX_REFUSED {
-                self.entities.generations.waiting.insert(new, id);
+            let g = &mut self.entities.generations;
+            if g.waiting.len() < MAX_REFUSED {
+                g.waiting.insert(new, id);
+                g.due.insert(new);
             }
         }
     }
@@ -240,6 +281,12 @@ impl Core {
     }
 
     fn refuse_generation(&mut self, doc: DocId, reason: String) {
+        // A record that could not be read because its document is not loaded is not a
+        // bad record; the work that loads it looks again.
+        if !self.engine.is_loaded(doc) {
+            tracing::debug!(%doc, %reason, "generation not looked at: not loaded");
+            return;
+        }
         let refused = &mut self.entities.generations.refused;
         if refused.contains(&doc) || refused.len() >= MAX_REFUSED {
             return;
@@ -400,6 +447,7 @@ impl Core {
             return;
         }
         tracing::debug!(%doc, "deleted an old generation");
+        self.resident.forget(doc);
         self.entities.generations.successor.remove(&doc);
         self.entities.generations.moved_here.remove(&doc);
         self.entities.generations.local_writes.remove(&doc);
@@ -408,6 +456,10 @@ impl Core {
         self.digest.remove(&doc);
         self.chunk_seq.remove(&doc);
         let mut batch = self.drop_sync_states_of_doc(doc);
+        batch.delete(
+            hearth_storage::Keyspace::Meta,
+            crate::records::doc_meta_key(doc),
+        );
         self.keyring.forget(doc, &mut batch);
         if self.home.root_secret.is_some() {
             match self
@@ -481,7 +533,19 @@ impl Core {
             .filter(|d| self.engine.header(*d).is_ok_and(|h| h.owner_home == home))
             .collect();
         for doc in current {
-            let chain = self.generation_chain(doc);
+            // From the meta records' hints: no document loads here (each is checked
+            // when the work after the first step loads it).
+            let mut chain = vec![doc];
+            let mut at = doc;
+            while chain.len() < MAX_CHAIN {
+                match self.prev_hint(at) {
+                    Some(prev) if self.engine.header(prev).is_ok() && !chain.contains(&prev) => {
+                        chain.push(prev);
+                        at = prev;
+                    }
+                    _ => break,
+                }
+            }
             for pair in chain.windows(2) {
                 self.entities.generations.successor.insert(pair[1], pair[0]);
             }
@@ -493,6 +557,7 @@ impl Core {
                 }
             }
         }
+        self.entities.generations.links = HashMap::new();
     }
 }
 
@@ -569,6 +634,8 @@ mod tests {
                     })
                     .unwrap();
                 core.rebuild_entity_index_lenient();
+                // The work after the step loads the new generation and checks it.
+                core.run_generation_work().await;
                 *seen.lock().unwrap() = Some((
                     core.doc_of_entity(&id) == Some(old),
                     core.entities.generations.refused.contains(&forged),

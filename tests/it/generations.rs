@@ -1,7 +1,8 @@
 //! Generations on real nodes: the admin device cuts an entity past its threshold, the
 //! other device moves, a write made on the old generation while it could not hear the
 //! cut is carried over, old generations are deleted once both devices moved, history
-//! runs on across cuts, and all of it holds across a restart.
+//! runs on across cuts, and all of it holds across a restart; and all of it again with a
+//! documents cache so small that generations are unloaded between uses.
 
 use std::time::{Duration, Instant};
 
@@ -154,6 +155,145 @@ async fn an_entity_is_cut_moved_carried_and_its_old_generations_deleted() {
     })
     .await;
 
+    timeout(T, b.shutdown()).await.unwrap().unwrap();
+    timeout(T, a.shutdown()).await.unwrap().unwrap();
+}
+
+/// Filler entities that push the heavy one's generations out of a 1 MiB cache.
+const FILLER: usize = 120;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generations_are_cut_moved_and_deleted_while_their_documents_are_unloaded() {
+    let tiny = |dir: &std::path::Path, name: &str| Config {
+        documents_cache_mib: 1,
+        ..small(dir, name)
+    };
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = timeout(T, Node::start(tiny(dirs[0].path(), "a")))
+        .await
+        .unwrap()
+        .unwrap();
+    let invite = timeout(T, a.invite(Duration::from_secs(600)))
+        .await
+        .unwrap()
+        .unwrap();
+    timeout(T, Node::join(&invite.code, &tiny(dirs[1].path(), "b")))
+        .await
+        .unwrap()
+        .unwrap();
+    let b = timeout(T, Node::start(tiny(dirs[1].path(), "b")))
+        .await
+        .unwrap()
+        .unwrap();
+    let id = "sensor.power";
+    let fill = |round: usize| -> Vec<(hearth::EntityId, hearth::EntityWrite)> {
+        (0..FILLER)
+            .map(|i| {
+                (
+                    format!("sensor.fill_{i}").into(),
+                    write(&format!("{round}")),
+                )
+            })
+            .collect()
+    };
+    // Every few writes to the heavy entity, the filler goes round once: the heavy
+    // entity's current and old generations drop out of the cache between cuts.
+    for i in 0..90 {
+        set(&a, id, &format!("{i}")).await;
+        if i % 15 == 14 {
+            timeout(T, a.entities().set_many(fill(i)))
+                .await
+                .unwrap()
+                .unwrap();
+        }
+    }
+    wait_state(&b, id, "89").await;
+    for node in [&a, &b] {
+        let c = timeout(T, node.sync_counters()).await.unwrap().unwrap();
+        assert!(c.documents_evicted > 0, "{}: {c:?}", node.device_name());
+    }
+    wait_storage(&a, id, "cut", |s| s.generation >= 3).await;
+    let on_a = a.entities().storage(id).await.unwrap();
+    wait_storage(&b, id, "moved to A's generation", |s| {
+        s.generation == on_a.generation
+    })
+    .await;
+    for node in [&a, &b] {
+        wait_storage(node, id, "bounded", |s| s.generations_held <= 3).await;
+    }
+    // History runs on across generations loaded again for it.
+    let history = timeout(T, a.entities().history(id, 30))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(history.len(), 30);
+
+    // After a restart (documents start unloaded) each device finds the same generations
+    // from its meta records, without loading any, and keeps cutting and deleting.
+    let held: Vec<usize> = {
+        let mut v = Vec::new();
+        for node in [&a, &b] {
+            v.push(node.entities().storage(id).await.unwrap().generations_held);
+        }
+        v
+    };
+    // One at a time, so that the one restarted dials the other where it listens.
+    timeout(T, b.shutdown()).await.unwrap().unwrap();
+    let b = timeout(T, Node::start(tiny(dirs[1].path(), "b")))
+        .await
+        .unwrap()
+        .unwrap();
+    // A comes back where B dials it.
+    let listen = a.listen_addrs().await.unwrap();
+    timeout(T, a.shutdown()).await.unwrap().unwrap();
+    let a = timeout(
+        T,
+        Node::start(Config {
+            listen,
+            ..tiny(dirs[0].path(), "a")
+        }),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    for (node, held) in [(&a, held[0]), (&b, held[1])] {
+        let s = node.entities().storage(id).await.unwrap();
+        // A deleted generation's meta record went with it: it is not held again.
+        assert!(
+            s.generations_held <= held,
+            "{}: {s:?}, held {held} before",
+            node.device_name()
+        );
+    }
+    let b_peer = b.peer_id().clone();
+    let deadline = Instant::now() + T;
+    while !a.admitted_peers().await.unwrap().contains(&b_peer) {
+        assert!(Instant::now() < deadline, "A never reconnected to B");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for i in 0..60 {
+        set(&b, id, &format!("again-{i}")).await;
+        if i % 20 == 19 {
+            timeout(T, b.entities().set_many(fill(1000 + i)))
+                .await
+                .unwrap()
+                .unwrap();
+        }
+    }
+    wait_state(&a, id, "again-59").await;
+    wait_storage(&a, id, "cut again", |s| s.generation > on_a.generation).await;
+    let on_a = a.entities().storage(id).await.unwrap();
+    wait_storage(&b, id, "moved again", |s| s.generation == on_a.generation).await;
+    for node in [&a, &b] {
+        wait_storage(node, id, "bounded after the restart", |s| {
+            s.generations_held <= 3
+        })
+        .await;
+        assert_eq!(
+            node.entities().get(id).await.unwrap().unwrap().state,
+            "again-59"
+        );
+    }
     timeout(T, b.shutdown()).await.unwrap().unwrap();
     timeout(T, a.shutdown()).await.unwrap().unwrap();
 }

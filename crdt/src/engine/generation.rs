@@ -344,6 +344,25 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         Generation::read(self.doc(doc)?)
     }
 
+    /// The document a generation replaces, as its record names it, unvalidated: a cheap
+    /// hint (one map read) for indexes that are checked with [`Engine::generation`]
+    /// before anything acts on them. `None` for a document without a record or with a
+    /// record that does not name one.
+    pub fn generation_prev(&self, doc: DocId) -> Result<Option<DocId>> {
+        let d = self.doc(doc)?;
+        let Ok(Some((automerge::Value::Object(ObjType::Map), g))) = d.get(ROOT, GENERATION_KEY)
+        else {
+            return Ok(None);
+        };
+        Ok(match d.get(&g, "prev") {
+            Ok(Some((automerge::Value::Scalar(s), _))) => match s.as_ref() {
+                automerge::ScalarValue::Str(text) => DocId::parse(text),
+                _ => None,
+            },
+            _ => None,
+        })
+    }
+
     /// How many changes and stored bytes `doc` holds. The count comes from the
     /// entity's version log, kept as changes land.
     pub fn generation_stats(&mut self, doc: DocId) -> Result<GenerationStats> {
