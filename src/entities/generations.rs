@@ -321,6 +321,11 @@ impl Core {
         match self.engine.move_to_generation(new, now_ms()) {
             Ok(report) => {
                 self.entities.generations.moved_here.insert(new);
+                // Once this device has moved, the generations behind may go: look
+                // after this step, as after a remote change (the devices that moved
+                // earlier have no further change of this one to react to).
+                self.entities.generations.delete_due.insert(new);
+                self.entities.generations.due.insert(new);
                 if report.carried > 0 {
                     tracing::debug!(%new, carried = report.carried, fields = report.fields, "carried writes into a new generation");
                 }
