@@ -106,7 +106,16 @@ impl Core {
             }
             match effect {
                 Effect::Persist(batch) => {
+                    let salvage = super::durability::Salvage::of(&batch);
                     if let Err(error) = self.store.batch(batch).await {
+                        // Memory holds what the batch carried: store it again once the
+                        // store recovers, and keep its documents loaded until then.
+                        if error.is_store_failure() {
+                            self.unpersisted
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                .add(salvage);
+                        }
                         failed = Some(error);
                     }
                 }

@@ -427,13 +427,13 @@ impl Core {
         }
         let mut failed = Vec::new();
         for page in stale.chunks(VIEW_PAGE) {
-            for (doc, heads) in page {
+            for (doc, _) in page {
                 self.ensure_loaded(*doc).await;
+                // The loaded document's heads: a meta record can lag its chunks.
+                let heads = self.engine.heads(*doc).unwrap_or_default();
                 match self.entity_view(*doc) {
                     Ok(view) => {
-                        self.entities
-                            .views
-                            .insert(*doc, (heads.clone(), Arc::new(view)));
+                        self.entities.views.insert(*doc, (heads, Arc::new(view)));
                     }
                     Err(_) => failed.push(*doc),
                 }
@@ -497,7 +497,9 @@ impl Core {
             if self.resident.total <= self.resident.budget {
                 break;
             }
-            if unstored.contains_key(&doc) || lost.holds(doc) {
+            // A quarantined document's stored records do not load: what sync refilled
+            // lives only in memory until `hearth repair --drop` stores it anew.
+            if unstored.contains_key(&doc) || lost.holds(doc) || self.quarantine.contains(doc) {
                 continue;
             }
             if self.engine.evict(doc) {
@@ -552,6 +554,12 @@ impl Core {
                 | E::DeleteEntity { id, .. }
                 | E::WriteRestored { id, .. } => vec![id.as_str()],
             },
+            // Pairing and listing homes read the home document only.
+            Request::Sharing(
+                crate::sharing::service::SharingRequest::PairHome { .. }
+                | crate::sharing::service::SharingRequest::HomePairDone { .. }
+                | crate::sharing::service::SharingRequest::ListHomes { .. },
+            ) => return Needs::Docs(BTreeSet::new()),
             Request::Sharing(_) | Request::Revocation(_) => return Needs::AllEntities,
             #[cfg(feature = "test-hooks")]
             Request::Hooks(_) => return Needs::AllEntities,

@@ -133,7 +133,17 @@ impl Core {
             if let Some(id) = self.entities.generations.waiting.get(&doc).cloned() {
                 if self.has_content(doc) {
                     self.entities.generations.waiting.remove(&doc);
-                    self.follow(&id, doc);
+                    // The registry may have moved on (a later cut, or the entity made anew)
+                    // while this document was on its way.
+                    let named = self
+                        .engine
+                        .registry_entry(self.home.registry_doc, &id)
+                        .ok()
+                        .flatten()
+                        .is_some_and(|e| e.doc == doc);
+                    if named {
+                        self.follow(&id, doc);
+                    }
                 }
                 continue;
             }
@@ -162,7 +172,7 @@ impl Core {
                     self.move_to(doc);
                 }
                 if behind && self.entities.generations.delete_due.remove(&doc) {
-                    self.maybe_delete_before(doc);
+                    self.maybe_delete_before(doc).await;
                 }
             }
         }
@@ -413,7 +423,7 @@ impl Core {
     /// Deletes the generations behind `current` that every device has moved past and
     /// the retention window no longer needs: the newer generations hold at least
     /// `keep_versions` versions, or the older one was cut off more than `keep_days` ago.
-    fn maybe_delete_before(&mut self, current: DocId) {
+    async fn maybe_delete_before(&mut self, current: DocId) {
         let chain = self.generation_chain(current);
         if chain.len() < 2 {
             return;
@@ -436,20 +446,51 @@ impl Core {
             }
             let old_enough = now.saturating_sub(g.cut_at_ms) >= keep_ms;
             if newer_versions >= keep_versions || old_enough {
+                let mut all = true;
                 for old in chain[i + 1..].iter().copied() {
-                    self.delete_generation(old);
+                    all &= self.delete_generation(old).await;
+                }
+                if !all {
+                    // Looked at again with the next change.
+                    self.entities.generations.delete_due.insert(current);
                 }
                 return;
             }
         }
     }
 
-    /// Deletes an old generation from this device: from the engine, its chunks, sync
-    /// states and keys from the store, and (on the admin) its wrapped keys from the
-    /// home document.
-    fn delete_generation(&mut self, doc: DocId) {
+    /// Deletes an old generation from this device: from the engine, and in one store
+    /// batch its chunks, meta record, sync states and keys, and (on the admin) its
+    /// wrapped keys from the home document. Nothing happens while the store is failing or
+    /// a batch holding one of its chunks is still on its way (a chunk landing after the
+    /// deletion would be left behind). Returns whether it was deleted.
+    async fn delete_generation(&mut self, doc: DocId) -> bool {
+        if self.store.is_failed() || self.engine.header(doc).is_err() {
+            return false;
+        }
+        let unstored = self
+            .resident
+            .unstored
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains_key(&doc);
+        let lost = self
+            .unpersisted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .holds(doc);
+        if unstored || lost {
+            return false;
+        }
+        let chunks = match crate::core::quarantine::chunk_keys(&self.store, doc).await {
+            Ok(keys) => keys,
+            Err(error) => {
+                tracing::warn!(%doc, %error, "cannot list an old generation's chunks");
+                return false;
+            }
+        };
         if !self.engine.remove_document(doc) {
-            return;
+            return false;
         }
         tracing::debug!(%doc, "deleted an old generation");
         self.resident.forget(doc);
@@ -461,6 +502,9 @@ impl Core {
         self.digest.remove(&doc);
         self.chunk_seq.remove(&doc);
         let mut batch = self.drop_sync_states_of_doc(doc);
+        for key in chunks {
+            batch.delete(hearth_storage::Keyspace::DocChunks, key);
+        }
         batch.delete(
             hearth_storage::Keyspace::Meta,
             crate::records::doc_meta_key(doc),
@@ -480,23 +524,7 @@ impl Core {
             }
         }
         self.queue_persist(batch, Vec::new());
-        let store = self.store.clone();
-        tokio::spawn(async move {
-            let keys = match crate::core::quarantine::chunk_keys(&store, doc).await {
-                Ok(keys) => keys,
-                Err(error) => {
-                    tracing::warn!(%doc, %error, "cannot list an old generation's chunks");
-                    return;
-                }
-            };
-            let mut batch = hearth_storage::Batch::new();
-            for key in keys {
-                batch.delete(hearth_storage::Keyspace::DocChunks, key);
-            }
-            if let Err(error) = store.batch(batch).await {
-                tracing::warn!(%doc, %error, "cannot delete an old generation's chunks");
-            }
-        });
+        true
     }
 
     /// What the generations of entity `id` hold on this device.

@@ -513,6 +513,11 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         let record = self
             .generation(new)?
             .ok_or_else(|| refuse("the document is no generation"))?;
+        // An old generation held but not loaded would pass for one not held, and its
+        // uncarried writes would be skipped for good.
+        if self.unloaded.contains_key(&record.prev) {
+            return Err(Error::NotLoaded(record.prev));
+        }
         let me = self.actor.clone();
         // The usual case is an old generation nobody wrote to since the cut: its heads
         // are still the cut's, and nothing needs a pass over its changes.
