@@ -96,6 +96,9 @@ impl Core {
                         Origin::Peer(peer) => Some(peer),
                         _ => None,
                     };
+                    if doc == self.home.home_doc {
+                        self.on_home_doc_changed();
+                    }
                     self.on_users_changed(doc, from_peer.clone());
                     self.on_activity_changed(doc, from_peer.clone());
                     self.on_doc_changed(doc, from_peer);
