@@ -179,6 +179,20 @@ impl DiscoveredTable {
         self.peers.remove(peer);
     }
 
+    /// Ends every rejection cooldown and gives those peers a fresh round of dial
+    /// attempts from `now`. Returns how many were cooling down.
+    pub(crate) fn retry_rejected(&mut self, now: Instant) -> usize {
+        let mut n = 0;
+        for entry in self.peers.values_mut() {
+            if entry.cooldown_until.take().is_some_and(|until| until > now) {
+                n += 1;
+                entry.backoff.reset();
+                entry.next_dial = now;
+            }
+        }
+        n
+    }
+
     pub(crate) fn get_mut(&mut self, peer: &PeerId) -> Option<&mut Discovered> {
         self.peers.get_mut(peer)
     }
@@ -393,6 +407,13 @@ mod tests {
             !should_dial_discovered(&small, &large, to_large, false, now),
             "cooling down"
         );
+        // A pairing makes the rejected peer worth dialling again at once.
+        assert_eq!(table.retry_rejected(now), 1);
+        let to_large = table.get_mut(&large).unwrap();
+        assert!(should_dial_discovered(&small, &large, to_large, false, now));
+        assert_eq!(table.retry_rejected(now), 0);
+        let to_large = table.get_mut(&large).unwrap();
+        to_large.cooldown_until = Some(now + REJECTED_COOLDOWN);
         let to_small = table.get_mut(&small).unwrap();
         assert!(!should_dial_discovered(
             &large, &small, to_small, false, now

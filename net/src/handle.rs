@@ -75,6 +75,9 @@ pub(crate) enum Command {
         peer: PeerId,
         reply: oneshot::Sender<bool>,
     },
+    RetryRejected {
+        reply: oneshot::Sender<usize>,
+    },
     Admit {
         peer: PeerId,
         class: PeerClass,
@@ -271,6 +274,15 @@ impl Handle {
     pub async fn remove_static_peer(&self, peer: PeerId) -> Result<bool, Error> {
         self.request(|reply| Command::RemoveStaticPeer { peer, reply })
             .await
+    }
+
+    /// Ends the cooldown of every discovered peer the node rejected, so that each is
+    /// dialled again at once: what made them strangers changed (a home was paired).
+    /// Returns how many were cooling down.
+    ///
+    /// Cancel-safe.
+    pub async fn retry_rejected(&self) -> Result<usize, Error> {
+        self.request(|reply| Command::RetryRejected { reply }).await
     }
 
     /// Vouches for `peer` (one of the home's own devices, say, known from the home

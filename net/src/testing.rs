@@ -54,6 +54,9 @@ fn answer(command: Command) {
         Command::RemoveStaticPeer { reply, .. } => {
             let _ = reply.send(false);
         }
+        Command::RetryRejected { reply } => {
+            let _ = reply.send(0);
+        }
         Command::Admit { reply, .. }
         | Command::Reject { reply, .. }
         | Command::Disconnect { reply, .. } => {

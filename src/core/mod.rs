@@ -522,6 +522,7 @@ pub(crate) async fn start(
     core.ensure_presence_doc().await?;
     core.ensure_users_doc().await?;
     core.remember_rooms_and_presence();
+    core.sharing.paired_seen = core.paired().into_keys().collect();
     core.remember_user_states();
     core.close_stale_sessions().await;
     core.remember_activities();

@@ -102,6 +102,7 @@ impl Core {
                     };
                     if doc == self.home.home_doc {
                         self.home_devices_changed();
+                        self.on_home_doc_changed();
                     }
                     self.note_generation_change(doc, from_peer.is_some());
                     self.on_users_changed(doc, from_peer.clone());

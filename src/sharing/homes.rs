@@ -16,6 +16,29 @@ use serde_bytes::ByteBuf;
 use std::collections::BTreeMap;
 
 impl Core {
+    /// After the home document changed: when it lists a home it did not before, the
+    /// peers the network refused as strangers (a device of that home, say, heard before
+    /// the pairing reached this device) are dialled again at once, not after their
+    /// cooldown.
+    pub(crate) fn on_home_doc_changed(&mut self) {
+        let paired: std::collections::BTreeSet<String> = self.paired().into_keys().collect();
+        let grew = paired
+            .iter()
+            .any(|home| !self.sharing.paired_seen.contains(home));
+        self.sharing.paired_seen = paired;
+        if !grew {
+            return;
+        }
+        let net = self.net.clone();
+        tokio::spawn(async move {
+            match net.retry_rejected().await {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(peers = n, "a home was paired: redialling refused peers"),
+                Err(error) => tracing::debug!(%error, "cannot redial refused peers"),
+            }
+        });
+    }
+
     pub(crate) fn my_public(&self) -> HomePublic {
         let devices = self
             .engine

@@ -9,7 +9,7 @@
 //! owner's devices only; this home never relays them, not even to its own devices.
 
 use crate::records::SHARED_IN_KEY;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use hearth_crdt::schema::home as home_schema;
 use hearth_crdt::schema::registry::{self, Rights};
@@ -107,6 +107,8 @@ pub(crate) struct Sharing {
     pub(crate) refusals_audited: RefusalLog,
     /// Devices being revoked right now: refused at hello before the home document says so.
     pub(crate) revoking: HashSet<String>,
+    /// The paired homes as the home document last listed them.
+    pub(crate) paired_seen: BTreeSet<String>,
 }
 
 /// When each (peer, document) pair last had a refused frame audited: at most one entry a

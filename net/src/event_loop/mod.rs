@@ -357,6 +357,9 @@ impl EventLoop {
                 self.swarm.behaviour_mut().guard.remove_static(&peer);
                 let _ = reply.send(self.statics.remove(&peer).is_some());
             }
+            Command::RetryRejected { reply } => {
+                let _ = reply.send(self.discovered.retry_rejected(Instant::now()));
+            }
             Command::ReservePeer { peer, reply } => {
                 self.swarm.behaviour_mut().guard.vouch(peer);
                 let _ = reply.send(());
