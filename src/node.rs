@@ -610,6 +610,17 @@ impl Node {
             .await?
     }
 
+    /// Test hook: whether entity `id`'s document is loaded (`None`: no such entity),
+    /// loading nothing. Not for production use.
+    #[cfg(feature = "test-hooks")]
+    #[doc(hidden)]
+    pub async fn debug_document_loaded(&self, id: &str) -> Result<Option<bool>, Error> {
+        let id = id.to_string();
+        self.core
+            .call(|reply| crate::core::hooks::HookRequest::DocumentLoaded { id, reply })
+            .await?
+    }
+
     /// Test hook: writes this home's document as a device that wants revoked device
     /// `peer` back would (its `revoked_at` cleared, its signed revocation deleted), so a
     /// test can show that the revocation holds. Not for production use.

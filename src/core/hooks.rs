@@ -37,6 +37,12 @@ pub(crate) enum HookRequest {
         payload: Vec<u8>,
         reply: Reply<Vec<u8>>,
     },
+    /// Test hook: whether an entity's document is loaded (`None`: no such entity). It
+    /// loads nothing itself.
+    DocumentLoaded {
+        id: String,
+        reply: Reply<Option<bool>>,
+    },
 }
 
 /// Where received frames are recorded (see `Node::debug_capture`).
@@ -199,6 +205,9 @@ impl HookRequest {
             Self::SealSync { reply, .. } => {
                 let _ = reply.send(Err(error));
             }
+            Self::DocumentLoaded { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
         }
     }
 }
@@ -207,6 +216,10 @@ impl Core {
     /// Answers a test hook's request.
     pub(crate) fn handle_hook(&mut self, request: HookRequest) {
         match request {
+            HookRequest::DocumentLoaded { id, reply } => {
+                let loaded = self.doc_of_entity(&id).map(|d| self.engine.is_loaded(d));
+                let _ = reply.send(Ok(loaded));
+            }
             HookRequest::ClearRevocation { peer, reply } => {
                 let result = self.debug_clear_revocation(&peer);
                 let _ = reply.send(result);

@@ -562,6 +562,10 @@ impl Core {
             ) => return Needs::Docs(BTreeSet::new()),
             Request::Sharing(_) | Request::Revocation(_) => return Needs::AllEntities,
             #[cfg(feature = "test-hooks")]
+            Request::Hooks(crate::core::hooks::HookRequest::DocumentLoaded { .. }) => {
+                return Needs::Docs(BTreeSet::new());
+            }
+            #[cfg(feature = "test-hooks")]
             Request::Hooks(_) => return Needs::AllEntities,
             _ => return Needs::Docs(BTreeSet::new()),
         };

@@ -65,7 +65,17 @@ async fn evicted_documents_load_again_for_sync_reads_writes_and_history() {
     }
 
     // A's oldest document was evicted: the write loads it, and B's copy, evicted too
-    // after B read the rest, loads for the push.
+    // after B read the rest, loads for the push. B unloads it once its session is idle.
+    until("sensor.0 unloaded on b", || async {
+        for i in 1..N {
+            timeout(T, b.entities().get(format!("sensor.{i}")))
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        b.debug_document_loaded("sensor.0").await.unwrap() == Some(false)
+    })
+    .await;
     let b_loads = counters(&b).await.documents_loads;
     timeout(T, a.entities().set("sensor.0", write("v1")))
         .await
