@@ -209,16 +209,11 @@ impl Core {
     }
 
     pub(crate) fn rebuild_entity_index(&mut self) -> Result<(), Error> {
-        let registry = self
+        let index = self
             .engine
-            .registry(self.home.registry_doc)
+            .registry_index(self.home.registry_doc)
             .map_err(doc_err)?;
-        self.entities.of_doc = registry
-            .entities
-            .into_iter()
-            .filter(|(_, e)| e.deleted_at.is_none())
-            .map(|(id, e)| (e.doc, id))
-            .collect();
+        self.entities.of_doc = index.into_iter().map(|(id, doc)| (doc, id)).collect();
         self.entities.by_id = self
             .entities
             .of_doc

@@ -29,6 +29,12 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         Registry::read(&self.doc_state(doc)?.doc)
     }
 
+    /// The live entities of registry document `doc` and their documents
+    /// ([`Registry::read_index`]).
+    pub fn registry_index(&self, doc: DocId) -> Result<Vec<(String, DocId)>> {
+        Registry::read_index(&self.doc_state(doc)?.doc)
+    }
+
     /// One entry of registry document `doc`, read without the others.
     pub fn registry_entry(
         &self,

@@ -79,6 +79,50 @@ impl Registry {
         Self::read_entries(doc, &Touched::Everything)
     }
 
+    /// The live entries' documents (id, document), skipping tombstones: what an entity
+    /// index needs, read in one pass over the entries instead of a lookup per field.
+    /// Each entry's `doc` is checked as [`Registry::read`] checks it; its grants are not
+    /// read (changes to them were checked as they arrived).
+    pub fn read_index<D: ReadDoc>(doc: &D) -> Result<Vec<(String, DocId)>> {
+        use automerge::{ObjType, ScalarValueRef, ValueRef};
+        let r = req_map(doc, &ROOT, REGISTRY_KEY, REGISTRY_KEY)?;
+        let ents = req_map(doc, &r, "entities", "registry.entities")?;
+        let mut out = Vec::new();
+        for item in doc.map_range(&ents, ..) {
+            let path = || join("registry.entities", &item.key);
+            if !matches!(item.value, ValueRef::Object(ObjType::Map)) {
+                return Err(Error::schema(path(), "expected a map"));
+            }
+            let entry = item.id();
+            let (mut id, mut deleted) = (None, false);
+            for field in doc.map_range(&entry, ..) {
+                match (field.key.as_ref(), &field.value) {
+                    ("doc", ValueRef::Scalar(ScalarValueRef::Str(text))) => {
+                        id = Some(DocId::parse(text).ok_or_else(|| {
+                            Error::schema(join(&path(), "doc"), "expected a base58 document id")
+                        })?);
+                    }
+                    ("doc", _) => {
+                        return Err(Error::schema(join(&path(), "doc"), "expected a string"));
+                    }
+                    ("deleted_at", ValueRef::Scalar(ScalarValueRef::Str(_))) => deleted = true,
+                    ("deleted_at", _) => {
+                        return Err(Error::schema(
+                            join(&path(), "deleted_at"),
+                            "expected a string",
+                        ));
+                    }
+                    _ => {}
+                }
+            }
+            let id = id.ok_or_else(|| Error::schema(join(&path(), "doc"), "missing"))?;
+            if !deleted {
+                out.push((item.key.into_owned(), id));
+            }
+        }
+        Ok(out)
+    }
+
     /// Reads only the entries `touched` names (every entry for [`Touched::Everything`]);
     /// an entry that is no longer there is skipped. Validating a registry that validated
     /// before and has since been written only in these entries is the same check as
@@ -306,5 +350,37 @@ mod tests {
         doc.put(&e, "doc", ScalarValue::Int(1)).unwrap();
         let err = Registry::read(&doc).unwrap_err();
         assert!(matches!(&err, Error::Schema { path, .. } if path == "registry.entities.fan.doc"));
+        let err = Registry::read_index(&doc).unwrap_err();
+        assert!(matches!(&err, Error::Schema { path, .. } if path == "registry.entities.fan.doc"));
+    }
+
+    /// The index reader sees exactly the live entries the full reader sees.
+    #[test]
+    fn the_index_lists_the_live_entries_and_their_documents() {
+        let mut doc = AutoCommit::new();
+        init(&mut doc).unwrap();
+        for i in 0..20u8 {
+            put_entity(&mut doc, &format!("sensor.{i}"), DocId::from_bytes([i; 16])).unwrap();
+        }
+        let grant = Share {
+            rights: Rights::Write,
+            policy: None,
+            by: Some("p".into()),
+        };
+        share(&mut doc, "sensor.3", "homeB", &grant).unwrap();
+        tombstone(&mut doc, "sensor.5", at(3)).unwrap();
+        tombstone(&mut doc, "sensor.6", at(4)).unwrap();
+        put_entity(&mut doc, "sensor.6", DocId::from_bytes([66; 16])).unwrap();
+        let full: Vec<(String, DocId)> = Registry::read(&doc)
+            .unwrap()
+            .entities
+            .into_iter()
+            .filter(|(_, e)| e.deleted_at.is_none())
+            .map(|(id, e)| (id, e.doc))
+            .collect();
+        let index = Registry::read_index(&doc).unwrap();
+        assert_eq!(index, full);
+        assert_eq!(index.len(), 19);
+        assert!(index.contains(&("sensor.6".to_string(), DocId::from_bytes([66; 16]))));
     }
 }
