@@ -152,6 +152,14 @@ class Toggler:
         self.go.set()
 
     def run(self):
+        try:
+            self.loop()
+        except Exception as e:  # a dead toggler must fail the round, not go quiet
+            with self.lock:
+                self.failures.append(f"the toggler stopped: {e!r}")
+            self.idle.set()
+
+    def loop(self):
         enter(self.node.ns)
         token = self.node.token()
         api = Api(token, timeout=5)
@@ -166,6 +174,7 @@ class Toggler:
             e = self.r.choice(TOGGLED)
             op = "unshare" if self.shared[e] else "share"
             started = time.time()
+            after = None
             try:
                 if op == "unshare":
                     self.unsharing.set()
@@ -173,6 +182,11 @@ class Toggler:
                 else:
                     gen = self.generation(api, e)
                     code, body = api.call("POST", "/api/shares", {"entity_id": e, "home": self.home_b})
+                    if code == 200:
+                        try:
+                            after = self.generation(api, e)
+                        except OSError:
+                            pass  # killed just after the share: its epoch goes unchecked
             except OSError:
                 # The kill: this operation may or may not have taken effect.
                 with self.lock:
@@ -202,7 +216,10 @@ class Toggler:
                         self.failures.append(f"share {e}: shared again under epoch {body['epoch']} "
                                              f"of generation {gen}, the key it had before it was "
                                              "unshared (the unshare did not rotate it)")
-                    self.share_epoch[e] = (body["epoch"], self.generation(api, e))
+                    if after is None:
+                        self.share_epoch.pop(e, None)
+                    else:
+                        self.share_epoch[e] = (body["epoch"], after)
             time.sleep(self.r.uniform(0.05, 0.2))
         api.close()
 
@@ -269,12 +286,14 @@ def shared_now(node, home_b):
     return {e: e in on for e in TOGGLED}
 
 
-def diagnose(a1, b1, home_b):
-    """Logs what the owner and the other home say about the toggled entities."""
-    for n in (a1, b1):
+def diagnose(a1, a2, b1, home_b):
+    """Logs what the devices say about their peers, shares and generations."""
+    for n in (a1, a2, b1):
+        st = n.status() or {}
+        log(f"rotation: {n.name} peers: {json.dumps(st.get('peers'))[:800]}")
         code, body = n.call("GET", "/api/shares")
         log(f"rotation: {n.name} shares: {json.dumps(body)[:1500]}")
-        for key, (c, bd) in read_all(n, TOGGLED, storage=True).items():
+        for key, (c, bd) in read_all(n, ALL, storage=True).items():
             log(f"rotation: {n.name} {key} storage: {c} {bd}")
     code, body = a1.call("GET", "/api/audit?limit=60")
     for e in (body or {}).get("entries", [])[-60:]:
@@ -437,7 +456,7 @@ def run(ctx, table):
                 if not lacking:
                     break
                 if time.monotonic() - t_ready > CONVERGE_LIMIT:
-                    diagnose(a1, b1, home_b)
+                    diagnose(a1, a2, b1, home_b)
                     raise Failure(f"rotation round {k}: {CONVERGE_LIMIT}s after the restart devices "
                                   f"lack acknowledged writes: {lacking[:6]}")
                 time.sleep(0.1)
