@@ -393,7 +393,7 @@ def run(ctx, table):
             # (its store batch is likely still on its way), one just after an unshare was
             # sent (the rotation is likely under way).
             kind = ("random", "cut", "unshare")[k % 3]
-            time.sleep(r.uniform(0.8, 2.5) if kind == "random" else r.uniform(0.3, 1.0))
+            time.sleep(r.uniform(0.5, 1.8) if kind == "random" else r.uniform(0.2, 0.8))
             if kind == "cut":
                 wait_for_cut(a1, 5)
                 time.sleep(r.uniform(0, 0.02))
