@@ -303,6 +303,7 @@ pub(crate) fn router(state: Arc<ApiState>) -> Router {
             put(set_entity).get(get_entity).delete(more::delete_entity),
         )
         .route("/api/entities/{id}/history", get(more::entity_history))
+        .route("/api/entities/{id}/storage", get(more::entity_storage))
         .route("/api/entities/{id}/restore", post(more::restore_entity))
         .route("/api/peers", get(more::peers))
         .route("/api/pair", post(share::pair))

@@ -7,8 +7,8 @@
 //! change such a home sends before the engine applies it, and refuses the whole frame if
 //! one operation writes anywhere else.
 
-use automerge::Change;
 use automerge::sync::Message;
+use automerge::{AutoCommit, Change, ReadDoc};
 
 use crate::chunks::Scanner;
 use crate::engine::{Engine, EngineConfig, frame_limits};
@@ -39,16 +39,20 @@ pub fn grantee_may_write(path: &Path) -> bool {
 
 impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
     /// Checks the changes a push or sync frame from a granted home carries: each must
-    /// write only an entity's value fields ([`grantee_may_write`]). A sync message that
-    /// carries a whole document instead of changes is refused too: the owner always holds
-    /// the document, so a granted home has no reason to send one. A frame without changes
-    /// passes.
+    /// write only an entity's value fields ([`grantee_may_write`]). A sync message may
+    /// carry a whole document instead of changes (Automerge sends one when more than a
+    /// third of the document is to go, as after the owner missed a stretch of the granted
+    /// home's writes); the changes of it the owner lacks are checked the same way. A push
+    /// carrying a whole document is refused. A frame without changes passes.
     pub fn check_grantee_changes(&self, frame: &Frame) -> Result<()> {
-        let (doc, changes) = frame_changes(frame, self.config())?;
+        let (doc, mut changes, documents) = frame_changes(frame, self.config())?;
+        let current = self.doc(doc)?;
+        for chunk in &documents {
+            changes.extend(missing_changes(doc, current, chunk)?);
+        }
         if changes.is_empty() {
             return Ok(());
         }
-        let current = self.doc(doc)?;
         // Before the paths, whose cost grows with the square of the nesting.
         check_nesting(current, &changes, MAX_OBJECT_DEPTH)
             .map_err(|reason| Error::Changes { doc, reason })?;
@@ -69,10 +73,14 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
     }
 }
 
-/// The changes of a push or sync frame, walked under the engine's caps: compressed
-/// chunks are refused on their header, and so is a whole document (a granted home never
-/// needs to send the owner one).
-fn frame_changes(frame: &Frame, config: &EngineConfig) -> Result<(crate::DocId, Vec<Change>)> {
+/// The changes and whole documents of a push or sync frame, walked under the engine's
+/// caps (a document's inflated size counts against them): compressed chunks are refused
+/// on their header, and so is a whole document in a push.
+#[allow(clippy::type_complexity)]
+fn frame_changes(
+    frame: &Frame,
+    config: &EngineConfig,
+) -> Result<(crate::DocId, Vec<Change>, Vec<Vec<u8>>)> {
     let (doc, entries, cap) = match frame {
         Frame::Push(p) => (p.doc, vec![p.bytes.clone()], config.max_push_bytes),
         Frame::Sync(s) => {
@@ -102,7 +110,8 @@ fn frame_changes(frame: &Frame, config: &EngineConfig) -> Result<(crate::DocId, 
             cap,
         });
     }
-    let mut scanner = Scanner::new(frame_limits(config, false));
+    let documents = matches!(frame, Frame::Sync(_));
+    let mut scanner = Scanner::new(frame_limits(config, documents));
     for entry in &entries {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scanner.scan(entry)))
             .map_err(|_| panicked(doc))?
@@ -111,7 +120,26 @@ fn frame_changes(frame: &Frame, config: &EngineConfig) -> Result<(crate::DocId, 
                 reason: refusal.to_string(),
             })?;
     }
-    Ok((doc, scanner.changes))
+    let documents = scanner.documents.iter().map(|d| d.to_vec()).collect();
+    Ok((doc, scanner.changes, documents))
+}
+
+/// The changes of whole document `chunk` that `current` does not hold, oldest first.
+fn missing_changes(doc: crate::DocId, current: &AutoCommit, chunk: &[u8]) -> Result<Vec<Change>> {
+    let mut whole = std::panic::catch_unwind(|| AutoCommit::load(chunk))
+        .map_err(|_| panicked(doc))?
+        .map_err(|e| Error::Sync {
+            doc,
+            reason: format!("undecodable document chunk: {e}"),
+        })?;
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        whole
+            .get_changes(&[])
+            .into_iter()
+            .filter(|c| ReadDoc::get_change_by_hash(current, &c.hash()).is_none())
+            .collect()
+    }))
+    .map_err(|_| panicked(doc))
 }
 
 fn panicked(doc: crate::DocId) -> Error {
@@ -255,5 +283,61 @@ mod tests {
             d.put(&h, "kind", "home").unwrap();
         });
         assert!(engine.check_grantee_changes(&frame).is_err());
+    }
+
+    /// A sync message carrying the granted home's whole copy of the document, as
+    /// Automerge sends once more than a third of it is to go.
+    fn grantee_whole(engine: &Engine<u8>, edit: impl FnOnce(&mut AutoCommit)) -> Frame {
+        let mut copy = engine.doc(DOC).unwrap().clone();
+        copy.set_actor(ActorId::from(&[7u8; 16][..]));
+        edit(&mut copy);
+        copy.commit();
+        let bytes = Message {
+            heads: copy.get_heads(),
+            need: Vec::new(),
+            have: Vec::new(),
+            changes: automerge::sync::ChunkList::from(vec![copy.save()]),
+            flags: None,
+            version: automerge::sync::MessageVersion::V2,
+        }
+        .encode();
+        Frame::Sync(crate::wire::SyncMessage {
+            doc: DOC,
+            epoch: KeyEpoch::first([0; 16]),
+            expects_reply: true,
+            bytes,
+        })
+    }
+
+    #[test]
+    fn a_whole_document_in_a_sync_message_is_checked_by_the_changes_the_owner_lacks() {
+        let engine = owner();
+        // Many value writes (more than a third of the document): they pass, and the
+        // owner's own changes inside the document are not held against the sender.
+        let frame = grantee_whole(&engine, |d| {
+            let e = entity_map(d);
+            for i in 0..10 {
+                d.put(&e, "state", format!("{i}")).unwrap();
+                d.commit();
+            }
+        });
+        engine.check_grantee_changes(&frame).unwrap();
+        // One of them writing the policy refuses the whole message.
+        let frame = grantee_whole(&engine, |d| {
+            let e = entity_map(d);
+            d.put(&e, "state", "on").unwrap();
+            d.commit();
+            d.put(&e, "policy", "owner-wins").unwrap();
+        });
+        assert!(engine.check_grantee_changes(&frame).is_err());
+        // In a push, a whole document is still refused.
+        let mut copy = engine.doc(DOC).unwrap().clone();
+        let push = Frame::Push(Push {
+            doc: DOC,
+            epoch: KeyEpoch::first([0; 16]),
+            correlation_id: None,
+            bytes: copy.save(),
+        });
+        assert!(engine.check_grantee_changes(&push).is_err());
     }
 }

@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::{ApiError, ApiJson, ApiState, MAX_BODY_BYTES, entities};
-use crate::entities::{Entity, EntityVersion, MAX_HISTORY};
+use crate::entities::{Entity, EntityStorage, EntityVersion, MAX_HISTORY};
 use crate::presence::{Presence, PresenceInfo, Status};
 use crate::rooms::{ChatMessage, Room, Rooms};
 
@@ -101,6 +101,15 @@ pub(crate) async fn entity_history(
     Ok(Json(VersionList {
         versions: entities(&state).history(&id, limit).await?,
     }))
+}
+
+/// `GET /api/entities/{id}/storage`: the entity's current generation number and what the
+/// generations held on this device take (count, changes, stored bytes).
+pub(crate) async fn entity_storage(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+) -> Result<Json<EntityStorage>, ApiError> {
+    Ok(Json(entities(&state).storage(id).await?))
 }
 
 #[derive(Deserialize)]

@@ -288,6 +288,15 @@ impl Core {
                 revoked: false,
             },
         );
+        // An owner grants an entity under its current document only. A grant of the
+        // same entity under another document (cut into a new generation while it was not
+        // shared, then shared again) supersedes the earlier ones, which this home reads
+        // no more and may no longer write.
+        for (other, s) in self.sharing.shared_in.iter_mut() {
+            if *other != doc && s.entity_id == entity_id && s.owner == fp.home && !s.revoked {
+                s.revoked = true;
+            }
+        }
         self.save_shared_in(&mut batch);
         fx.persist(batch);
         self.ensure_expected_owned(doc, epoch, &fp.home);

@@ -225,15 +225,32 @@ impl Core {
     /// Adds the entities shared with this home to the entity index, where their ids do not
     /// collide with one of this home's own.
     pub(crate) fn index_shared_in(&mut self) {
-        let entries: Vec<(DocId, String)> = self
-            .sharing
-            .shared_in
-            .iter()
-            .map(|(d, e)| (*d, e.entity_id.clone()))
-            .collect();
-        for (doc, id) in entries {
-            if self.entities.by_id.contains_key(&id) {
-                continue;
+        // One document per entity id: a grant in force wins over one taken back (an
+        // entity shared again under a new generation of its document), and an entity of
+        // this home, or a grant in force already indexed, keeps its id.
+        let mut chosen: HashMap<String, (DocId, bool)> = HashMap::new();
+        for (doc, e) in &self.sharing.shared_in {
+            match chosen.get(&e.entity_id) {
+                Some((_, revoked)) if !*revoked || e.revoked => {}
+                _ => {
+                    chosen.insert(e.entity_id.clone(), (*doc, e.revoked));
+                }
+            }
+        }
+        for (id, (doc, revoked)) in chosen {
+            if let Some(current) = self.entities.by_id.get(&id).copied() {
+                let replaceable = !revoked
+                    && current != doc
+                    && self
+                        .sharing
+                        .shared_in
+                        .get(&current)
+                        .is_some_and(|s| s.revoked);
+                if !replaceable {
+                    continue;
+                }
+                self.entities.of_doc.remove(&current);
+                self.entities.views.remove(&current);
             }
             self.entities.by_id.insert(id.clone(), doc);
             self.entities.of_doc.insert(doc, id);

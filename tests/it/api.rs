@@ -230,6 +230,20 @@ fn entity_delete_history_restore_and_bad_input() {
     );
     assert_eq!(limited["versions"].as_array().unwrap().len(), 1);
 
+    // Two writes, no cut yet: generation 0, one generation held with both changes.
+    let storage = n.ok("GET", "/api/entities/light.porch/storage", None, 200);
+    assert_eq!(storage["generation"], 0, "{storage}");
+    assert_eq!(storage["generations_held"], 1, "{storage}");
+    assert_eq!(storage["changes"], 2, "{storage}");
+    assert!(storage["bytes"].as_u64().unwrap() > 0, "{storage}");
+    n.refused(
+        "GET",
+        "/api/entities/light.nothing/storage",
+        "",
+        404,
+        "not_found",
+    );
+
     // Restore by an 8-digit prefix brings back the first write as a new version.
     let prefix = &on["version"].as_str().unwrap()[..8];
     let restored = n.ok(

@@ -297,3 +297,61 @@ async fn generations_are_cut_moved_and_deleted_while_their_documents_are_unloade
     timeout(T, b.shutdown()).await.unwrap().unwrap();
     timeout(T, a.shutdown()).await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entity_cut_while_unshared_and_shared_again_is_current_in_the_other_home() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = timeout(T, Node::start(small(dirs[0].path(), "a")))
+        .await
+        .unwrap()
+        .unwrap();
+    let b = timeout(T, Node::start(small(dirs[1].path(), "b")))
+        .await
+        .unwrap()
+        .unwrap();
+    let id = "light.porch";
+    set(&a, id, "0").await;
+    crate::sharing::pair(&a, &b).await;
+    let share = |node: &Node| {
+        let shares = node.shares();
+        let home = b.home_id().clone();
+        async move {
+            timeout(T, shares.share(id, &home, hearth::Rights::Write, None))
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    share(&a).await;
+    wait_state(&b, id, "0").await;
+
+    // Unshared, the entity is cut like any other; shared again, the grant names the new
+    // generation, which B reads and writes from then on.
+    timeout(T, a.shares().unshare(id, b.home_id()))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut n = 0;
+    while a.entities().storage(id).await.unwrap().generation == 0 {
+        set(&a, id, &format!("unshared-{n}")).await;
+        n += 1;
+        assert!(n < 100, "A never cut");
+    }
+    share(&a).await;
+    set(&a, id, "shared-again").await;
+    wait_state(&b, id, "shared-again").await;
+    set(&b, id, "from-b").await;
+    wait_state(&a, id, "from-b").await;
+
+    // After a restart B still reads the generation in force.
+    timeout(T, b.shutdown()).await.unwrap().unwrap();
+    let b = timeout(T, Node::start(small(dirs[1].path(), "b")))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(b.entities().get(id).await.unwrap().unwrap().state, "from-b");
+    set(&a, id, "after-restart").await;
+    wait_state(&b, id, "after-restart").await;
+    timeout(T, b.shutdown()).await.unwrap().unwrap();
+    timeout(T, a.shutdown()).await.unwrap().unwrap();
+}

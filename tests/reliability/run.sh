@@ -4,7 +4,7 @@
 # Usage (as root):  tests/reliability/run.sh
 # Environment:
 #   RELIABILITY=full   the long form; the default is the short form CI runs
-#   SCENARIOS=a,b      only these scenarios (crash, partition, slow, soak)
+#   SCENARIOS=a,b      only these scenarios (crash, rotation, partition, slow, flood, soak)
 #   SEED=N             random seed (default 1)
 #   HEARTH_BIN=PATH    binary to run (default: $CARGO_TARGET_DIR or target, /debug/hearth;
 #                      built with `cargo build` when absent)

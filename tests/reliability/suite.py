@@ -4,7 +4,7 @@
 Usage (as root): suite.py HEARTH_BIN WORK_DIR
 Environment:
   RELIABILITY=full     the long form (1000 kills, many partitions, an hour's soak)
-  SCENARIOS=a,b        run only these (crash, partition, slow, flood, soak)
+  SCENARIOS=a,b        run only these (crash, rotation, partition, slow, flood, soak)
   SOAK_SECONDS=N       the soak's length (default 300, or 3600 in the full form)
   SEED=N               the random seed (default 1); printed so a run can be repeated
   RELIABILITY_ALLOW=a  known defects (by name, comma-separated) reported in the table
@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 from harness import Table, log  # noqa: E402
 
-ALL = ["crash", "partition", "slow", "flood", "soak"]
+ALL = ["crash", "rotation", "partition", "slow", "flood", "soak"]
 # Run beside the others, not after them, to keep the short form inside its budget.
 BACKGROUND = {"soak"}
 
