@@ -24,6 +24,8 @@ mod activities;
 mod alerts;
 pub(crate) mod dashboard;
 pub(crate) mod events;
+#[cfg(feature = "fuzzing")]
+pub(crate) mod fuzzing;
 pub(crate) mod guard;
 mod locks;
 mod more;

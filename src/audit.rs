@@ -285,6 +285,12 @@ pub(crate) async fn list(
     Ok(out)
 }
 
+/// Reads a stored audit entry as the log does, for the fuzz targets.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn decode_entry(value: &[u8]) {
+    let _ = decode(&[0; 16], value);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -34,6 +34,8 @@ mod datadir;
 mod entities;
 mod error;
 mod events;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod home;
 mod locks;
 mod metrics;

@@ -529,6 +529,37 @@ fn refused(e: crate::Error) -> Message {
     error_frame(kind, detail)
 }
 
+/// Reads a client frame as [`handle`] does, up to where a handler would act on it, for
+/// the fuzz targets: the frame, its fields for the kind it names, a subscription's
+/// patterns and a presence's status.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn decode_for_fuzzing(text: &str) {
+    let Ok(frame_in) = serde_json::from_str::<ClientFrame>(text) else {
+        return;
+    };
+    let kind = frame_in.kind.as_str();
+    match kind {
+        "subscribe" => {
+            if let Ok(s) = fields::<Subscribe>(kind, frame_in.data) {
+                let _ = subscribe(s, &RwLock::new(Filter::nothing()));
+            }
+        }
+        "heartbeat" => drop(fields::<Heartbeat>(kind, frame_in.data)),
+        "sync_state" => drop(fields::<SyncState>(kind, frame_in.data)),
+        "send_message" => drop(fields::<SendMessage>(kind, frame_in.data)),
+        "presence" => {
+            if let Ok(p) = fields::<SetPresence>(kind, frame_in.data) {
+                let _ = p.status.parse::<crate::Status>();
+            }
+        }
+        "publish" => drop(fields::<crate::api::events::PublishBody>(
+            kind,
+            frame_in.data,
+        )),
+        _ => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

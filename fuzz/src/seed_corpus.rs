@@ -1,5 +1,6 @@
 //! Writes the seed corpus from real frames: `cargo run --bin seed_corpus`
-//! (run from `fuzz/`). The committed corpus under `corpus/` came from this.
+//! (run from `fuzz/`). The committed corpus under `corpus/` came from this; the node
+//! crate's targets take their seeds from `hearth::fuzzing::seeds`.
 
 use std::fs;
 use std::path::Path;
@@ -80,10 +81,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for (i, seed) in digests.iter().enumerate() {
         fs::write(digest_dir.join(format!("session-{i:02}")), seed)?;
     }
+    // The node crate's decoders: its own encoders write valid inputs for each target.
+    let node_seeds = hearth::fuzzing::seeds();
+    for (target, name, bytes) in &node_seeds {
+        let dir = Path::new("corpus").join(target);
+        fs::create_dir_all(&dir)?;
+        fs::write(dir.join(name), bytes)?;
+    }
     println!(
-        "wrote {} frames and {} digest sessions",
+        "wrote {} frames, {} digest sessions and {} node seeds",
         frames.len(),
-        digests.len()
+        digests.len(),
+        node_seeds.len()
     );
     Ok(())
 }

@@ -778,3 +778,15 @@ pub(crate) async fn unsubscribe(
         Err(e) => ApiError::from(e).into_response(),
     }
 }
+
+/// Reads a client's message as [`handle`] does, up to where a service would act on it,
+/// for the fuzz targets.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn decode_for_fuzzing(text: &str) {
+    let Ok(message) = serde_json::from_str::<Incoming>(text) else {
+        return;
+    };
+    if let Some(status) = message.data.get("status").and_then(Value::as_str) {
+        let _ = status.parse::<Status>();
+    }
+}

@@ -609,6 +609,30 @@ impl Core {
     }
 }
 
+/// Reads a document's meta record as start-up does, for the fuzz targets.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn decode_meta(bytes: &[u8]) {
+    let meta = crate::records::from_json::<DocMeta>("document meta", bytes).ok();
+    let _ = meta
+        .as_ref()
+        .and_then(|m| m.prev.as_deref())
+        .and_then(DocId::parse);
+}
+
+/// A valid meta record, for the fuzz targets' seed corpus.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn seed_for_fuzzing() -> Vec<u8> {
+    let meta = DocMeta {
+        kind: "entity".into(),
+        owner: "home".into(),
+        epoch: KeyEpoch::first([3; 16]),
+        schema: 1,
+        heads: vec!["ab".repeat(32)],
+        prev: Some(DocId::from_bytes([1; 16]).to_string()),
+    };
+    crate::records::to_json("document meta", &meta).expect("a meta record encodes")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -161,6 +161,72 @@ impl Core {
     }
 }
 
+/// Reads an ephemeral message as [`Core::on_ephemeral`] does, for the fuzz targets: the
+/// lane it carries, if any, after the same decoding and unknown-kind check.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn decode_lane(bytes: &[u8]) -> Option<Lane> {
+    match crate::trust::wire::from_cbor::<Ephemeral>(
+        "ephemeral message",
+        bytes,
+        MAX_EPHEMERAL_MESSAGE,
+    ) {
+        Ok(Ephemeral::Heartbeat { .. }) => None,
+        Ok(Ephemeral::Alert { bytes }) => Some(Lane::Alert(bytes.into_vec())),
+        Ok(Ephemeral::Clock { bytes }) => Some(Lane::Clock(bytes.into_vec())),
+        Err(_) => {
+            let _ = unknown_kind(bytes);
+            None
+        }
+    }
+}
+
+/// One valid ephemeral message of each kind, for the fuzz targets' seed corpus.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn seeds_for_fuzzing() -> Vec<(&'static str, Vec<u8>)> {
+    use crate::alerts::wire::AlertMessage;
+    use crate::playback::wire::ClockMessage;
+    let alert = AlertMessage::Alert {
+        id: "a1".into(),
+        message: "smoke in the hall".into(),
+        severity: crate::Severity::Critical,
+        ttl_s: 60,
+        sent_at_ms: 1_000,
+        left_ms: 59_000,
+    };
+    let ack = AlertMessage::Ack {
+        id: "a1".into(),
+        accepted: true,
+    };
+    let probe = ClockMessage::Probe { nonce: 7 };
+    let start = ClockMessage::Start {
+        id: "p1".into(),
+        media: "song.mp3".into(),
+        start_at_ms: 2_000,
+    };
+    let lane = |bytes: Vec<u8>, alert: bool| {
+        let bytes = serde_bytes::ByteBuf::from(bytes);
+        encode(&if alert {
+            Ephemeral::Alert { bytes }
+        } else {
+            Ephemeral::Clock { bytes }
+        })
+    };
+    let mut out = vec![("heartbeat", encode(&Ephemeral::Heartbeat { ttl_ms: 6000 }))];
+    for (name, message) in [("alert", alert), ("alert-ack", ack)] {
+        out.push((
+            name,
+            lane(message.encode().expect("an alert encodes"), true),
+        ));
+    }
+    for (name, message) in [("clock-probe", probe), ("clock-start", start)] {
+        out.push((
+            name,
+            lane(message.encode().expect("a clock message encodes"), false),
+        ));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

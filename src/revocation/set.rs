@@ -163,6 +163,18 @@ impl Revocations {
     }
 }
 
+/// The stored set holding one revocation record, for the fuzz targets' seed corpus.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn seed_for_fuzzing(record: &[u8]) -> Vec<u8> {
+    let home = Revocation::claimed_home(record).unwrap_or_default();
+    let entry = Entry {
+        home,
+        record: ByteBuf::from(record.to_vec()),
+    };
+    let list = vec![("peer".to_string(), entry)];
+    crate::records::to_json("revocations", &list).expect("the set encodes")
+}
+
 #[cfg(test)]
 mod tests {
     use ed25519_dalek::SigningKey;

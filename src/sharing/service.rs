@@ -488,6 +488,109 @@ impl Core {
     }
 }
 
+/// One valid grant frame of each kind, for the fuzz targets' seed corpus; `revocation` is
+/// a signed revocation record.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn seeds_for_fuzzing(revocation: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
+    use crate::trust::messages::{HomeKey, ShareMessage};
+    use serde_bytes::ByteBuf;
+    let doc = DocId::from_bytes([7; 16]).to_string();
+    let epoch = KeyEpoch {
+        counter: 3,
+        device: [9; 16],
+    };
+    let wrapped = ByteBuf::from([vec![1u8], vec![2; 32 + 24 + 48]].concat());
+    let lock = crate::locks::forward::LockMessage::Read {
+        id: 1,
+        device_name: "hall".into(),
+    };
+    let lock = crate::trust::wire::to_cbor("lock message", &lock).expect("a lock message encodes");
+    let event = crate::propagation::wire::EventMessage {
+        event_type: "doorbell.pressed".into(),
+        targets: vec!["*".into()],
+        payload: r#"{"door":"front"}"#.into(),
+        timestamp_ms: 1_000,
+        correlation_id: Some("c1".into()),
+    };
+    let session = crate::sessions::wire::SessionMessage::Offer {
+        session: "s1".into(),
+        handoff: "h1".into(),
+        user: "ana".into(),
+        persona: None,
+        context: r#"{"page":3}"#.into(),
+    };
+    let activity = crate::activities::wire::ActivityMessage::Start {
+        activity: "a1".into(),
+        kind: "quiz".into(),
+        devices: vec!["hall".into()],
+        config: r#"{"rounds":3}"#.into(),
+    };
+    let messages = [
+        (
+            "grant",
+            ShareMessage::Grant {
+                entity_id: "light.porch".into(),
+                doc: doc.clone(),
+                epoch,
+                wrapped: wrapped.clone(),
+                rights: "read".into(),
+            },
+        ),
+        (
+            "revoke",
+            ShareMessage::Revoke {
+                entity_id: "light.porch".into(),
+                doc: doc.clone(),
+            },
+        ),
+        (
+            "home-key",
+            ShareMessage::HomeKey(HomeKey {
+                doc,
+                epoch,
+                wrapped,
+            }),
+        ),
+        (
+            "revocation",
+            ShareMessage::Revocation {
+                record: ByteBuf::from(revocation.to_vec()),
+            },
+        ),
+        (
+            "lock",
+            ShareMessage::Lock {
+                bytes: ByteBuf::from(lock),
+            },
+        ),
+        (
+            "event",
+            ShareMessage::Event {
+                bytes: ByteBuf::from(event.encode().expect("an event encodes")),
+            },
+        ),
+        (
+            "session",
+            ShareMessage::Session {
+                bytes: ByteBuf::from(session.encode().expect("a session message encodes")),
+            },
+        ),
+        (
+            "activity",
+            ShareMessage::Activity {
+                bytes: ByteBuf::from(activity.encode().expect("an activity message encodes")),
+            },
+        ),
+    ];
+    messages
+        .into_iter()
+        .map(|(name, m)| {
+            let bytes = crate::trust::wire::to_cbor("grant message", &m).expect("a frame encodes");
+            (name, bytes)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
