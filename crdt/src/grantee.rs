@@ -47,8 +47,22 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
     pub fn check_grantee_changes(&self, frame: &Frame) -> Result<()> {
         let (doc, mut changes, documents) = frame_changes(frame, self.config())?;
         let current = self.doc(doc)?;
-        for chunk in &documents {
-            changes.extend(missing_changes(doc, current, chunk)?);
+        if !documents.is_empty() {
+            for chunk in &documents {
+                changes.extend(missing_changes(doc, current, chunk)?);
+            }
+            // A document's run-length columns can declare far more operations than its
+            // bytes suggest: what it would add is held to the cap a frame of changes has.
+            let ops: usize = changes.iter().map(Change::len).sum();
+            if ops > self.config().max_ops_per_frame {
+                return Err(Error::Changes {
+                    doc,
+                    reason: format!(
+                        "a granted home's document adds {ops} operations, over the cap of {}",
+                        self.config().max_ops_per_frame
+                    ),
+                });
+            }
         }
         if changes.is_empty() {
             return Ok(());

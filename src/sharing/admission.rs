@@ -438,6 +438,7 @@ mod tests {
             owner: owner.into(),
             rights: "read".into(),
             revoked,
+            superseded: false,
         };
         let frame = empty_sync(theirs);
         let shared = BTreeMap::from([(theirs, entry(THEIRS, false))]);

@@ -260,6 +260,16 @@ impl Core {
         {
             return Err("names a document another home shares".into());
         }
+        // Owners grant an entity under its newest document only; an older one granted
+        // again comes from a device that has not seen the newer grant.
+        if self
+            .sharing
+            .shared_in
+            .get(&doc)
+            .is_some_and(|s| s.superseded)
+        {
+            return Err("names a document a later grant of the entity replaced".into());
+        }
         if !self.sharing.shared_in.contains_key(&doc)
             && self
                 .sharing
@@ -286,6 +296,7 @@ impl Core {
                 owner: fp.home.clone(),
                 rights: rights.to_string(),
                 revoked: false,
+                superseded: false,
             },
         );
         // An owner grants an entity under its current document only. A grant of the
@@ -293,8 +304,9 @@ impl Core {
         // shared, then shared again) supersedes the earlier ones, which this home reads
         // no more and may no longer write.
         for (other, s) in self.sharing.shared_in.iter_mut() {
-            if *other != doc && s.entity_id == entity_id && s.owner == fp.home && !s.revoked {
+            if *other != doc && s.entity_id == entity_id && s.owner == fp.home && !s.superseded {
                 s.revoked = true;
+                s.superseded = true;
             }
         }
         self.save_shared_in(&mut batch);

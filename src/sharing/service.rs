@@ -89,6 +89,10 @@ pub(crate) struct SharedIn {
     pub(crate) rights: String,
     #[serde(default)]
     pub(crate) revoked: bool,
+    /// A grant of the same entity under a later document replaced this one: a grant of
+    /// this document (a device of the owner with a stale registry) never brings it back.
+    #[serde(default)]
+    pub(crate) superseded: bool,
 }
 
 /// The sharing state of the core.
