@@ -181,7 +181,11 @@ mod tests {
     const DOC: DocId = DocId::from_bytes([9; 16]);
 
     fn owner() -> Engine<u8> {
-        let mut engine = Engine::new(b"owner", EngineConfig::default());
+        owner_with(EngineConfig::default())
+    }
+
+    fn owner_with(config: EngineConfig) -> Engine<u8> {
+        let mut engine = Engine::new(b"owner", config);
         let first = EntityUpdate {
             state: "off".into(),
             attributes: None,
@@ -321,6 +325,27 @@ mod tests {
             expects_reply: true,
             bytes,
         })
+    }
+
+    /// The operations a whole document adds are held to the frame's operation cap, however
+    /// few bytes its run-length columns take.
+    #[test]
+    fn a_whole_document_adding_more_operations_than_a_frame_may_is_refused() {
+        let engine = owner_with(EngineConfig {
+            max_ops_per_frame: 200,
+            ..EngineConfig::default()
+        });
+        let cap = engine.config().max_ops_per_frame;
+        let frame = grantee_whole(&engine, |d| {
+            let e = entity_map(d);
+            let (_, attrs) = d.get(&e, "attributes").unwrap().unwrap();
+            let list = d.put_object(&attrs, "x", automerge::ObjType::List).unwrap();
+            for i in 0..=cap {
+                d.insert(&list, i, automerge::ScalarValue::Null).unwrap();
+            }
+        });
+        let err = engine.check_grantee_changes(&frame).unwrap_err();
+        assert!(err.to_string().contains("document adds"), "{err}");
     }
 
     #[test]
