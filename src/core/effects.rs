@@ -89,6 +89,33 @@ impl Effects {
     pub(crate) fn reject(&mut self, peer: hearth_net::PeerId, reason: &'static str) {
         self.0.push(Effect::Reject { peer, reason });
     }
+
+    /// A point in the log, for [`Effects::join_persists_since`].
+    pub(crate) fn mark(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Makes every batch recorded since `mark` one batch, stored where the first of them
+    /// was: a step whose writes must land together or not at all (a revocation and the key
+    /// rotation that goes with it) cannot be cut between them by a crash.
+    pub(crate) fn join_persists_since(&mut self, mark: usize) {
+        let tail: Vec<Effect> = self.0.drain(mark.min(self.0.len())..).collect();
+        let mut joined_at: Option<usize> = None;
+        for effect in tail {
+            match (effect, joined_at) {
+                (Effect::Persist(batch), Some(at)) => {
+                    if let Effect::Persist(joined) = &mut self.0[at] {
+                        joined.append(batch);
+                    }
+                }
+                (Effect::Persist(batch), None) => {
+                    joined_at = Some(self.0.len());
+                    self.0.push(Effect::Persist(batch));
+                }
+                (other, _) => self.0.push(other),
+            }
+        }
+    }
 }
 
 impl Core {
@@ -191,5 +218,59 @@ impl Core {
     /// Hands the frames queued so far to a send effect at this point of the log.
     pub(crate) fn send_queued(&mut self, fx: &mut Effects) {
         fx.send(std::mem::take(&mut self.outbox));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hearth_storage::Keyspace;
+
+    fn batch(key: &str) -> Batch {
+        let mut b = Batch::new();
+        b.put(Keyspace::Meta, key.as_bytes(), b"v".to_vec());
+        b
+    }
+
+    fn keys(b: &Batch) -> Vec<Vec<u8>> {
+        b.ops()
+            .iter()
+            .map(|op| match op {
+                hearth_storage::BatchOp::Put { key, .. }
+                | hearth_storage::BatchOp::Delete { key, .. } => key.clone(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn batches_since_a_mark_become_one_stored_where_the_first_was() {
+        let mut fx = Effects::default();
+        fx.persist(batch("before"));
+        let mark = fx.mark();
+        fx.persist(batch("a"));
+        fx.audit("me", "share.revoked", "x".into());
+        fx.persist(batch("b"));
+        fx.persist_or_log(batch("logged"), "something");
+        fx.persist(batch("c"));
+        fx.join_persists_since(mark);
+        let shape: Vec<String> =
+            fx.0.iter()
+                .map(|e| match e {
+                    Effect::Persist(b) => format!("persist {:?}", keys(b)),
+                    Effect::PersistOrLog(b, _) => format!("or-log {:?}", keys(b)),
+                    Effect::Audit { action, .. } => format!("audit {action}"),
+                    _ => "other".into(),
+                })
+                .collect();
+        let k = |s: &str| s.as_bytes().to_vec();
+        assert_eq!(
+            shape,
+            vec![
+                format!("persist {:?}", vec![k("before")]),
+                format!("persist {:?}", vec![k("a"), k("b"), k("c")]),
+                "audit share.revoked".to_string(),
+                format!("or-log {:?}", vec![k("logged")]),
+            ]
+        );
     }
 }

@@ -451,6 +451,9 @@ impl Core {
         fx: &mut Effects,
     ) -> Result<(), Error> {
         let now = now_ms();
+        // The unshare and the rotation are stored as one batch: a crash between them would
+        // leave the home that lost access holding the key still in use.
+        let mark = fx.mark();
         let (_, out) = self
             .engine
             .transact(self.home.registry_doc, now, None, |d, _, _| {
@@ -482,6 +485,7 @@ impl Core {
             format!("{entity_id} from {home_id}"),
         );
         self.rotate(entity_id, doc, fx)?;
+        fx.join_persists_since(mark);
         self.send_queued(fx);
         fx.emit(share_event(
             entity_id,
@@ -503,6 +507,7 @@ impl Core {
         fx: &mut Effects,
     ) -> Result<KeyEpoch, Error> {
         let now = now_ms();
+        let mark = fx.mark();
         let old = self.engine.header(doc).map_err(doc_err)?.key_epoch;
         let epoch = KeyEpoch {
             counter: old.counter.checked_add(1).ok_or_else(|| {
@@ -532,6 +537,8 @@ impl Core {
             .map_err(doc_err)?;
         let batch = self.handle_outputs(out);
         fx.persist(batch);
+        // The key and the epoch that uses it land together.
+        fx.join_persists_since(mark);
         fx.audit(
             &self.peer_id,
             "key.rotated",

@@ -227,6 +227,11 @@ impl Batch {
     pub fn into_ops(self) -> Vec<BatchOp> {
         self.ops
     }
+
+    /// Adds `other`'s operations after this batch's own.
+    pub fn append(&mut self, other: Batch) {
+        self.ops.extend(other.ops);
+    }
 }
 
 impl From<Vec<BatchOp>> for Batch {
