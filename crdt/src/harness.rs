@@ -529,6 +529,52 @@ mod tests {
     }
 
     #[test]
+    fn the_confirmation_round_after_a_delivered_push_does_not_carry_it_again() {
+        let mut net = synced(2);
+        // 4 KB that does not compress.
+        let mut x = 7u64;
+        let blob: String = (0..4000)
+            .map(|_| {
+                x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                char::from(b'a' + (x >> 59) as u8)
+            })
+            .collect();
+        net.edit(0, DOC, &update("on", json!({ "blob": blob })), None);
+        assert_eq!(net.pending(), 1);
+        assert!(
+            net.in_flight[0].bytes.len() > 3000,
+            "the push carries the blob"
+        );
+        assert!(net.step(), "the push arrives");
+        let mut resent = 0;
+        let mut confirmations = 0;
+        loop {
+            for m in &net.in_flight {
+                if m.from == 0 {
+                    confirmations += 1;
+                    if m.bytes.len() > 3000 {
+                        resent += 1;
+                    }
+                }
+            }
+            if net.step() {
+                continue;
+            }
+            match net.nodes.iter().filter_map(|n| n.next_deadline()).min() {
+                Some(at) => {
+                    let at = at.max(net.now_ms);
+                    net.advance(at - net.now_ms);
+                }
+                None => break,
+            }
+        }
+        assert!(confirmations > 0, "a confirmation round ran");
+        assert_eq!(resent, 0, "a sync message carried the pushed change again");
+        net.assert_converged(DOC);
+        assert!(net.nodes[1].is_in_sync(&0, DOC));
+    }
+
+    #[test]
     fn lost_sync_messages_are_retried() {
         let mut net = Net::new(2, 3, EngineConfig::default());
         net.share_entity(DOC);

@@ -28,7 +28,15 @@ pub(crate) struct SyncSession {
     /// The deadline this session holds in the engine's timer set, so the entry can be
     /// found and moved when the deadline changes.
     pub(crate) scheduled: Option<u64>,
+    /// Exchanges restarted in a row because their answer was overdue. Each doubles the
+    /// wait before the next restart (up to [`MAX_RETRY_DOUBLINGS`]): a peer that is slow
+    /// rather than gone, with our earlier messages still queued toward it, is not sent
+    /// a fresh exchange every few seconds on top of them, which would slow it further.
+    pub(crate) unanswered: u32,
 }
+
+/// Most times the overdue wait doubles: 3 s becomes at most 48 s.
+pub(crate) const MAX_RETRY_DOUBLINGS: u32 = 4;
 
 impl SyncSession {
     pub(crate) fn new() -> Self {
@@ -40,6 +48,7 @@ impl SyncSession {
             kick_at: None,
             persisted_shared: Vec::new(),
             scheduled: None,
+            unanswered: 0,
         }
     }
 
@@ -82,11 +91,16 @@ impl SyncSession {
         self.awaiting_since = None;
     }
 
+    /// How long an answer may take before the exchange restarts: `retry_after_ms`,
+    /// doubled for each restart in a row.
+    pub(crate) fn retry_delay(&self, retry_after_ms: u64) -> u64 {
+        retry_after_ms.saturating_mul(1 << self.unanswered.min(MAX_RETRY_DOUBLINGS))
+    }
+
     /// Earliest time at which `tick` has work for this session.
     pub(crate) fn deadline(&self, retry_after_ms: u64) -> Option<u64> {
-        let retry = self
-            .awaiting_since
-            .map(|t| t.saturating_add(retry_after_ms));
+        let delay = self.retry_delay(retry_after_ms);
+        let retry = self.awaiting_since.map(|t| t.saturating_add(delay));
         [self.confirm_at, self.kick_at, retry]
             .into_iter()
             .flatten()
@@ -129,5 +143,16 @@ mod tests {
         s.reset(9);
         assert!(s.state.shared_heads.is_empty());
         assert_eq!(s.deadline(100), Some(9));
+    }
+
+    #[test]
+    fn the_wait_for_an_overdue_answer_doubles_with_each_restart_in_a_row() {
+        let mut s = SyncSession::new();
+        s.awaiting_since = Some(1_000);
+        assert_eq!(s.deadline(3_000), Some(4_000));
+        s.unanswered = 1;
+        assert_eq!(s.deadline(3_000), Some(7_000));
+        s.unanswered = 40;
+        assert_eq!(s.retry_delay(3_000), 48_000, "capped");
     }
 }

@@ -91,7 +91,7 @@ pub const DEFAULT_MAX_PENDING_PUSHES: usize = 64;
 /// Default delay before a confirmation sync round follows a push.
 pub const DEFAULT_CONFIRM_AFTER_MS: u64 = 1_000;
 /// Default time to wait for an answer to a sync message before restarting the
-/// exchange.
+/// exchange. Each restart in a row without an answer doubles it, up to 16 times this.
 pub const DEFAULT_RETRY_AFTER_MS: u64 = 3_000;
 /// Default number of incremental chunks after which a document is compacted
 /// into one snapshot.
@@ -130,7 +130,8 @@ pub struct EngineConfig {
     pub max_pending_pushes: usize,
     /// Delay before a confirmation round ([`DEFAULT_CONFIRM_AFTER_MS`]).
     pub confirm_after_ms: u64,
-    /// Wait for an answer before restarting ([`DEFAULT_RETRY_AFTER_MS`]).
+    /// Wait for an answer before restarting ([`DEFAULT_RETRY_AFTER_MS`]), doubled for
+    /// each restart in a row of the same session.
     pub retry_after_ms: u64,
     /// Journal length that triggers compaction ([`DEFAULT_COMPACT_AFTER_CHUNKS`]).
     pub compact_after_chunks: usize,
@@ -636,11 +637,22 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         let epoch = ds.header.key_epoch;
         // Fan out before recording, so the journal's copy can take the bytes.
         let peers: Vec<P> = ds.sessions.keys().cloned().collect();
+        let mut pushed: Option<Vec<ChangeHash>> = None;
         for peer in peers {
             let Some(session) = ds.sessions.get_mut(&peer) else {
                 continue;
             };
             if session.in_sync && bytes.len() <= self.config.max_push_bytes {
+                // The session's next message does not offer these changes again: the
+                // confirmation round after a push would otherwise carry the push a second
+                // time. A peer that dropped the push asks for it by hash (`need`), which
+                // takes it out of this set again (receive.rs).
+                let hashes = pushed.get_or_insert_with(|| {
+                    parse_changes(&bytes, usize::MAX)
+                        .map(|changes| changes.iter().map(Change::hash).collect())
+                        .unwrap_or_default()
+                });
+                session.state.sent_hashes.extend(hashes.iter().copied());
                 out.push(Output::Send {
                     peer: peer.clone(),
                     frame: Frame::Push(Push {
@@ -820,6 +832,46 @@ impl<P: Clone + Ord + Debug> Engine<P> {
             .is_some_and(|s| s.in_sync)
     }
 
+    /// One document's sessions, its parked pushes and whether it is loaded, for test
+    /// diagnostics.
+    #[doc(hidden)]
+    pub fn debug_sessions_of(&mut self, id: DocId) -> String {
+        let Some(ds) = self.docs.get_mut(&id) else {
+            return format!(
+                "{id}: not loaded (unloaded: {})",
+                self.unloaded.contains_key(&id)
+            );
+        };
+        let heads = ds.doc.get_heads();
+        let short = |h: &[ChangeHash]| {
+            h.iter()
+                .map(|x| x.to_string()[..6].to_string())
+                .collect::<Vec<_>>()
+        };
+        let mut text = format!(
+            "{id}: heads {:?}, parked {}\n",
+            short(&heads),
+            ds.parked.len()
+        );
+        for (peer, s) in &ds.sessions {
+            text.push_str(&format!(
+                "  {peer:?}: in_sync={} awaiting={:?} confirm={:?} kick={:?} scheduled={:?} unanswered={} their={:?} shared={:?} in_flight={} last_sent={:?} sent_hashes={}\n",
+                s.in_sync,
+                s.awaiting_since,
+                s.confirm_at,
+                s.kick_at,
+                s.scheduled,
+                s.unanswered,
+                s.state.their_heads.as_deref().map(short),
+                short(&s.state.shared_heads),
+                s.state.in_flight,
+                short(&s.state.last_sent_heads),
+                s.state.sent_hashes.len(),
+            ));
+        }
+        text
+    }
+
     /// Session bookkeeping, for harness diagnostics.
     #[cfg(any(test, feature = "harness"))]
     pub(crate) fn debug_sessions(&mut self) -> String {
@@ -873,9 +925,10 @@ impl<P: Clone + Ord + Debug> Engine<P> {
                 continue;
             };
             session.scheduled = None;
+            let retry = session.retry_delay(self.config.retry_after_ms);
             let overdue = session
                 .awaiting_since
-                .is_some_and(|t| now_ms >= t.saturating_add(self.config.retry_after_ms));
+                .is_some_and(|t| now_ms >= t.saturating_add(retry));
             let confirm = session.confirm_at.is_some_and(|t| now_ms >= t);
             let kick = session.kick_at.is_some_and(|t| now_ms >= t);
             if !(overdue || confirm || kick) {
@@ -883,6 +936,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
             }
             if overdue {
                 self.stats.session_restarts += 1;
+                session.unanswered = session.unanswered.saturating_add(1);
                 session.restart();
             }
             if confirm {

@@ -325,6 +325,14 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         let shared_before = state.shared_heads.clone();
         let received = catch(|| doc.sync().receive_sync_message(state, decoded));
         session.awaiting_since = None;
+        session.unanswered = 0;
+        // Changes the peer asks for by hash go again even if a push or an earlier
+        // message carried them: it dropped or never got them.
+        if let Some(need) = session.state.their_need.clone() {
+            for hash in &need {
+                session.state.sent_hashes.remove(hash);
+            }
+        }
         let mut out = Vec::new();
         match received {
             Ok(Ok(())) => {}
@@ -604,7 +612,7 @@ pub(super) fn generate_into<P: Clone>(
     if expects_reply {
         session.awaiting_since = Some(now_ms);
         out.push(Output::Timer {
-            at_ms: now_ms.saturating_add(config.retry_after_ms),
+            at_ms: now_ms.saturating_add(session.retry_delay(config.retry_after_ms)),
         });
     }
     stats.sync_sent += 1;
