@@ -595,6 +595,149 @@ mod tests {
         }
     }
 
+    /// The node crate's targets, as `fuzz/node` names them.
+    const TARGETS: [&str; 6] = [
+        "invite",
+        "certificate",
+        "pairing",
+        "peer_frame",
+        "store_record",
+        "api_request",
+    ];
+
+    /// Whether this build has `target` (the API's needs the `api` feature).
+    fn built(target: &str) -> bool {
+        cfg!(feature = "api") || target != "api_request"
+    }
+
+    /// The committed corpus of `target` (fuzz/corpus/<target>), by file name.
+    fn corpus(target: &str) -> Vec<(String, Vec<u8>)> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz/corpus")
+            .join(target);
+        let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let mut out: Vec<(String, Vec<u8>)> = entries
+            .map(|entry| {
+                let path = entry.unwrap().path();
+                let name = path.file_name().unwrap().to_string_lossy().into_owned();
+                (name, std::fs::read(&path).unwrap())
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Runs `target` on `data`, naming the input if it panics.
+    fn run_named(target: &str, what: &str, data: &[u8]) {
+        let caught = std::panic::catch_unwind(|| run(target, data));
+        assert!(
+            caught.is_ok(),
+            "{target}: {what} panicked; input ({} bytes): {}",
+            data.len(),
+            hex::encode(data)
+        );
+    }
+
+    #[test]
+    fn the_committed_corpus_replays_through_every_target() {
+        for target in TARGETS.into_iter().filter(|t| built(t)) {
+            let inputs = corpus(target);
+            assert!(!inputs.is_empty(), "no corpus for {target}");
+            for (name, bytes) in &inputs {
+                run_named(target, name, bytes);
+            }
+        }
+    }
+
+    /// A small seeded generator for the mutations below.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            usize::try_from(self.next() % n.max(1) as u64).unwrap_or(0)
+        }
+    }
+
+    /// One mutation of `data`, as libFuzzer's default mutators would make: a bit flip,
+    /// a byte set to an edge value, a cut, an insertion, a repeated slice, a splice with
+    /// another input, or a little-endian length field set to an edge value.
+    fn mutate(data: &mut Vec<u8>, inputs: &[(String, Vec<u8>)], rng: &mut Rng) {
+        const EDGES: [u8; 6] = [0, 1, 0x7f, 0x80, 0xfe, 0xff];
+        let len = data.len();
+        match rng.below(7) {
+            0 if len > 0 => {
+                let at = rng.below(len);
+                data[at] ^= 1 << rng.below(8);
+            }
+            1 if len > 0 => {
+                let at = rng.below(len);
+                data[at] = EDGES[rng.below(EDGES.len())];
+            }
+            2 if len > 0 => data.truncate(rng.below(len)),
+            3 => {
+                let at = rng.below(len + 1);
+                let n = 1 + rng.below(16);
+                let bytes: Vec<u8> = (0..n).map(|_| rng.next() as u8).collect();
+                data.splice(at..at, bytes);
+            }
+            4 if len > 1 => {
+                let from = rng.below(len);
+                let to = from + 1 + rng.below(len - from);
+                let piece = data[from..to].to_vec();
+                let at = rng.below(len + 1);
+                data.splice(at..at, piece);
+            }
+            5 => {
+                let other = &inputs[rng.below(inputs.len())].1;
+                let keep = rng.below(len + 1);
+                let from = rng.below(other.len() + 1);
+                data.truncate(keep);
+                data.extend_from_slice(&other[from..]);
+            }
+            _ if len >= 4 => {
+                let at = rng.below(len - 3);
+                let value: u32 = [0, 1, 0x7fff_ffff, 0xffff_ffff, 1 << 20][rng.below(5)];
+                data[at..at + 4].copy_from_slice(&value.to_le_bytes());
+            }
+            _ => data.push(rng.next() as u8),
+        }
+        data.truncate(64 * 1024);
+    }
+
+    /// A seeded budget of mutated corpus inputs through every target, a fixed number
+    /// each. `fuzz/run.sh --node` fuzzes the same entry points with coverage guidance
+    /// under libFuzzer; this runs in every `cargo test`, so CI need not build the node
+    /// a second time with coverage instrumentation.
+    #[test]
+    fn seeded_mutations_of_the_corpus_never_panic() {
+        let budget = [
+            ("invite", 3000),
+            ("certificate", 1500),
+            ("pairing", 400),
+            ("peer_frame", 3000),
+            ("store_record", 3000),
+            ("api_request", 2000),
+        ];
+        for (target, runs) in budget.into_iter().filter(|(t, _)| built(t)) {
+            let inputs = corpus(target);
+            let mut rng = Rng(0x2026_1122_u64 ^ (target.len() as u64) << 32 | 1);
+            for i in 0..runs {
+                let mut data = inputs[rng.below(inputs.len())].1.clone();
+                for _ in 0..=rng.below(4) {
+                    mutate(&mut data, &inputs, &mut rng);
+                }
+                run_named(target, &format!("mutation {i}"), &data);
+            }
+        }
+    }
+
     /// The issuer's side goes as far as a real Start takes it: a Reply is made, and a
     /// forged Confirm is refused without a panic.
     #[test]

@@ -1,4 +1,4 @@
-//! Writes the seed corpus from real frames: `cargo run --bin seed_corpus`
+//! Writes the seed corpus from real frames: `cargo run --manifest-path node/Cargo.toml --bin seed_corpus`
 //! (run from `fuzz/`). The committed corpus under `corpus/` came from this; the node
 //! crate's targets take their seeds from `hearth::fuzzing::seeds`.
 
