@@ -621,6 +621,17 @@ impl Node {
             .await?
     }
 
+    /// Test hook: the sync sessions of entity `id`'s document, as text. Not for
+    /// production use.
+    #[cfg(feature = "test-hooks")]
+    #[doc(hidden)]
+    pub async fn debug_sessions(&self, id: &str) -> Result<String, Error> {
+        let id = id.to_string();
+        self.core
+            .call(|reply| crate::core::hooks::HookRequest::Sessions { id, reply })
+            .await?
+    }
+
     /// Test hook: writes this home's document as a device that wants revoked device
     /// `peer` back would (its `revoked_at` cleared, its signed revocation deleted), so a
     /// test can show that the revocation holds. Not for production use.

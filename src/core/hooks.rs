@@ -43,6 +43,8 @@ pub(crate) enum HookRequest {
         id: String,
         reply: Reply<Option<bool>>,
     },
+    /// Test hook: the sync sessions of an entity's document, as text.
+    Sessions { id: String, reply: Reply<String> },
 }
 
 /// Where received frames are recorded (see `Node::debug_capture`).
@@ -208,6 +210,9 @@ impl HookRequest {
             Self::DocumentLoaded { reply, .. } => {
                 let _ = reply.send(Err(error));
             }
+            Self::Sessions { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
         }
     }
 }
@@ -216,6 +221,16 @@ impl Core {
     /// Answers a test hook's request.
     pub(crate) fn handle_hook(&mut self, request: HookRequest) {
         match request {
+            HookRequest::Sessions { id, reply } => {
+                let text = match self.doc_of_entity(&id) {
+                    Some(doc) => {
+                        let now = now_ms();
+                        format!("now={now} {}", self.engine.debug_sessions_of(doc))
+                    }
+                    None => format!("{id}: no such entity"),
+                };
+                let _ = reply.send(Ok(text));
+            }
             HookRequest::DocumentLoaded { id, reply } => {
                 let loaded = self.doc_of_entity(&id).map(|d| self.engine.is_loaded(d));
                 let _ = reply.send(Ok(loaded));

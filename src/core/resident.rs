@@ -562,7 +562,10 @@ impl Core {
             ) => return Needs::Docs(BTreeSet::new()),
             Request::Sharing(_) | Request::Revocation(_) => return Needs::AllEntities,
             #[cfg(feature = "test-hooks")]
-            Request::Hooks(crate::core::hooks::HookRequest::DocumentLoaded { .. }) => {
+            Request::Hooks(
+                crate::core::hooks::HookRequest::DocumentLoaded { .. }
+                | crate::core::hooks::HookRequest::Sessions { .. },
+            ) => {
                 return Needs::Docs(BTreeSet::new());
             }
             #[cfg(feature = "test-hooks")]

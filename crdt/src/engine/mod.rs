@@ -837,10 +837,16 @@ impl<P: Clone + Ord + Debug> Engine<P> {
     #[doc(hidden)]
     pub fn debug_sessions_of(&mut self, id: DocId) -> String {
         let Some(ds) = self.docs.get_mut(&id) else {
-            return format!(
-                "{id}: not loaded (unloaded: {})",
-                self.unloaded.contains_key(&id)
-            );
+            return match self.unloaded.get(&id) {
+                Some(u) => format!(
+                    "{id}: unloaded, dormant sessions {:?}",
+                    u.sessions
+                        .iter()
+                        .map(|(p, d)| (p, d.in_sync))
+                        .collect::<Vec<_>>()
+                ),
+                None => format!("{id}: unknown"),
+            };
         };
         let heads = ds.doc.get_heads();
         let short = |h: &[ChangeHash]| {
