@@ -39,8 +39,9 @@ def probe(writer, reader, n, k0):
             code, body = reader.call("GET", "/api/entities/flood.probe")
             if code == 200 and body.get("state") == str(k):
                 break
-            if time.monotonic() - t0 > 10:
-                raise Failure(f"flood: write {k} not on device 2 within 10 s")
+            # A liveness bound, not a latency one: the latency is reported below.
+            if time.monotonic() - t0 > 30:
+                raise Failure(f"flood: write {k} not on device 2 within 30 s")
             time.sleep(0.005)
         times.append(time.monotonic() - t0)
         time.sleep(0.05)
