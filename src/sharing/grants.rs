@@ -484,8 +484,11 @@ impl Core {
             "share.revoked",
             format!("{entity_id} from {home_id}"),
         );
-        self.rotate(entity_id, doc, fx)?;
+        // Joined even when the rotation fails part way, so what it did record is stored
+        // with the unshare or not at all.
+        let rotated = self.rotate(entity_id, doc, fx);
         fx.join_persists_since(mark);
+        rotated?;
         self.send_queued(fx);
         fx.emit(share_event(
             entity_id,

@@ -645,8 +645,8 @@ impl<P: Clone + Ord + Debug> Engine<P> {
             if session.in_sync && bytes.len() <= self.config.max_push_bytes {
                 // The session's next message does not offer these changes again: the
                 // confirmation round after a push would otherwise carry the push a second
-                // time. A peer that dropped the push asks for it by hash (`need`), which
-                // takes it out of this set again (receive.rs).
+                // time. A peer that dropped the push asks for a change by hash (`need`),
+                // which empties this set again (receive.rs).
                 let hashes = pushed.get_or_insert_with(|| {
                     parse_changes(&bytes, usize::MAX)
                         .map(|changes| changes.iter().map(Change::hash).collect())

@@ -62,8 +62,13 @@ impl<P: Clone + Ord + Debug> Engine<P> {
                 cap: self.config.max_push_bytes,
             });
         }
-        if !self.docs.contains_key(&id) {
+        let Some(ds) = self.docs.get_mut(&id) else {
             return Err(self.missing(id));
+        };
+        // The peer is there: an exchange with it that restarted for want of an answer
+        // waits the base delay again.
+        if let Some(session) = ds.sessions.get_mut(&peer) {
+            session.unanswered = 0;
         }
         let limits = frame_limits(&self.config, false);
         let scanned = catch(|| {
@@ -326,12 +331,18 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         let received = catch(|| doc.sync().receive_sync_message(state, decoded));
         session.awaiting_since = None;
         session.unanswered = 0;
-        // Changes the peer asks for by hash go again even if a push or an earlier
-        // message carried them: it dropped or never got them.
-        if let Some(need) = session.state.their_need.clone() {
-            for hash in &need {
-                session.state.sent_hashes.remove(hash);
-            }
+        // A peer that asks for changes by hash dropped or never got something we sent
+        // (a push it refused or evicted from its parked lot, say): everything it lacks
+        // goes again, as its bloom filter shows. Forgetting only the hashes it names
+        // would recover one change per round trip, since it names only the first
+        // missing change it can see from our heads.
+        if session
+            .state
+            .their_need
+            .as_ref()
+            .is_some_and(|need| !need.is_empty())
+        {
+            session.state.sent_hashes.clear();
         }
         let mut out = Vec::new();
         match received {
