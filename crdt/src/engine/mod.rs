@@ -834,6 +834,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
 
     /// One document's sessions, its parked pushes and whether it is loaded, for test
     /// diagnostics.
+    #[cfg(feature = "test-hooks")]
     #[doc(hidden)]
     pub fn debug_sessions_of(&mut self, id: DocId) -> String {
         let Some(ds) = self.docs.get_mut(&id) else {
