@@ -714,7 +714,8 @@ impl Core {
             }
             Event::PeerDisconnected { peer, reason } => {
                 let text = peer.to_base58();
-                tracing::info!(peer = %text, ?reason, "peer disconnected");
+                // hearth-net logs the disconnection itself, strangers' rate-limited.
+                tracing::debug!(peer = %text, ?reason, "peer disconnected");
                 if self.peers.forget(&text) {
                     self.notice_peer(text.clone(), false);
                 }

@@ -8,6 +8,7 @@
 #   SEED=N             random seed (default 1)
 #   HEARTH_BIN=PATH    binary to run (default: $CARGO_TARGET_DIR or target, /debug/hearth;
 #                      built with `cargo build` when absent)
+#   DIAL_FLOOD_BIN=PATH  the flood's dialer (default: hearth-net's dial_flood example, built)
 #   KEEP_LOGS=1        keep the work dir (node logs and data dirs)
 # Every namespace and process it made is gone when it exits, however it exits.
 set -euo pipefail
@@ -23,6 +24,12 @@ done
 if [ ! -x "$bin" ]; then
     (cd "$repo" && cargo build --bin hearth) || die "cargo build failed"
 fi
+# The flood scenario's dialer, which completes libp2p's handshakes as fresh peers.
+if [ -z "${DIAL_FLOOD_BIN:-}" ]; then
+    (cd "$repo" && cargo build -q -p hearth-net --example dial_flood) || die "cargo build of dial_flood failed"
+    DIAL_FLOOD_BIN=${CARGO_TARGET_DIR:-$repo/target}/debug/examples/dial_flood
+fi
+export DIAL_FLOOD_BIN
 work=$(mktemp -d "${TMPDIR:-/tmp}/hearth-reliability.XXXXXX")
 cleanup() {
     local status=$?
