@@ -574,6 +574,37 @@ mod tests {
         assert!(net.nodes[1].is_in_sync(&0, DOC));
     }
 
+    /// Two devices attach in sync (a digest exchange found their heads equal) while one
+    /// of them wrote meanwhile: what it wrote was never pushed, and every later push waits
+    /// at the other for it. The sessions must still find the gap and fill it.
+    #[test]
+    fn a_session_attached_in_sync_over_unsent_changes_still_converges() {
+        for n in [2, 3] {
+            let mut net = synced(n);
+            for other in 1..n {
+                net.nodes[0].detach(&other, DOC);
+                net.nodes[other].detach(&0, DOC);
+            }
+            for i in 0..3 {
+                net.edit(0, DOC, &update(&format!("unsent-{i}"), json!({})), None);
+            }
+            assert_eq!(net.pending(), 0, "no session, so nothing was pushed");
+            for other in 1..n {
+                net.nodes[0].attach_in_sync(other, DOC, None).unwrap();
+                net.nodes[other].attach_in_sync(0, DOC, None).unwrap();
+            }
+            for i in 0..5 {
+                net.edit(0, DOC, &update(&format!("pushed-{i}"), json!({})), None);
+                // Some pushes arrive before the next write, as on a live network.
+                if i % 2 == 0 {
+                    net.step();
+                }
+            }
+            net.run_until_quiet(10_000);
+            net.assert_converged(DOC);
+        }
+    }
+
     #[test]
     fn lost_sync_messages_are_retried() {
         let mut net = Net::new(2, 3, EngineConfig::default());

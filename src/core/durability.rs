@@ -132,6 +132,9 @@ pub(crate) fn refusal(store: &StoreHandle) -> Error {
     }
 }
 
+/// A store batch slower than this is logged at debug level.
+const SLOW_BATCH: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Stores one batch and answers its writers; a failure is remembered for the recovery.
 async fn persist(
     store: StoreHandle,
@@ -148,7 +151,19 @@ async fn persist(
     // Finished however this ends, a panic included, so frames never wait for it forever.
     let finished = finish.on_drop(ticket);
     let salvage = Salvage::of(&batch);
+    let ops = batch.len();
+    let begun = std::time::Instant::now();
     let result = store.batch(batch).await;
+    let took = begun.elapsed();
+    if took >= SLOW_BATCH {
+        // Frames queued after this batch waited for it (send_gate.rs).
+        tracing::debug!(
+            ticket,
+            ops,
+            ms = took.as_millis() as u64,
+            "slow store batch"
+        );
+    }
     if let Err(error) = &result {
         if error.is_store_failure() {
             unpersisted

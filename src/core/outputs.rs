@@ -262,8 +262,10 @@ impl Core {
             return;
         }
         if let Ok(heads) = self.engine.heads(doc) {
-            self.digest
-                .insert(doc, hearth_crdt::digest::heads_hash(&heads));
+            let hash = hearth_crdt::digest::heads_hash(&heads);
+            if self.digest.insert(doc, hash) != Some(hash) {
+                self.peers.heads_moved(doc);
+            }
         }
     }
 

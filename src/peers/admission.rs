@@ -170,7 +170,7 @@ impl Core {
         let mut reconciler = Reconciler::new();
         match reconciler.start(session, &self.digest) {
             Ok(message) => {
-                self.peers.reconcilers.insert(peer.to_string(), reconciler);
+                self.peers.reconciling(peer, reconciler);
                 self.queue_digest(peer, &message);
                 self.send_pending().await;
             }
@@ -183,6 +183,7 @@ impl Core {
 
     pub(crate) fn queue_digest(&mut self, peer: &str, message: &DigestMessage) {
         let bytes = message.encode();
+        tracing::debug!(%peer, len = bytes.len(), "digest message queued");
         self.counters.digest_messages += 1;
         self.counters.digest_bytes += bytes.len() as u64;
         self.outbox
@@ -190,6 +191,7 @@ impl Core {
     }
 
     pub(crate) async fn on_digest(&mut self, peer: &str, bytes: &[u8]) {
+        tracing::debug!(%peer, len = bytes.len(), "digest message received");
         self.counters.digest_messages += 1;
         self.counters.digest_bytes += bytes.len() as u64;
         let message = match DigestMessage::decode(bytes) {
@@ -202,9 +204,7 @@ impl Core {
             }
         };
         if message.is_start() {
-            self.peers
-                .reconcilers
-                .insert(peer.to_string(), Reconciler::new());
+            self.peers.reconciling(peer, Reconciler::new());
         }
         let Some(reconciler) = self.peers.reconcilers.get_mut(peer) else {
             tracing::warn!(%peer, "digest message outside a session");
@@ -233,11 +233,25 @@ impl Core {
     /// Attaches every document this device holds a key for: those the digest found
     /// different get a sync exchange, the rest start in sync without a message.
     pub(crate) async fn attach_after_digest(&mut self, peer: &str, differences: &Differences) {
+        tracing::debug!(
+            %peer,
+            changed = differences.changed.len(),
+            local_only = differences.local_only.len(),
+            remote_only = differences.remote_only.len(),
+            moved = self.peers.moved_while_reconciling.get(peer).map_or(0, |m| m.len()),
+            "digest exchange finished"
+        );
+        // A document whose heads moved here during the exchange may have been compared
+        // before it moved: attached in sync, its new changes would never reach the peer
+        // (they were not pushed: there was no session yet), and every later push would
+        // wait there for them.
+        let moved = self.peers.take_moved(peer);
         let ids = self.home_key_ids();
         for (doc, epoch) in ids {
             let differs = differences.changed.contains(&doc)
                 || differences.local_only.contains(&doc)
-                || differences.remote_only.contains(&doc);
+                || differences.remote_only.contains(&doc)
+                || moved.contains(&doc);
             if differs {
                 self.counters.docs_synced += 1;
                 self.queue_attach(peer, doc, epoch);

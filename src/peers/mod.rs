@@ -7,7 +7,9 @@ pub(crate) mod heartbeat;
 pub(crate) mod pacing;
 pub(crate) mod sync_states;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+
+use hearth_crdt::DocId;
 
 /// This home's devices on the network: who is admitted, and what is known of each.
 #[derive(Default)]
@@ -16,6 +18,10 @@ pub(crate) struct PeerState {
     pub(crate) admitted: HashMap<String, hearth_net::PeerId>,
     /// Digest sessions in progress, by peer.
     pub(crate) reconcilers: HashMap<String, hearth_crdt::digest::Reconciler>,
+    /// Documents whose heads moved here while a digest session with the peer ran: the
+    /// exchange may have compared them before they moved, so they never count as in sync
+    /// when it ends (see `admission::attach_after_digest`).
+    pub(crate) moved_while_reconciling: HashMap<String, HashSet<DocId>>,
     /// Until when each admitted device counts as live (ms since the epoch), from its
     /// heartbeats; see `heartbeat`.
     pub(crate) alive_until: HashMap<String, u64>,
@@ -33,9 +39,33 @@ impl PeerState {
     pub(crate) fn forget(&mut self, peer: &str) -> bool {
         self.pacing.forget_peer(peer);
         self.reconcilers.remove(peer);
+        self.moved_while_reconciling.remove(peer);
         self.last_heard.remove(peer);
         self.alive_until.remove(peer);
         self.admitted.remove(peer).is_some()
+    }
+
+    /// A digest session with `peer` begins: nothing has moved during it yet.
+    pub(crate) fn reconciling(&mut self, peer: &str, reconciler: hearth_crdt::digest::Reconciler) {
+        self.reconcilers.insert(peer.to_string(), reconciler);
+        self.moved_while_reconciling
+            .insert(peer.to_string(), HashSet::new());
+    }
+
+    /// `doc`'s heads moved here: every digest session in progress must sync it.
+    pub(crate) fn heads_moved(&mut self, doc: DocId) {
+        for peer in self.reconcilers.keys() {
+            if let Some(moved) = self.moved_while_reconciling.get_mut(peer) {
+                moved.insert(doc);
+            }
+        }
+    }
+
+    /// The documents that moved during the digest session with `peer` that just ended.
+    pub(crate) fn take_moved(&mut self, peer: &str) -> HashSet<DocId> {
+        self.moved_while_reconciling
+            .remove(peer)
+            .unwrap_or_default()
     }
 
     /// A frame came from `peer` at `now`.
@@ -91,6 +121,26 @@ mod tests {
         state.alive_for("a", u64::MAX, 0);
         assert!(state.is_alive("a", heartbeat::MAX_TTL_MS - 1));
         assert!(!state.is_alive("a", heartbeat::MAX_TTL_MS));
+    }
+
+    #[test]
+    fn documents_that_move_during_a_digest_session_are_kept_for_its_end() {
+        let mut state = admitted("a");
+        let (x, y) = (DocId::from_bytes([1; 16]), DocId::from_bytes([2; 16]));
+        state.heads_moved(x);
+        state.reconciling("a", hearth_crdt::digest::Reconciler::new());
+        state.heads_moved(y);
+        assert_eq!(
+            state.take_moved("a"),
+            HashSet::from([y]),
+            "only what moved during the session"
+        );
+        assert!(state.take_moved("a").is_empty(), "taken once");
+        // A new session starts clean; forgetting the peer drops what it gathered.
+        state.reconciling("a", hearth_crdt::digest::Reconciler::new());
+        state.heads_moved(x);
+        state.forget("a");
+        assert!(state.moved_while_reconciling.is_empty());
     }
 
     #[test]

@@ -202,7 +202,9 @@ class Api:
 class Node:
     """One hearth node in a namespace, with a data dir that outlives its processes."""
 
-    def __init__(self, bin_path, ns, data, name, log_level="info"):
+    def __init__(self, bin_path, ns, data, name, log_level=None):
+        # RELIABILITY_LOG sets every node's RUST_LOG where a scenario does not.
+        log_level = log_level or os.environ.get("RELIABILITY_LOG", "info")
         self.bin = bin_path
         self.ns = ns
         self.data = data
@@ -248,7 +250,7 @@ class Node:
                     return st
             except (OSError, http.client.HTTPException, FileNotFoundError):
                 pass
-            time.sleep(0.05)
+            time.sleep(0.02)
         raise Failure(f"{self.name} did not answer within {timeout}s; see {self.log}")
 
     def call(self, method, path, body=None, raw=False):

@@ -7,6 +7,7 @@ Environment:
   SCENARIOS=a,b        run only these (crash, rotation, partition, slow, flood, soak)
   SOAK_SECONDS=N       the soak's length (default 300, or 3600 in the full form)
   SEED=N               the random seed (default 1); printed so a run can be repeated
+  RELIABILITY_LOG=F    the nodes' RUST_LOG filter (default info)
   RELIABILITY_ALLOW=a  known defects (by name, comma-separated) reported in the table
                        without failing the run: seq-reuse
 """
