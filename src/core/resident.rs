@@ -38,6 +38,8 @@ const BYTES_PER_STORED: usize = 4;
 const TRIM_SCAN: usize = 512;
 /// Documents loaded at once while a listing fills its views.
 const VIEW_PAGE: usize = 256;
+/// Documents read and decoded at once by [`Core::ensure_loaded_many`].
+const LOAD_PARALLEL: usize = 4;
 
 /// The LRU of loaded entity documents.
 pub(crate) struct Resident {
@@ -322,38 +324,15 @@ impl Core {
     /// Reads one document's chunks, or `None` (logged, and the document quarantined)
     /// when one fails its integrity check.
     async fn read_doc(&mut self, doc: DocId) -> Option<StoredDoc> {
-        let mut chunks = Vec::new();
-        let mut next = 0u64;
-        let mut after: Option<Vec<u8>> = None;
-        loop {
-            let mut scan = Scan::prefix(DocChunk::prefix(doc.as_bytes())).limit(LOAD_PAGE);
-            if let Some(key) = after.clone() {
-                scan = scan.after(key);
-            }
-            let page = match self.store.scan(Keyspace::DocChunks, scan).await {
-                Ok(page) => page,
-                Err(error) => {
-                    self.quarantine_now(doc, format!("its records do not read: {error}"), next);
-                    return None;
-                }
-            };
-            let full = page.len() == LOAD_PAGE;
-            for (key, value) in page {
-                if let Some((_, DocChunk::Incremental(seq))) = DocChunk::parse(&key) {
-                    next = next.max(seq.saturating_add(1));
-                }
-                after = Some(key);
-                chunks.push(value);
-            }
-            if !full {
-                break;
+        match read_chunks(&self.store, doc).await {
+            Ok((chunks, next)) => Some((doc, chunks, next)),
+            Err((error, next)) => {
+                self.quarantine_now(doc, format!("its records do not read: {error}"), next);
+                None
             }
         }
-        Some((doc, chunks, next))
     }
 
-    /// Loads `doc` if it is held but not loaded, and marks it used. A document that does
-    /// not load is quarantined (and tracked empty, so sync can refill it).
     pub(crate) async fn ensure_loaded(&mut self, doc: DocId) {
         if self.engine.is_loaded(doc) {
             if self.resident.used.contains_key(&doc) {
@@ -372,10 +351,82 @@ impl Core {
         let prepared = tokio::task::spawn_blocking(move || {
             Engine::<String>::prepare_load(&actor, doc, chunks)
         })
-        .await;
+        .await
+        .map_err(|e| e.to_string());
+        self.finish_loading(doc, prepared, next, stored);
+    }
+
+    /// Loads every document of `docs` that is not loaded, reading and decoding up to
+    /// [`LOAD_PARALLEL`] at once off the core: a catch-up after a restart, or a listing,
+    /// needs many at once, and one after another they held the core (and every frame
+    /// behind it) for the sum of their loads.
+    pub(crate) async fn ensure_loaded_many(&mut self, docs: &[DocId]) {
+        let mut wanted = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for doc in docs {
+            if !seen.insert(*doc) {
+                continue;
+            }
+            if self.engine.is_loaded(*doc) || !self.engine.is_unloaded(*doc) {
+                self.ensure_loaded(*doc).await;
+            } else {
+                wanted.push(*doc);
+            }
+        }
+        if wanted.len() <= 1 {
+            for doc in wanted {
+                self.ensure_loaded(doc).await;
+            }
+            return;
+        }
+        use futures::StreamExt;
+        let store = self.store.clone();
+        let actor = self.engine.actor().clone();
+        let loads = futures::stream::iter(wanted)
+            .map(|doc| {
+                let store = store.clone();
+                let actor = actor.clone();
+                async move {
+                    let read = read_chunks(&store, doc).await;
+                    let prepared = match read {
+                        Ok((chunks, next)) => {
+                            let stored: usize = chunks.iter().map(Vec::len).sum();
+                            let prepared = tokio::task::spawn_blocking(move || {
+                                Engine::<String>::prepare_load(&actor, doc, chunks)
+                            })
+                            .await
+                            .map_err(|e| e.to_string());
+                            Ok((prepared, next, stored))
+                        }
+                        Err(failed) => Err(failed),
+                    };
+                    (doc, prepared)
+                }
+            })
+            .buffered(LOAD_PARALLEL)
+            .collect::<Vec<_>>()
+            .await;
+        for (doc, load) in loads {
+            match load {
+                Ok((prepared, next, stored)) => self.finish_loading(doc, prepared, next, stored),
+                Err((error, next)) => {
+                    self.quarantine_now(doc, format!("its records do not read: {error}"), next)
+                }
+            }
+        }
+    }
+
+    /// Installs a document read and decoded off the core, or quarantines it.
+    fn finish_loading(
+        &mut self,
+        doc: DocId,
+        prepared: Result<hearth_crdt::PreparedLoad, String>,
+        next: u64,
+        stored: usize,
+    ) {
         let result = match prepared {
             Ok(prepared) => self.engine.finish_load(prepared).map_err(|e| e.to_string()),
-            Err(error) => Err(error.to_string()),
+            Err(error) => Err(error),
         };
         match result {
             Ok(()) => {
@@ -402,9 +453,7 @@ impl Core {
             .documents()
             .filter(|d| self.engine.is_unloaded(*d))
             .collect();
-        for doc in docs {
-            self.ensure_loaded(doc).await;
-        }
+        self.ensure_loaded_many(&docs).await;
     }
 
     /// Fills the view cache of every readable entity whose view is not current, loading
@@ -427,8 +476,9 @@ impl Core {
         }
         let mut failed = Vec::new();
         for page in stale.chunks(VIEW_PAGE) {
+            let docs: Vec<DocId> = page.iter().map(|(doc, _)| *doc).collect();
+            self.ensure_loaded_many(&docs).await;
             for (doc, _) in page {
-                self.ensure_loaded(*doc).await;
                 // The loaded document's heads: a meta record can lag its chunks.
                 let heads = self.engine.heads(*doc).unwrap_or_default();
                 match self.entity_view(*doc) {
@@ -634,6 +684,38 @@ pub(crate) fn seed_for_fuzzing() -> Vec<u8> {
         prev: Some(DocId::from_bytes([1; 16]).to_string()),
     };
     crate::records::to_json("document meta", &meta).expect("a meta record encodes")
+}
+
+/// One document's chunks, in order, and the sequence number its next chunk takes; on a
+/// failed read, the error and how far the chunks read so far went.
+async fn read_chunks(
+    store: &hearth_storage::StoreHandle,
+    doc: DocId,
+) -> Result<(Vec<Vec<u8>>, u64), (hearth_storage::Error, u64)> {
+    let mut chunks = Vec::new();
+    let mut next = 0u64;
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let mut scan = Scan::prefix(DocChunk::prefix(doc.as_bytes())).limit(LOAD_PAGE);
+        if let Some(key) = after.clone() {
+            scan = scan.after(key);
+        }
+        let page = store
+            .scan(Keyspace::DocChunks, scan)
+            .await
+            .map_err(|error| (error, next))?;
+        let full = page.len() == LOAD_PAGE;
+        for (key, value) in page {
+            if let Some((_, DocChunk::Incremental(seq))) = DocChunk::parse(&key) {
+                next = next.max(seq.saturating_add(1));
+            }
+            after = Some(key);
+            chunks.push(value);
+        }
+        if !full {
+            return Ok((chunks, next));
+        }
+    }
 }
 
 #[cfg(test)]

@@ -102,6 +102,8 @@ impl Core {
             |peer| admitted.contains_key(peer) || foreign.contains_key(peer),
             |peer, doc| engine.is_in_sync(&peer.to_string(), doc),
         );
+        let docs: Vec<DocId> = open.iter().map(|(_, doc, _)| *doc).collect();
+        self.ensure_loaded_many(&docs).await;
         for (peer, doc, epoch) in open {
             self.attach(&peer, doc, epoch).await;
         }
