@@ -171,6 +171,11 @@ async fn hold_open(mut muxer: Muxer, hold: Duration) -> bool {
         .await
     };
     let closed_first = tokio::time::timeout(hold, closed).await.is_ok();
-    let _ = poll_fn(|cx| muxer.poll_close_unpin(cx)).await;
+    // A node that stopped reading must not keep this dial, and the counts, from finishing.
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        poll_fn(|cx| muxer.poll_close_unpin(cx)),
+    )
+    .await;
     closed_first
 }

@@ -255,6 +255,14 @@ impl Core {
             .collect()
     }
 
+    /// Takes a document out of the digest tree; a digest session in progress syncs it
+    /// rather than trusting a comparison made before.
+    pub(crate) fn forget_digest(&mut self, doc: DocId) {
+        if self.digest.remove(&doc).is_some() {
+            self.peers.heads_moved(doc);
+        }
+    }
+
     /// Records a document's current heads in the digest tree.
     pub(crate) fn refresh_digest(&mut self, doc: DocId) {
         // Another home's entity is never reconciled with this home's devices.

@@ -505,7 +505,7 @@ impl Core {
         self.chunk_seq.insert(doc, (next, 0));
         let epoch = self.engine.header(doc).ok().map(|h| h.key_epoch);
         self.engine.remove_document(doc);
-        self.digest.remove(&doc);
+        self.forget_digest(doc);
         if let Some(epoch) = epoch {
             self.ensure_expected(doc, epoch);
         }

@@ -499,7 +499,7 @@ impl Core {
         self.entities.generations.local_writes.remove(&doc);
         self.entities.generations.delete_due.remove(&doc);
         self.entities.views.remove(&doc);
-        self.digest.remove(&doc);
+        self.forget_digest(doc);
         self.chunk_seq.remove(&doc);
         let mut batch = self.drop_sync_states_of_doc(doc);
         for key in chunks {

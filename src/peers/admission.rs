@@ -198,7 +198,7 @@ impl Core {
             Ok(m) => m,
             Err(error) => {
                 tracing::warn!(%peer, %error, "malformed digest message; syncing every document");
-                self.peers.reconcilers.remove(peer);
+                self.peers.end_reconciling(peer);
                 self.attach_all(peer).await;
                 return;
             }
@@ -216,15 +216,17 @@ impl Core {
                     self.queue_digest(peer, m);
                 }
                 if let Some(differences) = progress.finished {
-                    self.peers.reconcilers.remove(peer);
+                    // What moved meanwhile is taken before the session's state goes.
+                    let moved = self.peers.take_moved(peer);
+                    self.peers.end_reconciling(peer);
                     self.counters.reconciliations += 1;
-                    self.attach_after_digest(peer, &differences).await;
+                    self.attach_after_digest(peer, &differences, &moved).await;
                 }
                 self.send_pending().await;
             }
             Err(error) => {
                 tracing::warn!(%peer, %error, "digest exchange failed; syncing every document");
-                self.peers.reconcilers.remove(peer);
+                self.peers.end_reconciling(peer);
                 self.attach_all(peer).await;
             }
         }
@@ -232,20 +234,24 @@ impl Core {
 
     /// Attaches every document this device holds a key for: those the digest found
     /// different get a sync exchange, the rest start in sync without a message.
-    pub(crate) async fn attach_after_digest(&mut self, peer: &str, differences: &Differences) {
+    pub(crate) async fn attach_after_digest(
+        &mut self,
+        peer: &str,
+        differences: &Differences,
+        moved: &std::collections::HashSet<DocId>,
+    ) {
         tracing::debug!(
             %peer,
             changed = differences.changed.len(),
             local_only = differences.local_only.len(),
             remote_only = differences.remote_only.len(),
-            moved = self.peers.moved_while_reconciling.get(peer).map_or(0, |m| m.len()),
+            moved = moved.len(),
             "digest exchange finished"
         );
         // A document whose heads moved here during the exchange may have been compared
         // before it moved: attached in sync, its new changes would never reach the peer
         // (they were not pushed: there was no session yet), and every later push would
         // wait there for them.
-        let moved = self.peers.take_moved(peer);
         let ids = self.home_key_ids();
         for (doc, epoch) in ids {
             let differs = differences.changed.contains(&doc)

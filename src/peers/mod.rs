@@ -38,8 +38,7 @@ impl PeerState {
     /// Answers whether it was admitted.
     pub(crate) fn forget(&mut self, peer: &str) -> bool {
         self.pacing.forget_peer(peer);
-        self.reconcilers.remove(peer);
-        self.moved_while_reconciling.remove(peer);
+        self.end_reconciling(peer);
         self.last_heard.remove(peer);
         self.alive_until.remove(peer);
         self.admitted.remove(peer).is_some()
@@ -50,6 +49,12 @@ impl PeerState {
         self.reconcilers.insert(peer.to_string(), reconciler);
         self.moved_while_reconciling
             .insert(peer.to_string(), HashSet::new());
+    }
+
+    /// The digest session with `peer` ended, finished or failed.
+    pub(crate) fn end_reconciling(&mut self, peer: &str) {
+        self.reconcilers.remove(peer);
+        self.moved_while_reconciling.remove(peer);
     }
 
     /// `doc`'s heads moved here: every digest session in progress must sync it.

@@ -42,6 +42,9 @@ class Background:
         self.thread = threading.Thread(target=run, daemon=True)
         self.thread.start()
 
+    def done(self):
+        return not self.thread.is_alive()
+
     def result(self):
         self.thread.join()
         if "error" in self.box:
@@ -168,9 +171,22 @@ def run(ctx, table):
             # have handed anything back: read at once, beside the first poll of the peers, so
             # the check does not delay the timing below.
             own = Background(victim.entities)
+            own_checked = False
+
+            def check_own():
+                lost = missing(own.result(), acked)
+                if lost:
+                    raise Failure(f"crash round {k}: the restarted node lost acknowledged writes: "
+                                  f"{lost[:5]}")
+
             pending = list(peers)
             dup_before = sum(dup_seq_lines(p) for p in peers)
             while pending:
+                # A loss on the restarted node itself is reported as such, as soon as its
+                # listing is in, not as a peer that never completes.
+                if not own_checked and own.done():
+                    check_own()
+                    own_checked = True
                 views = concurrently([p.entities for p in pending])
                 pending = [p for p, view in zip(pending, views)
                            if missing(view, acked, skip=diverged)]
@@ -189,14 +205,13 @@ def run(ctx, table):
                         f"{len(gone)} entities (duplicate sequence number)")
                     break
                 if waited > COMPLETE_LIMIT:
+                    check_own()
                     raise Failure(f"crash round {k}: {pending[0].name} lacks acknowledged writes "
                                   f"{COMPLETE_LIMIT}s after the restart: "
                                   f"{missing(pending[0].entities(), acked, skip=diverged)[:5]}")
                 time.sleep(0.02)
             done = time.monotonic()
-            lost = missing(own.result(), acked)
-            if lost:
-                raise Failure(f"crash round {k}: the restarted node lost acknowledged writes: {lost[:5]}")
+            check_own()
             if diverged_rounds and diverged_rounds[-1] == k:
                 continue
             from_launch.append(done - t0)

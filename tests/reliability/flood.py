@@ -11,15 +11,18 @@ shows the write (polling included), giving the admitted peer's sync latency agai
 baseline. Checked: device 1's table of peers mDNS reported stays at or under hearth-net's cap
 (MAX_DISCOVERED_PEERS, 256), the strangers connected to it at once stay at or under the
 unknown-peer cap (64), its RSS grows by less than RSS_LIMIT_MIB, device 2 stays connected and
-keeps receiving, and the node logs no ERROR line. The latency ratio is reported (the issue's 2x
-bound is report-only here: the flood, both nodes and the rest of the suite share two cores).
+keeps receiving, and the node logs no ERROR line. The admitted peer's p99 must stay within 2x
+its baseline in the full form; the short form reports the ratio only (there the flood, both
+nodes and the rest of the suite share two cores).
 """
 
 import json
 import os
+import signal
+import subprocess
 import time
 
-from harness import PEER_PORT, Failure, Lan, Node, log, make_home, percentile, sh, spawn
+from harness import PEER_PORT, Failure, Lan, Node, log, make_home, percentile, sh, spawn, stop
 
 ANSWERS_PER_MIN = 10_000
 DIALS_PER_MIN = 10_000
@@ -79,7 +82,11 @@ def run(ctx, table):
     flooder = spawn(["/usr/bin/python3", os.path.join(os.path.dirname(__file__), "flooder.py"),
                      lan.ip(0), PEER_PORT, seconds, ANSWERS_PER_MIN, BARE_PER_MIN, ctx.seed],
                     lan.names[2], out)
-    dialer = spawn([os.environ["DIAL_FLOOD_BIN"], lan.ip(0), PEER_PORT, seconds, DIALS_PER_MIN,
+    dial_flood = os.environ.get("DIAL_FLOOD_BIN")
+    if not dial_flood:
+        raise Failure("flood: DIAL_FLOOD_BIN names no dialer (run.sh builds hearth-net's "
+                      "dial_flood example and sets it)")
+    dialer = spawn([dial_flood, lan.ip(0), PEER_PORT, seconds, DIALS_PER_MIN,
                     HOLD_MS, *sources], lan.names[2], dial_out)
     during, discovered_max, strangers_max, rss_max, k = [], 0, 0, rss0, 1000
     t0 = time.monotonic()
@@ -98,8 +105,11 @@ def run(ctx, table):
         if not any(p.get("admitted") and p.get("connected") and p["peer_id"] == b.peer_id
                    for p in body["peers"]):
             log("flood: device 2 is not connected to device 1 at this sample")
-    flooder.wait(30)
-    dialer.wait(30)
+    for p in (flooder, dialer):
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            stop(p, signal.SIGKILL)
 
     def last_json(path):
         with open(path) as f:
@@ -144,10 +154,13 @@ def run(ctx, table):
     if refused:
         table.add("flood", "device 1's error counters and connected peers after the flood", "report",
                   ", ".join(f"{k}={v}" for k, v in sorted(refused.items()))[:300])
-    if ctx.full and not latency_ok:
-        raise Failure(f"flood: the admitted peer's p99 went from {p99b * 1000:.0f} ms to "
-                      f"{p99d * 1000:.0f} ms")
+    reasons = []
     if not ok:
-        raise Failure(f"flood: discovered {discovered_max}, strangers {strangers_max}, RSS "
-                      f"+{rss_growth:.0f} MiB, {len(errors)} ERROR lines, "
-                      f"{dials.get('authenticated', 0)} dials through the handshakes")
+        reasons.append(f"discovered {discovered_max}, strangers {strangers_max}, RSS "
+                       f"+{rss_growth:.0f} MiB, {len(errors)} ERROR lines, "
+                       f"{dials.get('authenticated', 0)} dials through the handshakes")
+    if ctx.full and not latency_ok:
+        reasons.append(f"the admitted peer's p99 went from {p99b * 1000:.0f} ms to "
+                       f"{p99d * 1000:.0f} ms")
+    if reasons:
+        raise Failure("flood: " + "; ".join(reasons))

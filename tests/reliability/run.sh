@@ -18,18 +18,26 @@ bin=${HEARTH_BIN:-${CARGO_TARGET_DIR:-$repo/target}/debug/hearth}
 die() { printf 'reliability: FAIL: %s\n' "$*" >&2; exit 1; }
 
 [ "$(id -u)" -eq 0 ] || die "must run as root (it creates network namespaces)"
-for tool in ip iptables /usr/bin/python3; do
+for tool in ip iptables jq /usr/bin/python3; do
     command -v "$tool" >/dev/null || die "needs '$tool' on PATH"
 done
 if [ ! -x "$bin" ]; then
     (cd "$repo" && cargo build --bin hearth) || die "cargo build failed"
 fi
-# The flood scenario's dialer, which completes libp2p's handshakes as fresh peers.
-if [ -z "${DIAL_FLOOD_BIN:-}" ]; then
-    (cd "$repo" && cargo build -q -p hearth-net --example dial_flood) || die "cargo build of dial_flood failed"
-    DIAL_FLOOD_BIN=${CARGO_TARGET_DIR:-$repo/target}/debug/examples/dial_flood
-fi
-export DIAL_FLOOD_BIN
+# The flood scenario's dialer, which completes libp2p's handshakes as fresh peers. Built
+# with the workspace's features (as `cargo test --workspace` resolves them), so nothing
+# already built is compiled again.
+case ",${SCENARIOS:-flood}," in
+*,flood,*)
+    if [ -z "${DIAL_FLOOD_BIN:-}" ]; then
+        DIAL_FLOOD_BIN=$(cd "$repo" && cargo build -q --workspace --example dial_flood \
+            --message-format=json | jq -r 'select(.executable != null) | .executable' | tail -1)
+        [ -x "$DIAL_FLOOD_BIN" ] || die "cargo build of the dial_flood example failed"
+    fi
+    DIAL_FLOOD_BIN=$(readlink -f "$DIAL_FLOOD_BIN")
+    export DIAL_FLOOD_BIN
+    ;;
+esac
 work=$(mktemp -d "${TMPDIR:-/tmp}/hearth-reliability.XXXXXX")
 cleanup() {
     local status=$?

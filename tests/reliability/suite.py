@@ -8,6 +8,7 @@ Environment:
   SOAK_SECONDS=N       the soak's length (default 300, or 3600 in the full form)
   SEED=N               the random seed (default 1); printed so a run can be repeated
   RELIABILITY_LOG=F    the nodes' RUST_LOG filter (default info)
+  DIAL_FLOOD_BIN=PATH  the flood's dialer, hearth-net's dial_flood example (run.sh builds it)
   RELIABILITY_ALLOW=a  known defects (by name, comma-separated) reported in the table
                        without failing the run: seq-reuse
 """
