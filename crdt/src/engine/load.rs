@@ -70,7 +70,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
     /// be.
     pub fn finish_load(&mut self, prepared: PreparedLoad) -> Result<()> {
         let PreparedLoad { id, chunks, result } = prepared;
-        let (doc, header, actors, versions) = result.inspect_err(|e| {
+        let (mut doc, header, actors, versions) = result.inspect_err(|e| {
             if matches!(e, Error::Load { reason, .. } if reason.contains("panicked")) {
                 self.stats.panics_caught += 1;
             }
@@ -82,6 +82,19 @@ impl<P: Clone + Ord + Debug> Engine<P> {
             .unwrap_or_default();
         // A document that was evicted wakes the sessions it had.
         sessions.extend(self.wake_sessions(id));
+        // A session attached in sync while the document was unloaded took its heads from
+        // the stored index, which can lag the chunks after a crash. If the document holds
+        // more than that, the peer may lack it: one exchange finds out, where push mode
+        // would leave every later push waiting at the peer for what came between.
+        let heads = doc.get_heads();
+        let mut confirm = false;
+        for session in sessions.values_mut() {
+            if session.in_sync && session.state.shared_heads != heads {
+                session.in_sync = false;
+                session.confirm_at = Some(0);
+                confirm = true;
+            }
+        }
         self.docs.insert(
             id,
             DocState {
@@ -95,6 +108,9 @@ impl<P: Clone + Ord + Debug> Engine<P> {
                 versions,
             },
         );
+        if confirm {
+            self.reschedule(id);
+        }
         Ok(())
     }
 }

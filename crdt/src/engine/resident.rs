@@ -231,6 +231,50 @@ mod tests {
         assert_eq!(net.nodes[1].entity(DOC).unwrap().state, "on");
     }
 
+    /// After a crash the stored index can name heads older than the chunks hold. A
+    /// session attached in sync at the index's heads must not stay in push mode once the
+    /// document loads with more: the peer never got what came between.
+    #[test]
+    fn a_document_that_loads_ahead_of_its_index_confirms_its_in_sync_sessions() {
+        let mut net = Net::new(2, 8, EngineConfig::default());
+        net.share_entity(DOC);
+        net.run_until_quiet(10_000);
+        let indexed = net.nodes[0].heads(DOC).unwrap();
+        let header = net.nodes[0].header(DOC).unwrap().clone();
+        net.nodes[0].detach(&1, DOC);
+        net.nodes[1].detach(&0, DOC);
+        for state in ["on", "dim"] {
+            let update = EntityUpdate {
+                state: state.into(),
+                attributes: None,
+            };
+            let out = net.nodes[0]
+                .update_entity(DOC, &update, net.now_ms, None)
+                .unwrap();
+            net.absorb(0, out);
+        }
+        assert_eq!(net.pending(), 0, "no session: nothing pushed");
+        let stored = snapshot(&mut net, 0);
+        // Node 0 comes back with an index that lags its chunks.
+        assert!(net.nodes[0].remove_document(DOC));
+        net.nodes[0]
+            .insert_unloaded(DOC, header, indexed.clone())
+            .unwrap();
+        net.nodes[0].attach_in_sync(1, DOC, None).unwrap();
+        net.nodes[1].attach_in_sync(0, DOC, None).unwrap();
+        let actor = net.nodes[0].actor().clone();
+        let prepared = crate::Engine::<usize>::prepare_load(&actor, DOC, vec![stored]);
+        net.nodes[0].finish_load(prepared).unwrap();
+        assert_ne!(net.nodes[0].heads(DOC).unwrap(), indexed);
+        assert!(
+            !net.nodes[0].is_in_sync(&1, DOC),
+            "ahead of what the session was attached at"
+        );
+        net.run_until_quiet(10_000);
+        net.assert_converged(DOC);
+        assert_eq!(net.nodes[1].entity(DOC).unwrap().state, "dim");
+    }
+
     /// A session attached in sync to an unloaded document waits with it, and detaching
     /// returns its state.
     #[test]
