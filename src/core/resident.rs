@@ -343,9 +343,11 @@ impl Core {
         if !self.engine.is_unloaded(doc) {
             return;
         }
+        let begun = std::time::Instant::now();
         let Some((_, chunks, next)) = self.read_doc(doc).await else {
             return;
         };
+        let records = chunks.len();
         let stored: usize = chunks.iter().map(Vec::len).sum();
         let actor = self.engine.actor().clone();
         let prepared = tokio::task::spawn_blocking(move || {
@@ -354,6 +356,13 @@ impl Core {
         .await
         .map_err(|e| e.to_string());
         self.finish_loading(doc, prepared, next, stored);
+        tracing::debug!(
+            %doc,
+            records,
+            stored,
+            ms = begun.elapsed().as_millis() as u64,
+            "loaded a document"
+        );
     }
 
     /// Loads every document of `docs` that is not loaded, reading and decoding up to
@@ -380,6 +389,8 @@ impl Core {
             return;
         }
         use futures::StreamExt;
+        let begun = std::time::Instant::now();
+        let count = wanted.len();
         let store = self.store.clone();
         let actor = self.engine.actor().clone();
         let loads = futures::stream::iter(wanted)
@@ -406,6 +417,7 @@ impl Core {
             .buffered(LOAD_PARALLEL)
             .collect::<Vec<_>>()
             .await;
+        let read_and_decoded = begun.elapsed();
         for (doc, load) in loads {
             match load {
                 Ok((prepared, next, stored)) => self.finish_loading(doc, prepared, next, stored),
@@ -414,6 +426,12 @@ impl Core {
                 }
             }
         }
+        tracing::debug!(
+            count,
+            read_ms = read_and_decoded.as_millis() as u64,
+            ms = begun.elapsed().as_millis() as u64,
+            "loaded documents"
+        );
     }
 
     /// Installs a document read and decoded off the core, or quarantines it.
