@@ -6,6 +6,7 @@ Environment:
   RELIABILITY=full     the long form (1000 kills, many partitions, an hour's soak)
   SCENARIOS=a,b        run only these (crash, rotation, partition, slow, flood, soak)
   SOAK_SECONDS=N       the soak's length (default 300, or 3600 in the full form)
+  CRASH_KILLS=N        the crash scenario's kills (default 20, or 1000 in the full form)
   SEED=N               the random seed (default 1); printed so a run can be repeated
   RELIABILITY_LOG=F    the nodes' RUST_LOG filter (default info)
   DIAL_FLOOD_BIN=PATH  the flood's dialer, hearth-net's dial_flood example (run.sh builds it)
