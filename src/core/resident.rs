@@ -333,6 +333,8 @@ impl Core {
         }
     }
 
+    /// Loads `doc` if it is held but not loaded, and marks it used. A document that does
+    /// not load is quarantined (and tracked empty, so sync can refill it).
     pub(crate) async fn ensure_loaded(&mut self, doc: DocId) {
         if self.engine.is_loaded(doc) {
             if self.resident.used.contains_key(&doc) {
@@ -344,25 +346,9 @@ impl Core {
             return;
         }
         let begun = std::time::Instant::now();
-        let Some((_, chunks, next)) = self.read_doc(doc).await else {
-            return;
-        };
-        let records = chunks.len();
-        let stored: usize = chunks.iter().map(Vec::len).sum();
-        let actor = self.engine.actor().clone();
-        let prepared = tokio::task::spawn_blocking(move || {
-            Engine::<String>::prepare_load(&actor, doc, chunks)
-        })
-        .await
-        .map_err(|e| e.to_string());
-        self.finish_loading(doc, prepared, next, stored);
-        tracing::debug!(
-            %doc,
-            records,
-            stored,
-            ms = begun.elapsed().as_millis() as u64,
-            "loaded a document"
-        );
+        let load = read_and_decode(self.store.clone(), self.engine.actor().clone(), doc).await;
+        self.install(doc, load);
+        tracing::debug!(%doc, ms = begun.elapsed().as_millis() as u64, "loaded a document");
     }
 
     /// Loads every document of `docs` that is not loaded, reading and decoding up to
@@ -376,16 +362,14 @@ impl Core {
             if !seen.insert(*doc) {
                 continue;
             }
-            if self.engine.is_loaded(*doc) || !self.engine.is_unloaded(*doc) {
-                self.ensure_loaded(*doc).await;
-            } else {
+            if self.engine.is_unloaded(*doc) {
                 wanted.push(*doc);
+            } else {
+                // Loaded already (marked used), or not held at all.
+                self.ensure_loaded(*doc).await;
             }
         }
-        if wanted.len() <= 1 {
-            for doc in wanted {
-                self.ensure_loaded(doc).await;
-            }
+        if wanted.is_empty() {
             return;
         }
         use futures::StreamExt;
@@ -395,59 +379,33 @@ impl Core {
         let actor = self.engine.actor().clone();
         let loads = futures::stream::iter(wanted)
             .map(|doc| {
-                let store = store.clone();
-                let actor = actor.clone();
-                async move {
-                    let read = read_chunks(&store, doc).await;
-                    let prepared = match read {
-                        Ok((chunks, next)) => {
-                            let stored: usize = chunks.iter().map(Vec::len).sum();
-                            let prepared = tokio::task::spawn_blocking(move || {
-                                Engine::<String>::prepare_load(&actor, doc, chunks)
-                            })
-                            .await
-                            .map_err(|e| e.to_string());
-                            Ok((prepared, next, stored))
-                        }
-                        Err(failed) => Err(failed),
-                    };
-                    (doc, prepared)
-                }
+                let (store, actor) = (store.clone(), actor.clone());
+                async move { (doc, read_and_decode(store, actor, doc).await) }
             })
             .buffered(LOAD_PARALLEL)
             .collect::<Vec<_>>()
             .await;
-        let read_and_decoded = begun.elapsed();
         for (doc, load) in loads {
-            match load {
-                Ok((prepared, next, stored)) => self.finish_loading(doc, prepared, next, stored),
-                Err((error, next)) => {
-                    self.quarantine_now(doc, format!("its records do not read: {error}"), next)
-                }
-            }
+            self.install(doc, load);
         }
         tracing::debug!(
             count,
-            read_ms = read_and_decoded.as_millis() as u64,
             ms = begun.elapsed().as_millis() as u64,
             "loaded documents"
         );
     }
 
     /// Installs a document read and decoded off the core, or quarantines it.
-    fn finish_loading(
-        &mut self,
-        doc: DocId,
-        prepared: Result<hearth_crdt::PreparedLoad, String>,
-        next: u64,
-        stored: usize,
-    ) {
-        let result = match prepared {
-            Ok(prepared) => self.engine.finish_load(prepared).map_err(|e| e.to_string()),
-            Err(error) => Err(error),
+    fn install(&mut self, doc: DocId, load: Load) {
+        let (result, next) = match load {
+            Ok((prepared, next, stored)) => match self.engine.finish_load(prepared) {
+                Ok(()) => (Ok(stored), next),
+                Err(error) => (Err(format!("its stored chunks do not load: {error}")), next),
+            },
+            Err((reason, next)) => (Err(reason), next),
         };
         match result {
-            Ok(()) => {
+            Ok(stored) => {
                 self.chunk_seq.insert(doc, (next, 0));
                 self.resident.loads += 1;
                 self.resident.touch(doc, stored);
@@ -455,11 +413,7 @@ impl Core {
                 // the loaded document says where it really is.
                 self.refresh_digest(doc);
             }
-            Err(reason) => self.quarantine_now(
-                doc,
-                format!("its stored chunks do not load: {reason}"),
-                next,
-            ),
+            Err(reason) => self.quarantine_now(doc, reason, next),
         }
     }
 
@@ -702,6 +656,28 @@ pub(crate) fn seed_for_fuzzing() -> Vec<u8> {
         prev: Some(DocId::from_bytes([1; 16]).to_string()),
     };
     crate::records::to_json("document meta", &meta).expect("a meta record encodes")
+}
+
+/// A document read from the store and rebuilt off the core: the prepared load, the
+/// sequence number its next chunk takes and its stored bytes; or why it could not be,
+/// with how far its chunks went.
+type Load = Result<(hearth_crdt::PreparedLoad, u64, usize), (String, u64)>;
+
+/// Reads `doc`'s chunks and rebuilds it on the blocking pool.
+async fn read_and_decode(
+    store: hearth_storage::StoreHandle,
+    actor: hearth_crdt::ActorId,
+    doc: DocId,
+) -> Load {
+    let (chunks, next) = read_chunks(&store, doc)
+        .await
+        .map_err(|(error, next)| (format!("its records do not read: {error}"), next))?;
+    let stored: usize = chunks.iter().map(Vec::len).sum();
+    let prepared =
+        tokio::task::spawn_blocking(move || Engine::<String>::prepare_load(&actor, doc, chunks))
+            .await
+            .map_err(|error| (format!("its stored chunks do not load: {error}"), next))?;
+    Ok((prepared, next, stored))
 }
 
 /// One document's chunks, in order, and the sequence number its next chunk takes; on a
