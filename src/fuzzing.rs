@@ -580,14 +580,7 @@ mod tests {
                 _ => {}
             }
         }
-        for target in [
-            "invite",
-            "certificate",
-            "pairing",
-            "peer_frame",
-            "store_record",
-            "api_request",
-        ] {
+        for target in TARGETS {
             assert!(
                 seeds.iter().any(|(t, ..)| *t == target),
                 "no seed for {target}"

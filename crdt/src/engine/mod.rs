@@ -840,46 +840,19 @@ impl<P: Clone + Ord + Debug> Engine<P> {
     #[cfg(feature = "test-hooks")]
     #[doc(hidden)]
     pub fn debug_sessions_of(&mut self, id: DocId) -> String {
-        let Some(ds) = self.docs.get_mut(&id) else {
-            return match self.unloaded.get(&id) {
-                Some(u) => format!(
-                    "{id}: unloaded, dormant sessions {:?}",
-                    u.sessions
-                        .iter()
-                        .map(|(p, d)| (p, d.in_sync))
-                        .collect::<Vec<_>>()
-                ),
-                None => format!("{id}: unknown"),
-            };
-        };
-        let heads = ds.doc.get_heads();
-        let short = |h: &[ChangeHash]| {
-            h.iter()
-                .map(|x| x.to_string()[..6].to_string())
-                .collect::<Vec<_>>()
-        };
-        let mut text = format!(
-            "{id}: heads {:?}, parked {}\n",
-            short(&heads),
-            ds.parked.len()
-        );
-        for (peer, s) in &ds.sessions {
-            text.push_str(&format!(
-                "  {peer:?}: in_sync={} awaiting={:?} confirm={:?} kick={:?} scheduled={:?} unanswered={} their={:?} shared={:?} in_flight={} last_sent={:?} sent_hashes={}\n",
-                s.in_sync,
-                s.awaiting_since,
-                s.confirm_at,
-                s.kick_at,
-                s.scheduled,
-                s.unanswered,
-                s.state.their_heads.as_deref().map(short),
-                short(&s.state.shared_heads),
-                s.state.in_flight,
-                short(&s.state.last_sent_heads),
-                s.state.sent_hashes.len(),
-            ));
+        if let Some(ds) = self.docs.get_mut(&id) {
+            return describe_sessions(id, ds);
         }
-        text
+        match self.unloaded.get(&id) {
+            Some(u) => format!(
+                "{id}: unloaded, dormant sessions {:?}",
+                u.sessions
+                    .iter()
+                    .map(|(p, d)| (p, d.in_sync))
+                    .collect::<Vec<_>>()
+            ),
+            None => format!("{id}: unknown"),
+        }
     }
 
     /// Session bookkeeping, for harness diagnostics.
@@ -891,20 +864,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
             self.next_deadline()
         );
         for (id, ds) in self.docs.iter_mut() {
-            let heads = ds.doc.get_heads();
-            for (peer, s) in &ds.sessions {
-                text.push_str(&format!(
-                    "{id} {peer:?}: in_sync={} awaiting={:?} confirm={:?} kick={:?} their={:?} ours={:?} in_flight={} last_sent={:?}\n",
-                    s.in_sync,
-                    s.awaiting_since,
-                    s.confirm_at,
-                    s.kick_at,
-                    s.state.their_heads.as_ref().map(|h| h.iter().map(|x| x.to_string()[..6].to_string()).collect::<Vec<_>>()),
-                    heads.iter().map(|x| x.to_string()[..6].to_string()).collect::<Vec<_>>(),
-                    s.state.in_flight,
-                    s.state.last_sent_heads.iter().map(|x| x.to_string()[..6].to_string()).collect::<Vec<_>>(),
-                ));
-            }
+            text.push_str(&describe_sessions(*id, ds));
         }
         text
     }
@@ -1060,6 +1020,39 @@ fn record_chunk<P>(
             });
         }
     }
+}
+
+/// A document's heads, parked pushes and every session's bookkeeping, one line each.
+#[cfg(any(test, feature = "harness", feature = "test-hooks"))]
+fn describe_sessions<P: std::fmt::Debug>(id: DocId, ds: &mut DocState<P>) -> String {
+    let short = |h: &[ChangeHash]| {
+        h.iter()
+            .map(|x| x.to_string()[..6].to_string())
+            .collect::<Vec<_>>()
+    };
+    let heads = ds.doc.get_heads();
+    let mut text = format!(
+        "{id}: heads {:?}, parked {}\n",
+        short(&heads),
+        ds.parked.len()
+    );
+    for (peer, s) in &ds.sessions {
+        text.push_str(&format!(
+            "  {peer:?}: in_sync={} awaiting={:?} confirm={:?} kick={:?} scheduled={:?} unanswered={} their={:?} shared={:?} in_flight={} last_sent={:?} sent_hashes={}\n",
+            s.in_sync,
+            s.awaiting_since,
+            s.confirm_at,
+            s.kick_at,
+            s.scheduled,
+            s.unanswered,
+            s.state.their_heads.as_deref().map(short),
+            short(&s.state.shared_heads),
+            s.state.in_flight,
+            short(&s.state.last_sent_heads),
+            s.state.sent_hashes.len(),
+        ));
+    }
+    text
 }
 
 fn schedule_confirm<P>(
