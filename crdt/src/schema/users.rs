@@ -16,12 +16,17 @@
 //! stay side by side as Automerge conflicts. The reader keeps them all: the winner is the
 //! one with the highest HLC (last writer wins per top-level key), and the losers are the
 //! concurrent candidates a vector-clock reading surfaces.
+//!
+//! Two devices that first write a user (or one part of a user) at the same moment each
+//! make a map at that key, and Automerge keeps both side by side. Readers merge every map
+//! at the key, and a write of an item deletes it from the maps beside the one it writes,
+//! so no device's write is hidden behind the other's map.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
 
 use automerge::transaction::Transactable;
-use automerge::{ObjType, ROOT, ReadDoc, ScalarValue, Value};
+use automerge::{ObjId, ObjType, ROOT, ReadDoc, ScalarValue, Value};
 
 use super::fields::{check_name, check_text, req_hlc, req_name};
 use super::room::expect_kind;
@@ -190,28 +195,119 @@ fn read_notification<D: ReadDoc>(
     })
 }
 
-/// The keys of map `key` under `e`, at most `cap` of them (the rest are reported).
-fn capped_keys<D: ReadDoc>(
+/// Most maps read at one key. Two devices that first write a user (or one part of a
+/// user) at the same moment each make a map at that key, and Automerge keeps both side by
+/// side; there are at most as many as devices that wrote at once.
+const MAX_CONFLICTING_MAPS: usize = 16;
+
+/// Every map at `key` under `obj`, the winner first and then the maps written
+/// concurrently beside it, at most [`MAX_CONFLICTING_MAPS`]. Values that are not maps
+/// are left out.
+fn maps_at<D: ReadDoc>(doc: &D, obj: &ObjId, key: &str) -> Result<Vec<ObjId>> {
+    let winner = match doc.get(obj, key).map_err(am)? {
+        Some((Value::Object(ObjType::Map), id)) => Some(id),
+        _ => None,
+    };
+    let mut maps: Vec<ObjId> = winner.iter().cloned().collect();
+    for (value, id) in doc.get_all(obj, key).map_err(am)? {
+        if maps.len() >= MAX_CONFLICTING_MAPS {
+            break;
+        }
+        if matches!(value, Value::Object(ObjType::Map)) && Some(&id) != winner.as_ref() {
+            maps.push(id);
+        }
+    }
+    Ok(maps)
+}
+
+/// The maps of part `part` (`state`, `sessions`, ...) under every map of a user, the
+/// winner's winner first, at most [`MAX_CONFLICTING_MAPS`].
+fn part_maps<D: ReadDoc>(doc: &D, user_maps: &[ObjId], part: &str) -> Result<Vec<ObjId>> {
+    let mut out = Vec::new();
+    for e in user_maps {
+        for m in maps_at(doc, e, part)? {
+            if out.len() < MAX_CONFLICTING_MAPS {
+                out.push(m);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The names to read in `maps` (one part of a user): every key of any of them, or those
+/// of `only` that one of them holds, at most `cap` (the rest are reported).
+fn part_names<D: ReadDoc>(
     doc: &D,
-    e: &automerge::ObjId,
-    key: &str,
+    maps: &[ObjId],
     cap: usize,
     path: &str,
     skipped: &mut Vec<String>,
-) -> Result<Option<(automerge::ObjId, Vec<String>)>> {
-    let Some((Value::Object(ObjType::Map), m)) = doc.get(e, key).map_err(am)? else {
-        return Ok(None);
-    };
-    let mut names = keys(doc, &m);
-    if names.len() > cap {
-        skipped.push(format!(
-            "{}: {} entries, over the cap of {cap}; the rest are not read",
-            join(path, key),
-            names.len()
-        ));
-        names.truncate(cap);
+    only: Option<&BTreeSet<String>>,
+) -> Vec<String> {
+    let mut names = BTreeSet::new();
+    match only {
+        Some(only) => {
+            for name in only {
+                if names.len() >= cap {
+                    break;
+                }
+                if maps
+                    .iter()
+                    .any(|m| matches!(doc.get(m, name.as_str()), Ok(Some(_))))
+                {
+                    names.insert(name.clone());
+                }
+            }
+        }
+        None => {
+            let mut over = false;
+            for m in maps {
+                for name in doc.keys(m) {
+                    if names.len() < cap {
+                        names.insert(name);
+                    } else if !names.contains(&name) {
+                        over = true;
+                    }
+                }
+            }
+            if over {
+                skipped.push(format!(
+                    "{path}: over the cap of {cap} entries; the rest are not read"
+                ));
+            }
+        }
     }
-    Ok(Some((m, names)))
+    names.into_iter().collect()
+}
+
+/// The map holding part `part` of `user` for a write, created when absent, and the other
+/// maps of that part written concurrently beside it (under the user's winning map or
+/// beside it). A write of an item puts it in the first and deletes it from the others,
+/// so that the write supersedes every copy it saw.
+fn part_for_write<T: Transactable>(
+    doc: &mut T,
+    user: &str,
+    part: &str,
+) -> Result<(ObjId, Vec<ObjId>)> {
+    let e = user_map(doc, user)?;
+    let target = ensure_map(doc, &e, part)?;
+    let users = ensure_map(doc, &ROOT, USERS_KEY)?;
+    let user_maps = maps_at(doc, &users, user)?;
+    let others = part_maps(doc, &user_maps, part)?
+        .into_iter()
+        .filter(|m| *m != target)
+        .collect();
+    Ok((target, others))
+}
+
+/// Deletes `key` from each of `maps` that holds it.
+fn delete_from<T: Transactable>(doc: &mut T, maps: &[ObjId], key: &str) -> Result<()> {
+    for m in maps {
+        if doc.get(m, key).map_err(am)?.is_some() {
+            doc.delete(m, key).map_err(am)?;
+        }
+    }
+    Ok(())
 }
 
 /// Which parts of a user's entry a read decodes; the others are left empty.
@@ -254,67 +350,43 @@ pub struct Only<'a> {
     pub notifications: Option<&'a BTreeSet<String>>,
 }
 
-/// The names of map `key` under `e` to read: all of them under the cap, or those of
-/// `only` that are there (also under the cap).
-fn item_names<D: ReadDoc>(
-    doc: &D,
-    e: &automerge::ObjId,
-    key: &str,
-    cap: usize,
-    path: &str,
-    skipped: &mut Vec<String>,
-    only: Option<&BTreeSet<String>>,
-) -> Result<Option<(automerge::ObjId, Vec<String>)>> {
-    let Some(only) = only else {
-        return capped_keys(doc, e, key, cap, path, skipped);
-    };
-    let Some((Value::Object(ObjType::Map), m)) = doc.get(e, key).map_err(am)? else {
-        return Ok(None);
-    };
-    let names = only
-        .iter()
-        .filter(|name| matches!(doc.get(&m, name.as_str()), Ok(Some(_))))
-        .take(cap)
-        .cloned()
-        .collect();
-    Ok(Some((m, names)))
-}
-
-/// Reads one user's entry. An item that does not validate (a peer's bad write, or two
-/// devices crossing a cap at once) is left out and reported in `skipped`, so one bad item
-/// never hides the rest of the user, nor the other users.
+/// Reads one user's entry from every map at its key (two devices that first wrote the
+/// user at once made one each), merging them: each state key keeps every value written
+/// concurrently, and a session, notification or subscription held in more than one map
+/// is read from the winning one. An item that does not validate (a peer's bad write, or
+/// two devices crossing a cap at once) is left out and reported in `skipped`, so one bad
+/// item never hides the rest of the user, nor the other users.
 fn read_entry<D: ReadDoc>(
     doc: &D,
-    e: &automerge::ObjId,
+    user_maps: &[ObjId],
     path: &str,
     parts: Parts,
     only: Only<'_>,
 ) -> Result<UserEntry> {
     let mut entry = UserEntry::default();
     let mut skipped = Vec::new();
-    if parts.state
-        && let Some((s, names)) = item_names(
-            doc,
-            e,
-            "state",
-            MAX_STATE_KEYS,
-            path,
-            &mut skipped,
-            only.state,
-        )?
-    {
-        for key in names {
-            let kpath = join(&join(path, "state"), &key);
+    if parts.state {
+        let maps = part_maps(doc, user_maps, "state")?;
+        let spath = join(path, "state");
+        for key in part_names(doc, &maps, MAX_STATE_KEYS, &spath, &mut skipped, only.state) {
+            let kpath = join(&spath, &key);
             let read = check_name(&kpath, &key).and_then(|()| {
-                let mut values = Vec::new();
-                for (v, id) in doc.get_all(&s, key.as_str()).map_err(am)? {
-                    match v {
-                        Value::Object(ObjType::Map) => values.push(read_value(doc, &id, &kpath)?),
-                        other => {
-                            return Err(Error::schema(
-                                &kpath,
-                                format!("must be a map, found {other:?}"),
-                            ));
+                let mut values: Vec<StateValue> = Vec::new();
+                for m in &maps {
+                    for (v, id) in doc.get_all(m, key.as_str()).map_err(am)? {
+                        match v {
+                            Value::Object(ObjType::Map) => {
+                                let value = read_value(doc, &id, &kpath)?;
+                                if !values.contains(&value) {
+                                    values.push(value);
+                                }
+                            }
+                            other => {
+                                return Err(Error::schema(
+                                    &kpath,
+                                    format!("must be a map, found {other:?}"),
+                                ));
+                            }
                         }
                     }
                 }
@@ -338,13 +410,19 @@ fn read_entry<D: ReadDoc>(
             }
         }
     }
-    if parts.sessions
-        && let Some((s, names)) =
-            capped_keys(doc, e, "sessions", MAX_SESSIONS * 2, path, &mut skipped)?
-    {
-        for client in names {
-            let cpath = join(&join(path, "sessions"), &client);
-            match read_session(doc, &s, &client, &cpath) {
+    if parts.sessions {
+        let maps = part_maps(doc, user_maps, "sessions")?;
+        let spath = join(path, "sessions");
+        for client in part_names(doc, &maps, MAX_SESSIONS * 2, &spath, &mut skipped, None) {
+            let cpath = join(&spath, &client);
+            // The first map (the winner) that holds it.
+            let Some(m) = maps
+                .iter()
+                .find(|m| matches!(doc.get(m, client.as_str()), Ok(Some(_))))
+            else {
+                continue;
+            };
+            match read_session(doc, m, &client, &cpath) {
                 Ok(session) => {
                     entry.sessions.insert(client, session);
                 }
@@ -352,20 +430,26 @@ fn read_entry<D: ReadDoc>(
             }
         }
     }
-    if parts.notifications
-        && let Some((s, names)) = item_names(
+    if parts.notifications {
+        let maps = part_maps(doc, user_maps, "notifications")?;
+        let npath = join(path, "notifications");
+        let names = part_names(
             doc,
-            e,
-            "notifications",
+            &maps,
             MAX_NOTIFICATIONS * 2,
-            path,
+            &npath,
             &mut skipped,
             only.notifications,
-        )?
-    {
+        );
         for id in names {
-            let npath = join(&join(path, "notifications"), &id);
-            match read_notification(doc, &s, &id, &npath) {
+            let ipath = join(&npath, &id);
+            let Some(m) = maps
+                .iter()
+                .find(|m| matches!(doc.get(m, id.as_str()), Ok(Some(_))))
+            else {
+                continue;
+            };
+            match read_notification(doc, m, &id, &ipath) {
                 Ok(n) => {
                     entry.notifications.insert(id, n);
                 }
@@ -373,14 +457,26 @@ fn read_entry<D: ReadDoc>(
             }
         }
     }
-    if parts.push
-        && let Some((s, names)) =
-            capped_keys(doc, e, "push", MAX_PUSH_SUBSCRIPTIONS, path, &mut skipped)?
-    {
-        for id in names {
-            let spath = join(&join(path, "push"), &id);
+    if parts.push {
+        let maps = part_maps(doc, user_maps, "push")?;
+        let ppath = join(path, "push");
+        for id in part_names(
+            doc,
+            &maps,
+            MAX_PUSH_SUBSCRIPTIONS,
+            &ppath,
+            &mut skipped,
+            None,
+        ) {
+            let spath = join(&ppath, &id);
+            let Some(m) = maps
+                .iter()
+                .find(|m| matches!(doc.get(m, id.as_str()), Ok(Some(_))))
+            else {
+                continue;
+            };
             let read = check_name(&spath, &id)
-                .and_then(|()| req_str(doc, &s, &id, &spath))
+                .and_then(|()| req_str(doc, m, &id, &spath))
                 .and_then(|text| check_text(&spath, &text, MAX_SUBSCRIPTION_BYTES).map(|()| text));
             match read {
                 Ok(text) => {
@@ -404,14 +500,14 @@ pub fn put_push_subscription<T: Transactable>(
     let spath = join(&join(&join(USERS_KEY, user), "push"), id);
     check_name(&spath, id)?;
     check_text(&spath, subscription, MAX_SUBSCRIPTION_BYTES)?;
-    let e = user_map(doc, user)?;
-    let s = ensure_map(doc, &e, "push")?;
+    let (s, others) = part_for_write(doc, user, "push")?;
     if doc.get(&s, id).map_err(am)?.is_none() && doc.length(&s) >= MAX_PUSH_SUBSCRIPTIONS {
         return Err(Error::schema(
             join(&join(USERS_KEY, user), "push"),
             format!("already holds {MAX_PUSH_SUBSCRIPTIONS} subscriptions"),
         ));
     }
+    delete_from(doc, &others, id)?;
     doc.put(&s, id, subscription).map_err(am)?;
     Ok(())
 }
@@ -422,13 +518,14 @@ pub fn remove_push_subscription<T: Transactable>(
     user: &str,
     id: &str,
 ) -> Result<bool> {
-    let e = user_map(doc, user)?;
-    let s = ensure_map(doc, &e, "push")?;
-    if doc.get(&s, id).map_err(am)?.is_none() {
-        return Ok(false);
+    let (s, mut maps) = part_for_write(doc, user, "push")?;
+    maps.push(s);
+    let mut held = false;
+    for m in &maps {
+        held |= doc.get(m, id).map_err(am)?.is_some();
     }
-    doc.delete(&s, id).map_err(am)?;
-    Ok(true)
+    delete_from(doc, &maps, id)?;
+    Ok(held)
 }
 
 /// The home's VAPID private key (base64url), if written.
@@ -467,29 +564,34 @@ pub fn put_notification<T: Transactable>(
     check_text(&join(&npath, "title"), &n.title, MAX_TITLE_BYTES)?;
     check_text(&join(&npath, "body"), &n.body, MAX_BODY_BYTES)?;
     check_text(&join(&npath, "data"), &n.data, MAX_DATA_BYTES)?;
-    let e = user_map(doc, user)?;
-    let s = ensure_map(doc, &e, "notifications")?;
-    let mut kept: Vec<(automerge::ObjId, String)> = Vec::new();
-    for other in keys(doc, &s) {
-        if let Some((Value::Object(ObjType::Map), o)) = doc.get(&s, other.as_str()).map_err(am)? {
-            let expires = req_u64(doc, &o, "expires", "expires").unwrap_or(0);
-            if expires <= now_ms {
-                doc.delete(&s, other.as_str()).map_err(am)?;
-            } else {
-                kept.push((o, other));
+    let (s, others) = part_for_write(doc, user, "notifications")?;
+    delete_from(doc, &others, id)?;
+    // Expired and oldest notifications go from every map of the part.
+    let mut kept: Vec<(ObjId, ObjId, String)> = Vec::new();
+    for m in std::iter::once(&s).chain(&others) {
+        for other in keys(doc, m) {
+            if let Some((Value::Object(ObjType::Map), o)) =
+                doc.get(m, other.as_str()).map_err(am)?
+            {
+                let expires = req_u64(doc, &o, "expires", "expires").unwrap_or(0);
+                if expires <= now_ms || other == id {
+                    doc.delete(m, other.as_str()).map_err(am)?;
+                } else {
+                    kept.push((m.clone(), o, other));
+                }
             }
         }
     }
     let over = (kept.len() + 1).saturating_sub(MAX_NOTIFICATIONS);
     if over > 0 {
         // The oldest go: their creation times are read only when some must.
-        let mut by_age: Vec<(u64, String)> = kept
+        let mut by_age: Vec<(u64, ObjId, String)> = kept
             .into_iter()
-            .map(|(o, id)| (req_u64(doc, &o, "created", "created").unwrap_or(0), id))
+            .map(|(m, o, id)| (req_u64(doc, &o, "created", "created").unwrap_or(0), m, id))
             .collect();
-        by_age.sort();
-        for (_, old) in by_age.into_iter().take(over) {
-            doc.delete(&s, old.as_str()).map_err(am)?;
+        by_age.sort_by(|a, b| (a.0, &a.2).cmp(&(b.0, &b.2)));
+        for (_, m, old) in by_age.into_iter().take(over) {
+            doc.delete(&m, old.as_str()).map_err(am)?;
         }
     }
     let o = doc.put_object(&s, id, ObjType::Map).map_err(am)?;
@@ -524,8 +626,8 @@ impl Users {
         for user in names {
             let path = join(USERS_KEY, &user);
             let read = check_name(&path, &user)
-                .and_then(|()| req_map(doc, &u, &user, &path))
-                .and_then(|e| read_entry(doc, &e, &path, Parts::ALL, Only::default()));
+                .and_then(|()| user_maps(doc, &u, &user, &path))
+                .and_then(|maps| read_entry(doc, &maps, &path, Parts::ALL, Only::default()));
             match read {
                 Ok(mut entry) => {
                     skipped.append(&mut entry.skipped);
@@ -550,13 +652,23 @@ impl Users {
         only: Only<'_>,
     ) -> Result<Option<UserEntry>> {
         let u = req_map(doc, &ROOT, USERS_KEY, USERS_KEY)?;
-        match doc.get(&u, user).map_err(am)? {
-            Some((Value::Object(ObjType::Map), e)) => {
-                read_entry(doc, &e, &join(USERS_KEY, user), parts, only).map(Some)
-            }
-            _ => Ok(None),
+        let maps = maps_at(doc, &u, user)?;
+        if maps.is_empty() {
+            return Ok(None);
         }
+        read_entry(doc, &maps, &join(USERS_KEY, user), parts, only).map(Some)
     }
+}
+
+/// Every map of `user` under the users map `u`; an error when there is none (a value of
+/// another kind).
+fn user_maps<D: ReadDoc>(doc: &D, u: &ObjId, user: &str, path: &str) -> Result<Vec<ObjId>> {
+    let maps = maps_at(doc, u, user)?;
+    if maps.is_empty() {
+        // Names the value found.
+        req_map(doc, u, user, path)?;
+    }
+    Ok(maps)
 }
 
 /// Checks that the document has its `users` map (the only thing a read needs).
@@ -600,8 +712,7 @@ pub fn write_state<T: Transactable>(
             MAX_STATE_VALUE_BYTES,
         )?;
     }
-    let e = user_map(doc, user)?;
-    let s = ensure_map(doc, &e, "state")?;
+    let (s, others) = part_for_write(doc, user, "state")?;
     let new_keys = entries
         .keys()
         .filter(|k| doc.get(&s, k.as_str()).ok().flatten().is_none())
@@ -613,6 +724,7 @@ pub fn write_state<T: Transactable>(
         ));
     }
     for (key, value) in entries {
+        delete_from(doc, &others, key)?;
         let v = doc.put_object(&s, key.as_str(), ObjType::Map).map_err(am)?;
         doc.put(&v, "value", value.as_str()).map_err(am)?;
         doc.put(&v, "at", at.to_string()).map_err(am)?;
@@ -631,8 +743,8 @@ pub fn open_session<T: Transactable>(
 ) -> Result<()> {
     let path = join(&join(USERS_KEY, user), "sessions");
     check_name(&join(&path, client), client)?;
-    let e = user_map(doc, user)?;
-    let s = ensure_map(doc, &e, "sessions")?;
+    let (s, others) = part_for_write(doc, user, "sessions")?;
+    delete_from(doc, &others, client)?;
     let c = ensure_map(doc, &s, client)?;
     doc.put(&c, "node", node).map_err(am)?;
     doc.put(&c, "opened", ScalarValue::Uint(now_ms))
@@ -650,13 +762,18 @@ pub fn close_session<T: Transactable>(
     now_ms: u64,
     forget_before_ms: u64,
 ) -> Result<()> {
-    let e = user_map(doc, user)?;
-    let s = ensure_map(doc, &e, "sessions")?;
-    if let Some((Value::Object(ObjType::Map), c)) = doc.get(&s, client).map_err(am)? {
-        doc.put(&c, "closed", ScalarValue::Uint(now_ms.max(1)))
-            .map_err(am)?;
+    let (s, mut maps) = part_for_write(doc, user, "sessions")?;
+    maps.insert(0, s);
+    for m in &maps {
+        if let Some((Value::Object(ObjType::Map), c)) = doc.get(m, client).map_err(am)? {
+            doc.put(&c, "closed", ScalarValue::Uint(now_ms.max(1)))
+                .map_err(am)?;
+        }
     }
-    prune_sessions(doc, &s, forget_before_ms)
+    for m in &maps {
+        prune_sessions(doc, m, forget_before_ms)?;
+    }
+    Ok(())
 }
 
 /// Drops, for every user, sessions closed before `forget_before_ms`, and then users left
@@ -666,18 +783,19 @@ pub fn close_session<T: Transactable>(
 pub fn prune_idle_users<T: Transactable>(doc: &mut T, forget_before_ms: u64) -> Result<()> {
     let u = ensure_map(doc, &ROOT, USERS_KEY)?;
     for user in keys(doc, &u) {
-        let Some((Value::Object(ObjType::Map), e)) = doc.get(&u, user.as_str()).map_err(am)? else {
+        let maps = maps_at(doc, &u, user.as_str())?;
+        if maps.is_empty() {
             continue;
-        };
-        if let Some((Value::Object(ObjType::Map), s)) = doc.get(&e, "sessions").map_err(am)? {
+        }
+        for s in part_maps(doc, &maps, "sessions")? {
             prune_sessions(doc, &s, forget_before_ms)?;
         }
         let mut empty = true;
         for part in ["state", "sessions", "notifications", "push"] {
-            if let Some((Value::Object(ObjType::Map), m)) = doc.get(&e, part).map_err(am)?
-                && doc.length(&m) > 0
-            {
-                empty = false;
+            for m in part_maps(doc, &maps, part)? {
+                if doc.length(&m) > 0 {
+                    empty = false;
+                }
             }
         }
         if empty {
@@ -956,6 +1074,89 @@ mod tests {
         assert!(!remove_push_subscription(&mut a, "ann", "s1").unwrap());
         let long = "x".repeat(MAX_SUBSCRIPTION_BYTES + 1);
         assert!(put_push_subscription(&mut a, "ann", "big", &long).is_err());
+    }
+
+    /// Two devices that first write a user at the same moment each make the user's map;
+    /// Automerge keeps one as the winner. Nothing written into the other is lost: the
+    /// reader merges both, and later writes supersede what they saw in either.
+    #[test]
+    fn a_user_first_written_on_two_devices_at_once_keeps_both_devices_writes() {
+        let mut a = AutoCommit::new();
+        init(&mut a).unwrap();
+        let mut b = a.fork();
+        open_session(&mut a, "carl", "c0", "node-a", 100).unwrap();
+        write_state(&mut a, "carl", &one("theme", "\"dark\""), "c0", hlc(10, 1)).unwrap();
+        open_session(&mut b, "carl", "c1", "node-b", 101).unwrap();
+        write_state(&mut b, "carl", &one("lesson", "3"), "c1", hlc(11, 2)).unwrap();
+        write_state(&mut b, "carl", &one("theme", "\"light\""), "c1", hlc(12, 2)).unwrap();
+        let sub = StoredNotification {
+            kind: "system".into(),
+            priority: "normal".into(),
+            title: "t".into(),
+            body: String::new(),
+            data: "{}".into(),
+            created_ms: 1,
+            expires_ms: 10_000,
+        };
+        put_notification(&mut b, "carl", "n1", &sub, 100).unwrap();
+        put_push_subscription(&mut b, "carl", "p1", "{}").unwrap();
+        a.merge(&mut b).unwrap();
+        b.merge(&mut a).unwrap();
+        for doc in [&a, &b] {
+            let u = doc.get(&ROOT, USERS_KEY).unwrap().unwrap().1;
+            assert_eq!(
+                doc.get_all(&u, "carl").unwrap().len(),
+                2,
+                "two maps side by side"
+            );
+            let carl = Users::read_user(doc, "carl", Parts::ALL).unwrap().unwrap();
+            assert!(carl.skipped.is_empty(), "{:?}", carl.skipped);
+            let sessions: Vec<&str> = carl.sessions.keys().map(String::as_str).collect();
+            assert_eq!(sessions, ["c0", "c1"]);
+            assert_eq!(carl.state["lesson"].winner.value, "3");
+            // Written concurrently: the later HLC wins, the other is surfaced.
+            assert_eq!(carl.state["theme"].winner.value, "\"light\"");
+            assert_eq!(carl.state["theme"].concurrent.len(), 1);
+            assert!(carl.notifications.contains_key("n1"));
+            assert!(carl.push.contains_key("p1"));
+            assert_eq!(Users::read(doc).unwrap().users["carl"], carl);
+        }
+        // Later writes, on either device, supersede what they saw in either map.
+        write_state(&mut a, "carl", &one("theme", "\"blue\""), "c0", hlc(20, 1)).unwrap();
+        write_state(&mut b, "carl", &one("lesson", "4"), "c1", hlc(21, 2)).unwrap();
+        close_session(&mut b, "carl", "c0", 300, 0).unwrap();
+        open_session(&mut a, "carl", "c2", "node-a", 301).unwrap();
+        assert!(remove_push_subscription(&mut a, "carl", "p1").unwrap());
+        a.merge(&mut b).unwrap();
+        b.merge(&mut a).unwrap();
+        for doc in [&a, &b] {
+            let carl = Users::read_user(doc, "carl", Parts::ALL).unwrap().unwrap();
+            assert_eq!(carl.state["theme"].winner.value, "\"blue\"");
+            assert!(carl.state["theme"].concurrent.is_empty());
+            assert_eq!(carl.state["lesson"].winner.value, "4");
+            assert!(carl.state["lesson"].concurrent.is_empty());
+            assert_eq!(carl.sessions["c0"].closed_ms, 300);
+            assert_eq!(carl.sessions["c1"].closed_ms, 0);
+            assert_eq!(carl.sessions["c2"].closed_ms, 0);
+            assert!(carl.push.is_empty());
+        }
+        // Closed sessions and the rest go from both maps, and then the user.
+        for c in ["c1", "c2"] {
+            close_session(&mut a, "carl", c, 400, 0).unwrap();
+        }
+        write_state(&mut a, "dan", &one("k", "1"), "d", hlc(30, 1)).unwrap();
+        let u = a.get(&ROOT, USERS_KEY).unwrap().unwrap().1;
+        let maps = maps_at(&a, &u, "carl").unwrap();
+        for part in ["state", "notifications"] {
+            for m in part_maps(&a, &maps, part).unwrap() {
+                for k in keys(&a, &m) {
+                    a.delete(&m, k.as_str()).unwrap();
+                }
+            }
+        }
+        prune_idle_users(&mut a, 1_000).unwrap();
+        assert!(Users::read_user(&a, "carl", Parts::ALL).unwrap().is_none());
+        assert!(Users::read_user(&a, "dan", Parts::ALL).unwrap().is_some());
     }
 
     #[test]
