@@ -34,8 +34,9 @@ pub(crate) struct Generations {
     pub(crate) config: HistoryConfig,
     /// Held old generation -> the generation that replaced it.
     successor: HashMap<DocId, DocId>,
-    /// A generation the registry names whose content has not arrived yet -> entity id.
-    /// The entity stays on the generation it was on until it does.
+    /// A generation the registry names whose content has not arrived yet -> entity id,
+    /// one per entity in the index. The entity stays on the generation it was on until
+    /// it does.
     waiting: HashMap<DocId, String>,
     /// Documents to look at after the step: a cut, a carry, a deletion.
     due: BTreeSet<DocId>,
@@ -192,16 +193,23 @@ impl Core {
                 _ => None,
             })
             .collect();
+        // One awaited generation per entity: a later cut replaces an earlier one still on
+        // its way, and entities deleted meanwhile wait for nothing, so the table holds at
+        // most one entry per entity in the index.
+        let renamed: HashSet<&str> = moved.iter().map(|(id, _, _)| id.as_str()).collect();
+        let by_id = &self.entities.by_id;
+        self.entities
+            .generations
+            .waiting
+            .retain(|_, id| by_id.contains_key(id) && !renamed.contains(id.as_str()));
         for (id, old, new) in moved {
             // Until it is shown to be a valid generation, the entity stays on `old`; the
             // generation work after the step loads `new` and follows it once it has
             // content.
             self.point(&id, old);
             let g = &mut self.entities.generations;
-            if g.waiting.len() < MAX_REFUSED {
-                g.waiting.insert(new, id);
-                g.due.insert(new);
-            }
+            g.waiting.insert(new, id);
+            g.due.insert(new);
         }
     }
 
@@ -679,6 +687,81 @@ mod tests {
         .await;
         let got = outcome.lock().unwrap().clone();
         assert_eq!(got, Some((true, true, Some("on".to_string()))));
+        t.stop().await;
+    }
+
+    /// Generations named by the registry that have not arrived are awaited one per
+    /// entity: a later cut replaces an earlier one, and a deleted entity awaits none.
+    #[tokio::test]
+    async fn awaited_generations_are_one_per_entity_and_go_with_it() {
+        let t = TestCore::start("hall").await;
+        let id = "light.hall".to_string();
+        let w = write("on");
+        let i = id.clone();
+        t.core
+            .call(move |reply| EntityRequest::SetEntity {
+                id: i,
+                write: w,
+                reply,
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        let outcome = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = outcome.clone();
+        t.on_core(move |core| {
+            Box::pin(async move {
+                let old = core.doc_of_entity(&id).unwrap();
+                let look = |core: &mut crate::core::Core| {
+                    let waiting: Vec<(DocId, String)> = core
+                        .entities
+                        .generations
+                        .waiting
+                        .iter()
+                        .map(|(d, i)| (*d, i.clone()))
+                        .collect();
+                    seen.lock()
+                        .unwrap()
+                        .push((core.doc_of_entity(&id) == Some(old), waiting));
+                };
+                for n in [7u8, 8] {
+                    // The registry names a generation this device does not hold yet.
+                    let next = DocId::from_bytes([n; 16]);
+                    core.engine
+                        .transact(core.home.registry_doc, u64::from(n), None, |d, _, _| {
+                            registry::put_entity(d, &id, next)
+                        })
+                        .unwrap();
+                    core.rebuild_entity_index_lenient();
+                    look(core);
+                }
+                core.engine
+                    .transact(core.home.registry_doc, 9, None, |d, _, _| {
+                        registry::tombstone(
+                            d,
+                            &id,
+                            hearth_crdt::Hlc {
+                                wall_ms: 9,
+                                ..hearth_crdt::Hlc::ZERO
+                            },
+                        )
+                    })
+                    .unwrap();
+                core.rebuild_entity_index_lenient();
+                look(core);
+            })
+        })
+        .await;
+        let got = outcome.lock().unwrap().clone();
+        let id = "light.hall".to_string();
+        assert_eq!(
+            got,
+            vec![
+                (true, vec![(DocId::from_bytes([7; 16]), id.clone())]),
+                (true, vec![(DocId::from_bytes([8; 16]), id.clone())]),
+                (false, vec![]),
+            ]
+        );
         t.stop().await;
     }
 }
