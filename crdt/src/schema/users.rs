@@ -290,7 +290,7 @@ fn part_for_write<T: Transactable>(
     part: &str,
 ) -> Result<(ObjId, Vec<ObjId>)> {
     let e = user_map(doc, user)?;
-    let target = ensure_map(doc, &e, part)?;
+    let target = map_for_write(doc, &e, part)?;
     let users = ensure_map(doc, &ROOT, USERS_KEY)?;
     let user_maps = maps_at(doc, &users, user)?;
     let others = part_maps(doc, &user_maps, part)?
@@ -298,6 +298,22 @@ fn part_for_write<T: Transactable>(
         .filter(|m| *m != target)
         .collect();
     Ok((target, others))
+}
+
+/// The map at `key` under `obj` a write goes to: the winner when it is a map, else the
+/// first map beside it, and a new one only when there is none. A value of another kind
+/// (a peer's bad write) that wins is replaced only then, so a write never drops maps
+/// that readers show.
+fn map_for_write<T: Transactable>(doc: &mut T, obj: &ObjId, key: &str) -> Result<ObjId> {
+    match maps_at(doc, obj, key)?.into_iter().next() {
+        Some(m) => Ok(m),
+        None => ensure_map(doc, obj, key),
+    }
+}
+
+/// The distinct keys of `maps`.
+fn union_keys<D: ReadDoc>(doc: &D, maps: &[ObjId]) -> BTreeSet<String> {
+    maps.iter().flat_map(|m| doc.keys(m)).collect()
 }
 
 /// Deletes `key` from each of `maps` that holds it.
@@ -376,10 +392,7 @@ fn read_entry<D: ReadDoc>(
                     for (v, id) in doc.get_all(m, key.as_str()).map_err(am)? {
                         match v {
                             Value::Object(ObjType::Map) => {
-                                let value = read_value(doc, &id, &kpath)?;
-                                if !values.contains(&value) {
-                                    values.push(value);
-                                }
+                                values.push(read_value(doc, &id, &kpath)?);
                             }
                             other => {
                                 return Err(Error::schema(
@@ -501,7 +514,8 @@ pub fn put_push_subscription<T: Transactable>(
     check_name(&spath, id)?;
     check_text(&spath, subscription, MAX_SUBSCRIPTION_BYTES)?;
     let (s, others) = part_for_write(doc, user, "push")?;
-    if doc.get(&s, id).map_err(am)?.is_none() && doc.length(&s) >= MAX_PUSH_SUBSCRIPTIONS {
+    let held = union_keys(doc, &[std::slice::from_ref(&s), others.as_slice()].concat());
+    if !held.contains(id) && held.len() >= MAX_PUSH_SUBSCRIPTIONS {
         return Err(Error::schema(
             join(&join(USERS_KEY, user), "push"),
             format!("already holds {MAX_PUSH_SUBSCRIPTIONS} subscriptions"),
@@ -691,7 +705,7 @@ fn user_map<T: Transactable>(doc: &mut T, user: &str) -> Result<automerge::ObjId
             format!("already holds {MAX_USERS} users"),
         ));
     }
-    ensure_map(doc, &u, user)
+    map_for_write(doc, &u, user)
 }
 
 /// Writes state keys of `user` from `client` at `at`; each value is JSON text.
@@ -713,11 +727,9 @@ pub fn write_state<T: Transactable>(
         )?;
     }
     let (s, others) = part_for_write(doc, user, "state")?;
-    let new_keys = entries
-        .keys()
-        .filter(|k| doc.get(&s, k.as_str()).ok().flatten().is_none())
-        .count();
-    if doc.length(&s) + new_keys > MAX_STATE_KEYS {
+    let held = union_keys(doc, &[std::slice::from_ref(&s), others.as_slice()].concat());
+    let new_keys = entries.keys().filter(|k| !held.contains(*k)).count();
+    if held.len() + new_keys > MAX_STATE_KEYS {
         return Err(Error::schema(
             join(&path, "state"),
             format!("would hold more than {MAX_STATE_KEYS} keys"),
@@ -1157,6 +1169,27 @@ mod tests {
         prune_idle_users(&mut a, 1_000).unwrap();
         assert!(Users::read_user(&a, "carl", Parts::ALL).unwrap().is_none());
         assert!(Users::read_user(&a, "dan", Parts::ALL).unwrap().is_some());
+    }
+
+    /// A value of another kind beside a user's map (a peer's bad write) never makes a
+    /// write drop the map: whichever wins, what the map holds stays readable.
+    #[test]
+    fn a_bad_value_beside_a_users_map_does_not_make_a_write_drop_it() {
+        for first in [0u8, 1] {
+            let mut a = AutoCommit::new().with_actor(automerge::ActorId::from([first; 16]));
+            init(&mut a).unwrap();
+            let mut b = a
+                .fork()
+                .with_actor(automerge::ActorId::from([1 - first; 16]));
+            open_session(&mut a, "carl", "c0", "node-a", 100).unwrap();
+            let u = b.get(&ROOT, USERS_KEY).unwrap().unwrap().1;
+            b.put(&u, "carl", "not a map").unwrap();
+            a.merge(&mut b).unwrap();
+            write_state(&mut a, "carl", &one("k", "1"), "c0", hlc(10, 1)).unwrap();
+            let carl = Users::read_user(&a, "carl", Parts::ALL).unwrap().unwrap();
+            assert!(carl.sessions.contains_key("c0"), "actor {first}");
+            assert_eq!(carl.state["k"].winner.value, "1");
+        }
     }
 
     #[test]
