@@ -378,16 +378,11 @@ impl Core {
         let now = now_ms();
         // The client may have reconnected to another device since: only its session here
         // is this device's to close.
-        let sessions = Parts {
-            sessions: true,
-            ..Parts::NONE
-        };
         let here = self
             .engine
-            .user_entry(doc, user, sessions)
+            .user_client_session(doc, user, client)
             .ok()
             .flatten()
-            .and_then(|e| e.sessions.get(client).cloned())
             .is_some_and(|s| s.node == self.peer_id && s.closed_ms == 0);
         if !here {
             return Ok(((), Batch::new()));

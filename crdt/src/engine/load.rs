@@ -106,6 +106,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
                 actors,
                 unchecked: None,
                 versions,
+                paths: Default::default(),
             },
         );
         if confirm {

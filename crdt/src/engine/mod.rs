@@ -326,6 +326,9 @@ struct DocState<P> {
     /// listing need not walk the document. `None` until first needed for
     /// documents that were not loaded or created as entities.
     versions: Option<VersionLog>,
+    /// Paths of this document's objects found while telling which entries changes
+    /// wrote ([`crate::schema::touched::PathCache`]).
+    paths: crate::schema::touched::PathCache,
 }
 
 /// The sans-IO core of a node. `P` identifies peers (the node uses libp2p's
@@ -513,6 +516,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
                 actors: [self.actor.clone()].into(),
                 unchecked: None,
                 versions: None,
+                paths: Default::default(),
             },
         );
         Ok(vec![Output::PersistChunk {
@@ -585,6 +589,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
             actors: BTreeSet::new(),
             unchecked: None,
             versions: None,
+            paths: Default::default(),
         });
     }
 

@@ -158,7 +158,7 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         }
         let changes = ds.doc.get_changes(since);
         Ok((
-            crate::schema::touched::touched_entries(&ds.doc, &changes, path),
+            crate::schema::touched::touched_entries_cached(&ds.doc, &changes, path, &mut ds.paths),
             heads,
         ))
     }
@@ -184,7 +184,14 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         let changes = ds.doc.get_changes(since);
         Ok(paths
             .iter()
-            .map(|path| crate::schema::touched::touched_entries(&ds.doc, &changes, path))
+            .map(|path| {
+                crate::schema::touched::touched_entries_cached(
+                    &ds.doc,
+                    &changes,
+                    path,
+                    &mut ds.paths,
+                )
+            })
             .collect())
     }
 }

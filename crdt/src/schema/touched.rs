@@ -46,24 +46,60 @@ impl Touched {
 /// the operations of `changes` wrote. The changes must already be applied to `doc`.
 /// Never panics: anything Automerge cannot place makes the answer [`Touched::Everything`].
 pub fn touched_entries(doc: &AutoCommit, changes: &[Change], collection: &[&str]) -> Touched {
+    touched_entries_cached(doc, changes, collection, &mut PathCache::default())
+}
+
+/// Most object paths a [`PathCache`] keeps; past it, it starts again empty.
+const PATH_CACHE_CAP: usize = 2048;
+
+/// The paths of objects of one document, from earlier walks. An Automerge object never
+/// moves (its parent and key are fixed when it is made), so a path once found stays
+/// true; placing an object through the document costs a walk of its op set.
+#[derive(Debug, Default)]
+pub struct PathCache(HashMap<String, Option<Path>>);
+
+/// [`touched_entries`], placing objects through `cache` first. `cache` must only ever be
+/// used with the one document `doc`.
+pub fn touched_entries_cached(
+    doc: &AutoCommit,
+    changes: &[Change],
+    collection: &[&str],
+    cache: &mut PathCache,
+) -> Touched {
+    if cache.0.len() > PATH_CACHE_CAP {
+        cache.0.clear();
+    }
     let found = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        walk(doc, changes, collection)
+        walk(doc, changes, collection, &mut cache.0)
     }));
     found.unwrap_or(Touched::Everything)
 }
 
-fn walk(doc: &AutoCommit, changes: &[Change], collection: &[&str]) -> Touched {
+fn walk(
+    doc: &AutoCommit,
+    changes: &[Change],
+    collection: &[&str],
+    paths: &mut HashMap<String, Option<Path>>,
+) -> Touched {
     // Path (map keys, or None for a list index) from the root to each object written.
-    let mut paths: HashMap<String, Option<Vec<Option<String>>>> = HashMap::new();
     let mut entries = BTreeSet::new();
     for change in changes {
         for op in change.decode().operations {
             let obj_path = match &op.obj {
                 ObjectId::Root => Some(Vec::new()),
-                ObjectId::Id(_) => paths
-                    .entry(op.obj.to_string())
-                    .or_insert_with_key(|text| path_of(doc, text))
-                    .clone(),
+                ObjectId::Id(_) => {
+                    let text = op.obj.to_string();
+                    match paths.get(&text) {
+                        Some(known) => known.clone(),
+                        None => {
+                            let found = path_of(doc, &text);
+                            if found.is_some() {
+                                paths.insert(text, found.clone());
+                            }
+                            found
+                        }
+                    }
+                }
             };
             let Some(mut path) = obj_path else {
                 return Touched::Everything;
@@ -339,6 +375,41 @@ mod tests {
 
     fn new_changes(doc: &mut AutoCommit, since: &[automerge::ChangeHash]) -> Vec<Change> {
         doc.get_changes(since).into_iter().collect()
+    }
+
+    /// A cache of object paths answers as a fresh walk does, call after call.
+    #[test]
+    fn a_path_cache_answers_as_a_fresh_walk() {
+        let mut doc = AutoCommit::new();
+        let users = doc.put_object(ROOT, "users", ObjType::Map).unwrap();
+        let ann = doc.put_object(&users, "ann", ObjType::Map).unwrap();
+        let state = doc.put_object(&ann, "state", ObjType::Map).unwrap();
+        let bob = doc.put_object(&users, "bob", ObjType::Map).unwrap();
+        doc.commit();
+        let mut cache = PathCache::default();
+        for round in 0..3 {
+            let before = doc.get_heads();
+            doc.put(&state, format!("k{round}"), "v").unwrap();
+            if round == 1 {
+                doc.put(&bob, "x", 1).unwrap();
+            }
+            doc.commit();
+            let changes = new_changes(&mut doc, &before);
+            for path in [&["users"][..], &["users", "ann", "state"][..]] {
+                let fresh = touched_entries(&doc, &changes, path);
+                let cached = touched_entries_cached(&doc, &changes, path, &mut cache);
+                assert_eq!(cached, fresh, "round {round}, {path:?}");
+            }
+        }
+        assert!(!cache.0.is_empty());
+        let before = doc.get_heads();
+        doc.put(&state, "k9", "v").unwrap();
+        doc.commit();
+        let changes = new_changes(&mut doc, &before);
+        assert_eq!(
+            touched_entries_cached(&doc, &changes, &["users", "ann", "state"], &mut cache),
+            Touched::Entries(["k9".to_string()].into())
+        );
     }
 
     #[test]

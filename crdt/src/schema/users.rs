@@ -674,6 +674,27 @@ impl Users {
     }
 }
 
+impl Users {
+    /// Reads one client session of `user`, if there is one (from the winning map that
+    /// holds it).
+    pub fn read_session_of<D: ReadDoc>(
+        doc: &D,
+        user: &str,
+        client: &str,
+    ) -> Result<Option<ClientSession>> {
+        let u = req_map(doc, &ROOT, USERS_KEY, USERS_KEY)?;
+        let maps = part_maps(doc, &maps_at(doc, &u, user)?, "sessions")?;
+        let Some(m) = maps
+            .iter()
+            .find(|m| matches!(doc.get(m, client), Ok(Some(_))))
+        else {
+            return Ok(None);
+        };
+        let cpath = join(&join(&join(USERS_KEY, user), "sessions"), client);
+        read_session(doc, m, client, &cpath).map(Some)
+    }
+}
+
 /// Every map of `user` under the users map `u`; an error when there is none (a value of
 /// another kind).
 fn user_maps<D: ReadDoc>(doc: &D, u: &ObjId, user: &str, path: &str) -> Result<Vec<ObjId>> {
@@ -919,6 +940,17 @@ impl<P: Clone + Ord + Debug> Engine<P> {
     pub fn users_vapid_key(&self, id: DocId) -> Result<Option<String>> {
         expect_kind(self, id, DocKind::Users)?;
         vapid_key(self.doc(id)?)
+    }
+
+    /// One client session of `user`, if there is one.
+    pub fn user_client_session(
+        &self,
+        id: DocId,
+        user: &str,
+        client: &str,
+    ) -> Result<Option<ClientSession>> {
+        expect_kind(self, id, DocKind::Users)?;
+        Users::read_session_of(self.doc(id)?, user, client)
     }
 
     /// Opens or closes a client session (see [`open_session`], [`close_session`]).
