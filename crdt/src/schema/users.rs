@@ -316,6 +316,11 @@ fn union_keys<D: ReadDoc>(doc: &D, maps: &[ObjId]) -> BTreeSet<String> {
     maps.iter().flat_map(|m| doc.keys(m)).collect()
 }
 
+/// The first of `maps` (the winner first) that holds `key`.
+fn holder<'m, D: ReadDoc>(doc: &D, maps: &'m [ObjId], key: &str) -> Option<&'m ObjId> {
+    maps.iter().find(|m| matches!(doc.get(m, key), Ok(Some(_))))
+}
+
 /// Deletes `key` from each of `maps` that holds it.
 fn delete_from<T: Transactable>(doc: &mut T, maps: &[ObjId], key: &str) -> Result<()> {
     for m in maps {
@@ -429,10 +434,7 @@ fn read_entry<D: ReadDoc>(
         for client in part_names(doc, &maps, MAX_SESSIONS * 2, &spath, &mut skipped, None) {
             let cpath = join(&spath, &client);
             // The first map (the winner) that holds it.
-            let Some(m) = maps
-                .iter()
-                .find(|m| matches!(doc.get(m, client.as_str()), Ok(Some(_))))
-            else {
+            let Some(m) = holder(doc, &maps, &client) else {
                 continue;
             };
             match read_session(doc, m, &client, &cpath) {
@@ -456,10 +458,7 @@ fn read_entry<D: ReadDoc>(
         );
         for id in names {
             let ipath = join(&npath, &id);
-            let Some(m) = maps
-                .iter()
-                .find(|m| matches!(doc.get(m, id.as_str()), Ok(Some(_))))
-            else {
+            let Some(m) = holder(doc, &maps, &id) else {
                 continue;
             };
             match read_notification(doc, m, &id, &ipath) {
@@ -482,10 +481,7 @@ fn read_entry<D: ReadDoc>(
             None,
         ) {
             let spath = join(&ppath, &id);
-            let Some(m) = maps
-                .iter()
-                .find(|m| matches!(doc.get(m, id.as_str()), Ok(Some(_))))
-            else {
+            let Some(m) = holder(doc, &maps, &id) else {
                 continue;
             };
             let read = check_name(&spath, &id)
@@ -684,10 +680,7 @@ impl Users {
     ) -> Result<Option<ClientSession>> {
         let u = req_map(doc, &ROOT, USERS_KEY, USERS_KEY)?;
         let maps = part_maps(doc, &maps_at(doc, &u, user)?, "sessions")?;
-        let Some(m) = maps
-            .iter()
-            .find(|m| matches!(doc.get(m, client), Ok(Some(_))))
-        else {
+        let Some(m) = holder(doc, &maps, client) else {
             return Ok(None);
         };
         let cpath = join(&join(&join(USERS_KEY, user), "sessions"), client);
