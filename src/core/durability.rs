@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::records::DocChunk;
 use hearth_crdt::DocId;
-use hearth_storage::{Batch, BatchOp, Keyspace, StoreHandle};
+use hearth_storage::{Batch, BatchOp, Keyspace, Queued, StoreHandle};
 use tokio::sync::Semaphore;
 
 use super::batching::Ack;
@@ -39,6 +39,15 @@ pub(crate) struct Pending {
     pub(crate) ticket: u64,
     /// Documents whose chunks it holds, not evicted until it is stored (resident.rs).
     pub(crate) held: Vec<DocId>,
+}
+
+/// What a batch's flush answers, once the batch is in the store's queue.
+struct Flight {
+    salvage: Salvage,
+    ops: usize,
+    acks: Vec<Ack>,
+    ticket: u64,
+    held: Vec<DocId>,
 }
 
 /// A record by keyspace and key.
@@ -79,17 +88,12 @@ pub(crate) struct Salvage {
 
 impl Salvage {
     pub(crate) fn of(batch: &Batch) -> Self {
-        let mut docs = BTreeSet::new();
+        let docs = chunk_docs(batch).collect();
         let mut records = Vec::new();
         for op in batch.ops() {
             match op {
-                BatchOp::Put { keyspace, key, .. } | BatchOp::Delete { keyspace, key }
-                    if *keyspace == Keyspace::DocChunks =>
-                {
-                    if let Some((doc, _)) = DocChunk::parse(key) {
-                        docs.insert(DocId::from_bytes(doc));
-                    }
-                }
+                BatchOp::Put { keyspace, .. } | BatchOp::Delete { keyspace, .. }
+                    if *keyspace == Keyspace::DocChunks => {}
                 BatchOp::Put {
                     keyspace,
                     key,
@@ -100,6 +104,18 @@ impl Salvage {
         }
         Salvage { docs, records }
     }
+}
+
+/// The documents whose chunks `batch` writes or deletes.
+pub(crate) fn chunk_docs(batch: &Batch) -> impl Iterator<Item = DocId> + '_ {
+    batch.ops().iter().filter_map(|op| match op {
+        BatchOp::Put { keyspace, key, .. } | BatchOp::Delete { keyspace, key }
+            if *keyspace == Keyspace::DocChunks =>
+        {
+            DocChunk::parse(key).map(|(doc, _)| DocId::from_bytes(doc))
+        }
+        _ => None,
+    })
 }
 
 /// The error a writer gets when its batch was not stored.
@@ -135,25 +151,28 @@ pub(crate) fn refusal(store: &StoreHandle) -> Error {
 /// A store batch slower than this is logged at debug level.
 const SLOW_BATCH: std::time::Duration = std::time::Duration::from_millis(200);
 
-/// Stores one batch and answers its writers; a failure is remembered for the recovery.
+/// Waits for one queued batch's flush and answers its writers; a failure is remembered for
+/// the recovery.
 async fn persist(
-    store: StoreHandle,
-    Pending {
-        batch,
+    queued: Result<Queued, hearth_storage::Error>,
+    Flight {
+        salvage,
+        ops,
         acks,
         ticket,
         held,
-    }: Pending,
+    }: Flight,
     unpersisted: Arc<Mutex<Unpersisted>>,
     finish: super::send_gate::Finish,
     unstored: Arc<Mutex<HashMap<DocId, u32>>>,
 ) {
     // Finished however this ends, a panic included, so frames never wait for it forever.
     let finished = finish.on_drop(ticket);
-    let salvage = Salvage::of(&batch);
-    let ops = batch.len();
     let begun = std::time::Instant::now();
-    let result = store.batch(batch).await;
+    let result = match queued {
+        Ok(queued) => queued.flushed().await,
+        Err(error) => Err(error),
+    };
     let took = begun.elapsed();
     if took >= SLOW_BATCH {
         // Frames queued after this batch waited for it (send_gate.rs).
@@ -189,6 +208,11 @@ impl Core {
         if batch.is_empty() && acks.is_empty() {
             return;
         }
+        // The open window's batch has the older ticket and may hold earlier changes of a
+        // document this batch also writes: it goes to the store first.
+        if self.entities.writes.shares_a_document(&batch) {
+            self.commit_window();
+        }
         let ticket = self.tickets.issue();
         self.queue_ticketed(batch, acks, ticket);
     }
@@ -206,21 +230,55 @@ impl Core {
 
     /// Starts every queued batch, waiting for a slot when [`MAX_PERSISTS_IN_FLIGHT`] are
     /// already in flight.
+    ///
+    /// Each batch enters the store's queue here, in order, and only the wait for its flush
+    /// runs in the background. The store applies its queue in order and answers a batch
+    /// after flushing it and everything before it, so a batch holding a document's later
+    /// change never lands (or is acknowledged) before the one holding its earlier change.
+    /// Had each batch reached the store from a task of its own, they could land in any
+    /// order, and a kill could leave a later change on disk without the one it depends on:
+    /// Automerge then keeps the later one aside for good, and an acknowledged write (say
+    /// the registry entry of a new entity) is gone after the restart.
     pub(crate) async fn start_persists(&mut self) {
-        for pending in std::mem::take(&mut self.persist_queue) {
+        for Pending {
+            batch,
+            acks,
+            ticket,
+            held,
+        } in std::mem::take(&mut self.persist_queue)
+        {
             let Ok(permit) = self.persists.clone().acquire_owned().await else {
                 // Closed only when the node is gone.
                 return;
             };
-            let store = self.store.clone();
+            let flight = Flight {
+                salvage: Salvage::of(&batch),
+                ops: batch.len(),
+                acks,
+                ticket,
+                held,
+            };
+            let queued = self.store.queue_batch(batch).await;
             let unpersisted = self.unpersisted.clone();
             let finish = self.tickets.finish();
             let unstored = self.resident.unstored.clone();
             tokio::spawn(async move {
-                persist(store, pending, unpersisted, finish, unstored).await;
+                persist(queued, flight, unpersisted, finish, unstored).await;
                 drop(permit);
             });
         }
+    }
+
+    /// Stores `batch` now and waits for its flush, after every batch queued before it: the
+    /// open write window's and the background ones are handed to the store first, so this
+    /// one never lands ahead of an earlier change of the same document.
+    pub(crate) async fn store_in_order(
+        &mut self,
+        batch: Batch,
+    ) -> Result<(), hearth_storage::Error> {
+        self.commit_window();
+        self.start_persists().await;
+        self.store.batch(batch).await
     }
 
     /// Once the store is back: writes a snapshot of every document a failed batch held,
@@ -275,4 +333,143 @@ impl Core {
 /// A fresh cap on in-flight persists.
 pub(crate) fn persist_slots() -> Arc<Semaphore> {
     Arc::new(Semaphore::new(MAX_PERSISTS_IN_FLIGHT))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use hearth_storage::{Batch, BatchOp, DocChunk, Entry, Error as StoreError, Keyspace, Scan};
+
+    use crate::core::testing::TestCore;
+    use crate::entities::batching::WriteWindow;
+
+    const PROBE: &[u8] = b"test/order-probe";
+
+    fn probe_batch(i: u32) -> Batch {
+        let mut batch = Batch::new();
+        batch.put(Keyspace::Meta, PROBE.to_vec(), i.to_be_bytes().to_vec());
+        batch
+    }
+
+    /// An in-memory store that notes the probe value of each batch it applies, in order.
+    struct Recording {
+        inner: hearth_storage::MemStore,
+        seen: Arc<Mutex<Vec<u32>>>,
+    }
+
+    impl hearth_storage::Store for Recording {
+        fn get(&self, keyspace: Keyspace, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.get(keyspace, key)
+        }
+        fn put(&mut self, keyspace: Keyspace, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+            self.inner.put(keyspace, key, value)
+        }
+        fn delete(&mut self, keyspace: Keyspace, key: &[u8]) -> Result<(), StoreError> {
+            self.inner.delete(keyspace, key)
+        }
+        fn scan(&self, keyspace: Keyspace, scan: &Scan) -> Result<Vec<Entry>, StoreError> {
+            self.inner.scan(keyspace, scan)
+        }
+        fn apply_batch(&mut self, batch: Batch) -> Result<(), StoreError> {
+            for op in batch.ops() {
+                if let BatchOp::Put { key, value, .. } = op
+                    && key == PROBE
+                {
+                    let n = u32::from_be_bytes(value.as_slice().try_into().unwrap());
+                    self.seen.lock().unwrap().push(n);
+                }
+            }
+            self.inner.apply_batch(batch)
+        }
+        fn flush(&mut self) -> Result<(), StoreError> {
+            self.inner.flush()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn background_batches_land_in_the_order_they_were_queued() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let store = hearth_storage::StoreHandle::spawn(Recording {
+            inner: hearth_storage::MemStore::new(),
+            seen: seen.clone(),
+        })
+        .unwrap();
+        let t = TestCore::start_with("order", store, 32 * 1024 * 1024).await;
+        t.on_core(|core| {
+            Box::pin(async move {
+                for round in 0..10u32 {
+                    for i in 0..50u32 {
+                        core.queue_persist(probe_batch(round * 50 + i), Vec::new());
+                    }
+                    core.start_persists().await;
+                }
+                // Stored after every batch queued before it.
+                core.store_in_order(Batch::new()).await.unwrap();
+            })
+        })
+        .await;
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen, (0..500).collect::<Vec<u32>>());
+        t.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_writes_a_document_of_the_open_window_goes_after_it() {
+        let t = TestCore::start("window").await;
+        t.on_core(|core| {
+            Box::pin(async move {
+                core.entities.writes = WriteWindow::new(Duration::from_secs(60));
+                let doc = [7u8; hearth_storage::DOC_ID_LEN];
+                let mut first = Batch::new();
+                first.put(
+                    Keyspace::DocChunks,
+                    DocChunk::Incremental(0).key(&doc),
+                    vec![1],
+                );
+                core.reply_after_flush(Ok(((), first)), tokio::sync::oneshot::channel().0);
+                // Another document's batch leaves the window open.
+                let other = [8u8; hearth_storage::DOC_ID_LEN];
+                let mut unrelated = Batch::new();
+                unrelated.put(
+                    Keyspace::DocChunks,
+                    DocChunk::Incremental(0).key(&other),
+                    vec![2],
+                );
+                core.queue_persist(unrelated, Vec::new());
+                assert!(core.entities.writes.deadline().is_some());
+                assert_eq!(core.persist_queue.len(), 1);
+                // A later chunk of the window's document closes it first.
+                let mut second = Batch::new();
+                second.put(
+                    Keyspace::DocChunks,
+                    DocChunk::Incremental(1).key(&doc),
+                    vec![3],
+                );
+                core.queue_persist(second, Vec::new());
+                assert!(core.entities.writes.deadline().is_none());
+                let seqs: Vec<Option<u64>> = core
+                    .persist_queue
+                    .iter()
+                    .map(|p| {
+                        p.batch.ops().iter().find_map(|op| match op {
+                            hearth_storage::BatchOp::Put { key, .. } => DocChunk::parse(key)
+                                .and_then(|(d, c)| {
+                                    (d == doc).then_some(match c {
+                                        DocChunk::Incremental(n) => n,
+                                        DocChunk::Snapshot => u64::MAX,
+                                    })
+                                }),
+                            _ => None,
+                        })
+                    })
+                    .collect();
+                assert_eq!(seqs, vec![None, Some(0), Some(1)]);
+                core.start_persists().await;
+            })
+        })
+        .await;
+        t.stop().await;
+    }
 }

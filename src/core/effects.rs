@@ -134,7 +134,7 @@ impl Core {
             match effect {
                 Effect::Persist(batch) => {
                     let salvage = super::durability::Salvage::of(&batch);
-                    if let Err(error) = self.store.batch(batch).await {
+                    if let Err(error) = self.store_in_order(batch).await {
                         // Memory holds what the batch carried: store it again once the
                         // store recovers, and keep its documents loaded until then.
                         if error.is_store_failure() {
@@ -147,7 +147,7 @@ impl Core {
                     }
                 }
                 Effect::PersistOrLog(batch, what) => {
-                    if let Err(error) = self.store.batch(batch).await {
+                    if let Err(error) = self.store_in_order(batch).await {
                         tracing::error!(%error, "cannot store {what}");
                     }
                 }

@@ -215,7 +215,7 @@ impl Core {
             }
         }
         batch.delete(Keyspace::Meta, QUARANTINE_KEY.to_vec());
-        self.store.batch(batch).await?;
+        self.store_in_order(batch).await?;
         self.quarantine.docs.clear();
         tracing::info!(
             documents = docs.len(),

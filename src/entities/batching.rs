@@ -8,13 +8,17 @@
 //! lose. Pushes that one core step produced for the same document and peer are merged into one frame
 //! (a batch write of many updates to few entities becomes one sealed frame per entity).
 
+use std::collections::HashSet;
 use std::time::Duration;
+
+use hearth_crdt::DocId;
 
 use hearth_crdt::wire::{Frame, Push};
 use hearth_storage::Batch;
 use tokio::time::Instant;
 
 use crate::Error;
+use crate::core::durability::chunk_docs;
 use crate::core::{Core, Reply, append};
 use crate::entities::{Entity, EntityWrite};
 
@@ -38,6 +42,8 @@ pub(crate) struct WriteWindow {
     deadline: Option<Instant>,
     /// The store ticket reserved for the window's batch, from its first write.
     ticket: Option<u64>,
+    /// Documents the window's batch holds chunks of.
+    docs: HashSet<DocId>,
 }
 
 impl WriteWindow {
@@ -48,6 +54,7 @@ impl WriteWindow {
             acks: Vec::new(),
             deadline: None,
             ticket: None,
+            docs: HashSet::new(),
         }
     }
 
@@ -69,12 +76,19 @@ impl WriteWindow {
         if self.ticket.is_none() {
             self.ticket = Some(ticket());
         }
+        self.docs.extend(chunk_docs(&batch));
         append(&mut self.batch, batch);
         self.acks.push(ack);
     }
 
+    /// Whether the window holds chunks of a document that `batch` also has chunks of.
+    pub(crate) fn shares_a_document(&self, batch: &Batch) -> bool {
+        !self.docs.is_empty() && chunk_docs(batch).any(|doc| self.docs.contains(&doc))
+    }
+
     pub(crate) fn take(&mut self) -> Option<(Batch, Vec<Ack>, Option<u64>)> {
         self.deadline = None;
+        self.docs.clear();
         if self.acks.is_empty() {
             return None;
         }

@@ -283,7 +283,7 @@ impl Core {
         match added {
             Ok((_, out)) => {
                 let batch = self.handle_outputs(out);
-                if let Err(error) = self.store.batch(batch).await {
+                if let Err(error) = self.store_in_order(batch).await {
                     tracing::error!(%error, "could not persist the new device");
                 }
                 crate::audit::record(&self.store, "device.paired", &peer).await;

@@ -526,7 +526,7 @@ impl Core {
         });
         let made = std::mem::replace(&mut self.outbox, earlier);
         let (_, batch) = created?;
-        self.store.batch(batch).await?;
+        self.store_in_order(batch).await?;
         self.outbox.extend(made);
         tracing::info!(%doc, "created the home's presence document");
         Ok(())

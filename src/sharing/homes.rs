@@ -222,7 +222,7 @@ impl Core {
             })
             .map_err(doc_err)?;
         let batch = self.handle_outputs(out);
-        self.store.batch(batch).await?;
+        self.store_in_order(batch).await?;
         self.entities.actor_names.clear();
         self.refresh_actor_homes();
         crate::audit::record_by(&self.store, via, "home.paired", &home_id).await;

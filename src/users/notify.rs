@@ -323,7 +323,7 @@ impl Core {
             }) {
                 Ok((_, out)) => {
                     let batch = self.handle_outputs(out);
-                    if let Err(error) = self.store.batch(batch).await {
+                    if let Err(error) = self.store_in_order(batch).await {
                         tracing::warn!(%error, "cannot store the home's Web Push key");
                     }
                 }

@@ -243,7 +243,7 @@ impl Core {
         });
         let made = std::mem::replace(&mut self.outbox, earlier);
         let (_, batch) = created?;
-        self.store.batch(batch).await?;
+        self.store_in_order(batch).await?;
         self.outbox.extend(made);
         tracing::info!(%doc, "created the home's users document");
         self.ensure_vapid_key().await;
@@ -437,7 +437,7 @@ impl Core {
             Err(error) => tracing::warn!(%error, "cannot prune idle users"),
         }
         if !batch.is_empty()
-            && let Err(error) = self.store.batch(batch).await
+            && let Err(error) = self.store_in_order(batch).await
         {
             tracing::warn!(%error, "cannot store the closed sessions");
         }

@@ -88,6 +88,26 @@ enum Command {
     },
 }
 
+/// A batch in the storage thread's queue (see [`StoreHandle::queue_batch`]).
+#[must_use = "a queued batch goes ahead anyway; wait for `flushed` to learn whether it is durable"]
+pub struct Queued {
+    response: oneshot::Receiver<Result<(), Error>>,
+}
+
+impl Queued {
+    /// Waits until the batch is flushed (or failed), at most [`REQUEST_TIMEOUT`].
+    pub async fn flushed(self) -> Result<(), Error> {
+        match tokio::time::timeout(REQUEST_TIMEOUT, self.response).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(Error::Closed),
+            Err(_) => Err(Error::Timeout {
+                what: "write",
+                limit: REQUEST_TIMEOUT,
+            }),
+        }
+    }
+}
+
 /// A cheap, cloneable handle to a store running on its own thread.
 ///
 /// Writes are group-committed: the storage thread applies every write waiting in its queue (up to
@@ -237,9 +257,33 @@ impl StoreHandle {
     ///
     /// Not cancel-safe, in the same way as [`put`](Self::put); the batch stays atomic either way.
     pub async fn batch(&self, batch: Batch) -> Result<(), Error> {
-        let write = Write::Batch(batch);
-        self.request("write", |reply| Command::Write { write, reply })
-            .await
+        self.queue_batch(batch).await?.flushed().await
+    }
+
+    /// Queues a batch and returns once it is in the storage thread's queue, with the wait for its flush.
+    ///
+    /// Batches queued one after another (each call awaited before the next) are applied in that order, and a
+    /// batch is flushed no earlier than every batch queued before it. Callers that spawn a task per
+    /// [`batch`](Self::batch) get no such order: tasks reach the queue in whatever order they run. A caller
+    /// whose batches depend on one another (later records that need earlier ones) queues them here, in order,
+    /// and waits for their flushes wherever it likes.
+    ///
+    /// Waiting for room in the queue is bounded by [`REQUEST_TIMEOUT`], and so is the wait for the flush.
+    /// Once this returns `Ok` the batch goes ahead even if the [`Queued`] is dropped.
+    pub async fn queue_batch(&self, batch: Batch) -> Result<Queued, Error> {
+        let (reply, response) = oneshot::channel();
+        let command = Command::Write {
+            write: Write::Batch(batch),
+            reply,
+        };
+        match tokio::time::timeout(REQUEST_TIMEOUT, self.tx.send(command)).await {
+            Ok(Ok(())) => Ok(Queued { response }),
+            Ok(Err(_)) => Err(Error::Closed),
+            Err(_) => Err(Error::Timeout {
+                what: "write",
+                limit: REQUEST_TIMEOUT,
+            }),
+        }
     }
 
     /// Flushes explicitly. Acknowledged writes are already flushed, so this is rarely needed.
@@ -724,6 +768,25 @@ mod tests {
             51
         );
         drop(release);
+        handle.close().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queued_batches_land_in_the_order_they_were_queued() {
+        let handle = StoreHandle::spawn(MemStore::new()).unwrap();
+        let mut waits = Vec::new();
+        for i in 0..300u32 {
+            let mut batch = Batch::new();
+            batch.put(Keyspace::Meta, b"last".to_vec(), i.to_be_bytes().to_vec());
+            let queued = handle.queue_batch(batch).await.unwrap();
+            // Waited for on other tasks, in no particular order: the order is the queue's.
+            waits.push(tokio::spawn(queued.flushed()));
+        }
+        for wait in waits {
+            wait.await.unwrap().unwrap();
+        }
+        let last = handle.get(Keyspace::Meta, b"last".to_vec()).await.unwrap();
+        assert_eq!(last, Some(299u32.to_be_bytes().to_vec()));
         handle.close().await.unwrap();
     }
 

@@ -101,7 +101,7 @@ use zeroize::Zeroize;
 
 pub use error::{Error, RecordKey};
 pub use handle::{
-    COMMAND_CHANNEL_CAPACITY, FIRST_RETRY, Health, MAX_GROUP_COMMIT, MAX_RETRY_INTERVAL,
+    COMMAND_CHANNEL_CAPACITY, FIRST_RETRY, Health, MAX_GROUP_COMMIT, MAX_RETRY_INTERVAL, Queued,
     REQUEST_TIMEOUT, StoreHandle,
 };
 pub use keyspace::{DOC_ID_LEN, DocChunk, Keyspace};
