@@ -416,6 +416,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn batches_the_store_does_not_take_answer_their_writers() {
+        let t = TestCore::start("refused").await;
+        let answers = Arc::new(Mutex::new(Vec::new()));
+        let seen = answers.clone();
+        t.on_core(move |core| {
+            Box::pin(async move {
+                for i in 0..3u32 {
+                    let seen = seen.clone();
+                    let ack: super::Ack = Box::new(move |result| {
+                        seen.lock().unwrap().push((i, result.is_err()));
+                    });
+                    core.queue_persist(probe_batch(i), vec![ack]);
+                }
+                // A store that is gone takes nothing: the first batch is refused at the
+                // queue, the two after it fail with it, and every writer is answered.
+                core.store.close().await.unwrap();
+                core.start_persists().await;
+            })
+        })
+        .await;
+        assert_eq!(
+            *answers.lock().unwrap(),
+            vec![(0, true), (1, true), (2, true)]
+        );
+        t.stop().await;
+    }
+
+    #[tokio::test]
     async fn a_batch_that_writes_a_document_of_the_open_window_goes_after_it() {
         let t = TestCore::start("window").await;
         t.on_core(|core| {

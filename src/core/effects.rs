@@ -133,16 +133,9 @@ impl Core {
             }
             match effect {
                 Effect::Persist(batch) => {
-                    let salvage = super::durability::Salvage::of(&batch);
+                    // A failed store keeps what the batch carried, to store it again once
+                    // it recovers (store_in_order).
                     if let Err(error) = self.store_in_order(batch).await {
-                        // Memory holds what the batch carried: store it again once the
-                        // store recovers, and keep its documents loaded until then.
-                        if error.is_store_failure() {
-                            self.unpersisted
-                                .lock()
-                                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                                .add(salvage);
-                        }
                         failed = Some(error);
                     }
                 }

@@ -255,7 +255,8 @@ impl StoreHandle {
 
     /// Applies a batch atomically; returns once it is flushed.
     ///
-    /// Not cancel-safe, in the same way as [`put`](Self::put); the batch stays atomic either way.
+    /// Not cancel-safe, in the same way as [`put`](Self::put); the batch stays atomic either way. The wait for
+    /// room in the queue and the wait for the flush are each bounded by [`REQUEST_TIMEOUT`].
     pub async fn batch(&self, batch: Batch) -> Result<(), Error> {
         self.queue_batch(batch).await?.flushed().await
     }
@@ -771,22 +772,72 @@ mod tests {
         handle.close().await.unwrap();
     }
 
+    /// An in-memory store that notes the first key of each batch it applies, in order.
+    struct Ordered {
+        inner: MemStore,
+        applied: Arc<Mutex<Vec<Vec<u8>>>>,
+    }
+
+    impl Store for Ordered {
+        fn get(&self, keyspace: Keyspace, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+            self.inner.get(keyspace, key)
+        }
+        fn put(&mut self, keyspace: Keyspace, key: &[u8], value: &[u8]) -> Result<(), Error> {
+            self.inner.put(keyspace, key, value)
+        }
+        fn delete(&mut self, keyspace: Keyspace, key: &[u8]) -> Result<(), Error> {
+            self.inner.delete(keyspace, key)
+        }
+        fn scan(&self, keyspace: Keyspace, scan: &Scan) -> Result<Vec<Entry>, Error> {
+            self.inner.scan(keyspace, scan)
+        }
+        fn apply_batch(&mut self, batch: Batch) -> Result<(), Error> {
+            if let Some(crate::BatchOp::Put { key, .. }) = batch.ops().first() {
+                self.applied.lock().unwrap().push(key.clone());
+            }
+            self.inner.apply_batch(batch)
+        }
+        fn flush(&mut self) -> Result<(), Error> {
+            self.inner.flush()
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn queued_batches_land_in_the_order_they_were_queued() {
-        let handle = StoreHandle::spawn(MemStore::new()).unwrap();
+        let applied = Arc::new(Mutex::new(Vec::new()));
+        let handle = StoreHandle::spawn(Ordered {
+            inner: MemStore::new(),
+            applied: applied.clone(),
+        })
+        .unwrap();
+        let key = |i: u32| format!("batch-{i:04}").into_bytes();
         let mut waits = Vec::new();
         for i in 0..300u32 {
             let mut batch = Batch::new();
-            batch.put(Keyspace::Meta, b"last".to_vec(), i.to_be_bytes().to_vec());
+            batch.put(Keyspace::Meta, key(i), b"v".to_vec());
             let queued = handle.queue_batch(batch).await.unwrap();
-            // Waited for on other tasks, in no particular order: the order is the queue's.
-            waits.push(tokio::spawn(queued.flushed()));
+            if i % 7 == 0 {
+                // Nobody waits for this one: it lands all the same.
+                drop(queued);
+            } else {
+                // Waited for on other tasks, in no particular order: the order is the queue's.
+                waits.push(tokio::spawn(queued.flushed()));
+            }
         }
         for wait in waits {
             wait.await.unwrap().unwrap();
         }
-        let last = handle.get(Keyspace::Meta, b"last".to_vec()).await.unwrap();
-        assert_eq!(last, Some(299u32.to_be_bytes().to_vec()));
+        assert_eq!(
+            *applied.lock().unwrap(),
+            (0..300).map(key).collect::<Vec<_>>()
+        );
+        assert!(
+            handle
+                .get(Keyspace::Meta, key(294))
+                .await
+                .unwrap()
+                .is_some()
+        );
         handle.close().await.unwrap();
     }
 
