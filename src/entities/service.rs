@@ -187,6 +187,54 @@ impl Core {
             self.entities.of_doc = old_docs;
             return;
         }
+        self.after_index_change(before);
+    }
+
+    /// The live document of each of the registry entries `ids` (`None` for one deleted
+    /// or absent), or `None` when an entry cannot be read.
+    pub(crate) fn registry_entries(
+        &self,
+        ids: &std::collections::BTreeSet<String>,
+    ) -> Option<Vec<(String, Option<DocId>)>> {
+        let mut entries = Vec::with_capacity(ids.len());
+        for id in ids {
+            match self.engine.registry_entry(self.home.registry_doc, id) {
+                Ok(entry) => entries.push((
+                    id.clone(),
+                    entry.filter(|e| e.deleted_at.is_none()).map(|e| e.doc),
+                )),
+                Err(error) => {
+                    tracing::debug!(%id, %error, "registry entry not readable");
+                    return None;
+                }
+            }
+        }
+        Some(entries)
+    }
+
+    /// Updates the index for the registry entries read by [`Core::registry_entries`], as
+    /// a whole rebuild would leave them: the entities of paired homes keep their ids, an
+    /// entry naming a new generation is followed once it is valid, and an entity that
+    /// left is announced.
+    pub(crate) fn update_entity_index(&mut self, entries: Vec<(String, Option<DocId>)>) {
+        let mut before = HashMap::new();
+        for (id, doc) in entries {
+            if let Some(old) = self.entities.by_id.remove(&id) {
+                self.entities.of_doc.remove(&old);
+                before.insert(id.clone(), old);
+            }
+            if let Some(doc) = doc {
+                self.entities.of_doc.insert(doc, id.clone());
+                self.entities.by_id.insert(id, doc);
+            }
+        }
+        self.index_shared_in();
+        self.after_index_change(before);
+    }
+
+    /// What follows a change of the index from `before` (the entries it held for the ids
+    /// that changed, or all of them).
+    fn after_index_change(&mut self, before: HashMap<String, DocId>) {
         // An entry that names a new generation is followed only once it is valid and here.
         self.follow_registry(&before);
         // An entity that left the index was deleted (tombstoned in the registry) on
@@ -452,6 +500,68 @@ mod tests {
             attributes: None,
             correlation_id: Some("c-1".into()),
         }
+    }
+
+    /// The index brought up to date entry by entry (as remote registry changes do) ends as
+    /// a whole rebuild leaves it, and announces an entity that left it.
+    #[tokio::test]
+    async fn an_index_updated_by_entry_matches_a_rebuild() {
+        let t = TestCore::start("kitchen").await;
+        for id in ["light.a", "light.b", "light.c"] {
+            let (id, w) = (id.to_string(), write("on"));
+            t.core
+                .call(move |reply| EntityRequest::SetEntity {
+                    id,
+                    write: w,
+                    reply,
+                })
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        t.core
+            .call(|reply| EntityRequest::DeleteEntity {
+                id: "light.b".into(),
+                reply,
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        let mut events = t.events();
+        t.on_core(|core| {
+            Box::pin(async move {
+                core.rebuild_entity_index().unwrap();
+                let rebuilt = core.entities.by_id.clone();
+                assert_eq!(rebuilt.len(), 2);
+                // A stale index: light.a missing, light.b still there as before its delete.
+                let gone = core.entities.by_id.remove("light.a").unwrap();
+                core.entities.of_doc.remove(&gone);
+                let b = core
+                    .engine
+                    .registry_entry(core.home.registry_doc, "light.b")
+                    .unwrap()
+                    .unwrap()
+                    .doc;
+                core.entities.by_id.insert("light.b".into(), b);
+                core.entities.of_doc.insert(b, "light.b".into());
+                let ids = ["light.a", "light.b", "light.c"].map(String::from).into();
+                let entries = core.registry_entries(&ids).unwrap();
+                core.update_entity_index(entries);
+                assert_eq!(core.entities.by_id, rebuilt);
+                let of_doc: std::collections::HashMap<_, _> =
+                    rebuilt.iter().map(|(id, doc)| (*doc, id.clone())).collect();
+                assert_eq!(core.entities.of_doc, of_doc);
+            })
+        })
+        .await;
+        match events.recv().await.unwrap() {
+            Event::Entity(change) => {
+                assert_eq!(change.entity.id.as_str(), "light.b");
+                assert!(change.deleted);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        t.stop().await;
     }
 
     /// Entity requests on a core with no sockets: create, update, read, list, delete,

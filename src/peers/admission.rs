@@ -592,25 +592,41 @@ impl Core {
     /// Applies what a remote change caused: persistence, replies, and, when the home or
     /// registry document moved, new keys and entities.
     pub(crate) async fn after_remote(&mut self, out: Vec<Output<String>>) {
-        let touched_home = out.iter().any(|o| {
-            matches!(o, Output::Changed { doc, .. } if *doc == self.home.home_doc || *doc == self.home.registry_doc)
-        });
-        // The home document's new changes, to find the keys they wrapped for this device.
-        let home_chunks: Vec<Vec<u8>> = out
-            .iter()
-            .filter_map(|o| match o {
-                Output::PersistChunk {
-                    doc,
-                    kind: hearth_crdt::ChunkKind::Incremental,
-                    bytes,
-                } if *doc == self.home.home_doc => Some(bytes.clone()),
-                _ => None,
-            })
-            .collect();
+        let changed = |doc: DocId| {
+            out.iter()
+                .any(|o| matches!(o, Output::Changed { doc: d, .. } if *d == doc))
+        };
+        let home_moved = changed(self.home.home_doc);
+        let registry_moved = changed(self.home.registry_doc);
+        // The new changes of the home document (to find the keys they wrapped for this
+        // device) and of the registry (to find the entries they wrote).
+        let chunks_of = |doc: DocId| -> Vec<Vec<u8>> {
+            out.iter()
+                .filter_map(|o| match o {
+                    Output::PersistChunk {
+                        doc: d,
+                        kind: hearth_crdt::ChunkKind::Incremental,
+                        bytes,
+                    } if *d == doc => Some(bytes.clone()),
+                    _ => None,
+                })
+                .collect()
+        };
+        let home_chunks = if home_moved {
+            chunks_of(self.home.home_doc)
+        } else {
+            Vec::new()
+        };
+        let registry_chunks = if registry_moved {
+            chunks_of(self.home.registry_doc)
+        } else {
+            Vec::new()
+        };
         self.persist_in_background(out);
-        if touched_home {
-            self.load_deleted_entities().await;
-            self.rebuild_entity_index_lenient();
+        if registry_moved {
+            self.follow_registry_changes(&registry_chunks).await;
+        }
+        if home_moved {
             self.refresh_actor_homes();
             match self
                 .step(|core, fx| {
@@ -631,6 +647,48 @@ impl Core {
             }
         }
         self.send_pending().await;
+    }
+
+    /// Brings the entity index up to the registry after remote changes `chunks` of it.
+    /// Only the entries they wrote are read again; changes outside the entries (or a
+    /// registry that moved with no incremental chunk to tell what) rebuild it whole. Each
+    /// entry read costs as much as a whole rebuild costs per entity, so a device receiving
+    /// a home's N entities one change at a time spends O(N), not O(N^2).
+    async fn follow_registry_changes(&mut self, chunks: &[Vec<u8>]) {
+        let registry = self.home.registry_doc;
+        let mut written = hearth_crdt::schema::touched::Touched::default();
+        let mut whole = chunks.is_empty();
+        for chunk in chunks {
+            match self.engine.registry_entries_written(registry, chunk) {
+                Ok(touched) => written.merge(touched),
+                Err(_) => whole = true,
+            }
+        }
+        let entries = match written {
+            hearth_crdt::schema::touched::Touched::Entries(ids) if !whole => {
+                self.registry_entries(&ids)
+            }
+            _ => None,
+        };
+        match entries {
+            Some(entries) => {
+                // An entity deleted here is announced with its last state, which needs
+                // its document loaded.
+                for (id, doc) in &entries {
+                    if doc.is_none()
+                        && let Some(old) = self.doc_of_entity(id)
+                        && self.engine.is_unloaded(old)
+                    {
+                        self.ensure_loaded(old).await;
+                    }
+                }
+                self.update_entity_index(entries);
+            }
+            None => {
+                self.load_deleted_entities().await;
+                self.rebuild_entity_index_lenient();
+            }
+        }
     }
 
     /// Unwraps keys that other devices wrapped for this one in the home document's

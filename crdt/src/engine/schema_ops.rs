@@ -79,6 +79,14 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         home::keyring_entries(&ds.doc, &touched)
     }
 
+    /// The entity ids whose entries in registry document `doc` the changes in `chunk`
+    /// (as `save_incremental` writes them) wrote, or [`Touched::Everything`] when they
+    /// wrote outside the entries or cannot be read.
+    pub fn registry_entries_written(&self, doc: DocId, chunk: &[u8]) -> Result<Touched> {
+        let ds = self.doc_state(doc)?;
+        Ok(touched_by(&ds.doc, chunk, &registry::ENTITIES_PATH))
+    }
+
     // ----- documents ---------------------------------------------------------
 
     /// Creates an entity document owned by `owner_home`.
