@@ -927,4 +927,101 @@ mod tests {
         assert_eq!(activity.scores["ann"], 0);
         assert_eq!(activity.state, ActivityState::Starting);
     }
+
+    /// A remote registry change names the entries it wrote (a new entry, a share, a
+    /// tombstone), so a device can update its index by them; the registry's creation
+    /// writes above the entries and names everything.
+    #[test]
+    fn registry_changes_name_the_entries_they_wrote() {
+        use crate::schema::registry::{self, Share};
+        use crate::schema::touched::Touched;
+
+        const REGISTRY: DocId = DocId::from_bytes([23; 16]);
+        let mut c = Cluster::new(&[OWNER, OWNER]);
+        let now = c.now_ms;
+        let out = c.nodes[0]
+            .create_registry(REGISTRY, OWNER, EPOCH, now)
+            .unwrap();
+        let init: Vec<Vec<u8>> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::PersistChunk { bytes, .. } => Some(bytes.clone()),
+                _ => None,
+            })
+            .collect();
+        assert!(!init.is_empty());
+        for chunk in &init {
+            assert_eq!(
+                c.nodes[0]
+                    .registry_entries_written(REGISTRY, chunk)
+                    .unwrap(),
+                Touched::Everything
+            );
+        }
+        c.absorb(0, out);
+        c.attach_all(REGISTRY, DocKind::Registry);
+        c.settle();
+
+        // Writes `f` on node 1, delivers it to node 0, and returns what node 0 reads the
+        // incremental chunks it stored to have written.
+        let step =
+            |c: &mut Cluster, f: &dyn Fn(&mut automerge::AutoCommit, crate::hlc::Hlc)| -> Touched {
+                let (_, out) = c.nodes[1]
+                    .transact(REGISTRY, c.now_ms, None, |d, at, _| {
+                        f(d, at);
+                        Ok(())
+                    })
+                    .unwrap();
+                let mut written = Touched::default();
+                for o in out {
+                    if let Output::Send { peer: 0, frame } = o {
+                        for r in c.nodes[0].receive(1, frame, c.now_ms).unwrap() {
+                            if let Output::PersistChunk {
+                                kind: crate::ChunkKind::Incremental,
+                                bytes,
+                                ..
+                            } = r
+                            {
+                                written.merge(
+                                    c.nodes[0]
+                                        .registry_entries_written(REGISTRY, &bytes)
+                                        .unwrap(),
+                                );
+                            }
+                        }
+                    }
+                }
+                written
+            };
+        let named = |ids: &[&str]| Touched::Entries(ids.iter().map(|s| s.to_string()).collect());
+        let doc_a = DocId::from_bytes([1; 16]);
+        let doc_b = DocId::from_bytes([2; 16]);
+        assert_eq!(
+            step(&mut c, &|d, _| registry::put_entity(d, "light.a", doc_a)
+                .unwrap()),
+            named(&["light.a"])
+        );
+        assert_eq!(
+            step(&mut c, &|d, _| registry::put_entity(d, "light.b", doc_b)
+                .unwrap()),
+            named(&["light.b"])
+        );
+        let share = Share {
+            rights: crate::schema::registry::Rights::Read,
+            policy: None,
+            by: None,
+        };
+        assert_eq!(
+            step(&mut c, &|d, _| registry::share(
+                d, "light.b", "homeB", &share
+            )
+            .unwrap()),
+            named(&["light.b"])
+        );
+        assert_eq!(
+            step(&mut c, &|d, at| registry::tombstone(d, "light.a", at)
+                .unwrap()),
+            named(&["light.a"])
+        );
+    }
 }

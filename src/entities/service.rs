@@ -220,11 +220,21 @@ impl Core {
         let mut before = HashMap::new();
         for (id, doc) in entries {
             if let Some(old) = self.entities.by_id.remove(&id) {
-                self.entities.of_doc.remove(&old);
+                if self.entities.of_doc.get(&old) == Some(&id) {
+                    self.entities.of_doc.remove(&old);
+                }
                 before.insert(id.clone(), old);
             }
             if let Some(doc) = doc {
-                self.entities.of_doc.insert(doc, id.clone());
+                // One id per document, as a rebuild leaves it (only a malformed registry
+                // names one document twice).
+                if let Some(other) = self.entities.of_doc.insert(doc, id.clone())
+                    && other != id
+                    && self.entities.by_id.get(&other) == Some(&doc)
+                {
+                    self.entities.by_id.remove(&other);
+                    before.entry(other).or_insert(doc);
+                }
                 self.entities.by_id.insert(id, doc);
             }
         }
@@ -544,7 +554,8 @@ mod tests {
                     .doc;
                 core.entities.by_id.insert("light.b".into(), b);
                 core.entities.of_doc.insert(b, "light.b".into());
-                let ids = ["light.a", "light.b", "light.c"].map(String::from).into();
+                // Only the entries a change wrote are read; light.c stays as it was.
+                let ids = ["light.a", "light.b"].map(String::from).into();
                 let entries = core.registry_entries(&ids).unwrap();
                 core.update_entity_index(entries);
                 assert_eq!(core.entities.by_id, rebuilt);

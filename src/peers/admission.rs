@@ -515,9 +515,23 @@ impl Core {
             self.refuse_foreign(&peer_text, &frame, &reason).await;
             return;
         }
+        let frame_doc = match &frame {
+            Frame::Push(p) => Some(p.doc),
+            Frame::Sync(m) => Some(m.doc),
+            _ => None,
+        };
         match self.engine.receive(peer_text.clone(), frame, now_ms()) {
             Ok(out) => self.after_remote(out).await,
-            Err(error) => tracing::warn!(peer = %peer_text, %error, "frame refused"),
+            Err(error) => {
+                tracing::warn!(peer = %peer_text, %error, "frame refused");
+                // A refusal may come after part of the frame applied, with the outputs
+                // that said which registry entries it wrote lost: the index is rebuilt
+                // whole, as it was after every registry change before it followed them
+                // entry by entry.
+                if frame_doc == Some(self.home.registry_doc) {
+                    self.follow_registry_changes(&[]).await;
+                }
+            }
         }
     }
 
