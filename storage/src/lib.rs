@@ -30,7 +30,10 @@
 //! pays for one flush. A batch is atomic: after a crash all of it or none of it is present. If the flush fails,
 //! every write of that group gets the error: those writes may already be visible to reads, but are not known to
 //! be durable. Reads are answered after the writes queued before them were
-//! flushed, so they never return data that is not yet durable.
+//! flushed, so they never return data that is not yet durable. Writes are applied in the order they entered the
+//! queue, and a write is answered no earlier than every write queued before it: a caller whose batches depend on
+//! one another queues them in order with [`StoreHandle::queue_batch`] (tasks that each call `batch` reach the
+//! queue in whatever order they run).
 //!
 //! **A failing store latches, refuses writes, and recovers by itself.** The first I/O failure (a full disk,
 //! say) sets the handle's [`Health`] to failed and logs one error line. From then on writes are refused with
