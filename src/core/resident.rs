@@ -716,29 +716,7 @@ async fn read_chunks(
 mod tests {
     use super::*;
     use crate::core::testing::TestCore;
-    use crate::entities::EntityWrite;
     use crate::entities::service::EntityRequest;
-
-    fn write(state: &str) -> EntityWrite {
-        EntityWrite {
-            state: state.into(),
-            attributes: None,
-            correlation_id: None,
-        }
-    }
-
-    async fn set(t: &TestCore, id: &str, state: &str) {
-        let (id, w) = (id.to_string(), write(state));
-        t.core
-            .call(move |reply| EntityRequest::SetEntity {
-                id,
-                write: w,
-                reply,
-            })
-            .await
-            .unwrap()
-            .unwrap();
-    }
 
     async fn get(t: &TestCore, id: &str) -> Option<String> {
         let id = id.to_string();
@@ -802,15 +780,15 @@ mod tests {
     async fn an_evicted_entity_reloads_for_reads_writes_and_history_and_survives_restart() {
         let store = hearth_storage::open_in_memory().unwrap();
         let t = TestCore::start_with("hall", store.clone(), 1).await;
-        set(&t, "light.a", "on").await;
-        set(&t, "light.b", "on").await;
+        t.set_entity("light.a", "on").await;
+        t.set_entity("light.b", "on").await;
         assert!(
             !trim_and_check(&t, "light.a").await,
             "evicted under a tiny budget"
         );
         assert_eq!(get(&t, "light.a").await.as_deref(), Some("on"));
         assert!(!trim_and_check(&t, "light.a").await);
-        set(&t, "light.a", "off").await;
+        t.set_entity("light.a", "off").await;
         assert!(!trim_and_check(&t, "light.a").await);
         let versions = history(&t, "light.a").await;
         assert_eq!(versions.len(), 2, "{versions:?}");
@@ -849,8 +827,8 @@ mod tests {
     async fn a_store_without_meta_records_is_loaded_whole_once_and_gets_them() {
         let store = hearth_storage::open_in_memory().unwrap();
         let t = TestCore::start_with("hall", store.clone(), 1).await;
-        set(&t, "light.a", "on").await;
-        set(&t, "light.b", "off").await;
+        t.set_entity("light.a", "on").await;
+        t.set_entity("light.b", "off").await;
         t.stop().await;
         let metas = store
             .scan(Keyspace::Meta, Scan::prefix(DOC_META_PREFIX.to_vec()))

@@ -141,6 +141,27 @@ impl TestCore {
         }
     }
 
+    /// Writes entity `id` with `state` through the entities service and waits for the
+    /// answer.
+    pub(crate) async fn set_entity(&self, id: &str, state: &str) -> crate::entities::Entity {
+        let id = id.to_string();
+        let write = crate::entities::EntityWrite {
+            state: state.into(),
+            ..crate::entities::EntityWrite::default()
+        };
+        self.core
+            .call(
+                move |reply| crate::entities::service::EntityRequest::SetEntity {
+                    id,
+                    write,
+                    reply,
+                },
+            )
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
     /// Every event the core emits from now on.
     pub(crate) fn events(&self) -> tokio::sync::broadcast::Receiver<crate::events::Event> {
         self.core.node_events.subscribe()

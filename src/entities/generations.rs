@@ -610,29 +610,6 @@ mod tests {
     use hearth_crdt::{DocId, DocKind, Header, KeyEpoch};
 
     use crate::core::testing::TestCore;
-    use crate::entities::EntityWrite;
-    use crate::entities::service::EntityRequest;
-
-    fn write(state: &str) -> EntityWrite {
-        EntityWrite {
-            state: state.into(),
-            ..EntityWrite::default()
-        }
-    }
-
-    /// Writes `id` on, through the service.
-    async fn set_on(t: &TestCore, id: &str) {
-        let (id, w) = (id.to_string(), write("on"));
-        t.core
-            .call(move |reply| EntityRequest::SetEntity {
-                id,
-                write: w,
-                reply,
-            })
-            .await
-            .unwrap()
-            .unwrap();
-    }
 
     /// A new generation written by a device that is not the home's admin (here, an
     /// actor no device of the home has) is refused: the entity stays on its document.
@@ -640,7 +617,7 @@ mod tests {
     async fn a_cut_by_another_device_is_refused_and_the_entity_stays() {
         let t = TestCore::start("hall").await;
         let id = "light.hall".to_string();
-        set_on(&t, &id).await;
+        t.set_entity(&id, "on").await;
         let home = t.facts.home_id.clone();
         let outcome = std::sync::Arc::new(std::sync::Mutex::new(None));
         let seen = outcome.clone();
@@ -700,7 +677,7 @@ mod tests {
     async fn awaited_generations_are_one_per_entity_and_go_with_it() {
         let t = TestCore::start("hall").await;
         let id = "light.hall".to_string();
-        set_on(&t, &id).await;
+        t.set_entity(&id, "on").await;
         let outcome = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let seen = outcome.clone();
         t.on_core(move |core| {

@@ -518,16 +518,7 @@ mod tests {
     async fn an_index_updated_by_entry_matches_a_rebuild() {
         let t = TestCore::start("kitchen").await;
         for id in ["light.a", "light.b", "light.c"] {
-            let (id, w) = (id.to_string(), write("on"));
-            t.core
-                .call(move |reply| EntityRequest::SetEntity {
-                    id,
-                    write: w,
-                    reply,
-                })
-                .await
-                .unwrap()
-                .unwrap();
+            t.set_entity(id, "on").await;
         }
         t.core
             .call(|reply| EntityRequest::DeleteEntity {
