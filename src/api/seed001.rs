@@ -342,7 +342,7 @@ async fn handle(state: &ApiState, user: &str, client: &str, text: String) -> Opt
             Some(Value::Object(map)) => crate::Users {
                 core: state.core.clone(),
             }
-            .sync_state(user, client, map)
+            .merge_state(user, client, map, false)
             .await
             .map(|_| None),
             _ => Err(Error::Invalid(
@@ -601,7 +601,7 @@ pub(crate) async fn sync_state(
     match (crate::Users {
         core: state.core.clone(),
     })
-    .sync_state(&body.user_id, &body.device_id, body.state)
+    .merge_state(&body.user_id, &body.device_id, body.state, false)
     .await
     {
         Ok(_) => Json(json!({ "success": true, "user_id": body.user_id,

@@ -184,12 +184,27 @@ impl Users {
         device_id: &str,
         state: Map<String, Value>,
     ) -> Result<UserState, Error> {
+        self.merge_state(user, device_id, state, true)
+            .await?
+            .ok_or_else(|| Error::Internal("the state was not read after the write".into()))
+    }
+
+    /// [`Users::sync_state`], answering the state after the write only when `read_back`
+    /// (reading it costs as much as the write; the seed's routes answer without it).
+    pub(crate) async fn merge_state(
+        &self,
+        user: &str,
+        device_id: &str,
+        state: Map<String, Value>,
+        read_back: bool,
+    ) -> Result<Option<UserState>, Error> {
         let (user, client) = (user.to_string(), device_id.to_string());
         self.core
             .call(|reply| UserRequest::SyncState {
                 user,
                 client,
                 state,
+                read_back,
                 reply,
             })
             .await?

@@ -24,7 +24,9 @@ pub(crate) enum UserRequest {
         user: String,
         client: String,
         state: Map<String, Value>,
-        reply: Reply<UserState>,
+        /// Whether to answer the state after the write.
+        read_back: bool,
+        reply: Reply<Option<UserState>>,
     },
     State {
         user: String,
@@ -76,7 +78,10 @@ impl UserRequest {
     /// Answers the request with `error` without running it.
     pub(crate) fn refuse(self, error: Error) {
         match self {
-            Self::SyncState { reply, .. } | Self::State { reply, .. } => {
+            Self::SyncState { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            Self::State { reply, .. } => {
                 let _ = reply.send(Err(error));
             }
             Self::OpenSession { reply, .. } | Self::CloseSession { reply, .. } => {
@@ -157,9 +162,10 @@ impl Core {
                 user,
                 client,
                 state,
+                read_back,
                 reply,
             } => {
-                let result = self.sync_user_state(&user, &client, state);
+                let result = self.sync_user_state(&user, &client, state, read_back);
                 self.reply_after_flush(result, reply);
             }
             UserRequest::State { user, reply } => {
@@ -255,7 +261,8 @@ impl Core {
         user: &str,
         client: &str,
         state: Map<String, Value>,
-    ) -> Result<(UserState, Batch), Error> {
+        read_back: bool,
+    ) -> Result<(Option<UserState>, Batch), Error> {
         let doc = self.users_doc()?;
         let mut entries = BTreeMap::new();
         for (key, value) in state {
@@ -272,7 +279,12 @@ impl Core {
                 .map_err(users_err)?;
             self.handle_outputs(out)
         };
-        Ok((self.user_state(user)?, batch))
+        let state = if read_back {
+            Some(self.user_state(user)?)
+        } else {
+            None
+        };
+        Ok((state, batch))
     }
 
     /// Whether a session counts against the cap now.
@@ -624,11 +636,13 @@ mod tests {
                 user,
                 client,
                 state,
+                read_back: true,
                 reply,
             })
             .await
             .unwrap()
             .unwrap()
+            .expect("read back")
     }
 
     async fn open(t: &TestCore, user: &str, client: &str) -> Result<(), Error> {

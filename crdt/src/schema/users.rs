@@ -557,8 +557,9 @@ pub fn put_vapid_key<T: Transactable>(doc: &mut T, key: &str) -> Result<()> {
     Ok(())
 }
 
-/// Adds notification `id` for `user`, dropping expired ones and the oldest past
-/// [`MAX_NOTIFICATIONS`].
+/// Adds notification `id` for `user`. When the user holds [`MAX_NOTIFICATIONS`]
+/// already, expired ones go first and then the oldest; below that, expired ones stay
+/// (readers skip them).
 pub fn put_notification<T: Transactable>(
     doc: &mut T,
     user: &str,
@@ -576,7 +577,17 @@ pub fn put_notification<T: Transactable>(
     check_text(&join(&npath, "data"), &n.data, MAX_DATA_BYTES)?;
     let (s, others) = part_for_write(doc, user, "notifications")?;
     delete_from(doc, &others, id)?;
-    // Expired and oldest notifications go from every map of the part.
+    // Only a full part is pruned: readers skip expired notifications, so below the cap
+    // they may stay, and a write does not read every notification the user holds.
+    let held: BTreeSet<String> = union_keys(doc, &others)
+        .into_iter()
+        .chain(doc.keys(&s))
+        .filter(|k| k != id)
+        .collect();
+    if held.len() < MAX_NOTIFICATIONS {
+        return write_notification(doc, &s, id, n);
+    }
+    // Expired and then the oldest notifications go from every map of the part.
     let mut kept: Vec<(ObjId, ObjId, String)> = Vec::new();
     for m in std::iter::once(&s).chain(&others) {
         for other in keys(doc, m) {
@@ -604,7 +615,17 @@ pub fn put_notification<T: Transactable>(
             doc.delete(&m, old.as_str()).map_err(am)?;
         }
     }
-    let o = doc.put_object(&s, id, ObjType::Map).map_err(am)?;
+    write_notification(doc, &s, id, n)
+}
+
+/// Writes notification `id` into map `s` of the notifications part.
+fn write_notification<T: Transactable>(
+    doc: &mut T,
+    s: &ObjId,
+    id: &str,
+    n: &StoredNotification,
+) -> Result<()> {
+    let o = doc.put_object(s, id, ObjType::Map).map_err(am)?;
     doc.put(&o, "kind", n.kind.as_str()).map_err(am)?;
     doc.put(&o, "priority", n.priority.as_str()).map_err(am)?;
     doc.put(&o, "title", n.title.as_str()).map_err(am)?;
@@ -1052,10 +1073,11 @@ mod tests {
         let ann = Users::read_user(&a, "ann", Parts::ALL).unwrap().unwrap();
         assert_eq!(ann.notifications.len(), 2);
         assert_eq!(ann.notifications["n1"], n(10, 100));
-        // n1 has expired by the next write.
+        // n1 has expired by the next write; it stays until the part fills (readers
+        // skip it).
         put_notification(&mut a, "ann", "n3", &n(200, 1000), 200).unwrap();
         let ann = Users::read_user(&a, "ann", Parts::ALL).unwrap().unwrap();
-        assert!(!ann.notifications.contains_key("n1"));
+        assert!(ann.notifications.contains_key("n1"));
         for i in 0..MAX_NOTIFICATIONS + 3 {
             put_notification(
                 &mut a,
@@ -1072,7 +1094,9 @@ mod tests {
             ann.notifications
                 .contains_key(&format!("m{}", MAX_NOTIFICATIONS + 2))
         );
-        // The oldest went past the cap: m0, m1, m2 and n2, n3 (created before them).
+        // The expired n1 went first, then the oldest past the cap: m0, m1, m2 and n2,
+        // n3 (created before them).
+        assert!(!ann.notifications.contains_key("n1"));
         assert!(!ann.notifications.contains_key("m0"));
         assert!(!ann.notifications.contains_key("n2"));
         assert!(ann.notifications.contains_key("m3"));
