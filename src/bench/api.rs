@@ -120,12 +120,16 @@ fn per_second(n: usize, elapsed: Duration) -> f64 {
     n as f64 / elapsed.as_secs_f64().max(1e-9)
 }
 
-/// An HTTP server on loopback that answers every request with a small JSON body.
+/// An HTTP server on loopback that reads every request's body and answers it with a
+/// small JSON body. The body is read as the node reads it: a server that answers before
+/// reading it closes the connection after the answer, and the client's next request on
+/// that kept-alive connection fails.
 async fn floor_server() -> Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let app = axum::Router::new()
-        .fallback(|| async { axum::Json(json!({"entity_id": "bench.floor", "state": "on"})) });
+    let app = axum::Router::new().fallback(|body: axum::body::Bytes| async move {
+        axum::Json(json!({"entity_id": "bench.floor", "state": "on", "read": body.len()}))
+    });
     let task = tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
