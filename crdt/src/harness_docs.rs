@@ -741,6 +741,66 @@ mod tests {
         c.settle();
     }
 
+    /// The device records are read once per change of the home document: a revocation,
+    /// written here or by a peer, shows in the next read.
+    #[test]
+    fn device_records_read_after_a_change_hold_it() {
+        use crate::schema::home::{self, DeviceRecord};
+
+        const HOME: DocId = DocId::from_bytes([23; 16]);
+        let mut c = Cluster::new(&[OWNER, OWNER]);
+        let now = c.now_ms;
+        let out = c.nodes[0]
+            .create_home(HOME, OWNER, EPOCH, "h", now)
+            .unwrap();
+        c.absorb(0, out);
+        c.attach_all(HOME, DocKind::Home);
+        c.settle();
+        let record = DeviceRecord {
+            name: "kitchen".into(),
+            certificate: vec![1, 2, 3],
+            revoked_at: None,
+        };
+        let write = |c: &mut Cluster, node: usize, f: &dyn Fn(&mut automerge::AutoCommit)| {
+            let (_, out) = c.nodes[node]
+                .transact(HOME, c.now_ms, None, |d, _, _| {
+                    f(d);
+                    Ok(())
+                })
+                .unwrap();
+            c.absorb(node, out);
+            c.settle();
+        };
+        write(&mut c, 0, &|d| {
+            home::put_device(d, "peerK", &record).unwrap()
+        });
+        for node in 0..2 {
+            let devices = c.nodes[node].home_devices(HOME).unwrap();
+            assert_eq!(devices["peerK"].revoked_at, None);
+            // Read again with no change between: the same records.
+            assert_eq!(c.nodes[node].home_devices(HOME).unwrap(), devices);
+        }
+        // Node 1 revokes; node 0 learns it by sync, node 1 by its own write.
+        write(&mut c, 1, &|d| home::revoke_device(d, "peerK", 77).unwrap());
+        for node in 0..2 {
+            let devices = c.nodes[node].home_devices(HOME).unwrap();
+            assert_eq!(devices["peerK"].revoked_at, Some(77), "node {node}");
+        }
+        // A failed write leaves nothing behind, and the records stay as they were.
+        assert!(
+            c.nodes[0]
+                .transact(HOME, c.now_ms, None, |d, _, _| {
+                    home::revoke_device(d, "peerK", 99)?;
+                    home::revoke_device(d, "nobody", 99)
+                })
+                .is_err()
+        );
+        assert_eq!(
+            c.nodes[0].home_devices(HOME).unwrap()["peerK"].revoked_at,
+            Some(77)
+        );
+    }
+
     /// Home and registry documents are validated by the entries each change wrote once
     /// they validated whole; a malformed entry from a peer must still be reported with
     /// its path, also after earlier good changes, and keep being reported until repaired.

@@ -107,6 +107,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
                 unchecked: None,
                 versions,
                 paths: Default::default(),
+                devices: Default::default(),
             },
         );
         if confirm {

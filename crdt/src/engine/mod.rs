@@ -329,7 +329,17 @@ struct DocState<P> {
     /// Paths of this document's objects found while telling which entries changes
     /// wrote ([`crate::schema::touched::PathCache`]).
     paths: crate::schema::touched::PathCache,
+    /// A home document's device records as last read ([`Engine::home_devices`]).
+    devices: DevicesCache,
 }
+
+/// A home document's device records and the number of changes the document held when
+/// they were read. Automerge only ever adds changes, so while the count is the same the
+/// records are; a document rebuilt in place (after a panic) starts with an empty cache.
+#[derive(Debug, Default)]
+struct DevicesCache(
+    std::cell::RefCell<Option<(u64, BTreeMap<String, crate::schema::home::DeviceRecord>)>>,
+);
 
 /// The sans-IO core of a node. `P` identifies peers (the node uses libp2p's
 /// `PeerId`; tests use integers).
@@ -517,6 +527,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
                 unchecked: None,
                 versions: None,
                 paths: Default::default(),
+                devices: Default::default(),
             },
         );
         Ok(vec![Output::PersistChunk {
@@ -590,6 +601,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
             unchecked: None,
             versions: None,
             paths: Default::default(),
+            devices: Default::default(),
         });
     }
 

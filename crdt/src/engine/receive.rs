@@ -548,8 +548,10 @@ impl<P: Clone + Ord + Debug> Engine<P> {
                 let _ = catch(|| doc.save_incremental());
                 ds.doc = doc;
                 ds.unchecked = None;
-                // The rebuilt document may lack changes the log listed.
+                // The rebuilt document may lack changes the log listed, and so hold
+                // other changes under a count the cache saw.
                 ds.versions = None;
+                ds.devices = Default::default();
                 self.stats.documents_recovered += 1;
             }
         }

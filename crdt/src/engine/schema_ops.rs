@@ -5,6 +5,8 @@
 
 use std::fmt::Debug;
 
+use automerge::ReadDoc;
+
 use crate::error::Result;
 use crate::ids::{DocId, KeyEpoch};
 use crate::schema::entity::{self, Entity, EntityUpdate};
@@ -66,7 +68,17 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         &self,
         doc: DocId,
     ) -> Result<std::collections::BTreeMap<String, crate::schema::home::DeviceRecord>> {
-        crate::schema::home::devices(&self.doc_state(doc)?.doc)
+        let ds = self.doc_state(doc)?;
+        // Admission checks read these on every frame; the document changes far less often.
+        let changes = ds.doc.stats().num_changes;
+        if let Some((at, devices)) = &*ds.devices.0.borrow()
+            && *at == changes
+        {
+            return Ok(devices.clone());
+        }
+        let devices = crate::schema::home::devices(&ds.doc)?;
+        *ds.devices.0.borrow_mut() = Some((changes, devices.clone()));
+        Ok(devices)
     }
 
     /// The keyring entries of home document `doc` that `chunk` wrote, read and
