@@ -141,10 +141,10 @@ impl Core {
             return true;
         }
         // Only the device records: the whole home view holds one keyring entry per document.
-        match self.engine.home_devices(self.home.home_doc) {
-            Ok(devices) => {
+        match self.engine.home_device(self.home.home_doc, peer) {
+            Ok(device) => {
                 self.home_doc_read.set(true);
-                devices.get(peer).is_some_and(|d| d.revoked_at.is_some())
+                device.is_some_and(|d| d.revoked_at.is_some())
             }
             // A device that just joined holds the home document's key but not all of its
             // content until the first sync completes (a large catch-up arrives over several

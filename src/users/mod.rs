@@ -186,7 +186,11 @@ impl Users {
     ) -> Result<UserState, Error> {
         self.merge_state(user, device_id, state, true)
             .await?
-            .ok_or_else(|| Error::Internal("the state was not read after the write".into()))
+            .ok_or_else(|| {
+                Error::Internal(
+                    "the state was written, but could not be read back; read it again".into(),
+                )
+            })
     }
 
     /// [`Users::sync_state`], answering the state after the write only when `read_back`

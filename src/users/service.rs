@@ -279,8 +279,15 @@ impl Core {
                 .map_err(users_err)?;
             self.handle_outputs(out)
         };
+        // The write stands, and its batch is stored, even when reading it back fails.
         let state = if read_back {
-            Some(self.user_state(user)?)
+            match self.user_state(user) {
+                Ok(state) => Some(state),
+                Err(error) => {
+                    tracing::warn!(%user, %error, "the user's state cannot be read after a write");
+                    None
+                }
+            }
         } else {
             None
         };
@@ -582,8 +589,12 @@ impl Core {
             }
             let known = self.users.notified.entry(user.clone()).or_default();
             let mut fresh = Vec::new();
+            // Expired notifications stay in the document until the user's part fills (they
+            // arrive whole on a device that joins or catches up late): they are known, not
+            // announced, as `pending_notifications` does not answer them either.
+            let now = now_ms();
             for (id, n) in &entry.notifications {
-                if known.insert(id.clone()) {
+                if known.insert(id.clone()) && n.expires_ms > now {
                     fresh.push(super::notify::view(&user, id, n));
                 }
             }
@@ -714,6 +725,50 @@ mod tests {
             open(&t, "ann", "c5").await,
             Err(Error::Conflict(_))
         ));
+        t.stop().await;
+    }
+
+    /// A device that reads the users document late (it joined, or caught up after a
+    /// long time away) announces the notifications it holds that are still live, and not
+    /// those that expired in the document.
+    #[tokio::test]
+    async fn a_late_reader_announces_live_notifications_only() {
+        let t = TestCore::start("admin").await;
+        for (title, ttl) in [("soon gone", 1), ("still live", 60_000)] {
+            let n = crate::users::NewNotification {
+                user_id: "ann".into(),
+                kind: "peer_message".into(),
+                priority: "normal".into(),
+                title: title.into(),
+                body: String::new(),
+                data: serde_json::Map::new(),
+                ttl: std::time::Duration::from_millis(ttl),
+            };
+            t.core
+                .call(|reply| UserRequest::Notify { n, reply })
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let mut events = t.events();
+        t.on_core(|core| {
+            Box::pin(async move {
+                // As on a device that has not read the document yet.
+                core.users.notified.clear();
+                core.users.heads.clear();
+                let doc = super::users_doc_id(&core.home.home_id);
+                core.on_users_changed(doc, Some("12D3KooWpeer".into()));
+            })
+        })
+        .await;
+        let mut announced = Vec::new();
+        while let Ok(event) = events.try_recv() {
+            if let Event::Notification { notification, .. } = event {
+                announced.push(notification.title);
+            }
+        }
+        assert_eq!(announced, ["still live"]);
         t.stop().await;
     }
 }

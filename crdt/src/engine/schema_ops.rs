@@ -68,17 +68,38 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         &self,
         doc: DocId,
     ) -> Result<std::collections::BTreeMap<String, crate::schema::home::DeviceRecord>> {
+        self.with_devices(doc, Clone::clone)
+    }
+
+    /// One device's record in home document `doc`, if it has one. Reading it fails when
+    /// the device records do not validate, as [`Engine::home_devices`] does.
+    pub fn home_device(
+        &self,
+        doc: DocId,
+        peer: &str,
+    ) -> Result<Option<crate::schema::home::DeviceRecord>> {
+        self.with_devices(doc, |devices| devices.get(peer).cloned())
+    }
+
+    /// `f` of the device records of home document `doc`. Admission checks read them on
+    /// every frame, and the document changes far less often: they are read once per
+    /// change of it.
+    fn with_devices<R>(
+        &self,
+        doc: DocId,
+        f: impl FnOnce(&std::collections::BTreeMap<String, crate::schema::home::DeviceRecord>) -> R,
+    ) -> Result<R> {
         let ds = self.doc_state(doc)?;
-        // Admission checks read these on every frame; the document changes far less often.
         let changes = ds.doc.stats().num_changes;
         if let Some((at, devices)) = &*ds.devices.0.borrow()
             && *at == changes
         {
-            return Ok(devices.clone());
+            return Ok(f(devices));
         }
         let devices = crate::schema::home::devices(&ds.doc)?;
-        *ds.devices.0.borrow_mut() = Some((changes, devices.clone()));
-        Ok(devices)
+        let out = f(&devices);
+        *ds.devices.0.borrow_mut() = Some((changes, devices));
+        Ok(out)
     }
 
     /// The keyring entries of home document `doc` that `chunk` wrote, read and

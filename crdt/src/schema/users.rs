@@ -1068,14 +1068,17 @@ mod tests {
             created_ms,
             expires_ms,
         };
-        put_notification(&mut a, "ann", "n1", &n(10, 100), 10).unwrap();
+        // n1 is newer than n2 and n3, so a full part drops it first for having expired,
+        // not for its age.
+        put_notification(&mut a, "ann", "n1", &n(250, 260), 10).unwrap();
         put_notification(&mut a, "ann", "n2", &n(20, 1000), 20).unwrap();
         let ann = Users::read_user(&a, "ann", Parts::ALL).unwrap().unwrap();
         assert_eq!(ann.notifications.len(), 2);
-        assert_eq!(ann.notifications["n1"], n(10, 100));
-        // n1 has expired by the next write; it stays until the part fills (readers
-        // skip it).
+        assert_eq!(ann.notifications["n1"], n(250, 260));
         put_notification(&mut a, "ann", "n3", &n(200, 1000), 200).unwrap();
+        // n1 expires at 260: the writes at 300 below find it expired, but it stays until
+        // the part fills (readers skip it).
+        put_notification(&mut a, "ann", "m0", &n(300, 9999), 300).unwrap();
         let ann = Users::read_user(&a, "ann", Parts::ALL).unwrap().unwrap();
         assert!(ann.notifications.contains_key("n1"));
         for i in 0..MAX_NOTIFICATIONS + 3 {
@@ -1087,6 +1090,13 @@ mod tests {
                 300,
             )
             .unwrap();
+            if i == MAX_NOTIFICATIONS - 3 {
+                // The first write to a full part: the expired n1 went, the oldest stayed.
+                let ann = Users::read_user(&a, "ann", Parts::ALL).unwrap().unwrap();
+                assert!(!ann.notifications.contains_key("n1"));
+                assert!(ann.notifications.contains_key("n2"));
+                assert_eq!(ann.notifications.len(), MAX_NOTIFICATIONS);
+            }
         }
         let ann = Users::read_user(&a, "ann", Parts::ALL).unwrap().unwrap();
         assert_eq!(ann.notifications.len(), MAX_NOTIFICATIONS);
