@@ -85,6 +85,12 @@ impl Cluster {
         self.attach_all(doc, DocKind::Entity);
     }
 
+    /// Takes node 0's outputs of creating `doc` and attaches it on every node.
+    pub(crate) fn created(&mut self, doc: DocId, kind: DocKind, out: Vec<Output<usize>>) {
+        self.absorb(0, out);
+        self.attach_all(doc, kind);
+    }
+
     /// Every other node expects `doc`, and every pair attaches.
     pub(crate) fn attach_all(&mut self, doc: DocId, kind: DocKind) {
         for i in 1..self.nodes.len() {
@@ -640,21 +646,17 @@ mod tests {
         let out = c.nodes[0]
             .create_room(ROOM, OWNER, EPOCH, &room, now)
             .unwrap();
-        c.absorb(0, out);
-        c.attach_all(ROOM, DocKind::Room);
+        c.created(ROOM, DocKind::Room, out);
         let out = c.nodes[0]
             .create_presence(PRESENCE, OWNER, EPOCH, now)
             .unwrap();
-        c.absorb(0, out);
-        c.attach_all(PRESENCE, DocKind::Presence);
+        c.created(PRESENCE, DocKind::Presence, out);
         let out = c.nodes[0].create_locks(LOCKS, OWNER, EPOCH, now).unwrap();
-        c.absorb(0, out);
-        c.attach_all(LOCKS, DocKind::Locks);
+        c.created(LOCKS, DocKind::Locks, out);
         let out = c.nodes[0]
             .create_session(SESSION, OWNER, EPOCH, "ann", "tv", now)
             .unwrap();
-        c.absorb(0, out);
-        c.attach_all(SESSION, DocKind::Session);
+        c.created(SESSION, DocKind::Session, out);
 
         type Breaker = fn(&mut AutoCommit);
         let cases: [(DocId, Breaker, &str); 4] = [
@@ -753,9 +755,7 @@ mod tests {
         let out = c.nodes[0]
             .create_home(HOME, OWNER, EPOCH, "h", now)
             .unwrap();
-        c.absorb(0, out);
-        c.attach_all(HOME, DocKind::Home);
-        c.settle();
+        c.created(HOME, DocKind::Home, out);
         let record = DeviceRecord {
             name: "kitchen".into(),
             certificate: vec![1, 2, 3],
@@ -817,14 +817,11 @@ mod tests {
         let out = c.nodes[0]
             .create_home(HOME, OWNER, EPOCH, "h", now)
             .unwrap();
-        c.absorb(0, out);
-        c.attach_all(HOME, DocKind::Home);
+        c.created(HOME, DocKind::Home, out);
         let out = c.nodes[0]
             .create_registry(REGISTRY, OWNER, EPOCH, now)
             .unwrap();
-        c.absorb(0, out);
-        c.attach_all(REGISTRY, DocKind::Registry);
-        c.settle();
+        c.created(REGISTRY, DocKind::Registry, out);
 
         // Writes `f` on node 1, delivers it to node 0, returns the schema errors reported.
         let step = |c: &mut Cluster, doc: DocId, f: &dyn Fn(&mut automerge::AutoCommit)| {
@@ -1018,9 +1015,7 @@ mod tests {
                 Touched::Everything
             );
         }
-        c.absorb(0, out);
-        c.attach_all(REGISTRY, DocKind::Registry);
-        c.settle();
+        c.created(REGISTRY, DocKind::Registry, out);
 
         // Writes `f` on node 1, delivers it to node 0, and returns what node 0 reads the
         // incremental chunks it stored to have written.
