@@ -516,6 +516,7 @@ pub(crate) async fn start(
         core.ensure_expected(doc, epoch);
     }
     core.rebuild_entity_index_lenient();
+    core.stay_on_held_generations().await;
     core.index_generations();
     core.refresh_actor_homes();
     core.reserve_own_devices().await;

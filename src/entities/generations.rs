@@ -28,6 +28,10 @@ const DELETE_CHECK_EVERY: u32 = 32;
 /// Most generations walked back from the current one.
 const MAX_CHAIN: usize = 64;
 
+/// Most documents loaded at start to find the generations held of entities whose current
+/// one has not arrived.
+const MAX_HELD_CANDIDATES: usize = 4096;
+
 /// The generations service's state, kept with the entities'.
 #[derive(Default)]
 pub(crate) struct Generations {
@@ -210,6 +214,80 @@ impl Core {
             let g = &mut self.entities.generations;
             g.waiting.insert(new, id);
             g.due.insert(new);
+        }
+    }
+
+    /// At start, after the index was built from the registry: an entity whose entry names
+    /// a document whose content has not arrived (this device stopped after the registry
+    /// change of a cut reached it and before the new generation did) stays on the newest
+    /// generation of it held here, and awaits the named one as [`Core::follow_registry`]
+    /// does. Otherwise it would read as absent and refuse writes until the sync brings
+    /// the new generation, though every write it acknowledged is here.
+    ///
+    /// The held generations are found among this home's entity documents that the index
+    /// does not name and that no held generation replaced; they are loaded (only when an
+    /// entity lacks its document, which is rare) to read which entity each holds.
+    pub(crate) async fn stay_on_held_generations(&mut self) {
+        let missing: HashMap<String, DocId> = self
+            .entities
+            .by_id
+            .clone()
+            .into_iter()
+            .filter(|(_, doc)| !self.has_content(*doc))
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        let home = self.home.home_id.clone();
+        let replaced: HashSet<DocId> = self
+            .engine
+            .documents()
+            .collect::<Vec<_>>()
+            .into_iter()
+            .filter_map(|d| self.prev_hint(d))
+            .collect();
+        let candidates: Vec<DocId> = self
+            .engine
+            .documents()
+            .filter(|d| !self.entities.of_doc.contains_key(d) && !replaced.contains(d))
+            .filter(|d| {
+                self.engine
+                    .header(*d)
+                    .is_ok_and(|h| h.kind == hearth_crdt::DocKind::Entity && h.owner_home == home)
+            })
+            .take(MAX_HELD_CANDIDATES)
+            .collect();
+        self.ensure_loaded_many(&candidates).await;
+        // The newest held generation of each entity that lacks its document.
+        let mut held: HashMap<String, (u64, DocId)> = HashMap::new();
+        for doc in candidates {
+            if !self.has_content(doc) {
+                continue;
+            }
+            let Ok(entity) = self.engine.entity(doc) else {
+                continue;
+            };
+            if !missing.contains_key(entity.id.as_str()) {
+                continue;
+            }
+            let number = match self.valid_generation(doc) {
+                Ok(g) => g.map_or(0, |g| g.number),
+                Err(_) => continue,
+            };
+            let best = held.entry(entity.id.to_string()).or_insert((number, doc));
+            if number > best.0 {
+                *best = (number, doc);
+            }
+        }
+        for (id, (_, doc)) in held {
+            let Some(named) = missing.get(&id).copied() else {
+                continue;
+            };
+            tracing::info!(%id, %named, held = %doc, "the entity's current generation has not arrived; staying on the one held here");
+            self.point(&id, doc);
+            let g = &mut self.entities.generations;
+            g.waiting.insert(named, id);
+            g.due.insert(named);
         }
     }
 
@@ -610,6 +688,7 @@ mod tests {
     use hearth_crdt::{DocId, DocKind, Header, KeyEpoch};
 
     use crate::core::testing::TestCore;
+    use crate::entities::EntityWrite;
 
     /// A new generation written by a device that is not the home's admin (here, an
     /// actor no device of the home has) is refused: the entity stays on its document.
@@ -732,6 +811,72 @@ mod tests {
                 (true, vec![(DocId::from_bytes([8; 16]), id.clone())]),
                 (false, vec![]),
             ]
+        );
+        t.stop().await;
+    }
+
+    /// At start, an entity whose registry entry names a generation that has not arrived
+    /// stays on the one held here: it reads and takes writes, and awaits the named one. An
+    /// entity with nothing held refuses writes with a clear error.
+    #[tokio::test]
+    async fn at_start_an_entity_stays_on_its_held_generation() {
+        let t = TestCore::start("hall").await;
+        let id = "light.hall".to_string();
+        t.set_entity(&id, "on").await;
+        let outcome = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let seen = outcome.clone();
+        t.on_core(move |core| {
+            Box::pin(async move {
+                let old = core.doc_of_entity(&id).unwrap();
+                let next = DocId::from_bytes([7; 16]);
+                let other = DocId::from_bytes([8; 16]);
+                core.engine
+                    .transact(core.home.registry_doc, 7, None, |d, _, _| {
+                        registry::put_entity(d, &id, next)?;
+                        // Named by the registry, never held here.
+                        registry::put_entity(d, "light.gate", other)
+                    })
+                    .unwrap();
+                // As at start: the index built from the registry alone.
+                core.entities.by_id.clear();
+                core.entities.of_doc.clear();
+                core.rebuild_entity_index().unwrap();
+                let before = core.doc_of_entity(&id) == Some(next);
+                core.stay_on_held_generations().await;
+                let waiting = core.entities.generations.waiting.get(&next).cloned();
+                let state = core.get_entity(&id).unwrap().map(|e| e.state);
+                let write = EntityWrite {
+                    state: "off".into(),
+                    attributes: None,
+                    correlation_id: None,
+                };
+                let written = core.set_entity(&id, write.clone()).map(|(e, _)| e.state);
+                let refused = match core.set_entity("light.gate", write) {
+                    Err(crate::Error::Unavailable(m)) => m.contains("not arrived"),
+                    _ => false,
+                };
+                *seen.lock().unwrap() = Some((
+                    before,
+                    core.doc_of_entity(&id) == Some(old),
+                    waiting,
+                    state,
+                    written.ok(),
+                    refused,
+                ));
+            })
+        })
+        .await;
+        let got = outcome.lock().unwrap().clone();
+        assert_eq!(
+            got,
+            Some((
+                true,
+                true,
+                Some("light.hall".to_string()),
+                Some("on".to_string()),
+                Some("off".to_string()),
+                true,
+            ))
         );
         t.stop().await;
     }
