@@ -83,6 +83,18 @@ impl Keyring {
             .filter_map(move |e| Some((*e, self.keys.get(&(doc, *e))?)))
     }
 
+    /// The epoch to seal a frame of `doc` under that the engine made for `epoch` (its
+    /// copy's current one): the newest held, when newer. A device that learned a rotated
+    /// key before the change that moves its copy to the new epoch arrived still holds
+    /// changes made under the old one; sealed under the old key, the devices that rotated
+    /// would refuse them as stale and the two copies would never meet again.
+    pub(crate) fn seal_epoch(&self, doc: DocId, epoch: KeyEpoch) -> KeyEpoch {
+        match self.epochs.get(&doc).and_then(|held| held.last()) {
+            Some(newest) if *newest > epoch => *newest,
+            _ => epoch,
+        }
+    }
+
     pub(crate) fn contains(&self, doc: DocId, epoch: KeyEpoch) -> bool {
         self.keys.contains_key(&(doc, epoch))
     }
@@ -167,6 +179,28 @@ mod tests {
             Some((doc, epoch))
         );
         assert_eq!(crate::records::parse_keyring_key(&[0; 39]), None);
+    }
+
+    /// Frames are sealed under the newest epoch held of their document, never an older
+    /// one than the engine named.
+    #[test]
+    fn frames_seal_under_the_newest_epoch_held() {
+        let mut ring = Keyring::default();
+        let mut batch = Batch::new();
+        let doc = DocId::from_bytes([1; 16]);
+        let at = |counter| KeyEpoch {
+            counter,
+            device: [2; 16],
+        };
+        for counter in [0, 1] {
+            ring.insert(doc, at(counter), DocKey::generate().unwrap(), &mut batch);
+        }
+        assert_eq!(ring.seal_epoch(doc, at(0)), at(1));
+        assert_eq!(ring.seal_epoch(doc, at(1)), at(1));
+        // Named newer than any held (the seal then fails for want of its key).
+        assert_eq!(ring.seal_epoch(doc, at(5)), at(5));
+        let other = DocId::from_bytes([9; 16]);
+        assert_eq!(ring.seal_epoch(other, at(0)), at(0));
     }
 
     #[tokio::test]

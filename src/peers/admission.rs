@@ -414,9 +414,12 @@ impl Core {
         }
     }
 
+    /// Seals a frame's payload under its document's key: the newest epoch held, which
+    /// may be newer than the one the engine named (`Keyring::seal_epoch`).
     pub(crate) fn seal_frame(&self, mut frame: Frame) -> Result<Vec<u8>, String> {
         match &mut frame {
             Frame::Push(p) => {
+                p.epoch = self.keyring.seal_epoch(p.doc, p.epoch);
                 let key = self
                     .keyring
                     .get(p.doc, p.epoch)
@@ -425,6 +428,7 @@ impl Core {
                     .map_err(|e| e.to_string())?;
             }
             Frame::Sync(s) => {
+                s.epoch = self.keyring.seal_epoch(s.doc, s.epoch);
                 let key = self
                     .keyring
                     .get(s.doc, s.epoch)
@@ -821,6 +825,48 @@ mod tests {
 
     use super::*;
     use crate::trust::keys::DocKey;
+
+    /// A device that learned a rotated key before the change that moves its copy of the
+    /// document to the new epoch seals its frames under the new key, so the device that
+    /// rotated does not refuse what it sends as sealed under a stale epoch (the two copies
+    /// would otherwise never meet again: found by tests/reliability/rotation.py).
+    #[tokio::test]
+    async fn frames_go_out_under_a_learned_newer_key_and_are_not_stale() {
+        use crate::core::testing::TestCore;
+        let t = TestCore::start("hall").await;
+        let outcome = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let seen = outcome.clone();
+        t.on_core(move |core| {
+            Box::pin(async move {
+                let doc = core.home.registry_doc;
+                let old = core.engine.header(doc).unwrap().key_epoch;
+                let new = KeyEpoch {
+                    counter: old.counter + 1,
+                    device: old.device,
+                };
+                let key = DocKey::generate().unwrap();
+                let mut batch = hearth_storage::Batch::new();
+                core.keyring.insert(doc, new, key.clone(), &mut batch);
+                let frame = Frame::Sync(SyncMessage {
+                    doc,
+                    epoch: old,
+                    expects_reply: true,
+                    bytes: b"changes".to_vec(),
+                });
+                let sealed = core.seal_frame(frame).unwrap();
+                let Ok(Frame::Sync(s)) = wire::decode(&sealed, MAX_FRAME_BYTES) else {
+                    panic!("not a sync frame");
+                };
+                let opened = keys::open(&key, doc, new, RecordKind::SyncMessage, &s.bytes);
+                // The wire names the epoch by counter and device prefix.
+                *seen.lock().unwrap() = Some((s.epoch.counter == new.counter, opened.ok()));
+            })
+        })
+        .await;
+        let got = outcome.lock().unwrap().clone();
+        assert_eq!(got, Some((true, Some(b"changes".to_vec()))));
+        t.stop().await;
+    }
 
     #[test]
     pub(crate) fn the_largest_payload_sealed_in_the_worst_envelope_fits_a_frame() {
