@@ -214,7 +214,12 @@ class Toggler:
                     self.cap.pop(e, None)
                     self.shares += 1
                     before = self.share_epoch.get(e)
-                    if before and before[1] == gen and before[0] == body["epoch"]:
+                    # A cut can land between the generation read and the share (the
+                    # entity was unshared, so a1 may cut it): the share then names the new
+                    # generation's first epoch. Only a share whose generation did not move
+                    # across it is compared.
+                    if (before and before[1] == gen and after == gen
+                            and before[0] == body["epoch"]):
                         self.failures.append(f"share {e}: shared again under epoch {body['epoch']} "
                                              f"of generation {gen}, the key it had before it was "
                                              "unshared (the unshare did not rotate it)")
