@@ -84,14 +84,25 @@ impl Keyring {
     }
 
     /// The epoch to seal a frame of `doc` under that the engine made for `epoch` (its
-    /// copy's current one): the newest held, when newer. A device that learned a rotated
-    /// key before the change that moves its copy to the new epoch arrived still holds
-    /// changes made under the old one; sealed under the old key, the devices that rotated
-    /// would refuse them as stale and the two copies would never meet again.
+    /// copy's current one): a held epoch of a higher counter, when exactly one held epoch
+    /// has the highest counter. A device that learned a rotated key before the change that
+    /// moves its copy to the new epoch arrived still holds changes made under the old one;
+    /// sealed under the old key, the devices that rotated would refuse them as stale and
+    /// the two copies would never meet again. Two held epochs of the highest counter
+    /// (devices that rotated concurrently) leave the choice to the document's header, as
+    /// paired homes were granted that one only.
     pub(crate) fn seal_epoch(&self, doc: DocId, epoch: KeyEpoch) -> KeyEpoch {
-        match self.epochs.get(&doc).and_then(|held| held.last()) {
-            Some(newest) if *newest > epoch => *newest,
-            _ => epoch,
+        let Some(held) = self.epochs.get(&doc) else {
+            return epoch;
+        };
+        let Some(newest) = held.last() else {
+            return epoch;
+        };
+        let alone = held.iter().filter(|e| e.counter == newest.counter).count() == 1;
+        if newest.counter > epoch.counter && alone {
+            *newest
+        } else {
+            epoch
         }
     }
 
@@ -201,6 +212,17 @@ mod tests {
         assert_eq!(ring.seal_epoch(doc, at(5)), at(5));
         let other = DocId::from_bytes([9; 16]);
         assert_eq!(ring.seal_epoch(other, at(0)), at(0));
+        // Two devices rotated concurrently to counter 2: the header decides, not the key
+        // that sorts last (a paired home was granted only the header's).
+        let by = |device| KeyEpoch {
+            counter: 2,
+            device: [device; 16],
+        };
+        for device in [3, 4] {
+            ring.insert(doc, by(device), DocKey::generate().unwrap(), &mut batch);
+        }
+        assert_eq!(ring.seal_epoch(doc, at(1)), at(1));
+        assert_eq!(ring.seal_epoch(doc, by(3)), by(3));
     }
 
     #[tokio::test]

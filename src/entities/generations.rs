@@ -30,7 +30,7 @@ const MAX_CHAIN: usize = 64;
 
 /// Most documents loaded at start to find the generations held of entities whose current
 /// one has not arrived.
-const MAX_HELD_CANDIDATES: usize = 4096;
+const MAX_HELD_CANDIDATES: usize = 1024;
 
 /// The generations service's state, kept with the entities'.
 #[derive(Default)]
@@ -226,14 +226,19 @@ impl Core {
     ///
     /// The held generations are found among this home's entity documents that the index
     /// does not name and that no held generation replaced; they are loaded (only when an
-    /// entity lacks its document, which is rare) to read which entity each holds.
+    /// entity lacks its document) to read which entity each holds, at most
+    /// [`MAX_HELD_CANDIDATES`]. Of several, the one written last is taken. An entity
+    /// deleted and made anew on another device whose new document has not arrived would
+    /// be shown from its deleted incarnation until it does; writes made there meanwhile
+    /// are not carried into the new one.
     pub(crate) async fn stay_on_held_generations(&mut self) {
         let missing: HashMap<String, DocId> = self
             .entities
             .by_id
             .clone()
             .into_iter()
-            .filter(|(_, doc)| !self.has_content(*doc))
+            // Another home's entity shared with this one has no generations here.
+            .filter(|(_, doc)| !self.is_foreign_doc(*doc) && !self.has_content(*doc))
             .collect();
         if missing.is_empty() {
             return;
@@ -258,8 +263,10 @@ impl Core {
             .take(MAX_HELD_CANDIDATES)
             .collect();
         self.ensure_loaded_many(&candidates).await;
-        // The newest held generation of each entity that lacks its document.
-        let mut held: HashMap<String, (u64, DocId)> = HashMap::new();
+        // The held document of each entity that lacks its document written last: the
+        // generation it was on (an incarnation deleted before it was made anew holds
+        // older writes).
+        let mut held: HashMap<String, (hearth_crdt::Hlc, DocId)> = HashMap::new();
         for doc in candidates {
             if !self.has_content(doc) {
                 continue;
@@ -270,13 +277,14 @@ impl Core {
             if !missing.contains_key(entity.id.as_str()) {
                 continue;
             }
-            let number = match self.valid_generation(doc) {
-                Ok(g) => g.map_or(0, |g| g.number),
-                Err(_) => continue,
-            };
-            let best = held.entry(entity.id.to_string()).or_insert((number, doc));
-            if number > best.0 {
-                *best = (number, doc);
+            // A generation whose record is refused is never moved to.
+            if self.valid_generation(doc).is_err() {
+                continue;
+            }
+            let at = entity.updated_at;
+            let best = held.entry(entity.id.to_string()).or_insert((at, doc));
+            if at > best.0 {
+                *best = (at, doc);
             }
         }
         for (id, (_, doc)) in held {
@@ -822,6 +830,23 @@ mod tests {
     async fn at_start_an_entity_stays_on_its_held_generation() {
         let t = TestCore::start("hall").await;
         let id = "light.hall".to_string();
+        // An incarnation of the entity deleted earlier, still held: written before the
+        // live one, so not taken.
+        let made = id.clone();
+        t.on_core(move |core| {
+            Box::pin(async move {
+                let home = core.home.home_id.clone();
+                let epoch = KeyEpoch::first([5; 16]);
+                let first = hearth_crdt::schema::entity::EntityUpdate {
+                    state: "deleted earlier".into(),
+                    attributes: None,
+                };
+                core.engine
+                    .create_entity(DocId::from_bytes([5; 16]), &home, epoch, &made, &first, 1)
+                    .unwrap();
+            })
+        })
+        .await;
         t.set_entity(&id, "on").await;
         let outcome = std::sync::Arc::new(std::sync::Mutex::new(None));
         let seen = outcome.clone();
@@ -830,6 +855,7 @@ mod tests {
                 let old = core.doc_of_entity(&id).unwrap();
                 let next = DocId::from_bytes([7; 16]);
                 let other = DocId::from_bytes([8; 16]);
+
                 core.engine
                     .transact(core.home.registry_doc, 7, None, |d, _, _| {
                         registry::put_entity(d, &id, next)?;

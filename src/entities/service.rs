@@ -294,13 +294,13 @@ impl Core {
         let now = now_ms();
         let doc = match self.doc_of_entity(id) {
             Some(doc) => {
+                self.check_write_rights(doc, id)?;
                 if !self.has_content(doc) {
                     return Err(Error::Unavailable(format!(
-                        "{id} is listed in the home's registry but its document has not \
-                         arrived on this device yet; write again once it has synced"
+                        "{id}: its document has not arrived on this device yet; write \
+                         again once it has synced"
                     )));
                 }
-                self.check_write_rights(doc, id)?;
                 doc
             }
             None => {
