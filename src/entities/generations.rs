@@ -219,7 +219,7 @@ impl Core {
 
     /// At start, after the index was built from the registry: an entity whose entry names
     /// a document whose content has not arrived (this device stopped after the registry
-    /// change of a cut reached it and before the new generation did) stays on the newest
+    /// change of a cut reached it and before the new generation did) stays on the
     /// generation of it held here, and awaits the named one as [`Core::follow_registry`]
     /// does. Otherwise it would read as absent and refuse writes until the sync brings
     /// the new generation, though every write it acknowledged is here.
