@@ -692,12 +692,11 @@ impl Core {
                 self.metrics.frame_in(bytes.len());
                 self.counters.frames_received += 1;
                 self.counters.frame_bytes_received += bytes.len() as u64;
-                let text = peer.to_base58();
-                if !self.still_admitted_as(&text, &class, "sync") {
+                if !self.still_admitted_as(&peer, &class, "sync") {
                     return;
                 }
-                self.peers.heard_from(&text, now_ms());
-                self.on_frame(text, class, bytes).await
+                self.peers.heard_from(&peer.to_base58(), now_ms());
+                self.on_frame(peer, class, bytes).await
             }
             Event::PairRequest {
                 peer,
@@ -749,7 +748,7 @@ impl Core {
             // only use this stream's alert lane.
             Event::EphemeralFrame { peer, class, bytes }
                 if matches!(class, PeerClass::Own | PeerClass::Paired(_))
-                    && self.still_admitted_as(&peer.to_base58(), &class, "ephemeral") =>
+                    && self.still_admitted_as(&peer, &class, "ephemeral") =>
             {
                 // Taken before anything else, for the clock probes' timestamps.
                 let received_us = self.playback.now_us();

@@ -696,7 +696,6 @@ impl<P: Clone + Ord + Debug> Engine<P> {
                     &self.config,
                     &mut self.stats,
                     &mut out,
-                    false,
                 );
             }
         }
@@ -784,7 +783,6 @@ impl<P: Clone + Ord + Debug> Engine<P> {
             &self.config,
             &mut self.stats,
             &mut out,
-            false,
         );
         ds.sessions.insert(peer, session);
         self.reschedule(doc);
@@ -944,7 +942,6 @@ impl<P: Clone + Ord + Debug> Engine<P> {
                 &self.config,
                 &mut self.stats,
                 &mut out,
-                false,
             );
         }
         let mut docs: Vec<DocId> = due.into_iter().map(|(doc, _)| doc).collect();
