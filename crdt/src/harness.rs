@@ -476,6 +476,53 @@ mod tests {
         net.assert_converged(DOC);
     }
 
+    /// Devices that write faster than a round trip, starting out of push mode (a
+    /// reconnect): each write goes as one push, and the sync messages of the
+    /// exchange that confirms them stay few instead of one round per write.
+    #[test]
+    fn busy_writers_push_and_do_not_trade_sync_messages() {
+        for writers in [1usize, 2] {
+            let mut net = synced(2);
+            let now = net.now_ms;
+            for (a, b) in [(0, 1), (1, 0)] {
+                let out = net.nodes[a].attach(b, DOC, None, now).unwrap();
+                net.absorb(a, out);
+            }
+            let sync_before: u64 = (0..2).map(|i| net.nodes[i].stats().sync_sent).sum();
+            let pushes_before: u64 = (0..2).map(|i| net.nodes[i].stats().pushes_sent).sum();
+            let writes: u64 = 300;
+            for i in 0..writes {
+                let by = (i as usize) % writers;
+                net.edit(by, DOC, &update(&format!("s{i}"), json!({})), None);
+                // About a round trip of frames stays in flight.
+                while net.pending() > 3 {
+                    net.step();
+                }
+                net.advance(1);
+            }
+            let sync: u64 =
+                (0..2).map(|i| net.nodes[i].stats().sync_sent).sum::<u64>() - sync_before;
+            let pushes: u64 = (0..2)
+                .map(|i| net.nodes[i].stats().pushes_sent)
+                .sum::<u64>()
+                - pushes_before;
+            assert!(
+                pushes >= writes - 10,
+                "{writers} writer(s): {pushes} of {writes} writes pushed"
+            );
+            assert!(
+                sync <= 30,
+                "{writers} writer(s): {sync} sync messages for {writes} writes"
+            );
+            net.run_until_quiet(100_000);
+            net.assert_converged(DOC);
+            assert_eq!(
+                net.nodes[1].entity(DOC).unwrap().state,
+                format!("s{}", writes - 1)
+            );
+        }
+    }
+
     #[test]
     fn push_with_missing_dependencies_falls_back_to_sync_and_converges() {
         let mut net = synced(2);

@@ -402,22 +402,15 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         {
             session.state.needs_reset = true;
         }
-        let sent = generate_into(
-            id,
-            epoch,
-            &peer,
-            &mut ds.doc,
-            session,
-            now_ms,
-            &self.config,
-            &mut self.stats,
-            &mut out,
-        );
-        // Automerge stays silent when the peer's heads equal ours, but this
-        // peer is waiting for an answer (to it, silence means a lost message).
-        if !sent && msg.expects_reply && their_heads == heads {
-            session.state.have_responded = false;
-            generate_into(
+        // In push mode, a message that asks for no answer ends the exchange: the peer
+        // holds all it told us of, and whatever it lacks is on the stream as pushes.
+        // Answering anyway kept two busy devices trading sync messages, each walking
+        // the change history, for as long as either kept writing.
+        if session.in_sync && !msg.expects_reply {
+            session.awaiting_since = None;
+        } else {
+            let cut_short = (self.stats.sync_partial, self.stats.oversized);
+            let sent = generate_into(
                 id,
                 epoch,
                 &peer,
@@ -428,6 +421,30 @@ impl<P: Clone + Ord + Debug> Engine<P> {
                 &mut self.stats,
                 &mut out,
             );
+            // Automerge stays silent when the peer's heads equal ours, but this
+            // peer is waiting for an answer (to it, silence means a lost message).
+            if !sent && msg.expects_reply && their_heads == heads {
+                session.state.have_responded = false;
+                generate_into(
+                    id,
+                    epoch,
+                    &peer,
+                    &mut ds.doc,
+                    session,
+                    now_ms,
+                    &self.config,
+                    &mut self.stats,
+                    &mut out,
+                );
+            }
+            // The peer's heads are all known here and the answer just sent carries in
+            // full what it lacks beyond them: everything this device holds is with the
+            // peer or on the (ordered) stream to it, so later changes can go as pushes.
+            // Waiting for equal heads instead kept a device that writes faster than a
+            // round trip in the sync protocol for as long as it kept writing.
+            if sent && their_known && cut_short == (self.stats.sync_partial, self.stats.oversized) {
+                session.in_sync = true;
+            }
         }
         if session.state.shared_heads != shared_before
             && session.state.shared_heads != session.persisted_shared
@@ -620,8 +637,16 @@ pub(super) fn generate_into<P: Clone>(
             }
         }
     }
-    // An answer is due unless the peer already told us it has our heads.
-    let expects_reply = session.state.their_heads.as_deref() != Some(heads.as_slice());
+    // An answer is due unless the peer already told us it has our heads, or, in push
+    // mode, it holds nothing unknown here: what it lacks then is on the stream to it
+    // as pushes, and it answers anyway if it finds anything missing.
+    let expects_reply = match session.state.their_heads.as_deref() {
+        Some(theirs) if theirs == heads.as_slice() => false,
+        Some(theirs) if session.in_sync => !theirs
+            .iter()
+            .all(|h| catch(|| doc.get_change_meta_by_hash(h).is_some()).unwrap_or(false)),
+        _ => true,
+    };
     if expects_reply {
         session.awaiting_since = Some(now_ms);
         out.push(Output::Timer {
