@@ -523,6 +523,39 @@ mod tests {
         }
     }
 
+    /// A confirmation round asks for an answer, so a lost one is sent again: a push
+    /// and the confirmation after it both lost still reach the peer.
+    #[test]
+    fn a_lost_push_and_a_lost_confirmation_are_sent_again() {
+        let mut net = synced(2);
+        net.edit(0, DOC, &update("on", json!({})), None);
+        net.in_flight.clear();
+        let at = net.nodes[0].next_deadline().unwrap();
+        net.advance(at - net.now_ms);
+        assert!(net.pending() > 0, "the confirmation round went out");
+        net.in_flight.clear();
+        net.run_until_quiet(10_000);
+        net.assert_converged(DOC);
+        assert_eq!(net.nodes[1].entity(DOC).unwrap().state, "on");
+    }
+
+    /// A relay to a third device asks for an answer too: lost once, it goes again.
+    #[test]
+    fn a_lost_relay_is_sent_again() {
+        // A chain 0 - 1 - 2: 0 and 2 do not meet.
+        let mut net = synced(3);
+        net.nodes[0].detach(&2, DOC);
+        net.nodes[2].detach(&0, DOC);
+        net.edit(0, DOC, &update("on", json!({})), None);
+        assert!(net.step(), "the push reaches 1");
+        let at = net.nodes[1].next_deadline().unwrap();
+        net.advance(at - net.now_ms);
+        net.in_flight.retain(|m| !(m.from == 1 && m.to == 2));
+        net.run_until_quiet(10_000);
+        net.assert_converged(DOC);
+        assert_eq!(net.nodes[2].entity(DOC).unwrap().state, "on");
+    }
+
     #[test]
     fn push_with_missing_dependencies_falls_back_to_sync_and_converges() {
         let mut net = synced(2);

@@ -692,11 +692,12 @@ impl Core {
                 self.metrics.frame_in(bytes.len());
                 self.counters.frames_received += 1;
                 self.counters.frame_bytes_received += bytes.len() as u64;
-                if !self.still_admitted_as(&peer, &class, "sync") {
+                let text = peer.to_base58();
+                if !self.still_admitted_as(&text, &class, "sync") {
                     return;
                 }
-                self.peers.heard_from(&peer.to_base58(), now_ms());
-                self.on_frame(peer, class, bytes).await
+                self.peers.heard_from(&text, now_ms());
+                self.on_frame(text, class, bytes).await
             }
             Event::PairRequest {
                 peer,
@@ -748,7 +749,7 @@ impl Core {
             // only use this stream's alert lane.
             Event::EphemeralFrame { peer, class, bytes }
                 if matches!(class, PeerClass::Own | PeerClass::Paired(_))
-                    && self.still_admitted_as(&peer, &class, "ephemeral") =>
+                    && self.still_admitted_as(&peer.to_base58(), &class, "ephemeral") =>
             {
                 // Taken before anything else, for the clock probes' timestamps.
                 let received_us = self.playback.now_us();

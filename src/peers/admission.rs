@@ -109,20 +109,20 @@ impl Core {
     /// frame is dropped and counted, never applied under whatever the peer is now. A
     /// device of this home that was cut off sends what it holds again through sync once
     /// it is admitted again, so nothing it wrote is lost.
+    /// `text` is the peer's id in base58, as the caller already holds it.
     pub(crate) fn still_admitted_as(
         &mut self,
-        peer: &PeerId,
+        text: &str,
         class: &PeerClass,
         stream: &str,
     ) -> bool {
-        let text = peer.to_base58();
         let ok = match class {
-            PeerClass::Own => self.peers.admitted.contains_key(&text) && !self.is_revoked(&text),
+            PeerClass::Own => self.peers.admitted.contains_key(text) && !self.is_revoked(text),
             // Forgetting a home removes its devices from `foreign` at once.
             PeerClass::Paired(home) => self
                 .sharing
                 .foreign
-                .get(&text)
+                .get(text)
                 .is_some_and(|f| f.home.as_str() == &**home),
             _ => false,
         };
@@ -447,8 +447,9 @@ impl Core {
     /// A frame from an admitted device: open it under the document key and hand it to the
     /// engine. Anything malformed or unopenable is dropped with a logged reason; it never
     /// reaches a document.
-    pub(crate) async fn on_frame(&mut self, peer: PeerId, class: PeerClass, bytes: Bytes) {
-        let peer_text = peer.to_base58();
+    /// `peer_text` is the sender's id in base58: encoding it costs more than anything
+    /// else a small push takes before it reaches the engine, so it is done once a frame.
+    pub(crate) async fn on_frame(&mut self, peer_text: String, class: PeerClass, bytes: Bytes) {
         #[cfg(feature = "test-hooks")]
         self.capture_raw(&peer_text, "sync", &bytes);
         let mut frame = match wire::decode(&bytes, MAX_FRAME_BYTES) {

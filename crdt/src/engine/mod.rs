@@ -696,6 +696,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
                     &self.config,
                     &mut self.stats,
                     &mut out,
+                    false,
                 );
             }
         }
@@ -783,6 +784,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
             &self.config,
             &mut self.stats,
             &mut out,
+            false,
         );
         ds.sessions.insert(peer, session);
         self.reschedule(doc);
@@ -942,6 +944,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
                 &self.config,
                 &mut self.stats,
                 &mut out,
+                false,
             );
         }
         let mut docs: Vec<DocId> = due.into_iter().map(|(doc, _)| doc).collect();

@@ -136,6 +136,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
                     &self.config,
                     &mut self.stats,
                     &mut out,
+                    false,
                 );
             }
         }
@@ -402,8 +403,9 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         {
             session.state.needs_reset = true;
         }
-        // In push mode, a message that asks for no answer ends the exchange: the peer
-        // holds all it told us of, and whatever it lacks is on the stream as pushes.
+        // In push mode, a message that asks for no answer (an answer to ours) ends the
+        // exchange: the peer holds all it told us of, and whatever it lacks is on the
+        // stream as pushes.
         // Answering anyway kept two busy devices trading sync messages, each walking
         // the change history, for as long as either kept writing.
         if session.in_sync && !msg.expects_reply {
@@ -420,6 +422,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
                 &self.config,
                 &mut self.stats,
                 &mut out,
+                true,
             );
             // Automerge stays silent when the peer's heads equal ours, but this
             // peer is waiting for an answer (to it, silence means a lost message).
@@ -435,6 +438,7 @@ impl<P: Clone + Ord + Debug> Engine<P> {
                     &self.config,
                     &mut self.stats,
                     &mut out,
+                    true,
                 );
             }
             // The peer's heads are all known here and the answer just sent carries in
@@ -586,7 +590,9 @@ enum Applied<P> {
     OverBudget(Parked<P>, usize),
 }
 
-/// Generates the session's next sync message, if any, into `out`.
+/// Generates the session's next sync message, if any, into `out`. `answering` is true
+/// for the answer to a message just received, false for a message that opens an
+/// exchange.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn generate_into<P: Clone>(
     id: DocId,
@@ -598,6 +604,7 @@ pub(super) fn generate_into<P: Clone>(
     config: &EngineConfig,
     stats: &mut EngineStats,
     out: &mut Vec<Output<P>>,
+    answering: bool,
 ) -> bool {
     let heads = doc.get_heads();
     let state = &mut session.state;
@@ -637,12 +644,14 @@ pub(super) fn generate_into<P: Clone>(
             }
         }
     }
-    // An answer is due unless the peer already told us it has our heads, or, in push
-    // mode, it holds nothing unknown here: what it lacks then is on the stream to it
-    // as pushes, and it answers anyway if it finds anything missing.
+    // An answer is due unless the peer already told us it has our heads, or this is
+    // itself an answer, in push mode, to a peer that holds nothing unknown here: what
+    // it lacks then is on the stream to it as pushes, and it answers anyway if it
+    // finds anything missing. A message that opens an exchange (a confirmation round,
+    // a relay, a catch-up) always asks for an answer, so a lost one is sent again.
     let expects_reply = match session.state.their_heads.as_deref() {
         Some(theirs) if theirs == heads.as_slice() => false,
-        Some(theirs) if session.in_sync => !theirs
+        Some(theirs) if answering && session.in_sync => !theirs
             .iter()
             .all(|h| catch(|| doc.get_change_meta_by_hash(h).is_some()).unwrap_or(false)),
         _ => true,
