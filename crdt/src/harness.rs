@@ -539,6 +539,35 @@ mod tests {
         assert_eq!(net.nodes[1].entity(DOC).unwrap().state, "on");
     }
 
+    /// An answer that asks for none does not leave the exchange marked in flight. Here
+    /// 1's confirmation round goes twice (0 was slow), 0 answers both, writing between
+    /// them, and its push and second answer are lost: 0's own confirmation round must
+    /// still go out, as 1, answered once, waits for nothing.
+    #[test]
+    fn a_lost_push_and_a_lost_answer_are_confirmed_again() {
+        let mut net = synced(2);
+        net.edit(1, DOC, &update("q", json!({})), None);
+        assert!(net.step(), "1's push reaches 0");
+        let at = net.nodes[1].next_deadline().unwrap();
+        net.advance(at - net.now_ms);
+        assert_eq!(net.pending(), 1, "1's confirmation round is in flight");
+        let first = net.in_flight.remove(0);
+        let at = net.nodes[1].next_deadline().unwrap();
+        net.advance(at - net.now_ms);
+        assert_eq!(net.pending(), 1, "1 sent its confirmation round again");
+        net.in_flight.insert(0, first);
+        assert!(net.step(), "0 answers the first");
+        net.edit(0, DOC, &update("p", json!({})), None);
+        let push = net.in_flight.pop().unwrap();
+        assert_eq!(push.from, 0, "0's push is lost");
+        assert!(net.step(), "0 answers the second");
+        assert!(net.step(), "1 hears the first answer");
+        net.in_flight.retain(|m| m.from != 0);
+        net.run_until_quiet(10_000);
+        net.assert_converged(DOC);
+        assert_eq!(net.nodes[1].entity(DOC).unwrap().state, "p");
+    }
+
     /// A relay to a third device asks for an answer too: lost once, it goes again.
     #[test]
     fn a_lost_relay_is_sent_again() {

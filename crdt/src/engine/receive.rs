@@ -656,6 +656,13 @@ pub(super) fn generate_into<P: Clone>(
             .all(|h| catch(|| doc.get_change_meta_by_hash(h).is_some()).unwrap_or(false)),
         _ => true,
     };
+    if !expects_reply {
+        // Nothing will come back to clear Automerge's in-flight mark, and while it is
+        // set and our heads stay put, the next confirmation round would generate
+        // nothing: a change this message carried that the peer then dropped would
+        // wait for our next write.
+        session.state.in_flight = false;
+    }
     if expects_reply {
         session.awaiting_since = Some(now_ms);
         out.push(Output::Timer {
