@@ -405,12 +405,9 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         }
         // In push mode, a message that asks for no answer (an answer to ours) ends the
         // exchange: the peer holds all it told us of, and whatever it lacks is on the
-        // stream as pushes.
-        // Answering anyway kept two busy devices trading sync messages, each walking
-        // the change history, for as long as either kept writing.
-        if session.in_sync && !msg.expects_reply {
-            session.awaiting_since = None;
-        } else {
+        // stream as pushes. Answering anyway kept two busy devices trading sync
+        // messages, each walking the change history, for as long as either kept writing.
+        if !session.in_sync || msg.expects_reply {
             let cut_short = (self.stats.sync_partial, self.stats.oversized);
             let sent = generate_into(
                 id,
@@ -662,8 +659,7 @@ pub(super) fn generate_into<P: Clone>(
         // nothing: a change this message carried that the peer then dropped would
         // wait for our next write.
         session.state.in_flight = false;
-    }
-    if expects_reply {
+    } else {
         session.awaiting_since = Some(now_ms);
         out.push(Output::Timer {
             at_ms: now_ms.saturating_add(session.retry_delay(config.retry_after_ms)),
