@@ -515,7 +515,7 @@ pub(crate) async fn start(
     for (doc, epoch) in held {
         core.ensure_expected(doc, epoch);
     }
-    core.rebuild_entity_index_lenient();
+    core.build_entity_index_at_start();
     core.stay_on_held_generations().await;
     core.index_generations();
     core.refresh_actor_homes();

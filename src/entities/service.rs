@@ -176,8 +176,17 @@ impl Core {
 }
 
 impl Core {
-    /// Rebuilds the entity index from the registry. On a device that has not received the
-    /// registry yet the index stays empty until it arrives.
+    /// Builds the entity index from the registry at start, announcing nothing. On a device
+    /// that has not received the registry yet the index stays empty until it arrives.
+    pub(crate) fn build_entity_index_at_start(&mut self) {
+        if let Err(error) = self.rebuild_entity_index() {
+            tracing::debug!(%error, "registry not readable yet");
+        }
+    }
+
+    /// Rebuilds the entity index from the registry after it changed, announcing the
+    /// entities it gained whose documents are here. When the registry cannot be read the
+    /// index stays as it was.
     pub(crate) fn rebuild_entity_index_lenient(&mut self) {
         let before = std::mem::take(&mut self.entities.by_id);
         let old_docs = std::mem::take(&mut self.entities.of_doc);
@@ -187,7 +196,14 @@ impl Core {
             self.entities.of_doc = old_docs;
             return;
         }
-        self.after_index_change(before);
+        let added = self
+            .entities
+            .by_id
+            .keys()
+            .filter(|id| !before.contains_key(*id))
+            .cloned()
+            .collect();
+        self.after_index_change(before, added);
     }
 
     /// The live document of each of the registry entries `ids` (`None` for one deleted
@@ -218,12 +234,15 @@ impl Core {
     /// left is announced.
     pub(crate) fn update_entity_index(&mut self, entries: Vec<(String, Option<DocId>)>) {
         let mut before = HashMap::new();
+        let mut added = Vec::new();
         for (id, doc) in entries {
             if let Some(old) = self.entities.by_id.remove(&id) {
                 if self.entities.of_doc.get(&old) == Some(&id) {
                     self.entities.of_doc.remove(&old);
                 }
                 before.insert(id.clone(), old);
+            } else if doc.is_some() {
+                added.push(id.clone());
             }
             if let Some(doc) = doc {
                 // One id per document, as a rebuild leaves it (only a malformed registry
@@ -239,14 +258,29 @@ impl Core {
             }
         }
         self.index_shared_in();
-        self.after_index_change(before);
+        self.after_index_change(before, added);
     }
 
     /// What follows a change of the index from `before` (the entries it held for the ids
-    /// that changed, or all of them).
-    fn after_index_change(&mut self, before: HashMap<String, DocId>) {
+    /// that changed, or all of them); `added` are the ids the index did not hold.
+    fn after_index_change(&mut self, before: HashMap<String, DocId>, added: Vec<String>) {
         // An entry that names a new generation is followed only once it is valid and here.
         self.follow_registry(&before);
+        // A new entity whose document arrived before its registry entry was not announced
+        // then (its document was in no entry): it is now, or subscribers never see it.
+        for id in added {
+            let Some(doc) = self.entities.by_id.get(&id).copied() else {
+                continue;
+            };
+            if !self.has_content(doc) {
+                // Announced when its content arrives (core/outputs.rs).
+                continue;
+            }
+            match self.entity_view(doc) {
+                Ok(entity) => self.emit_change(entity, None, None, false),
+                Err(error) => tracing::debug!(%id, %error, "new entity unreadable"),
+            }
+        }
         // An entity that left the index was deleted (tombstoned in the registry) on
         // another device: announce it with its last state.
         for (id, doc) in before {
@@ -519,7 +553,8 @@ mod tests {
     }
 
     /// The index brought up to date entry by entry (as remote registry changes do) ends as
-    /// a whole rebuild leaves it, and announces an entity that left it.
+    /// a whole rebuild leaves it, and announces an entity that left it and one that joined
+    /// it with its document already here (its content arrived before its registry entry).
     #[tokio::test]
     async fn an_index_updated_by_entry_matches_a_rebuild() {
         let t = TestCore::start("kitchen").await;
@@ -562,13 +597,27 @@ mod tests {
             })
         })
         .await;
-        match events.recv().await.unwrap() {
-            Event::Entity(change) => {
-                assert_eq!(change.entity.id.as_str(), "light.b");
-                assert!(change.deleted);
+        let mut announced = Vec::new();
+        for _ in 0..2 {
+            let next = tokio::time::timeout(std::time::Duration::from_secs(10), events.recv());
+            match next.await.expect("two entities announced").unwrap() {
+                Event::Entity(change) => announced.push((
+                    change.entity.id.to_string(),
+                    change.entity.state.clone(),
+                    change.deleted,
+                )),
+                other => panic!("unexpected {other:?}"),
             }
-            other => panic!("unexpected {other:?}"),
         }
+        announced.sort();
+        assert_eq!(
+            announced,
+            [
+                ("light.a".to_string(), "on".to_string(), false),
+                ("light.b".to_string(), "on".to_string(), true),
+            ]
+        );
+        assert!(events.try_recv().is_err(), "nothing else is announced");
         t.stop().await;
     }
 
