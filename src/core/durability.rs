@@ -443,12 +443,64 @@ mod tests {
         t.stop().await;
     }
 
+    /// Group commit: a write made while no batch is flushing goes to the store at once,
+    /// however long the window; one made while a batch is on its way waits in the window
+    /// until that batch has finished.
+    #[tokio::test]
+    async fn a_lone_write_goes_at_once_and_one_made_during_a_flush_waits_for_it() {
+        let t = TestCore::start("group").await;
+        t.on_core(|core| {
+            Box::pin(async move {
+                core.entities.writes = WriteWindow::new(Duration::from_secs(60));
+                let write = |n: u8| {
+                    let mut b = Batch::new();
+                    b.put(
+                        Keyspace::DocChunks,
+                        DocChunk::Incremental(0).key(&[n; hearth_storage::DOC_ID_LEN]),
+                        vec![n],
+                    );
+                    b
+                };
+                core.reply_after_flush(Ok(((), write(1))), tokio::sync::oneshot::channel().0);
+                assert!(core.entities.writes.deadline().is_none(), "went at once");
+                assert_eq!(core.persist_queue.len(), 1);
+                core.reply_after_flush(Ok(((), write(2))), tokio::sync::oneshot::channel().0);
+                assert!(
+                    core.entities.writes.deadline().is_some(),
+                    "waits for the first"
+                );
+                assert!(!core.store_is_idle());
+                core.start_persists().await;
+                let mut finished = core.tickets.watch();
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                while !core.store_is_idle() {
+                    let changed = tokio::time::timeout_at(deadline, finished.changed()).await;
+                    assert!(changed.is_ok(), "the first batch finishes");
+                }
+                core.commit_window();
+                core.start_persists().await;
+            })
+        })
+        .await;
+        t.stop().await;
+    }
+
     #[tokio::test]
     async fn a_batch_that_writes_a_document_of_the_open_window_goes_after_it() {
         let t = TestCore::start("window").await;
         t.on_core(|core| {
             Box::pin(async move {
                 core.entities.writes = WriteWindow::new(Duration::from_secs(60));
+                // A batch ahead of the window keeps it open (an idle store takes a window
+                // at once).
+                let ahead = [9u8; hearth_storage::DOC_ID_LEN];
+                let mut busy = Batch::new();
+                busy.put(
+                    Keyspace::DocChunks,
+                    DocChunk::Incremental(0).key(&ahead),
+                    vec![0],
+                );
+                core.queue_persist(busy, Vec::new());
                 let doc = [7u8; hearth_storage::DOC_ID_LEN];
                 let mut first = Batch::new();
                 first.put(
@@ -467,7 +519,7 @@ mod tests {
                 );
                 core.queue_persist(unrelated, Vec::new());
                 assert!(core.entities.writes.deadline().is_some());
-                assert_eq!(core.persist_queue.len(), 1);
+                assert_eq!(core.persist_queue.len(), 2);
                 // A later chunk of the window's document closes it first.
                 let mut second = Batch::new();
                 second.put(
@@ -493,7 +545,7 @@ mod tests {
                         })
                     })
                     .collect();
-                assert_eq!(seqs, vec![None, Some(0), Some(1)]);
+                assert_eq!(seqs, vec![None, None, Some(0), Some(1)]);
                 core.start_persists().await;
             })
         })
