@@ -277,7 +277,13 @@ impl Core {
                 continue;
             }
             match self.entity_view(doc) {
-                Ok(entity) => self.emit_change(entity, None, None, false),
+                Ok(entity) => {
+                    // It came by sync: from the device that wrote it, as a change that
+                    // arrived the other way round would say.
+                    let writer = entity.updated_by.as_str();
+                    let from_peer = (writer != self.peer_id).then(|| writer.to_string());
+                    self.emit_change(entity, from_peer, None, false)
+                }
                 Err(error) => tracing::debug!(%id, %error, "new entity unreadable"),
             }
         }
