@@ -664,12 +664,23 @@ impl Core {
             // changes then slows the core down instead of piling up tasks.
             self.start_persists().await;
             // Frames held behind a slow batch: take no more work until they can leave
-            // (a hung store's requests time out, which finishes their batches).
+            // (a hung store's requests time out, which finishes their batches). The open
+            // window goes first: frames queued after it opened wait for its batch, and
+            // only the loop above would commit it.
+            if self.gate.len() > send_gate::MAX_HELD_FRAMES {
+                self.commit_window();
+                self.start_persists().await;
+            }
             while self.gate.len() > send_gate::MAX_HELD_FRAMES {
                 if batches_finished.changed().await.is_err() {
                     break;
                 }
                 self.send_pending().await;
+            }
+            // The wait above took the change the loop's group commit listens for.
+            if self.store_is_idle() {
+                self.commit_window();
+                self.start_persists().await;
             }
             self.trim();
         }
