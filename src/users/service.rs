@@ -7,7 +7,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use hearth_crdt::hlc::Hlc;
 use hearth_crdt::schema::touched::Touched;
-use hearth_crdt::schema::users::{Only, Parts, StateKey, UserEntry, Users as UsersDoc};
+use hearth_crdt::schema::users::{
+    ClientSession as StoredSession, Only, Parts, StateKey, UserEntry, Users as UsersDoc,
+};
 use hearth_crdt::{DocId, DocKind};
 use hearth_storage::Batch;
 use serde_json::{Map, Value};
@@ -113,7 +115,15 @@ pub(crate) struct UserStates {
     notified: HashMap<String, std::collections::BTreeSet<String>>,
     /// The users document's heads when last read, to read only the users changed since.
     heads: Vec<hearth_crdt::ChangeHash>,
+    /// Each user's client sessions as last read, kept up to date by this device's opens,
+    /// so a connect does not read the user's every session again. A remote change drops
+    /// the users it touched, a close drops its user, and past [`MAX_CACHED_USERS`] the
+    /// cache starts over.
+    sessions: HashMap<String, BTreeMap<String, StoredSession>>,
 }
+
+/// Most users whose sessions [`UserStates`] keeps.
+const MAX_CACHED_USERS: usize = 4096;
 
 impl UserStates {
     pub(crate) fn new(config: UsersConfig) -> Self {
@@ -122,6 +132,7 @@ impl UserStates {
             seen: HashMap::new(),
             notified: HashMap::new(),
             heads: Vec::new(),
+            sessions: HashMap::new(),
         }
     }
 }
@@ -363,18 +374,27 @@ impl Core {
     fn open_user_session(&mut self, user: &str, client: &str) -> Result<((), Batch), Error> {
         let doc = self.users_doc()?;
         let now = now_ms();
-        let sessions = Parts {
-            sessions: true,
-            ..Parts::NONE
-        };
-        let entry = self
-            .engine
-            .user_entry(doc, user, sessions)
-            .map_err(users_err)?
-            .unwrap_or_default();
-        let others = entry
+        if !self.users.sessions.contains_key(user) {
+            let sessions = Parts {
+                sessions: true,
+                ..Parts::NONE
+            };
+            let entry = self
+                .engine
+                .user_entry(doc, user, sessions)
+                .map_err(users_err)?
+                .unwrap_or_default();
+            if self.users.sessions.len() >= MAX_CACHED_USERS {
+                self.users.sessions.clear();
+            }
+            self.users.sessions.insert(user.to_string(), entry.sessions);
+        }
+        let others = self
+            .users
             .sessions
-            .iter()
+            .get(user)
+            .into_iter()
+            .flatten()
             .filter(|(c, s)| c.as_str() != client && self.session_live(s, now))
             .count();
         let max = self.users.config.max_devices_per_user;
@@ -388,7 +408,26 @@ impl Core {
         let out = self
             .engine
             .user_session(doc, user, client, Some(&node), now, 0)
-            .map_err(users_err)?;
+            .map_err(users_err);
+        let out = match out {
+            Ok(out) => out,
+            Err(error) => {
+                // It may have written part of the session before failing.
+                self.users.sessions.remove(user);
+                return Err(error);
+            }
+        };
+        // As a read of the document would now show it.
+        if let Some(sessions) = self.users.sessions.get_mut(user) {
+            sessions.insert(
+                client.to_string(),
+                StoredSession {
+                    node,
+                    opened_ms: now,
+                    closed_ms: 0,
+                },
+            );
+        }
         Ok(((), self.handle_outputs(out)))
     }
 
@@ -407,6 +446,8 @@ impl Core {
             return Ok(((), Batch::new()));
         }
         let forget = now.saturating_sub(ttl_ms(self.users.config.session_ttl));
+        // The close also prunes the user's old sessions: read them again when next needed.
+        self.users.sessions.remove(user);
         let out = self
             .engine
             .user_session(doc, user, client, None, now, forget)
@@ -448,6 +489,8 @@ impl Core {
                 }
             }
         }
+        // The sessions just closed and pruned are read again when next needed.
+        self.users.sessions.clear();
         // Users left with nothing are dropped here, once per start (it reads every user).
         match self.engine.write_users(doc, now, |d| {
             hearth_crdt::schema::users::prune_idle_users(d, forget)
@@ -507,10 +550,22 @@ impl Core {
                 touched
             }
             Err(error) => {
+                self.users.sessions.clear();
                 tracing::warn!(%error, "the users document cannot be read");
                 return;
             }
         };
+        // This device's own opens keep the session cache up to date, and its closes drop
+        // their user; another device's changes drop the users they touched.
+        match &touched {
+            Touched::Everything => self.users.sessions.clear(),
+            Touched::Entries(names) if from_peer.is_some() => {
+                for name in names {
+                    self.users.sessions.remove(name);
+                }
+            }
+            Touched::Entries(_) => {}
+        }
         // Users whose notifications were read only in part: the ids the changes wrote.
         let mut partial: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         let read = match touched {
@@ -725,6 +780,36 @@ mod tests {
             open(&t, "ann", "c5").await,
             Err(Error::Conflict(_))
         ));
+        t.stop().await;
+    }
+
+    /// The sessions a connect counts are this device's cached reads, but a session another
+    /// device wrote drops the cached user: it counts at the next connect.
+    #[tokio::test]
+    async fn a_session_written_on_another_device_counts_at_the_next_connect() {
+        let t = TestCore::start("admin").await;
+        for i in 0..4 {
+            open(&t, "ann", &format!("c{i}")).await.unwrap();
+        }
+        t.on_core(|core| {
+            Box::pin(async move {
+                let doc = core.users_doc().unwrap();
+                let now = crate::core::now_ms();
+                // Another device's client, opened and closed there just now (within its
+                // TTL, so it counts); its outputs are not this device's to handle.
+                let other = "12D3KooWAnotherDeviceOfTheHome".to_string();
+                core.engine
+                    .user_session(doc, "ann", "tablet", Some(&other), now, 0)
+                    .unwrap();
+                core.engine
+                    .user_session(doc, "ann", "tablet", None, now, 0)
+                    .unwrap();
+                core.on_users_changed(doc, Some(other));
+            })
+        })
+        .await;
+        let refused = open(&t, "ann", "c4").await;
+        assert!(matches!(refused, Err(Error::Conflict(_))), "{refused:?}");
         t.stop().await;
     }
 
