@@ -116,10 +116,12 @@ pub(crate) struct UserStates {
     /// The users document's heads when last read, to read only the users changed since.
     heads: Vec<hearth_crdt::ChangeHash>,
     /// Each user's client sessions as last read, kept up to date by this device's opens,
-    /// so a connect does not read the user's every session again. A remote change drops
-    /// the users it touched, a close drops its user, and past [`MAX_CACHED_USERS`] the
-    /// cache starts over.
+    /// so a connect does not read the user's every session again. Valid while the users
+    /// document's heads are [`UserStates::sessions_at`]: any other change to it (a peer's,
+    /// a close, a state write) empties the cache, as does passing [`MAX_CACHED_USERS`].
     sessions: HashMap<String, BTreeMap<String, StoredSession>>,
+    /// The users document's heads the cached sessions agree with.
+    sessions_at: Vec<hearth_crdt::ChangeHash>,
 }
 
 /// Most users whose sessions [`UserStates`] keeps.
@@ -133,6 +135,7 @@ impl UserStates {
             notified: HashMap::new(),
             heads: Vec::new(),
             sessions: HashMap::new(),
+            sessions_at: Vec::new(),
         }
     }
 }
@@ -374,6 +377,11 @@ impl Core {
     fn open_user_session(&mut self, user: &str, client: &str) -> Result<((), Batch), Error> {
         let doc = self.users_doc()?;
         let now = now_ms();
+        let heads = self.engine.heads(doc).map_err(users_err)?;
+        if heads != self.users.sessions_at {
+            self.users.sessions.clear();
+            self.users.sessions_at = heads;
+        }
         if !self.users.sessions.contains_key(user) {
             let sessions = Parts {
                 sessions: true,
@@ -409,15 +417,11 @@ impl Core {
             .engine
             .user_session(doc, user, client, Some(&node), now, 0)
             .map_err(users_err);
-        let out = match out {
-            Ok(out) => out,
-            Err(error) => {
-                // It may have written part of the session before failing.
-                self.users.sessions.remove(user);
-                return Err(error);
-            }
-        };
-        // As a read of the document would now show it.
+        let out = out?;
+        // As a read of the document would now show it, at the heads this write made.
+        if let Ok(heads) = self.engine.heads(doc) {
+            self.users.sessions_at = heads;
+        }
         if let Some(sessions) = self.users.sessions.get_mut(user) {
             sessions.insert(
                 client.to_string(),
@@ -446,8 +450,6 @@ impl Core {
             return Ok(((), Batch::new()));
         }
         let forget = now.saturating_sub(ttl_ms(self.users.config.session_ttl));
-        // The close also prunes the user's old sessions: read them again when next needed.
-        self.users.sessions.remove(user);
         let out = self
             .engine
             .user_session(doc, user, client, None, now, forget)
@@ -489,8 +491,6 @@ impl Core {
                 }
             }
         }
-        // The sessions just closed and pruned are read again when next needed.
-        self.users.sessions.clear();
         // Users left with nothing are dropped here, once per start (it reads every user).
         match self.engine.write_users(doc, now, |d| {
             hearth_crdt::schema::users::prune_idle_users(d, forget)
@@ -550,22 +550,10 @@ impl Core {
                 touched
             }
             Err(error) => {
-                self.users.sessions.clear();
                 tracing::warn!(%error, "the users document cannot be read");
                 return;
             }
         };
-        // This device's own opens keep the session cache up to date, and its closes drop
-        // their user; another device's changes drop the users they touched.
-        match &touched {
-            Touched::Everything => self.users.sessions.clear(),
-            Touched::Entries(names) if from_peer.is_some() => {
-                for name in names {
-                    self.users.sessions.remove(name);
-                }
-            }
-            Touched::Entries(_) => {}
-        }
         // Users whose notifications were read only in part: the ids the changes wrote.
         let mut partial: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         let read = match touched {
@@ -784,7 +772,8 @@ mod tests {
     }
 
     /// The sessions a connect counts are this device's cached reads, but a session another
-    /// device wrote drops the cached user: it counts at the next connect.
+    /// device wrote counts at the next connect, even when no change report reached the
+    /// users service (a peer's frame that failed after part of it applied).
     #[tokio::test]
     async fn a_session_written_on_another_device_counts_at_the_next_connect() {
         let t = TestCore::start("admin").await;
@@ -796,7 +785,7 @@ mod tests {
                 let doc = core.users_doc().unwrap();
                 let now = crate::core::now_ms();
                 // Another device's client, opened and closed there just now (within its
-                // TTL, so it counts); its outputs are not this device's to handle.
+                // TTL, so it counts); its outputs are dropped, as a failed frame's are.
                 let other = "12D3KooWAnotherDeviceOfTheHome".to_string();
                 core.engine
                     .user_session(doc, "ann", "tablet", Some(&other), now, 0)
@@ -804,7 +793,6 @@ mod tests {
                 core.engine
                     .user_session(doc, "ann", "tablet", None, now, 0)
                     .unwrap();
-                core.on_users_changed(doc, Some(other));
             })
         })
         .await;
