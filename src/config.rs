@@ -35,11 +35,9 @@ pub struct Config {
     pub mdns: bool,
     /// Peers to keep dialled, each `/ip4/ADDR/tcp/PORT/p2p/PEERID`.
     pub static_peers: Vec<String>,
-    /// The longest local writes wait for company before their changes are flushed to disk
-    /// together ([`DEFAULT_BATCH_WINDOW`]): a group commit, so a write made while no
-    /// flush is under way goes at once, and writes made during a flush go together when
-    /// it ends or the window closes. A write is acknowledged, and its pushes leave, after
-    /// its window's flush. Zero flushes each write on its own.
+    /// How long local writes wait for company before their changes are flushed to disk
+    /// together ([`DEFAULT_BATCH_WINDOW`]). A write is acknowledged, and its pushes leave
+    /// for peers, after its window's flush. Zero flushes each write on its own.
     pub batch_window: Duration,
     /// Most connections from one IP address ([`DEFAULT_MAX_CONNECTIONS_PER_IP`]); the
     /// home's own devices and static peers are exempt. A LAN neighbour opening more is

@@ -443,68 +443,12 @@ mod tests {
         t.stop().await;
     }
 
-    /// Group commit: a write made while no batch is on its way to the store goes at once,
-    /// however long the window; one made while a batch is on its way waits in the window,
-    /// and the core's loop sends it when that batch has finished, not when the (60 s)
-    /// window closes.
-    #[tokio::test]
-    async fn a_lone_write_goes_at_once_and_one_made_during_a_flush_waits_for_it() {
-        let t = TestCore::start("group").await;
-        let (first_tx, first_rx) = tokio::sync::oneshot::channel();
-        let (second_tx, second_rx) = tokio::sync::oneshot::channel();
-        t.on_core(|core| {
-            Box::pin(async move {
-                core.entities.writes = WriteWindow::new(Duration::from_secs(60));
-                let write = |n: u8| {
-                    let mut b = Batch::new();
-                    b.put(
-                        Keyspace::DocChunks,
-                        DocChunk::Incremental(0).key(&[n; hearth_storage::DOC_ID_LEN]),
-                        vec![n],
-                    );
-                    b
-                };
-                core.reply_after_flush(Ok(((), write(1))), first_tx);
-                assert!(core.entities.writes.deadline().is_none(), "went at once");
-                assert_eq!(core.persist_queue.len(), 1);
-                core.reply_after_flush(Ok(((), write(2))), second_tx);
-                assert!(
-                    core.entities.writes.deadline().is_some(),
-                    "waits for the first"
-                );
-                assert!(!core.store_is_idle());
-                assert_eq!(core.persist_queue.len(), 1, "the second is in the window");
-            })
-        })
-        .await;
-        let answered = |rx: tokio::sync::oneshot::Receiver<Result<(), crate::Error>>| async {
-            tokio::time::timeout(Duration::from_secs(10), rx)
-                .await
-                .expect("answered long before the window closes")
-                .expect("a reply")
-                .expect("stored")
-        };
-        answered(first_rx).await;
-        answered(second_rx).await;
-        t.stop().await;
-    }
-
     #[tokio::test]
     async fn a_batch_that_writes_a_document_of_the_open_window_goes_after_it() {
         let t = TestCore::start("window").await;
         t.on_core(|core| {
             Box::pin(async move {
                 core.entities.writes = WriteWindow::new(Duration::from_secs(60));
-                // A batch ahead of the window keeps it open (an idle store takes a window
-                // at once).
-                let ahead = [9u8; hearth_storage::DOC_ID_LEN];
-                let mut busy = Batch::new();
-                busy.put(
-                    Keyspace::DocChunks,
-                    DocChunk::Incremental(0).key(&ahead),
-                    vec![0],
-                );
-                core.queue_persist(busy, Vec::new());
                 let doc = [7u8; hearth_storage::DOC_ID_LEN];
                 let mut first = Batch::new();
                 first.put(
@@ -523,7 +467,7 @@ mod tests {
                 );
                 core.queue_persist(unrelated, Vec::new());
                 assert!(core.entities.writes.deadline().is_some());
-                assert_eq!(core.persist_queue.len(), 2);
+                assert_eq!(core.persist_queue.len(), 1);
                 // A later chunk of the window's document closes it first.
                 let mut second = Batch::new();
                 second.put(
@@ -549,7 +493,7 @@ mod tests {
                         })
                     })
                     .collect();
-                assert_eq!(seqs, vec![None, None, Some(0), Some(1)]);
+                assert_eq!(seqs, vec![None, Some(0), Some(1)]);
                 core.start_persists().await;
             })
         })

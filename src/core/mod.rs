@@ -619,14 +619,7 @@ impl Core {
                 // Re-evaluates the guard below when the test hook flips.
                 Ok(()) = stall_net.changed() => {}
                 // Frames that waited for their store batches.
-                Ok(()) = batches_finished.changed() => {
-                    // A window that gathered writes during the flush that just ended
-                    // goes now (group commit).
-                    if self.store_is_idle() {
-                        self.commit_window();
-                    }
-                    self.send_pending().await;
-                }
+                Ok(()) = batches_finished.changed() => self.send_pending().await,
                 Ok(()) = store_health.changed() => {
                     if !self.store.is_failed() {
                         self.repersist();
@@ -676,11 +669,6 @@ impl Core {
                     break;
                 }
                 self.send_pending().await;
-            }
-            // The wait above took the change the loop's group commit listens for.
-            if self.store_is_idle() {
-                self.commit_window();
-                self.start_persists().await;
             }
             self.trim();
         }

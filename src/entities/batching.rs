@@ -1,7 +1,6 @@
-//! The write batching window: local writes are committed at once, but their store batches
-//! wait for company while an earlier batch is flushing (at most `Config::batch_window`)
-//! and go to the store as one batch, so a burst of writes costs one flush instead of one
-//! each, and a lone write waits for nothing (a group commit). Every write in the
+//! The write batching window: local writes are committed at once, but their
+//! store batches wait up to `Config::batch_window` for company and go to the store as one
+//! batch, so a burst of writes costs one flush instead of one each. Every write in the
 //! window is acknowledged after that flush, so an acknowledged write is still durable.
 //!
 //! The window's batch has its ticket from its first write (core/send_gate.rs): the pushes
@@ -82,11 +81,6 @@ impl WriteWindow {
         self.acks.push(ack);
     }
 
-    /// The store ticket of the open window's batch, if a window is open.
-    pub(crate) fn ticket(&self) -> Option<u64> {
-        self.ticket
-    }
-
     /// Whether the window holds chunks of a document that `batch` also has chunks of.
     pub(crate) fn shares_a_document(&self, batch: &Batch) -> bool {
         !self.docs.is_empty() && chunk_docs(batch).any(|doc| self.docs.contains(&doc))
@@ -119,9 +113,8 @@ fn acknowledge(acks: Vec<Ack>, result: Result<(), hearth_storage::Error>) {
 
 impl Core {
     /// Answers a write that produced a store batch once the batch is flushed, without
-    /// holding up the actor. With a window, the batch joins the open window, which goes
-    /// at once when the store is idle and otherwise when the flush ahead of it ends or
-    /// it closes ([`Core::store_is_idle`]); without one it goes to the store at once (the storage
+    /// holding up the actor. With a window, the batch joins the open window and is
+    /// flushed when it closes; without one it goes to the store at once (the storage
     /// thread still group-commits whatever is queued).
     pub(crate) fn reply_after_flush<T: Send + 'static>(
         &mut self,
@@ -144,22 +137,9 @@ impl Core {
         }
         let tickets = &mut self.tickets;
         self.entities.writes.push(batch, ack, || tickets.issue());
-        if self.entities.writes.is_full() || self.store_is_idle() {
+        if self.entities.writes.is_full() {
             self.commit_window();
         }
-    }
-
-    /// Whether no batch queued before the open window is still on its way to disk. The
-    /// window then goes at once: waiting would find company only by chance, and cost a
-    /// lone write (and its pushes, which leave after its flush) the whole window. Writes
-    /// that arrive while a batch flushes gather in the next window, which goes when that
-    /// flush ends (the run loop) or when the window closes, whichever is first: a group
-    /// commit.
-    pub(crate) fn store_is_idle(&self) -> bool {
-        let Some(ticket) = self.entities.writes.ticket() else {
-            return false;
-        };
-        self.persist_queue.is_empty() && self.tickets.finished_through() + 1 >= ticket
     }
 
     /// Hands the open window's batch to the store; its writers are answered after the
