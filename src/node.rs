@@ -207,6 +207,7 @@ impl Node {
         let bus = crate::bus::Bus::new();
         let bus_task = crate::bus::bridge::spawn(
             &core,
+            facts.events_from_start,
             bus.clone(),
             crate::bus::bridge::Identity {
                 home_id: facts.home_id.clone(),

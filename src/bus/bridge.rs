@@ -4,6 +4,7 @@
 
 use serde::Serialize;
 use serde_json::{Value, json};
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use super::{Bus, Event, Source};
@@ -16,16 +17,19 @@ pub(crate) struct Identity {
     pub(crate) peer_id: String,
 }
 
-/// Subscribes to the core at once (so nothing after start is missed) and spawns the task
-/// that publishes into `bus` until `cancel` fires or the core stops.
+/// Spawns the task that publishes `events` into `bus` until `cancel` fires or the core
+/// stops. `events` should be subscribed before the core started
+/// ([`crate::core::NodeFacts::events_from_start`]), so that nothing the core announced at
+/// start (a static peer admitted at once) is missed.
 pub(crate) fn spawn(
     core: &CoreHandle,
+    events: broadcast::Receiver<CoreEvent>,
     bus: Bus,
     me: Identity,
     cancel: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     let mut events = Events {
-        rx: core.node_events.subscribe(),
+        rx: events,
         core: core.clone(),
     };
     let bridge = Bridge { bus, me };

@@ -263,10 +263,13 @@ impl CoreHandle {
 }
 
 /// Facts about the node that the core needs and the API shows.
-#[derive(Clone)]
 pub(crate) struct NodeFacts {
     pub(crate) home_id: String,
     pub(crate) home_name: String,
+    /// Subscribed before the core's task started, so it holds every event the core has
+    /// announced (a static peer admitted at once, say); for the event bus, whose history
+    /// must not miss them.
+    pub(crate) events_from_start: broadcast::Receiver<crate::events::Event>,
 }
 
 pub(crate) struct Core {
@@ -537,6 +540,7 @@ pub(crate) async fn start(
     let facts = NodeFacts {
         home_id: core.home.home_id.clone(),
         home_name: core.home.name.clone(),
+        events_from_start: core.node_events.subscribe(),
     };
     let (tx, rx) = mpsc::channel(CORE_QUEUE);
     core.self_tx = Some(tx.clone());

@@ -416,8 +416,7 @@ impl Core {
         let out = self
             .engine
             .user_session(doc, user, client, Some(&node), now, 0)
-            .map_err(users_err);
-        let out = out?;
+            .map_err(users_err)?;
         // As a read of the document would now show it, at the heads this write made.
         if let Ok(heads) = self.engine.heads(doc) {
             self.users.sessions_at = heads;
