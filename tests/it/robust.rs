@@ -150,6 +150,11 @@ async fn a_device_that_stops_reading_is_dropped_while_a_keeps_syncing_with_b() {
     }
     let (mut max_frames, mut max_bytes) = (0, 0);
     let mut dropped = false;
+    // Times C went away for another reason than its queue: on a machine loaded by other
+    // work a ping may time out first. C's network still answers, so it comes back and
+    // its queue fills again; only the queue cap's own drop (its metric) ends the wait.
+    let mut other_losses = 0;
+    let mut connected = true;
     let mut checks = 0;
     let deadline = Instant::now() + Duration::from_secs(180);
     while Instant::now() < deadline && !writers.iter().all(|w| w.is_finished()) {
@@ -157,10 +162,17 @@ async fn a_device_that_stops_reading_is_dropped_while_a_keeps_syncing_with_b() {
             Some((frames, bytes)) => {
                 max_frames = max_frames.max(frames);
                 max_bytes = max_bytes.max(bytes);
+                connected = true;
             }
             None => {
-                dropped = true;
-                break;
+                if slow_peers_dropped(&a).await > 0 {
+                    dropped = true;
+                    break;
+                }
+                if connected {
+                    other_losses += 1;
+                    connected = false;
+                }
             }
         }
         checks += 1;
@@ -182,7 +194,7 @@ async fn a_device_that_stops_reading_is_dropped_while_a_keeps_syncing_with_b() {
     assert!(
         dropped,
         "A never dropped the stalled device after {writes} writes; its queue peaked at \
-         {max_frames} frames / {max_bytes} bytes"
+         {max_frames} frames / {max_bytes} bytes ({other_losses} losses of C for another reason)"
     );
     assert!(
         max_frames <= PEER_QUEUE_FRAMES && max_bytes <= PEER_QUEUE_BYTES,
