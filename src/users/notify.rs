@@ -341,8 +341,19 @@ impl Core {
         if !self.has_content(doc) {
             return Ok(Vec::new());
         }
+        // The client's session from the sessions cache, which the session open that
+        // follows uses too.
+        self.fill_sessions(doc, user)?;
+        let since = match self
+            .cached_sessions(user)
+            .and_then(|c| c.sessions.get(client))
+        {
+            // Another socket of the client is open: it had them live.
+            Some(s) if s.closed_ms == 0 => return Ok(Vec::new()),
+            Some(s) => s.closed_ms,
+            None => 0,
+        };
         let parts = Parts {
-            sessions: true,
             notifications: true,
             ..Parts::NONE
         };
@@ -352,12 +363,6 @@ impl Core {
             .map_err(crate::core::doc_err)?
         else {
             return Ok(Vec::new());
-        };
-        let since = match entry.sessions.get(client) {
-            // Another socket of the client is open: it had them live.
-            Some(s) if s.closed_ms == 0 => return Ok(Vec::new()),
-            Some(s) => s.closed_ms,
-            None => 0,
         };
         let now = now_ms();
         let mut list: Vec<Notification> = entry

@@ -119,9 +119,39 @@ pub(crate) struct UserStates {
     /// so a connect does not read the user's every session again. Valid while the users
     /// document's heads are [`UserStates::sessions_at`]: any other change to it (a peer's,
     /// a close, a state write) empties the cache, as does passing [`MAX_CACHED_USERS`].
-    sessions: HashMap<String, BTreeMap<String, StoredSession>>,
+    sessions: HashMap<String, CachedSessions>,
     /// The users document's heads the cached sessions agree with.
     sessions_at: Vec<hearth_crdt::ChangeHash>,
+}
+
+/// One user's client sessions in [`UserStates::sessions`].
+#[derive(Default)]
+pub(crate) struct CachedSessions {
+    pub(crate) sessions: BTreeMap<String, StoredSession>,
+    /// Whether the read left sessions out (ones that do not validate, or past the cap),
+    /// which only a prune clears.
+    pub(crate) left_out: bool,
+}
+
+impl CachedSessions {
+    /// Whether `client` has a session open on `node`.
+    pub(crate) fn is_open_on(&self, client: &str, node: &str) -> bool {
+        self.sessions
+            .get(client)
+            .is_some_and(|s| s.node == node && s.closed_ms == 0)
+    }
+
+    /// Whether a prune would drop a session: one closed before `forget_before_ms`, more
+    /// than half the cap held, or sessions the read left out. Pruning walks every
+    /// session of the user, so a close prunes only then.
+    fn prune_due(&self, forget_before_ms: u64) -> bool {
+        self.left_out
+            || self.sessions.len() > hearth_crdt::schema::users::MAX_SESSIONS / 2
+            || self
+                .sessions
+                .values()
+                .any(|s| s.closed_ms != 0 && s.closed_ms < forget_before_ms)
+    }
 }
 
 /// Most users whose sessions [`UserStates`] keeps.
@@ -374,9 +404,10 @@ impl Core {
         }
     }
 
-    fn open_user_session(&mut self, user: &str, client: &str) -> Result<((), Batch), Error> {
-        let doc = self.users_doc()?;
-        let now = now_ms();
+    /// Makes sure the cache holds `user`'s client sessions: kept while the users
+    /// document's heads are the ones it agrees with, else read once. Then
+    /// [`Core::cached_sessions`] answers them.
+    pub(crate) fn fill_sessions(&mut self, doc: DocId, user: &str) -> Result<(), Error> {
         let heads = self.engine.heads(doc).map_err(users_err)?;
         if heads != self.users.sessions_at {
             self.users.sessions.clear();
@@ -395,14 +426,54 @@ impl Core {
             if self.users.sessions.len() >= MAX_CACHED_USERS {
                 self.users.sessions.clear();
             }
-            self.users.sessions.insert(user.to_string(), entry.sessions);
+            self.users.sessions.insert(
+                user.to_string(),
+                CachedSessions {
+                    left_out: !entry.skipped.is_empty(),
+                    sessions: entry.sessions,
+                },
+            );
         }
+        Ok(())
+    }
+
+    /// `user`'s cached client sessions; [`Core::fill_sessions`] first.
+    pub(crate) fn cached_sessions(&self, user: &str) -> Option<&CachedSessions> {
+        self.users.sessions.get(user)
+    }
+
+    /// After this device's own write of `user`'s sessions: the cache agrees with the
+    /// document at the heads the write made once `update` has changed the user's entry
+    /// as the write did (`None`: the write did more than the cache can follow, so the
+    /// user is read again next time). Only that user's part was written, so the other
+    /// users' entries stay valid.
+    fn after_session_write(
+        &mut self,
+        doc: DocId,
+        user: &str,
+        update: Option<impl FnOnce(&mut BTreeMap<String, StoredSession>)>,
+    ) {
+        let Ok(heads) = self.engine.heads(doc) else {
+            self.users.sessions.clear();
+            return;
+        };
+        self.users.sessions_at = heads;
+        match (update, self.users.sessions.get_mut(user)) {
+            (Some(update), Some(cached)) => update(&mut cached.sessions),
+            _ => {
+                self.users.sessions.remove(user);
+            }
+        }
+    }
+
+    fn open_user_session(&mut self, user: &str, client: &str) -> Result<((), Batch), Error> {
+        let doc = self.users_doc()?;
+        let now = now_ms();
+        self.fill_sessions(doc, user)?;
         let others = self
-            .users
-            .sessions
-            .get(user)
+            .cached_sessions(user)
             .into_iter()
-            .flatten()
+            .flat_map(|c| &c.sessions)
             .filter(|(c, s)| c.as_str() != client && self.session_live(s, now))
             .count();
         let max = self.users.config.max_devices_per_user;
@@ -415,44 +486,46 @@ impl Core {
         let node = self.peer_id.clone();
         let out = self
             .engine
-            .user_session(doc, user, client, Some(&node), now, 0)
+            .user_session(doc, user, client, Some(&node), now, None)
             .map_err(users_err)?;
-        // As a read of the document would now show it, at the heads this write made.
-        if let Ok(heads) = self.engine.heads(doc) {
-            self.users.sessions_at = heads;
-        }
-        if let Some(sessions) = self.users.sessions.get_mut(user) {
-            sessions.insert(
-                client.to_string(),
-                StoredSession {
-                    node,
-                    opened_ms: now,
-                    closed_ms: 0,
-                },
-            );
-        }
+        let opened = StoredSession {
+            node,
+            opened_ms: now,
+            closed_ms: 0,
+        };
+        self.after_session_write(
+            doc,
+            user,
+            Some(|sessions: &mut BTreeMap<String, StoredSession>| {
+                sessions.insert(client.to_string(), opened);
+            }),
+        );
         Ok(((), self.handle_outputs(out)))
     }
 
     fn close_user_session(&mut self, user: &str, client: &str) -> Result<((), Batch), Error> {
         let doc = self.users_doc()?;
         let now = now_ms();
+        let forget = now.saturating_sub(ttl_ms(self.users.config.session_ttl));
+        self.fill_sessions(doc, user)?;
+        let (here, prune) = self.cached_sessions(user).map_or((false, false), |c| {
+            (c.is_open_on(client, &self.peer_id), c.prune_due(forget))
+        });
         // The client may have reconnected to another device since: only its session here
         // is this device's to close.
-        let here = self
-            .engine
-            .user_client_session(doc, user, client)
-            .ok()
-            .flatten()
-            .is_some_and(|s| s.node == self.peer_id && s.closed_ms == 0);
         if !here {
             return Ok(((), Batch::new()));
         }
-        let forget = now.saturating_sub(ttl_ms(self.users.config.session_ttl));
         let out = self
             .engine
-            .user_session(doc, user, client, None, now, forget)
+            .user_session(doc, user, client, None, now, prune.then_some(forget))
             .map_err(users_err)?;
+        let closed = (!prune).then_some(|sessions: &mut BTreeMap<String, StoredSession>| {
+            if let Some(s) = sessions.get_mut(client) {
+                s.closed_ms = now.max(1);
+            }
+        });
+        self.after_session_write(doc, user, closed);
         Ok(((), self.handle_outputs(out)))
     }
 
@@ -478,9 +551,10 @@ impl Core {
         for (user, entry) in users.users {
             for (client, s) in entry.sessions {
                 if s.node == self.peer_id && s.closed_ms == 0 {
+                    // The prune of every user below covers these users' sessions too.
                     match self
                         .engine
-                        .user_session(doc, &user, &client, None, now, forget)
+                        .user_session(doc, &user, &client, None, now, None)
                     {
                         Ok(out) => crate::core::append(&mut batch, self.handle_outputs(out)),
                         Err(error) => {
@@ -581,6 +655,12 @@ impl Core {
                         _ => None,
                     };
                     let (state_keys, notification_ids) = (entries(0), entries(1));
+                    // A write of sessions or push subscriptions only: nothing to announce.
+                    if state_keys.as_ref().is_some_and(BTreeSet::is_empty)
+                        && notification_ids.as_ref().is_some_and(BTreeSet::is_empty)
+                    {
+                        continue;
+                    }
                     let only = Only {
                         state: state_keys.as_ref(),
                         notifications: notification_ids.as_ref(),
@@ -770,6 +850,69 @@ mod tests {
         t.stop().await;
     }
 
+    async fn close(t: &TestCore, user: &str, client: &str) {
+        let (user, client) = (user.to_string(), client.to_string());
+        t.core
+            .call(|reply| UserRequest::CloseSession {
+                user,
+                client,
+                reply,
+            })
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    /// Which of `clients` the users document holds a session of, for ann.
+    async fn held(t: &TestCore, clients: &[&'static str]) -> Vec<&'static str> {
+        let clients = clients.to_vec();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        t.on_core(move |core| {
+            Box::pin(async move {
+                let doc = core.users_doc().unwrap();
+                let held = clients
+                    .into_iter()
+                    .filter(|c| {
+                        core.engine
+                            .user_client_session(doc, "ann", c)
+                            .unwrap()
+                            .is_some()
+                    })
+                    .collect();
+                let _ = tx.send(held);
+            })
+        })
+        .await;
+        rx.await.unwrap()
+    }
+
+    /// A close walks the user's sessions to prune them only when one is due: closed
+    /// sessions stay through their TTL, and the first close after it drops them.
+    #[tokio::test]
+    async fn a_close_prunes_sessions_only_once_their_ttl_has_passed() {
+        let t = TestCore::start("admin").await;
+        for c in ["c0", "c1", "c2"] {
+            open(&t, "ann", c).await.unwrap();
+        }
+        close(&t, "ann", "c0").await;
+        close(&t, "ann", "c1").await;
+        assert_eq!(held(&t, &["c0", "c1", "c2"]).await, ["c0", "c1", "c2"]);
+        t.on_core(|core| {
+            Box::pin(async move {
+                core.users.config.session_ttl = std::time::Duration::from_millis(1);
+            })
+        })
+        .await;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        close(&t, "ann", "c2").await;
+        assert_eq!(held(&t, &["c0", "c1", "c2"]).await, ["c2"]);
+        // The cache followed: c0 and c1 no longer count, c2 is closed and past its TTL.
+        for i in 0..5 {
+            open(&t, "ann", &format!("n{i}")).await.unwrap();
+        }
+        t.stop().await;
+    }
+
     /// The sessions a connect counts are this device's cached reads, but a session another
     /// device wrote counts at the next connect, even when no change report reached the
     /// users service (a peer's frame that failed after part of it applied).
@@ -787,10 +930,10 @@ mod tests {
                 // TTL, so it counts); its outputs are dropped, as a failed frame's are.
                 let other = "12D3KooWAnotherDeviceOfTheHome".to_string();
                 core.engine
-                    .user_session(doc, "ann", "tablet", Some(&other), now, 0)
+                    .user_session(doc, "ann", "tablet", Some(&other), now, None)
                     .unwrap();
                 core.engine
-                    .user_session(doc, "ann", "tablet", None, now, 0)
+                    .user_session(doc, "ann", "tablet", None, now, Some(0))
                     .unwrap();
             })
         })

@@ -800,14 +800,16 @@ pub fn open_session<T: Transactable>(
     Ok(())
 }
 
-/// Marks `client`'s session of `user` closed at `now_ms`, and drops sessions of the
-/// user that closed before `forget_before_ms` (and the oldest past [`MAX_SESSIONS`]).
+/// Marks `client`'s session of `user` closed at `now_ms`. With `prune`, also drops
+/// sessions of the user that closed before it (and the oldest past [`MAX_SESSIONS`]):
+/// that walks every session of the user, so a caller that knows nothing would go passes
+/// `None`.
 pub fn close_session<T: Transactable>(
     doc: &mut T,
     user: &str,
     client: &str,
     now_ms: u64,
-    forget_before_ms: u64,
+    prune: Option<u64>,
 ) -> Result<()> {
     let (s, mut maps) = part_for_write(doc, user, "sessions")?;
     maps.insert(0, s);
@@ -817,8 +819,10 @@ pub fn close_session<T: Transactable>(
                 .map_err(am)?;
         }
     }
-    for m in &maps {
-        prune_sessions(doc, m, forget_before_ms)?;
+    if let Some(forget_before_ms) = prune {
+        for m in &maps {
+            prune_sessions(doc, m, forget_before_ms)?;
+        }
     }
     Ok(())
 }
@@ -967,7 +971,8 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         Users::read_session_of(self.doc(id)?, user, client)
     }
 
-    /// Opens or closes a client session (see [`open_session`], [`close_session`]).
+    /// Opens or closes a client session (see [`open_session`], [`close_session`]);
+    /// `prune` applies to a close only.
     pub fn user_session(
         &mut self,
         id: DocId,
@@ -975,12 +980,12 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         client: &str,
         open: Option<&str>,
         now_ms: u64,
-        forget_before_ms: u64,
+        prune: Option<u64>,
     ) -> Result<Vec<Output<P>>> {
         expect_kind(self, id, DocKind::Users)?;
         self.transact(id, now_ms, None, |doc, _, _| match open {
             Some(node) => open_session(doc, user, client, node, now_ms),
-            None => close_session(doc, user, client, now_ms, forget_before_ms),
+            None => close_session(doc, user, client, now_ms, prune),
         })
         .map(|(_, out)| out)
     }
@@ -1195,7 +1200,7 @@ mod tests {
         // Later writes, on either device, supersede what they saw in either map.
         write_state(&mut a, "carl", &one("theme", "\"blue\""), "c0", hlc(20, 1)).unwrap();
         write_state(&mut b, "carl", &one("lesson", "4"), "c1", hlc(21, 2)).unwrap();
-        close_session(&mut b, "carl", "c0", 300, 0).unwrap();
+        close_session(&mut b, "carl", "c0", 300, Some(0)).unwrap();
         open_session(&mut a, "carl", "c2", "node-a", 301).unwrap();
         assert!(remove_push_subscription(&mut a, "carl", "p1").unwrap());
         a.merge(&mut b).unwrap();
@@ -1213,7 +1218,7 @@ mod tests {
         }
         // Closed sessions and the rest go from both maps, and then the user.
         for c in ["c1", "c2"] {
-            close_session(&mut a, "carl", c, 400, 0).unwrap();
+            close_session(&mut a, "carl", c, 400, Some(0)).unwrap();
         }
         write_state(&mut a, "dan", &one("k", "1"), "d", hlc(30, 1)).unwrap();
         let u = a.get(&ROOT, USERS_KEY).unwrap().unwrap().1;
@@ -1257,7 +1262,7 @@ mod tests {
         init(&mut a).unwrap();
         open_session(&mut a, "ann", "web1", "node-a", 100).unwrap();
         open_session(&mut a, "ann", "phone", "node-b", 110).unwrap();
-        close_session(&mut a, "ann", "web1", 200, 0).unwrap();
+        close_session(&mut a, "ann", "web1", 200, Some(0)).unwrap();
         let ann = Users::read_user(&a, "ann", Parts::ALL).unwrap().unwrap();
         assert_eq!(ann.sessions["web1"].closed_ms, 200);
         assert_eq!(ann.sessions["phone"].closed_ms, 0);
@@ -1272,15 +1277,19 @@ mod tests {
         assert!(part.state.is_empty());
         let ann = Users::read_user(&a, "ann", Parts::ALL).unwrap().unwrap();
         assert_eq!(ann.state["k"].winner.value, "0");
-        close_session(&mut a, "ann", "phone", 300, 250).unwrap();
+        // A close without a prune leaves every other session as it was.
+        close_session(&mut a, "ann", "phone", 250, None).unwrap();
+        let ann = Users::read_user(&a, "ann", Parts::ALL).unwrap().unwrap();
+        assert!(ann.sessions.contains_key("web1"), "not pruned");
+        close_session(&mut a, "ann", "phone", 300, Some(250)).unwrap();
         let ann = Users::read_user(&a, "ann", Parts::ALL).unwrap().unwrap();
         assert!(!ann.sessions.contains_key("web1"), "closed before the cut");
         assert!(ann.sessions.contains_key("phone"));
         // A user with nothing left is dropped at the next close past the cut.
         open_session(&mut a, "bob", "tab", "node-a", 400).unwrap();
-        close_session(&mut a, "bob", "tab", 500, 0).unwrap();
+        close_session(&mut a, "bob", "tab", 500, Some(0)).unwrap();
         write_state(&mut a, "ann", &one("k", "1"), "phone", hlc(5, 1)).unwrap();
-        close_session(&mut a, "ann", "phone", 900, 600).unwrap();
+        close_session(&mut a, "ann", "phone", 900, Some(600)).unwrap();
         prune_idle_users(&mut a, 600).unwrap();
         assert!(Users::read_user(&a, "bob", Parts::ALL).unwrap().is_none());
         assert!(
