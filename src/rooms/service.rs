@@ -162,6 +162,24 @@ pub(crate) struct ChatRetention {
 /// Deletes the oldest messages of a room document's chat beyond `max` or older than
 /// `cutoff_ms`; returns how many went. Messages are appended in time order, so the
 /// leading ones are the oldest; a message whose time cannot be read stops the age scan.
+/// Messages sent before this may go (with more than the limit held, the oldest go).
+fn cutoff_ms(keep: ChatRetention, now: u64) -> u64 {
+    let max_age_ms = u64::try_from(keep.max_age.as_millis()).unwrap_or(u64::MAX);
+    now.saturating_sub(max_age_ms)
+}
+
+/// The length of a room's chat list (0 when the document has none).
+fn room_chat_list_len(d: &automerge::AutoCommit) -> usize {
+    use automerge::{ObjType, ROOT, ReadDoc, Value};
+    let Ok(Some((Value::Object(ObjType::Map), room))) = d.get(ROOT, "room") else {
+        return 0;
+    };
+    match d.get(&room, "chat") {
+        Ok(Some((Value::Object(ObjType::List), chat))) => d.length(&chat),
+        _ => 0,
+    }
+}
+
 fn prune_chat_list(
     d: &mut automerge::AutoCommit,
     max: usize,
@@ -447,30 +465,26 @@ impl Core {
             sender: self.user_or_device(user),
             text,
         };
+        let now = now_ms();
+        let keep = self.rooms.chat_keep;
+        // Over the limit now: the oldest go in the same change.
         let (sent, out) = self
             .engine
-            .say(doc, &msg, now_ms(), None)
+            .say_then(doc, &msg, now, None, |d| {
+                if room_chat_list_len(d) > keep.max_messages {
+                    prune_chat_list(d, keep.max_messages, cutoff_ms(keep, now))?;
+                }
+                Ok(())
+            })
             .map_err(room_err)?;
-        let mut batch = self.handle_outputs(out);
-        // Over the limit now: the oldest go in the same write.
-        if self
-            .engine
-            .room_chat_len(doc)
-            .is_ok_and(|n| n > self.rooms.chat_keep.max_messages)
-        {
-            match self.prune_chat(doc, now_ms()) {
-                Ok((_, more)) => crate::core::append(&mut batch, more),
-                Err(error) => tracing::warn!(%doc, %error, "cannot prune a room's chat"),
-            }
-        }
+        let batch = self.handle_outputs(out);
         Ok((chat_view(&doc.to_string(), sent), batch))
     }
 
     /// Prunes one room's chat to the retention limits.
     pub(crate) fn prune_chat(&mut self, doc: DocId, now: u64) -> Result<(usize, Batch), Error> {
         let keep = self.rooms.chat_keep;
-        let max_age_ms = u64::try_from(keep.max_age.as_millis()).unwrap_or(u64::MAX);
-        let cutoff = now.saturating_sub(max_age_ms);
+        let cutoff = cutoff_ms(keep, now);
         let (pruned, out) = self
             .engine
             .transact(doc, now, None, |d, _, _| {

@@ -779,9 +779,24 @@ impl<P: Clone + Ord + Debug> Engine<P> {
         now_ms: u64,
         correlation_id: Option<String>,
     ) -> Result<(ChatMessage, Vec<Output<P>>)> {
+        self.say_then(id, msg, now_ms, correlation_id, |_| Ok(()))
+    }
+
+    /// [`Self::say`], then `then` on the document in the same change (to trim the
+    /// chat to its retention limits, say).
+    pub fn say_then(
+        &mut self,
+        id: DocId,
+        msg: &NewMessage,
+        now_ms: u64,
+        correlation_id: Option<String>,
+        then: impl FnOnce(&mut automerge::AutoCommit) -> Result<()>,
+    ) -> Result<(ChatMessage, Vec<Output<P>>)> {
         expect_kind(self, id, DocKind::Room)?;
         self.transact(id, now_ms, correlation_id, |doc, _, _| {
-            say(doc, msg, now_ms)
+            let sent = say(doc, msg, now_ms)?;
+            then(doc)?;
+            Ok(sent)
         })
     }
 
