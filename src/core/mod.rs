@@ -428,6 +428,8 @@ pub(crate) async fn start(
         Some(bytes) => HomeRecord::decode(&bytes)?,
         None => HomeRecord::create(device_name)?,
     };
+    let node_events = broadcast::channel(CHANGE_BUFFER).0;
+    let events_from_start = node_events.subscribe();
     let mut core = Core {
         engine: Engine::new(peer_id_bytes, peers::engine_config()),
         entities: crate::entities::service::EntityState {
@@ -465,7 +467,7 @@ pub(crate) async fn start(
         pairing: pairing::Pairing::default(),
         digest: hearth_crdt::digest::DigestTree::new(),
         counters: SyncCounters::default(),
-        node_events: broadcast::channel(CHANGE_BUFFER).0,
+        node_events,
         device_name: clean_device_name(device_name),
         metrics,
         sharing: sharing::Sharing::default(),
@@ -540,7 +542,7 @@ pub(crate) async fn start(
     let facts = NodeFacts {
         home_id: core.home.home_id.clone(),
         home_name: core.home.name.clone(),
-        events_from_start: core.node_events.subscribe(),
+        events_from_start,
     };
     let (tx, rx) = mpsc::channel(CORE_QUEUE);
     core.self_tx = Some(tx.clone());

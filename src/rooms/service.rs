@@ -159,9 +159,6 @@ pub(crate) struct ChatRetention {
     pub(crate) max_age: std::time::Duration,
 }
 
-/// Deletes the oldest messages of a room document's chat beyond `max` or older than
-/// `cutoff_ms`; returns how many went. Messages are appended in time order, so the
-/// leading ones are the oldest; a message whose time cannot be read stops the age scan.
 /// Messages sent before this may go (with more than the limit held, the oldest go).
 fn cutoff_ms(keep: ChatRetention, now: u64) -> u64 {
     let max_age_ms = u64::try_from(keep.max_age.as_millis()).unwrap_or(u64::MAX);
@@ -180,6 +177,9 @@ fn room_chat_list_len(d: &automerge::AutoCommit) -> usize {
     }
 }
 
+/// Deletes the oldest messages of a room document's chat beyond `max` or older than
+/// `cutoff_ms`; returns how many went. Messages are appended in time order, so the
+/// leading ones are the oldest; a message whose time cannot be read stops the age scan.
 fn prune_chat_list(
     d: &mut automerge::AutoCommit,
     max: usize,
@@ -467,12 +467,15 @@ impl Core {
         };
         let now = now_ms();
         let keep = self.rooms.chat_keep;
-        // Over the limit now: the oldest go in the same change.
+        // Over the limit now: the oldest go in the same change. The message just posted
+        // always stays in it (so it is announced, even with a limit of 0; the periodic
+        // prune applies that).
+        let max = keep.max_messages.max(1);
         let (sent, out) = self
             .engine
             .say_then(doc, &msg, now, None, |d| {
-                if room_chat_list_len(d) > keep.max_messages {
-                    prune_chat_list(d, keep.max_messages, cutoff_ms(keep, now))?;
+                if room_chat_list_len(d) > max {
+                    prune_chat_list(d, max, cutoff_ms(keep, now))?;
                 }
                 Ok(())
             })

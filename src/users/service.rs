@@ -508,9 +508,25 @@ impl Core {
         let now = now_ms();
         let forget = now.saturating_sub(ttl_ms(self.users.config.session_ttl));
         self.fill_sessions(doc, user)?;
-        let (here, prune) = self.cached_sessions(user).map_or((false, false), |c| {
-            (c.is_open_on(client, &self.peer_id), c.prune_due(forget))
-        });
+        let (mut here, prune, left_out) =
+            self.cached_sessions(user)
+                .map_or((false, false, false), |c| {
+                    (
+                        c.is_open_on(client, &self.peer_id),
+                        c.prune_due(forget),
+                        c.left_out,
+                    )
+                });
+        // A read that left sessions out (past the cap of names it reads) may have left
+        // this one out: it is looked up on its own.
+        if !here && left_out {
+            here = self
+                .engine
+                .user_client_session(doc, user, client)
+                .ok()
+                .flatten()
+                .is_some_and(|s| s.node == self.peer_id && s.closed_ms == 0);
+        }
         // The client may have reconnected to another device since: only its session here
         // is this device's to close.
         if !here {
