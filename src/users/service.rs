@@ -848,16 +848,7 @@ mod tests {
         // Reopening one it has is fine; another user is not affected.
         open(&t, "ann", "c0").await.unwrap();
         open(&t, "bob", "c5").await.unwrap();
-        let (user, client) = ("ann".to_string(), "c1".to_string());
-        t.core
-            .call(|reply| UserRequest::CloseSession {
-                user,
-                client,
-                reply,
-            })
-            .await
-            .unwrap()
-            .unwrap();
+        close(&t, "ann", "c1").await;
         // Closed, but within its TTL: it still counts.
         assert!(matches!(
             open(&t, "ann", "c5").await,
