@@ -115,10 +115,11 @@ pub(crate) struct UserStates {
     notified: HashMap<String, std::collections::BTreeSet<String>>,
     /// The users document's heads when last read, to read only the users changed since.
     heads: Vec<hearth_crdt::ChangeHash>,
-    /// Each user's client sessions as last read, kept up to date by this device's opens,
-    /// so a connect does not read the user's every session again. Valid while the users
-    /// document's heads are [`UserStates::sessions_at`]: any other change to it (a peer's,
-    /// a close, a state write) empties the cache, as does passing [`MAX_CACHED_USERS`].
+    /// Each user's client sessions as last read, kept up to date by this device's opens
+    /// and closes, so a connect or a close does not read the user's every session again.
+    /// Valid while the users document's heads are [`UserStates::sessions_at`]: any other
+    /// change to it (a peer's, a state write, a notification) empties the cache, as does
+    /// passing [`MAX_CACHED_USERS`].
     sessions: HashMap<String, CachedSessions>,
     /// The users document's heads the cached sessions agree with.
     sessions_at: Vec<hearth_crdt::ChangeHash>,
