@@ -165,18 +165,6 @@ fn cutoff_ms(keep: ChatRetention, now: u64) -> u64 {
     now.saturating_sub(max_age_ms)
 }
 
-/// The length of a room's chat list (0 when the document has none).
-fn room_chat_list_len(d: &automerge::AutoCommit) -> usize {
-    use automerge::{ObjType, ROOT, ReadDoc, Value};
-    let Ok(Some((Value::Object(ObjType::Map), room))) = d.get(ROOT, "room") else {
-        return 0;
-    };
-    match d.get(&room, "chat") {
-        Ok(Some((Value::Object(ObjType::List), chat))) => d.length(&chat),
-        _ => 0,
-    }
-}
-
 /// Deletes the oldest messages of a room document's chat beyond `max` or older than
 /// `cutoff_ms`; returns how many went. Messages are appended in time order, so the
 /// leading ones are the oldest; a message whose time cannot be read stops the age scan.
@@ -474,7 +462,7 @@ impl Core {
         let (sent, out) = self
             .engine
             .say_then(doc, &msg, now, None, |d| {
-                if room_chat_list_len(d) > max {
+                if hearth_crdt::schema::room::chat_len(d)? > max {
                     prune_chat_list(d, max, cutoff_ms(keep, now))?;
                 }
                 Ok(())

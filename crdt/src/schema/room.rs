@@ -538,6 +538,13 @@ pub fn leave_room<T: Transactable>(doc: &mut T, user: &str) -> Result<bool> {
     Ok(true)
 }
 
+/// The number of chat messages of a room document, without reading them.
+pub fn chat_len<D: ReadDoc>(doc: &D) -> Result<usize> {
+    let r = req_map(doc, &ROOT, ROOM_KEY, ROOM_KEY)?;
+    let list = req_list(doc, &r, "chat", "room.chat")?;
+    Ok(doc.length(&list))
+}
+
 /// Appends a chat message from an admitted member.
 pub fn say<T: Transactable>(doc: &mut T, msg: &NewMessage, now_ms: u64) -> Result<ChatMessage> {
     check_name("room.chat.id", &msg.id)?;
@@ -728,14 +735,6 @@ impl<P: Clone + Ord + Debug> Engine<P> {
             && self
                 .doc(id)
                 .is_ok_and(|d| req_map(d, &ROOT, ROOM_KEY, ROOM_KEY).is_ok())
-    }
-
-    /// The number of chat messages of a room, without reading them.
-    pub fn room_chat_len(&self, id: DocId) -> Result<usize> {
-        let doc = self.doc(id)?;
-        let r = req_map(doc, &ROOT, ROOM_KEY, ROOM_KEY)?;
-        let list = req_list(doc, &r, "chat", "room.chat")?;
-        Ok(doc.length(&list))
     }
 
     /// Joins `user` on `device`; [`Error::RoomFull`] past `max_size`.
